@@ -1,0 +1,81 @@
+"""``python -m storage`` / ``storage``: the operator's command line.
+
+Each command lives in its own module under :mod:`storage.commands` with a ``register(subparsers)`` function that
+adds its parser and sets ``func`` (an ``async def func(args) -> int`` returning the exit code). The backend comes
+from the same environment resolution as the library (``StoreConfig.from_env``), overridable with ``--path`` /
+``--dsn`` / ``--backend``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import StoreConfig
+from .errors import DatabaseError
+
+__all__ = ["main", "build_parser", "config_from_args", "COMMAND_MODULES"]
+
+#: Modules under storage.commands, each adding one or more subcommands.
+COMMAND_MODULES = ("core",)
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--backend/--path/--dsn``: where the data is. Without them, the environment decides."""
+    parser.add_argument("--backend", choices=("json", "postgres"), help="force a backend (default: from env)")
+    parser.add_argument("--path", help="JSON backend folder (default: $STORAGE_PATH or ./config)")
+    parser.add_argument("--dsn", help="PostgreSQL URL (default: from DATABASE_PUBLIC_URL, PG*, DB_*)")
+
+
+def config_from_args(args: argparse.Namespace) -> StoreConfig:
+    """The store configuration the command line asked for, falling back to the environment."""
+    backend = getattr(args, "backend", None)
+    path = getattr(args, "path", None)
+    dsn = getattr(args, "dsn", None)
+    env = StoreConfig.from_env()
+    if not (backend or path or dsn):
+        return env
+    if dsn and not backend:
+        backend = "postgres"
+    elif path and not backend:
+        backend = "json"
+    return StoreConfig(
+        backend=backend or env.backend,  # type: ignore[arg-type]
+        path=path or env.path,
+        dsn=dsn or env.dsn,
+        pool_min=env.pool_min,
+        pool_max=env.pool_max,
+        pgbouncer=env.pgbouncer,
+        source="command line",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="storage", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module: Any = importlib.import_module(f"storage.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = asyncio.run(args.func(args))
+    except DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,177 @@
+"""Where the data lives, resolved from the environment the way Railway and local development set it.
+
+Resolution order (first match wins), as documented in ``DESIGN.md``:
+
+1. ``STORAGE_BACKEND`` = ``json`` | ``postgres`` forces the backend (``postgres`` still takes its DSN from 2-4).
+2. ``DATABASE_PUBLIC_URL``, then ``DATABASE_URL``.
+3. Railway's ``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``, ``PGDATABASE``.
+4. Local ``DB_HOST``, ``DB_PORT``, ``DB_USER``, ``DB_PASSWORD``, ``DB_NAME``.
+5. Otherwise the JSON backend in ``STORAGE_PATH`` (default ``./config``).
+
+A password never appears in ``repr``, logs or error messages: use :attr:`StoreConfig.safe_dsn` for display.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from .errors import ValidationError
+
+__all__ = ["StoreConfig", "redact_dsn"]
+
+Backend = Literal["json", "postgres"]
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def redact_dsn(dsn: str | None) -> str | None:
+    """``dsn`` with any password replaced by ``***`` (also in ``?password=`` query parameters)."""
+    if not dsn:
+        return dsn
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable dsn>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hostinfo}"
+    query = "&".join(
+        (p.split("=", 1)[0] + "=***") if p.lower().startswith("password=") else p
+        for p in parts.query.split("&")
+    ) if parts.query else parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be an integer, got {raw!r}", field=name) from None
+    if value < minimum:
+        raise ValidationError(f"{name} must be >= {minimum}, got {value}", field=name)
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValidationError(f"{name} must be 1/0/true/false, got {raw!r}", field=name)
+
+
+def _dsn_from_parts(host: str, port: str | None, user: str | None, password: str | None, db: str | None) -> str:
+    auth = ""
+    if user:
+        auth = quote(user, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
+    hostport = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    if port:
+        hostport += f":{port}"
+    return f"postgresql://{auth}{hostport}/{quote(db or '', safe='')}"
+
+
+def _dsn_from_env(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The PostgreSQL DSN steps 2-4 find, and which variables it came from."""
+    for name in ("DATABASE_PUBLIC_URL", "DATABASE_URL"):
+        if env.get(name, "").strip():
+            return env[name].strip(), name
+    for prefix, db_var in (("PG", "PGDATABASE"), ("DB_", "DB_NAME")):
+        host = env.get(f"{prefix}HOST", "").strip()
+        if host:
+            return (
+                _dsn_from_parts(host, env.get(f"{prefix}PORT"), env.get(f"{prefix}USER"),
+                                env.get(f"{prefix}PASSWORD"), env.get(db_var)),
+                f"{prefix}* variables",
+            )
+    return None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Everything needed to open a store. Immutable; build one with :meth:`from_env` or directly."""
+
+    backend: Backend = "json"
+    path: str = "config"
+    dsn: str | None = dataclasses.field(default=None, repr=False)
+    pool_min: int = 1
+    pool_max: int = 10
+    pgbouncer: bool = False
+    lock_timeout: float = 60.0
+    cache_ttl: float = 300.0
+    source: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("json", "postgres"):
+            raise ValidationError(f"backend must be 'json' or 'postgres', got {self.backend!r}", field="backend")
+        if self.backend == "postgres" and not self.dsn:
+            raise ValidationError(
+                "the postgres backend needs a DSN: set DATABASE_PUBLIC_URL, DATABASE_URL, PGHOST... or DB_HOST...",
+                field="dsn",
+            )
+        if self.pool_min < 0 or self.pool_max < 1 or self.pool_min > self.pool_max:
+            raise ValidationError(
+                f"pool sizes must satisfy 0 <= min <= max, max >= 1 (got {self.pool_min}, {self.pool_max})",
+                field="pool_max",
+            )
+
+    @property
+    def safe_dsn(self) -> str | None:
+        """The DSN with its password masked: safe to log."""
+        return redact_dsn(self.dsn)
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreConfig(backend={self.backend!r}, path={self.path!r}, dsn={self.safe_dsn!r}, "
+            f"pool_min={self.pool_min}, pool_max={self.pool_max}, pgbouncer={self.pgbouncer}, "
+            f"source={self.source!r})"
+        )
+
+    __str__ = __repr__
+
+    def describe(self) -> str:
+        """One line for humans: which backend, where, and why it was chosen."""
+        where = self.safe_dsn if self.backend == "postgres" else os.path.abspath(self.path)
+        return f"{self.backend} at {where} (from {self.source})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreConfig:
+        """Resolve the configuration from ``environ`` (default ``os.environ``); see the module docstring."""
+        env = os.environ if environ is None else environ
+        common = {
+            "path": env.get("STORAGE_PATH", "").strip() or "config",
+            "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
+            "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
+            "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
+        }
+        forced = env.get("STORAGE_BACKEND", "").strip().lower()
+        if forced not in ("", "json", "postgres"):
+            raise ValidationError(f"STORAGE_BACKEND must be 'json' or 'postgres', got {forced!r}",
+                                  field="STORAGE_BACKEND")
+        dsn, dsn_source = _dsn_from_env(env)
+        if forced == "json":
+            return cls(backend="json", dsn=dsn, source="STORAGE_BACKEND=json", **common)  # type: ignore[arg-type]
+        if forced == "postgres":
+            if dsn is None:
+                raise ValidationError(
+                    "STORAGE_BACKEND=postgres but no DSN: set DATABASE_PUBLIC_URL, DATABASE_URL, PGHOST... "
+                    "or DB_HOST...", field="dsn")
+            return cls(backend="postgres", dsn=dsn, source=f"STORAGE_BACKEND=postgres, {dsn_source}",
+                       **common)  # type: ignore[arg-type]
+        if dsn is not None:
+            return cls(backend="postgres", dsn=dsn, source=str(dsn_source), **common)  # type: ignore[arg-type]
+        return cls(backend="json", source="STORAGE_PATH" if env.get("STORAGE_PATH") else "default",
+                   **common)  # type: ignore[arg-type]

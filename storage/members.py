@@ -1,0 +1,64 @@
+"""The seed's member calls, written once on top of the document operations.
+
+Members live in collection ``members`` under key ``f"{guild_id}_{user_id}"``, exactly where the seed's code put
+them, so a ``config/members.json`` written by the seed opens unchanged. Unlike the seed, bad input raises
+:class:`storage.ValidationError` instead of being logged and turned into ``False``, and a batch is written all at
+once (one durable commit) instead of one whole-file rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .codec import encode_doc
+from .errors import ValidationError
+from .models import member_key, validate_member
+from .protocol import Document, DocumentOps
+
+__all__ = ["MEMBERS", "MembersMixin"]
+
+MEMBERS = "members"
+log = logging.getLogger("storage.members")
+
+
+class MembersMixin:
+    """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
+
+    async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Document:
+        """The member's record, or ``{}`` when there is none (as the seed returned)."""
+        doc = await self.get(MEMBERS, member_key(user_id, guild_id))
+        return doc if doc is not None else {}
+
+    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str, data: Document) -> bool:
+        """Replace the member's record; True once it is durable. Invalid data raises and writes nothing."""
+        key = member_key(user_id, guild_id)
+        await self.put(MEMBERS, key, validate_member(data, user_id=user_id, guild_id=guild_id))
+        return True
+
+    async def batch_update_members(self: Any, updates: Iterable[Mapping[str, Any]]) -> int:
+        """Write every well-formed update in one all-or-nothing commit; returns how many were written.
+
+        Each update is ``{"user_id", "guild_id", "data"}``. Malformed ones are skipped and logged (the seed's
+        documented behaviour), so one bad row from a bulk import does not block the rest.
+        """
+        items: list[tuple[str, bytes]] = []
+        for index, update in enumerate(updates):
+            try:
+                if not isinstance(update, Mapping):
+                    raise ValidationError(f"update must be a mapping, got {type(update).__name__}", field="update")
+                missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
+                if missing:
+                    raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0])
+                key = member_key(update["user_id"], update["guild_id"])
+                data = validate_member(update["data"], user_id=update["user_id"], guild_id=update["guild_id"])
+                encoded = encode_doc(data, what="data")
+            except ValidationError as exc:
+                log.error("batch_update_members: skipping update #%d: %s", index, exc)
+                continue
+            items.append((key, encoded))
+        if not items:
+            return 0
+        await self._put_encoded(MEMBERS, items)
+        return len(items)

@@ -1,0 +1,107 @@
+"""The ``Store`` protocol: the one interface both backends implement and every feature above them uses.
+
+Documents are JSON objects grouped in named collections and addressed by string keys. Everything written once for
+all backends (the seed's member calls, migrations, backups, analytics helpers) talks to this protocol only, so a
+new backend gets those features by implementing it, and the conformance tests prove it behaves the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Protocol, Union, runtime_checkable
+
+__all__ = ["Document", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
+
+Document = dict[str, Any]
+Items = Union[Mapping[str, Document], Iterable[tuple[str, Document]]]
+#: ``fn(doc) -> doc``; returning ``None`` keeps the (mutated) doc it was given.
+UpdateFn = Callable[[Document], Union[Document, None]]
+TimeBound = Union[str, datetime, None]
+
+
+@runtime_checkable
+class DocumentOps(Protocol):
+    """Document operations shared by a store and by a transaction on it."""
+
+    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+        """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent."""
+
+    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+        """The documents that exist among ``keys``, as ``{key: doc}``."""
+
+    async def put(self, collection: str, key: str, doc: Document) -> None:
+        """Insert or replace one document; durable when it returns."""
+
+    async def put_many(self, collection: str, items: Items) -> int:
+        """Insert or replace many documents at once, all or nothing; returns how many were given."""
+
+    async def delete(self, collection: str, key: str) -> bool:
+        """Remove a document; True if it existed."""
+
+    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None) -> Document:
+        """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent) while no other
+        writer, in this process or another, can change that key. Returns the stored result."""
+
+    def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
+        """``(key, doc)`` pairs in key order (code point order), optionally only keys starting with ``prefix``."""
+
+    async def count(self, collection: str) -> int:
+        """Number of documents in ``collection``."""
+
+
+@runtime_checkable
+class Transaction(DocumentOps, Protocol):
+    """What ``async with store.transaction() as tx`` yields: all writes commit together or not at all."""
+
+
+@runtime_checkable
+class Store(DocumentOps, Protocol):
+    """A document store plus the bot-facing calls of the seed and the analytics queries."""
+
+    async def collections(self) -> list[str]:
+        """Names of the collections that hold at least one document, sorted."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """A transaction: reads see its own writes; an exception inside writes nothing."""
+
+    async def close(self) -> None:
+        """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
+
+    # The seed's member calls ------------------------------------------------------------------------------------
+    async def get_member_data(self, user_id: int | str, guild_id: int | str) -> Document: ...
+
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
+
+    async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
+
+    # Message analytics ------------------------------------------------------------------------------------------
+    async def record_message(self, record: Mapping[str, Any]) -> bool: ...
+
+    async def record_messages(self, records: Iterable[Mapping[str, Any]]) -> int: ...
+
+    async def update_message(self, message_id: int | str, changes: Mapping[str, Any]) -> bool: ...
+
+    async def prune_messages(self, before: str | datetime) -> int: ...
+
+    async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
+                             until: TimeBound = None) -> int | dict[str, int]: ...
+
+    async def top_authors(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
+                          until: TimeBound = None) -> list[tuple[str, int]]: ...
+
+    async def top_channels(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
+                           until: TimeBound = None) -> list[tuple[str, int]]: ...
+
+    async def top_topics(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
+                         until: TimeBound = None) -> list[tuple[str, int]]: ...
+
+    async def sentiment_breakdown(self, guild_id: int | str, *, since: TimeBound = None,
+                                  until: TimeBound = None) -> dict[str, int]: ...
+
+    async def last_activity(self, guild_id: int | str, author_id: int | str, *, since: TimeBound = None,
+                            until: TimeBound = None) -> str | None: ...
+
+    async def refresh_member_statistics(self, guild_id: int | str, *, since: TimeBound = None,
+                                        until: TimeBound = None) -> int: ...
