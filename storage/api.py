@@ -25,7 +25,7 @@ class StoreOpener:
         if config.backend == "json":
             from .backends.json_files import JsonStore
 
-            return await JsonStore.open(config.path, lock_timeout=config.lock_timeout)
+            return await JsonStore.open(config)
         from .backends.postgres import PostgresStore
 
         store: Store = await PostgresStore.open(config)

@@ -8,6 +8,10 @@ Resolution order (first match wins), as documented in ``DESIGN.md``:
 4. Local ``DB_HOST``, ``DB_PORT``, ``DB_USER``, ``DB_PASSWORD``, ``DB_NAME``.
 5. Otherwise the JSON backend in ``STORAGE_PATH`` (default ``./config``).
 
+Also read: ``STORAGE_POOL_MIN``/``STORAGE_POOL_MAX`` (asyncpg pool sizes), ``STORAGE_PGBOUNCER=1`` (no prepared
+statement cache, for transaction poolers), ``STORAGE_BACKUP_DIR`` (default ``./backups``) and
+``STORAGE_BACKUP_KEEP`` (how many backups retention keeps).
+
 A password never appears in ``repr``, logs or error messages: use :attr:`StoreConfig.safe_dsn` for display.
 """
 
@@ -112,6 +116,8 @@ class StoreConfig:
     pgbouncer: bool = False
     lock_timeout: float = 60.0
     cache_ttl: float = 300.0
+    backup_dir: str = "backups"
+    backup_keep: int | None = None
     source: str = "default"
 
     def __post_init__(self) -> None:
@@ -156,6 +162,8 @@ class StoreConfig:
             "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
             "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
             "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
+            "backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
+            "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
         }
         forced = env.get("STORAGE_BACKEND", "").strip().lower()
         if forced not in ("", "json", "postgres"):

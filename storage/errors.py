@@ -27,7 +27,7 @@ class DatabaseError(Exception):
     """Base of every error raised by :mod:`storage`."""
 
 
-class ConnectionError(DatabaseError, builtins.ConnectionError):  # noqa: A001 - the seed's name, on purpose
+class ConnectionError(DatabaseError, builtins.ConnectionError):
     """The backend cannot be reached right now; retrying later may succeed.
 
     This is the only error :func:`storage.safe_database_operation` retries.

@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Document", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
 
 Document = dict[str, Any]
-Items = Union[Mapping[str, Document], Iterable[tuple[str, Document]]]
+Items = Mapping[str, Document] | Iterable[tuple[str, Document]]
 #: ``fn(doc) -> doc``; returning ``None`` keeps the (mutated) doc it was given.
-UpdateFn = Callable[[Document], Union[Document, None]]
-TimeBound = Union[str, datetime, None]
+UpdateFn = Callable[[Document], Document | None]
+TimeBound = str | datetime | None
 
 
 @runtime_checkable

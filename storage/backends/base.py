@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from ..codec import check_collection, check_key, decode_doc, encode_doc
+from ..config import StoreConfig
 from ..errors import StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
 from ..protocol import Document, Items, Transaction, UpdateFn
@@ -146,7 +147,8 @@ class BaseStore(MembersMixin, OpsBase):
 
     backend_name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
         self._closed = False
 
     @property

@@ -11,8 +11,9 @@ Every operation is a whole-document put or a delete, so replaying a journal onto
 some of it gives the same result: that is what makes a crash mid-compaction harmless.
 
 Crash rules: one commit (a group of concurrent writers' changes) is one line written by one ``write()``; it is
-acknowledged only after its fsync, and the next write starts only after that, so only the *last* record can be torn. A torn last record (no newline, or not parseable) is dropped with a warning and truncated
-away under the lock; anything unparseable before it is real corruption and raises :class:`CorruptDataError`.
+acknowledged only after its fsync, and the next write starts only after that, so only the *last* record can be
+torn. A torn last record (no newline, or not parseable) is dropped with a warning and truncated away under the
+lock; anything unparseable before it is real corruption and raises :class:`CorruptDataError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import orjson
 
@@ -34,7 +34,7 @@ log = logging.getLogger("storage.journal")
 
 JOURNAL_FORMAT = 1
 #: An operation as the store applies it: ``("p", collection, key, encoded_doc)`` or ``("d", collection, key)``.
-Op = Union[tuple[str, str, str, bytes], tuple[str, str, str]]
+Op = tuple[str, str, str, bytes] | tuple[str, str, str]
 
 
 def encode_record(ops: Sequence[Op]) -> bytes:

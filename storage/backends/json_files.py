@@ -40,6 +40,7 @@ import filelock
 import orjson
 
 from ..codec import check_collection, decode_doc
+from ..config import StoreConfig
 from ..errors import CorruptDataError, DatabaseError, LockTimeoutError, ValidationError
 from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
@@ -107,10 +108,10 @@ class JsonStore(BaseStore):
 
     backend_name = "json"
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> None:
-        super().__init__()
-        self.path = Path(path)
-        self.lock_timeout = lock_timeout
+    def __init__(self, config: StoreConfig) -> None:
+        super().__init__(config)
+        self.path = Path(config.path)
+        self.lock_timeout = config.lock_timeout
         self._data: dict[str, Collection] = {}
         self._sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
         self._foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
@@ -130,8 +131,11 @@ class JsonStore(BaseStore):
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> JsonStore:
-        store = cls(path, lock_timeout=lock_timeout)
+    async def open(cls, config: StoreConfig | str | os.PathLike[str]) -> JsonStore:
+        """Open (creating the folder if needed) under the lock: cleans up after crashes, loads, replays."""
+        if not isinstance(config, StoreConfig):
+            config = StoreConfig(backend="json", path=os.fspath(config), source="arguments")
+        store = cls(config)
         await asyncio.to_thread(store._open_sync)
         return store
 
@@ -456,7 +460,7 @@ class JsonStore(BaseStore):
 
         def prepare(staged: _Staged) -> tuple[list[Op], Document]:
             raw = staged.get(collection, key)
-            doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
+            _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
             return [("p", collection, key, encoded)], orjson.loads(encoded)
 
         result: Document = await self._submit(prepare)
