@@ -124,6 +124,8 @@ class JsonStore(BaseStore):
         self._committer: asyncio.Task[None] | None = None
         self._broken: BaseException | None = None
         self._need_reload = False
+        #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
+        self.min_compact_bytes = MIN_COMPACT_BYTES
 
     def __repr__(self) -> str:
         return f"<JsonStore path={str(self.path)!r} closed={self._closed}>"
@@ -385,7 +387,7 @@ class JsonStore(BaseStore):
         if not self._dirty:
             return False
         rewrite = sum(self._sizes.get(c, 0) for c in self._dirty)
-        return self._journal.offset > max(MIN_COMPACT_BYTES, COMPACT_RATIO * rewrite)
+        return self._journal.offset > max(self.min_compact_bytes, COMPACT_RATIO * rewrite)
 
     async def _maybe_compact(self) -> None:
         """Compaction is an optimization: if it fails (disk full), the journal still holds every write."""

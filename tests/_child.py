@@ -1,0 +1,65 @@
+"""Child-process workloads for the crash and multi-process tests (run as ``python tests/_child.py MODE CONFIG``).
+
+A real separate process is the only honest way to test ``kill -9`` and cross-process locking: it has its own
+memory, its own file descriptors and its own locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import storage
+from storage import StoreConfig
+
+
+def _config(raw: str) -> StoreConfig:
+    return StoreConfig(**json.loads(raw))
+
+
+async def crash_writer(config: StoreConfig, start: int) -> None:
+    """Write forever, printing ``ACK n`` after each write returns; the parent kills us at a random moment."""
+    store = await storage.open_store(config=config)
+    if hasattr(store, "min_compact_bytes"):
+        store.min_compact_bytes = 16 * 1024  # compact often, so kills also land mid-compaction
+    i = start
+
+    async def one(n: int) -> None:
+        if n % 7 == 0:
+            await store.put_many("crash", {f"k{n}": {"n": n, "pad": "x" * 200}, f"m{n}": {"n": -n}})
+        elif n % 11 == 0:
+            await store.update("crash", "counter", lambda d: {"n": max(d.get("n", 0), n)})
+        else:
+            await store.put("crash", f"k{n}", {"n": n, "pad": "y" * (n % 300)})
+        print(f"ACK {n}", flush=True)
+
+    while True:
+        # a few concurrent writers per round, so group commits (several writes per journal line) get killed too
+        await asyncio.gather(*(one(i + j) for j in range(4)))
+        i += 4
+
+
+async def incrementer(config: StoreConfig, count: int, keys: int) -> None:
+    store = await storage.open_store(config=config)
+    try:
+        for i in range(count):
+            await store.update("counters", f"c{i % keys}", lambda d: {"n": d.get("n", 0) + 1})
+    finally:
+        await store.close()
+    print("DONE", flush=True)
+
+
+def main() -> None:
+    mode, raw = sys.argv[1], sys.argv[2]
+    config = _config(raw)
+    if mode == "crash-writer":
+        asyncio.run(crash_writer(config, int(sys.argv[3])))
+    elif mode == "incrementer":
+        asyncio.run(incrementer(config, int(sys.argv[3]), int(sys.argv[4])))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Fixtures shared by the suite: one ``store`` fixture parameterized over every backend.
+
+Every behaviour of the Store runs on each backend in ``BACKENDS`` through the same tests; a backend is done when
+the conformance tests pass on it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+import storage
+from storage import StoreConfig
+
+BACKENDS = ["json"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_config(backend: str, tmp_path, request: pytest.FixtureRequest) -> StoreConfig:
+    """A config pointing at fresh, empty storage for this test."""
+    if backend == "json":
+        return StoreConfig(backend="json", path=str(tmp_path / "data"), backup_dir=str(tmp_path / "backups"),
+                           lock_timeout=30, source="tests")
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return StoreConfig(backend="postgres", dsn=dsn, backup_dir=str(tmp_path / "backups"), source="tests")
+
+
+@pytest.fixture
+async def store(store_config: StoreConfig) -> AsyncIterator[storage.Store]:
+    s = await storage.open_store(config=store_config)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def reopen(store_config: StoreConfig) -> Callable[[], Awaitable[storage.Store]]:
+    """Open another store on the same data (another "process" in-process: own locks, own memory)."""
+
+    async def _open() -> storage.Store:
+        return await storage.open_store(config=store_config)
+
+    return _open

@@ -1,0 +1,222 @@
+"""The JSON-files backend's promises: seed-compatible files, durability under kill -9, corruption reported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import storage
+from storage import CorruptDataError, StoreConfig, ValidationError
+from storage.backends.json_files import JOURNAL_NAME, JsonStore
+from tests._proc import spawn
+
+SEED_MEMBERS = {
+    "987654321_123456789": {
+        "user_id": "123456789",
+        "guild_id": "987654321",
+        "join_date": "2024-01-01T00:00:00Z",
+        "roles": ["role1", "role2"],
+        "preferences": {"notifications": True, "language": "ja"},
+        "statistics": {"message_count": 150, "last_active": "2024-01-15T12:00:00Z"},
+    },
+    "987654321_42": {"user_id": "42", "guild_id": "987654321", "roles": [], "note": "日本語"},
+}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "config"
+    path.mkdir()
+    return path
+
+
+def config(folder: Path) -> StoreConfig:
+    return StoreConfig(backend="json", path=str(folder), lock_timeout=30, source="tests")
+
+
+def write_like_the_seed(folder: Path, members: dict) -> None:
+    with open(folder / "members.json", "w") as f:
+        json.dump(members, f, indent=2, ensure_ascii=False)
+
+
+# -- the files on disk ----------------------------------------------------------------------------------------------
+async def test_a_file_written_by_the_seed_opens_unchanged(folder):
+    write_like_the_seed(folder, SEED_MEMBERS)
+    before = (folder / "members.json").read_bytes()
+    async with storage.open_store(backend="json", path=folder) as store:
+        assert await store.get_member_data(123456789, 987654321) == SEED_MEMBERS["987654321_123456789"]
+        assert await store.get_member_data(42, 987654321) == SEED_MEMBERS["987654321_42"]
+        assert (folder / "members.json").read_bytes() == before  # reading rewrites nothing
+    assert (folder / "members.json").read_bytes() == before  # nothing changed: nothing to compact
+
+
+async def test_after_close_files_are_plain_json_in_the_seed_shape(folder):
+    write_like_the_seed(folder, SEED_MEMBERS)
+    async with storage.open_store(backend="json", path=folder) as store:
+        await store.save_member_data(7, 987654321, {"roles": ["new"]})
+        await store.update("members", "987654321_42", lambda d: {**d, "roles": ["x"]})
+        await store.put("settings", "guild_1", {"prefix": "!"})
+    members = json.loads((folder / "members.json").read_text())
+    assert members == {
+        **SEED_MEMBERS,
+        "987654321_42": {**SEED_MEMBERS["987654321_42"], "roles": ["x"]},
+        "987654321_7": {"roles": ["new"]},
+    }
+    assert json.loads((folder / "settings.json").read_text()) == {"guild_1": {"prefix": "!"}}
+    journal = (folder / JOURNAL_NAME).read_text().splitlines()
+    assert len(journal) == 1 and json.loads(journal[0])["storage_journal"] == 1  # header only: all folded in
+
+
+async def test_non_collection_json_files_are_left_alone_and_protected(folder):
+    (folder / "version.json").write_text('{"version": "1.2.3"}')
+    (folder / "spam_blocker.json").write_text("[1, 2, 3]")
+    async with storage.open_store(backend="json", path=folder) as store:
+        assert await store.collections() == []
+        with pytest.raises(ValidationError):
+            await store.put("version", "k", {})
+        await store.put("other", "k", {})
+    assert (folder / "version.json").read_text() == '{"version": "1.2.3"}'
+    assert (folder / "spam_blocker.json").read_text() == "[1, 2, 3]"
+
+
+async def test_compaction_keeps_data_and_bounds_the_journal(folder):
+    store = await JsonStore.open(config(folder))
+    store.min_compact_bytes = 4096
+    for i in range(300):
+        await store.put("things", f"k{i % 20}", {"i": i, "pad": "p" * 100})
+    assert (folder / JOURNAL_NAME).stat().st_size < 20_000
+    assert json.loads((folder / "things.json").read_text())  # a snapshot was written along the way
+    await store.close()
+    again = await JsonStore.open(config(folder))
+    assert {k: d["i"] async for k, d in again.items("things")} == {f"k{i}": 280 + i for i in range(20)}
+    await again.close()
+
+
+async def test_other_process_compaction_is_followed(folder):
+    a = await JsonStore.open(config(folder))
+    b = await JsonStore.open(config(folder))
+    a.min_compact_bytes = 2048
+    for i in range(100):
+        await a.put("things", f"k{i % 5}", {"i": i, "pad": "p" * 64})
+        if i % 10 == 0:
+            assert await b.get("things", f"k{i % 5}") == {"i": i, "pad": "p" * 64}
+    await b.put("things", "from_b", {"ok": True})
+    assert await a.get("things", "from_b") == {"ok": True}
+    for i in range(100):  # several generations pass while b is not looking: b reloads
+        await a.put("things", f"k{i % 5}", {"i": 1000 + i})
+    assert await b.get("things", "k4") == {"i": 1099}
+    assert await b.count("things") == 6
+    await a.close()
+    await b.close()
+
+
+# -- corruption is reported, never papered over ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content, position",
+    [
+        (b"", 0),
+        (b"   \n", 0),
+        (b'{"1_2": {"a": 1}, "1_3": {"a"', 29),
+        (b'{"1_2": {"a": 1},, }', 17),
+        (b"\x00\x00\x00\x00", 0),
+    ],
+    ids=["empty", "blank", "truncated", "garbage", "zeros"],
+)
+async def test_corrupt_snapshot_raises_and_is_left_untouched(folder, content, position):
+    (folder / "members.json").write_bytes(content)
+    with pytest.raises(CorruptDataError) as info:
+        await storage.open_store(backend="json", path=folder)
+    assert "members.json" in str(info.value)
+    assert info.value.path and info.value.path.endswith("members.json")
+    assert info.value.position == position
+    assert (folder / "members.json").read_bytes() == content
+
+
+async def test_corrupt_journal_record_in_the_middle_raises(folder):
+    async with storage.open_store(backend="json", path=folder) as store:
+        await store.put("things", "a", {"n": 1})
+        await store.put("things", "b", {"n": 2})
+        # keep the journal: simulate a crash before close by writing more through a second store we do not close
+    store = await JsonStore.open(config(folder))
+    await store.put("things", "c", {"n": 3})
+    await store.put("things", "d", {"n": 4})
+    store._journal.close()  # "crash": no compaction on close
+    journal = (folder / JOURNAL_NAME).read_bytes()
+    lines = journal.split(b"\n")
+    lines[1] = b"{#" + lines[1][2:]
+    damaged = b"\n".join(lines)
+    (folder / JOURNAL_NAME).write_bytes(damaged)
+    with pytest.raises(CorruptDataError) as info:
+        await storage.open_store(backend="json", path=folder)
+    assert JOURNAL_NAME in str(info.value) and info.value.position == len(lines[0]) + 1
+    assert (folder / JOURNAL_NAME).read_bytes() == damaged
+
+
+async def test_torn_last_journal_record_is_dropped_with_a_warning(folder, caplog):
+    store = await JsonStore.open(config(folder))
+    await store.put("things", "a", {"n": 1})
+    store._journal.close()  # crash
+    with open(folder / JOURNAL_NAME, "ab") as f:
+        f.write(b'[["p","things","b",{"n":')  # a write that never finished
+    with caplog.at_level(logging.WARNING, logger="storage.journal"):
+        async with storage.open_store(backend="json", path=folder) as again:
+            assert await again.get("things", "a") == {"n": 1}
+            assert await again.get("things", "b") is None
+            await again.put("things", "c", {"n": 3})
+    assert any("torn" in r.getMessage() for r in caplog.records)
+    async with storage.open_store(backend="json", path=folder) as again:
+        assert {k async for k, _ in again.items("things")} == {"a", "c"}
+
+
+async def test_leftover_temp_files_are_removed_on_open(folder):
+    (folder / "members.json.tmp-123-deadbeef").write_text("{half")
+    (folder / "storage.journal.tmp-9-0badf00d").write_text("")
+    (folder / "notes.tmp-keep").write_text("not ours")
+    async with storage.open_store(backend="json", path=folder):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp-keep", "storage.journal", "storage.lock"]
+
+
+# -- kill -9 --------------------------------------------------------------------------------------------------------
+def _acks(out: str) -> list[int]:
+    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("ACK ") and line.count(" ") == 1]
+
+
+@pytest.mark.slow
+async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
+    rng = random.Random(20261124)
+    cfg = config(folder)
+    acknowledged: dict[int, None] = {}
+    start = 0
+    for _round in range(25):
+        proc = spawn("crash-writer", cfg, start)
+        deadline = time.monotonic() + rng.uniform(0.3, 1.2)
+        while time.monotonic() < deadline and proc.poll() is None:
+            await asyncio.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _err = proc.communicate(timeout=30)
+        acks = _acks(out)
+        acknowledged.update(dict.fromkeys(acks))
+        start = max([start, *acks]) + 100
+        # the next open must succeed, and every acknowledged write must be there
+        async with storage.open_store(config=cfg) as store:
+            docs = {k: d async for k, d in store.items("crash")}
+            for n in acks:
+                if n % 7 == 0:
+                    assert docs[f"k{n}"] == {"n": n, "pad": "x" * 200} and docs[f"m{n}"] == {"n": -n}
+                elif n % 11 == 0:
+                    assert docs["counter"]["n"] >= n
+                else:
+                    assert docs[f"k{n}"] == {"n": n, "pad": "y" * (n % 300)}
+    assert len(acknowledged) > 200  # the test really exercised the writer
+    async with storage.open_store(config=cfg) as store:
+        assert await store.count("crash") >= len(acknowledged)
