@@ -196,6 +196,8 @@ class Journal:
         in ``records`` where its records start). Otherwise (two compactions happened meanwhile) the caller must
         reload the snapshots under the lock.
         """
+        if self.size() < self.offset:
+            return [], None, True  # cut back under us (a failed write elsewhere): only a reload is safe
         records = self.read_new(locked=locked)
         if not self.replaced():
             return records, None, False

@@ -26,17 +26,16 @@ Every document is held in memory in its encoded form (bytes): compact, and a ``g
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 import orjson
 
 from ..codec import check_collection, decode_doc
@@ -46,6 +45,7 @@ from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
 from .base import BaseStore, OpsBase, apply_update
 from .journal import Journal, Op, encode_record
+from .lockfile import LockBusy, SidecarLock
 
 __all__ = ["JsonStore", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -117,7 +117,7 @@ class JsonStore(BaseStore):
         self._foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
         self._dirty: set[str] = set()  # collections changed in the current journal generation
         self._journal = Journal(self.path / JOURNAL_NAME)
-        self._flock = filelock.FileLock(str(self.path / LOCK_NAME), thread_local=False)
+        self._flock = SidecarLock(self.path / LOCK_NAME)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._queue: list[_Pending] = []
@@ -147,8 +147,8 @@ class JsonStore(BaseStore):
         except OSError as exc:
             raise DatabaseError(f"cannot create the data folder {self.path}: {exc}") from exc
         try:
-            self._flock.acquire(timeout=self.lock_timeout, poll_interval=0.005)
-        except filelock.Timeout:
+            self._flock.acquire(self.lock_timeout)
+        except LockBusy:
             raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
                                    f"{self.lock_timeout}s") from None
         except OSError as exc:
@@ -158,6 +158,7 @@ class JsonStore(BaseStore):
             self._load_locked()
         except BaseException:
             self._journal.close()
+            self._flock.close()
             raise
         finally:
             self._flock.release()
@@ -296,22 +297,24 @@ class JsonStore(BaseStore):
                 self._flock.release()
 
     async def _acquire_file_lock(self) -> None:
-        try:
-            self._flock.acquire(timeout=0)  # uncontended: no thread hop
+        if self._flock.try_acquire():  # uncontended: no thread hop
             return
-        except filelock.Timeout:
-            pass
-        loop = asyncio.get_running_loop()
-        waiter = loop.run_in_executor(
-            None, functools.partial(self._flock.acquire, timeout=self.lock_timeout, poll_interval=0.001))
+        cancel = threading.Event()
+        waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
             await asyncio.shield(waiter)
-        except filelock.Timeout:
+        except LockBusy:
             raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
                                    f"{self.lock_timeout}s") from None
         except asyncio.CancelledError:
-            # The thread may still get the lock after we stopped waiting: give it back then.
-            waiter.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._flock.release())
+            # Stop the waiting thread and give the lock back if it got it meanwhile, before anyone else (who would
+            # share our descriptor) can take it.
+            cancel.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=None)
+            except (LockBusy, asyncio.CancelledError):
+                pass
+            self._flock.release()
             raise
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -527,6 +530,7 @@ class JsonStore(BaseStore):
                         await asyncio.to_thread(self._compact_locked)
         finally:
             self._journal.close()
+            self._flock.close()
 
     def stats(self) -> dict[str, Any]:
         """Sizes for ``storage status``."""

@@ -1,0 +1,217 @@
+"""``demo``, ``status``, ``check`` and ``compact``: the everyday commands.
+
+``demo`` is the README's first command: a realistic simulated bot session against the configured store (the JSON
+default in ``./config`` unless the environment says otherwise), so a new user sees the library work end to end,
+and how fast, before writing any code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .. import open_store
+from ..cli import add_store_options, config_from_args
+from ..errors import CorruptDataError, DatabaseError
+from ..models import member_key
+
+__all__ = ["register"]
+
+DISCORD_EPOCH_MS = 1_420_070_400_000
+CHANNELS = ("general", "gaming", "memes", "help", "announcements")
+TOPICS = ("gaming", "discussion", "music", "anime", "programming", "memes", "news")
+SENTIMENTS = ("positive", "neutral", "negative")
+
+
+def register(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="simulate a bot session (members joining and chatting) and print stats")
+    add_store_options(demo)
+    demo.add_argument("--guild", type=int, default=987654321, help="guild id to simulate (default %(default)s)")
+    demo.add_argument("--members", type=int, default=500, help="members joining (default %(default)s)")
+    demo.add_argument("--messages", type=int, default=5000, help="messages sent (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=None, help="random seed (default: a new session each run)")
+    demo.set_defaults(func=run_demo)
+
+    status = sub.add_parser("status", help="which backend is configured and what it holds")
+    add_store_options(status)
+    status.set_defaults(func=run_status)
+
+    check = sub.add_parser("check", help="verify that every stored file/table loads (exit 1 if not)")
+    add_store_options(check)
+    check.set_defaults(func=run_check)
+
+    compact = sub.add_parser("compact", help="JSON backend: fold the journal into plain JSON files now")
+    add_store_options(compact)
+    compact.set_defaults(func=run_compact)
+
+
+def _snowflake(when: datetime, rng: random.Random) -> str:
+    """A plausible Discord id for an event at ``when`` (ms since the Discord epoch, shifted left 22 bits)."""
+    ms = int(when.timestamp() * 1000) - DISCORD_EPOCH_MS
+    return str((ms << 22) | rng.getrandbits(22))
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, float]] = []
+
+    def add(self, what: str, count: int, started: float) -> None:
+        self.rows.append((what, count, time.perf_counter() - started))
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    rng = random.Random(args.seed)
+    config = config_from_args(args)
+    guild = str(args.guild)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    timer = _Timer()
+    print(f"storage demo: {config.describe()}")
+    async with open_store(config=config) as store:
+        # 1. members join: the seed's own call, one durable save each
+        started = time.perf_counter()
+        user_ids = []
+        for _ in range(args.members):
+            joined = now - timedelta(days=rng.uniform(1, 365))
+            user_id = _snowflake(joined, rng)
+            user_ids.append(user_id)
+            await store.save_member_data(user_id, guild, {
+                "user_id": user_id,
+                "guild_id": guild,
+                "join_date": joined.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "roles": ["member"],
+                "preferences": {"notifications": rng.random() < 0.8, "language": rng.choice(["ja", "en"])},
+                "statistics": {"message_count": 0, "last_active": None},
+            })
+        timer.add("members joined (save_member_data)", args.members, started)
+
+        # 2. they chat: message-analytics records, ingested in bulk like a bot's flush loop would
+        started = time.perf_counter()
+        channels = {name: _snowflake(now - timedelta(days=400), rng) for name in CHANNELS}
+        weights = [rng.paretovariate(1.2) for _ in user_ids]  # a few members talk a lot
+        records = []
+        for _ in range(args.messages):
+            sent = now - timedelta(seconds=rng.uniform(0, 7 * 86400))
+            records.append({
+                "message_id": _snowflake(sent, rng),
+                "guild_id": guild,
+                "channel_id": channels[rng.choice(CHANNELS)],
+                "author_id": rng.choices(user_ids, weights)[0],
+                "timestamp": sent.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "content_length": rng.randint(1, 400),
+                "attachments": int(rng.random() < 0.1),
+                "reactions": rng.randint(0, 5),
+                "analysis": {"sentiment": rng.choice(SENTIMENTS), "topics": rng.sample(TOPICS, rng.randint(0, 2))},
+            })
+        new = 0
+        for i in range(0, len(records), 1000):
+            new += await store.record_messages(records[i:i + 1000])
+        timer.add("messages recorded (record_messages)", new, started)
+
+        started = time.perf_counter()
+        refreshed = await store.refresh_member_statistics(guild)
+        timer.add("member statistics refreshed", refreshed, started)
+
+        # 3. a moderator promotes the top talkers in one batch (one malformed row is skipped and logged)
+        top = await store.top_authors(guild, limit=10)
+        updates: list[dict[str, Any]] = []
+        for author, _count in top:
+            member = await store.get_member_data(author, guild)
+            member["roles"] = sorted(set(member.get("roles", [])) | {"regular"})
+            updates.append({"user_id": author, "guild_id": guild, "data": member})
+        updates.append({"user_id": "not-a-snowflake", "guild_id": guild, "data": {}})
+        started = time.perf_counter()
+        promoted = await store.batch_update_members(updates)
+        timer.add("members promoted (batch_update_members)", promoted, started)
+
+        # 4. an atomic counter, as a !daily command would keep it
+        started = time.perf_counter()
+        for user_id in user_ids[:100]:
+            await store.update("economy", member_key(user_id, guild),
+                               lambda d: {**d, "points": d.get("points", 0) + 10}, default={"points": 0})
+        timer.add("daily points (update, atomic)", min(100, len(user_ids)), started)
+
+        total = await store.message_counts(guild)
+        per_day = await store.message_counts(guild, by="day")
+        sentiment = await store.sentiment_breakdown(guild)
+        topics = await store.top_topics(guild, limit=5)
+        names = {v: k for k, v in channels.items()}
+        top_channels = await store.top_channels(guild, limit=5)
+        members_total = await store.count("members")
+
+    print()
+    print(f"{'operation':<42}{'count':>8}{'seconds':>10}{'per second':>12}")
+    for what, count, seconds in timer.rows:
+        rate = f"{count / seconds:,.0f}" if seconds > 0 and count else "-"
+        print(f"{what:<42}{count:>8}{seconds:>10.3f}{rate:>12}")
+    print()
+    print(f"guild {guild}: {members_total} members, {total} messages stored")
+    print("top authors:   " + ", ".join(f"{a[-6:]}…={c}" for a, c in top[:5]))
+    print("top channels:  " + ", ".join(f"#{names.get(c, c)}={n}" for c, n in top_channels))
+    print("top topics:    " + ", ".join(f"{t}={n}" for t, n in topics))
+    print("sentiment:     " + ", ".join(f"{s}={n}" for s, n in sorted(sentiment.items())))
+    if isinstance(per_day, dict) and per_day:
+        peak = max(per_day.values())
+        print("activity (last days):")
+        for day in sorted(per_day)[-8:]:
+            print(f"  {day} {'█' * max(1, round(40 * per_day[day] / peak))} {per_day[day]}")
+    where = config.path if config.backend == "json" else config.safe_dsn
+    print(f"\ndata is in {where}; run `python -m storage status` to inspect it")
+    return 0
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    print(f"backend: {config.describe()}")
+    async with open_store(config=config) as store:
+        names = await store.collections()
+        print(f"collections: {len(names)}")
+        for name in names:
+            print(f"  {name:<32}{await store.count(name):>10} documents")
+        ledger = [k async for k, _ in store.items("_migrations")] if "_migrations" in names else []
+        if ledger:
+            print(f"migrations applied: {len(ledger)}")
+        stats = getattr(store, "stats", None)
+        if callable(stats):
+            info = stats()
+            print(f"journal: {info['journal_bytes']} bytes (generation {info['journal_generation']})")
+            for name, why in info["foreign_files"].items():
+                print(f"  note: {name}.json is not a collection ({why}); left alone")
+    return 0
+
+
+async def run_check(args: argparse.Namespace) -> int:
+    """Opening a store loads and checks everything (JSON: every file and the journal); report instead of crash."""
+    config = config_from_args(args)
+    try:
+        async with open_store(config=config) as store:
+            total = 0
+            for name in await store.collections():
+                async for _key, _doc in store.items(name):
+                    total += 1
+            stats = getattr(store, "stats", None)
+            if callable(stats):
+                for name, why in stats()["foreign_files"].items():
+                    print(f"warning: {name}.json is not a collection ({why})")
+    except CorruptDataError as exc:
+        where = f" (file {exc.path}, byte {exc.position})" if exc.path else ""
+        print(f"CORRUPT: {exc}{where}")
+        return 1
+    except DatabaseError as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    print(f"ok: {config.describe()}: {total} documents readable")
+    return 0
+
+
+async def run_compact(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if config.backend != "json":
+        print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
+        return 2
+    async with open_store(config=config) as store:
+        await store.compact()  # type: ignore[attr-defined]
+    print(f"compacted {config.path}")
+    return 0
