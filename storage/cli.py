@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import logging
 import sys
@@ -22,7 +23,7 @@ from .errors import DatabaseError
 __all__ = ["main", "build_parser", "config_from_args", "COMMAND_MODULES"]
 
 #: Modules under storage.commands, each adding one or more subcommands.
-COMMAND_MODULES = ("core",)
+COMMAND_MODULES = ("core", "migrate", "backup", "stats")
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +45,11 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         backend = "postgres"
     elif path and not backend:
         backend = "json"
-    return StoreConfig(
-        backend=backend or env.backend,  # type: ignore[arg-type]
+    return dataclasses.replace(
+        env,
+        backend=backend or env.backend,
         path=path or env.path,
         dsn=dsn or env.dsn,
-        pool_min=env.pool_min,
-        pool_max=env.pool_max,
-        pgbouncer=env.pgbouncer,
         source="command line",
     )
 

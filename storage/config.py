@@ -10,7 +10,9 @@ Resolution order (first match wins), as documented in ``DESIGN.md``:
 
 Also read: ``STORAGE_POOL_MIN``/``STORAGE_POOL_MAX`` (asyncpg pool sizes), ``STORAGE_PGBOUNCER=1`` (no prepared
 statement cache, for transaction poolers), ``STORAGE_BACKUP_DIR`` (default ``./backups``) and
-``STORAGE_BACKUP_KEEP`` (how many backups retention keeps).
+``STORAGE_BACKUP_KEEP`` (how many backups retention keeps), ``STORAGE_CACHE_TTL`` (seconds; PostgreSQL ``get``
+cache, off by default: with it on, another process's write to a key this process read recently is seen only
+after the entry expires).
 
 A password never appears in ``repr``, logs or error messages: use :attr:`StoreConfig.safe_dsn` for display.
 """
@@ -115,7 +117,7 @@ class StoreConfig:
     pool_max: int = 10
     pgbouncer: bool = False
     lock_timeout: float = 60.0
-    cache_ttl: float = 300.0
+    cache_ttl: float = 0.0
     backup_dir: str = "backups"
     backup_keep: int | None = None
     source: str = "default"
@@ -162,6 +164,7 @@ class StoreConfig:
             "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
             "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
             "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
+            "cache_ttl": float(_int(env, "STORAGE_CACHE_TTL", 0, 0)),
             "backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
             "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
         }

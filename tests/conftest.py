@@ -6,14 +6,32 @@ the conformance tests pass on it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 import storage
 from storage import StoreConfig
+from tests._pg import TestServer
 
-BACKENDS = ["json"]
+BACKENDS = ["json", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    """The session's PostgreSQL: ``STORAGE_TEST_DSN``'s server, or a throwaway one started with pgserver."""
+    with TestServer.start(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: TestServer) -> Iterator[str]:
+    """A DSN to storage of this test's own (an empty schema, dropped afterwards; see tests/_pg.py)."""
+    name, dsn = pg_server.new_schema()
+    try:
+        yield dsn
+    finally:
+        pg_server.drop_schema(name)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from ..analytics import AnalyticsMixin
+from ..backup import BackupMixin
 from ..codec import check_collection, check_key, decode_doc, encode_doc
 from ..config import StoreConfig
 from ..errors import StoreClosedError, TransactionError, ValidationError
@@ -142,7 +144,7 @@ def apply_update(fn: UpdateFn, current: Document | None, default: Document | Non
     return result, encode_doc(result, what="update result")
 
 
-class BaseStore(MembersMixin, OpsBase):
+class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
     """Lifecycle and guards every backend shares; subclasses add storage."""
 
     backend_name = "base"

@@ -33,11 +33,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from ..analytics import MessageColumns
 from ..codec import check_collection, decode_doc
 from ..config import StoreConfig
 from ..errors import CorruptDataError, DatabaseError, LockTimeoutError, ValidationError
@@ -45,6 +47,7 @@ from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
 from .base import BaseStore, OpsBase, apply_update
 from .journal import Journal, Op, encode_record
+from .json_messages import MESSAGES_DIR, MessageLog
 from .lockfile import LockBusy, SidecarLock
 
 __all__ = ["JsonStore", "JOURNAL_NAME", "LOCK_NAME"]
@@ -71,9 +74,8 @@ class _Staged:
         self.changes: dict[tuple[str, str], bytes | None] = {}
 
     def get(self, collection: str, key: str) -> bytes | None:
-        found = self.changes.get((collection, key), _ABSENT)
-        if found is not _ABSENT:
-            return found  # type: ignore[return-value]
+        if (collection, key) in self.changes:
+            return self.changes[(collection, key)]
         coll = self.base.get(collection)
         return coll.get(key) if coll is not None else None
 
@@ -91,8 +93,6 @@ class _Staged:
                     keys.add(key)
         return keys
 
-
-_ABSENT: Any = object()
 
 
 @dataclass
@@ -126,6 +126,7 @@ class JsonStore(BaseStore):
         self._need_reload = False
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
         self.min_compact_bytes = MIN_COMPACT_BYTES
+        self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
 
     def __repr__(self) -> str:
         return f"<JsonStore path={str(self.path)!r} closed={self._closed}>"
@@ -491,6 +492,24 @@ class JsonStore(BaseStore):
         """``*.json`` files in the folder that are not collections, and why (shown by ``storage check``)."""
         return dict(self._foreign)
 
+    # message analytics: the append-only log in json_messages.py
+    async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
+        return await self._messages.insert(records)
+
+    async def _modify_message(self, message_id: str, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+        return await self._messages.modify(message_id, fn)
+
+    async def _delete_messages_before(self, before: datetime) -> int:
+        return await self._messages.delete_before(before)
+
+    def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
+                       until: datetime | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self._messages.scan(guild_id, since, until)
+
+    def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
+                              until: datetime | None) -> AsyncIterator[MessageColumns]:
+        return self._messages.columns(guild_id, since, until)  # the aggregate queries, from a column cache
+
     # ---------------------------------------------------------------------------------------------------------------
     # transactions and closing
     @asynccontextmanager
@@ -531,6 +550,7 @@ class JsonStore(BaseStore):
         finally:
             self._journal.close()
             self._flock.close()
+            self._messages.close()
 
     def stats(self) -> dict[str, Any]:
         """Sizes for ``storage status``."""

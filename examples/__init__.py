@@ -1,0 +1,1 @@
+"""Runnable examples for the ``storage`` library (importable so the CLI can load ``examples.migrations``)."""

@@ -1,0 +1,115 @@
+"""The tables the Postgres backend keeps, and creating them safely when several processes open at once.
+
+Three tables, in the connection's default schema (``search_path``):
+
+``storage_documents``
+    One row per document, keyed by ``(collection, key)``, the document in ``jsonb``. Both text columns use the
+    ``"C"`` collation, so the primary key index *is* in code point order: ``items()`` walks it and returns keys in
+    exactly Python's ``sorted()`` order, and a prefix becomes an index range.
+``storage_messages``
+    The message-analytics records in typed columns, indexed for the per-guild queries (by time, and by author and
+    time). Discord ids are unsigned 64-bit numbers, which do not fit a signed ``bigint``; ``numeric(20)`` or text
+    would, but ingest measured about twice as fast with ``bigint``, so ids are stored *shifted*: ``id - 2**63``.
+    The shift keeps their order, and the ``storage_message_records`` view shows the real ids for anyone writing SQL
+    by hand. Fields a record has beyond the typed ones are kept in ``extra`` (``NULL`` when there are none), so a
+    record reads back exactly as it was written.
+``storage_meta``
+    ``schema_version`` and nothing else for now.
+
+Opening checks the version with one query and only when the tables are missing (or older) takes a
+transaction-scoped advisory lock, checks again, and creates them: two processes opening a fresh database at the
+same time never race on ``CREATE``, and an already set-up database is never locked at all (``CREATE INDEX IF NOT
+EXISTS`` would take a table lock that waits for every running writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ..errors import DatabaseError
+
+__all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
+
+SCHEMA_VERSION = 1
+#: Stored message ids are ``id - ID_SHIFT``: the unsigned 64-bit range mapped onto ``bigint``, order kept.
+ID_SHIFT = 2**63
+
+
+def stable_lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock key derived from ``name``; the same in every process (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+SCHEMA_LOCK_KEY = stable_lock_key("storage.schema")
+#: First half of the two-integer advisory locks taken on absent document keys (see postgres.py). The two-integer
+#: form lives in a different lock space than the one-``bigint`` form, so it cannot collide with other users' keys.
+DOC_LOCK_CLASS = stable_lock_key("storage.documents") >> 32
+
+_CREATE_V1 = """
+CREATE TABLE IF NOT EXISTS storage_meta (
+    name text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_documents (
+    collection text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    doc jsonb NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE TABLE IF NOT EXISTS storage_messages (
+    message_id bigint PRIMARY KEY,
+    guild_id bigint NOT NULL,
+    channel_id bigint NOT NULL,
+    author_id bigint NOT NULL,
+    created_at timestamptz NOT NULL,
+    content_length bigint NOT NULL,
+    attachments bigint NOT NULL,
+    reactions bigint NOT NULL,
+    sentiment text,
+    topics text[],
+    extra jsonb
+);
+COMMENT ON COLUMN storage_messages.message_id IS 'Discord id minus 2^63 (keeps order); see storage_message_records';
+CREATE INDEX IF NOT EXISTS storage_messages_guild_time ON storage_messages (guild_id, created_at);
+CREATE INDEX IF NOT EXISTS storage_messages_guild_author_time ON storage_messages (guild_id, author_id, created_at);
+CREATE INDEX IF NOT EXISTS storage_messages_time_brin ON storage_messages USING brin (created_at);
+CREATE OR REPLACE VIEW storage_message_records AS
+SELECT message_id::numeric + 9223372036854775808 AS message_id,
+       guild_id::numeric + 9223372036854775808 AS guild_id,
+       channel_id::numeric + 9223372036854775808 AS channel_id,
+       author_id::numeric + 9223372036854775808 AS author_id,
+       created_at, content_length, attachments, reactions, sentiment, topics, extra
+FROM storage_messages;
+"""
+
+_VERSION_QUERY = "SELECT value::int FROM storage_meta WHERE name = 'schema_version'"
+
+
+async def _version(conn: Any) -> int:
+    if await conn.fetchval("SELECT to_regclass('storage_meta') IS NULL"):
+        return 0
+    version = await conn.fetchval(_VERSION_QUERY)
+    return int(version or 0)
+
+
+async def ensure_schema(conn: Any) -> None:
+    """Create the tables if they are missing; refuse a database whose schema is newer than this library."""
+    encoding = await conn.fetchval("SELECT current_setting('server_encoding')")
+    if encoding.upper() not in ("UTF8", "UTF-8"):
+        raise DatabaseError(f"the database uses the {encoding} encoding; storage needs UTF8 (create it with "
+                            "ENCODING 'UTF8')")
+    version = await _version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+        version = await _version(conn)  # another process may have created everything while we waited
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"the database's storage schema is version {version}, newer than this library "
+                                f"understands ({SCHEMA_VERSION}): upgrade the storage package")
+        if version < SCHEMA_VERSION:
+            await conn.execute(_CREATE_V1)
+            await conn.execute(
+                "INSERT INTO storage_meta (name, value) VALUES ('schema_version', $1) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", str(SCHEMA_VERSION))

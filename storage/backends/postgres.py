@@ -1,0 +1,495 @@
+"""The PostgreSQL backend, through asyncpg: the whole ``Store`` contract on a connection pool.
+
+How it maps the contract:
+
+* **One pool** (``asyncpg.create_pool``, sizes from ``StoreConfig.pool_min``/``pool_max``), exposed as
+  :attr:`PostgresStore.pool` for migrations and hand-written SQL. Each new connection registers a ``jsonb`` codec
+  (binary format, orjson) so documents go to the server as the bytes ``storage.codec`` produced and come back as
+  fresh dicts. ``STORAGE_PGBOUNCER=1`` turns asyncpg's prepared statement cache off (``statement_cache_size=0``),
+  which a transaction pooler needs, and nothing here relies on session state.
+* **Atomicity and no lost updates** come from PostgreSQL itself: a ``put_many`` is one statement, ``update()``
+  locks the row (``SELECT ... FOR UPDATE``) while ``fn`` runs, and ``transaction()`` is a real transaction on one
+  connection (:attr:`PgTransaction.connection`) whose reads lock what they read. See pg_documents.py.
+* **Faults**: a refused connection, a server restart, a dropped socket raise :class:`storage.ConnectionError` (the
+  original chained); the pool replaces dead connections by itself, so the same store works again as soon as the
+  server is back, and :func:`storage.safe_database_operation` can simply retry. See pg_errors.py.
+
+Documents in jsonb
+    jsonb keeps what JSON means, not how it was spelled: a document reads back equal (``==``) to what was
+    written, but its keys come back in jsonb's order (shorter keys first), and a float with an integral value of
+    1e16 or more (which orjson writes as ``1e16``) comes back as the equal ``int``.
+
+Reads by key and the cache
+    ``get`` goes through a :class:`storage.DatabaseCache` with ``ttl = config.cache_ttl`` (``STORAGE_CACHE_TTL``;
+    ``0``, the default, turns it off: several bot shards writing the same members is common, and the JSON backend
+    is always fresh, so exact reads are the default and the cache an opt-in for single-process bots). It
+    holds the document's JSON *text* (immutable: every ``get`` decodes a fresh dict), never caches absence, and is
+    invalidated by this store's own writes, transactional ones at commit. A write racing with a read never leaves
+    the old value cached: a read only fills the cache if no write of this store finished while it was in flight.
+
+    What another process sees: every write is committed when the call returns, so another process's
+    ``get_many``/``items``/``count``/``update``/transactions see it at once, and so does its ``get`` of a key it has
+    not read recently. But a key that *this* process read less than ``cache_ttl`` seconds ago may be served from
+    its cache and miss another process's later write until the entry expires. One process per database (the usual
+    bot) never sees stale data. With several processes writing the same keys, set ``cache_ttl=0`` (exact) or
+    accept staleness up to the ttl for ``get``. ``update()`` and transactions never use the cache, so a
+    read-modify-write never works on stale data whatever the ttl.
+
+Connection reset
+    asyncpg's pool normally sends a reset query (``RESET ALL; UNLISTEN *; ...``) every time a connection is given
+    back, which doubles the cost of a one-statement ``get``. The statements this module runs leave no session
+    state behind, so connections it borrowed skip that query; connections borrowed by anyone else through
+    :attr:`pool` still get asyncpg's full reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ..cache import DatabaseCache
+from ..config import StoreConfig
+from ..errors import ConnectionError, DatabaseError, StoreClosedError, TransactionError, ValidationError
+from ..protocol import Document, Transaction, UpdateFn
+from . import pg_documents as sql
+from .base import BaseStore, OpsBase
+from .pg_errors import DRIVER_ERRORS, describe_target, dsn_password, is_connection_error, translate
+from .pg_messages import PgMessagesMixin
+from .pg_schema import ensure_schema
+
+__all__ = ["PostgresStore", "PgTransaction", "CONNECT_TIMEOUT", "CLOSE_TIMEOUT"]
+
+log = logging.getLogger("storage.postgres")
+
+#: Seconds to wait for a new connection (asyncpg's default, 60 s, makes a down host look like a hang).
+CONNECT_TIMEOUT = 15.0
+#: Seconds ``close()`` waits for borrowed connections to come back before it terminates them.
+CLOSE_TIMEOUT = 10.0
+
+# asyncpg reports a malformed DSN with a ValueError (ClientConfigurationError), at the first connection.
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, ValueError)
+_ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, asyncio.TimeoutError)
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    """jsonb's binary format is a version byte (1) and the JSON text; already-encoded documents pass as they are."""
+    return b"\x01" + (value if isinstance(value, bytes) else orjson.dumps(value))
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return orjson.loads(memoryview(data)[1:])
+
+
+async def _init_connection(conn: Any) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb,
+                              format="binary")
+
+
+class PostgresStore(PgMessagesMixin, BaseStore):
+    """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await PostgresStore.open(config)``)."""
+
+    backend_name = "postgres"
+
+    def __init__(self, config: StoreConfig) -> None:
+        super().__init__(config)
+        #: The asyncpg pool: an escape hatch for migrations and hand-written SQL.
+        self.pool: Any = None
+        self._target = describe_target(config.dsn)
+        self._cache = DatabaseCache(ttl=config.cache_ttl)
+        self._writes = 0  # bumped after every write of this store: a read in flight across one must not cache
+        self._quiet: set[int] = set()  # server pids of connections our own code is using (see _reset_connection)
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self._target} closed={self._closed}>"
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # opening and closing
+    @classmethod
+    async def open(cls, config: StoreConfig | str) -> PostgresStore:
+        """Connect, create the tables if needed, and return the store. Errors name the server, never the password."""
+        if not isinstance(config, StoreConfig):
+            config = StoreConfig(backend="postgres", dsn=os.fspath(config), source="arguments")
+        store = cls(config)
+        await store._connect()
+        return store
+
+    async def _connect(self) -> None:
+        config = self.config
+        try:
+            self.pool = await asyncpg.create_pool(
+                dsn=config.dsn,
+                min_size=config.pool_min,
+                max_size=config.pool_max,
+                init=_init_connection,
+                reset=self._reset_connection,
+                statement_cache_size=0 if config.pgbouncer else 100,
+                timeout=CONNECT_TIMEOUT,
+            )
+        except _OPEN_ERRORS as exc:
+            raise self._open_error(exc) from exc
+        try:
+            async with self.pool.acquire() as conn:  # with pool_min=0 this is the first connection
+                await ensure_schema(conn)
+        except _OPEN_ERRORS as exc:
+            self.pool.terminate()
+            raise self._open_error(exc) from exc
+        except BaseException:
+            self.pool.terminate()
+            raise
+
+    def _open_error(self, exc: BaseException) -> DatabaseError:
+        """A clear message for the first thing a user sees when the DSN, the password or the server is wrong."""
+        target = self._target
+        state = getattr(exc, "sqlstate", None) or ""
+        password = dsn_password(self.config.dsn)
+        detail = f"{type(exc).__name__}: {exc}"
+        if password and len(password) >= 3:
+            detail = detail.replace(password, "***")
+        if state.startswith("28"):
+            return DatabaseError(f"cannot open PostgreSQL at {target}: authentication failed, check the user and "
+                                 f"password ({detail})")
+        if state == "3D000":
+            return DatabaseError(f"cannot open PostgreSQL at {target}: the database does not exist ({detail})")
+        if isinstance(exc, ValueError) and not isinstance(exc, asyncpg.PostgresError):
+            return ValidationError(f"invalid PostgreSQL DSN {self.config.safe_dsn}: {detail}", field="dsn")
+        if is_connection_error(exc):
+            return ConnectionError(f"cannot connect to PostgreSQL at {target}: is the server running and reachable "
+                                   f"from here? ({detail})")
+        return translate(exc, "opening the store", self.config.dsn)
+
+    async def close(self) -> None:
+        """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._cache.clear()
+        pool = self.pool
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except _CLOSE_ERRORS as exc:
+            log.warning("%s: closing the pool cleanly failed (%s); terminating its connections", self._target, exc)
+            pool.terminate()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # connections
+    async def _reset_connection(self, conn: Any) -> None:
+        """The pool's reset hook: skip the reset query for connections only our own statements used."""
+        if conn.get_server_pid() in self._quiet:
+            return
+        query = conn.get_reset_query()
+        if query:
+            await conn.execute(query)
+
+    def _translate(self, exc: BaseException, what: str) -> DatabaseError:
+        if self._closed and is_connection_error(exc):
+            return StoreClosedError(f"the postgres store was closed during {what}")
+        return translate(exc, what, self.config.dsn)
+
+    def _connection(self, what: str) -> _Borrowed:
+        """``async with`` a pooled connection; driver errors raised while using it come out translated."""
+        return _Borrowed(self, what)
+
+    def _invalidate(self, collection: str, keys: Any) -> None:
+        self._writes += 1
+        cache = self._cache
+        if len(cache):
+            for key in keys:
+                cache.invalidate_nowait((collection, key))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # document primitives
+    async def _get(self, collection: str, key: str) -> Document | None:
+        cache_key = (collection, key)
+        text = self._cache.get_nowait(cache_key)
+        if text is None:
+            writes = self._writes
+            async with self._connection("get") as conn:
+                text = await sql.get_text(conn, collection, key)
+            if text is None:
+                return None
+            if writes == self._writes:
+                self._cache.set_nowait(cache_key, text)
+        doc: Document = orjson.loads(text)
+        return doc
+
+    async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
+        async with self._connection("get_many") as conn:
+            return await sql.get_many(conn, collection, keys)
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+        try:
+            async with self._connection("put") as conn:
+                await sql.put(conn, collection, items)
+        finally:
+            self._invalidate(collection, (key for key, _ in items))
+
+    async def _delete(self, collection: str, key: str) -> bool:
+        try:
+            async with self._connection("delete") as conn:
+                return await sql.delete(conn, collection, key)
+        finally:
+            self._invalidate(collection, (key,))
+
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+        try:
+            async with self._connection("update") as conn, conn.transaction():
+                return await sql.update(conn, collection, key, fn, default, in_transaction=False)
+        finally:
+            self._invalidate(collection, (key,))
+
+    async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
+        # Page by key rather than hold a cursor: no connection stays borrowed while the caller works on a page,
+        # so writing to the store inside the loop cannot starve the pool.
+        after = ""
+        while True:
+            async with self._connection("items") as conn:
+                page = await sql.items_page(conn, collection, prefix, after)
+            for pair in page:
+                yield pair
+            if len(page) < sql.PAGE_SIZE:
+                return
+            after = page[-1][0]
+
+    async def _count(self, collection: str) -> int:
+        async with self._connection("count") as conn:
+            return await sql.count(conn, collection)
+
+    async def collections(self) -> list[str]:
+        self._guard_read()
+        async with self._connection("collections") as conn:
+            return await sql.collections(conn)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # transactions
+    @asynccontextmanager
+    async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Transaction]:
+        """A PostgreSQL transaction on one connection.
+
+        ``isolation="read_committed"`` (the default) is pessimistic: reads lock what they read (see
+        pg_documents.py), so concurrent read-modify-write transactions wait for each other and never lose an
+        update. Two of them reading the same documents in opposite orders can deadlock; PostgreSQL then aborts
+        one, which raises :class:`storage.TransactionError` (retry it).
+
+        ``"repeatable_read"`` or ``"serializable"`` read one snapshot without locking, which is what a consistent
+        export wants; a write that conflicts with a concurrent one raises :class:`storage.TransactionError`.
+        """
+        if isolation not in _ISOLATION_LEVELS:
+            raise ValidationError(f"isolation must be one of {', '.join(_ISOLATION_LEVELS)}, got {isolation!r}",
+                                  field="isolation")
+        token = self._enter_transaction()
+        try:
+            async with self._connection("transaction") as conn:
+                tx = PgTransaction(self, conn, locking_reads=isolation == "read_committed")
+                xact = conn.transaction(isolation=isolation)
+                await xact.start()
+                try:
+                    yield tx
+                except BaseException:
+                    tx._finish()
+                    await self._rollback(xact)
+                    raise
+                with contextlib.suppress(TransactionError):
+                    await tx._check_not_aborted()  # records the failure in tx._failed
+                tx._finish()
+                if tx._failed is not None:
+                    await self._rollback(xact)
+                    raise TransactionError("the transaction was rolled back: a statement in it failed "
+                                           f"({tx._failed})") from tx._failed
+                try:
+                    await xact.commit()
+                finally:
+                    for collection, keys in tx._written.items():
+                        self._invalidate(collection, keys)
+        finally:
+            self._leave_transaction(token)
+
+    async def _rollback(self, xact: Any) -> None:
+        try:
+            await xact.rollback()
+        except DRIVER_ERRORS as exc:  # the connection is gone: the server rolled back already
+            log.debug("%s: rollback failed (%s); the server discards the transaction", self._target, exc)
+
+
+class _Borrowed:
+    """A connection borrowed from the store's pool for one operation (a class, not a generator-based context
+    manager: it runs on every call, and this is measurably cheaper).
+
+    While borrowed, the connection's server pid is in ``store._quiet`` so that the pool's reset hook skips the
+    reset query. A driver error raised inside the block leaves it as the matching :mod:`storage.errors`
+    exception, with the original as ``__cause__``.
+    """
+
+    __slots__ = ("_acquire", "_conn", "_pid", "_store", "_what")
+
+    def __init__(self, store: PostgresStore, what: str) -> None:
+        self._store = store
+        self._what = what
+        self._acquire: Any = None
+        self._conn: Any = None
+        self._pid = 0
+
+    async def __aenter__(self) -> Any:
+        store = self._store
+        self._acquire = store.pool.acquire()
+        try:
+            conn = self._conn = await self._acquire.__aenter__()
+        except DRIVER_ERRORS as exc:
+            raise store._translate(exc, self._what) from exc
+        self._pid = conn.get_server_pid()
+        store._quiet.add(self._pid)
+        return conn
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        store = self._store
+        try:
+            if isinstance(exc, asyncpg.exceptions.InternalClientError):
+                # asyncpg lost track of the protocol (seen when the server ends a session mid-query,
+                # MagicStack/asyncpg#784): the pool must never hand this connection out again.
+                self._conn.terminate()
+            try:
+                await self._acquire.__aexit__(exc_type, exc, tb)
+            except DRIVER_ERRORS as release_exc:
+                if exc is None:
+                    raise store._translate(release_exc, self._what) from release_exc
+                log.debug("%s: releasing a connection failed too: %s", store._target, release_exc)
+        finally:
+            store._quiet.discard(self._pid)
+        if exc is not None and isinstance(exc, DRIVER_ERRORS):
+            raise store._translate(exc, self._what) from exc
+
+
+class PgTransaction(OpsBase):
+    """What ``store.transaction()`` yields: the document operations on the transaction's own connection.
+
+    Calls on one transaction are serialized (a connection runs one statement at a time), so it is safe to use it
+    from several coroutines. After a statement fails the transaction can only be rolled back: later calls raise
+    :class:`storage.TransactionError`, and so does leaving the block normally.
+    """
+
+    def __init__(self, store: PostgresStore, connection: Any, *, locking_reads: bool = True) -> None:
+        self._store = store
+        self._locking_reads = locking_reads
+        self._connection = connection
+        self._hatch_used = False
+        self._active = True
+        self._failed: BaseException | None = None
+        self._lock = asyncio.Lock()
+        self._written: dict[str, set[str]] = {}
+        self._used = False  # a statement ran: too late to change the isolation level
+
+    @property
+    def connection(self) -> Any:
+        """The transaction's asyncpg connection: an escape hatch (DDL, hand-written SQL) inside this transaction.
+
+        If a statement run on it fails, PostgreSQL aborts the whole transaction: leaving the block then raises
+        :class:`storage.TransactionError` instead of committing (nothing is written).
+        """
+        self._hatch_used = True
+        return self._connection
+
+    async def _check_not_aborted(self) -> None:
+        """Before commit, when the escape hatch was used: a failed statement there aborted the transaction, and
+        ``COMMIT`` would silently roll back. One cheap statement finds out."""
+        if self._failed is None and self._hatch_used:
+            async with self._use("commit"):
+                await self._connection.execute("SELECT 1")
+
+    def _guard_read(self) -> None:
+        if not self._active:
+            raise DatabaseError("the transaction is finished")
+        self._store._guard_read()
+
+    _guard_write = _guard_read
+
+    def _finish(self) -> None:
+        self._active = False
+
+    @asynccontextmanager
+    async def _use(self, what: str) -> AsyncIterator[Any]:
+        async with self._lock:
+            if self._failed is not None:
+                raise TransactionError(f"{what}: the transaction was aborted by an earlier error ({self._failed}); "
+                                       "leave the block to roll it back") from self._failed
+            self._used = True
+            try:
+                yield self._connection
+            except DRIVER_ERRORS as exc:
+                self._failed = exc
+                raise self._store._translate(exc, what) from exc
+
+    async def pin_snapshot(self) -> None:
+        """Make every read of this transaction see one snapshot (``REPEATABLE READ``); call it first.
+
+        What a consistent export (a backup, a copy) needs: reads no longer lock, and a concurrent writer is never
+        blocked; a write of this transaction that conflicts with a concurrent one raises TransactionError.
+        """
+        self._guard_read()
+        if not self._locking_reads:
+            return  # opened with isolation="repeatable_read" or "serializable" already
+        if self._used:
+            raise TransactionError("pin_snapshot() must come before any other call in the transaction")
+        async with self._use("pin_snapshot") as conn:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        self._locking_reads = False
+
+    async def collections(self) -> list[str]:
+        """The collections that hold documents, as this transaction sees them."""
+        self._guard_read()
+        async with self._use("collections") as conn:
+            return await sql.collections(conn)
+
+    def _wrote(self, collection: str, keys: Any) -> None:
+        self._written.setdefault(collection, set()).update(keys)
+
+    async def _get(self, collection: str, key: str) -> Document | None:
+        async with self._use("get") as conn:
+            if self._locking_reads:
+                return await sql.get_locked(conn, collection, key)
+            return await sql.get(conn, collection, key)
+
+    async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
+        async with self._use("get_many") as conn:
+            if self._locking_reads:
+                return await sql.get_many_locked(conn, collection, keys)
+            return await sql.get_many(conn, collection, keys)
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+        self._wrote(collection, (key for key, _ in items))
+        async with self._use("put") as conn:
+            await sql.put(conn, collection, items)
+
+    async def _delete(self, collection: str, key: str) -> bool:
+        self._wrote(collection, (key,))
+        async with self._use("delete") as conn:
+            return await sql.delete(conn, collection, key)
+
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+        self._wrote(collection, (key,))
+        async with self._use("update") as conn:
+            return await sql.update(conn, collection, key, fn, default, in_transaction=True)
+
+    async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
+        after = ""
+        while True:
+            async with self._use("items") as conn:
+                page = await sql.items_page(conn, collection, prefix, after)
+            for pair in page:
+                yield pair
+            if len(page) < sql.PAGE_SIZE:
+                return
+            after = page[-1][0]
+
+    async def _count(self, collection: str) -> int:
+        async with self._use("count") as conn:
+            return await sql.count(conn, collection)

@@ -1,0 +1,526 @@
+"""Backups and restores, written once for every backend on top of the Store protocol (``BackupMixin``).
+
+The seed copied ``config/*.json`` into ``backups/<time>/`` and back: no verification, a half-written copy looked
+like a good one, ``restore_backup("../..")`` wrote anywhere, and there was nothing for PostgreSQL. Here:
+
+* :meth:`BackupMixin.create_backup` reads every collection through **one transaction**, so the backup is one
+  consistent snapshot even while the bot keeps writing (JSON files: the transaction holds the store lock, writers
+  wait; PostgreSQL: the transaction's snapshot, ``REPEATABLE READ``). It writes the portable format of
+  :mod:`storage.backup_format` atomically, verifies what it wrote, and only then prunes old backups.
+* :meth:`BackupMixin.restore_backup` verifies first (a damaged backup raises :class:`BackupError` and changes
+  nothing), then, in one transaction, saves the current state as a backup of its own and swaps the data in: every
+  document not in the backup is deleted, every document that differs is written; all or nothing. A backup of
+  either backend restores into either backend.
+* Retention keeps the newest ``keep`` backups and/or those younger than ``keep_days`` (a backup is kept when
+  either rule keeps it, like restic's ``--keep-last``/``--keep-within``), and never deletes what it cannot read.
+
+Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup_messages`):
+
+* **Snapshot.** JSON files: the messages are read while the documents' transaction holds the store lock, so both
+  come from the same instant (the manifest says ``"same_snapshot": true``). PostgreSQL: the messages are read in
+  their own snapshot, on another connection, while the documents' snapshot is open: consistent in themselves, but
+  a message recorded during the backup may be in it or not (``"same_snapshot": false``).
+* **Restore.** Messages live outside the document transaction, so they are swapped after it commits: every record
+  is validated first (before anything changes), then the messages are deleted and the backup's inserted. If that
+  step fails the documents are already restored; the error says so and names the safety backup. Messages whose
+  content digest already equals the backup's are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .backup_format import (
+    EMPTY_DIGEST,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MESSAGES_DIGEST_NAME,
+    BackupInfo,
+    BackupReport,
+    ContentDigest,
+    JsonlWriter,
+    backup_sort_key,
+    canonical,
+    check_backup_id,
+    collection_file,
+    info_from_manifest,
+    iter_lines,
+    migration_version,
+    new_temp_dir,
+    publish,
+    read_manifest,
+    remove_dir,
+    resolve_backup,
+    stale_temp_dirs,
+    trimmed,
+    verify_backup_dir,
+    write_manifest,
+)
+from .backup_messages import MessageOps
+from .errors import BackupError, DatabaseError, ValidationError
+from .progress import NullProgress, Progress
+from .protocol import Transaction
+
+__all__ = [
+    "BackupMixin", "BackupInfo", "BackupReport", "RestoreReport", "CollectionChange", "LEDGER_COLLECTION",
+    "write_backup", "restore_from", "list_backup_entries", "select_expired", "prune_backup_dir", "pin_snapshot",
+]
+
+log = logging.getLogger("storage.backup")
+
+#: Where the migrations helper keeps its ledger (keyed by version); copied like any other collection.
+LEDGER_COLLECTION = "_migrations"
+#: Documents written per ``put_many`` inside a restore transaction.
+RESTORE_BATCH = 5000
+_TICK = 1024  # progress is reported every this many records, so a million records cost nothing noticeable
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionChange:
+    """What a restore does (or, in a dry run, would do) to one collection."""
+
+    backup: int
+    current: int
+    added: int
+    changed: int
+    removed: int
+
+    @property
+    def unchanged(self) -> int:
+        return self.backup - self.added - self.changed
+
+
+@dataclasses.dataclass
+class RestoreReport:
+    """The outcome of :meth:`BackupMixin.restore_backup`; in a dry run, what would happen (nothing was changed)."""
+
+    backup_id: str
+    dry_run: bool
+    #: the backup of the state before the restore, taken in the same transaction (``None`` in a dry run)
+    safety_backup: str | None
+    collections: dict[str, CollectionChange]
+    #: ``(before, backup)`` message counts; ``None`` when the backup has no message part (nothing was touched)
+    messages: tuple[int, int] | None = None
+
+    @property
+    def changed(self) -> int:
+        """Documents added, changed or removed."""
+        return sum(c.added + c.changed + c.removed for c in self.collections.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing a backup
+def _location(store: Any) -> str:
+    config = store.config
+    return str(config.safe_dsn) if config.backend == "postgres" else os.path.abspath(config.path)
+
+
+async def pin_snapshot(store: Any, tx: Transaction) -> None:
+    """Make every read of ``tx`` see one snapshot of the whole store. Call it first thing in the transaction.
+
+    JSON files: nothing to do, the transaction holds the store lock, so nobody else can write. PostgreSQL: the
+    store's transactions are ``READ COMMITTED`` (each statement sees what was committed before *it*), which would
+    let a backup read one collection before a writer's commit and the next one after it. The first statement is
+    therefore ``SET TRANSACTION ISOLATION LEVEL REPEATABLE READ``, through the transaction's documented escape
+    hatch (``tx.connection``): one snapshot for the whole transaction, without blocking writers. A backend that
+    offers ``tx.pin_snapshot()`` is asked to do it itself.
+    """
+    pin = getattr(tx, "pin_snapshot", None)
+    if callable(pin):
+        await pin()
+        return
+    connection = getattr(tx, "connection", None)
+    if store.backend_name == "postgres" and connection is not None:
+        try:
+            await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        except Exception as exc:  # the driver's error, translated here: this module does not import asyncpg
+            raise DatabaseError(f"cannot start a snapshot transaction on {store.config.safe_dsn}: {exc}") from exc
+
+
+async def _snapshot_collections(store: Any, tx: Transaction, seen_before: Iterable[str]) -> list[str]:
+    """The collections to read in ``tx``'s snapshot.
+
+    A transaction that can list collections itself is exact. Otherwise ``store.collections()`` is asked inside
+    the transaction (exact on JSON files, where the transaction holds the lock) and merged with the names seen
+    just before it began, so a collection created or emptied around the start is still read; reading a name
+    that is empty in the snapshot costs nothing and writes nothing.
+    """
+    lister = getattr(tx, "collections", None)
+    names = set(seen_before)
+    names.update(await lister() if callable(lister) else await store.collections())
+    return sorted(names)
+
+
+async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: str | None = None,
+                       seen_before: Iterable[str] = (), progress: Progress | None = None) -> str:
+    """Write a complete backup of what ``tx`` sees into ``backup_dir``; returns its id once it is published.
+
+    A crash or an exception at any point leaves only a hidden temp folder (removed here on an exception, or by
+    a later backup after a crash), never a folder under a backup id.
+    """
+    progress = progress or NullProgress()
+    started = datetime.now(timezone.utc)
+    for stale in await asyncio.to_thread(stale_temp_dirs, backup_dir):
+        log.warning("%s: removing %s left by an interrupted backup", backup_dir, stale.name)
+        await asyncio.to_thread(shutil.rmtree, stale, True)
+    tmp = new_temp_dir(backup_dir, started.strftime("%Y%m%d_%H%M%S"))
+    try:
+        names = await _snapshot_collections(store, tx, seen_before)
+        counts = {name: await tx.count(name) for name in names}
+        names = [name for name in names if counts[name]]
+        messages = MessageOps.of(store)
+        progress.phase("backup: documents", sum(counts.values()))
+        digest = ContentDigest()
+        entries: dict[str, dict[str, Any]] = {}
+        ledger: list[str] = []
+        for name in names:
+            entries[name] = await _write_collection(tx, tmp, name, digest, progress,
+                                                    ledger if name == LEDGER_COLLECTION else None)
+        message_entry = None
+        if messages is not None:
+            message_entry = await messages.write_backup_file(tmp, digest, progress)
+        digests = digest.hexdigests()
+        for name, entry in entries.items():
+            entry["digest"] = digests[name]
+        if message_entry is not None:
+            message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+            message_entry["same_snapshot"] = messages is not None and messages.in_snapshot
+        manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
+        await asyncio.to_thread(write_manifest, tmp, manifest)
+        backup_id = await asyncio.to_thread(publish, tmp, backup_dir, started)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BackupError(f"writing the backup in {backup_dir} failed, nothing was published: {exc}") from exc
+        raise
+    finally:
+        progress.done()
+    return backup_id
+
+
+async def _write_collection(tx: Transaction, root: Path, name: str, digest: ContentDigest, progress: Progress,
+                            ledger: list[str] | None) -> dict[str, Any]:
+    writer = JsonlWriter(root, collection_file(name))
+    dumps = orjson.dumps
+    try:
+        n = 0
+        async for key, doc in tx.items(name):
+            # The file keeps the document as the backend returns it (a JSON store's key order survives a round
+            # trip); the digest uses the canonical form, so it is the same whichever backend wrote the backup.
+            writer.write(b'{"key":%s,"doc":%s}\n' % (dumps(key), dumps(doc)))
+            digest.add(name, key, canonical(doc))
+            if ledger is not None:
+                ledger.append(key)
+            n += 1
+            if n % _TICK == 0:
+                progress.advance(_TICK)
+        progress.advance(n % _TICK)
+        return await asyncio.to_thread(writer.close)
+    finally:
+        writer.abort()
+
+
+def _manifest(store: Any, started: datetime, label: str | None, migration: str | None,
+              entries: dict[str, dict[str, Any]], messages: dict[str, Any] | None) -> dict[str, Any]:
+    import storage
+
+    foreign = store.foreign_files() if hasattr(store, "foreign_files") else {}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_at": started.isoformat(),
+        "library_version": storage.__version__,
+        "source": {"backend": store.backend_name, "location": _location(store)},
+        "label": label,
+        "migration_version": migration,
+        "collections": entries,
+        "messages": messages,
+        # JSON files in the data folder that are not collections are not backed up: say so, not silently.
+        "skipped_files": {f"{name}.json": why for name, why in sorted(foreign.items())},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# restoring
+def _read_backup_collection(root: Path, name: str, entry: dict[str, Any]) -> dict[str, tuple[bytes, bytes]]:
+    """``{key: (canonical bytes, document bytes in its stored key order)}`` of one backed-up collection.
+
+    Bytes, not dicts: a seed-shaped member is ~300 bytes encoded but ~3 KB as Python objects, and a restore
+    holds a whole collection. A malformed line raises :class:`BackupError`.
+    """
+    out: dict[str, tuple[bytes, bytes]] = {}
+    loads, dumps = orjson.loads, orjson.dumps
+    for number, line in enumerate(iter_lines(root, entry), 1):
+        try:
+            record = loads(line)
+            key, doc = record["key"], record["doc"]
+            if type(key) is not str or type(doc) is not dict or len(record) != 2:
+                raise TypeError("expected {\"key\": str, \"doc\": object}")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BackupError(f"{entry['file']} line {number}: not a document record ({exc})") from exc
+        if key in out:
+            raise BackupError(f"{entry['file']} line {number}: key {key!r} appears twice")
+        out[key] = (trimmed(canonical(doc)), trimmed(dumps(doc)))
+    return out
+
+
+async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, backup_id: str, dry_run: bool = False,
+                       progress: Progress | None = None) -> RestoreReport:
+    """Make ``store`` hold exactly what the (already verified) backup in ``root`` holds, in one transaction.
+
+    The state being replaced is saved first as a backup in the store's ``backup_dir`` (inside the same
+    transaction, so it is exactly what was replaced). Unchanged documents are not rewritten.
+    """
+    progress = progress or NullProgress()
+    backup_dir = Path(store.config.backup_dir)
+    wanted_names = set(manifest["collections"])
+    seen_before = await store.collections()
+    messages = MessageOps.of(store)
+    if manifest.get("messages") is not None and messages is None:
+        raise BackupError(f"backup {backup_id} holds {manifest['messages']['count']} message records, but the "
+                          f"{store.backend_name} store has no message storage to restore them into")
+    message_entry = manifest.get("messages") if messages is not None else None
+    message_counts: tuple[int, int] | None = None
+    if messages is not None and message_entry is not None:
+        # Messages already equal to the backup's (same content digest) are left alone; otherwise every record is
+        # checked now, before anything changes, because they are replaced after the documents commit.
+        current, digest = await messages.digest()
+        message_counts = (current, int(message_entry["count"]))
+        if current == message_entry["count"] and digest == message_entry.get("digest"):
+            message_entry = None
+        else:
+            await asyncio.to_thread(messages.check_backup, root, message_entry)
+    changes: dict[str, CollectionChange] = {}
+    safety: str | None = None
+    staged = False  # the whole swap was staged: an error after this point came from the commit itself
+    try:
+        async with store.transaction() as tx:
+            await pin_snapshot(store, tx)
+            if not dry_run:
+                safety = await write_backup(store, tx, backup_dir, seen_before=seen_before, progress=progress,
+                                            label=f"automatic: the state before restoring {backup_id}")
+            names = sorted(wanted_names | set(await _snapshot_collections(store, tx, seen_before)))
+            progress.phase("restore: documents" if not dry_run else "restore (dry run): documents",
+                           sum(int(e["count"]) for e in manifest["collections"].values()))
+            for name in names:
+                changes[name] = await _restore_collection(tx, root, name, manifest["collections"].get(name),
+                                                          dry_run, progress)
+            staged = True
+    except BaseException as exc:
+        if safety is not None and not staged:
+            # The transaction was abandoned before its commit, so nothing changed and the safety backup equals
+            # the current state: withdraw it rather than leave clutter. (After a failed commit, whose outcome may
+            # be unknown on a lost connection, it is kept.)
+            try:
+                remove_dir(backup_dir / safety)
+            except OSError as cleanup:
+                log.warning("%s: could not remove the unused safety backup %s: %s", backup_dir, safety, cleanup)
+        if isinstance(exc, ValidationError):
+            raise BackupError(f"backup {backup_id} holds data this store refuses, nothing was restored: "
+                              f"{exc}") from exc
+        raise
+    try:
+        if messages is not None and message_entry is not None and not dry_run:
+            await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
+    finally:
+        progress.done()
+    changes = {name: change for name, change in changes.items() if change.backup or change.current}
+    return RestoreReport(backup_id, dry_run, safety, changes, message_counts)
+
+
+async def _restore_messages(messages: MessageOps, root: Path, entry: dict[str, Any], progress: Progress,
+                            backup_id: str, safety: str | None) -> None:
+    """Replace every message with the backup's (already checked), after the documents committed.
+
+    Not in the documents' transaction: messages live outside it (a table, or the JSON message log, whose writes
+    take the store lock the transaction holds). If this fails midway, the documents are restored and the
+    messages are not all there: the error says so, and the safety backup holds the previous state.
+    """
+    progress.phase("restore: messages", int(entry["count"]))
+    try:
+        await messages.delete_all()
+        final = 0  # the log was emptied and the ids are unique: every record must be new
+        for batch in messages.backup_batches(root, entry):
+            final += await messages.insert(batch)
+            progress.advance(len(batch))
+    except DatabaseError as exc:
+        raise BackupError(f"restoring the messages of backup {backup_id} failed after the documents were restored "
+                          f"(the previous state is in backup {safety}): {exc}") from exc
+    if final != entry["count"]:
+        raise BackupError(f"restoring the messages of backup {backup_id} left {final} records instead of "
+                          f"{entry['count']} (the previous state is in backup {safety})")
+
+
+async def _restore_collection(tx: Transaction, root: Path, name: str, entry: dict[str, Any] | None, dry_run: bool,
+                              progress: Progress) -> CollectionChange:
+    wanted = await asyncio.to_thread(_read_backup_collection, root, name, entry) if entry else {}
+    current = {key: trimmed(canonical(doc)) async for key, doc in tx.items(name)}
+    removed = sorted(current.keys() - wanted.keys())
+    puts = [(key, raw) for key, (canon, raw) in wanted.items() if current.get(key) != canon]
+    added = sum(1 for key, _ in puts if key not in current)
+    if not dry_run:
+        for key in removed:
+            await tx.delete(name, key)
+        loads = orjson.loads
+        for start in range(0, len(puts), RESTORE_BATCH):
+            await tx.put_many(name, [(key, loads(raw)) for key, raw in puts[start:start + RESTORE_BATCH]])
+        final = await tx.count(name)
+        if final != len(wanted):
+            raise BackupError(f"restoring {name!r} would leave {final} documents instead of {len(wanted)}; "
+                              "nothing was restored")
+    progress.advance(len(wanted))
+    return CollectionChange(len(wanted), len(current), added, len(puts) - added, len(removed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing and retention
+def list_backup_entries(backup_dir: Path) -> list[tuple[str, BackupInfo | BackupError]]:
+    """Every folder named like a backup, oldest first, with its info or why its manifest cannot be read."""
+    try:
+        entries = list(os.scandir(backup_dir))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise BackupError(f"cannot list {backup_dir}: {exc}") from exc
+    out: list[tuple[str, BackupInfo | BackupError]] = []
+    for entry in entries:
+        try:
+            check_backup_id(entry.name)
+        except BackupError:
+            continue  # temp folders, notes, anything else: not ours to list
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        path = Path(entry.path)
+        try:
+            out.append((entry.name, info_from_manifest(entry.name, path, read_manifest(path))))
+        except (BackupError, ValidationError, KeyError, TypeError, ValueError) as exc:
+            out.append((entry.name, exc if isinstance(exc, BackupError) else BackupError(f"manifest: {exc!r}")))
+    out.sort(key=lambda item: backup_sort_key(item[0]))
+    return out
+
+
+def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days: float | None = None,
+                   now: datetime | None = None) -> list[BackupInfo]:
+    """The backups retention removes. A backup stays when it is among the newest ``keep`` **or** younger than
+    ``keep_days``; with neither rule nothing is removed; the newest backup is always kept."""
+    if keep is not None and (type(keep) is not int or keep < 1):
+        raise ValidationError(f"keep must be a whole number >= 1, got {keep!r}", field="keep")
+    if keep_days is not None and (isinstance(keep_days, bool) or not isinstance(keep_days, (int, float))
+                                  or not keep_days >= 0):
+        raise ValidationError(f"keep_days must be a number >= 0, got {keep_days!r}", field="keep_days")
+    if keep is None and keep_days is None:
+        return []
+    ordered = sorted(backups, key=lambda b: backup_sort_key(b.id))
+    kept = {ordered[-1].id} if ordered else set()
+    if keep is not None:
+        kept.update(b.id for b in ordered[-keep:])
+    if keep_days is not None:
+        cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=keep_days)
+        kept.update(b.id for b in ordered if b.created_at >= cutoff)
+    return [b for b in ordered if b.id not in kept]
+
+
+def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None, *, dry_run: bool = False,
+                     now: datetime | None = None) -> list[BackupInfo]:
+    """Apply retention to ``backup_dir``; returns what was (or, in a dry run, would be) removed."""
+    entries = list_backup_entries(backup_dir)
+    readable = [info for _, info in entries if isinstance(info, BackupInfo)]
+    expired = select_expired(readable, keep, keep_days, now)
+    if dry_run:
+        return expired
+    for stale in stale_temp_dirs(backup_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    for info in expired:
+        try:
+            remove_dir(info.path)
+        except OSError as exc:
+            raise BackupError(f"cannot remove backup {info.id}: {exc}") from exc
+        log.info("%s: removed backup %s (retention)", backup_dir, info.id)
+    return expired
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Store methods
+class BackupMixin:
+    """``create_backup`` / ``list_backups`` / ``verify_backup`` / ``restore_backup`` / ``prune_backups`` for every
+    backend. Backups live in ``store.config.backup_dir`` (``STORAGE_BACKUP_DIR``, default ``./backups``)."""
+
+    config: Any
+    backend_name: str
+
+    def _backup_root(self) -> Path:
+        return Path(self.config.backup_dir)
+
+    async def create_backup(self, *, keep: int | None = None, keep_days: float | None = None,
+                            label: str | None = None, progress: Progress | None = None) -> BackupInfo:
+        """Back up every collection (and message) from one snapshot, verify it, then apply retention.
+
+        ``keep`` defaults to ``config.backup_keep`` (``STORAGE_BACKUP_KEEP``). Retention runs only after the new
+        backup verified, so a failing disk never costs the old backups.
+        """
+        store: Any = self
+        store._guard_read()
+        if keep is None:
+            keep = self.config.backup_keep
+        select_expired([], keep, keep_days)  # reject bad retention arguments before doing any work
+        seen_before = await store.collections()
+        async with store.transaction() as tx:
+            await pin_snapshot(store, tx)
+            backup_id = await write_backup(store, tx, self._backup_root(), label=label, seen_before=seen_before,
+                                           progress=progress)
+        report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), backup_id)
+        if not report.ok or report.info is None:
+            raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "
+                              f"for inspection; nothing was pruned): " + "; ".join(report.problems))
+        if keep is not None or keep_days is not None:
+            await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days)
+        return report.info
+
+    async def list_backups(self) -> list[BackupInfo]:
+        """The readable backups in ``backup_dir``, oldest first (see ``storage backup list`` for unreadable ones)."""
+        entries = await asyncio.to_thread(list_backup_entries, self._backup_root())
+        return [info for _, info in entries if isinstance(info, BackupInfo)]
+
+    async def verify_backup(self, backup_id: str, *, progress: Progress | None = None) -> BackupReport:
+        """Check every file's hash, size and record count against the manifest; ``.ok`` and ``.problems``."""
+        return await asyncio.to_thread(verify_backup_dir, self._backup_root(), check_backup_id(backup_id), progress)
+
+    async def restore_backup(self, backup_id: str, dry_run: bool = False, *,
+                             progress: Progress | None = None) -> RestoreReport:
+        """Replace the store's data with the backup's, all or nothing, after verifying it.
+
+        Raises :class:`BackupError` (and changes nothing) when the id is not a backup, verification fails or
+        the backup holds a record this store refuses. Otherwise the current state is first saved as a new backup
+        (``report.safety_backup``), then the documents are swapped in one transaction, then the messages (see
+        the module docstring). ``dry_run=True`` only reports what would change.
+        """
+        store: Any = self
+        store._guard_write()
+        report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), check_backup_id(backup_id),
+                                         progress)
+        if not report.ok:
+            raise BackupError(f"backup {backup_id} failed verification, nothing was restored: "
+                              + "; ".join(report.problems))
+        root = resolve_backup(self._backup_root(), backup_id)
+        try:
+            manifest = read_manifest(root)
+        except DatabaseError:
+            raise
+        return await restore_from(store, root, manifest, backup_id=backup_id, dry_run=dry_run, progress=progress)
+
+    async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,
+                            dry_run: bool = False) -> list[BackupInfo]:
+        """Remove the backups retention does not keep (``keep`` defaults to ``config.backup_keep``)."""
+        if keep is None:
+            keep = self.config.backup_keep
+        return await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days, dry_run=dry_run)

@@ -1,0 +1,152 @@
+"""The message-analytics part of backups, restores and copies, over the backends' message primitives.
+
+Messages are not documents: a backend keeps them where it can count and scan them fast (a table on PostgreSQL),
+and exposes three primitives: ``_scan_messages()`` (every record as a dict), ``_insert_messages(records)`` (bulk,
+duplicates by ``message_id`` ignored) and ``_delete_messages_before(before)``. A store without them simply has no
+message part in its backups. In a backup, each record is one canonical JSON line of ``messages.jsonl``; in digests
+it is keyed by its ``message_id`` under the pseudo-collection ``#messages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .analytics import normalize_messages
+from .backup_format import (
+    EMPTY_DIGEST,
+    MESSAGES_DIGEST_NAME,
+    MESSAGES_FILE,
+    ContentDigest,
+    JsonlWriter,
+    canonical,
+    iter_lines,
+)
+from .errors import BackupError, ValidationError
+from .progress import Progress
+
+__all__ = ["MessageOps", "MESSAGE_BATCH"]
+
+#: Records per ``_insert_messages`` call when restoring or copying.
+MESSAGE_BATCH = 10_000
+#: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
+END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
+
+
+class MessageOps:
+    """A store's message primitives, or ``None`` from :meth:`of` when its backend has none."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    @property
+    def in_snapshot(self) -> bool:
+        """Whether a scan made while a document transaction is open sees the same snapshot as the transaction.
+
+        JSON files: yes. The transaction holds the store lock, every message write takes that lock, and a scan
+        reads the files without it, so nothing can change between the documents and the messages.
+        PostgreSQL: no. The scan runs on another connection than the transaction, so messages written while the
+        backup runs may or may not be in it (each record is still whole; messages are append-mostly history).
+        """
+        return bool(self.store.backend_name == "json")
+
+    @classmethod
+    def of(cls, store: Any) -> MessageOps | None:
+        if all(callable(getattr(store, name, None))
+               for name in ("_scan_messages", "_insert_messages", "_delete_messages_before")):
+            return cls(store)
+        return None
+
+    def scan(self) -> AsyncIterator[dict[str, Any]]:
+        result: AsyncIterator[dict[str, Any]] = self.store._scan_messages(None, None, None)
+        return result
+
+    async def count(self) -> int:
+        n = 0
+        async for _ in self.scan():
+            n += 1
+        return n
+
+    async def digest(self) -> tuple[int, str]:
+        """How many records there are and their content digest (as in a backup manifest)."""
+        digest = ContentDigest()
+        async for record in self.scan():
+            digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+        return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+
+    async def insert(self, records: list[dict[str, Any]]) -> int:
+        inserted: int = await self.store._insert_messages(records)
+        return inserted
+
+    async def delete_all(self) -> int:
+        deleted: int = await self.store._delete_messages_before(END_OF_TIME)
+        return deleted
+
+    async def write_backup_file(self, root: Path, digest: ContentDigest, progress: Progress) -> dict[str, Any]:
+        """Write ``messages.jsonl``; returns its manifest entry."""
+        progress.phase("backup: messages", None)
+        writer = JsonlWriter(root, MESSAGES_FILE)
+        try:
+            n = 0
+            async for record in self.scan():
+                writer.write(orjson.dumps(record) + b"\n")
+                digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+                n += 1
+                if n % 1024 == 0:
+                    progress.advance(1024)
+            progress.advance(n % 1024)
+            return await asyncio.to_thread(writer.close)
+        finally:
+            writer.abort()
+
+    @staticmethod
+    def backup_batches(root: Path, entry: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+        """The backed-up records as they are, in batches of :data:`MESSAGE_BATCH` (a line that is not a JSON
+        object raises :class:`BackupError`). Run :meth:`check_backup` over the same file first."""
+        batch: list[dict[str, Any]] = []
+        for number, line in enumerate(iter_lines(root, entry), 1):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise BackupError(f"{MESSAGES_FILE} line {number}: not JSON ({exc})") from exc
+            if type(record) is not dict:
+                raise BackupError(f"{MESSAGES_FILE} line {number}: not a message record")
+            batch.append(record)
+            if len(batch) >= MESSAGE_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    @classmethod
+    def check_backup(cls, root: Path, entry: dict[str, Any]) -> int:
+        """Validate every backed-up record without writing anything; returns how many there are.
+
+        Each record must pass the checks of ``record_messages`` *and already be in the normalized form a store
+        returns* (ids as strings, canonical timestamp...), so the restore can insert the records as they are,
+        with no second validation pass; and no ``message_id`` may repeat. :class:`BackupError` otherwise.
+        """
+        seen: set[str] = set()
+        first = 1
+        for batch in cls.backup_batches(root, entry):
+            where = f"{MESSAGES_FILE} (records {first}-{first + len(batch) - 1})"
+            try:
+                normalized = normalize_messages(batch)
+            except ValidationError as exc:
+                raise BackupError(f"{where}: {exc}") from exc
+            if len(normalized) != len(batch):
+                raise BackupError(f"{where}: a message_id appears twice")
+            for raw, record in zip(batch, normalized):
+                if record != raw:
+                    raise BackupError(f"{where}: message {record['message_id']} is not in the normalized form a "
+                                      "store writes (was the file edited by hand?)")
+                if record["message_id"] in seen:
+                    raise BackupError(f"{where}: message_id {record['message_id']} appears twice")
+                seen.add(record["message_id"])
+            first += len(batch)
+        return first - 1

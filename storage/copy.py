@@ -1,0 +1,197 @@
+"""``copy(source, target)``: move everything from one store to another and prove it arrived.
+
+This is how a bot outgrows its JSON files (``python -m storage copy --from config/ --to postgresql://...``) or
+takes its data back out of PostgreSQL. Red-DiscordBot's converter copied without checking; here the copy ends
+with a verification that reads the target back and compares per-collection counts and content digests
+(:class:`storage.backup_format.ContentDigest`: an order-independent digest of collection, key and canonical
+document bytes, so key order and the backends' sort orders do not matter).
+
+What it guarantees, and what it does not:
+
+* The source is read through **one transaction**, so the copy is one consistent snapshot. On JSON files that
+  holds the source's lock for the whole copy: the bot's writes to the source wait. Copy with the bot stopped.
+* The target is written in batches of ``batch_size`` documents (``put_many``, each batch all or nothing), not in
+  one transaction: a failure midway leaves a partial target, which the verification would reject; rerun with
+  ``overwrite=True``. Nothing else should write to the target during the copy.
+* A target that holds any document or message is refused (:class:`TargetNotEmptyError`) unless ``overwrite`` is
+  true; with it, the target ends as an exact replica: its documents and messages that are not in the source are
+  deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from .backup import _snapshot_collections, pin_snapshot
+from .backup_format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
+from .backup_messages import MESSAGE_BATCH, MessageOps
+from .errors import BackupError, ValidationError
+from .progress import NullProgress, Progress
+from .protocol import Document
+
+__all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 5000
+
+
+class TargetNotEmptyError(BackupError):
+    """The copy target already holds data; pass ``overwrite=True`` to replace it. Nothing was written."""
+
+
+@dataclasses.dataclass
+class CopyReport:
+    """What was copied: per-collection counts, the message count (``None`` when not copied), and the digests that
+    matched on both sides."""
+
+    counts: dict[str, int]
+    messages: int | None
+    digests: dict[str, str]
+    deleted: int
+    seconds: float
+
+    @property
+    def records(self) -> int:
+        return sum(self.counts.values()) + (self.messages or 0)
+
+
+def _same_place(a: Any, b: Any) -> bool:
+    ca, cb = a.config, b.config
+    if ca.backend != cb.backend:
+        return False
+    if ca.backend == "json":
+        return bool(os.path.realpath(ca.path) == os.path.realpath(cb.path))
+    return bool(ca.dsn == cb.dsn)
+
+
+async def store_digest(store: Any, *, messages: bool = True, progress: Progress | None = None) -> ContentDigest:
+    """The content digest of everything in ``store``, read through one transaction (one snapshot)."""
+    progress = progress or NullProgress()
+    digest = ContentDigest()
+    seen_before = await store.collections()
+    async with store.transaction() as tx:
+        await pin_snapshot(store, tx)
+        names = await _snapshot_collections(store, tx, seen_before)
+        progress.phase("verify: reading the target", sum([await tx.count(n) for n in names]))
+        for name in names:
+            n = 0
+            async for key, doc in tx.items(name):
+                digest.add(name, key, canonical(doc))
+                n += 1
+            progress.advance(n)
+    ops = MessageOps.of(store) if messages else None
+    if ops is not None:
+        async for record in ops.scan():
+            digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+    return digest
+
+
+async def _describe_contents(store: Any) -> str:
+    parts = [f"{name} ({await store.count(name)})" for name in await store.collections()]
+    ops = MessageOps.of(store)
+    if ops is not None:
+        n = await ops.count()
+        if n:
+            parts.append(f"{n} messages")
+    return ", ".join(parts)
+
+
+async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+               progress: Progress | None = None) -> CopyReport:
+    """Copy every collection (the migration ledger ``_migrations`` included) and every message from ``source``
+    to ``target``, then verify counts and content digests; :class:`BackupError` if they differ."""
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValidationError(f"batch_size must be a whole number >= 1, got {batch_size!r}", field="batch_size")
+    if source is target or _same_place(source, target):
+        raise ValidationError("source and target are the same store", field="target")
+    progress = progress or NullProgress()
+    started = time.monotonic()
+    contents = await _describe_contents(target)
+    if contents and not overwrite:
+        raise TargetNotEmptyError(f"the target already holds data: {contents}; nothing was copied (pass "
+                                  "overwrite=True / --overwrite to replace it with the source's data)")
+    source_messages, target_messages = MessageOps.of(source), MessageOps.of(target)
+    if source_messages is not None and target_messages is None:
+        raise BackupError(f"the source has message storage but the {target.backend_name} target has none")
+    digest = ContentDigest()
+    keys: dict[str, set[str]] = {}
+    message_count: int | None = None
+    try:
+        seen_before = await source.collections()
+        async with source.transaction() as tx:
+            await pin_snapshot(source, tx)
+            names = await _snapshot_collections(source, tx, seen_before)
+            progress.phase("copy: documents", sum([await tx.count(n) for n in names]))
+            for name in names:
+                keys[name] = await _copy_collection(tx, target, name, digest, batch_size, progress)
+            if source_messages is not None and target_messages is not None:
+                if overwrite:
+                    await target_messages.delete_all()
+                message_count = await _copy_messages(source_messages, target_messages, digest, progress)
+        deleted = await _delete_extras(target, keys, batch_size) if overwrite else 0
+    finally:
+        progress.done()
+    expected = digest.hexdigests()
+    got = (await store_digest(target, messages=message_count is not None, progress=progress)).hexdigests()
+    progress.done()
+    if got != expected:
+        differ = sorted(name for name in set(got) | set(expected) if got.get(name) != expected.get(name))
+        raise BackupError(f"copy verification failed: the target's content differs from the source in {differ} "
+                          "(was something writing to either store?); rerun with overwrite=True")
+    counts = {name: n for name, n in digest.counts.items() if name != MESSAGES_DIGEST_NAME}
+    return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started)
+
+
+async def _copy_collection(tx: Any, target: Any, name: str, digest: ContentDigest, batch_size: int,
+                           progress: Progress) -> set[str]:
+    keys: set[str] = set()
+    batch: list[tuple[str, Document]] = []
+    async for key, doc in tx.items(name):
+        digest.add(name, key, canonical(doc))
+        keys.add(key)
+        batch.append((key, doc))
+        if len(batch) >= batch_size:
+            await target.put_many(name, batch)
+            progress.advance(len(batch))
+            batch = []
+    if batch:
+        await target.put_many(name, batch)
+        progress.advance(len(batch))
+    return keys
+
+
+async def _copy_messages(source: MessageOps, target: MessageOps, digest: ContentDigest,
+                         progress: Progress) -> int:
+    progress.phase("copy: messages", None)
+    n = 0
+    batch: list[dict[str, Any]] = []
+    async for record in source.scan():
+        digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+        batch.append(record)
+        if len(batch) >= MESSAGE_BATCH:
+            await target.insert(batch)
+            n += len(batch)
+            progress.advance(len(batch))
+            batch = []
+    if batch:
+        await target.insert(batch)
+        n += len(batch)
+        progress.advance(len(batch))
+    return n
+
+
+async def _delete_extras(target: Any, keys: dict[str, set[str]], batch_size: int) -> int:
+    """With ``overwrite``: delete the target's documents that the source does not have, a batch per transaction."""
+    deleted = 0
+    for name in await target.collections():
+        wanted = keys.get(name, set())
+        extras = [key async for key, _ in target.items(name) if key not in wanted]
+        for start in range(0, len(extras), batch_size):
+            async with target.transaction() as tx:
+                for key in extras[start:start + batch_size]:
+                    await tx.delete(name, key)
+            deleted += len(extras[start:start + batch_size])
+    return deleted
+
