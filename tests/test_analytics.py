@@ -340,7 +340,6 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("missing timestamp", {"timestamp": None}, "timestamp"),
     ("bad timestamp", {"timestamp": "yesterday"}, "timestamp"),
     ("timestamp as a number", {"timestamp": 1700000000}, "timestamp"),
-    ("three-digit year", {"timestamp": "0999-01-01T00:00:00Z"}, "timestamp"),
     ("out of range once in UTC", {"timestamp": "9999-12-31T23:00:00-05:00"}, "timestamp"),
     ("negative counter", {"reactions": -1}, "reactions"),
     ("string counter", {"content_length": "10"}, "content_length"),

@@ -80,3 +80,22 @@ def test_validate_message_requires_ids_and_timestamp():
     for field in ("message_id", "channel_id", "author_id", "guild_id", "timestamp"):
         with pytest.raises(ValidationError):
             validate_message({k: v for k, v in MESSAGE.items() if k != field})
+
+
+def test_canonical_fast_path_still_checks_the_calendar_and_normalizes():
+    assert iso_utc("2024-02-29T23:59:59Z") == "2024-02-29T23:59:59Z"
+    assert iso_utc("2024-01-01T00:00:00.000000Z") == "2024-01-01T00:00:00Z"  # a zero fraction is dropped
+    assert iso_utc("0999-01-01T00:00:00Z") == "0999-01-01T00:00:00Z"  # four-digit year, always
+    for bad in ("2023-02-29T00:00:00Z", "2024-01-01T24:00:00Z", "2024-13-01T00:00:00Z"):
+        with pytest.raises(ValidationError):
+            iso_utc(bad)
+    with pytest.raises(ValidationError):
+        iso_utc("9999-12-31T23:00:00-05:00")  # past year 9999 once in UTC
+
+
+def test_snowflake_fast_and_slow_paths_agree():
+    assert snowflake("1234567890123456789") == "1234567890123456789"  # 19 digits: fast path
+    assert snowflake("12345678901234567890") == "12345678901234567890"  # 20 digits: checked against 2**64
+    with pytest.raises(ValidationError):
+        snowflake("98765432109876543210")  # 20 digits, past 2**64
+    assert snowflake(0) == "0" and snowflake("0") == "0"
