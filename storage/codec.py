@@ -17,12 +17,22 @@ import orjson
 
 from .errors import CorruptDataError, ValidationError
 
-__all__ = ["encode_doc", "decode_doc", "check_collection", "check_key", "MAX_KEY_LENGTH"]
+__all__ = ["encode_doc", "decode_doc", "dumps_kept", "check_collection", "check_key", "MAX_KEY_LENGTH"]
 
 MAX_KEY_LENGTH = 512
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 _DUMPS_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def dumps_kept(value: Any, option: int | None = None) -> bytes:
+    """``orjson.dumps`` for bytes that will be *kept* (in memory for the store's lifetime).
+
+    orjson builds its output in a 4 KiB buffer and the shrink that follows does not give the memory back: each
+    result holds ~4 KiB of RSS whatever its length (measured with orjson 3.13: 100k small documents = 410 MB).
+    Copying into an exact-size ``bytes`` costs ~0.6 us and brings that down to the document's real size.
+    """
+    return memoryview(orjson.dumps(value, option=option)).tobytes()
 
 
 def check_collection(name: object) -> str:
@@ -73,7 +83,7 @@ def encode_doc(doc: Any, *, what: str = "document") -> bytes:
     if type(doc) is not dict:
         raise ValidationError(f"{what} must be a dict, got {type(doc).__name__}", field=what)
     try:
-        out = orjson.dumps(doc, option=_DUMPS_OPTS)
+        out = dumps_kept(doc, _DUMPS_OPTS)
     except (orjson.JSONEncodeError, TypeError) as exc:
         _walk(doc, what)  # a more precise message when the walk can find the field
         raise ValidationError(f"{what} is not JSON-serializable: {exc}", field=what) from exc

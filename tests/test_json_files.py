@@ -220,3 +220,33 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
     assert len(acknowledged) > 200  # the test really exercised the writer
     async with storage.open_store(config=cfg) as store:
         assert await store.count("crash") >= len(acknowledged)
+
+
+async def test_snapshot_fast_path_and_general_path_agree(folder):
+    """Files in our one-document-per-line layout load without a full parse; anything else takes the full parse."""
+    from storage.backends.snapshot import read_snapshot
+
+    tricky = {
+        "plain": {"a": 1},
+        'quote"key': {"b": [1, {"c": None}]},
+        "back\\slash": {},
+        "日本": {"s": "line\nbreak", "q": '"'},
+        "tab\tkey": {"nested": {"deep": [1.5, -2, True]}},
+    }
+    async with storage.open_store(backend="json", path=folder) as store:
+        await store.put_many("things", tricky)
+    ours = folder / "things.json"
+    assert json.loads(ours.read_text()) == tricky
+    docs, _size = read_snapshot(ours)
+    assert {k: json.loads(v) for k, v in docs.items()} == tricky
+    seed_style = folder / "seed.json"
+    seed_style.write_text(json.dumps(tricky, indent=2, ensure_ascii=False))
+    docs, _size = read_snapshot(seed_style)
+    assert {k: json.loads(v) for k, v in docs.items()} == tricky
+    # a damaged line in our layout is still reported with its byte position by the general path
+    raw = ours.read_bytes()
+    broken = raw.replace(b'{"a":1}', b'{"a":1')
+    ours.write_bytes(broken)
+    with pytest.raises(CorruptDataError) as info:
+        read_snapshot(ours)
+    assert info.value.position is not None and 0 < info.value.position < len(broken)

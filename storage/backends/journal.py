@@ -25,6 +25,7 @@ from pathlib import Path
 
 import orjson
 
+from ..codec import dumps_kept
 from ..errors import CorruptDataError
 from ..fsutil import atomic_write, sync_fd, write_all
 
@@ -58,7 +59,7 @@ def _parse_record(line: bytes) -> list[Op]:
     ops: list[Op] = []
     for op in raw:
         if type(op) is list and len(op) == 4 and op[0] == "p" and type(op[3]) is dict:
-            ops.append(("p", op[1], op[2], orjson.dumps(op[3])))
+            ops.append(("p", op[1], op[2], dumps_kept(op[3])))
         elif type(op) is list and len(op) == 3 and op[0] == "d":
             ops.append(("d", op[1], op[2]))
         else:

@@ -42,13 +42,14 @@ import orjson
 from ..analytics import MessageColumns
 from ..codec import check_collection, decode_doc
 from ..config import StoreConfig
-from ..errors import CorruptDataError, DatabaseError, LockTimeoutError, ValidationError
+from ..errors import DatabaseError, LockTimeoutError, ValidationError
 from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
 from .base import BaseStore, OpsBase, apply_update
 from .journal import Journal, Op, encode_record
 from .json_messages import MESSAGES_DIR, MessageLog
 from .lockfile import LockBusy, SidecarLock
+from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
 __all__ = ["JsonStore", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -61,7 +62,6 @@ COMPACT_RATIO = 1.0
 MIN_COMPACT_BYTES = 1 << 20
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
-Collection = dict[str, bytes]
 
 
 class _Staged:
@@ -185,7 +185,7 @@ class JsonStore(BaseStore):
             except ValidationError:
                 foreign[name] = "its name is not a valid collection name"
                 continue
-            loaded = self._read_snapshot(Path(entry.path))
+            loaded = read_snapshot(Path(entry.path))
             if isinstance(loaded, str):
                 foreign[name] = loaded
                 continue
@@ -197,39 +197,6 @@ class JsonStore(BaseStore):
         self._data, self._sizes, self._foreign, self._dirty = data, sizes, foreign, set()
         for ops in records:
             self._apply(ops)
-
-    @staticmethod
-    def _read_snapshot(path: Path) -> tuple[Collection, int] | str:
-        """A collection file's documents, or why it is not a collection (valid JSON of another shape).
-
-        Invalid JSON, an empty or a truncated file raises: the file is left untouched for a human to look at,
-        never replaced by ``{}`` (TinyDB #67).
-        """
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise DatabaseError(f"cannot read {path}: {exc}") from exc
-        if not raw.strip():
-            raise CorruptDataError(f"{path} is empty ({len(raw)} bytes): expected a JSON object; the file was "
-                                   "left as it is", path=str(path), position=0)
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptDataError(
-                f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}, byte {exc.pos}): {exc.msg}; "
-                "the file was left as it is", path=str(path), position=exc.pos) from exc
-        if type(obj) is not dict:
-            return f"it holds a JSON {type(obj).__name__}, not an object of documents"
-        docs: Collection = {}
-        size = 2
-        dumps = orjson.dumps
-        for key, doc in obj.items():
-            if type(doc) is not dict:
-                return f"its value for {key!r} is not an object, so it is not a collection of documents"
-            encoded = dumps(doc)
-            docs[key] = encoded
-            size += len(key) + len(encoded) + 8
-        return docs, size
 
     # ---------------------------------------------------------------------------------------------------------------
     # applying committed changes to memory
@@ -243,11 +210,11 @@ class JsonStore(BaseStore):
                 sizes[coll_name] = 2
             old = coll.get(key)
             if old is not None:
-                sizes[coll_name] -= len(key) + len(old) + 8
+                sizes[coll_name] -= len(key) + len(old) + OVERHEAD
             if op[0] == "p":
                 new: bytes = op[3]  # type: ignore[misc]
                 coll[key] = new
-                sizes[coll_name] += len(key) + len(new) + 8
+                sizes[coll_name] += len(key) + len(new) + OVERHEAD
             elif old is not None:
                 del coll[key]
             self._dirty.add(coll_name)
@@ -419,7 +386,7 @@ class JsonStore(BaseStore):
         for name in sorted(self._dirty):
             if name in self._foreign:
                 continue
-            atomic_write(self.path / f"{name}.json", _render_collection(self._data.get(name, {})), sync_dir=False)
+            atomic_write(self.path / f"{name}.json", render_collection(self._data.get(name, {})), sync_dir=False)
         fsync_dir(self.path)
         Journal.create(self._journal.path, self._journal.generation + 1)
         self._journal.open()  # header only: we hold the lock, nobody appended
@@ -561,14 +528,6 @@ class JsonStore(BaseStore):
             "journal_generation": self._journal.generation,
             "foreign_files": dict(self._foreign),
         }
-
-
-def _render_collection(coll: Collection) -> bytes:
-    """A snapshot file: the seed's shape, one document per line so that it stays readable and diffable."""
-    if not coll:
-        return b"{}\n"
-    dumps = orjson.dumps
-    return b"{\n" + b",\n".join(b"  " + dumps(k) + b": " + v for k, v in coll.items()) + b"\n}\n"
 
 
 class JsonTransaction(OpsBase):

@@ -1,0 +1,106 @@
+"""The snapshot files of the JSON backend: ``<collection>.json``, the seed's shape, one document per line.
+
+Written by compaction as::
+
+    {
+      "987654321_123456789": {"user_id":"123456789",...},
+      "987654321_42": {...}
+    }
+
+which is plain JSON (``json.load`` reads it, as the seed did), readable and diffable, and, because every document
+sits on a line of its own, can be loaded without building the whole file as Python objects: each document's bytes
+are checked with ``orjson.loads`` and kept as they are. Any file not in exactly that layout (the seed's own
+``indent=2`` file, a hand edit) takes the general path: one full parse, then each document re-encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+
+from ..codec import dumps_kept
+from ..errors import CorruptDataError, DatabaseError
+
+__all__ = ["Collection", "render_collection", "read_snapshot"]
+
+Collection = dict[str, bytes]
+#: Per-document bookkeeping bytes in a snapshot (quotes, colon, comma, newline, indent): for compaction sizing.
+OVERHEAD = 8
+_NEEDS_FULL_PARSE = re.compile(rb'[\x00-\x1f\\"]')
+
+
+def render_collection(coll: Collection) -> bytes:
+    """A snapshot file's bytes: the seed's shape, one document per line."""
+    if not coll:
+        return b"{}\n"
+    dumps = orjson.dumps
+    return b"{\n" + b",\n".join(b"  " + dumps(k) + b": " + v for k, v in coll.items()) + b"\n}\n"
+
+
+def _read_lines(raw: bytes) -> tuple[Collection, int] | None:
+    """The fast path for files in :func:`render_collection`'s layout; None means "use the general path"."""
+    if raw == b"{}\n":
+        return {}, 2
+    if not (raw.startswith(b'{\n  "') and raw.endswith(b"\n}\n")):
+        return None
+    lines = raw[2:-3].split(b"\n")
+    last = len(lines) - 1
+    docs: Collection = {}
+    size = 2
+    loads = orjson.loads
+    for index, line in enumerate(lines):
+        if index != last:
+            if not line.endswith(b","):
+                return None
+            line = line[:-1]
+        end = line.find(b'": ', 3)
+        if end < 0 or not line.startswith(b'  "') or _NEEDS_FULL_PARSE.search(line, 3, end):
+            return None  # escapes in the key, or not our layout
+        doc = line[end + 3:]
+        try:
+            key = line[3:end].decode("utf-8")
+            if type(loads(doc)) is not dict:
+                return None
+        except (UnicodeDecodeError, orjson.JSONDecodeError):
+            return None  # the general path reports the exact position
+        docs[key] = doc
+        size += len(key) + len(doc) + OVERHEAD
+    return docs, size
+
+
+def read_snapshot(path: Path) -> tuple[Collection, int] | str:
+    """A collection file's documents (encoded) and approximate size, or why it is not a collection.
+
+    Invalid JSON, an empty or a truncated file raises :class:`CorruptDataError` with the byte position: the file
+    is left untouched for a human to look at, never replaced by ``{}`` (TinyDB #67). Valid JSON of another shape
+    (a list, an object whose values are not objects: a bot's ``version.json``) is not an error, just not ours.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatabaseError(f"cannot read {path}: {exc}") from exc
+    if not raw.strip():
+        raise CorruptDataError(f"{path} is empty ({len(raw)} bytes): expected a JSON object; the file was "
+                               "left as it is", path=str(path), position=0)
+    fast = _read_lines(raw)
+    if fast is not None:
+        return fast
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptDataError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}, byte {exc.pos}): {exc.msg}; "
+            "the file was left as it is", path=str(path), position=exc.pos) from exc
+    if type(obj) is not dict:
+        return f"it holds a JSON {type(obj).__name__}, not an object of documents"
+    docs: Collection = {}
+    size = 2
+    for key, doc in obj.items():
+        if type(doc) is not dict:
+            return f"its value for {key!r} is not an object, so it is not a collection of documents"
+        encoded = dumps_kept(doc)
+        docs[key] = encoded
+        size += len(key) + len(encoded) + OVERHEAD
+    return docs, size
