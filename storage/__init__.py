@@ -5,8 +5,11 @@
 """
 
 from .api import StoreOpener, open_store
+from .backup import RestoreReport
+from .backup_format import BackupInfo, BackupReport
 from .cache import DatabaseCache
 from .config import StoreConfig
+from .copy import CopyReport, TargetNotEmptyError, copy
 from .errors import (
     BackupError,
     ConnectionError,
@@ -25,19 +28,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackupError",
+    "BackupInfo",
+    "BackupReport",
+    "CopyReport",
     "ConnectionError",
     "CorruptDataError",
     "DatabaseCache",
     "DatabaseError",
     "LockTimeoutError",
+    "RestoreReport",
     "MigrationError",
     "Store",
     "StoreClosedError",
     "StoreConfig",
     "StoreOpener",
+    "TargetNotEmptyError",
     "Transaction",
     "TransactionError",
     "ValidationError",
+    "copy",
     "open_store",
     "safe_database_operation",
 ]
