@@ -127,7 +127,7 @@ def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> 
                 raise ValidationError(f"{name} in the record ({got}) differs from the key's ({expected})",
                                       field=name)
     if "join_date" in data and data["join_date"] is not None:
-        parse_timestamp(data["join_date"], "join_date")
+        iso_utc(data["join_date"], "join_date")  # validates (fast for canonical text); the value is kept as given
     if "roles" in data:
         roles = data["roles"]
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
@@ -141,7 +141,7 @@ def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> 
         if "message_count" in stats:
             _count(stats["message_count"], "statistics.message_count")
         if stats.get("last_active") is not None:
-            parse_timestamp(stats["last_active"], "statistics.last_active")
+            iso_utc(stats["last_active"], "statistics.last_active")
     return data
 
 

@@ -250,3 +250,16 @@ async def test_snapshot_fast_path_and_general_path_agree(folder):
     with pytest.raises(CorruptDataError) as info:
         read_snapshot(ours)
     assert info.value.position is not None and 0 < info.value.position < len(broken)
+
+
+async def test_hand_edits_after_compaction_are_validated_not_trusted(folder):
+    """Compaction records each snapshot's checksum; a file changed since then is parsed in full again."""
+    async with storage.open_store(backend="json", path=folder) as store:
+        await store.put_many("things", {"a": {"n": 1}, "b": {"n": 2}})
+    path = folder / "things.json"
+    path.write_bytes(path.read_bytes().replace(b'{"n":2}', b'{"n":22}'))  # a valid hand edit
+    async with storage.open_store(backend="json", path=folder) as store:
+        assert await store.get("things", "b") == {"n": 22}
+    path.write_bytes(path.read_bytes().replace(b'{"n":22}', b'{"n":2'))  # a damaging one, same layout
+    with pytest.raises(CorruptDataError):
+        await storage.open_store(backend="json", path=folder)

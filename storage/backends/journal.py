@@ -5,7 +5,9 @@ store (about 2 s at 100k members). Appending one line and fsyncing it costs the 
 files stay plain JSON in the seed's shape; the journal holds what happened since, and compaction folds it back in
 (Redis AOF style).
 
-Format: the first line is a header ``{"storage_journal": 1, "generation": N}``; every other line is one committed
+Format: the first line is a header ``{"storage_journal": 1, "generation": N, "snapshots": {name: crc32}}`` (the
+checksums of the snapshot files the compaction that started this generation left, so that opening can trust
+them without re-validating every document); every other line is one committed
 record, a JSON array of operations ``["p", collection, key, doc]`` (put) or ``["d", collection, key]`` (delete).
 Every operation is a whole-document put or a delete, so replaying a journal onto a snapshot that already contains
 some of it gives the same result: that is what makes a crash mid-compaction harmless.
@@ -47,8 +49,8 @@ def encode_record(ops: Sequence[Op]) -> bytes:
     return b"[" + b",".join(parts) + b"]\n"
 
 
-def _header(generation: int) -> bytes:
-    return orjson.dumps({"storage_journal": JOURNAL_FORMAT, "generation": generation}) + b"\n"
+def _header(generation: int, snapshots: dict[str, int]) -> bytes:
+    return orjson.dumps({"storage_journal": JOURNAL_FORMAT, "generation": generation, "snapshots": snapshots}) + b"\n"
 
 
 def _parse_record(line: bytes) -> list[Op]:
@@ -82,12 +84,14 @@ class Journal:
         self.ino: int | None = None
         self.generation = 0
         self.offset = 0  # end of the last record applied by this process
+        #: crc32 of each snapshot file as compaction wrote it: a file that still matches needs no re-validation.
+        self.snapshots: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @staticmethod
-    def create(path: Path, generation: int) -> None:
+    def create(path: Path, generation: int, snapshots: dict[str, int] | None = None) -> None:
         """Write a fresh journal (header only) atomically; replaces an existing one."""
-        atomic_write(path, _header(generation))
+        atomic_write(path, _header(generation, snapshots or {}))
 
     def open(self) -> list[list[Op]]:
         """Open the current journal file and read every complete record. Call under the store's lock."""
@@ -95,11 +99,12 @@ class Journal:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
             st = os.fstat(fd)
-            header_end, generation = self._read_header(fd)
+            header_end, generation, snapshots = self._read_header(fd)
         except BaseException:
             os.close(fd)
             raise
         self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
+        self.snapshots = snapshots
         return self.read_new(locked=True)
 
     def close(self) -> None:
@@ -107,9 +112,12 @@ class Journal:
             os.close(self.fd)
             self.fd = -1
 
-    def _read_header(self, fd: int) -> tuple[int, int]:
-        head = os.pread(fd, 4096, 0)
+    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int]]:
+        head = os.pread(fd, 1 << 16, 0)
         end = head.find(b"\n")
+        if end < 0 and len(head) == 1 << 16:  # a header naming very many collections
+            head = os.pread(fd, 1 << 24, 0)
+            end = head.find(b"\n")
         if end < 0:
             raise CorruptDataError(
                 f"{self.path}: journal header is missing or truncated ({len(head)} bytes); "
@@ -118,13 +126,14 @@ class Journal:
             header = orjson.loads(head[:end])
             generation = int(header["generation"])
             fmt = header["storage_journal"]
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            snapshots = {str(k): int(v) for k, v in header.get("snapshots", {}).items()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise CorruptDataError(f"{self.path}: journal header is not valid", path=str(self.path),
                                    position=0) from None
         if fmt != JOURNAL_FORMAT:
             raise CorruptDataError(f"{self.path}: journal format {fmt!r} is not supported (this library writes "
                                    f"{JOURNAL_FORMAT})", path=str(self.path), position=0)
-        return end + 1, generation
+        return end + 1, generation, snapshots
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def size(self) -> int:
@@ -210,12 +219,13 @@ class Journal:
             return records, None, True
         try:
             st = os.fstat(fd)
-            header_end, generation = self._read_header(fd)
+            header_end, generation, snapshots = self._read_header(fd)
         except BaseException:
             os.close(fd)
             raise
         self.close()
         self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
+        self.snapshots = snapshots
         if generation != old_generation + 1:
             return records, None, True
         switched_at = len(records)

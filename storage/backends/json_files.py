@@ -30,6 +30,8 @@ import logging
 import os
 import re
 import threading
+import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -60,6 +62,8 @@ LOCK_NAME = "storage.lock"
 #: Compact once the journal is larger than this fraction of the snapshots it would rewrite (and MIN_COMPACT).
 COMPACT_RATIO = 1.0
 MIN_COMPACT_BYTES = 1 << 20
+#: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _append).
+INLINE_SYNC_BUDGET = 0.0005
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -124,6 +128,8 @@ class JsonStore(BaseStore):
         self._committer: asyncio.Task[None] | None = None
         self._broken: BaseException | None = None
         self._need_reload = False
+        self._seen_counter = -1  # the lock file's change counter when we last caught up (see lockfile.py)
+        self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
         self.min_compact_bytes = MIN_COMPACT_BYTES
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
@@ -157,6 +163,7 @@ class JsonStore(BaseStore):
         try:
             self._remove_temp_files()
             self._load_locked()
+            self._seen_counter = self._flock.read_counter()
         except BaseException:
             self._journal.close()
             self._flock.close()
@@ -173,6 +180,11 @@ class JsonStore(BaseStore):
 
     def _load_locked(self) -> None:
         """(Re)load every snapshot and replay the journal. Needs the file lock."""
+        if not self._journal.path.exists():
+            Journal.create(self._journal.path, 1)
+            fsync_dir(self.path)
+        records = self._journal.open()
+        trusted = self._journal.snapshots
         data: dict[str, Collection] = {}
         sizes: dict[str, int] = {}
         foreign: dict[str, str] = {}
@@ -185,15 +197,11 @@ class JsonStore(BaseStore):
             except ValidationError:
                 foreign[name] = "its name is not a valid collection name"
                 continue
-            loaded = read_snapshot(Path(entry.path))
+            loaded = read_snapshot(Path(entry.path), trusted.get(name))
             if isinstance(loaded, str):
                 foreign[name] = loaded
                 continue
             data[name], sizes[name] = loaded
-        if not self._journal.path.exists():
-            Journal.create(self._journal.path, 1)
-            fsync_dir(self.path)
-        records = self._journal.open()
         self._data, self._sizes, self._foreign, self._dirty = data, sizes, foreign, set()
         for ops in records:
             self._apply(ops)
@@ -233,9 +241,13 @@ class JsonStore(BaseStore):
         self._need_reload = reload
 
     async def _refresh(self) -> None:
-        """Before a read: apply what other processes committed. One ``stat`` when nothing changed."""
+        """Before a read: apply what other processes committed. A shared-memory read when nothing changed."""
         if self._holding:
             return  # we hold the lock: nobody else can have written
+        seen = self._flock.read_counter()
+        if seen == self._seen_counter and not self._need_reload:
+            return
+        self._seen_counter = seen  # before reading the journal: a commit racing with us bumps it again
         self._follow(locked=False)
         if self._need_reload:
             async with self._locked():
@@ -340,17 +352,29 @@ class JsonStore(BaseStore):
         if ops:
             await self._append(encode_record(ops))
             self._apply(ops)
+            self._seen_counter = self._flock.bump_counter()
         for pending, result in done:
             if not pending.future.done():
                 pending.future.set_result(result)
 
     async def _append(self, record: bytes) -> None:
+        """Append and fsync one record: inline while fsyncs are fast, in a worker thread once they are not.
+
+        Handing the write to a thread costs more than a fast fsync itself (measured here: ~150 us hop for a
+        ~200 us fsync), but a slow disk (several ms per fsync) must not stall the event loop. So the loop keeps a
+        moving average of recent append+fsync times and blocks for at most about INLINE_SYNC_BUDGET at a time.
+        """
+        started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._journal.append, record)
+            if self._sync_estimate < INLINE_SYNC_BUDGET:
+                self._journal.append(record)
+            else:
+                await asyncio.to_thread(self._journal.append, record)
         except OSError as exc:
             if self._journal.size() != self._journal.offset:
                 self._broken = exc
             raise DatabaseError(f"{self._journal.path}: write failed, nothing was committed: {exc}") from exc
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - started)
 
     # ---------------------------------------------------------------------------------------------------------------
     # compaction
@@ -383,14 +407,18 @@ class JsonStore(BaseStore):
         Order matters for crashes: snapshots first (each atomic), then the new journal. If we die in between, the
         old journal is replayed onto the new snapshots on the next open, which is harmless (see journal.py).
         """
+        checksums = {name: crc for name, crc in self._journal.snapshots.items() if name not in self._dirty}
         for name in sorted(self._dirty):
             if name in self._foreign:
                 continue
-            atomic_write(self.path / f"{name}.json", render_collection(self._data.get(name, {})), sync_dir=False)
+            rendered = render_collection(self._data.get(name, {}))
+            atomic_write(self.path / f"{name}.json", rendered, sync_dir=False)
+            checksums[name] = zlib.crc32(rendered)
         fsync_dir(self.path)
-        Journal.create(self._journal.path, self._journal.generation + 1)
+        Journal.create(self._journal.path, self._journal.generation + 1, checksums)
         self._journal.open()  # header only: we hold the lock, nobody appended
         self._dirty = set()
+        self._seen_counter = self._flock.bump_counter()
 
     # ---------------------------------------------------------------------------------------------------------------
     # primitives
@@ -499,6 +527,7 @@ class JsonStore(BaseStore):
                 if ops:
                     await self._append(encode_record(ops))
                     self._apply(ops)
+                    self._seen_counter = self._flock.bump_counter()
         finally:
             self._leave_transaction(token)
 

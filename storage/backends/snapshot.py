@@ -15,7 +15,9 @@ are checked with ``orjson.loads`` and kept as they are. Any file not in exactly 
 
 from __future__ import annotations
 
+import gc
 import re
+import zlib
 from pathlib import Path
 
 import orjson
@@ -39,8 +41,11 @@ def render_collection(coll: Collection) -> bytes:
     return b"{\n" + b",\n".join(b"  " + dumps(k) + b": " + v for k, v in coll.items()) + b"\n}\n"
 
 
-def _read_lines(raw: bytes) -> tuple[Collection, int] | None:
-    """The fast path for files in :func:`render_collection`'s layout; None means "use the general path"."""
+def _read_lines(raw: bytes, validate: bool) -> tuple[Collection, int] | None:
+    """The fast path for files in :func:`render_collection`'s layout; None means "use the general path".
+
+    ``validate=False`` (the file's checksum matches what compaction wrote) skips parsing each document.
+    """
     if raw == b"{}\n":
         return {}, 2
     if not (raw.startswith(b'{\n  "') and raw.endswith(b"\n}\n")):
@@ -61,7 +66,7 @@ def _read_lines(raw: bytes) -> tuple[Collection, int] | None:
         doc = line[end + 3:]
         try:
             key = line[3:end].decode("utf-8")
-            if type(loads(doc)) is not dict:
+            if validate and type(loads(doc)) is not dict:
                 return None
         except (UnicodeDecodeError, orjson.JSONDecodeError):
             return None  # the general path reports the exact position
@@ -70,23 +75,36 @@ def _read_lines(raw: bytes) -> tuple[Collection, int] | None:
     return docs, size
 
 
-def read_snapshot(path: Path) -> tuple[Collection, int] | str:
+def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collection, int] | str:
     """A collection file's documents (encoded) and approximate size, or why it is not a collection.
 
     Invalid JSON, an empty or a truncated file raises :class:`CorruptDataError` with the byte position: the file
     is left untouched for a human to look at, never replaced by ``{}`` (TinyDB #67). Valid JSON of another shape
     (a list, an object whose values are not objects: a bot's ``version.json``) is not an error, just not ours.
+    ``trusted_crc`` is the crc32 compaction recorded for this file: when it matches, the documents are not
+    re-parsed one by one (they are exactly the bytes this library wrote).
     """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DatabaseError(f"cannot read {path}: {exc}") from exc
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise CorruptDataError(f"{path} is empty ({len(raw)} bytes): expected a JSON object; the file was "
                                "left as it is", path=str(path), position=0)
-    fast = _read_lines(raw)
+    fast = _read_lines(raw, validate=trusted_crc is None or zlib.crc32(raw) != trusted_crc)
     if fast is not None:
         return fast
+    collecting = gc.isenabled()
+    gc.disable()  # a big parse allocates millions of objects: the cyclic GC would rescan them again and again
+    try:
+        return _read_general(path, raw)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _read_general(path: Path, raw: bytes) -> tuple[Collection, int] | str:
+    """Any valid JSON file: one full parse, then each document re-encoded."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
