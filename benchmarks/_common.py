@@ -17,6 +17,7 @@ API (small on purpose):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "concurrent_rate",
     "RESULTS_DIR",
     "Rate",
     "Target",
@@ -88,6 +90,27 @@ async def atimed(op: Callable[[int], Awaitable[object]], *, seconds: float, min_
         await op(done)
         done += 1
     return Rate(done, clock() - start)
+
+
+async def concurrent_rate(op: Callable[[int], Awaitable[object]], *, writers: int, seconds: float) -> Rate:
+    """``writers`` coroutines calling ``op`` in a loop for ``seconds``: total completed calls per second.
+
+    Writer ``w`` passes ``w * 256, w * 256 + 1, ...`` so writers touch distinct keys.
+    """
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    counts = [0] * writers
+
+    async def writer(w: int) -> None:
+        n = w * 256
+        while clock() < deadline:
+            await op(n)
+            n += 1
+            counts[w] += 1
+
+    start = clock()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return Rate(sum(counts), clock() - start)
 
 
 def median_rate(rounds: Sequence[Rate]) -> float:

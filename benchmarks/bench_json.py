@@ -48,6 +48,7 @@ from _common import (
     Rate,
     Target,
     atimed,
+    concurrent_rate,
     fmt,
     machine_info,
     median_rate,
@@ -239,26 +240,10 @@ async def measure_ops(size: int, root: Path, scale: float) -> dict[str, Any]:
     out["save_seq_ops_s"] = median_rate(saves)
 
     # 16 concurrent writers, interleaved with the floor likewise
-    async def writers(seconds: float) -> Rate:
-        clock = time.perf_counter
-        deadline = clock() + seconds
-        counts = [0] * WRITERS
-
-        async def writer(w: int) -> None:
-            n = w * 256
-            while clock() < deadline:
-                await save(n)
-                n += 1
-                counts[w] += 1
-
-        start = clock()
-        await asyncio.gather(*(writer(w) for w in range(WRITERS)))
-        return Rate(sum(counts), clock() - start)
-
     floors_c, concurrent = [], []
     for _ in range(ROUNDS):
         floors_c.append(floor_rate(floor_path, second))
-        concurrent.append(await writers(second))
+        concurrent.append(await concurrent_rate(save, writers=WRITERS, seconds=second))
     out["floor_ops_s_concurrent"] = median_rate(floors_c)
     out["save_concurrent_ops_s"] = median_rate(concurrent)
     out["floor_ops_s"] = statistics.median(r.per_second for r in floors + floors_c)

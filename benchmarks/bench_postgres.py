@@ -53,7 +53,17 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when
 
 import asyncpg
 import orjson
-from _common import Rate, Target, atimed, fmt, machine_info, median_rate, print_table, write_results
+from _common import (
+    Rate,
+    Target,
+    atimed,
+    concurrent_rate,
+    fmt,
+    machine_info,
+    median_rate,
+    print_table,
+    write_results,
+)
 
 MEMBERS = 10_000
 MEMBERS_PER_GUILD = 1000
@@ -301,20 +311,7 @@ async def run(dsn: str, scale: float) -> dict[str, Any]:
 
         # -- 16 concurrent writers -------------------------------------------------------------------------------
         async def concurrent(save: Callable[[int], Awaitable[object]], s: float) -> Rate:
-            clock = time.perf_counter
-            deadline = clock() + s
-            counts = [0] * WRITERS
-
-            async def writer(w: int) -> None:
-                n = w * 256
-                while clock() < deadline:
-                    await save(n)
-                    n += 1
-                    counts[w] += 1
-
-            start = clock()
-            await asyncio.gather(*(writer(w) for w in range(WRITERS)))
-            return Rate(sum(counts), clock() - start)
+            return await concurrent_rate(save, writers=WRITERS, seconds=s)
 
         async def raw_pool_save(n: int) -> object:
             user_id, guild_id = keys[n & 4095]
