@@ -48,8 +48,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -248,18 +248,10 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         finally:
             self._invalidate(collection, (key,))
 
-    async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
+    def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         # Page by key rather than hold a cursor: no connection stays borrowed while the caller works on a page,
         # so writing to the store inside the loop cannot starve the pool.
-        after = ""
-        while True:
-            async with self._connection("items") as conn:
-                page = await sql.items_page(conn, collection, prefix, after)
-            for pair in page:
-                yield pair
-            if len(page) < sql.PAGE_SIZE:
-                return
-            after = page[-1][0]
+        return _paged_items(self._connection, collection, prefix)
 
     async def _count(self, collection: str) -> int:
         async with self._connection("count") as conn:
@@ -479,17 +471,23 @@ class PgTransaction(OpsBase):
         async with self._use("update") as conn:
             return await sql.update(conn, collection, key, fn, default, in_transaction=True)
 
-    async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-        after = ""
-        while True:
-            async with self._use("items") as conn:
-                page = await sql.items_page(conn, collection, prefix, after)
-            for pair in page:
-                yield pair
-            if len(page) < sql.PAGE_SIZE:
-                return
-            after = page[-1][0]
+    def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
+        return _paged_items(self._use, collection, prefix)
 
     async def _count(self, collection: str) -> int:
         async with self._use("count") as conn:
             return await sql.count(conn, collection)
+
+
+async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], collection: str,
+                       prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
+    """``items()`` one page of keys at a time, each page on a connection from ``use`` (the pool's or the tx's)."""
+    after = ""
+    while True:
+        async with use("items") as conn:
+            page = await sql.items_page(conn, collection, prefix, after)
+        for pair in page:
+            yield pair
+        if len(page) < sql.PAGE_SIZE:
+            return
+        after = page[-1][0]
