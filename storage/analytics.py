@@ -89,42 +89,69 @@ def bound_key(dt: datetime) -> str:
     return dt.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+def _invalid(exc: ValidationError | OverflowError, index: int | None) -> ValidationError:
+    """The error of ``validate_message``, naming the record's position in the batch (if any)."""
+    where = "" if index is None else f"record #{index}: "
+    if isinstance(exc, OverflowError):  # an offset pushing the time past year 9999 when converted to UTC
+        return ValidationError(f"{where}timestamp is out of range: {exc}", field="timestamp")
+    return ValidationError(f"{where}{exc}", field=exc.field)
+
+
 def _message(record: Any, index: int | None) -> MessageRecord:
     """One record validated and normalized, or a ValidationError naming its position in the batch (if any)."""
-    where = "" if index is None else f"record #{index}: "
     try:
         out = validate_message(record)
-    except OverflowError as exc:  # an offset pushing the time past year 9999 when converted to UTC
-        raise ValidationError(f"{where}timestamp is out of range: {exc}", field="timestamp") from exc
-    except ValidationError as exc:
-        raise ValidationError(f"{where}{exc}", field=exc.field) from exc
+    except (OverflowError, ValidationError) as exc:
+        raise _invalid(exc, index) from exc
+    return _check_rest(out, index, set())
+
+
+def _check_rest(out: MessageRecord, index: int | None, known: set[str]) -> MessageRecord:
+    """What ``validate_message`` leaves to us: a four-digit year, and fields that round-trip on every backend."""
     if len(out["timestamp"]) not in _TS_CANONICAL_LENGTHS:
+        where = "" if index is None else f"record #{index}: "
         raise ValidationError(f"{where}timestamp must have a four-digit year, got {out['timestamp']!r}",
                               field="timestamp")
-    if not _plain(out):
+    if not _plain(out, known):
         try:
             encode_doc(out, what="record")  # extra fields must round-trip on every backend (no NaN, no NUL...)
         except ValidationError as exc:
+            where = "" if index is None else f"record #{index}: "
             raise ValidationError(f"{where}{exc}", field=exc.field) from exc
     return out
 
 
-def _plain(out: MessageRecord) -> bool:
+def _plain(out: MessageRecord, known: set[str]) -> bool:
     """True when ``validate_message`` already pinned down the JSON form of every field (the usual record), so
-    that the full encoding check can be skipped: it costs more than a quarter of ingest time."""
+    that the full encoding check can be skipped: it costs more than a quarter of ingest time.
+
+    ``known`` holds the strings found plain so far in the batch: sentiments and topics repeat, and a set lookup
+    (the hash is cached in the string) is cheaper than looking at the characters again.
+    """
     if not _PLAIN_FIELDS.issuperset(out):
         return False
     analysis = out["analysis"]
-    if not _PLAIN_ANALYSIS.issuperset(analysis):
-        return False
-    sentiment = analysis.get("sentiment")
-    if sentiment is not None and not (sentiment.isascii() and "\x00" not in sentiment):
-        return False  # NUL (rejected by PostgreSQL) or non-ASCII (maybe a lone surrogate): the full check decides
-    for topic in analysis.get("topics") or ():
-        if not (topic.isascii() and "\x00" not in topic):
+    if analysis:
+        if not _PLAIN_ANALYSIS.issuperset(analysis):
             return False
-    counters: tuple[int, int, int] = (out["content_length"], out["attachments"], out["reactions"])
-    return max(counters) <= _U64
+        sentiment = analysis.get("sentiment")
+        if sentiment is not None and sentiment not in known and not _plain_text(sentiment, known):
+            return False
+        topics = analysis.get("topics")
+        if topics and not known.issuperset(topics):
+            for topic in topics:
+                if topic not in known and not _plain_text(topic, known):
+                    return False
+    counters: int = out["content_length"] | out["attachments"] | out["reactions"]  # non-negative ints
+    return counters <= _U64  # the OR of non-negative ints fits in 64 bits when each of them does
+
+
+def _plain_text(text: str, known: set[str]) -> bool:
+    """ASCII without NUL: no lone surrogate, nothing PostgreSQL rejects (anything else: the full check decides)."""
+    if text.isascii() and "\x00" not in text:
+        known.add(text)
+        return True
+    return False
 
 
 def normalize_messages(records: Iterable[Mapping[str, Any]]) -> list[MessageRecord]:
@@ -142,9 +169,16 @@ def normalize_messages(records: Iterable[Mapping[str, Any]]) -> list[MessageReco
         raise ValidationError(f"records must be an iterable of message records, got {type(records).__name__}",
                               field="records") from None
     unique: dict[str, MessageRecord] = {}
-    for index, record in enumerate(iterator):
-        out = _message(record, index)
-        unique.setdefault(out["message_id"], out)
+    keep = unique.setdefault
+    known: set[str] = set()
+    for index, record in enumerate(iterator):  # _message, inlined: this loop is the ingest's hot path
+        try:
+            out = validate_message(record)
+        except (OverflowError, ValidationError) as exc:
+            raise _invalid(exc, index) from exc
+        if len(out["timestamp"]) not in _TS_CANONICAL_LENGTHS or not _plain(out, known):
+            _check_rest(out, index, known)
+        keep(out["message_id"], out)
     return list(unique.values())
 
 
