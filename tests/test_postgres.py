@@ -19,6 +19,7 @@ import pytest
 
 import storage
 from storage import DatabaseError, StoreConfig, TransactionError, ValidationError
+from storage.backends.pg_schema import SCHEMA_VERSION
 from storage.backends.postgres import PgTransaction, PostgresStore
 from tests import _pg_child
 from tests._pg import Cluster, TestServer, dsn_parts, free_port, run_sync, with_database
@@ -276,7 +277,8 @@ async def test_concurrent_first_opens_create_the_schema_once(config: StoreConfig
         await asyncio.gather(*(s.put("things", f"k{i}", {"i": i}) for i, s in enumerate(stores)))
         assert await stores[0].count("things") == 6
         async with stores[0].pool.acquire() as conn:
-            assert await conn.fetchval("SELECT value FROM storage_meta WHERE name = 'schema_version'") == "1"
+            assert await conn.fetchval("SELECT value FROM storage_meta WHERE name = 'schema_version'") == str(
+                SCHEMA_VERSION)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 

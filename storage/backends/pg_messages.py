@@ -5,34 +5,61 @@ ids shifted into ``bigint``, and an ``extra`` jsonb column only for what does no
 seed's, or an ``analysis`` with other keys than a ``sentiment`` string and a ``topics`` list), so the common
 record costs no JSON parsing on the server and every record still reads back exactly as it was written.
 
-Ingest is a binary ``COPY`` straight into the table, fed by an asynchronous generator so that converting the
-next rows in Python overlaps with the server inserting the previous ones. A ``COPY`` cannot skip existing ids, so
-when one is already stored (the unique index refuses the whole ``COPY``, which then wrote nothing) the batch goes
-again through a temporary table and ``INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING``. New messages,
-the usual case, pay for one pass.
+Ingest is a binary ``COPY`` straight into the table, its rows encoded here (pg_copy.py: a third of the client
+time asyncpg's generic encoding took) and sent in chunks by an asynchronous generator, so that encoding the next
+chunk overlaps with the server inserting the previous one. A ``COPY`` cannot skip existing ids, so when one is
+already stored (the unique index refuses the whole ``COPY``, which then wrote nothing) the batch goes again through
+a temporary table and ``INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING``; a large batch whose first or
+last id is stored (a resent one) goes there directly. New messages, the usual case, pay for one pass.
 
 The query methods override the generic (streaming, Python) versions of :class:`storage.analytics.AnalyticsMixin`
 with one aggregate statement each and give identical answers; the conformance tests compare both to a reference.
+
+Where the time goes, and why the queries are written as they are
+    A guild's messages are spread over every page of the table (guilds interleave as messages arrive), so any
+    query that visits the heap reads all of it, whatever the guild's share. The queries therefore read only the
+    covering index ``(guild_id, created_at) INCLUDE (channel_id, author_id, sentiment, topics)``: an index-only
+    scan of one contiguous range. That works only for heap pages the visibility map marks all-visible, and pages
+    just written by ``COPY`` are not until a ``VACUUM`` has seen them (autovacuum may take minutes, and does not
+    come at all for a modest share of new rows). So after every :attr:`PgMessagesMixin.VACUUM_AFTER_ROWS` new
+    rows the store runs a ``VACUUM`` of the table itself that skips index cleanup: it visits only the pages that
+    are not all-visible yet (the new ones), costs well under a microsecond per ingested row, and never blocks
+    readers or writers; ``SKIP_LOCKED`` lets it step aside when another one is running. Until it runs, the
+    newest rows cost a heap visit each: queries stay exact, only slower for them. A prune is followed by a full
+    ``VACUUM`` (the dead rows' index entries would cost a heap visit each in every query over their time); it
+    costs about twice the ``DELETE`` (it reads every index whole), once, in the call that asked for the prune.
+
+    Per-row expressions are kept cheap: days come from ``date_bin`` (integer arithmetic; ``AT TIME ZONE`` looks
+    up the zone for every row and doubled the cost of ``by="day"``), topics are counted per distinct list first
+    (a few hundred combinations) and only those are unnested, and ``sentiment`` is grouped as stored, ``NULL``
+    folded into ``"unknown"`` in Python.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import struct
 import sys
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
+from array import array
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 
-from ..analytics import BY_CHOICES, UNKNOWN_SENTIMENT, _bound, _limit
+from ..analytics import BY_CHOICES, COLUMN_BLOCK, UNKNOWN_SENTIMENT, MessageColumns, _bound, _limit, micros
 from ..codec import encode_doc
 from ..errors import ValidationError
 from ..models import iso_utc, snowflake
 from ..protocol import TimeBound
+from .pg_copy import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
+from .pg_errors import DRIVER_ERRORS
 from .pg_schema import ID_SHIFT
 
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS"]
+
+log = logging.getLogger("storage.postgres")
 
 Record = dict[str, Any]
 COLUMNS = ("message_id", "guild_id", "channel_id", "author_id", "created_at", "content_length", "attachments",
@@ -42,28 +69,53 @@ _TYPED = frozenset(("message_id", "guild_id", "channel_id", "author_id", "timest
 _TYPED_COUNT = len(_TYPED)
 _BIGINT_MAX = 2**63 - 1
 _UTC = timezone.utc
-_ROWS_PER_YIELD = 5000  # let other tasks run while a large batch is being converted
+_ROWS_PER_YIELD = 2000  # COPY data chunk: other tasks run between two, the server inserts one while we encode
+_PG_EPOCH = datetime(2000, 1, 1)  # timestamptz counts microseconds from here (UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM storage_messages"
+# asyncpg sends 9999-12-31T23:59:59.999999 (its datetime.max) as 'infinity', which is another value. So a stored
+# time travels as canonical text (PostgreSQL reads ISO 8601 the same under every DateStyle), and a bound as a
+# datetime (the planner estimates how many rows a typed value selects, not a cast text) except that instant, which
+# is written out (see _time_clause).
+_TS = "::text::timestamptz"
+_LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+_LAST_INSTANT_SQL = "timestamptz '9999-12-31 23:59:59.999999+00'"
 _INSERT_ONE = ("INSERT INTO storage_messages (" + ", ".join(COLUMNS) + ") VALUES "
-               "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (message_id) DO NOTHING")
-_UPDATE = ("UPDATE storage_messages SET guild_id = $2, channel_id = $3, author_id = $4, created_at = $5, "
+               f"($1, $2, $3, $4, $5{_TS}, $6, $7, $8, $9, $10, $11) ON CONFLICT (message_id) DO NOTHING")
+_UPDATE = (f"UPDATE storage_messages SET guild_id = $2, channel_id = $3, author_id = $4, created_at = $5{_TS}, "
            "content_length = $6, attachments = $7, reactions = $8, sentiment = $9, topics = $10, extra = $11 "
            "WHERE message_id = $1")
+_ANY_STORED = "SELECT EXISTS (SELECT FROM storage_messages WHERE message_id IN ($1, $2))"
+_PROBE_FROM = 1000  # records: below this, a failed COPY costs less than the probe's round trip usually saves
 _STAGE = "storage_messages_stage"
 _STAGE_CREATE = f"CREATE TEMPORARY TABLE {_STAGE} (LIKE storage_messages) ON COMMIT DROP"
 _STAGE_MERGE = (f"INSERT INTO storage_messages SELECT * FROM {_STAGE} ORDER BY message_id "
                 "ON CONFLICT (message_id) DO NOTHING")
+
+# The queries. ``{where}`` is the guild and time filter (see _where), ``{0}``... the query's own parameters; every
+# one reads only columns of the covering index (tests/test_pg_messages.py checks each plan is index-only).
+_COUNT = "SELECT count(*) FROM storage_messages{where}"
+_BY_COLUMN = "SELECT {column}, count(*) FROM storage_messages{{where}} GROUP BY {column}"
 # Ties in the top lists are broken by the id *as text*, like the generic version (and Python's str order).
-_ID_TEXT = "((({col})::numeric + 9223372036854775808)::text) COLLATE \"C\""
-
-
-def _utc_from_canonical(ts: str) -> datetime:
-    # A stored timestamp is canonical ("...Z"); fromisoformat reads the "Z" itself only from Python 3.11 on.
-    return datetime.fromisoformat(ts[:-1]).replace(tzinfo=_UTC)
-
-
-_parse_canonical: Callable[[str], datetime] = (
-    datetime.fromisoformat if sys.version_info >= (3, 11) else _utc_from_canonical)
+_TOP_COLUMN = ("SELECT {column}, count(*) AS n FROM storage_messages{{where}} GROUP BY {column} "
+               "ORDER BY n DESC, ((({column})::numeric + 9223372036854775808)::text) COLLATE \"C\" LIMIT {{0}}")
+_SENTIMENTS = "SELECT sentiment, count(*) FROM storage_messages{where} GROUP BY sentiment"
+# max() becomes a backward walk of the guild's index range that stops at the author's newest message.
+_LAST_ACTIVITY = "SELECT max(created_at) FROM storage_messages{where} AND author_id = {0}"
+# What the generic queries read (``_scan_message_columns``): all of it is in the covering index.
+_SELECT_COLUMNS = "SELECT created_at, author_id, channel_id, sentiment, topics FROM storage_messages"
+# The UTC day of a message: date_bin is integer arithmetic (PostgreSQL 14+), AT TIME ZONE a zone lookup per row. The
+# origin precedes every storable time (four-digit years), so no version's rounding of negative offsets matters.
+_BY_DAY_BIN = ("SELECT (d AT TIME ZONE 'UTC')::date, n FROM (SELECT date_bin('1 day', created_at, "
+               "timestamptz '0001-01-01 00:00:00+00') AS d, count(*) AS n FROM storage_messages{where} GROUP BY d) "
+               "AS days")
+_BY_DAY_ZONE = "SELECT (created_at AT TIME ZONE 'UTC')::date AS d, count(*) FROM storage_messages{where} GROUP BY d"
+# A topic counts once per message: count each distinct list first, then its distinct topics.
+_TOP_TOPICS = (
+    "SELECT t.topic, sum(c.n)::bigint AS n FROM (SELECT topics, count(*) AS n FROM storage_messages{where} "
+    "AND cardinality(topics) > 0 GROUP BY topics) AS c "
+    "CROSS JOIN LATERAL (SELECT DISTINCT u FROM unnest(c.topics) AS u) AS t(topic) "
+    "GROUP BY t.topic ORDER BY n DESC, t.topic COLLATE \"C\" LIMIT {0}")
 
 
 def _canonical(dt: datetime) -> str:
@@ -74,11 +126,10 @@ def _canonical(dt: datetime) -> str:
     return text[:-6] + "Z"
 
 
-def to_row(rec: Record) -> tuple[Any, ...]:
-    """A normalized record (see :func:`storage.models.validate_message`) as a row of ``storage_messages``.
-
-    Runs once per ingested message, so it is written for speed.
-    """
+def _typed(rec: Record) -> tuple[str | None, list[str] | None, bytes | None]:
+    """The ``sentiment`` and ``topics`` columns of a normalized record and its encoded ``extra`` (None when the
+    typed columns say everything); refuses counters that do not fit in a ``bigint``. Runs once per ingested
+    message, so it is written for speed."""
     analysis = rec["analysis"]
     sentiment = analysis.get("sentiment")
     topics = analysis.get("topics")
@@ -89,23 +140,28 @@ def to_row(rec: Record) -> tuple[Any, ...]:
     if len(analysis) != (sentiment is not None) + (topics is not None):
         extra = extra or {}
         extra["analysis"] = analysis
-    content_length, attachments, reactions = rec["content_length"], rec["attachments"], rec["reactions"]
-    if content_length > _BIGINT_MAX or attachments > _BIGINT_MAX or reactions > _BIGINT_MAX:
+    if rec["content_length"] > _BIGINT_MAX or rec["attachments"] > _BIGINT_MAX or rec["reactions"] > _BIGINT_MAX:
         name = next(n for n in ("content_length", "attachments", "reactions") if rec[n] > _BIGINT_MAX)
         raise ValidationError(f"message {rec['message_id']}: {name} does not fit in a signed 64-bit integer",
                               field=name)
+    return sentiment, topics, encode_doc(extra, what="record") if extra else None
+
+
+def to_row(rec: Record) -> tuple[Any, ...]:
+    """A normalized record (see :func:`storage.models.validate_message`) as a row of ``storage_messages``."""
+    sentiment, topics, extra = _typed(rec)
     return (
         int(rec["message_id"]) - ID_SHIFT,
         int(rec["guild_id"]) - ID_SHIFT,
         int(rec["channel_id"]) - ID_SHIFT,
         int(rec["author_id"]) - ID_SHIFT,
-        _parse_canonical(rec["timestamp"]),
-        content_length,
-        attachments,
-        reactions,
+        rec["timestamp"],  # see _TS
+        rec["content_length"],
+        rec["attachments"],
+        rec["reactions"],
         sentiment,
         topics,
-        encode_doc(extra, what="record") if extra else None,
+        extra,
     )
 
 
@@ -141,11 +197,54 @@ def _id_order(rec: Record) -> tuple[int, str]:
     return len(mid), mid  # canonical ids have no leading zeros: this is numeric order
 
 
-async def _rows(records: list[Record]) -> AsyncIterator[tuple[Any, ...]]:
+async def _copy_data(records: list[Record]) -> AsyncIterator[bytes]:
+    """The records as binary ``COPY`` data (see pg_copy.py), in chunks: the server inserts one chunk while the
+    next is encoded, and other tasks run in between.
+
+    The hot loop of ingest: guild and channel ids convert once per batch, and the usual record (no ``extra``) has
+    its sentiment, topics and ``extra`` fields looked up, encoded once per distinct combination.
+    """
+    pack = FIXED.pack
+    shift = ID_SHIFT
+    epoch, micro, parse = _PG_EPOCH, _MICROSECOND, datetime.fromisoformat
+    ids: dict[str, int] = {}
+    tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
+    yield COPY_HEADER
     for start in range(0, len(records), _ROWS_PER_YIELD):
+        chunk: list[bytes] = []
         for rec in records[start:start + _ROWS_PER_YIELD]:
-            yield to_row(rec)
-        await asyncio.sleep(0)
+            analysis = rec["analysis"]
+            sentiment = analysis.get("sentiment")
+            topics = analysis.get("topics")
+            if len(rec) == _TYPED_COUNT and len(analysis) == (sentiment is not None) + (topics is not None):
+                key = (sentiment, None if topics is None else tuple(topics))
+                tail = tails.get(key)
+                if tail is None:
+                    tail = tails[key] = text_field(sentiment) + text_array_field(topics) + NULL
+            else:
+                sentiment, topics, extra = _typed(rec)
+                tail = text_field(sentiment) + text_array_field(topics) + jsonb_field(extra)
+            guild, channel = rec["guild_id"], rec["channel_id"]
+            try:
+                head = pack(
+                    11, 8, int(rec["message_id"]) - shift,
+                    8, ids.get(guild) or ids.setdefault(guild, int(guild) - shift),
+                    8, ids.get(channel) or ids.setdefault(channel, int(channel) - shift),
+                    8, int(rec["author_id"]) - shift,  # too many distinct authors in a batch for a cache to pay
+                    8, (parse(rec["timestamp"][:-1]) - epoch) // micro,
+                    8, rec["content_length"], 8, rec["attachments"], 8, rec["reactions"])
+            except struct.error as exc:  # a counter beyond bigint: _typed names it
+                _typed(rec)
+                raise ValidationError(f"message {rec['message_id']}: {exc}") from exc
+            chunk.append(head)
+            chunk.append(tail)
+        yield b"".join(chunk)
+        await asyncio.sleep(0)  # asyncpg asks for the next chunk without yielding to the event loop
+    yield COPY_TRAILER
+
+
+def _by_day(conn: Any) -> str:
+    return _BY_DAY_BIN if conn.get_server_version().major >= 14 else _BY_DAY_ZONE
 
 
 def _where(guild_id: str | None, since: datetime | None, until: datetime | None,
@@ -156,19 +255,74 @@ def _where(guild_id: str | None, since: datetime | None, until: datetime | None,
         args.append(int(guild_id) - ID_SHIFT)
         clauses.append(f"guild_id = ${len(args)}")
     if since is not None:
-        args.append(since)
-        clauses.append(f"created_at >= ${len(args)}")
+        clauses.append(_time_clause(">=", since, args))
     if until is not None:
-        args.append(until)
-        clauses.append(f"created_at < ${len(args)}")
+        clauses.append(_time_clause("<", until, args))
     return (" WHERE " + " AND ".join(clauses)) if clauses else ""
+
+
+def _time_clause(op: str, bound: datetime, args: list[Any]) -> str:
+    """``created_at <op> bound``, the bound a parameter appended to ``args`` (see _LAST_INSTANT)."""
+    if bound == _LAST_INSTANT:
+        return f"created_at {op} {_LAST_INSTANT_SQL}"
+    args.append(bound)
+    return f"created_at {op} ${len(args)}"
+
+
+def _vacuum_statement(conn: Any, *, index_cleanup: bool) -> str:
+    """``VACUUM`` of the messages table with the options the server knows.
+
+    ``SKIP_LOCKED`` (12+): another vacuum of the table (autovacuum, another store) is running, so do not queue
+    behind it. ``INDEX_CLEANUP OFF`` (12+), after ingest: only the visibility map is wanted, and removing the dead
+    rows of earlier updates would scan every index whole, inside someone's ``record_messages`` call; autovacuum
+    does that in the background. ``PARALLEL 0`` (13+): a worker process costs more to start than it saves here.
+    """
+    major = conn.get_server_version().major
+    if major < 12:
+        return "VACUUM storage_messages"
+    options = ["SKIP_LOCKED"]
+    if not index_cleanup:
+        options.append("INDEX_CLEANUP OFF")
+    if major >= 13:
+        options.append("PARALLEL 0")
+    return f"VACUUM ({', '.join(options)}) storage_messages"
+
+
+class _IdTexts(dict[int, str]):
+    """Stored (shifted) ids -> their text, each converted once per scan (a guild has few channels and authors)."""
+
+    def __missing__(self, key: int) -> str:
+        text = self[key] = sys.intern(str(key + ID_SHIFT))
+        return text
+
+
+def _columns_block(rows: Sequence[Any], ids: _IdTexts,
+                   combos: dict[tuple[str, ...], tuple[str, ...]]) -> MessageColumns:
+    """Rows of ``_SELECT_COLUMNS`` as a block of :class:`storage.analytics.MessageColumns`."""
+    topics: list[tuple[str, ...]] = []
+    for row in rows:
+        listed = row[4]
+        if not listed:
+            topics.append(())
+            continue
+        key = tuple(listed)
+        combo = combos.get(key)
+        if combo is None:
+            combo = combos[key] = tuple(dict.fromkeys(key))
+        topics.append(combo)
+    return MessageColumns(array("q", [micros(row[0]) for row in rows]), [ids[row[1]] for row in rows],
+                          [ids[row[2]] for row in rows], [row[3] for row in rows], topics)
 
 
 class PgMessagesMixin:
     """The message primitives and SQL queries of :class:`storage.backends.postgres.PostgresStore`."""
 
+    #: New rows this store writes between two ``VACUUM`` runs that keep the visibility map current (module doc).
+    VACUUM_AFTER_ROWS = 10_000
+
     _connection: Callable[[str], Any]
     _guard_read: Callable[[], None]
+    _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
 
     # -- primitives ----------------------------------------------------------------------------------------------
     async def _insert_messages(self, records: list[Record]) -> int:
@@ -177,20 +331,49 @@ class PgMessagesMixin:
         async with self._connection("record_messages") as conn:
             if len(records) == 1:
                 status: str = await conn.execute(_INSERT_ONE, *to_row(records[0]))
-                return int(status.rsplit(" ", 1)[1])
-            # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
-            # (inserting into the unique index waits for the other uncommitted insert of the same id).
-            records = sorted(records, key=_id_order)
+                new = int(status.rsplit(" ", 1)[1])
+            else:
+                new = await self._copy_messages(conn, records)
+            await self._count_for_vacuum(conn, new)
+        return new
+
+    async def _copy_messages(self, conn: Any, records: list[Record]) -> int:
+        # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
+        # (inserting into the unique index waits for the other uncommitted insert of the same id).
+        records = sorted(records, key=_id_order)
+        # A resent batch (a retry, a replayed backup) would fail its COPY only after all of it was encoded and sent:
+        # when its first or last id is stored already, go straight to the merge.
+        resent = len(records) >= _PROBE_FROM and await conn.fetchval(
+            _ANY_STORED, int(records[0]["message_id"]) - ID_SHIFT, int(records[-1]["message_id"]) - ID_SHIFT)
+        if not resent:
             try:
-                await conn.copy_records_to_table("storage_messages", records=_rows(records), columns=COLUMNS)
+                await conn.copy_to_table("storage_messages", source=_copy_data(records), columns=COLUMNS,
+                                         format="binary")
                 return len(records)
             except asyncpg.UniqueViolationError:
                 pass  # some ids are stored already: the COPY wrote nothing, merge through a staging table
-            async with conn.transaction():
-                await conn.execute(_STAGE_CREATE)
-                await conn.copy_records_to_table(_STAGE, records=_rows(records), columns=COLUMNS)
-                status = await conn.execute(_STAGE_MERGE)
-            return int(status.rsplit(" ", 1)[1])
+        async with conn.transaction():
+            await conn.execute(_STAGE_CREATE)
+            await conn.copy_to_table(_STAGE, source=_copy_data(records), columns=COLUMNS, format="binary")
+            status: str = await conn.execute(_STAGE_MERGE)
+        return int(status.rsplit(" ", 1)[1])
+
+    async def _count_for_vacuum(self, conn: Any, new: int) -> None:
+        """After :attr:`VACUUM_AFTER_ROWS` new rows, vacuum (see the module doc); the rows are committed already."""
+        self._unvacuumed += new
+        if self._unvacuumed >= self.VACUUM_AFTER_ROWS:
+            self._unvacuumed = 0
+            await self._vacuum(conn, index_cleanup=False)
+
+    @staticmethod
+    async def _vacuum(conn: Any, *, index_cleanup: bool) -> None:
+        # Only an optimization: the write it follows is committed, so a failure here must not make the caller
+        # believe the write failed (and retry it). Logged; autovacuum does the job later.
+        try:
+            await conn.execute(_vacuum_statement(conn, index_cleanup=index_cleanup))
+        except DRIVER_ERRORS as exc:
+            log.warning("VACUUM of storage_messages after a write failed (queries are slower until autovacuum "
+                        "runs): %s: %s", type(exc).__name__, exc)
 
     async def _modify_message(self, message_id: str, fn: Callable[[Record], Record]) -> bool:
         shifted = int(message_id) - ID_SHIFT
@@ -207,8 +390,15 @@ class PgMessagesMixin:
 
     async def _delete_messages_before(self, before: datetime) -> int:
         async with self._connection("prune_messages") as conn:
-            status: str = await conn.execute("DELETE FROM storage_messages WHERE created_at < $1", before)
-        return int(status.rsplit(" ", 1)[1])
+            args: list[Any] = []
+            status: str = await conn.execute(f"DELETE FROM storage_messages WHERE {_time_clause('<', before, args)}",
+                                             *args)
+            deleted = int(status.rsplit(" ", 1)[1])
+            if deleted:
+                # Until a vacuum removes them, the index entries of deleted rows each cost a heap visit in every
+                # query that spans their time (and autovacuum waits for 20% of the table to be dead).
+                await self._vacuum(conn, index_cleanup=True)
+        return deleted
 
     async def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
                              until: datetime | None = None) -> AsyncIterator[Record]:
@@ -220,22 +410,40 @@ class PgMessagesMixin:
             async for row in conn.cursor(query, *args, prefetch=2000):
                 yield to_record(row)
 
+    async def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
+                                    until: datetime | None) -> AsyncIterator[MessageColumns]:
+        """The column blocks the generic queries read (``refresh_member_statistics`` here), straight from the
+        covering index: five columns instead of whole records made into dicts and then taken apart again."""
+        args: list[Any] = []
+        query = _SELECT_COLUMNS + _where(guild_id, since, until, args)
+        ids = _IdTexts()
+        combos: dict[tuple[str, ...], tuple[str, ...]] = {}
+        async with self._connection("scanning messages") as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query, *args)
+            while True:
+                rows = await cursor.fetch(COLUMN_BLOCK)
+                if rows:
+                    yield _columns_block(rows, ids, combos)
+                if len(rows) < COLUMN_BLOCK:
+                    return
+
     # -- queries in SQL ------------------------------------------------------------------------------------------
-    async def _aggregate(self, what: str, template: str, guild_id: Any, since: TimeBound, until: TimeBound,
-                         *params: Any) -> list[Any]:
+    async def _aggregate(self, what: str, template: str | Callable[[Any], str], guild_id: Any, since: TimeBound,
+                         until: TimeBound, *params: Any) -> list[Any]:
         """Run ``template`` after the generic argument checks.
 
         ``{where}`` in the template becomes the guild and time filter; ``{0}``, ``{1}``... the placeholders of
-        ``params``. Only fixed SQL fragments are formatted in: every value travels as a parameter.
+        ``params``. Only fixed SQL fragments are formatted in: every value travels as a parameter. A callable
+        template is given the connection first (for SQL that depends on the server version).
         """
         self._guard_read()
         guild = snowflake(guild_id, "guild_id")
         args: list[Any] = []
         where = _where(guild, _bound(since, "since"), _bound(until, "until"), args)
         placeholders = [f"${len(args) + i + 1}" for i in range(len(params))]
-        query = template.format(*placeholders, where=where)
         async with self._connection(what) as conn:
-            rows: list[Any] = await conn.fetch(query, *args, *params)
+            text = template if isinstance(template, str) else template(conn)
+            rows: list[Any] = await conn.fetch(text.format(*placeholders, where=where), *args, *params)
         return rows
 
     async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
@@ -243,21 +451,15 @@ class PgMessagesMixin:
         if by not in BY_CHOICES:
             raise ValidationError(f"by must be None, 'channel', 'author' or 'day', got {by!r}", field="by")
         if by is None:
-            rows = await self._aggregate("message_counts", "SELECT count(*) FROM storage_messages{where}",
-                                         guild_id, since, until)
+            rows = await self._aggregate("message_counts", _COUNT, guild_id, since, until)
             total: int = rows[0][0]
             return total
         if by == "day":
-            rows = await self._aggregate(
-                "message_counts",
-                "SELECT (created_at AT TIME ZONE 'UTC')::date AS d, count(*) FROM storage_messages{where} GROUP BY d",
-                guild_id, since, until)
+            rows = await self._aggregate("message_counts", _by_day, guild_id, since, until)
             counts = {row[0].isoformat(): row[1] for row in rows}
         else:
             column = "channel_id" if by == "channel" else "author_id"
-            rows = await self._aggregate(
-                "message_counts", f"SELECT {column}, count(*) FROM storage_messages{{where}} GROUP BY {column}",
-                guild_id, since, until)
+            rows = await self._aggregate("message_counts", _BY_COLUMN.format(column=column), guild_id, since, until)
             counts = {str(row[0] + ID_SHIFT): row[1] for row in rows}
         return dict(sorted(counts.items()))
 
@@ -272,39 +474,28 @@ class PgMessagesMixin:
     async def _top_column(self, column: str, guild_id: Any, limit: int, since: TimeBound,
                           until: TimeBound) -> list[tuple[str, int]]:
         limit = _limit(limit)
-        order = _ID_TEXT.format(col=column)
-        rows = await self._aggregate(
-            f"top {column}s",
-            f"SELECT {column}, count(*) AS n FROM storage_messages{{where}} GROUP BY {column} "
-            f"ORDER BY n DESC, {order} LIMIT {{0}}",
-            guild_id, since, until, limit)
+        rows = await self._aggregate(f"top {column}s", _TOP_COLUMN.format(column=column), guild_id, since, until,
+                                     limit)
         return [(str(row[0] + ID_SHIFT), row[1]) for row in rows]
 
     async def top_topics(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
                          until: TimeBound = None) -> list[tuple[str, int]]:
         limit = _limit(limit)
-        # A topic counts once per message: DISTINCT over each message's own list.
-        rows = await self._aggregate(
-            "top_topics",
-            "SELECT t.topic, count(*) AS n FROM storage_messages "
-            "CROSS JOIN LATERAL (SELECT DISTINCT u FROM unnest(topics) AS u) AS t(topic){where} "
-            "GROUP BY t.topic ORDER BY n DESC, t.topic COLLATE \"C\" LIMIT {0}",
-            guild_id, since, until, limit)
+        rows = await self._aggregate("top_topics", _TOP_TOPICS, guild_id, since, until, limit)
         return [(row[0], row[1]) for row in rows]
 
     async def sentiment_breakdown(self, guild_id: int | str, *, since: TimeBound = None,
                                   until: TimeBound = None) -> dict[str, int]:
-        rows = await self._aggregate(
-            "sentiment_breakdown",
-            "SELECT coalesce(sentiment, {0}) AS s, count(*) FROM storage_messages{where} GROUP BY s",
-            guild_id, since, until, UNKNOWN_SENTIMENT)
-        return dict(sorted((row[0], row[1]) for row in rows))
+        rows = await self._aggregate("sentiment_breakdown", _SENTIMENTS, guild_id, since, until)
+        counts: dict[str, int] = {}
+        for sentiment, n in rows:  # no sentiment and the sentiment "unknown" are one key
+            key = UNKNOWN_SENTIMENT if sentiment is None else sentiment
+            counts[key] = counts.get(key, 0) + n
+        return dict(sorted(counts.items()))
 
     async def last_activity(self, guild_id: int | str, author_id: int | str, *, since: TimeBound = None,
                             until: TimeBound = None) -> str | None:
         author = snowflake(author_id, "author_id")
-        rows = await self._aggregate(
-            "last_activity", "SELECT max(created_at) FROM storage_messages{where} AND author_id = {0}",
-            guild_id, since, until, int(author) - ID_SHIFT)
+        rows = await self._aggregate("last_activity", _LAST_ACTIVITY, guild_id, since, until, int(author) - ID_SHIFT)
         latest: datetime | None = rows[0][0]
         return None if latest is None else _canonical(latest)
