@@ -52,6 +52,8 @@ from _common import (
     fmt,
     machine_info,
     median_rate,
+    member_doc,
+    member_ids,
     peak_rss_mib,
     print_table,
     rss_mib,
@@ -60,9 +62,6 @@ from _common import (
     write_results,
 )
 
-MEMBERS_PER_GUILD = 1000
-GUILD_BASE = 800_000_000_000_000_000  # 18-digit snowflakes, like real Discord ids
-USER_BASE = 300_000_000_000_000_000
 WRITERS = 16
 BATCH = 1000
 JOURNAL_FRACTION = 0.05  # members re-saved one by one since the last compaction, in the store that is opened
@@ -73,26 +72,8 @@ ROUNDS = 5  # short rounds, medians: a neighbour's burst of I/O moves one round,
 # -- the data -------------------------------------------------------------------------------------------------------
 
 
-def member_ids(i: int) -> tuple[int, int]:
-    """(user_id, guild_id) of member number ``i``: 1000 members per guild."""
-    return USER_BASE + i, GUILD_BASE + i // MEMBERS_PER_GUILD
 
 
-def member_doc(i: int, version: int = 0) -> dict[str, Any]:
-    """A member in the seed's documented shape (about 240 bytes of JSON); ``version`` changes its counters."""
-    user_id, guild_id = member_ids(i)
-    day = 1 + i % 28
-    return {
-        "user_id": str(user_id),
-        "guild_id": str(guild_id),
-        "join_date": f"2024-{1 + i % 12:02d}-{day:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
-        "roles": [f"role{(i + k) % 40}" for k in range(1 + i % 4)],
-        "preferences": {"notifications": i % 3 != 0, "language": ("ja", "en", "de", "fr")[i % 4]},
-        "statistics": {
-            "message_count": (i * 7 + version) % 100_000,
-            "last_active": f"2024-06-{day:02d}T{(i + version) % 24:02d}:{version % 60:02d}:00Z",
-        },
-    }
 
 
 def label(size: int) -> str:

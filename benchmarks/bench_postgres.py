@@ -54,6 +54,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when
 import asyncpg
 import orjson
 from _common import (
+    GUILD_BASE,
+    USER_BASE,
     Rate,
     Target,
     atimed,
@@ -61,14 +63,13 @@ from _common import (
     fmt,
     machine_info,
     median_rate,
+    member_doc,
+    member_ids,
     print_table,
     write_results,
 )
 
 MEMBERS = 10_000
-MEMBERS_PER_GUILD = 1000
-GUILD_BASE = 800_000_000_000_000_000
-USER_BASE = 300_000_000_000_000_000
 WRITERS = 16
 BATCH = 1000
 MESSAGE_BATCH = 10_000
@@ -90,8 +91,6 @@ def log(message: str) -> None:
     print(f"[postgres] {message}", file=sys.stderr, flush=True)
 
 
-def member_ids(i: int) -> tuple[int, int]:
-    return USER_BASE + i, GUILD_BASE + i // MEMBERS_PER_GUILD
 
 
 def member_key(i: int) -> str:
@@ -99,21 +98,6 @@ def member_key(i: int) -> str:
     return f"{guild_id}_{user_id}"
 
 
-def member_doc(i: int, version: int = 0) -> dict[str, Any]:
-    """The seed's member shape (about 280 bytes of JSON), as in bench_json.py."""
-    user_id, guild_id = member_ids(i)
-    day = 1 + i % 28
-    return {
-        "user_id": str(user_id),
-        "guild_id": str(guild_id),
-        "join_date": f"2024-{1 + i % 12:02d}-{day:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
-        "roles": [f"role{(i + k) % 40}" for k in range(1 + i % 4)],
-        "preferences": {"notifications": i % 3 != 0, "language": ("ja", "en", "de", "fr")[i % 4]},
-        "statistics": {
-            "message_count": (i * 7 + version) % 100_000,
-            "last_active": f"2024-06-{day:02d}T{(i + version) % 24:02d}:{version % 60:02d}:00Z",
-        },
-    }
 
 
 _EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
