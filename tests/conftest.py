@@ -12,6 +12,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
+from storage.backends.postgres import PostgresStore
 from tests._pg import TestServer
 
 BACKENDS = ["json", "postgres"]
@@ -32,6 +33,22 @@ def pg_dsn(pg_server: TestServer) -> Iterator[str]:
         yield dsn
     finally:
         pg_server.drop_schema(name)
+
+
+@pytest.fixture
+def pg_config(pg_dsn: str) -> StoreConfig:
+    """A PostgreSQL config on this test's own empty schema (for the Postgres-only tests)."""
+    return StoreConfig(backend="postgres", dsn=pg_dsn, source="tests")
+
+
+@pytest.fixture
+async def pg_store(pg_config: StoreConfig) -> AsyncIterator[PostgresStore]:
+    """A PostgresStore opened on ``pg_config`` (directly, not through open_store), closed afterwards."""
+    s = await PostgresStore.open(pg_config)
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -32,20 +32,6 @@ OTHER = "555000000000000002"
 AUTHOR = "103"
 
 
-@pytest.fixture
-def config(pg_dsn: str) -> StoreConfig:
-    return StoreConfig(backend="postgres", dsn=pg_dsn, source="tests")
-
-
-@pytest.fixture
-async def store(config: StoreConfig) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore.open(config)
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 class EagerVacuumStore(PostgresStore):
     """A store that vacuums after every 100 new rows, so that small tests cross the threshold often."""
 
@@ -83,16 +69,16 @@ ODD_SHAPES: list[dict[str, Any]] = [
 ]
 
 
-async def test_copy_rows_store_exactly_what_asyncpg_encoding_stores(store: PostgresStore):
+async def test_copy_rows_store_exactly_what_asyncpg_encoding_stores(pg_store: PostgresStore):
     """The same records through the batch path (our binary COPY rows) and one at a time (asyncpg's INSERT
     parameters) must give identical rows, compared as the server returns them, and read back as recorded."""
     batch = [message(i, **shape) for i, shape in enumerate(ODD_SHAPES, start=1)]
     batch.append(message(12, message_id=2**64 - 1))
     singles = [{**record, "message_id": 1000 + i, "guild_id": OTHER} for i, record in enumerate(batch[:-1])]
-    assert await store.record_messages(batch) == len(batch)
+    assert await pg_store.record_messages(batch) == len(batch)
     for record in singles:
-        assert await store.record_message(record) is True
-    async with store.pool.acquire() as conn:
+        assert await pg_store.record_message(record) is True
+    async with pg_store.pool.acquire() as conn:
         rows = await conn.fetch(pm._SELECT + " ORDER BY message_id")
     by_guild: dict[int, list[tuple[Any, ...]]] = {}
     for row in rows:
@@ -100,48 +86,48 @@ async def test_copy_rows_store_exactly_what_asyncpg_encoding_stores(store: Postg
     copied, inserted = (by_guild[int(g) - pg_schema.ID_SHIFT] for g in (GUILD, OTHER))
     assert copied[:len(ODD_SHAPES)] == inserted
     expected = {r["message_id"]: r for r in normalize_messages(batch)}
-    assert {r["message_id"]: r async for r in store._scan_messages(GUILD)} == expected
-    async with store.pool.acquire() as conn:  # the server's own reading of the times we encoded
+    assert {r["message_id"]: r async for r in pg_store._scan_messages(GUILD)} == expected
+    async with pg_store.pool.acquire() as conn:  # the server's own reading of the times we encoded
         for record in normalize_messages(batch):
             assert await conn.fetchval(
                 "SELECT created_at = $2::text::timestamptz FROM storage_messages WHERE message_id = $1",
                 int(record["message_id"]) - pg_schema.ID_SHIFT, record["timestamp"]) is True
 
 
-async def test_the_last_instant_is_a_time_like_any_other(store: PostgresStore):
+async def test_the_last_instant_is_a_time_like_any_other(pg_store: PostgresStore):
     """asyncpg sends Python's datetime.max as 'infinity': neither stored times nor bounds may go that way."""
     last = "9999-12-31T23:59:59.999999Z"
-    await store.record_messages([message(1, timestamp=last), message(2, timestamp="9999-12-31T23:59:59.999998Z")])
-    assert await store.record_message(message(3, timestamp=last)) is True
-    assert await store.update_message(1, {"reactions": 3}) is True
-    async with store.pool.acquire() as conn:
+    await pg_store.record_messages([message(1, timestamp=last), message(2, timestamp="9999-12-31T23:59:59.999998Z")])
+    assert await pg_store.record_message(message(3, timestamp=last)) is True
+    assert await pg_store.update_message(1, {"reactions": 3}) is True
+    async with pg_store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT bool_and(isfinite(created_at)) FROM storage_messages") is True
-    assert await store.message_counts(GUILD, since=last) == 2
-    assert await store.message_counts(GUILD, until=last) == 1
-    assert await store.message_counts(GUILD, by="day", since=datetime.max) == {"9999-12-31": 2}
-    assert await store.last_activity(GUILD, message(1)["author_id"]) == last
-    assert await store.prune_messages(last) == 1
-    assert await store.message_counts(GUILD) == 2
+    assert await pg_store.message_counts(GUILD, since=last) == 2
+    assert await pg_store.message_counts(GUILD, until=last) == 1
+    assert await pg_store.message_counts(GUILD, by="day", since=datetime.max) == {"9999-12-31": 2}
+    assert await pg_store.last_activity(GUILD, message(1)["author_id"]) == last
+    assert await pg_store.prune_messages(last) == 1
+    assert await pg_store.message_counts(GUILD) == 2
 
 
-async def test_a_bad_counter_late_in_a_large_batch_writes_nothing(store: PostgresStore):
+async def test_a_bad_counter_late_in_a_large_batch_writes_nothing(pg_store: PostgresStore):
     batch = [message(i) for i in range(1, 6001)]
     batch[5500]["attachments"] = 2**63  # in the third COPY chunk: the first two were sent already
     with pytest.raises(storage.ValidationError) as info:
-        await store.record_messages(batch)
+        await pg_store.record_messages(batch)
     assert info.value.field == "attachments"
-    assert await store.message_counts(GUILD) == 0
-    assert await store.record_messages(batch[:5500]) == 5500
+    assert await pg_store.message_counts(GUILD) == 0
+    assert await pg_store.record_messages(batch[:5500]) == 5500
 
 
-async def test_resent_and_overlapping_large_batches_count_only_new_ids(store: PostgresStore):
+async def test_resent_and_overlapping_large_batches_count_only_new_ids(pg_store: PostgresStore):
     first = [message(i) for i in range(1001, 2501)]
-    assert await store.record_messages(first) == 1500
-    assert await store.record_messages(first) == 0  # resent: its first id is stored, straight to the merge
-    assert await store.record_messages([message(i, content_length=7) for i in range(1, 4001)]) == 2500  # middle
-    assert await store.record_messages([message(i, content_length=8) for i in range(3001, 5001)]) == 1000  # first
-    assert await store.message_counts(GUILD) == 5000
-    stored = {r["message_id"]: r["content_length"] async for r in store._scan_messages(GUILD)}
+    assert await pg_store.record_messages(first) == 1500
+    assert await pg_store.record_messages(first) == 0  # resent: its first id is stored, straight to the merge
+    assert await pg_store.record_messages([message(i, content_length=7) for i in range(1, 4001)]) == 2500  # middle
+    assert await pg_store.record_messages([message(i, content_length=8) for i in range(3001, 5001)]) == 1000  # first
+    assert await pg_store.message_counts(GUILD) == 5000
+    stored = {r["message_id"]: r["content_length"] async for r in pg_store._scan_messages(GUILD)}
     assert (stored["1000"], stored["1001"], stored["2501"], stored["4000"], stored["4001"]) == (7, 1001 % 400, 7, 7, 8)
 
 
@@ -168,11 +154,11 @@ async def indexes(store: PostgresStore) -> set[str]:
     return {row[0] for row in rows}
 
 
-async def test_a_version_1_database_is_upgraded_in_place(config: StoreConfig):
+async def test_a_version_1_database_is_upgraded_in_place(pg_config: StoreConfig):
     old = [message(i) for i in range(1, 301)] + [message(i, guild=OTHER, content="kept") for i in range(301, 331)]
     old[-1]["timestamp"] = "9999-12-31T23:59:59.999999Z"  # stored as 'infinity' by version 1, repaired by 2
-    await make_version_1(config.dsn, old)
-    stores = await asyncio.gather(*(PostgresStore.open(config) for _ in range(4)))  # racing to upgrade
+    await make_version_1(pg_config.dsn, old)
+    stores = await asyncio.gather(*(PostgresStore.open(pg_config) for _ in range(4)))  # racing to upgrade
     try:
         store = stores[0]
         async with store.pool.acquire() as conn:
@@ -187,7 +173,7 @@ async def test_a_version_1_database_is_upgraded_in_place(config: StoreConfig):
         assert await store.message_counts(GUILD) == 310
     finally:
         await asyncio.gather(*(s.close() for s in stores))
-    again = await PostgresStore.open(config)  # already current: opening changes nothing
+    again = await PostgresStore.open(pg_config)  # already current: opening changes nothing
     try:
         assert await again.message_counts(OTHER) == 30
         assert await again.last_activity(OTHER, old[-1]["author_id"]) == "9999-12-31T23:59:59.999999Z"
@@ -196,22 +182,22 @@ async def test_a_version_1_database_is_upgraded_in_place(config: StoreConfig):
         await again.close()
 
 
-async def test_a_fresh_database_gets_only_the_current_indexes(store: PostgresStore):
-    assert await indexes(store) == {"storage_messages_pkey", "storage_messages_guild_time_covering",
+async def test_a_fresh_database_gets_only_the_current_indexes(pg_store: PostgresStore):
+    assert await indexes(pg_store) == {"storage_messages_pkey", "storage_messages_guild_time_covering",
                                     "storage_messages_time_brin"}
-    async with store.pool.acquire() as conn:  # the store's own vacuums skip index work: autovacuum summarizes
+    async with pg_store.pool.acquire() as conn:  # the store's own vacuums skip index work: autovacuum summarizes
         assert await conn.fetchval("SELECT reloptions FROM pg_class WHERE oid = 'storage_messages_time_brin'::regclass"
                                    ) == ["autosummarize=on"]
 
 
 # -- the visibility map ------------------------------------------------------------------------------------------
-async def test_ingest_and_prune_keep_the_visibility_map_current(store: PostgresStore):
+async def test_ingest_and_prune_keep_the_visibility_map_current(pg_store: PostgresStore):
     per_batch = PostgresStore.VACUUM_AFTER_ROWS // 4
     for start in range(0, PostgresStore.VACUUM_AFTER_ROWS, per_batch):
-        await store.record_messages([message(i) for i in range(start + 1, start + per_batch + 1)])
-    visible, pages = await visibility(store)
+        await pg_store.record_messages([message(i) for i in range(start + 1, start + per_batch + 1)])
+    visible, pages = await visibility(pg_store)
     assert pages > 10 and visible == pages
-    async with store.pool.acquire() as conn:  # our VACUUM, not autovacuum's (before 15, statistics lag a little)
+    async with pg_store.pool.acquire() as conn:  # our VACUUM, not autovacuum's (before 15, statistics lag a little)
         for _ in range(50):
             if await conn.fetchval("SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
                                    "WHERE relid = 'storage_messages'::regclass"):
@@ -220,14 +206,14 @@ async def test_ingest_and_prune_keep_the_visibility_map_current(store: PostgresS
         else:
             pytest.fail("the store did not vacuum storage_messages")
     cut = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=37 * 6000)
-    assert await store.prune_messages(cut) == 5999
-    visible, pages = await visibility(store)
+    assert await pg_store.prune_messages(cut) == 5999
+    visible, pages = await visibility(pg_store)
     assert visible == pages
-    assert await store.message_counts(GUILD) == PostgresStore.VACUUM_AFTER_ROWS - 5999
+    assert await pg_store.message_counts(GUILD) == PostgresStore.VACUUM_AFTER_ROWS - 5999
 
 
-async def test_every_query_is_an_index_only_scan(config: StoreConfig):
-    store = await EagerVacuumStore.open(config)
+async def test_every_query_is_an_index_only_scan(pg_config: StoreConfig):
+    store = await EagerVacuumStore.open(pg_config)
     try:
         await store.record_messages([message(i, guild=[GUILD, OTHER][i % 2]) for i in range(1, 3001)])
         assert (await visibility(store))[0] > 0
@@ -268,15 +254,15 @@ def scan_nodes(plan: dict[str, Any]) -> Any:
         yield from scan_nodes(child)
 
 
-async def test_day_bins_agree_with_the_time_zone_form_in_any_session_zone(store: PostgresStore):
+async def test_day_bins_agree_with_the_time_zone_form_in_any_session_zone(pg_store: PostgresStore):
     times = ["1000-01-01T00:00:00Z", "1969-12-31T23:59:59.999999Z", "1970-01-01T00:00:00Z", "1999-12-31T00:00:00Z",
              "2000-01-01T00:00:00Z", "2024-02-29T23:59:59.999999Z", "2024-03-01T00:00:00Z", "9999-12-31T23:59:59Z"]
-    await store.record_messages([message(i, timestamp=ts) for i, ts in enumerate(times, start=1)])
+    await pg_store.record_messages([message(i, timestamp=ts) for i, ts in enumerate(times, start=1)])
     expected = {ts[:10]: 1 for ts in times}
-    assert await store.message_counts(GUILD, by="day") == expected
+    assert await pg_store.message_counts(GUILD, by="day") == expected
     args: list[Any] = []
     where = pm._where(GUILD, None, None, args)
-    async with store.pool.acquire() as conn:
+    async with pg_store.pool.acquire() as conn:
         await conn.execute("SET TIME ZONE 'Pacific/Kiritimati'")  # UTC+14: a session zone must not move days
         try:
             for template in (pm._BY_DAY_BIN, pm._BY_DAY_ZONE):
@@ -287,8 +273,8 @@ async def test_day_bins_agree_with_the_time_zone_form_in_any_session_zone(store:
 
 
 # -- exact answers from the index --------------------------------------------------------------------------------
-async def test_index_only_answers_follow_updates_prunes_and_duplicates(config: StoreConfig):
-    store = await EagerVacuumStore.open(config)
+async def test_index_only_answers_follow_updates_prunes_and_duplicates(pg_config: StoreConfig):
+    store = await EagerVacuumStore.open(pg_config)
     try:
         rnd = random.Random(77)
         ref = Reference()
@@ -310,8 +296,8 @@ async def test_index_only_answers_follow_updates_prunes_and_duplicates(config: S
         await store.close()
 
 
-async def test_concurrent_ingest_with_vacuums_counts_each_message_once(config: StoreConfig):
-    stores = [await EagerVacuumStore.open(config) for _ in range(3)]
+async def test_concurrent_ingest_with_vacuums_counts_each_message_once(pg_config: StoreConfig):
+    stores = [await EagerVacuumStore.open(pg_config) for _ in range(3)]
     try:
         rnd = random.Random(3)
         batches = []
@@ -331,13 +317,13 @@ async def test_concurrent_ingest_with_vacuums_counts_each_message_once(config: S
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_the_column_scan_matches_the_generic_one(store: PostgresStore):
+async def test_the_column_scan_matches_the_generic_one(pg_store: PostgresStore):
     ref = Reference()
-    await record_stream(store, ref, random.Random(8), random_stream(8, 300))
+    await record_stream(pg_store, ref, random.Random(8), random_stream(8, 300))
     for guild in GUILDS:
         for since, until in [(None, None), (datetime(2023, 12, 1, tzinfo=UTC), datetime(2024, 1, 15, tzinfo=UTC))]:
-            mine = await columns(store._scan_message_columns(guild, since, until))
-            generic = await columns(AnalyticsMixin._scan_message_columns(store, guild, since, until))
+            mine = await columns(pg_store._scan_message_columns(guild, since, until))
+            generic = await columns(AnalyticsMixin._scan_message_columns(pg_store, guild, since, until))
             assert mine == generic and len(mine) == len(ref.select(guild, since, until))
 
 

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import multiprocessing
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -35,20 +35,6 @@ NASTY = [
     "line\nbreak\ttab\rreturn",
     "\U0010ffff max code point",
 ]
-
-
-@pytest.fixture
-def config(pg_dsn: str) -> StoreConfig:
-    return StoreConfig(backend="postgres", dsn=pg_dsn, source="tests")
-
-
-@pytest.fixture
-async def store(config: StoreConfig) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore.open(config)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture(scope="module")
@@ -188,39 +174,39 @@ async def test_without_the_flag_a_pooler_breaks_prepared_statements(pg_dsn: str)
 
 
 # -- SQL is parameterized --------------------------------------------------------------------------------------------
-async def test_injection_strings_round_trip_exactly(store: PostgresStore):
+async def test_injection_strings_round_trip_exactly(pg_store: PostgresStore):
     docs = {key: {"key": key, "all": NASTY, key: {"nested": [key, key[::-1]]}} for key in NASTY}
-    await store.put_many("things", docs)
-    await store.put("things", "single " + NASTY[0], {"v": NASTY[1]})
+    await pg_store.put_many("things", docs)
+    await pg_store.put("things", "single " + NASTY[0], {"v": NASTY[1]})
     for key, doc in docs.items():
-        assert await store.get("things", key) == doc
-    assert await store.get_many("things", NASTY) == docs
-    assert [k async for k, _ in store.items("things")] == sorted([*NASTY, "single " + NASTY[0]])
+        assert await pg_store.get("things", key) == doc
+    assert await pg_store.get_many("things", NASTY) == docs
+    assert [k async for k, _ in pg_store.items("things")] == sorted([*NASTY, "single " + NASTY[0]])
     for key in NASTY:
-        assert [k async for k, _ in store.items("things", prefix=key[:6])] == sorted(
+        assert [k async for k, _ in pg_store.items("things", prefix=key[:6])] == sorted(
             k for k in [*NASTY, "single " + NASTY[0]] if k.startswith(key[:6]))
-        assert await store.update("things", key, lambda d: {**d, "n": 1}) == {**docs[key], "n": 1}
-    async with store.transaction() as tx:
+        assert await pg_store.update("things", key, lambda d: {**d, "n": 1}) == {**docs[key], "n": 1}
+    async with pg_store.transaction() as tx:
         assert await tx.get("things", NASTY[0]) == {**docs[NASTY[0]], "n": 1}
         assert await tx.delete("things", NASTY[1]) is True
-    await store.record_messages([
+    await pg_store.record_messages([
         {**message(i), "analysis": {"sentiment": text, "topics": [text, NASTY[0]]}, "note": text}
         for i, text in enumerate(NASTY, start=1)])
-    stored = {r["message_id"]: r async for r in store._scan_messages()}
+    stored = {r["message_id"]: r async for r in pg_store._scan_messages()}
     for i, text in enumerate(NASTY, start=1):
         assert stored[str(i)]["analysis"] == {"sentiment": text, "topics": [text, NASTY[0]]}
         assert stored[str(i)]["note"] == text
-    assert (await store.top_topics(GUILD, limit=1)) == [(NASTY[0], len(NASTY))]
-    assert await store.count("things") == len(NASTY)  # the tables are all still there
-    assert await store.message_counts(GUILD) == len(NASTY)
+    assert (await pg_store.top_topics(GUILD, limit=1)) == [(NASTY[0], len(NASTY))]
+    assert await pg_store.count("things") == len(NASTY)  # the tables are all still there
+    assert await pg_store.message_counts(GUILD) == len(NASTY)
 
 
-async def test_nul_never_reaches_the_server(store: PostgresStore):
+async def test_nul_never_reaches_the_server(pg_store: PostgresStore):
     with pytest.raises(ValidationError):
-        await store.put("things", "k", {"v": "a\x00b"})
+        await pg_store.put("things", "k", {"v": "a\x00b"})
     with pytest.raises(ValidationError):
-        await store.record_messages([{**message(1), "analysis": {"topics": ["a\x00"]}}])
-    assert await store.count("things") == 0 and await store.message_counts(GUILD) == 0
+        await pg_store.record_messages([{**message(1), "analysis": {"topics": ["a\x00"]}}])
+    assert await pg_store.count("things") == 0 and await pg_store.message_counts(GUILD) == 0
 
 
 # -- errors at open: clear, and never the password -------------------------------------------------------------------
@@ -271,8 +257,8 @@ async def test_malformed_dsn_is_a_validation_error(pg_server: TestServer):
 
 
 # -- schema ----------------------------------------------------------------------------------------------------------
-async def test_concurrent_first_opens_create_the_schema_once(config: StoreConfig):
-    stores = await asyncio.gather(*(storage.open_store(config=config) for _ in range(6)))
+async def test_concurrent_first_opens_create_the_schema_once(pg_config: StoreConfig):
+    stores = await asyncio.gather(*(storage.open_store(config=pg_config) for _ in range(6)))
     try:
         await asyncio.gather(*(s.put("things", f"k{i}", {"i": i}) for i, s in enumerate(stores)))
         assert await stores[0].count("things") == 6
@@ -298,56 +284,57 @@ async def test_a_database_that_is_not_utf8_is_refused(pg_server: TestServer):
 
 # -- locking: update() and transactions across processes -------------------------------------------------------------
 @pytest.mark.parametrize("how", ["update", "transaction"])
-def test_four_processes_increment_one_key_exactly(config: StoreConfig, how: str):
+def test_four_processes_increment_one_key_exactly(pg_config: StoreConfig, how: str):
     per_process = 40
-    fields = dataclasses.asdict(config)
+    fields = dataclasses.asdict(pg_config)
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         done = pool.starmap(_pg_child.increment, [(fields, "hot", per_process, how)] * 4)
     assert done == [per_process] * 4
 
     async def read() -> Any:
-        async with storage.open_store(config=config) as s:
+        async with storage.open_store(config=pg_config) as s:
             return await s.get("counters", "hot")
 
     assert run_sync(read()) == {"n": 4 * per_process}
 
 
 @pytest.mark.parametrize("exists", [True, False], ids=["existing", "absent"])
-async def test_a_transaction_read_blocks_other_writers_until_commit(config: StoreConfig, store: PostgresStore,
-                                                                    exists: bool):
+async def test_a_transaction_read_blocks_other_writers_until_commit(pg_config: StoreConfig, pg_store: PostgresStore,
+                                                                   exists: bool):
     if exists:
-        await store.put("counters", "k", {"n": 0})
-    other = await storage.open_store(config=config)
+        await pg_store.put("counters", "k", {"n": 0})
+    other = await storage.open_store(config=pg_config)
     try:
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             doc = await tx.get("counters", "k", {"n": 0})
             writer = asyncio.create_task(other.update("counters", "k", lambda d: {"n": d.get("n", 0) + 1}))
             await asyncio.sleep(0.3)
             assert not writer.done()  # waiting for our lock: it cannot have read the document yet
             await tx.put("counters", "k", {"n": doc["n"] + 10})
         assert await writer == {"n": 11}  # it ran after our commit, on our result
-        assert await store.get("counters", "k") == {"n": 11}
+        assert await pg_store.get("counters", "k") == {"n": 11}
     finally:
         await other.close()
 
 
-async def test_a_snapshot_transaction_reads_one_moment_and_blocks_nobody(config: StoreConfig, store: PostgresStore):
-    await store.put_many("things", {"a": {"n": 1}, "b": {"n": 2}})
-    other = await storage.open_store(config=config)
+async def test_a_snapshot_transaction_reads_one_moment_and_blocks_nobody(pg_config: StoreConfig,
+                                                                        pg_store: PostgresStore):
+    await pg_store.put_many("things", {"a": {"n": 1}, "b": {"n": 2}})
+    other = await storage.open_store(config=pg_config)
     try:
-        async with store.transaction(isolation="repeatable_read") as tx:
+        async with pg_store.transaction(isolation="repeatable_read") as tx:
             assert await tx.count("things") == 2
             await other.put("things", "c", {"n": 3})  # not blocked, and not seen
             await other.update("things", "a", lambda d: {"n": 100})
             assert await tx.get("things", "a") == {"n": 1}
             assert [k async for k, _ in tx.items("things")] == ["a", "b"]
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             assert isinstance(tx, PgTransaction)
             await tx.pin_snapshot()
             assert await tx.collections() == ["things"]
             await other.put("more", "x", {})
             assert await tx.collections() == ["things"]
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             await tx.get("things", "a")
             with pytest.raises(TransactionError):
                 await tx.pin_snapshot()  # too late: a statement already ran
@@ -355,47 +342,47 @@ async def test_a_snapshot_transaction_reads_one_moment_and_blocks_nobody(config:
         await other.close()
 
 
-async def test_transaction_connection_is_the_transaction(store: PostgresStore):
+async def test_transaction_connection_is_the_transaction(pg_store: PostgresStore):
     with pytest.raises(RuntimeError):
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             assert isinstance(tx, PgTransaction)
             await tx.connection.execute("CREATE TABLE escape_hatch_probe (x int)")
             await tx.put("things", "a", {})
             raise RuntimeError("roll back both")
-    async with store.pool.acquire() as conn:
+    async with pg_store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT to_regclass('escape_hatch_probe')") is None
-    assert await store.get("things", "a") is None
+    assert await pg_store.get("things", "a") is None
 
 
-async def test_a_failed_statement_aborts_the_transaction_clearly(store: PostgresStore):
+async def test_a_failed_statement_aborts_the_transaction_clearly(pg_store: PostgresStore):
     with pytest.raises(TransactionError, match="rolled back"):
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             await tx.put("things", "a", {})
             with pytest.raises(asyncpg.DivisionByZeroError):
                 await tx.connection.execute("SELECT 1 / 0")
             with pytest.raises(TransactionError, match="aborted"):
                 await tx.put("things", "b", {})
-    assert await store.get("things", "a") is None
+    assert await pg_store.get("things", "a") is None
 
 
 async def test_leaving_normally_after_a_swallowed_escape_hatch_error_does_not_pretend_to_commit(
-        store: PostgresStore):
+        pg_store: PostgresStore):
     with pytest.raises(TransactionError, match="rolled back"):
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             await tx.put("things", "a", {})
             with pytest.raises(asyncpg.DivisionByZeroError):
                 await tx.connection.execute("SELECT 1 / 0")
-    assert await store.get("things", "a") is None
+    assert await pg_store.get("things", "a") is None
 
 
-async def test_concurrent_overlapping_put_many_never_deadlock(config: StoreConfig):
+async def test_concurrent_overlapping_put_many_never_deadlock(pg_config: StoreConfig):
     rnd = random.Random(7)
     batches = []
     for n in range(4):
         keys = [f"k{i:04d}" for i in range(n * 250, n * 250 + 500)]
         rnd.shuffle(keys)
         batches.append({k: {"writer": n} for k in keys})
-    stores = [await storage.open_store(config=config) for _ in batches]
+    stores = [await storage.open_store(config=pg_config) for _ in batches]
     try:
         for _ in range(3):
             await asyncio.gather(*(s.put_many("things", b) for s, b in zip(stores, batches)))
@@ -410,20 +397,20 @@ async def test_concurrent_overlapping_put_many_never_deadlock(config: StoreConfi
     ("SELEC 1", DatabaseError),  # a bug, not bad data and not the network
     ("SELECT pg_terminate_backend(pg_backend_pid())", storage.ConnectionError),  # the server drops us
 ])
-async def test_server_errors_leave_the_store_translated_by_kind(store: PostgresStore, statement: str,
-                                                                 expected: type[Exception]):
+async def test_server_errors_leave_the_store_translated_by_kind(pg_store: PostgresStore, statement: str,
+                                                                expected: type[Exception]):
     with pytest.raises(DatabaseError) as info:
-        async with store.transaction() as tx:
+        async with pg_store.transaction() as tx:
             await tx.connection.execute(statement)
     assert type(info.value) is expected
     assert isinstance(info.value.__cause__, (asyncpg.PostgresError, asyncpg.InterfaceError))
-    await store.put("things", "after", {"ok": True})  # the store is fine afterwards
-    assert await store.get("things", "after") == {"ok": True}
+    await pg_store.put("things", "after", {"ok": True})  # the store is fine afterwards
+    assert await pg_store.get("things", "after") == {"ok": True}
 
 
 # -- the cache -------------------------------------------------------------------------------------------------------
-async def test_cache_is_invalidated_by_this_stores_writes_and_commits(config: StoreConfig):
-    async with storage.open_store(config=dataclasses.replace(config, cache_ttl=300)) as store:
+async def test_cache_is_invalidated_by_this_stores_writes_and_commits(pg_config: StoreConfig):
+    async with storage.open_store(config=dataclasses.replace(pg_config, cache_ttl=300)) as store:
         await store.put("things", "a", {"v": 1})
         assert await store.get("things", "a") == {"v": 1}  # now cached
         assert len(store._cache) == 1
@@ -439,10 +426,10 @@ async def test_cache_is_invalidated_by_this_stores_writes_and_commits(config: St
         assert await store.get("things", "a") is None
 
 
-async def test_cache_is_off_by_default_and_a_ttl_trades_freshness_for_speed(config: StoreConfig):
-    assert config.cache_ttl == 0
-    cached = dataclasses.replace(config, cache_ttl=300)
-    async with storage.open_store(config=cached) as reader, storage.open_store(config=config) as writer:
+async def test_cache_is_off_by_default_and_a_ttl_trades_freshness_for_speed(pg_config: StoreConfig):
+    assert pg_config.cache_ttl == 0
+    cached = dataclasses.replace(pg_config, cache_ttl=300)
+    async with storage.open_store(config=cached) as reader, storage.open_store(config=pg_config) as writer:
         await writer.put("things", "a", {"v": 1})
         assert await reader.get("things", "a") == {"v": 1}
         await writer.put("things", "a", {"v": 2})
@@ -451,8 +438,8 @@ async def test_cache_is_off_by_default_and_a_ttl_trades_freshness_for_speed(conf
         assert await reader.update("things", "a", lambda d: {"v": d["v"] + 1}) == {"v": 3}  # never stale
 
 
-async def test_with_cache_ttl_zero_another_process_write_is_seen_at_once(config: StoreConfig):
-    exact = dataclasses.replace(config, cache_ttl=0)
+async def test_with_cache_ttl_zero_another_process_write_is_seen_at_once(pg_config: StoreConfig):
+    exact = dataclasses.replace(pg_config, cache_ttl=0)
     async with storage.open_store(config=exact) as reader, storage.open_store(config=exact) as writer:
         await writer.put("things", "a", {"v": 1})
         assert await reader.get("things", "a") == {"v": 1}
@@ -461,16 +448,16 @@ async def test_with_cache_ttl_zero_another_process_write_is_seen_at_once(config:
 
 
 # -- faults in use ---------------------------------------------------------------------------------------------------
-async def test_a_pool_closed_under_the_store_raises_connection_error(store: PostgresStore):
-    await store.pool.close()
+async def test_a_pool_closed_under_the_store_raises_connection_error(pg_store: PostgresStore):
+    await pg_store.pool.close()
     with pytest.raises(storage.ConnectionError) as info:
-        await store.get("things", "a")
+        await pg_store.get("things", "a")
     assert isinstance(info.value.__cause__, asyncpg.InterfaceError)
 
 
-async def test_killed_connections_are_replaced_by_the_pool(store: PostgresStore):
-    await store.put("things", "a", {"v": 1})
-    killer = await asyncpg.connect(store.config.dsn)  # same application_name as the store's connections
+async def test_killed_connections_are_replaced_by_the_pool(pg_store: PostgresStore):
+    await pg_store.put("things", "a", {"v": 1})
+    killer = await asyncpg.connect(pg_store.config.dsn)  # same application_name as the store's connections
     try:
         killed = await killer.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -478,9 +465,9 @@ async def test_killed_connections_are_replaced_by_the_pool(store: PostgresStore)
     finally:
         await killer.close()
     assert killed >= 1
-    got = await storage.safe_database_operation(store.get_many, "things", ["a"], retry_delay=0.05)
+    got = await storage.safe_database_operation(pg_store.get_many, "things", ["a"], retry_delay=0.05)
     assert got == {"a": {"v": 1}}
-    assert await store.get("things", "a") == {"v": 1}
+    assert await pg_store.get("things", "a") == {"v": 1}
 
 
 # -- messages --------------------------------------------------------------------------------------------------------
@@ -492,21 +479,21 @@ def message(i: int, **fields: Any) -> dict[str, Any]:
             "timestamp": f"2024-01-01T00:00:{i % 60:02d}Z", "content_length": i, **fields}
 
 
-async def test_message_ids_use_the_whole_unsigned_64_bit_range(store: PostgresStore):
+async def test_message_ids_use_the_whole_unsigned_64_bit_range(pg_store: PostgresStore):
     ids = [1, 9, 10, 2**63 - 1, 2**63, 2**64 - 1]
     records = [{**message(1), "message_id": i, "author_id": i, "channel_id": i} for i in ids]
-    assert await store.record_messages(records) == len(ids)
-    scanned = [r async for r in store._scan_messages(GUILD)]
+    assert await pg_store.record_messages(records) == len(ids)
+    scanned = [r async for r in pg_store._scan_messages(GUILD)]
     assert [r["message_id"] for r in scanned] == [str(i) for i in ids]  # numeric order within a timestamp
     assert {r["author_id"] for r in scanned} == {str(i) for i in ids}
-    assert await store.top_authors(GUILD, limit=3) == sorted((str(i), 1) for i in ids)[:3]  # ties: as text
-    async with store.pool.acquire() as conn:
+    assert await pg_store.top_authors(GUILD, limit=3) == sorted((str(i), 1) for i in ids)[:3]  # ties: as text
+    async with pg_store.pool.acquire() as conn:
         shown = await conn.fetch("SELECT message_id FROM storage_message_records ORDER BY message_id")
     assert [int(row[0]) for row in shown] == ids
-    assert await store.update_message(2**64 - 1, {"reactions": 7}) is True
+    assert await pg_store.update_message(2**64 - 1, {"reactions": 7}) is True
 
 
-async def test_records_round_trip_with_extra_fields_and_odd_analysis(store: PostgresStore):
+async def test_records_round_trip_with_extra_fields_and_odd_analysis(pg_store: PostgresStore):
     records = [
         message(1),
         message(2, analysis={"sentiment": None, "topics": ["a"]}),
@@ -514,31 +501,31 @@ async def test_records_round_trip_with_extra_fields_and_odd_analysis(store: Post
         message(4, analysis={"sentiment": "positive"}, edited=True, attachments_meta=[{"size": 3}]),
         message(5, timestamp="2024-02-29T23:59:59.000001+00:00", reactions=2**63 - 1),
     ]
-    assert await store.record_messages(records) == 5
+    assert await pg_store.record_messages(records) == 5
     from storage.analytics import normalize_messages
 
     expected = {r["message_id"]: r for r in normalize_messages(records)}
-    assert {r["message_id"]: r async for r in store._scan_messages()} == expected
+    assert {r["message_id"]: r async for r in pg_store._scan_messages()} == expected
 
 
-async def test_duplicates_against_stored_ids_are_skipped_in_one_batch(store: PostgresStore):
-    assert await store.record_messages([message(i) for i in range(1, 101)]) == 100
-    assert await store.record_messages([message(i, content_length=999) for i in range(50, 201)]) == 100
-    assert await store.message_counts(GUILD) == 200
-    first = [r async for r in store._scan_messages(GUILD) if r["message_id"] == "50"]
+async def test_duplicates_against_stored_ids_are_skipped_in_one_batch(pg_store: PostgresStore):
+    assert await pg_store.record_messages([message(i) for i in range(1, 101)]) == 100
+    assert await pg_store.record_messages([message(i, content_length=999) for i in range(50, 201)]) == 100
+    assert await pg_store.message_counts(GUILD) == 200
+    first = [r async for r in pg_store._scan_messages(GUILD) if r["message_id"] == "50"]
     assert first[0]["content_length"] == 50  # the stored record won
-    assert await store.record_message(message(7)) is False
-    assert await store.record_message(message(1000)) is True
+    assert await pg_store.record_message(message(7)) is False
+    assert await pg_store.record_message(message(1000)) is True
 
 
-async def test_concurrent_overlapping_batches_count_each_message_once(config: StoreConfig):
+async def test_concurrent_overlapping_batches_count_each_message_once(pg_config: StoreConfig):
     rnd = random.Random(5)
     batches = []
     for n in range(4):  # 1..600, 301..900, 601..1200, 901..1500, each shuffled
         ids = list(range(1 + n * 300, 601 + n * 300))
         rnd.shuffle(ids)
         batches.append([message(i) for i in ids])
-    stores = [await storage.open_store(config=config) for _ in batches]
+    stores = [await storage.open_store(config=pg_config) for _ in batches]
     try:
         counts = await asyncio.gather(*(s.record_messages(b) for s, b in zip(stores, batches)))
         assert sum(counts) == 1500
@@ -547,20 +534,20 @@ async def test_concurrent_overlapping_batches_count_each_message_once(config: St
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_a_counter_too_large_for_bigint_is_refused_and_nothing_written(store: PostgresStore):
+async def test_a_counter_too_large_for_bigint_is_refused_and_nothing_written(pg_store: PostgresStore):
     with pytest.raises(ValidationError) as info:
-        await store.record_messages([message(1), message(2, reactions=2**63)])
+        await pg_store.record_messages([message(1), message(2, reactions=2**63)])
     assert info.value.field == "reactions"
-    assert await store.message_counts(GUILD) == 0
+    assert await pg_store.message_counts(GUILD) == 0
 
 
-async def test_scan_streams_with_a_cursor(store: PostgresStore):
-    await store.record_messages([message(i) for i in range(1, 5001)])
+async def test_scan_streams_with_a_cursor(pg_store: PostgresStore):
+    await pg_store.record_messages([message(i) for i in range(1, 5001)])
     seen = 0
-    async for _record in store._scan_messages(GUILD):
+    async for _record in pg_store._scan_messages(GUILD):
         seen += 1
         if seen == 1:  # the scan's connection sits in its transaction, between two fetches of its cursor
-            async with store.pool.acquire() as conn:
+            async with pg_store.pool.acquire() as conn:
                 scanning = await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = current_setting("
                     "'application_name') AND state = 'idle in transaction' AND query LIKE '%FROM storage_messages%'")
