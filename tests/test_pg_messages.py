@@ -120,6 +120,47 @@ async def test_a_bad_counter_late_in_a_large_batch_writes_nothing(pg_store: Post
     assert await pg_store.record_messages(batch[:5500]) == 5500
 
 
+async def test_large_batches_crossing_in_opposite_orders_count_each_message_once(pg_config: StoreConfig):
+    """Big batches stream chunk by chunk, each chunk in id order but the chunks in the caller's order: two batches
+    sharing ids in opposite orders meet each other's uncommitted or committed ids (or deadlock, see below)."""
+    up = [message(i) for i in range(1, 4001)]
+    down = [message(i) for i in range(6000, 2000, -1)]
+    stores = [await storage.open_store(config=pg_config) for _ in range(2)]
+    try:
+        counts = await asyncio.gather(stores[0].record_messages(up), stores[1].record_messages(down))
+        assert sum(counts) == 6000
+        assert await stores[0].message_counts(GUILD) == 6000
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_copy_that_deadlocks_goes_through_the_merge(pg_store: PostgresStore, pg_dsn: str):
+    """A real deadlock: another transaction holds id 3500 uncommitted, the batch's COPY waits for it holding ids
+    1-3499, then the other transaction asks for id 10. PostgreSQL fails the COPY (whose wait began first, so its
+    deadlock check runs first); the batch must then be merged, counting only the ids that are new."""
+    first, stuck = normalize_messages([message(3500), message(10)])
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(pm._INSERT_ONE, *pm.to_row(first))
+        ingest = asyncio.ensure_future(pg_store.record_messages([message(i) for i in range(1, 4001)]))
+        for _ in range(250):  # until the COPY waits for the other transaction's lock on id 3500
+            await other.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
+            waiting = await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND query LIKE 'COPY%'")
+            if waiting or ingest.done():
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1, "the COPY never waited for the other transaction"
+        await other.execute(pm._INSERT_ONE, *pm.to_row(stuck))  # the cycle; the COPY is the one cancelled
+        await tx.commit()
+        assert await ingest == 3998
+    finally:
+        await other.close()
+    assert await pg_store.message_counts(GUILD) == 4000
+
+
 async def test_resent_and_overlapping_large_batches_count_only_new_ids(pg_store: PostgresStore):
     first = [message(i) for i in range(1001, 2501)]
     assert await pg_store.record_messages(first) == 1500

@@ -6,8 +6,9 @@ seed's, or an ``analysis`` with other keys than a ``sentiment`` string and a ``t
 record costs no JSON parsing on the server and every record still reads back exactly as it was written.
 
 Ingest is a binary ``COPY`` straight into the table, its rows encoded here (pg_copy.py: a third of the client
-time asyncpg's generic encoding took) and sent in chunks by an asynchronous generator, so that encoding the next
-chunk overlaps with the server inserting the previous one. A ``COPY`` cannot skip existing ids, so when one is
+time asyncpg's generic encoding took) and sent in chunks by an asynchronous generator, so that checking and
+encoding the next chunk (the client's work, which bounds ingest) overlaps with the server inserting the previous
+one; the ``COPY`` runs in a transaction, rolled back if a later chunk holds a bad record (see :class:`_Ingest`). A ``COPY`` cannot skip existing ids, so when one is
 already stored (the unique index refuses the whole ``COPY``, which then wrote nothing) the batch goes again through
 a temporary table and ``INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING``; a large batch whose first or
 last id is stored (a resent one) goes there directly. New messages, the usual case, pay for one pass.
@@ -42,13 +43,22 @@ import logging
 import struct
 import sys
 from array import array
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 
-from ..analytics import BY_CHOICES, COLUMN_BLOCK, UNKNOWN_SENTIMENT, MessageColumns, _bound, _limit, micros
+from ..analytics import (
+    BY_CHOICES,
+    COLUMN_BLOCK,
+    INGEST_CHUNK,
+    UNKNOWN_SENTIMENT,
+    MessageColumns,
+    check_limit,
+    micros,
+    time_bound,
+)
 from ..codec import encode_doc
 from ..errors import ValidationError
 from ..models import iso_utc, snowflake
@@ -69,7 +79,6 @@ _TYPED = frozenset(("message_id", "guild_id", "channel_id", "author_id", "timest
 _TYPED_COUNT = len(_TYPED)
 _BIGINT_MAX = 2**63 - 1
 _UTC = timezone.utc
-_ROWS_PER_YIELD = 2000  # COPY data chunk: other tasks run between two, the server inserts one while we encode
 _PG_EPOCH = datetime(2000, 1, 1)  # timestamptz counts microseconds from here (UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM storage_messages"
@@ -197,22 +206,24 @@ def _id_order(rec: Record) -> tuple[int, str]:
     return len(mid), mid  # canonical ids have no leading zeros: this is numeric order
 
 
-async def _copy_data(records: list[Record]) -> AsyncIterator[bytes]:
-    """The records as binary ``COPY`` data (see pg_copy.py), in chunks: the server inserts one chunk while the
-    next is encoded, and other tasks run in between.
+class _Encoder:
+    """Normalized records as binary ``COPY`` rows (see pg_copy.py); caches live as long as one ``record_messages``.
 
-    The hot loop of ingest: guild and channel ids convert once per batch, and the usual record (no ``extra``) has
+    The hot loop of ingest: guild and channel ids convert once per call, and the usual record (no ``extra``) has
     its sentiment, topics and ``extra`` fields looked up, encoded once per distinct combination.
     """
-    pack = FIXED.pack
-    shift = ID_SHIFT
-    epoch, micro, parse = _PG_EPOCH, _MICROSECOND, datetime.fromisoformat
-    ids: dict[str, int] = {}
-    tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
-    yield COPY_HEADER
-    for start in range(0, len(records), _ROWS_PER_YIELD):
-        chunk: list[bytes] = []
-        for rec in records[start:start + _ROWS_PER_YIELD]:
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
+
+    def rows(self, records: list[Record]) -> bytes:
+        pack = FIXED.pack
+        shift = ID_SHIFT
+        epoch, micro, parse = _PG_EPOCH, _MICROSECOND, datetime.fromisoformat
+        ids, tails = self._ids, self._tails
+        out: list[bytes] = []
+        for rec in records:
             analysis = rec["analysis"]
             sentiment = analysis.get("sentiment")
             topics = analysis.get("topics")
@@ -236,10 +247,71 @@ async def _copy_data(records: list[Record]) -> AsyncIterator[bytes]:
             except struct.error as exc:  # a counter beyond bigint: _typed names it
                 _typed(rec)
                 raise ValidationError(f"message {rec['message_id']}: {exc}") from exc
-            chunk.append(head)
-            chunk.append(tail)
-        yield b"".join(chunk)
-        await asyncio.sleep(0)  # asyncpg asks for the next chunk without yielding to the event loop
+            out.append(head)
+            out.append(tail)
+        return b"".join(out)
+
+
+class _Ingest:
+    """One ``record_messages`` call as ``COPY`` data: validated, encoded and sent a chunk at a time.
+
+    The next chunk is checked and encoded while the server inserts the previous one (asyncpg sends a chunk as
+    soon as it is yielded). A bad record found after some chunks went out must not leave them behind, so the
+    ``COPY`` runs inside a transaction and a bad record *ends the data* (it is kept in :attr:`error`) instead of
+    raising inside the generator: the caller raises it before the commit, and the transaction rolls back. (An
+    exception inside the generator would make asyncpg abort the ``COPY`` and open a second connection to cancel
+    it.) What was encoded is kept: when the ``COPY`` fails on an id that is stored already, the batch goes again
+    through the staging table without being checked and encoded twice.
+    """
+
+    def __init__(self, chunks: Iterator[list[Record]]) -> None:
+        self._chunks = chunks
+        self._encoder = _Encoder()
+        self.encoded: list[bytes] = []
+        self.rows = 0
+        self.error: ValidationError | None = None
+        self.first: list[Record] | None = next(chunks, None)  # checked now: a bad first chunk raises here
+        self._next = self.first
+
+    def step(self) -> bytes | None:
+        """The next chunk's rows, or None at the end (or at a bad record: see :attr:`error`)."""
+        chunk = self._next
+        if chunk is None:
+            return None
+        try:
+            data = self._encoder.rows(sorted(chunk, key=_id_order))
+            self._next = next(self._chunks, None)
+        except ValidationError as exc:
+            self.error, self._next = exc, None
+            return None
+        self.encoded.append(data)
+        self.rows += len(chunk)
+        return data
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        yield COPY_HEADER
+        while (data := self.step()) is not None:
+            yield data
+            await asyncio.sleep(0)  # asyncpg asks for the next chunk without yielding to the event loop
+        yield COPY_TRAILER
+
+    def check(self) -> None:
+        """Raise the bad record's error, if one ended the data."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> list[bytes]:
+        """Every chunk's rows (checking and encoding what the ``COPY`` did not get to)."""
+        while self.step() is not None:
+            pass
+        self.check()
+        return self.encoded
+
+
+async def _replay(encoded: list[bytes]) -> AsyncIterator[bytes]:
+    yield COPY_HEADER
+    for data in encoded:
+        yield data
     yield COPY_TRAILER
 
 
@@ -328,35 +400,63 @@ class PgMessagesMixin:
     async def _insert_messages(self, records: list[Record]) -> int:
         if not records:
             return 0
-        async with self._connection("record_messages") as conn:
-            if len(records) == 1:
+        if len(records) == 1:
+            async with self._connection("record_messages") as conn:
                 status: str = await conn.execute(_INSERT_ONE, *to_row(records[0]))
                 new = int(status.rsplit(" ", 1)[1])
-            else:
-                new = await self._copy_messages(conn, records)
-            await self._count_for_vacuum(conn, new)
-        return new
-
-    async def _copy_messages(self, conn: Any, records: list[Record]) -> int:
+                await self._count_for_vacuum(conn, new)
+            return new
         # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
         # (inserting into the unique index waits for the other uncommitted insert of the same id).
         records = sorted(records, key=_id_order)
-        # A resent batch (a retry, a replayed backup) would fail its COPY only after all of it was encoded and sent:
-        # when its first or last id is stored already, go straight to the merge.
-        resent = len(records) >= _PROBE_FROM and await conn.fetchval(
-            _ANY_STORED, int(records[0]["message_id"]) - ID_SHIFT, int(records[-1]["message_id"]) - ID_SHIFT)
-        if not resent:
-            try:
-                await conn.copy_to_table("storage_messages", source=_copy_data(records), columns=COLUMNS,
-                                         format="binary")
-                return len(records)
-            except asyncpg.UniqueViolationError:
-                pass  # some ids are stored already: the COPY wrote nothing, merge through a staging table
-        async with conn.transaction():
-            await conn.execute(_STAGE_CREATE)
-            await conn.copy_to_table(_STAGE, source=_copy_data(records), columns=COLUMNS, format="binary")
-            status: str = await conn.execute(_STAGE_MERGE)
-        return int(status.rsplit(" ", 1)[1])
+        return await self._copy_messages(_Ingest(records[i:i + INGEST_CHUNK]
+                                                 for i in range(0, len(records), INGEST_CHUNK)))
+
+    async def _record_chunks(self, chunks: Iterator[list[Record]], size_hint: int) -> int:
+        ingest = _Ingest(chunks)
+        first = ingest.first
+        if first is None:
+            return 0
+        if len(first) < INGEST_CHUNK:  # all of it (chunks are full but the last): nothing to overlap
+            return await self._insert_messages(first)
+        return await self._copy_messages(ingest)
+
+    async def _copy_messages(self, ingest: _Ingest) -> int:
+        """Write an ingest: one ``COPY`` (the usual case), or the staging-table merge when ids are stored already.
+
+        Chunks are sorted by id one at a time (see _insert_messages for why order matters), so two big batches
+        that share ids could still wait on each other in a cycle: PostgreSQL then fails one of them with a
+        deadlock error after ``deadlock_timeout`` (1 s) and that one goes through the merge, which takes its ids
+        in order.
+        """
+        first = ingest.first
+        assert first is not None
+        async with self._connection("record_messages") as conn:
+            # A resent batch (a retry, a replayed backup) would fail its COPY only after all of it was sent: when
+            # the first or last id of the first chunk is stored already, go straight to the merge.
+            resent = len(first) >= _PROBE_FROM and await conn.fetchval(
+                _ANY_STORED, *(int(rec["message_id"]) - ID_SHIFT for rec in (min(first, key=_id_order),
+                                                                              max(first, key=_id_order))))
+            new: int | None = None
+            if not resent:
+                try:
+                    async with conn.transaction():
+                        await conn.copy_to_table("storage_messages", source=ingest.stream(), columns=COLUMNS,
+                                                 format="binary")
+                        ingest.check()  # a bad record ended the data early: roll back what was sent
+                    new = ingest.rows
+                except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError) as exc:
+                    # nothing was written: merge through a staging table
+                    log.debug("record_messages: COPY refused (%s), merging instead", type(exc).__name__)
+            if new is None:
+                replay = _replay(ingest.finish())  # may raise ValidationError: nothing is written then
+                async with conn.transaction():
+                    await conn.execute(_STAGE_CREATE)
+                    await conn.copy_to_table(_STAGE, source=replay, columns=COLUMNS, format="binary")
+                    status: str = await conn.execute(_STAGE_MERGE)
+                new = int(status.rsplit(" ", 1)[1])
+            await self._count_for_vacuum(conn, new)
+        return new
 
     async def _count_for_vacuum(self, conn: Any, new: int) -> None:
         """After :attr:`VACUUM_AFTER_ROWS` new rows, vacuum (see the module doc); the rows are committed already."""
@@ -439,7 +539,7 @@ class PgMessagesMixin:
         self._guard_read()
         guild = snowflake(guild_id, "guild_id")
         args: list[Any] = []
-        where = _where(guild, _bound(since, "since"), _bound(until, "until"), args)
+        where = _where(guild, time_bound(since, "since"), time_bound(until, "until"), args)
         placeholders = [f"${len(args) + i + 1}" for i in range(len(params))]
         async with self._connection(what) as conn:
             text = template if isinstance(template, str) else template(conn)
@@ -473,14 +573,14 @@ class PgMessagesMixin:
 
     async def _top_column(self, column: str, guild_id: Any, limit: int, since: TimeBound,
                           until: TimeBound) -> list[tuple[str, int]]:
-        limit = _limit(limit)
+        limit = check_limit(limit)
         rows = await self._aggregate(f"top {column}s", _TOP_COLUMN.format(column=column), guild_id, since, until,
                                      limit)
         return [(str(row[0] + ID_SHIFT), row[1]) for row in rows]
 
     async def top_topics(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
                          until: TimeBound = None) -> list[tuple[str, int]]:
-        limit = _limit(limit)
+        limit = check_limit(limit)
         rows = await self._aggregate("top_topics", _TOP_TOPICS, guild_id, since, until, limit)
         return [(row[0], row[1]) for row in rows]
 
