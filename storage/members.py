@@ -14,7 +14,7 @@ from typing import Any
 
 from .codec import encode_doc
 from .errors import ValidationError
-from .models import member_key, validate_member
+from .models import check_member, member_key, snowflake
 from .protocol import Document, DocumentOps
 
 __all__ = ["MEMBERS", "MembersMixin"]
@@ -33,8 +33,8 @@ class MembersMixin:
 
     async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str, data: Document) -> bool:
         """Replace the member's record; True once it is durable. Invalid data raises and writes nothing."""
-        key = member_key(user_id, guild_id)
-        await self.put(MEMBERS, key, validate_member(data, user_id=user_id, guild_id=guild_id))
+        user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
+        await self.put(MEMBERS, f"{guild}_{user}", check_member(data, user, guild))
         return True
 
     async def batch_update_members(self: Any, updates: Iterable[Mapping[str, Any]]) -> int:
@@ -46,14 +46,16 @@ class MembersMixin:
         items: list[tuple[str, bytes]] = []
         for index, update in enumerate(updates):
             try:
-                if not isinstance(update, Mapping):
+                if type(update) is not dict and not isinstance(update, Mapping):
                     raise ValidationError(f"update must be a mapping, got {type(update).__name__}", field="update")
-                missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
-                if missing:
-                    raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0])
-                key = member_key(update["user_id"], update["guild_id"])
-                data = validate_member(update["data"], user_id=update["user_id"], guild_id=update["guild_id"])
-                encoded = encode_doc(data, what="data")
+                try:
+                    user_id, guild_id, data = update["user_id"], update["guild_id"], update["data"]
+                except KeyError:
+                    missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
+                    raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
+                user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
+                key = f"{guild}_{user}"  # member_key, from the ids already made canonical
+                encoded = encode_doc(check_member(data, user, guild), what="data")
             except ValidationError as exc:
                 log.error("batch_update_members: skipping update #%d: %s", index, exc)
                 continue

@@ -7,7 +7,6 @@ deliberately about *shape*, not business rules: unknown extra fields are kept as
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,14 +16,15 @@ __all__ = [
     "snowflake",
     "parse_timestamp",
     "iso_utc",
+    "is_canonical",
     "member_key",
     "validate_member",
+    "check_member",
     "validate_message",
     "MESSAGE_FIELDS",
 ]
 
 _U64_MAX = 2**64 - 1
-_CANONICAL_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z\Z")
 MESSAGE_FIELDS = ("message_id", "channel_id", "author_id", "timestamp", "content_length", "attachments",
                   "reactions", "analysis")
 
@@ -88,17 +88,32 @@ def iso_utc(value: Any, field: str = "timestamp") -> str:
     One canonical form means equal instants are equal strings on every backend. It does *not* make string order
     time order (``"...:00Z"`` sorts after ``"...:00.5Z"``): compare parsed times, or pad the fraction first.
     """
-    if type(value) is str and _CANONICAL_RE.match(value) and not value.endswith(".000000Z"):
-        try:
-            datetime.fromisoformat(value[:-1])  # the shape is right; this checks the calendar (no 2024-02-30)
-        except ValueError:
-            raise ValidationError(f"{field} must be an ISO 8601 timestamp, got {value!r}", field=field) from None
-        return value  # already canonical: the usual case at ingest, 10x cheaper than parsing and formatting
+    if type(value) is str and is_canonical(value):
+        return value  # already canonical: the usual case, 10x cheaper than parsing and formatting
     try:
         dt = parse_timestamp(value, field)
     except OverflowError:
         raise ValidationError(f"{field} is out of range once converted to UTC: {value!r}", field=field) from None
     return dt.replace(tzinfo=None).isoformat() + "Z"
+
+
+def is_canonical(text: str) -> bool:
+    """Whether ``text`` is a timestamp in the canonical form of :func:`iso_utc` (a real date and time).
+
+    Written for speed (it runs for every timestamp written): the separators of ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``
+    are every third character from the fifth, one slice; ``fromisoformat`` then accepts the rest only if it is
+    ASCII digits of a real date and time (no 2024-02-30) with ``Z`` as the only offset. A regular expression for
+    the shape plus the calendar check cost three times as much. storage.analytics inlines the same test.
+    """
+    if len(text) == 20:
+        if text[4:20:3] != "--T::Z":
+            return False
+    elif len(text) != 27 or text[4:20:3] != "--T::." or text[26] != "Z" or text.endswith(".000000Z"):
+        return False
+    try:
+        return datetime.fromisoformat(text).tzinfo is timezone.utc
+    except ValueError:
+        return False
 
 
 def member_key(user_id: Any, guild_id: Any) -> str:
@@ -118,19 +133,32 @@ def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> 
     When ``user_id``/``guild_id`` are given (the key being written), ids inside the record must agree with them:
     a record that says it is someone else would be filed under the wrong key.
     """
+    return check_member(data, None if user_id is None else snowflake(user_id, "user_id"),
+                        None if guild_id is None else snowflake(guild_id, "guild_id"))
+
+
+def check_member(data: Any, user_id: str | None, guild_id: str | None) -> dict[str, Any]:
+    """:func:`validate_member` with the key's ids already canonical (as :func:`member_key` made them).
+
+    Runs for every member of a ``batch_update_members``, so the usual record (ids as the key's text, canonical
+    timestamps, roles a list of str) is recognized with the fewest steps; anything else goes the long way.
+    """
     if type(data) is not dict:
         raise ValidationError(f"member data must be a dict, got {type(data).__name__}", field="data")
-    for name, expected in (("user_id", user_id), ("guild_id", guild_id)):
-        if name in data:
-            got = snowflake(data[name], name)
-            if expected is not None and got != snowflake(expected, name):
-                raise ValidationError(f"{name} in the record ({got}) differs from the key's ({expected})",
-                                      field=name)
-    if "join_date" in data and data["join_date"] is not None:
-        iso_utc(data["join_date"], "join_date")  # validates (fast for canonical text); the value is kept as given
+    if "user_id" in data:
+        _same_id(data["user_id"], user_id, "user_id")
+    if "guild_id" in data:
+        _same_id(data["guild_id"], guild_id, "guild_id")
+    join_date = data.get("join_date")
+    if join_date is not None and not (type(join_date) is str and is_canonical(join_date)):
+        iso_utc(join_date, "join_date")  # validates; the value is kept as given
     if "roles" in data:
         roles = data["roles"]
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        try:  # str.join takes nothing but str (and subclasses), checked in C: the usual list costs ~50 ns
+            ok = isinstance(roles, list) and isinstance("".join(roles), str)
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValidationError("roles must be a list of strings", field="roles")
     if "preferences" in data and not isinstance(data["preferences"], dict):
         raise ValidationError("preferences must be an object", field="preferences")
@@ -139,10 +167,22 @@ def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> 
         if not isinstance(stats, dict):
             raise ValidationError("statistics must be an object", field="statistics")
         if "message_count" in stats:
-            _count(stats["message_count"], "statistics.message_count")
-        if stats.get("last_active") is not None:
-            iso_utc(stats["last_active"], "statistics.last_active")
+            count = stats["message_count"]
+            if type(count) is not int or count < 0:
+                _count(count, "statistics.message_count")
+        last_active = stats.get("last_active")
+        if last_active is not None and not (type(last_active) is str and is_canonical(last_active)):
+            iso_utc(last_active, "statistics.last_active")
     return data
+
+
+def _same_id(value: Any, expected: str | None, name: str) -> None:
+    """An id inside a record: a snowflake, and the key's own when the key is known."""
+    if value == expected and type(value) is str:
+        return  # the key's canonical text, so a valid id (the usual case)
+    got = snowflake(value, name)
+    if expected is not None and got != expected:
+        raise ValidationError(f"{name} in the record ({got}) differs from the key's ({expected})", field=name)
 
 
 def validate_message(record: Any) -> dict[str, Any]:

@@ -99,3 +99,76 @@ def test_snowflake_fast_and_slow_paths_agree():
     with pytest.raises(ValidationError):
         snowflake("98765432109876543210")  # 20 digits, past 2**64
     assert snowflake(0) == "0" and snowflake("0") == "0"
+
+
+# -- the member checks' fast paths agree with the plain rules ---------------------------------------------------
+def plain_member_check(data: object, user_id: object, guild_id: object) -> str | None:
+    """The member rules written the obvious way (the field of the first error, or None when valid)."""
+    if not isinstance(data, dict):
+        return "data"
+    for name, expected in (("user_id", user_id), ("guild_id", guild_id)):
+        if name in data:
+            try:
+                got = snowflake(data[name], name)
+            except ValidationError:
+                return name
+            if expected is not None and got != snowflake(expected, name):
+                return name
+    if data.get("join_date") is not None:
+        try:
+            parse_timestamp(data["join_date"])
+        except (ValidationError, OverflowError):
+            return "join_date"
+    if "roles" in data and not (isinstance(data["roles"], list) and all(isinstance(r, str) for r in data["roles"])):
+        return "roles"
+    if "preferences" in data and not isinstance(data["preferences"], dict):
+        return "preferences"
+    if "statistics" in data:
+        stats = data["statistics"]
+        if not isinstance(stats, dict):
+            return "statistics"
+        count = stats.get("message_count", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return "statistics.message_count"
+        if stats.get("last_active") is not None:
+            try:
+                parse_timestamp(stats["last_active"])
+            except (ValidationError, OverflowError):
+                return "statistics.last_active"
+    return None
+
+
+class Name(str):
+    pass
+
+
+def test_member_checks_agree_with_the_plain_rules():
+    import random
+
+    rnd = random.Random(7)
+    base = {"user_id": "300000000000000000", "guild_id": "800000000000000000", "join_date": "2024-01-01T00:00:00Z",
+            "roles": ["a", "b"], "preferences": {"x": 1},
+            "statistics": {"message_count": 5, "last_active": "2024-06-01T05:05:00.250000Z"}}
+    odd = [None, True, 0, -1, 7, 2**64, 1.5, "", "0", "07", "300000000000000000", 300000000000000000,
+           "800000000000000000", "2024-02-30T00:00:00Z", "2024-02-29T00:00:00Z", "2024-01-01T00:00:00.000000Z",
+           "2024-01-01 00:00:00", "2024-01-01T00:00:00+02:00", "2024-01-01T00:00:00,5Z", [], ["a", 1], [Name("n")],
+           ("a",), {}, {"a": 1}, "x"]
+    for _ in range(3000):
+        data = {**base, "statistics": dict(base["statistics"])}
+        field = rnd.choice(["user_id", "guild_id", "join_date", "roles", "preferences", "statistics",
+                            "statistics.message_count", "statistics.last_active", "drop"])
+        if field == "drop":
+            del data[rnd.choice(list(base))]
+        elif field.startswith("statistics."):
+            data["statistics"][field.split(".")[1]] = rnd.choice(odd)
+        else:
+            data[field] = rnd.choice(odd)
+        user_id = rnd.choice([300000000000000000, "300000000000000000", None])
+        guild_id = rnd.choice([800000000000000000, "800000000000000000", None])
+        expected = plain_member_check(data, user_id, guild_id)
+        try:
+            assert validate_member(data, user_id=user_id, guild_id=guild_id) is data
+            got = None
+        except ValidationError as exc:
+            got = exc.field
+        assert got == expected, (data, user_id, guild_id)

@@ -8,10 +8,11 @@ record costs no JSON parsing on the server and every record still reads back exa
 Ingest is a binary ``COPY`` straight into the table, its rows encoded here (pg_copy.py: a third of the client
 time asyncpg's generic encoding took) and sent in chunks by an asynchronous generator, so that checking and
 encoding the next chunk (the client's work, which bounds ingest) overlaps with the server inserting the previous
-one; the ``COPY`` runs in a transaction, rolled back if a later chunk holds a bad record (see :class:`_Ingest`). A ``COPY`` cannot skip existing ids, so when one is
-already stored (the unique index refuses the whole ``COPY``, which then wrote nothing) the batch goes again through
-a temporary table and ``INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING``; a large batch whose first or
-last id is stored (a resent one) goes there directly. New messages, the usual case, pay for one pass.
+one; the ``COPY`` runs in a transaction, rolled back if a later chunk holds a bad record (see :class:`_Ingest`).
+A ``COPY`` cannot skip existing ids, so when one is already stored (the unique index refuses the whole ``COPY``,
+which then wrote nothing) the batch goes again through a temporary table and ``INSERT ... SELECT ... ON CONFLICT
+(message_id) DO NOTHING``; a large batch whose first or last id is stored (a resent one) goes there directly. New
+messages, the usual case, pay for one pass.
 
 The query methods override the generic (streaming, Python) versions of :class:`storage.analytics.AnalyticsMixin`
 with one aggregate statement each and give identical answers; the conformance tests compare both to a reference.
