@@ -470,6 +470,83 @@ async def test_killed_connections_are_replaced_by_the_pool(pg_store: PostgresSto
     assert await pg_store.get("things", "a") == {"v": 1}
 
 
+# -- the lane: one pool connection kept between operations -------------------------------------------------------
+async def backend_pids(store: PostgresStore, calls: int) -> set[int]:
+    """The server pids that ``calls`` sequential one-statement operations ran on."""
+    pids = set()
+    for _ in range(calls):
+        async with store._connection("test") as conn:
+            pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+    return pids
+
+
+async def test_sequential_calls_reuse_one_connection_and_concurrent_ones_spread(pg_config: StoreConfig):
+    config = dataclasses.replace(pg_config, pool_min=0, pool_max=4)
+    store = await storage.open_store(config=config)
+    try:
+        assert len(await backend_pids(store, 20)) == 1
+        before = store.pool.get_size()
+        await asyncio.gather(*(store.put("things", f"k{i}", {"i": i}) for i in range(40)))
+        assert store.pool.get_size() > 1 or before > 1  # the lane was busy: the others borrowed from the pool
+        assert {k: d["i"] async for k, d in store.items("things")} == {f"k{i}": i for i in range(40)}
+    finally:
+        await store.close()
+
+
+async def test_a_pool_of_one_has_no_lane_and_still_serves_everything(pg_config: StoreConfig):
+    config = dataclasses.replace(pg_config, pool_min=1, pool_max=1)
+    store = await storage.open_store(config=config)
+    try:
+        async with store.transaction() as tx:
+            await tx.put("things", "a", {"v": 1})
+        await asyncio.gather(*(store.update("things", "a", lambda d: {"v": d["v"] + 1}) for _ in range(10)))
+        assert await store.get("things", "a") == {"v": 11}
+    finally:
+        await store.close()
+
+
+async def test_a_long_transaction_does_not_hold_the_lane(pg_config: StoreConfig):
+    config = dataclasses.replace(pg_config, pool_min=0, pool_max=2)
+    store = await storage.open_store(config=config)
+    try:
+        await store.put("things", "a", {"v": 1})
+        async with store.transaction() as tx:  # one connection for as long as the caller likes
+            await tx.put("things", "b", {"v": 2})
+            for _ in range(5):  # the other one: the lane
+                assert await store.get("things", "a") == {"v": 1}
+        assert await store.get("things", "b") == {"v": 2}
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_call_on_the_lane_leaves_nothing_half_done(pg_store: PostgresStore):
+    batch = [message(i) for i in range(1, 30_001)]
+    task = asyncio.ensure_future(pg_store.record_messages(batch))
+    for _ in range(500):  # until the COPY is under way
+        await asyncio.sleep(0.002)
+        if pg_store._lane_busy:
+            break
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await pg_store.message_counts(GUILD) in (0, 30_000)  # the COPY's transaction: all or nothing
+    assert await pg_store.record_messages(batch[:10]) in (0, 10)
+    await pg_store.put("things", "after", {"ok": True})
+    assert await pg_store.get("things", "after") == {"ok": True}
+
+
+async def test_closing_gives_the_lane_back_without_waiting(pg_config: StoreConfig, caplog: pytest.LogCaptureFixture):
+    store = await storage.open_store(config=pg_config)
+    await store.put("things", "a", {"v": 1})
+    assert store._lane is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await store.close()
+    assert loop.time() - started < 5  # not CLOSE_TIMEOUT: the pool did not wait for the lane
+    assert "terminating its connections" not in caplog.text
+
+
 # -- messages --------------------------------------------------------------------------------------------------------
 GUILD = "987654321"
 

@@ -107,6 +107,12 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         self._cache = DatabaseCache(ttl=config.cache_ttl)
         self._writes = 0  # bumped after every write of this store: a read in flight across one must not cache
         self._quiet: set[int] = set()  # server pids of connections our own code is using (see _reset_connection)
+        # The lane (see _Borrowed): one pool connection kept between operations, so that most one-statement calls
+        # skip the pool's acquire and release. Needs a second connection in the pool for everything else.
+        self._lane: Any = None
+        self._lane_pid = 0
+        self._lane_busy = False
+        self._lane_enabled = config.pool_max >= 2
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._target} closed={self._closed}>"
@@ -175,6 +181,10 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         pool = self.pool
         if pool is None:
             return
+        lane = self._lane
+        if lane is not None and not self._lane_busy:  # a busy one is given back by the call using it
+            self._lane = None
+            await _release(self, lane, self._lane_pid, clean=_usable(lane))
         try:
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except _CLOSE_ERRORS as exc:
@@ -196,9 +206,9 @@ class PostgresStore(PgMessagesMixin, BaseStore):
             return StoreClosedError(f"the postgres store was closed during {what}")
         return translate(exc, what, self.config.dsn)
 
-    def _connection(self, what: str) -> _Borrowed:
+    def _connection(self, what: str, *, lane: bool = True) -> _Borrowed:
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
-        return _Borrowed(self, what)
+        return _Borrowed(self, what, lane)
 
     def _invalidate(self, collection: str, keys: Any) -> None:
         self._writes += 1
@@ -281,7 +291,9 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                                   field="isolation")
         token = self._enter_transaction()
         try:
-            async with self._connection("transaction") as conn:
+            # Not on the lane: a transaction may last as long as the caller likes, and its escape hatch
+            # (tx.connection) may leave session state that only the pool's reset clears.
+            async with self._connection("transaction", lane=False) as conn:
                 tx = PgTransaction(self, conn, locking_reads=isolation == "read_committed")
                 xact = conn.transaction(isolation=isolation)
                 await xact.start()
@@ -289,11 +301,13 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                     yield tx
                 except BaseException:
                     tx._finish()
+                    self._reset_after(conn, tx)
                     await self._rollback(xact)
                     raise
                 with contextlib.suppress(TransactionError):
                     await tx._check_not_aborted()  # records the failure in tx._failed
                 tx._finish()
+                self._reset_after(conn, tx)
                 if tx._failed is not None:
                     await self._rollback(xact)
                     raise TransactionError("the transaction was rolled back: a statement in it failed "
@@ -306,6 +320,11 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         finally:
             self._leave_transaction(token)
 
+    def _reset_after(self, conn: Any, tx: PgTransaction) -> None:
+        """A connection that went through the escape hatch gets the pool's full reset when it is given back."""
+        if tx._hatch_used:
+            self._quiet.discard(conn.get_server_pid())
+
     async def _rollback(self, xact: Any) -> None:
         try:
             await xact.rollback()
@@ -314,25 +333,54 @@ class PostgresStore(PgMessagesMixin, BaseStore):
 
 
 class _Borrowed:
-    """A connection borrowed from the store's pool for one operation (a class, not a generator-based context
-    manager: it runs on every call, and this is measurably cheaper).
+    """A connection borrowed for one operation (a class, not a generator-based context manager: it runs on every
+    call, and this is measurably cheaper).
+
+    The lane: asyncpg's ``acquire`` + ``release`` cost about as much client time as a one-statement ``get`` itself
+    (a queue, a holder, timeouts, the reset hook). So the store keeps one pool connection between operations, the
+    lane, and an operation takes it when no other one is using it (a flag: no await, no lock); otherwise it
+    borrows from the pool as usual. A lone bot task reading and writing members thus runs at the speed of a plain
+    connection, and concurrent tasks still spread over the pool. The lane goes back to the pool (and the pool's
+    reset and reconnection logic applies) whenever anything unusual happened on it: an exception of any kind, a
+    transaction left open, the store closing; the next operation takes a fresh one.
 
     While borrowed, the connection's server pid is in ``store._quiet`` so that the pool's reset hook skips the
     reset query. A driver error raised inside the block leaves it as the matching :mod:`storage.errors`
     exception, with the original as ``__cause__``.
     """
 
-    __slots__ = ("_acquire", "_conn", "_pid", "_store", "_what")
+    __slots__ = ("_acquire", "_conn", "_lane", "_pid", "_store", "_what")
 
-    def __init__(self, store: PostgresStore, what: str) -> None:
+    def __init__(self, store: PostgresStore, what: str, lane: bool) -> None:
         self._store = store
         self._what = what
+        self._lane = lane and store._lane_enabled
         self._acquire: Any = None
         self._conn: Any = None
         self._pid = 0
 
     async def __aenter__(self) -> Any:
         store = self._store
+        if self._lane:
+            if not store._lane_busy:
+                store._lane_busy = True
+                conn = store._lane
+                if conn is not None and not _usable(conn):  # lost while idle: the pool has taken it back
+                    store._quiet.discard(store._lane_pid)
+                    conn = store._lane = None
+                if conn is None:
+                    try:
+                        conn = await store.pool.acquire()
+                    except BaseException as exc:
+                        store._lane_busy = False
+                        if isinstance(exc, DRIVER_ERRORS):
+                            raise store._translate(exc, self._what) from exc
+                        raise
+                    store._lane, store._lane_pid = conn, conn.get_server_pid()
+                    store._quiet.add(store._lane_pid)
+                self._conn = conn
+                return conn
+            self._lane = False  # in use: borrow from the pool instead
         self._acquire = store.pool.acquire()
         try:
             conn = self._conn = await self._acquire.__aenter__()
@@ -344,6 +392,23 @@ class _Borrowed:
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store = self._store
+        if self._lane:
+            conn = self._conn
+            usable = _usable(conn)
+            idle = usable and not conn.is_in_transaction()
+            if exc is None and idle and not store._closed:
+                store._lane_busy = False  # kept for the next operation
+                return
+            store._lane = None
+            try:
+                if usable and isinstance(exc, asyncpg.exceptions.InternalClientError):
+                    conn.terminate()  # see below
+                await _release(store, conn, store._lane_pid, clean=exc is None and idle)
+            finally:
+                store._lane_busy = False
+            if exc is not None and isinstance(exc, DRIVER_ERRORS):
+                raise store._translate(exc, self._what) from exc
+            return
         try:
             if isinstance(exc, asyncpg.exceptions.InternalClientError):
                 # asyncpg lost track of the protocol (seen when the server ends a session mid-query,
@@ -359,6 +424,27 @@ class _Borrowed:
             store._quiet.discard(self._pid)
         if exc is not None and isinstance(exc, DRIVER_ERRORS):
             raise store._translate(exc, self._what) from exc
+
+
+def _usable(conn: Any) -> bool:
+    """Whether a pool connection kept as the lane is still ours and open: when its session ends (a server restart,
+    ``pg_terminate_backend``), asyncpg returns it to the pool by itself and detaches the proxy we hold."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # "connection has been released back to the pool"
+        return False
+
+
+async def _release(store: PostgresStore, conn: Any, pid: int, *, clean: bool) -> None:
+    """Give the lane back to the pool: after trouble (``clean=False``) with the pool's full reset."""
+    if not clean:
+        store._quiet.discard(pid)
+    try:
+        await store.pool.release(conn)
+    except DRIVER_ERRORS as exc:  # the connection is broken: the pool has dropped it already
+        log.debug("%s: giving a connection back failed: %s", store._target, exc)
+    finally:
+        store._quiet.discard(pid)
 
 
 class PgTransaction(OpsBase):
