@@ -184,7 +184,8 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         lane = self._lane
         if lane is not None and not self._lane_busy:  # a busy one is given back by the call using it
             self._lane = None
-            await _release(self, lane, self._lane_pid, clean=_usable(lane))
+            lane.remove_termination_listener(self._lane_lost)
+            await _release(self, lane, self._lane_pid, clean=True)
         try:
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except _CLOSE_ERRORS as exc:
@@ -200,6 +201,12 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         query = conn.get_reset_query()
         if query:
             await conn.execute(query)
+
+    def _lane_lost(self, conn: Any) -> None:
+        """asyncpg's termination listener of the lane: its session ended (a server restart, pg_terminate_backend)
+        and asyncpg has given it back to the pool by itself, so the next operation must take a new one."""
+        self._lane = None
+        self._quiet.discard(self._lane_pid)
 
     def _translate(self, exc: BaseException, what: str) -> DatabaseError:
         if self._closed and is_connection_error(exc):
@@ -364,10 +371,7 @@ class _Borrowed:
         if self._lane:
             if not store._lane_busy:
                 store._lane_busy = True
-                conn = store._lane
-                if conn is not None and not _usable(conn):  # lost while idle: the pool has taken it back
-                    store._quiet.discard(store._lane_pid)
-                    conn = store._lane = None
+                conn = store._lane  # None after its session ended while idle (see _lane_lost)
                 if conn is None:
                     try:
                         conn = await store.pool.acquire()
@@ -378,6 +382,7 @@ class _Borrowed:
                         raise
                     store._lane, store._lane_pid = conn, conn.get_server_pid()
                     store._quiet.add(store._lane_pid)
+                    conn.add_termination_listener(store._lane_lost)
                 self._conn = conn
                 return conn
             self._lane = False  # in use: borrow from the pool instead
@@ -394,15 +399,20 @@ class _Borrowed:
         store = self._store
         if self._lane:
             conn = self._conn
-            usable = _usable(conn)
-            idle = usable and not conn.is_in_transaction()
-            if exc is None and idle and not store._closed:
+            try:
+                idle = not conn.is_in_transaction()
+                usable = True
+            except asyncpg.InterfaceError:  # its session ended during the operation: the pool has it back
+                idle = usable = False
+            if exc is None and idle and not store._closed and store._lane is conn:
                 store._lane_busy = False  # kept for the next operation
                 return
             store._lane = None
             try:
-                if usable and isinstance(exc, asyncpg.exceptions.InternalClientError):
-                    conn.terminate()  # see below
+                if usable:
+                    conn.remove_termination_listener(store._lane_lost)
+                    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+                        conn.terminate()  # see below
                 await _release(store, conn, store._lane_pid, clean=exc is None and idle)
             finally:
                 store._lane_busy = False
@@ -424,15 +434,6 @@ class _Borrowed:
             store._quiet.discard(self._pid)
         if exc is not None and isinstance(exc, DRIVER_ERRORS):
             raise store._translate(exc, self._what) from exc
-
-
-def _usable(conn: Any) -> bool:
-    """Whether a pool connection kept as the lane is still ours and open: when its session ends (a server restart,
-    ``pg_terminate_backend``), asyncpg returns it to the pool by itself and detaches the proxy we hold."""
-    try:
-        return not conn.is_closed()
-    except asyncpg.InterfaceError:  # "connection has been released back to the pool"
-        return False
 
 
 async def _release(store: PostgresStore, conn: Any, pid: int, *, clean: bool) -> None:
