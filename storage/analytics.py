@@ -56,6 +56,10 @@ __all__ = [
     "bound_key",
     "normalize_messages",
     "message_chunks",
+    "message_records",
+    "checked_message",
+    "usual_fields",
+    "UsualFields",
     "MessageColumns",
     "ColumnsBuilder",
     "micros",
@@ -78,6 +82,9 @@ _U64 = 2**64 - 1
 _calendar = datetime.fromisoformat
 
 MessageRecord = dict[str, Any]
+#: What :func:`usual_fields` returns: message_id, channel_id, author_id, guild_id, timestamp (canonical texts),
+#: content_length, attachments, reactions, analysis, and the timestamp as an aware datetime.
+UsualFields = tuple[str, str, str, str, str, int, int, int, dict[str, Any], datetime]
 ModifyFn = Callable[[MessageRecord], MessageRecord]
 
 
@@ -171,34 +178,43 @@ def normalize_messages(records: Iterable[Mapping[str, Any]]) -> list[MessageReco
 def message_chunks(records: Iterable[Mapping[str, Any]], size: int = INGEST_CHUNK) -> Iterator[list[MessageRecord]]:
     """:func:`normalize_messages` a chunk at a time: lists of up to ``size`` normalized records, new ids only.
 
-    A backend that can write while it validates (PostgreSQL: one ``COPY`` inside a transaction, rolled back when
-    a later chunk turns out to hold a bad record) overlaps the checks of one chunk with the server's work on the
-    previous one. Whether ``records`` is iterable at all is checked now, each record as its chunk is asked for.
+    Whether ``records`` is iterable at all is checked now, each record as its chunk is asked for.
     """
+    return _chunks(message_records(records), size)
+
+
+def message_records(records: Iterable[Mapping[str, Any]]) -> Iterator[Any]:
+    """An iterator over what ``record_messages`` was given, refusing at once what is not a batch of records."""
     if isinstance(records, (str, bytes, Mapping)):
         raise ValidationError("records must be an iterable of message records (for one record use "
                               "record_message)", field="records")
     try:
-        iterator = iter(records)
+        return iter(records)
     except TypeError:
         raise ValidationError(f"records must be an iterable of message records, got {type(records).__name__}",
                               field="records") from None
-    return _chunks(iterator, size)
+
+
+def checked_message(record: Any, index: int, known: set[str]) -> MessageRecord:
+    """The full checks of one record of a batch (what :func:`usual_fields` leaves to them): its normalized form,
+    or a ValidationError naming ``index``. ``known``: see :func:`_plain`."""
+    try:
+        out = validate_message(record)
+    except (OverflowError, ValidationError) as exc:
+        raise _invalid(exc, index) from exc
+    if len(out["timestamp"]) not in _TS_CANONICAL_LENGTHS or not _plain(out, known):
+        _check_rest(out, index, known)
+    return out
 
 
 def _chunks(iterator: Iterator[Any], size: int) -> Iterator[list[MessageRecord]]:
     seen: set[str] = set()
     known: set[str] = set()
     chunk: list[MessageRecord] = []
-    for index, record in enumerate(iterator):  # _message, inlined: this loop is the ingest's hot path
+    for index, record in enumerate(iterator):  # the ingest's hot path
         out = _usual(record, known)
         if out is None:
-            try:
-                out = validate_message(record)
-            except (OverflowError, ValidationError) as exc:
-                raise _invalid(exc, index) from exc
-            if len(out["timestamp"]) not in _TS_CANONICAL_LENGTHS or not _plain(out, known):
-                _check_rest(out, index, known)
+            out = checked_message(record, index, known)
         mid = out["message_id"]
         if mid in seen:
             continue
@@ -216,14 +232,26 @@ def _joined(chunks: Iterator[list[MessageRecord]]) -> list[MessageRecord]:
 
 
 def _usual(record: Any, known: set[str]) -> MessageRecord | None:
-    """The normalized form of the usual record, checked in one pass; None for anything else (the full check then
-    decides, and names what is wrong).
+    """The normalized form of the usual record (see :func:`usual_fields`), fields in the order of
+    :data:`storage.models.MESSAGE_FIELDS`, which the JSON message log likes: ``message_id`` first."""
+    fields = usual_fields(record, known)
+    if fields is None:
+        return None
+    mid, cid, aid, gid, ts, content_length, attachments, reactions, analysis, _when = fields
+    return {"message_id": mid, "channel_id": cid, "author_id": aid, "guild_id": gid, "timestamp": ts,
+            "content_length": content_length, "attachments": attachments, "reactions": reactions,
+            "analysis": analysis}
+
+
+def usual_fields(record: Any, known: set[str]) -> UsualFields | None:
+    """The usual record checked in one pass, as its normalized fields and its time (an aware UTC datetime); None
+    for anything else (the full checks of :func:`checked_message` then decide, and name what is wrong).
 
     "Usual" is what a bot's event handler sends: the documented fields only, ids as canonical decimal text, a
     canonical timestamp, counters that are small non-negative ints, an ``analysis`` of a text sentiment and text
-    topics seen before or plain ASCII. For that record this gives exactly what ``validate_message`` +
-    ``_check_rest`` give, in half the time (the fields in the order of :data:`storage.models.MESSAGE_FIELDS`, which
-    the JSON message log likes: ``message_id`` first). Everything here is inlined on purpose.
+    topics seen before (in ``known``, see :func:`_plain`) or plain ASCII. For that record the fields are exactly
+    what ``validate_message`` + ``_check_rest`` give, in a fraction of the time; tests/test_message_fast_path.py
+    holds the two to that. Everything here is inlined on purpose: it runs once per message.
     """
     if type(record) is not dict or not _PLAIN_FIELDS.issuperset(record):
         return None
@@ -247,9 +275,10 @@ def _usual(record: Any, known: set[str]) -> MessageRecord | None:
     elif len(ts) != 27 or ts[4:20:3] != "--T::." or ts[26] != "Z" or ts.endswith(".000000Z"):
         return None
     try:
-        if _calendar(ts).tzinfo is not timezone.utc:
-            return None
+        when = _calendar(ts)
     except ValueError:
+        return None
+    if when.tzinfo is not timezone.utc:
         return None
     content_length, attachments, reactions = get("content_length", 0), get("attachments", 0), get("reactions", 0)
     if not (type(content_length) is int and type(attachments) is int and type(reactions) is int):
@@ -281,9 +310,7 @@ def _usual(record: Any, known: set[str]) -> MessageRecord | None:
                 for topic in topics:
                     if type(topic) is not str or (topic not in known and not _plain_text(topic, known)):
                         return None
-    return {"message_id": mid, "channel_id": cid, "author_id": aid, "guild_id": gid, "timestamp": ts,
-            "content_length": content_length, "attachments": attachments, "reactions": reactions,
-            "analysis": analysis}
+    return mid, cid, aid, gid, ts, content_length, attachments, reactions, analysis, when
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -491,15 +518,15 @@ class AnalyticsMixin(abc.ABC):
         doc for which version wins).
         """
         self._guard_write()
-        chunks = message_chunks(records)
-        return await self._record_chunks(chunks, len(records) if isinstance(records, list) else 0)
+        return await self._ingest(message_records(records), len(records) if isinstance(records, list) else 0)
 
-    async def _record_chunks(self, chunks: Iterator[list[MessageRecord]], size_hint: int) -> int:
-        """Write what ``chunks`` yields, all or nothing: a ValidationError may come out of any ``next(chunks)``.
+    async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
+        """Check and write the caller's records (``size_hint`` of them, when known), all or nothing.
 
-        This default validates everything first and then calls ``_insert_messages`` once; a backend that can
-        undo a write (a transaction) overrides it to write while it validates.
+        This default checks everything first (:func:`message_chunks`) and then calls ``_insert_messages`` once; a
+        backend that can undo a write (a transaction) overrides it to write while it checks.
         """
+        chunks = _chunks(records, INGEST_CHUNK)
         if size_hint > VALIDATE_IN_THREAD:
             # several us a record: a big batch would hold the event loop (and the bot's heartbeat) for 100 ms or more
             unique = await asyncio.to_thread(_joined, chunks)

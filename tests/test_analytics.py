@@ -588,6 +588,87 @@ async def test_refresh_rejects_a_malformed_member_and_writes_nothing(store):
     assert await store.get("members", "100_301") == {"roles": []}
 
 
+async def test_refresh_looks_at_every_member_of_the_guild_and_nothing_else(store):
+    """Members without messages in the range are reset (or left alone when they say so already); keys that are not
+    ``<guild>_<snowflake>`` and other guilds' members are never touched; 20-digit ids are ids like any other."""
+    guild, big = "18446744073709551615", "18446744073709551613"
+    members = {
+        f"{guild}_1": {"roles": ["no statistics"]},
+        f"{guild}_2": {"statistics": None, "xp": 1},  # null counts as {}
+        f"{guild}_3": {"statistics": {"message_count": 0, "last_active": None, "voice_minutes": 5}},
+        f"{guild}_4": {"statistics": {"message_count": 0}},  # an absent last_active is None already
+        f"{guild}_0": {"statistics": {"message_count": 3}},  # 0 is a snowflake
+        f"{guild}_{big}": {"statistics": {"message_count": 2.0, "last_active": "2024-01-02T00:00:00Z"}},  # 2.0 == 2
+        f"{guild}_007": {"statistics": {"message_count": 1}},  # not canonical: not a member key
+        f"{guild}_18446744073709551616": {"statistics": {}},  # beyond 64 bits
+        f"{guild}_abc": {"statistics": "not a member"},
+        f"{guild}0_5": {"statistics": {}},  # another guild whose id starts with this one's
+        "7_5": {"statistics": {}},
+    }
+    await store.put_many("members", members)
+    await store.record_messages([
+        msg(1, guild_id=guild, author_id=big, timestamp="2024-01-01T00:00:00Z"),
+        msg(2, guild_id=guild, author_id=big, timestamp="2024-01-02T00:00:00Z"),
+        msg(3, guild_id=guild, author_id="0", timestamp="2024-01-03T10:00:00.25+00:00"),
+        msg(4, guild_id=guild, author_id="5", timestamp="2024-01-04T00:00:00Z"),  # no member document yet
+        msg(5, guild_id="7", author_id="5"),
+    ])
+
+    async def stored() -> dict[str, Any]:
+        return {key: doc async for key, doc in store.items("members")}
+
+    none = {"message_count": 0, "last_active": None}
+    assert await store.refresh_member_statistics(int(guild)) == 4
+    assert await stored() == {
+        **members,
+        f"{guild}_1": {"roles": ["no statistics"], "statistics": none},
+        f"{guild}_2": {"statistics": none, "xp": 1},
+        f"{guild}_0": {"statistics": {"message_count": 1, "last_active": "2024-01-03T10:00:00.250000Z"}},
+        f"{guild}_5": {"user_id": "5", "guild_id": guild,
+                       "statistics": {"message_count": 1, "last_active": "2024-01-04T00:00:00Z"}},
+    }
+    assert await store.refresh_member_statistics(guild, until="2024-01-02T00:00:00Z") == 3
+    assert (await store.get_member_data(big, guild))["statistics"] == {"message_count": 1,
+                                                                       "last_active": "2024-01-01T00:00:00Z"}
+    # an empty window (until before since): only what is not reset already is written
+    assert await store.refresh_member_statistics(guild, since="2024-02-01", until="2024-01-01") == 1
+    after = await stored()
+    assert [after[f"{guild}_{user}"]["statistics"] for user in ("0", "5", big)] == [none] * 3
+    assert await store.refresh_member_statistics(guild, since="2024-02-01", until="2024-01-01") == 0
+
+
+async def test_refresh_checks_its_arguments_and_is_refused_inside_a_transaction(store, store_config):
+    await store.record_messages([msg(1)])
+    for args, bounds, field in [(("abc",), {}, "guild_id"), ((2**64,), {}, "guild_id"), ((True,), {}, "guild_id"),
+                                ((100,), {"since": "yesterday"}, "since"), ((100,), {"until": 5}, "until")]:
+        with pytest.raises(ValidationError) as info:
+            await store.refresh_member_statistics(*args, **bounds)
+        assert info.value.field == field
+    async with store.transaction() as tx:
+        with pytest.raises(storage.TransactionError):
+            await store.refresh_member_statistics(100)
+        await tx.put("members", "100_1", {"roles": []})
+    assert await store.get_member_data(300, 100) == {}
+    assert await store.get_member_data(1, 100) == {"roles": []}
+    closed = await storage.open_store(config=store_config)
+    await closed.close()
+    with pytest.raises(storage.StoreClosedError):
+        await closed.refresh_member_statistics(100)
+    assert await store.refresh_member_statistics(100) == 2
+
+
+async def test_refresh_names_the_first_malformed_member_and_creates_nothing(store):
+    await store.put_many("members", {"100_5": {"statistics": [1]}, "100_40": {"statistics": 7},
+                                     "100_x": {"statistics": "not a member"}, "100_6": {"statistics": {}}})
+    await store.record_messages([msg(1), msg(2, author_id="301"), msg(3, author_id="6")])
+    with pytest.raises(ValidationError) as info:
+        await store.refresh_member_statistics(100)
+    assert str(info.value).startswith("members/100_40: statistics is a int, not an object")  # "100_40" < "100_5"
+    assert info.value.field == "statistics"
+    assert [key async for key, _doc in store.items("members")] == ["100_40", "100_5", "100_6", "100_x"]
+    assert await store.get_member_data(6, 100) == {"statistics": {}}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # closed stores
 async def test_a_closed_store_refuses_analytics(store_config):

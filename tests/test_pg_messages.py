@@ -3,7 +3,8 @@
 What is specific to this backend's speed work: the binary ``COPY`` rows built in Python must store exactly what
 asyncpg's own encoding stores; a database made by schema version 1 is upgraded in place; the visibility map is kept
 current by ingest and prune (index-only scans depend on it); every query is answered from the covering index
-alone; and index-only answers stay exact after updates, prunes and concurrent ingest.
+alone; and index-only answers stay exact after updates, prunes and concurrent ingest. ``refresh_member_statistics``
+in SQL must leave exactly the documents the generic version leaves.
 """
 
 from __future__ import annotations
@@ -21,10 +22,19 @@ import pytest
 import storage
 from storage import StoreConfig
 from storage.analytics import AnalyticsMixin, normalize_messages
+from storage.backends import pg_member_stats, pg_schema
 from storage.backends import pg_messages as pm
-from storage.backends import pg_schema
 from storage.backends.postgres import PostgresStore
-from tests.test_analytics import GUILDS, Reference, assert_queries_match, random_stream, record_stream, windows
+from tests.test_analytics import (
+    AUTHORS,
+    GUILDS,
+    Reference,
+    assert_queries_match,
+    canonical,
+    random_stream,
+    record_stream,
+    windows,
+)
 
 UTC = timezone.utc
 GUILD = "555000000000000001"
@@ -373,3 +383,227 @@ async def columns(blocks: AsyncIterator[Any]) -> list[tuple[Any, ...]]:
     async for block in blocks:
         rows.extend(zip(block.micros, block.authors, block.channels, block.sentiments, block.topics))
     return sorted(rows, key=repr)
+
+
+# -- refresh_member_statistics in SQL ------------------------------------------------------------------------------
+# message_count and last_active values an existing member may hold (``None`` here: the field is absent); "right"
+# and "right, another way" (equal in Python: 3.0 and 3, True and 1) are filled in per author.
+RIGHT, RIGHT_AS_FLOAT = object(), object()
+ODD_COUNTS: list[Any] = [RIGHT, RIGHT, RIGHT_AS_FLOAT, None, 0, 0.0, -0.0, 1, True, False, 2.5, "3", [3], 5e-324,
+                         1e16, 2**64 - 1, -(2**63)]
+ODD_LAST: list[Any] = [RIGHT, RIGHT, RIGHT_AS_FLOAT, None, "2024-01-01T00:00:00Z", "2024-01-01T00:00:00+00:00", 0]
+MEMBER_USERS = [*AUTHORS, "0", "12345", "18446744073709551615"]  # some with messages, some without
+NOT_MEMBER_SUFFIXES = ["abc", "007", "18446744073709551616", "99999999999999999999", "100000000000000000000", "",
+                       "1 ", "١٢", "_5", "5_", "5\n"]
+
+
+def member_docs(rnd: random.Random, ref: Reference) -> dict[str, dict[str, Any]]:
+    """Member documents of every shape for the guilds of the random streams (and keys that are not members)."""
+    docs: dict[str, dict[str, Any]] = {}
+    for guild in [*GUILDS, "77", "424242"]:
+        mine = ref.select(guild)
+        for user in MEMBER_USERS:
+            times = [m["dt"] for m in mine if m["author"] == user]
+            right = (len(times), canonical(max(times)) if times else None)
+            shape = rnd.randrange(6)
+            if shape == 0:
+                continue  # no document: created when the user has messages
+            doc: dict[str, Any] = {"roles": ["mod"], "preferences": {"dm": rnd.random() < 0.5}, "xp": 1.5}
+            if shape == 1:
+                doc["user_id"] = user
+            elif shape == 2:
+                doc["statistics"] = None
+            elif shape >= 3:
+                stats: dict[str, Any] = {"voice_minutes": rnd.randrange(100)} if rnd.random() < 0.5 else {}
+                for name, odd, value in (("message_count", ODD_COUNTS, right[0]), ("last_active", ODD_LAST, right[1])):
+                    pick = rnd.choice(odd)
+                    if pick is RIGHT or (pick is RIGHT_AS_FLOAT and value is None):
+                        stats[name] = value
+                    elif pick is RIGHT_AS_FLOAT:
+                        stats[name] = float(value) if name == "message_count" else value[:19] + "+00:00"
+                    elif pick is not None:
+                        stats[name] = pick
+                doc["statistics"] = stats
+            docs[f"{guild}_{user}"] = doc
+        for suffix in NOT_MEMBER_SUFFIXES:
+            docs[f"{guild}_{suffix}"] = {"statistics": "not a member: never looked at"}
+    docs["7"] = {"note": "the guild id alone"}
+    return docs
+
+
+async def member_texts(store: PostgresStore) -> dict[str, str]:
+    """Every member document as jsonb text (which tells 1 from 1.0 and true, unlike ``==`` on decoded dicts)."""
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT key, doc::text FROM storage_documents WHERE collection = 'members'")
+    return dict(rows)
+
+
+async def restore_members(store: PostgresStore, texts: dict[str, str]) -> None:
+    async with store.pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM storage_documents WHERE collection = 'members'")
+        await conn.executemany("INSERT INTO storage_documents (collection, key, doc) "
+                               "VALUES ('members', $1, $2::text::jsonb)", list(texts.items()))
+
+
+async def refreshed_both_ways(store: PostgresStore, guild: Any, **bounds: Any) -> tuple[int, dict[str, str]]:
+    """The generic version and the SQL one from the same documents: what each returns and leaves behind."""
+    before = await member_texts(store)
+    generic = await AnalyticsMixin.refresh_member_statistics(store, guild, **bounds)
+    after_generic = await member_texts(store)
+    await restore_members(store, before)
+    mine = await store.refresh_member_statistics(guild, **bounds)
+    after = await member_texts(store)
+    assert (mine, after) == (generic, after_generic), (guild, bounds)
+    return mine, after
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43])
+async def test_refresh_in_sql_matches_the_generic_version(pg_store: PostgresStore, seed: int):
+    """Random messages and member documents of every shape; every guild (20-digit ids too) and window. The SQL
+    version must return the same count and leave byte-identical documents (as jsonb text) to the generic one."""
+    rnd = random.Random(seed)
+    ref = Reference()
+    await record_stream(pg_store, ref, rnd, random_stream(seed, 300))
+    await pg_store.put_many("members", member_docs(rnd, ref))
+    initial = await member_texts(pg_store)
+    total = 0
+    for since, until in windows(rnd, ref):
+        for guild in [*GUILDS, 77, "424242"]:
+            await restore_members(pg_store, initial)
+            written, after = await refreshed_both_ways(pg_store, guild, since=since, until=until)
+            assert {k for k in after if after[k] != initial.get(k)} <= {f"{guild}_{u}" for u in MEMBER_USERS}
+            assert await pg_store.refresh_member_statistics(guild, since=since, until=until) == 0  # nothing left
+            total += written
+    assert total > 100
+
+
+async def test_refresh_in_sql_agrees_on_edge_times_in_any_session_zone(pg_store: PostgresStore):
+    """Canonical text of last_active from the server's clock: years below 1000, the last instant, fractions that
+    are and are not whole, whatever the session's time zone (the statement is also run on a connection set to
+    two odd zones)."""
+    times = ["0005-01-02T03:04:05.000007Z", "0999-12-31T23:59:59Z", "1969-12-31T23:59:59.999999Z",
+             "2000-01-01T00:00:00Z", "2024-02-29T23:59:59.5Z", "2024-03-01T00:00:00.000001Z",
+             "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:58Z"]
+    await pg_store.record_messages([message(i, author_id=1000 + i // 2, timestamp=ts)
+                                    for i, ts in enumerate(times)])
+    written, after = await refreshed_both_ways(pg_store, GUILD)
+    assert written == 4
+    last = {key: json.loads(text)["statistics"]["last_active"] for key, text in after.items()}
+    assert last == {f"{GUILD}_{1000 + i}": max(times[2 * i:2 * i + 2], key=to_utc) for i in range(4)}
+    for zone in ("Pacific/Kiritimati", "America/St_Johns"):
+        await restore_members(pg_store, {})
+        args = pg_member_stats.member_parameters(GUILD)
+        where = pm._where(GUILD, None, None, args)
+        async with pg_store.pool.acquire() as conn:
+            await conn.execute(f"SET TIME ZONE '{zone}'")
+            try:
+                async with conn.transaction():
+                    assert len(await pg_member_stats.refresh(conn, where, args)) == 4
+            finally:
+                await conn.execute("RESET TIME ZONE")
+        assert await member_texts(pg_store) == after
+
+
+def to_utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_refresh_in_sql_refuses_a_malformed_member_like_the_generic_version(pg_store: PostgresStore):
+    await pg_store.record_messages([message(i) for i in range(1, 30)])
+    good = {f"{GUILD}_{100 + i}": {"statistics": {"message_count": 1}} for i in range(7)}
+    for bad in ("lots", 3, 2.5, True, [1]):
+        docs = {**good, f"{GUILD}_104": {"statistics": bad}, f"{GUILD}_106": {"statistics": {"x": 1}},
+                f"{GUILD}_105": {"statistics": ["later in key order"]}, f"{GUILD}_x": {"statistics": "no member"}}
+        await restore_members(pg_store, {})
+        await pg_store.put_many("members", docs)
+        before = await member_texts(pg_store)
+        errors = []
+        for refresh in (lambda: AnalyticsMixin.refresh_member_statistics(pg_store, GUILD),
+                        lambda: pg_store.refresh_member_statistics(GUILD)):
+            with pytest.raises(storage.ValidationError) as info:
+                await refresh()
+            errors.append((str(info.value), info.value.field))
+            assert await member_texts(pg_store) == before
+        assert errors[0] == errors[1]
+        assert errors[1] == (f"members/{GUILD}_104: statistics is a {type(bad).__name__}, not an object; nothing was "
+                             "written", "statistics")
+
+
+async def test_refresh_in_sql_drops_what_the_cache_holds(pg_config: StoreConfig):
+    store = await PostgresStore.open(StoreConfig(backend="postgres", dsn=pg_config.dsn, cache_ttl=60,
+                                                 source="tests"))
+    try:
+        await store.save_member_data(100, GUILD, {"roles": ["a"], "statistics": {"message_count": 9}})
+        await store.save_member_data(101, GUILD, {"roles": ["b"]})
+        await store.save_member_data(103, GUILD, {"statistics": {"message_count": 0, "last_active": None}})
+        for user in (100, 101, 102, 103):  # cached (or, for 102, known absent: absence is never cached)
+            await store.get_member_data(user, GUILD)
+        assert len(store._cache) == 3
+        await store.record_messages([message(7), message(8), message(9)])  # authors 100, 101 and 102
+        assert await store.refresh_member_statistics(GUILD) == 3  # 100 and 101 updated, 102 created
+        assert len(store._cache) == 1  # 103 did not change: its entry stays
+        assert await store.get_member_data(100, GUILD) == {
+            "roles": ["a"], "statistics": {"message_count": 1, "last_active": "2024-01-01T04:19:00Z"}}
+        assert await store.get_member_data(101, GUILD) == {
+            "roles": ["b"], "statistics": {"message_count": 1, "last_active": "2024-01-01T04:56:00Z"}}
+        assert (await store.get_member_data(102, GUILD))["statistics"]["message_count"] == 1
+    finally:
+        await store.close()
+
+
+async def test_refresh_in_sql_keeps_a_concurrent_change_to_a_member(pg_store: PostgresStore, pg_dsn: str):
+    """Another process changes a member (uncommitted) while the refresh runs: the refresh waits for its row lock,
+    then merges the statistics into the document as committed, instead of writing back what it read before
+    (which is what ``put_many`` of the generic version's snapshot would do)."""
+    await pg_store.save_member_data(100, GUILD, {"xp": 1, "statistics": {"message_count": 5, "voice": 2}})
+    await pg_store.record_messages([message(7), message(14)])  # author 100
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("UPDATE storage_documents SET doc = doc || '{\"xp\": 2}' WHERE key = $1", f"{GUILD}_100")
+        refresh = asyncio.ensure_future(pg_store.refresh_member_statistics(GUILD))
+        for _ in range(250):  # until the refresh waits for the other transaction's row lock
+            await other.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
+            waiting = await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database() AND query LIKE '%WITH agg AS%'")
+            if waiting or refresh.done():
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1, "the refresh never waited for the other transaction"
+        await tx.commit()
+        assert await refresh == 1
+    finally:
+        await other.close()
+    assert await pg_store.get_member_data(100, GUILD) == {
+        "xp": 2, "statistics": {"message_count": 2, "voice": 2, "last_active": message(14)["timestamp"]
+                                .replace("+00:00", "Z")}}
+
+
+async def test_refresh_in_sql_counts_from_the_covering_index_alone(pg_config: StoreConfig):
+    store = await EagerVacuumStore.open(pg_config)
+    try:
+        await store.record_messages([message(i, guild=[GUILD, OTHER][i % 2]) for i in range(1, 3001)])
+        await store.save_member_data(101, GUILD, {"roles": []})
+        since, until = datetime(2024, 1, 3, tzinfo=UTC), datetime(2024, 1, 20, tzinfo=UTC)
+        async with store.pool.acquire() as conn:
+            for bounds in ((None, None), (since, until)):
+                args = pg_member_stats.member_parameters(GUILD)
+                where = pm._where(GUILD, *bounds, args)
+                tx = conn.transaction()  # ANALYZE runs the statement: rolled back below
+                await tx.start()
+                try:
+                    await conn.execute("SET LOCAL enable_seqscan = off")
+                    await conn.execute("SET LOCAL enable_bitmapscan = off")
+                    plan = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) "
+                                               + pg_member_stats.REFRESH.format(where=where), *args)
+                finally:
+                    await tx.rollback()
+                scans = list(scan_nodes(json.loads(plan)[0]["Plan"]))
+                assert len(scans) == 1
+                assert scans[0]["Node Type"] == "Index Only Scan"
+                assert scans[0]["Index Name"] == "storage_messages_guild_time_covering"
+                assert scans[0]["Heap Fetches"] == 0
+        assert await store.get_member_data(101, GUILD) == {"roles": []}  # the plans wrote nothing
+    finally:
+        await store.close()

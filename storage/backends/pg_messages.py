@@ -5,10 +5,11 @@ ids shifted into ``bigint``, and an ``extra`` jsonb column only for what does no
 seed's, or an ``analysis`` with other keys than a ``sentiment`` string and a ``topics`` list), so the common
 record costs no JSON parsing on the server and every record still reads back exactly as it was written.
 
-Ingest is a binary ``COPY`` straight into the table, its rows encoded here (pg_copy.py: a third of the client
-time asyncpg's generic encoding took) and sent in chunks by an asynchronous generator, so that checking and
-encoding the next chunk (the client's work, which bounds ingest) overlaps with the server inserting the previous
-one; the ``COPY`` runs in a transaction, rolled back if a later chunk holds a bad record (see :class:`_Ingest`).
+Ingest is a binary ``COPY`` straight into the table, each record checked and encoded in one pass by pg_ingest.py
+(rows built by pg_copy.py: a third of the client time asyncpg's generic encoding took) and sent in chunks by an
+asynchronous generator, so that the client's work on the next chunk (which bounds ingest) overlaps with the server
+inserting the previous one; a batch of several chunks is one transaction, rolled back if a later chunk holds a bad
+record.
 A ``COPY`` cannot skip existing ids, so when one is already stored (the unique index refuses the whole ``COPY``,
 which then wrote nothing) the batch goes again through a temporary table and ``INSERT ... SELECT ... ON CONFLICT
 (message_id) DO NOTHING``; a large batch whose first or last id is stored (a resent one) goes there directly. New
@@ -16,6 +17,7 @@ messages, the usual case, pay for one pass.
 
 The query methods override the generic (streaming, Python) versions of :class:`storage.analytics.AnalyticsMixin`
 with one aggregate statement each and give identical answers; the conformance tests compare both to a reference.
+So does ``refresh_member_statistics``, whose statement also writes the member documents (see pg_member_stats.py).
 
 Where the time goes, and why the queries are written as they are
     A guild's messages are spread over every page of the table (guilds interleave as messages arrive), so any
@@ -39,13 +41,12 @@ Where the time goes, and why the queries are written as they are
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import struct
 import sys
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -60,12 +61,13 @@ from ..analytics import (
     micros,
     time_bound,
 )
-from ..codec import encode_doc
 from ..errors import ValidationError
+from ..members import MEMBERS
 from ..models import iso_utc, snowflake
 from ..protocol import TimeBound
-from .pg_copy import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
+from . import pg_member_stats
 from .pg_errors import DRIVER_ERRORS
+from .pg_ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .pg_schema import ID_SHIFT
 
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS"]
@@ -75,13 +77,7 @@ log = logging.getLogger("storage.postgres")
 Record = dict[str, Any]
 COLUMNS = ("message_id", "guild_id", "channel_id", "author_id", "created_at", "content_length", "attachments",
            "reactions", "sentiment", "topics", "extra")
-_TYPED = frozenset(("message_id", "guild_id", "channel_id", "author_id", "timestamp", "content_length",
-                    "attachments", "reactions", "analysis"))
-_TYPED_COUNT = len(_TYPED)
-_BIGINT_MAX = 2**63 - 1
 _UTC = timezone.utc
-_PG_EPOCH = datetime(2000, 1, 1)  # timestamptz counts microseconds from here (UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM storage_messages"
 # asyncpg sends 9999-12-31T23:59:59.999999 (its datetime.max) as 'infinity', which is another value. So a stored
 # time travels as canonical text (PostgreSQL reads ISO 8601 the same under every DateStyle), and a bound as a
@@ -136,30 +132,9 @@ def _canonical(dt: datetime) -> str:
     return text[:-6] + "Z"
 
 
-def _typed(rec: Record) -> tuple[str | None, list[str] | None, bytes | None]:
-    """The ``sentiment`` and ``topics`` columns of a normalized record and its encoded ``extra`` (None when the
-    typed columns say everything); refuses counters that do not fit in a ``bigint``. Runs once per ingested
-    message, so it is written for speed."""
-    analysis = rec["analysis"]
-    sentiment = analysis.get("sentiment")
-    topics = analysis.get("topics")
-    extra: dict[str, Any] | None = None
-    if len(rec) > _TYPED_COUNT:
-        extra = {k: v for k, v in rec.items() if k not in _TYPED}
-    # The typed columns rebuild ``analysis`` only if it holds nothing but a non-null sentiment and topics.
-    if len(analysis) != (sentiment is not None) + (topics is not None):
-        extra = extra or {}
-        extra["analysis"] = analysis
-    if rec["content_length"] > _BIGINT_MAX or rec["attachments"] > _BIGINT_MAX or rec["reactions"] > _BIGINT_MAX:
-        name = next(n for n in ("content_length", "attachments", "reactions") if rec[n] > _BIGINT_MAX)
-        raise ValidationError(f"message {rec['message_id']}: {name} does not fit in a signed 64-bit integer",
-                              field=name)
-    return sentiment, topics, encode_doc(extra, what="record") if extra else None
-
-
 def to_row(rec: Record) -> tuple[Any, ...]:
     """A normalized record (see :func:`storage.models.validate_message`) as a row of ``storage_messages``."""
-    sentiment, topics, extra = _typed(rec)
+    sentiment, topics, extra = typed_columns(rec)
     return (
         int(rec["message_id"]) - ID_SHIFT,
         int(rec["guild_id"]) - ID_SHIFT,
@@ -205,115 +180,6 @@ def to_record(row: Any) -> Record:
 def _id_order(rec: Record) -> tuple[int, str]:
     mid: str = rec["message_id"]
     return len(mid), mid  # canonical ids have no leading zeros: this is numeric order
-
-
-class _Encoder:
-    """Normalized records as binary ``COPY`` rows (see pg_copy.py); caches live as long as one ``record_messages``.
-
-    The hot loop of ingest: guild and channel ids convert once per call, and the usual record (no ``extra``) has
-    its sentiment, topics and ``extra`` fields looked up, encoded once per distinct combination.
-    """
-
-    def __init__(self) -> None:
-        self._ids: dict[str, int] = {}
-        self._tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
-
-    def rows(self, records: list[Record]) -> bytes:
-        pack = FIXED.pack
-        shift = ID_SHIFT
-        epoch, micro, parse = _PG_EPOCH, _MICROSECOND, datetime.fromisoformat
-        ids, tails = self._ids, self._tails
-        out: list[bytes] = []
-        for rec in records:
-            analysis = rec["analysis"]
-            sentiment = analysis.get("sentiment")
-            topics = analysis.get("topics")
-            if len(rec) == _TYPED_COUNT and len(analysis) == (sentiment is not None) + (topics is not None):
-                key = (sentiment, None if topics is None else tuple(topics))
-                tail = tails.get(key)
-                if tail is None:
-                    tail = tails[key] = text_field(sentiment) + text_array_field(topics) + NULL
-            else:
-                sentiment, topics, extra = _typed(rec)
-                tail = text_field(sentiment) + text_array_field(topics) + jsonb_field(extra)
-            guild, channel = rec["guild_id"], rec["channel_id"]
-            try:
-                head = pack(
-                    11, 8, int(rec["message_id"]) - shift,
-                    8, ids.get(guild) or ids.setdefault(guild, int(guild) - shift),
-                    8, ids.get(channel) or ids.setdefault(channel, int(channel) - shift),
-                    8, int(rec["author_id"]) - shift,  # too many distinct authors in a batch for a cache to pay
-                    8, (parse(rec["timestamp"][:-1]) - epoch) // micro,
-                    8, rec["content_length"], 8, rec["attachments"], 8, rec["reactions"])
-            except struct.error as exc:  # a counter beyond bigint: _typed names it
-                _typed(rec)
-                raise ValidationError(f"message {rec['message_id']}: {exc}") from exc
-            out.append(head)
-            out.append(tail)
-        return b"".join(out)
-
-
-class _Ingest:
-    """One ``record_messages`` call as ``COPY`` data: validated, encoded and sent a chunk at a time.
-
-    The next chunk is checked and encoded while the server inserts the previous one (asyncpg sends a chunk as
-    soon as it is yielded). A bad record found after some chunks went out must not leave them behind, so the
-    ``COPY`` runs inside a transaction and a bad record *ends the data* (it is kept in :attr:`error`) instead of
-    raising inside the generator: the caller raises it before the commit, and the transaction rolls back. (An
-    exception inside the generator would make asyncpg abort the ``COPY`` and open a second connection to cancel
-    it.) What was encoded is kept: when the ``COPY`` fails on an id that is stored already, the batch goes again
-    through the staging table without being checked and encoded twice.
-    """
-
-    def __init__(self, chunks: Iterator[list[Record]]) -> None:
-        self._chunks = chunks
-        self._encoder = _Encoder()
-        self.encoded: list[bytes] = []
-        self.rows = 0
-        self.error: ValidationError | None = None
-        self.first: list[Record] | None = next(chunks, None)  # checked now: a bad first chunk raises here
-        self._next = self.first
-
-    def step(self) -> bytes | None:
-        """The next chunk's rows, or None at the end (or at a bad record: see :attr:`error`)."""
-        chunk = self._next
-        if chunk is None:
-            return None
-        try:
-            data = self._encoder.rows(sorted(chunk, key=_id_order))
-            self._next = next(self._chunks, None)
-        except ValidationError as exc:
-            self.error, self._next = exc, None
-            return None
-        self.encoded.append(data)
-        self.rows += len(chunk)
-        return data
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        yield COPY_HEADER
-        while (data := self.step()) is not None:
-            yield data
-            await asyncio.sleep(0)  # asyncpg asks for the next chunk without yielding to the event loop
-        yield COPY_TRAILER
-
-    def check(self) -> None:
-        """Raise the bad record's error, if one ended the data."""
-        if self.error is not None:
-            raise self.error
-
-    def finish(self) -> list[bytes]:
-        """Every chunk's rows (checking and encoding what the ``COPY`` did not get to)."""
-        while self.step() is not None:
-            pass
-        self.check()
-        return self.encoded
-
-
-async def _replay(encoded: list[bytes]) -> AsyncIterator[bytes]:
-    yield COPY_HEADER
-    for data in encoded:
-        yield data
-    yield COPY_TRAILER
 
 
 def _by_day(conn: Any) -> str:
@@ -395,6 +261,8 @@ class PgMessagesMixin:
 
     _connection: Callable[[str], Any]
     _guard_read: Callable[[], None]
+    _guard_write: Callable[[], None]
+    _invalidate: Callable[[str, Any], None]
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
 
     # -- primitives ----------------------------------------------------------------------------------------------
@@ -410,38 +278,35 @@ class PgMessagesMixin:
         # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
         # (inserting into the unique index waits for the other uncommitted insert of the same id).
         records = sorted(records, key=_id_order)
-        return await self._copy_messages(_Ingest(records[i:i + INGEST_CHUNK]
-                                                 for i in range(0, len(records), INGEST_CHUNK)))
+        return await self._copy_messages(Ingest(record_rows(records, INGEST_CHUNK, RowEncoder())))
 
-    async def _record_chunks(self, chunks: Iterator[list[Record]], size_hint: int) -> int:
-        ingest = _Ingest(chunks)
-        first = ingest.first
-        if first is None:
+    async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
+        """``record_messages``: checked, encoded and sent a chunk at a time (see pg_ingest.py)."""
+        ingest = Ingest(checked_rows(records, INGEST_CHUNK, RowEncoder()))
+        if ingest.first is None:
             return 0
-        if len(first) < INGEST_CHUNK:  # all of it (chunks are full but the last): nothing to overlap
-            return await self._insert_messages(first)
         return await self._copy_messages(ingest)
 
-    async def _copy_messages(self, ingest: _Ingest) -> int:
+    async def _copy_messages(self, ingest: Ingest) -> int:
         """Write an ingest: one ``COPY`` (the usual case), or the staging-table merge when ids are stored already.
 
-        Chunks are sorted by id one at a time (see _insert_messages for why order matters), so two big batches
-        that share ids could still wait on each other in a cycle: PostgreSQL then fails one of them with a
-        deadlock error after ``deadlock_timeout`` (1 s) and that one goes through the merge, which takes its ids
-        in order.
+        A batch of one chunk (already checked whole) is one ``COPY``; a longer one runs in a transaction, rolled
+        back if a later chunk holds a bad record. Chunks are in id order one at a time, so two big batches that
+        share ids could still wait on each other in a cycle: PostgreSQL then fails one of them with a deadlock
+        error after ``deadlock_timeout`` (1 s), and that one goes through the merge, which takes its ids in order.
         """
         first = ingest.first
         assert first is not None
+        whole = len(first) < INGEST_CHUNK  # chunks are full but the last: this one was all of it
         async with self._connection("record_messages") as conn:
             # A resent batch (a retry, a replayed backup) would fail its COPY only after all of it was sent: when
             # the first or last id of the first chunk is stored already, go straight to the merge.
-            resent = len(first) >= _PROBE_FROM and await conn.fetchval(
-                _ANY_STORED, *(int(rec["message_id"]) - ID_SHIFT for rec in (min(first, key=_id_order),
-                                                                              max(first, key=_id_order))))
+            low, high = ingest.first_ids
+            resent = len(first) >= _PROBE_FROM and await conn.fetchval(_ANY_STORED, low - ID_SHIFT, high - ID_SHIFT)
             new: int | None = None
             if not resent:
                 try:
-                    async with conn.transaction():
+                    async with contextlib.nullcontext() if whole else conn.transaction():
                         await conn.copy_to_table("storage_messages", source=ingest.stream(), columns=COLUMNS,
                                                  format="binary")
                         ingest.check()  # a bad record ended the data early: roll back what was sent
@@ -450,10 +315,10 @@ class PgMessagesMixin:
                     # nothing was written: merge through a staging table
                     log.debug("record_messages: COPY refused (%s), merging instead", type(exc).__name__)
             if new is None:
-                replay = _replay(ingest.finish())  # may raise ValidationError: nothing is written then
+                encoded = replay(ingest.finish())  # may raise ValidationError: nothing is written then
                 async with conn.transaction():
                     await conn.execute(_STAGE_CREATE)
-                    await conn.copy_to_table(_STAGE, source=replay, columns=COLUMNS, format="binary")
+                    await conn.copy_to_table(_STAGE, source=encoded, columns=COLUMNS, format="binary")
                     status: str = await conn.execute(_STAGE_MERGE)
                 new = int(status.rsplit(" ", 1)[1])
             await self._count_for_vacuum(conn, new)
@@ -513,8 +378,9 @@ class PgMessagesMixin:
 
     async def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
                                     until: datetime | None) -> AsyncIterator[MessageColumns]:
-        """The column blocks the generic queries read (``refresh_member_statistics`` here), straight from the
-        covering index: five columns instead of whole records made into dicts and then taken apart again."""
+        """The column blocks the generic queries read (here only when the tests run one to compare it with the SQL
+        version), straight from the covering index: five columns instead of whole records made into dicts and then
+        taken apart again."""
         args: list[Any] = []
         query = _SELECT_COLUMNS + _where(guild_id, since, until, args)
         ids = _IdTexts()
@@ -600,3 +466,23 @@ class PgMessagesMixin:
         rows = await self._aggregate("last_activity", _LAST_ACTIVITY, guild_id, since, until, int(author) - ID_SHIFT)
         latest: datetime | None = rows[0][0]
         return None if latest is None else _canonical(latest)
+
+    async def refresh_member_statistics(self, guild_id: int | str, *, since: TimeBound = None,
+                                        until: TimeBound = None) -> int:
+        """The generic version's contract (see :class:`storage.analytics.AnalyticsMixin`) in one statement, which
+        counts in the covering index and upserts the changed member documents (see pg_member_stats.py)."""
+        guild = snowflake(guild_id, "guild_id")  # the generic version's checks, in its order
+        self._guard_read()
+        args = pg_member_stats.member_parameters(guild)
+        where = _where(guild, time_bound(since, "since"), time_bound(until, "until"), args)
+        self._guard_write()  # the generic version writes in store.transaction(): refused inside one, and when closed
+        written: list[str] = []
+        try:
+            # A transaction although it is one statement: the keys written are known before the commit, so that a
+            # commit whose outcome is lost with the connection still drops them from the cache.
+            async with self._connection("refresh_member_statistics") as conn, conn.transaction():
+                written = await pg_member_stats.refresh(conn, where, args)
+        finally:
+            if written:
+                self._invalidate(MEMBERS, written)
+        return len(written)
