@@ -110,6 +110,13 @@ async def time_query(op: Callable[[], Awaitable[Any]]) -> dict[str, float]:
     return {"cold_ms": cold * 1000, "warm_ms": statistics.median(warm) * 1000}
 
 
+async def clear_members(store: Any, stream: Stream) -> None:
+    """Delete the member documents of the benchmark's guilds (PostgreSQL, through the pool escape hatch)."""
+    for g in range(stream.guilds):
+        await store.pool.execute("DELETE FROM storage_documents WHERE collection = 'members' AND key LIKE $1",
+                                 stream.guild(g) + "\\_%")
+
+
 async def open_bench_store(backend: str, location: str) -> Any:
     import storage
 
@@ -129,6 +136,8 @@ async def worker(backend: str, total: int, guilds: int, batch: int, months: int,
                 raise SystemExit(f"{backend}: the store already holds messages; use a scratch database or --clear")
             await store.prune_messages(END + timedelta(days=3650))
             break
+        if backend == "postgres":  # members of an earlier run would make refresh_member_statistics a no-op
+            await clear_members(store, stream)
         out["rss_open_mib"] = rss_mib()
 
         # ingest ------------------------------------------------------------------------------------------------
@@ -201,8 +210,9 @@ async def worker(backend: str, total: int, guilds: int, batch: int, months: int,
         out["first_query_after_open_s"], _ = await timed_once(lambda: store.top_authors(stream.guild(1)))
         oldest_month_end = stream.start + timedelta(days=30)
         out["prune_s"], out["pruned"] = await timed_once(lambda: store.prune_messages(oldest_month_end))
-        if backend == "postgres":
-            await store.prune_messages(END + timedelta(days=3650))  # leave the scratch database as we found it
+        if backend == "postgres":  # leave the scratch database as we found it
+            await store.prune_messages(END + timedelta(days=3650))
+            await clear_members(store, stream)
     finally:
         await store.close()
     out["peak_rss_mib"] = peak_rss_mib()
