@@ -34,7 +34,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from ..errors import DatabaseError, LockTimeoutError, ValidationError
 from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
 from .base import BaseStore, OpsBase, apply_update
+from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .json_messages import MESSAGES_DIR, MessageLog
 from .lockfile import LockBusy, SidecarLock
@@ -98,13 +98,8 @@ class _Staged:
         return keys
 
 
-
-@dataclass
-class _Pending:
-    """A write waiting for the next group commit: ``prepare`` turns the current view into ops and a result."""
-
-    prepare: Callable[[_Staged], tuple[list[Op], Any]]
-    future: asyncio.Future[Any] = field(repr=False)
+#: A write waiting for the next group commit: turns the view so far into its ops and the caller's result.
+_Prepare = Callable[[_Staged], tuple[list[Op], Any]]
 
 
 class JsonStore(BaseStore):
@@ -124,8 +119,8 @@ class JsonStore(BaseStore):
         self._flock = SidecarLock(self.path / LOCK_NAME)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
-        self._queue: list[_Pending] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
+                                                                after=self._maybe_compact)
         self._broken: BaseException | None = None
         self._need_reload = False
         self._seen_counter = -1  # the lock file's change counter when we last caught up (see lockfile.py)
@@ -304,58 +299,28 @@ class JsonStore(BaseStore):
             raise DatabaseError(f"{self.path}: the store stopped accepting writes after an I/O failure "
                                 f"({self._broken}); close and reopen it") from self._broken
 
-    async def _submit(self, prepare: Callable[[_Staged], tuple[list[Op], Any]]) -> Any:
-        """Queue a write for the next group commit and wait until it is durable."""
+    async def _submit(self, prepare: _Prepare) -> Any:
+        """Queue a write for the next group commit (group_commit.py) and wait until it is durable."""
         self._check_usable()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(prepare, future))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop())
-        return await future
+        return await self._commits.submit(prepare)
 
-    async def _commit_loop(self) -> None:
-        try:
-            while self._queue:
-                batch: list[_Pending] = []
-                try:
-                    async with self._locked():
-                        batch, self._queue = self._queue, []  # everyone who queued while we waited: one fsync
-                        await self._commit_batch(batch)
-                except BaseException as exc:  # lock timeout, I/O error: fail every writer of this round
-                    if not batch:
-                        batch, self._queue = self._queue, []
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                await self._maybe_compact()
-        finally:
-            self._committer = None
-
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
+    async def _commit_group(self, batch: list[_Prepare], outcomes: list[Any]) -> None:
+        """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
         staged = _Staged(self._data)
         ops: list[Op] = []
-        done: list[tuple[_Pending, Any]] = []
-        for pending in batch:
-            if pending.future.cancelled():
-                continue
+        for prepare in batch:
             try:
-                item_ops, result = pending.prepare(staged)
+                item_ops, result = prepare(staged)
             except Exception as exc:  # this writer's own failure (its update fn raised, bad result)
-                pending.future.set_exception(exc)
+                outcomes.append(Failed(exc))
                 continue
             staged.apply(item_ops)
             ops.extend(item_ops)
-            done.append((pending, result))
+            outcomes.append(result)
         if ops:
             await self._append(encode_record(ops))
             self._apply(ops)
             self._seen_counter = self._flock.bump_counter()
-        for pending, result in done:
-            if not pending.future.done():
-                pending.future.set_result(result)
 
     async def _append(self, record: bytes) -> None:
         """Append and fsync one record: inline while fsyncs are fast, in a worker thread once they are not.
@@ -537,8 +502,7 @@ class JsonStore(BaseStore):
             return
         self._closed = True
         try:
-            if self._committer is not None:
-                await asyncio.shield(self._committer)
+            await self._commits.wait()
             if self._dirty and self._broken is None:
                 async with self._locked():
                     if self._dirty:

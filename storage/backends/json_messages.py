@@ -11,9 +11,9 @@ the timestamp of a message cannot change (see :mod:`storage.analytics`), so an u
 file as its record.
 
 Concurrency. Every write holds the store's lock (its in-process mutex and the cross-process file lock) and runs
-its blocking I/O in a thread. Inserts are group-committed: the batches of every caller that queued while the
-previous commit ran are written together, one ``write`` and one fsync per file for all of them. Idempotency
-needs every stored id: the index (``message_id -> the file holding it``) is built lazily, on the first write
+its blocking I/O in a thread. Inserts are group-committed (:mod:`.group_commit`): the batches of every caller that
+queued while the previous commit ran are written together, one ``write`` and one fsync per file for all of them.
+Idempotency needs every stored id: the index (``message_id -> the file holding it``) is built lazily, on the first write
 (queries never need it), and before each write it is caught up with what other processes appended, by reading
 the tail of every file that grew since. A prune by another process changes ``rewrites.generation``, after which
 the index is rebuilt from the files. The index maps Python ints to a small int per file, so the dict holds no
@@ -54,6 +54,7 @@ from pathlib import Path
 from ..analytics import MessageColumns, bound_key, micros, timestamp_key
 from ..errors import CorruptDataError, DatabaseError, ValidationError
 from ..fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
+from .group_commit import Failed, GroupCommit
 from .json_message_cache import ColumnCache
 from .json_message_files import (
     GENERATION_NAME,
@@ -108,14 +109,6 @@ class _Group:
     size: int = 0  # bytes written
 
 
-@dataclass
-class _Pending:
-    """An insert waiting for the next group commit."""
-
-    records: list[Record]
-    future: asyncio.Future[int] = field(repr=False)
-
-
 class MessageLog:
     """The message files of one :class:`~storage.backends.json_files.JsonStore` (see the module doc).
 
@@ -131,8 +124,7 @@ class MessageLog:
         self._generation = b""
         self._rewriting = False  # a prune has changed the generation already
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # parallel fsyncs, made on first need
-        self._queue: list[_Pending] = []  # inserts waiting for the next group commit
-        self._committer: asyncio.Task[None] | None = None
+        self._inserts: GroupCommit[list[Record], int] = GroupCommit(locked, self._commit_inserts)
         self._cache = ColumnCache(root)
 
     def __repr__(self) -> str:
@@ -253,38 +245,11 @@ class MessageLog:
 
         Callers that arrive while a commit is running are written together by the next one.
         """
-        pending = _Pending(records, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop())
-        return await pending.future
+        return await self._inserts.submit(records)
 
-    async def _commit_loop(self) -> None:
-        try:
-            while self._queue:
-                batch: list[_Pending] = []
-                counts: list[int] = []
-                try:
-                    async with self._locked():
-                        # everyone who queued while we waited for the lock: one write and fsync per file
-                        batch = [p for p in self._queue if not p.future.done()]  # done: cancelled meanwhile
-                        self._queue = []
-                        if batch:
-                            counts = await run_in_thread(self._insert_locked, [p.records for p in batch])
-                except BaseException as exc:  # lock timeout, I/O error: fail every writer of this round
-                    if not batch:
-                        batch, self._queue = self._queue, []
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for pending, count in zip(batch, counts):
-                    if not pending.future.done():
-                        pending.future.set_result(count)
-        finally:
-            self._committer = None
+    async def _commit_inserts(self, batches: list[list[Record]], counts: list[int | Failed]) -> None:
+        """One group commit, under the lock: every caller's batch in one write and fsync per file."""
+        counts += await run_in_thread(self._insert_locked, batches)
 
     def _insert_locked(self, batches: list[list[Record]]) -> list[int]:
         """Append every batch's new records (in order: an id in two batches is new for the first one only)."""
