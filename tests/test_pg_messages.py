@@ -56,6 +56,20 @@ def message(i: int, guild: str = GUILD, **fields: Any) -> dict[str, Any]:
                          "topics": [["music"], ["art", "music"], []][i % 3]}, **fields}
 
 
+async def lock_waits(conn: Any, task: asyncio.Future[Any], query_like: str) -> int:
+    """How many sessions of this database run a statement matching ``query_like`` and wait for a lock: polled
+    (up to 5 s) until one does or ``task`` is done. ``conn`` may be inside a transaction."""
+    waiting = 0
+    for _ in range(250):
+        await conn.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
+        waiting = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND datname = current_database() AND query LIKE $1", query_like)
+        if waiting or task.done():
+            break
+        await asyncio.sleep(0.02)
+    return int(waiting)
+
+
 async def visibility(store: PostgresStore) -> tuple[int, int]:
     async with store.pool.acquire() as conn:
         row = await conn.fetchrow("SELECT relallvisible, relpages FROM pg_class "
@@ -155,14 +169,8 @@ async def test_a_copy_that_deadlocks_goes_through_the_merge(pg_store: PostgresSt
         await tx.start()
         await other.execute(pm._INSERT_ONE, *pm.to_row(first))
         ingest = asyncio.ensure_future(pg_store.record_messages([message(i) for i in range(1, 4001)]))
-        for _ in range(250):  # until the COPY waits for the other transaction's lock on id 3500
-            await other.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
-            waiting = await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                           "AND query LIKE 'COPY%'")
-            if waiting or ingest.done():
-                break
-            await asyncio.sleep(0.02)
-        assert waiting == 1, "the COPY never waited for the other transaction"
+        # until the COPY waits for the other transaction's lock on id 3500
+        assert await lock_waits(other, ingest, "COPY%") == 1, "the COPY never waited for the other transaction"
         await other.execute(pm._INSERT_ONE, *pm.to_row(stuck))  # the cycle; the COPY is the one cancelled
         await tx.commit()
         assert await ingest == 3998
@@ -563,14 +571,8 @@ async def test_refresh_in_sql_keeps_a_concurrent_change_to_a_member(pg_store: Po
         await tx.start()
         await other.execute("UPDATE storage_documents SET doc = doc || '{\"xp\": 2}' WHERE key = $1", f"{GUILD}_100")
         refresh = asyncio.ensure_future(pg_store.refresh_member_statistics(GUILD))
-        for _ in range(250):  # until the refresh waits for the other transaction's row lock
-            await other.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
-            waiting = await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                           "AND datname = current_database() AND query LIKE '%WITH agg AS%'")
-            if waiting or refresh.done():
-                break
-            await asyncio.sleep(0.02)
-        assert waiting == 1, "the refresh never waited for the other transaction"
+        # until the refresh waits for the other transaction's row lock
+        assert await lock_waits(other, refresh, "%WITH agg AS%") == 1, "the refresh never waited for the other one"
         await tx.commit()
         assert await refresh == 1
     finally:
