@@ -23,6 +23,7 @@ MAX_KEY_LENGTH = 512
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 _DUMPS_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_OWN_COLLECTIONS = frozenset(("members",))  # valid names (see check_collection)
 
 
 def dumps_kept(value: Any, option: int | None = None) -> bytes:
@@ -37,6 +38,8 @@ def dumps_kept(value: Any, option: int | None = None) -> bytes:
 
 def check_collection(name: object) -> str:
     """Collection names become file names on the JSON backend, so they are restricted to a safe alphabet."""
+    if type(name) is str and name in _OWN_COLLECTIONS:
+        return name  # the library's own, on every member call: skip the regex
     if not isinstance(name, str) or not _COLLECTION_RE.match(name) or name.endswith((".tmp", ".json")):
         raise ValidationError(
             f"collection name must be 1-128 chars of letters, digits, '_', '-', '.', not starting with '.' or '-': "
@@ -78,12 +81,15 @@ def _walk(value: Any, path: str) -> None:
         raise ValidationError(f"{path}: integer {value} does not fit in 64 bits", field=path)
 
 
-def encode_doc(doc: Any, *, what: str = "document") -> bytes:
-    """Serialize a document, raising :class:`ValidationError` (naming the field) if it is not plain JSON."""
+def encode_doc(doc: Any, *, what: str = "document", kept: bool = True) -> bytes:
+    """Serialize a document, raising :class:`ValidationError` (naming the field) if it is not plain JSON.
+
+    ``kept=False`` when the bytes only pass through (sent to a server and dropped): no :func:`dumps_kept` copy.
+    """
     if type(doc) is not dict:
         raise ValidationError(f"{what} must be a dict, got {type(doc).__name__}", field=what)
     try:
-        out = dumps_kept(doc, _DUMPS_OPTS)
+        out = dumps_kept(doc, _DUMPS_OPTS) if kept else orjson.dumps(doc, option=_DUMPS_OPTS)
     except (orjson.JSONEncodeError, TypeError) as exc:
         _walk(doc, what)  # a more precise message when the walk can find the field
         raise ValidationError(f"{what} is not JSON-serializable: {exc}", field=what) from exc

@@ -55,7 +55,7 @@ class MembersMixin:
                     raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
                 user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
                 key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-                encoded = encode_doc(check_member(data, user, guild), what="data")
+                encoded = encode_doc(check_member(data, user, guild), what="data", kept=self._keeps_encoded)
             except ValidationError as exc:
                 log.error("batch_update_members: skipping update #%d: %s", index, exc)
                 continue
