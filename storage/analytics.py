@@ -39,12 +39,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from .codec import encode_doc
 from .errors import ValidationError
 from .members import MEMBERS
-from .models import MESSAGE_FIELDS, iso_utc, parse_timestamp, snowflake, validate_message
+from .models import MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
 from .protocol import Document, TimeBound, Transaction
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "normalize_messages",
     "message_chunks",
     "message_records",
+    "checked_chunks",
     "checked_message",
     "usual_fields",
     "UsualFields",
@@ -79,13 +80,13 @@ INGEST_CHUNK = 1000  # records per chunk of message_chunks: about 5 ms of checks
 _PLAIN_FIELDS = frozenset((*MESSAGE_FIELDS, "guild_id"))
 _PLAIN_ANALYSIS = frozenset(("sentiment", "topics"))
 _U64 = 2**64 - 1
-_calendar = datetime.fromisoformat
 
 MessageRecord = dict[str, Any]
 #: What :func:`usual_fields` returns: message_id, channel_id, author_id, guild_id, timestamp (canonical texts),
 #: content_length, attachments, reactions, analysis, and the timestamp as an aware datetime.
 UsualFields = tuple[str, str, str, str, str, int, int, int, dict[str, Any], datetime]
 ModifyFn = Callable[[MessageRecord], MessageRecord]
+T = TypeVar("T")
 
 
 def timestamp_key(ts: str) -> str:
@@ -208,18 +209,35 @@ def checked_message(record: Any, index: int, known: set[str]) -> MessageRecord:
 
 
 def _chunks(iterator: Iterator[Any], size: int) -> Iterator[list[MessageRecord]]:
+    return checked_chunks(iterator, size, _record_of, _same)
+
+
+def checked_chunks(records: Iterator[Any], size: int, usual: Callable[[UsualFields], T],
+                   other: Callable[[MessageRecord], T]) -> Iterator[list[T]]:
+    """The caller's records checked and deduplicated (the first of an id wins), each made into a ``T``, ``size``
+    a chunk: ``usual(fields)`` for a record :func:`usual_fields` accepts, ``other(record)`` for the normalized
+    form of any other. A bad record raises ValidationError (naming its index) when its chunk is asked for.
+
+    The ingest's hot loop, shared by the generic ingest (normalized dicts) and the PostgreSQL one (COPY rows).
+    """
     seen: set[str] = set()
     known: set[str] = set()
-    chunk: list[MessageRecord] = []
-    for index, record in enumerate(iterator):  # the ingest's hot path
-        out = _usual(record, known)
-        if out is None:
-            out = checked_message(record, index, known)
-        mid = out["message_id"]
-        if mid in seen:
-            continue
-        seen.add(mid)
-        chunk.append(out)
+    chunk: list[T] = []
+    for index, raw in enumerate(records):
+        fields = usual_fields(raw, known)
+        if fields is not None:
+            mid = fields[0]
+            if mid in seen:
+                continue
+            seen.add(mid)
+            chunk.append(usual(fields))
+        else:
+            record = checked_message(raw, index, known)
+            mid = record["message_id"]
+            if mid in seen:
+                continue
+            seen.add(mid)
+            chunk.append(other(record))
         if len(chunk) >= size:
             yield chunk
             chunk = []
@@ -227,16 +245,23 @@ def _chunks(iterator: Iterator[Any], size: int) -> Iterator[list[MessageRecord]]
         yield chunk
 
 
+def _same(record: MessageRecord) -> MessageRecord:
+    return record
+
+
 def _joined(chunks: Iterator[list[MessageRecord]]) -> list[MessageRecord]:
     return [record for chunk in chunks for record in chunk]
 
 
 def _usual(record: Any, known: set[str]) -> MessageRecord | None:
-    """The normalized form of the usual record (see :func:`usual_fields`), fields in the order of
-    :data:`storage.models.MESSAGE_FIELDS`, which the JSON message log likes: ``message_id`` first."""
+    """The normalized form of the usual record (see :func:`usual_fields`); None for any other."""
     fields = usual_fields(record, known)
-    if fields is None:
-        return None
+    return None if fields is None else _record_of(fields)
+
+
+def _record_of(fields: UsualFields) -> MessageRecord:
+    """The normalized record of :func:`usual_fields`' fields, in the order of :data:`storage.models.MESSAGE_FIELDS`,
+    which the JSON message log likes: ``message_id`` first."""
     mid, cid, aid, gid, ts, content_length, attachments, reactions, analysis, _when = fields
     return {"message_id": mid, "channel_id": cid, "author_id": aid, "guild_id": gid, "timestamp": ts,
             "content_length": content_length, "attachments": attachments, "reactions": reactions,
@@ -267,18 +292,8 @@ def usual_fields(record: Any, known: set[str]) -> UsualFields | None:
     digits = mid + cid + aid + gid
     if not (digits.isdigit() and digits.isascii()):
         return None
-    # YYYY-MM-DDTHH:MM:SS[.ffffff]Z: the separators are every third character from the fifth; fromisoformat then
-    # checks that the rest are ASCII digits of a real date and time (no 2024-02-30), and "Z" the only offset
-    if len(ts) == 20:
-        if ts[4:20:3] != "--T::Z":
-            return None
-    elif len(ts) != 27 or ts[4:20:3] != "--T::." or ts[26] != "Z" or ts.endswith(".000000Z"):
-        return None
-    try:
-        when = _calendar(ts)
-    except ValueError:
-        return None
-    if when.tzinfo is not timezone.utc:
+    when = canonical_time(ts)
+    if when is None:
         return None
     content_length, attachments, reactions = get("content_length", 0), get("attachments", 0), get("reactions", 0)
     if not (type(content_length) is int and type(attachments) is int and type(reactions) is int):

@@ -17,6 +17,7 @@ __all__ = [
     "parse_timestamp",
     "iso_utc",
     "is_canonical",
+    "canonical_time",
     "member_key",
     "validate_member",
     "check_member",
@@ -98,22 +99,28 @@ def iso_utc(value: Any, field: str = "timestamp") -> str:
 
 
 def is_canonical(text: str) -> bool:
-    """Whether ``text`` is a timestamp in the canonical form of :func:`iso_utc` (a real date and time).
+    """Whether ``text`` is a timestamp in the canonical form of :func:`iso_utc` (a real date and time)."""
+    return canonical_time(text) is not None
+
+
+def canonical_time(text: str) -> datetime | None:
+    """The time (aware, UTC) of a timestamp in the canonical form of :func:`iso_utc`; None for any other text.
 
     Written for speed (it runs for every timestamp written): the separators of ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``
     are every third character from the fifth, one slice; ``fromisoformat`` then accepts the rest only if it is
     ASCII digits of a real date and time (no 2024-02-30) with ``Z`` as the only offset. A regular expression for
-    the shape plus the calendar check cost three times as much. storage.analytics inlines the same test.
+    the shape plus the calendar check cost three times as much.
     """
     if len(text) == 20:
         if text[4:20:3] != "--T::Z":
-            return False
+            return None
     elif len(text) != 27 or text[4:20:3] != "--T::." or text[26] != "Z" or text.endswith(".000000Z"):
-        return False
+        return None
     try:
-        return datetime.fromisoformat(text).tzinfo is timezone.utc
+        when = datetime.fromisoformat(text)
     except ValueError:
-        return False
+        return None
+    return when if when.tzinfo is timezone.utc else None
 
 
 def member_key(user_id: Any, guild_id: Any) -> str:

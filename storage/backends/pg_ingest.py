@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..analytics import UsualFields, checked_message, usual_fields
+from ..analytics import UsualFields, checked_chunks
 from ..codec import encode_doc
 from ..errors import ValidationError
 from .pg_copy import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
@@ -132,30 +132,7 @@ def checked_rows(records: Iterator[Any], size: int, encoder: RowEncoder) -> Iter
 
     A bad record raises ValidationError (naming its index) when the chunk holding it is asked for.
     """
-    seen: set[str] = set()
-    known: set[str] = set()
-    usual, record = encoder.usual, encoder.record
-    chunk: list[Row] = []
-    for index, raw in enumerate(records):  # the ingest's hot loop
-        fields = usual_fields(raw, known)
-        if fields is not None:
-            mid = fields[0]
-            if mid in seen:
-                continue
-            seen.add(mid)
-            chunk.append(usual(fields))
-        else:
-            rec = checked_message(raw, index, known)
-            mid = rec["message_id"]
-            if mid in seen:
-                continue
-            seen.add(mid)
-            chunk.append(record(rec))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    return checked_chunks(records, size, encoder.usual, encoder.record)
 
 
 def record_rows(records: list[Record], size: int, encoder: RowEncoder) -> Iterator[list[Row]]:
