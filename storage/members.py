@@ -26,6 +26,10 @@ log = logging.getLogger("storage.members")
 class MembersMixin:
     """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
 
+    #: See storage.backends.base.OpsBase: whether the documents encoded here are kept (then copied to exact size).
+    #: True, always safe, unless the class it is mixed into says otherwise.
+    _keeps_encoded = True
+
     async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Document:
         """The member's record, or ``{}`` when there is none (as the seed returned)."""
         doc = await self.get(MEMBERS, member_key(user_id, guild_id))
