@@ -17,9 +17,10 @@ like a good one, ``restore_backup("../..")`` wrote anywhere, and there was nothi
 Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup_messages`):
 
 * **Snapshot.** JSON files: the messages are read while the documents' transaction holds the store lock, so both
-  come from the same instant (the manifest says ``"same_snapshot": true``). PostgreSQL: the messages are read in
-  their own snapshot, on another connection, while the documents' snapshot is open: consistent in themselves, but
-  a message recorded during the backup may be in it or not (``"same_snapshot": false``).
+  come from the same instant (the manifest says ``"same_snapshot": true``). PostgreSQL: the documents'
+  transaction exports its snapshot (``pg_export_snapshot()``) and the messages are read on another connection in
+  that same snapshot, so a message recorded during the backup is in neither (``"same_snapshot": true`` too; false
+  only for a backend whose transaction offers no snapshot to share).
 * **Restore.** Messages live outside the document transaction, so they are swapped after it commits: every record
   is validated first (before anything changes), then the messages are deleted and the backup's inserted. If that
   step fails the documents are already restored; the error says so and names the safety backup. Messages whose
@@ -187,14 +188,15 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
             entries[name] = await _write_collection(tx, tmp, name, digest, progress,
                                                     ledger if name == LEDGER_COLLECTION else None)
         message_entry = None
+        snapshot: str | None = getattr(tx, "snapshot_id", None)  # PostgreSQL: see PgTransaction.pin_snapshot
         if messages is not None:
-            message_entry = await messages.write_backup_file(tmp, digest, progress)
+            message_entry = await messages.write_backup_file(tmp, digest, progress, snapshot)
         digests = digest.hexdigests()
         for name, entry in entries.items():
             entry["digest"] = digests[name]
         if message_entry is not None:
             message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
-            message_entry["same_snapshot"] = messages is not None and messages.in_snapshot
+            message_entry["same_snapshot"] = messages is not None and messages.same_snapshot(snapshot)
         manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
         await asyncio.to_thread(write_manifest, tmp, manifest)
         backup_id = await asyncio.to_thread(publish, tmp, backup_dir, started)

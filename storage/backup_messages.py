@@ -44,16 +44,16 @@ class MessageOps:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    @property
-    def in_snapshot(self) -> bool:
+    def same_snapshot(self, snapshot: str | None) -> bool:
         """Whether a scan made while a document transaction is open sees the same snapshot as the transaction.
 
         JSON files: yes. The transaction holds the store lock, every message write takes that lock, and a scan
         reads the files without it, so nothing can change between the documents and the messages.
-        PostgreSQL: no. The scan runs on another connection than the transaction, so messages written while the
-        backup runs may or may not be in it (each record is still whole; messages are append-mostly history).
+        PostgreSQL: when the transaction exported its ``snapshot`` (``PgTransaction.pin_snapshot``): the scan, on
+        another connection, reads in it. Without one, messages written while the backup runs may or may not be
+        in it (each record is still whole).
         """
-        return bool(self.store.backend_name == "json")
+        return bool(self.store.backend_name == "json" or snapshot is not None)
 
     @classmethod
     def of(cls, store: Any) -> MessageOps | None:
@@ -62,8 +62,12 @@ class MessageOps:
             return cls(store)
         return None
 
-    def scan(self) -> AsyncIterator[dict[str, Any]]:
-        result: AsyncIterator[dict[str, Any]] = self.store._scan_messages(None, None, None)
+    def scan(self, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every record; in an exported ``snapshot`` (PostgreSQL) when one is given."""
+        if snapshot is None:
+            result: AsyncIterator[dict[str, Any]] = self.store._scan_messages(None, None, None)
+        else:
+            result = self.store._scan_messages(None, None, None, snapshot=snapshot)
         return result
 
     async def count(self) -> int:
@@ -87,13 +91,14 @@ class MessageOps:
         deleted: int = await self.store._delete_messages_before(END_OF_TIME)
         return deleted
 
-    async def write_backup_file(self, root: Path, digest: ContentDigest, progress: Progress) -> dict[str, Any]:
-        """Write ``messages.jsonl``; returns its manifest entry."""
+    async def write_backup_file(self, root: Path, digest: ContentDigest, progress: Progress,
+                                snapshot: str | None = None) -> dict[str, Any]:
+        """Write ``messages.jsonl`` (read in ``snapshot``, see :meth:`scan`); returns its manifest entry."""
         progress.phase("backup: messages", None)
         writer = JsonlWriter(root, MESSAGES_FILE)
         try:
             n = 0
-            async for record in self.scan():
+            async for record in self.scan(snapshot):
                 writer.write(orjson.dumps(record) + b"\n")
                 digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
                 n += 1

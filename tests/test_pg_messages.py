@@ -179,6 +179,28 @@ async def test_a_copy_that_deadlocks_goes_through_the_merge(pg_store: PostgresSt
     assert await pg_store.message_counts(GUILD) == 4000
 
 
+async def test_a_scan_in_an_exported_snapshot_reads_the_transactions_instant(pg_store: PostgresStore,
+                                                                             pg_config: StoreConfig):
+    """What backups use: messages read on another connection, in the snapshot of the documents' transaction."""
+    await pg_store.record_messages([message(i) for i in range(1, 11)])
+    other = await storage.open_store(config=pg_config)
+    try:
+        async with pg_store.transaction() as tx:
+            await tx.pin_snapshot()
+            assert tx.snapshot_id
+            assert await other.record_messages([message(i) for i in range(11, 21)]) == 10  # committed meanwhile
+            in_snapshot = [r["message_id"] async for r in pg_store._scan_messages(snapshot=tx.snapshot_id)]
+            now = [r["message_id"] async for r in pg_store._scan_messages()]
+        assert sorted(map(int, in_snapshot)) == list(range(1, 11))
+        assert sorted(map(int, now)) == list(range(1, 21))
+    finally:
+        await other.close()
+    with pytest.raises(storage.ValidationError):
+        async for _ in pg_store._scan_messages(snapshot="1'; DROP TABLE storage_messages; --"):
+            pass
+    assert await pg_store.message_counts(GUILD) == 20
+
+
 async def test_resent_and_overlapping_large_batches_count_only_new_ids(pg_store: PostgresStore):
     first = [message(i) for i in range(1001, 2501)]
     assert await pg_store.record_messages(first) == 1500

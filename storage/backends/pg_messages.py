@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -92,6 +93,7 @@ _UPDATE = (f"UPDATE storage_messages SET guild_id = $2, channel_id = $3, author_
            "content_length = $6, attachments = $7, reactions = $8, sentiment = $9, topics = $10, extra = $11 "
            "WHERE message_id = $1")
 _ANY_STORED = "SELECT EXISTS (SELECT FROM storage_messages WHERE message_id IN ($1, $2))"
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+(?:-[0-9A-F]+)+\Z")  # what pg_export_snapshot() returns
 _PROBE_FROM = 1000  # records: below this, a failed COPY costs less than the probe's round trip usually saves
 _STAGE = "storage_messages_stage"
 _STAGE_CREATE = f"CREATE TEMPORARY TABLE {_STAGE} (LIKE storage_messages) ON COMMIT DROP"
@@ -367,12 +369,19 @@ class PgMessagesMixin:
         return deleted
 
     async def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
-                             until: datetime | None = None) -> AsyncIterator[Record]:
+                             until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[Record]:
+        """``snapshot``: an exported snapshot (``PgTransaction.snapshot_id``) to read in instead of a fresh one, so
+        that a backup's messages come from the same instant as its documents."""
         args: list[Any] = []
         query = _SELECT + _where(guild_id, since, until, args) + " ORDER BY created_at, message_id"
+        if snapshot is not None and not _SNAPSHOT_ID.match(snapshot):
+            raise ValidationError(f"not an exported snapshot id: {snapshot!r}", field="snapshot")
         # A server-side cursor (inside a transaction, as PostgreSQL requires): memory stays flat however many
         # messages match, and the whole scan reads one snapshot.
-        async with self._connection("scanning messages") as conn, conn.transaction(readonly=True):
+        async with self._connection("scanning messages") as conn, conn.transaction(
+                readonly=True, isolation="repeatable_read" if snapshot else None):
+            if snapshot is not None:  # a utility statement: no parameters, hence the check of the id above
+                await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             async for row in conn.cursor(query, *args, prefetch=2000):
                 yield to_record(row)
 

@@ -470,6 +470,9 @@ class PgTransaction(OpsBase):
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
         self._used = False  # a statement ran: too late to change the isolation level
+        #: After :meth:`pin_snapshot`: the exported snapshot, which another connection can read in too (a backup
+        #: reads the messages that way, see PgMessagesMixin._scan_messages).
+        self.snapshot_id: str | None = None
 
     @property
     def connection(self) -> Any:
@@ -518,13 +521,16 @@ class PgTransaction(OpsBase):
         blocked; a write of this transaction that conflicts with a concurrent one raises TransactionError.
         """
         self._guard_read()
-        if not self._locking_reads:
-            return  # opened with isolation="repeatable_read" or "serializable" already
-        if self._used:
-            raise TransactionError("pin_snapshot() must come before any other call in the transaction")
-        async with self._use("pin_snapshot") as conn:
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        self._locking_reads = False
+        if self._locking_reads:
+            if self._used:
+                raise TransactionError("pin_snapshot() must come before any other call in the transaction")
+            async with self._use("pin_snapshot") as conn:
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            self._locking_reads = False
+        # else opened with isolation="repeatable_read" or "serializable" already
+        if self.snapshot_id is None:
+            async with self._use("pin_snapshot") as conn:
+                self.snapshot_id = await conn.fetchval("SELECT pg_export_snapshot()")
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them."""
