@@ -21,10 +21,11 @@ Message-analytics records are stored beside the documents in ``messages.jsonl`` 
   transaction exports its snapshot (``pg_export_snapshot()``) and the messages are read on another connection in
   that same snapshot, so a message recorded during the backup is in neither (``"same_snapshot": true`` too; false
   only for a backend whose transaction offers no snapshot to share).
-* **Restore.** Messages live outside the document transaction, so they are swapped after it commits: every record
-  is validated first (before anything changes), then the messages are deleted and the backup's inserted. If that
-  step fails the documents are already restored; the error says so and names the safety backup. Messages whose
-  content digest already equals the backup's are not touched.
+* **Restore.** Every record is validated first (before anything changes). PostgreSQL: the messages are deleted
+  and the backup's inserted in the documents' transaction, so a failure anywhere restores nothing. JSON files: the
+  message log lives outside the document transaction, so it is swapped after the commit; if that step fails the
+  documents are already restored, and the error says so and names the safety backup. Messages whose content
+  digest already equals the backup's are not touched.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,10 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
             for name in names:
                 changes[name] = await _restore_collection(tx, root, name, manifest["collections"].get(name),
                                                           dry_run, progress)
+            replace_in_tx = getattr(tx, "_replace_messages", None)  # PostgreSQL: messages in the same transaction
+            if messages is not None and message_entry is not None and not dry_run and callable(replace_in_tx):
+                await _restore_messages_in(replace_in_tx, root, message_entry, progress, backup_id)
+                message_entry = None  # done
             staged = True
     except BaseException as exc:
         if safety is not None and not staged:
@@ -340,11 +345,28 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
     return RestoreReport(backup_id, dry_run, safety, changes, message_counts)
 
 
+async def _restore_messages_in(replace: Any, root: Path, entry: dict[str, Any], progress: Progress,
+                               backup_id: str) -> None:
+    """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
+    whose transactions offer ``_replace_messages``): any failure rolls back the documents too."""
+    progress.phase("restore: messages", int(entry["count"]))
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        for batch in MessageOps.backup_batches(root, entry):
+            yield batch
+            progress.advance(len(batch))
+
+    final = await replace(batches())
+    if final != entry["count"]:
+        raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
+                          f"{entry['count']}: nothing was restored")
+
+
 async def _restore_messages(messages: MessageOps, root: Path, entry: dict[str, Any], progress: Progress,
                             backup_id: str, safety: str | None) -> None:
     """Replace every message with the backup's (already checked), after the documents committed.
 
-    Not in the documents' transaction: messages live outside it (a table, or the JSON message log, whose writes
+    For a backend whose messages live outside the documents' transaction (the JSON message log, whose writes
     take the store lock the transaction holds). If this fails midway, the documents are restored and the
     messages are not all there: the error says so, and the safety backup holds the previous state.
     """
@@ -503,8 +525,9 @@ class BackupMixin:
 
         Raises :class:`BackupError` (and changes nothing) when the id is not a backup, verification fails or
         the backup holds a record this store refuses. Otherwise the current state is first saved as a new backup
-        (``report.safety_backup``), then the documents are swapped in one transaction, then the messages (see
-        the module docstring). ``dry_run=True`` only reports what would change.
+        (``report.safety_backup``), then the documents are swapped in one transaction (on PostgreSQL the messages
+        too; on JSON files they follow it, see the module docstring). ``dry_run=True`` only reports what would
+        change.
         """
         store: Any = self
         store._guard_write()

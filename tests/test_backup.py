@@ -345,6 +345,31 @@ async def test_backup_with_data_the_store_refuses_restores_nothing(store):
         assert await snapshot(store) == state
 
 
+async def test_on_postgres_a_message_refused_late_rolls_back_the_documents_too(store):
+    """The messages are swapped in the documents' transaction: a record only the server refuses (a counter that
+    passes the format's checks but not a bigint), met after every document was staged, restores nothing."""
+    if store.backend_name != "postgres":
+        pytest.skip("JSON files swap the message log after the documents' commit (see storage/backup.py)")
+    await populate(store)
+    info = await store.create_backup()
+    await store.put("members", f"{GUILD}_1001", {"changed": True})
+    await store.record_messages([{"message_id": "999999", "channel_id": "5", "author_id": "6", "guild_id": GUILD,
+                                  "timestamp": "2024-05-01T00:00:00Z"}])
+    state = await snapshot(store)
+    messages_before = await all_messages(store)
+    path = info.path / "messages.jsonl"
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    huge = {**last, "message_id": "888888888", "reactions": 2**63}
+    path.write_bytes(path.read_bytes() + json.dumps(huge, separators=(",", ":")).encode() + b"\n")
+    reseal(info.path, "messages.jsonl")
+    assert (await store.verify_backup(info.id)).ok
+    with pytest.raises(BackupError, match="nothing was restored"):
+        await store.restore_backup(info.id)
+    assert await snapshot(store) == state
+    assert await all_messages(store) == messages_before
+    assert [b.id for b in await store.list_backups()] == [info.id]  # the unused safety backup was withdrawn
+
+
 @pytest.mark.parametrize("bad", ["../x", "../../etc", "/etc", "/", "..", ".", "", "20240101_000000/../../x",
                                  "20240101_000000/", "20240101_000000_0", "2024-01-01", "20240101_000000\x00",
                                  "20240101_000000_99999", None, 20240101])

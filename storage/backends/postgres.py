@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -62,7 +62,8 @@ from ..protocol import Document, Transaction, UpdateFn
 from . import pg_documents as sql
 from .base import BaseStore, OpsBase
 from .pg_errors import DRIVER_ERRORS, describe_target, dsn_password, is_connection_error, translate
-from .pg_messages import PgMessagesMixin
+from .pg_ingest import RowEncoder, replay
+from .pg_messages import COLUMNS, PgMessagesMixin
 from .pg_schema import ensure_schema
 
 __all__ = ["PostgresStore", "PgTransaction", "CONNECT_TIMEOUT", "CLOSE_TIMEOUT"]
@@ -531,6 +532,22 @@ class PgTransaction(OpsBase):
         if self.snapshot_id is None:
             async with self._use("pin_snapshot") as conn:
                 self.snapshot_id = await conn.fetchval("SELECT pg_export_snapshot()")
+
+    async def _replace_messages(self, batches: Iterable[list[dict[str, Any]]]) -> int:
+        """Delete every message and insert ``batches`` (records already checked, normalized, ids unique) in this
+        transaction, so that a restore swaps the documents and the messages together or not at all. Returns how
+        many were inserted. (The old rows are dead until autovacuum, which a whole-table delete wakes up soon.)"""
+        self._guard_write()
+        encoder = RowEncoder()
+        inserted = 0
+        async with self._use("restoring messages") as conn:
+            await conn.execute("DELETE FROM storage_messages")
+            for batch in batches:
+                rows = sorted(encoder.record(record) for record in batch)
+                status: str = await conn.copy_to_table("storage_messages", source=replay([b"".join(
+                    [row for _, row in rows])]), columns=COLUMNS, format="binary")
+                inserted += int(status.rsplit(" ", 1)[1])
+        return inserted
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them."""
