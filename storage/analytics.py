@@ -13,7 +13,10 @@ either calls a write primitive or computes a query by streaming over the records
 blocks (:class:`MessageColumns`: one sequence per field, so that ``Counter`` counts in C), from the optional
 primitive ``_scan_message_columns``, whose default here builds the blocks from ``_scan_messages`` (the JSON
 backend serves them from a cache instead). These generic queries are the reference: a backend may override one
-with something faster (SQL), and the conformance tests prove that both give the same answers.
+with something faster (SQL), and the conformance tests prove that both give the same answers. Likewise
+``record_messages`` goes through the optional ``_ingest(records, size_hint)``, whose default checks the whole
+batch and then calls ``_insert_messages``; PostgreSQL overrides it to write while it checks, in a transaction
+(storage/backends/pg_ingest.py). Both check with :func:`checked_chunks`, so they accept and refuse the same.
 
 Decisions, stated once:
 
