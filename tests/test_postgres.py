@@ -536,6 +536,26 @@ async def test_a_cancelled_call_on_the_lane_leaves_nothing_half_done(pg_store: P
     assert await pg_store.get("things", "after") == {"ok": True}
 
 
+async def test_a_lane_whose_session_is_killed_while_idle_is_replaced(pg_config: StoreConfig):
+    store = await storage.open_store(config=pg_config)
+    try:
+        await store.put("things", "a", {"v": 1})
+        killer = await asyncpg.connect(pg_config.dsn)
+        try:
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", store._lane_pid)
+        finally:
+            await killer.close()
+        for _ in range(200):  # asyncpg sees the socket close and calls the termination listener
+            if store._lane is None:
+                break
+            await asyncio.sleep(0.01)
+        assert store._lane is None
+        assert await storage.safe_database_operation(store.get, "things", "a", retry_delay=0.05) == {"v": 1}
+        assert store._lane is not None  # a fresh one
+    finally:
+        await store.close()
+
+
 async def test_closing_gives_the_lane_back_without_waiting(pg_config: StoreConfig, caplog: pytest.LogCaptureFixture):
     store = await storage.open_store(config=pg_config)
     await store.put("things", "a", {"v": 1})

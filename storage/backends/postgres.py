@@ -187,8 +187,12 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         lane = self._lane
         if lane is not None and not self._lane_busy:  # a busy one is given back by the call using it
             self._lane = None
-            lane.remove_termination_listener(self._lane_lost)
-            await _release(self, lane, self._lane_pid, clean=True)
+            try:
+                lane.remove_termination_listener(self._lane_lost)
+                clean = True
+            except asyncpg.InterfaceError:  # lost a moment ago (the listener has not run yet): already given back
+                clean = False
+            await _release(self, lane, self._lane_pid, clean=clean)
         try:
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except _CLOSE_ERRORS as exc:
