@@ -481,42 +481,30 @@ async def backend_pids(store: PostgresStore, calls: int) -> set[int]:
 
 
 async def test_sequential_calls_reuse_one_connection_and_concurrent_ones_spread(pg_config: StoreConfig):
-    config = dataclasses.replace(pg_config, pool_min=0, pool_max=4)
-    store = await storage.open_store(config=config)
-    try:
+    async with storage.open_store(config=dataclasses.replace(pg_config, pool_min=0, pool_max=4)) as store:
         assert len(await backend_pids(store, 20)) == 1
         before = store.pool.get_size()
         await asyncio.gather(*(store.put("things", f"k{i}", {"i": i}) for i in range(40)))
         assert store.pool.get_size() > 1 or before > 1  # the lane was busy: the others borrowed from the pool
         assert {k: d["i"] async for k, d in store.items("things")} == {f"k{i}": i for i in range(40)}
-    finally:
-        await store.close()
 
 
 async def test_a_pool_of_one_has_no_lane_and_still_serves_everything(pg_config: StoreConfig):
-    config = dataclasses.replace(pg_config, pool_min=1, pool_max=1)
-    store = await storage.open_store(config=config)
-    try:
+    async with storage.open_store(config=dataclasses.replace(pg_config, pool_min=1, pool_max=1)) as store:
         async with store.transaction() as tx:
             await tx.put("things", "a", {"v": 1})
         await asyncio.gather(*(store.update("things", "a", lambda d: {"v": d["v"] + 1}) for _ in range(10)))
         assert await store.get("things", "a") == {"v": 11}
-    finally:
-        await store.close()
 
 
 async def test_a_long_transaction_does_not_hold_the_lane(pg_config: StoreConfig):
-    config = dataclasses.replace(pg_config, pool_min=0, pool_max=2)
-    store = await storage.open_store(config=config)
-    try:
+    async with storage.open_store(config=dataclasses.replace(pg_config, pool_min=0, pool_max=2)) as store:
         await store.put("things", "a", {"v": 1})
         async with store.transaction() as tx:  # one connection for as long as the caller likes
             await tx.put("things", "b", {"v": 2})
             for _ in range(5):  # the other one: the lane
                 assert await store.get("things", "a") == {"v": 1}
         assert await store.get("things", "b") == {"v": 2}
-    finally:
-        await store.close()
 
 
 async def test_a_cancelled_call_on_the_lane_leaves_nothing_half_done(pg_store: PostgresStore):
@@ -537,8 +525,7 @@ async def test_a_cancelled_call_on_the_lane_leaves_nothing_half_done(pg_store: P
 
 
 async def test_a_lane_whose_session_is_killed_while_idle_is_replaced(pg_config: StoreConfig):
-    store = await storage.open_store(config=pg_config)
-    try:
+    async with storage.open_store(config=pg_config) as store:
         await store.put("things", "a", {"v": 1})
         killer = await asyncpg.connect(pg_config.dsn)
         try:
@@ -552,8 +539,6 @@ async def test_a_lane_whose_session_is_killed_while_idle_is_replaced(pg_config: 
         assert store._lane is None
         assert await storage.safe_database_operation(store.get, "things", "a", retry_delay=0.05) == {"v": 1}
         assert store._lane is not None  # a fresh one
-    finally:
-        await store.close()
 
 
 async def test_closing_gives_the_lane_back_without_waiting(pg_config: StoreConfig, caplog: pytest.LogCaptureFixture):
