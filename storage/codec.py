@@ -81,15 +81,18 @@ def _walk(value: Any, path: str) -> None:
         raise ValidationError(f"{path}: integer {value} does not fit in 64 bits", field=path)
 
 
-def encode_doc(doc: Any, *, what: str = "document", kept: bool = True) -> bytes:
+def encode_doc(doc: Any, *, what: str = "document") -> bytes:
     """Serialize a document, raising :class:`ValidationError` (naming the field) if it is not plain JSON.
 
-    ``kept=False`` when the bytes only pass through (sent to a server and dropped): no :func:`dumps_kept` copy.
+    The result is always the exact-size copy of :func:`dumps_kept`, even for bytes that are only sent to a server:
+    a batch holds all of them at once, 4 KiB each without the copy (4 MB for 1,000 members instead of 240 KB). The
+    copy costs a lone document 0.2 us; in a ``batch_update_members`` of 1,000 on PostgreSQL it made no measurable
+    difference either way (5.2 ms of client CPU per batch with and without it).
     """
     if type(doc) is not dict:
         raise ValidationError(f"{what} must be a dict, got {type(doc).__name__}", field=what)
     try:
-        out = dumps_kept(doc, _DUMPS_OPTS) if kept else orjson.dumps(doc, option=_DUMPS_OPTS)
+        out = dumps_kept(doc, _DUMPS_OPTS)
     except (orjson.JSONEncodeError, TypeError) as exc:
         _walk(doc, what)  # a more precise message when the walk can find the field
         raise ValidationError(f"{what} is not JSON-serializable: {exc}", field=what) from exc

@@ -26,10 +26,6 @@ log = logging.getLogger("storage.members")
 class MembersMixin:
     """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
 
-    #: See storage.backends.base.OpsBase: whether the documents encoded here are kept (then copied to exact size).
-    #: True, always safe, unless the class it is mixed into says otherwise.
-    _keeps_encoded = True
-
     async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Document:
         """The member's record, or ``{}`` when there is none (as the seed returned)."""
         doc = await self.get(MEMBERS, member_key(user_id, guild_id))
@@ -59,7 +55,7 @@ class MembersMixin:
                     raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
                 user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
                 key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-                encoded = encode_doc(check_member(data, user, guild), what="data", kept=self._keeps_encoded)
+                encoded = encode_doc(check_member(data, user, guild), what="data")
             except ValidationError as exc:
                 log.error("batch_update_members: skipping update #%d: %s", index, exc)
                 continue

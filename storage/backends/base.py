@@ -27,9 +27,8 @@ _open_transactions: contextvars.ContextVar[frozenset[int]] = contextvars.Context
     "storage_open_transactions", default=frozenset())
 
 
-def normalize_items(items: Items, *, kept: bool = True) -> list[tuple[str, bytes]]:
-    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position.
-    ``kept``: see :func:`storage.codec.encode_doc`."""
+def normalize_items(items: Items) -> list[tuple[str, bytes]]:
+    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position."""
     pairs = items.items() if isinstance(items, Mapping) else items
     out: list[tuple[str, bytes]] = []
     for index, pair in enumerate(pairs):
@@ -38,7 +37,7 @@ def normalize_items(items: Items, *, kept: bool = True) -> list[tuple[str, bytes
         except (TypeError, ValueError):
             raise ValidationError(f"item #{index} must be a (key, doc) pair", field=f"items[{index}]") from None
         try:
-            out.append((check_key(key), encode_doc(doc, kept=kept)))
+            out.append((check_key(key), encode_doc(doc)))
         except ValidationError as exc:
             raise ValidationError(f"item #{index} ({key!r}): {exc}", field=exc.field) from exc
     return out
@@ -46,10 +45,6 @@ def normalize_items(items: Items, *, kept: bool = True) -> list[tuple[str, bytes
 
 class OpsBase(abc.ABC):
     """Public document operations with their checks, over backend primitives. Shared by stores and transactions."""
-
-    #: Whether the backend keeps the encoded documents it is handed (in memory, for the store's lifetime): they
-    #: are then copied to their exact size (see storage.codec.dumps_kept). A server backend only sends them.
-    _keeps_encoded = True
 
     # -- primitives a backend provides ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -97,13 +92,13 @@ class OpsBase(abc.ABC):
 
     async def put(self, collection: str, key: str, doc: Document) -> None:
         self._guard_write()
-        pair = [(check_key(key), encode_doc(doc, kept=self._keeps_encoded))]
+        pair = [(check_key(key), encode_doc(doc))]
         await self._put_encoded(check_collection(collection), pair)
 
     async def put_many(self, collection: str, items: Items) -> int:
         self._guard_write()
         check_collection(collection)
-        pairs = normalize_items(items, kept=self._keeps_encoded)
+        pairs = normalize_items(items)
         if pairs:
             await self._put_encoded(collection, pairs)
         return len(pairs)

@@ -98,8 +98,6 @@ async def _init_connection(conn: Any) -> None:
 class PostgresStore(PgMessagesMixin, BaseStore):
     """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await PostgresStore.open(config)``)."""
 
-    _keeps_encoded = False  # documents are sent, not kept
-
     backend_name = "postgres"
 
     def __init__(self, config: StoreConfig) -> None:
@@ -462,8 +460,6 @@ class PgTransaction(OpsBase):
     from several coroutines. After a statement fails the transaction can only be rolled back: later calls raise
     :class:`storage.TransactionError`, and so does leaving the block normally.
     """
-
-    _keeps_encoded = False
 
     def __init__(self, store: PostgresStore, connection: Any, *, locking_reads: bool = True) -> None:
         self._store = store
