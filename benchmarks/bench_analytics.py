@@ -138,6 +138,11 @@ async def worker(backend: str, total: int, guilds: int, batch: int, months: int,
             break
         if backend == "postgres":  # members of an earlier run would make refresh_member_statistics a no-op
             await clear_members(store, stream)
+            # Recorded with the figures: a server's settings can explain a cold query that another server does not
+            # show (a checkpoint forced by max_wal_size mid-query, say). Autovacuum off did not matter here: one
+            # guild's queries over 1M messages took 17-35 ms before and after a VACUUM (ANALYZE) (2026-11-25).
+            out["server"] = {setting: await store.pool.fetchval(f"SHOW {setting}")
+                             for setting in ("server_version", "autovacuum", "max_wal_size")}
         out["rss_open_mib"] = rss_mib()
 
         # ingest ------------------------------------------------------------------------------------------------
@@ -251,6 +256,9 @@ def report(results: dict[str, dict[str, Any]]) -> list[Target]:
     print_table(["", *backends], rows, title=f"Message analytics: {first['messages']:,} messages, {first['guilds']} "
                 f"guilds; queries over one guild ({first['guild_messages']:,} messages); batches of "
                 f"{first['batch']:,}")
+    for b in backends:
+        if "server" in results[b]:
+            print(f"{b} server: " + ", ".join(f"{k} {v}" for k, v in results[b]["server"].items()))
     for b in backends:
         ingest_goal, query_goal = goals[b]
         targets.append(Target(f"{b}: ingest rows/s", results[b]["ingest_rows_per_s"], ">=", ingest_goal))
