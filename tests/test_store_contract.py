@@ -381,6 +381,8 @@ async def test_snowflake_edges_accepted(store):
         {"obj": object()},
         {"big": 2**64},
         {"nul": "a\x00b"},
+        {"nul in a key\x00": 1},
+        {"escaped": "a\\b\"c", "nul": ["\x00"]},
         {"surrogate": "\ud800"},
     ],
     ids=lambda d: repr(d)[:30],
