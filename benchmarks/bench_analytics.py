@@ -16,8 +16,9 @@ with ``record_messages`` in batches of ``--batch`` (only the ``record_messages``
 records). Then, for one guild (a tenth of the messages by default), every query is timed over all its messages and
 over its last 30 days: the first call (cold: the JSON backend builds its column cache then) and the median of
 three more. Also: re-sending a batch of duplicates, ``record_message`` and ``update_message`` one at a time,
-``refresh_member_statistics``, reopening the store (the JSON id index is built on the first write after opening),
-and pruning the oldest month. Targets are printed as PASS/MISS for information; the script exits 0 either way.
+``refresh_member_statistics``, the longest the event loop stalled during an ingest call (a bot's gateway
+heartbeat and replies share that loop), reopening the store (the JSON id index is built on the first write after
+opening), and pruning the oldest month. Targets are printed as PASS/MISS for information; the script exits 0 either way.
 Results go to ``benchmarks/results/analytics.json``.
 """
 
@@ -98,6 +99,43 @@ class Stream:
 
 # -------------------------------------------------------------------------------------------------------------------
 # measuring (in the worker process)
+class StallWatch:
+    """The longest the event loop went without running a 1 ms timer, counting only gaps inside watched calls.
+
+    A bot's heartbeat and command replies run on the loop that calls ``record_messages``: work done on the loop, or
+    a worker thread holding the GIL (a full garbage collection included), delays them all. Gaps that begin before a
+    call (this script making the next batch) or end after it are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._since, self._until = float("inf"), float("inf")
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            if self._since <= last and now <= self._until:
+                self.longest = max(self.longest, now - last)
+            last = now
+
+    async def watch(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        if self._task is None:
+            self._task = asyncio.create_task(self._tick())
+            await asyncio.sleep(0.002)  # let the first tick set its clock
+        self._since, self._until = time.perf_counter(), float("inf")
+        try:
+            return await op()
+        finally:
+            self._until = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 async def timed_once(op: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = await op()
@@ -147,15 +185,19 @@ async def worker(backend: str, total: int, guilds: int, batch: int, months: int,
 
         # ingest ------------------------------------------------------------------------------------------------
         spent, done, last_batch = 0.0, 0, []
+        stalls = StallWatch()
         for records in stream.batches(batch):
-            seconds, new = await timed_once(lambda records=records: store.record_messages(records))
+            seconds, new = await timed_once(lambda records=records: stalls.watch(
+                lambda: store.record_messages(records)))
             spent += seconds
             done += new
             last_batch = records
             if (done // batch) % 20 == 0:
                 log(f"{backend}: {done:,} messages, {done / spent:,.0f}/s")
+        stalls.stop()
         assert done == total, (done, total)
         out["ingest_rows_per_s"] = total / spent
+        out["ingest_longest_stall_ms"] = stalls.longest * 1000
         out["rss_after_ingest_mib"] = rss_mib()
         seconds, new = await timed_once(lambda: store.record_messages(last_batch))
         assert new == 0
@@ -241,6 +283,7 @@ def report(results: dict[str, dict[str, Any]]) -> list[Target]:
     for name in query_names:
         row(f"{name}: cold", [results[b]["queries"][name]["cold_ms"] for b in backends], "ms")
         row(f"{name}: warm", [results[b]["queries"][name]["warm_ms"] for b in backends], "ms")
+    row("longest event-loop stall in an ingest call", [results[b]["ingest_longest_stall_ms"] for b in backends], "ms")
     row("record_message, one at a time", [results[b]["record_message_ms"] for b in backends], "ms")
     row("update_message, one at a time", [results[b]["update_message_ms"] for b in backends], "ms")
     row("refresh_member_statistics (1 guild)", [results[b]["refresh_member_statistics_s"] for b in backends], "s")
