@@ -176,7 +176,7 @@ def normalize_messages(records: Iterable[Mapping[str, Any]]) -> list[MessageReco
     The first record with a given ``message_id`` wins: a retried or replayed event must not replace what was
     recorded first, or the result would depend on how often a batch was sent.
     """
-    return [record for chunk in message_chunks(records, sys.maxsize) for record in chunk]
+    return _joined(message_chunks(records, sys.maxsize))
 
 
 def message_chunks(records: Iterable[Mapping[str, Any]], size: int = INGEST_CHUNK) -> Iterator[list[MessageRecord]]:
@@ -254,12 +254,6 @@ def _same(record: MessageRecord) -> MessageRecord:
 
 def _joined(chunks: Iterator[list[MessageRecord]]) -> list[MessageRecord]:
     return [record for chunk in chunks for record in chunk]
-
-
-def _usual(record: Any, known: set[str]) -> MessageRecord | None:
-    """The normalized form of the usual record (see :func:`usual_fields`); None for any other."""
-    fields = usual_fields(record, known)
-    return None if fields is None else _record_of(fields)
 
 
 def _record_of(fields: UsualFields) -> MessageRecord:

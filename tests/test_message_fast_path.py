@@ -1,6 +1,6 @@
-"""The ingest fast path (``storage.analytics._usual``) agrees with the full checks on every input.
+"""The ingest fast path (``storage.analytics.usual_fields``) agrees with the full checks on every input.
 
-``_usual`` re-implements, inline and for speed, what ``validate_message`` + ``_check_rest`` decide for the usual
+``usual_fields`` re-implements, inline and for speed, what ``validate_message`` + ``_check_rest`` decide for the usual
 record, and answers None for anything else (the full checks then decide and name the error). That is only safe
 if it never accepts something the full checks refuse or would normalize differently: these tests feed both
 thousands of records mutated one field at a time, near the canonical forms, and require that whenever the fast
@@ -16,9 +16,16 @@ from typing import Any
 import pytest
 
 from storage import ValidationError
-from storage.analytics import _check_rest, _usual, normalize_messages, usual_fields
+from storage.analytics import _check_rest, _record_of, normalize_messages, usual_fields
 from storage.backends.pg_ingest import RowEncoder
 from storage.models import validate_message
+
+
+def _usual(record: Any, known: set[str]) -> dict[str, Any] | None:
+    """The normalized record the fast path makes of ``record`` (as the generic ingest does); None if it declines."""
+    fields = usual_fields(record, known)
+    return None if fields is None else _record_of(fields)
+
 
 BASE: dict[str, Any] = {
     "message_id": "1364752701849600003",
