@@ -17,7 +17,8 @@ import orjson
 
 from .errors import CorruptDataError, ValidationError
 
-__all__ = ["encode_doc", "decode_doc", "dumps_kept", "check_collection", "check_key", "MAX_KEY_LENGTH"]
+__all__ = ["encode_doc", "decode_doc", "dumps_kept", "check_collection", "check_key", "MAX_KEY_LENGTH",
+           "OWN_COLLECTIONS"]
 
 MAX_KEY_LENGTH = 512
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
@@ -25,6 +26,9 @@ _DUMPS_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _OWN_COLLECTIONS = frozenset(("members",))  # valid names (see check_collection)
 _NULL = re.compile(rb"null")
+#: The collections the library itself defines (members, the migration ledger): a file of theirs that is not a
+#: collection is damage, never "someone else's file".
+OWN_COLLECTIONS = frozenset(("members", "_migrations", "_migration_log", "_migration_notes", "_migration_state"))
 
 
 def dumps_kept(value: Any, option: int | None = None) -> bytes:

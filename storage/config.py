@@ -121,6 +121,9 @@ class StoreConfig:
     backup_dir: str = "backups"
     backup_keep: int | None = None
     source: str = "default"
+    #: Open for reading only: no write lock is taken, nothing on disk or in the database is changed, and every
+    #: write raises :class:`storage.errors.ReadOnlyError` (``check``, ``backup create`` and ``copy --from`` use it).
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("json", "postgres"):

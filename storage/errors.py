@@ -20,6 +20,9 @@ __all__ = [
     "LockTimeoutError",
     "StoreClosedError",
     "TransactionError",
+    "ReadOnlyError",
+    "StorageIOError",
+    "ExternalChangeError",
 ]
 
 
@@ -75,3 +78,28 @@ class StoreClosedError(DatabaseError):
 
 class TransactionError(DatabaseError):
     """A transaction was misused (e.g. the store itself was written to from inside its own transaction)."""
+
+
+class ReadOnlyError(DatabaseError):
+    """The store was opened with ``read_only=True``: it serves reads and refuses every write."""
+
+
+class StorageIOError(DatabaseError):
+    """The operating system refused a file operation (disk full, I/O error, permission, ...).
+
+    The ``OSError`` is chained as ``__cause__``; ``errno`` and ``path`` repeat what it says. What the call was
+    writing was not committed, and the store's files are still valid.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.path = path
+
+
+class ExternalChangeError(CorruptDataError):
+    """A file the store owns was changed behind its back (a person or another program wrote it while the store
+    had it open, or over a journal that still holds newer changes). The store refuses to overwrite it.
+
+    Stop the bot before editing the files by hand; a closed store picks the edit up when it is next opened.
+    """

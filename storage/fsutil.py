@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd"]
+__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd", "make_dirs"]
 
 TEMP_MARK = ".tmp-"
 
@@ -67,3 +67,23 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool =
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def make_dirs(path: str | os.PathLike[str], mode: int = 0o777) -> None:
+    """``mkdir -p`` that makes each new folder durable: its entry is fsynced in its parent (a crash right after
+    creating a data or backup folder must not lose the folder, and with it everything written inside)."""
+    path = Path(path)
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue
+        fsync_dir(folder.parent)

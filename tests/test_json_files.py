@@ -237,11 +237,11 @@ async def test_snapshot_fast_path_and_general_path_agree(folder):
         await store.put_many("things", tricky)
     ours = folder / "things.json"
     assert json.loads(ours.read_text()) == tricky
-    docs, _size = read_snapshot(ours)
+    docs, _size, _crc = read_snapshot(ours)
     assert {k: json.loads(v) for k, v in docs.items()} == tricky
     seed_style = folder / "seed.json"
     seed_style.write_text(json.dumps(tricky, indent=2, ensure_ascii=False))
-    docs, _size = read_snapshot(seed_style)
+    docs, _size, _crc = read_snapshot(seed_style)
     assert {k: json.loads(v) for k, v in docs.items()} == tricky
     # a damaged line in our layout is still reported with its byte position by the general path
     raw = ours.read_bytes()

@@ -16,7 +16,7 @@ from ..analytics import AnalyticsMixin
 from ..backup import BackupMixin
 from ..codec import check_collection, check_key, decode_doc, encode_doc
 from ..config import StoreConfig
-from ..errors import StoreClosedError, TransactionError, ValidationError
+from ..errors import ReadOnlyError, StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
 from ..protocol import Document, Items, Transaction, UpdateFn
 
@@ -163,6 +163,8 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
 
     def _guard_write(self) -> None:
         self._guard_read()
+        if self.config.read_only:
+            raise ReadOnlyError(f"the {self.backend_name} store was opened read-only: writes are refused")
         if id(self) in _open_transactions.get():
             raise TransactionError(
                 "this store has a transaction open in the current task: write through the transaction object "

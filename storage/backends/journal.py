@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
-from ..codec import dumps_kept
-from ..errors import CorruptDataError
+from ..codec import check_collection, check_key, dumps_kept
+from ..errors import CorruptDataError, ValidationError
 from ..fsutil import atomic_write, sync_fd, write_all
 
-__all__ = ["Journal", "Op", "encode_record", "JOURNAL_FORMAT"]
+__all__ = ["Journal", "Follow", "Op", "encode_record", "JOURNAL_FORMAT"]
 
 log = logging.getLogger("storage.journal")
 
@@ -49,15 +50,28 @@ def encode_record(ops: Sequence[Op]) -> bytes:
     return b"[" + b",".join(parts) + b"]\n"
 
 
-def _header(generation: int, snapshots: dict[str, int]) -> bytes:
-    return orjson.dumps({"storage_journal": JOURNAL_FORMAT, "generation": generation, "snapshots": snapshots}) + b"\n"
+def _header(generation: int, snapshots: dict[str, int], previous_end: int | None) -> bytes:
+    header: dict[str, object] = {"storage_journal": JOURNAL_FORMAT, "generation": generation, "snapshots": snapshots}
+    if previous_end is not None:
+        header["previous_end"] = previous_end
+    return orjson.dumps(header) + b"\n"
+
+
+class _Invalid(Exception):
+    """A record that parses as JSON but is not one this library writes: damage, never a torn write."""
 
 
 def _parse_record(line: bytes) -> list[Op]:
-    """Decode one record into ops; raises ValueError when the line is not a record this library wrote."""
+    """Decode one record into ops.
+
+    Raises ``orjson.JSONDecodeError`` (a ValueError) when the line is not JSON (a torn write, if it is the last), and
+    :class:`_Invalid` when it is JSON of the wrong shape or names a collection or key that user input could not
+    have: everything read from disk is checked like user input (a collection ``../../evil`` would otherwise become
+    a file name outside the data folder at the next compaction).
+    """
     raw = orjson.loads(line)
     if type(raw) is not list:
-        raise ValueError("record is not a list")
+        raise _Invalid("record is not a list")
     ops: list[Op] = []
     for op in raw:
         if type(op) is list and len(op) == 4 and op[0] == "p" and type(op[3]) is dict:
@@ -65,10 +79,24 @@ def _parse_record(line: bytes) -> list[Op]:
         elif type(op) is list and len(op) == 3 and op[0] == "d":
             ops.append(("d", op[1], op[2]))
         else:
-            raise ValueError(f"bad operation {op!r:.80}")
-        if type(op[1]) is not str or type(op[2]) is not str:
-            raise ValueError("collection and key must be strings")
+            raise _Invalid(f"bad operation {op!r:.80}")
+        try:
+            check_collection(op[1])
+            check_key(op[2])
+        except ValidationError as exc:
+            raise _Invalid(str(exc)) from None
     return ops
+
+
+class Follow(NamedTuple):
+    """What :meth:`Journal.follow` found: records to apply, where a new generation's start (an index into
+    ``records``, or None), and whether the caller must catch up under the lock instead (``need_lock``: what is
+    committed is unknown from here) or reload the snapshots (``reload``: it missed a whole generation)."""
+
+    records: list[list[Op]]
+    switched_at: int | None = None
+    need_lock: bool = False
+    reload: bool = False
 
 
 class Journal:
@@ -76,43 +104,65 @@ class Journal:
 
     Not thread-safe and not async: the store serializes access (its mutex and file lock for writes; reads run on
     the event loop thread between awaits).
+
+    ``end`` arguments are the *committed end* that writers publish (lockfile.py): a reader never reads past it, so
+    it never applies a record whose fsync may yet fail. Under the lock, bytes past a trusted committed end were
+    never acknowledged (a write that failed and could not be cut back, or a writer killed before it published),
+    and are cut away.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.fd = -1
         self.ino: int | None = None
         self.generation = 0
         self.offset = 0  # end of the last record applied by this process
         #: crc32 of each snapshot file as compaction wrote it: a file that still matches needs no re-validation.
         self.snapshots: dict[str, int] = {}
+        #: Where the previous generation's committed records ended (None in journals from before it was recorded).
+        self.previous_end: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @staticmethod
-    def create(path: Path, generation: int, snapshots: dict[str, int] | None = None) -> None:
-        """Write a fresh journal (header only) atomically; replaces an existing one."""
-        atomic_write(path, _header(generation, snapshots or {}))
+    def create(path: Path, generation: int, snapshots: dict[str, int] | None = None,
+               previous_end: int | None = None, records: bytes = b"") -> None:
+        """Write a fresh journal (header, then ``records``) atomically; replaces an existing one."""
+        atomic_write(path, _header(generation, snapshots or {}, previous_end) + records)
 
-    def open(self) -> list[list[Op]]:
-        """Open the current journal file and read every complete record. Call under the store's lock."""
+    def rebase(self, snapshots: dict[str, int]) -> None:
+        """Start the next generation with more snapshot checksums in its header but the same records (copied):
+        how the checksum of a snapshot the library did not write (the seed's own file) gets recorded without
+        rewriting that file. Under the lock, caught up. Followers replay the copied records a second time, which
+        gives the same state (every record is whole-document puts and deletes)."""
+        body = os.pread(self.fd, self.offset, 0)
+        body = body[body.index(b"\n") + 1:]
+        Journal.create(self.path, self.generation + 1, {**self.snapshots, **snapshots}, self.offset, body)
+        self.open(lambda: None)
+
+    def _open_fd(self) -> int:
+        return os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR | os.O_APPEND)
+
+    def open(self, committed: Callable[[], tuple[int, int] | None] = lambda: None) -> list[list[Op]]:
+        """Open the current journal file and read every committed record (``committed`` as for :meth:`follow`)."""
         self.close()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        fd = self._open_fd()
         try:
             st = os.fstat(fd)
-            header_end, generation, snapshots = self._read_header(fd)
+            header_end, generation, snapshots, previous_end = self._read_header(fd)
         except BaseException:
             os.close(fd)
             raise
         self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
-        self.snapshots = snapshots
-        return self.read_new(locked=True)
+        self.snapshots, self.previous_end = snapshots, previous_end
+        return self.read_new(end=self._end_of(committed()), locked=not self.read_only)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int]]:
+    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int], int | None]:
         head = os.pread(fd, 1 << 16, 0)
         end = head.find(b"\n")
         if end < 0 and len(head) == 1 << 16:  # a header naming very many collections
@@ -126,59 +176,68 @@ class Journal:
             header = orjson.loads(head[:end])
             generation = int(header["generation"])
             fmt = header["storage_journal"]
-            snapshots = {str(k): int(v) for k, v in header.get("snapshots", {}).items()}
+            snapshots = {check_collection(str(k)): int(v) for k, v in header.get("snapshots", {}).items()}
+            previous = header.get("previous_end")
+            previous_end = None if previous is None else int(previous)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise CorruptDataError(f"{self.path}: journal header is not valid", path=str(self.path),
                                    position=0) from None
         if fmt != JOURNAL_FORMAT:
             raise CorruptDataError(f"{self.path}: journal format {fmt!r} is not supported (this library writes "
                                    f"{JOURNAL_FORMAT})", path=str(self.path), position=0)
-        return end + 1, generation, snapshots
+        return end + 1, generation, snapshots, previous_end
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
-    def read_new(self, *, locked: bool) -> list[list[Op]]:
-        """Records appended since :attr:`offset`; advances it past every record returned.
+    def read_new(self, *, end: int | None, locked: bool) -> list[list[Op]]:
+        """Records appended since :attr:`offset` and before ``end`` (the committed end; None: unknown, read to the
+        end of the file); advances :attr:`offset` past every record returned.
 
         ``locked`` means no writer can be active: an incomplete or unparseable last record is then a torn write
-        from a crashed process, and is truncated away. Unlocked (a reader peeking at another process's writes),
-        the tail may simply be in flight, so it is left for later.
+        from a crashed process, and bytes past a known ``end`` were never acknowledged: both are cut away.
+        Unlocked (a reader peeking at another process's writes), the tail may simply be in flight: it is left.
         """
         size = self.size()
-        if size <= self.offset:
-            if size < self.offset:
-                raise CorruptDataError(f"{self.path}: journal shrank below what was already read ({size} < "
-                                       f"{self.offset})", path=str(self.path), position=size)
-            return []
-        data = os.pread(self.fd, size - self.offset, self.offset)
+        if size < self.offset:
+            raise CorruptDataError(f"{self.path}: journal shrank below what was already read ({size} < "
+                                   f"{self.offset})", path=str(self.path), position=size)
+        stop = size if end is None else min(end, size)
         records: list[list[Op]] = []
         pos = 0
-        while True:
-            end = data.find(b"\n", pos)
-            if end < 0:
-                break
-            try:
-                records.append(_parse_record(data[pos:end]))
-            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
-                if data.find(b"\n", end + 1) >= 0:
-                    raise CorruptDataError(
-                        f"{self.path}: journal record at byte {self.offset + pos} is corrupt ({exc}); "
-                        "later records exist, so this is not a torn write", path=str(self.path),
-                        position=self.offset + pos) from None
-                # The last line is unparseable. Unlocked, it may still be in flight: look again later. Locked, it
-                # is a torn write that never got its fsync (one commit is one line, written by one write()).
-                break
-            pos = end + 1
-        self.offset += pos
-        if pos < len(data) and locked:
-            self._drop_torn_tail(size)
+        if stop > self.offset:
+            data = os.pread(self.fd, stop - self.offset, self.offset)
+            while True:
+                line_end = data.find(b"\n", pos)
+                if line_end < 0:
+                    break
+                try:
+                    records.append(_parse_record(data[pos:line_end]))
+                except _Invalid as exc:
+                    raise self._corrupt(pos, str(exc)) from None
+                except ValueError as exc:  # orjson.JSONDecodeError: not JSON
+                    if end is not None or data.find(b"\n", line_end + 1) >= 0:
+                        raise self._corrupt(pos, f"{exc}; it lies before later or committed records, so it is "
+                                                 "not a torn write") from None
+                    # The last line is unparseable. Unlocked, it may still be in flight: look again later. Locked,
+                    # it is a torn write that never got its fsync (one commit is one line, written by one write()).
+                    break
+                pos = line_end + 1
+            self.offset += pos
+        if locked and not self.read_only and self.offset < size:
+            self._drop_unacknowledged(size, torn=end is None)
         return records
 
-    def _drop_torn_tail(self, size: int) -> None:
-        log.warning("%s: dropping a torn final record (%d bytes at offset %d): it was never acknowledged",
-                    self.path, size - self.offset, self.offset)
+    def _corrupt(self, pos: int, why: str) -> CorruptDataError:
+        at = self.offset + pos
+        return CorruptDataError(f"{self.path}: journal record at byte {at} is corrupt ({why})",
+                                path=str(self.path), position=at)
+
+    def _drop_unacknowledged(self, size: int, *, torn: bool) -> None:
+        what = "a torn final record" if torn else "bytes past the last committed record (a failed or interrupted write)"
+        log.warning("%s: dropping %s (%d bytes at offset %d): it was never acknowledged",
+                    self.path, what, size - self.offset, self.offset)
         os.ftruncate(self.fd, self.offset)
         sync_fd(self.fd)
 
@@ -198,44 +257,60 @@ class Journal:
             return True
         return st.st_ino != self.ino or st.st_size != self.offset
 
-    def follow(self, *, locked: bool) -> tuple[list[list[Op]], int | None, bool]:
-        """Catch up with other processes: ``(records, switched_at, need_full_reload)``.
+    def follow(self, committed: Callable[[], tuple[int, int] | None], *, locked: bool) -> Follow:
+        """Catch up with other processes.
 
-        After another process compacted, the rest of the old file is read through our still-open descriptor, then
-        the new file is followed from its header if it is exactly the next generation (``switched_at`` is the index
-        in ``records`` where its records start). Otherwise (two compactions happened meanwhile) the caller must
-        reload the snapshots under the lock.
+        ``committed()`` returns the published ``(inode, end)`` (or None): only records before that end are read,
+        and only when it names the file being read; otherwise, unlocked, the result asks for a catch-up under the
+        lock. After another process compacted, the rest of the old file is read through our still-open descriptor
+        (up to the new header's ``previous_end``: the old generation's final committed end), then the new file is
+        followed from its header if it is exactly the next generation; if not (two compactions happened
+        meanwhile), the caller must reload the snapshots under the lock.
         """
         if self.size() < self.offset:
-            return [], None, True  # cut back under us (a failed write elsewhere): only a reload is safe
-        records = self.read_new(locked=locked)
+            return Follow([], reload=True)  # cut back under us: only a reload is safe
         if not self.replaced():
-            return records, None, False
-        records += self.read_new(locked=locked)
-        old_generation = self.generation
+            end = self._end_of(committed())
+            if end is None and not locked:
+                return Follow([], need_lock=True)
+            return Follow(self.read_new(end=end, locked=locked))
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+            fd = self._open_fd()
         except FileNotFoundError:
-            return records, None, True
+            return Follow([], reload=True)
         try:
             st = os.fstat(fd)
-            header_end, generation, snapshots = self._read_header(fd)
+            header_end, generation, snapshots, previous_end = self._read_header(fd)
         except BaseException:
             os.close(fd)
             raise
+        old_generation = self.generation
+        # the old file is finished: nobody writes it again, and its committed part ends at previous_end
+        records = self.read_new(end=previous_end, locked=False)
         self.close()
         self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
-        self.snapshots = snapshots
+        self.snapshots, self.previous_end = snapshots, previous_end
         if generation != old_generation + 1:
-            return records, None, True
+            return Follow(records, reload=True)
         switched_at = len(records)
-        return records + self.read_new(locked=locked), switched_at, False
+        end = self._end_of(committed())
+        if end is None and not locked:
+            return Follow(records, switched_at, need_lock=True)
+        return Follow(records + self.read_new(end=end, locked=locked), switched_at)
+
+    def _end_of(self, committed: tuple[int, int] | None) -> int | None:
+        """The committed end if ``committed`` speaks of this file."""
+        if committed is None or committed[0] != self.ino:
+            return None
+        return committed[1]
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def append(self, data: bytes) -> None:
         """Append records and fsync them. Call under the lock, caught up (``offset`` at end of file).
 
-        On failure the file is cut back to where it was, so a later append never follows a half-written record.
+        On failure the file is cut back to where it was (best effort: the caller must still treat the journal as
+        suspect, see JsonStore), so a later append never follows a half-written record. :attr:`offset` moves only
+        once the fsync succeeded: callers use that to know whether the record is durable.
         """
         start = self.offset
         try:
@@ -249,4 +324,3 @@ class Journal:
                 log.exception("%s: could not cut back a failed append", self.path)
             raise
         self.offset = start + len(data)
-

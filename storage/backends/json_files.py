@@ -32,19 +32,29 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .. import cancellation
 from ..analytics import MessageColumns
-from ..codec import check_collection, decode_doc
+from ..codec import OWN_COLLECTIONS, check_collection, decode_doc
 from ..config import StoreConfig
-from ..errors import DatabaseError, LockTimeoutError, ValidationError
-from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
+from ..errors import (
+    CorruptDataError,
+    DatabaseError,
+    ExternalChangeError,
+    LockTimeoutError,
+    ReadOnlyError,
+    StorageIOError,
+    ValidationError,
+)
+from ..fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
 from ..protocol import Document, Transaction, UpdateFn
 from .base import BaseStore, OpsBase, apply_update
 from .group_commit import Failed, GroupCommit
@@ -111,54 +121,87 @@ class JsonStore(BaseStore):
         super().__init__(config)
         self.path = Path(config.path)
         self.lock_timeout = config.lock_timeout
+        self.read_only = config.read_only
         self._data: dict[str, Collection] = {}
         self._sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
         self._foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
         self._dirty: set[str] = set()  # collections changed in the current journal generation
-        self._journal = Journal(self.path / JOURNAL_NAME)
-        self._flock = SidecarLock(self.path / LOCK_NAME)
+        #: each snapshot file as this process last read or wrote it: (stat signature, crc32), to notice edits
+        self._files: dict[str, tuple[tuple[int, int, int], int]] = {}
+        self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
+        self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
                                                                 after=self._maybe_compact)
-        self._broken: BaseException | None = None
+        #: A failed append (fsync error): the journal file is not trusted until it is rewritten (see _append).
+        self._suspect: BaseException | None = None
         self._need_reload = False
-        self._seen_counter = -1  # the lock file's change counter when we last caught up (see lockfile.py)
+        self._need_lock = False  # what other processes committed is unknown from here: catch up under the lock
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
         self.min_compact_bytes = MIN_COMPACT_BYTES
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
 
     def __repr__(self) -> str:
-        return f"<JsonStore path={str(self.path)!r} closed={self._closed}>"
+        mode = " read_only" if self.read_only else ""
+        return f"<JsonStore path={str(self.path)!r}{mode} closed={self._closed}>"
+
+    @contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Translate the operating system's refusals into :class:`StorageIOError` (with the OSError chained)."""
+        try:
+            yield
+        except OSError as exc:
+            where = exc.filename or self.path
+            raise StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno,
+                                 path=str(where)) from exc
 
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
     @classmethod
     async def open(cls, config: StoreConfig | str | os.PathLike[str]) -> JsonStore:
-        """Open (creating the folder if needed) under the lock: cleans up after crashes, loads, replays."""
+        """Open (creating the folder if needed) under the lock: cleans up after crashes, loads, replays.
+
+        Read-only (``config.read_only``): the folder must exist; no lock is taken and nothing is written, so it
+        works on a read-only medium (a mounted backup, a snapshot) and never changes the store.
+        """
         if not isinstance(config, StoreConfig):
             config = StoreConfig(backend="json", path=os.fspath(config), source="arguments")
         store = cls(config)
-        await asyncio.to_thread(store._open_sync)
+        try:
+            await cancellation.run_in_thread(store._open_sync)
+        except asyncio.CancelledError:
+            store._journal.close()  # opened all the same: give the files back before the cancellation goes on
+            store._flock.close()
+            raise
         return store
 
     def _open_sync(self) -> None:
+        if self.read_only:
+            if not self.path.is_dir():
+                raise DatabaseError(f"{self.path}: no such folder (a read-only open never creates one)")
+            with self._io("opening the store read-only"):
+                self._load()
+            return
+        with self._io("creating the data folder"):
+            make_dirs(self.path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseError(f"cannot create the data folder {self.path}: {exc}") from exc
-        try:
-            self._flock.acquire(self.lock_timeout)
+            with self._io("taking the store lock"):
+                self._flock.acquire(self.lock_timeout)
         except LockBusy:
             raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
                                    f"{self.lock_timeout}s") from None
-        except OSError as exc:
-            raise DatabaseError(f"cannot take the lock {self.path / LOCK_NAME}: {exc}") from exc
         try:
-            self._remove_temp_files()
-            self._load_locked()
-            self._seen_counter = self._flock.read_counter()
+            with self._io("opening the store"):
+                self._remove_temp_files()
+                self._load()
+                untrusted = {name: crc for name, (_sig, crc) in self._files.items()
+                             if name not in self._journal.snapshots}
+                if untrusted:  # e.g. the seed's own members.json: record its checksum (see _check_edit)
+                    self._journal.rebase(untrusted)
+                    fsync_dir(self.path)
+                self._flock.publish(self._journal.ino or 0, self._journal.offset)
         except BaseException:
             self._journal.close()
             self._flock.close()
@@ -173,18 +216,28 @@ class JsonStore(BaseStore):
                 log.warning("%s: removing %s left by an interrupted write", self.path, entry.name)
                 os.unlink(entry.path)
 
-    def _load_locked(self) -> None:
-        """(Re)load every snapshot and replay the journal. Needs the file lock."""
+    def _committed(self) -> tuple[int, int] | None:
+        return self._flock.committed(trusted_only=True)
+
+    def _load(self) -> None:
+        """(Re)load every snapshot and replay the journal. Needs the file lock (or a read-only store)."""
         if not self._journal.path.exists():
-            Journal.create(self._journal.path, 1)
-            fsync_dir(self.path)
-        records = self._journal.open()
+            if self.read_only:
+                records: list[list[Op]] = []
+                self._journal.close()
+                self._journal.ino = None
+            else:
+                Journal.create(self._journal.path, 1)
+                fsync_dir(self.path)
+        if self._journal.path.exists():
+            records = self._journal.open(self._committed)
         trusted = self._journal.snapshots
         data: dict[str, Collection] = {}
         sizes: dict[str, int] = {}
         foreign: dict[str, str] = {}
+        files: dict[str, tuple[tuple[int, int, int], int]] = {}
         for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
-            if not entry.name.endswith(".json") or not entry.is_file():
+            if not entry.name.endswith(".json"):
                 continue
             name = entry.name[:-5]
             try:
@@ -192,14 +245,46 @@ class JsonStore(BaseStore):
             except ValidationError:
                 foreign[name] = "its name is not a valid collection name"
                 continue
-            loaded = read_snapshot(Path(entry.path), trusted.get(name))
+            path = Path(entry.path)
+            if not entry.is_file():  # follows symlinks: a link to a file is that file (see _snapshot_target)
+                foreign[name] = "it is not a regular file" + (" (a directory)" if entry.is_dir() else "")
+                continue
+            st = os.stat(path)
+            loaded = read_snapshot(path, trusted.get(name))
             if isinstance(loaded, str):
                 foreign[name] = loaded
                 continue
-            data[name], sizes[name] = loaded
-        self._data, self._sizes, self._foreign, self._dirty = data, sizes, foreign, set()
+            data[name], sizes[name], crc = loaded
+            files[name] = (_signature(st), crc)
+            if name in trusted and trusted[name] != crc:
+                self._check_edit(name, path, data[name], records)
+        for name, why in foreign.items():
+            if name in OWN_COLLECTIONS:
+                raise CorruptDataError(f"{self.path / (name + '.json')} belongs to the library ({name!r}) but {why}; "
+                                       "the file was left as it is", path=str(self.path / (name + ".json")))
+        self._data, self._sizes, self._foreign, self._dirty, self._files = data, sizes, foreign, set(), files
+        self._need_reload = self._need_lock = False
         for ops in records:
             self._apply(ops)
+
+    def _check_edit(self, name: str, path: Path, coll: Collection, records: list[list[Op]]) -> None:
+        """A snapshot that is not the file the last compaction wrote: fine if the journal has nothing newer for it
+        (a hand edit while the store was closed, or a compaction that crashed after writing it), damage if
+        replaying the journal would overwrite part of it (someone wrote it while the store had it open)."""
+        final: dict[str, bytes | None] = {}
+        for ops in records:
+            for op in ops:
+                if op[1] == name:
+                    final[op[2]] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+        clobbered = [key for key, value in final.items() if coll.get(key) != value]
+        if clobbered:
+            raise ExternalChangeError(
+                f"{path} was changed outside the store while its journal still holds newer changes to "
+                f"{len(clobbered)} of its documents (e.g. {clobbered[0]!r}); opening would overwrite them. Stop the "
+                "bot before editing files by hand. To keep the edit, restore the journal's values by hand or "
+                f"remove {JOURNAL_NAME} (losing the changes since the last compaction); the file was left as it is",
+                path=str(path))
+        log.info("%s was edited while the store was closed: using the edit", path)
 
     # ---------------------------------------------------------------------------------------------------------------
     # applying committed changes to memory
@@ -223,61 +308,91 @@ class JsonStore(BaseStore):
             self._dirty.add(coll_name)
 
     def _follow(self, *, locked: bool) -> None:
-        """Apply what other processes appended; flag a full reload when the journal jumped generations."""
-        if self._need_reload or not self._journal.changed():
+        """Apply what other processes committed; flag a catch-up under the lock or a full reload when needed."""
+        if self._need_reload or self._journal.fd < 0 or not self._journal.changed():
             return
-        records, switched_at, reload = self._journal.follow(locked=locked)
-        for index, ops in enumerate(records):
-            if index == switched_at:
+        found = self._journal.follow(self._committed, locked=locked)
+        for index, ops in enumerate(found.records):
+            if index == found.switched_at:
                 self._dirty = set()  # another process compacted: its snapshots hold everything before this
             self._apply(ops)
-        if switched_at == len(records):
+        if found.switched_at == len(found.records):
             self._dirty = set()
-        self._need_reload = reload
+        self._need_reload = found.reload
+        self._need_lock = found.need_lock
 
     async def _refresh(self) -> None:
-        """Before a read: apply what other processes committed. A shared-memory read when nothing changed."""
+        """Before a read: apply what other processes committed. One ``stat`` when nothing changed."""
         if self._holding:
             return  # we hold the lock: nobody else can have written
-        seen = self._flock.read_counter()
-        if seen == self._seen_counter and not self._need_reload:
-            return
-        self._seen_counter = seen  # before reading the journal: a commit racing with us bumps it again
-        self._follow(locked=False)
-        if self._need_reload:
+        with self._io("reading the journal"):
+            if self.read_only:
+                self._refresh_read_only()
+                return
+            self._follow(locked=False)
+        if self._need_reload or self._need_lock:
             async with self._locked():
-                pass  # _locked() reloads under the lock
+                pass  # _locked() catches up (and reloads) under the lock
+
+    def _refresh_read_only(self) -> None:
+        """A read-only store never takes the lock: when the committed end is unknown it reads every complete
+        record (a record whose fsync is still running may then be seen), and reloads after a generation jump."""
+        if self._journal.fd < 0:
+            if self._journal.path.exists():
+                self._load()
+            return
+        self._follow(locked=False)
+        if self._need_lock and not self._need_reload:
+            for ops in self._journal.read_new(end=None, locked=False):
+                self._apply(ops)
+            self._need_lock = False
+        if self._need_reload:
+            self._load()
 
     def _catch_up_locked(self) -> None:
-        """Under the lock: apply everything committed (truncating a torn tail), reload after a generation jump."""
+        """Under the lock: apply everything committed (cutting away what never was), reload after a generation
+        jump, and publish the committed end when it was not known."""
         self._follow(locked=True)
         if self._need_reload:
             log.info("%s: the journal moved on by more than one compaction: reloading the snapshots", self.path)
-            self._load_locked()
-            self._need_reload = False
+            self._load()
+        committed = self._committed()
+        if committed is None or committed != (self._journal.ino, self._journal.offset):
+            self._flock.publish(self._journal.ino or 0, self._journal.offset)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
     @asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        """Hold this store's mutex and the cross-process file lock, caught up with the journal."""
+        """Hold this store's mutex and the cross-process file lock, caught up with the journal.
+
+        A read-only store takes only its mutex (and catches up the read-only way): it never writes.
+        """
         async with self._mutex:
+            if self.read_only:
+                with self._io("reading the journal"):
+                    self._refresh_read_only()
+                yield
+                return
             await self._acquire_file_lock()
             self._holding = True
             try:
-                self._catch_up_locked()
+                with self._io("catching up with the journal"):
+                    self._catch_up_locked()
                 yield
             finally:
                 self._holding = False
                 self._flock.release()
 
     async def _acquire_file_lock(self) -> None:
-        if self._flock.try_acquire():  # uncontended: no thread hop
-            return
+        with self._io("taking the store lock"):
+            if self._flock.try_acquire():  # uncontended: no thread hop
+                return
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
-            await asyncio.shield(waiter)
+            with self._io("taking the store lock"):
+                await asyncio.shield(waiter)
         except LockBusy:
             raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
                                    f"{self.lock_timeout}s") from None
@@ -287,17 +402,16 @@ class JsonStore(BaseStore):
             cancel.set()
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), timeout=None)
-            except (LockBusy, asyncio.CancelledError):
+            except (LockBusy, OSError, asyncio.CancelledError):
                 pass
             self._flock.release()
             raise
 
     # ---------------------------------------------------------------------------------------------------------------
-    # group commit
+    # committing
     def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise DatabaseError(f"{self.path}: the store stopped accepting writes after an I/O failure "
-                                f"({self._broken}); close and reopen it") from self._broken
+        if self.read_only:
+            raise ReadOnlyError(f"{self.path}: the store was opened read-only")
 
     async def _submit(self, prepare: _Prepare) -> Any:
         """Queue a write for the next group commit (group_commit.py) and wait until it is durable."""
@@ -306,6 +420,7 @@ class JsonStore(BaseStore):
 
     async def _commit_group(self, batch: list[_Prepare], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
+        await self._trust_journal()
         staged = _Staged(self._data)
         ops: list[Op] = []
         for prepare in batch:
@@ -318,28 +433,60 @@ class JsonStore(BaseStore):
             ops.extend(item_ops)
             outcomes.append(result)
         if ops:
-            await self._append(encode_record(ops))
-            self._apply(ops)
-            self._seen_counter = self._flock.bump_counter()
+            await self._commit(ops)
 
-    async def _append(self, record: bytes) -> None:
-        """Append and fsync one record: inline while fsyncs are fast, in a worker thread once they are not.
+    async def _commit(self, ops: list[Op]) -> None:
+        """Make ``ops`` durable, then visible: append + fsync, publish the committed end, apply to memory.
 
-        Handing the write to a thread costs more than a fast fsync itself (measured here: ~150 us hop for a
-        ~200 us fsync), but a slow disk (several ms per fsync) must not stall the event loop. So the loop keeps a
-        moving average of recent append+fsync times and blocks for at most about INLINE_SYNC_BUDGET at a time.
+        Under the lock. The three steps happen together or not at all, whatever interrupts them: if the task is
+        cancelled while a worker thread runs the fsync, the thread is waited for (storage.cancellation), and a
+        record that reached the disk is published and applied before the cancellation goes on, so the process's
+        view always equals the disk. A record that did not reach the disk is neither.
         """
-        started = time.perf_counter()
+        record = encode_record(ops)
+        journal = self._journal
+        start = journal.offset
+        began = time.perf_counter()
         try:
             if self._sync_estimate < INLINE_SYNC_BUDGET:
-                self._journal.append(record)
+                journal.append(record)
             else:
-                await asyncio.to_thread(self._journal.append, record)
+                await cancellation.run_in_thread(journal.append, record)
         except OSError as exc:
-            if self._journal.size() != self._journal.offset:
-                self._broken = exc
-            raise DatabaseError(f"{self._journal.path}: write failed, nothing was committed: {exc}") from exc
-        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - started)
+            await self._after_failed_append(exc)
+            raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
+                                 errno=exc.errno, path=str(journal.path)) from exc
+        finally:
+            if journal.offset != start:  # durable: publish and apply even if we are being cancelled
+                self._flock.publish(journal.ino or 0, journal.offset)
+                self._apply(ops)
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
+
+    async def _after_failed_append(self, exc: OSError) -> None:
+        """A failed write or fsync. After a failed fsync the file's cached pages no longer say what is on disk
+        (PostgreSQL's "fsyncgate"), so the journal is not trusted again until it is rewritten from memory (which
+        holds exactly what was committed): that is what :meth:`_trust_journal` does, now and before every later
+        commit until it succeeds. Readers never saw the failed record: it was never published."""
+        log.error("%s: a journal write failed (%s): rewriting the store's files before the next commit",
+                  self._journal.path, exc)
+        self._suspect = exc
+        try:
+            await self._trust_journal()
+        except DatabaseError as again:
+            log.error("%s: rewriting after the failed write failed too (%s); writes will retry it", self.path, again)
+
+    async def _trust_journal(self) -> None:
+        """Under the lock: if a write failed earlier, rewrite the snapshots and start a fresh journal first."""
+        if self._suspect is None:
+            return
+        suspect = self._suspect
+        try:
+            await self._run_compaction(everything=True)
+        except DatabaseError as exc:
+            raise StorageIOError(f"{self.path}: the journal is not trusted since a write failed ({suspect}) and "
+                                 f"rewriting it failed: {exc}; nothing was committed") from exc
+        self._suspect = None
+        log.info("%s: the store's files were rewritten after a failed write; writes go on", self.path)
 
     # ---------------------------------------------------------------------------------------------------------------
     # compaction
@@ -356,34 +503,79 @@ class JsonStore(BaseStore):
         try:
             async with self._locked():
                 if self._compaction_due():
-                    await asyncio.to_thread(self._compact_locked)
-        except (OSError, DatabaseError) as exc:
+                    await self._run_compaction()
+        except DatabaseError as exc:
             log.error("%s: compaction failed, the journal keeps the data and grows: %s", self.path, exc)
 
     async def compact(self) -> None:
         """Fold the journal into the snapshot files now (``storage compact``); leaves plain JSON files."""
         self._guard_read()
+        self._check_usable()
         async with self._locked():
-            await asyncio.to_thread(self._compact_locked)
+            await self._run_compaction()
 
-    def _compact_locked(self) -> None:
-        """Rewrite each changed collection's snapshot, then start the next journal generation.
+    async def _run_compaction(self, *, everything: bool = False) -> None:
+        """Compact in a worker thread that a cancellation waits for (the lock stays held until it is done).
+
+        ``everything`` rewrites every collection (after a failed fsync, when no file written since is trusted).
+        """
+        try:
+            await cancellation.run_in_thread(self._compact_locked, set(self._data) if everything else set())
+        except OSError as exc:
+            raise StorageIOError(f"{exc.filename or self.path}: compaction failed: {exc.strerror or exc}; the "
+                                 "journal still holds every write", errno=exc.errno,
+                                 path=str(exc.filename or self.path)) from exc
+
+    def _compact_locked(self, also: AbstractSet[str] = frozenset()) -> None:
+        """Rewrite each changed collection's snapshot (and those in ``also``), then start the next journal
+        generation, whose header records every snapshot's checksum.
 
         Order matters for crashes: snapshots first (each atomic), then the new journal. If we die in between, the
         old journal is replayed onto the new snapshots on the next open, which is harmless (see journal.py).
+        A snapshot that was changed behind the store's back is not overwritten (ExternalChangeError).
         """
-        checksums = {name: crc for name, crc in self._journal.snapshots.items() if name not in self._dirty}
-        for name in sorted(self._dirty):
+        names = self._dirty | also
+        checksums = {name: crc for name, crc in self._journal.snapshots.items() if name not in names}
+        for name in sorted(names):
             if name in self._foreign:
                 continue
+            path = self.path / f"{name}.json"
+            self._check_not_edited(name, path)
             rendered = render_collection(self._data.get(name, {}))
-            atomic_write(self.path / f"{name}.json", rendered, sync_dir=False)
-            checksums[name] = zlib.crc32(rendered)
+            target = _snapshot_target(path)
+            atomic_write(target, rendered, sync_dir=target.parent != self.path)
+            crc = zlib.crc32(rendered)
+            checksums[name] = crc
+            self._files[name] = (_signature(os.stat(target)), crc)
         fsync_dir(self.path)
-        Journal.create(self._journal.path, self._journal.generation + 1, checksums)
-        self._journal.open()  # header only: we hold the lock, nobody appended
+        Journal.create(self._journal.path, self._journal.generation + 1, checksums,
+                       previous_end=self._journal.offset)
+        self._journal.open(lambda: None)  # header only: we hold the lock, nobody appended
+        self._flock.publish(self._journal.ino or 0, self._journal.offset)
         self._dirty = set()
-        self._seen_counter = self._flock.bump_counter()
+
+    def _check_not_edited(self, name: str, path: Path) -> None:
+        """Refuse to overwrite a snapshot someone else wrote since this process (or the last compaction) did."""
+        known = self._files.get(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return  # deleted by hand: memory holds every document, the rewrite brings it back
+        if known is not None and _signature(st) == known[0]:
+            return
+        expected = self._journal.snapshots.get(name, known[1] if known is not None else None)
+        if expected is None:
+            if known is None and st.st_size > 0:
+                raise ExternalChangeError(f"{path} appeared while the store had it open; the file was left as it "
+                                          "is", path=str(path))
+            return
+        crc = zlib.crc32(path.read_bytes())
+        if crc != expected:
+            raise ExternalChangeError(
+                f"{path} was changed outside the store while it was open (the library owns its files while a store "
+                "is open: stop the bot to edit them); the store's changes stay in the journal and the file was "
+                "left as it is", path=str(path))
+        self._files[name] = (_signature(st), crc)
 
     # ---------------------------------------------------------------------------------------------------------------
     # primitives
@@ -400,6 +592,7 @@ class JsonStore(BaseStore):
         return {k: loads(coll[k]) for k in keys if k in coll}
 
     def _check_writable(self, collection: str) -> None:
+        self._check_usable()
         if collection in self._foreign:
             raise ValidationError(
                 f"{self.path / (collection + '.json')} exists but is not a collection ({self._foreign[collection]}); "
@@ -454,12 +647,15 @@ class JsonStore(BaseStore):
 
     # message analytics: the append-only log in json_messages.py
     async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
+        self._check_usable()
         return await self._messages.insert(records)
 
     async def _modify_message(self, message_id: str, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+        self._check_usable()
         return await self._messages.modify(message_id, fn)
 
     async def _delete_messages_before(self, before: datetime) -> int:
+        self._check_usable()
         return await self._messages.delete_before(before)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
@@ -482,6 +678,7 @@ class JsonStore(BaseStore):
         try:
             self._check_usable()
             async with self._locked():
+                await self._trust_journal()
                 tx = JsonTransaction(self)
                 try:
                     yield tx
@@ -490,23 +687,29 @@ class JsonStore(BaseStore):
                     raise
                 ops = tx._finish()
                 if ops:
-                    await self._append(encode_record(ops))
-                    self._apply(ops)
-                    self._seen_counter = self._flock.bump_counter()
+                    await self._commit(ops)
         finally:
             self._leave_transaction(token)
 
     async def close(self) -> None:
-        """Wait for queued writes, fold the journal into the snapshots, release the files."""
+        """Wait for queued writes, fold the journal into the snapshots, release the files.
+
+        Cancelling ``close()`` does not cut it short: the compaction it started runs to its end (the files are
+        released only then), and the cancellation is delivered after.
+        """
         if self._closed:
             return
         self._closed = True
+        await cancellation.run_to_completion(self._close())
+
+    async def _close(self) -> None:
         try:
             await self._commits.wait()
-            if self._dirty and self._broken is None:
+            await self._messages.wait()
+            if self._dirty and not self.read_only and self._suspect is None:
                 async with self._locked():
                     if self._dirty:
-                        await asyncio.to_thread(self._compact_locked)
+                        await self._run_compaction()
         finally:
             self._journal.close()
             self._flock.close()
@@ -520,7 +723,20 @@ class JsonStore(BaseStore):
             "journal_bytes": self._journal.offset,
             "journal_generation": self._journal.generation,
             "foreign_files": dict(self._foreign),
+            "read_only": self.read_only,
         }
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is rewritten or replaced (checked before trusting it is still ours)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _snapshot_target(path: Path) -> Path:
+    """Where a snapshot is written: a symlinked ``<collection>.json`` is followed, and the file it names is
+    replaced (atomically, in its own folder), so the link stays. A bot may keep ``members.json`` on a mounted
+    volume that way; the library never replaces a link with a regular file."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 class JsonTransaction(OpsBase):

@@ -19,7 +19,6 @@ build on these functions.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .. import cancellation
 from ..errors import CorruptDataError, DatabaseError
 from ..fsutil import TEMP_MARK
 
@@ -304,25 +304,12 @@ def list_months(root: Path, guild_id: str | None, lo: str | None, hi: str | None
 
 # -------------------------------------------------------------------------------------------------------------------
 async def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` in a thread; an OSError becomes a :class:`DatabaseError`.
-
-    If the caller is cancelled, this still waits for the thread to finish before raising: a caller holding a lock
-    must not release it while its thread is still writing (another writer would get in).
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    """Run ``fn`` in a thread that cancellation does not abandon (see storage.cancellation); an OSError becomes a
+    :class:`DatabaseError`. A caller holding a lock must not release it while its thread is still writing."""
     try:
-        return await asyncio.shield(task)
+        return await cancellation.run_in_thread(fn, *args)
     except OSError as exc:
         raise DatabaseError(f"{exc}") from exc
-    except asyncio.CancelledError:
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                continue
-            except Exception:
-                break
-        raise
 
 
 async def run_holding(lock: AbstractAsyncContextManager[Any], fn: Callable[..., T], *args: Any) -> T:

@@ -131,6 +131,10 @@ class MessageLog:
         known = "not loaded" if self._index is None else f"{len(self._index)} ids"
         return f"<MessageLog root={str(self.root)!r} index={known}>"
 
+    async def wait(self) -> None:
+        """Wait until every queued insert is settled (before closing)."""
+        await self._inserts.wait()
+
     def close(self) -> None:
         """Forget the index and the cache (they are rebuilt from the files by whoever opens the store next)."""
         self._index, self._files, self._slots = None, {}, []

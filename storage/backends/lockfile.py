@@ -1,27 +1,44 @@
-"""The cross-process lock of the JSON backend, taken on a sidecar file (never on a data file that gets replaced).
+"""The cross-process lock of the JSON backend, and the journal's published *committed end*.
 
-On POSIX we keep one descriptor of ``storage.lock`` open for the store's lifetime and ``flock`` it per commit: two
-system calls, a few microseconds. filelock re-opens and re-checks the lock file on every acquire (about 130 us here,
-measured: more than a group commit's own bookkeeping), so it is used only where ``fcntl`` does not exist (Windows),
-where its semantics are the portable ones. Both are advisory locks on the same sidecar file, and every process of
-this library on one platform uses the same kind, so they exclude each other.
+The lock
+    On POSIX we keep one descriptor of ``storage.lock`` open for the store's lifetime and ``flock`` it per commit (a
+    few microseconds; filelock re-opens and re-checks the file on every acquire). Two things can go wrong with a
+    sidecar file, and both are handled here:
 
-``flock`` locks belong to the open file description: two stores on the same folder in one process exclude each
-other too, as two processes do.
+    * A person deletes ``storage.lock`` ("remove the stale lock") while processes have the store open. The running
+      process would keep locking the unlinked inode while a new process locks a new file: two writers at once
+      (3000 acknowledged increments ended at 2230). So after every ``flock`` the lock checks that the path still
+      names the file it locked (device and inode) and, if not, reopens the path and tries again.
+    * The deletion can happen while a process *holds* the lock: a newcomer could then take the new file's lock in
+      the middle of that commit. So where the platform allows it, the data *folder* itself is ``flock``ed too
+      (after the sidecar). A folder cannot be swapped out from under an open store, so two processes that can both
+      lock it exclude each other whatever happens to ``storage.lock``. Where folders cannot be locked (NFS, some
+      FUSE file systems, Windows), the sidecar alone is used, as before.
 
-The lock file also carries a *change counter*: its first 8 bytes, memory-mapped, bumped by every commit (under the
-lock, after the fsync). A reader compares it with the value it last saw, a memory read, instead of calling
-``stat`` on the journal before every ``get`` (which was a third of a ``get``'s cost). Only when it moved does the
-reader look at the journal.
+    ``flock`` locks belong to the open file description: two stores on one folder in one process exclude each other
+    as two processes do. Windows uses filelock on the sidecar (its portable semantics; no folder lock there).
+
+The committed end
+    Readers in other processes follow the journal without the lock. They must never apply a record that is not
+    durable yet: its fsync may still fail, and the writer then cuts it back (a reader that applied it would serve a
+    write reported as failed, then misread the writer's next record as a torn tail). So after each fsync the writer
+    *publishes* ``(journal inode, committed end)`` in the first bytes of ``storage.lock`` and readers read no
+    further than that. The state is read with ``pread`` (never ``mmap``: truncating a mapped file kills every
+    process that maps it with SIGBUS) and carries a crc, so a torn, truncated or zeroed lock file only reads as
+    "unknown", never as a wrong end. It also carries the boot id: what a previous boot published may not have
+    reached the disk, so it is never used to decide which journal bytes were committed.
 """
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 try:  # pragma: no cover - platform switch
     import fcntl
@@ -30,25 +47,49 @@ except ImportError:  # pragma: no cover - Windows
 
 import filelock
 
-__all__ = ["SidecarLock", "LockBusy"]
+__all__ = ["SidecarLock", "LockBusy", "Committed", "boot_id"]
+
+_MAGIC = b"SLK2"
+_STATE = struct.Struct("<4sIQQQ")  # magic, crc32 of the rest, boot id, journal inode, committed end
+#: errnos that say "this file system cannot flock a directory": the sidecar alone is used there.
+_NO_DIR_LOCK = frozenset({errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EISDIR})
 
 
 class LockBusy(Exception):
     """Raised by :meth:`SidecarLock.acquire` when the lock was not free within the timeout."""
 
 
+class Committed(NamedTuple):
+    """What the last commit published: the journal it went to (inode) and where its committed records end."""
+
+    ino: int
+    end: int
+
+
+def boot_id() -> int:
+    """A number that changes with every boot of the machine (0 where the platform does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return zlib.crc32(f.read().strip()) or 1
+    except OSError:
+        return 0
+
+
 class SidecarLock:
-    """An exclusive, non-reentrant inter-process lock on ``path``.
+    """An exclusive, non-reentrant inter-process lock on ``path`` (and its folder), plus the published state.
 
     Not thread-safe by itself: the store serializes its use with an ``asyncio.Lock``; a blocking :meth:`acquire`
     may run in a worker thread while the event loop waits for it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._fd = -1
+        self._dir_fd = -1
+        self._dir_lockable = True
         self._held = False
-        self._counter: mmap.mmap | None = None
+        self._boot = boot_id()
         self._fallback = filelock.FileLock(str(path), thread_local=False) if fcntl is None else None
 
     @property
@@ -57,8 +98,43 @@ class SidecarLock:
 
     def _descriptor(self) -> int:
         if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.read_only:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            else:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         return self._fd
+
+    def _reopen(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _same_file(self) -> bool:
+        """Does the path still name the file we locked? (Someone may have deleted or replaced it.)"""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _lock_folder(self, blocking: bool) -> bool:
+        """The folder lock (see the module doc); True when taken or when this file system cannot lock folders."""
+        if not self._dir_lockable:
+            return True
+        if self._dir_fd < 0:
+            self._dir_fd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_DIR_LOCK:
+                raise
+            self._dir_lockable = False
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        return True
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free right now; never blocks."""
@@ -69,10 +145,25 @@ class SidecarLock:
                 return False
             self._held = True
             return True
+        for _attempt in range(100):
+            fd = self._descriptor()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if self._same_file():
+                break
+            fcntl.flock(fd, fcntl.LOCK_UN)  # we locked a file that is no longer storage.lock: take the new one
+            self._reopen()
+        else:
+            raise OSError(f"{self.path} keeps being replaced while we lock it")
         try:
-            fcntl.flock(self._descriptor(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+            if not self._lock_folder(blocking=False):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                return False
+        except BaseException:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            raise
         self._held = True
         return True
 
@@ -95,33 +186,46 @@ class SidecarLock:
         self._held = False
         if self._fallback is not None:  # pragma: no cover - Windows
             self._fallback.release()
-        else:
+            return
+        try:
+            if self._dir_fd >= 0:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+        finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _mapped(self) -> mmap.mmap:
-        if self._counter is None:
+    # -- the published committed end -------------------------------------------------------------------------------
+    def publish(self, ino: int, end: int) -> None:
+        """Tell readers that journal ``ino`` is committed up to byte ``end``. Call holding the lock, after fsync."""
+        body = _STATE.pack(_MAGIC, 0, self._boot, ino, end)[8:]
+        os.pwrite(self._descriptor(), _STATE.pack(_MAGIC, zlib.crc32(body), self._boot, ino, end), 0)
+
+    def committed(self, *, trusted_only: bool = False) -> Committed | None:
+        """The last published state, or None when unknown (never published, damaged, truncated, replaced).
+
+        ``trusted_only``: also None when it was published before this boot (or the boot is unknown): such a
+        state may be older than what reached the disk, so it cannot say which bytes were never committed.
+        """
+        try:
             fd = self._descriptor()
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)  # zeros; racing processes all extend to the same 8 zero bytes
-            self._counter = mmap.mmap(fd, 8)
-        return self._counter
-
-    def read_counter(self) -> int:
-        """The change counter (cheap: a read from shared memory)."""
-        return int.from_bytes(self._mapped()[:8], "little")
-
-    def bump_counter(self) -> int:
-        """Advance the change counter; call while holding the lock, after the change is durable."""
-        counter = self._mapped()
-        value = (int.from_bytes(counter[:8], "little") + 1) & 0xFFFF_FFFF_FFFF_FFFF
-        counter[:8] = value.to_bytes(8, "little")
-        return value
+            if not self._same_file():  # deleted or replaced: what we would read is someone's old state
+                self._reopen()
+                fd = self._descriptor()
+            raw = os.pread(fd, _STATE.size, 0)
+        except FileNotFoundError:
+            return None
+        if len(raw) != _STATE.size:
+            return None
+        magic, crc, boot, ino, end = _STATE.unpack(raw)
+        if magic != _MAGIC or crc != zlib.crc32(raw[8:]):
+            return None
+        if trusted_only and (boot != self._boot or not boot):
+            return None
+        return Committed(ino, end)
 
     def close(self) -> None:
         self.release()
-        if self._counter is not None:
-            self._counter.close()
-            self._counter = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for name in ("_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

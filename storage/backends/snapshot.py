@@ -75,8 +75,8 @@ def _read_lines(raw: bytes, validate: bool) -> tuple[Collection, int] | None:
     return docs, size
 
 
-def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collection, int] | str:
-    """A collection file's documents (encoded) and approximate size, or why it is not a collection.
+def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collection, int, int] | str:
+    """A collection file's documents (encoded), approximate size and crc32, or why it is not a collection.
 
     Invalid JSON, an empty or a truncated file raises :class:`CorruptDataError` with the byte position: the file
     is left untouched for a human to look at, never replaced by ``{}`` (TinyDB #67). Valid JSON of another shape
@@ -91,16 +91,20 @@ def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collectio
     if not raw or raw.isspace():
         raise CorruptDataError(f"{path} is empty ({len(raw)} bytes): expected a JSON object; the file was "
                                "left as it is", path=str(path), position=0)
-    fast = _read_lines(raw, validate=trusted_crc is None or zlib.crc32(raw) != trusted_crc)
-    if fast is not None:
-        return fast
-    collecting = gc.isenabled()
-    gc.disable()  # a big parse allocates millions of objects: the cyclic GC would rescan them again and again
-    try:
-        return _read_general(path, raw)
-    finally:
-        if collecting:
-            gc.enable()
+    crc = zlib.crc32(raw)
+    loaded = _read_lines(raw, validate=crc != trusted_crc)
+    if loaded is None:
+        collecting = gc.isenabled()
+        gc.disable()  # a big parse allocates millions of objects: the cyclic GC would rescan them again and again
+        try:
+            general = _read_general(path, raw)
+        finally:
+            if collecting:
+                gc.enable()
+        if isinstance(general, str):
+            return general
+        loaded = general
+    return loaded[0], loaded[1], crc
 
 
 def _read_general(path: Path, raw: bytes) -> tuple[Collection, int] | str:

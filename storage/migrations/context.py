@@ -71,6 +71,10 @@ class MigrationContext(MembersMixin):
         return self._path
 
     # -- guards ----------------------------------------------------------------------------------------------------
+    def _guard_write(self) -> None:
+        """What the seed's member calls (members.py) check before writing."""
+        self._check()
+
     def _check(self) -> None:
         if not self._active:
             raise MigrationError(f"the context of migration {self.version} is only usable inside its "
