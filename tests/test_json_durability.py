@@ -154,7 +154,7 @@ async def test_cancelled_group_commit_writers_see_durable_or_nothing(folder, poi
         await store.close()
 
 
-# -- item 5: no deadlock for the seed's batch call inside a transaction -------------------------------------------------
+# -- item 5: no deadlock for the seed's batch call inside a transaction ----------------------------------------------
 async def test_batch_update_members_inside_a_transaction_raises_instead_of_deadlocking(store):
     update = {"user_id": "1", "guild_id": "2", "data": {"roles": []}}
     async with store.transaction() as tx:
