@@ -137,7 +137,12 @@ class Journal:
         gives the same state (every record is whole-document puts and deletes)."""
         body = os.pread(self.fd, self.offset, 0)
         body = body[body.index(b"\n") + 1:]
-        Journal.create(self.path, self.generation + 1, {**self.snapshots, **snapshots}, self.offset, body)
+        self.mark_replacing()
+        try:
+            Journal.create(self.path, self.generation + 1, {**self.snapshots, **snapshots}, self.offset, body)
+        except BaseException:
+            self.unmark()
+            raise
         self.open(lambda: None)
 
     def _open_fd(self) -> int:
@@ -250,12 +255,20 @@ class Journal:
                                    path=str(self.path)) from None
 
     def changed(self) -> bool:
-        """Cheap check (one ``stat``) for anything new: appended records or a compaction."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return st.st_ino != self.ino or st.st_size != self.offset
+        """Cheap check for anything new (one ``pread`` of a byte, about 0.7 us here; a ``stat`` of the path costs
+        over twice that): appended records, or a compaction, which marks the file it replaces (see
+        :meth:`mark_replacing`)."""
+        return os.pread(self.fd, 1, self.offset) != b""
+
+    def mark_replacing(self) -> None:
+        """Before a compaction replaces this file: append a byte past the committed end, so that readers following
+        it (whose cheap check looks for bytes past what they read) look again and find the new file. If the
+        compaction fails, :meth:`unmark` removes it; a crash leaves it past the committed end, where the next
+        holder of the lock cuts it away (and it never parses as a record: an empty line)."""
+        write_all(self.fd, b"\n")
+
+    def unmark(self) -> None:
+        os.ftruncate(self.fd, self.offset)
 
     def follow(self, committed: Callable[[], tuple[int, int] | None], *, locked: bool) -> Follow:
         """Catch up with other processes.

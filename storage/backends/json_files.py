@@ -325,6 +325,13 @@ class JsonStore(BaseStore):
         """Before a read: apply what other processes committed. One ``stat`` when nothing changed."""
         if self._holding:
             return  # we hold the lock: nobody else can have written
+        journal = self._journal
+        if journal.fd >= 0 and not (self._need_reload or self._need_lock):
+            try:
+                if not journal.changed():
+                    return  # the fast path of every read: one pread
+            except OSError:
+                pass  # reported with context below
         with self._io("reading the journal"):
             if self.read_only:
                 self._refresh_read_only()
@@ -548,8 +555,13 @@ class JsonStore(BaseStore):
             checksums[name] = crc
             self._files[name] = (_signature(os.stat(target)), crc)
         fsync_dir(self.path)
-        Journal.create(self._journal.path, self._journal.generation + 1, checksums,
-                       previous_end=self._journal.offset)
+        self._journal.mark_replacing()
+        try:
+            Journal.create(self._journal.path, self._journal.generation + 1, checksums,
+                           previous_end=self._journal.offset)
+        except BaseException:
+            self._journal.unmark()
+            raise
         self._journal.open(lambda: None)  # header only: we hold the lock, nobody appended
         self._flock.publish(self._journal.ino or 0, self._journal.offset)
         self._dirty = set()
