@@ -382,3 +382,21 @@ async def test_a_crash_between_snapshot_rewrite_and_new_journal_is_not_an_extern
     async with storage.open_store(config=cfg(folder)) as again:
         assert await again.get_member_data(1, 2) == {"roles": ["b"]}
         assert await again.get_member_data(3, 2) == {"roles": ["c"]}
+
+
+async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folder):
+    store = await storage.open_store(config=cfg(folder))
+    await store.save_member_data(1, 2, {"roles": ["a"]})
+    await store.compact()
+    await store.save_member_data(1, 2, {"roles": ["store"]})
+    write_like_the_seed(folder, {"2_1": {"roles": ["edit"]}, "2_5": {"roles": ["added by hand"]}})
+    with pytest.raises(ExternalChangeError):
+        await store.close()
+    with pytest.raises(ExternalChangeError):
+        await JsonStore.open(cfg(folder))
+    merged = await JsonStore.open(cfg(folder), merge_external=True)
+    await merged.close()
+    assert json.loads((folder / "members.json").read_text()) == {
+        "2_1": {"roles": ["store"]}, "2_5": {"roles": ["added by hand"]}}
+    async with storage.open_store(config=cfg(folder)) as again:
+        assert await again.get_member_data(5, 2) == {"roles": ["added by hand"]}

@@ -137,6 +137,7 @@ class JsonStore(BaseStore):
         #: A failed append (fsync error): the journal file is not trusted until it is rewritten (see _append).
         self._suspect: BaseException | None = None
         self._need_reload = False
+        self._merge_external = False  # see open()
         self._need_lock = False  # what other processes committed is unknown from here: catch up under the lock
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
@@ -160,15 +161,20 @@ class JsonStore(BaseStore):
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
     @classmethod
-    async def open(cls, config: StoreConfig | str | os.PathLike[str]) -> JsonStore:
+    async def open(cls, config: StoreConfig | str | os.PathLike[str], *, merge_external: bool = False) -> JsonStore:
         """Open (creating the folder if needed) under the lock: cleans up after crashes, loads, replays.
 
         Read-only (``config.read_only``): the folder must exist; no lock is taken and nothing is written, so it
         works on a read-only medium (a mounted backup, a snapshot) and never changes the store.
+
+        ``merge_external`` resolves an :class:`ExternalChangeError` at open (``storage compact --merge-external``):
+        the journal's changes are replayed over the edited snapshot (its values win for the documents it changed,
+        the edit is kept for every other document), and the next compaction writes the result.
         """
         if not isinstance(config, StoreConfig):
             config = StoreConfig(backend="json", path=os.fspath(config), source="arguments")
         store = cls(config)
+        store._merge_external = merge_external
         try:
             await cancellation.run_in_thread(store._open_sync)
         except asyncio.CancelledError:
@@ -277,12 +283,15 @@ class JsonStore(BaseStore):
                 if op[1] == name:
                     final[op[2]] = op[3] if op[0] == "p" else None  # type: ignore[misc]
         clobbered = [key for key, value in final.items() if coll.get(key) != value]
-        if clobbered:
+        if clobbered and self._merge_external:
+            log.warning("%s was changed outside the store: replaying the journal's newer values of %d documents "
+                        "over the edit, as asked (merge_external)", path, len(clobbered))
+        elif clobbered:
             raise ExternalChangeError(
                 f"{path} was changed outside the store while its journal still holds newer changes to "
-                f"{len(clobbered)} of its documents (e.g. {clobbered[0]!r}); opening would overwrite them. Stop the "
-                "bot before editing files by hand. To keep the edit, restore the journal's values by hand or "
-                f"remove {JOURNAL_NAME} (losing the changes since the last compaction); the file was left as it is",
+                f"{len(clobbered)} of its documents (e.g. {clobbered[0]!r}); opening would overwrite them, so the file "
+                "was left as it is. Stop the bot before editing files by hand. To keep both (the journal's values "
+                "win for the documents it changed): `python -m storage compact --merge-external`",
                 path=str(path))
         log.info("%s was edited while the store was closed: using the edit", path)
 
