@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
+from .dsn import redact_dsn
 from .errors import ValidationError
 
 __all__ = ["StoreConfig", "redact_dsn"]
@@ -32,27 +34,7 @@ __all__ = ["StoreConfig", "redact_dsn"]
 Backend = Literal["json", "postgres"]
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-def redact_dsn(dsn: str | None) -> str | None:
-    """``dsn`` with any password replaced by ``***`` (also in ``?password=`` query parameters)."""
-    if not dsn:
-        return dsn
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = "&".join(
-        (p.split("=", 1)[0] + "=***") if p.lower().startswith("password=") else p
-        for p in parts.query.split("&")
-    ) if parts.query else parts.query
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+_URL_START = re.compile(r"(?i)postgres(?:ql)?://")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -131,6 +113,13 @@ class StoreConfig:
         if self.backend == "postgres" and not self.dsn:
             raise ValidationError(
                 "the postgres backend needs a DSN: set DATABASE_PUBLIC_URL, DATABASE_URL, PGHOST... or DB_HOST...",
+                field="dsn",
+            )
+        if self.backend == "postgres" and self.dsn and not _URL_START.match(self.dsn):
+            # Refused here, before a driver parses it: asyncpg reads postgresql:/u:pw@h/db as a database named
+            # "u:pw@h/db" and puts that name (the password in it) in its error message.
+            raise ValidationError(
+                f"a PostgreSQL DSN must start with postgresql:// or postgres://, got {redact_dsn(self.dsn)}",
                 field="dsn",
             )
         if self.pool_min < 0 or self.pool_max < 1 or self.pool_min > self.pool_max:
