@@ -13,14 +13,22 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import StoreConfig
 from .errors import DatabaseError
 
-__all__ = ["main", "build_parser", "config_from_args", "COMMAND_MODULES"]
+__all__ = ["main", "build_parser", "config_from_args", "existing_store_config", "require_store", "CommandRefused",
+           "COMMAND_MODULES", "EXIT_REFUSED"]
+
+#: Exit code of a command that refused to run (a store that is not there, demo over foreign data).
+EXIT_REFUSED = 2
+#: The JSON backend's journal: a folder holding it (or a ``*.json`` collection) holds a store.
+JOURNAL_NAME = "storage.journal"
 
 #: Modules under storage.commands, each adding one or more subcommands.
 COMMAND_MODULES = ("core", "migrate", "backup", "stats")
@@ -54,6 +62,36 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
     )
 
 
+class CommandRefused(Exception):
+    """The command line refuses to run (exit :data:`EXIT_REFUSED`); the message says why and what to do."""
+
+
+def require_store(config: StoreConfig) -> None:
+    """Refuse a JSON folder that does not exist or holds no store (no journal, no ``*.json`` collection).
+
+    The library creates a store where it is asked to (a bot's first start), but a command that reads or maintains
+    one must not: ``check --path reall`` (a typo) would report "ok" on an empty new folder, and ``backup create``
+    would back up nothing and let retention push out the real store's backups."""
+    if config.backend != "json":
+        return
+    path = Path(config.path)
+    where = os.path.abspath(path)
+    if not path.is_dir():
+        raise CommandRefused(f"no store at {where}: the folder does not exist (a typo?); nothing was created. "
+                             "Check --path / STORAGE_PATH (a bot creates its store on first start; "
+                             "'python -m storage demo' creates one with sample data)")
+    if not (path / JOURNAL_NAME).exists() and not any(path.glob("*.json")):
+        raise CommandRefused(f"no store at {where}: the folder holds no {JOURNAL_NAME} and no .json collection "
+                             "(a typo in --path / STORAGE_PATH?); nothing was created")
+
+
+def existing_store_config(args: argparse.Namespace) -> StoreConfig:
+    """:func:`config_from_args`, refusing a JSON folder that holds no store (see :func:`require_store`)."""
+    config = config_from_args(args)
+    require_store(config)
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storage", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
@@ -72,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code: int = asyncio.run(args.func(args))
+    except CommandRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from typing import Any
 from .. import open_store
 from ..backup import list_backup_entries, prune_backup_dir
 from ..backup_format import BackupInfo, verify_backup_dir
-from ..cli import add_store_options, config_from_args
+from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
 from ..copy import DEFAULT_BATCH_SIZE, copy
 from ..errors import BackupError, ValidationError
@@ -136,6 +136,7 @@ def _print_counts(info: BackupInfo) -> None:
 
 async def run_create(args: argparse.Namespace) -> int:
     config = _config(args)
+    require_store(config)  # a typo in --path must not back up an empty new folder (and prune real backups)
     started = time.monotonic()
     async with open_store(config=config) as store:
         before = {b.id for b in await store.list_backups()}  # type: ignore[attr-defined]

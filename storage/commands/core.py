@@ -14,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .. import open_store
-from ..cli import add_store_options, config_from_args
+from ..backup_messages import MessageOps
+from ..cli import CommandRefused, add_store_options, config_from_args, existing_store_config
 from ..errors import CorruptDataError, DatabaseError
 from ..models import member_key
 
@@ -24,6 +25,10 @@ DISCORD_EPOCH_MS = 1_420_070_400_000
 CHANNELS = ("general", "gaming", "memes", "help", "announcements")
 TOPICS = ("gaming", "discussion", "music", "anime", "programming", "memes", "news")
 SENTIMENTS = ("positive", "neutral", "negative")
+#: The collection where the demo notes each guild it filled (seed and clock), so that it can tell its own data
+#: from a real bot's and replay itself instead of doubling the data.
+DEMO_MARKER = "_demo"
+DEMO_COLLECTIONS = ("members", "economy")
 
 
 def register(sub: Any) -> None:
@@ -33,6 +38,8 @@ def register(sub: Any) -> None:
     demo.add_argument("--members", type=int, default=500, help="members joining (default %(default)s)")
     demo.add_argument("--messages", type=int, default=5000, help="messages sent (default %(default)s)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: a new session each run)")
+    demo.add_argument("--force", action="store_true",
+                      help="fill a store that already holds data the demo did not write (default: refuse)")
     demo.set_defaults(func=run_demo)
 
     status = sub.add_parser("status", help="which backend is configured and what it holds")
@@ -62,14 +69,51 @@ class _Timer:
         self.rows.append((what, count, time.perf_counter() - started))
 
 
+async def _foreign_data(store: Any, demo_guilds: set[str]) -> list[str]:
+    """What ``store`` holds that no demo run wrote (empty: nothing, or only the demo's guilds' data)."""
+    foreign = []
+    prefixes = tuple(f"{guild}_" for guild in demo_guilds)
+    for name in await store.collections():
+        if name == DEMO_MARKER:
+            continue
+        if name in DEMO_COLLECTIONS and prefixes:
+            n = sum([1 async for key, _ in store.items(name) if not key.startswith(prefixes)])
+        else:
+            n = await store.count(name)
+        if n:
+            foreign.append(f"{n} {name} document(s)")
+    ops = MessageOps.of(store)
+    if ops is not None:
+        total = await ops.count()
+        ours = sum([await store.message_counts(guild) for guild in demo_guilds])
+        if total > ours:
+            foreign.append(f"{total - ours} message(s)")
+    return foreign
+
+
 async def run_demo(args: argparse.Namespace) -> int:
-    rng = random.Random(args.seed)
     config = config_from_args(args)
     guild = str(args.guild)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
     timer = _Timer()
-    print(f"storage demo: {config.describe()}")
+    print(f"storage demo: about to fill {config.describe()} with {args.members} fake members and "
+          f"{args.messages} messages in guild {guild}")
     async with open_store(config=config) as store:
+        runs = {key: doc async for key, doc in store.items(DEMO_MARKER)}
+        foreign = await _foreign_data(store, set(runs))
+        if foreign and not args.force:
+            raise CommandRefused(
+                f"{config.describe()} already holds data the demo did not write ({', '.join(foreign)}); the demo "
+                "would add fake members to it. Point --path/--dsn at another store, or pass --force")
+        previous = runs.get(guild)
+        if previous is not None:
+            # Same seed, same clock: the same ids, so saves overwrite and record_messages skips what is there.
+            seed, now = int(previous["seed"]), datetime.fromisoformat(previous["anchor"])
+            print(f"the demo already filled guild {guild} here: replaying the same session (nothing is doubled)")
+        else:
+            seed = args.seed if args.seed is not None else random.randrange(2**32)
+            now = datetime.now(timezone.utc).replace(microsecond=0)
+            await store.put(DEMO_MARKER, guild, {"seed": seed, "anchor": now.isoformat()})
+        rng = random.Random(seed)
         # 1. members join: the seed's own call, one durable save each
         started = time.perf_counter()
         user_ids = []
@@ -163,7 +207,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 
 async def run_status(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = existing_store_config(args)
     print(f"backend: {config.describe()}")
     async with open_store(config=config) as store:
         names = await store.collections()
@@ -184,7 +228,7 @@ async def run_status(args: argparse.Namespace) -> int:
 
 async def run_check(args: argparse.Namespace) -> int:
     """Opening a store loads and checks everything (JSON: every file and the journal); report instead of crash."""
-    config = config_from_args(args)
+    config = existing_store_config(args)
     try:
         async with open_store(config=config) as store:
             total = 0
@@ -207,7 +251,7 @@ async def run_check(args: argparse.Namespace) -> int:
 
 
 async def run_compact(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = existing_store_config(args)
     if config.backend != "json":
         print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
         return 2
