@@ -31,7 +31,7 @@ EXIT_REFUSED = 2
 JOURNAL_NAME = "storage.journal"
 
 #: Modules under storage.commands, each adding one or more subcommands.
-COMMAND_MODULES = ("core", "migrate", "backup", "stats")
+COMMAND_MODULES = ("core", "check", "migrate", "backup", "stats")
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:

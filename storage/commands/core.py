@@ -1,4 +1,4 @@
-"""``demo``, ``status``, ``check`` and ``compact``: the everyday commands.
+"""``demo``, ``status`` and ``compact``: the everyday commands (``check`` has its own module).
 
 ``demo`` is the README's first command: a realistic simulated bot session against the configured store (the JSON
 default in ``./config`` unless the environment says otherwise), so a new user sees the library work end to end,
@@ -16,7 +16,6 @@ from typing import Any
 from .. import open_store
 from ..backup_messages import MessageOps
 from ..cli import CommandRefused, add_store_options, config_from_args, existing_store_config
-from ..errors import CorruptDataError, DatabaseError
 from ..models import member_key
 
 __all__ = ["register"]
@@ -45,10 +44,6 @@ def register(sub: Any) -> None:
     status = sub.add_parser("status", help="which backend is configured and what it holds")
     add_store_options(status)
     status.set_defaults(func=run_status)
-
-    check = sub.add_parser("check", help="verify that every stored file/table loads (exit 1 if not)")
-    add_store_options(check)
-    check.set_defaults(func=run_check)
 
     compact = sub.add_parser("compact", help="JSON backend: fold the journal into plain JSON files now")
     add_store_options(compact)
@@ -223,30 +218,6 @@ async def run_status(args: argparse.Namespace) -> int:
             print(f"journal: {info['journal_bytes']} bytes (generation {info['journal_generation']})")
             for name, why in info["foreign_files"].items():
                 print(f"  note: {name}.json is not a collection ({why}); left alone")
-    return 0
-
-
-async def run_check(args: argparse.Namespace) -> int:
-    """Opening a store loads and checks everything (JSON: every file and the journal); report instead of crash."""
-    config = existing_store_config(args)
-    try:
-        async with open_store(config=config) as store:
-            total = 0
-            for name in await store.collections():
-                async for _key, _doc in store.items(name):
-                    total += 1
-            stats = getattr(store, "stats", None)
-            if callable(stats):
-                for name, why in stats()["foreign_files"].items():
-                    print(f"warning: {name}.json is not a collection ({why})")
-    except CorruptDataError as exc:
-        where = f" (file {exc.path}, byte {exc.position})" if exc.path else ""
-        print(f"CORRUPT: {exc}{where}")
-        return 1
-    except DatabaseError as exc:
-        print(f"FAILED: {exc}")
-        return 1
-    print(f"ok: {config.describe()}: {total} documents readable")
     return 0
 
 
