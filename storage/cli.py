@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,9 @@ __all__ = ["main", "build_parser", "config_from_args", "existing_store_config", 
 
 #: Exit code of a command that refused to run (a store that is not there, demo over foreign data).
 EXIT_REFUSED = 2
+#: Exit code when the reader of our output went away (``| head``): what a shell reports for SIGPIPE.
+EXIT_BROKEN_PIPE = 141
+_LITERAL = re.compile(r"``?([^`]+)``?")
 #: The JSON backend's journal: a folder holding it (or a ``*.json`` collection) holds a store.
 JOURNAL_NAME = "storage.journal"
 
@@ -92,6 +96,28 @@ def existing_store_config(args: argparse.Namespace) -> StoreConfig:
     return config
 
 
+def _plain(text: str | None) -> str | None:
+    """Help text for a terminal: reStructuredText literals (````x```` and ```x```) as plain quotes."""
+    if text is None:
+        return None
+    return _LITERAL.sub(r"'\1'", text)
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand a description (its one-line help when it has none) and plain-text help, recursively:
+    ``storage backup create --help`` must say what the command does, not only list options."""
+    parser.description = _plain(parser.description)
+    parser.epilog = _plain(parser.epilog)
+    for action in parser._actions:
+        action.help = _plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, child in action.choices.items():
+                if not child.description:
+                    child.description = helps.get(name)
+                _finish_help(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storage", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
@@ -100,7 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module: Any = importlib.import_module(f"storage.commands.{name}")
         module.register(sub)
+    _finish_help(parser)
     return parser
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``storage status | head -1``): send the rest of the output nowhere, so that the
+    interpreter's final flush does not print a second traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code: int = asyncio.run(args.func(args))
+        sys.stdout.flush()  # inside the try: a reader that went away is noticed here, not at exit
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except CommandRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED

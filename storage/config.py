@@ -20,6 +20,7 @@ A password never appears in ``repr``, logs or error messages: use :attr:`StoreCo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -47,6 +48,20 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
         raise ValidationError(f"{name} must be an integer, got {raw!r}", field=name) from None
     if value < minimum:
         raise ValidationError(f"{name} must be >= {minimum}, got {value}", field=name)
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float:
+    """A duration in seconds, fractions allowed (``STORAGE_CACHE_TTL=2.5``); 0 when unset."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be a number of seconds, got {raw!r}", field=name) from None
+    if not math.isfinite(value) or value < 0:
+        raise ValidationError(f"{name} must be a finite number of seconds >= 0, got {raw!r}", field=name)
     return value
 
 
@@ -156,7 +171,7 @@ class StoreConfig:
             "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
             "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
             "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
-            "cache_ttl": float(_int(env, "STORAGE_CACHE_TTL", 0, 0)),
+            "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL"),
             "backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
             "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
         }

@@ -24,7 +24,7 @@ from ..backup import list_backup_entries, prune_backup_dir
 from ..backup_format import BackupInfo, verify_backup_dir
 from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
-from ..copy import DEFAULT_BATCH_SIZE, copy
+from ..copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
 from ..errors import BackupError, ValidationError
 from ..progress import TerminalProgress
 
@@ -233,8 +233,13 @@ async def run_copy(args: argparse.Namespace) -> int:
     if source_config.backend == "json" and not await asyncio.to_thread(os.path.isdir, source_config.path):
         raise BackupError(f"the source folder {source_config.path} does not exist (a typo would copy nothing)")
     async with open_store(config=source_config) as source, open_store(config=target_config) as target:
-        report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
-                            progress=TerminalProgress())
+        try:
+            report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
+                                progress=TerminalProgress())
+        except TargetNotEmptyError as exc:  # the API's message names overwrite=True; the CLI names its flag
+            raise TargetNotEmptyError(f"the target already holds data: {exc.contents}; nothing was copied (pass "
+                                      "--overwrite to replace it with the source's data)",
+                                      contents=exc.contents) from None
     rate = report.records / report.seconds if report.seconds > 0 else 0.0
     print(f"copied {source_config.describe()} -> {target_config.describe()}")
     print(f"  {sum(report.counts.values())} documents in {len(report.counts)} collections"
@@ -244,4 +249,7 @@ async def run_copy(args: argparse.Namespace) -> int:
         print(f"  {name:<32} {count:>12}")
     if report.deleted:
         print(f"  {report.deleted} document(s) the source does not have were deleted from the target (--overwrite)")
+    if report.deleted_messages:
+        print(f"  {report.deleted_messages} message(s) of the target were deleted before the source's were copied "
+              "(--overwrite)")
     return 0

@@ -16,6 +16,9 @@ from typing import Any
 from .. import open_store
 from ..backup_messages import MessageOps
 from ..cli import CommandRefused, add_store_options, config_from_args, existing_store_config
+from ..errors import DatabaseError
+from ..migrations.ledger import read_applied
+from ..migrations.version import parse_version
 from ..models import member_key
 
 __all__ = ["register"]
@@ -201,23 +204,56 @@ async def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _message_summary(store: Any) -> str | None:
+    """``N messages in G guild(s), oldest ..., newest ...`` (one pass over the records), None without messages."""
+    ops = MessageOps.of(store)
+    if ops is None:
+        return None
+    count, guilds, oldest, newest = 0, set(), None, None
+    async for record in ops.scan():
+        count += 1
+        guilds.add(record["guild_id"])
+        ts = str(record["timestamp"])
+        oldest = ts if oldest is None or ts < oldest else oldest
+        newest = ts if newest is None or ts > newest else newest
+    if not count:
+        return "0"
+    return f"{count} in {len(guilds)} guild(s), oldest {oldest}, newest {newest}"
+
+
+async def _migration_version(store: Any) -> str:
+    try:
+        applied = await read_applied(store)
+    except DatabaseError as exc:
+        return f"unreadable ledger ({exc}); run 'python -m storage check'"
+    if not applied:
+        return "none applied"
+    current = max(applied, key=lambda a: parse_version(a.version))
+    return f"{current.version} ({len(applied)} applied)"
+
+
 async def run_status(args: argparse.Namespace) -> int:
     config = existing_store_config(args)
     print(f"backend: {config.describe()}")
     async with open_store(config=config) as store:
         names = await store.collections()
-        print(f"collections: {len(names)}")
-        for name in names:
+        shown = [name for name in names if not name.startswith("_")]  # _migrations, _demo...: internals
+        print(f"collections: {len(shown)}")
+        for name in shown:
             print(f"  {name:<32}{await store.count(name):>10} documents")
-        ledger = [k async for k, _ in store.items("_migrations")] if "_migrations" in names else []
-        if ledger:
-            print(f"migrations applied: {len(ledger)}")
+        messages = await _message_summary(store)
+        if messages is not None:
+            print(f"messages: {messages}")
         stats = getattr(store, "stats", None)
         if callable(stats):
             info = stats()
             print(f"journal: {info['journal_bytes']} bytes (generation {info['journal_generation']})")
             for name, why in info["foreign_files"].items():
                 print(f"  note: {name}.json is not a collection ({why}); left alone")
+        backups = await store.list_backups()  # type: ignore[attr-defined]
+        last = f"{backups[-1].id} ({backups[-1].created_at:%Y-%m-%d %H:%M:%S} UTC)" if backups else "none"
+        print(f"last backup: {last} (backup folder {config.backup_dir})")
+        print(f"migration version: {await _migration_version(store)}")
     return 0
 
 

@@ -175,6 +175,10 @@ async def _up(migrator: Migrator, args: argparse.Namespace) -> int:
 
 
 async def _down(migrator: Migrator, args: argparse.Namespace) -> int:
+    before = await migrator.status()
+    if not before.applied and not before.dirty:  # nothing to do is success (a dirty store still refuses below)
+        print("nothing to roll back: no migration is applied")
+        return EXIT_OK
     run = await migrator.downgrade(args.target, steps=args.steps, backup=args.backup, force=args.force)
     _print_run(run)
     status = await migrator.status()
