@@ -117,3 +117,26 @@ async def test_check_reads_every_document_and_message_on_both_backends(store_con
     result = await asyncio.to_thread(run, "check", *where)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "7 documents and 12 messages readable" in result.stdout, result.stdout
+
+
+async def test_check_changes_nothing_not_even_a_pending_journal(tmp_path: Path):
+    """A bot that crashed leaves a journal that the next writable open would fold into the snapshots: ``check``
+    must not (before it was read-only, its close compacted)."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    store = await storage.open_store(backend="json", path=live)
+    try:
+        for i in range(5):
+            await store.put("settings", str(i), {"prefix": "!" * (i + 1)})
+        await store.record_messages([record(i) for i in range(5)])
+        shutil.copytree(live, crashed)
+    finally:
+        await store.close()
+    with open(crashed / "messages" / "100" / "2024-03.jsonl", "ab") as f:
+        f.write(b'{"message_id":"77')  # and a torn append, which a writer would cut
+    before, lock = snapshot(crashed), (crashed / "storage.lock").read_bytes()
+    assert len((crashed / "storage.journal").read_bytes().splitlines()) == 6
+    result = await asyncio.to_thread(run, "check", "--path", str(crashed))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 documents and 5 messages readable" in result.stdout, result.stdout
+    assert snapshot(crashed) == before
+    assert (crashed / "storage.lock").read_bytes() == lock  # not even the lock file's state

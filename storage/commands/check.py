@@ -12,13 +12,15 @@ What is read, and where damage is reported:
   acknowledged) is not damage: it is noted, and the next writer drops it;
 * PostgreSQL: every document and every message row, decoded.
 
-Every problem is listed (not only the first), each with its file and byte position when it has one.
+Every problem is listed (not only the first), each with its file and byte position when it has one. The store is
+opened with ``read_only=True``: ``check`` takes no lock, cuts no torn line and compacts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -111,7 +113,8 @@ async def _check_messages(store: Any) -> int:
 
 
 async def run_check(args: argparse.Namespace) -> int:
-    config = existing_store_config(args)
+    # Read-only: no lock taken, no torn tail cut, no compaction at close; check never changes what it inspects.
+    config = dataclasses.replace(existing_store_config(args), read_only=True)
     problems: list[str] = []
     notes: list[str] = []
     documents = messages = 0
