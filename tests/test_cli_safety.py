@@ -133,3 +133,27 @@ async def test_demo_twice_does_not_double_and_refuses_real_data_unless_forced(st
     assert forced.returncode == 0, forced.stderr
     counts, messages = await contents(config)
     assert counts["members"] == 34 and messages == 304
+
+
+async def test_copy_from_a_typo_never_empties_the_target(tmp_path: Path, pg_dsn: str):
+    async with storage.open_store(dsn=pg_dsn) as store:
+        await store.put("members", "100_1", {"roles": ["admin"]})
+    (tmp_path / "empty").mkdir()
+    for source in ("confg", "empty"):
+        result = await asyncio.to_thread(run, "copy", "--from", str(tmp_path / source), "--to", pg_dsn,
+                                         "--overwrite", cwd=tmp_path)
+        assert result.returncode == 2 and "no store at" in result.stderr, result.stdout + result.stderr
+    async with storage.open_store(dsn=pg_dsn) as store:
+        assert await store.get("members", "100_1") == {"roles": ["admin"]}
+    assert not (tmp_path / "confg").exists()
+
+
+def test_a_malformed_url_location_is_refused_not_taken_for_a_folder(tmp_path: Path):
+    for location in ("postgresql:/bot:S3cretPw@127.0.0.1:1/db", "postgresql//bot:S3cretPw@127.0.0.1:1/db"):
+        data = tmp_path / "data"
+        assert run("demo", "--members", "2", "--messages", "2", "--path", str(data), cwd=tmp_path).returncode == 0
+        for args in (("copy", "--from", str(data), "--to", location), ("copy", "--from", location, "--to", "x")):
+            result = run(*args, cwd=tmp_path)
+            assert result.returncode == 1 and "malformed PostgreSQL URL" in result.stderr, result.stderr
+            assert "S3cretPw" not in result.stdout + result.stderr
+        assert not any("S3cret" in p for p in tree(tmp_path))  # no folder named after the DSN

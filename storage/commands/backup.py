@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import re
 import time
 from pathlib import Path
@@ -25,12 +24,14 @@ from ..backup_format import BackupInfo, verify_backup_dir
 from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
 from ..copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
+from ..dsn import redact_dsn
 from ..errors import BackupError, ValidationError
 from ..progress import TerminalProgress
 
 __all__ = ["register", "location_config"]
 
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_MALFORMED_URL_RE = re.compile(r"(?i)\s*postgres(?:ql)?[:/]")
 
 
 def register(sub: Any) -> None:
@@ -104,6 +105,9 @@ def location_config(location: str, *, backup_dir: str | None = None) -> StoreCon
     extra: dict[str, Any] = {"source": "command line"}
     if backup_dir is not None:
         extra["backup_dir"] = backup_dir
+    if _MALFORMED_URL_RE.match(location) and not _URL_RE.match(location):  # never a folder named after a DSN
+        raise ValidationError(f"malformed PostgreSQL URL {redact_dsn(location)}: it must start with postgresql:// "
+                              "(or give a folder path)", field="location")
     if _URL_RE.match(location):
         scheme = location.split("://", 1)[0].lower()
         if scheme not in ("postgres", "postgresql"):
@@ -230,8 +234,8 @@ async def run_restore(args: argparse.Namespace) -> int:
 async def run_copy(args: argparse.Namespace) -> int:
     source_config = location_config(args.source)
     target_config = location_config(args.target)
-    if source_config.backend == "json" and not await asyncio.to_thread(os.path.isdir, source_config.path):
-        raise BackupError(f"the source folder {source_config.path} does not exist (a typo would copy nothing)")
+    # A typo'd source would copy nothing, and with --overwrite empty the target: it must hold a store.
+    await asyncio.to_thread(require_store, source_config)
     async with open_store(config=source_config) as source, open_store(config=target_config) as target:
         try:
             report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
