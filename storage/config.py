@@ -20,11 +20,14 @@ A password never appears in ``repr``, logs or error messages: use :attr:`StoreCo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
+from .dsn import redact_dsn
 from .errors import ValidationError
 
 __all__ = ["StoreConfig", "redact_dsn"]
@@ -32,27 +35,7 @@ __all__ = ["StoreConfig", "redact_dsn"]
 Backend = Literal["json", "postgres"]
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-def redact_dsn(dsn: str | None) -> str | None:
-    """``dsn`` with any password replaced by ``***`` (also in ``?password=`` query parameters)."""
-    if not dsn:
-        return dsn
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = "&".join(
-        (p.split("=", 1)[0] + "=***") if p.lower().startswith("password=") else p
-        for p in parts.query.split("&")
-    ) if parts.query else parts.query
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+_URL_START = re.compile(r"(?i)postgres(?:ql)?://")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -65,6 +48,20 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
         raise ValidationError(f"{name} must be an integer, got {raw!r}", field=name) from None
     if value < minimum:
         raise ValidationError(f"{name} must be >= {minimum}, got {value}", field=name)
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float:
+    """A duration in seconds, fractions allowed (``STORAGE_CACHE_TTL=2.5``); 0 when unset."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be a number of seconds, got {raw!r}", field=name) from None
+    if not math.isfinite(value) or value < 0:
+        raise ValidationError(f"{name} must be a finite number of seconds >= 0, got {raw!r}", field=name)
     return value
 
 
@@ -133,6 +130,13 @@ class StoreConfig:
                 "the postgres backend needs a DSN: set DATABASE_PUBLIC_URL, DATABASE_URL, PGHOST... or DB_HOST...",
                 field="dsn",
             )
+        if self.backend == "postgres" and self.dsn and not _URL_START.match(self.dsn):
+            # Refused here, before a driver parses it: asyncpg reads postgresql:/u:pw@h/db as a database named
+            # "u:pw@h/db" and puts that name (the password in it) in its error message.
+            raise ValidationError(
+                f"a PostgreSQL DSN must start with postgresql:// or postgres://, got {redact_dsn(self.dsn)}",
+                field="dsn",
+            )
         if self.pool_min < 0 or self.pool_max < 1 or self.pool_min > self.pool_max:
             raise ValidationError(
                 f"pool sizes must satisfy 0 <= min <= max, max >= 1 (got {self.pool_min}, {self.pool_max})",
@@ -167,7 +171,7 @@ class StoreConfig:
             "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
             "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
             "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
-            "cache_ttl": float(_int(env, "STORAGE_CACHE_TTL", 0, 0)),
+            "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL"),
             "backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
             "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
         }

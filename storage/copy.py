@@ -38,7 +38,13 @@ DEFAULT_BATCH_SIZE = 5000
 
 
 class TargetNotEmptyError(BackupError):
-    """The copy target already holds data; pass ``overwrite=True`` to replace it. Nothing was written."""
+    """The copy target already holds data; pass ``overwrite=True`` to replace it. Nothing was written.
+
+    ``contents`` describes what the target holds, so that a command line can name its own flag in its message."""
+
+    def __init__(self, message: str, *, contents: str = "") -> None:
+        super().__init__(message)
+        self.contents = contents
 
 
 @dataclasses.dataclass
@@ -51,6 +57,8 @@ class CopyReport:
     digests: dict[str, str]
     deleted: int
     seconds: float
+    #: Messages of the target deleted by ``overwrite`` before the source's were copied in.
+    deleted_messages: int = 0
 
     @property
     def records(self) -> int:
@@ -111,13 +119,14 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
     contents = await _describe_contents(target)
     if contents and not overwrite:
         raise TargetNotEmptyError(f"the target already holds data: {contents}; nothing was copied (pass "
-                                  "overwrite=True / --overwrite to replace it with the source's data)")
+                                  "overwrite=True to replace it with the source's data)", contents=contents)
     source_messages, target_messages = MessageOps.of(source), MessageOps.of(target)
     if source_messages is not None and target_messages is None:
         raise BackupError(f"the source has message storage but the {target.backend_name} target has none")
     digest = ContentDigest()
     keys: dict[str, set[str]] = {}
     message_count: int | None = None
+    deleted_messages = 0
     try:
         seen_before = await source.collections()
         async with source.transaction() as tx:
@@ -128,9 +137,10 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
                 keys[name] = await _copy_collection(tx, target, name, digest, batch_size, progress)
             if source_messages is not None and target_messages is not None:
                 if overwrite:
-                    await target_messages.delete_all()
+                    progress.phase("copy --overwrite: deleting the target's messages", None)
+                    deleted_messages = await target_messages.delete_all()
                 message_count = await _copy_messages(source_messages, target_messages, digest, progress)
-        deleted = await _delete_extras(target, keys, batch_size) if overwrite else 0
+        deleted = await _delete_extras(target, keys, batch_size, progress) if overwrite else 0
     finally:
         progress.done()
     expected = digest.hexdigests()
@@ -141,7 +151,7 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
         raise BackupError(f"copy verification failed: the target's content differs from the source in {differ} "
                           "(was something writing to either store?); rerun with overwrite=True")
     counts = {name: n for name, n in digest.counts.items() if name != MESSAGES_DIGEST_NAME}
-    return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started)
+    return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started, deleted_messages)
 
 
 async def _copy_collection(tx: Any, target: Any, name: str, digest: ContentDigest, batch_size: int,
@@ -182,16 +192,23 @@ async def _copy_messages(source: MessageOps, target: MessageOps, digest: Content
     return n
 
 
-async def _delete_extras(target: Any, keys: dict[str, set[str]], batch_size: int) -> int:
-    """With ``overwrite``: delete the target's documents that the source does not have, a batch per transaction."""
-    deleted = 0
+async def _delete_extras(target: Any, keys: dict[str, set[str]], batch_size: int, progress: Progress) -> int:
+    """With ``overwrite``: delete the target's documents that the source does not have, a batch per transaction,
+    advancing ``progress`` per batch (on a large target this is minutes of work that must not look hung)."""
+    extras: dict[str, list[str]] = {}
     for name in await target.collections():
         wanted = keys.get(name, set())
-        extras = [key async for key, _ in target.items(name) if key not in wanted]
-        for start in range(0, len(extras), batch_size):
+        found = [key async for key, _ in target.items(name) if key not in wanted]
+        if found:
+            extras[name] = found
+    progress.phase("copy --overwrite: deleting what the source does not have", sum(map(len, extras.values())))
+    deleted = 0
+    for name, found in extras.items():
+        for start in range(0, len(found), batch_size):
+            batch = found[start:start + batch_size]
             async with target.transaction() as tx:
-                for key in extras[start:start + batch_size]:
+                for key in batch:
                     await tx.delete(name, key)
-            deleted += len(extras[start:start + batch_size])
+            deleted += len(batch)
+            progress.advance(len(batch))
     return deleted
-

@@ -638,6 +638,8 @@ def test_cli_loads_every_migration_subclass_of_a_module_without_a_list(tmp_path)
         "    async def up(self, store):\n        await store.put('t', 'b', {})\n\n"
         "class First(Migration):\n    version = '1.9.0'\n    description = 'first'\n"
         "    async def up(self, store):\n        await store.put('t', 'a', {})\n")
+    (tmp_path / "data").mkdir()  # the bot's store (migrate refuses a folder that holds none: a typo)
+    (tmp_path / "data" / "members.json").write_text("{}")
     plan = cli("plan", "--path", str(tmp_path / "data"), "--migrations", "botmigrations", cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
     lines = [line.split()[0] for line in plan.stdout.splitlines() if line.startswith("  ")]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import asyncpg
 
+from ..dsn import dsn_user_and_rest, mask_secrets, scrub_exception
 from ..errors import ConnectionError, DatabaseError, TransactionError, ValidationError
 
-__all__ = ["DRIVER_ERRORS", "describe_target", "dsn_password", "translate", "is_connection_error"]
+__all__ = ["DRIVER_ERRORS", "describe_target", "scrub_exception", "translate", "is_connection_error"]
 
 #: What a call into asyncpg may raise that we translate. ``asyncio.TimeoutError`` (a connect timeout) is the
 #: builtin ``TimeoutError``, an ``OSError``, only from Python 3.11 on: it is listed for 3.10.
@@ -48,48 +49,32 @@ _CLOSED_HINTS = ("connection is closed", "connection was closed", "pool is close
 
 
 def describe_target(dsn: str | None) -> str:
-    """``host:port/db as user`` for messages, from a DSN, without the password (unix sockets: their folder)."""
+    """``host:port/db as user`` for messages, from a DSN, without the password (unix sockets: their folder).
+
+    Built on :func:`storage.dsn.split_userinfo` (the last ``@`` ends the user information), not on a URL parser,
+    so that a password holding ``#``, ``/``, ``?`` or ``@`` is never mistaken for the host or the database."""
     if not dsn:
         return "<no dsn>"
-    try:
-        parts = urlsplit(dsn)
-        query = parse_qs(parts.query)
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        if not hosts:  # postgresql:///db?host=/run/postgresql (a unix socket) or nothing: libpq's defaults
-            hosts = (query.get("host") or ["localhost"])[0]
-            port = (query.get("port") or [""])[0]
-            hosts += f":{port}" if port else ""
-        if "," not in hosts and not re.search(r":\d+$", hosts):
-            hosts += ":5432"
-        db = unquote(parts.path.lstrip("/")) or (query.get("dbname") or [""])[0]
-        user = unquote(userinfo.partition(":")[0]) or (query.get("user") or [""])[0]
-    except ValueError:
-        return "<unparseable dsn>"
-    where = f"{hosts}/{db or '<default database>'}"
-    return f"{where} as user {user}" if user else where
+    user, rest = dsn_user_and_rest(dsn)
+    hosts = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    path, _, query_string = rest[len(hosts):].partition("#")[0].partition("?")
+    query = parse_qs(query_string)
+    if not hosts:  # postgresql:///db?host=/run/postgresql (a unix socket) or nothing: libpq's defaults
+        hosts = (query.get("host") or ["localhost"])[0]
+        port = (query.get("port") or [""])[0]
+        hosts += f":{port}" if port else ""
+    if "," not in hosts and not re.search(r":\d+$", hosts):
+        hosts += ":5432"
+    db = unquote(path.lstrip("/")) or (query.get("dbname") or [""])[0]
+    user = unquote(user) or (query.get("user") or [""])[0]
+    where = f"{hosts}/{db or '<default database>'}" + (f" as user {user}" if user else "")
+    return mask_secrets(where, dsn)
 
 
-def dsn_password(dsn: str | None) -> str | None:
-    """The password in a DSN (userinfo or ``?password=``), so that messages can be checked for it."""
-    if not dsn:
-        return None
-    try:
-        parts = urlsplit(dsn)
-        password = parts.password
-        if password is None:
-            given = parse_qs(parts.query).get("password")
-            password = given[0] if given else None
-    except ValueError:
-        return None
-    return unquote(password) if password else None
-
-
-def _mask(text: str, password: str | None) -> str:
-    # Very short passwords are not masked: replacing every "a" would make the message unreadable, and drivers do
-    # not echo passwords anyway; this is a second line of defence, the messages are built without the password.
-    if password and len(password) >= 3:
-        return text.replace(password, "***")
-    return text
+def _mask(text: str, dsn: str | None) -> str:
+    # A second line of defence: our messages are built without the password, but a driver's may echo the DSN or
+    # the pieces of it that it could not parse (see storage.dsn).
+    return mask_secrets(text, dsn)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -109,8 +94,8 @@ def is_connection_error(exc: BaseException) -> bool:
 
 def translate(exc: BaseException, what: str, dsn: str | None) -> DatabaseError:
     """The :mod:`storage.errors` exception for a driver error raised while doing ``what`` (raise it ``from exc``)."""
-    password = dsn_password(dsn)
-    detail = _mask(f"{type(exc).__name__}: {exc}", password)
+    scrub_exception(exc, dsn)  # the __cause__ chain is printed with tracebacks: it must not hold the password
+    detail = _mask(f"{type(exc).__name__}: {exc}", dsn)
     target = describe_target(dsn)
     if is_connection_error(exc):
         return ConnectionError(f"{what}: PostgreSQL at {target} is unreachable or dropped the connection "

@@ -57,11 +57,12 @@ import orjson
 
 from ..cache import DatabaseCache
 from ..config import StoreConfig
+from ..dsn import mask_secrets
 from ..errors import ConnectionError, DatabaseError, StoreClosedError, TransactionError, ValidationError
 from ..protocol import Document, Transaction, UpdateFn
 from . import pg_documents as sql
 from .base import BaseStore, OpsBase
-from .pg_errors import DRIVER_ERRORS, describe_target, dsn_password, is_connection_error, translate
+from .pg_errors import DRIVER_ERRORS, describe_target, is_connection_error, scrub_exception, translate
 from .pg_ingest import RowEncoder, replay
 from .pg_messages import COLUMNS, PgMessagesMixin
 from .pg_schema import ensure_schema
@@ -157,10 +158,8 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         """A clear message for the first thing a user sees when the DSN, the password or the server is wrong."""
         target = self._target
         state = getattr(exc, "sqlstate", None) or ""
-        password = dsn_password(self.config.dsn)
-        detail = f"{type(exc).__name__}: {exc}"
-        if password and len(password) >= 3:
-            detail = detail.replace(password, "***")
+        scrub_exception(exc, self.config.dsn)  # the __cause__ of what we raise: printed with every traceback
+        detail = mask_secrets(f"{type(exc).__name__}: {exc}", self.config.dsn)
         if state.startswith("28"):
             return DatabaseError(f"cannot open PostgreSQL at {target}: authentication failed, check the user and "
                                  f"password ({detail})")

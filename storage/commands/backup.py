@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import re
 import time
 from pathlib import Path
@@ -22,15 +21,17 @@ from typing import Any
 from .. import open_store
 from ..backup import list_backup_entries, prune_backup_dir
 from ..backup_format import BackupInfo, verify_backup_dir
-from ..cli import add_store_options, config_from_args
+from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
-from ..copy import DEFAULT_BATCH_SIZE, copy
+from ..copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
+from ..dsn import redact_dsn
 from ..errors import BackupError, ValidationError
 from ..progress import TerminalProgress
 
 __all__ = ["register", "location_config"]
 
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_MALFORMED_URL_RE = re.compile(r"(?i)\s*postgres(?:ql)?[:/]")
 
 
 def register(sub: Any) -> None:
@@ -104,6 +105,9 @@ def location_config(location: str, *, backup_dir: str | None = None) -> StoreCon
     extra: dict[str, Any] = {"source": "command line"}
     if backup_dir is not None:
         extra["backup_dir"] = backup_dir
+    if _MALFORMED_URL_RE.match(location) and not _URL_RE.match(location):  # never a folder named after a DSN
+        raise ValidationError(f"malformed PostgreSQL URL {redact_dsn(location)}: it must start with postgresql:// "
+                              "(or give a folder path)", field="location")
     if _URL_RE.match(location):
         scheme = location.split("://", 1)[0].lower()
         if scheme not in ("postgres", "postgresql"):
@@ -136,6 +140,7 @@ def _print_counts(info: BackupInfo) -> None:
 
 async def run_create(args: argparse.Namespace) -> int:
     config = _config(args)
+    require_store(config)  # a typo in --path must not back up an empty new folder (and prune real backups)
     started = time.monotonic()
     async with open_store(config=config) as store:
         before = {b.id for b in await store.list_backups()}  # type: ignore[attr-defined]
@@ -229,11 +234,16 @@ async def run_restore(args: argparse.Namespace) -> int:
 async def run_copy(args: argparse.Namespace) -> int:
     source_config = location_config(args.source)
     target_config = location_config(args.target)
-    if source_config.backend == "json" and not await asyncio.to_thread(os.path.isdir, source_config.path):
-        raise BackupError(f"the source folder {source_config.path} does not exist (a typo would copy nothing)")
+    # A typo'd source would copy nothing, and with --overwrite empty the target: it must hold a store.
+    await asyncio.to_thread(require_store, source_config)
     async with open_store(config=source_config) as source, open_store(config=target_config) as target:
-        report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
-                            progress=TerminalProgress())
+        try:
+            report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
+                                progress=TerminalProgress())
+        except TargetNotEmptyError as exc:  # the API's message names overwrite=True; the CLI names its flag
+            raise TargetNotEmptyError(f"the target already holds data: {exc.contents}; nothing was copied (pass "
+                                      "--overwrite to replace it with the source's data)",
+                                      contents=exc.contents) from None
     rate = report.records / report.seconds if report.seconds > 0 else 0.0
     print(f"copied {source_config.describe()} -> {target_config.describe()}")
     print(f"  {sum(report.counts.values())} documents in {len(report.counts)} collections"
@@ -243,4 +253,7 @@ async def run_copy(args: argparse.Namespace) -> int:
         print(f"  {name:<32} {count:>12}")
     if report.deleted:
         print(f"  {report.deleted} document(s) the source does not have were deleted from the target (--overwrite)")
+    if report.deleted_messages:
+        print(f"  {report.deleted_messages} message(s) of the target were deleted before the source's were copied "
+              "(--overwrite)")
     return 0

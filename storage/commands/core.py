@@ -1,4 +1,4 @@
-"""``demo``, ``status``, ``check`` and ``compact``: the everyday commands.
+"""``demo``, ``status`` and ``compact``: the everyday commands (``check`` has its own module).
 
 ``demo`` is the README's first command: a realistic simulated bot session against the configured store (the JSON
 default in ``./config`` unless the environment says otherwise), so a new user sees the library work end to end,
@@ -14,8 +14,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .. import open_store
-from ..cli import add_store_options, config_from_args
-from ..errors import CorruptDataError, DatabaseError
+from ..backup_messages import MessageOps
+from ..cli import CommandRefused, add_store_options, config_from_args, existing_store_config
+from ..errors import DatabaseError
+from ..migrations.ledger import read_applied
+from ..migrations.version import parse_version
 from ..models import member_key
 
 __all__ = ["register"]
@@ -24,6 +27,10 @@ DISCORD_EPOCH_MS = 1_420_070_400_000
 CHANNELS = ("general", "gaming", "memes", "help", "announcements")
 TOPICS = ("gaming", "discussion", "music", "anime", "programming", "memes", "news")
 SENTIMENTS = ("positive", "neutral", "negative")
+#: The collection where the demo notes each guild it filled (seed and clock), so that it can tell its own data
+#: from a real bot's and replay itself instead of doubling the data.
+DEMO_MARKER = "_demo"
+DEMO_COLLECTIONS = ("members", "economy")
 
 
 def register(sub: Any) -> None:
@@ -33,15 +40,13 @@ def register(sub: Any) -> None:
     demo.add_argument("--members", type=int, default=500, help="members joining (default %(default)s)")
     demo.add_argument("--messages", type=int, default=5000, help="messages sent (default %(default)s)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: a new session each run)")
+    demo.add_argument("--force", action="store_true",
+                      help="fill a store that already holds data the demo did not write (default: refuse)")
     demo.set_defaults(func=run_demo)
 
     status = sub.add_parser("status", help="which backend is configured and what it holds")
     add_store_options(status)
     status.set_defaults(func=run_status)
-
-    check = sub.add_parser("check", help="verify that every stored file/table loads (exit 1 if not)")
-    add_store_options(check)
-    check.set_defaults(func=run_check)
 
     compact = sub.add_parser("compact", help="JSON backend: fold the journal into plain JSON files now")
     add_store_options(compact)
@@ -62,14 +67,51 @@ class _Timer:
         self.rows.append((what, count, time.perf_counter() - started))
 
 
+async def _foreign_data(store: Any, demo_guilds: set[str]) -> list[str]:
+    """What ``store`` holds that no demo run wrote (empty: nothing, or only the demo's guilds' data)."""
+    foreign = []
+    prefixes = tuple(f"{guild}_" for guild in demo_guilds)
+    for name in await store.collections():
+        if name == DEMO_MARKER:
+            continue
+        if name in DEMO_COLLECTIONS and prefixes:
+            n = sum([1 async for key, _ in store.items(name) if not key.startswith(prefixes)])
+        else:
+            n = await store.count(name)
+        if n:
+            foreign.append(f"{n} {name} document(s)")
+    ops = MessageOps.of(store)
+    if ops is not None:
+        total = await ops.count()
+        ours = sum([await store.message_counts(guild) for guild in demo_guilds])
+        if total > ours:
+            foreign.append(f"{total - ours} message(s)")
+    return foreign
+
+
 async def run_demo(args: argparse.Namespace) -> int:
-    rng = random.Random(args.seed)
     config = config_from_args(args)
     guild = str(args.guild)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
     timer = _Timer()
-    print(f"storage demo: {config.describe()}")
+    print(f"storage demo: about to fill {config.describe()} with {args.members} fake members and "
+          f"{args.messages} messages in guild {guild}")
     async with open_store(config=config) as store:
+        runs = {key: doc async for key, doc in store.items(DEMO_MARKER)}
+        foreign = await _foreign_data(store, set(runs))
+        if foreign and not args.force:
+            raise CommandRefused(
+                f"{config.describe()} already holds data the demo did not write ({', '.join(foreign)}); the demo "
+                "would add fake members to it. Point --path/--dsn at another store, or pass --force")
+        previous = runs.get(guild)
+        if previous is not None:
+            # Same seed, same clock: the same ids, so saves overwrite and record_messages skips what is there.
+            seed, now = int(previous["seed"]), datetime.fromisoformat(previous["anchor"])
+            print(f"the demo already filled guild {guild} here: replaying the same session (nothing is doubled)")
+        else:
+            seed = args.seed if args.seed is not None else random.randrange(2**32)
+            now = datetime.now(timezone.utc).replace(microsecond=0)
+            await store.put(DEMO_MARKER, guild, {"seed": seed, "anchor": now.isoformat()})
+        rng = random.Random(seed)
         # 1. members join: the seed's own call, one durable save each
         started = time.perf_counter()
         user_ids = []
@@ -162,52 +204,61 @@ async def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _message_summary(store: Any) -> str | None:
+    """``N messages in G guild(s), oldest ..., newest ...`` (one pass over the records), None without messages."""
+    ops = MessageOps.of(store)
+    if ops is None:
+        return None
+    count, guilds, oldest, newest = 0, set(), None, None
+    async for record in ops.scan():
+        count += 1
+        guilds.add(record["guild_id"])
+        ts = str(record["timestamp"])
+        oldest = ts if oldest is None or ts < oldest else oldest
+        newest = ts if newest is None or ts > newest else newest
+    if not count:
+        return "0"
+    return f"{count} in {len(guilds)} guild(s), oldest {oldest}, newest {newest}"
+
+
+async def _migration_version(store: Any) -> str:
+    try:
+        applied = await read_applied(store)
+    except DatabaseError as exc:
+        return f"unreadable ledger ({exc}); run 'python -m storage check'"
+    if not applied:
+        return "none applied"
+    current = max(applied, key=lambda a: parse_version(a.version))
+    return f"{current.version} ({len(applied)} applied)"
+
+
 async def run_status(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = existing_store_config(args)
     print(f"backend: {config.describe()}")
     async with open_store(config=config) as store:
         names = await store.collections()
-        print(f"collections: {len(names)}")
-        for name in names:
+        shown = [name for name in names if not name.startswith("_")]  # _migrations, _demo...: internals
+        print(f"collections: {len(shown)}")
+        for name in shown:
             print(f"  {name:<32}{await store.count(name):>10} documents")
-        ledger = [k async for k, _ in store.items("_migrations")] if "_migrations" in names else []
-        if ledger:
-            print(f"migrations applied: {len(ledger)}")
+        messages = await _message_summary(store)
+        if messages is not None:
+            print(f"messages: {messages}")
         stats = getattr(store, "stats", None)
         if callable(stats):
             info = stats()
             print(f"journal: {info['journal_bytes']} bytes (generation {info['journal_generation']})")
             for name, why in info["foreign_files"].items():
                 print(f"  note: {name}.json is not a collection ({why}); left alone")
-    return 0
-
-
-async def run_check(args: argparse.Namespace) -> int:
-    """Opening a store loads and checks everything (JSON: every file and the journal); report instead of crash."""
-    config = config_from_args(args)
-    try:
-        async with open_store(config=config) as store:
-            total = 0
-            for name in await store.collections():
-                async for _key, _doc in store.items(name):
-                    total += 1
-            stats = getattr(store, "stats", None)
-            if callable(stats):
-                for name, why in stats()["foreign_files"].items():
-                    print(f"warning: {name}.json is not a collection ({why})")
-    except CorruptDataError as exc:
-        where = f" (file {exc.path}, byte {exc.position})" if exc.path else ""
-        print(f"CORRUPT: {exc}{where}")
-        return 1
-    except DatabaseError as exc:
-        print(f"FAILED: {exc}")
-        return 1
-    print(f"ok: {config.describe()}: {total} documents readable")
+        backups = await store.list_backups()  # type: ignore[attr-defined]
+        last = f"{backups[-1].id} ({backups[-1].created_at:%Y-%m-%d %H:%M:%S} UTC)" if backups else "none"
+        print(f"last backup: {last} (backup folder {config.backup_dir})")
+        print(f"migration version: {await _migration_version(store)}")
     return 0
 
 
 async def run_compact(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = existing_store_config(args)
     if config.backend != "json":
         print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
         return 2

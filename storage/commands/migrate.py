@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import open_store
-from ..cli import add_store_options, config_from_args
+from ..cli import add_store_options, config_from_args, require_store
 from ..migrations import (
     DirtyMigrationError,
     Migration,
@@ -95,8 +95,10 @@ Action = Callable[[Migrator, argparse.Namespace], Awaitable[int]]
 
 def _runner(action: Action) -> Callable[[argparse.Namespace], Awaitable[int]]:
     async def run(args: argparse.Namespace) -> int:
-        migrations = load_migrations(args.migrations)
         config = config_from_args(args)
+        if action is not _up:  # "up" may create the store (a first deploy); the rest need an existing one
+            require_store(config)
+        migrations = load_migrations(args.migrations)
         print(f"store: {config.describe()}")
         try:
             async with open_store(config=config) as store:
@@ -173,6 +175,10 @@ async def _up(migrator: Migrator, args: argparse.Namespace) -> int:
 
 
 async def _down(migrator: Migrator, args: argparse.Namespace) -> int:
+    before = await migrator.status()
+    if not before.applied and not before.dirty:  # nothing to do is success (a dirty store still refuses below)
+        print("nothing to roll back: no migration is applied")
+        return EXIT_OK
     run = await migrator.downgrade(args.target, steps=args.steps, backup=args.backup, force=args.force)
     _print_run(run)
     status = await migrator.status()

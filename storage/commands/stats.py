@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import open_store
 from ..analytics import UNKNOWN_SENTIMENT
-from ..cli import add_store_options, config_from_args
+from ..cli import add_store_options, existing_store_config
 from ..models import parse_timestamp, snowflake
 
 __all__ = ["register", "Summary", "bar", "render"]
@@ -112,7 +112,7 @@ async def run_stats(args: argparse.Namespace) -> int:
         print("error: --top must be >= 0")
         return 2
     summary = Summary(guild, channel, args.since, args.until)
-    async with open_store(config=config_from_args(args)) as store:
+    async with open_store(config=existing_store_config(args)) as store:
         if channel is None:
             await _from_queries(store, summary, args.top)
         else:
