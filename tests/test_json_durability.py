@@ -400,3 +400,34 @@ async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folde
         "2_1": {"roles": ["store"]}, "2_5": {"roles": ["added by hand"]}}
     async with storage.open_store(config=cfg(folder)) as again:
         assert await again.get_member_data(5, 2) == {"roles": ["added by hand"]}
+
+
+def test_the_cli_reports_an_external_change_and_merges_it_when_asked(folder):
+    async def prepare() -> None:
+        store = await storage.open_store(config=cfg(folder))
+        await store.save_member_data(1, 2, {"roles": ["a"]})
+        await store.compact()
+        await store.save_member_data(1, 2, {"roles": ["store"]})
+        write_like_the_seed(folder, {"2_1": {"roles": ["edit"]}, "2_5": {"roles": ["added by hand"]}})
+        with pytest.raises(ExternalChangeError):
+            await store.close()
+
+    asyncio.run(prepare())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("DATABASE_URL", None)
+    env.pop("DATABASE_PUBLIC_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "storage", *args, "--path", str(folder)],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    checked = cli("check")
+    assert checked.returncode == 1 and "members.json" in checked.stdout + checked.stderr
+    refused = cli("compact")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--merge-external" in refused.stdout + refused.stderr
+    merged = cli("compact", "--merge-external")
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((folder / "members.json").read_text()) == {
+        "2_1": {"roles": ["store"]}, "2_5": {"roles": ["added by hand"]}}
+    assert cli("check").returncode == 0

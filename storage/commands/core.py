@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
 
     compact = sub.add_parser("compact", help="JSON backend: fold the journal into plain JSON files now")
     add_store_options(compact)
+    compact.add_argument("--merge-external", action="store_true",
+                         help="a snapshot was edited while the journal still held newer changes to it: keep both "
+                              "(the journal's values win for the documents it changed, the edit stays for the rest)")
     compact.set_defaults(func=run_compact)
 
 
@@ -262,7 +265,12 @@ async def run_compact(args: argparse.Namespace) -> int:
     if config.backend != "json":
         print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
         return 2
-    async with open_store(config=config) as store:
-        await store.compact()  # type: ignore[attr-defined]
+    from ..backends.json_files import JsonStore
+
+    store = await JsonStore.open(config, merge_external=args.merge_external)
+    try:
+        await store.compact()
+    finally:
+        await store.close()
     print(f"compacted {config.path}")
     return 0
