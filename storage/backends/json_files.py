@@ -448,18 +448,20 @@ class JsonStore(BaseStore):
         start = journal.offset
         began = time.perf_counter()
         try:
-            if self._sync_estimate < INLINE_SYNC_BUDGET:
-                journal.append(record)
-            else:
-                await cancellation.run_in_thread(journal.append, record)
+            try:
+                if self._sync_estimate < INLINE_SYNC_BUDGET:
+                    journal.append(record)
+                else:
+                    await cancellation.run_in_thread(journal.append, record)
+            finally:
+                # Decided before any recovery below: rewriting the files after a failure moves the offset too.
+                if journal.offset != start:  # durable: publish and apply even if we are being cancelled
+                    self._flock.publish(journal.ino or 0, journal.offset)
+                    self._apply(ops)
         except OSError as exc:
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
                                  errno=exc.errno, path=str(journal.path)) from exc
-        finally:
-            if journal.offset != start:  # durable: publish and apply even if we are being cancelled
-                self._flock.publish(journal.ino or 0, journal.offset)
-                self._apply(ops)
         self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
 
     async def _after_failed_append(self, exc: OSError) -> None:
