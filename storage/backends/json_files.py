@@ -486,7 +486,8 @@ class JsonStore(BaseStore):
             await self._run_compaction(everything=True)
         except DatabaseError as exc:
             raise StorageIOError(f"{self.path}: the journal is not trusted since a write failed ({suspect}) and "
-                                 f"rewriting it failed: {exc}; nothing was committed") from exc
+                                 f"rewriting it failed: {exc}; nothing was committed",
+                                 errno=getattr(exc, "errno", None), path=getattr(exc, "path", None)) from exc
         self._suspect = None
         log.info("%s: the store's files were rewritten after a failed write; writes go on", self.path)
 
