@@ -98,11 +98,13 @@ async def counter(config: StoreConfig, count: int) -> None:
 
 
 async def create(config: StoreConfig) -> None:
-    """Open (creating the folder), write one document and a message (creating messages/<guild>/), close."""
+    """Open (creating the folder), write a document and a message (creating messages/<guild>/), take a backup
+    (creating the backup folder), close."""
     async with storage.open_store(config=config) as store:
         await store.put("f", "k", {"i": 1})
         await store.record_messages([{"message_id": "1", "guild_id": "7", "channel_id": "3", "author_id": "4",
                                       "timestamp": "2026-01-02T03:04:05Z", "content_length": 2}])
+        await store.create_backup()
     print("DONE", flush=True)
 
 
