@@ -25,6 +25,8 @@ import pytest
 
 import storage
 from storage import CorruptDataError, DatabaseError, StorageIOError, StoreClosedError, StoreConfig
+from storage.backends.journal import encode_record
+from storage.backends.json_files import JOURNAL_NAME
 from storage.fsutil import TEMP_MARK
 from tests._fault_child import ROOT, child_env
 
@@ -97,9 +99,9 @@ def member(i: int) -> dict[str, Any]:
     return {"user_id": str(1000 + i), "guild_id": "42", "data": {"note": PAD, "i": i}}
 
 
-def messages(guild: int, count: int) -> list[dict[str, Any]]:
+def messages(guild: int, count: int, timestamp: str = "2026-01-02T03:04:05Z", **extra: Any) -> list[dict[str, Any]]:
     return [{"message_id": str(guild * 100000 + n), "guild_id": str(guild), "channel_id": "3", "author_id": "4",
-             "timestamp": "2026-01-02T03:04:05Z", "content_length": n} for n in range(count)]
+             "timestamp": timestamp, "content_length": n, **extra} for n in range(count)]
 
 
 async def _transaction(store: storage.Store, i: int) -> None:
@@ -108,15 +110,56 @@ async def _transaction(store: storage.Store, i: int) -> None:
         await tx.update("docs", "counter", lambda d: {"n": d.get("n", 0) + 1, "pad": PAD})
 
 
+async def _align_journal(store: storage.Store, folder: Path) -> None:
+    """Make the journal end on a page boundary, so that even a small record needs a new page (on tmpfs, an append
+    that fits in the file's last page needs no new space, and succeeds on a full disk)."""
+    journal = folder / JOURNAL_NAME
+    empty = len(encode_record([("p", "docs", "align", b'{"p":""}')]))
+    await store.put("docs", "align", {"p": "x" * (-(journal.stat().st_size + empty) % 4096)})
+    assert journal.stat().st_size % 4096 == 0
+
+
+async def _prepare_delete(store: storage.Store, i: int, folder: Path) -> None:
+    await store.put("docs", f"d{i}", big(i))
+    await _align_journal(store, folder)
+
+
+async def _prepare_update_message(store: storage.Store, i: int, folder: Path) -> None:
+    assert await store.record_messages(messages(i, 1)) == 1
+
+
+async def _prepare_prune(store: storage.Store, i: int, folder: Path) -> None:
+    """A month with 20 messages before the bound and 20 after it: pruning rewrites that month's file."""
+    early = messages(i, 20, "2025-03-01T00:00:00Z", note=PAD)
+    late = [{**m, "message_id": str(int(m["message_id"]) + 50)}
+            for m in messages(i, 20, "2025-03-20T00:00:00Z", note=PAD)]
+    assert await store.record_messages(early + late) == 40
+
+
+async def _nothing(store: storage.Store, i: int, folder: Path) -> None:
+    pass
+
+
+class Write:
+    """One write path: what to set up first (with room), the call, what the call returns once there is room."""
+
+    def __init__(self, call: Callable[[storage.Store, int], Awaitable[Any]], result: Any = None,
+                 prepare: Callable[[storage.Store, int, Path], Awaitable[None]] = _nothing) -> None:
+        self.call, self.result, self.prepare = call, result, prepare
+
+
 #: Every write path, each given a fresh number; each must fail with ENOSPC on the full disk.
-WRITES: dict[str, Callable[[storage.Store, int], Awaitable[Any]]] = {
-    "put": lambda s, i: s.put("docs", f"p{i}", big(i)),
-    "put_many": lambda s, i: s.put_many("docs", {f"m{i}": big(i), f"n{i}": big(-i)}),
-    "update": lambda s, i: s.update("docs", f"u{i}", lambda d: big(i)),
-    "batch_update_members": lambda s, i: s.batch_update_members([member(i), member(i + 1)]),
-    "transaction": _transaction,
-    "record_messages": lambda s, i: s.record_messages(messages(i, 300)),
-    "compact": lambda s, i: s.compact(),
+WRITES: dict[str, Write] = {
+    "put": Write(lambda s, i: s.put("docs", f"p{i}", big(i))),
+    "put_many": Write(lambda s, i: s.put_many("docs", {f"m{i}": big(i), f"n{i}": big(-i)}), 2),
+    "update": Write(lambda s, i: s.update("docs", f"u{i}", lambda d: big(i)), None),
+    "delete": Write(lambda s, i: s.delete("docs", f"d{i}"), True, _prepare_delete),
+    "batch_update_members": Write(lambda s, i: s.batch_update_members([member(i), member(i + 1)]), 2),
+    "transaction": Write(_transaction),
+    "record_messages": Write(lambda s, i: s.record_messages(messages(i, 300)), 300),
+    "update_message": Write(lambda s, i: s.update_message(i * 100000, {"note": PAD}), True, _prepare_update_message),
+    "prune_messages": Write(lambda s, i: s.prune_messages("2025-03-15T00:00:00Z"), 20, _prepare_prune),
+    "compact": Write(lambda s, i: s.compact()),
 }
 
 
@@ -125,7 +168,6 @@ async def test_every_write_path_on_a_full_disk(small_disk):
     folder = small_disk.mountpoint / "data"
     cfg = config(folder)
     expected: dict[str, dict[str, Any]] = {}
-    expected_messages: dict[int, int] = {}
     async with storage.open_store(config=cfg) as store:
         await store.put("docs", "first", big(0))
         expected["first"] = big(0)
@@ -134,9 +176,10 @@ async def test_every_write_path_on_a_full_disk(small_disk):
         try:
             await store.put("docs", f"before-{name}", big(number))  # acknowledged: must survive what follows
             expected[f"before-{name}"] = big(number)
+            await write.prepare(store, number, folder)
             small_disk.fill()
             with pytest.raises(DatabaseError) as failed:
-                await write(store, number)
+                await write.call(store, number)
             assert_io_error(failed.value, errno.ENOSPC)
             assert await store.get("docs", f"p{number}") is None
             # still full: the next write (which first tries to rewrite the store's files) fails the same way
@@ -145,33 +188,28 @@ async def test_every_write_path_on_a_full_disk(small_disk):
             assert_io_error(again.value, errno.ENOSPC)
             assert await store.get("docs", f"q{number}") is None
             small_disk.free()
-            # the same store object works again once there is room, and serves what is on disk
-            result = await write(store, number)
-            if name == "record_messages":
-                assert result == 300  # the failed call recorded none of them
+            # the same store object works again once there is room: the failed call had changed nothing
+            result = await write.call(store, number)
+            if name not in ("update", "transaction"):
+                assert result == write.result, name
             await store.put("docs", f"after-{name}", big(number))
             expected[f"after-{name}"] = big(number)
         finally:
             small_disk.free()
             await store.close()
-        if name == "record_messages":
-            expected_messages[number] = 300
-    # what the successful retries wrote
-    for number, name in enumerate(WRITES, start=1):
-        if name == "put":
-            expected[f"p{number}"] = big(number)
-        elif name == "put_many":
-            expected[f"m{number}"], expected[f"n{number}"] = big(number), big(-number)
-        elif name == "update":
-            expected[f"u{number}"] = big(number)
-        elif name == "transaction":
-            expected[f"t{number}"] = big(number)
-            expected["counter"] = {"n": 1, "pad": PAD}
+    numbers = {name: number for number, name in enumerate(WRITES, start=1)}
+    expected.update({f"p{numbers['put']}": big(numbers["put"]), f"u{numbers['update']}": big(numbers["update"]),
+                     f"m{numbers['put_many']}": big(numbers["put_many"]),
+                     f"n{numbers['put_many']}": big(-numbers["put_many"]),
+                     f"t{numbers['transaction']}": big(numbers["transaction"]), "counter": {"n": 1, "pad": PAD}})
     async with storage.open_store(config=cfg) as store:
-        assert {k: d async for k, d in store.items("docs")} == expected
+        docs = {k: d async for k, d in store.items("docs")}
+        assert docs.pop("align")["p"].count("x") < 4096
+        assert docs == expected  # d<n> was deleted
         assert await store.count("members") == 2
-        for guild, count in expected_messages.items():
-            assert await store.message_counts(guild) == count
+        assert await store.message_counts(numbers["record_messages"]) == 300
+        assert await store.message_counts(numbers["update_message"]) == 1
+        assert await store.message_counts(numbers["prune_messages"]) == 20
     assert not [p.name for p in folder.rglob(f"*{TEMP_MARK}*")]  # failed writes left no temp files behind
 
 
