@@ -64,7 +64,8 @@ async def reader(config: StoreConfig, stop_file: str, keys: list[str]) -> None:
 
 
 async def acker(config: StoreConfig, prefix: str, count: int) -> None:
-    """``count`` writes: puts of ``<prefix><i>`` plus ``<prefix>last``, and increments of ``<prefix>counter``.
+    """``count`` writes: puts of ``<prefix><i>`` plus ``<prefix>last`` (put_many, or a transaction), and
+    increments of ``<prefix>counter``.
 
     Prints ``ACK i`` / ``FAIL i`` (a StorageIOError: reported as not committed) after each.
     """
@@ -74,6 +75,10 @@ async def acker(config: StoreConfig, prefix: str, count: int) -> None:
             try:
                 if i % 3 == 2:
                     await store.update("f", f"{prefix}counter", lambda d: {"i": d.get("i", 0) + 1})
+                elif i % 3 == 1:
+                    async with store.transaction() as tx:
+                        await tx.put("f", f"{prefix}{i}", {"i": i})
+                        await tx.put("f", f"{prefix}last", {"i": i})
                 else:
                     await store.put_many("f", {f"{prefix}{i}": {"i": i}, f"{prefix}last": {"i": i}})
             except StorageIOError as exc:
