@@ -3,7 +3,8 @@
 Deleting the sidecar ("remove the stale lock") used to give two writers at once (two processes x 1500 increments
 ended at 2230); truncating it killed every process that had the store open with SIGBUS (the change counter was
 mmap'd). Two real processes increment one counter while the file is deleted or truncated over and over: both exit
-cleanly, and the final value is the number of increments acknowledged.
+cleanly, a third process reading meanwhile never sees the counter go backwards, and the final value is the number
+of increments acknowledged.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ async def test_lock_file_damaged_under_two_incrementing_processes(tmp_path, dama
     cfg = StoreConfig(backend="json", path=str(folder), lock_timeout=60, source="tests")
     async with storage.open_store(config=cfg) as store:
         await store.put("f", "counter", {"i": 0})
+    stop = tmp_path / "stop"
+    reader = child.spawn("reader", cfg, stop, "counter")  # reads without the lock meanwhile
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "READY"
     procs = [child.spawn("counter", cfg, PER_PROCESS) for _ in range(2)]
     lock = folder / LOCK_NAME
     damaged = 0
@@ -48,6 +52,11 @@ async def test_lock_file_damaged_under_two_incrementing_processes(tmp_path, dama
         damage(lock)
         damaged += 1
         await asyncio.sleep(0.003)
+    stop.touch()
+    reader_out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, f"exit {reader.returncode}: {err}"
+    seen = [int(value) for key, value in child.lines(reader_out, "SEEN")]
+    assert seen == sorted(seen) and seen[-1] <= 2 * PER_PROCESS  # never backwards, never past what was written
     acknowledged = 0
     for proc in procs:
         out, err = proc.communicate(timeout=60)
