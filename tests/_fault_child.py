@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,20 @@ def child_env() -> dict[str, str]:
 def spawn(mode: str, config: StoreConfig, *args: object, prefix: list[str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([*(prefix or []), *command(mode, config, *args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def strace_problem() -> str | None:
+    """None when strace can trace and inject here, else why not."""
+    if shutil.which("strace") is None:
+        return "strace is not installed"
+    probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=fdatasync",
+                            "-e", "inject=fdatasync:error=EIO:when=1",
+                            sys.executable, "-c", "import os, tempfile\nwith tempfile.TemporaryFile() as f:\n"
+                            "    try: os.fdatasync(f.fileno())\n    except OSError as e: print(e.errno)"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0 or probe.stdout.strip() != str(errno.EIO):
+        return f"strace cannot inject faults here (ptrace not permitted?): {probe.stderr.strip()[:200]}"
+    return None
 
 
 def lines(out: str, tag: str) -> list[list[str]]:

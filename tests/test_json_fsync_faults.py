@@ -17,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -177,23 +174,9 @@ async def test_failed_fdatasync_is_never_seen_and_loses_nothing(tmp_path, monkey
     assert docs == expected
 
 
-def _strace_usable() -> str | None:
-    """None when strace can trace and inject here, else why not."""
-    if shutil.which("strace") is None:
-        return "strace is not installed"
-    probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=fdatasync",
-                            "-e", "inject=fdatasync:error=EIO:when=1",
-                            sys.executable, "-c", "import os, tempfile\nwith tempfile.TemporaryFile() as f:\n"
-                            "    try: os.fdatasync(f.fileno())\n    except OSError as e: print(e.errno)"],
-                           capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0 or probe.stdout.strip() != str(errno.EIO):
-        return f"strace cannot inject faults here (ptrace not permitted?): {probe.stderr.strip()[:200]}"
-    return None
-
-
 @pytest.mark.slow
 async def test_fdatasync_eio_injected_by_strace_in_two_writer_processes(tmp_path):
-    why = _strace_usable()
+    why = child.strace_problem()
     if why:
         pytest.skip(why)
     folder = tmp_path / "data"
