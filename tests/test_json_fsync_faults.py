@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import threading
 import time
@@ -227,3 +228,44 @@ async def test_fdatasync_eio_injected_by_strace_in_two_writer_processes(tmp_path
         if increments:
             expected[f"{name}counter"] = {"i": len(increments)}
     assert docs == expected
+
+
+def journal_generation(folder: Path) -> int:
+    with open(folder / "storage.journal", "rb") as f:
+        return int(json.loads(f.readline())["generation"])
+
+
+async def test_transaction_cancelled_while_its_fsync_fails(tmp_path, monkeypatch):
+    """The commit's fdatasync fails while the transaction's task is being cancelled: the caller sees the
+    cancellation (storage.cancellation waits for the thread, then delivers it), and the failure must still make the
+    store distrust its journal: the next commit first rewrites the files (a new journal generation)."""
+    folder = tmp_path / "data"
+    cfg = config(folder)
+    store = await storage.open_store(config=cfg)
+    sync = FailingSync(set(), uncut=False)
+    monkeypatch.setattr(os, "fdatasync", sync.fdatasync)
+    for i in range(5):  # slow syncs: the next appends run in a worker thread, which a cancellation waits for
+        await store.put("f", f"k{i}", {"i": i})
+    sync.fail_at = {sync.calls + 1}
+    generation = journal_generation(folder)
+
+    async def commit() -> None:
+        async with store.transaction() as tx:
+            await tx.put("f", "t", {"i": -1})
+
+    task = asyncio.ensure_future(commit())
+    while not sync.in_window.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    sync.window_read.set()  # let the failing fdatasync return its error
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sync.failed == 1
+    assert await store.get("f", "t") is None
+    await store.put("f", "after", {"i": 99})
+    assert journal_generation(folder) > generation  # the journal was rewritten from memory before that commit
+    monkeypatch.undo()
+    await store.close()
+    async with storage.open_store(config=cfg) as reopened:
+        docs = {k: d async for k, d in reopened.items("f")}
+    assert docs == {**{f"k{i}": {"i": i} for i in range(5)}, "after": {"i": 99}}

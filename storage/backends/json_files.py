@@ -462,6 +462,12 @@ class JsonStore(BaseStore):
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
                                  errno=exc.errno, path=str(journal.path)) from exc
+        except asyncio.CancelledError as exc:
+            if isinstance(exc.__cause__, OSError):  # the write failed while we were cancelled (see cancellation.py)
+                log.error("%s: a journal write failed (%s): rewriting the store's files before the next commit",
+                          journal.path, exc.__cause__)
+                self._suspect = exc.__cause__  # no rewrite now (we are cancelled): _trust_journal does it next
+            raise
         self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
 
     async def _after_failed_append(self, exc: OSError) -> None:
