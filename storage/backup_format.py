@@ -44,7 +44,7 @@ import orjson
 
 from .codec import check_collection
 from .errors import BackupError, ValidationError
-from .fsutil import TEMP_MARK, fsync_dir, sync_fd, write_all
+from .fsutil import TEMP_MARK, fsync_dir, make_dirs, sync_fd, write_all
 from .progress import NullProgress, Progress
 
 __all__ = [
@@ -212,7 +212,8 @@ def _check_member_file(relative: object) -> str:
 def new_temp_dir(backup_dir: Path, provisional_id: str) -> Path:
     """Create the hidden, owner-only folder a backup is written into before it is published."""
     try:
-        backup_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        make_dirs(backup_dir.parent)  # each new folder's entry fsynced in its parent, as for the data folder
+        make_dirs(backup_dir, DIR_MODE)  # only the backup folder itself is owner-only, as before
         tmp = backup_dir / f".{provisional_id}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir(mode=DIR_MODE)
         os.chmod(tmp, DIR_MODE)  # mkdir's mode is filtered by the umask; chmod is not

@@ -464,18 +464,26 @@ class JsonStore(BaseStore):
         start = journal.offset
         began = time.perf_counter()
         try:
-            if self._sync_estimate < INLINE_SYNC_BUDGET:
-                journal.append(record)
-            else:
-                await cancellation.run_in_thread(journal.append, record)
+            try:
+                if self._sync_estimate < INLINE_SYNC_BUDGET:
+                    journal.append(record)
+                else:
+                    await cancellation.run_in_thread(journal.append, record)
+            finally:
+                # Decided before any recovery below: rewriting the files after a failure moves the offset too.
+                if journal.offset != start:  # durable: publish and apply even if we are being cancelled
+                    self._flock.publish(journal.ino or 0, journal.offset)
+                    self._apply(ops)
         except OSError as exc:
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
                                  errno=exc.errno, path=str(journal.path)) from exc
-        finally:
-            if journal.offset != start:  # durable: publish and apply even if we are being cancelled
-                self._flock.publish(journal.ino or 0, journal.offset)
-                self._apply(ops)
+        except asyncio.CancelledError as exc:
+            if isinstance(exc.__cause__, OSError):  # the write failed while we were cancelled (see cancellation.py)
+                log.error("%s: a journal write failed (%s): rewriting the store's files before the next commit",
+                          journal.path, exc.__cause__)
+                self._suspect = exc.__cause__  # no rewrite now (we are cancelled): _trust_journal does it next
+            raise
         self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
 
     async def _after_failed_append(self, exc: OSError) -> None:
@@ -500,7 +508,8 @@ class JsonStore(BaseStore):
             await self._run_compaction(everything=True)
         except DatabaseError as exc:
             raise StorageIOError(f"{self.path}: the journal is not trusted since a write failed ({suspect}) and "
-                                 f"rewriting it failed: {exc}; nothing was committed") from exc
+                                 f"rewriting it failed: {exc}; nothing was committed",
+                                 errno=getattr(exc, "errno", None), path=getattr(exc, "path", None)) from exc
         self._suspect = None
         log.info("%s: the store's files were rewritten after a failed write; writes go on", self.path)
 

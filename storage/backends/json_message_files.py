@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import orjson
 
 from .. import cancellation
-from ..errors import CorruptDataError, DatabaseError
+from ..errors import CorruptDataError, StorageIOError
 from ..fsutil import TEMP_MARK
 
 __all__ = [
@@ -305,11 +305,12 @@ def list_months(root: Path, guild_id: str | None, lo: str | None, hi: str | None
 # -------------------------------------------------------------------------------------------------------------------
 async def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` in a thread that cancellation does not abandon (see storage.cancellation); an OSError becomes a
-    :class:`DatabaseError`. A caller holding a lock must not release it while its thread is still writing."""
+    :class:`StorageIOError`. A caller holding a lock must not release it while its thread is still writing."""
     try:
         return await cancellation.run_in_thread(fn, *args)
     except OSError as exc:
-        raise DatabaseError(f"{exc}") from exc
+        raise StorageIOError(f"{exc}", errno=exc.errno, path=None if exc.filename is None else str(exc.filename)) \
+            from exc
 
 
 async def run_holding(lock: AbstractAsyncContextManager[Any], fn: Callable[..., T], *args: Any) -> T:

@@ -52,7 +52,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from ..analytics import MessageColumns, bound_key, micros, timestamp_key
-from ..errors import CorruptDataError, DatabaseError, ValidationError
+from ..errors import CorruptDataError, StorageIOError, ValidationError
 from ..fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
 from .group_commit import Failed, GroupCommit
 from .json_message_cache import ColumnCache
@@ -341,7 +341,8 @@ class MessageLog:
                 fsync_dir(folder)
         except OSError as exc:
             self._cut_back(written)
-            raise DatabaseError(f"{self.root}: writing messages failed, nothing was recorded: {exc}") from exc
+            raise StorageIOError(f"{self.root}: writing messages failed, nothing was recorded: {exc}",
+                                 errno=exc.errno, path=str(exc.filename or self.root)) from exc
         finally:
             for fd in fds:
                 os.close(fd)
@@ -428,7 +429,8 @@ class MessageLog:
                 os.close(fd)
         except OSError as exc:
             self._cut_back(written)
-            raise DatabaseError(f"{path}: writing the update failed, nothing changed: {exc}") from exc
+            raise StorageIOError(f"{path}: writing the update failed, nothing changed: {exc}", errno=exc.errno,
+                                 path=str(exc.filename or path)) from exc
         state.size += len(line)
         return True
 
@@ -461,8 +463,9 @@ class MessageLog:
                     fsync_dir(folder.parent)
             return deleted
         except OSError as exc:
-            raise DatabaseError(f"{self.root}: pruning messages failed (files already pruned stay pruned, the "
-                                f"others are unchanged): {exc}") from exc
+            raise StorageIOError(f"{self.root}: pruning messages failed (files already pruned stay pruned, the "
+                                 f"others are unchanged): {exc}", errno=exc.errno,
+                                 path=str(exc.filename or self.root)) from exc
         finally:
             self._rewriting = False
 
