@@ -431,3 +431,20 @@ def test_the_cli_reports_an_external_change_and_merges_it_when_asked(folder):
     assert json.loads((folder / "members.json").read_text()) == {
         "2_1": {"roles": ["store"]}, "2_5": {"roles": ["added by hand"]}}
     assert cli("check").returncode == 0
+
+
+async def test_a_reader_that_slept_through_two_compactions_reloads(folder):
+    """The newest journal's previous_end speaks of the file in between, not of the one the reader still has."""
+    writer = await JsonStore.open(cfg(folder))
+    reader = await JsonStore.open(cfg(folder))
+    try:
+        await writer.put_many("s", {f"k{i}": {"i": i, "pad": "p" * 100} for i in range(50)})
+        assert await reader.count("s") == 50
+        for round_ in range(3):
+            await writer.put_many("s", {f"r{round_}-{i}": {"i": i, "pad": "q" * 200} for i in range(80)})
+            await writer.compact()
+        assert await reader.count("s") == 50 + 3 * 80
+        assert await reader.get("s", "r2-79") == {"i": 79, "pad": "q" * 200}
+    finally:
+        await writer.close()
+        await reader.close()

@@ -297,13 +297,15 @@ class Journal:
         except BaseException:
             os.close(fd)
             raise
-        old_generation = self.generation
-        # the old file is finished: nobody writes it again, and its committed part ends at previous_end
-        records = self.read_new(end=previous_end, locked=False)
+        next_one = generation == self.generation + 1
+        # The old file is finished: nobody writes it again. When the new file is the very next generation, its
+        # header's previous_end is where the old file's committed records end (past it: a compaction's mark).
+        # Otherwise previous_end speaks of a file in between, and only a reload of the snapshots is right.
+        records = self.read_new(end=previous_end, locked=False) if next_one else []
         self.close()
         self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
         self.snapshots, self.previous_end = snapshots, previous_end
-        if generation != old_generation + 1:
+        if not next_one:
             return Follow(records, reload=True)
         switched_at = len(records)
         end = self._end_of(committed())
