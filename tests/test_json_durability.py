@@ -440,9 +440,9 @@ async def test_a_reader_that_slept_through_two_compactions_reloads(folder):
     try:
         await writer.put_many("s", {f"k{i}": {"i": i, "pad": "p" * 100} for i in range(50)})
         assert await reader.count("s") == 50
-        for round_ in range(3):
-            await writer.put_many("s", {f"r{round_}-{i}": {"i": i, "pad": "q" * 200} for i in range(80)})
+        for round_ in range(3):  # the reader's journal ends with the first compaction's mark
             await writer.compact()
+            await writer.put_many("s", {f"r{round_}-{i}": {"i": i, "pad": "q" * 200} for i in range(80)})
         assert await reader.count("s") == 50 + 3 * 80
         assert await reader.get("s", "r2-79") == {"i": 79, "pad": "q" * 200}
     finally:
