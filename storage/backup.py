@@ -23,9 +23,11 @@ Message-analytics records are stored beside the documents in ``messages.jsonl`` 
   only for a backend whose transaction offers no snapshot to share).
 * **Restore.** Every record is validated first (before anything changes). PostgreSQL: the messages are deleted
   and the backup's inserted in the documents' transaction, so a failure anywhere restores nothing. JSON files: the
-  message log lives outside the document transaction, so it is swapped after the commit; if that step fails the
-  documents are already restored, and the error says so and names the safety backup. Messages whose content
-  digest already equals the backup's are not touched.
+  message log lives outside the document transaction, so the backup's messages are first written into a staged
+  folder, then swapped in inside the transaction under a durable intent file; the journal commit decides both,
+  and a crash at any point is finished or undone by the next lock or open of the store
+  (:mod:`storage.backends.json_restore`). Messages whose content digest already equals the backup's are not
+  touched.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from .backup_format import (
     verify_backup_dir,
     write_manifest,
 )
-from .backup_messages import MessageOps
+from .backup_messages import MessageOps, MessageSwap
 from .errors import BackupError, DatabaseError, ValidationError
 from .progress import NullProgress, Progress
 from .protocol import Transaction
@@ -306,6 +308,14 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
     changes: dict[str, CollectionChange] = {}
     safety: str | None = None
     staged = False  # the whole swap was staged: an error after this point came from the commit itself
+    swap = MessageSwap.of(store) if messages is not None and message_entry is not None and not dry_run else None
+    if swap is not None:
+        assert message_entry is not None
+        # JSON files: the messages are written into a staged folder first (the slow part, before the lock), then
+        # swapped in inside the documents' transaction, under an intent file that makes it all-or-nothing across
+        # a crash (storage/backends/json_restore.py).
+        progress.phase("restore: messages (staged)", int(message_entry["count"]))
+        await swap.stage(root, message_entry, progress)
     try:
         async with store.transaction() as tx:
             await pin_snapshot(store, tx)
@@ -322,8 +332,13 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
             if messages is not None and message_entry is not None and not dry_run and callable(replace_in_tx):
                 await _restore_messages_in(replace_in_tx, root, message_entry, progress, backup_id)
                 message_entry = None  # done
+            if swap is not None:
+                await swap.begin(backup_id)  # the intent, then the swap: the commit below decides both
+                message_entry = None
             staged = True
     except BaseException as exc:
+        if swap is not None:
+            await swap.finish()  # resolves the intent (rolled back: the documents never committed) and cleans up
         if safety is not None and not staged:
             # The transaction was abandoned before its commit, so nothing changed and the safety backup equals
             # the current state: withdraw it rather than leave clutter. (After a failed commit, whose outcome may
@@ -337,6 +352,8 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
                               f"{exc}") from exc
         raise
     try:
+        if swap is not None:
+            await swap.finish()  # the documents committed: the intent resolves forward
         if messages is not None and message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
     finally:
@@ -525,9 +542,8 @@ class BackupMixin:
 
         Raises :class:`BackupError` (and changes nothing) when the id is not a backup, verification fails or
         the backup holds a record this store refuses. Otherwise the current state is first saved as a new backup
-        (``report.safety_backup``), then the documents are swapped in one transaction (on PostgreSQL the messages
-        too; on JSON files they follow it, see the module docstring). ``dry_run=True`` only reports what would
-        change.
+        (``report.safety_backup``), then the documents and the messages are swapped all or nothing, also across
+        a crash (see the module docstring). ``dry_run=True`` only reports what would change.
         """
         store: Any = self
         store._guard_write()

@@ -30,7 +30,7 @@ from .backup_format import (
 from .errors import BackupError, ValidationError
 from .progress import Progress
 
-__all__ = ["MessageOps", "MESSAGE_BATCH"]
+__all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -155,3 +155,60 @@ class MessageOps:
                 seen.add(record["message_id"])
             first += len(batch)
         return first - 1
+
+
+class MessageSwap:
+    """A JSON store's crash-safe message replacement for a restore (see :mod:`storage.backends.json_restore`).
+
+    ``stage`` (before the transaction), ``begin`` (inside it, last), ``finish`` (after it, or after a failure):
+    whatever happens, the next lock or open of the store leaves the messages matching the documents' outcome.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.path = Path(store.path)
+        self.staged: Path | None = None
+
+    @classmethod
+    def of(cls, store: Any) -> MessageSwap | None:
+        """For a store whose messages live outside its document transactions in a swappable folder (JSON)."""
+        if store.backend_name == "json" and hasattr(store, "_data") and hasattr(store, "_locked"):
+            return cls(store)
+        return None
+
+    async def stage(self, root: Path, entry: dict[str, Any], progress: Progress) -> None:
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import stage_messages
+
+        def batches() -> Iterator[list[dict[str, Any]]]:
+            for batch in MessageOps.backup_batches(root, entry):
+                yield batch
+                progress.advance(len(batch))
+
+        self.staged, count = await run_in_thread(stage_messages, self.path, batches())
+        if count != entry["count"]:
+            await self.finish()
+            raise BackupError(f"staging the messages of {root.name} gave {count} records instead of "
+                              f"{entry['count']}: nothing was restored")
+
+    async def begin(self, backup_id: str) -> None:
+        """Under the transaction's lock, after its changes are staged: write the intent and swap the folders."""
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import begin, documents_digest
+
+        assert self.staged is not None
+        before = await run_in_thread(documents_digest, self.store._data)
+        await run_in_thread(begin, self.path, self.staged, before, backup_id)
+
+    async def finish(self) -> None:
+        """Resolve the intent under the store lock (its hook does it), then delete this restore's leftovers."""
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import discard
+
+        if self.staged is None:
+            return
+        try:
+            async with self.store._locked():
+                pass  # JsonStore._locked resolves a pending intent as soon as it holds the lock
+        finally:
+            await run_in_thread(discard, self.path, self.staged)

@@ -46,6 +46,7 @@ from ..config import StoreConfig
 from ..errors import DatabaseError, LockTimeoutError, ValidationError
 from ..fsutil import TEMP_MARK, atomic_write, fsync_dir
 from ..protocol import Document, Transaction, UpdateFn
+from . import json_restore
 from .base import BaseStore, OpsBase, apply_update
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
@@ -158,6 +159,7 @@ class JsonStore(BaseStore):
         try:
             self._remove_temp_files()
             self._load_locked()
+            json_restore.recover(self.path, self._data, at_open=True)  # finish or undo a crashed restore
             self._seen_counter = self._flock.read_counter()
         except BaseException:
             self._journal.close()
@@ -266,6 +268,8 @@ class JsonStore(BaseStore):
             self._holding = True
             try:
                 self._catch_up_locked()
+                if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
+                    json_restore.recover(self.path, self._data)
                 yield
             finally:
                 self._holding = False
