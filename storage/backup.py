@@ -11,8 +11,10 @@ like a good one, ``restore_backup("../..")`` wrote anywhere, and there was nothi
   nothing), then, in one transaction, saves the current state as a backup of its own and swaps the data in: every
   document not in the backup is deleted, every document that differs is written; all or nothing. A backup of
   either backend restores into either backend.
-* Retention keeps the newest ``keep`` backups and/or those younger than ``keep_days`` (a backup is kept when
-  either rule keeps it, like restic's ``--keep-last``/``--keep-within``), and never deletes what it cannot read.
+* Retention is per store (the manifest records which store a backup came from, :mod:`storage.backup_source`):
+  it keeps the newest ``keep`` backups of that store and/or those younger than ``keep_days`` (a backup is kept
+  when either rule keeps it, like restic's ``--keep-last``/``--keep-within``), always the newest one holding
+  data, and never deletes what it cannot read or what another (or an unknown) store made.
 
 Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup_messages`):
 
@@ -71,6 +73,7 @@ from .backup_format import (
     write_manifest,
 )
 from .backup_messages import MessageOps, MessageSwap
+from .backup_source import Source, describe_source, same_store, store_source
 from .errors import BackupError, DatabaseError, ValidationError
 from .progress import NullProgress, Progress
 from .protocol import Transaction
@@ -124,11 +127,6 @@ class RestoreReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing a backup
-def _location(store: Any) -> str:
-    config = store.config
-    return str(config.safe_dsn) if config.backend == "postgres" else os.path.abspath(config.path)
-
-
 async def pin_snapshot(store: Any, tx: Transaction) -> None:
     """Make every read of ``tx`` see one snapshot of the whole store. Call it first thing in the transaction.
 
@@ -245,7 +243,7 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
         "format_version": FORMAT_VERSION,
         "created_at": started.isoformat(),
         "library_version": storage.__version__,
-        "source": {"backend": store.backend_name, "location": _location(store)},
+        "source": _source_entry(store),
         "label": label,
         "migration_version": migration,
         "collections": entries,
@@ -253,6 +251,13 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
         # JSON files in the data folder that are not collections are not backed up: say so, not silently.
         "skipped_files": {f"{name}.json": why for name, why in sorted(foreign.items())},
     }
+
+
+def _source_entry(store: Any) -> dict[str, Any]:
+    """The manifest's ``source``: the backend, a display location and the identity retention compares
+    (:mod:`storage.backup_source`; never a password)."""
+    identity = store_source(store.config)
+    return {"backend": store.backend_name, "location": describe_source(identity), "store": identity}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,8 +457,12 @@ def list_backup_entries(backup_dir: Path) -> list[tuple[str, BackupInfo | Backup
 
 def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days: float | None = None,
                    now: datetime | None = None) -> list[BackupInfo]:
-    """The backups retention removes. A backup stays when it is among the newest ``keep`` **or** younger than
-    ``keep_days``; with neither rule nothing is removed; the newest backup is always kept."""
+    """The backups retention removes, among ``backups`` (all of one store: see :func:`prune_backup_dir`).
+
+    A backup stays when it is among the newest ``keep`` **or** younger than ``keep_days``; with neither rule
+    nothing is removed. The newest backup is always kept, and so is the newest backup that holds any data: a
+    store emptied by mistake, backed up every hour, never pushes out the last backup of its data.
+    """
     if keep is not None and (type(keep) is not int or keep < 1):
         raise ValidationError(f"keep must be a whole number >= 1, got {keep!r}", field="keep")
     if keep_days is not None and (isinstance(keep_days, bool) or not isinstance(keep_days, (int, float))
@@ -463,6 +472,9 @@ def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days
         return []
     ordered = sorted(backups, key=lambda b: backup_sort_key(b.id))
     kept = {ordered[-1].id} if ordered else set()
+    holding_data = [b for b in ordered if b.records]
+    if holding_data:
+        kept.add(holding_data[-1].id)
     if keep is not None:
         kept.update(b.id for b in ordered[-keep:])
     if keep_days is not None:
@@ -471,11 +483,16 @@ def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days
     return [b for b in ordered if b.id not in kept]
 
 
-def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None, *, dry_run: bool = False,
-                     now: datetime | None = None) -> list[BackupInfo]:
-    """Apply retention to ``backup_dir``; returns what was (or, in a dry run, would be) removed."""
+def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None, *, source: Source,
+                     dry_run: bool = False, now: datetime | None = None) -> list[BackupInfo]:
+    """Apply retention to the backups of store ``source`` in ``backup_dir``; returns what was (or, in a dry run,
+    would be) removed.
+
+    Only backups whose manifest names the same store are counted and removed: other stores' backups and backups
+    of unknown source (see :mod:`storage.backup_source`) are never touched, nor is a backup that cannot be read.
+    """
     entries = list_backup_entries(backup_dir)
-    readable = [info for _, info in entries if isinstance(info, BackupInfo)]
+    readable = [info for _, info in entries if isinstance(info, BackupInfo) and same_store(info.source, source)]
     expired = select_expired(readable, keep, keep_days, now)
     if dry_run:
         return expired
@@ -486,7 +503,7 @@ def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None
             remove_dir(info.path)
         except OSError as exc:
             raise BackupError(f"cannot remove backup {info.id}: {exc}") from exc
-        log.info("%s: removed backup %s (retention)", backup_dir, info.id)
+        log.info("%s: removed backup %s of %s (retention)", backup_dir, info.id, describe_source(source))
     return expired
 
 
@@ -524,7 +541,8 @@ class BackupMixin:
             raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "
                               f"for inspection; nothing was pruned): " + "; ".join(report.problems))
         if keep is not None or keep_days is not None:
-            await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days)
+            await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days,
+                                    source=store_source(self.config))
         return report.info
 
     async def list_backups(self) -> list[BackupInfo]:
@@ -561,7 +579,9 @@ class BackupMixin:
 
     async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,
                             dry_run: bool = False) -> list[BackupInfo]:
-        """Remove the backups retention does not keep (``keep`` defaults to ``config.backup_keep``)."""
+        """Remove this store's backups that retention does not keep (``keep`` defaults to ``config.backup_keep``);
+        backups of other stores in the same folder are never counted nor removed."""
         if keep is None:
             keep = self.config.backup_keep
-        return await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days, dry_run=dry_run)
+        return await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days, dry_run=dry_run,
+                                       source=store_source(self.config))

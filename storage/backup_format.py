@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from .backup_source import manifest_source
 from .codec import check_collection
 from .errors import BackupError, ValidationError
 from .fsutil import TEMP_MARK, fsync_dir, sync_fd, write_all
@@ -91,6 +92,8 @@ class BackupInfo:
     size_bytes: int
     label: str | None = None
     digests: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    #: the store it came from (see :mod:`storage.backup_source`); ``None`` when the manifest does not say
+    source: dict[str, str] | None = None
 
     @property
     def records(self) -> int:
@@ -460,6 +463,7 @@ def _info(backup_id: str, path: Path, manifest: Mapping[str, Any]) -> BackupInfo
         size_bytes=sum(int(e["bytes"]) for e in entries.values()),
         label=manifest.get("label"),
         digests={name: str(e.get("digest", "")) for name, e in entries.items()},
+        source=manifest_source(manifest),
     )
 
 

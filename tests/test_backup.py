@@ -34,6 +34,7 @@ from storage.backup_format import (
     verify_backup_dir,
     write_manifest,
 )
+from storage.backup_source import describe_source, store_source
 from storage.copy import TargetNotEmptyError, copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -508,7 +509,8 @@ async def test_retention_on_disk_prunes_only_after_a_verified_backup(store, stor
     assert [b.id for b in await store.list_backups()] == [ids[4], newest.id]
     assert await store.prune_backups(keep_days=1) == []  # all younger than a day
     future = datetime.now(timezone.utc) + timedelta(days=10)
-    assert [b.id for b in prune_backup_dir(backup_dir, None, 5, now=future)] == [ids[4]]
+    assert [b.id for b in prune_backup_dir(backup_dir, None, 5, now=future, source=store_source(store.config))] \
+        == [ids[4]]
     assert [b.id for b in await store.list_backups()] == [newest.id]
     assert (backup_dir / "20000101_000000" / "members.json").exists() and (backup_dir / "notes.txt").exists()
     assert "manifest.json is missing" in verify_backup_dir(backup_dir, "20000101_000000").problems[0]
@@ -694,6 +696,10 @@ async def test_command_line(store, store_config, tmp_path):
                                    "--backup-dir", store_config.backup_dir)
     assert into.returncode == 0 and "restored backup" in into.stdout, into.stderr
 
+    # the restore --into made a safety backup of the *other* store in this folder: it does not count here
+    await asyncio.to_thread(run_cli, "backup", "create", *where)
+    pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "2", *where)
+    assert pruned.returncode == 0 and "removed 0 backup(s)" in pruned.stdout, pruned.stdout
     await asyncio.to_thread(run_cli, "backup", "create", *where)
     pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "2", *where)
     assert pruned.returncode == 0 and "removed 1 backup(s)" in pruned.stdout
@@ -756,3 +762,104 @@ async def test_a_malformed_manifest_is_reported_not_crashed_on(store):
             await store.restore_backup(info.id)
         assert await store.list_backups() == []
     assert await store.get("c", "k") == {"v": 1}
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# sources: retention per store (issue 12)
+async def test_manifest_records_the_source_store_and_never_a_password(store_config, tmp_path):
+    config = store_config
+    if config.backend == "postgres":  # trust auth accepts any password: the DSN carries one all the same
+        config = dataclasses.replace(config, dsn=str(config.dsn).replace("postgresql://postgres@",
+                                                                         "postgresql://postgres:S3cret%23PW@"))
+        assert "S3cret" in str(config.dsn)
+    async with storage.open_store(config=config) as store:
+        await store.put("c", "k", {"v": 1})
+        info = await store.create_backup()  # type: ignore[attr-defined]
+    manifest = read_manifest(info.path)
+    expected = store_source(config)
+    assert manifest["source"]["store"] == expected == info.source
+    if config.backend == "json":
+        assert expected == {"backend": "json", "path": os.path.realpath(config.path)}
+    else:
+        assert set(expected) == {"backend", "host", "port", "database", "search_path"}
+        assert expected["host"] == "127.0.0.1" and expected["port"] == "5432"
+    for path in info.path.rglob("*"):
+        if path.is_file():
+            assert b"S3cret" not in path.read_bytes(), path
+    listed = await asyncio.to_thread(run_cli, "backup", "list", "--backup-dir", config.backup_dir)
+    assert describe_source(expected) in listed.stdout and "S3cret" not in listed.stdout
+
+
+async def test_retention_prunes_only_the_same_stores_backups(store, store_config, tmp_path):
+    """The typo case: an empty store (another folder) backed up into the same folder with --keep 1."""
+    await populate(store)
+    ours = [(await store.create_backup()).id for _ in range(3)]
+    typo = json_config(tmp_path / "reall", store_config.backup_dir)
+    async with storage.open_store(config=typo) as empty:
+        theirs = [(await empty.create_backup(keep=1)).id for _ in range(3)]  # type: ignore[attr-defined]
+        assert [b.id for b in await empty.list_backups()] == ours + theirs[-1:]  # type: ignore[attr-defined]
+    # and the other way round: our retention never touches their backup
+    newest = await store.create_backup(keep=2)
+    assert [b.id for b in await store.list_backups()] == [ours[-1], theirs[-1], newest.id]
+    where = store_args(store_config)
+    listed = await asyncio.to_thread(run_cli, "backup", "list", *where)
+    assert listed.returncode == 0
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert describe_source(store_source(typo)) in lines[theirs[-1]]
+    assert describe_source(store_source(store_config)) in lines[newest.id]
+    pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "1", *where)
+    assert pruned.returncode == 0 and f"removed 1 backup(s) of {describe_source(store_source(store_config))}" \
+        in pruned.stdout, pruned.stdout
+    assert [b.id for b in await store.list_backups()] == [theirs[-1], newest.id]
+
+
+async def test_an_emptied_store_never_prunes_its_last_backup_holding_data(store):
+    await store.put("c", "k", {"v": 1})
+    with_data = await store.create_backup()
+    await store.delete("c", "k")
+    for _ in range(3):
+        last = await store.create_backup(keep=1)
+    assert [b.id for b in await store.list_backups()] == [with_data.id, last.id]
+
+
+async def test_old_manifests_derive_their_source_or_are_never_pruned(store, store_config):
+    await store.put("c", "k", {"v": 1})
+    old, unknown, *_ = [await store.create_backup() for _ in range(4)]
+    for info, strip in ((old, "store"), (unknown, "source")):
+        manifest = read_manifest(info.path)
+        if strip == "store":
+            del manifest["source"]["store"]  # as written before the field existed: location only
+        else:
+            del manifest["source"]
+        del manifest["checksum"]
+        (info.path / MANIFEST_NAME).unlink()
+        write_manifest(info.path, manifest)
+    infos = {b.id: b for b in await store.list_backups()}
+    assert infos[old.id].source == store_source(store_config)  # derived from the old "location"
+    assert infos[unknown.id].source is None
+    await store.prune_backups(keep=1)
+    assert [b.id for b in await store.list_backups()][:1] == [unknown.id] and len(await store.list_backups()) == 2
+    listed = await asyncio.to_thread(run_cli, "backup", "list", *store_args(store_config))
+    assert "unknown" in next(line for line in listed.stdout.splitlines() if line.startswith(unknown.id))
+
+
+async def test_open_store_with_explicit_arguments_follows_STORAGE_BACKUP_DIR(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STORAGE_BACKUP_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("STORAGE_BACKUP_KEEP", "2")
+    async with storage.open_store(backend="json", path=tmp_path / "data") as store:
+        await store.put("c", "k", {"v": 1})
+        info = await store.create_backup()  # type: ignore[attr-defined]
+        assert store.config.backup_keep == 2
+    assert info.path.parent == tmp_path / "elsewhere" and not (tmp_path / "backups").exists()
+    async with storage.open_store(backend="json", path=tmp_path / "data", backup_dir=str(tmp_path / "b2")) as s2:
+        assert s2.config.backup_dir == str(tmp_path / "b2")  # an explicit option still wins
+
+
+async def test_postgres_backups_say_where_they_go(store, store_config):
+    if store_config.backend != "postgres":
+        pytest.skip("the note is about PostgreSQL stores")
+    await store.put("c", "k", {"v": 1})
+    created = await asyncio.to_thread(run_cli, "backup", "create", *store_args(store_config))
+    assert created.returncode == 0, created.stderr
+    assert "local folder" in created.stdout and "ephemeral" in created.stdout

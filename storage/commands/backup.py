@@ -22,6 +22,7 @@ from typing import Any
 from .. import open_store
 from ..backup import list_backup_entries, prune_backup_dir
 from ..backup_format import BackupInfo, verify_backup_dir
+from ..backup_source import describe_source, store_source
 from ..cli import add_store_options, config_from_args
 from ..config import StoreConfig
 from ..copy import DEFAULT_BATCH_SIZE, copy
@@ -147,7 +148,11 @@ async def run_create(args: argparse.Namespace) -> int:
     _print_counts(info)
     pruned = sorted(before - after)
     if pruned:
-        print(f"retention removed {len(pruned)} backup(s): {', '.join(pruned)}")
+        print(f"retention removed {len(pruned)} backup(s) of this store: {', '.join(pruned)}")
+    if config.backend == "postgres":
+        print(f"note: backups of a PostgreSQL store are written to the local folder {info.path.parent.absolute()}"
+              " (STORAGE_BACKUP_DIR / --backup-dir). On Railway and other containers that folder is ephemeral: "
+              "point it at a mounted volume, or copy each backup elsewhere.")
     return 0
 
 
@@ -157,16 +162,17 @@ async def run_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no backups in {backup_dir}")
         return 0
-    print(f"{'ID':<20} {'CREATED (UTC)':<20} {'FROM':<9} {'DOCUMENTS':>10} {'MESSAGES':>10} {'SIZE':>10}  "
-          f"{'MIGRATION':<10} LABEL")
+    print(f"{'ID':<20} {'CREATED (UTC)':<20} {'DOCUMENTS':>10} {'MESSAGES':>10} {'SIZE':>10}  "
+          f"{'MIGRATION':<10} SOURCE STORE / LABEL")
     for backup_id, info in entries:
         if isinstance(info, BackupError):
             print(f"{backup_id:<20} UNREADABLE: {info}")
             continue
         messages = str(info.messages) if info.messages is not None else "-"
-        print(f"{backup_id:<20} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.backend:<9} "
+        source = f"{info.backend} {describe_source(info.source)}"
+        print(f"{backup_id:<20} {info.created_at:%Y-%m-%d %H:%M:%S}  "
               f"{sum(info.counts.values()):>10} {messages:>10} {_size(info.size_bytes):>10}  "
-              f"{info.migration_version or '-':<10} {info.label or ''}")
+              f"{info.migration_version or '-':<10} {source}" + (f"  ({info.label})" if info.label else ""))
     return 0
 
 
@@ -196,10 +202,13 @@ async def run_prune(args: argparse.Namespace) -> int:
     if keep is None and args.keep_days is None:
         print("nothing to do: give --keep N and/or --keep-days D (or set STORAGE_BACKUP_KEEP)")
         return 2
+    source = store_source(config)
     removed = await asyncio.to_thread(prune_backup_dir, Path(config.backup_dir), keep, args.keep_days,
-                                      dry_run=args.dry_run)
+                                      dry_run=args.dry_run, source=source)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} backup(s)" + (": " + ", ".join(b.id for b in removed) if removed else ""))
+    print(f"{verb} {len(removed)} backup(s) of {describe_source(source)}"
+          + (": " + ", ".join(b.id for b in removed) if removed else "")
+          + " (backups of other stores in the folder are not counted nor removed)")
     return 0
 
 
