@@ -46,6 +46,8 @@ from typing import Any
 
 import orjson
 
+from .backup_files import collect as collect_files
+from .backup_files import restore_files, write_files
 from .backup_format import (
     EMPTY_DIGEST,
     FORMAT_NAME,
@@ -61,6 +63,7 @@ from .backup_format import (
     collection_file,
     info_from_manifest,
     iter_lines,
+    loose_files,
     migration_version,
     new_temp_dir,
     publish,
@@ -118,6 +121,8 @@ class RestoreReport:
     collections: dict[str, CollectionChange]
     #: ``(before, backup)`` message counts; ``None`` when the backup has no message part (nothing was touched)
     messages: tuple[int, int] | None = None
+    #: loose files (``origin:path``, see :mod:`storage.backup_files`) -> restored / unchanged / why not
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -164,7 +169,8 @@ async def _snapshot_collections(store: Any, tx: Transaction, seen_before: Iterab
 
 
 async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: str | None = None,
-                       seen_before: Iterable[str] = (), progress: Progress | None = None) -> str:
+                       seen_before: Iterable[str] = (), progress: Progress | None = None,
+                       extra: Iterable[str] | None = None) -> str:
     """Write a complete backup of what ``tx`` sees into ``backup_dir``; returns its id once it is published.
 
     A crash or an exception at any point leaves only a hidden temp folder (removed here on an exception, or by
@@ -192,6 +198,12 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
         snapshot: str | None = getattr(tx, "snapshot_id", None)  # PostgreSQL: see PgTransaction.pin_snapshot
         if messages is not None:
             message_entry = await messages.write_backup_file(tmp, digest, progress, snapshot)
+        data_path = _data_folder(store)
+        progress.phase("backup: files", None)
+        files, skipped = await asyncio.to_thread(
+            collect_files, data_path, _owned_collections(store),
+            store.config.backup_extra if extra is None else extra, [backup_dir])
+        file_entries = await asyncio.to_thread(write_files, tmp, files)
         digests = digest.hexdigests()
         for name, entry in entries.items():
             entry["digest"] = digests[name]
@@ -199,6 +211,7 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
             message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
             message_entry["same_snapshot"] = messages is not None and messages.same_snapshot(snapshot)
         manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
+        manifest["files"], manifest["skipped_files"] = file_entries, skipped
         await asyncio.to_thread(write_manifest, tmp, manifest)
         backup_id = await asyncio.to_thread(publish, tmp, backup_dir, started)
     except BaseException as exc:
@@ -237,7 +250,6 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
               entries: dict[str, dict[str, Any]], messages: dict[str, Any] | None) -> dict[str, Any]:
     import storage
 
-    foreign = store.foreign_files() if hasattr(store, "foreign_files") else {}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -248,9 +260,17 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
         "migration_version": migration,
         "collections": entries,
         "messages": messages,
-        # JSON files in the data folder that are not collections are not backed up: say so, not silently.
-        "skipped_files": {f"{name}.json": why for name, why in sorted(foreign.items())},
     }
+
+
+def _data_folder(store: Any) -> Path | None:
+    """A JSON store's data folder (its loose files are backed up and restored); ``None`` for PostgreSQL."""
+    return Path(store.path) if store.backend_name == "json" and hasattr(store, "path") else None
+
+
+def _owned_collections(store: Any) -> set[str]:
+    """The collections whose ``<name>.json`` a JSON store owns: every one it has loaded, empty ones included."""
+    return set(getattr(store, "_data", {}))
 
 
 def _source_entry(store: Any) -> dict[str, Any]:
@@ -361,10 +381,13 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
             await swap.finish()  # the documents committed: the intent resolves forward
         if messages is not None and message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
+        # Loose files last: they are beside the store, not in it (see storage/backup_files.py).
+        files = await asyncio.to_thread(restore_files, root, loose_files(manifest), _data_folder(store),
+                                        _owned_collections(store), dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}
-    return RestoreReport(backup_id, dry_run, safety, changes, message_counts)
+    return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files)
 
 
 async def _restore_messages_in(replace: Any, root: Path, entry: dict[str, Any], progress: Progress,
@@ -520,8 +543,12 @@ class BackupMixin:
         return Path(self.config.backup_dir)
 
     async def create_backup(self, *, keep: int | None = None, keep_days: float | None = None,
-                            label: str | None = None, progress: Progress | None = None) -> BackupInfo:
+                            label: str | None = None, progress: Progress | None = None,
+                            extra: Iterable[str] | None = None) -> BackupInfo:
         """Back up every collection (and message) from one snapshot, verify it, then apply retention.
+
+        A JSON store's backup also holds every other file of its data folder, and ``extra`` files/globs outside
+        it (default ``config.backup_extra``, ``STORAGE_BACKUP_EXTRA``): see :mod:`storage.backup_files`.
 
         ``keep`` defaults to ``config.backup_keep`` (``STORAGE_BACKUP_KEEP``). Retention runs only after the new
         backup verified, so a failing disk never costs the old backups.
@@ -535,7 +562,7 @@ class BackupMixin:
         async with store.transaction() as tx:
             await pin_snapshot(store, tx)
             backup_id = await write_backup(store, tx, self._backup_root(), label=label, seen_before=seen_before,
-                                           progress=progress)
+                                           progress=progress, extra=None if extra is None else list(extra))
         report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), backup_id)
         if not report.ok or report.info is None:
             raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "
