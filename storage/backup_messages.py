@@ -9,7 +9,6 @@ it is keyed by its ``message_id`` under the pseudo-collection ``#messages``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,7 @@ from .backup_format import (
     iter_lines,
 )
 from .errors import BackupError, ValidationError
+from .offload import chunks, off_loop
 from .progress import Progress
 
 __all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
@@ -36,6 +36,18 @@ __all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
 MESSAGE_BATCH = 10_000
 #: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _digest_records(digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+
+
+def _write_records(writer: JsonlWriter, digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+    dumps = orjson.dumps
+    for record in records:
+        writer.write(dumps(record) + b"\n")
+    _digest_records(digest, records)
 
 
 class MessageOps:
@@ -77,10 +89,10 @@ class MessageOps:
         return n
 
     async def digest(self) -> tuple[int, str]:
-        """How many records there are and their content digest (as in a backup manifest)."""
+        """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
-        async for record in self.scan():
-            digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+        async for chunk in chunks(self.scan()):
+            await off_loop(_digest_records, digest, chunk)
         return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
@@ -97,15 +109,10 @@ class MessageOps:
         progress.phase("backup: messages", None)
         writer = JsonlWriter(root, MESSAGES_FILE)
         try:
-            n = 0
-            async for record in self.scan(snapshot):
-                writer.write(orjson.dumps(record) + b"\n")
-                digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
-                n += 1
-                if n % 1024 == 0:
-                    progress.advance(1024)
-            progress.advance(n % 1024)
-            return await asyncio.to_thread(writer.close)
+            async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
+                await off_loop(_write_records, writer, digest, chunk)
+                progress.advance(len(chunk))
+            return await off_loop(writer.close)
         finally:
             writer.abort()
 

@@ -158,14 +158,15 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]]) -> Path | 
     staged = data_path / f"{_STAGED}{token}"
     replaced = data_path / f"{_REPLACED}{token}"
     committed = documents_digest(data) != intent["before"]
+    # the restorer's own resolution is routine; another process (or a later open) finishing one is worth a warning
+    say = log.info if intent["token"].split("-", 1)[0] == str(os.getpid()) else log.warning
     if committed:
         if staged.exists():  # the swap did not finish: finish it
             if current.exists() and not replaced.exists():
                 os.rename(current, replaced)
             os.rename(staged, current)
         garbage = replaced
-        log.warning("%s: completing the interrupted restore of backup %s (its documents were committed)",
-                    data_path, intent["backup"])
+        say("%s: completing the restore of backup %s (its documents were committed)", data_path, intent["backup"])
     else:
         if replaced.exists():
             if current.exists():
@@ -174,8 +175,8 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]]) -> Path | 
             atomic_write(replaced / GENERATION_NAME, secrets.token_hex(8).encode() + b"\n")
             os.rename(replaced, current)
         garbage = staged
-        log.warning("%s: rolling back the interrupted restore of backup %s (its documents were never committed)",
-                    data_path, intent["backup"])
+        say("%s: rolling back the restore of backup %s (its documents were never committed)", data_path,
+            intent["backup"])
     discard = data_path / f"{_DISCARD}{token}"
     if garbage.exists():
         os.rename(garbage, discard)
