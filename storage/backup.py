@@ -402,7 +402,10 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
             staged = True
     except BaseException as exc:
         if swap is not None:
-            await swap.finish()  # resolves the intent (rolled back: the documents never committed) and cleans up
+            try:
+                await swap.finish()  # resolves the intent (the documents never committed: rolled back), cleans up
+            except Exception as cleanup:  # the intent stays: the next lock or open of the store resolves it
+                log.warning("%s: could not resolve the restore's intent yet: %s", backup_dir, cleanup)
         if safety is not None and not staged:
             # The transaction was abandoned before its commit, so nothing changed and the safety backup equals
             # the current state: withdraw it rather than leave clutter. (After a failed commit, whose outcome may
@@ -417,7 +420,12 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
         raise
     try:
         if swap is not None:
-            await swap.finish()  # the documents committed: the intent resolves forward
+            try:
+                await swap.finish()  # the documents committed: the intent resolves forward
+            except DatabaseError as exc:
+                raise BackupError(f"backup {backup_id} was restored (its documents committed), but finishing the "
+                                  f"swap of the messages failed; it completes at the store's next write or open: "
+                                  f"{exc}") from exc
         if messages is not None and message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
         # Loose files last: they are beside the store, not in it (see storage/backup_files.py).

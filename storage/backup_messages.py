@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from .analytics import normalize_messages
+from .backends.json_message_export import export_records
 from .backup_format import (
     EMPTY_DIGEST,
     MESSAGES_DIGEST_NAME,
@@ -91,9 +92,21 @@ class MessageOps:
     async def digest(self) -> tuple[int, str]:
         """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
-        async for chunk in chunks(self.scan()):
-            await off_loop(_digest_records, digest, chunk)
+        root = self._log_root()
+        if root is not None:
+            await off_loop(export_records, root, lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
+                           lambda n: None)
+        else:
+            async for chunk in chunks(self.scan()):
+                await off_loop(_digest_records, digest, chunk)
         return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+
+    def _log_root(self) -> Path | None:
+        """The folder of a JSON store's message log (read file by file off the loop), else ``None``."""
+        from .backends.json_messages import MessageLog
+
+        messages = getattr(self.store, "_messages", None)
+        return messages.root if isinstance(messages, MessageLog) else None
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
         inserted: int = await self.store._insert_messages(records)
@@ -109,9 +122,17 @@ class MessageOps:
         progress.phase("backup: messages", None)
         writer = JsonlWriter(root, MESSAGES_FILE)
         try:
-            async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
-                await off_loop(_write_records, writer, digest, chunk)
-                progress.advance(len(chunk))
+            log_root = self._log_root()
+            if log_root is not None:  # JSON files: file by file in the worker thread (see json_message_export)
+                def emit(mid: str, line: bytes, canon: bytes) -> None:
+                    writer.write(line + b"\n")
+                    digest.add(MESSAGES_DIGEST_NAME, mid, canon)
+
+                await off_loop(export_records, log_root, emit, progress.advance)
+            else:
+                async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
+                    await off_loop(_write_records, writer, digest, chunk)
+                    progress.advance(len(chunk))
             return await off_loop(writer.close)
         finally:
             writer.abort()

@@ -182,3 +182,13 @@ async def test_an_intent_after_the_commit_rolls_forward_in_a_process_that_had_th
         messages = [r async for r in bystander._scan_messages(None, None, None)]  # type: ignore[attr-defined]
         assert [m["message_id"] for m in messages] == ["1"]
         assert await bystander.get("members", "new") == {"restored": True}
+
+
+async def test_an_unreadable_intent_refuses_to_open_rather_than_guess(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    async with storage.open_store(config=config) as store:
+        await store.put("c", "k", {"v": 1})
+    (Path(config.path) / json_restore.INTENT_NAME).write_bytes(b'{"token": "../../x"')
+    with pytest.raises(storage.CorruptDataError, match="interrupted restore"):
+        await storage.open_store(config=config)
+    assert (Path(config.path) / json_restore.INTENT_NAME).exists()  # left for a person to look at
