@@ -153,6 +153,14 @@ async def fill(store: Any, members: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
+def busy_python(seconds: float) -> int:
+    """Pure-Python work for ``seconds`` (small dicts, as a backup's worker thread makes)."""
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += len({"k": n, "v": [n, n + 1]})
+    return n
+
+
 class StallWatch:
     """The longest the event loop went without running a 1 ms timer while one call ran (a full garbage
     collection, or a worker thread holding the GIL, counts too: a heartbeat would wait just the same)."""
@@ -213,6 +221,9 @@ async def run(args: argparse.Namespace) -> int:
     # The host's own noise floor: the same watch over an idle loop (a loaded 2-core VM misses 1 ms timers too).
     _, seconds, stall = await timed("idle loop", lambda: asyncio.sleep(2))
     record("-", "(baseline: idle event loop, 2 s)", 1, seconds, stall)
+    # ...and the floor for any work done in a worker thread: the loop must get the GIL back from it
+    _, seconds, stall = await timed("loop + busy thread", lambda: asyncio.to_thread(busy_python, 2.0))
+    record("-", "(baseline: a thread running Python, 2 s)", 1, seconds, stall)
     try:
         for backend in backends:
             print(f"{backend}: filling {args.members} members + {args.messages} messages", file=sys.stderr)

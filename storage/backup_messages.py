@@ -35,6 +35,9 @@ __all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
+#: Records validated at a time by ``check_backup`` (in a worker thread): small enough that a batch's dicts die
+#: young, so full garbage collections, which run holding the GIL the event loop needs, stay short.
+CHECK_BATCH = 2000
 #: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
 
@@ -138,7 +141,7 @@ class MessageOps:
             writer.abort()
 
     @staticmethod
-    def backup_batches(root: Path, entry: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    def backup_batches(root: Path, entry: dict[str, Any], size: int = MESSAGE_BATCH) -> Iterator[list[dict[str, Any]]]:
         """The backed-up records as they are, in batches of :data:`MESSAGE_BATCH` (a line that is not a JSON
         object raises :class:`BackupError`). Run :meth:`check_backup` over the same file first."""
         batch: list[dict[str, Any]] = []
@@ -150,7 +153,7 @@ class MessageOps:
             if type(record) is not dict:
                 raise BackupError(f"{MESSAGES_FILE} line {number}: not a message record")
             batch.append(record)
-            if len(batch) >= MESSAGE_BATCH:
+            if len(batch) >= size:
                 yield batch
                 batch = []
         if batch:
@@ -166,7 +169,7 @@ class MessageOps:
         """
         seen: dict[str, None] = {}  # a dict of str is not tracked by the garbage collector; a set would be
         first = 1
-        for batch in cls.backup_batches(root, entry):
+        for batch in cls.backup_batches(root, entry, CHECK_BATCH):
             where = f"{MESSAGES_FILE} (records {first}-{first + len(batch) - 1})"
             try:
                 normalized = normalize_messages(batch)
