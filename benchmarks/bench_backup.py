@@ -18,6 +18,10 @@ measurement on a shared machine; rerun to see the spread):
 * ``copy A -> B``: :func:`storage.copy.copy` into an empty store, for every pair of available backends,
   including the read-back verification.
 
+And, because a bot runs its gateway heartbeat on the same event loop: the **longest event-loop stall** (the
+longest gap between two runs of a 1 ms timer) during ``create_backup`` and during ``restore --dry-run`` (target:
+none over 50 ms), and the backup's size on disk (gzip) against its uncompressed content.
+
 Records = members + messages. PostgreSQL runs against ``--pg-admin-dsn`` (default: the local trust-auth server),
 in scratch databases that are dropped afterwards; when the server is not reachable, only JSON runs. Results go to
 ``benchmarks/results/backup.json``.
@@ -52,6 +56,7 @@ MEMBERS_PER_GUILD = 1000
 USER_BASE = 300_000_000_000_000_000
 MESSAGE_BASE = 1_100_000_000_000_000_000
 BATCH = 10_000
+STALL_TARGET = 0.050  # seconds: a gateway heartbeat or a command reply should not wait longer
 
 
 def member(i: int, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
@@ -148,11 +153,48 @@ async def fill(store: Any, members: int, messages: int) -> float:
     return time.perf_counter() - started
 
 
-async def timed(label: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+def busy_python(seconds: float) -> int:
+    """Pure-Python work for ``seconds`` (small dicts, as a backup's worker thread makes)."""
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += len({"k": n, "v": [n, n + 1]})
+    return n
+
+
+class StallWatch:
+    """The longest the event loop went without running a 1 ms timer while one call ran (a full garbage
+    collection, or a worker thread holding the GIL, counts too: a heartbeat would wait just the same)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._running = False
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while self._running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    async def watch(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        self._running = True
+        ticker = asyncio.create_task(self._tick())
+        await asyncio.sleep(0.002)
+        try:
+            return await fn()
+        finally:
+            self._running = False
+            await ticker
+
+
+async def timed(label: str, fn: Callable[[], Awaitable[Any]]) -> tuple[Any, float, float]:
+    """``(result, seconds, longest event-loop stall in seconds)``."""
     print(f"  {label}...", file=sys.stderr, flush=True)
+    watch = StallWatch()
     started = time.perf_counter()
-    result = await fn()
-    return result, time.perf_counter() - started
+    result = await watch.watch(fn)
+    return result, time.perf_counter() - started, watch.longest
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -166,13 +208,22 @@ async def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_backup_", dir=args.dir))
     places = Places(root, args.pg_admin_dsn if "postgres" in backends else None)
     rows: list[list[object]] = []
+    sizes: list[list[object]] = []
     results: list[dict[str, Any]] = []
 
-    def record(backend: str, operation: str, records: int, seconds: float) -> None:
-        rows.append([backend, operation, records, f"{seconds:.2f}", fmt(records / seconds)])
+    def record(backend: str, operation: str, records: int, seconds: float, stall: float | None = None) -> None:
+        stall_ms = "" if stall is None else f"{stall * 1000:.0f}" + (" MISS" if stall > STALL_TARGET else "")
+        rows.append([backend, operation, records, f"{seconds:.2f}", fmt(records / seconds), stall_ms])
         results.append({"backend": backend, "operation": operation, "records": records, "seconds": seconds,
-                        "records_per_s": records / seconds})
+                        "records_per_s": records / seconds,
+                        "longest_stall_ms": None if stall is None else stall * 1000})
 
+    # The host's own noise floor: the same watch over an idle loop (a loaded 2-core VM misses 1 ms timers too).
+    _, seconds, stall = await timed("idle loop", lambda: asyncio.sleep(2))
+    record("-", "(baseline: idle event loop, 2 s)", 1, seconds, stall)
+    # ...and the floor for any work done in a worker thread: the loop must get the GIL back from it
+    _, seconds, stall = await timed("loop + busy thread", lambda: asyncio.to_thread(busy_python, 2.0))
+    record("-", "(baseline: a thread running Python, 2 s)", 1, seconds, stall)
     try:
         for backend in backends:
             print(f"{backend}: filling {args.members} members + {args.messages} messages", file=sys.stderr)
@@ -180,31 +231,44 @@ async def run(args: argparse.Namespace) -> int:
                 loaded = await fill(source, args.members, args.messages)
                 total = args.members + 3 + args.messages
                 record(backend, "(fill: batch_update_members + record_messages)", total, loaded)
-                info, seconds = await timed("backup", lambda s=source: s.create_backup())
+                info, seconds, stall = await timed("backup", lambda s=source: s.create_backup())
                 assert info.records == total, (info.records, total)
-                record(backend, "backup (create + verify)", total, seconds)
-                report, seconds = await timed("verify", lambda s=source, i=info: s.verify_backup(i.id))
+                record(backend, "backup (create + verify)", total, seconds, stall)
+                sizes.append([backend, f"{info.raw_bytes / 2**20:.1f}", f"{info.size_bytes / 2**20:.1f}",
+                              f"{info.raw_bytes / max(info.size_bytes, 1):.1f}x"])
+                results.append({"backend": backend, "operation": "backup size", "raw_bytes": info.raw_bytes,
+                                "stored_bytes": info.size_bytes})
+                report, seconds, stall = await timed("verify", lambda s=source, i=info: s.verify_backup(i.id))
                 assert report.ok, report.problems
-                record(backend, "verify", total, seconds)
+                record(backend, "verify", total, seconds, stall)
                 async with places.store(backend, "restored") as target:
-                    _, seconds = await timed("restore into empty", lambda t=target, i=info: t.restore_backup(i.id))
-                    record(backend, "restore, empty target", total, seconds)
-                result, seconds = await timed("restore unchanged", lambda s=source, i=info: s.restore_backup(i.id))
+                    dry, seconds, stall = await timed("restore --dry-run into empty",
+                                                      lambda t=target, i=info: t.restore_backup(i.id, dry_run=True))
+                    assert dry.changed == args.members + 3
+                    record(backend, "restore --dry-run, empty target", total, seconds, stall)
+                    _, seconds, stall = await timed("restore into empty",
+                                                    lambda t=target, i=info: t.restore_backup(i.id))
+                    record(backend, "restore, empty target", total, seconds, stall)
+                result, seconds, stall = await timed("restore unchanged",
+                                                     lambda s=source, i=info: s.restore_backup(i.id))
                 assert result.changed == 0
-                record(backend, "restore, unchanged data", total, seconds)
+                record(backend, "restore, unchanged data", total, seconds, stall)
                 for other in backends:
                     async with places.store(other, f"copy_{backend}_{other}") as target:
-                        copied, seconds = await timed(f"copy to {other}", lambda s=source, t=target: copy(s, t))
+                        copied, seconds, stall = await timed(f"copy to {other}",
+                                                             lambda s=source, t=target: copy(s, t))
                         assert copied.records == total
-                        record(backend, f"copy {backend} -> {other} (+ verify)", total, seconds)
+                        record(backend, f"copy {backend} -> {other} (+ verify)", total, seconds, stall)
             shutil.rmtree(places.backup_dir, ignore_errors=True)
     finally:
         await places.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
-    print_table(["backend", "operation", "records", "seconds", "records/s"], rows,
+    print_table(["backend", "operation", "records", "seconds", "records/s", "longest stall ms"], rows,
                 title=f"backup / restore / copy: {args.members} members + {args.messages} messages "
-                      f"(peak RSS {peak_rss_mib():.0f} MiB)")
+                      f"(peak RSS {peak_rss_mib():.0f} MiB; stall target <= {STALL_TARGET * 1000:.0f} ms)")
+    print_table(["backend", "backup MiB uncompressed", "MiB on disk (gzip)", "ratio"], sizes,
+                title="backup size")
     for note in notes:
         print(note)
     path = write_results("backup", {"machine": machine_info(args.dir), "members": args.members,

@@ -6,7 +6,7 @@ import os
 from collections.abc import Generator
 from typing import Any
 
-from .config import StoreConfig
+from .config import StoreConfig, backup_settings
 from .errors import ValidationError
 from .protocol import Store
 
@@ -65,7 +65,8 @@ def open_store(
             config = StoreConfig(**{**_fields(base), **options}) if options else base
         else:
             chosen = backend or ("postgres" if dsn else "json")
-            fields: dict[str, Any] = {"backend": chosen, "source": "arguments", **options}
+            # the backup settings come from the environment here too, unless given (STORAGE_BACKUP_DIR...)
+            fields: dict[str, Any] = {"backend": chosen, "source": "arguments", **backup_settings(), **options}
             if path is not None:
                 fields["path"] = os.fspath(path)
             if dsn is not None:

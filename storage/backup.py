@@ -11,8 +11,10 @@ like a good one, ``restore_backup("../..")`` wrote anywhere, and there was nothi
   nothing), then, in one transaction, saves the current state as a backup of its own and swaps the data in: every
   document not in the backup is deleted, every document that differs is written; all or nothing. A backup of
   either backend restores into either backend.
-* Retention keeps the newest ``keep`` backups and/or those younger than ``keep_days`` (a backup is kept when
-  either rule keeps it, like restic's ``--keep-last``/``--keep-within``), and never deletes what it cannot read.
+* Retention is per store (the manifest records which store a backup came from, :mod:`storage.backup_source`):
+  it keeps the newest ``keep`` backups of that store and/or those younger than ``keep_days`` (a backup is kept
+  when either rule keeps it, like restic's ``--keep-last``/``--keep-within``), always the newest one holding
+  data, and never deletes what it cannot read or what another (or an unknown) store made.
 
 Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup_messages`):
 
@@ -23,25 +25,30 @@ Message-analytics records are stored beside the documents in ``messages.jsonl`` 
   only for a backend whose transaction offers no snapshot to share).
 * **Restore.** Every record is validated first (before anything changes). PostgreSQL: the messages are deleted
   and the backup's inserted in the documents' transaction, so a failure anywhere restores nothing. JSON files: the
-  message log lives outside the document transaction, so it is swapped after the commit; if that step fails the
-  documents are already restored, and the error says so and names the safety backup. Messages whose content
-  digest already equals the backup's are not touched.
+  message log lives outside the document transaction, so the backup's messages are first written into a staged
+  folder, then swapped in inside the transaction under a durable intent file; the journal commit decides both,
+  and a crash at any point is finished or undone by the next lock or open of the store
+  (:mod:`storage.backends.json_restore`). Messages whose content digest already equals the backup's are not
+  touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .backup_files import collect as collect_files
+from .backup_files import restore_files, write_files
 from .backup_format import (
     EMPTY_DIGEST,
     FORMAT_NAME,
@@ -57,6 +64,7 @@ from .backup_format import (
     collection_file,
     info_from_manifest,
     iter_lines,
+    loose_files,
     migration_version,
     new_temp_dir,
     publish,
@@ -68,8 +76,10 @@ from .backup_format import (
     verify_backup_dir,
     write_manifest,
 )
-from .backup_messages import MessageOps
+from .backup_messages import MessageOps, MessageSwap
+from .backup_source import Source, describe_source, same_store, store_source
 from .errors import BackupError, DatabaseError, ValidationError
+from .offload import chunks, off_loop
 from .progress import NullProgress, Progress
 from .protocol import Transaction
 
@@ -83,7 +93,7 @@ log = logging.getLogger("storage.backup")
 #: Where the migrations helper keeps its ledger (keyed by version); copied like any other collection.
 LEDGER_COLLECTION = "_migrations"
 #: Documents written per ``put_many`` inside a restore transaction.
-RESTORE_BATCH = 5000
+RESTORE_BATCH = 2000
 _TICK = 1024  # progress is reported every this many records, so a million records cost nothing noticeable
 
 
@@ -113,6 +123,8 @@ class RestoreReport:
     collections: dict[str, CollectionChange]
     #: ``(before, backup)`` message counts; ``None`` when the backup has no message part (nothing was touched)
     messages: tuple[int, int] | None = None
+    #: loose files (``origin:path``, see :mod:`storage.backup_files`) -> restored / unchanged / why not
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -122,11 +134,6 @@ class RestoreReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing a backup
-def _location(store: Any) -> str:
-    config = store.config
-    return str(config.safe_dsn) if config.backend == "postgres" else os.path.abspath(config.path)
-
-
 async def pin_snapshot(store: Any, tx: Transaction) -> None:
     """Make every read of ``tx`` see one snapshot of the whole store. Call it first thing in the transaction.
 
@@ -164,7 +171,8 @@ async def _snapshot_collections(store: Any, tx: Transaction, seen_before: Iterab
 
 
 async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: str | None = None,
-                       seen_before: Iterable[str] = (), progress: Progress | None = None) -> str:
+                       seen_before: Iterable[str] = (), progress: Progress | None = None,
+                       extra: Iterable[str] | None = None) -> str:
     """Write a complete backup of what ``tx`` sees into ``backup_dir``; returns its id once it is published.
 
     A crash or an exception at any point leaves only a hidden temp folder (removed here on an exception, or by
@@ -186,12 +194,18 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
         entries: dict[str, dict[str, Any]] = {}
         ledger: list[str] = []
         for name in names:
-            entries[name] = await _write_collection(tx, tmp, name, digest, progress,
+            entries[name] = await _write_collection(store, tx, tmp, name, digest, progress,
                                                     ledger if name == LEDGER_COLLECTION else None)
         message_entry = None
         snapshot: str | None = getattr(tx, "snapshot_id", None)  # PostgreSQL: see PgTransaction.pin_snapshot
         if messages is not None:
             message_entry = await messages.write_backup_file(tmp, digest, progress, snapshot)
+        data_path = _data_folder(store)
+        progress.phase("backup: files", None)
+        files, skipped = await off_loop(
+            collect_files, data_path, _owned_collections(store),
+            store.config.backup_extra if extra is None else extra, [backup_dir])
+        file_entries = await off_loop(write_files, tmp, files)
         digests = digest.hexdigests()
         for name, entry in entries.items():
             entry["digest"] = digests[name]
@@ -199,8 +213,9 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
             message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
             message_entry["same_snapshot"] = messages is not None and messages.same_snapshot(snapshot)
         manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
-        await asyncio.to_thread(write_manifest, tmp, manifest)
-        backup_id = await asyncio.to_thread(publish, tmp, backup_dir, started)
+        manifest["files"], manifest["skipped_files"] = file_entries, skipped
+        await off_loop(write_manifest, tmp, manifest)
+        backup_id = await off_loop(publish, tmp, backup_dir, started)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -211,24 +226,76 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
     return backup_id
 
 
-async def _write_collection(tx: Transaction, root: Path, name: str, digest: ContentDigest, progress: Progress,
-                            ledger: list[str] | None) -> dict[str, Any]:
+def _committed_view(store: Any, tx: Any, name: str) -> Mapping[str, bytes] | None:
+    """JSON files: the encoded documents of ``name`` as ``tx`` sees them, when it has staged no change to that
+    collection (then they are the committed ones, and the transaction's lock keeps them still); else ``None``.
+
+    Lets a backup or a restore's diff walk a collection in a worker thread instead of through ``tx.items`` on the
+    event loop (which sorts and decodes every key there: ~1 s for 100k members).
+    """
+    staged = getattr(tx, "_staged", None)
+    if store.backend_name != "json" or staged is None or not isinstance(getattr(staged, "changes", None), dict):
+        return None
+    if any(coll == name for coll, _ in staged.changes):
+        return None
+    tx._guard_read()
+    view: Mapping[str, bytes] = staged.base.get(name) or {}
+    return view
+
+
+def _write_docs(writer: JsonlWriter, name: str, docs: Iterable[tuple[str, Any]], digest: ContentDigest,
+                ledger: list[str] | None) -> int:
+    """Write ``(key, document)`` pairs (a document may be its encoded bytes); runs in a worker thread."""
+    dumps, loads, n = orjson.dumps, orjson.loads, 0
+    for key, doc in docs:
+        if type(doc) is bytes:
+            doc = loads(doc)
+        # The file keeps the document as the backend returns it (a JSON store's key order survives a round
+        # trip); the digest uses the canonical form, so it is the same whichever backend wrote the backup.
+        writer.write(b'{"key":%s,"doc":%s}\n' % (dumps(key), dumps(doc)))
+        digest.add(name, key, canonical(doc))
+        if ledger is not None:
+            ledger.append(key)
+        n += 1
+    return n
+
+
+def _write_ticking(writer: JsonlWriter, name: str, items: list[tuple[str, Any]], digest: ContentDigest,
+                   ledger: list[str] | None, progress: Progress) -> None:
+    """:func:`_write_docs` reporting progress every ``_TICK`` documents (a chunk from ``tx.items``)."""
+    for start in range(0, len(items), _TICK):
+        progress.advance(_write_docs(writer, name, items[start:start + _TICK], digest, ledger))
+
+
+def _sorted_keys(keys: Iterable[str], run: int = 8192) -> list[str]:
+    """``sorted(keys)`` without one long C call: ``sorted`` never lets go of the GIL, and sorting 100k keys at once
+    held it (and the event loop with it) for tens of ms. Sorted runs of ``run`` keys are merged in Python instead,
+    which gives the GIL back every switch interval."""
+    items = list(keys)
+    if len(items) <= run:
+        return sorted(items)
+    return list(heapq.merge(*(sorted(items[i:i + run]) for i in range(0, len(items), run))))
+
+
+def _write_view(writer: JsonlWriter, name: str, view: Mapping[str, bytes], digest: ContentDigest,
+                ledger: list[str] | None, progress: Progress) -> None:
+    keys = _sorted_keys(view)  # keys, not (key, value) tuples: nothing the garbage collector must walk
+    for start in range(0, len(keys), _TICK):
+        progress.advance(_write_docs(writer, name, ((k, view[k]) for k in keys[start:start + _TICK]), digest,
+                                     ledger))
+
+
+async def _write_collection(store: Any, tx: Transaction, root: Path, name: str, digest: ContentDigest,
+                            progress: Progress, ledger: list[str] | None) -> dict[str, Any]:
     writer = JsonlWriter(root, collection_file(name))
-    dumps = orjson.dumps
     try:
-        n = 0
-        async for key, doc in tx.items(name):
-            # The file keeps the document as the backend returns it (a JSON store's key order survives a round
-            # trip); the digest uses the canonical form, so it is the same whichever backend wrote the backup.
-            writer.write(b'{"key":%s,"doc":%s}\n' % (dumps(key), dumps(doc)))
-            digest.add(name, key, canonical(doc))
-            if ledger is not None:
-                ledger.append(key)
-            n += 1
-            if n % _TICK == 0:
-                progress.advance(_TICK)
-        progress.advance(n % _TICK)
-        return await asyncio.to_thread(writer.close)
+        view = _committed_view(store, tx, name)
+        if view is not None:
+            await off_loop(_write_view, writer, name, view, digest, ledger, progress)
+        else:
+            async for chunk in chunks(tx.items(name)):
+                await off_loop(_write_ticking, writer, name, chunk, digest, ledger, progress)
+        return await off_loop(writer.close)
     finally:
         writer.abort()
 
@@ -237,31 +304,47 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
               entries: dict[str, dict[str, Any]], messages: dict[str, Any] | None) -> dict[str, Any]:
     import storage
 
-    foreign = store.foreign_files() if hasattr(store, "foreign_files") else {}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_at": started.isoformat(),
         "library_version": storage.__version__,
-        "source": {"backend": store.backend_name, "location": _location(store)},
+        "source": _source_entry(store),
         "label": label,
         "migration_version": migration,
         "collections": entries,
         "messages": messages,
-        # JSON files in the data folder that are not collections are not backed up: say so, not silently.
-        "skipped_files": {f"{name}.json": why for name, why in sorted(foreign.items())},
     }
+
+
+def _data_folder(store: Any) -> Path | None:
+    """A JSON store's data folder (its loose files are backed up and restored); ``None`` for PostgreSQL."""
+    return Path(store.path) if store.backend_name == "json" and hasattr(store, "path") else None
+
+
+def _owned_collections(store: Any) -> set[str]:
+    """The collections whose ``<name>.json`` a JSON store owns: every one it has loaded, empty ones included."""
+    return set(getattr(store, "_data", {}))
+
+
+def _source_entry(store: Any) -> dict[str, Any]:
+    """The manifest's ``source``: the backend, a display location and the identity retention compares
+    (:mod:`storage.backup_source`; never a password)."""
+    identity = store_source(store.config)
+    return {"backend": store.backend_name, "location": describe_source(identity), "store": identity}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # restoring
-def _read_backup_collection(root: Path, name: str, entry: dict[str, Any]) -> dict[str, tuple[bytes, bytes]]:
-    """``{key: (canonical bytes, document bytes in its stored key order)}`` of one backed-up collection.
+def _read_backup_collection(root: Path, name: str, entry: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """``({key: canonical bytes}, {key: document bytes in its stored key order})`` of one backed-up collection.
 
     Bytes, not dicts: a seed-shaped member is ~300 bytes encoded but ~3 KB as Python objects, and a restore
-    holds a whole collection. A malformed line raises :class:`BackupError`.
+    holds a whole collection. Two dicts of bytes rather than one of tuples: neither is tracked by the garbage
+    collector, so 100k documents add nothing to its full collections. A malformed line raises :class:`BackupError`.
     """
-    out: dict[str, tuple[bytes, bytes]] = {}
+    canons: dict[str, bytes] = {}
+    raws: dict[str, bytes] = {}
     loads, dumps = orjson.loads, orjson.dumps
     for number, line in enumerate(iter_lines(root, entry), 1):
         try:
@@ -271,10 +354,10 @@ def _read_backup_collection(root: Path, name: str, entry: dict[str, Any]) -> dic
                 raise TypeError("expected {\"key\": str, \"doc\": object}")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise BackupError(f"{entry['file']} line {number}: not a document record ({exc})") from exc
-        if key in out:
+        if key in canons:
             raise BackupError(f"{entry['file']} line {number}: key {key!r} appears twice")
-        out[key] = (trimmed(canonical(doc)), trimmed(dumps(doc)))
-    return out
+        canons[key], raws[key] = trimmed(canonical(doc)), trimmed(dumps(doc))
+    return canons, raws
 
 
 async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, backup_id: str, dry_run: bool = False,
@@ -306,6 +389,14 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
     changes: dict[str, CollectionChange] = {}
     safety: str | None = None
     staged = False  # the whole swap was staged: an error after this point came from the commit itself
+    swap = MessageSwap.of(store) if messages is not None and message_entry is not None and not dry_run else None
+    if swap is not None:
+        assert message_entry is not None
+        # JSON files: the messages are written into a staged folder first (the slow part, before the lock), then
+        # swapped in inside the documents' transaction, under an intent file that makes it all-or-nothing across
+        # a crash (storage/backends/json_restore.py).
+        progress.phase("restore: messages (staged)", int(message_entry["count"]))
+        await swap.stage(root, message_entry, progress)
     try:
         async with store.transaction() as tx:
             await pin_snapshot(store, tx)
@@ -316,14 +407,22 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
             progress.phase("restore: documents" if not dry_run else "restore (dry run): documents",
                            sum(int(e["count"]) for e in manifest["collections"].values()))
             for name in names:
-                changes[name] = await _restore_collection(tx, root, name, manifest["collections"].get(name),
-                                                          dry_run, progress)
+                changes[name] = await _restore_collection(store, tx, root, name,
+                                                          manifest["collections"].get(name), dry_run, progress)
             replace_in_tx = getattr(tx, "_replace_messages", None)  # PostgreSQL: messages in the same transaction
             if messages is not None and message_entry is not None and not dry_run and callable(replace_in_tx):
                 await _restore_messages_in(replace_in_tx, root, message_entry, progress, backup_id)
                 message_entry = None  # done
+            if swap is not None:
+                await swap.begin(backup_id)  # the intent, then the swap: the commit below decides both
+                message_entry = None
             staged = True
     except BaseException as exc:
+        if swap is not None:
+            try:
+                await swap.finish()  # resolves the intent (the documents never committed: rolled back), cleans up
+            except Exception as cleanup:  # the intent stays: the next lock or open of the store resolves it
+                log.warning("%s: could not resolve the restore's intent yet: %s", backup_dir, cleanup)
         if safety is not None and not staged:
             # The transaction was abandoned before its commit, so nothing changed and the safety backup equals
             # the current state: withdraw it rather than leave clutter. (After a failed commit, whose outcome may
@@ -337,12 +436,22 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
                               f"{exc}") from exc
         raise
     try:
+        if swap is not None:
+            try:
+                await swap.finish()  # the documents committed: the intent resolves forward
+            except DatabaseError as exc:
+                raise BackupError(f"backup {backup_id} was restored (its documents committed), but finishing the "
+                                  f"swap of the messages failed; it completes at the store's next write or open: "
+                                  f"{exc}") from exc
         if messages is not None and message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
+        # Loose files last: they are beside the store, not in it (see storage/backup_files.py).
+        files = await asyncio.to_thread(restore_files, root, loose_files(manifest), _data_folder(store),
+                                        _owned_collections(store), dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}
-    return RestoreReport(backup_id, dry_run, safety, changes, message_counts)
+    return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files)
 
 
 async def _restore_messages_in(replace: Any, root: Path, entry: dict[str, Any], progress: Progress,
@@ -385,19 +494,45 @@ async def _restore_messages(messages: MessageOps, root: Path, entry: dict[str, A
                           f"{entry['count']} (the previous state is in backup {safety})")
 
 
-async def _restore_collection(tx: Transaction, root: Path, name: str, entry: dict[str, Any] | None, dry_run: bool,
-                              progress: Progress) -> CollectionChange:
-    wanted = await asyncio.to_thread(_read_backup_collection, root, name, entry) if entry else {}
-    current = {key: trimmed(canonical(doc)) async for key, doc in tx.items(name)}
+def _canonical_view(view: Mapping[str, bytes]) -> dict[str, bytes]:
+    loads, out = orjson.loads, {}
+    for key, raw in view.items():
+        out[key] = trimmed(canonical(loads(raw)))
+    return out
+
+
+def _canonical_docs(docs: list[tuple[str, Any]]) -> dict[str, bytes]:
+    return {key: trimmed(canonical(doc)) for key, doc in docs}
+
+
+def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[list[str], list[str], int]:
+    """``(keys to delete, keys to write, how many of those are new)`` (canonical bytes compared)."""
     removed = sorted(current.keys() - wanted.keys())
-    puts = [(key, raw) for key, (canon, raw) in wanted.items() if current.get(key) != canon]
-    added = sum(1 for key, _ in puts if key not in current)
+    puts = [key for key, canon in wanted.items() if current.get(key) != canon]
+    return removed, puts, sum(1 for key in puts if key not in current)
+
+
+def _decoded(keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, Any]]:
+    loads = orjson.loads
+    return [(key, loads(raws[key])) for key in keys]
+
+
+async def _restore_collection(store: Any, tx: Transaction, root: Path, name: str, entry: dict[str, Any] | None,
+                              dry_run: bool, progress: Progress) -> CollectionChange:
+    wanted, raws = await off_loop(_read_backup_collection, root, name, entry) if entry else ({}, {})
+    view = _committed_view(store, tx, name)
+    if view is not None:
+        current = await off_loop(_canonical_view, view)
+    else:
+        current = {}
+        async for chunk in chunks(tx.items(name)):
+            current.update(await off_loop(_canonical_docs, chunk))
+    removed, puts, added = await off_loop(_diff, current, wanted)
     if not dry_run:
         for key in removed:
             await tx.delete(name, key)
-        loads = orjson.loads
         for start in range(0, len(puts), RESTORE_BATCH):
-            await tx.put_many(name, [(key, loads(raw)) for key, raw in puts[start:start + RESTORE_BATCH]])
+            await tx.put_many(name, await off_loop(_decoded, puts[start:start + RESTORE_BATCH], raws))
         final = await tx.count(name)
         if final != len(wanted):
             raise BackupError(f"restoring {name!r} would leave {final} documents instead of {len(wanted)}; "
@@ -435,8 +570,12 @@ def list_backup_entries(backup_dir: Path) -> list[tuple[str, BackupInfo | Backup
 
 def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days: float | None = None,
                    now: datetime | None = None) -> list[BackupInfo]:
-    """The backups retention removes. A backup stays when it is among the newest ``keep`` **or** younger than
-    ``keep_days``; with neither rule nothing is removed; the newest backup is always kept."""
+    """The backups retention removes, among ``backups`` (all of one store: see :func:`prune_backup_dir`).
+
+    A backup stays when it is among the newest ``keep`` **or** younger than ``keep_days``; with neither rule
+    nothing is removed. The newest backup is always kept, and so is the newest backup that holds any data: a
+    store emptied by mistake, backed up every hour, never pushes out the last backup of its data.
+    """
     if keep is not None and (type(keep) is not int or keep < 1):
         raise ValidationError(f"keep must be a whole number >= 1, got {keep!r}", field="keep")
     if keep_days is not None and (isinstance(keep_days, bool) or not isinstance(keep_days, (int, float))
@@ -446,6 +585,9 @@ def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days
         return []
     ordered = sorted(backups, key=lambda b: backup_sort_key(b.id))
     kept = {ordered[-1].id} if ordered else set()
+    holding_data = [b for b in ordered if b.records]
+    if holding_data:
+        kept.add(holding_data[-1].id)
     if keep is not None:
         kept.update(b.id for b in ordered[-keep:])
     if keep_days is not None:
@@ -454,11 +596,16 @@ def select_expired(backups: list[BackupInfo], keep: int | None = None, keep_days
     return [b for b in ordered if b.id not in kept]
 
 
-def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None, *, dry_run: bool = False,
-                     now: datetime | None = None) -> list[BackupInfo]:
-    """Apply retention to ``backup_dir``; returns what was (or, in a dry run, would be) removed."""
+def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None, *, source: Source,
+                     dry_run: bool = False, now: datetime | None = None) -> list[BackupInfo]:
+    """Apply retention to the backups of store ``source`` in ``backup_dir``; returns what was (or, in a dry run,
+    would be) removed.
+
+    Only backups whose manifest names the same store are counted and removed: other stores' backups and backups
+    of unknown source (see :mod:`storage.backup_source`) are never touched, nor is a backup that cannot be read.
+    """
     entries = list_backup_entries(backup_dir)
-    readable = [info for _, info in entries if isinstance(info, BackupInfo)]
+    readable = [info for _, info in entries if isinstance(info, BackupInfo) and same_store(info.source, source)]
     expired = select_expired(readable, keep, keep_days, now)
     if dry_run:
         return expired
@@ -469,7 +616,7 @@ def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None
             remove_dir(info.path)
         except OSError as exc:
             raise BackupError(f"cannot remove backup {info.id}: {exc}") from exc
-        log.info("%s: removed backup %s (retention)", backup_dir, info.id)
+        log.info("%s: removed backup %s of %s (retention)", backup_dir, info.id, describe_source(source))
     return expired
 
 
@@ -486,8 +633,12 @@ class BackupMixin:
         return Path(self.config.backup_dir)
 
     async def create_backup(self, *, keep: int | None = None, keep_days: float | None = None,
-                            label: str | None = None, progress: Progress | None = None) -> BackupInfo:
+                            label: str | None = None, progress: Progress | None = None,
+                            extra: Iterable[str] | None = None) -> BackupInfo:
         """Back up every collection (and message) from one snapshot, verify it, then apply retention.
+
+        A JSON store's backup also holds every other file of its data folder, and ``extra`` files/globs outside
+        it (default ``config.backup_extra``, ``STORAGE_BACKUP_EXTRA``): see :mod:`storage.backup_files`.
 
         ``keep`` defaults to ``config.backup_keep`` (``STORAGE_BACKUP_KEEP``). Retention runs only after the new
         backup verified, so a failing disk never costs the old backups.
@@ -501,13 +652,14 @@ class BackupMixin:
         async with store.transaction() as tx:
             await pin_snapshot(store, tx)
             backup_id = await write_backup(store, tx, self._backup_root(), label=label, seen_before=seen_before,
-                                           progress=progress)
+                                           progress=progress, extra=None if extra is None else list(extra))
         report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), backup_id)
         if not report.ok or report.info is None:
             raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "
                               f"for inspection; nothing was pruned): " + "; ".join(report.problems))
         if keep is not None or keep_days is not None:
-            await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days)
+            await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days,
+                                    source=store_source(self.config))
         return report.info
 
     async def list_backups(self) -> list[BackupInfo]:
@@ -525,9 +677,8 @@ class BackupMixin:
 
         Raises :class:`BackupError` (and changes nothing) when the id is not a backup, verification fails or
         the backup holds a record this store refuses. Otherwise the current state is first saved as a new backup
-        (``report.safety_backup``), then the documents are swapped in one transaction (on PostgreSQL the messages
-        too; on JSON files they follow it, see the module docstring). ``dry_run=True`` only reports what would
-        change.
+        (``report.safety_backup``), then the documents and the messages are swapped all or nothing, also across
+        a crash (see the module docstring). ``dry_run=True`` only reports what would change.
         """
         store: Any = self
         store._guard_write()
@@ -545,7 +696,9 @@ class BackupMixin:
 
     async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,
                             dry_run: bool = False) -> list[BackupInfo]:
-        """Remove the backups retention does not keep (``keep`` defaults to ``config.backup_keep``)."""
+        """Remove this store's backups that retention does not keep (``keep`` defaults to ``config.backup_keep``);
+        backups of other stores in the same folder are never counted nor removed."""
         if keep is None:
             keep = self.config.backup_keep
-        return await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days, dry_run=dry_run)
+        return await asyncio.to_thread(prune_backup_dir, self._backup_root(), keep, keep_days, dry_run=dry_run,
+                                       source=store_source(self.config))

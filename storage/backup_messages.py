@@ -9,7 +9,6 @@ it is keyed by its ``message_id`` under the pseudo-collection ``#messages``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import orjson
 
 from .analytics import normalize_messages
+from .backends.json_message_export import export_records
 from .backup_format import (
     EMPTY_DIGEST,
     MESSAGES_DIGEST_NAME,
@@ -28,14 +28,30 @@ from .backup_format import (
     iter_lines,
 )
 from .errors import BackupError, ValidationError
+from .offload import chunks, off_loop
 from .progress import Progress
 
-__all__ = ["MessageOps", "MESSAGE_BATCH"]
+__all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
+#: Records validated at a time by ``check_backup`` (in a worker thread): small enough that a batch's dicts die
+#: young, so full garbage collections, which run holding the GIL the event loop needs, stay short.
+CHECK_BATCH = 2000
 #: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _digest_records(digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+
+
+def _write_records(writer: JsonlWriter, digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+    dumps = orjson.dumps
+    for record in records:
+        writer.write(dumps(record) + b"\n")
+    _digest_records(digest, records)
 
 
 class MessageOps:
@@ -77,11 +93,23 @@ class MessageOps:
         return n
 
     async def digest(self) -> tuple[int, str]:
-        """How many records there are and their content digest (as in a backup manifest)."""
+        """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
-        async for record in self.scan():
-            digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
+        root = self._log_root()
+        if root is not None:
+            await off_loop(export_records, root, lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
+                           lambda n: None)
+        else:
+            async for chunk in chunks(self.scan()):
+                await off_loop(_digest_records, digest, chunk)
         return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+
+    def _log_root(self) -> Path | None:
+        """The folder of a JSON store's message log (read file by file off the loop), else ``None``."""
+        from .backends.json_messages import MessageLog
+
+        messages = getattr(self.store, "_messages", None)
+        return messages.root if isinstance(messages, MessageLog) else None
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
         inserted: int = await self.store._insert_messages(records)
@@ -97,20 +125,23 @@ class MessageOps:
         progress.phase("backup: messages", None)
         writer = JsonlWriter(root, MESSAGES_FILE)
         try:
-            n = 0
-            async for record in self.scan(snapshot):
-                writer.write(orjson.dumps(record) + b"\n")
-                digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
-                n += 1
-                if n % 1024 == 0:
-                    progress.advance(1024)
-            progress.advance(n % 1024)
-            return await asyncio.to_thread(writer.close)
+            log_root = self._log_root()
+            if log_root is not None:  # JSON files: file by file in the worker thread (see json_message_export)
+                def emit(mid: str, line: bytes, canon: bytes) -> None:
+                    writer.write(line + b"\n")
+                    digest.add(MESSAGES_DIGEST_NAME, mid, canon)
+
+                await off_loop(export_records, log_root, emit, progress.advance)
+            else:
+                async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
+                    await off_loop(_write_records, writer, digest, chunk)
+                    progress.advance(len(chunk))
+            return await off_loop(writer.close)
         finally:
             writer.abort()
 
     @staticmethod
-    def backup_batches(root: Path, entry: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    def backup_batches(root: Path, entry: dict[str, Any], size: int = MESSAGE_BATCH) -> Iterator[list[dict[str, Any]]]:
         """The backed-up records as they are, in batches of :data:`MESSAGE_BATCH` (a line that is not a JSON
         object raises :class:`BackupError`). Run :meth:`check_backup` over the same file first."""
         batch: list[dict[str, Any]] = []
@@ -122,7 +153,7 @@ class MessageOps:
             if type(record) is not dict:
                 raise BackupError(f"{MESSAGES_FILE} line {number}: not a message record")
             batch.append(record)
-            if len(batch) >= MESSAGE_BATCH:
+            if len(batch) >= size:
                 yield batch
                 batch = []
         if batch:
@@ -136,9 +167,9 @@ class MessageOps:
         returns* (ids as strings, canonical timestamp...), so the restore can insert the records as they are,
         with no second validation pass; and no ``message_id`` may repeat. :class:`BackupError` otherwise.
         """
-        seen: set[str] = set()
+        seen: dict[str, None] = {}  # a dict of str is not tracked by the garbage collector; a set would be
         first = 1
-        for batch in cls.backup_batches(root, entry):
+        for batch in cls.backup_batches(root, entry, CHECK_BATCH):
             where = f"{MESSAGES_FILE} (records {first}-{first + len(batch) - 1})"
             try:
                 normalized = normalize_messages(batch)
@@ -152,6 +183,63 @@ class MessageOps:
                                       "store writes (was the file edited by hand?)")
                 if record["message_id"] in seen:
                     raise BackupError(f"{where}: message_id {record['message_id']} appears twice")
-                seen.add(record["message_id"])
+                seen[record["message_id"]] = None
             first += len(batch)
         return first - 1
+
+
+class MessageSwap:
+    """A JSON store's crash-safe message replacement for a restore (see :mod:`storage.backends.json_restore`).
+
+    ``stage`` (before the transaction), ``begin`` (inside it, last), ``finish`` (after it, or after a failure):
+    whatever happens, the next lock or open of the store leaves the messages matching the documents' outcome.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.path = Path(store.path)
+        self.staged: Path | None = None
+
+    @classmethod
+    def of(cls, store: Any) -> MessageSwap | None:
+        """For a store whose messages live outside its document transactions in a swappable folder (JSON)."""
+        if store.backend_name == "json" and hasattr(store, "_data") and hasattr(store, "_locked"):
+            return cls(store)
+        return None
+
+    async def stage(self, root: Path, entry: dict[str, Any], progress: Progress) -> None:
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import stage_messages
+
+        def batches() -> Iterator[list[dict[str, Any]]]:
+            for batch in MessageOps.backup_batches(root, entry):
+                yield batch
+                progress.advance(len(batch))
+
+        self.staged, count = await run_in_thread(stage_messages, self.path, batches())
+        if count != entry["count"]:
+            await self.finish()
+            raise BackupError(f"staging the messages of {root.name} gave {count} records instead of "
+                              f"{entry['count']}: nothing was restored")
+
+    async def begin(self, backup_id: str) -> None:
+        """Under the transaction's lock, after its changes are staged: write the intent and swap the folders."""
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import begin, documents_digest
+
+        assert self.staged is not None
+        before = await run_in_thread(documents_digest, self.store._data)
+        await run_in_thread(begin, self.path, self.staged, before, backup_id)
+
+    async def finish(self) -> None:
+        """Resolve the intent under the store lock (its hook does it), then delete this restore's leftovers."""
+        from .backends.json_message_files import run_in_thread
+        from .backends.json_restore import discard
+
+        if self.staged is None:
+            return
+        try:
+            async with self.store._locked():
+                pass  # JsonStore._locked resolves a pending intent as soon as it holds the lock
+        finally:
+            await run_in_thread(discard, self.path, self.staged)

@@ -10,7 +10,8 @@ Resolution order (first match wins), as documented in ``DESIGN.md``:
 
 Also read: ``STORAGE_POOL_MIN``/``STORAGE_POOL_MAX`` (asyncpg pool sizes), ``STORAGE_PGBOUNCER=1`` (no prepared
 statement cache, for transaction poolers), ``STORAGE_BACKUP_DIR`` (default ``./backups``) and
-``STORAGE_BACKUP_KEEP`` (how many backups retention keeps), ``STORAGE_CACHE_TTL`` (seconds; PostgreSQL ``get``
+``STORAGE_BACKUP_KEEP`` (how many backups retention keeps), ``STORAGE_BACKUP_EXTRA`` (files outside the data
+folder to include in backups), ``STORAGE_CACHE_TTL`` (seconds; PostgreSQL ``get``
 cache, off by default: with it on, another process's write to a key this process read recently is seen only
 after the entry expires).
 
@@ -30,7 +31,7 @@ from urllib.parse import quote
 from .dsn import redact_dsn
 from .errors import ValidationError
 
-__all__ = ["StoreConfig", "redact_dsn"]
+__all__ = ["StoreConfig", "redact_dsn", "backup_settings"]
 
 Backend = Literal["json", "postgres"]
 _TRUE = {"1", "true", "yes", "on"}
@@ -103,6 +104,19 @@ def _dsn_from_env(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return None, None
 
 
+def backup_settings(environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """The backup fields of a config from ``STORAGE_BACKUP_DIR``, ``STORAGE_BACKUP_KEEP`` and
+    ``STORAGE_BACKUP_EXTRA`` (paths or globs of files outside the data folder, separated by ``,`` or ``:``).
+
+    Also used by ``open_store(backend=..., path=...)``: the backup folder follows the setting everywhere.
+    """
+    env = os.environ if environ is None else environ
+    extra = [p.strip() for p in env.get("STORAGE_BACKUP_EXTRA", "").replace(os.pathsep, ",").split(",")]
+    return {"backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
+            "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
+            "backup_extra": tuple(p for p in extra if p)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
     """Everything needed to open a store. Immutable; build one with :meth:`from_env` or directly."""
@@ -117,6 +131,7 @@ class StoreConfig:
     cache_ttl: float = 0.0
     backup_dir: str = "backups"
     backup_keep: int | None = None
+    backup_extra: tuple[str, ...] = ()
     source: str = "default"
     #: Open for reading only: no write lock is taken, nothing on disk or in the database is changed, and every
     #: write raises :class:`storage.errors.ReadOnlyError` (``check``, ``backup create`` and ``copy --from`` use it).
@@ -172,8 +187,7 @@ class StoreConfig:
             "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
             "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
             "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL"),
-            "backup_dir": env.get("STORAGE_BACKUP_DIR", "").strip() or "backups",
-            "backup_keep": _int(env, "STORAGE_BACKUP_KEEP", 0, 0) or None,
+            **backup_settings(env),
         }
         forced = env.get("STORAGE_BACKEND", "").strip().lower()
         if forced not in ("", "json", "postgres"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +36,7 @@ from storage.backup_format import (
     verify_backup_dir,
     write_manifest,
 )
+from storage.backup_source import describe_source, store_source
 from storage.copy import TargetNotEmptyError, copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,18 +124,53 @@ async def other_backend(other_config: StoreConfig) -> AsyncIterator[Any]:
         await s.close()
 
 
+def content(path: Path) -> bytes:
+    """A backup file's content, gunzipped when it is a ``.gz`` (as ``zcat`` would)."""
+    return gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+
+
+def set_content(path: Path, data: bytes) -> None:
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def _rewrite_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    manifest.pop("checksum", None)
+    (root / MANIFEST_NAME).unlink()
+    write_manifest(root, manifest)
+
+
 def reseal(root: Path, relative: str) -> None:
     """Re-hash one file into the manifest, as a careless hand edit of a backup would: verification then passes."""
     manifest = read_manifest(root)
-    data = (root / relative).read_bytes()
-    import hashlib
-
-    for entry in [*manifest["collections"].values(), manifest.get("messages") or {}]:
+    data = content(root / relative)
+    for entry in [*manifest["collections"].values(), manifest.get("messages") or {}, *manifest.get("files", [])]:
         if entry.get("file") == relative:
-            entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), count=data.count(b"\n"))
-    del manifest["checksum"]
-    (root / MANIFEST_NAME).unlink()
-    write_manifest(root, manifest)
+            entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            if "count" in entry:
+                entry["count"] = data.count(b"\n")
+            if "stored_bytes" in entry:
+                entry["stored_bytes"] = (root / relative).stat().st_size
+    _rewrite_manifest(root, manifest)
+
+
+def to_format_1(root: Path) -> None:
+    """Turn a backup into what the library wrote before compression and loose files (format 1), as an old
+    backup on disk is: plain ``.jsonl`` files, no ``files``, no ``stored_bytes``."""
+    manifest = read_manifest(root)
+    for entry in [*manifest["collections"].values(), *([manifest["messages"]] if manifest.get("messages") else [])]:
+        old = root / entry["file"]
+        plain = entry["file"].removesuffix(".gz")
+        (root / plain).write_bytes(content(old))
+        os.chmod(root / plain, 0o600)
+        old.unlink()
+        entry["file"] = plain
+        entry.pop("stored_bytes", None)
+        entry.pop("compression", None)
+    if (root / "files").exists():
+        shutil.rmtree(root / "files")
+    manifest.pop("files", None)
+    manifest["format_version"] = 1
+    _rewrite_manifest(root, manifest)
 
 
 def flip_byte(path: Path, position: int | None = None) -> None:
@@ -143,7 +181,7 @@ def flip_byte(path: Path, position: int | None = None) -> None:
 
 
 def backup_docs(info: BackupInfo, collection: str) -> dict[str, Any]:
-    lines = (info.path / "collections" / f"{collection}.jsonl").read_bytes().splitlines()
+    lines = content(info.path / "collections" / f"{collection}.jsonl.gz").splitlines()
     return {rec["key"]: rec["doc"] for rec in map(orjson.loads, lines)}
 
 
@@ -207,7 +245,7 @@ async def test_restore_keeps_key_order_on_json(store):
     assert list(doc) == ["z", "a", "m"] and list(doc["m"]) == ["y", "b"]
 
 
-async def test_backup_files_are_private_and_plain_json_lines(store):
+async def test_backup_files_are_private_and_gzipped_json_lines(store):
     await populate(store)
     info = await store.create_backup()
     for dirpath, _dirnames, filenames in os.walk(info.path):
@@ -215,14 +253,15 @@ async def test_backup_files_are_private_and_plain_json_lines(store):
         for name in filenames:
             assert stat.S_IMODE(os.stat(os.path.join(dirpath, name)).st_mode) == 0o600, name
     manifest = json.loads((info.path / MANIFEST_NAME).read_text())
-    assert manifest["format"] == "storage-backup" and manifest["format_version"] == 1
+    assert manifest["format"] == "storage-backup" and manifest["format_version"] == 2
     assert manifest["source"]["backend"] == store.backend_name
     for entry in manifest["collections"].values():
         assert len(entry["sha256"]) == 64 and len(entry["digest"]) == 64
     members = backup_docs(info, "members")
     assert members == {key: doc async for key, doc in store.items("members")}
     if has_messages(store):
-        lines = (info.path / "messages.jsonl").read_text().splitlines()
+        with gzip.open(info.path / "messages.jsonl.gz", "rt") as f:  # what zcat reads
+            lines = f.read().splitlines()
         assert sorted(json.loads(line)["message_id"] for line in lines) == [m["message_id"]
                                                                           for m in await all_messages(store)]
         assert manifest["messages"]["same_snapshot"] is True
@@ -245,15 +284,115 @@ async def test_empty_store_backs_up_and_restores(store):
     assert await all_messages(store) == []
 
 
-async def test_json_files_that_are_not_collections_are_listed_as_skipped(store, store_config):
-    if store.backend_name != "json":
-        pytest.skip("JSON backend only")
-    await store.close()
-    Path(store_config.path, "version.json").write_text('{"version": "1.0"}')
-    async with storage.open_store(config=store_config) as reopened:
-        info = await reopened.create_backup()
-    manifest = json.loads((info.path / MANIFEST_NAME).read_text())
-    assert list(manifest["skipped_files"]) == ["version.json"]
+def _loose_tree(data: Path, bot: Path) -> dict[str, bytes]:
+    """Files a bot keeps beside its store, as the seed's create_backup found them."""
+    files = {
+        "data:version.json": b'{"version": "1.0"}',
+        "data:spam_blocker.json": b'{"threshold": 5, "words": ["a"]}',  # flat: not a collection of objects
+        "data:notes/readme.txt": b"hand-written notes\n",
+        "data:blob.bin": bytes(range(256)) * 40,
+    }
+    for name, content_ in files.items():
+        path = data / name.split(":", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content_)
+    (data / "link.json").symlink_to(data / "version.json")
+    bot.mkdir(parents=True, exist_ok=True)
+    for name, content_ in (("message_log.json", b'{"1": "hi"}'), ("roles_cache.json", b'["admin"]'),
+                           ("other.json", b"{}")):
+        (bot / name).write_bytes(content_)
+    files[f"extra:{bot / 'message_log.json'}"] = b'{"1": "hi"}'
+    files[f"extra:{bot / 'roles_cache.json'}"] = b'["admin"]'
+    return files
+
+
+async def test_backup_holds_every_file_the_store_does_not_own_and_restore_puts_them_back(store_config, tmp_path):
+    if store_config.backend != "json":
+        pytest.skip("a data folder is a JSON store's")
+    bot = tmp_path / "bot"
+    config = dataclasses.replace(store_config, backup_extra=(str(bot / "message*.json"), str(bot / "roles*.json"),
+                                                             str(bot / "nothing*.json")))
+    Path(config.path).mkdir(parents=True)
+    expected = _loose_tree(Path(config.path), bot)
+    async with storage.open_store(config=config) as store:
+        await store.put_many("members", {f"{GUILD}_{i}": {"n": i} for i in range(20)})  # the seed's shape:
+        await store.record_message({"message_id": "5", "guild_id": GUILD, "channel_id": "1", "author_id": "2",
+                                    "timestamp": "2024-06-01T00:00:00Z"})  # members is a collection, the rest not
+        info = await store.create_backup()  # type: ignore[attr-defined]
+        assert set(info.files) == set(expected)
+        manifest = read_manifest(info.path)
+        for entry in manifest["files"]:
+            original = expected[f"{entry['origin']}:{entry['path']}"]
+            assert entry["sha256"] == hashlib.sha256(original).hexdigest() and entry["bytes"] == len(original)
+            assert gzip.decompress((info.path / entry["file"]).read_bytes()) == original  # readable with gzip
+        assert manifest["skipped_files"] == {"data:link.json": "a symlink (not followed: back up its target by name)",
+                                             f"extra:{bot / 'nothing*.json'}": "matched nothing"}
+        assert not any(k.startswith(("data:storage.", "data:members", "data:messages")) for k in info.files)
+        assert (await store.verify_backup(info.id)).ok  # type: ignore[attr-defined]
+
+        # the files change, one disappears, a new one appears
+        data = Path(config.path)
+        (data / "version.json").write_bytes(b'{"version": "2.0"}')
+        (data / "notes" / "readme.txt").unlink()
+        (bot / "message_log.json").write_bytes(b"{}")
+        (data / "new.txt").write_bytes(b"made after the backup")
+        dry = await store.restore_backup(info.id, dry_run=True)  # type: ignore[attr-defined]
+        assert dry.files["data:version.json"] == "would be restored"
+        assert dry.files["data:blob.bin"] == "unchanged"
+        assert (data / "version.json").read_bytes() == b'{"version": "2.0"}'
+        report = await store.restore_backup(info.id)  # type: ignore[attr-defined]
+        assert report.files == {**{name: "unchanged" for name in expected},
+                                "data:version.json": "restored", "data:notes/readme.txt": "restored",
+                                f"extra:{bot / 'message_log.json'}": "restored"}
+    for name, original in expected.items():
+        origin, where = name.split(":", 1)
+        assert ((Path(config.path) / where) if origin == "data" else Path(where)).read_bytes() == original
+    assert (data / "new.txt").read_bytes() == b"made after the backup"  # removes nothing it did not back up
+
+    # verify checks the files too
+    stored = next(e["file"] for e in manifest["files"] if e["path"] == "version.json")
+    flip_byte(info.path / stored)
+    report_ = verify_backup_dir(Path(config.backup_dir), info.id)
+    assert not report_.ok and any(stored in problem for problem in report_.problems)
+
+
+async def test_extra_files_are_backed_up_and_restored_on_every_backend(store_config, tmp_path, monkeypatch):
+    bot = tmp_path / "bot"
+    bot.mkdir()
+    (bot / "roles_1.json").write_bytes(b'["mod"]')
+    monkeypatch.setenv("STORAGE_BACKUP_EXTRA", f"{bot / 'roles*.json'},{bot / 'message*.json'}")
+    async with storage.open_store(config=store_config) as store:
+        await store.put("c", "k", {"v": 1})
+    where = store_args(store_config)
+    created = await asyncio.to_thread(run_cli, "backup", "create", *where, "--extra", str(bot / "extra.txt"))
+    assert created.returncode == 0, created.stderr
+    assert f"not included: extra:{bot / 'extra.txt'}: matched nothing" in created.stdout, created.stdout
+    (bot / "extra.txt").write_bytes(b"x")
+    (bot / "message_9.json").write_bytes(b"{}")
+    created = await asyncio.to_thread(run_cli, "backup", "create", *where, "--extra", str(bot / "extra.txt"))
+    assert created.returncode == 0, created.stderr
+    for name in ("roles_1.json", "message_9.json", "extra.txt"):
+        assert f"extra:{bot / name}" in created.stdout, created.stdout
+    backup_id = created.stdout.split()[1]
+    (bot / "roles_1.json").write_bytes(b"[]")
+    restored = await asyncio.to_thread(run_cli, "restore", backup_id, *where)
+    assert restored.returncode == 0, restored.stderr
+    assert f"file extra:{bot / 'roles_1.json'}: restored" in restored.stdout
+    assert (bot / "roles_1.json").read_bytes() == b'["mod"]'
+
+
+async def test_a_format_1_backup_still_verifies_and_restores(store):
+    await populate(store)
+    original = await snapshot(store)
+    info = await store.create_backup()
+    to_format_1(info.path)
+    assert read_manifest(info.path)["format_version"] == 1
+    assert (await store.verify_backup(info.id)).ok
+    await store.put("members", f"{GUILD}_1001", {"changed": True})
+    if has_messages(store):
+        await store.prune_messages("2024-02-01T00:00:00Z")
+    await store.restore_backup(info.id)
+    assert await snapshot(store) == original
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -262,22 +401,28 @@ CORRUPTIONS = ["flip-collection", "flip-messages", "truncate", "delete-file", "f
                "symlinked-file", "no-manifest"]
 
 
+@pytest.mark.parametrize("form", ["gzip", "format-1"])
 @pytest.mark.parametrize("damage", CORRUPTIONS)
-async def test_damaged_backup_fails_verification_and_restore_changes_nothing(store, damage, tmp_path):
+async def test_damaged_backup_fails_verification_and_restore_changes_nothing(store, damage, form, tmp_path):
     await populate(store)
     info = await store.create_backup()
+    gz = ".gz"
+    if form == "format-1":
+        to_format_1(info.path)
+        gz = ""
+    assert (await store.verify_backup(info.id)).ok
     await store.put("members", f"{GUILD}_1001", {"changed": True})
     await store.put("later", "k", {"v": 1})
     state = await snapshot(store)
     backups = [b.id for b in await store.list_backups()]
-    members = info.path / "collections" / "members.jsonl"
+    members = info.path / "collections" / f"members.jsonl{gz}"
 
     if damage == "flip-collection":
         flip_byte(members)
     elif damage == "flip-messages":
         if not has_messages(store):
             pytest.skip("this backend has no message storage")
-        flip_byte(info.path / "messages.jsonl")
+        flip_byte(info.path / f"messages.jsonl{gz}")
     elif damage == "truncate":
         members.write_bytes(members.read_bytes()[:-10])
     elif damage == "delete-file":
@@ -312,8 +457,10 @@ async def test_file_changed_after_verification_is_caught_before_commit(store):
     await store.put("members", f"{GUILD}_1001", {"changed": True})
     state = await snapshot(store)
     manifest = read_manifest(info.path)  # read while the backup was intact (as restore_backup does)
-    path = info.path / "collections" / "members.jsonl"
-    flip_byte(path, path.read_bytes().index(b'"message_count":') + 16)  # a digit: the JSON stays valid
+    path = info.path / "collections" / "members.jsonl.gz"
+    data = bytearray(content(path))
+    data[data.index(b'"message_count":') + 16] ^= 0x01  # a digit: the JSON stays valid
+    set_content(path, bytes(data))
     with pytest.raises(BackupError, match="changed since it was verified"):
         await restore_from(store, info.path, manifest, backup_id=info.id)
     assert await snapshot(store) == state
@@ -326,9 +473,9 @@ async def test_backup_with_data_the_store_refuses_restores_nothing(store):
     info = await store.create_backup()
     await store.put("members", f"{GUILD}_1001", {"changed": True})
     state = await snapshot(store)
-    path = info.path / "collections" / "spam_blocker.jsonl"
-    path.write_bytes(path.read_bytes() + b'{"key":"","doc":{"empty":"key"}}\n')
-    reseal(info.path, "collections/spam_blocker.jsonl")
+    path = info.path / "collections" / "spam_blocker.jsonl.gz"
+    set_content(path, content(path) + b'{"key":"","doc":{"empty":"key"}}\n')
+    reseal(info.path, "collections/spam_blocker.jsonl.gz")
     assert (await store.verify_backup(info.id)).ok
     with pytest.raises(BackupError, match="refuses"):
         await store.restore_backup(info.id)
@@ -337,9 +484,9 @@ async def test_backup_with_data_the_store_refuses_restores_nothing(store):
 
     if has_messages(store):
         info2 = await store.create_backup()
-        path = info2.path / "messages.jsonl"
-        path.write_bytes(path.read_bytes() + b'{"message_id":"not a snowflake","guild_id":"1"}\n')
-        reseal(info2.path, "messages.jsonl")
+        path = info2.path / "messages.jsonl.gz"
+        set_content(path, content(path) + b'{"message_id":"not a snowflake","guild_id":"1"}\n')
+        reseal(info2.path, "messages.jsonl.gz")
         with pytest.raises(BackupError, match="message_id"):
             await store.restore_backup(info2.id)
         assert await snapshot(store) == state
@@ -357,11 +504,11 @@ async def test_on_postgres_a_message_refused_late_rolls_back_the_documents_too(s
                                   "timestamp": "2024-05-01T00:00:00Z"}])
     state = await snapshot(store)
     messages_before = await all_messages(store)
-    path = info.path / "messages.jsonl"
-    last = json.loads(path.read_bytes().splitlines()[-1])
+    path = info.path / "messages.jsonl.gz"
+    last = json.loads(content(path).splitlines()[-1])
     huge = {**last, "message_id": "888888888", "reactions": 2**63}
-    path.write_bytes(path.read_bytes() + json.dumps(huge, separators=(",", ":")).encode() + b"\n")
-    reseal(info.path, "messages.jsonl")
+    set_content(path, content(path) + json.dumps(huge, separators=(",", ":")).encode() + b"\n")
+    reseal(info.path, "messages.jsonl.gz")
     assert (await store.verify_backup(info.id)).ok
     with pytest.raises(BackupError, match="nothing was restored"):
         await store.restore_backup(info.id)
@@ -508,7 +655,8 @@ async def test_retention_on_disk_prunes_only_after_a_verified_backup(store, stor
     assert [b.id for b in await store.list_backups()] == [ids[4], newest.id]
     assert await store.prune_backups(keep_days=1) == []  # all younger than a day
     future = datetime.now(timezone.utc) + timedelta(days=10)
-    assert [b.id for b in prune_backup_dir(backup_dir, None, 5, now=future)] == [ids[4]]
+    assert [b.id for b in prune_backup_dir(backup_dir, None, 5, now=future, source=store_source(store.config))] \
+        == [ids[4]]
     assert [b.id for b in await store.list_backups()] == [newest.id]
     assert (backup_dir / "20000101_000000" / "members.json").exists() and (backup_dir / "notes.txt").exists()
     assert "manifest.json is missing" in verify_backup_dir(backup_dir, "20000101_000000").problems[0]
@@ -694,6 +842,10 @@ async def test_command_line(store, store_config, tmp_path):
                                    "--backup-dir", store_config.backup_dir)
     assert into.returncode == 0 and "restored backup" in into.stdout, into.stderr
 
+    # the restore --into made a safety backup of the *other* store in this folder: it does not count here
+    await asyncio.to_thread(run_cli, "backup", "create", *where)
+    pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "2", *where)
+    assert pruned.returncode == 0 and "removed 0 backup(s)" in pruned.stdout, pruned.stdout
     await asyncio.to_thread(run_cli, "backup", "create", *where)
     pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "2", *where)
     assert pruned.returncode == 0 and "removed 1 backup(s)" in pruned.stdout
@@ -703,9 +855,9 @@ async def test_command_line(store, store_config, tmp_path):
     assert backup_id not in [line.split()[0] for line in listed.stdout.splitlines()]
 
     newest = (await asyncio.to_thread(run_cli, "backup", "list", *where)).stdout.splitlines()[-1].split()[0]
-    flip_byte(Path(store_config.backup_dir) / newest / "collections" / "members.jsonl")
+    flip_byte(Path(store_config.backup_dir) / newest / "collections" / "members.jsonl.gz")
     broken = await asyncio.to_thread(run_cli, "backup", "verify", *where)
-    assert broken.returncode == 1 and "FAILED" in broken.stdout and "sha256" in broken.stdout
+    assert broken.returncode == 1 and "FAILED" in broken.stdout and "members.jsonl.gz" in broken.stdout
 
     bad = await asyncio.to_thread(run_cli, "restore", "../../etc", *where)
     assert bad.returncode == 1 and "not a backup id" in bad.stderr
@@ -756,3 +908,115 @@ async def test_a_malformed_manifest_is_reported_not_crashed_on(store):
             await store.restore_backup(info.id)
         assert await store.list_backups() == []
     assert await store.get("c", "k") == {"v": 1}
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# sources: retention per store (issue 12)
+async def test_manifest_records_the_source_store_and_never_a_password(store_config, tmp_path):
+    config = store_config
+    if config.backend == "postgres":  # trust auth accepts any password: the DSN carries one all the same
+        config = dataclasses.replace(config, dsn=str(config.dsn).replace("postgresql://postgres@",
+                                                                         "postgresql://postgres:S3cret%23PW@"))
+        assert "S3cret" in str(config.dsn)
+    async with storage.open_store(config=config) as store:
+        await store.put("c", "k", {"v": 1})
+        info = await store.create_backup()  # type: ignore[attr-defined]
+    manifest = read_manifest(info.path)
+    expected = store_source(config)
+    assert manifest["source"]["store"] == expected == info.source
+    if config.backend == "json":
+        assert expected == {"backend": "json", "path": os.path.realpath(config.path)}
+    else:
+        assert set(expected) == {"backend", "host", "port", "database", "search_path"}
+        assert expected["host"] == "127.0.0.1" and expected["port"] == "5432"
+    for path in info.path.rglob("*"):
+        if path.is_file():
+            assert b"S3cret" not in path.read_bytes(), path
+    listed = await asyncio.to_thread(run_cli, "backup", "list", "--backup-dir", config.backup_dir)
+    assert describe_source(expected) in listed.stdout and "S3cret" not in listed.stdout
+
+
+async def test_retention_prunes_only_the_same_stores_backups(store, store_config, tmp_path):
+    """The typo case: an empty store (another folder) backed up into the same folder with --keep 1."""
+    await populate(store)
+    ours = [(await store.create_backup()).id for _ in range(3)]
+    typo = json_config(tmp_path / "reall", store_config.backup_dir)
+    async with storage.open_store(config=typo) as empty:
+        theirs = [(await empty.create_backup(keep=1)).id for _ in range(3)]  # type: ignore[attr-defined]
+        assert [b.id for b in await empty.list_backups()] == ours + theirs[-1:]  # type: ignore[attr-defined]
+    # and the other way round: our retention never touches their backup
+    newest = await store.create_backup(keep=2)
+    assert [b.id for b in await store.list_backups()] == [ours[-1], theirs[-1], newest.id]
+    where = store_args(store_config)
+    listed = await asyncio.to_thread(run_cli, "backup", "list", *where)
+    assert listed.returncode == 0
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert describe_source(store_source(typo)) in lines[theirs[-1]]
+    assert describe_source(store_source(store_config)) in lines[newest.id]
+    pruned = await asyncio.to_thread(run_cli, "backup", "prune", "--keep", "1", *where)
+    assert pruned.returncode == 0 and f"removed 1 backup(s) of {describe_source(store_source(store_config))}" \
+        in pruned.stdout, pruned.stdout
+    assert [b.id for b in await store.list_backups()] == [theirs[-1], newest.id]
+
+
+async def test_an_emptied_store_never_prunes_its_last_backup_holding_data(store):
+    await store.put("c", "k", {"v": 1})
+    with_data = await store.create_backup()
+    await store.delete("c", "k")
+    for _ in range(3):
+        last = await store.create_backup(keep=1)
+    assert [b.id for b in await store.list_backups()] == [with_data.id, last.id]
+
+
+async def test_old_manifests_derive_their_source_or_are_never_pruned(store, store_config):
+    await store.put("c", "k", {"v": 1})
+    old, unknown, *_ = [await store.create_backup() for _ in range(4)]
+    for info, strip in ((old, "store"), (unknown, "source")):
+        manifest = read_manifest(info.path)
+        if strip == "store":
+            del manifest["source"]["store"]  # as written before the field existed: location only
+        else:
+            del manifest["source"]
+        del manifest["checksum"]
+        (info.path / MANIFEST_NAME).unlink()
+        write_manifest(info.path, manifest)
+    infos = {b.id: b for b in await store.list_backups()}
+    assert infos[old.id].source == store_source(store_config)  # derived from the old "location"
+    assert infos[unknown.id].source is None
+    await store.prune_backups(keep=1)
+    assert [b.id for b in await store.list_backups()][:1] == [unknown.id] and len(await store.list_backups()) == 2
+    listed = await asyncio.to_thread(run_cli, "backup", "list", *store_args(store_config))
+    assert "unknown" in next(line for line in listed.stdout.splitlines() if line.startswith(unknown.id))
+
+
+async def test_open_store_with_explicit_arguments_follows_STORAGE_BACKUP_DIR(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STORAGE_BACKUP_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("STORAGE_BACKUP_KEEP", "2")
+    async with storage.open_store(backend="json", path=tmp_path / "data") as store:
+        await store.put("c", "k", {"v": 1})
+        info = await store.create_backup()  # type: ignore[attr-defined]
+        assert store.config.backup_keep == 2
+    assert info.path.parent == tmp_path / "elsewhere" and not (tmp_path / "backups").exists()
+    async with storage.open_store(backend="json", path=tmp_path / "data", backup_dir=str(tmp_path / "b2")) as s2:
+        assert s2.config.backup_dir == str(tmp_path / "b2")  # an explicit option still wins
+
+
+async def test_postgres_backups_say_where_they_go(store, store_config):
+    if store_config.backend != "postgres":
+        pytest.skip("the note is about PostgreSQL stores")
+    await store.put("c", "k", {"v": 1})
+    created = await asyncio.to_thread(run_cli, "backup", "create", *store_args(store_config))
+    assert created.returncode == 0, created.stderr
+    assert "local folder" in created.stdout and "ephemeral" in created.stdout
+
+
+def test_large_collections_are_written_in_key_order():
+    """The backup file is in key order (diffable); the keys are sorted in runs merged in Python (see _sorted_keys)."""
+    import random
+
+    from storage.backup import _sorted_keys
+
+    keys = [f"{random.randrange(10**12)}_{i}" for i in range(30_000)]
+    assert _sorted_keys(keys) == sorted(keys)
+    assert _sorted_keys(keys[:10]) == sorted(keys[:10]) and _sorted_keys([]) == []

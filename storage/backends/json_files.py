@@ -56,6 +56,7 @@ from ..errors import (
 )
 from ..fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
 from ..protocol import Document, Transaction, UpdateFn
+from . import json_restore
 from .base import BaseStore, OpsBase, apply_update
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
@@ -202,6 +203,7 @@ class JsonStore(BaseStore):
             with self._io("opening the store"):
                 self._remove_temp_files()
                 self._load()
+                json_restore.recover(self.path, self._data, at_open=True)  # finish or undo a crashed restore
                 untrusted = {name: crc for name, (_sig, crc) in self._files.items()
                              if name not in self._journal.snapshots}
                 if untrusted:  # e.g. the seed's own members.json: record its checksum (see _check_edit)
@@ -395,6 +397,8 @@ class JsonStore(BaseStore):
             try:
                 with self._io("catching up with the journal"):
                     self._catch_up_locked()
+                    if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
+                        json_restore.recover(self.path, self._data)
                 yield
             finally:
                 self._holding = False

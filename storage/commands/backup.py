@@ -20,7 +20,8 @@ from typing import Any
 
 from .. import open_store
 from ..backup import list_backup_entries, prune_backup_dir
-from ..backup_format import BackupInfo, verify_backup_dir
+from ..backup_format import BackupInfo, read_manifest, verify_backup_dir
+from ..backup_source import describe_source, store_source
 from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
 from ..copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
@@ -43,6 +44,9 @@ def register(sub: Any) -> None:
     _store_options(create)
     _retention_options(create)
     create.add_argument("--label", help="a note stored in the manifest (shown by 'backup list')")
+    create.add_argument("--extra", action="append", default=[], metavar="PATH_OR_GLOB",
+                        help="also back up these files outside the data folder (repeatable; added to "
+                             "$STORAGE_BACKUP_EXTRA), e.g. --extra 'message*.json' --extra 'roles*.json'")
     create.set_defaults(func=run_create)
 
     listing = actions.add_parser("list", help="the backups in the backup folder, oldest first")
@@ -97,7 +101,8 @@ def _config(args: argparse.Namespace) -> StoreConfig:
     env = StoreConfig.from_env()
     config = config_from_args(args)
     return dataclasses.replace(config, backup_dir=getattr(args, "backup_dir", None) or env.backup_dir,
-                               backup_keep=env.backup_keep)
+                               backup_keep=env.backup_keep,
+                               backup_extra=(*env.backup_extra, *getattr(args, "extra", [])))
 
 
 def location_config(location: str, *, backup_dir: str | None = None) -> StoreConfig:
@@ -127,8 +132,9 @@ def _size(n: float) -> str:
 
 def _describe(info: BackupInfo) -> str:
     messages = f", {info.messages} messages" if info.messages is not None else ""
-    return (f"{sum(info.counts.values())} documents in {len(info.counts)} collections{messages}, "
-            f"{_size(info.size_bytes)}")
+    files = f", {len(info.files)} files" if info.files else ""
+    return (f"{sum(info.counts.values())} documents in {len(info.counts)} collections{messages}{files}, "
+            f"{_size(info.size_bytes)} ({_size(info.raw_bytes)} uncompressed)")
 
 
 def _print_counts(info: BackupInfo) -> None:
@@ -136,6 +142,18 @@ def _print_counts(info: BackupInfo) -> None:
         print(f"  {name:<32} {count:>12}")
     if info.messages is not None:
         print(f"  {'(messages)':<32} {info.messages:>12}")
+
+
+def _print_files(info: BackupInfo, skipped: dict[str, str]) -> None:
+    """What the backup holds besides the data (the CLI summary must say what was included, and what was not)."""
+    if info.files:
+        print(f"  files ({len(info.files)}, byte for byte):")
+        for name, size in sorted(info.files.items()):
+            print(f"    {name}  ({_size(size)})")
+    else:
+        print("  files: none besides the data")
+    for name, why in sorted(skipped.items()):
+        print(f"  not included: {name}: {why}")
 
 
 async def run_create(args: argparse.Namespace) -> int:
@@ -150,9 +168,14 @@ async def run_create(args: argparse.Namespace) -> int:
     print(f"backup {info.id} created and verified in {time.monotonic() - started:.1f}s: {info.path}")
     print(f"  from {config.describe()}; {_describe(info)}; migration version {info.migration_version or '-'}")
     _print_counts(info)
+    _print_files(info, read_manifest(info.path).get("skipped_files") or {})
     pruned = sorted(before - after)
     if pruned:
-        print(f"retention removed {len(pruned)} backup(s): {', '.join(pruned)}")
+        print(f"retention removed {len(pruned)} backup(s) of this store: {', '.join(pruned)}")
+    if config.backend == "postgres":
+        print(f"note: backups of a PostgreSQL store are written to the local folder {info.path.parent.absolute()}"
+              " (STORAGE_BACKUP_DIR / --backup-dir). On Railway and other containers that folder is ephemeral: "
+              "point it at a mounted volume, or copy each backup elsewhere.")
     return 0
 
 
@@ -162,16 +185,17 @@ async def run_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no backups in {backup_dir}")
         return 0
-    print(f"{'ID':<20} {'CREATED (UTC)':<20} {'FROM':<9} {'DOCUMENTS':>10} {'MESSAGES':>10} {'SIZE':>10}  "
-          f"{'MIGRATION':<10} LABEL")
+    print(f"{'ID':<20} {'CREATED (UTC)':<20} {'DOCUMENTS':>10} {'MESSAGES':>10} {'SIZE':>10}  "
+          f"{'MIGRATION':<10} SOURCE STORE / LABEL")
     for backup_id, info in entries:
         if isinstance(info, BackupError):
             print(f"{backup_id:<20} UNREADABLE: {info}")
             continue
         messages = str(info.messages) if info.messages is not None else "-"
-        print(f"{backup_id:<20} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.backend:<9} "
+        source = f"{info.backend} {describe_source(info.source)}"
+        print(f"{backup_id:<20} {info.created_at:%Y-%m-%d %H:%M:%S}  "
               f"{sum(info.counts.values()):>10} {messages:>10} {_size(info.size_bytes):>10}  "
-              f"{info.migration_version or '-':<10} {info.label or ''}")
+              f"{info.migration_version or '-':<10} {source}" + (f"  ({info.label})" if info.label else ""))
     return 0
 
 
@@ -201,10 +225,13 @@ async def run_prune(args: argparse.Namespace) -> int:
     if keep is None and args.keep_days is None:
         print("nothing to do: give --keep N and/or --keep-days D (or set STORAGE_BACKUP_KEEP)")
         return 2
+    source = store_source(config)
     removed = await asyncio.to_thread(prune_backup_dir, Path(config.backup_dir), keep, args.keep_days,
-                                      dry_run=args.dry_run)
+                                      dry_run=args.dry_run, source=source)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} backup(s)" + (": " + ", ".join(b.id for b in removed) if removed else ""))
+    print(f"{verb} {len(removed)} backup(s) of {describe_source(source)}"
+          + (": " + ", ".join(b.id for b in removed) if removed else "")
+          + " (backups of other stores in the folder are not counted nor removed)")
     return 0
 
 
@@ -228,6 +255,8 @@ async def run_restore(args: argparse.Namespace) -> int:
         current, backup = report.messages
         print(f"  messages: {current} now, {backup} in the backup" + (" (all replaced)" if not args.dry_run else ""))
     print(f"  {report.changed} document(s) " + ("would change" if report.dry_run else "changed"))
+    for name, what in sorted(report.files.items()):
+        print(f"  file {name}: {what}")
     return 0
 
 

@@ -1,0 +1,48 @@
+"""Heavy work off the event loop: a bot's gateway heartbeat and command replies share the loop with its storage.
+
+Backups, restores and copies walk every record (encode, hash, compress); done inline, a 100k-member collection held
+the loop for about a second. They instead hand the work to a worker thread in chunks: the loop only collects a
+chunk (a few ms) and awaits the thread, and a thread running Python code gives the GIL back every switch interval
+(5 ms), so the loop keeps ticking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any, TypeVar
+
+__all__ = ["off_loop", "chunks", "CHUNK_RECORDS"]
+
+T = TypeVar("T")
+#: Records handed to a worker thread at a time: collecting them on the loop costs a few ms at most.
+CHUNK_RECORDS = 2000
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread. If the caller is cancelled, this waits for the thread to finish before
+    re-raising: whatever the thread writes to (a backup file, a digest) is never closed or released under it."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # the thread's own error: the cancellation is what the caller sees
+                break
+        raise
+
+
+async def chunks(items: AsyncIterable[T], size: int = CHUNK_RECORDS) -> AsyncIterator[list[T]]:
+    """The items of ``items`` in lists of ``size`` (the last one shorter)."""
+    chunk: list[T] = []
+    async for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
