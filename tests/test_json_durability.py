@@ -263,9 +263,10 @@ async def test_read_only_open_serves_reads_refuses_writes_and_changes_nothing(fo
                       ro.record_messages([]), ro.prune_messages("2030-01-01T00:00:00Z")):
             with pytest.raises(ReadOnlyError):
                 await write
-        with pytest.raises(ReadOnlyError):
-            async with ro.transaction():
-                pass
+        async with ro.transaction() as tx:  # a consistent view (backups and copies read through one)
+            assert await tx.count("settings") == 3
+            with pytest.raises(ReadOnlyError):
+                await tx.put("settings", "5", {})
         with pytest.raises(ReadOnlyError):
             await ro.compact()
     assert tree_digest(folder) == before
@@ -448,3 +449,36 @@ async def test_a_reader_that_slept_through_two_compactions_reloads(folder):
     finally:
         await writer.close()
         await reader.close()
+
+
+def test_backup_create_and_copy_from_never_change_the_source(folder, tmp_path):
+    """Both open the source read-only: a crashed bot's pending journal is not compacted, nothing is cut or locked."""
+    async def crashed_bot() -> None:
+        store = await JsonStore.open(cfg(folder))
+        await store.put_many("settings", {f"g{i}": {"prefix": "!"} for i in range(20)})
+        await store.save_member_data(1, 2, {"roles": ["a"]})
+        store._journal.close()  # the process dies: no close(), no compaction
+        store._flock.close()
+        store._closed = True
+
+    asyncio.run(crashed_bot())
+    before = tree_digest(folder)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "PG", "DB_", "STORAGE_"))}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "storage", *args], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=tmp_path)
+
+    made = cli("backup", "create", "--path", str(folder), "--backup-dir", str(tmp_path / "bk"))
+    assert made.returncode == 0, made.stdout + made.stderr
+    copied = cli("copy", "--from", str(folder), "--to", str(tmp_path / "copy"))
+    assert copied.returncode == 0, copied.stdout + copied.stderr
+    assert tree_digest(folder) == before
+
+    async def check_copy() -> None:
+        async with storage.open_store(config=cfg(tmp_path / "copy")) as target:
+            assert await target.count("settings") == 20
+            assert await target.get_member_data(1, 2) == {"roles": ["a"]}
+
+    asyncio.run(check_copy())

@@ -165,13 +165,19 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
         self._guard_read()
         if self.config.read_only:
             raise ReadOnlyError(f"the {self.backend_name} store was opened read-only: writes are refused")
+        self._guard_no_transaction()
+
+    def _guard_no_transaction(self) -> None:
         if id(self) in _open_transactions.get():
             raise TransactionError(
                 "this store has a transaction open in the current task: write through the transaction object "
                 "(`async with store.transaction() as tx: await tx.put(...)`), not the store, or it would deadlock")
 
     def _enter_transaction(self) -> contextvars.Token[frozenset[int]]:
-        self._guard_write()
+        """A read-only store has transactions too (a consistent view for backups and copies); writing in one
+        raises :class:`ReadOnlyError`."""
+        self._guard_read()
+        self._guard_no_transaction()
         return _open_transactions.set(_open_transactions.get() | {id(self)})
 
     @staticmethod

@@ -710,7 +710,6 @@ class JsonStore(BaseStore):
         """
         token = self._enter_transaction()
         try:
-            self._check_usable()
             async with self._locked():
                 await self._trust_journal()
                 tx = JsonTransaction(self)
@@ -787,7 +786,9 @@ class JsonTransaction(OpsBase):
             raise DatabaseError("the transaction is finished")
         self._store._guard_read()
 
-    _guard_write = _guard_read
+    def _guard_write(self) -> None:
+        self._guard_read()
+        self._store._check_usable()  # a read-only store's transaction only reads
 
     def _finish(self) -> list[Op]:
         self._active = False

@@ -58,7 +58,14 @@ import orjson
 from ..cache import DatabaseCache
 from ..config import StoreConfig
 from ..dsn import mask_secrets
-from ..errors import ConnectionError, DatabaseError, StoreClosedError, TransactionError, ValidationError
+from ..errors import (
+    ConnectionError,
+    DatabaseError,
+    ReadOnlyError,
+    StoreClosedError,
+    TransactionError,
+    ValidationError,
+)
 from ..protocol import Document, Transaction, UpdateFn
 from . import pg_documents as sql
 from .base import BaseStore, OpsBase
@@ -496,7 +503,10 @@ class PgTransaction(OpsBase):
             raise DatabaseError("the transaction is finished")
         self._store._guard_read()
 
-    _guard_write = _guard_read
+    def _guard_write(self) -> None:
+        self._guard_read()
+        if self._store.config.read_only:
+            raise ReadOnlyError("the postgres store was opened read-only: its transactions only read")
 
     def _finish(self) -> None:
         self._active = False

@@ -160,7 +160,8 @@ async def run_create(args: argparse.Namespace) -> int:
     config = _config(args)
     require_store(config)  # a typo in --path must not back up an empty new folder (and prune real backups)
     started = time.monotonic()
-    async with open_store(config=config) as store:
+    # read-only: no lock, no compaction, so a backup works on a read-only medium and never changes the store
+    async with open_store(config=dataclasses.replace(config, read_only=True)) as store:
         before = {b.id for b in await store.list_backups()}  # type: ignore[attr-defined]
         info: BackupInfo = await store.create_backup(  # type: ignore[attr-defined]
             keep=args.keep, keep_days=args.keep_days, label=args.label, progress=TerminalProgress())
@@ -265,6 +266,7 @@ async def run_copy(args: argparse.Namespace) -> int:
     target_config = location_config(args.target)
     # A typo'd source would copy nothing, and with --overwrite empty the target: it must hold a store.
     await asyncio.to_thread(require_store, source_config)
+    source_config = dataclasses.replace(source_config, read_only=True)  # copying never changes the source
     async with open_store(config=source_config) as source, open_store(config=target_config) as target:
         try:
             report = await copy(source, target, overwrite=args.overwrite, batch_size=args.batch_size,
