@@ -43,6 +43,7 @@ class MembersMixin:
         Each update is ``{"user_id", "guild_id", "data"}``. Malformed ones are skipped and logged (the seed's
         documented behaviour), so one bad row from a bulk import does not block the rest.
         """
+        self._guard_write()  # closed, or inside the store's own transaction: refused before any work
         items: list[tuple[str, bytes]] = []
         for index, update in enumerate(updates):
             try:

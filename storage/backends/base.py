@@ -157,16 +157,21 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
     def closed(self) -> bool:
         return self._closed
 
-    def _guard_read(self) -> None:
+    def _guard_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"the {self.backend_name} store is closed")
 
-    def _guard_write(self) -> None:
-        self._guard_read()
+    def _guard_read(self) -> None:
+        """Every call on the store, read or write, is refused inside the current task's own transaction: the
+        transaction holds what the call would wait for (the JSON store's lock, a PostgreSQL connection of a pool
+        that may have no other free), so it could only deadlock or, on PostgreSQL, read around the transaction."""
+        self._guard_open()
         if id(self) in _open_transactions.get():
             raise TransactionError(
-                "this store has a transaction open in the current task: write through the transaction object "
-                "(`async with store.transaction() as tx: await tx.put(...)`), not the store, or it would deadlock")
+                "this store has a transaction open in the current task: call the transaction object "
+                "(`async with store.transaction() as tx: await tx.get(...)`), not the store, or it would deadlock")
+
+    _guard_write = _guard_read
 
     def _enter_transaction(self) -> contextvars.Token[frozenset[int]]:
         self._guard_write()

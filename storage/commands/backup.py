@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,10 @@ from ..backup_format import BackupInfo, verify_backup_dir
 from ..cli import add_store_options, config_from_args
 from ..config import StoreConfig
 from ..copy import DEFAULT_BATCH_SIZE, copy
-from ..errors import BackupError, ValidationError
+from ..errors import BackupError
 from ..progress import TerminalProgress
 
 __all__ = ["register", "location_config"]
-
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def register(sub: Any) -> None:
@@ -100,17 +97,10 @@ def _config(args: argparse.Namespace) -> StoreConfig:
 
 
 def location_config(location: str, *, backup_dir: str | None = None) -> StoreConfig:
-    """A ``--from``/``--to``/``--into`` location as a store config: a URL is PostgreSQL, anything else a folder."""
-    extra: dict[str, Any] = {"source": "command line"}
-    if backup_dir is not None:
-        extra["backup_dir"] = backup_dir
-    if _URL_RE.match(location):
-        scheme = location.split("://", 1)[0].lower()
-        if scheme not in ("postgres", "postgresql"):
-            raise ValidationError(f"unsupported URL scheme {scheme!r}: use postgresql://... or a folder path",
-                                  field="location")
-        return StoreConfig(backend="postgres", dsn=location, **extra)
-    return StoreConfig(backend="json", path=location, **extra)
+    """A ``--from``/``--to``/``--into`` location as a store config: a URL is PostgreSQL, anything else a folder.
+    Every other setting (pool sizes, ``STORAGE_PGBOUNCER``, timeouts...) comes from the environment."""
+    config = StoreConfig.for_location(location)
+    return config if backup_dir is None else dataclasses.replace(config, backup_dir=backup_dir)
 
 
 def _size(n: float) -> str:
