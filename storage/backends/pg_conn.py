@@ -27,9 +27,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
+
 from ..errors import DatabaseError
 
-__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "abandons", "configure_socket", "transaction"]
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "abandon", "abandons", "configure_socket",
+           "transaction"]
 
 log = logging.getLogger("storage.postgres")
 
@@ -66,6 +69,15 @@ def abandons(exc: BaseException | None) -> bool:
     return isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)) and not isinstance(exc, DatabaseError)
 
 
+def abandon(conn: Any) -> None:
+    """Close ``conn``'s socket without a word to the server. Idempotent: a pooled connection that was terminated
+    already went back to its pool by itself, and its proxy then refuses every call."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass
+
+
 @asynccontextmanager
 async def transaction(conn: Any, **options: Any) -> AsyncIterator[None]:
     """``conn.transaction(**options)`` (a savepoint when one is open already) that, when the block is cancelled or
@@ -76,12 +88,12 @@ async def transaction(conn: Any, **options: Any) -> AsyncIterator[None]:
         yield
     except BaseException as exc:
         if abandons(exc):
-            conn.terminate()
+            abandon(conn)
         else:
             try:
                 await xact.rollback()
             except Exception as rollback_exc:  # the connection is gone: the server rolls back by itself
                 log.debug("rollback failed (%s): terminating the connection", rollback_exc)
-                conn.terminate()
+                abandon(conn)
         raise
     await xact.commit()

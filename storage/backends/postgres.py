@@ -343,7 +343,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                     tx._finish()
                     self._reset_after(conn, tx)
                     if pg_conn.abandons(exc) or tx._abandoned:  # a ROLLBACK could wait forever on a frozen server
-                        conn.terminate()
+                        pg_conn.abandon(conn)
                     else:
                         await self._rollback(xact)
                     raise
@@ -452,7 +452,7 @@ class _Borrowed:
                 if usable:
                     conn.remove_termination_listener(store._lane_lost)
                     if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
-                        conn.terminate()  # see below
+                        pg_conn.abandon(conn)  # see below
                 await _release(store, conn, store._lane_pid, clean=exc is None and idle)
             finally:
                 store._lane_busy = False
@@ -465,7 +465,7 @@ class _Borrowed:
                 # MagicStack/asyncpg#784), or the operation was cancelled or timed out, and the connection may be
                 # waiting on a server that does not answer (see pg_conn.py): the pool must never hand this
                 # connection out again, nor wait on it.
-                self._conn.terminate()
+                pg_conn.abandon(self._conn)
             try:
                 await self._acquire.__aexit__(exc_type, exc, tb)
             except DRIVER_ERRORS as release_exc:
@@ -554,7 +554,7 @@ class PgTransaction(OpsBase):
                     # Cancelled or timed out mid-statement: PostgreSQL aborts the transaction anyway, and waiting
                     # for it to say so could take forever on a frozen server (see pg_conn.py).
                     self._failed, self._abandoned = exc, True
-                    self._connection.terminate()
+                    pg_conn.abandon(self._connection)
                 elif is_driver_error(exc):
                     self._failed = exc
                 if is_driver_error(exc):

@@ -170,10 +170,9 @@ class AdvisoryMigrationLock(MigrationLock):
         conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
         if conn is None:
             return
-        conn.remove_termination_listener(self._connection_lost)
-        if self._lost:
-            await self._discard(conn)
+        if self._lost:  # the session ended, and asyncpg has given the connection back to the pool already
             return
+        conn.remove_termination_listener(self._connection_lost)
         try:
             if tx is not None:
                 await tx.rollback()
