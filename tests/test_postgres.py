@@ -638,6 +638,6 @@ async def test_scan_streams_with_a_cursor(pg_store: PostgresStore):
             async with pg_store.pool.acquire() as conn:
                 scanning = await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = current_setting("
-                    "'application_name') AND state = 'idle in transaction' AND query LIKE '%FROM storage_messages%'")
+                    "'application_name') AND state = 'idle in transaction' AND query LIKE '%FROM storage_scan%'")
             assert scanning == 1
     assert seen == 5000

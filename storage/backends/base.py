@@ -14,7 +14,7 @@ from typing import Any
 
 from ..analytics import AnalyticsMixin
 from ..backup import BackupMixin
-from ..codec import check_collection, check_key, decode_doc, encode_doc
+from ..codec import check_collection, check_key, decode_doc, encode_doc, shown
 from ..config import StoreConfig
 from ..errors import StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
@@ -39,7 +39,7 @@ def normalize_items(items: Items) -> list[tuple[str, bytes]]:
         try:
             out.append((check_key(key), encode_doc(doc)))
         except ValidationError as exc:
-            raise ValidationError(f"item #{index} ({key!r}): {exc}", field=exc.field) from exc
+            raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
     return out
 
 

@@ -255,6 +255,25 @@ def _columns_block(rows: Sequence[Any], ids: _IdTexts,
                           [ids[row[2]] for row in rows], [row[3] for row in rows], topics)
 
 
+async def _cursor_blocks(conn: Any, query: str, args: Sequence[Any], size: int) -> AsyncIterator[list[Any]]:
+    """The rows of ``query``, ``size`` at a time, through a server-side cursor in ``conn``'s open transaction: memory
+    stays flat however many rows match.
+
+    An SQL cursor (``DECLARE`` + ``FETCH``), not asyncpg's ``conn.cursor()``: that one always prepares a *named*
+    statement (``__asyncpg_stmt_N__``, numbered per client connection), which behind a transaction pooler collides
+    with another client's on the shared server connection (``DuplicatePreparedStatementError``, seen in
+    ``copy --from`` and backups through PgBouncer even with ``STORAGE_PGBOUNCER=1``). These statements are unnamed.
+    """
+    await conn.execute(f"DECLARE storage_scan NO SCROLL CURSOR FOR {query}", *args)
+    fetch = f"FETCH {int(size)} FROM storage_scan"
+    while True:
+        rows: list[Any] = await conn.fetch(fetch)
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+
+
 class PgMessagesMixin:
     """The message primitives and SQL queries of :class:`storage.backends.postgres.PostgresStore`."""
 
@@ -387,8 +406,9 @@ class PgMessagesMixin:
                 conn, readonly=True, isolation="repeatable_read" if snapshot else None):
             if snapshot is not None:  # a utility statement: no parameters, hence the check of the id above
                 await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            async for row in conn.cursor(query, *args, prefetch=2000):
-                yield to_record(row)
+            async for rows in _cursor_blocks(conn, query, args, 2000):
+                for row in rows:
+                    yield to_record(row)
 
     async def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
                                     until: datetime | None) -> AsyncIterator[MessageColumns]:
@@ -400,13 +420,8 @@ class PgMessagesMixin:
         ids = _IdTexts()
         combos: dict[tuple[str, ...], tuple[str, ...]] = {}
         async with self._connection("scanning messages") as conn, pg_conn.transaction(conn, readonly=True):
-            cursor = await conn.cursor(query, *args)
-            while True:
-                rows = await cursor.fetch(COLUMN_BLOCK)
-                if rows:
-                    yield _columns_block(rows, ids, combos)
-                if len(rows) < COLUMN_BLOCK:
-                    return
+            async for rows in _cursor_blocks(conn, query, args, COLUMN_BLOCK):
+                yield _columns_block(rows, ids, combos)
 
     # -- queries in SQL ------------------------------------------------------------------------------------------
     async def _aggregate(self, what: str, template: str | Callable[[Any], str], guild_id: Any, since: TimeBound,

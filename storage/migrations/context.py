@@ -86,6 +86,11 @@ class MigrationContext(MembersMixin):
     def _close(self) -> None:
         self._active = False
 
+    def _guard_write(self) -> None:
+        """What the written-once member calls check first (MembersMixin.batch_update_members); the transaction
+        checks itself when written to."""
+        self._check()
+
     # -- the document methods ----------------------------------------------------------------------------------------
     async def get(self, collection: str, key: str, default: Any = None) -> Any:
         self._check()
