@@ -16,8 +16,15 @@ How it maps the contract:
 
 Documents in jsonb
     jsonb keeps what JSON means, not how it was spelled: a document reads back equal (``==``) to what was
-    written, but its keys come back in jsonb's order (shorter keys first), and a float with an integral value of
-    1e16 or more (which orjson writes as ``1e16``) comes back as the equal ``int``.
+    written, but its keys come back in jsonb's order (shorter keys first). Numbers jsonb would give back in
+    another form (``-0.0``, floats of 1e16 or more) are already stored in that form, on both backends (see
+    storage/codec.py), so they read back identical.
+
+Bounded waits
+    Every statement and every wait for a pooled connection ends after ``config.command_timeout``; connections have
+    TCP keepalives; a cancelled or timed-out operation terminates its connection instead of waiting on a server
+    that may never answer. See pg_conn.py. A store call from inside the task's own transaction is refused
+    (base.py ``_guard_read``): it would wait for a connection the transaction may hold the last of.
 
 Reads by key and the cache
     ``get`` goes through a :class:`storage.DatabaseCache` with ``ttl = config.cache_ttl`` (``STORAGE_CACHE_TTL``;
