@@ -24,6 +24,7 @@ import pytest
 import storage
 from storage import StoreConfig
 from storage.migrations import Migration, Migrator
+from storage.migrations.locking import lock_for
 from tests._pg import Cluster, with_params
 
 pytestmark = pytest.mark.slow
@@ -212,3 +213,41 @@ async def test_losing_the_migration_locks_connection_stops_the_migration(store: 
     assert await store.get("things", "migrated") is None
     assert [m.version for m in await migrator.plan()] == ["1.1.0"]  # not recorded as applied
     assert await migrator.validate() == []
+
+
+class _FreezesItsLock(Migration):
+    """Stops the lock session's backend (a frozen server process that still holds the lock): the step is safe to
+    commit, and giving the lock back afterwards must not wait for the frozen session."""
+
+    def __init__(self, freezer: Freezer) -> None:
+        super().__init__("1.1.0", "freezes its lock's session")
+        self.freezer = freezer
+
+    async def up(self, ctx: Any) -> None:
+        await ctx.put("things", "migrated", {"v": 1})
+        conn = await asyncpg.connect(self.freezer.cluster.dsn())
+        try:
+            pids = [row["pid"] for row in await conn.fetch(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid IN (SELECT pid FROM pg_stat_activity WHERE application_name = $1)", APP)]
+        finally:
+            await conn.close()
+        assert len(pids) == 1
+        self.freezer.stopped.add(pids[0])
+        os.kill(pids[0], signal.SIGSTOP)
+
+    async def down(self, ctx: Any) -> None:
+        await ctx.delete("things", "migrated")
+
+
+async def test_a_frozen_migration_lock_session_still_holds_the_lock_and_is_abandoned_after(store: Any,
+                                                                                          freezer: Freezer):
+    migrator = Migrator(store, [_FreezesItsLock(freezer)])
+    run = await asyncio.wait_for(migrator.upgrade(backup=False), HANG)
+    assert [step.version for step in run.steps] == ["1.1.0"]
+    assert await store.get("things", "migrated") == {"v": 1}
+    freezer.thaw()  # the abandoned session ends when its backend runs again, and the lock with it
+    assert await migrator.plan() == []
+    lock = lock_for(store)
+    assert await lock.acquire(HANG)
+    await lock.release()
