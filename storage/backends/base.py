@@ -152,6 +152,7 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._closed = False
+        self._transactions_open = 0  # in any task: only then can the current one be in one (a cheap first test)
 
     @property
     def closed(self) -> bool:
@@ -166,7 +167,7 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
         transaction holds what the call would wait for (the JSON store's lock, a PostgreSQL connection of a pool
         that may have no other free), so it could only deadlock or, on PostgreSQL, read around the transaction."""
         self._guard_open()
-        if id(self) in _open_transactions.get():
+        if self._transactions_open and id(self) in _open_transactions.get():
             raise TransactionError(
                 "this store has a transaction open in the current task: call the transaction object "
                 "(`async with store.transaction() as tx: await tx.get(...)`), not the store, or it would deadlock")
@@ -175,10 +176,11 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
 
     def _enter_transaction(self) -> contextvars.Token[frozenset[int]]:
         self._guard_write()
+        self._transactions_open += 1
         return _open_transactions.set(_open_transactions.get() | {id(self)})
 
-    @staticmethod
-    def _leave_transaction(token: contextvars.Token[frozenset[int]]) -> None:
+    def _leave_transaction(self, token: contextvars.Token[frozenset[int]]) -> None:
+        self._transactions_open -= 1
         _open_transactions.reset(token)
 
     @abc.abstractmethod
