@@ -251,3 +251,24 @@ async def test_a_frozen_migration_lock_session_still_holds_the_lock_and_is_aband
     lock = lock_for(store)
     assert await lock.acquire(HANG)
     await lock.release()
+
+
+async def test_a_transaction_on_a_frozen_server_fails_after_the_command_timeout_and_writes_nothing(
+        store: Any, freezer: Freezer):
+    await store.put("things", "k", {"v": 1})
+    with pytest.raises(storage.ConnectionError, match="command timeout") as info:
+        async with store.transaction() as tx:
+            await tx.put("things", "k", {"v": 2})
+            await freezer.freeze()
+            await asyncio.wait_for(tx.get("things", "k"), HANG)
+    assert not isinstance(info.value.__cause__, storage.DatabaseError)
+    freezer.thaw()
+    assert await store.get("things", "k") == {"v": 1}
+    with pytest.raises(storage.TransactionError, match=r"rolled back.*timed out"):  # caught inside: cannot commit
+        async with store.transaction() as tx:
+            await tx.put("things", "k", {"v": 3})
+            await freezer.freeze()
+            with pytest.raises(storage.ConnectionError):
+                await asyncio.wait_for(tx.get("things", "k"), HANG)
+    freezer.thaw()
+    assert await store.get("things", "k") == {"v": 1}

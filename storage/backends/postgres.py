@@ -361,7 +361,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 if tx._failed is not None:
                     await self._rollback(xact)
                     raise TransactionError("the transaction was rolled back: a statement in it failed "
-                                           f"({tx._failed})") from tx._failed
+                                           f"({_describe(tx._failed)})") from tx._failed
                 try:
                     await xact.commit()
                 finally:
@@ -485,6 +485,13 @@ class _Borrowed:
             raise store._translate(exc, self._what) from exc
 
 
+def _describe(exc: BaseException) -> str:
+    """An earlier failure, for a message (a timeout's or a cancellation's own text is empty)."""
+    if pg_conn.abandons(exc):
+        return f"{type(exc).__name__}: cancelled or timed out, the connection was abandoned"
+    return str(exc) or type(exc).__name__
+
+
 async def _release(store: PostgresStore, conn: Any, pid: int, *, clean: bool) -> None:
     """Give the lane back to the pool: after trouble (``clean=False``) with the pool's full reset."""
     if not clean:
@@ -551,7 +558,8 @@ class PgTransaction(OpsBase):
     async def _use(self, what: str) -> AsyncIterator[Any]:
         async with self._lock:
             if self._failed is not None:
-                raise TransactionError(f"{what}: the transaction was aborted by an earlier error ({self._failed}); "
+                raise TransactionError(f"{what}: the transaction was aborted by an earlier error "
+                                       f"({_describe(self._failed)}); "
                                        "leave the block to roll it back") from self._failed
             self._used = True
             try:
