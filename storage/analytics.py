@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from .codec import encode_doc
+from .codec import canonical_numbers, encode_doc, shown
 from .errors import ValidationError
 from .members import MEMBERS
 from .models import MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
@@ -134,6 +134,7 @@ def _check_rest(out: MessageRecord, index: int | None, known: set[str]) -> Messa
         except ValidationError as exc:
             where = "" if index is None else f"record #{index}: "
             raise ValidationError(f"{where}{exc}", field=exc.field) from exc
+        out = canonical_numbers(out)  # -0.0, big floats: stored as PostgreSQL gives them back (see codec.py)
     return out
 
 
@@ -207,7 +208,7 @@ def checked_message(record: Any, index: int, known: set[str]) -> MessageRecord:
     except (OverflowError, ValidationError) as exc:
         raise _invalid(exc, index) from exc
     if len(out["timestamp"]) not in _TS_CANONICAL_LENGTHS or not _plain(out, known):
-        _check_rest(out, index, known)
+        out = _check_rest(out, index, known)
     return out
 
 
@@ -457,7 +458,7 @@ def _changes(message_id: str, changes: Any) -> dict[str, Any]:
     out = dict(changes)
     for name in out:
         if not isinstance(name, str):
-            raise ValidationError(f"field names must be strings, got {name!r}", field="changes")
+            raise ValidationError(f"field names must be strings, got {shown(name)}", field="changes")
     for name in ("message_id", "guild_id", "channel_id", "author_id"):
         if name in out:
             out[name] = snowflake(out[name], name)
@@ -476,8 +477,8 @@ def _merge(current: MessageRecord, changes: dict[str, Any]) -> MessageRecord:
     """``current`` with ``changes`` shallowly merged in, identity kept, re-validated."""
     for name in IMMUTABLE_FIELDS:
         if name in changes and changes[name] != current.get(name):
-            raise ValidationError(f"{name} cannot be changed by an update ({current.get(name)!r} -> "
-                                  f"{changes[name]!r}); record a new message instead", field=name)
+            raise ValidationError(f"{name} cannot be changed by an update ({shown(current.get(name))} -> "
+                                  f"{shown(changes[name])}); record a new message instead", field=name)
     return _message({**current, **changes}, None)
 
 
@@ -563,6 +564,7 @@ class AnalyticsMixin(abc.ABC):
         mid = snowflake(message_id, "message_id")
         checked = _changes(mid, changes)
         encode_doc(checked, what="changes")
+        checked = canonical_numbers(checked)  # numbers as every backend gives them back (see codec.py)
         return await self._modify_message(mid, lambda current: _merge(current, checked))
 
     async def prune_messages(self, before: str | datetime) -> int:

@@ -51,7 +51,7 @@ from typing import Any
 import orjson
 
 from .backup_source import manifest_source
-from .codec import check_collection
+from .codec import check_collection, dumps_canonical
 from .errors import BackupError, ValidationError
 from .fsutil import TEMP_MARK, fsync_dir, make_dirs, sync_fd, write_all
 from .progress import NullProgress, Progress
@@ -140,8 +140,10 @@ def canonical(doc: Mapping[str, Any]) -> bytes:
     """The one byte form of a document used in backup files and digests: compact, keys sorted.
 
     PostgreSQL's jsonb reorders keys and JSON files keep insertion order; sorting makes both give the same bytes.
+    Numbers are in the canonical form documents are stored in (``-0.0`` as ``0.0``, big integral floats as ints:
+    see storage/codec.py), so a document written before that form was enforced digests like its copy.
     """
-    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    return dumps_canonical(doc, option=orjson.OPT_SORT_KEYS)
 
 
 def trimmed(data: bytes) -> bytes:

@@ -5,20 +5,36 @@ which would silently change data between a write and the next read. PostgreSQL's
 strings. So a document is accepted only if it round-trips exactly on every backend: a ``dict`` with ``str`` keys,
 values of ``dict``/``list``/``tuple``/``str``/``int`` (64-bit)/finite ``float``/``bool``/``None``, no NUL characters.
 The fast path is one ``orjson.dumps``; a slower walk runs only when the output could hide a problem.
+
+Depth
+    orjson serializes at most :data:`MAX_DEPTH` nested containers (the document itself counts as one); a deeper
+    document raises :class:`ValidationError` naming that limit, on every write call and both backends, and nothing
+    is written. (The checks here walk at most that deep, so no document makes them hit Python's recursion limit.)
+
+Numbers in their canonical form
+    PostgreSQL's jsonb keeps a number's decimal value, not its spelling: orjson writes a float of 1e16 or more as
+    ``1e+16``, which jsonb gives back as the integer ``10000000000000000``, and ``-0.0`` comes back as ``0.0``. So
+    that a document reads back the same on both backends (and a copy between them verifies), such numbers are put
+    in that form when written, on every backend: ``-0.0`` becomes ``0.0``, and a float with an integral value of
+    magnitude 1e16 or more becomes the equal ``int`` when it is in the 64-bit range (-2**63 to 2**64-1) that ints
+    are read back in; beyond it, it stays a float, which is also what jsonb's digits read back as. Every other
+    number round-trips unchanged. :func:`canonical_numbers` and :func:`dumps_canonical` apply the same rule to
+    values read back, for digests that compare stores.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import reprlib
 from typing import Any
 
 import orjson
 
 from .errors import CorruptDataError, ValidationError
 
-__all__ = ["encode_doc", "decode_doc", "dumps_kept", "check_collection", "check_key", "MAX_KEY_LENGTH",
-           "OWN_COLLECTIONS"]
+__all__ = ["encode_doc", "decode_doc", "dumps_kept", "dumps_canonical", "canonical_numbers", "check_collection",
+           "check_key", "shown", "MAX_KEY_LENGTH", "MAX_DEPTH", "OWN_COLLECTIONS"]
 
 MAX_KEY_LENGTH = 512
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
@@ -29,6 +45,74 @@ _NULL = re.compile(rb"null")
 #: The collections the library itself defines (members, the migration ledger): a file of theirs that is not a
 #: collection is damage, never "someone else's file".
 OWN_COLLECTIONS = frozenset(("members", "_migrations", "_migration_log", "_migration_notes", "_migration_state"))
+#: The most nested containers (dicts, lists) a document may have, itself included: orjson's own limit.
+MAX_DEPTH = 254
+_BIG_FLOAT = 1e16  # from here on orjson writes floats with an exponent, which jsonb reads back as an integer
+
+
+_NEGATIVE_ZERO = re.compile(rb"-0\.0")
+_PLUS, _DOT = ord("+"), ord(".")  # find() with an int is a memchr; `b"+" in out` costs twice as much (3.11)
+
+
+def _maybe_noncanonical(out: bytes) -> bool:
+    """Whether orjson's output may hold a number that is not in its canonical form: a float written with an
+    exponent ``e+``, or ``-0.0``. A false positive (a ``+`` in a string, ``-0.05``) only costs a walk that changes
+    nothing. Single bytes first: ``+`` and ``.`` are found with a memchr, where a search for ``e+`` or ``-0.0``
+    costs as much as the rest of the encoding on digit-heavy text (measured: 38 us against 0.5 us on 42 KB)."""
+    return out.find(_PLUS) != -1 or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None)
+
+
+def _canonical_float(value: float) -> float | int:
+    if value == 0.0:
+        return value if math.copysign(1.0, value) > 0 else 0.0
+    if abs(value) >= _BIG_FLOAT and value.is_integer() and _INT_MIN <= value <= _INT_MAX:
+        return int(value)
+    return value
+
+
+def canonical_numbers(value: Any) -> Any:
+    """``value`` with every float in its canonical form (see the module doc): the same object when nothing
+    changes, else a copy of the containers on the way to what changed. Expects a value orjson can serialize (so
+    at most :data:`MAX_DEPTH` deep)."""
+    if type(value) is float:
+        return _canonical_float(value)
+    if isinstance(value, dict):
+        changed = None
+        for k, v in value.items():
+            c = canonical_numbers(v)
+            if c is not v:
+                if changed is None:
+                    changed = dict(value)
+                changed[k] = c
+        return value if changed is None else changed
+    if isinstance(value, (list, tuple)):
+        items = [canonical_numbers(v) for v in value]
+        if all(c is v for c, v in zip(items, value)):
+            return value
+        return items
+    return value
+
+
+def dumps_canonical(value: Any, option: int | None = None) -> bytes:
+    """``orjson.dumps`` with the numbers in their canonical form: the bytes a value has once stored, whichever
+    backend stored it (what backups and copies compare)."""
+    out = orjson.dumps(value, option=option)
+    if _maybe_noncanonical(out):
+        fixed = canonical_numbers(value)
+        if fixed is not value:
+            out = orjson.dumps(fixed, option=option)
+    return out
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, kept short and safe: a value nested thousands of levels deep (or that
+    contains itself) would make ``repr`` raise ``RecursionError`` instead of the error being reported."""
+    return _SHOWN.repr(value)
 
 
 def dumps_kept(value: Any, option: int | None = None) -> bytes:
@@ -66,24 +150,35 @@ def check_key(key: object) -> str:
     return key
 
 
-def _walk(value: Any, path: str) -> None:
-    """Find the exact field that orjson's output would misrepresent."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValidationError(f"{path}: {value} is not allowed in JSON (NaN/Infinity)", field=path)
-    elif isinstance(value, str):
-        if "\x00" in value:
-            raise ValidationError(f"{path}: strings must not contain NUL characters", field=path)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, str) and "\x00" in k:
-                raise ValidationError(f"{path}: keys must not contain NUL characters", field=path)
-            _walk(v, f"{path}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _walk(v, f"{path}[{i}]")
-    elif isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
-        raise ValidationError(f"{path}: integer {value} does not fit in 64 bits", field=path)
+def _walk(doc: Any, what: str) -> None:
+    """Find the exact field that orjson's output would misrepresent, or that nests too deep.
+
+    Iterative, and never deeper than :data:`MAX_DEPTH`: a document nested thousands of levels is reported like any
+    other bad field, not with a ``RecursionError`` (the walk runs exactly when orjson has refused a document).
+    """
+    stack: list[tuple[Any, str, int]] = [(doc, what, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValidationError(f"{path}: {value} is not allowed in JSON (NaN/Infinity)", field=path)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ValidationError(f"{path}: strings must not contain NUL characters", field=path)
+        elif isinstance(value, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                raise ValidationError(f"{what} is nested deeper than the limit of {MAX_DEPTH} levels (dicts and "
+                                      f"lists inside each other) at {path[:200]}{'...' if len(path) > 200 else ''}",
+                                      field=what)
+            if isinstance(value, dict):
+                for k, v in reversed(value.items()):
+                    if isinstance(k, str) and "\x00" in k:
+                        raise ValidationError(f"{path}: keys must not contain NUL characters", field=path)
+                    stack.append((v, f"{path}.{k}", depth + 1))
+            else:
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+            raise ValidationError(f"{path}: integer {value} does not fit in 64 bits", field=path)
 
 
 def encode_doc(doc: Any, *, what: str = "document") -> bytes:
@@ -106,6 +201,11 @@ def encode_doc(doc: Any, *, what: str = "document") -> bytes:
     # ``b"null" in out``, and a backslash (memchr) is rare enough to guard the second search.
     if _NULL.search(out) is not None or (b"\\" in out and b"\\u0000" in out):
         _walk(doc, what)
+    # Inline (it runs for every document) what _maybe_noncanonical says: rare, -0.0 or a float of 1e16 or more.
+    if out.find(_PLUS) != -1 or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None):
+        fixed = canonical_numbers(doc)
+        if fixed is not doc:
+            out = dumps_kept(fixed, _DUMPS_OPTS)
     return out
 
 

@@ -13,7 +13,12 @@ statement cache, for transaction poolers), ``STORAGE_BACKUP_DIR`` (default ``./b
 ``STORAGE_BACKUP_KEEP`` (how many backups retention keeps), ``STORAGE_BACKUP_EXTRA`` (files outside the data
 folder to include in backups), ``STORAGE_CACHE_TTL`` (seconds; PostgreSQL ``get``
 cache, off by default: with it on, another process's write to a key this process read recently is seen only
-after the entry expires).
+after the entry expires), ``STORAGE_COMMAND_TIMEOUT`` (seconds, default 60: the longest any one wait on the
+PostgreSQL server may take, a statement or a connection from the pool, before the call fails with
+:class:`storage.ConnectionError` and a frozen connection is abandoned).
+
+:meth:`StoreConfig.for_location` takes every one of these settings from the environment but the location, which the
+caller names (``copy --to URL``, ``restore --into URL``).
 
 A password never appears in ``repr``, logs or error messages: use :attr:`StoreConfig.safe_dsn` for display.
 """
@@ -52,17 +57,18 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str) -> float:
-    """A duration in seconds, fractions allowed (``STORAGE_CACHE_TTL=2.5``); 0 when unset."""
+def _seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool) -> float:
+    """A duration in seconds, fractions allowed (``STORAGE_CACHE_TTL=2.5``); ``zero``: whether 0 (off) is allowed."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
-        return 0.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         raise ValidationError(f"{name} must be a number of seconds, got {raw!r}", field=name) from None
-    if not math.isfinite(value) or value < 0:
-        raise ValidationError(f"{name} must be a finite number of seconds >= 0, got {raw!r}", field=name)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValidationError(f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0, got {raw!r}",
+                              field=name)
     return value
 
 
@@ -132,6 +138,7 @@ class StoreConfig:
     backup_dir: str = "backups"
     backup_keep: int | None = None
     backup_extra: tuple[str, ...] = ()
+    command_timeout: float = 60.0
     source: str = "default"
     #: Open for reading only: no write lock is taken, nothing on disk or in the database is changed, and every
     #: write raises :class:`storage.errors.ReadOnlyError` (``check``, ``backup create`` and ``copy --from`` use it).
@@ -157,6 +164,9 @@ class StoreConfig:
                 f"pool sizes must satisfy 0 <= min <= max, max >= 1 (got {self.pool_min}, {self.pool_max})",
                 field="pool_max",
             )
+        if not 0 < self.command_timeout < float("inf"):
+            raise ValidationError(f"command_timeout must be a number of seconds > 0, got {self.command_timeout!r}",
+                                  field="command_timeout")
 
     @property
     def safe_dsn(self) -> str | None:
@@ -181,14 +191,7 @@ class StoreConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StoreConfig:
         """Resolve the configuration from ``environ`` (default ``os.environ``); see the module docstring."""
         env = os.environ if environ is None else environ
-        common = {
-            "path": env.get("STORAGE_PATH", "").strip() or "config",
-            "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
-            "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
-            "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
-            "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL"),
-            **backup_settings(env),
-        }
+        common = {"path": env.get("STORAGE_PATH", "").strip() or "config", **_settings(env)}
         forced = env.get("STORAGE_BACKEND", "").strip().lower()
         if forced not in ("", "json", "postgres"):
             raise ValidationError(f"STORAGE_BACKEND must be 'json' or 'postgres', got {forced!r}",
@@ -207,3 +210,37 @@ class StoreConfig:
             return cls(backend="postgres", dsn=dsn, source=str(dsn_source), **common)  # type: ignore[arg-type]
         return cls(backend="json", source="STORAGE_PATH" if env.get("STORAGE_PATH") else "default",
                    **common)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_location(cls, location: str, environ: Mapping[str, str] | None = None, *,
+                     source: str = "command line") -> StoreConfig:
+        """The store at ``location`` (a ``postgresql://`` URL, anything else a JSON folder) with every other setting
+        (pool sizes, ``STORAGE_PGBOUNCER``, timeouts, cache, backups) from ``environ`` (default ``os.environ``).
+
+        What a command that names a second store needs (``copy --to URL``, ``restore --into URL``): behind PgBouncer
+        it must not use prepared statements there either. The environment's own location is ignored, so an
+        incomplete one (``STORAGE_BACKEND=postgres`` without a DSN) does not stand in the way.
+        """
+        env = os.environ if environ is None else environ
+        if _URL_RE.match(location):
+            scheme = location.split("://", 1)[0].lower()
+            if scheme not in ("postgres", "postgresql"):
+                raise ValidationError(f"unsupported URL scheme {scheme!r}: use postgresql://... or a folder path",
+                                      field="location")
+            return cls(backend="postgres", dsn=location, source=source, **_settings(env))  # type: ignore[arg-type]
+        return cls(backend="json", path=location, source=source, **_settings(env))  # type: ignore[arg-type]
+
+
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _settings(env: Mapping[str, str]) -> dict[str, object]:
+    """Every setting of the environment except where the data is (backend, DSN, ``STORAGE_PATH``)."""
+    return {
+        "pool_min": _int(env, "STORAGE_POOL_MIN", 1, 0),
+        "pool_max": _int(env, "STORAGE_POOL_MAX", 10, 1),
+        "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
+        "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL", 0.0, zero=True),
+        "command_timeout": _seconds(env, "STORAGE_COMMAND_TIMEOUT", 60.0, zero=False),
+        **backup_settings(env),
+    }

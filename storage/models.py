@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from .codec import shown
 from .errors import ValidationError
 
 __all__ = [
@@ -54,11 +55,11 @@ def _snowflake_checked(value: Any, field: str) -> str:
         raise ValidationError(f"{field} must be a snowflake id (int or decimal string), got {type(value).__name__}",
                               field=field)
     if not (1 <= len(text) <= 20 and text.isascii() and text.isdigit()):
-        raise ValidationError(f"{field} must be 1-20 decimal digits, got {value!r}", field=field)
+        raise ValidationError(f"{field} must be 1-20 decimal digits, got {shown(value)}", field=field)
     if len(text) > 1 and text[0] == "0":
-        raise ValidationError(f"{field} must not have leading zeros, got {value!r}", field=field)
+        raise ValidationError(f"{field} must not have leading zeros, got {shown(value)}", field=field)
     if int(text) > _U64_MAX:
-        raise ValidationError(f"{field} does not fit in 64 bits: {value!r}", field=field)
+        raise ValidationError(f"{field} does not fit in 64 bits: {shown(value)}", field=field)
     return text
 
 
@@ -73,7 +74,7 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> datetime:
         try:
             dt = datetime.fromisoformat(text)
         except ValueError:
-            raise ValidationError(f"{field} must be an ISO 8601 timestamp, got {value!r}", field=field) from None
+            raise ValidationError(f"{field} must be an ISO 8601 timestamp, got {shown(value)}", field=field) from None
     else:
         raise ValidationError(f"{field} must be an ISO 8601 string or datetime, got {type(value).__name__}",
                               field=field)
@@ -94,7 +95,7 @@ def iso_utc(value: Any, field: str = "timestamp") -> str:
     try:
         dt = parse_timestamp(value, field)
     except OverflowError:
-        raise ValidationError(f"{field} is out of range once converted to UTC: {value!r}", field=field) from None
+        raise ValidationError(f"{field} is out of range once converted to UTC: {shown(value)}", field=field) from None
     return dt.replace(tzinfo=None).isoformat() + "Z"
 
 
@@ -130,7 +131,7 @@ def member_key(user_id: Any, guild_id: Any) -> str:
 
 def _count(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{field} must be a non-negative integer, got {value!r}", field=field)
+        raise ValidationError(f"{field} must be a non-negative integer, got {shown(value)}", field=field)
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..analytics import AnalyticsMixin
 from ..backup import BackupMixin
-from ..codec import check_collection, check_key, decode_doc, encode_doc
+from ..codec import check_collection, check_key, decode_doc, encode_doc, shown
 from ..config import StoreConfig
 from ..errors import ReadOnlyError, StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
@@ -39,7 +39,7 @@ def normalize_items(items: Items) -> list[tuple[str, bytes]]:
         try:
             out.append((check_key(key), encode_doc(doc)))
         except ValidationError as exc:
-            raise ValidationError(f"item #{index} ({key!r}): {exc}", field=exc.field) from exc
+            raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
     return out
 
 
@@ -152,36 +152,40 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._closed = False
+        self._transactions_open = 0  # in any task: only then can the current one be in one (a cheap first test)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _guard_read(self) -> None:
+    def _guard_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"the {self.backend_name} store is closed")
+
+    def _guard_read(self) -> None:
+        """Every call on the store, read or write, is refused inside the current task's own transaction: the
+        transaction holds what the call would wait for (the JSON store's lock, a PostgreSQL connection of a pool
+        that may have no other free), so it could only deadlock or, on PostgreSQL, read around the transaction."""
+        self._guard_open()
+        if self._transactions_open and id(self) in _open_transactions.get():
+            raise TransactionError(
+                "this store has a transaction open in the current task: call the transaction object "
+                "(`async with store.transaction() as tx: await tx.get(...)`), not the store, or it would deadlock")
 
     def _guard_write(self) -> None:
         self._guard_read()
         if self.config.read_only:
             raise ReadOnlyError(f"the {self.backend_name} store was opened read-only: writes are refused")
-        self._guard_no_transaction()
-
-    def _guard_no_transaction(self) -> None:
-        if id(self) in _open_transactions.get():
-            raise TransactionError(
-                "this store has a transaction open in the current task: write through the transaction object "
-                "(`async with store.transaction() as tx: await tx.put(...)`), not the store, or it would deadlock")
 
     def _enter_transaction(self) -> contextvars.Token[frozenset[int]]:
         """A read-only store has transactions too (a consistent view for backups and copies); writing in one
         raises :class:`ReadOnlyError`."""
         self._guard_read()
-        self._guard_no_transaction()
+        self._transactions_open += 1
         return _open_transactions.set(_open_transactions.get() | {id(self)})
 
-    @staticmethod
-    def _leave_transaction(token: contextvars.Token[frozenset[int]]) -> None:
+    def _leave_transaction(self, token: contextvars.Token[frozenset[int]]) -> None:
+        self._transactions_open -= 1
         _open_transactions.reset(token)
 
     @abc.abstractmethod

@@ -784,7 +784,7 @@ class JsonTransaction(OpsBase):
     def _guard_read(self) -> None:
         if not self._active:
             raise DatabaseError("the transaction is finished")
-        self._store._guard_read()
+        self._store._guard_open()
 
     def _guard_write(self) -> None:
         self._guard_read()
@@ -836,6 +836,16 @@ class JsonTransaction(OpsBase):
 
     async def _count(self, collection: str) -> int:
         return len(self._staged.keys(collection))
+
+    async def collections(self) -> list[str]:
+        """The collections that hold documents, as this transaction sees them (like ``PgTransaction``'s: a backup
+        or copy lists them here, since the store itself refuses calls inside its own transaction)."""
+        self._guard_read()
+        staged = self._staged
+        changed = {collection for collection, _ in staged.changes}
+        names = {name for name, coll in staged.base.items() if coll and name not in changed}
+        names.update(name for name in changed if staged.keys(name))
+        return sorted(names)
 
 
 __all__ += ["JsonTransaction"]

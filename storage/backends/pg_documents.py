@@ -26,6 +26,7 @@ import orjson
 from ..codec import decode_doc, encode_doc
 from ..protocol import Document, UpdateFn
 from .base import apply_update
+from .pg_conn import transaction
 from .pg_schema import DOC_LOCK_CLASS
 
 __all__ = ["PAGE_SIZE", "get_text", "get", "get_locked", "get_many", "get_many_locked", "put", "delete", "update",
@@ -155,7 +156,7 @@ async def update(conn: Any, collection: str, key: str, fn: UpdateFn, default: Do
         return decode_doc(encoded)
     placeholder = encode_doc(default, what="default") if default is not None else b"{}"
     if in_transaction:
-        async with conn.transaction():  # a savepoint
+        async with transaction(conn):  # a savepoint
             return await _update_absent(conn, collection, key, fn, placeholder)
     return await _update_absent(conn, collection, key, fn, placeholder)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import TypeGuard
 from urllib.parse import parse_qs, unquote
 
 import asyncpg
@@ -23,7 +24,7 @@ import asyncpg
 from ..dsn import dsn_user_and_rest, mask_secrets, scrub_exception
 from ..errors import ConnectionError, DatabaseError, TransactionError, ValidationError
 
-__all__ = ["DRIVER_ERRORS", "describe_target", "scrub_exception", "translate", "is_connection_error"]
+__all__ = ["DRIVER_ERRORS", "describe_target", "scrub_exception", "translate", "is_connection_error", "is_driver_error"]
 
 #: What a call into asyncpg may raise that we translate. ``asyncio.TimeoutError`` (a connect timeout) is the
 #: builtin ``TimeoutError``, an ``OSError``, only from Python 3.11 on: it is listed for 3.10.
@@ -34,6 +35,16 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+
+def is_driver_error(exc: BaseException | None) -> TypeGuard[BaseException]:
+    """True for an error that :func:`translate` must turn into ours: one of :data:`DRIVER_ERRORS` that is not
+    already a :class:`DatabaseError`. (``storage.ConnectionError`` and ``LockTimeoutError`` subclass builtins that
+    are ``OSError``s, so a translated error passing back out through a ``with`` block would otherwise be wrapped a
+    second time, burying the driver's error at ``__cause__.__cause__``.)"""
+    return isinstance(exc, DRIVER_ERRORS) and not isinstance(exc, DatabaseError)
+
 
 _CONNECTION_SQLSTATE_CLASSES = ("08",)  # connection exception
 _CONNECTION_SQLSTATES = {
@@ -97,6 +108,10 @@ def translate(exc: BaseException, what: str, dsn: str | None) -> DatabaseError:
     scrub_exception(exc, dsn)  # the __cause__ chain is printed with tracebacks: it must not hold the password
     detail = _mask(f"{type(exc).__name__}: {exc}", dsn)
     target = describe_target(dsn)
+    if isinstance(exc, asyncio.TimeoutError):  # asyncpg's command timeout (the builtin TimeoutError on 3.11+)
+        return ConnectionError(f"{what}: PostgreSQL at {target} did not answer within the command timeout "
+                               "(StoreConfig.command_timeout, STORAGE_COMMAND_TIMEOUT); the connection was "
+                               "abandoned; retry later")
     if is_connection_error(exc):
         return ConnectionError(f"{what}: PostgreSQL at {target} is unreachable or dropped the connection "
                                f"({detail}); retry later")

@@ -62,11 +62,11 @@ from ..analytics import (
     micros,
     time_bound,
 )
-from ..errors import ValidationError
+from ..errors import DatabaseError, ValidationError
 from ..members import MEMBERS
 from ..models import iso_utc, snowflake
 from ..protocol import TimeBound
-from . import pg_member_stats
+from . import pg_conn, pg_member_stats
 from .pg_errors import DRIVER_ERRORS
 from .pg_ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .pg_schema import ID_SHIFT
@@ -255,6 +255,25 @@ def _columns_block(rows: Sequence[Any], ids: _IdTexts,
                           [ids[row[2]] for row in rows], [row[3] for row in rows], topics)
 
 
+async def _cursor_blocks(conn: Any, query: str, args: Sequence[Any], size: int) -> AsyncIterator[list[Any]]:
+    """The rows of ``query``, ``size`` at a time, through a server-side cursor in ``conn``'s open transaction: memory
+    stays flat however many rows match.
+
+    An SQL cursor (``DECLARE`` + ``FETCH``), not asyncpg's ``conn.cursor()``: that one always prepares a *named*
+    statement (``__asyncpg_stmt_N__``, numbered per client connection), which behind a transaction pooler collides
+    with another client's on the shared server connection (``DuplicatePreparedStatementError``, seen in
+    ``copy --from`` and backups through PgBouncer even with ``STORAGE_PGBOUNCER=1``). These statements are unnamed.
+    """
+    await conn.execute(f"DECLARE storage_scan NO SCROLL CURSOR FOR {query}", *args)
+    fetch = f"FETCH {int(size)} FROM storage_scan"
+    while True:
+        rows: list[Any] = await conn.fetch(fetch)
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+
+
 class PgMessagesMixin:
     """The message primitives and SQL queries of :class:`storage.backends.postgres.PostgresStore`."""
 
@@ -265,6 +284,7 @@ class PgMessagesMixin:
     _guard_read: Callable[[], None]
     _guard_write: Callable[[], None]
     _invalidate: Callable[[str, Any], None]
+    config: Any
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
 
     # -- primitives ----------------------------------------------------------------------------------------------
@@ -308,7 +328,7 @@ class PgMessagesMixin:
             new: int | None = None
             if not resent:
                 try:
-                    async with contextlib.nullcontext() if whole else conn.transaction():
+                    async with contextlib.nullcontext() if whole else pg_conn.transaction(conn):
                         await conn.copy_to_table("storage_messages", source=ingest.stream(), columns=COLUMNS,
                                                  format="binary")
                         ingest.check()  # a bad record ended the data early: roll back what was sent
@@ -318,7 +338,7 @@ class PgMessagesMixin:
                     log.debug("record_messages: COPY refused (%s), merging instead", type(exc).__name__)
             if new is None:
                 encoded = replay(ingest.finish())  # may raise ValidationError: nothing is written then
-                async with conn.transaction():
+                async with pg_conn.transaction(conn):
                     await conn.execute(_STAGE_CREATE)
                     await conn.copy_to_table(_STAGE, source=encoded, columns=COLUMNS, format="binary")
                     status: str = await conn.execute(_STAGE_MERGE)
@@ -345,7 +365,7 @@ class PgMessagesMixin:
 
     async def _modify_message(self, message_id: str, fn: Callable[[Record], Record]) -> bool:
         shifted = int(message_id) - ID_SHIFT
-        async with self._connection("update_message") as conn, conn.transaction():
+        async with self._connection("update_message") as conn, pg_conn.transaction(conn):
             row = await conn.fetchrow(_SELECT + " WHERE message_id = $1 FOR UPDATE", shifted)
             if row is None:
                 return False
@@ -376,14 +396,19 @@ class PgMessagesMixin:
         query = _SELECT + _where(guild_id, since, until, args) + " ORDER BY created_at, message_id"
         if snapshot is not None and not _SNAPSHOT_ID.match(snapshot):
             raise ValidationError(f"not an exported snapshot id: {snapshot!r}", field="snapshot")
+        if snapshot is not None and self.config.pool_max < 2:
+            # The snapshot's own transaction holds the only connection: waiting for another would only time out.
+            raise DatabaseError("reading messages in a transaction's snapshot (a backup, a copy) needs a second "
+                                "connection: set STORAGE_POOL_MAX >= 2 (pool_max)")
         # A server-side cursor (inside a transaction, as PostgreSQL requires): memory stays flat however many
         # messages match, and the whole scan reads one snapshot.
-        async with self._connection("scanning messages") as conn, conn.transaction(
-                readonly=True, isolation="repeatable_read" if snapshot else None):
+        async with self._connection("scanning messages") as conn, pg_conn.transaction(
+                conn, readonly=True, isolation="repeatable_read" if snapshot else None):
             if snapshot is not None:  # a utility statement: no parameters, hence the check of the id above
                 await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            async for row in conn.cursor(query, *args, prefetch=2000):
-                yield to_record(row)
+            async for rows in _cursor_blocks(conn, query, args, 2000):
+                for row in rows:
+                    yield to_record(row)
 
     async def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
                                     until: datetime | None) -> AsyncIterator[MessageColumns]:
@@ -394,14 +419,9 @@ class PgMessagesMixin:
         query = _SELECT_COLUMNS + _where(guild_id, since, until, args)
         ids = _IdTexts()
         combos: dict[tuple[str, ...], tuple[str, ...]] = {}
-        async with self._connection("scanning messages") as conn, conn.transaction(readonly=True):
-            cursor = await conn.cursor(query, *args)
-            while True:
-                rows = await cursor.fetch(COLUMN_BLOCK)
-                if rows:
-                    yield _columns_block(rows, ids, combos)
-                if len(rows) < COLUMN_BLOCK:
-                    return
+        async with self._connection("scanning messages") as conn, pg_conn.transaction(conn, readonly=True):
+            async for rows in _cursor_blocks(conn, query, args, COLUMN_BLOCK):
+                yield _columns_block(rows, ids, combos)
 
     # -- queries in SQL ------------------------------------------------------------------------------------------
     async def _aggregate(self, what: str, template: str | Callable[[Any], str], guild_id: Any, since: TimeBound,
@@ -489,7 +509,7 @@ class PgMessagesMixin:
         try:
             # A transaction although it is one statement: the keys written are known before the commit, so that a
             # commit whose outcome is lost with the connection still drops them from the cache.
-            async with self._connection("refresh_member_statistics") as conn, conn.transaction():
+            async with self._connection("refresh_member_statistics") as conn, pg_conn.transaction(conn):
                 written = await pg_member_stats.refresh(conn, where, args)
         finally:
             if written:

@@ -47,6 +47,7 @@ import hashlib
 from typing import Any
 
 from ..errors import DatabaseError
+from .pg_conn import transaction
 
 __all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
 
@@ -133,7 +134,7 @@ async def ensure_schema(conn: Any) -> None:
     version = await _version(conn)
     if version == SCHEMA_VERSION:
         return
-    async with conn.transaction():
+    async with transaction(conn):
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         version = await _version(conn)  # another process may have created everything while we waited
         if version > SCHEMA_VERSION:

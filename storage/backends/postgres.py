@@ -16,8 +16,15 @@ How it maps the contract:
 
 Documents in jsonb
     jsonb keeps what JSON means, not how it was spelled: a document reads back equal (``==``) to what was
-    written, but its keys come back in jsonb's order (shorter keys first), and a float with an integral value of
-    1e16 or more (which orjson writes as ``1e16``) comes back as the equal ``int``.
+    written, but its keys come back in jsonb's order (shorter keys first). Numbers jsonb would give back in
+    another form (``-0.0``, floats of 1e16 or more) are already stored in that form, on both backends (see
+    storage/codec.py), so they read back identical.
+
+Bounded waits
+    Every statement and every wait for a pooled connection ends after ``config.command_timeout``; connections have
+    TCP keepalives; a cancelled or timed-out operation terminates its connection instead of waiting on a server
+    that may never answer. See pg_conn.py. A store call from inside the task's own transaction is refused
+    (base.py ``_guard_read``): it would wait for a connection the transaction may hold the last of.
 
 Reads by key and the cache
     ``get`` goes through a :class:`storage.DatabaseCache` with ``ttl = config.cache_ttl`` (``STORAGE_CACHE_TTL``;
@@ -67,9 +74,10 @@ from ..errors import (
     ValidationError,
 )
 from ..protocol import Document, Transaction, UpdateFn
+from . import pg_conn
 from . import pg_documents as sql
 from .base import BaseStore, OpsBase
-from .pg_errors import DRIVER_ERRORS, describe_target, is_connection_error, scrub_exception, translate
+from .pg_errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .pg_ingest import RowEncoder, replay
 from .pg_messages import COLUMNS, PgMessagesMixin
 from .pg_schema import ensure_schema
@@ -99,6 +107,7 @@ def _decode_jsonb(data: bytes) -> Any:
 
 
 async def _init_connection(conn: Any) -> None:
+    pg_conn.configure_socket(conn)  # TCP keepalives: see pg_conn.py
     await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb,
                               format="binary")
 
@@ -148,6 +157,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 reset=self._reset_connection,
                 statement_cache_size=0 if config.pgbouncer else 100,
                 timeout=CONNECT_TIMEOUT,
+                command_timeout=config.command_timeout,  # bounds every statement: see pg_conn.py
             )
         except _OPEN_ERRORS as exc:
             raise self._open_error(exc) from exc
@@ -224,6 +234,31 @@ class PostgresStore(PgMessagesMixin, BaseStore):
             return StoreClosedError(f"the postgres store was closed during {what}")
         return translate(exc, what, self.config.dsn)
 
+    def _acquire_error(self, exc: BaseException, what: str) -> DatabaseError:
+        """What a failed wait for a pooled connection raises: a timeout says why it can happen."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return ConnectionError(
+                f"{what}: no connection to PostgreSQL at {self._target} became free within the command timeout "
+                f"({self.config.command_timeout:g}s, STORAGE_COMMAND_TIMEOUT) in a pool of {self.config.pool_max} "
+                "(STORAGE_POOL_MAX): all are in use by calls or transactions that have not finished, or the "
+                "server does not answer; retry later, or use a larger pool")
+        return self._translate(exc, what)
+
+    async def _give_back_idle_lane(self) -> None:
+        """Before waiting for the pool: when every connection is out and one of them is the idle lane, give it back,
+        so that a transaction (or any borrow) never waits on a connection nobody is using."""
+        pool = self.pool
+        lane = self._lane
+        if lane is None or self._lane_busy or pool.get_idle_size() or pool.get_size() < pool.get_max_size():
+            return
+        self._lane = None
+        try:
+            lane.remove_termination_listener(self._lane_lost)
+            clean = True
+        except asyncpg.InterfaceError:
+            clean = False
+        await _release(self, lane, self._lane_pid, clean=clean)
+
     def _connection(self, what: str, *, lane: bool = True) -> _Borrowed:
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
         return _Borrowed(self, what, lane)
@@ -271,7 +306,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
         try:
-            async with self._connection("update") as conn, conn.transaction():
+            async with self._connection("update") as conn, pg_conn.transaction(conn):
                 return await sql.update(conn, collection, key, fn, default, in_transaction=False)
         finally:
             self._invalidate(collection, (key,))
@@ -317,10 +352,13 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 await xact.start()
                 try:
                     yield tx
-                except BaseException:
+                except BaseException as exc:
                     tx._finish()
                     self._reset_after(conn, tx)
-                    await self._rollback(xact)
+                    if pg_conn.abandons(exc) or tx._abandoned:  # a ROLLBACK could wait forever on a frozen server
+                        pg_conn.abandon(conn)
+                    else:
+                        await self._rollback(xact)
                     raise
                 with contextlib.suppress(TransactionError):
                     await tx._check_not_aborted()  # records the failure in tx._failed
@@ -329,7 +367,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 if tx._failed is not None:
                     await self._rollback(xact)
                     raise TransactionError("the transaction was rolled back: a statement in it failed "
-                                           f"({tx._failed})") from tx._failed
+                                           f"({_describe(tx._failed)})") from tx._failed
                 try:
                     await xact.commit()
                 finally:
@@ -385,11 +423,11 @@ class _Borrowed:
                 conn = store._lane  # None after its session ended while idle (see _lane_lost)
                 if conn is None:
                     try:
-                        conn = await store.pool.acquire()
+                        conn = await store.pool.acquire(timeout=store.config.command_timeout)
                     except BaseException as exc:
                         store._lane_busy = False
-                        if isinstance(exc, DRIVER_ERRORS):
-                            raise store._translate(exc, self._what) from exc
+                        if is_driver_error(exc):
+                            raise store._acquire_error(exc, self._what) from exc
                         raise
                     store._lane, store._lane_pid = conn, conn.get_server_pid()
                     store._quiet.add(store._lane_pid)
@@ -397,11 +435,15 @@ class _Borrowed:
                 self._conn = conn
                 return conn
             self._lane = False  # in use: borrow from the pool instead
-        self._acquire = store.pool.acquire()
+        if store._lane is not None:
+            await store._give_back_idle_lane()
+        self._acquire = store.pool.acquire(timeout=store.config.command_timeout)
         try:
             conn = self._conn = await self._acquire.__aenter__()
-        except DRIVER_ERRORS as exc:
-            raise store._translate(exc, self._what) from exc
+        except BaseException as exc:
+            if is_driver_error(exc):
+                raise store._acquire_error(exc, self._what) from exc
+            raise
         self._pid = conn.get_server_pid()
         store._quiet.add(self._pid)
         return conn
@@ -422,19 +464,21 @@ class _Borrowed:
             try:
                 if usable:
                     conn.remove_termination_listener(store._lane_lost)
-                    if isinstance(exc, asyncpg.exceptions.InternalClientError):
-                        conn.terminate()  # see below
+                    if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
+                        pg_conn.abandon(conn)  # see below
                 await _release(store, conn, store._lane_pid, clean=exc is None and idle)
             finally:
                 store._lane_busy = False
-            if exc is not None and isinstance(exc, DRIVER_ERRORS):
+            if is_driver_error(exc):
                 raise store._translate(exc, self._what) from exc
             return
         try:
-            if isinstance(exc, asyncpg.exceptions.InternalClientError):
+            if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
                 # asyncpg lost track of the protocol (seen when the server ends a session mid-query,
-                # MagicStack/asyncpg#784): the pool must never hand this connection out again.
-                self._conn.terminate()
+                # MagicStack/asyncpg#784), or the operation was cancelled or timed out, and the connection may be
+                # waiting on a server that does not answer (see pg_conn.py): the pool must never hand this
+                # connection out again, nor wait on it.
+                pg_conn.abandon(self._conn)
             try:
                 await self._acquire.__aexit__(exc_type, exc, tb)
             except DRIVER_ERRORS as release_exc:
@@ -443,8 +487,15 @@ class _Borrowed:
                 log.debug("%s: releasing a connection failed too: %s", store._target, release_exc)
         finally:
             store._quiet.discard(self._pid)
-        if exc is not None and isinstance(exc, DRIVER_ERRORS):
+        if is_driver_error(exc):
             raise store._translate(exc, self._what) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """An earlier failure, for a message (a timeout's or a cancellation's own text is empty)."""
+    if pg_conn.abandons(exc):
+        return f"{type(exc).__name__}: cancelled or timed out, the connection was abandoned"
+    return str(exc) or type(exc).__name__
 
 
 async def _release(store: PostgresStore, conn: Any, pid: int, *, clean: bool) -> None:
@@ -476,6 +527,7 @@ class PgTransaction(OpsBase):
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
+        self._abandoned = False  # a statement was cancelled or timed out: the connection was terminated
         self._used = False  # a statement ran: too late to change the isolation level
         #: After :meth:`pin_snapshot`: the exported snapshot, which another connection can read in too (a backup
         #: reads the messages that way, see PgMessagesMixin._scan_messages).
@@ -501,7 +553,7 @@ class PgTransaction(OpsBase):
     def _guard_read(self) -> None:
         if not self._active:
             raise DatabaseError("the transaction is finished")
-        self._store._guard_read()
+        self._store._guard_open()
 
     def _guard_write(self) -> None:
         self._guard_read()
@@ -515,14 +567,23 @@ class PgTransaction(OpsBase):
     async def _use(self, what: str) -> AsyncIterator[Any]:
         async with self._lock:
             if self._failed is not None:
-                raise TransactionError(f"{what}: the transaction was aborted by an earlier error ({self._failed}); "
+                raise TransactionError(f"{what}: the transaction was aborted by an earlier error "
+                                       f"({_describe(self._failed)}); "
                                        "leave the block to roll it back") from self._failed
             self._used = True
             try:
                 yield self._connection
-            except DRIVER_ERRORS as exc:
-                self._failed = exc
-                raise self._store._translate(exc, what) from exc
+            except BaseException as exc:
+                if pg_conn.abandons(exc):
+                    # Cancelled or timed out mid-statement: PostgreSQL aborts the transaction anyway, and waiting
+                    # for it to say so could take forever on a frozen server (see pg_conn.py).
+                    self._failed, self._abandoned = exc, True
+                    pg_conn.abandon(self._connection)
+                elif is_driver_error(exc):
+                    self._failed = exc
+                if is_driver_error(exc):
+                    raise self._store._translate(exc, what) from exc
+                raise
 
     async def pin_snapshot(self) -> None:
         """Make every read of this transaction see one snapshot (``REPEATABLE READ``); call it first.

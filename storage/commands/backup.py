@@ -106,20 +106,13 @@ def _config(args: argparse.Namespace) -> StoreConfig:
 
 
 def location_config(location: str, *, backup_dir: str | None = None) -> StoreConfig:
-    """A ``--from``/``--to``/``--into`` location as a store config: a URL is PostgreSQL, anything else a folder."""
-    extra: dict[str, Any] = {"source": "command line"}
-    if backup_dir is not None:
-        extra["backup_dir"] = backup_dir
+    """A ``--from``/``--to``/``--into`` location as a store config: a URL is PostgreSQL, anything else a folder.
+    Every other setting (pool sizes, ``STORAGE_PGBOUNCER``, timeouts...) comes from the environment."""
     if _MALFORMED_URL_RE.match(location) and not _URL_RE.match(location):  # never a folder named after a DSN
         raise ValidationError(f"malformed PostgreSQL URL {redact_dsn(location)}: it must start with postgresql:// "
                               "(or give a folder path)", field="location")
-    if _URL_RE.match(location):
-        scheme = location.split("://", 1)[0].lower()
-        if scheme not in ("postgres", "postgresql"):
-            raise ValidationError(f"unsupported URL scheme {scheme!r}: use postgresql://... or a folder path",
-                                  field="location")
-        return StoreConfig(backend="postgres", dsn=location, **extra)
-    return StoreConfig(backend="json", path=location, **extra)
+    config = StoreConfig.for_location(location)
+    return config if backup_dir is None else dataclasses.replace(config, backup_dir=backup_dir)
 
 
 def _size(n: float) -> str:

@@ -71,10 +71,6 @@ class MigrationContext(MembersMixin):
         return self._path
 
     # -- guards ----------------------------------------------------------------------------------------------------
-    def _guard_write(self) -> None:
-        """What the seed's member calls (members.py) check before writing."""
-        self._check()
-
     def _check(self) -> None:
         if not self._active:
             raise MigrationError(f"the context of migration {self.version} is only usable inside its "
@@ -89,6 +85,11 @@ class MigrationContext(MembersMixin):
 
     def _close(self) -> None:
         self._active = False
+
+    def _guard_write(self) -> None:
+        """What the written-once member calls check first (MembersMixin.batch_update_members); the transaction
+        checks itself when written to."""
+        self._check()
 
     # -- the document methods ----------------------------------------------------------------------------------------
     async def get(self, collection: str, key: str, default: Any = None) -> Any:

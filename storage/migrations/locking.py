@@ -12,7 +12,10 @@ separate from the store's own write lock, so the bot keeps working while a migra
   stores). Behind PgBouncer in transaction mode (``STORAGE_PGBOUNCER=1``) a session
   lock could stay on a server connection other clients then use, so the transaction-scoped variant is taken inside a
   transaction held open on the dedicated connection instead. If that connection drops, the server releases the
-  lock: a migrator that loses its connection must stop.
+  lock: a migrator that loses its connection must stop. So before each step commits, :meth:`MigrationLock.verify`
+  checks, on the step's own transaction, that the lock's session still holds it (``pg_locks``; a session that is
+  merely slow or frozen still holds it, a terminated one does not), and the step rolls back with
+  :class:`MigrationError` if not. Waits for the lock's connection are bounded by the store's command timeout.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class MigrationLock:
 
     async def release(self) -> None:
         raise NotImplementedError
+
+    async def verify(self, tx: Any) -> None:
+        """Raise :class:`MigrationError` if the lock was lost since :meth:`acquire` (checked inside ``tx``, the
+        step's transaction, just before it commits). A file lock cannot be lost while its process lives."""
 
     async def hold(self, timeout: float, what: str) -> None:
         """Acquire or raise :class:`LockTimeoutError` naming what was waited for."""
@@ -92,16 +99,37 @@ class FileMigrationLock(MigrationLock):
 
 
 class AdvisoryMigrationLock(MigrationLock):
-    def __init__(self, pool: Any, *, transaction_scoped: bool = False) -> None:
+    def __init__(self, pool: Any, *, transaction_scoped: bool = False, command_timeout: float | None = None) -> None:
         self._pool = pool
         self._scoped = transaction_scoped
+        self._timeout = command_timeout
         self._conn: Any = None
         self._tx: Any = None
         self._key = 0
+        self._pid = 0  # the server process of the lock's session (pg_backend_pid(): right behind PgBouncer too)
+        self._lost = False
+
+    def _connection_lost(self, conn: Any) -> None:
+        self._lost = True
+
+    async def verify(self, tx: Any) -> None:
+        if self._conn is None:
+            return
+        held = False
+        if not self._lost:
+            try:
+                held = bool(await tx.connection.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted)",
+                    self._pid))
+            except Exception as exc:
+                raise MigrationError(f"cannot check that the migration lock is still held: {exc}") from exc
+        if not held:
+            raise MigrationError("the migration lock was lost (its connection to PostgreSQL ended), so another "
+                                 "migrator may be running: this step was rolled back and the run stopped")
 
     async def acquire(self, timeout: float) -> bool:
         try:
-            conn = await self._pool.acquire()
+            conn = await self._pool.acquire(timeout=self._timeout)
         except DatabaseError:
             raise
         except Exception as exc:
@@ -112,6 +140,7 @@ class AdvisoryMigrationLock(MigrationLock):
                 tx = conn.transaction()
                 await tx.start()
             key = advisory_key(await conn.fetchval("SELECT current_schema()") or "")
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
             query = "SELECT pg_try_advisory_xact_lock($1)" if self._scoped else "SELECT pg_try_advisory_lock($1)"
             deadline = time.monotonic() + timeout
             while not await conn.fetchval(query, key):
@@ -126,7 +155,8 @@ class AdvisoryMigrationLock(MigrationLock):
             if isinstance(exc, Exception) and not isinstance(exc, DatabaseError):
                 raise MigrationError(f"cannot take the migration lock: {exc}") from exc
             raise
-        self._conn, self._tx, self._key = conn, tx, key
+        self._conn, self._tx, self._key, self._pid, self._lost = conn, tx, key, pid, False
+        conn.add_termination_listener(self._connection_lost)
         return True
 
     async def _discard(self, conn: Any) -> None:
@@ -140,6 +170,9 @@ class AdvisoryMigrationLock(MigrationLock):
         conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
         if conn is None:
             return
+        if self._lost:  # the session ended, and asyncpg has given the connection back to the pool already
+            return
+        conn.remove_termination_listener(self._connection_lost)
         try:
             if tx is not None:
                 await tx.rollback()
@@ -161,7 +194,8 @@ def lock_for(store: Any) -> MigrationLock:
             raise MigrationError("migrations need a pool of at least 2 connections (one holds the migration "
                                  "lock while another runs the migration): set STORAGE_POOL_MAX >= 2")
         config = getattr(store, "config", None)
-        return AdvisoryMigrationLock(pool, transaction_scoped=bool(getattr(config, "pgbouncer", False)))
+        return AdvisoryMigrationLock(pool, transaction_scoped=bool(getattr(config, "pgbouncer", False)),
+                                     command_timeout=getattr(config, "command_timeout", None))
     path = getattr(store, "path", None)
     if path is not None:
         return FileMigrationLock(Path(path))

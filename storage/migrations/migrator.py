@@ -46,7 +46,7 @@ from .ledger import (
     read_log,
     utcnow,
 )
-from .locking import lock_for
+from .locking import MigrationLock, lock_for
 from .migration import Migration
 from .results import (
     AppliedMigration,
@@ -121,6 +121,7 @@ class Migrator:
         self._checksums = {v: m.checksum() for v, m in self._by_version.items()}
         config = getattr(store, "config", None)
         self.lock_timeout = float(lock_timeout if lock_timeout is not None else getattr(config, "lock_timeout", 60.0))
+        self._lock: MigrationLock | None = None  # while a run holds it
         self.backend = str(getattr(store, "backend_name", None) or getattr(config, "backend", "unknown"))
 
     def __repr__(self) -> str:
@@ -241,9 +242,11 @@ class Migrator:
     async def _locked(self) -> AsyncIterator[None]:
         lock = lock_for(self.store)
         await lock.hold(self.lock_timeout, what=f"migrating {self.store!r}")
+        self._lock = lock
         try:
             yield
         finally:
+            self._lock = None
             await lock.release()
 
     @staticmethod
@@ -386,6 +389,8 @@ class Migrator:
                                        "description": migration.description, "name": migration.name,
                                        "checksum": checksum, "duration": round(duration, 6), "backup": backup_id}])
                 await tx.delete(STATE, IN_PROGRESS)
+                if self._lock is not None:
+                    await self._lock.verify(tx)  # still ours? else roll back: another migrator may be running
         except BaseException as exc:
             touched = ctx is not None and ctx.touched_files
             if ctx is not None:
