@@ -124,9 +124,10 @@ async def _version(conn: Any) -> int:
     return int(version or 0)
 
 
-async def ensure_schema(conn: Any) -> None:
+async def ensure_schema(conn: Any, *, read_only: bool = False) -> None:
     """Create the tables if they are missing, bring an older schema forward (in one transaction: all steps or none);
-    refuse a database whose schema is newer than this library."""
+    refuse a database whose schema is newer than this library. ``read_only``: change nothing, and refuse a
+    database whose schema is missing or older (a read-only open never creates or upgrades one)."""
     encoding = await conn.fetchval("SELECT current_setting('server_encoding')")
     if encoding.upper() not in ("UTF8", "UTF-8"):
         raise DatabaseError(f"the database uses the {encoding} encoding; storage needs UTF8 (create it with "
@@ -134,6 +135,10 @@ async def ensure_schema(conn: Any) -> None:
     version = await _version(conn)
     if version == SCHEMA_VERSION:
         return
+    if read_only:
+        what = "holds no storage tables" if version == 0 else f"has the older storage schema version {version}"
+        raise DatabaseError(f"the database {what}; a read-only open never creates or upgrades it (open it once "
+                            "for writing)")
     async with transaction(conn):
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         version = await _version(conn)  # another process may have created everything while we waited

@@ -158,12 +158,16 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 statement_cache_size=0 if config.pgbouncer else 100,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=config.command_timeout,  # bounds every statement: see pg_conn.py
+                # read-only: the server itself refuses writes too (not through PgBouncer, which refuses the
+                # parameter; the store's own guards refuse them there)
+                server_settings=({"default_transaction_read_only": "on"}
+                                 if config.read_only and not config.pgbouncer else None),
             )
         except _OPEN_ERRORS as exc:
             raise self._open_error(exc) from exc
         try:
             async with self.pool.acquire() as conn:  # with pool_min=0 this is the first connection
-                await ensure_schema(conn)
+                await ensure_schema(conn, read_only=config.read_only)
         except _OPEN_ERRORS as exc:
             self.pool.terminate()
             raise self._open_error(exc) from exc
