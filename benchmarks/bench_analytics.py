@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else ["json"] + (["postgres"] if args.dsn else [])
     if "postgres" in backends:
         try:
-            import storage.backends.postgres  # noqa: F401
+            import storage.backends.postgres.store  # noqa: F401
         except ImportError:
             log("the PostgreSQL backend is not available in this checkout: skipping it")
             backends.remove("postgres")

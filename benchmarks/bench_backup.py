@@ -15,7 +15,7 @@ measurement on a shared machine; rerun to see the spread):
 * ``restore, empty target``: the backup restored into an empty store of the same backend (the safety backup of the
   empty target is nearly free);
 * ``restore, unchanged``: the backup restored onto the data it came from: safety backup, diff, and nothing written;
-* ``copy A -> B``: :func:`storage.copy.copy` into an empty store, for every pair of available backends,
+* ``copy A -> B``: :func:`storage.backup.copy.copy` into an empty store, for every pair of available backends,
   including the read-back verification.
 
 And, because a bot runs its gateway heartbeat on the same event loop: the **longest event-loop stall** (the
@@ -49,7 +49,7 @@ from _common import fmt, machine_info, peak_rss_mib, print_table, write_results
 
 import storage
 from storage import StoreConfig
-from storage.copy import copy
+from storage.backup.copy import copy
 
 GUILDS = ("800000000000000001", "800000000000000002", "800000000000000003", "800000000000000004")
 MEMBERS_PER_GUILD = 1000

@@ -163,7 +163,7 @@ def seed_save_member_data(path: Path, user_id: int, guild_id: int, data: dict[st
 async def measure_open(size: int, root: Path, rep: int) -> dict[str, Any]:
     """One open in a fresh process, as a bot restart does: time, and the memory it takes."""
     import storage
-    import storage.backends.json_files  # imported before the baseline memory reading
+    import storage.backends.json.store  # imported before the baseline memory reading
 
     folder = root / f"open{rep}"
     shutil.copytree(root / "template", folder)  # closing compacts: each open gets an untouched copy

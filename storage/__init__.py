@@ -5,11 +5,11 @@
 """
 
 from .api import StoreOpener, open_store
-from .backup import RestoreReport
-from .backup_format import BackupInfo, BackupReport
+from .backup.copy import CopyReport, TargetNotEmptyError, copy
+from .backup.format import BackupInfo, BackupReport
+from .backup.operations import RestoreReport
 from .cache import DatabaseCache
 from .config import StoreConfig
-from .copy import CopyReport, TargetNotEmptyError, copy
 from .errors import (
     BackupError,
     ConnectionError,

@@ -25,8 +25,8 @@ import pytest
 
 import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
-from storage.analytics import AnalyticsMixin
-from storage.backends.json_files import JsonStore
+from storage.backends.json.store import JsonStore
+from storage.messages.analytics import AnalyticsMixin
 
 UTC = timezone.utc
 ROOT = Path(__file__).resolve().parent.parent

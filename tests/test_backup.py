@@ -27,8 +27,8 @@ import pytest
 
 import storage
 from storage import BackupError, StoreConfig, ValidationError
-from storage.backup import prune_backup_dir, restore_from, select_expired
-from storage.backup_format import (
+from storage.backup.copy import TargetNotEmptyError, copy
+from storage.backup.format import (
     MANIFEST_NAME,
     BackupInfo,
     backup_sort_key,
@@ -36,8 +36,8 @@ from storage.backup_format import (
     verify_backup_dir,
     write_manifest,
 )
-from storage.backup_source import describe_source, store_source
-from storage.copy import TargetNotEmptyError, copy
+from storage.backup.operations import prune_backup_dir, restore_from, select_expired
+from storage.backup.source import describe_source, store_source
 
 ROOT = Path(__file__).resolve().parent.parent
 GUILD = "987654321"
@@ -496,7 +496,7 @@ async def test_on_postgres_a_message_refused_late_rolls_back_the_documents_too(s
     """The messages are swapped in the documents' transaction: a record only the server refuses (a counter that
     passes the format's checks but not a bigint), met after every document was staged, restores nothing."""
     if store.backend_name != "postgres":
-        pytest.skip("JSON files swap the message log after the documents' commit (see storage/backup.py)")
+        pytest.skip("JSON files swap the message log after the documents' commit (see storage/backup/operations.py)")
     await populate(store)
     info = await store.create_backup()
     await store.put("members", f"{GUILD}_1001", {"changed": True})
@@ -1015,7 +1015,7 @@ def test_large_collections_are_written_in_key_order():
     """The backup file is in key order (diffable); the keys are sorted in runs merged in Python (see _sorted_keys)."""
     import random
 
-    from storage.backup import _sorted_keys
+    from storage.backup.operations import _sorted_keys
 
     keys = [f"{random.randrange(10**12)}_{i}" for i in range(30_000)]
     assert _sorted_keys(keys) == sorted(keys)

@@ -20,9 +20,9 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.backup_format import canonical
+from storage.backup.copy import copy
+from storage.backup.format import canonical
 from storage.codec import canonical_numbers, encode_doc
-from storage.copy import copy
 
 GUILD = "42"
 SEEDS = range(12)

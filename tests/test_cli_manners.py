@@ -16,8 +16,8 @@ import pytest
 
 import storage
 from storage import StoreConfig
+from storage.backup.copy import TargetNotEmptyError, copy
 from storage.cli import build_parser
-from storage.copy import TargetNotEmptyError, copy
 
 ROOT = Path(__file__).resolve().parent.parent
 

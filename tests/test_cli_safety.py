@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import storage
-from storage.backup_messages import MessageOps
+from storage.backup.messages import MessageOps
 
 ROOT = Path(__file__).resolve().parent.parent
 

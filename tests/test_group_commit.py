@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from storage.backends.group_commit import Failed, GroupCommit
+from storage.backends.json.group_commit import Failed, GroupCommit
 
 
 class Disk:

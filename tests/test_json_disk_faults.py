@@ -25,8 +25,8 @@ import pytest
 
 import storage
 from storage import CorruptDataError, DatabaseError, StorageIOError, StoreClosedError, StoreConfig
-from storage.backends.journal import encode_record
-from storage.backends.json_files import JOURNAL_NAME
+from storage.backends.json.journal import encode_record
+from storage.backends.json.store import JOURNAL_NAME
 from storage.fsutil import TEMP_MARK
 from tests._fault_child import ROOT, child_env
 

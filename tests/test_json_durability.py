@@ -26,8 +26,8 @@ from storage import (
     StoreConfig,
     TransactionError,
 )
-from storage.backends.json_files import JOURNAL_NAME, LOCK_NAME, JsonStore
-from storage.backends.snapshot import render_collection
+from storage.backends.json.snapshot import render_collection
+from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME, JsonStore
 
 from .test_json_files import write_like_the_seed
 

@@ -15,7 +15,7 @@ import pytest
 
 import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
-from storage.backends.json_files import JOURNAL_NAME, JsonStore
+from storage.backends.json.store import JOURNAL_NAME, JsonStore
 from tests._proc import spawn
 
 SEED_MEMBERS = {
@@ -224,7 +224,7 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
 
 async def test_snapshot_fast_path_and_general_path_agree(folder):
     """Files in our one-document-per-line layout load without a full parse; anything else takes the full parse."""
-    from storage.backends.snapshot import read_snapshot
+    from storage.backends.json.snapshot import read_snapshot
 
     tricky = {
         "plain": {"a": 1},

@@ -17,7 +17,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.backends.json_files import LOCK_NAME
+from storage.backends.json.store import LOCK_NAME
 from tests import _fault_child as child
 
 PER_PROCESS = 1500

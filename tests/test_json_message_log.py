@@ -18,7 +18,7 @@ import pytest
 
 import storage
 from storage import DatabaseError
-from storage.backends.json_message_files import encode_bodies, encode_line, join_lines
+from storage.backends.json.message_files import encode_bodies, encode_line, join_lines
 
 GUILD = "100"
 

@@ -21,10 +21,11 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.analytics import AnalyticsMixin, normalize_messages
-from storage.backends import pg_member_stats, pg_schema
-from storage.backends import pg_messages as pm
-from storage.backends.postgres import PostgresStore
+from storage.backends.postgres import member_stats as pg_member_stats
+from storage.backends.postgres import messages as pm
+from storage.backends.postgres import schema as pg_schema
+from storage.backends.postgres.store import PostgresStore
+from storage.messages.analytics import AnalyticsMixin, normalize_messages
 from tests.test_analytics import (
     AUTHORS,
     GUILDS,

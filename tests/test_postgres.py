@@ -20,8 +20,8 @@ import pytest
 
 import storage
 from storage import DatabaseError, StoreConfig, TransactionError, ValidationError
-from storage.backends.pg_schema import SCHEMA_VERSION
-from storage.backends.postgres import PgTransaction, PostgresStore
+from storage.backends.postgres.schema import SCHEMA_VERSION
+from storage.backends.postgres.store import PgTransaction, PostgresStore
 from tests import _pg_child
 from tests._pg import Cluster, TestServer, dsn_parts, free_port, run_sync, with_database
 
@@ -590,7 +590,7 @@ async def test_records_round_trip_with_extra_fields_and_odd_analysis(pg_store: P
         message(5, timestamp="2024-02-29T23:59:59.000001+00:00", reactions=2**63 - 1),
     ]
     assert await pg_store.record_messages(records) == 5
-    from storage.analytics import normalize_messages
+    from storage.messages.analytics import normalize_messages
 
     expected = {r["message_id"]: r for r in normalize_messages(records)}
     assert {r["message_id"]: r async for r in pg_store._scan_messages()} == expected

@@ -23,7 +23,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.backends import json_restore
+from storage.backends.json import restore as json_restore
 
 from .test_backup import GUILD, populate, snapshot
 

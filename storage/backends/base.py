@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from ..analytics import AnalyticsMixin
-from ..backup import BackupMixin
+from ..backup.operations import BackupMixin
 from ..codec import check_collection, check_key, decode_doc, encode_doc, shown
 from ..config import StoreConfig
 from ..errors import ReadOnlyError, StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
+from ..messages.analytics import AnalyticsMixin
 from ..protocol import Document, Items, Transaction, UpdateFn
 
 __all__ = ["OpsBase", "BaseStore", "normalize_items"]

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import open_store
-from ..backup import list_backup_entries, prune_backup_dir
-from ..backup_format import BackupInfo, read_manifest, verify_backup_dir
-from ..backup_source import describe_source, store_source
+from ..backup.copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
+from ..backup.format import BackupInfo, read_manifest, verify_backup_dir
+from ..backup.operations import list_backup_entries, prune_backup_dir
+from ..backup.source import describe_source, store_source
 from ..cli import add_store_options, config_from_args, require_store
 from ..config import StoreConfig
-from ..copy import DEFAULT_BATCH_SIZE, TargetNotEmptyError, copy
 from ..dsn import redact_dsn
 from ..errors import BackupError, ValidationError
 from ..progress import TerminalProgress

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import open_store
-from ..backends.json_message_files import MESSAGES_DIR, iter_lines, list_files, parse_line
-from ..backup_messages import MessageOps
+from ..backends.json.message_files import MESSAGES_DIR, iter_lines, list_files, parse_line
+from ..backup.messages import MessageOps
 from ..cli import add_store_options, existing_store_config
 from ..config import StoreConfig
 from ..errors import CorruptDataError, DatabaseError

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .. import open_store
-from ..backup_messages import MessageOps
+from ..backup.messages import MessageOps
 from ..cli import CommandRefused, add_store_options, config_from_args, existing_store_config
 from ..errors import DatabaseError
 from ..migrations.ledger import read_applied
@@ -265,7 +265,7 @@ async def run_compact(args: argparse.Namespace) -> int:
     if config.backend != "json":
         print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
         return 2
-    from ..backends.json_files import JsonStore
+    from ..backends.json.store import JsonStore
 
     store = await JsonStore.open(config, merge_external=args.merge_external)
     try:

@@ -17,8 +17,8 @@ from datetime import date, timedelta
 from typing import Any
 
 from .. import open_store
-from ..analytics import UNKNOWN_SENTIMENT
 from ..cli import add_store_options, existing_store_config
+from ..messages.analytics import UNKNOWN_SENTIMENT
 from ..models import parse_timestamp, snowflake
 
 __all__ = ["register", "Summary", "bar", "render"]

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, unquote
 
 import asyncpg
 
-from ..dsn import dsn_user_and_rest, mask_secrets, scrub_exception
-from ..errors import ConnectionError, DatabaseError, TransactionError, ValidationError
+from ...dsn import dsn_user_and_rest, mask_secrets, scrub_exception
+from ...errors import ConnectionError, DatabaseError, TransactionError, ValidationError
 
 __all__ = ["DRIVER_ERRORS", "describe_target", "scrub_exception", "translate", "is_connection_error", "is_driver_error"]
 

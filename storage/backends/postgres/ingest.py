@@ -2,10 +2,10 @@
 
 Ingest is bound by the client's work on a machine whose cores the server shares: checking a record and encoding
 its row cost about as much as the server spends inserting it. So the usual record (see
-:func:`storage.analytics.usual_fields`) is never made into a normalized dict at all: its checked fields go
+:func:`storage.messages.analytics.usual_fields`) is never made into a normalized dict at all: its checked fields go
 straight into the row, the datetime the check parsed becomes the ``timestamptz`` (no second parse), and the row is
 kept with its id as an ``int`` so a chunk sorts by plain integer comparison. Anything else goes through the full
-checks (:func:`storage.analytics.checked_message`, which names what is wrong) and the general encoding. Both
+checks (:func:`storage.messages.analytics.checked_message`, which names what is wrong) and the general encoding. Both
 give the same bytes for the same record: tests/test_message_fast_path.py holds them to it.
 
 :class:`Ingest` then sends the rows a chunk at a time inside one transaction (see its doc), so that checking and
@@ -20,11 +20,11 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..analytics import UsualFields, checked_chunks
-from ..codec import encode_doc
-from ..errors import ValidationError
-from .pg_copy import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
-from .pg_schema import ID_SHIFT
+from ...codec import encode_doc
+from ...errors import ValidationError
+from ...messages.analytics import UsualFields, checked_chunks
+from .copy_rows import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
+from .schema import ID_SHIFT
 
 __all__ = ["Row", "RowEncoder", "Ingest", "checked_rows", "record_rows", "typed_columns", "TYPED"]
 
@@ -61,7 +61,8 @@ def typed_columns(rec: Record) -> tuple[str | None, list[str] | None, bytes | No
 
 
 class RowEncoder:
-    """Rows in PostgreSQL's binary ``COPY`` format (see pg_copy.py), with the caches of one ``record_messages``.
+    """Rows in PostgreSQL's binary ``COPY`` format (see postgres/copy_rows.py), with the caches of one
+    ``record_messages``.
 
     Guild and channel ids convert once per call, and the usual record (no ``extra``) has its sentiment and
     topics columns encoded once per distinct combination: sentiments and topic lists repeat.
@@ -74,7 +75,7 @@ class RowEncoder:
         self._tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
 
     def usual(self, fields: UsualFields) -> Row:
-        """The row of a record :func:`storage.analytics.usual_fields` accepted."""
+        """The row of a record :func:`storage.messages.analytics.usual_fields` accepted."""
         mid, cid, aid, gid, _ts, content_length, attachments, reactions, analysis, when = fields
         sentiment = analysis.get("sentiment")
         topics = analysis.get("topics")
@@ -151,7 +152,7 @@ class Ingest:
     is kept: when the ``COPY`` fails on an id that is stored already, the batch goes again through the staging
     table without being checked and encoded twice.
 
-    Each chunk is sent in id order (see ``_insert_messages`` in pg_messages.py for why order matters).
+    Each chunk is sent in id order (see ``_insert_messages`` in postgres/messages.py for why order matters).
     """
 
     def __init__(self, chunks: Iterator[list[Row]]) -> None:

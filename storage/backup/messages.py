@@ -16,9 +16,12 @@ from typing import Any
 
 import orjson
 
-from .analytics import normalize_messages
-from .backends.json_message_export import export_records
-from .backup_format import (
+from ..backends.json.message_export import export_records
+from ..errors import BackupError, ValidationError
+from ..messages.analytics import normalize_messages
+from ..offload import chunks, off_loop
+from ..progress import Progress
+from .format import (
     EMPTY_DIGEST,
     MESSAGES_DIGEST_NAME,
     MESSAGES_FILE,
@@ -27,9 +30,6 @@ from .backup_format import (
     canonical,
     iter_lines,
 )
-from .errors import BackupError, ValidationError
-from .offload import chunks, off_loop
-from .progress import Progress
 
 __all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
 
@@ -106,7 +106,7 @@ class MessageOps:
 
     def _log_root(self) -> Path | None:
         """The folder of a JSON store's message log (read file by file off the loop), else ``None``."""
-        from .backends.json_messages import MessageLog
+        from ..backends.json.messages import MessageLog
 
         messages = getattr(self.store, "_messages", None)
         return messages.root if isinstance(messages, MessageLog) else None
@@ -189,7 +189,7 @@ class MessageOps:
 
 
 class MessageSwap:
-    """A JSON store's crash-safe message replacement for a restore (see :mod:`storage.backends.json_restore`).
+    """A JSON store's crash-safe message replacement for a restore (see :mod:`storage.backends.json.restore`).
 
     ``stage`` (before the transaction), ``begin`` (inside it, last), ``finish`` (after it, or after a failure):
     whatever happens, the next lock or open of the store leaves the messages matching the documents' outcome.
@@ -208,8 +208,8 @@ class MessageSwap:
         return None
 
     async def stage(self, root: Path, entry: dict[str, Any], progress: Progress) -> None:
-        from .backends.json_message_files import run_in_thread
-        from .backends.json_restore import stage_messages
+        from ..backends.json.message_files import run_in_thread
+        from ..backends.json.restore import stage_messages
 
         def batches() -> Iterator[list[dict[str, Any]]]:
             for batch in MessageOps.backup_batches(root, entry):
@@ -224,8 +224,8 @@ class MessageSwap:
 
     async def begin(self, backup_id: str) -> None:
         """Under the transaction's lock, after its changes are staged: write the intent and swap the folders."""
-        from .backends.json_message_files import run_in_thread
-        from .backends.json_restore import begin, documents_digest
+        from ..backends.json.message_files import run_in_thread
+        from ..backends.json.restore import begin, documents_digest
 
         assert self.staged is not None
         before = await run_in_thread(documents_digest, self.store._data)
@@ -233,8 +233,8 @@ class MessageSwap:
 
     async def finish(self) -> None:
         """Resolve the intent under the store lock (its hook does it), then delete this restore's leftovers."""
-        from .backends.json_message_files import run_in_thread
-        from .backends.json_restore import discard
+        from ..backends.json.message_files import run_in_thread
+        from ..backends.json.restore import discard
 
         if self.staged is None:
             return

@@ -6,17 +6,17 @@ like a good one, ``restore_backup("../..")`` wrote anywhere, and there was nothi
 * :meth:`BackupMixin.create_backup` reads every collection through **one transaction**, so the backup is one
   consistent snapshot even while the bot keeps writing (JSON files: the transaction holds the store lock, writers
   wait; PostgreSQL: the transaction's snapshot, ``REPEATABLE READ``). It writes the portable format of
-  :mod:`storage.backup_format` atomically, verifies what it wrote, and only then prunes old backups.
+  :mod:`storage.backup.format` atomically, verifies what it wrote, and only then prunes old backups.
 * :meth:`BackupMixin.restore_backup` verifies first (a damaged backup raises :class:`BackupError` and changes
   nothing), then, in one transaction, saves the current state as a backup of its own and swaps the data in: every
   document not in the backup is deleted, every document that differs is written; all or nothing. A backup of
   either backend restores into either backend.
-* Retention is per store (the manifest records which store a backup came from, :mod:`storage.backup_source`):
+* Retention is per store (the manifest records which store a backup came from, :mod:`storage.backup.source`):
   it keeps the newest ``keep`` backups of that store and/or those younger than ``keep_days`` (a backup is kept
   when either rule keeps it, like restic's ``--keep-last``/``--keep-within``), always the newest one holding
   data, and never deletes what it cannot read or what another (or an unknown) store made.
 
-Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup_messages`):
+Message-analytics records are stored beside the documents in ``messages.jsonl`` (:mod:`storage.backup.messages`):
 
 * **Snapshot.** JSON files: the messages are read while the documents' transaction holds the store lock, so both
   come from the same instant (the manifest says ``"same_snapshot": true``). PostgreSQL: the documents'
@@ -28,7 +28,7 @@ Message-analytics records are stored beside the documents in ``messages.jsonl`` 
   message log lives outside the document transaction, so the backup's messages are first written into a staged
   folder, then swapped in inside the transaction under a durable intent file; the journal commit decides both,
   and a crash at any point is finished or undone by the next lock or open of the store
-  (:mod:`storage.backends.json_restore`). Messages whose content digest already equals the backup's are not
+  (:mod:`storage.backends.json.restore`). Messages whose content digest already equals the backup's are not
   touched.
 """
 
@@ -47,9 +47,13 @@ from typing import Any
 
 import orjson
 
-from .backup_files import collect as collect_files
-from .backup_files import restore_files, write_files
-from .backup_format import (
+from ..errors import BackupError, DatabaseError, ValidationError
+from ..offload import chunks, off_loop
+from ..progress import NullProgress, Progress
+from ..protocol import Transaction
+from .files import collect as collect_files
+from .files import restore_files, write_files
+from .format import (
     EMPTY_DIGEST,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -76,19 +80,15 @@ from .backup_format import (
     verify_backup_dir,
     write_manifest,
 )
-from .backup_messages import MessageOps, MessageSwap
-from .backup_source import Source, describe_source, same_store, store_source
-from .errors import BackupError, DatabaseError, ValidationError
-from .offload import chunks, off_loop
-from .progress import NullProgress, Progress
-from .protocol import Transaction
+from .messages import MessageOps, MessageSwap
+from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
     "BackupMixin", "BackupInfo", "BackupReport", "RestoreReport", "CollectionChange", "LEDGER_COLLECTION",
     "write_backup", "restore_from", "list_backup_entries", "select_expired", "prune_backup_dir", "pin_snapshot",
 ]
 
-log = logging.getLogger("storage.backup")
+log = logging.getLogger("storage.backup.operations")
 
 #: Where the migrations helper keeps its ledger (keyed by version); copied like any other collection.
 LEDGER_COLLECTION = "_migrations"
@@ -123,7 +123,7 @@ class RestoreReport:
     collections: dict[str, CollectionChange]
     #: ``(before, backup)`` message counts; ``None`` when the backup has no message part (nothing was touched)
     messages: tuple[int, int] | None = None
-    #: loose files (``origin:path``, see :mod:`storage.backup_files`) -> restored / unchanged / why not
+    #: loose files (``origin:path``, see :mod:`storage.backup.files`) -> restored / unchanged / why not
     files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -329,7 +329,7 @@ def _owned_collections(store: Any) -> set[str]:
 
 def _source_entry(store: Any) -> dict[str, Any]:
     """The manifest's ``source``: the backend, a display location and the identity retention compares
-    (:mod:`storage.backup_source`; never a password)."""
+    (:mod:`storage.backup.source`; never a password)."""
     identity = store_source(store.config)
     return {"backend": store.backend_name, "location": describe_source(identity), "store": identity}
 
@@ -394,7 +394,7 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
         assert message_entry is not None
         # JSON files: the messages are written into a staged folder first (the slow part, before the lock), then
         # swapped in inside the documents' transaction, under an intent file that makes it all-or-nothing across
-        # a crash (storage/backends/json_restore.py).
+        # a crash (storage/backends/json/restore.py).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
         await swap.stage(root, message_entry, progress)
     try:
@@ -445,7 +445,7 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
                                   f"{exc}") from exc
         if messages is not None and message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
-        # Loose files last: they are beside the store, not in it (see storage/backup_files.py).
+        # Loose files last: they are beside the store, not in it (see storage/backup/files.py).
         files = await asyncio.to_thread(restore_files, root, loose_files(manifest), _data_folder(store),
                                         _owned_collections(store), dry_run)
     finally:
@@ -602,7 +602,7 @@ def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None
     would be) removed.
 
     Only backups whose manifest names the same store are counted and removed: other stores' backups and backups
-    of unknown source (see :mod:`storage.backup_source`) are never touched, nor is a backup that cannot be read.
+    of unknown source (see :mod:`storage.backup.source`) are never touched, nor is a backup that cannot be read.
     """
     entries = list_backup_entries(backup_dir)
     readable = [info for _, info in entries if isinstance(info, BackupInfo) and same_store(info.source, source)]
@@ -638,7 +638,7 @@ class BackupMixin:
         """Back up every collection (and message) from one snapshot, verify it, then apply retention.
 
         A JSON store's backup also holds every other file of its data folder, and ``extra`` files/globs outside
-        it (default ``config.backup_extra``, ``STORAGE_BACKUP_EXTRA``): see :mod:`storage.backup_files`.
+        it (default ``config.backup_extra``, ``STORAGE_BACKUP_EXTRA``): see :mod:`storage.backup.files`.
 
         ``keep`` defaults to ``config.backup_keep`` (``STORAGE_BACKUP_KEEP``). Retention runs only after the new
         backup verified, so a failing disk never costs the old backups.

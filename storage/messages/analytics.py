@@ -16,7 +16,7 @@ backend serves them from a cache instead). These generic queries are the referen
 with something faster (SQL), and the conformance tests prove that both give the same answers. Likewise
 ``record_messages`` goes through the optional ``_ingest(records, size_hint)``, whose default checks the whole
 batch and then calls ``_insert_messages``; PostgreSQL overrides it to write while it checks, in a transaction
-(storage/backends/pg_ingest.py). Both check with :func:`checked_chunks`, so they accept and refuse the same.
+(storage/backends/postgres/ingest.py). Both check with :func:`checked_chunks`, so they accept and refuse the same.
 
 Decisions, stated once:
 
@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from .codec import canonical_numbers, encode_doc, shown
-from .errors import ValidationError
-from .members import MEMBERS
-from .models import MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
-from .protocol import Document, TimeBound, Transaction
+from ..codec import canonical_numbers, encode_doc, shown
+from ..errors import ValidationError
+from ..members import MEMBERS
+from ..models import MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
+from ..protocol import Document, TimeBound, Transaction
 
 __all__ = [
     "AnalyticsMixin",

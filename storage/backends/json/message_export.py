@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .json_message_files import list_files, parse_block
+from .message_files import list_files, parse_block
 
 __all__ = ["export_records"]
 

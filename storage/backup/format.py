@@ -7,7 +7,7 @@ same second)::
     collections/<name>.jsonl.gz    one line per document: {"key":"<key>","doc":{...}}, in key order
     messages.jsonl.gz              one message-analytics record per line (when the store has messages)
     files/data/<path>.gz           every file of a JSON store's data folder that the store does not own
-    files/extra/<abs path>.gz      files named by STORAGE_BACKUP_EXTRA / --extra (see storage.backup_files)
+    files/extra/<abs path>.gz      files named by STORAGE_BACKUP_EXTRA / --extra (see storage.backup.files)
 
 Compression: gzip (the stdlib's ``zlib``, level 3: about as fast as level 1 and 10% smaller), so every file opens
 with ``zcat``/``zgrep``/``gunzip``/``jq`` after ``gunzip -c``. Sizes, hashes and line counts in the manifest are
@@ -50,11 +50,11 @@ from typing import Any
 
 import orjson
 
-from .backup_source import manifest_source
-from .codec import check_collection, dumps_canonical
-from .errors import BackupError, ValidationError
-from .fsutil import TEMP_MARK, fsync_dir, make_dirs, sync_fd, write_all
-from .progress import NullProgress, Progress
+from ..codec import check_collection, dumps_canonical
+from ..errors import BackupError, ValidationError
+from ..fsutil import TEMP_MARK, fsync_dir, make_dirs, sync_fd, write_all
+from ..progress import NullProgress, Progress
+from .source import manifest_source
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MESSAGES_FILE", "MESSAGES_DIGEST_NAME", "EMPTY_DIGEST",
@@ -105,7 +105,7 @@ class BackupInfo:
     size_bytes: int
     label: str | None = None
     digests: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
-    #: the store it came from (see :mod:`storage.backup_source`); ``None`` when the manifest does not say
+    #: the store it came from (see :mod:`storage.backup.source`); ``None`` when the manifest does not say
     source: dict[str, str] | None = None
     #: files copied beside the data (``data:<path in the folder>`` / ``extra:<absolute path>``) -> bytes
     files: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -513,7 +513,7 @@ def _file_entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def loose_files(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The manifest's ``files`` (format 2): files that are not collections, copied byte for byte (see
-    :mod:`storage.backup_files`); each ``{"origin": "data"|"extra", "path", "file", "bytes", "sha256", ...}``."""
+    :mod:`storage.backup.files`); each ``{"origin": "data"|"extra", "path", "file", "bytes", "sha256", ...}``."""
     files = manifest.get("files") or []
     if type(files) is not list:
         raise BackupError(f"{MANIFEST_NAME}: 'files' is malformed")

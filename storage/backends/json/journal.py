@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 import orjson
 
-from ..codec import check_collection, check_key, dumps_kept
-from ..errors import CorruptDataError, ValidationError
-from ..fsutil import atomic_write, sync_fd, write_all
+from ...codec import check_collection, check_key, dumps_kept
+from ...errors import CorruptDataError, ValidationError
+from ...fsutil import atomic_write, sync_fd, write_all
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "JOURNAL_FORMAT"]
 
@@ -105,7 +105,7 @@ class Journal:
     Not thread-safe and not async: the store serializes access (its mutex and file lock for writes; reads run on
     the event loop thread between awaits).
 
-    ``end`` arguments are the *committed end* that writers publish (lockfile.py): a reader never reads past it, so
+    ``end`` arguments are the *committed end* that writers publish (json/lock.py): a reader never reads past it, so
     it never applies a record whose fsync may yet fail. Under the lock, bytes past a trusted committed end were
     never acknowledged (a write that failed and could not be cut back, or a writer killed before it published),
     and are cut away.

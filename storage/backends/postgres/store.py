@@ -9,10 +9,10 @@ How it maps the contract:
   which a transaction pooler needs, and nothing here relies on session state.
 * **Atomicity and no lost updates** come from PostgreSQL itself: a ``put_many`` is one statement, ``update()``
   locks the row (``SELECT ... FOR UPDATE``) while ``fn`` runs, and ``transaction()`` is a real transaction on one
-  connection (:attr:`PgTransaction.connection`) whose reads lock what they read. See pg_documents.py.
+  connection (:attr:`PgTransaction.connection`) whose reads lock what they read. See postgres/documents.py.
 * **Faults**: a refused connection, a server restart, a dropped socket raise :class:`storage.ConnectionError` (the
   original chained); the pool replaces dead connections by itself, so the same store works again as soon as the
-  server is back, and :func:`storage.safe_database_operation` can simply retry. See pg_errors.py.
+  server is back, and :func:`storage.safe_database_operation` can simply retry. See postgres/errors.py.
 
 Documents in jsonb
     jsonb keeps what JSON means, not how it was spelled: a document reads back equal (``==``) to what was
@@ -23,7 +23,7 @@ Documents in jsonb
 Bounded waits
     Every statement and every wait for a pooled connection ends after ``config.command_timeout``; connections have
     TCP keepalives; a cancelled or timed-out operation terminates its connection instead of waiting on a server
-    that may never answer. See pg_conn.py. A store call from inside the task's own transaction is refused
+    that may never answer. See postgres/conn.py. A store call from inside the task's own transaction is refused
     (base.py ``_guard_read``): it would wait for a connection the transaction may hold the last of.
 
 Reads by key and the cache
@@ -62,10 +62,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ..cache import DatabaseCache
-from ..config import StoreConfig
-from ..dsn import mask_secrets
-from ..errors import (
+from ...cache import DatabaseCache
+from ...config import StoreConfig
+from ...dsn import mask_secrets
+from ...errors import (
     ConnectionError,
     DatabaseError,
     ReadOnlyError,
@@ -73,14 +73,14 @@ from ..errors import (
     TransactionError,
     ValidationError,
 )
-from ..protocol import Document, Transaction, UpdateFn
-from . import pg_conn
-from . import pg_documents as sql
-from .base import BaseStore, OpsBase
-from .pg_errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
-from .pg_ingest import RowEncoder, replay
-from .pg_messages import COLUMNS, PgMessagesMixin
-from .pg_schema import ensure_schema
+from ...protocol import Document, Transaction, UpdateFn
+from ..base import BaseStore, OpsBase
+from . import conn as pg_conn
+from . import documents as sql
+from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
+from .ingest import RowEncoder, replay
+from .messages import COLUMNS, PgMessagesMixin
+from .schema import ensure_schema
 
 __all__ = ["PostgresStore", "PgTransaction", "CONNECT_TIMEOUT", "CLOSE_TIMEOUT"]
 
@@ -107,7 +107,7 @@ def _decode_jsonb(data: bytes) -> Any:
 
 
 async def _init_connection(conn: Any) -> None:
-    pg_conn.configure_socket(conn)  # TCP keepalives: see pg_conn.py
+    pg_conn.configure_socket(conn)  # TCP keepalives: see postgres/conn.py
     await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb,
                               format="binary")
 
@@ -157,7 +157,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
                 reset=self._reset_connection,
                 statement_cache_size=0 if config.pgbouncer else 100,
                 timeout=CONNECT_TIMEOUT,
-                command_timeout=config.command_timeout,  # bounds every statement: see pg_conn.py
+                command_timeout=config.command_timeout,  # bounds every statement: see postgres/conn.py
                 # read-only: the server itself refuses writes too (not through PgBouncer, which refuses the
                 # parameter; the store's own guards refuse them there)
                 server_settings=({"default_transaction_read_only": "on"}
@@ -336,7 +336,7 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         """A PostgreSQL transaction on one connection.
 
         ``isolation="read_committed"`` (the default) is pessimistic: reads lock what they read (see
-        pg_documents.py), so concurrent read-modify-write transactions wait for each other and never lose an
+        postgres/documents.py), so concurrent read-modify-write transactions wait for each other and never lose an
         update. Two of them reading the same documents in opposite orders can deadlock; PostgreSQL then aborts
         one, which raises :class:`storage.TransactionError` (retry it).
 
@@ -480,7 +480,7 @@ class _Borrowed:
             if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
                 # asyncpg lost track of the protocol (seen when the server ends a session mid-query,
                 # MagicStack/asyncpg#784), or the operation was cancelled or timed out, and the connection may be
-                # waiting on a server that does not answer (see pg_conn.py): the pool must never hand this
+                # waiting on a server that does not answer (see postgres/conn.py): the pool must never hand this
                 # connection out again, nor wait on it.
                 pg_conn.abandon(self._conn)
             try:
@@ -580,7 +580,7 @@ class PgTransaction(OpsBase):
             except BaseException as exc:
                 if pg_conn.abandons(exc):
                     # Cancelled or timed out mid-statement: PostgreSQL aborts the transaction anyway, and waiting
-                    # for it to say so could take forever on a frozen server (see pg_conn.py).
+                    # for it to say so could take forever on a frozen server (see postgres/conn.py).
                     self._failed, self._abandoned = exc, True
                     pg_conn.abandon(self._connection)
                 elif is_driver_error(exc):

@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import DatabaseError
+from ...errors import DatabaseError
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "abandon", "abandons", "configure_socket",
            "transaction"]

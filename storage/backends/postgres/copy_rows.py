@@ -5,7 +5,7 @@ asyncpg can encode rows itself (``copy_records_to_table``), through one generic 
 client time per message row, more than the server spends inserting the row, on a machine where client and server
 share two cores. Here a row is one ``struct`` call for its eight fixed-width columns and three variable ones that
 the caller mostly looks up: sentiments and topic lists repeat, so each distinct one needs encoding once per batch.
-This module only knows the format; pg_messages.py knows the records.
+This module only knows the format; postgres/messages.py knows the records.
 
 The format (PostgreSQL manual, ``COPY``, "Binary Format"): a header, then per row an int16 field count and per
 field an int32 byte length (-1 for NULL) and the value in its type's binary form, then an int16 -1. The forms used:

@@ -42,9 +42,9 @@ from typing import Any
 
 import orjson
 
-from ..errors import CorruptDataError, DatabaseError
-from ..fsutil import atomic_write, fsync_dir
-from .json_message_files import GENERATION_NAME, MESSAGES_DIR
+from ...errors import CorruptDataError, DatabaseError
+from ...fsutil import atomic_write, fsync_dir
+from .message_files import GENERATION_NAME, MESSAGES_DIR
 
 __all__ = [
     "INTENT_NAME", "documents_digest", "stage_messages", "begin", "resolve", "recover", "discard", "pending", "sweep",
@@ -92,7 +92,7 @@ def stage_messages(data_path: Path, batches: Iterable[list[dict[str, Any]]]) -> 
 
     Runs in a thread, no lock needed: nobody else knows the folder. On an error it is removed and the error raised.
     """
-    from .json_messages import MessageLog  # here: json_messages imports nothing from this module, keep it so
+    from .messages import MessageLog  # here: json_messages imports nothing from this module, keep it so
 
     staged = data_path / f"{_STAGED}{os.getpid()}-{secrets.token_hex(8)}"
     staged.mkdir(mode=0o700)

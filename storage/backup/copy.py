@@ -3,7 +3,7 @@
 This is how a bot outgrows its JSON files (``python -m storage copy --from config/ --to postgresql://...``) or
 takes its data back out of PostgreSQL. Red-DiscordBot's converter copied without checking; here the copy ends
 with a verification that reads the target back and compares per-collection counts and content digests
-(:class:`storage.backup_format.ContentDigest`: an order-independent digest of collection, key and canonical
+(:class:`storage.backup.format.ContentDigest`: an order-independent digest of collection, key and canonical
 document bytes, so key order and the backends' sort orders do not matter).
 
 What it guarantees, and what it does not:
@@ -25,12 +25,12 @@ import os
 import time
 from typing import Any
 
-from .backup import _snapshot_collections, pin_snapshot
-from .backup_format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
-from .backup_messages import MESSAGE_BATCH, MessageOps
-from .errors import BackupError, ValidationError
-from .progress import NullProgress, Progress
-from .protocol import Document
+from ..errors import BackupError, ValidationError
+from ..progress import NullProgress, Progress
+from ..protocol import Document
+from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
+from .messages import MESSAGE_BATCH, MessageOps
+from .operations import _snapshot_collections, pin_snapshot
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
 

@@ -7,7 +7,8 @@ prune drops whole months with an ``unlink``.
 
 Updates. :meth:`MessageLog.modify` appends ``{"update": <the whole new record>}`` to the file holding the record:
 old lines are never rewritten, and the last line of an id in its file is its current version. The identity and
-the timestamp of a message cannot change (see :mod:`storage.analytics`), so an update always belongs to the same
+the timestamp of a message cannot change (see :mod:`storage.messages.analytics`), so an update always belongs to the
+same
 file as its record.
 
 Concurrency. Every write holds the store's lock (its in-process mutex and the cross-process file lock) and runs
@@ -51,12 +52,12 @@ from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
 
-from ..analytics import MessageColumns, bound_key, micros, timestamp_key
-from ..errors import CorruptDataError, StorageIOError, ValidationError
-from ..fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
+from ...errors import CorruptDataError, StorageIOError, ValidationError
+from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
+from ...messages.analytics import MessageColumns, bound_key, micros, timestamp_key
 from .group_commit import Failed, GroupCommit
-from .json_message_cache import ColumnCache
-from .json_message_files import (
+from .message_cache import ColumnCache
+from .message_files import (
     GENERATION_NAME,
     MESSAGES_DIR,
     FileKey,
@@ -110,7 +111,7 @@ class _Group:
 
 
 class MessageLog:
-    """The message files of one :class:`~storage.backends.json_files.JsonStore` (see the module doc).
+    """The message files of one :class:`~storage.backends.json.store.JsonStore` (see the module doc).
 
     ``locked`` is the store's ``_locked``: an async context manager holding its mutex and the file lock.
     """

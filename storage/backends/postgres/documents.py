@@ -1,7 +1,7 @@
 """The SQL of the document operations, written once for a pooled connection and a transaction's connection.
 
 Every statement is parameterized; keys, collection names and documents never become part of SQL text. Documents
-travel in ``jsonb``'s binary format through the codec registered in postgres.py, so the bytes ``storage.codec``
+travel in ``jsonb``'s binary format through the codec registered in store.py, so the bytes ``storage.codec``
 produced go to the server as they are.
 
 Locking, which is what makes ``update()`` and transactions safe across processes:
@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-from ..codec import decode_doc, encode_doc
-from ..protocol import Document, UpdateFn
-from .base import apply_update
-from .pg_conn import transaction
-from .pg_schema import DOC_LOCK_CLASS
+from ...codec import decode_doc, encode_doc
+from ...protocol import Document, UpdateFn
+from ..base import apply_update
+from .conn import transaction
+from .schema import DOC_LOCK_CLASS
 
 __all__ = ["PAGE_SIZE", "get_text", "get", "get_locked", "get_many", "get_many_locked", "put", "delete", "update",
            "items_page", "count", "collections", "prefix_upper_bound"]

@@ -41,11 +41,10 @@ from typing import Any
 
 import orjson
 
-from .. import cancellation
-from ..analytics import MessageColumns
-from ..codec import OWN_COLLECTIONS, check_collection, decode_doc
-from ..config import StoreConfig
-from ..errors import (
+from ... import cancellation
+from ...codec import OWN_COLLECTIONS, check_collection, decode_doc
+from ...config import StoreConfig
+from ...errors import (
     CorruptDataError,
     DatabaseError,
     ExternalChangeError,
@@ -54,14 +53,15 @@ from ..errors import (
     StorageIOError,
     ValidationError,
 )
-from ..fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
-from ..protocol import Document, Transaction, UpdateFn
-from . import json_restore
-from .base import BaseStore, OpsBase, apply_update
+from ...fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
+from ...messages.analytics import MessageColumns
+from ...protocol import Document, Transaction, UpdateFn
+from ..base import BaseStore, OpsBase, apply_update
+from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
-from .json_messages import MESSAGES_DIR, MessageLog
-from .lockfile import LockBusy, SidecarLock
+from .lock import LockBusy, SidecarLock
+from .messages import MESSAGES_DIR, MessageLog
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
 __all__ = ["JsonStore", "JOURNAL_NAME", "LOCK_NAME"]
@@ -679,7 +679,7 @@ class JsonStore(BaseStore):
         """``*.json`` files in the folder that are not collections, and why (shown by ``storage check``)."""
         return dict(self._foreign)
 
-    # message analytics: the append-only log in json_messages.py
+    # message analytics: the append-only log in json/messages.py
     async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
         self._check_usable()
         return await self._messages.insert(records)

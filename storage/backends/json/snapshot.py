@@ -22,8 +22,8 @@ from pathlib import Path
 
 import orjson
 
-from ..codec import dumps_kept
-from ..errors import CorruptDataError, DatabaseError
+from ...codec import dumps_kept
+from ...errors import CorruptDataError, DatabaseError
 
 __all__ = ["Collection", "render_collection", "read_snapshot"]
 

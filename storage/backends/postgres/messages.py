@@ -1,12 +1,13 @@
-"""Message analytics on PostgreSQL: the four primitives of :mod:`storage.analytics`, and its queries in SQL.
+"""Message analytics on PostgreSQL: the four primitives of :mod:`storage.messages.analytics`, and its queries in SQL.
 
-Records live in ``storage_messages`` (see pg_schema.py): typed columns for what the queries filter and group by,
+Records live in ``storage_messages`` (see postgres/schema.py): typed columns for what the queries filter and group by,
 ids shifted into ``bigint``, and an ``extra`` jsonb column only for what does not fit them (fields beyond the
 seed's, or an ``analysis`` with other keys than a ``sentiment`` string and a ``topics`` list), so the common
 record costs no JSON parsing on the server and every record still reads back exactly as it was written.
 
-Ingest is a binary ``COPY`` straight into the table, each record checked and encoded in one pass by pg_ingest.py
-(rows built by pg_copy.py: a third of the client time asyncpg's generic encoding took) and sent in chunks by an
+Ingest is a binary ``COPY`` straight into the table, each record checked and encoded in one pass by postgres/ingest.py
+(rows built by postgres/copy_rows.py: a third of the client time asyncpg's generic encoding took) and sent in chunks
+by an
 asynchronous generator, so that the client's work on the next chunk (which bounds ingest) overlaps with the server
 inserting the previous one; a batch of several chunks is one transaction, rolled back if a later chunk holds a bad
 record.
@@ -15,9 +16,10 @@ which then wrote nothing) the batch goes again through a temporary table and ``I
 (message_id) DO NOTHING``; a large batch whose first or last id is stored (a resent one) goes there directly. New
 messages, the usual case, pay for one pass.
 
-The query methods override the generic (streaming, Python) versions of :class:`storage.analytics.AnalyticsMixin`
+The query methods override the generic (streaming, Python) versions of
+:class:`storage.messages.analytics.AnalyticsMixin`
 with one aggregate statement each and give identical answers; the conformance tests compare both to a reference.
-So does ``refresh_member_statistics``, whose statement also writes the member documents (see pg_member_stats.py).
+So does ``refresh_member_statistics``, whose statement also writes the member documents (see postgres/member_stats.py).
 
 Where the time goes, and why the queries are written as they are
     A guild's messages are spread over every page of the table (guilds interleave as messages arrive), so any
@@ -52,7 +54,9 @@ from typing import Any
 
 import asyncpg
 
-from ..analytics import (
+from ...errors import DatabaseError, ValidationError
+from ...members import MEMBERS
+from ...messages.analytics import (
     BY_CHOICES,
     COLUMN_BLOCK,
     INGEST_CHUNK,
@@ -62,14 +66,13 @@ from ..analytics import (
     micros,
     time_bound,
 )
-from ..errors import DatabaseError, ValidationError
-from ..members import MEMBERS
-from ..models import iso_utc, snowflake
-from ..protocol import TimeBound
-from . import pg_conn, pg_member_stats
-from .pg_errors import DRIVER_ERRORS
-from .pg_ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
-from .pg_schema import ID_SHIFT
+from ...models import iso_utc, snowflake
+from ...protocol import TimeBound
+from . import conn as pg_conn
+from . import member_stats as pg_member_stats
+from .errors import DRIVER_ERRORS
+from .ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
+from .schema import ID_SHIFT
 
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS"]
 
@@ -239,7 +242,7 @@ class _IdTexts(dict[int, str]):
 
 def _columns_block(rows: Sequence[Any], ids: _IdTexts,
                    combos: dict[tuple[str, ...], tuple[str, ...]]) -> MessageColumns:
-    """Rows of ``_SELECT_COLUMNS`` as a block of :class:`storage.analytics.MessageColumns`."""
+    """Rows of ``_SELECT_COLUMNS`` as a block of :class:`storage.messages.analytics.MessageColumns`."""
     topics: list[tuple[str, ...]] = []
     for row in rows:
         listed = row[4]
@@ -275,7 +278,7 @@ async def _cursor_blocks(conn: Any, query: str, args: Sequence[Any], size: int) 
 
 
 class PgMessagesMixin:
-    """The message primitives and SQL queries of :class:`storage.backends.postgres.PostgresStore`."""
+    """The message primitives and SQL queries of :class:`storage.backends.postgres.store.PostgresStore`."""
 
     #: New rows this store writes between two ``VACUUM`` runs that keep the visibility map current (module doc).
     VACUUM_AFTER_ROWS = 10_000
@@ -303,7 +306,7 @@ class PgMessagesMixin:
         return await self._copy_messages(Ingest(record_rows(records, INGEST_CHUNK, RowEncoder())))
 
     async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
-        """``record_messages``: checked, encoded and sent a chunk at a time (see pg_ingest.py)."""
+        """``record_messages``: checked, encoded and sent a chunk at a time (see postgres/ingest.py)."""
         ingest = Ingest(checked_rows(records, INGEST_CHUNK, RowEncoder()))
         if ingest.first is None:
             return 0
@@ -498,8 +501,9 @@ class PgMessagesMixin:
 
     async def refresh_member_statistics(self, guild_id: int | str, *, since: TimeBound = None,
                                         until: TimeBound = None) -> int:
-        """The generic version's contract (see :class:`storage.analytics.AnalyticsMixin`) in one statement, which
-        counts in the covering index and upserts the changed member documents (see pg_member_stats.py)."""
+        """The generic version's contract (see :class:`storage.messages.analytics.AnalyticsMixin`) in one statement,
+        which
+        counts in the covering index and upserts the changed member documents (see postgres/member_stats.py)."""
         guild = snowflake(guild_id, "guild_id")  # the generic version's checks, in its order
         self._guard_read()
         args = pg_member_stats.member_parameters(guild)

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .. import cancellation
-from ..errors import CorruptDataError, StorageIOError
-from ..fsutil import TEMP_MARK
+from ... import cancellation
+from ...errors import CorruptDataError, StorageIOError
+from ...fsutil import TEMP_MARK
 
 __all__ = [
     "MESSAGES_DIR", "GENERATION_NAME", "FileKey", "Record", "encode_line", "encode_bodies", "join_lines",

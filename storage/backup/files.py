@@ -32,9 +32,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .backup_format import FILES_DIR, GZ, JsonlWriter, read_loose_file
-from .errors import BackupError
-from .fsutil import TEMP_MARK, fsync_dir, sync_fd, temp_name, write_all
+from ..errors import BackupError
+from ..fsutil import TEMP_MARK, fsync_dir, sync_fd, temp_name, write_all
+from .format import FILES_DIR, GZ, JsonlWriter, read_loose_file
 
 __all__ = ["collect", "write_files", "restore_files", "FileChange"]
 
@@ -46,8 +46,8 @@ FileChange = str
 
 def _owned_top(name: str, collections: set[str], is_dir: bool) -> bool:
     """Whether a top-level entry of a JSON data folder belongs to the store (see the module doc)."""
-    from .backends.json_message_files import MESSAGES_DIR
-    from .backends.json_restore import is_restore_entry
+    from ..backends.json.message_files import MESSAGES_DIR
+    from ..backends.json.restore import is_restore_entry
 
     if name.startswith("storage.") or is_restore_entry(name):
         return True

@@ -11,7 +11,7 @@ Three tables, in the connection's default schema (``search_path``):
     queries, ``(guild_id, created_at) INCLUDE (channel_id, author_id, sentiment, topics)``: every column an
     aggregate reads is in it, so a query over a guild is an index-only scan of one contiguous index range instead
     of a visit to every heap page (a guild's messages are spread over the whole table, interleaved with the other
-    guilds'). Index-only scans need the visibility map, which ingest keeps current (see pg_messages.py). Grown
+    guilds'). Index-only scans need the visibility map, which ingest keeps current (see postgres/messages.py). Grown
     row by row, its leaf pages end up about half full (every guild's insertion point splits pages in the middle:
     PostgreSQL splits after the new item only for narrow fixed-width tuples), so it is about 1.7 times the size a
     ``REINDEX INDEX CONCURRENTLY storage_messages_guild_time_covering`` would make it; nothing depends on that.
@@ -46,8 +46,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..errors import DatabaseError
-from .pg_conn import transaction
+from ...errors import DatabaseError
+from .conn import transaction
 
 __all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
 
@@ -62,7 +62,7 @@ def stable_lock_key(name: str) -> int:
 
 
 SCHEMA_LOCK_KEY = stable_lock_key("storage.schema")
-#: First half of the two-integer advisory locks taken on absent document keys (see postgres.py). The two-integer
+#: First half of the two-integer advisory locks taken on absent document keys (see store.py). The two-integer
 #: form lives in a different lock space than the one-``bigint`` form, so it cannot collide with other users' keys.
 DOC_LOCK_CLASS = stable_lock_key("storage.documents") >> 32
 

@@ -1,7 +1,8 @@
 """``refresh_member_statistics`` on PostgreSQL: one statement that counts in the messages' covering index and
 upserts the member documents it changes.
 
-The generic version (:meth:`storage.analytics.AnalyticsMixin.refresh_member_statistics`) streams every message of
+The generic version (:meth:`storage.messages.analytics.AnalyticsMixin.refresh_member_statistics`) streams every
+message of
 the guild into Python, reads every member document, and writes the changed ones back with ``put_many``: three
 trips of data across the connection, and most of the time in Python. Here the server does all of it:
 
@@ -35,9 +36,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ValidationError
-from ..members import MEMBERS
-from .pg_documents import prefix_upper_bound
+from ...errors import ValidationError
+from ...members import MEMBERS
+from .documents import prefix_upper_bound
 
 __all__ = ["REFRESH", "member_parameters", "refresh"]
 
