@@ -24,8 +24,8 @@ from storage import StoreConfig
 from storage.backends.postgres import member_stats as pg_member_stats
 from storage.backends.postgres import messages as pm
 from storage.backends.postgres import schema as pg_schema
-from storage.backends.postgres.store import PostgresStore
 from storage.messages.analytics import AnalyticsMixin, normalize_messages
+from storage.stores import PostgresStore
 from tests.test_analytics import (
     AUTHORS,
     GUILDS,
