@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
@@ -44,6 +44,7 @@ import orjson
 from ... import cancellation
 from ...codec import OWN_COLLECTIONS, check_collection, decode_doc
 from ...config import StoreConfig
+from ...documents import apply_update
 from ...errors import (
     CorruptDataError,
     DatabaseError,
@@ -54,14 +55,19 @@ from ...errors import (
     ValidationError,
 )
 from ...fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
+from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.analytics import MessageColumns
-from ...protocol import Document, Transaction, UpdateFn
-from ..base import BackendBase, OpsBase, apply_update
+from ...offload import off_loop
+from ...protocol import Document, UpdateFn
+from ..base import BackendBase
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
+from .message_export import export_records
 from .messages import MESSAGES_DIR, MessageLog
+from .migration_lock import FileMigrationLock
+from .restore import RestoreSwap
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
@@ -99,6 +105,20 @@ class _Staged:
     def apply(self, ops: list[Op]) -> None:
         for op in ops:
             self.changes[(op[1], op[2])] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+
+    def view(self, collection: str) -> Mapping[str, bytes]:
+        """The collection as committed plus the changes staged here (a copy only when there are changes)."""
+        base = self.base.get(collection, {})
+        mine = {key: value for (coll, key), value in self.changes.items() if coll == collection}
+        if not mine:
+            return base
+        merged = dict(base)
+        for key, value in mine.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
 
     def keys(self, collection: str) -> set[str]:
         keys = set(self.base.get(collection, ()))
@@ -679,6 +699,34 @@ class JsonBackend(BackendBase):
         await self._refresh()
         return sorted(name for name, coll in self._data.items() if coll)
 
+    # where the data is (storage.interfaces)
+    def location(self) -> str:
+        return os.path.realpath(self.path)
+
+    def data_folder(self) -> Path | None:
+        return self.path
+
+    def migration_lock(self) -> MigrationLock:
+        return FileMigrationLock(self.path)
+
+    def owned_collections(self) -> set[str]:
+        return set(self._data)  # every collection it has loaded, empty ones included
+
+    def messages_in_snapshot(self, snapshot: str | None) -> bool:
+        # A transaction holds the store lock, every message write takes it, and a scan reads the files without it:
+        # nothing can change between the documents and the messages.
+        return True
+
+    async def _export_messages(self, emit: ExportSink, advance: Callable[[int], None]) -> bool:
+        await off_loop(export_records, self._messages.root, emit, advance)  # file by file, as bytes, off the loop
+        return True
+
+    def message_swap(self) -> MessageSwap | None:
+        return RestoreSwap(self.path, self._messages_digest, self._locked)
+
+    def _messages_digest(self) -> str:
+        return json_restore.documents_digest(self._data)
+
     def foreign_files(self) -> dict[str, str]:
         """``*.json`` files in the folder that are not collections, and why (shown by ``storage check``)."""
         return dict(self._foreign)
@@ -697,7 +745,8 @@ class JsonBackend(BackendBase):
         return await self._messages.delete_before(before)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
-                       until: datetime | None = None) -> AsyncIterator[dict[str, Any]]:
+                       until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        # no snapshots here: a transaction holds the lock every message write takes (see messages_in_snapshot)
         return self._messages.scan(guild_id, since, until)
 
     def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
@@ -707,7 +756,7 @@ class JsonBackend(BackendBase):
     # ---------------------------------------------------------------------------------------------------------------
     # transactions and closing
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self) -> AsyncIterator[BackendTransaction]:
         """Serializable: the lock is held from the first line of the block to the commit.
 
         Keep transactions short: other writers (and other processes) wait while one is open.
@@ -776,7 +825,7 @@ def _snapshot_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-class JsonTransaction(OpsBase):
+class JsonTransaction(BackendTransaction):
     """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
     def __init__(self, store: JsonBackend) -> None:
@@ -840,6 +889,12 @@ class JsonTransaction(OpsBase):
 
     async def _count(self, collection: str) -> int:
         return len(self._staged.keys(collection))
+
+    def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
+        """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a
+        decode and re-encode of each (the committed collection, with this transaction's changes over it)."""
+        self._guard_read()
+        return self._staged.view(collection)
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them (like ``PgTransaction``'s: a backup
