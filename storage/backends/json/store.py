@@ -71,7 +71,7 @@ log = logging.getLogger("storage.json")
 
 JOURNAL_NAME = "storage.journal"
 LOCK_NAME = "storage.lock"
-#: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _append).
+#: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _commit).
 INLINE_SYNC_BUDGET = 0.0005
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
@@ -98,7 +98,7 @@ class JsonStore(BaseStore):
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
                                                                 after=self._maybe_compact)
-        #: A failed append (fsync error): the journal file is not trusted until it is rewritten (see _append).
+        #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
