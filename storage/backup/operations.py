@@ -173,7 +173,7 @@ async def write_backup(store: Backend, tx: BackendTransaction, backup_dir: Path,
         data_path = store.data_folder()
         progress.phase("backup: files", None)
         files, skipped = await off_loop(
-            collect_files, data_path, store.owned_collections(),
+            collect_files, data_path, store.owns_entry,
             store.config.backup_extra if extra is None else extra, [backup_dir])
         file_entries = await off_loop(write_files, tmp, files)
         digests = digest.hexdigests()
@@ -387,7 +387,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
         # Loose files last: they are beside the store, not in it (see storage/backup/files.py).
         files = await asyncio.to_thread(restore_files, root, loose_files(manifest), store.data_folder(),
-                                        store.owned_collections(), dry_run)
+                                        store.owns_entry, dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}

@@ -46,8 +46,7 @@ from typing import Any, TypeVar
 
 from ..codec import canonical_numbers, encode_doc, shown
 from ..errors import ValidationError
-from ..members import MEMBERS
-from ..models import MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
+from ..models import MEMBERS, MESSAGE_FIELDS, canonical_time, iso_utc, parse_timestamp, snowflake, validate_message
 from ..protocol import Document, TimeBound, Transaction
 
 __all__ = [

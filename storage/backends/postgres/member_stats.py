@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import ValidationError
-from ...members import MEMBERS
+from ...models import MEMBERS
 from .documents import prefix_upper_bound
 
 __all__ = ["REFRESH", "member_parameters", "refresh"]

@@ -55,7 +55,6 @@ from typing import Any
 import asyncpg
 
 from ...errors import DatabaseError, ValidationError
-from ...members import MEMBERS
 from ...messages.analytics import (
     BY_CHOICES,
     COLUMN_BLOCK,
@@ -66,7 +65,7 @@ from ...messages.analytics import (
     micros,
     time_bound,
 )
-from ...models import iso_utc, snowflake
+from ...models import MEMBERS, iso_utc, snowflake
 from ...protocol import TimeBound
 from . import conn as pg_conn
 from . import member_stats as pg_member_stats
