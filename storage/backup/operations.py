@@ -628,10 +628,7 @@ class BackupMixin(Backend):
             raise BackupError(f"backup {backup_id} failed verification, nothing was restored: "
                               + "; ".join(report.problems))
         root = resolve_backup(self._backup_root(), backup_id)
-        try:
-            manifest = read_manifest(root)
-        except DatabaseError:
-            raise
+        manifest = read_manifest(root)
         return await restore_from(store, root, manifest, backup_id=backup_id, dry_run=dry_run, progress=progress)
 
     async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,
