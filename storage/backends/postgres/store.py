@@ -390,6 +390,10 @@ class _Borrowed:
         store = self._store
         lane = store._lane
         if self._lane:
+            conn = lane.take_nowait()
+            if conn is not None:
+                self._conn = conn
+                return conn
             try:
                 conn = await lane.take()
             except BaseException as exc:
@@ -415,7 +419,10 @@ class _Borrowed:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store = self._store
         if self._lane:
-            await store._lane.give_back(self._conn, exc)
+            lane = store._lane
+            if lane.keep(self._conn, exc):
+                return
+            await lane.give_back(self._conn, exc)
             if is_driver_error(exc):
                 raise store._translate(exc, self._what) from exc
             return
