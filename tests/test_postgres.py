@@ -515,9 +515,15 @@ async def test_the_lane_is_taken_kept_and_given_back_after_trouble(pg_config: St
         assert pid not in store._quiet  # so the pool's reset query runs on it
         async with store._connection("test") as conn:
             await conn.execute("BEGIN")  # a transaction left open: back to the pool, which rolls it back
+            opened = lane.pid
         assert lane.state is LaneState.EMPTY
+        watcher = await asyncpg.connect(pg_config.dsn)
+        try:
+            state = await watcher.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", opened)
+        finally:
+            await watcher.close()
+        assert state == "idle"  # not "idle in transaction"
         async with store._connection("test") as conn:
-            assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT pg_backend_pid()") == lane.pid
         assert lane.state is LaneState.IDLE and lane.pid in store._quiet
     assert lane.state is LaneState.CLOSED
