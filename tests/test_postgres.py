@@ -20,6 +20,7 @@ import pytest
 
 import storage
 from storage import DatabaseError, StoreConfig, TransactionError, ValidationError
+from storage.backends.postgres.lane import LaneState
 from storage.backends.postgres.schema import SCHEMA_VERSION
 from storage.backends.postgres.store import PgTransaction
 from storage.stores import PostgresStore
@@ -497,8 +498,61 @@ async def test_sequential_calls_reuse_one_connection_and_concurrent_ones_spread(
         assert {k: d["i"] async for k, d in store.items("things")} == {f"k{i}": i for i in range(40)}
 
 
+async def test_the_lane_is_taken_kept_and_given_back_after_trouble(pg_config: StoreConfig):
+    async with storage.open_store(config=dataclasses.replace(pg_config, pool_min=0, pool_max=4)) as store:
+        lane = store._lane
+        assert lane.state is LaneState.EMPTY  # nothing taken yet
+        async with store._connection("test") as conn:
+            assert lane.state is LaneState.BUSY and lane.connection is conn
+            async with store._connection("test") as other:  # meanwhile: from the pool
+                assert other is not conn
+        assert lane.state is LaneState.IDLE and lane.connection is conn
+        pid = lane.pid
+        with pytest.raises(ZeroDivisionError):
+            async with store._connection("test"):
+                raise ZeroDivisionError  # any exception: back to the pool, with its full reset
+        assert lane.state is LaneState.EMPTY and lane.connection is None
+        assert store.pool.get_idle_size() == store.pool.get_size() == 2  # both back in the pool
+        assert pid not in store._quiet  # so the pool's reset query runs on it
+        async with store._connection("test") as conn:
+            await conn.execute("BEGIN")  # a transaction left open: back to the pool, which rolls it back
+            opened = lane.pid
+        assert lane.state is LaneState.EMPTY
+        watcher = await asyncpg.connect(pg_config.dsn)
+        try:
+            state = await watcher.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", opened)
+        finally:
+            await watcher.close()
+        assert state == "idle"  # not "idle in transaction"
+        async with store._connection("test") as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == lane.pid
+        assert lane.state is LaneState.IDLE and lane.pid in store._quiet
+    assert lane.state is LaneState.CLOSED
+
+
+async def test_closing_while_a_call_holds_the_lane_gives_it_back_when_the_call_ends(
+        pg_config: StoreConfig, caplog: pytest.LogCaptureFixture):
+    store = await storage.open_store(config=pg_config)
+    started = asyncio.Event()
+
+    async def call() -> int:
+        async with store._connection("test") as conn:
+            started.set()
+            return int(await conn.fetchval("SELECT 1 FROM pg_sleep(0.2)"))
+
+    task = asyncio.ensure_future(call())
+    await started.wait()
+    assert store._lane.state is LaneState.BUSY
+    await store.close()  # waits for the call, which gives the lane back on its way out
+    assert await task == 1
+    assert store._lane.state is LaneState.CLOSED
+    assert "terminating its connections" not in caplog.text
+    assert store.pool.get_size() == 0
+
+
 async def test_a_pool_of_one_has_no_lane_and_still_serves_everything(pg_config: StoreConfig):
     async with storage.open_store(config=dataclasses.replace(pg_config, pool_min=1, pool_max=1)) as store:
+        assert store._lane.state is LaneState.CLOSED
         async with store.transaction() as tx:
             await tx.put("things", "a", {"v": 1})
         await asyncio.gather(*(store.update("things", "a", lambda d: {"v": d["v"] + 1}) for _ in range(10)))
@@ -520,7 +574,7 @@ async def test_a_cancelled_call_on_the_lane_leaves_nothing_half_done(pg_store: P
     task = asyncio.ensure_future(pg_store.record_messages(batch))
     for _ in range(500):  # until the COPY is under way
         await asyncio.sleep(0.002)
-        if pg_store._lane_busy:
+        if pg_store._lane.state is LaneState.BUSY:
             break
     await asyncio.sleep(0.05)
     task.cancel()
@@ -537,22 +591,22 @@ async def test_a_lane_whose_session_is_killed_while_idle_is_replaced(pg_config: 
         await store.put("things", "a", {"v": 1})
         killer = await asyncpg.connect(pg_config.dsn)
         try:
-            assert await killer.fetchval("SELECT pg_terminate_backend($1)", store._lane_pid)
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", store._lane.pid)
         finally:
             await killer.close()
         for _ in range(200):  # asyncpg sees the socket close and calls the termination listener
-            if store._lane is None:
+            if store._lane.state is LaneState.EMPTY:
                 break
             await asyncio.sleep(0.01)
-        assert store._lane is None
+        assert store._lane.state is LaneState.EMPTY
         assert await storage.safe_database_operation(store.get, "things", "a", retry_delay=0.05) == {"v": 1}
-        assert store._lane is not None  # a fresh one
+        assert store._lane.state is LaneState.IDLE  # a fresh one
 
 
 async def test_closing_gives_the_lane_back_without_waiting(pg_config: StoreConfig, caplog: pytest.LogCaptureFixture):
     store = await storage.open_store(config=pg_config)
     await store.put("things", "a", {"v": 1})
-    assert store._lane is not None
+    assert store._lane.state is LaneState.IDLE
     await store.close()
     # a lane not given back makes the pool wait CLOSE_TIMEOUT for it, then terminate its connections and say so
     assert "terminating its connections" not in caplog.text

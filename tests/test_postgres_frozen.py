@@ -100,7 +100,7 @@ async def store(config: StoreConfig, freezer: Freezer) -> AsyncIterator[Any]:
 
 async def test_connections_have_tcp_keepalives(store: Any):
     await store.get("things", "k")
-    sock = store._lane._transport.get_extra_info("socket")
+    sock = store._lane.connection._transport.get_extra_info("socket")
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     if hasattr(socket, "TCP_KEEPIDLE"):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextvars
 
 from ..config import StoreConfig
-from ..errors import ReadOnlyError, StoreClosedError, TransactionError
-from ..interfaces import Backend
+from ..errors import DatabaseError, ReadOnlyError, StoreClosedError, TransactionError
+from ..interfaces import Backend, BackendTransaction
 
-__all__ = ["BackendBase"]
+__all__ = ["BackendBase", "TransactionBase"]
 
 #: ids of the stores that have a transaction open in the current task (and tasks it spawned).
 _open_transactions: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
@@ -70,3 +70,26 @@ class BackendBase(Backend):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class TransactionBase(BackendTransaction):
+    """The guards both backends' transactions share: usable only while open, and only for reads on a read-only
+    store. Subclasses set up their staging or connection and call :meth:`_finish` when the block ends."""
+
+    def __init__(self, store: BackendBase) -> None:
+        self._store = store
+        self._active = True
+
+    def _guard_read(self) -> None:
+        if not self._active:
+            raise DatabaseError("the transaction is finished")
+        self._store._guard_open()
+
+    def _guard_write(self) -> None:
+        self._guard_read()
+        if self._store.config.read_only:
+            raise ReadOnlyError(f"the {self._store.backend_name} store was opened read-only: its transactions "
+                                "only read")
+
+    def _end(self) -> None:
+        self._active = False

@@ -59,7 +59,7 @@ from ...interfaces import BackendTransaction, ExportSink, MessageSwap, Migration
 from ...messages.analytics import MessageColumns
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
-from ..base import BackendBase
+from ..base import BackendBase, TransactionBase
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
@@ -572,26 +572,17 @@ class JsonBackend(BackendBase):
         }
 
 
-class JsonTransaction(BackendTransaction):
+class JsonTransaction(TransactionBase):
     """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
     def __init__(self, store: JsonBackend) -> None:
-        self._store = store
+        super().__init__(store)
+        self._json = store
         self._staged = Staged(store._tables.data)
         self._ops: list[Op] = []
-        self._active = True
-
-    def _guard_read(self) -> None:
-        if not self._active:
-            raise DatabaseError("the transaction is finished")
-        self._store._guard_open()
-
-    def _guard_write(self) -> None:
-        self._guard_read()
-        self._store._check_usable()  # a read-only store's transaction only reads
 
     def _finish(self) -> list[Op]:
-        self._active = False
+        self._end()
         return self._ops
 
     def _stage(self, ops: list[Op]) -> None:
@@ -611,18 +602,18 @@ class JsonTransaction(BackendTransaction):
         return out
 
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
-        self._store._check_writable(collection)
+        self._json._check_writable(collection)
         self._stage([("p", collection, key, raw) for key, raw in items])
 
     async def _delete(self, collection: str, key: str) -> bool:
-        self._store._check_writable(collection)
+        self._json._check_writable(collection)
         if self._staged.get(collection, key) is None:
             return False
         self._stage([("d", collection, key)])
         return True
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
-        self._store._check_writable(collection)
+        self._json._check_writable(collection)
         raw = self._staged.get(collection, key)
         _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
         self._stage([("p", collection, key, encoded)])

@@ -32,7 +32,7 @@ import asyncpg
 from ...errors import DatabaseError
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "abandon", "abandons", "configure_socket",
-           "transaction"]
+           "transaction", "unsafe_after"]
 
 log = logging.getLogger("storage.postgres")
 
@@ -67,6 +67,14 @@ def abandons(exc: BaseException | None) -> bool:
     """True when the block that used a connection ended so that the connection may be waiting on the server: a
     cancellation, or asyncpg's command timeout. Such a connection is terminated, never waited on."""
     return isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)) and not isinstance(exc, DatabaseError)
+
+
+def unsafe_after(exc: BaseException | None) -> bool:
+    """True when a connection whose operation ended with ``exc`` must be terminated before it goes back to the pool:
+    the pool must never hand it out again, nor wait on it. Either :func:`abandons` (cancelled or timed out: it may
+    be waiting on a server that does not answer), or asyncpg lost track of the protocol (``InternalClientError``,
+    seen when the server ends a session mid-query, MagicStack/asyncpg#784)."""
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) or abandons(exc)
 
 
 def abandon(conn: Any) -> None:

@@ -42,6 +42,11 @@ Reads by key and the cache
     accept staleness up to the ttl for ``get``. ``update()`` and transactions never use the cache, so a
     read-modify-write never works on stale data whatever the ttl.
 
+The lane
+    Most one-statement calls run on one pool connection the store keeps between operations instead of paying the
+    pool's acquire and release every time; concurrent calls and transactions borrow from the pool. See
+    postgres/lane.py (its states, and when it goes back to the pool).
+
 Connection reset
     asyncpg's pool normally sends a reset query (``RESET ALL; UNLISTEN *; ...``) every time a connection is given
     back, which doubles the cost of a one-statement ``get``. The statements this module runs leave no session
@@ -69,18 +74,18 @@ from ...errors import (
     ConnectionError,
     DatabaseError,
     MigrationError,
-    ReadOnlyError,
     StoreClosedError,
     TransactionError,
     ValidationError,
 )
 from ...interfaces import BackendTransaction, MigrationLock
 from ...protocol import Document, UpdateFn
-from ..base import BackendBase
+from ..base import BackendBase, TransactionBase
 from . import conn as pg_conn
 from . import documents as sql
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .ingest import RowEncoder, replay
+from .lane import Lane
 from .messages import COLUMNS, PgMessagesMixin
 from .migration_lock import AdvisoryMigrationLock
 from .schema import ensure_schema
@@ -131,12 +136,9 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         self._cache = DatabaseCache(ttl=config.cache_ttl)
         self._writes = 0  # bumped after every write of this store: a read in flight across one must not cache
         self._quiet: set[int] = set()  # server pids of connections our own code is using (see _reset_connection)
-        # The lane (see _Borrowed): one pool connection kept between operations, so that most one-statement calls
-        # skip the pool's acquire and release. Needs a second connection in the pool for everything else.
-        self._lane: Any = None
-        self._lane_pid = 0
-        self._lane_busy = False
-        self._lane_enabled = config.pool_max >= 2
+        # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
+        # release (see postgres/lane.py). Closed until the pool exists.
+        self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
 
     # where the data is (storage.interfaces)
     def location(self) -> str:
@@ -182,6 +184,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             )
         except _OPEN_ERRORS as exc:
             raise self._open_error(exc) from exc
+        self._lane = Lane(self.pool, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
         try:
             async with self.pool.acquire() as conn:  # with pool_min=0 this is the first connection
                 await ensure_schema(conn, read_only=config.read_only)
@@ -219,15 +222,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         pool = self.pool
         if pool is None:
             return
-        lane = self._lane
-        if lane is not None and not self._lane_busy:  # a busy one is given back by the call using it
-            self._lane = None
-            try:
-                lane.remove_termination_listener(self._lane_lost)
-                clean = True
-            except asyncpg.InterfaceError:  # lost a moment ago (the listener has not run yet): already given back
-                clean = False
-            await _release(self, lane, self._lane_pid, clean=clean)
+        await self._lane.close()  # a busy lane is given back by the call using it
         try:
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except _CLOSE_ERRORS as exc:
@@ -244,12 +239,6 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         if query:
             await conn.execute(query)
 
-    def _lane_lost(self, conn: Any) -> None:
-        """asyncpg's termination listener of the lane: its session ended (a server restart, pg_terminate_backend)
-        and asyncpg has given it back to the pool by itself, so the next operation must take a new one."""
-        self._lane = None
-        self._quiet.discard(self._lane_pid)
-
     def _translate(self, exc: BaseException, what: str) -> DatabaseError:
         if self._closed and is_connection_error(exc):
             return StoreClosedError(f"the postgres store was closed during {what}")
@@ -264,21 +253,6 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 "(STORAGE_POOL_MAX): all are in use by calls or transactions that have not finished, or the "
                 "server does not answer; retry later, or use a larger pool")
         return self._translate(exc, what)
-
-    async def _give_back_idle_lane(self) -> None:
-        """Before waiting for the pool: when every connection is out and one of them is the idle lane, give it back,
-        so that a transaction (or any borrow) never waits on a connection nobody is using."""
-        pool = self.pool
-        lane = self._lane
-        if lane is None or self._lane_busy or pool.get_idle_size() or pool.get_size() < pool.get_max_size():
-            return
-        self._lane = None
-        try:
-            lane.remove_termination_listener(self._lane_lost)
-            clean = True
-        except asyncpg.InterfaceError:
-            clean = False
-        await _release(self, lane, self._lane_pid, clean=clean)
 
     def _connection(self, what: str, *, lane: bool = True) -> _Borrowed:
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
@@ -410,16 +384,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
 
 
 class _Borrowed:
-    """A connection borrowed for one operation (a class, not a generator-based context manager: it runs on every
-    call, and this is measurably cheaper).
-
-    The lane: asyncpg's ``acquire`` + ``release`` cost about as much client time as a one-statement ``get`` itself
-    (a queue, a holder, timeouts, the reset hook). So the store keeps one pool connection between operations, the
-    lane, and an operation takes it when no other one is using it (a flag: no await, no lock); otherwise it
-    borrows from the pool as usual. A lone bot task reading and writing members thus runs at the speed of a plain
-    connection, and concurrent tasks still spread over the pool. The lane goes back to the pool (and the pool's
-    reset and reconnection logic applies) whenever anything unusual happened on it: an exception of any kind, a
-    transaction left open, the store closing; the next operation takes a fresh one.
+    """A connection borrowed for one operation: the lane when it is free (see postgres/lane.py), else one from the
+    pool. (A class, not a generator-based context manager: it runs on every call, and this is measurably cheaper.)
 
     While borrowed, the connection's server pid is in ``store._quiet`` so that the pool's reset hook skips the
     reset query. A driver error raised inside the block leaves it as the matching :mod:`storage.errors`
@@ -431,33 +397,30 @@ class _Borrowed:
     def __init__(self, store: PostgresBackend, what: str, lane: bool) -> None:
         self._store = store
         self._what = what
-        self._lane = lane and store._lane_enabled
+        self._lane = lane
         self._acquire: Any = None
         self._conn: Any = None
         self._pid = 0
 
     async def __aenter__(self) -> Any:
         store = self._store
+        lane = store._lane
         if self._lane:
-            if not store._lane_busy:
-                store._lane_busy = True
-                conn = store._lane  # None after its session ended while idle (see _lane_lost)
-                if conn is None:
-                    try:
-                        conn = await store.pool.acquire(timeout=store.config.command_timeout)
-                    except BaseException as exc:
-                        store._lane_busy = False
-                        if is_driver_error(exc):
-                            raise store._acquire_error(exc, self._what) from exc
-                        raise
-                    store._lane, store._lane_pid = conn, conn.get_server_pid()
-                    store._quiet.add(store._lane_pid)
-                    conn.add_termination_listener(store._lane_lost)
+            conn = lane.take_nowait()
+            if conn is not None:
                 self._conn = conn
                 return conn
-            self._lane = False  # in use: borrow from the pool instead
-        if store._lane is not None:
-            await store._give_back_idle_lane()
+            try:
+                conn = await lane.take()
+            except BaseException as exc:
+                if is_driver_error(exc):
+                    raise store._acquire_error(exc, self._what) from exc
+                raise
+            if conn is not None:
+                self._conn = conn
+                return conn
+            self._lane = False  # busy or closed: borrow from the pool instead
+        await lane.make_room()
         self._acquire = store.pool.acquire(timeout=store.config.command_timeout)
         try:
             conn = self._conn = await self._acquire.__aenter__()
@@ -472,33 +435,17 @@ class _Borrowed:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store = self._store
         if self._lane:
-            conn = self._conn
-            try:
-                idle = not conn.is_in_transaction()
-                usable = True
-            except asyncpg.InterfaceError:  # its session ended during the operation: the pool has it back
-                idle = usable = False
-            if exc is None and idle and not store._closed and store._lane is conn:
-                store._lane_busy = False  # kept for the next operation
+            lane = store._lane
+            if lane.keep(self._conn, exc):
                 return
-            store._lane = None
-            try:
-                if usable:
-                    conn.remove_termination_listener(store._lane_lost)
-                    if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
-                        pg_conn.abandon(conn)  # see below
-                await _release(store, conn, store._lane_pid, clean=exc is None and idle)
-            finally:
-                store._lane_busy = False
+            await lane.give_back(self._conn, exc)
             if is_driver_error(exc):
                 raise store._translate(exc, self._what) from exc
             return
         try:
-            if isinstance(exc, asyncpg.exceptions.InternalClientError) or pg_conn.abandons(exc):
-                # asyncpg lost track of the protocol (seen when the server ends a session mid-query,
-                # MagicStack/asyncpg#784), or the operation was cancelled or timed out, and the connection may be
-                # waiting on a server that does not answer (see postgres/conn.py): the pool must never hand this
-                # connection out again, nor wait on it.
+            if pg_conn.unsafe_after(exc):
+                # The connection may be waiting on a server that does not answer, or asyncpg lost track of the
+                # protocol (see postgres/conn.py): the pool must never hand it out again, nor wait on it.
                 pg_conn.abandon(self._conn)
             try:
                 await self._acquire.__aexit__(exc_type, exc, tb)
@@ -519,19 +466,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _release(store: PostgresBackend, conn: Any, pid: int, *, clean: bool) -> None:
-    """Give the lane back to the pool: after trouble (``clean=False``) with the pool's full reset."""
-    if not clean:
-        store._quiet.discard(pid)
-    try:
-        await store.pool.release(conn)
-    except DRIVER_ERRORS as exc:  # the connection is broken: the pool has dropped it already
-        log.debug("%s: giving a connection back failed: %s", store._target, exc)
-    finally:
-        store._quiet.discard(pid)
-
-
-class PgTransaction(BackendTransaction):
+class PgTransaction(TransactionBase):
     """What ``store.transaction()`` yields: the document operations on the transaction's own connection.
 
     Calls on one transaction are serialized (a connection runs one statement at a time), so it is safe to use it
@@ -539,12 +474,13 @@ class PgTransaction(BackendTransaction):
     :class:`storage.TransactionError`, and so does leaving the block normally.
     """
 
+    _store: PostgresBackend
+
     def __init__(self, store: PostgresBackend, connection: Any, *, locking_reads: bool = True) -> None:
-        self._store = store
+        super().__init__(store)
         self._locking_reads = locking_reads
         self._connection = connection
         self._hatch_used = False
-        self._active = True
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
@@ -571,18 +507,8 @@ class PgTransaction(BackendTransaction):
             async with self._use("commit"):
                 await self._connection.execute("SELECT 1")
 
-    def _guard_read(self) -> None:
-        if not self._active:
-            raise DatabaseError("the transaction is finished")
-        self._store._guard_open()
-
-    def _guard_write(self) -> None:
-        self._guard_read()
-        if self._store.config.read_only:
-            raise ReadOnlyError("the postgres store was opened read-only: its transactions only read")
-
     def _finish(self) -> None:
-        self._active = False
+        self._end()
 
     @asynccontextmanager
     async def _use(self, what: str) -> AsyncIterator[Any]:
