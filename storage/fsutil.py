@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd", "make_dirs"]
+__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd", "make_dirs", "pid_alive"]
 
 TEMP_MARK = ".tmp-"
 
@@ -87,3 +87,17 @@ def make_dirs(path: str | os.PathLike[str], mode: int = 0o777) -> None:
                 raise
             continue
         fsync_dir(folder.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (the writer named in a temp file's name) still runs on this machine: its leftovers
+    are only removed once it is gone."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

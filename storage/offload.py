@@ -8,9 +8,10 @@ so the loop keeps ticking (the stalls are measured by benchmarks/bench_backup.py
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
+
+from .cancellation import run_in_thread
 
 __all__ = ["off_loop", "chunks", "CHUNK_RECORDS"]
 
@@ -22,18 +23,7 @@ CHUNK_RECORDS = 2000
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread. If the caller is cancelled, this waits for the thread to finish before
     re-raising: whatever the thread writes to (a backup file, a digest) is never closed or released under it."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                continue
-            except Exception:  # the thread's own error: the cancellation is what the caller sees
-                break
-        raise
+    return await run_in_thread(fn, *args)
 
 
 async def chunks(items: AsyncIterable[T], size: int = CHUNK_RECORDS) -> AsyncIterator[list[T]]:

@@ -52,7 +52,7 @@ import orjson
 
 from ..codec import check_collection, dumps_canonical
 from ..errors import BackupError, ValidationError
-from ..fsutil import TEMP_MARK, fsync_dir, make_dirs, sync_fd, write_all
+from ..fsutil import TEMP_MARK, fsync_dir, make_dirs, pid_alive, sync_fd, write_all
 from ..progress import NullProgress, Progress
 from .source import manifest_source
 
@@ -303,21 +303,10 @@ def stale_temp_dirs(backup_dir: Path) -> list[Path]:
         return []
     for entry in entries:
         match = _TEMP_DIR_RE.match(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir(follow_symlinks=False) and not pid_alive(int(match.group(1))):
             out.append(Path(entry.path))
     return out
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -151,6 +151,11 @@ class Journal:
     def open(self, committed: Callable[[], tuple[int, int] | None] = lambda: None) -> list[list[Op]]:
         """Open the current journal file and read every committed record (``committed`` as for :meth:`follow`)."""
         self.close()
+        self._switch_to(*self._open_current())
+        return self.read_new(end=self._end_of(committed()), locked=not self.read_only)
+
+    def _open_current(self) -> tuple[int, int, int, int, dict[str, int], int | None]:
+        """Open the file the path names now: ``(fd, inode, header end, generation, snapshots, previous_end)``."""
         fd = self._open_fd()
         try:
             st = os.fstat(fd)
@@ -158,9 +163,13 @@ class Journal:
         except BaseException:
             os.close(fd)
             raise
-        self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
+        return fd, st.st_ino, header_end, generation, snapshots, previous_end
+
+    def _switch_to(self, fd: int, ino: int, header_end: int, generation: int, snapshots: dict[str, int],
+                   previous_end: int | None) -> None:
+        """Follow the file :meth:`_open_current` opened, from its first record."""
+        self.fd, self.ino, self.offset, self.generation = fd, ino, header_end, generation
         self.snapshots, self.previous_end = snapshots, previous_end
-        return self.read_new(end=self._end_of(committed()), locked=not self.read_only)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -287,23 +296,17 @@ class Journal:
                 return Follow([], need_lock=True)
             return Follow(self.read_new(end=end, locked=locked))
         try:
-            fd = self._open_fd()
+            current = self._open_current()
         except FileNotFoundError:
             return Follow([], reload=True)
-        try:
-            st = os.fstat(fd)
-            header_end, generation, snapshots, previous_end = self._read_header(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        generation, previous_end = current[3], current[5]
         next_one = generation == self.generation + 1
         # The old file is finished: nobody writes it again. When the new file is the very next generation, its
         # header's previous_end is where the old file's committed records end (past it: a compaction's mark).
         # Otherwise previous_end speaks of a file in between, and only a reload of the snapshots is right.
         records = self.read_new(end=previous_end, locked=False) if next_one else []
         self.close()
-        self.fd, self.ino, self.generation, self.offset = fd, st.st_ino, generation, header_end
-        self.snapshots, self.previous_end = snapshots, previous_end
+        self._switch_to(*current)
         if not next_one:
             return Follow(records, reload=True)
         switched_at = len(records)

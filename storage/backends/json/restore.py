@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 
 from ...errors import CorruptDataError, DatabaseError
-from ...fsutil import atomic_write, fsync_dir
+from ...fsutil import atomic_write, fsync_dir, pid_alive
 from ...interfaces import MessageSwap
 from .message_files import GENERATION_NAME, MESSAGES_DIR, run_in_thread
 
@@ -221,21 +221,10 @@ def sweep(data_path: Path) -> None:
         if not entry.is_dir(follow_symlinks=False):
             continue
         staged = _STAGED_RE.match(entry.name)
-        if entry.name.startswith((_DISCARD, _REPLACED)) or (staged and not _alive(int(staged.group(1)))):
+        if entry.name.startswith((_DISCARD, _REPLACED)) or (staged and not pid_alive(int(staged.group(1)))):
             log.info("%s: removing %s left by a restore", data_path, entry.name)
             shutil.rmtree(entry.path, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RestoreSwap(MessageSwap):
