@@ -17,7 +17,7 @@ from ..codec import check_collection, check_key, decode_doc, encode_doc, shown
 from ..config import StoreConfig
 from ..errors import ReadOnlyError, StoreClosedError, TransactionError, ValidationError
 from ..members import MembersMixin
-from ..messages.analytics import AnalyticsMixin
+from ..messages.queries import AnalyticsMixin
 from ..protocol import Document, Items, Transaction, UpdateFn
 
 __all__ = ["OpsBase", "BaseStore", "normalize_items"]

@@ -54,13 +54,14 @@ from ...errors import (
     ValidationError,
 )
 from ...fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
-from ...messages.analytics import MessageColumns
+from ...messages.columns import MessageColumns
 from ...protocol import Document, Transaction, UpdateFn
 from ..base import BaseStore, OpsBase, apply_update
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
+from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
@@ -113,7 +114,7 @@ class _Staged:
 _Prepare = Callable[[_Staged], tuple[list[Op], Any]]
 
 
-class JsonStore(BaseStore):
+class JsonStore(JsonMessageQueries, BaseStore):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await JsonStore.open(path)``)."""
 
     backend_name = "json"
