@@ -23,10 +23,10 @@ class StoreOpener:
     async def _open(self) -> Store:
         config = self.config
         if config.backend == "json":
-            from .backends.json.store import JsonStore
+            from .stores import JsonStore
 
             return await JsonStore.open(config)
-        from .backends.postgres.store import PostgresStore
+        from .stores import PostgresStore
 
         store: Store = await PostgresStore.open(config)
         return store

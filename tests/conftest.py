@@ -12,7 +12,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.backends.postgres.store import PostgresStore
+from storage.stores import PostgresStore
 from tests._pg import TestServer
 
 BACKENDS = ["json", "postgres"]

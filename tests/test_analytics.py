@@ -25,8 +25,8 @@ import pytest
 
 import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
-from storage.backends.json.store import JsonStore
 from storage.messages.columns import MessageColumns, columns_of
+from storage.stores import JsonStore
 
 UTC = timezone.utc
 ROOT = Path(__file__).resolve().parent.parent

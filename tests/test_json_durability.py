@@ -27,7 +27,8 @@ from storage import (
     TransactionError,
 )
 from storage.backends.json.snapshot import render_collection
-from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME, JsonStore
+from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME
+from storage.stores import JsonStore
 
 from .test_json_files import write_like_the_seed
 

@@ -15,7 +15,8 @@ import pytest
 
 import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
-from storage.backends.json.store import JOURNAL_NAME, JsonStore
+from storage.backends.json.store import JOURNAL_NAME
+from storage.stores import JsonStore
 from tests._proc import spawn
 
 SEED_MEMBERS = {

@@ -25,10 +25,10 @@ from storage.backends.json import message_queries
 from storage.backends.postgres import member_stats as pg_member_stats
 from storage.backends.postgres import messages as pm
 from storage.backends.postgres import schema as pg_schema
-from storage.backends.postgres.store import PostgresStore
 from storage.messages.columns import columns_of
 from storage.messages.records import normalize_messages
 from storage.models import snowflake
+from storage.stores import PostgresStore
 from tests.test_analytics import (
     AUTHORS,
     GUILDS,

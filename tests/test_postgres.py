@@ -21,7 +21,8 @@ import pytest
 import storage
 from storage import DatabaseError, StoreConfig, TransactionError, ValidationError
 from storage.backends.postgres.schema import SCHEMA_VERSION
-from storage.backends.postgres.store import PgTransaction, PostgresStore
+from storage.backends.postgres.store import PgTransaction
+from storage.stores import PostgresStore
 from tests import _pg_child
 from tests._pg import Cluster, TestServer, dsn_parts, free_port, run_sync, with_database
 

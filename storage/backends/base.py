@@ -1,7 +1,9 @@
-"""What every backend shares: argument checking, the closed/transaction guards, and the features written once.
+"""What every backend shares: argument checking and the closed / read-only / transaction guards.
 
 A backend implements the underscore primitives below on already-validated, already-encoded input; the public
 methods here do the checking, so both backends reject exactly the same input with the same error and message.
+The features written once for every backend (members, message analytics, backups) are not here: they sit a
+layer above and are mixed into the public store classes in :mod:`storage.stores`; a backend never imports them.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from ..backup.operations import BackupMixin
 from ..codec import check_collection, check_key, decode_doc, encode_doc, shown
 from ..config import StoreConfig
 from ..errors import ReadOnlyError, StoreClosedError, TransactionError, ValidationError
-from ..members import MembersMixin
-from ..messages.queries import AnalyticsMixin
 from ..protocol import Document, Items, Transaction, UpdateFn
 
-__all__ = ["OpsBase", "BaseStore", "normalize_items"]
+__all__ = ["OpsBase", "BackendBase", "normalize_items"]
 
 #: ids of the stores that have a transaction open in the current task (and tasks it spawned).
 _open_transactions: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
@@ -144,7 +143,7 @@ def apply_update(fn: UpdateFn, current: Document | None, default: Document | Non
     return result, encode_doc(result, what="update result")
 
 
-class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
+class BackendBase(OpsBase):
     """Lifecycle and guards every backend shares; subclasses add storage."""
 
     backend_name = "base"
@@ -197,7 +196,7 @@ class BaseStore(BackupMixin, MembersMixin, AnalyticsMixin, OpsBase):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def __aenter__(self) -> BaseStore:
+    async def __aenter__(self) -> BackendBase:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -265,7 +265,7 @@ async def run_compact(args: argparse.Namespace) -> int:
     if config.backend != "json":
         print("compact applies to the JSON backend only (PostgreSQL manages its own storage)")
         return 2
-    from ..backends.json.store import JsonStore
+    from ..stores import JsonStore
 
     store = await JsonStore.open(config, merge_external=args.merge_external)
     try:

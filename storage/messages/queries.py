@@ -1,6 +1,6 @@
 """Message analytics, the public API written once for every backend: ingest, changes, scans and the queries.
 
-Feature layer: mixed into every store (:class:`storage.backends.base.BaseStore`); no backend imports it. Message
+Feature layer: mixed into every store (:class:`storage.stores.StoreFeatures`); no backend imports it. Message
 records are the highest-volume data a bot writes (a busy guild produces millions), so they are not documents in a
 collection: each backend keeps them in its own append-friendly form behind the primitives declared on
 :class:`AnalyticsMixin`. Every public method here checks its arguments first, once (so both backends reject exactly

@@ -1,6 +1,6 @@
 """The JSON backend's analytics query primitives, computed in Python from column blocks.
 
-JSON backend layer: :class:`JsonMessageQueries` gives :class:`~storage.backends.json.store.JsonStore` the query
+JSON backend layer: :class:`JsonMessageQueries` gives :class:`~storage.backends.json.store.JsonBackend` the query
 primitives of :mod:`storage.messages.queries` (whose public methods have checked the arguments already), reading
 the message log's column blocks (:mod:`.message_cache`: one sequence per field, counted with
 :class:`collections.Counter` in C). Each primitive is also a plain function over any stream of blocks, which is

@@ -37,7 +37,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -56,7 +56,7 @@ from ...errors import (
 from ...fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
 from ...messages.columns import MessageColumns
 from ...protocol import Document, Transaction, UpdateFn
-from ..base import BaseStore, OpsBase, apply_update
+from ..base import BackendBase, OpsBase, apply_update
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
@@ -65,7 +65,9 @@ from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
-__all__ = ["JsonStore", "JOURNAL_NAME", "LOCK_NAME"]
+__all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
+
+_B = TypeVar("_B", bound="JsonBackend")
 
 log = logging.getLogger("storage.json")
 
@@ -114,8 +116,9 @@ class _Staged:
 _Prepare = Callable[[_Staged], tuple[list[Op], Any]]
 
 
-class JsonStore(JsonMessageQueries, BaseStore):
-    """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await JsonStore.open(path)``)."""
+class JsonBackend(JsonMessageQueries, BackendBase):
+    """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
+    this backend with the features of :mod:`storage.stores`)."""
 
     backend_name = "json"
 
@@ -148,7 +151,7 @@ class JsonStore(JsonMessageQueries, BaseStore):
 
     def __repr__(self) -> str:
         mode = " read_only" if self.read_only else ""
-        return f"<JsonStore path={str(self.path)!r}{mode} closed={self._closed}>"
+        return f"<{type(self).__name__} path={str(self.path)!r}{mode} closed={self._closed}>"
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -163,7 +166,8 @@ class JsonStore(JsonMessageQueries, BaseStore):
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
     @classmethod
-    async def open(cls, config: StoreConfig | str | os.PathLike[str], *, merge_external: bool = False) -> JsonStore:
+    async def open(cls: type[_B], config: StoreConfig | str | os.PathLike[str], *,
+                   merge_external: bool = False) -> _B:
         """Open (creating the folder if needed) under the lock: cleans up after crashes, loads, replays.
 
         Read-only (``config.read_only``): the folder must exist; no lock is taken and nothing is written, so it
@@ -774,9 +778,9 @@ def _snapshot_target(path: Path) -> Path:
 
 
 class JsonTransaction(OpsBase):
-    """A transaction on a :class:`JsonStore`: changes are staged in memory and committed as one journal line."""
+    """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
-    def __init__(self, store: JsonStore) -> None:
+    def __init__(self, store: JsonBackend) -> None:
         self._store = store
         self._staged = _Staged(store._data)
         self._ops: list[Op] = []

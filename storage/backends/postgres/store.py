@@ -57,7 +57,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -74,7 +74,7 @@ from ...errors import (
     ValidationError,
 )
 from ...protocol import Document, Transaction, UpdateFn
-from ..base import BaseStore, OpsBase
+from ..base import BackendBase, OpsBase
 from . import conn as pg_conn
 from . import documents as sql
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
@@ -82,7 +82,9 @@ from .ingest import RowEncoder, replay
 from .messages import COLUMNS, PgMessagesMixin
 from .schema import ensure_schema
 
-__all__ = ["PostgresStore", "PgTransaction", "CONNECT_TIMEOUT", "CLOSE_TIMEOUT"]
+_B = TypeVar("_B", bound="PostgresBackend")
+
+__all__ = ["PostgresBackend", "PgTransaction", "CONNECT_TIMEOUT", "CLOSE_TIMEOUT"]
 
 log = logging.getLogger("storage.postgres")
 
@@ -112,8 +114,9 @@ async def _init_connection(conn: Any) -> None:
                               format="binary")
 
 
-class PostgresStore(PgMessagesMixin, BaseStore):
-    """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await PostgresStore.open(config)``)."""
+class PostgresBackend(PgMessagesMixin, BackendBase):
+    """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await storage.PostgresStore.open(config)``,
+    this backend with the features of :mod:`storage.stores`)."""
 
     backend_name = "postgres"
 
@@ -133,12 +136,12 @@ class PostgresStore(PgMessagesMixin, BaseStore):
         self._lane_enabled = config.pool_max >= 2
 
     def __repr__(self) -> str:
-        return f"<PostgresStore {self._target} closed={self._closed}>"
+        return f"<{type(self).__name__} {self._target} closed={self._closed}>"
 
     # ---------------------------------------------------------------------------------------------------------------
     # opening and closing
     @classmethod
-    async def open(cls, config: StoreConfig | str) -> PostgresStore:
+    async def open(cls: type[_B], config: StoreConfig | str) -> _B:
         """Connect, create the tables if needed, and return the store. Errors name the server, never the password."""
         if not isinstance(config, StoreConfig):
             config = StoreConfig(backend="postgres", dsn=os.fspath(config), source="arguments")
@@ -411,7 +414,7 @@ class _Borrowed:
 
     __slots__ = ("_acquire", "_conn", "_lane", "_pid", "_store", "_what")
 
-    def __init__(self, store: PostgresStore, what: str, lane: bool) -> None:
+    def __init__(self, store: PostgresBackend, what: str, lane: bool) -> None:
         self._store = store
         self._what = what
         self._lane = lane and store._lane_enabled
@@ -502,7 +505,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _release(store: PostgresStore, conn: Any, pid: int, *, clean: bool) -> None:
+async def _release(store: PostgresBackend, conn: Any, pid: int, *, clean: bool) -> None:
     """Give the lane back to the pool: after trouble (``clean=False``) with the pool's full reset."""
     if not clean:
         store._quiet.discard(pid)
@@ -522,7 +525,7 @@ class PgTransaction(OpsBase):
     :class:`storage.TransactionError`, and so does leaving the block normally.
     """
 
-    def __init__(self, store: PostgresStore, connection: Any, *, locking_reads: bool = True) -> None:
+    def __init__(self, store: PostgresBackend, connection: Any, *, locking_reads: bool = True) -> None:
         self._store = store
         self._locking_reads = locking_reads
         self._connection = connection
