@@ -171,7 +171,7 @@ class AnalyticsMixin(abc.ABC):
         """
         chunks = normalized_chunks(records, INGEST_CHUNK)
         if size_hint > VALIDATE_IN_THREAD:
-            # several us a record: a big batch would hold the event loop (and the bot's heartbeat) for long
+            # the checks cost per record: a big batch would hold the event loop (and the bot's heartbeat) too long
             unique = await asyncio.to_thread(joined, chunks)
         else:
             unique = joined(chunks)
