@@ -26,10 +26,11 @@ from .errors import (
 )
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
-
-__version__ = "0.1.0"
+from .stores import JsonStore, PostgresStore
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "BackupError",
     "BackupInfo",
     "BackupReport",
@@ -39,9 +40,11 @@ __all__ = [
     "DatabaseCache",
     "DatabaseError",
     "ExternalChangeError",
+    "JsonStore",
     "LockTimeoutError",
     "RestoreReport",
     "MigrationError",
+    "PostgresStore",
     "Store",
     "ReadOnlyError",
     "StorageIOError",

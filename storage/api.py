@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import StoreConfig, backup_settings
 from .errors import ValidationError
-from .protocol import Store
+from .stores import AnyStore, store_class
 
 __all__ = ["open_store", "StoreOpener"]
 
@@ -18,25 +18,17 @@ class StoreOpener:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
-        self._store: Any = None
+        self._store: AnyStore | None = None
 
-    async def _open(self) -> Store:
-        config = self.config
-        if config.backend == "json":
-            from .stores import JsonStore
+    async def _open(self) -> AnyStore:
+        return await store_class(self.config).open(self.config)
 
-            return await JsonStore.open(config)
-        from .stores import PostgresStore
-
-        store: Store = await PostgresStore.open(config)
-        return store
-
-    def __await__(self) -> Generator[Any, None, Store]:
+    def __await__(self) -> Generator[Any, None, AnyStore]:
         return self._open().__await__()
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> AnyStore:
         self._store = await self._open()
-        return self._store  # type: ignore[no-any-return]
+        return self._store
 
     async def __aexit__(self, *exc: object) -> None:
         store, self._store = self._store, None

@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # names only: these modules sit above this one
+    from .backup.format import BackupInfo, BackupReport
+    from .backup.operations import RestoreReport
+    from .config import StoreConfig
+    from .interfaces import MigrationLock
+    from .progress import Progress
 
 __all__ = ["Document", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
 
@@ -55,10 +63,30 @@ class DocumentOps(Protocol):
 class Transaction(DocumentOps, Protocol):
     """What ``async with store.transaction() as tx`` yields: all writes commit together or not at all."""
 
+    #: The transaction's own connection, for hand-written SQL inside it (PostgreSQL); None on the JSON backend.
+    connection: Any
+
+    async def collections(self) -> list[str]: ...
+
 
 @runtime_checkable
 class Store(DocumentOps, Protocol):
-    """A document store plus the bot-facing calls of the seed and the analytics queries."""
+    """A document store plus the bot-facing calls of the seed, the analytics queries and the backups."""
+
+    config: StoreConfig
+    backend_name: str
+
+    @property
+    def closed(self) -> bool: ...
+
+    def location(self) -> str:
+        """Where the data lives: a folder's absolute path, or the DSN without its password."""
+
+    def data_folder(self) -> Path | None:
+        """The JSON store's folder (None on PostgreSQL)."""
+
+    def migration_lock(self) -> MigrationLock:
+        """A new lock against concurrent migrators of this store (see :mod:`storage.migrations`)."""
 
     async def collections(self) -> list[str]:
         """Names of the collections that hold at least one document, sorted."""
@@ -108,3 +136,18 @@ class Store(DocumentOps, Protocol):
 
     async def refresh_member_statistics(self, guild_id: int | str, *, since: TimeBound = None,
                                         until: TimeBound = None) -> int: ...
+
+    # Backups ----------------------------------------------------------------------------------------------------
+    async def create_backup(self, *, keep: int | None = None, keep_days: float | None = None,
+                            label: str | None = None, progress: Progress | None = None,
+                            extra: Iterable[str] | None = None) -> BackupInfo: ...
+
+    async def list_backups(self) -> list[BackupInfo]: ...
+
+    async def verify_backup(self, backup_id: str, *, progress: Progress | None = None) -> BackupReport: ...
+
+    async def restore_backup(self, backup_id: str, dry_run: bool = False, *,
+                             progress: Progress | None = None) -> RestoreReport: ...
+
+    async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,
+                            dry_run: bool = False) -> list[BackupInfo]: ...

@@ -20,10 +20,11 @@ from __future__ import annotations
 from .backends.json.store import JsonBackend
 from .backends.postgres.store import PostgresBackend
 from .backup.operations import BackupMixin
+from .config import StoreConfig
 from .members import MembersMixin
 from .messages.queries import AnalyticsMixin
 
-__all__ = ["JsonStore", "PostgresStore", "StoreFeatures"]
+__all__ = ["JsonStore", "PostgresStore", "StoreFeatures", "AnyStore", "store_class"]
 
 
 class StoreFeatures(BackupMixin, MembersMixin, AnalyticsMixin):
@@ -37,3 +38,13 @@ class JsonStore(JsonBackend, StoreFeatures):
 
 class PostgresStore(PostgresBackend, StoreFeatures):
     """A store in PostgreSQL through asyncpg (see :mod:`storage.backends.postgres.store`)."""
+
+
+#: What :func:`storage.open_store` gives: one of the two, each a :class:`storage.Store` and a
+#: :class:`storage.interfaces.Backend` with the features.
+AnyStore = JsonStore | PostgresStore
+
+
+def store_class(config: StoreConfig) -> type[JsonStore] | type[PostgresStore]:
+    """The one place where a config's backend name becomes a class."""
+    return JsonStore if config.backend == "json" else PostgresStore

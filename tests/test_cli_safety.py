@@ -98,8 +98,7 @@ def demo_target(config: storage.StoreConfig) -> list[str]:
 async def contents(config: storage.StoreConfig) -> tuple[dict[str, int], int]:
     async with storage.open_store(config=config) as store:
         counts = {name: await store.count(name) for name in await store.collections()}
-        ops = MessageOps.of(store)
-        return counts, (await ops.count() if ops is not None else 0)
+        return counts, await MessageOps(store).count()
 
 
 async def test_demo_twice_does_not_double_and_refuses_real_data_unless_forced(store_config: storage.StoreConfig,

@@ -377,7 +377,7 @@ async def test_a_crash_between_snapshot_rewrite_and_new_journal_is_not_an_extern
     await store.save_member_data(1, 2, {"roles": ["b"]})
     await store.save_member_data(3, 2, {"roles": ["c"]})
     # what compaction writes first, then "crash" before the new journal: the files stay as they are
-    (folder / "members.json").write_bytes(render_collection(store._data["members"]))
+    (folder / "members.json").write_bytes(render_collection(store._tables.data["members"]))
     store._journal.close()
     store._flock.close()
     store._closed = True

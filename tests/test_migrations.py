@@ -36,7 +36,6 @@ from storage.migrations import (
     parse_version,
 )
 from storage.migrations.ledger import RESERVED
-from storage.migrations.locking import lock_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -454,7 +453,7 @@ async def test_validate_reports_drift_missing_and_out_of_order(store):
 
 # -- locking, backups, crashes ---------------------------------------------------------------------------------------
 async def test_a_second_migrator_waits_for_the_lock_and_times_out(store):
-    lock = lock_for(store)
+    lock = store.migration_lock()
     assert await lock.acquire(0)
     try:
         migrator = Migrator(store, [Tagged("1.0.0", "a")], lock_timeout=0.3)
@@ -470,11 +469,11 @@ async def test_behind_pgbouncer_the_lock_is_transaction_scoped(store, store_conf
     if backend != "postgres":
         pytest.skip("PostgreSQL only: the JSON lock is a file lock")
     async with storage.open_store(config=dataclasses.replace(store_config, pgbouncer=True)) as pooled:
-        scoped = lock_for(pooled)
+        scoped = pooled.migration_lock()
         assert scoped._scoped  # type: ignore[attr-defined]
         assert await scoped.acquire(0)
         try:
-            session = lock_for(store)
+            session = store.migration_lock()
             assert not await session.acquire(0.2)  # the same key, whichever kind holds it
         finally:
             await scoped.release()

@@ -24,7 +24,6 @@ import pytest
 import storage
 from storage import StoreConfig
 from storage.migrations import Migration, Migrator
-from storage.migrations.locking import lock_for
 from tests._pg import Cluster, with_params
 
 pytestmark = pytest.mark.slow
@@ -248,7 +247,7 @@ async def test_a_frozen_migration_lock_session_still_holds_the_lock_and_is_aband
     assert await store.get("things", "migrated") == {"v": 1}
     freezer.thaw()  # the abandoned session ends when its backend runs again, and the lock with it
     assert await migrator.plan() == []
-    lock = lock_for(store)
+    lock = store.migration_lock()
     assert await lock.acquire(HANG)
     await lock.release()
 

@@ -153,7 +153,7 @@ async def test_an_intent_left_before_the_commit_rolls_the_messages_back(tmp_path
         "analysis": {}}]])
     assert count == 1
     async with storage.open_store(config=config) as store:
-        digest = json_restore.documents_digest(store._data)  # type: ignore[attr-defined]
+        digest = json_restore.documents_digest(store._tables.data)  # type: ignore[attr-defined]
     json_restore.begin(data, staged, digest, "20240101_000000")
     assert json_restore.pending(data)
     async with storage.open_store(config=config) as store:  # the documents never changed: roll back
@@ -172,7 +172,7 @@ async def test_an_intent_after_the_commit_rolls_forward_in_a_process_that_had_th
               "analysis": {}}
     async with storage.open_store(config=config) as bystander, storage.open_store(config=config) as restorer:
         staged, _ = json_restore.stage_messages(data, [[record]])
-        digest = json_restore.documents_digest(restorer._data)  # type: ignore[attr-defined]
+        digest = json_restore.documents_digest(restorer._tables.data)  # type: ignore[attr-defined]
         async with restorer.transaction() as tx:  # as restore_backup does: the intent and swap, then the commit
             json_restore.begin(data, staged, digest, "20240101_000000")
             await tx.put("members", "new", {"restored": True})

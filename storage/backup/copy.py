@@ -21,16 +21,16 @@ What it guarantees, and what it does not:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
 from ..errors import BackupError, ValidationError
+from ..interfaces import Backend, BackendTransaction
 from ..progress import NullProgress, Progress
 from ..protocol import Document
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .messages import MESSAGE_BATCH, MessageOps
-from .operations import _snapshot_collections, pin_snapshot
+from .operations import snapshot_collections
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
 
@@ -65,23 +65,18 @@ class CopyReport:
         return sum(self.counts.values()) + (self.messages or 0)
 
 
-def _same_place(a: Any, b: Any) -> bool:
-    ca, cb = a.config, b.config
-    if ca.backend != cb.backend:
-        return False
-    if ca.backend == "json":
-        return bool(os.path.realpath(ca.path) == os.path.realpath(cb.path))
-    return bool(ca.dsn == cb.dsn)
+def _same_place(a: Backend, b: Backend) -> bool:
+    return a.backend_name == b.backend_name and a.location() == b.location()
 
 
-async def store_digest(store: Any, *, messages: bool = True, progress: Progress | None = None) -> ContentDigest:
+async def store_digest(store: Backend, *, messages: bool = True, progress: Progress | None = None) -> ContentDigest:
     """The content digest of everything in ``store``, read through one transaction (one snapshot)."""
     progress = progress or NullProgress()
     digest = ContentDigest()
     seen_before = await store.collections()
     async with store.transaction() as tx:
-        await pin_snapshot(store, tx)
-        names = await _snapshot_collections(store, tx, seen_before)
+        await tx.pin_snapshot()
+        names = await snapshot_collections(tx, seen_before)
         progress.phase("verify: reading the target", sum([await tx.count(n) for n in names]))
         for name in names:
             n = 0
@@ -89,24 +84,21 @@ async def store_digest(store: Any, *, messages: bool = True, progress: Progress 
                 digest.add(name, key, canonical(doc))
                 n += 1
             progress.advance(n)
-    ops = MessageOps.of(store) if messages else None
-    if ops is not None:
-        async for record in ops.scan():
+    if messages:
+        async for record in MessageOps(store).scan():
             digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
     return digest
 
 
-async def _describe_contents(store: Any) -> str:
+async def _describe_contents(store: Backend) -> str:
     parts = [f"{name} ({await store.count(name)})" for name in await store.collections()]
-    ops = MessageOps.of(store)
-    if ops is not None:
-        n = await ops.count()
-        if n:
-            parts.append(f"{n} messages")
+    n = await MessageOps(store).count()
+    if n:
+        parts.append(f"{n} messages")
     return ", ".join(parts)
 
 
-async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+async def copy(source: Backend, target: Backend, *, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                progress: Progress | None = None) -> CopyReport:
     """Copy every collection (the migration ledger ``_migrations`` included) and every message from ``source``
     to ``target``, then verify counts and content digests; :class:`BackupError` if they differ."""
@@ -120,9 +112,7 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
     if contents and not overwrite:
         raise TargetNotEmptyError(f"the target already holds data: {contents}; nothing was copied (pass "
                                   "overwrite=True to replace it with the source's data)", contents=contents)
-    source_messages, target_messages = MessageOps.of(source), MessageOps.of(target)
-    if source_messages is not None and target_messages is None:
-        raise BackupError(f"the source has message storage but the {target.backend_name} target has none")
+    source_messages, target_messages = MessageOps(source), MessageOps(target)
     digest = ContentDigest()
     keys: dict[str, set[str]] = {}
     message_count: int | None = None
@@ -130,16 +120,15 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
     try:
         seen_before = await source.collections()
         async with source.transaction() as tx:
-            await pin_snapshot(source, tx)
-            names = await _snapshot_collections(source, tx, seen_before)
+            await tx.pin_snapshot()
+            names = await snapshot_collections(tx, seen_before)
             progress.phase("copy: documents", sum([await tx.count(n) for n in names]))
             for name in names:
                 keys[name] = await _copy_collection(tx, target, name, digest, batch_size, progress)
-            if source_messages is not None and target_messages is not None:
-                if overwrite:
-                    progress.phase("copy --overwrite: deleting the target's messages", None)
-                    deleted_messages = await target_messages.delete_all()
-                message_count = await _copy_messages(source_messages, target_messages, digest, progress)
+            if overwrite:
+                progress.phase("copy --overwrite: deleting the target's messages", None)
+                deleted_messages = await target_messages.delete_all()
+            message_count = await _copy_messages(source_messages, target_messages, digest, progress)
         deleted = await _delete_extras(target, keys, batch_size, progress) if overwrite else 0
     finally:
         progress.done()
@@ -154,7 +143,7 @@ async def copy(source: Any, target: Any, *, overwrite: bool = False, batch_size:
     return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started, deleted_messages)
 
 
-async def _copy_collection(tx: Any, target: Any, name: str, digest: ContentDigest, batch_size: int,
+async def _copy_collection(tx: BackendTransaction, target: Backend, name: str, digest: ContentDigest, batch_size: int,
                            progress: Progress) -> set[str]:
     keys: set[str] = set()
     batch: list[tuple[str, Document]] = []
@@ -192,7 +181,7 @@ async def _copy_messages(source: MessageOps, target: MessageOps, digest: Content
     return n
 
 
-async def _delete_extras(target: Any, keys: dict[str, set[str]], batch_size: int, progress: Progress) -> int:
+async def _delete_extras(target: Backend, keys: dict[str, set[str]], batch_size: int, progress: Progress) -> int:
     """With ``overwrite``: delete the target's documents that the source does not have, a batch per transaction,
     advancing ``progress`` per batch (on a large target this is minutes of work that must not look hung)."""
     extras: dict[str, list[str]] = {}

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from ..backends.json.message_export import export_records
 from ..errors import BackupError, ValidationError
+from ..interfaces import Backend
 from ..messages.records import normalize_messages
 from ..offload import chunks, off_loop
 from ..progress import Progress
@@ -31,7 +31,7 @@ from .format import (
     iter_lines,
 )
 
-__all__ = ["MessageOps", "MessageSwap", "MESSAGE_BATCH"]
+__all__ = ["MessageOps", "MESSAGE_BATCH"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -55,36 +55,16 @@ def _write_records(writer: JsonlWriter, digest: ContentDigest, records: list[dic
 
 
 class MessageOps:
-    """A store's message primitives, or ``None`` from :meth:`of` when its backend has none."""
+    """A store's message records as backups, restores and copies need them, over the backend's message primitives
+    (:class:`storage.interfaces.Backend`)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Backend) -> None:
         self.store = store
 
-    def same_snapshot(self, snapshot: str | None) -> bool:
-        """Whether a scan made while a document transaction is open sees the same snapshot as the transaction.
-
-        JSON files: yes. The transaction holds the store lock, every message write takes that lock, and a scan
-        reads the files without it, so nothing can change between the documents and the messages.
-        PostgreSQL: when the transaction exported its ``snapshot`` (``PgTransaction.pin_snapshot``): the scan, on
-        another connection, reads in it. Without one, messages written while the backup runs may or may not be
-        in it (each record is still whole).
-        """
-        return bool(self.store.backend_name == "json" or snapshot is not None)
-
-    @classmethod
-    def of(cls, store: Any) -> MessageOps | None:
-        if all(callable(getattr(store, name, None))
-               for name in ("_scan_messages", "_insert_messages", "_delete_messages_before")):
-            return cls(store)
-        return None
-
     def scan(self, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Every record; in an exported ``snapshot`` (PostgreSQL) when one is given."""
-        if snapshot is None:
-            result: AsyncIterator[dict[str, Any]] = self.store._scan_messages(None, None, None)
-        else:
-            result = self.store._scan_messages(None, None, None, snapshot=snapshot)
-        return result
+        """Every record; in a transaction's exported ``snapshot`` (see ``BackendTransaction.pin_snapshot``) when
+        one is given."""
+        return self.store._scan_messages(None, None, None, snapshot=snapshot)
 
     async def count(self) -> int:
         n = 0
@@ -95,29 +75,17 @@ class MessageOps:
     async def digest(self) -> tuple[int, str]:
         """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
-        root = self._log_root()
-        if root is not None:
-            await off_loop(export_records, root, lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
-                           lambda n: None)
-        else:
+        if not await self.store._export_messages(lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
+                                                 lambda n: None):
             async for chunk in chunks(self.scan()):
                 await off_loop(_digest_records, digest, chunk)
         return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
 
-    def _log_root(self) -> Path | None:
-        """The folder of a JSON store's message log (read file by file off the loop), else ``None``."""
-        from ..backends.json.messages import MessageLog
-
-        messages = getattr(self.store, "_messages", None)
-        return messages.root if isinstance(messages, MessageLog) else None
-
     async def insert(self, records: list[dict[str, Any]]) -> int:
-        inserted: int = await self.store._insert_messages(records)
-        return inserted
+        return await self.store._insert_messages(records)
 
     async def delete_all(self) -> int:
-        deleted: int = await self.store._delete_messages_before(END_OF_TIME)
-        return deleted
+        return await self.store._delete_messages_before(END_OF_TIME)
 
     async def write_backup_file(self, root: Path, digest: ContentDigest, progress: Progress,
                                 snapshot: str | None = None) -> dict[str, Any]:
@@ -125,14 +93,11 @@ class MessageOps:
         progress.phase("backup: messages", None)
         writer = JsonlWriter(root, MESSAGES_FILE)
         try:
-            log_root = self._log_root()
-            if log_root is not None:  # JSON files: file by file in the worker thread (see json_message_export)
-                def emit(mid: str, line: bytes, canon: bytes) -> None:
-                    writer.write(line + b"\n")
-                    digest.add(MESSAGES_DIGEST_NAME, mid, canon)
+            def emit(mid: str, line: bytes, canon: bytes) -> None:
+                writer.write(line + b"\n")
+                digest.add(MESSAGES_DIGEST_NAME, mid, canon)
 
-                await off_loop(export_records, log_root, emit, progress.advance)
-            else:
+            if not await self.store._export_messages(emit, progress.advance):  # the backend's faster way, or:
                 async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
                     await off_loop(_write_records, writer, digest, chunk)
                     progress.advance(len(chunk))
@@ -186,60 +151,3 @@ class MessageOps:
                 seen[record["message_id"]] = None
             first += len(batch)
         return first - 1
-
-
-class MessageSwap:
-    """A JSON store's crash-safe message replacement for a restore (see :mod:`storage.backends.json.restore`).
-
-    ``stage`` (before the transaction), ``begin`` (inside it, last), ``finish`` (after it, or after a failure):
-    whatever happens, the next lock or open of the store leaves the messages matching the documents' outcome.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.path = Path(store.path)
-        self.staged: Path | None = None
-
-    @classmethod
-    def of(cls, store: Any) -> MessageSwap | None:
-        """For a store whose messages live outside its document transactions in a swappable folder (JSON)."""
-        if store.backend_name == "json" and hasattr(store, "_data") and hasattr(store, "_locked"):
-            return cls(store)
-        return None
-
-    async def stage(self, root: Path, entry: dict[str, Any], progress: Progress) -> None:
-        from ..backends.json.message_files import run_in_thread
-        from ..backends.json.restore import stage_messages
-
-        def batches() -> Iterator[list[dict[str, Any]]]:
-            for batch in MessageOps.backup_batches(root, entry):
-                yield batch
-                progress.advance(len(batch))
-
-        self.staged, count = await run_in_thread(stage_messages, self.path, batches())
-        if count != entry["count"]:
-            await self.finish()
-            raise BackupError(f"staging the messages of {root.name} gave {count} records instead of "
-                              f"{entry['count']}: nothing was restored")
-
-    async def begin(self, backup_id: str) -> None:
-        """Under the transaction's lock, after its changes are staged: write the intent and swap the folders."""
-        from ..backends.json.message_files import run_in_thread
-        from ..backends.json.restore import begin, documents_digest
-
-        assert self.staged is not None
-        before = await run_in_thread(documents_digest, self.store._data)
-        await run_in_thread(begin, self.path, self.staged, before, backup_id)
-
-    async def finish(self) -> None:
-        """Resolve the intent under the store lock (its hook does it), then delete this restore's leftovers."""
-        from ..backends.json.message_files import run_in_thread
-        from ..backends.json.restore import discard
-
-        if self.staged is None:
-            return
-        try:
-            async with self.store._locked():
-                pass  # JsonStore._locked resolves a pending intent as soon as it holds the lock
-        finally:
-            await run_in_thread(discard, self.path, self.staged)

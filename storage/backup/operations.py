@@ -48,9 +48,10 @@ from typing import Any
 import orjson
 
 from ..errors import BackupError, DatabaseError, ValidationError
+from ..interfaces import Backend, BackendTransaction
 from ..offload import chunks, off_loop
 from ..progress import NullProgress, Progress
-from ..protocol import Transaction
+from ..version import __version__
 from .files import collect as collect_files
 from .files import restore_files, write_files
 from .format import (
@@ -80,12 +81,12 @@ from .format import (
     verify_backup_dir,
     write_manifest,
 )
-from .messages import MessageOps, MessageSwap
+from .messages import MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
     "BackupMixin", "BackupInfo", "BackupReport", "RestoreReport", "CollectionChange", "LEDGER_COLLECTION",
-    "write_backup", "restore_from", "list_backup_entries", "select_expired", "prune_backup_dir", "pin_snapshot",
+    "write_backup", "restore_from", "list_backup_entries", "select_expired", "prune_backup_dir", "snapshot_collections",
 ]
 
 log = logging.getLogger("storage.backup.operations")
@@ -134,45 +135,17 @@ class RestoreReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing a backup
-async def pin_snapshot(store: Any, tx: Transaction) -> None:
-    """Make every read of ``tx`` see one snapshot of the whole store. Call it first thing in the transaction.
-
-    JSON files: nothing to do, the transaction holds the store lock, so nobody else can write. PostgreSQL: the
-    store's transactions are ``READ COMMITTED`` (each statement sees what was committed before *it*), which would
-    let a backup read one collection before a writer's commit and the next one after it. The first statement is
-    therefore ``SET TRANSACTION ISOLATION LEVEL REPEATABLE READ``, through the transaction's documented escape
-    hatch (``tx.connection``): one snapshot for the whole transaction, without blocking writers. A backend that
-    offers ``tx.pin_snapshot()`` is asked to do it itself.
+async def snapshot_collections(tx: BackendTransaction, seen_before: Iterable[str]) -> list[str]:
+    """The collections to read in ``tx``'s snapshot (pinned first: :meth:`BackendTransaction.pin_snapshot`): what
+    the transaction lists, merged with the names seen just before it began, so a collection created or emptied
+    around the start is still read; reading a name that is empty in the snapshot costs nothing and writes nothing.
     """
-    pin = getattr(tx, "pin_snapshot", None)
-    if callable(pin):
-        await pin()
-        return
-    connection = getattr(tx, "connection", None)
-    if store.backend_name == "postgres" and connection is not None:
-        try:
-            await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        except Exception as exc:  # the driver's error, translated here: this module does not import asyncpg
-            raise DatabaseError(f"cannot start a snapshot transaction on {store.config.safe_dsn}: {exc}") from exc
+    return sorted(set(seen_before) | set(await tx.collections()))
 
 
-async def _snapshot_collections(store: Any, tx: Transaction, seen_before: Iterable[str]) -> list[str]:
-    """The collections to read in ``tx``'s snapshot.
-
-    A transaction that can list collections itself is exact. Otherwise ``store.collections()`` is asked inside
-    the transaction (exact on JSON files, where the transaction holds the lock) and merged with the names seen
-    just before it began, so a collection created or emptied around the start is still read; reading a name
-    that is empty in the snapshot costs nothing and writes nothing.
-    """
-    lister = getattr(tx, "collections", None)
-    names = set(seen_before)
-    names.update(await lister() if callable(lister) else await store.collections())
-    return sorted(names)
-
-
-async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: str | None = None,
+async def write_backup(store: Backend, tx: BackendTransaction, backup_dir: Path, *, label: str | None = None,
                        seen_before: Iterable[str] = (), progress: Progress | None = None,
-                       extra: Iterable[str] | None = None) -> str:
+                       extra: Iterable[str] | None = None, snapshot: str | None = None) -> str:
     """Write a complete backup of what ``tx`` sees into ``backup_dir``; returns its id once it is published.
 
     A crash or an exception at any point leaves only a hidden temp folder (removed here on an exception, or by
@@ -185,10 +158,10 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
         await asyncio.to_thread(shutil.rmtree, stale, True)
     tmp = new_temp_dir(backup_dir, started.strftime("%Y%m%d_%H%M%S"))
     try:
-        names = await _snapshot_collections(store, tx, seen_before)
+        names = await snapshot_collections(tx, seen_before)
         counts = {name: await tx.count(name) for name in names}
         names = [name for name in names if counts[name]]
-        messages = MessageOps.of(store)
+        messages = MessageOps(store)
         progress.phase("backup: documents", sum(counts.values()))
         digest = ContentDigest()
         entries: dict[str, dict[str, Any]] = {}
@@ -196,22 +169,18 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
         for name in names:
             entries[name] = await _write_collection(store, tx, tmp, name, digest, progress,
                                                     ledger if name == LEDGER_COLLECTION else None)
-        message_entry = None
-        snapshot: str | None = getattr(tx, "snapshot_id", None)  # PostgreSQL: see PgTransaction.pin_snapshot
-        if messages is not None:
-            message_entry = await messages.write_backup_file(tmp, digest, progress, snapshot)
-        data_path = _data_folder(store)
+        message_entry = await messages.write_backup_file(tmp, digest, progress, snapshot)
+        data_path = store.data_folder()
         progress.phase("backup: files", None)
         files, skipped = await off_loop(
-            collect_files, data_path, _owned_collections(store),
+            collect_files, data_path, store.owned_collections(),
             store.config.backup_extra if extra is None else extra, [backup_dir])
         file_entries = await off_loop(write_files, tmp, files)
         digests = digest.hexdigests()
         for name, entry in entries.items():
             entry["digest"] = digests[name]
-        if message_entry is not None:
-            message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
-            message_entry["same_snapshot"] = messages is not None and messages.same_snapshot(snapshot)
+        message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+        message_entry["same_snapshot"] = store.messages_in_snapshot(snapshot)
         manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
         manifest["files"], manifest["skipped_files"] = file_entries, skipped
         await off_loop(write_manifest, tmp, manifest)
@@ -224,23 +193,6 @@ async def write_backup(store: Any, tx: Transaction, backup_dir: Path, *, label: 
     finally:
         progress.done()
     return backup_id
-
-
-def _committed_view(store: Any, tx: Any, name: str) -> Mapping[str, bytes] | None:
-    """JSON files: the encoded documents of ``name`` as ``tx`` sees them, when it has staged no change to that
-    collection (then they are the committed ones, and the transaction's lock keeps them still); else ``None``.
-
-    Lets a backup or a restore's diff walk a collection in a worker thread instead of through ``tx.items`` on the
-    event loop (which sorts and decodes every key there: ~1 s for 100k members).
-    """
-    staged = getattr(tx, "_staged", None)
-    if store.backend_name != "json" or staged is None or not isinstance(getattr(staged, "changes", None), dict):
-        return None
-    if any(coll == name for coll, _ in staged.changes):
-        return None
-    tx._guard_read()
-    view: Mapping[str, bytes] = staged.base.get(name) or {}
-    return view
 
 
 def _write_docs(writer: JsonlWriter, name: str, docs: Iterable[tuple[str, Any]], digest: ContentDigest,
@@ -285,11 +237,11 @@ def _write_view(writer: JsonlWriter, name: str, view: Mapping[str, bytes], diges
                                      ledger))
 
 
-async def _write_collection(store: Any, tx: Transaction, root: Path, name: str, digest: ContentDigest,
+async def _write_collection(store: Backend, tx: BackendTransaction, root: Path, name: str, digest: ContentDigest,
                             progress: Progress, ledger: list[str] | None) -> dict[str, Any]:
     writer = JsonlWriter(root, collection_file(name))
     try:
-        view = _committed_view(store, tx, name)
+        view = tx.encoded_documents(name)
         if view is not None:
             await off_loop(_write_view, writer, name, view, digest, ledger, progress)
         else:
@@ -300,15 +252,13 @@ async def _write_collection(store: Any, tx: Transaction, root: Path, name: str, 
         writer.abort()
 
 
-def _manifest(store: Any, started: datetime, label: str | None, migration: str | None,
+def _manifest(store: Backend, started: datetime, label: str | None, migration: str | None,
               entries: dict[str, dict[str, Any]], messages: dict[str, Any] | None) -> dict[str, Any]:
-    import storage
-
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_at": started.isoformat(),
-        "library_version": storage.__version__,
+        "library_version": __version__,
         "source": _source_entry(store),
         "label": label,
         "migration_version": migration,
@@ -317,17 +267,7 @@ def _manifest(store: Any, started: datetime, label: str | None, migration: str |
     }
 
 
-def _data_folder(store: Any) -> Path | None:
-    """A JSON store's data folder (its loose files are backed up and restored); ``None`` for PostgreSQL."""
-    return Path(store.path) if store.backend_name == "json" and hasattr(store, "path") else None
-
-
-def _owned_collections(store: Any) -> set[str]:
-    """The collections whose ``<name>.json`` a JSON store owns: every one it has loaded, empty ones included."""
-    return set(getattr(store, "_data", {}))
-
-
-def _source_entry(store: Any) -> dict[str, Any]:
+def _source_entry(store: Backend) -> dict[str, Any]:
     """The manifest's ``source``: the backend, a display location and the identity retention compares
     (:mod:`storage.backup.source`; never a password)."""
     identity = store_source(store.config)
@@ -360,7 +300,7 @@ def _read_backup_collection(root: Path, name: str, entry: dict[str, Any]) -> tup
     return canons, raws
 
 
-async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, backup_id: str, dry_run: bool = False,
+async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, backup_id: str, dry_run: bool = False,
                        progress: Progress | None = None) -> RestoreReport:
     """Make ``store`` hold exactly what the (already verified) backup in ``root`` holds, in one transaction.
 
@@ -371,13 +311,10 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
     backup_dir = Path(store.config.backup_dir)
     wanted_names = set(manifest["collections"])
     seen_before = await store.collections()
-    messages = MessageOps.of(store)
-    if manifest.get("messages") is not None and messages is None:
-        raise BackupError(f"backup {backup_id} holds {manifest['messages']['count']} message records, but the "
-                          f"{store.backend_name} store has no message storage to restore them into")
-    message_entry = manifest.get("messages") if messages is not None else None
+    messages = MessageOps(store)
+    message_entry = manifest.get("messages")
     message_counts: tuple[int, int] | None = None
-    if messages is not None and message_entry is not None:
+    if message_entry is not None:
         # Messages already equal to the backup's (same content digest) are left alone; otherwise every record is
         # checked now, before anything changes, because they are replaced after the documents commit.
         current, digest = await messages.digest()
@@ -389,29 +326,32 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
     changes: dict[str, CollectionChange] = {}
     safety: str | None = None
     staged = False  # the whole swap was staged: an error after this point came from the commit itself
-    swap = MessageSwap.of(store) if messages is not None and message_entry is not None and not dry_run else None
-    if swap is not None:
-        assert message_entry is not None
-        # JSON files: the messages are written into a staged folder first (the slow part, before the lock), then
-        # swapped in inside the documents' transaction, under an intent file that makes it all-or-nothing across
-        # a crash (storage/backends/json/restore.py).
+    swap = store.message_swap() if message_entry is not None and not dry_run else None
+    if swap is not None and message_entry is not None:
+        # A backend whose messages live outside its document transactions (JSON files): they are staged first
+        # (the slow part, before the lock), then swapped in inside the documents' transaction, all or nothing
+        # across a crash too (storage.interfaces.MessageSwap).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
-        await swap.stage(root, message_entry, progress)
+        staged_count = await swap.stage(_batches(root, message_entry, progress))
+        if staged_count != message_entry["count"]:
+            await swap.finish()
+            raise BackupError(f"staging the messages of {root.name} gave {staged_count} records instead of "
+                              f"{message_entry['count']}: nothing was restored")
     try:
         async with store.transaction() as tx:
-            await pin_snapshot(store, tx)
+            snapshot = await tx.pin_snapshot()
             if not dry_run:
                 safety = await write_backup(store, tx, backup_dir, seen_before=seen_before, progress=progress,
-                                            label=f"automatic: the state before restoring {backup_id}")
-            names = sorted(wanted_names | set(await _snapshot_collections(store, tx, seen_before)))
+                                            label=f"automatic: the state before restoring {backup_id}",
+                                            snapshot=snapshot)
+            names = sorted(wanted_names | set(await snapshot_collections(tx, seen_before)))
             progress.phase("restore: documents" if not dry_run else "restore (dry run): documents",
                            sum(int(e["count"]) for e in manifest["collections"].values()))
             for name in names:
                 changes[name] = await _restore_collection(store, tx, root, name,
                                                           manifest["collections"].get(name), dry_run, progress)
-            replace_in_tx = getattr(tx, "_replace_messages", None)  # PostgreSQL: messages in the same transaction
-            if messages is not None and message_entry is not None and not dry_run and callable(replace_in_tx):
-                await _restore_messages_in(replace_in_tx, root, message_entry, progress, backup_id)
+            if message_entry is not None and not dry_run and tx.replaces_messages:  # PostgreSQL: in this transaction
+                await _restore_messages_in(tx, root, message_entry, progress, backup_id)
                 message_entry = None  # done
             if swap is not None:
                 await swap.begin(backup_id)  # the intent, then the swap: the commit below decides both
@@ -443,29 +383,30 @@ async def restore_from(store: Any, root: Path, manifest: dict[str, Any], *, back
                 raise BackupError(f"backup {backup_id} was restored (its documents committed), but finishing the "
                                   f"swap of the messages failed; it completes at the store's next write or open: "
                                   f"{exc}") from exc
-        if messages is not None and message_entry is not None and not dry_run:
+        if message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
         # Loose files last: they are beside the store, not in it (see storage/backup/files.py).
-        files = await asyncio.to_thread(restore_files, root, loose_files(manifest), _data_folder(store),
-                                        _owned_collections(store), dry_run)
+        files = await asyncio.to_thread(restore_files, root, loose_files(manifest), store.data_folder(),
+                                        store.owned_collections(), dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}
     return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files)
 
 
-async def _restore_messages_in(replace: Any, root: Path, entry: dict[str, Any], progress: Progress,
+def _batches(root: Path, entry: dict[str, Any], progress: Progress) -> Iterator[list[dict[str, Any]]]:
+    """The backed-up records in batches (already checked by ``MessageOps.check_backup``), counted as they go."""
+    for batch in MessageOps.backup_batches(root, entry):
+        yield batch
+        progress.advance(len(batch))
+
+
+async def _restore_messages_in(tx: BackendTransaction, root: Path, entry: dict[str, Any], progress: Progress,
                                backup_id: str) -> None:
     """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
-    whose transactions offer ``_replace_messages``): any failure rolls back the documents too."""
+    whose transactions replace messages themselves): any failure rolls back the documents too."""
     progress.phase("restore: messages", int(entry["count"]))
-
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        for batch in MessageOps.backup_batches(root, entry):
-            yield batch
-            progress.advance(len(batch))
-
-    final = await replace(batches())
+    final = await tx._replace_messages(_batches(root, entry, progress))
     if final != entry["count"]:
         raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
                           f"{entry['count']}: nothing was restored")
@@ -517,10 +458,10 @@ def _decoded(keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, Any]]:
     return [(key, loads(raws[key])) for key in keys]
 
 
-async def _restore_collection(store: Any, tx: Transaction, root: Path, name: str, entry: dict[str, Any] | None,
-                              dry_run: bool, progress: Progress) -> CollectionChange:
+async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path, name: str,
+                              entry: dict[str, Any] | None, dry_run: bool, progress: Progress) -> CollectionChange:
     wanted, raws = await off_loop(_read_backup_collection, root, name, entry) if entry else ({}, {})
-    view = _committed_view(store, tx, name)
+    view = tx.encoded_documents(name)
     if view is not None:
         current = await off_loop(_canonical_view, view)
     else:
@@ -622,12 +563,10 @@ def prune_backup_dir(backup_dir: Path, keep: int | None, keep_days: float | None
 
 # ---------------------------------------------------------------------------------------------------------------
 # the Store methods
-class BackupMixin:
+class BackupMixin(Backend):
     """``create_backup`` / ``list_backups`` / ``verify_backup`` / ``restore_backup`` / ``prune_backups`` for every
-    backend. Backups live in ``store.config.backup_dir`` (``STORAGE_BACKUP_DIR``, default ``./backups``)."""
-
-    config: Any
-    backend_name: str
+    backend, over the contract of :mod:`storage.interfaces`. Backups live in ``store.config.backup_dir``
+    (``STORAGE_BACKUP_DIR``, default ``./backups``)."""
 
     def _backup_root(self) -> Path:
         return Path(self.config.backup_dir)
@@ -643,16 +582,17 @@ class BackupMixin:
         ``keep`` defaults to ``config.backup_keep`` (``STORAGE_BACKUP_KEEP``). Retention runs only after the new
         backup verified, so a failing disk never costs the old backups.
         """
-        store: Any = self
+        store = self
         store._guard_read()
         if keep is None:
             keep = self.config.backup_keep
         select_expired([], keep, keep_days)  # reject bad retention arguments before doing any work
         seen_before = await store.collections()
         async with store.transaction() as tx:
-            await pin_snapshot(store, tx)
+            snapshot = await tx.pin_snapshot()
             backup_id = await write_backup(store, tx, self._backup_root(), label=label, seen_before=seen_before,
-                                           progress=progress, extra=None if extra is None else list(extra))
+                                           progress=progress, extra=None if extra is None else list(extra),
+                                           snapshot=snapshot)
         report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), backup_id)
         if not report.ok or report.info is None:
             raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "
@@ -680,7 +620,7 @@ class BackupMixin:
         (``report.safety_backup``), then the documents and the messages are swapped all or nothing, also across
         a crash (see the module docstring). ``dry_run=True`` only reports what would change.
         """
-        store: Any = self
+        store = self
         store._guard_write()
         report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), check_backup_id(backup_id),
                                          progress)

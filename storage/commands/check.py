@@ -106,10 +106,7 @@ async def _check_documents(store: Any, config: StoreConfig, problems: list[str],
 
 
 async def _check_messages(store: Any) -> int:
-    ops = MessageOps.of(store)
-    if ops is None:
-        return 0
-    return sum([1 async for _record in ops.scan()])
+    return sum([1 async for _record in MessageOps(store).scan()])
 
 
 async def run_check(args: argparse.Namespace) -> int:

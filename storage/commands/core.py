@@ -83,12 +83,10 @@ async def _foreign_data(store: Any, demo_guilds: set[str]) -> list[str]:
             n = await store.count(name)
         if n:
             foreign.append(f"{n} {name} document(s)")
-    ops = MessageOps.of(store)
-    if ops is not None:
-        total = await ops.count()
-        ours = sum([await store.message_counts(guild) for guild in demo_guilds])
-        if total > ours:
-            foreign.append(f"{total - ours} message(s)")
+    total = await MessageOps(store).count()
+    ours = sum([await store.message_counts(guild) for guild in demo_guilds])
+    if total > ours:
+        foreign.append(f"{total - ours} message(s)")
     return foreign
 
 
@@ -209,9 +207,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 async def _message_summary(store: Any) -> str | None:
     """``N messages in G guild(s), oldest ..., newest ...`` (one pass over the records), None without messages."""
-    ops = MessageOps.of(store)
-    if ops is None:
-        return None
+    ops = MessageOps(store)
     count, guilds, oldest, newest = 0, set(), None, None
     async for record in ops.scan():
         count += 1

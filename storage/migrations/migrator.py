@@ -21,16 +21,16 @@ a backup when the store can make one (``backup=True``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import DatabaseError, MigrationError
+from ..interfaces import MigrationLock
+from ..protocol import Store, Transaction
 from .context import MigrationContext
 from .errors import DirtyMigrationError, MigrationFailedError, MigrationValidationError
 from .ledger import (
@@ -46,7 +46,6 @@ from .ledger import (
     read_log,
     utcnow,
 )
-from .locking import MigrationLock, lock_for
 from .migration import Migration
 from .results import (
     AppliedMigration,
@@ -113,16 +112,15 @@ class Migrator:
     ``lock_timeout`` (seconds, default the store's ``lock_timeout``) bounds the wait for another migrator.
     """
 
-    def __init__(self, store: Any, migrations: Iterable[Migration | type[Migration]], *,
+    def __init__(self, store: Store, migrations: Iterable[Migration | type[Migration]], *,
                  lock_timeout: float | None = None) -> None:
         self.store = store
         self.migrations: tuple[Migration, ...] = tuple(check_migrations(migrations))
         self._by_version = {parse_version(m.version): m for m in self.migrations}
         self._checksums = {v: m.checksum() for v, m in self._by_version.items()}
-        config = getattr(store, "config", None)
-        self.lock_timeout = float(lock_timeout if lock_timeout is not None else getattr(config, "lock_timeout", 60.0))
+        self.lock_timeout = float(lock_timeout if lock_timeout is not None else store.config.lock_timeout)
         self._lock: MigrationLock | None = None  # while a run holds it
-        self.backend = str(getattr(store, "backend_name", None) or getattr(config, "backend", "unknown"))
+        self.backend = store.backend_name
 
     def __repr__(self) -> str:
         return f"<Migrator {len(self.migrations)} migrations on {self.store!r}>"
@@ -135,7 +133,7 @@ class Migrator:
         """A marker with the lock held means a migration is running now; with the lock free, an interrupted one."""
         if state.in_progress is None:
             return False
-        lock = lock_for(self.store)
+        lock = self.store.migration_lock()
         if await lock.acquire(0):
             await lock.release()
             return False
@@ -240,7 +238,7 @@ class Migrator:
     # -- running -------------------------------------------------------------------------------------------------------
     @asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        lock = lock_for(self.store)
+        lock = self.store.migration_lock()
         await lock.hold(self.lock_timeout, what=f"migrating {self.store!r}")
         self._lock = lock
         try:
@@ -324,18 +322,13 @@ class Migrator:
             return RepairResult(state.in_progress, tuple(a.version for a in realign))
 
     async def _backup(self, direction: Direction, todo: list[Migration]) -> str | None:
-        create = getattr(self.store, "create_backup", None)
-        if create is None:
-            log.info("%r cannot make backups: migrating without one", self.store)
-            return None
         label = f"automatic: before migrate {direction} ({', '.join(m.version for m in todo)})"
         try:
-            takes_label = "label" in inspect.signature(create).parameters
-            info = await (create(label=label) if takes_label else create())
+            info = await self.store.create_backup(label=label)
         except Exception as exc:
             raise MigrationError(f"the backup before migrating failed, so nothing was migrated: {exc} (pass "
                                  "backup=False / --no-backup to migrate without a backup)") from exc
-        return str(getattr(info, "id", info))
+        return info.id
 
     async def _run(self, direction: Direction, todo: list[Migration], backup_id: str | None) -> MigrationRun:
         done: list[StepResult] = []
@@ -350,14 +343,11 @@ class Migrator:
             done.append(await self._step(migration, direction, state, applied, backup_id, done))
         return MigrationRun(direction, tuple(done), backup_id)
 
-    def _context(self, tx: Any, migration: Migration, direction: Direction,
+    def _context(self, tx: Transaction, migration: Migration, direction: Direction,
                  notes: dict[str, Any] | None) -> MigrationContext:
-        path = getattr(self.store, "path", None) if self.backend == "json" else None
         return MigrationContext(
             tx, version=migration.version, name=migration.name, direction=direction, backend=self.backend,
-            config=getattr(self.store, "config", None),
-            connection=getattr(tx, "connection", None) if self.backend == "postgres" else None,
-            path=Path(path) if path is not None else None, notes=notes)
+            config=self.store.config, connection=tx.connection, path=self.store.data_folder(), notes=notes)
 
     async def _step(self, migration: Migration, direction: Direction, state: _State, applied: AppliedMigration | None,
                     backup_id: str | None, done: list[StepResult]) -> StepResult:

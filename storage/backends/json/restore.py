@@ -36,7 +36,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ import orjson
 
 from ...errors import CorruptDataError, DatabaseError
 from ...fsutil import atomic_write, fsync_dir
-from .message_files import GENERATION_NAME, MESSAGES_DIR
+from ...interfaces import MessageSwap
+from .message_files import GENERATION_NAME, MESSAGES_DIR, run_in_thread
 
 __all__ = [
-    "INTENT_NAME", "documents_digest", "stage_messages", "begin", "resolve", "recover", "discard", "pending", "sweep",
-    "is_restore_entry",
+    "INTENT_NAME", "RestoreSwap", "documents_digest", "stage_messages", "begin", "resolve", "recover", "discard",
+    "pending", "sweep", "is_restore_entry",
 ]
 
 log = logging.getLogger("storage.json.restore")
@@ -234,3 +236,38 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class RestoreSwap(MessageSwap):
+    """The JSON store's :class:`~storage.interfaces.MessageSwap`: the steps above for one restore.
+
+    ``digest()`` gives the digest of the store's documents as they are (called inside the restore's transaction,
+    before its commit); ``locked()`` is the store's lock, whose hook resolves a pending intent.
+    """
+
+    def __init__(self, data_path: Path, digest: Callable[[], str],
+                 locked: Callable[[], AbstractAsyncContextManager[None]]) -> None:
+        self.path = data_path
+        self._digest = digest
+        self._locked = locked
+        self.staged: Path | None = None
+
+    async def stage(self, batches: Iterable[list[dict[str, Any]]]) -> int:
+        self.staged, count = await run_in_thread(stage_messages, self.path, batches)
+        return count
+
+    async def begin(self, backup_id: str) -> None:
+        """Under the transaction's lock, after its changes are staged: write the intent and swap the folders."""
+        assert self.staged is not None
+        before = await run_in_thread(self._digest)
+        await run_in_thread(begin, self.path, self.staged, before, backup_id)
+
+    async def finish(self) -> None:
+        """Resolve the intent under the store lock (its hook does it), then delete this restore's leftovers."""
+        if self.staged is None:
+            return
+        try:
+            async with self._locked():
+                pass  # the store's lock resolves a pending intent as soon as it holds it
+        finally:
+            await run_in_thread(discard, self.path, self.staged)

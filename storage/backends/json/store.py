@@ -21,6 +21,10 @@ How it stays correct:
   byte position and is left as it is; only a torn final journal record (never acknowledged) may be dropped.
 
 Every document is held in memory in its encoded form (bytes): compact, and a ``get`` returns a fresh ``dict``.
+
+Who does what: :class:`~storage.backends.json.tables.Tables` (tables.py) owns the documents in memory, the snapshot
+files, loading, following other processes' commits and compaction; :class:`JsonStore` owns the lock, group commit
+and the one commit path (append + fsync, publish the committed end, apply), and decides when the journal is trusted.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ import os
 import re
 import threading
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from collections.abc import Set as AbstractSet
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -42,28 +44,32 @@ from typing import Any, TypeVar
 import orjson
 
 from ... import cancellation
-from ...codec import OWN_COLLECTIONS, check_collection, decode_doc
+from ...codec import decode_doc
 from ...config import StoreConfig
+from ...documents import apply_update
 from ...errors import (
-    CorruptDataError,
     DatabaseError,
-    ExternalChangeError,
     LockTimeoutError,
     ReadOnlyError,
     StorageIOError,
     ValidationError,
 )
-from ...fsutil import TEMP_MARK, atomic_write, fsync_dir, make_dirs
+from ...fsutil import TEMP_MARK, make_dirs
+from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns
-from ...protocol import Document, Transaction, UpdateFn
-from ..base import BackendBase, OpsBase, apply_update
+from ...offload import off_loop
+from ...protocol import Document, UpdateFn
+from ..base import BackendBase
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
+from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
-from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
+from .migration_lock import FileMigrationLock
+from .restore import RestoreSwap
+from .tables import Staged, Tables
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -73,47 +79,13 @@ log = logging.getLogger("storage.json")
 
 JOURNAL_NAME = "storage.journal"
 LOCK_NAME = "storage.lock"
-#: Compact once the journal is larger than this fraction of the snapshots it would rewrite (and MIN_COMPACT).
-COMPACT_RATIO = 1.0
-MIN_COMPACT_BYTES = 1 << 20
-#: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _append).
+#: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _commit).
 INLINE_SYNC_BUDGET = 0.0005
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
-
-class _Staged:
-    """Changes being prepared under the lock, layered over the committed data (read-your-writes)."""
-
-    __slots__ = ("base", "changes")
-
-    def __init__(self, base: dict[str, Collection]) -> None:
-        self.base = base
-        self.changes: dict[tuple[str, str], bytes | None] = {}
-
-    def get(self, collection: str, key: str) -> bytes | None:
-        if (collection, key) in self.changes:
-            return self.changes[(collection, key)]
-        coll = self.base.get(collection)
-        return coll.get(key) if coll is not None else None
-
-    def apply(self, ops: list[Op]) -> None:
-        for op in ops:
-            self.changes[(op[1], op[2])] = op[3] if op[0] == "p" else None  # type: ignore[misc]
-
-    def keys(self, collection: str) -> set[str]:
-        keys = set(self.base.get(collection, ()))
-        for (coll, key), value in self.changes.items():
-            if coll == collection:
-                if value is None:
-                    keys.discard(key)
-                else:
-                    keys.add(key)
-        return keys
-
-
 #: A write waiting for the next group commit: turns the view so far into its ops and the caller's result.
-_Prepare = Callable[[_Staged], tuple[list[Op], Any]]
+_Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
 class JsonBackend(JsonMessageQueries, BackendBase):
@@ -127,31 +99,31 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self.path = Path(config.path)
         self.lock_timeout = config.lock_timeout
         self.read_only = config.read_only
-        self._data: dict[str, Collection] = {}
-        self._sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
-        self._foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
-        self._dirty: set[str] = set()  # collections changed in the current journal generation
-        #: each snapshot file as this process last read or wrote it: (stat signature, crc32), to notice edits
-        self._files: dict[str, tuple[tuple[int, int, int], int]] = {}
         self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
+        #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
+        self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
                                                                 after=self._maybe_compact)
-        #: A failed append (fsync error): the journal file is not trusted until it is rewritten (see _append).
+        #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
-        self._need_reload = False
-        self._merge_external = False  # see open()
-        self._need_lock = False  # what other processes committed is unknown from here: catch up under the lock
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
-        #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
-        self.min_compact_bytes = MIN_COMPACT_BYTES
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
 
     def __repr__(self) -> str:
         mode = " read_only" if self.read_only else ""
         return f"<{type(self).__name__} path={str(self.path)!r}{mode} closed={self._closed}>"
+
+    @property
+    def min_compact_bytes(self) -> int:
+        """Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it)."""
+        return self._tables.min_compact_bytes
+
+    @min_compact_bytes.setter
+    def min_compact_bytes(self, value: int) -> None:
+        self._tables.min_compact_bytes = value
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -180,7 +152,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         if not isinstance(config, StoreConfig):
             config = StoreConfig(backend="json", path=os.fspath(config), source="arguments")
         store = cls(config)
-        store._merge_external = merge_external
+        store._tables.merge_external = merge_external
         try:
             await cancellation.run_in_thread(store._open_sync)
         except asyncio.CancelledError:
@@ -194,7 +166,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             if not self.path.is_dir():
                 raise DatabaseError(f"{self.path}: no such folder (a read-only open never creates one)")
             with self._io("opening the store read-only"):
-                self._load()
+                self._tables.load()
             return
         with self._io("creating the data folder"):
             make_dirs(self.path)
@@ -207,14 +179,10 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             with self._io("opening the store"):
                 self._remove_temp_files()
-                self._load()
-                json_restore.recover(self.path, self._data, at_open=True)  # finish or undo a crashed restore
-                untrusted = {name: crc for name, (_sig, crc) in self._files.items()
-                             if name not in self._journal.snapshots}
-                if untrusted:  # e.g. the seed's own members.json: record its checksum (see _check_edit)
-                    self._journal.rebase(untrusted)
-                    fsync_dir(self.path)
-                self._flock.publish(self._journal.ino or 0, self._journal.offset)
+                self._tables.load()
+                json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
+                self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
+                self._tables.publish()
         except BaseException:
             self._journal.close()
             self._flock.close()
@@ -229,120 +197,14 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 log.warning("%s: removing %s left by an interrupted write", self.path, entry.name)
                 os.unlink(entry.path)
 
-    def _committed(self) -> tuple[int, int] | None:
-        return self._flock.committed(trusted_only=True)
-
-    def _load(self) -> None:
-        """(Re)load every snapshot and replay the journal. Needs the file lock (or a read-only store)."""
-        if not self._journal.path.exists():
-            if self.read_only:
-                records: list[list[Op]] = []
-                self._journal.close()
-                self._journal.ino = None
-            else:
-                Journal.create(self._journal.path, 1)
-                fsync_dir(self.path)
-        if self._journal.path.exists():
-            records = self._journal.open(self._committed)
-        trusted = self._journal.snapshots
-        data: dict[str, Collection] = {}
-        sizes: dict[str, int] = {}
-        foreign: dict[str, str] = {}
-        files: dict[str, tuple[tuple[int, int, int], int]] = {}
-        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
-            if not entry.name.endswith(".json"):
-                continue
-            name = entry.name[:-5]
-            try:
-                check_collection(name)
-            except ValidationError:
-                foreign[name] = "its name is not a valid collection name"
-                continue
-            path = Path(entry.path)
-            if not entry.is_file():  # follows symlinks: a link to a file is that file (see _snapshot_target)
-                foreign[name] = "it is not a regular file" + (" (a directory)" if entry.is_dir() else "")
-                continue
-            st = os.stat(path)
-            loaded = read_snapshot(path, trusted.get(name))
-            if isinstance(loaded, str):
-                foreign[name] = loaded
-                continue
-            data[name], sizes[name], crc = loaded
-            files[name] = (_signature(st), crc)
-            if name in trusted and trusted[name] != crc:
-                self._check_edit(name, path, data[name], records)
-        for name, why in foreign.items():
-            if name in OWN_COLLECTIONS:
-                raise CorruptDataError(f"{self.path / (name + '.json')} belongs to the library ({name!r}) but {why}; "
-                                       "the file was left as it is", path=str(self.path / (name + ".json")))
-        self._data, self._sizes, self._foreign, self._dirty, self._files = data, sizes, foreign, set(), files
-        self._need_reload = self._need_lock = False
-        for ops in records:
-            self._apply(ops)
-
-    def _check_edit(self, name: str, path: Path, coll: Collection, records: list[list[Op]]) -> None:
-        """A snapshot that is not the file the last compaction wrote: fine if the journal has nothing newer for it
-        (a hand edit while the store was closed, or a compaction that crashed after writing it), damage if
-        replaying the journal would overwrite part of it (someone wrote it while the store had it open)."""
-        final: dict[str, bytes | None] = {}
-        for ops in records:
-            for op in ops:
-                if op[1] == name:
-                    final[op[2]] = op[3] if op[0] == "p" else None  # type: ignore[misc]
-        clobbered = [key for key, value in final.items() if coll.get(key) != value]
-        if clobbered and self._merge_external:
-            log.warning("%s was changed outside the store: replaying the journal's newer values of %d documents "
-                        "over the edit, as asked (merge_external)", path, len(clobbered))
-        elif clobbered:
-            raise ExternalChangeError(
-                f"{path} was changed outside the store while its journal still holds newer changes to "
-                f"{len(clobbered)} of its documents (e.g. {clobbered[0]!r}); opening would overwrite them, so the file "
-                "was left as it is. Stop the bot before editing files by hand. To keep both (the journal's values "
-                "win for the documents it changed): `python -m storage compact --merge-external`",
-                path=str(path))
-        log.info("%s was edited while the store was closed: using the edit", path)
-
     # ---------------------------------------------------------------------------------------------------------------
-    # applying committed changes to memory
-    def _apply(self, ops: list[Op]) -> None:
-        data, sizes = self._data, self._sizes
-        for op in ops:
-            coll_name, key = op[1], op[2]
-            coll = data.get(coll_name)
-            if coll is None:
-                coll = data[coll_name] = {}
-                sizes[coll_name] = 2
-            old = coll.get(key)
-            if old is not None:
-                sizes[coll_name] -= len(key) + len(old) + OVERHEAD
-            if op[0] == "p":
-                new: bytes = op[3]  # type: ignore[misc]
-                coll[key] = new
-                sizes[coll_name] += len(key) + len(new) + OVERHEAD
-            elif old is not None:
-                del coll[key]
-            self._dirty.add(coll_name)
-
-    def _follow(self, *, locked: bool) -> None:
-        """Apply what other processes committed; flag a catch-up under the lock or a full reload when needed."""
-        if self._need_reload or self._journal.fd < 0 or not self._journal.changed():
-            return
-        found = self._journal.follow(self._committed, locked=locked)
-        for index, ops in enumerate(found.records):
-            if index == found.switched_at:
-                self._dirty = set()  # another process compacted: its snapshots hold everything before this
-            self._apply(ops)
-        if found.switched_at == len(found.records):
-            self._dirty = set()
-        self._need_reload = found.reload
-        self._need_lock = found.need_lock
-
+    # reading what other processes committed
     async def _refresh(self) -> None:
         """Before a read: apply what other processes committed. One ``stat`` when nothing changed."""
         if self._holding:
             return  # we hold the lock: nobody else can have written
-        journal = self._journal
-        if journal.fd >= 0 and not (self._need_reload or self._need_lock):
+        journal, tables = self._journal, self._tables
+        if journal.fd >= 0 and not (tables.need_reload or tables.need_lock):
             try:
                 if not journal.changed():
                     return  # the fast path of every read: one pread
@@ -350,38 +212,12 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 pass  # reported with context below
         with self._io("reading the journal"):
             if self.read_only:
-                self._refresh_read_only()
+                tables.refresh_read_only()
                 return
-            self._follow(locked=False)
-        if self._need_reload or self._need_lock:
+            tables.follow(locked=False)
+        if tables.need_reload or tables.need_lock:
             async with self._locked():
                 pass  # _locked() catches up (and reloads) under the lock
-
-    def _refresh_read_only(self) -> None:
-        """A read-only store never takes the lock: when the committed end is unknown it reads every complete
-        record (a record whose fsync is still running may then be seen), and reloads after a generation jump."""
-        if self._journal.fd < 0:
-            if self._journal.path.exists():
-                self._load()
-            return
-        self._follow(locked=False)
-        if self._need_lock and not self._need_reload:
-            for ops in self._journal.read_new(end=None, locked=False):
-                self._apply(ops)
-            self._need_lock = False
-        if self._need_reload:
-            self._load()
-
-    def _catch_up_locked(self) -> None:
-        """Under the lock: apply everything committed (cutting away what never was), reload after a generation
-        jump, and publish the committed end when it was not known."""
-        self._follow(locked=True)
-        if self._need_reload:
-            log.info("%s: the journal moved on by more than one compaction: reloading the snapshots", self.path)
-            self._load()
-        committed = self._committed()
-        if committed is None or committed != (self._journal.ino, self._journal.offset):
-            self._flock.publish(self._journal.ino or 0, self._journal.offset)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
@@ -394,16 +230,16 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         async with self._mutex:
             if self.read_only:
                 with self._io("reading the journal"):
-                    self._refresh_read_only()
+                    self._tables.refresh_read_only()
                 yield
                 return
             await self._acquire_file_lock()
             self._holding = True
             try:
                 with self._io("catching up with the journal"):
-                    self._catch_up_locked()
+                    self._tables.catch_up()
                     if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
-                        json_restore.recover(self.path, self._data)
+                        json_restore.recover(self.path, self._tables.data)
                 yield
             finally:
                 self._holding = False
@@ -446,7 +282,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     async def _commit_group(self, batch: list[_Prepare], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
         await self._trust_journal()
-        staged = _Staged(self._data)
+        staged = Staged(self._tables.data)
         ops: list[Op] = []
         for prepare in batch:
             try:
@@ -481,8 +317,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
-                    self._flock.publish(journal.ino or 0, journal.offset)
-                    self._apply(ops)
+                    self._tables.publish()
+                    self._tables.apply(ops)
         except OSError as exc:
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
@@ -524,19 +360,13 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # compaction
-    def _compaction_due(self) -> bool:
-        if not self._dirty:
-            return False
-        rewrite = sum(self._sizes.get(c, 0) for c in self._dirty)
-        return self._journal.offset > max(self.min_compact_bytes, COMPACT_RATIO * rewrite)
-
     async def _maybe_compact(self) -> None:
         """Compaction is an optimization: if it fails (disk full), the journal still holds every write."""
-        if not self._compaction_due():
+        if not self._tables.compaction_due():
             return
         try:
             async with self._locked():
-                if self._compaction_due():
+                if self._tables.compaction_due():
                     await self._run_compaction()
         except DatabaseError as exc:
             log.error("%s: compaction failed, the journal keeps the data and grows: %s", self.path, exc)
@@ -554,87 +384,32 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         ``everything`` rewrites every collection (after a failed fsync, when no file written since is trusted).
         """
         try:
-            await cancellation.run_in_thread(self._compact_locked, set(self._data) if everything else set())
+            await cancellation.run_in_thread(self._tables.compact, set(self._tables.data) if everything else set())
         except OSError as exc:
             raise StorageIOError(f"{exc.filename or self.path}: compaction failed: {exc.strerror or exc}; the "
                                  "journal still holds every write", errno=exc.errno,
                                  path=str(exc.filename or self.path)) from exc
 
-    def _compact_locked(self, also: AbstractSet[str] = frozenset()) -> None:
-        """Rewrite each changed collection's snapshot (and those in ``also``), then start the next journal
-        generation, whose header records every snapshot's checksum.
-
-        Order matters for crashes: snapshots first (each atomic), then the new journal. If we die in between, the
-        old journal is replayed onto the new snapshots on the next open, which is harmless (see journal.py).
-        A snapshot that was changed behind the store's back is not overwritten (ExternalChangeError).
-        """
-        names = self._dirty | also
-        checksums = {name: crc for name, crc in self._journal.snapshots.items() if name not in names}
-        for name in sorted(names):
-            if name in self._foreign:
-                continue
-            path = self.path / f"{name}.json"
-            self._check_not_edited(name, path)
-            rendered = render_collection(self._data.get(name, {}))
-            target = _snapshot_target(path)
-            atomic_write(target, rendered, sync_dir=target.parent != self.path)
-            crc = zlib.crc32(rendered)
-            checksums[name] = crc
-            self._files[name] = (_signature(os.stat(target)), crc)
-        fsync_dir(self.path)
-        self._journal.mark_replacing()
-        try:
-            Journal.create(self._journal.path, self._journal.generation + 1, checksums,
-                           previous_end=self._journal.offset)
-        except BaseException:
-            self._journal.unmark()
-            raise
-        self._journal.open(lambda: None)  # header only: we hold the lock, nobody appended
-        self._flock.publish(self._journal.ino or 0, self._journal.offset)
-        self._dirty = set()
-
-    def _check_not_edited(self, name: str, path: Path) -> None:
-        """Refuse to overwrite a snapshot someone else wrote since this process (or the last compaction) did."""
-        known = self._files.get(name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return  # deleted by hand: memory holds every document, the rewrite brings it back
-        if known is not None and _signature(st) == known[0]:
-            return
-        expected = self._journal.snapshots.get(name, known[1] if known is not None else None)
-        if expected is None:
-            if known is None and st.st_size > 0:
-                raise ExternalChangeError(f"{path} appeared while the store had it open; the file was left as it "
-                                          "is", path=str(path))
-            return
-        crc = zlib.crc32(path.read_bytes())
-        if crc != expected:
-            raise ExternalChangeError(
-                f"{path} was changed outside the store while it was open (the library owns its files while a store "
-                "is open: stop the bot to edit them); the store's changes stay in the journal and the file was "
-                "left as it is", path=str(path))
-        self._files[name] = (_signature(st), crc)
-
     # ---------------------------------------------------------------------------------------------------------------
     # primitives
     async def _get(self, collection: str, key: str) -> Document | None:
         await self._refresh()
-        coll = self._data.get(collection)
+        coll = self._tables.data.get(collection)
         raw = coll.get(key) if coll is not None else None
         return orjson.loads(raw) if raw is not None else None
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         await self._refresh()
-        coll = self._data.get(collection) or {}
+        coll = self._tables.data.get(collection) or {}
         loads = orjson.loads
         return {k: loads(coll[k]) for k in keys if k in coll}
 
     def _check_writable(self, collection: str) -> None:
         self._check_usable()
-        if collection in self._foreign:
+        foreign = self._tables.foreign
+        if collection in foreign:
             raise ValidationError(
-                f"{self.path / (collection + '.json')} exists but is not a collection ({self._foreign[collection]}); "
+                f"{self.path / (collection + '.json')} exists but is not a collection ({foreign[collection]}); "
                 "refusing to write to it", field="collection")
 
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
@@ -645,7 +420,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     async def _delete(self, collection: str, key: str) -> bool:
         self._check_writable(collection)
 
-        def prepare(staged: _Staged) -> tuple[list[Op], bool]:
+        def prepare(staged: Staged) -> tuple[list[Op], bool]:
             if staged.get(collection, key) is None:
                 return [], False
             return [("d", collection, key)], True
@@ -656,7 +431,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
         self._check_writable(collection)
 
-        def prepare(staged: _Staged) -> tuple[list[Op], Document]:
+        def prepare(staged: Staged) -> tuple[list[Op], Document]:
             raw = staged.get(collection, key)
             _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
             return [("p", collection, key, encoded)], orjson.loads(encoded)
@@ -666,23 +441,51 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         await self._refresh()
-        coll = self._data.get(collection) or {}
+        coll = self._tables.data.get(collection) or {}
         pairs = sorted((k, v) for k, v in coll.items() if prefix is None or k.startswith(prefix))
         for key, raw in pairs:
             yield key, orjson.loads(raw)
 
     async def _count(self, collection: str) -> int:
         await self._refresh()
-        return len(self._data.get(collection) or ())
+        return len(self._tables.data.get(collection) or ())
 
     async def collections(self) -> list[str]:
         self._guard_read()
         await self._refresh()
-        return sorted(name for name, coll in self._data.items() if coll)
+        return sorted(name for name, coll in self._tables.data.items() if coll)
+
+    # where the data is (storage.interfaces)
+    def location(self) -> str:
+        return os.path.realpath(self.path)
+
+    def data_folder(self) -> Path | None:
+        return self.path
+
+    def migration_lock(self) -> MigrationLock:
+        return FileMigrationLock(self.path)
+
+    def owned_collections(self) -> set[str]:
+        return set(self._tables.data)  # every collection it has loaded, empty ones included
+
+    def messages_in_snapshot(self, snapshot: str | None) -> bool:
+        # A transaction holds the store lock, every message write takes it, and a scan reads the files without it:
+        # nothing can change between the documents and the messages.
+        return True
+
+    async def _export_messages(self, emit: ExportSink, advance: Callable[[int], None]) -> bool:
+        await off_loop(export_records, self._messages.root, emit, advance)  # file by file, as bytes, off the loop
+        return True
+
+    def message_swap(self) -> MessageSwap | None:
+        return RestoreSwap(self.path, self._messages_digest, self._locked)
+
+    def _messages_digest(self) -> str:
+        return json_restore.documents_digest(self._tables.data)
 
     def foreign_files(self) -> dict[str, str]:
         """``*.json`` files in the folder that are not collections, and why (shown by ``storage check``)."""
-        return dict(self._foreign)
+        return dict(self._tables.foreign)
 
     # message analytics: the append-only log in json/messages.py
     async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
@@ -698,7 +501,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         return await self._messages.delete_before(before)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
-                       until: datetime | None = None) -> AsyncIterator[dict[str, Any]]:
+                       until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        # no snapshots here: a transaction holds the lock every message write takes (see messages_in_snapshot)
         return self._messages.scan(guild_id, since, until)
 
     def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
@@ -708,7 +512,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     # ---------------------------------------------------------------------------------------------------------------
     # transactions and closing
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self) -> AsyncIterator[BackendTransaction]:
         """Serializable: the lock is held from the first line of the block to the commit.
 
         Keep transactions short: other writers (and other processes) wait while one is open.
@@ -744,9 +548,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             await self._commits.wait()
             await self._messages.wait()
-            if self._dirty and not self.read_only and self._suspect is None:
+            if self._tables.dirty and not self.read_only and self._suspect is None:
                 async with self._locked():
-                    if self._dirty:
+                    if self._tables.dirty:
                         await self._run_compaction()
         finally:
             self._journal.close()
@@ -757,32 +561,20 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         """Sizes for ``storage status``."""
         return {
             "path": str(self.path),
-            "collections": {name: len(coll) for name, coll in sorted(self._data.items())},
+            "collections": {name: len(coll) for name, coll in sorted(self._tables.data.items())},
             "journal_bytes": self._journal.offset,
             "journal_generation": self._journal.generation,
-            "foreign_files": dict(self._foreign),
+            "foreign_files": dict(self._tables.foreign),
             "read_only": self.read_only,
         }
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int]:
-    """What changes when a file is rewritten or replaced (checked before trusting it is still ours)."""
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _snapshot_target(path: Path) -> Path:
-    """Where a snapshot is written: a symlinked ``<collection>.json`` is followed, and the file it names is
-    replaced (atomically, in its own folder), so the link stays. A bot may keep ``members.json`` on a mounted
-    volume that way; the library never replaces a link with a regular file."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
-class JsonTransaction(OpsBase):
+class JsonTransaction(BackendTransaction):
     """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
     def __init__(self, store: JsonBackend) -> None:
         self._store = store
-        self._staged = _Staged(store._data)
+        self._staged = Staged(store._tables.data)
         self._ops: list[Op] = []
         self._active = True
 
@@ -841,6 +633,12 @@ class JsonTransaction(OpsBase):
 
     async def _count(self, collection: str) -> int:
         return len(self._staged.keys(collection))
+
+    def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
+        """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a
+        decode and re-encode of each (the committed collection, with this transaction's changes over it)."""
+        self._guard_read()
+        return self._staged.view(collection)
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them (like ``PgTransaction``'s: a backup

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from ...codec import decode_doc, encode_doc
+from ...documents import apply_update
 from ...protocol import Document, UpdateFn
-from ..base import apply_update
 from .conn import transaction
 from .schema import DOC_LOCK_CLASS
 

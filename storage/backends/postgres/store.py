@@ -68,18 +68,21 @@ from ...dsn import mask_secrets
 from ...errors import (
     ConnectionError,
     DatabaseError,
+    MigrationError,
     ReadOnlyError,
     StoreClosedError,
     TransactionError,
     ValidationError,
 )
-from ...protocol import Document, Transaction, UpdateFn
-from ..base import BackendBase, OpsBase
+from ...interfaces import BackendTransaction, MigrationLock
+from ...protocol import Document, UpdateFn
+from ..base import BackendBase
 from . import conn as pg_conn
 from . import documents as sql
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .ingest import RowEncoder, replay
 from .messages import COLUMNS, PgMessagesMixin
+from .migration_lock import AdvisoryMigrationLock
 from .schema import ensure_schema
 
 _B = TypeVar("_B", bound="PostgresBackend")
@@ -134,6 +137,17 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         self._lane_pid = 0
         self._lane_busy = False
         self._lane_enabled = config.pool_max >= 2
+
+    # where the data is (storage.interfaces)
+    def location(self) -> str:
+        return str(self.config.safe_dsn)
+
+    def migration_lock(self) -> MigrationLock:
+        if self.config.pool_max < 2:
+            raise MigrationError("migrations need a pool of at least 2 connections (one holds the migration "
+                                 "lock while another runs the migration): set STORAGE_POOL_MAX >= 2")
+        return AdvisoryMigrationLock(self.pool, transaction_scoped=self.config.pgbouncer,
+                                     command_timeout=self.config.command_timeout)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._target} closed={self._closed}>"
@@ -335,7 +349,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     # ---------------------------------------------------------------------------------------------------------------
     # transactions
     @asynccontextmanager
-    async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Transaction]:
+    async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[BackendTransaction]:
         """A PostgreSQL transaction on one connection.
 
         ``isolation="read_committed"`` (the default) is pessimistic: reads lock what they read (see
@@ -517,7 +531,7 @@ async def _release(store: PostgresBackend, conn: Any, pid: int, *, clean: bool) 
         store._quiet.discard(pid)
 
 
-class PgTransaction(OpsBase):
+class PgTransaction(BackendTransaction):
     """What ``store.transaction()`` yields: the document operations on the transaction's own connection.
 
     Calls on one transaction are serialized (a connection runs one statement at a time), so it is safe to use it
@@ -592,8 +606,11 @@ class PgTransaction(OpsBase):
                     raise self._store._translate(exc, what) from exc
                 raise
 
-    async def pin_snapshot(self) -> None:
-        """Make every read of this transaction see one snapshot (``REPEATABLE READ``); call it first.
+    replaces_messages = True  # _replace_messages below: a restore swaps documents and messages in one transaction
+
+    async def pin_snapshot(self) -> str | None:
+        """Make every read of this transaction see one snapshot (``REPEATABLE READ``); call it first. Returns the
+        exported snapshot's id, in which a message scan on another connection reads the same instant.
 
         What a consistent export (a backup, a copy) needs: reads no longer lock, and a concurrent writer is never
         blocked; a write of this transaction that conflicts with a concurrent one raises TransactionError.
@@ -609,6 +626,7 @@ class PgTransaction(OpsBase):
         if self.snapshot_id is None:
             async with self._use("pin_snapshot") as conn:
                 self.snapshot_id = await conn.fetchval("SELECT pg_export_snapshot()")
+        return self.snapshot_id
 
     async def _replace_messages(self, batches: Iterable[list[dict[str, Any]]]) -> int:
         """Delete every message and insert ``batches`` (records already checked, normalized, ids unique) in this

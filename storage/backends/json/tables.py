@@ -1,0 +1,347 @@
+"""The committed documents of a JSON store, in memory, and the files they come from and go back to.
+
+A :class:`Tables` holds every collection as this process knows it committed (documents in their encoded form,
+bytes), with what the rest of the store needs to keep that view equal to the disk:
+
+* **Loading**: every ``<collection>.json`` snapshot is read (``*.json`` files that are not collections are kept
+  aside as *foreign*, never written), then the journal is replayed over them.
+* **Applying**: a committed record's operations change the collections, their approximate snapshot sizes and the
+  set of collections changed in this journal generation (the *dirty* set, which compaction rewrites).
+* **Following**: records that other processes committed are read from the journal up to the committed end they
+  published in ``storage.lock`` (never past it: a record whose fsync may yet fail is never applied), across a
+  compaction of theirs, or by a full reload when a whole generation was missed.
+* **Compacting**: the dirty collections' snapshots are rewritten (atomically), then the next journal generation
+  starts, after marking the journal it replaces so that readers look again.
+* **External edits**: each snapshot's stat signature and checksum, as this process last read or wrote it, tell a
+  hand edit apart from our own file; a snapshot changed behind the store's back is never overwritten, and one whose
+  edit the journal would clobber is refused at open (:class:`ExternalChangeError`).
+
+What a Tables does not do: take the lock, hop to a thread, append to the journal or decide when a commit is
+durable. Its callers (:class:`~storage.backends.json.store.JsonStore`) hold the store lock for every method that
+writes (loading, catching up, compacting, publishing), or are a read-only store; reads and :meth:`follow`
+(``locked=False``) need no lock. The journal and the lock file are opened by the store and handed in: the store
+appends to the journal (its one commit path) and publishes through :meth:`publish`; this object reads, follows and
+replaces the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+from ...codec import OWN_COLLECTIONS, check_collection
+from ...errors import CorruptDataError, ExternalChangeError, ValidationError
+from ...fsutil import atomic_write, fsync_dir
+from .journal import Journal, Op
+from .lock import Committed, SidecarLock
+from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
+
+__all__ = ["Tables", "Staged", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
+
+log = logging.getLogger("storage.json")
+
+#: Compact once the journal is larger than this fraction of the snapshots it would rewrite (and MIN_COMPACT).
+COMPACT_RATIO = 1.0
+MIN_COMPACT_BYTES = 1 << 20
+
+#: A file's stat signature (see _signature) and the crc32 of its content.
+FileState = tuple[tuple[int, int, int], int]
+
+
+class Tables:
+    """The collections as committed, their snapshot files and the journal they are followed through."""
+
+    def __init__(self, path: Path, journal: Journal, lock: SidecarLock, *, read_only: bool = False) -> None:
+        self.path = path
+        self.journal = journal
+        self.lock = lock  # only its published committed end: the store takes and releases the lock itself
+        self.read_only = read_only
+        self.data: dict[str, Collection] = {}
+        self.sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
+        self.foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
+        self.dirty: set[str] = set()  # collections changed in the current journal generation
+        #: each snapshot file as this process last read or wrote it: (stat signature, crc32), to notice edits
+        self.files: dict[str, FileState] = {}
+        self.need_reload = False  # a whole journal generation was missed: reload the snapshots under the lock
+        self.need_lock = False  # what other processes committed is unknown from here: catch up under the lock
+        #: Replay the journal over an edited snapshot instead of refusing it (see JsonStore.open).
+        self.merge_external = False
+        #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
+        self.min_compact_bytes = MIN_COMPACT_BYTES
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the committed end (published in storage.lock)
+    def committed(self) -> Committed | None:
+        return self.lock.committed(trusted_only=True)
+
+    def publish(self) -> None:
+        """Tell readers the journal is committed up to where this process wrote or read it. Under the lock."""
+        self.lock.publish(self.journal.ino or 0, self.journal.offset)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # loading
+    def load(self) -> None:
+        """(Re)load every snapshot and replay the journal. Needs the file lock (or a read-only store)."""
+        if not self.journal.path.exists():
+            if self.read_only:
+                records: list[list[Op]] = []
+                self.journal.close()
+                self.journal.ino = None
+            else:
+                Journal.create(self.journal.path, 1)
+                fsync_dir(self.path)
+        if self.journal.path.exists():
+            records = self.journal.open(self.committed)
+        trusted = self.journal.snapshots
+        data: dict[str, Collection] = {}
+        sizes: dict[str, int] = {}
+        foreign: dict[str, str] = {}
+        files: dict[str, FileState] = {}
+        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+            if not entry.name.endswith(".json"):
+                continue
+            name = entry.name[:-5]
+            try:
+                check_collection(name)
+            except ValidationError:
+                foreign[name] = "its name is not a valid collection name"
+                continue
+            path = Path(entry.path)
+            if not entry.is_file():  # follows symlinks: a link to a file is that file (see _snapshot_target)
+                foreign[name] = "it is not a regular file" + (" (a directory)" if entry.is_dir() else "")
+                continue
+            st = os.stat(path)
+            loaded = read_snapshot(path, trusted.get(name))
+            if isinstance(loaded, str):
+                foreign[name] = loaded
+                continue
+            data[name], sizes[name], crc = loaded
+            files[name] = (_signature(st), crc)
+            if name in trusted and trusted[name] != crc:
+                self._check_edit(name, path, data[name], records)
+        for name, why in foreign.items():
+            if name in OWN_COLLECTIONS:
+                raise CorruptDataError(f"{self.path / (name + '.json')} belongs to the library ({name!r}) but {why}; "
+                                       "the file was left as it is", path=str(self.path / (name + ".json")))
+        self.data, self.sizes, self.foreign, self.dirty, self.files = data, sizes, foreign, set(), files
+        self.need_reload = self.need_lock = False
+        for ops in records:
+            self.apply(ops)
+
+    def record_checksums(self) -> None:
+        """Under the lock, after loading: record in the journal's header the checksum of every snapshot it does
+        not know yet (e.g. the seed's own members.json), so that a later edit of that file is noticed (see
+        :meth:`_check_edit`)."""
+        untrusted = {name: crc for name, (_sig, crc) in self.files.items() if name not in self.journal.snapshots}
+        if untrusted:
+            self.journal.rebase(untrusted)
+            fsync_dir(self.path)
+
+    def _check_edit(self, name: str, path: Path, coll: Collection, records: list[list[Op]]) -> None:
+        """A snapshot that is not the file the last compaction wrote: fine if the journal has nothing newer for it
+        (a hand edit while the store was closed, or a compaction that crashed after writing it), damage if
+        replaying the journal would overwrite part of it (someone wrote it while the store had it open)."""
+        final: dict[str, bytes | None] = {}
+        for ops in records:
+            for op in ops:
+                if op[1] == name:
+                    final[op[2]] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+        clobbered = [key for key, value in final.items() if coll.get(key) != value]
+        if clobbered and self.merge_external:
+            log.warning("%s was changed outside the store: replaying the journal's newer values of %d documents "
+                        "over the edit, as asked (merge_external)", path, len(clobbered))
+        elif clobbered:
+            raise ExternalChangeError(
+                f"{path} was changed outside the store while its journal still holds newer changes to "
+                f"{len(clobbered)} of its documents (e.g. {clobbered[0]!r}); opening would overwrite them, so the file "
+                "was left as it is. Stop the bot before editing files by hand. To keep both (the journal's values "
+                "win for the documents it changed): `python -m storage compact --merge-external`",
+                path=str(path))
+        log.info("%s was edited while the store was closed: using the edit", path)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # applying committed changes to memory
+    def apply(self, ops: list[Op]) -> None:
+        data, sizes = self.data, self.sizes
+        for op in ops:
+            coll_name, key = op[1], op[2]
+            coll = data.get(coll_name)
+            if coll is None:
+                coll = data[coll_name] = {}
+                sizes[coll_name] = 2
+            old = coll.get(key)
+            if old is not None:
+                sizes[coll_name] -= len(key) + len(old) + OVERHEAD
+            if op[0] == "p":
+                new: bytes = op[3]  # type: ignore[misc]
+                coll[key] = new
+                sizes[coll_name] += len(key) + len(new) + OVERHEAD
+            elif old is not None:
+                del coll[key]
+            self.dirty.add(coll_name)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # following the journal
+    def follow(self, *, locked: bool) -> None:
+        """Apply what other processes committed; flag a catch-up under the lock or a full reload when needed."""
+        if self.need_reload or self.journal.fd < 0 or not self.journal.changed():
+            return
+        found = self.journal.follow(self.committed, locked=locked)
+        for index, ops in enumerate(found.records):
+            if index == found.switched_at:
+                self.dirty = set()  # another process compacted: its snapshots hold everything before this
+            self.apply(ops)
+        if found.switched_at == len(found.records):
+            self.dirty = set()
+        self.need_reload = found.reload
+        self.need_lock = found.need_lock
+
+    def refresh_read_only(self) -> None:
+        """A read-only store never takes the lock: when the committed end is unknown it reads every complete
+        record (a record whose fsync is still running may then be seen), and reloads after a generation jump."""
+        if self.journal.fd < 0:
+            if self.journal.path.exists():
+                self.load()
+            return
+        self.follow(locked=False)
+        if self.need_lock and not self.need_reload:
+            for ops in self.journal.read_new(end=None, locked=False):
+                self.apply(ops)
+            self.need_lock = False
+        if self.need_reload:
+            self.load()
+
+    def catch_up(self) -> None:
+        """Under the lock: apply everything committed (cutting away what never was), reload after a generation
+        jump, and publish the committed end when it was not known."""
+        self.follow(locked=True)
+        if self.need_reload:
+            log.info("%s: the journal moved on by more than one compaction: reloading the snapshots", self.path)
+            self.load()
+        committed = self.committed()
+        if committed is None or committed != (self.journal.ino, self.journal.offset):
+            self.publish()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # compaction
+    def compaction_due(self) -> bool:
+        if not self.dirty:
+            return False
+        rewrite = sum(self.sizes.get(c, 0) for c in self.dirty)
+        return self.journal.offset > max(self.min_compact_bytes, COMPACT_RATIO * rewrite)
+
+    def compact(self, also: AbstractSet[str] = frozenset()) -> None:
+        """Under the lock: rewrite each changed collection's snapshot (and those in ``also``), then start the next
+        journal generation, whose header records every snapshot's checksum.
+
+        Order matters for crashes: snapshots first (each atomic), then the new journal. If we die in between, the
+        old journal is replayed onto the new snapshots on the next open, which is harmless (see journal.py).
+        A snapshot that was changed behind the store's back is not overwritten (ExternalChangeError).
+        """
+        names = self.dirty | also
+        checksums = {name: crc for name, crc in self.journal.snapshots.items() if name not in names}
+        for name in sorted(names):
+            if name in self.foreign:
+                continue
+            path = self.path / f"{name}.json"
+            self._check_not_edited(name, path)
+            rendered = render_collection(self.data.get(name, {}))
+            target = _snapshot_target(path)
+            atomic_write(target, rendered, sync_dir=target.parent != self.path)
+            crc = zlib.crc32(rendered)
+            checksums[name] = crc
+            self.files[name] = (_signature(os.stat(target)), crc)
+        fsync_dir(self.path)
+        self.journal.mark_replacing()
+        try:
+            Journal.create(self.journal.path, self.journal.generation + 1, checksums,
+                           previous_end=self.journal.offset)
+        except BaseException:
+            self.journal.unmark()
+            raise
+        self.journal.open(lambda: None)  # header only: we hold the lock, nobody appended
+        self.publish()
+        self.dirty = set()
+
+    def _check_not_edited(self, name: str, path: Path) -> None:
+        """Refuse to overwrite a snapshot someone else wrote since this process (or the last compaction) did."""
+        known = self.files.get(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return  # deleted by hand: memory holds every document, the rewrite brings it back
+        if known is not None and _signature(st) == known[0]:
+            return
+        expected = self.journal.snapshots.get(name, known[1] if known is not None else None)
+        if expected is None:
+            if known is None and st.st_size > 0:
+                raise ExternalChangeError(f"{path} appeared while the store had it open; the file was left as it "
+                                          "is", path=str(path))
+            return
+        crc = zlib.crc32(path.read_bytes())
+        if crc != expected:
+            raise ExternalChangeError(
+                f"{path} was changed outside the store while it was open (the library owns its files while a store "
+                "is open: stop the bot to edit them); the store's changes stay in the journal and the file was "
+                "left as it is", path=str(path))
+        self.files[name] = (_signature(st), crc)
+
+
+class Staged:
+    """Changes being prepared under the lock, layered over the committed data (read-your-writes)."""
+
+    __slots__ = ("base", "changes")
+
+    def __init__(self, base: dict[str, Collection]) -> None:
+        self.base = base
+        self.changes: dict[tuple[str, str], bytes | None] = {}
+
+    def get(self, collection: str, key: str) -> bytes | None:
+        if (collection, key) in self.changes:
+            return self.changes[(collection, key)]
+        coll = self.base.get(collection)
+        return coll.get(key) if coll is not None else None
+
+    def apply(self, ops: list[Op]) -> None:
+        for op in ops:
+            self.changes[(op[1], op[2])] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+
+    def view(self, collection: str) -> Mapping[str, bytes]:
+        """The collection as committed plus the changes staged here (a copy only when there are changes)."""
+        base = self.base.get(collection, {})
+        mine = {key: value for (coll, key), value in self.changes.items() if coll == collection}
+        if not mine:
+            return base
+        merged = dict(base)
+        for key, value in mine.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
+
+    def keys(self, collection: str) -> set[str]:
+        keys = set(self.base.get(collection, ()))
+        for (coll, key), value in self.changes.items():
+            if coll == collection:
+                if value is None:
+                    keys.discard(key)
+                else:
+                    keys.add(key)
+        return keys
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is rewritten or replaced (checked before trusting it is still ours)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _snapshot_target(path: Path) -> Path:
+    """Where a snapshot is written: a symlinked ``<collection>.json`` is followed, and the file it names is
+    replaced (atomically, in its own folder), so the link stays. A bot may keep ``members.json`` on a mounted
+    volume that way; the library never replaces a link with a regular file."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path

@@ -1,0 +1,192 @@
+"""The contract between the features written once (members, message analytics, backups, copies, migrations) and
+the backends that store the data (JSON files, PostgreSQL).
+
+A feature talks to a backend only through what this module declares, and never asks which backend it has: no
+``getattr`` probing for a private attribute, no ``if backend_name == "json"``. Where the two backends differ in a way
+a feature must know (can the messages be replaced inside a document transaction? is there a faster way to export
+them?), the difference is a declared capability or primitive here, answered by each backend. A backend, in turn,
+never imports a feature: it only implements this contract (see :mod:`storage.stores` for how the two meet).
+
+Everything a backend receives here is already checked and encoded by the written-once layer above it
+(:mod:`storage.documents` for documents, :mod:`storage.messages` for message records).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import StoreConfig
+from .documents import OpsBase
+from .errors import LockTimeoutError
+from .protocol import Transaction
+
+__all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record"]
+
+#: A message record as the written-once layer normalized it (the seed's fields plus ``guild_id``).
+Record = dict[str, Any]
+#: ``emit(message_id, line, canonical)`` for each exported record: its JSON line as stored and its canonical bytes.
+ExportSink = Callable[[str, bytes, bytes], None]
+
+
+class MigrationLock(abc.ABC):
+    """At most one migrator per store, across processes and hosts; each backend owns its kind of lock.
+
+    Two deploys starting at once is the classic way a migration runs twice (alembic #633, dbmate #101). The lock
+    is separate from the store's own write lock, so the bot keeps working while a migrator waits for it.
+
+    ``await lock.acquire(timeout)`` -> bool (``timeout=0`` tries once); ``await lock.release()``.
+    """
+
+    @abc.abstractmethod
+    async def acquire(self, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def release(self) -> None: ...
+
+    async def verify(self, tx: Transaction) -> None:
+        """Raise :class:`storage.MigrationError` if the lock was lost since :meth:`acquire` (checked inside ``tx``,
+        the step's transaction, just before it commits). A file lock cannot be lost while its process lives."""
+        return None
+
+    async def hold(self, timeout: float, what: str) -> None:
+        """Acquire or raise :class:`LockTimeoutError` naming what was waited for."""
+        if not await self.acquire(timeout):
+            raise LockTimeoutError(f"{what}: another migrator held the migration lock for over {timeout}s "
+                                   "(is another deploy migrating? see `python -m storage migrate status`)")
+
+
+class MessageSwap(abc.ABC):
+    """How a backend whose messages live outside its document transactions replaces all of them in a restore,
+    all or nothing together with the documents, also across a crash (the JSON backend: a staged folder and an
+    intent file, see :mod:`storage.backends.json.restore`).
+
+    ``stage`` runs before the restore's transaction, ``begin`` inside it as its last step, ``finish`` after it
+    (committed or not): whatever happens, the next lock or open of the store leaves the messages matching the
+    documents' outcome.
+    """
+
+    @abc.abstractmethod
+    async def stage(self, batches: Iterable[list[Record]]) -> int:
+        """Write the (checked) records somewhere private; returns how many were staged."""
+
+    @abc.abstractmethod
+    async def begin(self, backup_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def finish(self) -> None: ...
+
+
+class BackendTransaction(OpsBase):
+    """What a backend's transaction offers beyond the document operations (for backups, copies and migrations)."""
+
+    #: The transaction's own connection for hand-written SQL in a migration (PostgreSQL), else None.
+    connection: Any = None
+    #: True when :meth:`_replace_messages` swaps the messages inside this transaction (PostgreSQL).
+    replaces_messages: bool = False
+
+    @abc.abstractmethod
+    async def collections(self) -> list[str]:
+        """The collections as this transaction sees them."""
+
+    async def pin_snapshot(self) -> str | None:
+        """Make every later read of this transaction see one instant without blocking writers (a backup or copy
+        calls it first). Returns an id another connection can read the same instant with (PostgreSQL's exported
+        snapshot), or None when the transaction is already a consistent view on its own (the JSON store's lock)."""
+        return None
+
+    def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
+        """The collection's documents as this transaction sees them, already encoded, when the backend holds them
+        that way (JSON: in memory); None to have them read through :meth:`items`."""
+        return None
+
+    async def _replace_messages(self, batches: Iterable[list[Record]]) -> int:
+        """Delete every message and insert ``batches`` in this transaction (only when :attr:`replaces_messages`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace messages inside a transaction")
+
+
+class Backend(OpsBase):
+    """What a backend provides to the features written once. See the module doc."""
+
+    config: StoreConfig
+    backend_name: str
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[BackendTransaction]: ...
+
+    @abc.abstractmethod
+    async def collections(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- where the data is -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the data lives, for humans and manifests: a folder's absolute path, or a DSN without password."""
+
+    def data_folder(self) -> Path | None:
+        """The folder that holds the store's files (JSON), which a migration may also use; None for a server."""
+        return None
+
+    def owned_collections(self) -> set[str]:
+        """The collections whose files in :meth:`data_folder` belong to the store (a backup takes every other file
+        of the folder byte for byte); empty for a server."""
+        return set()
+
+    def foreign_files(self) -> dict[str, str]:
+        """Files in the data folder that look like collections but are not, and why (shown by ``check``)."""
+        return {}
+
+    @abc.abstractmethod
+    def migration_lock(self) -> MigrationLock:
+        """A new, unheld lock against concurrent migrators of this store."""
+
+    # -- message records ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def _insert_messages(self, records: list[Record]) -> int:
+        """Store normalized records with distinct ids, skipping ids already stored; returns how many were new.
+
+        All of them durably, or none (a crash may leave a prefix, which re-sending the batch completes).
+        """
+
+    @abc.abstractmethod
+    async def _modify_message(self, message_id: str, fn: Callable[[Record], Record]) -> bool:
+        """Replace the record with ``fn(record)`` atomically (no lost update); False if it does not exist.
+
+        If ``fn`` raises, nothing is written and the exception propagates.
+        """
+
+    @abc.abstractmethod
+    async def _delete_messages_before(self, before: datetime) -> int:
+        """Delete every record with a timestamp strictly before ``before``; returns how many."""
+
+    @abc.abstractmethod
+    def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
+                       until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[Record]:
+        """Records of a guild (every guild when None) in ``[since, until)``, by (timestamp, message_id); in the
+        exported ``snapshot`` of a transaction (see :meth:`BackendTransaction.pin_snapshot`) when one is given."""
+
+    def messages_in_snapshot(self, snapshot: str | None) -> bool:
+        """Whether a message scan made while a document transaction is open (in its exported ``snapshot``, if it
+        has one) sees the same instant as the transaction: what a backup's manifest records as ``same_snapshot``."""
+        return snapshot is not None
+
+    async def _export_messages(self, emit: ExportSink, advance: Callable[[int], None]) -> bool:
+        """Every record, in a faster way than :meth:`_scan_messages` if the backend has one (the JSON store reads
+        its files as bytes in a worker thread); returns False, having emitted nothing, when it has none."""
+        return False
+
+    def message_swap(self) -> MessageSwap | None:
+        """A :class:`MessageSwap` when this backend's messages live outside its document transactions (JSON);
+        None when a transaction replaces them itself (:attr:`BackendTransaction.replaces_messages`)."""
+        return None
