@@ -2,17 +2,13 @@
 
 Feature layer: mixed into every store (:class:`storage.stores.StoreFeatures`); no backend imports it. Message
 records are the highest-volume data a bot writes (a busy guild produces millions), so they are not documents in a
-collection: each backend keeps them in its own append-friendly form behind the primitives declared on
-:class:`AnalyticsMixin`. Every public method here checks its arguments first, once (so both backends reject exactly
-the same input, with the same error, and write nothing), then calls one primitive with checked, canonical
-arguments (ids as canonical text, bounds as aware UTC datetimes):
-
-* ``_insert_messages(records) -> int``: normalized records with distinct ids; ids already stored are skipped;
-* ``_modify_message(message_id, fn) -> bool``: ``fn(record) -> record``, atomically; False if there is none;
-* ``_delete_messages_before(before) -> int``: every record with timestamp < before;
-* ``_scan_messages(guild, since, until)``: records by (timestamp, message_id); guild None = every guild;
-* ``_count_messages``, ``_group_messages``, ``_top_messages``, ``_last_message``: the queries;
-* ``_refresh_statistics``: ``refresh_member_statistics``, whose contract is on the method.
+collection: each backend keeps them in its own append-friendly form behind the message primitives of
+:class:`storage.interfaces.Backend`. Every public method here checks its arguments first, once (so both backends
+reject exactly the same input, with the same error, and write nothing), then calls one primitive with checked,
+canonical arguments (ids as canonical text, bounds as aware UTC datetimes): ``_insert_messages``,
+``_modify_message``, ``_delete_messages_before`` and ``_scan_messages`` for the records, ``_count_messages``,
+``_group_messages``, ``_top_messages`` and ``_last_message`` for the queries, ``_refresh_statistics`` for
+``refresh_member_statistics``.
 
 PostgreSQL answers them in SQL (storage/backends/postgres/messages.py, member_stats.py), the JSON backend from
 column blocks (storage/backends/json/message_queries.py); the conformance tests hold both to one reference.
@@ -32,7 +28,6 @@ What the answers mean, stated once:
 
 from __future__ import annotations
 
-import abc
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
@@ -40,15 +35,13 @@ from typing import Any
 
 from ..codec import canonical_numbers, encode_doc
 from ..errors import ValidationError
+from ..interfaces import Backend, Grouping, TopColumn
 from ..members import MEMBERS
 from ..models import parse_timestamp, snowflake
 from ..protocol import TimeBound
 from .records import (
     INGEST_CHUNK,
-    Grouping,
     MessageRecord,
-    ModifyFn,
-    TopColumn,
     checked_changes,
     checked_record,
     joined,
@@ -91,66 +84,9 @@ def _sorted_counts(counts: Mapping[str | None, int]) -> dict[str, int]:
     return dict(sorted(merged.items()))
 
 
-class AnalyticsMixin(abc.ABC):
-    """The public analytics API of every store (mixed into :class:`storage.backends.base.BaseStore`)."""
-
-    # -- what the store provides ---------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def _guard_read(self) -> None: ...
-
-    @abc.abstractmethod
-    def _guard_write(self) -> None: ...
-
-    # -- the backend primitives (arguments checked and canonical; see the module doc) ----------------------------
-    @abc.abstractmethod
-    async def _insert_messages(self, records: list[MessageRecord]) -> int:
-        """Store normalized records with distinct ids, skipping ids already stored; returns how many were new.
-
-        All of them durably, or none (a crash may leave a prefix, which re-sending the batch completes).
-        """
-
-    @abc.abstractmethod
-    async def _modify_message(self, message_id: str, fn: ModifyFn) -> bool:
-        """Replace the record with ``fn(record)`` atomically (no lost update); False if it does not exist.
-
-        If ``fn`` raises, nothing is written and the exception propagates.
-        """
-
-    @abc.abstractmethod
-    async def _delete_messages_before(self, before: datetime) -> int:
-        """Delete every record with a timestamp strictly before ``before``; returns how many."""
-
-    @abc.abstractmethod
-    def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
-                       until: datetime | None = None) -> AsyncIterator[MessageRecord]:
-        """Records of a guild (every guild when None) in ``[since, until)``, by (timestamp, message_id).
-
-        Called with no arguments by backups: every record of every guild.
-        """
-
-    @abc.abstractmethod
-    async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
-        """How many messages the guild has in ``[since, until)``."""
-
-    @abc.abstractmethod
-    async def _group_messages(self, by: Grouping, guild: str, since: datetime | None,
-                              until: datetime | None) -> Mapping[str | None, int]:
-        """Messages per group (:data:`storage.messages.records.Grouping`), only groups that have any, in any order."""
-
-    @abc.abstractmethod
-    async def _top_messages(self, column: TopColumn, guild: str, limit: int, since: datetime | None,
-                            until: datetime | None) -> list[tuple[str, int]]:
-        """The ``limit`` first ``(key, messages)`` by messages descending, then key ascending (as a string)."""
-
-    @abc.abstractmethod
-    async def _last_message(self, guild: str, author: str, since: datetime | None,
-                            until: datetime | None) -> str | None:
-        """The canonical timestamp text of the author's latest message in the guild, or None."""
-
-    @abc.abstractmethod
-    async def _refresh_statistics(self, collection: str, guild: str, since: datetime | None,
-                                  until: datetime | None) -> int:
-        """What :meth:`refresh_member_statistics` promises, for the member documents of ``collection``."""
+class AnalyticsMixin(Backend):
+    """The public analytics API of every store (mixed into :class:`storage.stores.StoreFeatures`), over the message
+    primitives of :class:`storage.interfaces.Backend`."""
 
     # -- ingest and changes --------------------------------------------------------------------------------------
     async def record_messages(self, records: Iterable[Mapping[str, Any]]) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from ..codec import canonical_numbers, encode_doc, shown
 from ..errors import ValidationError
@@ -28,11 +28,8 @@ from ..models import MESSAGE_FIELDS, canonical_time, iso_utc, snowflake, validat
 
 __all__ = [
     "IMMUTABLE_FIELDS",
-    "Grouping",
-    "TopColumn",
     "INGEST_CHUNK",
     "MessageRecord",
-    "ModifyFn",
     "UsualFields",
     "timestamp_key",
     "bound_key",
@@ -61,13 +58,8 @@ MessageRecord = dict[str, Any]
 #: What :func:`usual_fields` returns: message_id, channel_id, author_id, guild_id, timestamp (canonical texts),
 #: content_length, attachments, reactions, analysis, and the timestamp as an aware datetime.
 UsualFields = tuple[str, str, str, str, str, int, int, int, dict[str, Any], datetime]
-ModifyFn = Callable[[MessageRecord], MessageRecord]
 T = TypeVar("T")
-#: What the analytics primitives group counts by: the channel or author id, the UTC day of the timestamp
-#: (``YYYY-MM-DD``), ``analysis.sentiment`` (None for a record without one).
-Grouping = Literal["channel", "author", "day", "sentiment"]
-#: What they rank: author ids, channel ids, ``analysis.topics`` (each topic counted once per record).
-TopColumn = Literal["author", "channel", "topic"]
+
 
 
 def timestamp_key(ts: str) -> str:

@@ -20,8 +20,8 @@ from datetime import datetime
 from typing import Any
 
 from ...errors import ValidationError
+from ...interfaces import Grouping, TopColumn
 from ...messages.columns import DAY_MICROS, NEVER, MessageColumns, day_text, micros_text
-from ...messages.records import Grouping, TopColumn
 from ...models import snowflake
 from ...protocol import Document, Transaction
 

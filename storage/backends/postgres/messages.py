@@ -53,7 +53,8 @@ from typing import Any
 import asyncpg
 
 from ...errors import DatabaseError, ValidationError
-from ...messages.records import INGEST_CHUNK, Grouping, TopColumn
+from ...interfaces import Grouping, TopColumn
+from ...messages.records import INGEST_CHUNK
 from ...models import iso_utc
 from . import conn as pg_conn
 from . import member_stats as pg_member_stats
