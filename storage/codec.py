@@ -58,7 +58,7 @@ def _maybe_noncanonical(out: bytes) -> bool:
     """Whether orjson's output may hold a number that is not in its canonical form: a float written with an
     exponent ``e+``, or ``-0.0``. A false positive (a ``+`` in a string, ``-0.05``) only costs a walk that changes
     nothing. Single bytes first: ``+`` and ``.`` are found with a memchr, where a search for ``e+`` or ``-0.0``
-    costs as much as the rest of the encoding on digit-heavy text (measured: 38 us against 0.5 us on 42 KB)."""
+    costs as much as the rest of the encoding on digit-heavy text (benchmarks/README.md, "Design measurements")."""
     return out.find(_PLUS) != -1 or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None)
 
 
@@ -119,8 +119,8 @@ def dumps_kept(value: Any, option: int | None = None) -> bytes:
     """``orjson.dumps`` for bytes that will be *kept* (in memory for the store's lifetime).
 
     orjson builds its output in a 4 KiB buffer and the shrink that follows does not give the memory back: each
-    result holds ~4 KiB of RSS whatever its length (measured with orjson 3.13: 100k small documents = 410 MB).
-    Copying into an exact-size ``bytes`` costs ~0.6 us and brings that down to the document's real size.
+    result holds about 4 KiB of memory whatever its length. Copying into an exact-size ``bytes`` is cheap and brings
+    that down to the document's real size (benchmarks/README.md, "Design measurements").
     """
     return memoryview(orjson.dumps(value, option=option)).tobytes()
 
@@ -185,9 +185,8 @@ def encode_doc(doc: Any, *, what: str = "document") -> bytes:
     """Serialize a document, raising :class:`ValidationError` (naming the field) if it is not plain JSON.
 
     The result is always the exact-size copy of :func:`dumps_kept`, even for bytes that are only sent to a server:
-    a batch holds all of them at once, 4 KiB each without the copy (4 MB for 1,000 members instead of 240 KB). The
-    copy costs a lone document 0.2 us; in a ``batch_update_members`` of 1,000 on PostgreSQL it made no measurable
-    difference either way (5.2 ms of client CPU per batch with and without it).
+    a batch holds all of them at once, 4 KiB each without the copy. In a ``batch_update_members`` on PostgreSQL the
+    copy made no measurable difference to speed (benchmarks/README.md, "Design measurements").
     """
     if type(doc) is not dict:
         raise ValidationError(f"{what} must be a dict, got {type(doc).__name__}", field=what)

@@ -144,10 +144,11 @@ class Backend(OpsBase):
         """The folder that holds the store's files (JSON), which a migration may also use; None for a server."""
         return None
 
-    def owned_collections(self) -> set[str]:
-        """The collections whose files in :meth:`data_folder` belong to the store (a backup takes every other file
-        of the folder byte for byte); empty for a server."""
-        return set()
+    def owns_entry(self, name: str, is_dir: bool) -> bool:
+        """Whether the top-level entry ``name`` of :meth:`data_folder` belongs to the store: its collections,
+        journal, lock, message log... (a backup takes every other file of the folder byte for byte, as the seed's
+        ``version.json`` or a flat ``spam_blocker.json``)."""
+        return False
 
     def foreign_files(self) -> dict[str, str]:
         """Files in the data folder that look like collections but are not, and why (shown by ``check``)."""

@@ -14,12 +14,11 @@ from typing import Any
 
 from .codec import encode_doc
 from .errors import ValidationError
-from .models import check_member, member_key, snowflake
+from .models import MEMBERS, check_member, member_key, snowflake
 from .protocol import Document, DocumentOps
 
 __all__ = ["MEMBERS", "MembersMixin"]
 
-MEMBERS = "members"
 log = logging.getLogger("storage.members")
 
 

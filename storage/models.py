@@ -24,7 +24,11 @@ __all__ = [
     "check_member",
     "validate_message",
     "MESSAGE_FIELDS",
+    "MEMBERS",
 ]
+
+#: The collection of the seed's member records, keyed ``f"{guild_id}_{user_id}"`` (see :func:`member_key`).
+MEMBERS = "members"
 
 _U64_MAX = 2**64 - 1
 MESSAGE_FIELDS = ("message_id", "channel_id", "author_id", "timestamp", "content_length", "attachments",

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -928,7 +929,8 @@ async def test_manifest_records_the_source_store_and_never_a_password(store_conf
         assert expected == {"backend": "json", "path": os.path.realpath(config.path)}
     else:
         assert set(expected) == {"backend", "host", "port", "database", "search_path"}
-        assert expected["host"] == "127.0.0.1" and expected["port"] == "5432"
+        target = urlsplit(str(config.dsn))
+        assert expected["host"] == target.hostname and expected["port"] == str(target.port or 5432)
     for path in info.path.rglob("*"):
         if path.is_file():
             assert b"S3cret" not in path.read_bytes(), path

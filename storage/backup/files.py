@@ -28,7 +28,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,12 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 FileChange = str
 
 
-def _owned_top(name: str, collections: set[str], is_dir: bool) -> bool:
-    """Whether a top-level entry of a JSON data folder belongs to the store (see the module doc)."""
-    from ..backends.json.message_files import MESSAGES_DIR
-    from ..backends.json.restore import is_restore_entry
-
-    if name.startswith("storage.") or is_restore_entry(name):
-        return True
-    if is_dir:
-        return name == MESSAGES_DIR
-    return name.endswith(".json") and name[:-5] in collections
+#: ``owns(name, is_dir)``: whether a top-level entry of the data folder belongs to the store
+#: (:meth:`storage.interfaces.Backend.owns_entry`): the store's own files are backed up as data, not byte for byte.
+Owns = Callable[[str, bool], bool]
 
 
-def collect(data_path: Path | None, collections: Iterable[str], patterns: Iterable[str],
+def collect(data_path: Path | None, owns: Owns, patterns: Iterable[str],
             exclude: Iterable[Path]) -> tuple[list[tuple[str, str, Path]], dict[str, str]]:
     """``([(origin, recorded path, file)], skipped)``: what to back up, and what was left out and why.
 
@@ -64,7 +57,6 @@ def collect(data_path: Path | None, collections: Iterable[str], patterns: Iterab
     back up (the backup folder itself).
     """
     excluded = [os.path.realpath(p) for p in exclude]
-    owned = set(collections)
     out: list[tuple[str, str, Path]] = []
     skipped: dict[str, str] = {}
     seen: set[str] = set()
@@ -93,10 +85,10 @@ def collect(data_path: Path | None, collections: Iterable[str], patterns: Iterab
         for dirpath, dirnames, filenames in os.walk(data_path):
             top = Path(dirpath) == data_path
             if top:
-                dirnames[:] = [d for d in dirnames if not _owned_top(d, owned, True)]
+                dirnames[:] = [d for d in dirnames if not owns(d, True)]
             dirnames.sort()
             for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-                if top and _owned_top(name, owned, False):
+                if top and owns(name, False):
                     continue
                 path = Path(dirpath) / name
                 consider("data", path.relative_to(data_path).as_posix(), path)
@@ -157,7 +149,7 @@ def _sha256_of(path: Path) -> str | None:
         return None
 
 
-def _destination(entry: dict[str, Any], data_path: Path | None, collections: set[str]) -> Path | str:
+def _destination(entry: dict[str, Any], data_path: Path | None, owns: Owns) -> Path | str:
     """Where a file goes back to, or why it is not restored."""
     recorded = entry["path"]
     if entry["origin"] == "extra":
@@ -169,23 +161,22 @@ def _destination(entry: dict[str, Any], data_path: Path | None, collections: set
     parts = recorded.split("/")
     if any(p in ("", ".", "..") for p in parts) or recorded.startswith("/"):
         raise BackupError(f"manifest: data file {recorded!r} is not a path inside the data folder")
-    if _owned_top(parts[0], collections, len(parts) > 1):
+    if owns(parts[0], len(parts) > 1):
         return "not restored: the target store owns this name now (a collection or its own file)"
     return data_path.joinpath(*parts)
 
 
-def restore_files(root: Path, entries: list[dict[str, Any]], data_path: Path | None, collections: Iterable[str],
+def restore_files(root: Path, entries: list[dict[str, Any]], data_path: Path | None, owns: Owns,
                   dry_run: bool) -> dict[str, FileChange]:
     """Put every backed-up file back (see the module doc); returns ``{"origin:path": what happened}``.
 
     Runs in a thread. Each file is written to a temp file beside its destination, fsynced and renamed over it,
     so a crash leaves the old or the new file. Files are compared by sha256 first: an equal file is not touched.
     """
-    owned = set(collections)
     report: dict[str, FileChange] = {}
     for entry in entries:
         label = f"{entry['origin']}:{entry['path']}"
-        where = _destination(entry, data_path, owned)
+        where = _destination(entry, data_path, owns)
         if isinstance(where, str):
             report[label] = where
             continue

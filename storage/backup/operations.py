@@ -173,7 +173,7 @@ async def write_backup(store: Backend, tx: BackendTransaction, backup_dir: Path,
         data_path = store.data_folder()
         progress.phase("backup: files", None)
         files, skipped = await off_loop(
-            collect_files, data_path, store.owned_collections(),
+            collect_files, data_path, store.owns_entry,
             store.config.backup_extra if extra is None else extra, [backup_dir])
         file_entries = await off_loop(write_files, tmp, files)
         digests = digest.hexdigests()
@@ -387,7 +387,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
         # Loose files last: they are beside the store, not in it (see storage/backup/files.py).
         files = await asyncio.to_thread(restore_files, root, loose_files(manifest), store.data_folder(),
-                                        store.owned_collections(), dry_run)
+                                        store.owns_entry, dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}
@@ -628,10 +628,7 @@ class BackupMixin(Backend):
             raise BackupError(f"backup {backup_id} failed verification, nothing was restored: "
                               + "; ".join(report.problems))
         root = resolve_backup(self._backup_root(), backup_id)
-        try:
-            manifest = read_manifest(root)
-        except DatabaseError:
-            raise
+        manifest = read_manifest(root)
         return await restore_from(store, root, manifest, backup_id=backup_id, dry_run=dry_run, progress=progress)
 
     async def prune_backups(self, keep: int | None = None, keep_days: float | None = None, *,

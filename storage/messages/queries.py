@@ -36,8 +36,7 @@ from typing import Any
 from ..codec import canonical_numbers, encode_doc
 from ..errors import ValidationError
 from ..interfaces import Backend, Grouping, TopColumn
-from ..members import MEMBERS
-from ..models import parse_timestamp, snowflake
+from ..models import MEMBERS, parse_timestamp, snowflake
 from ..protocol import TimeBound
 from .records import (
     INGEST_CHUNK,

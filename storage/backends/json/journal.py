@@ -255,9 +255,8 @@ class Journal:
                                    path=str(self.path)) from None
 
     def changed(self) -> bool:
-        """Cheap check for anything new (one ``pread`` of a byte, about 0.7 us here; a ``stat`` of the path costs
-        over twice that): appended records, or a compaction, which marks the file it replaces (see
-        :meth:`mark_replacing`)."""
+        """Cheap check for anything new (one ``pread`` of a byte, less than half the cost of a ``stat`` of the path):
+        appended records, or a compaction, which marks the file it replaces (see :meth:`mark_replacing`)."""
         return os.pread(self.fd, 1, self.offset) != b""
 
     def mark_replacing(self) -> None:

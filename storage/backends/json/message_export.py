@@ -2,7 +2,7 @@
 
 ``MessageLog.scan`` returns records in time order, one month of every guild at a time: right for queries, but a
 backup of 1M messages then holds ~80k records (~250k objects the garbage collector tracks) at once, and each full
-collection walked them: 400-600 ms with the event loop waiting on the GIL (measured on this 2-core host). A backup
+collection walked them while the event loop waited on the GIL (benchmarks/README.md, "Design measurements"). A backup
 needs no order (its digest is order-independent), so here each file is read on its own, every line is parsed and
 turned back into bytes at once (the dict dies with its line, in the youngest generation), and only bytes are kept:
 the current version of each record (the last line of an id wins, as in ``_load``). Runs in a worker thread; the

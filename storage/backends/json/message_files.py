@@ -9,9 +9,9 @@ A record line is the normalized record itself, ``message_id`` first; an update l
 Both are written by this module only, so the format is ours, and both directions lean on it. Writing: a batch is
 encoded with one ``orjson.dumps`` and split at the record boundaries (:func:`encode_bodies`). Reading: a line starts
 with one of two fixed prefixes followed by the id's digits, which lets the id index be built with one regular
-expression over a whole block of lines (:func:`block_ids`: about 1 us a line with the int conversion and the dict
-insert, against 2-3 us line by line). Anything else in a file is either a torn last line (a crash mid-append, never
-acknowledged) or corruption, and the slower per-line path (:func:`parse_line`) says which, and where.
+expression over a whole block of lines (:func:`block_ids`: two to three times faster than line by line, see
+benchmarks/README.md, "Design measurements"). Anything else in a file is either a torn last line (a crash mid-append,
+never acknowledged) or corruption, and the slower per-line path (:func:`parse_line`) says which, and where.
 
 Nothing here holds state: the writer (:mod:`.json_messages`) and the query cache (:mod:`.json_message_cache`) both
 build on these functions.
@@ -79,9 +79,9 @@ def encode_bodies(records: list[Record]) -> list[bytes]:
     """The lines of ``records`` without what every line has: the ``{"message_id":"`` before and ``}`` after.
 
     :func:`join_lines` puts them back, for the lines of one file. Why so: one ``orjson.dumps`` of the whole list,
-    split at the record boundaries, costs a fraction of a ``dumps`` per record (measured in the ingest: 0.5 us
-    against 1.5-2.5 us a record, mostly allocator work: orjson's result starts as a 1 KiB buffer, and keeping
-    thousands of them alive defeats the allocator), and the pieces are small enough for Python's own allocator.
+    split at the record boundaries, costs a fraction of a ``dumps`` per record (mostly allocator work: orjson's
+    result starts as a 1 KiB buffer, and keeping thousands of them alive defeats the allocator; benchmarks/README.md,
+    "Design measurements"), and the pieces are small enough for Python's own allocator.
     The split is exact when every record starts with ``message_id`` and the separator occurs nowhere else, which
     is checked on the output (two ``count``); otherwise each record is encoded alone.
     """

@@ -465,8 +465,12 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     def migration_lock(self) -> MigrationLock:
         return FileMigrationLock(self.path)
 
-    def owned_collections(self) -> set[str]:
-        return set(self._tables.data)  # every collection it has loaded, empty ones included
+    def owns_entry(self, name: str, is_dir: bool) -> bool:
+        if name.startswith("storage.") or json_restore.is_restore_entry(name):
+            return True  # the journal, the lock, the migration lock, a restore in progress
+        if is_dir:
+            return name == MESSAGES_DIR
+        return name.endswith(".json") and name[:-5] in self._tables.data  # every collection it has loaded
 
     def messages_in_snapshot(self, snapshot: str | None) -> bool:
         # A transaction holds the store lock, every message write takes it, and a scan reads the files without it:

@@ -1,10 +1,11 @@
 """Message rows in PostgreSQL's binary ``COPY`` format, built in Python before they are sent.
 
 asyncpg can encode rows itself (``copy_records_to_table``), through one generic codec call per value, with
-``isinstance`` checks against abstract base classes for every array and array element: it measured about 7 us of
-client time per message row, more than the server spends inserting the row, on a machine where client and server
-share two cores. Here a row is one ``struct`` call for its eight fixed-width columns and three variable ones that
-the caller mostly looks up: sentiments and topic lists repeat, so each distinct one needs encoding once per batch.
+``isinstance`` checks against abstract base classes for every array and array element: that costs more client time per
+message row than the server spends inserting the row, on a machine where client and server share two cores
+(benchmarks/README.md, "Design measurements"). Here a row is one ``struct`` call for its eight fixed-width columns and
+three variable ones that the caller mostly looks up: sentiments and topic lists repeat, so each distinct one needs
+encoding once per batch.
 This module only knows the format; postgres/messages.py knows the records.
 
 The format (PostgreSQL manual, ``COPY``, "Binary Format"): a header, then per row an int16 field count and per

@@ -15,11 +15,11 @@ Three tables, in the connection's default schema (``search_path``):
     row by row, its leaf pages end up about half full (every guild's insertion point splits pages in the middle:
     PostgreSQL splits after the new item only for narrow fixed-width tuples), so it is about 1.7 times the size a
     ``REINDEX INDEX CONCURRENTLY storage_messages_guild_time_covering`` would make it; nothing depends on that.
-    Discord ids are unsigned 64-bit numbers, which do not fit a signed ``bigint``; ``numeric(20)`` or text
-    would, but ingest measured about twice as fast with ``bigint``, so ids are stored *shifted*: ``id - 2**63``.
-    The shift keeps their order, and the ``storage_message_records`` view shows the real ids for anyone writing SQL
-    by hand. Fields a record has beyond the typed ones are kept in ``extra`` (``NULL`` when there are none), so a
-    record reads back exactly as it was written.
+    Discord ids are unsigned 64-bit numbers, which do not fit a signed ``bigint``; ``numeric(20)`` or text would, but
+    ingest is much faster with ``bigint`` (benchmarks/README.md), so ids are stored *shifted*: ``id - 2**63``. The
+    shift keeps their order, and the ``storage_message_records`` view shows the real ids for anyone writing SQL by
+    hand. Fields a record has beyond the typed ones are kept in ``extra`` (``NULL`` when there are none), so a record
+    reads back exactly as it was written.
 ``storage_meta``
     ``schema_version`` and nothing else for now.
 
@@ -27,7 +27,7 @@ Versions (``storage_meta.schema_version``), each step applied in order to bring 
 
 1. The three tables; messages indexed by ``(guild_id, created_at)`` and ``(guild_id, author_id, created_at)``.
 2. Those two indexes replaced by the covering one above. The author index made every ingested row cost an insert at
-   a random place in a large index (ingest measured about twice as fast without it); ``last_activity`` now walks
+   a random place in a large index (ingest is much faster without it); ``last_activity`` now walks
    the guild's index range backwards from the newest message instead. On an existing database the step builds
    the new index with a plain ``CREATE INDEX``, which blocks writes to the messages table while it runs (seconds
    per million messages), once. It also repairs the one time version 1 stored wrongly: asyncpg sends
