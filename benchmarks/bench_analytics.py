@@ -169,7 +169,7 @@ async def worker(backend: str, total: int, guilds: int, batch: int, months: int,
     stream = Stream(total, guilds, months)
     store = await open_bench_store(backend, location)
     try:
-        async for _ in store._scan_messages(None, None, None):
+        async for _ in store.scan_messages(None, None, None):
             if not clear:
                 raise SystemExit(f"{backend}: the store already holds messages; use a scratch database or --clear")
             await store.prune_messages(END + timedelta(days=3650))

@@ -308,7 +308,7 @@ async def run(dsn: str, scale: float) -> dict[str, Any]:
             f"store {results['concurrent_ops_s']:,.0f}/s")
 
         # -- message ingest --------------------------------------------------------------------------------------
-        from storage.messages.analytics import normalize_messages
+        from storage.messages.records import normalize_messages
 
         counter = iter(range(10**12))
         ingest: dict[str, list[float]] = {"raw": [], "record_messages": [], "insert": []}

@@ -18,19 +18,25 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import StoreConfig
 from .documents import OpsBase
 from .errors import LockTimeoutError
 from .protocol import Transaction
 
-__all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record"]
+__all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
+           "TopColumn"]
 
 #: A message record as the written-once layer normalized it (the seed's fields plus ``guild_id``).
 Record = dict[str, Any]
 #: ``emit(message_id, line, canonical)`` for each exported record: its JSON line as stored and its canonical bytes.
 ExportSink = Callable[[str, bytes, bytes], None]
+#: What :meth:`Backend._group_messages` groups by: the channel or author id, the UTC day of the timestamp
+#: (``YYYY-MM-DD``), ``analysis.sentiment`` (None for a record without one).
+Grouping = Literal["channel", "author", "day", "sentiment"]
+#: What :meth:`Backend._top_messages` ranks: author ids, channel ids, ``analysis.topics`` (once per record).
+TopColumn = Literal["author", "channel", "topic"]
 
 
 class MigrationLock(abc.ABC):
@@ -176,6 +182,32 @@ class Backend(OpsBase):
                        until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[Record]:
         """Records of a guild (every guild when None) in ``[since, until)``, by (timestamp, message_id); in the
         exported ``snapshot`` of a transaction (see :meth:`BackendTransaction.pin_snapshot`) when one is given."""
+
+    # -- message queries (for :mod:`storage.messages.queries`: a guild id as canonical text, aware UTC bounds) ------
+    @abc.abstractmethod
+    async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
+        """How many messages the guild has in ``[since, until)``."""
+
+    @abc.abstractmethod
+    async def _group_messages(self, by: Grouping, guild: str, since: datetime | None,
+                              until: datetime | None) -> Mapping[str | None, int]:
+        """Messages per group (see :data:`Grouping`), only groups that have any, in any order."""
+
+    @abc.abstractmethod
+    async def _top_messages(self, column: TopColumn, guild: str, limit: int, since: datetime | None,
+                            until: datetime | None) -> list[tuple[str, int]]:
+        """The ``limit`` first ``(key, messages)`` by messages descending, then key ascending (as a string)."""
+
+    @abc.abstractmethod
+    async def _last_message(self, guild: str, author: str, since: datetime | None,
+                            until: datetime | None) -> str | None:
+        """The canonical timestamp text of the author's latest message in the guild, or None."""
+
+    @abc.abstractmethod
+    async def _refresh_statistics(self, collection: str, guild: str, since: datetime | None,
+                                  until: datetime | None) -> int:
+        """``refresh_member_statistics`` (the contract is on that method) for the member documents of
+        ``collection``; returns how many documents were written."""
 
     def messages_in_snapshot(self, snapshot: str | None) -> bool:
         """Whether a message scan made while a document transaction is open (in its exported ``snapshot``, if it

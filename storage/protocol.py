@@ -113,6 +113,9 @@ class Store(DocumentOps, Protocol):
 
     async def prune_messages(self, before: str | datetime) -> int: ...
 
+    def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,
+                      until: TimeBound = None) -> AsyncIterator[dict[str, Any]]: ...
+
     async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
                              until: TimeBound = None) -> int | dict[str, int]: ...
 

@@ -22,7 +22,7 @@ from .backends.postgres.store import PostgresBackend
 from .backup.operations import BackupMixin
 from .config import StoreConfig
 from .members import MembersMixin
-from .messages.analytics import AnalyticsMixin
+from .messages.queries import AnalyticsMixin
 
 __all__ = ["JsonStore", "PostgresStore", "StoreFeatures", "AnyStore", "store_class"]
 

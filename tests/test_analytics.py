@@ -16,7 +16,7 @@ import os
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import pytest
 
 import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
-from storage.messages.analytics import AnalyticsMixin
+from storage.messages.columns import MessageColumns, columns_of
 from storage.stores import JsonStore
 
 UTC = timezone.utc
@@ -232,7 +232,7 @@ async def assert_queries_match(store: Any, ref: Reference, since: Any, until: An
 
 
 async def scan(store: Any, guild: str | None = None) -> list[dict[str, Any]]:
-    return [r async for r in store._scan_messages(guild, None, None)]
+    return [r async for r in store.scan_messages(guild, None, None)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,20 +266,43 @@ async def test_results_are_typed_and_sorted(store):
 
 
 async def test_scan_is_ordered_by_time_and_bounded(store):
-    """The primitive the generic queries (and backups) stream over."""
+    """``scan_messages``: what ``storage stats --channel`` streams over (backups read the same primitive)."""
     ref = Reference()
     await record_stream(store, ref, random.Random(6), random_stream(6, 200))
     for guild in (GUILDS[0], None):
-        rows = [r async for r in store._scan_messages(guild, None, None)]
+        rows = [r async for r in store.scan_messages(guild, None, None)]
         times = [to_dt(r["timestamp"]) for r in rows]
         assert times == sorted(times)
         expected = ref.messages if guild is None else {k: m for k, m in ref.messages.items() if m["guild"] == guild}
         assert sorted(r["message_id"] for r in rows) == sorted(expected)
     since, until = datetime(2023, 12, 15, tzinfo=UTC), datetime(2024, 1, 20, 12, tzinfo=UTC)
-    rows = [r async for r in store._scan_messages(GUILDS[1], since, until)]
+    rows = [r async for r in store.scan_messages(GUILDS[1], since, until)]
     assert sorted(r["message_id"] for r in rows) == sorted(
         k for k, m in ref.messages.items() if m["guild"] == GUILDS[1] and since <= m["dt"] < until)
-    assert [r async for r in store._scan_messages()] == [r async for r in store._scan_messages(None, None, None)]
+    assert [r async for r in store.scan_messages()] == [r async for r in store.scan_messages(None, None, None)]
+    as_given = [r async for r in store.scan_messages(int(GUILDS[1]), "2023-12-15", "2024-01-20T12:30:00+00:30")]
+    assert as_given == rows
+
+
+async def test_scan_messages_checks_its_arguments(store, store_config):
+    await store.record_messages([msg(1)])
+    for args, field in [(("abc",), "guild_id"), ((True,), "guild_id"), ((100, "yesterday"), "since"),
+                        ((100, None, 5), "until"), ((100, "2024-01-01T00:00:00+99:00"), "since")]:
+        with pytest.raises(ValidationError) as info:
+            async for _ in store.scan_messages(*args):
+                pass
+        assert info.value.field == field
+    async with store.transaction():
+        with pytest.raises(storage.TransactionError):
+            async for _ in store.scan_messages(100):
+                pass
+    closed = await storage.open_store(config=store_config)
+    await closed.close()
+    with pytest.raises(storage.StoreClosedError):
+        async for _ in closed.scan_messages():
+            pass
+    assert [r["message_id"] async for r in store.scan_messages(100, until="2024-01-15T12:00:00.000001Z")] == ["1"]
+    assert [r async for r in store.scan_messages(100, since="2024-01-15T12:00:00.000001Z")] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -745,9 +768,11 @@ async def test_processes_appending_concurrently_count_each_message_once(store, s
 # ---------------------------------------------------------------------------------------------------------------
 # the generic query implementations (what a backend without its own gets)
 class GenericJsonStore(JsonStore):
-    """The JSON backend without its column cache: the mixin's reference queries over ``_scan_messages``."""
+    """The JSON backend without its column cache: its query primitives over blocks built from ``_scan_messages``."""
 
-    _scan_message_columns = AnalyticsMixin._scan_message_columns
+    def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
+                              until: datetime | None) -> AsyncIterator[MessageColumns]:
+        return columns_of(self._scan_messages(guild_id, since, until))
 
 
 @pytest.mark.parametrize("seed", [31, 32])

@@ -47,7 +47,7 @@ GUILD = "987654321"
 # -------------------------------------------------------------------------------------------------------------------
 # helpers
 def has_messages(store: Any) -> bool:
-    return callable(getattr(store, "_scan_messages", None))
+    return callable(getattr(store, "scan_messages", None))
 
 
 async def populate(store: Any, members: int = 40, messages: int = 60) -> None:
@@ -76,7 +76,7 @@ async def populate(store: Any, members: int = 40, messages: int = 60) -> None:
 async def all_messages(store: Any) -> list[dict[str, Any]]:
     if not has_messages(store):
         return []
-    out = [record async for record in store._scan_messages(None, None, None)]
+    out = [record async for record in store.scan_messages(None, None, None)]
     return sorted(out, key=lambda r: r["message_id"])
 
 

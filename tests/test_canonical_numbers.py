@@ -130,8 +130,8 @@ async def test_messages_with_such_numbers_read_back_identical_on_both_backends(b
         await store.record_messages(records)
         await store.update_message(1000, {"analysis": {"score": -0.0, "big": 3e17}})
     json_store, pg_store = both
-    got_json = [typed(r) async for r in json_store._scan_messages(GUILD)]
-    got_pg = [typed(r) async for r in pg_store._scan_messages(GUILD)]
+    got_json = [typed(r) async for r in json_store.scan_messages(GUILD)]
+    got_pg = [typed(r) async for r in pg_store.scan_messages(GUILD)]
     assert got_json == got_pg
 
 

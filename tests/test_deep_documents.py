@@ -57,7 +57,7 @@ WRITES: dict[str, Callable[[Any, int], Awaitable[Any]]] = {
 async def _state(store: Any) -> tuple[Any, ...]:
     return (await store.get("things", "k"), await store.get("things", "j"), await store.get("things", "new"),
             await store.get_member_data(1, 2), await store.message_counts(GUILD),
-            [r async for r in store._scan_messages(GUILD)])
+            [r async for r in store.scan_messages(GUILD)])
 
 
 @pytest.mark.parametrize("depth", DEPTHS)

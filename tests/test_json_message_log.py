@@ -45,7 +45,7 @@ def month_file(store: Any, guild: str = GUILD, month: str = "2024-01") -> Path:
 
 
 async def scan(store: Any) -> dict[str, dict[str, Any]]:
-    return {r["message_id"]: r async for r in store._scan_messages(None, None, None)}
+    return {r["message_id"]: r async for r in store.scan_messages(None, None, None)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

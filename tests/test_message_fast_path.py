@@ -1,4 +1,4 @@
-"""The ingest fast path (``storage.messages.analytics.usual_fields``) agrees with the full checks on every input.
+"""The ingest fast path (``storage.messages.records.usual_fields``) agrees with the full checks on every input.
 
 ``usual_fields`` re-implements, inline and for speed, what ``validate_message`` + ``_check_rest`` decide for the usual
 record, and answers None for anything else (the full checks then decide and name the error). That is only safe
@@ -17,7 +17,7 @@ import pytest
 
 from storage import ValidationError
 from storage.backends.postgres.ingest import RowEncoder
-from storage.messages.analytics import _check_rest, _record_of, normalize_messages, usual_fields
+from storage.messages.records import _check_rest, _record_of, normalize_messages, usual_fields
 from storage.models import validate_message
 
 

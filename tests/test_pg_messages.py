@@ -21,10 +21,13 @@ import pytest
 
 import storage
 from storage import StoreConfig
+from storage.backends.json import message_queries
 from storage.backends.postgres import member_stats as pg_member_stats
 from storage.backends.postgres import messages as pm
 from storage.backends.postgres import schema as pg_schema
-from storage.messages.analytics import AnalyticsMixin, normalize_messages
+from storage.messages.columns import columns_of
+from storage.messages.records import normalize_messages
+from storage.models import snowflake
 from storage.stores import PostgresStore
 from tests.test_analytics import (
     AUTHORS,
@@ -111,7 +114,7 @@ async def test_copy_rows_store_exactly_what_asyncpg_encoding_stores(pg_store: Po
     copied, inserted = (by_guild[int(g) - pg_schema.ID_SHIFT] for g in (GUILD, OTHER))
     assert copied[:len(ODD_SHAPES)] == inserted
     expected = {r["message_id"]: r for r in normalize_messages(batch)}
-    assert {r["message_id"]: r async for r in pg_store._scan_messages(GUILD)} == expected
+    assert {r["message_id"]: r async for r in pg_store.scan_messages(GUILD)} == expected
     async with pg_store.pool.acquire() as conn:  # the server's own reading of the times we encoded
         for record in normalize_messages(batch):
             assert await conn.fetchval(
@@ -209,7 +212,7 @@ async def test_resent_and_overlapping_large_batches_count_only_new_ids(pg_store:
     assert await pg_store.record_messages([message(i, content_length=7) for i in range(1, 4001)]) == 2500  # middle
     assert await pg_store.record_messages([message(i, content_length=8) for i in range(3001, 5001)]) == 1000  # first
     assert await pg_store.message_counts(GUILD) == 5000
-    stored = {r["message_id"]: r["content_length"] async for r in pg_store._scan_messages(GUILD)}
+    stored = {r["message_id"]: r["content_length"] async for r in pg_store.scan_messages(GUILD)}
     assert (stored["1000"], stored["1001"], stored["2501"], stored["4000"], stored["4001"]) == (7, 1001 % 400, 7, 7, 8)
 
 
@@ -248,7 +251,7 @@ async def test_a_version_1_database_is_upgraded_in_place(pg_config: StoreConfig)
             assert await conn.fetchval("SELECT bool_and(isfinite(created_at)) FROM storage_messages") is True
         assert await indexes(store) == {"storage_messages_pkey", "storage_messages_guild_time_covering",
                                         "storage_messages_time_brin"}
-        assert {r["message_id"]: r async for r in store._scan_messages()} == {
+        assert {r["message_id"]: r async for r in store.scan_messages()} == {
             r["message_id"]: r for r in normalize_messages(old)}
         assert await store.message_counts(GUILD) == 300
         assert await store.record_messages([message(i) for i in range(295, 341)]) == 10  # 295-330 are stored
@@ -306,7 +309,6 @@ async def test_every_query_is_an_index_only_scan(pg_config: StoreConfig):
             "by day (before 14)": pm._BY_DAY_ZONE, "top authors": pm._TOP_COLUMN.format(column="author_id"),
             "top channels": pm._TOP_COLUMN.format(column="channel_id"), "top topics": pm._TOP_TOPICS,
             "sentiments": pm._SENTIMENTS, "last activity": pm._LAST_ACTIVITY,
-            "columns scan": pm._SELECT_COLUMNS + "{where}",
         }
         async with store.pool.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL enable_seqscan = off")  # a tiny table: make the planner use an index,
@@ -399,21 +401,36 @@ async def test_concurrent_ingest_with_vacuums_counts_each_message_once(pg_config
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_the_column_scan_matches_the_generic_one(pg_store: PostgresStore):
+async def test_the_sql_queries_match_the_python_ones(pg_store: PostgresStore):
+    """Each SQL primitive against the JSON backend's Python one (over column blocks of the same records)."""
     ref = Reference()
     await record_stream(pg_store, ref, random.Random(8), random_stream(8, 300))
+
     for guild in GUILDS:
         for since, until in [(None, None), (datetime(2023, 12, 1, tzinfo=UTC), datetime(2024, 1, 15, tzinfo=UTC))]:
-            mine = await columns(pg_store._scan_message_columns(guild, since, until))
-            generic = await columns(AnalyticsMixin._scan_message_columns(pg_store, guild, since, until))
-            assert mine == generic and len(mine) == len(ref.select(guild, since, until))
+
+            def blocks(guild: str = guild, since: Any = since, until: Any = until) -> AsyncIterator[Any]:
+                return columns_of(pg_store.scan_messages(guild, since, until), size=50)
+
+            assert await pg_store._count_messages(guild, since, until) == await message_queries.count(blocks()) \
+                == len(ref.select(guild, since, until))
+            for by in ("channel", "author", "day", "sentiment"):
+                assert await pg_store._group_messages(by, guild, since, until) == \
+                    await message_queries.group(blocks(), by)
+            for column in ("author", "channel", "topic"):
+                for limit in (0, 2, 100):
+                    assert await pg_store._top_messages(column, guild, limit, since, until) == \
+                        await message_queries.top(blocks(), column, limit)
+            for author in [*AUTHORS, "12345"]:
+                assert await pg_store._last_message(guild, author, since, until) == \
+                    await message_queries.last(blocks(), author)
 
 
-async def columns(blocks: AsyncIterator[Any]) -> list[tuple[Any, ...]]:
-    rows: list[tuple[Any, ...]] = []
-    async for block in blocks:
-        rows.extend(zip(block.micros, block.authors, block.channels, block.sentiments, block.topics))
-    return sorted(rows, key=repr)
+async def python_refresh(store: PostgresStore, guild: Any, since: Any = None, until: Any = None) -> int:
+    """The JSON backend's ``refresh_member_statistics`` (Python, over column blocks), run on the PostgreSQL store."""
+    checked = snowflake(guild, "guild_id")
+    return await message_queries.refresh_statistics(store.transaction, "members", checked,
+                                                    columns_of(store.scan_messages(checked, since, until)))
 
 
 # -- refresh_member_statistics in SQL ------------------------------------------------------------------------------
@@ -477,9 +494,9 @@ async def restore_members(store: PostgresStore, texts: dict[str, str]) -> None:
 
 
 async def refreshed_both_ways(store: PostgresStore, guild: Any, **bounds: Any) -> tuple[int, dict[str, str]]:
-    """The generic version and the SQL one from the same documents: what each returns and leaves behind."""
+    """The Python version and the SQL one from the same documents: what each returns and leaves behind."""
     before = await member_texts(store)
-    generic = await AnalyticsMixin.refresh_member_statistics(store, guild, **bounds)
+    generic = await python_refresh(store, guild, **bounds)
     after_generic = await member_texts(store)
     await restore_members(store, before)
     mine = await store.refresh_member_statistics(guild, **bounds)
@@ -523,13 +540,13 @@ async def test_refresh_in_sql_agrees_on_edge_times_in_any_session_zone(pg_store:
     assert last == {f"{GUILD}_{1000 + i}": max(times[2 * i:2 * i + 2], key=to_utc) for i in range(4)}
     for zone in ("Pacific/Kiritimati", "America/St_Johns"):
         await restore_members(pg_store, {})
-        args = pg_member_stats.member_parameters(GUILD)
+        args = pg_member_stats.member_parameters("members", GUILD)
         where = pm._where(GUILD, None, None, args)
         async with pg_store.pool.acquire() as conn:
             await conn.execute(f"SET TIME ZONE '{zone}'")
             try:
                 async with conn.transaction():
-                    assert len(await pg_member_stats.refresh(conn, where, args)) == 4
+                    assert len(await pg_member_stats.refresh(conn, "members", where, args)) == 4
             finally:
                 await conn.execute("RESET TIME ZONE")
         assert await member_texts(pg_store) == after
@@ -549,7 +566,7 @@ async def test_refresh_in_sql_refuses_a_malformed_member_like_the_generic_versio
         await pg_store.put_many("members", docs)
         before = await member_texts(pg_store)
         errors = []
-        for refresh in (lambda: AnalyticsMixin.refresh_member_statistics(pg_store, GUILD),
+        for refresh in (lambda: python_refresh(pg_store, GUILD),
                         lambda: pg_store.refresh_member_statistics(GUILD)):
             with pytest.raises(storage.ValidationError) as info:
                 await refresh()
@@ -613,7 +630,7 @@ async def test_refresh_in_sql_counts_from_the_covering_index_alone(pg_config: St
         since, until = datetime(2024, 1, 3, tzinfo=UTC), datetime(2024, 1, 20, tzinfo=UTC)
         async with store.pool.acquire() as conn:
             for bounds in ((None, None), (since, until)):
-                args = pg_member_stats.member_parameters(GUILD)
+                args = pg_member_stats.member_parameters("members", GUILD)
                 where = pm._where(GUILD, *bounds, args)
                 tx = conn.transaction()  # ANALYZE runs the statement: rolled back below
                 await tx.start()

@@ -195,7 +195,7 @@ async def test_injection_strings_round_trip_exactly(pg_store: PostgresStore):
     await pg_store.record_messages([
         {**message(i), "analysis": {"sentiment": text, "topics": [text, NASTY[0]]}, "note": text}
         for i, text in enumerate(NASTY, start=1)])
-    stored = {r["message_id"]: r async for r in pg_store._scan_messages()}
+    stored = {r["message_id"]: r async for r in pg_store.scan_messages()}
     for i, text in enumerate(NASTY, start=1):
         assert stored[str(i)]["analysis"] == {"sentiment": text, "topics": [text, NASTY[0]]}
         assert stored[str(i)]["note"] == text
@@ -626,7 +626,7 @@ async def test_message_ids_use_the_whole_unsigned_64_bit_range(pg_store: Postgre
     ids = [1, 9, 10, 2**63 - 1, 2**63, 2**64 - 1]
     records = [{**message(1), "message_id": i, "author_id": i, "channel_id": i} for i in ids]
     assert await pg_store.record_messages(records) == len(ids)
-    scanned = [r async for r in pg_store._scan_messages(GUILD)]
+    scanned = [r async for r in pg_store.scan_messages(GUILD)]
     assert [r["message_id"] for r in scanned] == [str(i) for i in ids]  # numeric order within a timestamp
     assert {r["author_id"] for r in scanned} == {str(i) for i in ids}
     assert await pg_store.top_authors(GUILD, limit=3) == sorted((str(i), 1) for i in ids)[:3]  # ties: as text
@@ -645,17 +645,17 @@ async def test_records_round_trip_with_extra_fields_and_odd_analysis(pg_store: P
         message(5, timestamp="2024-02-29T23:59:59.000001+00:00", reactions=2**63 - 1),
     ]
     assert await pg_store.record_messages(records) == 5
-    from storage.messages.analytics import normalize_messages
+    from storage.messages.records import normalize_messages
 
     expected = {r["message_id"]: r for r in normalize_messages(records)}
-    assert {r["message_id"]: r async for r in pg_store._scan_messages()} == expected
+    assert {r["message_id"]: r async for r in pg_store.scan_messages()} == expected
 
 
 async def test_duplicates_against_stored_ids_are_skipped_in_one_batch(pg_store: PostgresStore):
     assert await pg_store.record_messages([message(i) for i in range(1, 101)]) == 100
     assert await pg_store.record_messages([message(i, content_length=999) for i in range(50, 201)]) == 100
     assert await pg_store.message_counts(GUILD) == 200
-    first = [r async for r in pg_store._scan_messages(GUILD) if r["message_id"] == "50"]
+    first = [r async for r in pg_store.scan_messages(GUILD) if r["message_id"] == "50"]
     assert first[0]["content_length"] == 50  # the stored record won
     assert await pg_store.record_message(message(7)) is False
     assert await pg_store.record_message(message(1000)) is True
@@ -687,7 +687,7 @@ async def test_a_counter_too_large_for_bigint_is_refused_and_nothing_written(pg_
 async def test_scan_streams_with_a_cursor(pg_store: PostgresStore):
     await pg_store.record_messages([message(i) for i in range(1, 5001)])
     seen = 0
-    async for _record in pg_store._scan_messages(GUILD):
+    async for _record in pg_store.scan_messages(GUILD):
         seen += 1
         if seen == 1:  # the scan's connection sits in its transaction, between two fetches of its cursor
             async with pg_store.pool.acquire() as conn:

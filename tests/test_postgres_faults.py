@@ -173,7 +173,7 @@ async def test_restart_mid_workload_loses_nothing_acknowledged(store: Any, clust
     counter_doc = await store.get(collection, "counter")
     # an increment whose call failed may or may not have committed; an acknowledged one always did
     assert acked_increments <= counter_doc["n"] <= attempted_increments
-    stored_ids = {r["message_id"] async for r in store._scan_messages(GUILD)}
+    stored_ids = {r["message_id"] async for r in store.scan_messages(GUILD)}
     assert acked_messages <= stored_ids
 
 

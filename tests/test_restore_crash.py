@@ -179,7 +179,7 @@ async def test_an_intent_after_the_commit_rolls_forward_in_a_process_that_had_th
         # the restorer "crashed" here (its own next lock would resolve it too); the bystander's next write resolves
         await bystander.put("other", "k", {"v": 1})
         assert not json_restore.pending(data)
-        messages = [r async for r in bystander._scan_messages(None, None, None)]  # type: ignore[attr-defined]
+        messages = [r async for r in bystander.scan_messages(None, None, None)]  # type: ignore[attr-defined]
         assert [m["message_id"] for m in messages] == ["1"]
         assert await bystander.get("members", "new") == {"restored": True}
 

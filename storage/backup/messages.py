@@ -18,7 +18,7 @@ import orjson
 
 from ..errors import BackupError, ValidationError
 from ..interfaces import Backend
-from ..messages.analytics import normalize_messages
+from ..messages.records import normalize_messages
 from ..offload import chunks, off_loop
 from ..progress import Progress
 from .format import (

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import open_store
 from ..cli import add_store_options, existing_store_config
-from ..messages.analytics import UNKNOWN_SENTIMENT
+from ..messages.queries import UNKNOWN_SENTIMENT
 from ..models import parse_timestamp, snowflake
 
 __all__ = ["register", "Summary", "bar", "render"]
@@ -78,10 +78,7 @@ async def _from_scan(store: Any, summary: Summary, top: int) -> None:
     topics: Counter[str] = Counter()
     sentiment: Counter[str] = Counter()
     days: Counter[str] = Counter()
-    since = parse_timestamp(summary.since, "since") if summary.since else None
-    until = parse_timestamp(summary.until, "until") if summary.until else None
-    store._guard_read()
-    async for rec in store._scan_messages(summary.guild_id, since, until):
+    async for rec in store.scan_messages(summary.guild_id, summary.since or None, summary.until or None):
         if rec["channel_id"] != summary.channel_id:
             continue
         authors[rec["author_id"]] += 1

@@ -1,6 +1,6 @@
 """The JSON message log's query cache: each file's rows as column blocks, parsed once and extended as it grows.
 
-The aggregate queries read column blocks (:class:`~storage.messages.analytics.MessageColumns`) and count them in C
+The aggregate queries read column blocks (:class:`~storage.messages.columns.MessageColumns`) and count them in C
 (``Counter``) instead of walking dicts, a few ms per 100k messages. Parsing a file is what costs (a few us a
 line), so a file is parsed once per process and afterwards only what was appended since is read. Files only grow,
 except that a prune replaces or removes them and changes ``rewrites.generation``: then the whole cache is
@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...messages.analytics import ColumnsBuilder, MessageColumns
+from ...messages.columns import ColumnsBuilder, MessageColumns
 from .message_files import (
     FileKey,
     Record,

@@ -7,8 +7,7 @@ prune drops whole months with an ``unlink``.
 
 Updates. :meth:`MessageLog.modify` appends ``{"update": <the whole new record>}`` to the file holding the record:
 old lines are never rewritten, and the last line of an id in its file is its current version. The identity and
-the timestamp of a message cannot change (see :mod:`storage.messages.analytics`), so an update always belongs to the
-same
+the timestamp of a message cannot change (see :mod:`storage.messages.records`), so an update always belongs to the same
 file as its record.
 
 Concurrency. Every write holds the store's lock (its in-process mutex and the cross-process file lock) and runs
@@ -54,7 +53,8 @@ from pathlib import Path
 
 from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
-from ...messages.analytics import MessageColumns, bound_key, micros, timestamp_key
+from ...messages.columns import MessageColumns, micros
+from ...messages.records import bound_key, timestamp_key
 from .group_commit import Failed, GroupCommit
 from .message_cache import ColumnCache
 from .message_files import (

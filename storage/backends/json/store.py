@@ -56,7 +56,7 @@ from ...errors import (
 )
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
-from ...messages.analytics import MessageColumns
+from ...messages.columns import MessageColumns
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ..base import BackendBase, TransactionBase
@@ -65,6 +65,7 @@ from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
+from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
 from .restore import RestoreSwap
@@ -87,7 +88,7 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
-class JsonBackend(BackendBase):
+class JsonBackend(JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 

@@ -2,10 +2,10 @@
 
 Ingest is bound by the client's work on a machine whose cores the server shares: checking a record and encoding
 its row cost about as much as the server spends inserting it. So the usual record (see
-:func:`storage.messages.analytics.usual_fields`) is never made into a normalized dict at all: its checked fields go
+:func:`storage.messages.records.usual_fields`) is never made into a normalized dict at all: its checked fields go
 straight into the row, the datetime the check parsed becomes the ``timestamptz`` (no second parse), and the row is
 kept with its id as an ``int`` so a chunk sorts by plain integer comparison. Anything else goes through the full
-checks (:func:`storage.messages.analytics.checked_message`, which names what is wrong) and the general encoding. Both
+checks (:func:`storage.messages.records.checked_message`, which names what is wrong) and the general encoding. Both
 give the same bytes for the same record: tests/test_message_fast_path.py holds them to it.
 
 :class:`Ingest` then sends the rows a chunk at a time inside one transaction (see its doc), so that checking and
@@ -22,7 +22,7 @@ from typing import Any
 
 from ...codec import encode_doc
 from ...errors import ValidationError
-from ...messages.analytics import UsualFields, checked_chunks
+from ...messages.records import UsualFields, checked_chunks
 from .copy_rows import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
 from .schema import ID_SHIFT
 
@@ -75,7 +75,7 @@ class RowEncoder:
         self._tails: dict[tuple[str | None, tuple[str, ...] | None], bytes] = {}
 
     def usual(self, fields: UsualFields) -> Row:
-        """The row of a record :func:`storage.messages.analytics.usual_fields` accepted."""
+        """The row of a record :func:`storage.messages.records.usual_fields` accepted."""
         mid, cid, aid, gid, _ts, content_length, attachments, reactions, analysis, when = fields
         sentiment = analysis.get("sentiment")
         topics = analysis.get("topics")

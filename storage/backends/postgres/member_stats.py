@@ -1,19 +1,19 @@
 """``refresh_member_statistics`` on PostgreSQL: one statement that counts in the messages' covering index and
 upserts the member documents it changes.
 
-The generic version (:meth:`storage.messages.analytics.AnalyticsMixin.refresh_member_statistics`) streams every
-message of
-the guild into Python, reads every member document, and writes the changed ones back with ``put_many``: three
-trips of data across the connection, and most of the time in Python. Here the server does all of it:
+The Python version (:func:`storage.backends.json.message_queries.refresh_statistics`, the JSON backend's) streams
+every message of the guild into Python, reads every member document, and writes the changed ones back with
+``put_many``: three trips of data across the connection, and most of the time in Python. Here the server does all
+of it:
 
 * ``count(*)`` and ``max(created_at)`` per author, from an index-only scan of the guild's range of the covering
   index ``(guild_id, created_at) INCLUDE (..., author_id, ...)``;
-* the guild's member documents (keys ``<guild>_<user>`` whose ``<user>`` is a valid snowflake, as the generic
+* the guild's member documents (keys ``<guild>_<user>`` whose ``<user>`` is a valid snowflake, as the Python
   version checks), a range of the documents' primary key, full-joined to the counts by key;
 * an ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` of the members whose statistics differ (in key order, the
   order ``put_many`` locks rows in), returning the keys written, which the store then drops from its cache.
 
-The answer is the generic version's in every respect the tests pin down, so the SQL spells out its Python:
+The answer is the Python version's in every respect the tests pin down, so the SQL spells out its Python:
 
 * **Unchanged** is Python's ``==`` on the decoded values: ``message_count`` equal as a number (an int ``5``, a
   float ``5.0``, and ``true`` for ``1``, all count as equal), ``last_active`` the very same text, or null/absent
@@ -24,7 +24,7 @@ The answer is the generic version's in every respect the tests pin down, so the 
 * **Timestamps** are the canonical text of :func:`storage.models.iso_utc` (fraction only when non-zero), made from
   the UTC wall time, so the session's time zone does not matter.
 * **A malformed member** (``statistics`` neither an object nor null) stops everything: the statement writes
-  nothing when the ``bad`` CTE finds one, and returns the first such key (in key order, the order the generic
+  nothing when the ``bad`` CTE finds one, and returns the first such key (in key order, the order the Python
   version meets them in) with its statistics, for the same error.
 
 The update uses the row as it is when the upsert reaches it (``d.doc``), not the statement's snapshot: a member
@@ -37,7 +37,6 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import ValidationError
-from ...models import MEMBERS
 from .documents import prefix_upper_bound
 
 __all__ = ["REFRESH", "member_parameters", "refresh"]
@@ -102,20 +101,20 @@ SELECT (SELECT key FROM bad), (SELECT old FROM bad), ARRAY(SELECT key FROM writt
 """
 
 
-def member_parameters(guild: str) -> list[Any]:
-    """The first five parameters of :data:`REFRESH` for a canonical guild id."""
+def member_parameters(collection: str, guild: str) -> list[Any]:
+    """The first five parameters of :data:`REFRESH`: the members' collection, a canonical guild id."""
     prefix = f"{guild}_"
-    return [MEMBERS, prefix, prefix_upper_bound(prefix), len(prefix) + 1, guild]
+    return [collection, prefix, prefix_upper_bound(prefix), len(prefix) + 1, guild]
 
 
-async def refresh(conn: Any, where: str, args: list[Any]) -> list[str]:
+async def refresh(conn: Any, collection: str, where: str, args: list[Any]) -> list[str]:
     """Run :data:`REFRESH` (``args``: :func:`member_parameters`, then the filter's); returns the keys written.
 
-    A malformed member raises :class:`ValidationError` with the generic version's message; nothing is written then.
+    A malformed member raises :class:`ValidationError` with the Python version's message; nothing is written then.
     """
     bad_key, bad_stats, written = await conn.fetchrow(REFRESH.format(where=where), *args)
     if bad_key is not None:
-        raise ValidationError(f"{MEMBERS}/{bad_key}: statistics is a {type(bad_stats).__name__}, not an object; "
+        raise ValidationError(f"{collection}/{bad_key}: statistics is a {type(bad_stats).__name__}, not an object; "
                               "nothing was written", field="statistics")
     keys: list[str] = written
     return keys

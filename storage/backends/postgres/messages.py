@@ -1,4 +1,4 @@
-"""Message analytics on PostgreSQL: the four primitives of :mod:`storage.messages.analytics`, and its queries in SQL.
+"""Message analytics on PostgreSQL: the message primitives of :mod:`storage.messages.queries`, the queries in SQL.
 
 Records live in ``storage_messages`` (see postgres/schema.py): typed columns for what the queries filter and group by,
 ids shifted into ``bigint``, and an ``extra`` jsonb column only for what does not fit them (fields beyond the
@@ -16,10 +16,10 @@ which then wrote nothing) the batch goes again through a temporary table and ``I
 (message_id) DO NOTHING``; a large batch whose first or last id is stored (a resent one) goes there directly. New
 messages, the usual case, pay for one pass.
 
-The query methods override the generic (streaming, Python) versions of
-:class:`storage.messages.analytics.AnalyticsMixin`
-with one aggregate statement each and give identical answers; the conformance tests compare both to a reference.
-So does ``refresh_member_statistics``, whose statement also writes the member documents (see postgres/member_stats.py).
+The query primitives (``_count_messages``, ``_group_messages``, ``_top_messages``, ``_last_message``) are one
+aggregate statement each, given arguments the public methods have checked; the conformance tests hold their answers
+to the same reference as the JSON backend's (Python, over column blocks). So is ``_refresh_statistics``, whose
+statement also writes the member documents (see postgres/member_stats.py).
 
 Where the time goes, and why the queries are written as they are
     A guild's messages are spread over every page of the table (guilds interleave as messages arrive), so any
@@ -46,8 +46,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import sys
-from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -55,18 +53,9 @@ from typing import Any
 import asyncpg
 
 from ...errors import DatabaseError, ValidationError
-from ...messages.analytics import (
-    BY_CHOICES,
-    COLUMN_BLOCK,
-    INGEST_CHUNK,
-    UNKNOWN_SENTIMENT,
-    MessageColumns,
-    check_limit,
-    micros,
-    time_bound,
-)
-from ...models import MEMBERS, iso_utc, snowflake
-from ...protocol import TimeBound
+from ...interfaces import Grouping, TopColumn
+from ...messages.records import INGEST_CHUNK
+from ...models import iso_utc
 from . import conn as pg_conn
 from . import member_stats as pg_member_stats
 from .errors import DRIVER_ERRORS
@@ -106,14 +95,12 @@ _STAGE_MERGE = (f"INSERT INTO storage_messages SELECT * FROM {_STAGE} ORDER BY m
 # one reads only columns of the covering index (tests/test_pg_messages.py checks each plan is index-only).
 _COUNT = "SELECT count(*) FROM storage_messages{where}"
 _BY_COLUMN = "SELECT {column}, count(*) FROM storage_messages{{where}} GROUP BY {column}"
-# Ties in the top lists are broken by the id *as text*, like the generic version (and Python's str order).
+# Ties in the top lists are broken by the id *as text*, like the Python version (and Python's str order).
 _TOP_COLUMN = ("SELECT {column}, count(*) AS n FROM storage_messages{{where}} GROUP BY {column} "
                "ORDER BY n DESC, ((({column})::numeric + 9223372036854775808)::text) COLLATE \"C\" LIMIT {{0}}")
 _SENTIMENTS = "SELECT sentiment, count(*) FROM storage_messages{where} GROUP BY sentiment"
 # max() becomes a backward walk of the guild's index range that stops at the author's newest message.
 _LAST_ACTIVITY = "SELECT max(created_at) FROM storage_messages{where} AND author_id = {0}"
-# What the generic queries read (``_scan_message_columns``): all of it is in the covering index.
-_SELECT_COLUMNS = "SELECT created_at, author_id, channel_id, sentiment, topics FROM storage_messages"
 # The UTC day of a message: date_bin is integer arithmetic (PostgreSQL 14+), AT TIME ZONE a zone lookup per row. The
 # origin precedes every storable time (four-digit years), so no version's rounding of negative offsets matters.
 _BY_DAY_BIN = ("SELECT (d AT TIME ZONE 'UTC')::date, n FROM (SELECT date_bin('1 day', created_at, "
@@ -231,32 +218,6 @@ def _vacuum_statement(conn: Any, *, index_cleanup: bool) -> str:
     return f"VACUUM ({', '.join(options)}) storage_messages"
 
 
-class _IdTexts(dict[int, str]):
-    """Stored (shifted) ids -> their text, each converted once per scan (a guild has few channels and authors)."""
-
-    def __missing__(self, key: int) -> str:
-        text = self[key] = sys.intern(str(key + ID_SHIFT))
-        return text
-
-
-def _columns_block(rows: Sequence[Any], ids: _IdTexts,
-                   combos: dict[tuple[str, ...], tuple[str, ...]]) -> MessageColumns:
-    """Rows of ``_SELECT_COLUMNS`` as a block of :class:`storage.messages.analytics.MessageColumns`."""
-    topics: list[tuple[str, ...]] = []
-    for row in rows:
-        listed = row[4]
-        if not listed:
-            topics.append(())
-            continue
-        key = tuple(listed)
-        combo = combos.get(key)
-        if combo is None:
-            combo = combos[key] = tuple(dict.fromkeys(key))
-        topics.append(combo)
-    return MessageColumns(array("q", [micros(row[0]) for row in rows]), [ids[row[1]] for row in rows],
-                          [ids[row[2]] for row in rows], [row[3] for row in rows], topics)
-
-
 async def _cursor_blocks(conn: Any, query: str, args: Sequence[Any], size: int) -> AsyncIterator[list[Any]]:
     """The rows of ``query``, ``size`` at a time, through a server-side cursor in ``conn``'s open transaction: memory
     stays flat however many rows match.
@@ -283,8 +244,6 @@ class PgMessagesMixin:
     VACUUM_AFTER_ROWS = 10_000
 
     _connection: Callable[[str], Any]
-    _guard_read: Callable[[], None]
-    _guard_write: Callable[[], None]
     _invalidate: Callable[[str, Any], None]
     config: Any
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
@@ -412,109 +371,68 @@ class PgMessagesMixin:
                 for row in rows:
                     yield to_record(row)
 
-    async def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
-                                    until: datetime | None) -> AsyncIterator[MessageColumns]:
-        """The column blocks the generic queries read (here only when the tests run one to compare it with the SQL
-        version), straight from the covering index: five columns instead of whole records made into dicts and then
-        taken apart again."""
-        args: list[Any] = []
-        query = _SELECT_COLUMNS + _where(guild_id, since, until, args)
-        ids = _IdTexts()
-        combos: dict[tuple[str, ...], tuple[str, ...]] = {}
-        async with self._connection("scanning messages") as conn, pg_conn.transaction(conn, readonly=True):
-            async for rows in _cursor_blocks(conn, query, args, COLUMN_BLOCK):
-                yield _columns_block(rows, ids, combos)
-
     # -- queries in SQL ------------------------------------------------------------------------------------------
-    async def _aggregate(self, what: str, template: str | Callable[[Any], str], guild_id: Any, since: TimeBound,
-                         until: TimeBound, *params: Any) -> list[Any]:
-        """Run ``template`` after the generic argument checks.
+    async def _aggregate(self, what: str, template: str | Callable[[Any], str], guild: str, since: datetime | None,
+                         until: datetime | None, *params: Any) -> list[Any]:
+        """Run ``template`` for checked arguments.
 
         ``{where}`` in the template becomes the guild and time filter; ``{0}``, ``{1}``... the placeholders of
         ``params``. Only fixed SQL fragments are formatted in: every value travels as a parameter. A callable
         template is given the connection first (for SQL that depends on the server version).
         """
-        self._guard_read()
-        guild = snowflake(guild_id, "guild_id")
         args: list[Any] = []
-        where = _where(guild, time_bound(since, "since"), time_bound(until, "until"), args)
+        where = _where(guild, since, until, args)
         placeholders = [f"${len(args) + i + 1}" for i in range(len(params))]
         async with self._connection(what) as conn:
             text = template if isinstance(template, str) else template(conn)
             rows: list[Any] = await conn.fetch(text.format(*placeholders, where=where), *args, *params)
         return rows
 
-    async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
-                             until: TimeBound = None) -> int | dict[str, int]:
-        if by not in BY_CHOICES:
-            raise ValidationError(f"by must be None, 'channel', 'author' or 'day', got {by!r}", field="by")
-        if by is None:
-            rows = await self._aggregate("message_counts", _COUNT, guild_id, since, until)
-            total: int = rows[0][0]
-            return total
+    async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
+        rows = await self._aggregate("message_counts", _COUNT, guild, since, until)
+        total: int = rows[0][0]
+        return total
+
+    async def _group_messages(self, by: Grouping, guild: str, since: datetime | None,
+                              until: datetime | None) -> dict[str | None, int]:
         if by == "day":
-            rows = await self._aggregate("message_counts", _by_day, guild_id, since, until)
-            counts = {row[0].isoformat(): row[1] for row in rows}
-        else:
-            column = "channel_id" if by == "channel" else "author_id"
-            rows = await self._aggregate("message_counts", _BY_COLUMN.format(column=column), guild_id, since, until)
-            counts = {str(row[0] + ID_SHIFT): row[1] for row in rows}
-        return dict(sorted(counts.items()))
+            rows = await self._aggregate("message_counts", _by_day, guild, since, until)
+            return {row[0].isoformat(): row[1] for row in rows}
+        if by == "sentiment":
+            rows = await self._aggregate("sentiment_breakdown", _SENTIMENTS, guild, since, until)
+            return {row[0]: row[1] for row in rows}
+        column = "channel_id" if by == "channel" else "author_id"
+        rows = await self._aggregate("message_counts", _BY_COLUMN.format(column=column), guild, since, until)
+        return {str(row[0] + ID_SHIFT): row[1] for row in rows}
 
-    async def top_authors(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
-                          until: TimeBound = None) -> list[tuple[str, int]]:
-        return await self._top_column("author_id", guild_id, limit, since, until)
-
-    async def top_channels(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
-                           until: TimeBound = None) -> list[tuple[str, int]]:
-        return await self._top_column("channel_id", guild_id, limit, since, until)
-
-    async def _top_column(self, column: str, guild_id: Any, limit: int, since: TimeBound,
-                          until: TimeBound) -> list[tuple[str, int]]:
-        limit = check_limit(limit)
-        rows = await self._aggregate(f"top {column}s", _TOP_COLUMN.format(column=column), guild_id, since, until,
-                                     limit)
+    async def _top_messages(self, column: TopColumn, guild: str, limit: int, since: datetime | None,
+                            until: datetime | None) -> list[tuple[str, int]]:
+        if column == "topic":
+            rows = await self._aggregate("top_topics", _TOP_TOPICS, guild, since, until, limit)
+            return [(row[0], row[1]) for row in rows]
+        name = f"{column}_id"
+        rows = await self._aggregate(f"top_{column}s", _TOP_COLUMN.format(column=name), guild, since, until, limit)
         return [(str(row[0] + ID_SHIFT), row[1]) for row in rows]
 
-    async def top_topics(self, guild_id: int | str, limit: int = 10, *, since: TimeBound = None,
-                         until: TimeBound = None) -> list[tuple[str, int]]:
-        limit = check_limit(limit)
-        rows = await self._aggregate("top_topics", _TOP_TOPICS, guild_id, since, until, limit)
-        return [(row[0], row[1]) for row in rows]
-
-    async def sentiment_breakdown(self, guild_id: int | str, *, since: TimeBound = None,
-                                  until: TimeBound = None) -> dict[str, int]:
-        rows = await self._aggregate("sentiment_breakdown", _SENTIMENTS, guild_id, since, until)
-        counts: dict[str, int] = {}
-        for sentiment, n in rows:  # no sentiment and the sentiment "unknown" are one key
-            key = UNKNOWN_SENTIMENT if sentiment is None else sentiment
-            counts[key] = counts.get(key, 0) + n
-        return dict(sorted(counts.items()))
-
-    async def last_activity(self, guild_id: int | str, author_id: int | str, *, since: TimeBound = None,
-                            until: TimeBound = None) -> str | None:
-        author = snowflake(author_id, "author_id")
-        rows = await self._aggregate("last_activity", _LAST_ACTIVITY, guild_id, since, until, int(author) - ID_SHIFT)
+    async def _last_message(self, guild: str, author: str, since: datetime | None,
+                            until: datetime | None) -> str | None:
+        rows = await self._aggregate("last_activity", _LAST_ACTIVITY, guild, since, until, int(author) - ID_SHIFT)
         latest: datetime | None = rows[0][0]
         return None if latest is None else _canonical(latest)
 
-    async def refresh_member_statistics(self, guild_id: int | str, *, since: TimeBound = None,
-                                        until: TimeBound = None) -> int:
-        """The generic version's contract (see :class:`storage.messages.analytics.AnalyticsMixin`) in one statement,
-        which
-        counts in the covering index and upserts the changed member documents (see postgres/member_stats.py)."""
-        guild = snowflake(guild_id, "guild_id")  # the generic version's checks, in its order
-        self._guard_read()
-        args = pg_member_stats.member_parameters(guild)
-        where = _where(guild, time_bound(since, "since"), time_bound(until, "until"), args)
-        self._guard_write()  # the generic version writes in store.transaction(): refused inside one, and when closed
+    async def _refresh_statistics(self, collection: str, guild: str, since: datetime | None,
+                                  until: datetime | None) -> int:
+        """One statement, which counts in the covering index and upserts the changed member documents (see
+        postgres/member_stats.py)."""
+        args = pg_member_stats.member_parameters(collection, guild)
+        where = _where(guild, since, until, args)
         written: list[str] = []
         try:
             # A transaction although it is one statement: the keys written are known before the commit, so that a
             # commit whose outcome is lost with the connection still drops them from the cache.
             async with self._connection("refresh_member_statistics") as conn, pg_conn.transaction(conn):
-                written = await pg_member_stats.refresh(conn, where, args)
+                written = await pg_member_stats.refresh(conn, collection, where, args)
         finally:
             if written:
-                self._invalidate(MEMBERS, written)
+                self._invalidate(collection, written)
         return len(written)
