@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import quote
 
-from .dsn import redact_dsn
+from .dsn import dsn_identity, redact_dsn
 from .errors import ValidationError
 
 __all__ = ["StoreConfig", "redact_dsn", "backup_settings"]
@@ -181,6 +181,13 @@ class StoreConfig:
         )
 
     __str__ = __repr__
+
+    def identity(self) -> dict[str, str]:
+        """Which store this config opens, for backup manifests and per-store retention: the data folder's real
+        path, or the server, port, database and ``search_path`` of the DSN (never a user name or password)."""
+        if self.backend == "postgres":
+            return dsn_identity(str(self.dsn or ""))
+        return {"backend": "json", "path": os.path.realpath(os.path.abspath(self.path))}
 
     def describe(self) -> str:
         """One line for humans: which backend, where, and why it was chosen."""

@@ -17,9 +17,10 @@ hide them, and the pieces a URL parser may cut them into as whole words.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["redact_dsn", "dsn_secrets", "dsn_user_and_rest", "mask_secrets", "scrub_exception", "split_userinfo"]
+__all__ = ["redact_dsn", "dsn_secrets", "dsn_user_and_rest", "mask_secrets", "scrub_exception", "split_userinfo",
+           "dsn_identity"]
 
 MASK = "***"
 _PREFIX = re.compile(r"(?i)\s*(?:[a-z][a-z0-9+.-]*(?::/{1,2}|/{1,2})|postgres(?:ql)?:)")
@@ -143,3 +144,35 @@ def scrub_exception(exc: BaseException | None, dsn: str | None) -> None:
         except (AttributeError, TypeError):  # an exception type with read-only attributes: nothing more to do
             pass
         exc = exc.__cause__ or exc.__context__
+
+
+def dsn_identity(dsn: str) -> dict[str, str]:
+    """``{"backend": "postgres", "host", "port", "database"[, "search_path"]}`` of a DSN (which store it names, for
+    backup manifests); a part that cannot be parsed is ``"?"``.
+
+    Only these fields are read, so nothing else of the DSN (password, user, other options) can leak into a
+    manifest, even from a malformed URL.
+    """
+    host = port = database = "?"
+    search_path = ""
+    try:
+        parts = urlsplit(dsn)
+        if parts.scheme.lower() in ("postgres", "postgresql") and parts.netloc:
+            host = parts.hostname or ""
+            port = str(parts.port or 5432)
+            database = unquote(parts.path.lstrip("/")) or unquote(parts.username or "")
+            for name, value in parse_qsl(parts.query):
+                if name == "host":
+                    host = value
+                elif name == "port":
+                    port = value
+                elif name in ("dbname", "database"):
+                    database = value
+                elif name == "search_path":
+                    search_path = value
+    except ValueError:
+        host = port = database = "?"
+    out = {"backend": "postgres", "host": host.lower(), "port": port, "database": database}
+    if search_path:
+        out["search_path"] = search_path
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from .codec import encode_doc
 from .errors import ValidationError
@@ -20,6 +20,15 @@ from .protocol import Document, DocumentOps
 __all__ = ["MEMBERS", "MembersMixin"]
 
 log = logging.getLogger("storage.members")
+
+
+class MemberWriter(DocumentOps, Protocol):
+    """What the member calls need: the document operations, plus the write guard and the encoded put that
+    ``batch_update_members`` uses to write every row in one commit (a store, or a migration's context)."""
+
+    def _guard_write(self) -> None: ...
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None: ...
 
 
 class MembersMixin:
@@ -36,7 +45,7 @@ class MembersMixin:
         await self.put(MEMBERS, f"{guild}_{user}", check_member(data, user, guild))
         return True
 
-    async def batch_update_members(self: Any, updates: Iterable[Mapping[str, Any]]) -> int:
+    async def batch_update_members(self: MemberWriter, updates: Iterable[Mapping[str, Any]]) -> int:
         """Write every well-formed update in one all-or-nothing commit; returns how many were written.
 
         Each update is ``{"user_id", "guild_id", "data"}``. Malformed ones are skipped and logged (the seed's

@@ -18,49 +18,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..config import StoreConfig
+from ..dsn import dsn_identity
 
 __all__ = ["Source", "store_source", "manifest_source", "same_store", "describe_source"]
 
 Source = dict[str, str]
 
 
-def _postgres_source(dsn: str) -> Source:
-    """The server, port, database and ``search_path`` of a DSN; a part that cannot be parsed is ``"?"``.
-
-    Only these fields are read, so nothing else of the DSN (password, user, other options) can leak into a
-    manifest, even from a malformed URL.
-    """
-    host = port = database = "?"
-    search_path = ""
-    try:
-        parts = urlsplit(dsn)
-        if parts.scheme.lower() in ("postgres", "postgresql") and parts.netloc:
-            host = parts.hostname or ""
-            port = str(parts.port or 5432)
-            database = unquote(parts.path.lstrip("/")) or unquote(parts.username or "")
-            for name, value in parse_qsl(parts.query):
-                if name == "host":
-                    host = value
-                elif name == "port":
-                    port = value
-                elif name in ("dbname", "database"):
-                    database = value
-                elif name == "search_path":
-                    search_path = value
-    except ValueError:
-        host = port = database = "?"
-    out = {"backend": "postgres", "host": host.lower(), "port": port, "database": database}
-    if search_path:
-        out["search_path"] = search_path
-    return out
-
-
-def store_source(config: Any) -> Source:
-    """The identity of the store ``config`` (a :class:`StoreConfig`) opens."""
-    if config.backend == "postgres":
-        return _postgres_source(str(config.dsn or ""))
-    return {"backend": "json", "path": os.path.realpath(os.path.abspath(config.path))}
+def store_source(config: StoreConfig) -> Source:
+    """The identity of the store ``config`` opens (:meth:`StoreConfig.identity`)."""
+    return config.identity()
 
 
 def manifest_source(manifest: Mapping[str, Any]) -> Source | None:
@@ -78,7 +47,7 @@ def manifest_source(manifest: Mapping[str, Any]) -> Source | None:
     if backend == "json" and os.path.isabs(location):
         return {"backend": "json", "path": location}
     if backend == "postgres":
-        derived = _postgres_source(location)
+        derived = dsn_identity(location)
         return derived if "?" not in derived.values() else None
     return None
 
