@@ -386,7 +386,9 @@ async def test_a_crash_between_snapshot_rewrite_and_new_journal_is_not_an_extern
         assert await again.get_member_data(3, 2) == {"roles": ["c"]}
 
 
-async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folder):
+async def edited_while_open(folder: Path) -> None:
+    """members.json written by hand while the journal holds a newer value of one of its members: the close
+    refuses to overwrite it, and the conflict is left for the next open."""
     store = await storage.open_store(config=cfg(folder))
     await store.save_member_data(1, 2, {"roles": ["a"]})
     await store.compact()
@@ -394,6 +396,10 @@ async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folde
     write_like_the_seed(folder, {"2_1": {"roles": ["edit"]}, "2_5": {"roles": ["added by hand"]}})
     with pytest.raises(ExternalChangeError):
         await store.close()
+
+
+async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folder):
+    await edited_while_open(folder)
     with pytest.raises(ExternalChangeError):
         await JsonStore.open(cfg(folder))
     merged = await JsonStore.open(cfg(folder), merge_external=True)
@@ -405,16 +411,7 @@ async def test_merge_external_keeps_the_edit_and_the_journals_newer_values(folde
 
 
 def test_the_cli_reports_an_external_change_and_merges_it_when_asked(folder):
-    async def prepare() -> None:
-        store = await storage.open_store(config=cfg(folder))
-        await store.save_member_data(1, 2, {"roles": ["a"]})
-        await store.compact()
-        await store.save_member_data(1, 2, {"roles": ["store"]})
-        write_like_the_seed(folder, {"2_1": {"roles": ["edit"]}, "2_5": {"roles": ["added by hand"]}})
-        with pytest.raises(ExternalChangeError):
-            await store.close()
-
-    asyncio.run(prepare())
+    asyncio.run(edited_while_open(folder))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("DATABASE_URL", None)
     env.pop("DATABASE_PUBLIC_URL", None)
