@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Generator
 from typing import Any
 
-from .config import StoreConfig, backup_settings
+from .config import StoreConfig
 from .errors import ValidationError
 from .stores import AnyStore, store_class
 
@@ -52,22 +53,8 @@ def open_store(
     if config is not None and (backend or path or dsn or options):
         raise ValidationError("pass either config= or backend/path/dsn options, not both", field="config")
     if config is None:
-        if backend is None and path is None and dsn is None:
-            base = StoreConfig.from_env()
-            config = StoreConfig(**{**_fields(base), **options}) if options else base
-        else:
-            chosen = backend or ("postgres" if dsn else "json")
-            # the backup settings come from the environment here too, unless given (STORAGE_BACKUP_DIR...)
-            fields: dict[str, Any] = {"backend": chosen, "source": "arguments", **backup_settings(), **options}
-            if path is not None:
-                fields["path"] = os.fspath(path)
-            if dsn is not None:
-                fields["dsn"] = dsn
-            config = StoreConfig(**fields)
+        config = StoreConfig.choose(backend, None if path is None else os.fspath(path), dsn)
+        if options:
+            config = dataclasses.replace(config, **options)
     return StoreOpener(config)
 
-
-def _fields(config: StoreConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import logging
 import os
@@ -47,24 +46,8 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> StoreConfig:
     """The store configuration the command line asked for, falling back to the environment."""
-    backend = getattr(args, "backend", None)
-    path = getattr(args, "path", None)
-    dsn = getattr(args, "dsn", None)
-    env = StoreConfig.from_env()
-    if not (backend or path or dsn):
-        return env
-    if dsn and not backend:
-        backend = "postgres"
-    elif path and not backend:
-        backend = "json"
-    return dataclasses.replace(
-        env,
-        backend=backend or env.backend,
-        path=path or env.path,
-        dsn=dsn or env.dsn,
-        source="command line",
-    )
-
+    return StoreConfig.choose(getattr(args, "backend", None), getattr(args, "path", None),
+                              getattr(args, "dsn", None), source="command line")
 
 class CommandRefused(Exception):
     """The command line refuses to run (exit :data:`EXIT_REFUSED`); the message says why and what to do."""

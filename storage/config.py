@@ -219,6 +219,21 @@ class StoreConfig:
                    **common)  # type: ignore[arg-type]
 
     @classmethod
+    def choose(cls, backend: str | None = None, path: str | None = None, dsn: str | None = None, *,
+               environ: Mapping[str, str] | None = None, source: str = "arguments") -> StoreConfig:
+        """The one place where explicit choices meet the environment (``open_store(...)`` and the command line's
+        ``--backend``/``--path``/``--dsn``): with none given, :meth:`from_env`; otherwise the given location (a DSN
+        alone means PostgreSQL, a path alone JSON) and every other setting from the environment."""
+        env = os.environ if environ is None else environ
+        if backend is None and path is None and dsn is None:
+            return cls.from_env(env)
+        chosen = backend or ("postgres" if dsn else "json")
+        if chosen == "postgres" and dsn is None:
+            dsn = _dsn_from_env(env)[0]  # --backend postgres alone: the environment says where
+        return cls(backend=chosen, path=path or env.get("STORAGE_PATH", "").strip() or "config",  # type: ignore[arg-type]
+                   dsn=dsn, source=source, **_settings(env))  # type: ignore[arg-type]
+
+    @classmethod
     def for_location(cls, location: str, environ: Mapping[str, str] | None = None, *,
                      source: str = "command line") -> StoreConfig:
         """The store at ``location`` (a ``postgresql://`` URL, anything else a JSON folder) with every other setting
