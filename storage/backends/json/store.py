@@ -200,7 +200,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     # ---------------------------------------------------------------------------------------------------------------
     # reading what other processes committed
     async def _refresh(self) -> None:
-        """Before a read: apply what other processes committed. One ``stat`` when nothing changed."""
+        """Before a read: apply what other processes committed. One ``pread`` when nothing changed."""
         if self._holding:
             return  # we hold the lock: nobody else can have written
         journal, tables = self._journal, self._tables
