@@ -264,3 +264,32 @@ async def test_hand_edits_after_compaction_are_validated_not_trusted(folder):
     path.write_bytes(path.read_bytes().replace(b'{"n":22}', b'{"n":2'))  # a damaging one, same layout
     with pytest.raises(CorruptDataError):
         await storage.open_store(backend="json", path=folder)
+
+
+async def test_items_over_a_large_collection_is_a_snapshot_and_lets_the_loop_run(folder):
+    """A bot's heartbeat shares the loop: other tasks run while a large items() is sorted and decoded, and what
+    they write meanwhile does not change the snapshot the iteration started from."""
+    async with storage.open_store(backend="json", path=folder) as store:
+        docs = {f"7_{i:05d}": {"n": i} for i in range(12_000)}
+        await store.put_many("members", {**docs, "8_1": {"n": -1}})
+        turns = 0
+
+        async def heartbeat() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        beat = asyncio.create_task(heartbeat())
+        seen = []
+        after_writes = 0
+        async for key, doc in store.items("members", prefix="7_"):
+            if len(seen) == 10:
+                await store.put("members", "7_zzz", {"n": 0})  # written after the snapshot: not seen
+                await store.delete("members", "7_11999")       # deleted after it: still seen
+                after_writes = turns
+            seen.append((key, doc))
+        beat.cancel()
+        assert seen == sorted(docs.items())
+        assert turns - after_writes >= 10  # the loop had a turn every 1000 documents of the 12,000
+        assert await store.get("members", "7_zzz") == {"n": 0}
