@@ -13,21 +13,27 @@ member documents are read and the changed ones written in one transaction of the
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from ...errors import ValidationError
-from ...interfaces import Grouping, TopColumn
+from ...interfaces import BackendTransaction, Grouping, TopColumn
 from ...messages.columns import DAY_MICROS, NEVER, MessageColumns, day_text, micros_text
 from ...models import snowflake
-from ...protocol import Document, Transaction
+from ...offload import off_loop
+from ...protocol import Document
 
 __all__ = ["JsonMessageQueries", "count", "group", "top", "last", "refresh_statistics"]
 
 Blocks = AsyncIterator[MessageColumns]
+#: Member documents encoded and staged at a time by refresh_statistics, with a loop turn between slices.
+WRITE_SLICE = 1000
 
 
 async def count(blocks: Blocks) -> int:
@@ -77,51 +83,77 @@ async def last(blocks: Blocks, author: str) -> str | None:
     return None if latest is None else micros_text(latest)
 
 
-async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManager[Transaction]], collection: str,
-                             guild: str, blocks: Blocks) -> int:
-    """Write each author's message count and latest time (from ``blocks``: the guild's messages) into the member
-    documents ``<guild>_<user>`` of ``collection``, as ``refresh_member_statistics`` promises; returns how many
-    documents were written.
+def _tally(block: MessageColumns, counts: Counter[str], latest: dict[str, int]) -> None:
+    """Add one block's authors to the per-author count and latest time (in a worker thread)."""
+    counts.update(block.authors)
+    for m, author in zip(block.micros, block.authors):
+        if m > latest.get(author, NEVER):
+            latest[author] = m
 
-    ``transaction`` is the store's: every member document is read and the changed ones written in one.
+
+def _member_writes(collection: str, guild: str, members: list[tuple[str, Any]], counts: Counter[str],
+                   latest: dict[str, int]) -> list[tuple[str, Document]]:
+    """The member documents to write: ``members`` are the guild's ``(key, encoded or decoded doc)`` in key order.
+
+    Runs in a worker thread: at 20k members the decoding and comparing would hold the event loop for a long time.
     """
-    counts: Counter[str] = Counter()
-    latest: dict[str, int] = {}  # author -> time of the latest message
-    async for block in blocks:
-        counts.update(block.authors)
-        for m, author in zip(block.micros, block.authors):
-            if m > latest.get(author, NEVER):
-                latest[author] = m
-
     def fresh(user: str) -> dict[str, Any]:
         last_time = micros_text(latest[user]) if user in latest else None
         return {"message_count": counts.get(user, 0), "last_active": last_time}
 
     prefix = f"{guild}_"
+    writes: list[tuple[str, Document]] = []
+    seen: set[str] = set()
+    loads = orjson.loads
+    for key, stored in members:
+        user = key[len(prefix):]
+        try:
+            snowflake(user, "user_id")
+        except ValidationError:
+            continue  # not a member key (``<guild>_<user>``): not ours to touch
+        doc = loads(stored) if isinstance(stored, bytes) else stored
+        seen.add(user)
+        old = doc.get("statistics")
+        if old is None:
+            old = {}
+        if not isinstance(old, dict):
+            raise ValidationError(f"{collection}/{key}: statistics is a {type(old).__name__}, not an object; "
+                                  "nothing was written", field="statistics")
+        new = fresh(user)
+        if "statistics" in doc and all(old.get(name) == value for name, value in new.items()):
+            continue
+        writes.append((key, {**doc, "statistics": {**old, **new}}))
+    for user in sorted(counts.keys() - seen):
+        writes.append((f"{prefix}{user}", {"user_id": user, "guild_id": guild, "statistics": fresh(user)}))
+    return writes
+
+
+async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManager[BackendTransaction]],
+                             collection: str, guild: str, blocks: Blocks) -> int:
+    """Write each author's message count and latest time (from ``blocks``: the guild's messages) into the member
+    documents ``<guild>_<user>`` of ``collection``, as ``refresh_member_statistics`` promises; returns how many
+    documents were written.
+
+    ``transaction`` is the store's: every member document is read and the changed ones written in one. The
+    counting and the comparing run in a worker thread, and the writes go in slices with a loop turn between them,
+    so a large guild never holds the event loop (a bot's heartbeat) for long.
+    """
+    counts: Counter[str] = Counter()
+    latest: dict[str, int] = {}  # author -> time of the latest message
+    async for block in blocks:
+        await off_loop(_tally, block, counts, latest)
+    prefix = f"{guild}_"
     async with transaction() as tx:
-        writes: list[tuple[str, Document]] = []
-        seen: set[str] = set()
-        async for key, doc in tx.items(collection, prefix=prefix):
-            user = key[len(prefix):]
-            try:
-                snowflake(user, "user_id")
-            except ValidationError:
-                continue  # not a member key (``<guild>_<user>``): not ours to touch
-            seen.add(user)
-            old = doc.get("statistics")
-            if old is None:
-                old = {}
-            if not isinstance(old, dict):
-                raise ValidationError(f"{collection}/{key}: statistics is a {type(old).__name__}, not an object; "
-                                      "nothing was written", field="statistics")
-            new = fresh(user)
-            if "statistics" in doc and all(old.get(name) == value for name, value in new.items()):
-                continue
-            writes.append((key, {**doc, "statistics": {**old, **new}}))
-        for user in sorted(counts.keys() - seen):
-            writes.append((f"{prefix}{user}", {"user_id": user, "guild_id": guild, "statistics": fresh(user)}))
-        if writes:
-            await tx.put_many(collection, writes)
+        view = tx.encoded_documents(collection)
+        if view is not None:
+            members: list[tuple[str, Any]] = [(key, view[key]) for key in sorted(view) if key.startswith(prefix)]
+        else:
+            members = [pair async for pair in tx.items(collection, prefix=prefix)]
+        writes = await off_loop(_member_writes, collection, guild, members, counts, latest)
+        for start in range(0, len(writes), WRITE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            await tx.put_many(collection, writes[start:start + WRITE_SLICE])
     return len(writes)
 
 
@@ -134,7 +166,7 @@ class JsonMessageQueries(abc.ABC):
         """The records in ``[since, until)`` as column blocks, in any order."""
 
     @abc.abstractmethod
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+    def transaction(self) -> AbstractAsyncContextManager[BackendTransaction]: ...
 
     async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
         return await count(self._scan_message_columns(guild, since, until))
