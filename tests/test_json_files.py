@@ -293,3 +293,31 @@ async def test_items_over_a_large_collection_is_a_snapshot_and_lets_the_loop_run
         assert seen == sorted(docs.items())
         assert turns - after_writes >= 10  # the loop had a turn every 1000 documents of the 12,000
         assert await store.get("members", "7_zzz") == {"n": 0}
+
+
+async def test_a_large_transaction_lets_the_loop_run_and_its_items_see_its_own_deletes(folder):
+    async with storage.open_store(backend="json", path=folder) as store:
+        await store.put_many("members", {f"7_{i:05d}": {"n": i} for i in range(6_000)})
+        turns = 0
+
+        async def heartbeat() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        beat = asyncio.create_task(heartbeat())
+        async with store.transaction() as tx:
+            seen = []
+            async for key, _doc in tx.items("members", prefix="7_"):
+                if not seen:
+                    await tx.delete("members", "7_00001")  # deleted by this transaction: no longer seen
+                seen.append(key)
+            before = turns
+            for key in seen:
+                await tx.delete("members", key)  # 6,000 calls that never wait on their own
+            during_deletes = turns - before
+        beat.cancel()
+        assert "7_00001" not in seen and len(seen) == 5_999
+        assert during_deletes >= 5  # a loop turn every 1000 staged operations
+        assert await store.count("members") == 0

@@ -592,14 +592,20 @@ class JsonTransaction(TransactionBase):
         self._json = store
         self._staged = Staged(store._tables.data)
         self._ops: list[Op] = []
+        self._next_turn = ITEMS_TURN  # staged operations after which the loop gets its next turn
 
     def _finish(self) -> list[Op]:
         self._end()
         return self._ops
 
-    def _stage(self, ops: list[Op]) -> None:
+    async def _stage(self, ops: list[Op]) -> None:
+        """Stage ``ops``; every ITEMS_TURN operations the event loop gets a turn, so a transaction that writes
+        thousands of documents one call at a time (none of which waits) does not hold a bot's heartbeat."""
         self._staged.apply(ops)
         self._ops.extend(ops)
+        if len(self._ops) >= self._next_turn:
+            self._next_turn = len(self._ops) + ITEMS_TURN
+            await asyncio.sleep(0)
 
     async def _get(self, collection: str, key: str) -> Document | None:
         raw = self._staged.get(collection, key)
@@ -615,30 +621,39 @@ class JsonTransaction(TransactionBase):
 
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
         self._json._check_writable(collection)
-        self._stage([("p", collection, key, raw) for key, raw in items])
+        await self._stage([("p", collection, key, raw) for key, raw in items])
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._json._check_writable(collection)
         if self._staged.get(collection, key) is None:
             return False
-        self._stage([("d", collection, key)])
+        await self._stage([("d", collection, key)])
         return True
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
         self._json._check_writable(collection)
         raw = self._staged.get(collection, key)
         _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
-        self._stage([("p", collection, key, encoded)])
+        await self._stage([("p", collection, key, encoded)])
         return decode_doc(encoded)
 
     async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-        for key in sorted(k for k in self._staged.keys(collection) if prefix is None or k.startswith(prefix)):
-            raw = self._staged.get(collection, key)
+        """The keys as they are when the iteration starts, in order (a large collection sorted in a worker thread);
+        each document as it is when it is reached (one this transaction deleted meanwhile is skipped)."""
+        view = self._staged.view(collection)
+        keys = list(view)
+        selected = await off_loop(_select_keys, keys, prefix) if len(keys) > ITEMS_INLINE \
+            else _select_keys(keys, prefix)
+        staged, loads = self._staged, orjson.loads
+        for index, key in enumerate(selected):
+            if index and not index % ITEMS_TURN:
+                await asyncio.sleep(0)
+            raw = staged.get(collection, key)
             if raw is not None:
-                yield key, orjson.loads(raw)
+                yield key, loads(raw)
 
     async def _count(self, collection: str) -> int:
-        return len(self._staged.keys(collection))
+        return len(self._staged.view(collection))
 
     def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
         """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a
@@ -658,6 +673,14 @@ class JsonTransaction(TransactionBase):
 
 
 __all__ += ["JsonTransaction"]
+
+
+def _select_keys(keys: list[str], prefix: str | None) -> list[str]:
+    """The keys that start with ``prefix`` (all without one), sorted."""
+    if prefix is not None:
+        keys = [key for key in keys if key.startswith(prefix)]
+    keys.sort()
+    return keys
 
 
 def _select(pairs: list[tuple[str, bytes]], prefix: str | None) -> list[tuple[str, bytes]]:
