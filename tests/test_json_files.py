@@ -266,58 +266,58 @@ async def test_hand_edits_after_compaction_are_validated_not_trusted(folder):
         await storage.open_store(backend="json", path=folder)
 
 
+class Heartbeat:
+    """A task that counts its turns on the event loop, as a bot's gateway heartbeat would get them."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self._task = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            self.turns += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 async def test_items_over_a_large_collection_is_a_snapshot_and_lets_the_loop_run(folder):
     """A bot's heartbeat shares the loop: other tasks run while a large items() is sorted and decoded, and what
     they write meanwhile does not change the snapshot the iteration started from."""
     async with storage.open_store(backend="json", path=folder) as store:
         docs = {f"7_{i:05d}": {"n": i} for i in range(12_000)}
         await store.put_many("members", {**docs, "8_1": {"n": -1}})
-        turns = 0
-
-        async def heartbeat() -> None:
-            nonlocal turns
-            while True:
-                turns += 1
-                await asyncio.sleep(0)
-
-        beat = asyncio.create_task(heartbeat())
+        beat = Heartbeat()
         seen = []
         after_writes = 0
         async for key, doc in store.items("members", prefix="7_"):
             if len(seen) == 10:
                 await store.put("members", "7_zzz", {"n": 0})  # written after the snapshot: not seen
                 await store.delete("members", "7_11999")       # deleted after it: still seen
-                after_writes = turns
+                after_writes = beat.turns
             seen.append((key, doc))
-        beat.cancel()
+        beat.stop()
         assert seen == sorted(docs.items())
-        assert turns - after_writes >= 10  # the loop had a turn every 1000 documents of the 12,000
+        assert beat.turns - after_writes >= 10  # the loop had a turn every 1000 documents of the 12,000
         assert await store.get("members", "7_zzz") == {"n": 0}
 
 
 async def test_a_large_transaction_lets_the_loop_run_and_its_items_see_its_own_deletes(folder):
     async with storage.open_store(backend="json", path=folder) as store:
         await store.put_many("members", {f"7_{i:05d}": {"n": i} for i in range(6_000)})
-        turns = 0
-
-        async def heartbeat() -> None:
-            nonlocal turns
-            while True:
-                turns += 1
-                await asyncio.sleep(0)
-
-        beat = asyncio.create_task(heartbeat())
+        beat = Heartbeat()
         async with store.transaction() as tx:
             seen = []
             async for key, _doc in tx.items("members", prefix="7_"):
                 if not seen:
                     await tx.delete("members", "7_00001")  # deleted by this transaction: no longer seen
                 seen.append(key)
-            before = turns
+            before = beat.turns
             for key in seen:
                 await tx.delete("members", key)  # 6,000 calls that never wait on their own
-            during_deletes = turns - before
-        beat.cancel()
+            during_deletes = beat.turns - before
+        beat.stop()
         assert "7_00001" not in seen and len(seen) == 5_999
         assert during_deletes >= 5  # a loop turn every 1000 staged operations
         assert await store.count("members") == 0
