@@ -57,6 +57,16 @@ def append_by_hand(folder: Path, data: bytes) -> None:
     (folder / LOCK_NAME).unlink()
 
 
+async def cancel_at(task: asyncio.Task[object], point: int) -> None:
+    """Cancel ``task`` after ``point`` event-loop turns and wait for it to end, however it ends."""
+    await turns(point)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 async def disk_view(folder: Path, collection: str) -> dict[str, dict]:
     """What a fresh process would read: a new store on the folder (closed without writing: read-only)."""
     async with storage.open_store(config=cfg(folder, read_only=True)) as other:
@@ -92,12 +102,7 @@ async def test_cancelled_close_finishes_its_compaction_before_releasing_the_file
     store = await JsonStore.open(cfg(folder))
     await store.put_many("bulk", {f"k{i}": {"i": i, "pad": "y" * 300} for i in range(3000)})
     task = asyncio.create_task(store.close())
-    await turns(point)
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    await cancel_at(task, point)
     assert store.closed
     other = await JsonStore.open(cfg(folder))  # the lock was given back: opening does not wait 30 s
     try:
@@ -122,12 +127,7 @@ async def test_a_transaction_cancelled_during_its_fsync_is_applied_iff_it_is_dur
                 await tx.put("acct", "a", {"n": 100})
 
         task = asyncio.create_task(transfer())
-        await turns(point)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await cancel_at(task, point)
         mine = await store.get("acct", "a")
         assert mine == (await disk_view(folder, "acct"))["a"]
         await store.update("acct", "a", lambda d: {"n": d["n"] + 1})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import BackupError, ValidationError
@@ -69,15 +70,21 @@ def _same_place(a: Backend, b: Backend) -> bool:
     return a.backend_name == b.backend_name and a.location() == b.location()
 
 
+async def _pinned(tx: BackendTransaction, seen_before: Iterable[str]) -> tuple[list[str], int]:
+    """Pin ``tx``'s snapshot; the collections to read in it and how many documents they hold (for progress)."""
+    await tx.pin_snapshot()
+    names = await snapshot_collections(tx, seen_before)
+    return names, sum([await tx.count(name) for name in names])
+
+
 async def store_digest(store: Backend, *, messages: bool = True, progress: Progress | None = None) -> ContentDigest:
     """The content digest of everything in ``store``, read through one transaction (one snapshot)."""
     progress = progress or NullProgress()
     digest = ContentDigest()
     seen_before = await store.collections()
     async with store.transaction() as tx:
-        await tx.pin_snapshot()
-        names = await snapshot_collections(tx, seen_before)
-        progress.phase("verify: reading the target", sum([await tx.count(n) for n in names]))
+        names, total = await _pinned(tx, seen_before)
+        progress.phase("verify: reading the target", total)
         for name in names:
             n = 0
             async for key, doc in tx.items(name):
@@ -120,9 +127,8 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
     try:
         seen_before = await source.collections()
         async with source.transaction() as tx:
-            await tx.pin_snapshot()
-            names = await snapshot_collections(tx, seen_before)
-            progress.phase("copy: documents", sum([await tx.count(n) for n in names]))
+            names, total = await _pinned(tx, seen_before)
+            progress.phase("copy: documents", total)
             for name in names:
                 keys[name] = await _copy_collection(tx, target, name, digest, batch_size, progress)
             if overwrite:
