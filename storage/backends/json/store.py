@@ -60,9 +60,11 @@ from ...messages.columns import MessageColumns
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ..base import BackendBase, TransactionBase
+from . import forget_files as json_forget
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
+from .lifecycle import JsonLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
@@ -92,7 +94,7 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
-class JsonBackend(JsonMessageQueries, BackendBase):
+class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -185,6 +187,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 self._remove_temp_files()
                 self._tables.load()
                 json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
+                json_forget.recover(self.path, self._tables.data, at_open=True)  # ... and a crashed forget
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
                 self._tables.publish()
         except BaseException:
@@ -244,6 +247,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                     self._tables.catch_up()
                     if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
                         json_restore.recover(self.path, self._tables.data)
+                    if json_forget.pending(self.path):  # the same for a forget (storage.lifecycle)
+                        json_forget.recover(self.path, self._tables.data)
                 yield
             finally:
                 self._holding = False
@@ -511,9 +516,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._check_usable()
         return await self._messages.modify(message_id, fn)
 
-    async def _delete_messages_before(self, before: datetime) -> int:
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
         self._check_usable()
-        return await self._messages.delete_before(before)
+        return await self._messages.delete_before(before, guild)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
                        until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:

@@ -34,6 +34,9 @@ Versions (``storage_meta.schema_version``), each step applied in order to bring 
    ``9999-12-31T23:59:59.999999`` (Python's ``datetime.max``) as ``'infinity'``; stored times now travel as text. And
    the time BRIN index (which prunes use) summarizes new ranges through autovacuum as they fill, since the
    vacuums the store runs after ingest skip index work.
+3. ``storage_documents_key_reversed``, an index on ``reverse(key)``: the documents whose key ends with
+   ``"_{user_id}"`` (``forget_user``, ``export_user``) are one range of it. Built with a plain ``CREATE INDEX`` on an
+   existing database (blocks document writes for the seconds it takes, once).
 
 Opening checks the version with one query and only when the tables are missing (or older) takes a
 transaction-scoped advisory lock, checks again, and creates them: two processes opening a fresh database at the
@@ -51,7 +54,7 @@ from .conn import transaction
 
 __all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Stored message ids are ``id - ID_SHIFT``: the unsigned 64-bit range mapped onto ``bigint``, order kept.
 ID_SHIFT = 2**63
 
@@ -111,8 +114,14 @@ DROP INDEX IF EXISTS storage_messages_guild_author_time;
 UPDATE storage_messages SET created_at = timestamptz '9999-12-31 23:59:59.999999+00' WHERE created_at = 'infinity';
 ALTER INDEX storage_messages_time_brin SET (autosummarize = on);
 """
+# Documents by the end of their key (storage.lifecycle): forget_user / export_user find the keys ending with
+# "_{user}" as one range of this index (reverse(key) starting with reverse(user) || '_'), never a scan of the table.
+# reverse() keeps the column's "C" collation, so the range is in code point order like the primary key.
+_V3 = """
+CREATE INDEX IF NOT EXISTS storage_documents_key_reversed ON storage_documents (reverse(key));
+"""
 #: What brings a database from version ``n - 1`` to ``n``; a fresh database runs them all (on empty tables).
-_STEPS = {1: _CREATE_V1, 2: _V2}
+_STEPS = {1: _CREATE_V1, 2: _V2, 3: _V3}
 
 _VERSION_QUERY = "SELECT value::int FROM storage_meta WHERE name = 'schema_version'"
 

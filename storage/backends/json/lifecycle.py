@@ -1,0 +1,153 @@
+"""The JSON backend's lifecycle primitives (:class:`storage.interfaces.Backend`): what an owner owns, and forgetting
+it all or nothing (the protocol: :mod:`.forget_files`).
+
+The event loop only copies references and awaits: matching keys over every collection, reading and rewriting
+message files and decoding the owner's documents run in worker threads (a forget of a 1,000-member guild with
+100k messages in a store of 100k members and 1M messages stalls the loop for a few ms; see
+benchmarks/bench_lifecycle.py). Reads take no lock (like ``items()``): the documents are a snapshot of the
+references taken on the loop, message files are only ever replaced atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ... import cancellation
+from ...ownership import Owner
+from ...protocol import Document
+from . import forget_files
+from .journal import Op
+from .message_files import MESSAGES_DIR, corrupt, list_files, order, parse_line, run_in_thread
+from .messages import MessageLog
+from .tables import Tables
+
+__all__ = ["JsonLifecycle", "owned_records", "count_owned"]
+
+Record = dict[str, Any]
+
+
+def _decoded(pairs: dict[str, list[tuple[str, bytes]]], owner: Owner) -> dict[str, dict[str, Document]]:
+    """The owner's documents among ``pairs`` (collection -> its (key, encoded) pairs), decoded, sorted."""
+    out: dict[str, dict[str, Document]] = {}
+    owns, loads = owner.owns_key, orjson.loads
+    for name in sorted(pairs):
+        found = sorted((key, raw) for key, raw in pairs[name] if owns(key))
+        if found:
+            out[name] = {key: loads(raw) for key, raw in found}
+    return out
+
+
+def _files(root: Path, owner: Owner) -> list[tuple[str, Path]]:
+    return [(guild, path) for (guild, _month), path, _st in list_files(root)
+            if owner.guild is None or guild == owner.guild]
+
+
+def owned_records(root: Path, owner: Owner) -> list[Record]:
+    """Every record the owner owns (current versions: the last line of an id in its file), by (timestamp, id).
+
+    A user's records are found with a bytes search per file and line before anything is parsed."""
+    parts: list[list[Record]] = []
+    needle = None if owner.user is None else b'"' + owner.user.encode() + b'"'
+    for _guild, path in _files(root, owner):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # pruned meanwhile
+        if needle is not None and needle not in data:
+            continue
+        end = data.rfind(b"\n") + 1
+        found: dict[str, Record] = {}
+        offset = 0
+        for line in data[:end - 1].split(b"\n") if end else ():
+            if needle is None or needle in line:
+                try:
+                    rec, _update = parse_line(line)
+                except ValueError as exc:
+                    raise corrupt(path, offset, exc) from None
+                if owner.owns_message(rec["guild_id"], rec["author_id"]):
+                    found[rec["message_id"]] = rec
+            offset += len(line) + 1
+        if found:
+            parts.append(sorted(found.values(), key=order))
+    return list(heapq.merge(*parts, key=order))
+
+
+def count_owned(root: Path, owner: Owner) -> int:
+    """How many records the owner owns (a guild's: the distinct ids of its files, without parsing them)."""
+    if owner.user is not None:
+        return len(owned_records(root, owner))
+    total = 0
+    for _guild, path in _files(root, owner):
+        try:
+            total += len(forget_files.file_ids(path, path.read_bytes()))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class JsonLifecycle:
+    """Mixed into :class:`storage.backends.json.store.JsonBackend` (whose attributes are declared below)."""
+
+    path: Path
+    _tables: Tables
+    _messages: MessageLog
+    _locked: Callable[[], AbstractAsyncContextManager[None]]
+    _commit: Callable[[list[Op]], Awaitable[None]]
+    _trust_journal: Callable[[], Awaitable[None]]
+    _refresh: Callable[[], Awaitable[None]]
+    _check_usable: Callable[[], None]
+
+    async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
+        await self._refresh()
+        # the loop copies references only (a few ms at 100k documents); matching and decoding run in a thread
+        pairs = {name: list(coll.items()) for name, coll in self._tables.data.items() if coll}
+        return await cancellation.run_in_thread(_decoded, pairs, owner)  # no I/O: nothing to translate
+
+    async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
+        root = self.path / MESSAGES_DIR
+        for record in await run_in_thread(owned_records, root, owner):
+            yield record
+
+    async def _count_owned_messages(self, owner: Owner) -> int:
+        return await run_in_thread(count_owned, self.path / MESSAGES_DIR, owner)
+
+    async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
+        self._check_usable()
+        async with self._locked():
+            await self._trust_journal()
+            # Under the lock nothing changes the documents on the loop: the thread may read them as they are.
+            plan = await run_in_thread(forget_files.prepare, self.path, self._tables.data, owner)
+            if plan.empty:
+                plan.discard()
+                return {}, 0
+            try:
+                await run_in_thread(forget_files.begin, plan)
+            except BaseException:
+                # nothing committed: put the files back (if that fails too, the intent stays and the next lock
+                # or open rolls back), then report the first failure
+                await cancellation.run_to_completion(self._settle(roll_back=True))
+                raise
+            # From the intent on, the forget runs to its end even if the caller is cancelled: the journal commit
+            # decides, and the files follow it.
+            await cancellation.run_to_completion(self._commit_forget(plan))
+        return {name: len(keys) for name, keys in plan.keys.items()}, plan.messages
+
+    async def _commit_forget(self, plan: forget_files.ForgetPlan) -> None:
+        ops: list[Op] = [("d", name, key) for name, keys in plan.keys.items() for key in keys]
+        try:
+            if ops:
+                await self._commit(ops)
+        finally:
+            await self._settle(roll_back=False)  # decided by the documents: forward if committed, else back
+
+    async def _settle(self, *, roll_back: bool) -> None:
+        """Resolve this forget's intent (see :func:`forget_files.resolve`); an error there leaves it pending."""
+        data: Mapping[str, Mapping[str, bytes]] = self._tables.data
+        await run_in_thread(functools.partial(forget_files.resolve, roll_back=roll_back), self.path, data)
