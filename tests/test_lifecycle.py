@@ -257,16 +257,16 @@ async def test_a_failed_message_write_changes_nothing(json_store: Any, monkeypat
 async def test_a_failed_swap_is_rolled_back(json_store: Any, monkeypatch: pytest.MonkeyPatch):
     await fill(json_store)
     before = await everything(json_store)
-    real = forget_files.os.rename
+    real = forget_files.os.replace
     calls = {"n": 0}
 
     def flaky(src: Any, dst: Any) -> None:
         calls["n"] += 1
-        if calls["n"] == 3:  # half-way through the swap
+        if calls["n"] == 6:  # the intent, the generation, then three files moved: half-way through the swap
             raise OSError(errno.EIO, "Input/output error")
         real(src, dst)
 
-    monkeypatch.setattr(forget_files.os, "rename", flaky)
+    monkeypatch.setattr(forget_files.os, "replace", flaky)
     with pytest.raises(storage.DatabaseError, match="Input/output"):
         await json_store.forget_user("2")
     monkeypatch.undo()

@@ -28,12 +28,13 @@ files and a write of those that change, not a parse of every record.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +46,14 @@ from ...ownership import Owner
 from .message_files import GENERATION_NAME, MESSAGES_DIR, block_ids, corrupt, line_id, list_files, parse_line
 
 __all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "recover", "sweep",
-           "file_ids", "without_author", "is_forget_entry"]
+           "file_ids", "lines_with", "without_author", "is_forget_entry"]
 
 log = logging.getLogger("storage.json.forget")
 
 INTENT_NAME = "storage.forget"
 _WORK = "storage.forget-"
 _TOKEN = re.compile(r"\d+-[0-9a-f]{16}\Z")
+_FSYNC_THREADS = 8
 
 
 def is_forget_entry(name: str) -> bool:
@@ -112,31 +114,39 @@ def file_ids(path: Path, data: bytes) -> set[int]:
     return ids
 
 
+def lines_with(data: bytes, needle: bytes) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of every complete line of ``data`` that contains ``needle`` (``stop`` is its newline).
+
+    Found with ``bytes.find`` (C): the Python work is per match, not per line, so a worker thread scanning a
+    million lines for one user's few holds the GIL (and the event loop) only briefly."""
+    end = data.rfind(b"\n") + 1  # an incomplete last line (torn by a crash, never acknowledged) is not one
+    pos = data.find(needle, 0, end)
+    while pos >= 0:
+        start = data.rfind(b"\n", 0, pos) + 1
+        stop = data.find(b"\n", pos, end)
+        yield start, stop
+        pos = data.find(needle, stop + 1, end)
+
+
 def without_author(path: Path, data: bytes, author: str) -> tuple[bytes, set[int]] | None:
     """A file's complete lines without the author's records: ``(kept bytes, removed ids)``, or None when the file
-    holds none of them (checked first with one bytes search)."""
-    needle = b'"' + author.encode() + b'"'
-    if needle not in data:
-        return None
-    end = data.rfind(b"\n") + 1
-    kept: list[bytes] = []
+    holds none of them. Only lines holding the id as a JSON string are parsed; the others are copied as bytes."""
+    chunks: list[bytes] = []
     removed: set[int] = set()
-    offset = 0
-    for line in data[:end - 1].split(b"\n") if end else ():
-        if needle in line:
-            try:
-                rec, _update = parse_line(line)
-            except ValueError as exc:
-                raise corrupt(path, offset, exc) from None
-            if rec["author_id"] == author:
-                removed.add(int(rec["message_id"]))
-                offset += len(line) + 1
-                continue
-        kept.append(line)
-        offset += len(line) + 1
+    kept_from = 0
+    for start, stop in lines_with(data, b'"' + author.encode() + b'"'):
+        try:
+            rec, _update = parse_line(data[start:stop])
+        except ValueError as exc:
+            raise corrupt(path, start, exc) from None
+        if rec["author_id"] == author:
+            removed.add(int(rec["message_id"]))
+            chunks.append(data[kept_from:start])
+            kept_from = stop + 1
     if not removed:
         return None
-    return (b"\n".join(kept) + b"\n" if kept else b""), removed
+    chunks.append(data[kept_from:data.rfind(b"\n") + 1])
+    return b"".join(chunks), removed
 
 
 def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> ForgetPlan:
@@ -145,6 +155,7 @@ def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Own
     plan = ForgetPlan(data_path, f"{os.getpid()}-{secrets.token_hex(8)}")
     plan.keys = owned_keys(data, owner)
     root = data_path / MESSAGES_DIR
+    staged: list[Path] = []
     try:
         if owner.user is None:  # a guild: its whole folder
             assert owner.guild is not None
@@ -165,28 +176,49 @@ def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Own
                     continue
                 kept, removed = found
                 if kept:
-                    _stage(plan.work / "new" / guild, f"{month}.jsonl", kept)
+                    staged.append(_stage(plan.work / "new" / guild, f"{month}.jsonl", kept))
                 plan.files.append((guild, month, bool(kept)))
                 plan.messages += len(removed)
         if plan.files or plan.guilds:
             (plan.work / "old").mkdir(parents=True, exist_ok=True)
             (plan.work / "guilds").mkdir(exist_ok=True)
-            for folder in {plan.work / "new" / g for g, _m, staged in plan.files if staged}:
-                fsync_dir(folder)
+            folders = sorted({plan.work / "new" / g for g, _m, has_new in plan.files if has_new})
+            _sync_all([*staged, *folders])
     except BaseException:
         plan.discard()
         raise
     return plan
 
 
-def _stage(folder: Path, name: str, content: bytes) -> None:
+def _stage(folder: Path, name: str, content: bytes) -> Path:
+    """Write a staged file (fsynced later, with the others: :func:`_sync_all`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         write_all(fd, content)
-        os.fsync(fd)
     finally:
         os.close(fd)
+    return path
+
+
+def _sync_all(paths: list[Path]) -> None:
+    """fsync files and folders, several at a time: a user active in 100 guilds for a year has over a thousand
+    files staged, and parallel fsyncs let the disk merge the flushes (about 3x faster, see json/messages.py)."""
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) <= 2:
+        for path in paths:
+            sync(path)
+        return
+    with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="storage-forget-fsync") as pool:
+        for future in [pool.submit(sync, path) for path in paths]:
+            future.result()
 
 
 def begin(plan: ForgetPlan) -> None:
@@ -207,52 +239,50 @@ def _new_generation(root: Path) -> None:
 
 def _swap(data_path: Path, token: str, files: list[tuple[str, str, bool]], guilds: list[str]) -> None:
     """Roll forward: every file (and guild folder) of the forget moved aside, the staged versions in place.
-    Safe to redo after a crash at any point of it."""
+    Safe to redo after a crash at any point of it; does nothing (no fsync) when it is complete."""
     root, work = data_path / MESSAGES_DIR, data_path / f"{_WORK}{token}"
-    if not (files or guilds):
-        return
-    _new_generation(root)
-    touched: set[Path] = set()
+    moves: list[tuple[Path, Path]] = []
     for guild, month, staged in files:
         current, old, new = root / guild / f"{month}.jsonl", work / "old" / guild / f"{month}.jsonl", \
             work / "new" / guild / f"{month}.jsonl"
         if not old.exists() and current.exists():
-            old.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(current, old)
-            touched.add(old.parent)
+            moves.append((current, old))
         if staged and new.exists():
-            os.rename(new, current)
-        touched.add(current.parent)
+            moves.append((new, current))
     for guild in guilds:
         current, old = root / guild, work / "guilds" / guild
         if current.exists() and not old.exists():
-            os.rename(current, old)
-        touched.update((root, old.parent))
-    for folder in sorted(touched):
-        if folder.is_dir():
-            fsync_dir(folder)
+            moves.append((current, old))
+    _move(root, moves)
 
 
 def _unswap(data_path: Path, token: str, files: list[tuple[str, str, bool]], guilds: list[str]) -> None:
     """Roll back: every file and guild folder moved aside returns (a staged version in place is replaced)."""
     root, work = data_path / MESSAGES_DIR, data_path / f"{_WORK}{token}"
-    if not (files or guilds):
-        return
-    _new_generation(root)
-    touched: set[Path] = set()
+    moves: list[tuple[Path, Path]] = []
     for guild, month, _staged in files:
         current, old = root / guild / f"{month}.jsonl", work / "old" / guild / f"{month}.jsonl"
         if old.exists():
-            current.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(old, current)
-            touched.add(current.parent)
+            moves.append((old, current))
     for guild in guilds:
         current, old = root / guild, work / "guilds" / guild
         if old.exists() and not current.exists():
-            os.rename(old, current)
-            touched.add(root)
-    for folder in sorted(touched):
-        fsync_dir(folder)
+            moves.append((old, current))
+    _move(root, moves)
+
+
+def _move(root: Path, moves: list[tuple[Path, Path]]) -> None:
+    """Rename each pair in order (replacing a file in the way), after telling every process that message files
+    change (:func:`_new_generation`); then fsync every folder that changed."""
+    if not moves:
+        return
+    _new_generation(root)
+    folders: set[Path] = set()
+    for src, dst in moves:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        folders.update((src.parent, dst.parent))
+    _sync_all(sorted(folder for folder in folders if folder.is_dir()))
 
 
 def pending(data_path: Path) -> bool:
