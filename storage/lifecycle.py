@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ValidationError
+from .errors import TransactionError, ValidationError
 from .interfaces import Backend
 from .models import MEMBERS, snowflake
 from .ownership import MESSAGES_KEY, Owner
@@ -72,13 +72,25 @@ class LifecycleMixin(Backend):
                       user=snowflake(user_id, "user_id"))
         return await self._forget_or_count(owner, _check_dry_run(dry_run))
 
+    def _guard_lifecycle(self, name: str, *, write: bool) -> None:
+        """The store's guards, with a clear word for a call from inside a transaction: these methods are not on
+        transactions (the JSON store's message records live outside its document transactions, so a forget could
+        not commit with one), and each is atomic on its own."""
+        try:
+            self._guard_write() if write else self._guard_read()
+        except TransactionError as exc:
+            raise TransactionError(f"{name}() cannot run inside a transaction (transactions do not offer it: a "
+                                   "JSON store's message records live outside its document transactions); it is "
+                                   "atomic on its own: call it on the store after the transaction") from exc
+
     async def _forget_or_count(self, owner: Owner, dry_run: bool) -> dict[str, int]:
+        name = "forget_user" if owner.user is not None else "forget_guild"
         if dry_run:
-            self._guard_read()
+            self._guard_lifecycle(name, write=False)
             documents = await self._owned_documents(owner)
             messages = await self._count_owned_messages(owner)
             return counts_of({name: len(docs) for name, docs in documents.items()}, messages)
-        self._guard_write()
+        self._guard_lifecycle(name, write=True)
         removed, messages = await self._forget(owner)
         return counts_of(removed, messages)
 
@@ -93,7 +105,7 @@ class LifecycleMixin(Backend):
         """
         guild = None if guild_id is None else snowflake(guild_id, "guild_id")
         owner = Owner(guild=guild, user=snowflake(user_id, "user_id"))
-        self._guard_read()
+        self._guard_lifecycle("export_user", write=False)
         documents = await self._owned_documents(owner)
         members: dict[str, Document] = {}
         others: dict[str, dict[str, Document]] = {}

@@ -203,6 +203,17 @@ async def test_bad_ids_are_refused_and_change_nothing(store: storage.Store, call
     assert await everything(store) == before
 
 
+async def test_not_inside_a_transaction(store: storage.Store):
+    await fill(store, messages=30)
+    before = await everything(store)
+    async with store.transaction() as tx:
+        assert not hasattr(tx, "forget_guild") and not hasattr(tx, "export_user")
+        for call in (store.forget_guild("1"), store.forget_user("2", dry_run=True), store.export_user("2")):
+            with pytest.raises(storage.TransactionError, match="cannot run inside a transaction"):
+                await call
+    assert await everything(store) == before
+
+
 async def test_a_cancellation_at_any_point_leaves_all_or_nothing(store: storage.Store):
     await fill(store, messages=200)
     before = await everything(store)
