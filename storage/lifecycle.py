@@ -19,6 +19,7 @@ to that.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .errors import TransactionError, ValidationError
@@ -32,6 +33,8 @@ __all__ = ["LifecycleMixin", "counts_of", "EXPORT_FORMAT"]
 #: ``export_user(...)["format"]``: bumped if the shape of the export ever changes.
 EXPORT_FORMAT = "storage.export_user/1"
 _SHADOWED = f"{MESSAGES_KEY} (collection)"
+#: Records handled on the event loop between two turns given back to it (export_user).
+LOOP_TURN = 500
 
 
 def counts_of(documents: dict[str, int], messages: int) -> dict[str, int]:
@@ -117,7 +120,11 @@ class LifecycleMixin(Backend):
                     members[member_of] = doc
                 else:
                     others.setdefault(name, {})[key] = doc
-        messages = [_sorted_keys(record) async for record in self._owned_messages(owner)]
+        messages = []
+        async for record in self._owned_messages(owner):
+            messages.append(_sorted_keys(record))
+            if not len(messages) % LOOP_TURN:
+                await asyncio.sleep(0)  # a very active user has many records: the bot's heartbeat gets turns
         return {
             "format": EXPORT_FORMAT,
             "user_id": owner.user,

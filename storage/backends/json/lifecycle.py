@@ -10,6 +10,7 @@ references taken on the loop, message files are only ever replaced atomically.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -116,7 +117,9 @@ class JsonLifecycle:
 
     async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
         root = self.path / MESSAGES_DIR
-        for record in await run_in_thread(owned_records, root, owner):
+        for index, record in enumerate(await run_in_thread(owned_records, root, owner)):
+            if index and not index % 500:
+                await asyncio.sleep(0)
             yield record
 
     async def _count_owned_messages(self, owner: Owner) -> int:

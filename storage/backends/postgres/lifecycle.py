@@ -19,6 +19,7 @@ The statements are module constants so that tests can ``EXPLAIN`` exactly what r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -123,7 +124,9 @@ class PgLifecycle:
         async with self._connection("export_user") as conn:
             rows = await conn.fetch("SELECT " + ", ".join(COLUMNS) + " FROM storage_messages" + where
                                     + " ORDER BY created_at, message_id", *args)
-        for row in rows:
+        for index, row in enumerate(rows):
+            if index and not index % 500:
+                await asyncio.sleep(0)  # decoding thousands of records: the loop gets turns
             yield to_record(row)
 
     async def _count_owned_messages(self, owner: Owner) -> int:
