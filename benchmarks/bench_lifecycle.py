@@ -93,6 +93,12 @@ class StallWatch:
             self._task.cancel()
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _record(i: int, guild: int, author: int) -> dict[str, Any]:
     return {"message_id": str(1_000_000_000_000_000_000 + i), "guild_id": str(guild), "channel_id": str(guild + 1),
             "author_id": str(author), "timestamp": f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}T{i % 24:02d}:00:00Z",
@@ -149,6 +155,10 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
         watch = StallWatch()
         try:
             for name, op in (
+                # the machine's floor, same run: the loop idle, and the loop beside a worker thread running Python
+                # (the GIL changes hands every 5 ms when both are scheduled; a loaded machine adds to both)
+                ("baseline: idle 0.3 s", lambda: asyncio.sleep(0.3)),
+                ("baseline: Python in a thread 0.3 s", lambda: asyncio.to_thread(_spin, 0.3)),
                 ("forget_guild dry run", lambda: store.forget_guild(guild, dry_run=True)),
                 ("forget_guild", lambda: store.forget_guild(guild)),
                 ("export_user", lambda: store.export_user(THE_USER)),
@@ -156,7 +166,7 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
                 ("forget_user", lambda: store.forget_user(THE_USER)),
             ):
                 seconds, stall, result = await watch.measure(op)
-                summary = result if isinstance(result, dict) and "format" not in result else {
+                summary = result if not isinstance(result, dict) or "format" not in result else {
                     "messages": len(result["messages"]), "members": len(result["members"])}
                 out[name] = {"seconds": seconds, "stall_ms": stall * 1000, "result": summary}
                 log(f"{backend} {name}: {seconds:.3f} s, longest stall {stall * 1000:.1f} ms, {summary}")
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         results["postgres"] = asyncio.run(_with_schema(args))
     backends = list(results)
     rows = []
-    for name in ("forget_guild dry run", "forget_guild", "export_user", "forget_user dry run", "forget_user"):
+    for name in ("baseline: idle 0.3 s", "baseline: Python in a thread 0.3 s", "forget_guild dry run",
+                 "forget_guild", "export_user", "forget_user dry run", "forget_user"):
         rows.append([name] + [f"{fmt(results[b][name]['seconds'])} s / {fmt(results[b][name]['stall_ms'])} ms"
                               for b in backends])
     rows.append(["(filling the store)"] + [f"{fmt(results[b]['fill_s'])} s" for b in backends])

@@ -34,7 +34,7 @@ __all__ = ["LifecycleMixin", "counts_of", "EXPORT_FORMAT"]
 EXPORT_FORMAT = "storage.export_user/1"
 _SHADOWED = f"{MESSAGES_KEY} (collection)"
 #: Records handled on the event loop between two turns given back to it (export_user).
-LOOP_TURN = 500
+LOOP_TURN = 100
 
 
 def counts_of(documents: dict[str, int], messages: int) -> dict[str, int]:

@@ -118,7 +118,7 @@ class JsonLifecycle:
     async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
         root = self.path / MESSAGES_DIR
         for index, record in enumerate(await run_in_thread(owned_records, root, owner)):
-            if index and not index % 500:
+            if index and not index % 100:
                 await asyncio.sleep(0)
             yield record
 

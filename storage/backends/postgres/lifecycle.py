@@ -125,7 +125,7 @@ class PgLifecycle:
             rows = await conn.fetch("SELECT " + ", ".join(COLUMNS) + " FROM storage_messages" + where
                                     + " ORDER BY created_at, message_id", *args)
         for index, row in enumerate(rows):
-            if index and not index % 500:
+            if index and not index % 100:
                 await asyncio.sleep(0)  # decoding thousands of records: the loop gets turns
             yield to_record(row)
 
