@@ -13,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -336,6 +340,55 @@ async def test_a_crash_before_the_resolution_is_settled_by_the_next_open(
         await other.close()
     assert not [p for p in json_store.path.iterdir() if p.name.startswith("storage.forget")]
     assert await everything(json_store) == expected
+
+
+_DYING_CHILD = """
+import asyncio, os, sys
+import storage
+from storage.backends.json import forget_files
+from storage.backends.json.lifecycle import JsonLifecycle
+
+point = sys.argv[2]
+real_begin = forget_files.begin
+
+def begin(plan):
+    real_begin(plan)
+    if point == "swapped":
+        os._exit(9)  # the intent written and the files swapped, the journal not written
+
+async def settle(self, *, roll_back):
+    os._exit(9)  # the journal record written, the intent not resolved
+
+forget_files.begin = begin
+if point == "committed":
+    JsonLifecycle._settle = settle
+
+async def main():
+    store = await storage.open_store(backend="json", path=sys.argv[1])
+    await store.forget_user("12")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("point", ["swapped", "committed"])
+async def test_a_killed_process_is_finished_or_undone_at_the_next_open(tmp_path: Path, point: str):
+    """A real process dies (``os._exit``, no cleanup) mid-forget: the next open rolls it back (before the journal
+    commit) or forward (after it)."""
+    path = tmp_path / "data"
+    async with storage.open_store(backend="json", path=str(path)) as store:
+        await fill(store)
+        before = await everything(store)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    child = subprocess.run([sys.executable, "-c", _DYING_CHILD, str(path), point], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 9, child.stderr
+    assert forget_files.pending(path)
+    async with storage.open_store(backend="json", path=str(path)) as store:
+        expected = minus(before, owned(before, Owner(user="12"))) if point == "committed" else before
+        assert await everything(store) == expected
+        assert not forget_files.pending(path)
+    assert not [p for p in path.iterdir() if p.name.startswith("storage.forget")]
 
 
 # -- PostgreSQL: index use and planner statistics -------------------------------------------------------------------
