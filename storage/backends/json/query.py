@@ -1,0 +1,168 @@
+"""Running a query (storage/query/plan.py) over a JSON store's documents: with an index when one fits, else a scan.
+
+The plan, in order:
+
+1. **Equality / ``$in`` on an indexed path** (scalar operands): the index gives the candidate keys (the smallest
+   set when several fit).
+2. **A range on an indexed path**: two bisections give the candidates.
+3. **``order_by`` on an indexed path with a ``limit``**, when 1-2 found nothing smaller: the index is walked in query
+   order, each document checked, until ``offset + limit`` matched. The walk runs on the loop for at most
+   :data:`WALK_BUDGET` documents; a walk that needs more (a selective filter the index does not serve) gives up and
+   the query is a scan.
+4. **A scan** of the collection.
+
+Every candidate is then checked against the whole filter in Python (:func:`storage.query.evaluate.compile_filter`),
+so an index only ever narrows what is read, and a query gives the same answer with or without one.
+
+Event loop: candidates are checked on the loop when there are at most :data:`INLINE` of them; more (a scan of a
+large collection, a common value) are copied as ``(key, bytes)`` pairs on the loop (a few ms for 100k) and filtered,
+decoded and sorted in a worker thread. The copy is taken at one instant, so the answer is a consistent snapshot
+even while other coroutines write; the thread gives the GIL back every switch interval, so the loop keeps ticking.
+
+Visibility: :func:`considered` is the one place that says which stored documents a query sees (every plan goes
+through it), so a rule such as expiry is added there once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import orjson
+
+from ...offload import off_loop
+from ...protocol import Document
+from ...query.evaluate import Predicate, compile_filter, needles, sort_pairs, token
+from ...query.plan import RANGE_OPS, Condition, Query
+from .indexes import PathIndex
+
+__all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
+
+#: Candidates checked on the event loop at most; more go to a worker thread.
+INLINE = 2000
+#: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan.
+WALK_BUDGET = 2000
+
+Mode = Literal["find", "count", "keys"]
+Pairs = list[tuple[str, bytes]]
+
+
+def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> Pairs:
+    """THE documents a query sees: ``(key, encoded doc)`` for ``keys`` (every document when None) that are
+    stored and visible. Every plan reads documents through here (see the module doc)."""
+    if keys is None:
+        return list(coll.items())
+    get = coll.get
+    out = []
+    for key in keys:
+        raw = get(key)
+        if raw is not None:
+            out.append((key, raw))
+    return out
+
+
+def exact_counts(coll: Mapping[str, bytes]) -> bool:
+    """Whether an index's key sets count the visible documents exactly (every stored document is visible)."""
+    return True
+
+
+def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, ...]) -> tuple[Any, bool] | None:
+    """Candidate keys from the indexes (a set or list), and whether they are exactly the matches (one condition
+    that the index answers exactly); None when no index fits."""
+    best: Any = None
+    for c in conditions:
+        index = indexes.get(c.dotted)
+        if index is None:
+            continue
+        keys: Any = None
+        if c.op == "$eq" and token(c.value) is not None:
+            keys = index.equal(c.value)
+        elif c.op == "$in" and all(token(v) is not None for v in c.value):
+            keys = set().union(*(index.equal(v) for v in c.value)) if c.value else set()
+        if keys is not None and (best is None or len(keys) < len(best)):
+            best = keys
+    if best is not None:
+        return best, len(conditions) == 1
+    for c in conditions:
+        index = indexes.get(c.dotted)
+        if index is None or c.op not in RANGE_OPS:
+            continue
+        kind = type(c.value) is str
+        same = [d for d in conditions if d.path == c.path and d.op in RANGE_OPS and (type(d.value) is str) == kind]
+        low = high = None
+        for d in same:  # the tightest bound of each side
+            if d.op in ("$gt", "$gte"):
+                if low is None or d.value > low[0] or (d.value == low[0] and d.op == "$gt"):
+                    low = (d.value, d.op == "$gte")
+            elif high is None or d.value < high[0] or (d.value == high[0] and d.op == "$lt"):
+                high = (d.value, d.op == "$lte")
+        return index.range(low, high), len(same) == len(conditions)
+    return None
+
+
+def _scan(pairs: Pairs, query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> Any:
+    """Filter (prefix, byte needles, the predicate), then count, list keys, or sort and slice the pairs."""
+    prefix = query.prefix
+    loads = orjson.loads
+    matched: list[tuple[str, Document]] = []
+    keep = matched.append
+    for key, raw in pairs:
+        if prefix is not None and not key.startswith(prefix):
+            continue
+        if marks and b"\\" not in raw and not all(m in raw for m in marks):
+            continue  # without escapes, a document lacking a needle's bytes cannot match
+        doc = loads(raw)
+        if predicate(doc):
+            keep((key, doc))
+    if mode == "count":
+        return len(matched)
+    if mode == "keys":
+        return [key for key, _doc in matched]
+    ordered = sort_pairs(matched, query.order)
+    end = None if query.limit is None else query.offset + query.limit
+    return ordered[query.offset:end]
+
+
+def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
+          predicate: Predicate) -> list[tuple[str, Document]] | None:
+    """``order_by`` + ``limit`` by walking the index (see the module doc); None when it would cost too much."""
+    assert query.order is not None and query.limit is not None
+    wanted = query.offset + query.limit
+    prefix = query.prefix
+    loads = orjson.loads
+    found: list[tuple[str, Document]] = []
+    budget = WALK_BUDGET
+    for key in index.ordered(query.order.descending):
+        if prefix is not None and not key.startswith(prefix):
+            continue
+        budget -= 1
+        if budget < 0:
+            return None
+        for _key, raw in considered(coll, (key,)):
+            doc = loads(raw)
+            if predicate(doc):
+                found.append((key, doc))
+                if len(found) >= wanted:
+                    return found[query.offset:]
+    # The numbers and strings ran out first: the rest (missing or other types) is not in the index.
+    return found[query.offset:] if len(found) >= wanted or index.typed_count() == len(coll) else None
+
+
+async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex], query: Query, mode: Mode) -> Any:
+    """The answer to ``query`` over ``coll`` (committed documents with their ``indexes``, or a transaction's view
+    with none): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
+    predicate = compile_filter(query.conditions)
+    found = _candidates(indexes, query.conditions) if indexes else None
+    if found is not None and found[1] and mode == "count" and query.prefix is None and exact_counts(coll):
+        return len(found[0])
+    order_index = indexes.get(query.order.dotted) if indexes and query.order is not None else None
+    if mode == "find" and order_index is not None and query.limit is not None and \
+            (found is None or len(found[0]) > WALK_BUDGET):
+        walked = _walk(coll, order_index, query, predicate)
+        if walked is not None:
+            return walked
+    pairs = considered(coll, None if found is None else found[0])
+    marks = needles(query.conditions)
+    if len(pairs) > INLINE:
+        return await off_loop(_scan, pairs, query, mode, predicate, marks)
+    return _scan(pairs, query, mode, predicate, marks)
