@@ -105,15 +105,15 @@ def ref_find(docs: dict[str, Any], where: dict[str, Any] | None, prefix: str | N
         desc = order_by.startswith("-")
         path = order_by.lstrip("-")
 
-        def group(k: str) -> int:
-            return {"num": 0, "str": 1}.get(kind(ref_get(docs[k], path)), 2)
+        sort_value = {k: ref_get(docs[k], path) for k in keys}
+        group = {k: {"num": 0, "str": 1}.get(kind(v), 2) for k, v in sort_value.items()}
 
         def cmp(k1: str, k2: str) -> int:
-            g1, g2 = group(k1), group(k2)
+            g1, g2 = group[k1], group[k2]
             if g1 != g2:
                 return g1 - g2
             if g1 < 2:
-                v1, v2 = ref_get(docs[k1], path), ref_get(docs[k2], path)
+                v1, v2 = sort_value[k1], sort_value[k2]
                 if v1 != v2:
                     c = -1 if v1 < v2 else 1
                     return -c if desc else c
@@ -157,8 +157,13 @@ def rand_key(rng: random.Random, i: int) -> str:
     return f"{rng.choice(['g1', 'g2', 'é', 'g1x'])}_{i:03d}{rng.choice(['', 'ß', '😀', 'Z'])}"
 
 
-def rand_operand(rng: random.Random, docs: list[dict[str, Any]], path: str) -> Any:
-    seen = [v for v in (ref_get(d, path) for d in docs) if v is not ABSENT]
+def value_pool(docs: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The values each path has in ``docs`` (random operands are often taken from them, to match something)."""
+    return {path: [v for v in (ref_get(d, path) for d in docs) if v is not ABSENT] for path in PATHS}
+
+
+def rand_operand(rng: random.Random, pool: dict[str, list[Any]], path: str) -> Any:
+    seen = pool[path]
     if seen and rng.random() < 0.6:
         v = rng.choice(seen)
         if isinstance(v, list) and v and rng.random() < 0.6:
@@ -167,12 +172,12 @@ def rand_operand(rng: random.Random, docs: list[dict[str, Any]], path: str) -> A
     return rand_value(rng)
 
 
-def rand_where(rng: random.Random, docs: list[dict[str, Any]]) -> dict[str, Any]:
+def rand_where(rng: random.Random, pool: dict[str, list[Any]]) -> dict[str, Any]:
     where: dict[str, Any] = {}
     for _ in range(rng.randint(0, 3)):
         path = rng.choice(PATHS)
         op = rng.choice(["lit", "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains", "$exists"])
-        value = rand_operand(rng, docs, path)
+        value = rand_operand(rng, pool, path)
         if op == "lit":
             if isinstance(value, dict) and not value:
                 value = {"d": 1}
@@ -181,7 +186,7 @@ def rand_where(rng: random.Random, docs: list[dict[str, Any]]) -> dict[str, Any]
         if op in ("$gt", "$gte", "$lt", "$lte"):
             value = value if kind(value) in ("num", "str") else rng.choice([1, 2.5, "a", "é", 0])
         elif op in ("$in", "$nin"):
-            value = [rand_operand(rng, docs, path) for _ in range(rng.randint(0, 3))]
+            value = [rand_operand(rng, pool, path) for _ in range(rng.randint(0, 3))]
         elif op == "$exists":
             value = rng.random() < 0.5
         elif op == "$contains" and rng.random() < 0.5:
@@ -202,9 +207,9 @@ async def load(store: storage.Store, rng: random.Random, n: int, collection: str
 
 async def check_random_queries(store: Any, stored: dict[str, Any], rng: random.Random, rounds: int,
                                collection: str = "q") -> None:
-    docs = list(stored.values())
+    pool = value_pool(list(stored.values()))
     for _ in range(rounds):
-        where = rand_where(rng, docs)
+        where = rand_where(rng, pool)
         prefix = rng.choice([None, None, "g1", "g1_", "é", "zz"])
         order_by = rng.choice([None, *PATHS, *("-" + p for p in PATHS)])
         limit = rng.choice([None, 0, 1, 3, 10])
@@ -245,7 +250,8 @@ async def test_random_filters_with_indexes_match_the_reference(store: storage.St
 async def test_index_and_no_index_agree(store: storage.Store):
     rng = random.Random(1403)
     stored = await load(store, rng, 200)
-    queries = [(rand_where(rng, list(stored.values())), rng.choice([None, *PATHS, *("-" + p for p in PATHS)]),
+    pool = value_pool(list(stored.values()))
+    queries = [(rand_where(rng, pool), rng.choice([None, *PATHS, *("-" + p for p in PATHS)]),
                 rng.choice([None, 2, 7]), rng.choice([0, 3])) for _ in range(150)]
 
     async def answers() -> list[list[str]]:
@@ -357,7 +363,7 @@ async def test_delete_many_leaves_exactly_the_rest(store: storage.Store):
     stored = await load(store, rng, 200)
     await store.ensure_index("q", "a")
     for _ in range(6):
-        where = rand_where(rng, list(stored.values()))
+        where = rand_where(rng, value_pool(list(stored.values())))
         prefix = rng.choice([None, "g1", "é"])
         doomed = set(ref_find(stored, where, prefix))
         assert await store.delete_many("q", where, prefix=prefix) == len(doomed)
