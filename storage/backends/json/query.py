@@ -25,6 +25,7 @@ through it), so a rule such as expiry is added there once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ __all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
 
 #: Candidates checked on the event loop at most; more go to a worker thread.
 INLINE = 2000
+#: Documents a scan in a worker thread checks between two releases of the GIL.
+GIL_TURN = 500
 #: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan.
 WALK_BUDGET = 2000
 
@@ -100,13 +103,21 @@ def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, .
     return None
 
 
-def _scan(pairs: Pairs, query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> Any:
-    """Filter (prefix, byte needles, the predicate), then count, list keys, or sort and slice the pairs."""
+def _scan(pairs: Pairs, query: Query, mode: Mode, predicate: Predicate, marks: list[bytes],
+          in_thread: bool = False) -> Any:
+    """Filter (prefix, byte needles, the predicate), then count, list keys, or sort and slice the pairs.
+
+    ``in_thread``: give the GIL away every :data:`GIL_TURN` documents (``time.sleep(0)``), so the event loop's
+    thread gets it at once instead of after a whole switch interval."""
     prefix = query.prefix
     loads = orjson.loads
     matched: list[tuple[str, Document]] = []
     keep = matched.append
-    for key, raw in pairs:
+    turn = GIL_TURN if in_thread else len(pairs) + 1
+    for index, (key, raw) in enumerate(pairs):
+        if index == turn:
+            turn += GIL_TURN
+            time.sleep(0)
         if prefix is not None and not key.startswith(prefix):
             continue
         if marks and b"\\" not in raw and not all(m in raw for m in marks):
@@ -161,8 +172,15 @@ async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex],
         walked = _walk(coll, order_index, query, predicate)
         if walked is not None:
             return walked
-    pairs = considered(coll, None if found is None else found[0])
+    prefix = query.prefix
+    if found is None:
+        pairs = considered(coll)
+    else:
+        keys = found[0] if prefix is None else [key for key in found[0] if key.startswith(prefix)]
+        pairs = considered(coll, keys)
+    if prefix is not None and len(pairs) > INLINE:  # keys only, on the loop: what is left may not need a thread
+        pairs = [pair for pair in pairs if pair[0].startswith(prefix)]
     marks = needles(query.conditions)
     if len(pairs) > INLINE:
-        return await off_loop(_scan, pairs, query, mode, predicate, marks)
+        return await off_loop(_scan, pairs, query, mode, predicate, marks, True)
     return _scan(pairs, query, mode, predicate, marks)

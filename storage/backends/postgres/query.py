@@ -24,7 +24,8 @@ Indexes (postgres/indexes.py) are built on exactly :func:`num_expr`, :func:`txt_
 '...' AND jsonb_typeof(E) = 'number'`` / ``'string'``) and :func:`field` (GIN, ``jsonb_path_ops``, partial on the
 collection). A range condition carries its ``jsonb_typeof`` test so the partial index's predicate is implied; an
 ``order_by`` on an indexed path with a ``limit`` becomes three branches (numbers, strings, the rest), each a top-N
-that an index scan answers, merged by an outer sort of at most three times ``offset + limit`` rows.
+that an index scan answers (the rest through the ``_other`` index on the key), merged by an outer sort of at most
+three times ``offset + limit`` rows.
 
 Visibility: :func:`visible` returns THE conditions every query ANDs (the collection today); a rule such as expiry is
 added there once and applies to ``find``, ``count`` and ``delete_many`` alike.
@@ -69,6 +70,12 @@ def txt_expr(path: tuple[str, ...]) -> str:
 
 def rank_expr(path: tuple[str, ...]) -> str:
     return f"(CASE jsonb_typeof({field(path)}) WHEN 'number' THEN 0 WHEN 'string' THEN 1 ELSE 2 END)"
+
+
+def other_types(path: tuple[str, ...]) -> str:
+    """The field is missing or neither a number nor a string: the last group of the order."""
+    e = field(path)
+    return f"(jsonb_typeof({e}) IS NULL OR jsonb_typeof({e}) NOT IN ('number', 'string'))"
 
 
 def visible(collection: str) -> list[str]:
@@ -187,7 +194,7 @@ def build_find(collection: str, query: Query, indexed: frozenset[str] = frozense
         f"SELECT 1, NULL::numeric, {txt}, key, doc FROM storage_documents WHERE {where} AND "
         f"jsonb_typeof({e}) = 'string' ORDER BY {txt}{d}, key{top}",
         f"SELECT 2, NULL::numeric, NULL::text, key, doc FROM storage_documents WHERE {where} AND "
-        f"(jsonb_typeof({e}) IS NULL OR jsonb_typeof({e}) NOT IN ('number', 'string')) ORDER BY key{top}",
+        f"{other_types(order.path)} ORDER BY key{top}",
     ]
     union = " UNION ALL ".join(f"({branch})" for branch in branches)
     return (f"SELECT key, doc FROM ({union}) AS q ORDER BY r, n{d}, s COLLATE \"C\"{d}, key COLLATE \"C\""
