@@ -43,8 +43,11 @@ INDEX_FILE = "storage.indexes"
 #: than one bisected insert per document (O(n) each).
 BATCH_MERGE = 64
 
-#: An index entry: (sort group, value, scalar tokens).
-Entry = tuple[int, Any, frozenset[Any]]
+#: An index entry: (sort group, the number or string or None, scalar tokens). Only atoms and tuples of atoms, which
+#: the garbage collector stops tracking: a full collection then costs the same with or without indexes (with sets
+#: and lists in them, 100k members under three indexes were 900k tracked objects and a 0.9 s full collection, which
+#: holds the event loop whichever thread triggers it).
+Entry = tuple[int, Any, tuple[Any, ...]]
 
 
 def _entry(value: Any) -> Entry | None:
@@ -53,13 +56,13 @@ def _entry(value: Any) -> Entry | None:
     rank = sort_rank(value)
     tok = token(value)
     if tok is not None:
-        tokens = frozenset((tok,))
+        tokens: tuple[Any, ...] = (tok,)
     elif type(value) is list:
-        tokens = frozenset(t for t in map(token, value) if t is not None)
+        tokens = tuple({t for t in map(token, value) if t is not None})
     else:
-        tokens = frozenset()
-    if rank == OTHER and not tokens:
-        return None
+        tokens = ()
+    if rank == OTHER:
+        return (rank, None, tokens) if tokens else None
     return rank, value, tokens
 
 
@@ -74,7 +77,8 @@ class PathIndex:
         self.entries: dict[str, Entry] = {}
         self.nums: list[tuple[Any, str]] = []
         self.strs: list[tuple[str, str]] = []
-        self.eq: dict[Any, set[str]] = {}
+        #: token -> the one key that has it, or a set of two or more keys
+        self.eq: dict[Any, str | set[str]] = {}
 
     def _sorted(self, rank: int) -> list[Any]:
         return self.nums if rank == NUMBER else self.strs
@@ -85,10 +89,15 @@ class PathIndex:
             eq = self.eq
             for tok in entry[2]:
                 keys = eq.get(tok)
-                if keys is not None:
-                    keys.discard(key)
-                    if not keys:
+                if keys is None:
+                    continue
+                if isinstance(keys, str):
+                    if keys == key:
                         del eq[tok]
+                    continue
+                keys.discard(key)
+                if len(keys) == 1:
+                    eq[tok] = next(iter(keys))  # back to a plain str (see Entry)
         return entry
 
     def _link(self, key: str, entry: Entry) -> None:
@@ -97,7 +106,10 @@ class PathIndex:
         for tok in entry[2]:
             keys = eq.get(tok)
             if keys is None:
-                eq[tok] = {key}
+                eq[tok] = key  # most values are unique (ids, counters): no set for them
+            elif isinstance(keys, str):
+                if keys != key:
+                    eq[tok] = {keys, key}
             else:
                 keys.add(key)
 
@@ -151,9 +163,12 @@ class PathIndex:
         self.strs.sort()
 
     # -- reading -----------------------------------------------------------------------------------------------------
-    def equal(self, value: Any) -> set[str]:
+    def equal(self, value: Any) -> set[str] | tuple[str, ...]:
         """Keys whose field equals the scalar ``value`` or is a list holding it (the ``$eq`` rule, exactly)."""
-        return self.eq.get(token(value), set())
+        keys = self.eq.get(token(value))
+        if keys is None:
+            return ()
+        return (keys,) if isinstance(keys, str) else keys
 
     def range(self, low: tuple[Any, bool] | None, high: tuple[Any, bool] | None) -> list[str]:
         """Keys whose field is of the bounds' kind and within them (``(value, inclusive)``); exactly the range
