@@ -54,6 +54,9 @@ def queries(members: int) -> dict[str, tuple[str, Callable[[Any], Awaitable[Any]
         "top-10 by an indexed number": (
             "order_by=-statistics.message_count, limit=10",
             lambda s: s.find("members", order_by="-statistics.message_count", limit=10)),
+        "guild top-10 by an indexed number": (
+            "prefix=guild, order_by=-statistics.message_count, limit=10",
+            lambda s: s.find("members", prefix=f"{guild}_", order_by="-statistics.message_count", limit=10)),
         "guild members with a role, indexed": (
             "roles contains role7, prefix=guild (about 25 of 1000)",
             lambda s: s.find("members", {"roles": "role7"}, prefix=f"{guild}_")),

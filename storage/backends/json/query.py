@@ -7,8 +7,8 @@ The plan, in order:
 2. **A range on an indexed path**: two bisections give the candidates.
 3. **``order_by`` on an indexed path with a ``limit``**, when 1-2 found nothing smaller: the index is walked in query
    order, each document checked, until ``offset + limit`` matched. The walk runs on the loop for at most
-   :data:`WALK_BUDGET` documents; a walk that needs more (a selective filter the index does not serve) gives up and
-   the query is a scan.
+   :data:`WALK_BUDGET` documents (:data:`WALK_STEPS` index entries); a walk that needs more (a selective filter or
+   prefix the index does not serve) gives up and the query is a scan.
 4. **A scan** of the collection.
 
 Every candidate is then checked against the whole filter in Python (:func:`storage.query.evaluate.compile_filter`),
@@ -43,8 +43,10 @@ __all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
 INLINE = 2000
 #: Documents a scan in a worker thread checks between two releases of the GIL.
 GIL_TURN = 500
-#: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan.
+#: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan, and index
+#: entries it steps over (keys without the prefix cost only a ``startswith``).
 WALK_BUDGET = 2000
+WALK_STEPS = 20_000
 
 Mode = Literal["find", "count", "keys"]
 
@@ -152,8 +154,11 @@ def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
     prefix = query.prefix
     loads = orjson.loads
     found: list[tuple[str, Document]] = []
-    budget = WALK_BUDGET
+    budget, steps = WALK_BUDGET, WALK_STEPS
     for key in index.ordered(query.order.descending):
+        steps -= 1
+        if steps < 0:
+            return None  # a prefix that few indexed keys have: cheaper to select its keys and sort them
         if prefix is not None and not key.startswith(prefix):
             continue
         budget -= 1
