@@ -414,3 +414,27 @@ async def test_closed_store_refuses_queries(store_config: storage.StoreConfig):
         await s.find("m", {"a": 1})
     with pytest.raises(storage.DatabaseError):
         await s.count("m", {"a": 1})
+
+
+async def test_migrations_can_query(store: storage.Store):
+    """A migration's context has find / count / delete_many too (the same code on both backends)."""
+    from storage.migrations import Migration, Migrator
+
+    class DropInactive(Migration):
+        def __init__(self) -> None:
+            super().__init__("1.0.1", "drop inactive members")
+            self.found: list[str] = []
+
+        async def up(self, ctx: Any) -> None:
+            self.found = [k for k, _ in await ctx.find("m", {"active": False}, order_by="-n")]
+            assert await ctx.count("m", {"active": False}) == len(self.found)
+            assert await ctx.delete_many("m", {"active": False}) == len(self.found)
+
+        async def down(self, ctx: Any) -> None:
+            return None
+
+    await store.put_many("m", {f"k{i}": {"active": i % 3 != 0, "n": i} for i in range(9)})
+    step = DropInactive()
+    await Migrator(store, [step]).upgrade()
+    assert step.found == ["k6", "k3", "k0"]
+    assert sorted([k async for k, _ in store.items("m")]) == ["k1", "k2", "k4", "k5", "k7", "k8"]
