@@ -332,6 +332,10 @@ async def test_documented_rules(store: storage.Store):
     (None, {"offset": -2}, "offset"),
     (None, {"offset": None}, "offset"),
     (None, {"prefix": 5}, "prefix"),
+    (None, {"prefix": "a\x00"}, "prefix"),
+    ({"a": "\ud800"}, {}, "a"),
+    ({"a": {"$in": [{"k\x00": 1}]}}, {}, "a"),
+    (None, {"limit": 2**63}, "limit"),
 ])
 async def test_bad_queries_raise_and_change_nothing(store: storage.Store, where: Any, kw: dict[str, Any],
                                                     field: str):

@@ -57,7 +57,8 @@ Refused before anything is read or written, with :class:`storage.ValidationError
 is not a dict, a bad path, an unknown operator, an operand of the wrong type (``$gt`` with a list, a dict, a
 boolean or ``null``; ``$in`` with a non-list; ``$exists`` with a non-bool), an operand that is not plain JSON
 (NaN, a ``datetime``, an int beyond 64 bits), an ``order_by`` that is not a string path, a ``limit`` / ``offset``
-that is not a non-negative int, a ``prefix`` that is not a str.
+that is not a non-negative int (below 2**62), a ``prefix`` that is not a str; strings (operands, prefixes, keys of
+object operands) with NUL characters or lone surrogates, which no stored document can hold.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ RANGE_OPS = frozenset(("$gt", "$gte", "$lt", "$lte"))
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _MAX_PATH = 512
 _MAX_DEPTH = 64
+_WINDOW_MAX = 2**62  # offset + limit still fits PostgreSQL's bigint
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,23 @@ def check_path(path: object, field: str = "path") -> tuple[str, ...]:
     return segments
 
 
+def _check_text(text: str, field: str, what: str = "strings") -> str:
+    """No NUL (PostgreSQL's jsonb cannot hold one, so no stored string has one) and valid Unicode."""
+    if "\x00" in text:
+        raise ValidationError(f"{field}: {what} must not contain NUL characters", field=field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{field}: {what} must be valid Unicode (no lone surrogates)", field=field) from None
+    return text
+
+
 def check_value(value: Any, field: str, depth: int = 0) -> Any:
     """``value`` as plain JSON (tuples become lists), or :class:`ValidationError`: what a filter may compare with."""
-    if value is None or isinstance(value, (bool, str)):
-        if isinstance(value, str) and "\x00" in value:
-            raise ValidationError(f"{field}: strings must not contain NUL characters", field=field)
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _check_text(str(value), field)
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
             raise ValidationError(f"{field}: integer {value} does not fit in 64 bits", field=field)
@@ -165,7 +178,7 @@ def check_value(value: Any, field: str, depth: int = 0) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValidationError(f"{field}: object keys must be str, got {shown(k)}", field=field)
-            out[k] = check_value(v, field, depth + 1)
+            out[_check_text(str(k), field, "keys")] = check_value(v, field, depth + 1)
         return out
     raise ValidationError(f"{field}: {type(value).__name__} is not a JSON value ({shown(value)}); a datetime must "
                           "be given as the ISO string it is stored as", field=field)
@@ -216,8 +229,10 @@ def parse_query(where: Any = None, *, prefix: Any = None, order_by: Any = None, 
                 offset: Any = 0) -> Query:
     """Check every argument of a query (raising :class:`ValidationError` before anything is touched)."""
     conditions = _conditions(where)
-    if prefix is not None and not isinstance(prefix, str):
-        raise ValidationError("prefix must be a str", field="prefix")
+    if prefix is not None:
+        if not isinstance(prefix, str):
+            raise ValidationError("prefix must be a str", field="prefix")
+        _check_text(prefix, "prefix", "a prefix")
     order = None
     if order_by is not None:
         if not isinstance(order_by, str):
@@ -228,6 +243,7 @@ def parse_query(where: Any = None, *, prefix: Any = None, order_by: Any = None, 
     for name, value in (("limit", limit), ("offset", offset)):
         if value is None and name == "limit":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError(f"{name} must be a non-negative int, got {shown(value)}", field=name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _WINDOW_MAX:
+            raise ValidationError(f"{name} must be a non-negative int (below 2**62), got {shown(value)}",
+                                  field=name)
     return Query(conditions, prefix or None, order, limit, offset)

@@ -68,11 +68,6 @@ def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> 
     return out
 
 
-def exact_counts(coll: Mapping[str, bytes]) -> bool:
-    """Whether an index's key sets count the visible documents exactly (every stored document is visible)."""
-    return True
-
-
 def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, ...]) -> tuple[Any, bool] | None:
     """Candidate keys from the indexes (a set or list), and whether they are exactly the matches (one condition
     that the index answers exactly); None when no index fits."""
@@ -179,8 +174,8 @@ async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex],
     with none): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
     predicate = compile_filter(query.conditions)
     found = _candidates(indexes, query.conditions) if indexes else None
-    if found is not None and found[1] and mode == "count" and query.prefix is None and exact_counts(coll):
-        return len(found[0])
+    if found is not None and found[1] and mode == "count" and query.prefix is None:
+        return len(considered(coll, found[0]))  # the index answered exactly: no document to decode
     order_index = indexes.get(query.order.dotted) if indexes and query.order is not None else None
     if mode == "find" and order_index is not None and query.limit is not None and \
             (found is None or len(found[0]) > WALK_BUDGET):
