@@ -442,3 +442,20 @@ async def test_migrations_can_query(store: storage.Store):
     await Migrator(store, [step]).upgrade()
     assert step.found == ["k6", "k3", "k0"]
     assert sorted([k async for k, _ in store.items("m")]) == ["k1", "k2", "k4", "k5", "k7", "k8"]
+
+
+async def test_delete_many_invalidates_the_read_cache(store_config: storage.StoreConfig):
+    import dataclasses
+
+    s = await storage.open_store(config=dataclasses.replace(store_config, cache_ttl=60))
+    try:
+        await s.put_many("m", {"a": {"x": 1}, "b": {"x": 2}, "c": {"x": 1}})
+        assert await s.get("m", "a") == {"x": 1}  # cached on PostgreSQL
+        assert await s.delete_many("m", {"x": 1}) == 2
+        assert await s.get("m", "a") is None
+        await s.get("m", "b")
+        async with s.transaction() as tx:
+            assert await tx.delete_many("m", prefix="b") == 1
+        assert await s.get("m", "b") is None
+    finally:
+        await s.close()

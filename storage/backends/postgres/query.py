@@ -206,9 +206,12 @@ def build_count(collection: str, query: Query) -> tuple[str, list[Any]]:
     return f"SELECT count(*) FROM storage_documents WHERE {where_clause(collection, query, b)}", b.params
 
 
-def build_delete(collection: str, query: Query) -> tuple[str, list[Any]]:
+def build_delete(collection: str, query: Query, *, returning: bool) -> tuple[str, list[Any]]:
+    """``returning``: the deleted keys come back (a cache to invalidate); else only their number (no row to send
+    and decode, however many were deleted)."""
     b = Built()
-    return f"DELETE FROM storage_documents WHERE {where_clause(collection, query, b)} RETURNING key", b.params
+    tail = " RETURNING key" if returning else ""
+    return f"DELETE FROM storage_documents WHERE {where_clause(collection, query, b)}{tail}", b.params
 
 
 #: ``find`` results larger than this (or without a limit) are read through a cursor, this many rows per round trip:
@@ -230,5 +233,10 @@ async def fetch_pairs(conn: Any, sql: str, params: list[Any], limit: int | None)
             return out
 
 
-async def delete_rows(conn: Any, sql: str, params: list[Any]) -> list[str]:
-    return [row[0] for row in await conn.fetch(sql, *params)]
+async def delete_rows(conn: Any, sql: str, params: list[Any], *, returning: bool) -> tuple[int, list[str]]:
+    """How many rows the ``DELETE`` removed, and their keys when it returns them."""
+    if returning:
+        keys = [row[0] for row in await conn.fetch(sql, *params)]
+        return len(keys), keys
+    status: str = await conn.execute(sql, *params)
+    return int(status.rsplit(" ", 1)[1]), []

@@ -359,14 +359,18 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_delete(collection, query)
+        returning = self._cache.ttl > 0  # the deleted keys are needed only to invalidate the cache
+        text, params = pg_query.build_delete(collection, query, returning=returning)
         keys: list[str] = []
         try:
             async with self._connection("delete_many") as conn:
-                keys = await pg_query.delete_rows(conn, text, params)
+                deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
+        except BaseException:
+            await self._cache.clear()  # it may have committed: forget everything rather than risk a stale read
+            raise
         finally:
             self._invalidate(collection, keys)
-        return len(keys)
+        return deleted
 
     async def _ensure_index(self, collection: str, path: str) -> bool:
         self._indexed.pop(collection, None)
@@ -688,11 +692,12 @@ class PgTransaction(TransactionBase):
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_delete(collection, query)
+        returning = self._store._cache.ttl > 0  # keys to invalidate at commit, only when there is a cache
+        text, params = pg_query.build_delete(collection, query, returning=returning)
         async with self._use("delete_many") as conn:
-            keys = await pg_query.delete_rows(conn, text, params)
+            deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
         self._wrote(collection, keys)
-        return len(keys)
+        return deleted
 
 
 async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], collection: str,
