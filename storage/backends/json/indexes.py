@@ -14,10 +14,12 @@ always exactly the committed data. Compaction does not change documents, so it d
 
 Declarations: ``storage.indexes`` in the data folder, ``{"<collection>": ["<path>", ...]}``, written atomically
 under the store lock by ``ensure_index`` / ``drop_index`` and read at every (re)load (so another process's new index
-is built by this one at its next open). Its ``storage.`` name makes it the store's own file: it is never loaded as a
-collection nor reported as foreign, and a backup (which takes the data, not the store's files) leaves it out; a
-restore keeps the current store's indexes and they index the restored documents. A declaration file that cannot be
-read is logged and ignored (indexes are only an optimization: every query gives the same answer without them).
+is built by this one at its next open). ``ensure_index`` builds under the store lock, in a worker thread: writers
+wait for it (about 0.3 s per index at 100k members on an idle machine), readers do not. Its ``storage.`` name makes
+it the store's own file: it is never loaded as a collection nor reported as foreign, and a backup (which takes the
+data, not the store's files) leaves it out; a restore keeps the current store's indexes and they index the restored
+documents. A declaration file that cannot be read is logged and ignored (indexes are only an optimization: every
+query gives the same answer without them).
 """
 
 from __future__ import annotations
