@@ -124,6 +124,18 @@ async def worker(backend: str, location: str, members: int, repeats: int) -> dic
             await store.ensure_index("members", path)
             out["ensure_index_s"][path] = time.perf_counter() - started
         out["rss_mib"] = rss_mib()
+        if backend == "json":  # the floor of an unindexed scan, same run: decoding every member once
+            import orjson
+
+            raws = [orjson.dumps(member_doc(i)) for i in range(members)]
+            floor = []
+            for _ in range(3):
+                started = time.perf_counter()
+                for raw in raws:
+                    orjson.loads(raw)
+                floor.append(time.perf_counter() - started)
+            out["decode_all_ms"] = statistics.median(floor) * 1000
+            del raws
         out["queries"] = {}
         for name, (_what, call) in queries(members).items():
             out["queries"][name] = await time_calls(lambda call=call: call(store), repeats)
@@ -166,6 +178,9 @@ def report(results: dict[str, dict[str, Any]], members: int) -> list[Target]:
                 title=f"find / count over {members:,} members (warm: median of the repeats)")
     for name, (what, _call) in described.items():
         print(f"  {name}: {what}")
+    if "json" in results:
+        print(f"  json, the floor of an unindexed scan (orjson.loads of every member, same run): "
+              f"{fmt(results['json']['decode_all_ms'])} ms")
     if "postgres" in results:
         print(f"  postgres, unindexed find's plan: {results['postgres']['unindexed_plan']}")
     print()
