@@ -247,7 +247,7 @@ async def test_a_version_1_database_is_upgraded_in_place(pg_config: StoreConfig)
     try:
         store = stores[0]
         async with store.pool.acquire() as conn:
-            assert await conn.fetchval("SELECT value FROM storage_meta WHERE name = 'schema_version'") == "2"
+            assert await conn.fetchval("SELECT value FROM storage_meta WHERE name = 'schema_version'") == str(pg_schema.SCHEMA_VERSION)
             assert await conn.fetchval("SELECT bool_and(isfinite(created_at)) FROM storage_messages") is True
         assert await indexes(store) == {"storage_messages_pkey", "storage_messages_guild_time_covering",
                                         "storage_messages_time_brin"}
