@@ -97,12 +97,11 @@ class OpsBase(abc.ABC):
         """THE encoding of every document written through the public API: the collection's rule applies here."""
         return encode_for(collection, key, doc, what)
 
-    async def _put_stored(self, collection: str, items: Iterable[tuple[str, Document]],
-                          expires: datetime | None = None) -> int:
-        """Write documents that were already stored (a restore, a copy) as they are: checked as JSON but not by
-        the collection's rule (see :mod:`storage.rules` for why)."""
+    async def _put_stored(self, collection: str, items: Items, expires: datetime | None = None) -> int:
+        """Write documents that were already stored (a restore, a copy, the statistics refresh of stored members)
+        as they are: checked as JSON but not by the collection's rule (see :mod:`storage.rules` for why)."""
         self._guard_write()
-        pairs = normalize_items(list(items), check_collection(collection), rule=False)
+        pairs = normalize_items(items, check_collection(collection), rule=False)
         if pairs:
             await self._put_encoded(collection, pairs, expires)
         return len(pairs)

@@ -153,7 +153,9 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
         for start in range(0, len(writes), WRITE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            await tx.put_many(collection, writes[start:start + WRITE_SLICE])
+            # as stored, like the SQL version: only statistics change, and an odd member stored by an older
+            # version (storage/rules.py) must not stop the refresh of the others
+            await tx._put_stored(collection, writes[start:start + WRITE_SLICE])
     return len(writes)
 
 

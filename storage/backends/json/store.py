@@ -600,14 +600,17 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._closed = True
         await cancellation.run_to_completion(self._close())
 
+    def _expired_held(self) -> bool:
+        """Whether memory holds documents that expired (no clock read when none is expiring)."""
+        return bool(self._tables.expires) and self._tables.has_expired(self._now_micros())
+
     async def _close(self) -> None:
         try:
             await self._commits.wait()
             await self._messages.wait()
-            if not self.read_only and self._suspect is None and (
-                    self._tables.dirty or self._tables.has_expired(self._now_micros())):
+            if not self.read_only and self._suspect is None and (self._tables.dirty or self._expired_held()):
                 async with self._locked():  # expired documents are purged from the files too
-                    if self._tables.dirty or self._tables.has_expired(self._now_micros()):
+                    if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
         finally:
             self._journal.close()
