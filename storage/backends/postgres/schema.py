@@ -36,9 +36,12 @@ Versions (``storage_meta.schema_version``), each step applied in order to bring 
    the time BRIN index (which prunes use) summarizes new ranges through autovacuum as they fill, since the
    vacuums the store runs after ingest skip index work.
 3. ``storage_documents.expires_at timestamptz`` (expiring documents) and the partial index
-   ``storage_documents_expiring`` (``WHERE expires_at IS NOT NULL``) the sweep walks. On an existing database the
-   column is added without a rewrite (nullable, no default: a catalog change); the index build reads the table
-   once (seconds per million documents, writes to it wait meanwhile) and is empty, as no document expires yet.
+   ``storage_documents_expiring`` on ``(collection, expires_at) WHERE expires_at IS NOT NULL``, which holds only
+   expiring documents: the sweep walks it, and ``count`` subtracts the expired ones it finds there from an
+   index-only count of the collection (a filter on ``expires_at`` would read every row of the table). On an
+   existing database the column is added without a rewrite (nullable, no default: a catalog change); the index
+   build reads the table once (seconds per million documents, writes to it wait meanwhile) and is empty, as no
+   document expires yet.
 
 Opening checks the version with one query and only when the tables are missing (or older) takes a
 transaction-scoped advisory lock, checks again, and creates them: two processes opening a fresh database at the
@@ -118,7 +121,7 @@ ALTER INDEX storage_messages_time_brin SET (autosummarize = on);
 """
 _V3 = """
 ALTER TABLE storage_documents ADD COLUMN IF NOT EXISTS expires_at timestamptz;
-CREATE INDEX IF NOT EXISTS storage_documents_expiring ON storage_documents (expires_at)
+CREATE INDEX IF NOT EXISTS storage_documents_expiring ON storage_documents (collection, expires_at)
     WHERE expires_at IS NOT NULL;
 """
 #: What brings a database from version ``n - 1`` to ``n``; a fresh database runs them all (on empty tables).
