@@ -695,11 +695,11 @@ class JsonTransaction(TransactionBase):
         keys = list(view)
         selected = await off_loop(_select_keys, keys, prefix) if len(keys) > ITEMS_INLINE \
             else _select_keys(keys, prefix)
-        staged, loads = self._staged, orjson.loads
+        staged, loads, now = self._staged, orjson.loads, self._json._now_micros()
         for index, key in enumerate(selected):
             if index and not index % ITEMS_TURN:
                 await asyncio.sleep(0)
-            raw = staged.live(collection, key, self._json._now_micros())
+            raw = staged.live(collection, key, now)
             if raw is not None:
                 yield key, loads(raw)
 

@@ -384,9 +384,14 @@ class Staged:
         return {key: raw for key, raw in view.items() if key not in dead}
 
     def apply(self, ops: list[Op]) -> None:
+        changes, expiring, base_expires = self.changes, self.expiring, self.base_expires
         for op in ops:
-            self.changes[(op[1], op[2])] = op[3] if op[0] == "p" else None  # type: ignore[misc]
-            self.expiring[(op[1], op[2])] = op[4] if len(op) == 5 else None  # type: ignore[misc]
+            where = (op[1], op[2])
+            changes[where] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+            if len(op) == 5:
+                expiring[where] = op[4]  # type: ignore[misc]
+            elif where in expiring or op[2] in base_expires.get(op[1], ()):
+                expiring[where] = None  # permanent (or gone) now, over an expiry: recorded only then
 
     def view(self, collection: str) -> Mapping[str, bytes]:
         """The collection as committed plus the changes staged here (a copy only when there are changes)."""
