@@ -111,6 +111,9 @@ class Store(DocumentOps, Protocol):
     async def close(self) -> None:
         """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
 
+    async def purge_expired(self) -> int:
+        """Remove expired documents (already absent to every read) from the files or tables now; returns how many."""
+
     # The seed's member calls ------------------------------------------------------------------------------------
     async def get_member_data(self, user_id: int | str, guild_id: int | str,
                               default: Mapping[str, Any] | None = None) -> Document: ...
