@@ -547,7 +547,8 @@ async def test_refresh_in_sql_agrees_on_edge_times_in_any_session_zone(pg_store:
             await conn.execute(f"SET TIME ZONE '{zone}'")
             try:
                 async with conn.transaction():
-                    assert len(await pg_member_stats.refresh(conn, "members", where, args)) == 4
+                    now = datetime.now(timezone.utc)
+                    assert len(await pg_member_stats.refresh(conn, "members", where, args, now)) == 4
             finally:
                 await conn.execute("RESET TIME ZONE")
         assert await member_texts(pg_store) == after
@@ -639,7 +640,8 @@ async def test_refresh_in_sql_counts_from_the_covering_index_alone(pg_config: St
                     await conn.execute("SET LOCAL enable_seqscan = off")
                     await conn.execute("SET LOCAL enable_bitmapscan = off")
                     plan = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) "
-                                               + pg_member_stats.REFRESH.format(where=where), *args)
+                                               + pg_member_stats.refresh_statement(where, args), *args,
+                                               datetime.now(UTC))
                 finally:
                     await tx.rollback()
                 scans = list(scan_nodes(json.loads(plan)[0]["Plan"]))

@@ -21,6 +21,7 @@ import storage
 from storage import StoreConfig, ValidationError
 from storage.backends.postgres import schema as pg_schema
 from storage.backup.copy import copy
+from storage.expiry import to_micros
 from storage.stores import PostgresStore
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
@@ -325,3 +326,31 @@ async def test_postgres_never_caches_an_expiring_document(pg_config: StoreConfig
         assert await s.get("cd", "a") is None
     finally:
         await s.close()
+
+
+def test_a_journal_record_carries_the_expiry_as_canonical_text_and_refuses_a_bad_one():
+    from storage.backends.json import journal
+
+    ops = journal._parse_record(b'[["p","cd","b",{"v":2},"2030-01-01T00:00:00.5+01:00"],["d","cd","c"]]')
+    when = to_micros(datetime(2029, 12, 31, 23, 0, 0, 500000, tzinfo=timezone.utc))
+    assert ops == [("p", "cd", "b", b'{"v":2}', when), ("d", "cd", "c")]
+    assert journal.encode_record(ops) == b'[["p","cd","b",{"v":2},"2029-12-31T23:00:00.500000Z"],["d","cd","c"]]\n'
+    for bad in (b'"soon"', b"5", b"null", b'"2030-02-30T00:00:00Z"'):
+        with pytest.raises(journal._Invalid, match="not a timestamp"):
+            journal._parse_record(b'[["p","cd","b",{"v":2},' + bad + b"]]")
+
+
+async def test_refresh_member_statistics_keeps_an_expiry_and_treats_an_expired_member_as_absent(st, clock):
+    """The same on both backends (Python over the JSON store, one SQL statement on PostgreSQL)."""
+    await st.put("members", "100_300", {"roles": ["a"]}, ttl=100)
+    await st.put("members", "100_301", {"roles": ["b"]}, ttl=1)
+    await st.record_messages([
+        {"message_id": str(i), "guild_id": "100", "channel_id": "9", "author_id": author,
+         "timestamp": "2024-01-01T00:00:00Z"} for i, author in ((1, "300"), (2, "301"), (3, "301"))])
+    clock.at(1)
+    assert await st.refresh_member_statistics(100) == 2
+    assert await st.get_member_data(300, 100) == {
+        "roles": ["a"], "statistics": {"message_count": 1, "last_active": "2024-01-01T00:00:00Z"}}
+    assert await st.get_member_data(301, 100) == {
+        "user_id": "301", "guild_id": "100", "statistics": {"message_count": 2, "last_active": "2024-01-01T00:00:00Z"}}
+    assert await st._expiries("members", None) == {"100_300": T0 + timedelta(seconds=100)}
