@@ -354,3 +354,17 @@ async def test_refresh_member_statistics_keeps_an_expiry_and_treats_an_expired_m
     assert await st.get_member_data(301, 100) == {
         "user_id": "301", "guild_id": "100", "statistics": {"message_count": 2, "last_active": "2024-01-01T00:00:00Z"}}
     assert await st._expiries("members", None) == {"100_300": T0 + timedelta(seconds=100)}
+
+
+def test_a_live_view_hides_the_dead_keys_without_copying():
+    from storage.backends.json.expiry import LiveView, live_mapping
+
+    coll = {"a": b"{}", "b": b"{}", "c": b"{}"}
+    assert live_mapping(coll, set()) is coll
+    view = LiveView(coll, {"b", "zz"})
+    assert dict(view) == {"a": b"{}", "c": b"{}"} and len(view) == 2 and list(view) == ["a", "c"]
+    assert view.get("b") is None and view.get("b", 5) == 5 and view.get("a") == b"{}" and "b" not in view
+    with pytest.raises(KeyError):
+        view["b"]
+    coll["d"] = b"{}"  # read through: no copy
+    assert "d" in view

@@ -20,7 +20,8 @@ documents a backup or a query reads) filters through it, with ``now`` from :meth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import orjson
@@ -29,7 +30,8 @@ from ...codec import check_collection, check_key
 from ...errors import CorruptDataError, ValidationError
 from .journal import expiry_text, parse_expiry
 
-__all__ = ["EXPIRES_NAME", "Expiries", "visible", "dead_keys", "read_sidecar", "render_sidecar"]
+__all__ = ["EXPIRES_NAME", "Expiries", "visible", "dead_keys", "live_mapping", "LiveView", "read_sidecar",
+           "render_sidecar"]
 
 EXPIRES_NAME = "storage.expires.json"
 #: ``{collection: {key: expires_micros}}``
@@ -46,6 +48,42 @@ def dead_keys(expiring: Mapping[str, int] | None, now: int) -> set[str]:
     if not expiring:
         return set()
     return {key for key, expires in expiring.items() if not visible(expires, now)}
+
+
+class LiveView(Mapping[str, bytes]):
+    """A collection's ``{key: encoded doc}`` without the ``dead`` keys, read through (no copy): what code that takes
+    a collection mapping (a query plan, an index walk) is handed when some of its documents have expired."""
+
+    __slots__ = ("_coll", "_dead")
+
+    def __init__(self, coll: Mapping[str, bytes], dead: AbstractSet[str]) -> None:
+        self._coll, self._dead = coll, dead
+
+    def __getitem__(self, key: str) -> bytes:
+        if key in self._dead:
+            raise KeyError(key)
+        return self._coll[key]
+
+    def get(self, key: str, default: object = None) -> bytes | None:  # type: ignore[override]
+        if key in self._dead:
+            return default  # type: ignore[return-value]
+        raw = self._coll.get(key)
+        return raw if raw is not None else default  # type: ignore[return-value]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._coll and key not in self._dead
+
+    def __iter__(self) -> Iterator[str]:
+        dead = self._dead
+        return (key for key in self._coll if key not in dead)
+
+    def __len__(self) -> int:
+        return len(self._coll) - sum(1 for key in self._dead if key in self._coll)
+
+
+def live_mapping(coll: Mapping[str, bytes], dead: AbstractSet[str]) -> Mapping[str, bytes]:
+    """``coll`` itself when nothing in it has expired (the usual case: no cost), else a :class:`LiveView`."""
+    return LiveView(coll, dead) if dead else coll
 
 
 def read_sidecar(path: Path) -> Expiries:
