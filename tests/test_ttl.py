@@ -368,3 +368,26 @@ def test_a_live_view_hides_the_dead_keys_without_copying():
         view["b"]
     coll["d"] = b"{}"  # read through: no copy
     assert "d" in view
+
+
+async def test_queries_do_not_see_expired_documents(st, clock):
+    """find / count(where) / delete_many, on the store and in a transaction, with and without an index."""
+    await st.put_many("cd", {f"u{i}": {"n": i, "kind": "mute"} for i in range(6)}, ttl=10)
+    await st.put_many("cd", {f"p{i}": {"n": i, "kind": "mute"} for i in range(3)})
+    for indexed in (False, True):
+        if indexed:
+            await st.ensure_index("cd", "n")
+        clock.at(9)
+        assert await st.count("cd", {"kind": "mute"}) == 9
+        assert len(await st.find("cd", {"n": {"$gte": 0}}, order_by="-n", limit=5)) == 5
+        clock.at(10)
+        assert await st.count("cd", {"kind": "mute"}) == 3
+        assert [k for k, _ in await st.find("cd", {"n": {"$gte": 0}}, order_by="-n", limit=5)] == ["p2", "p1", "p0"]
+        assert await st.find("cd", {"n": 1}) == [("p1", {"n": 1, "kind": "mute"})]
+        async with st.transaction() as tx:
+            assert await tx.count("cd", {"kind": "mute"}) == 3
+            assert [k for k, _ in await tx.find("cd", {"n": {"$lt": 2}})] == ["p0", "p1"]
+        clock.at(0)
+    clock.at(10)
+    assert await st.delete_many("cd", {"kind": "mute"}) == 3  # the expired ones are not counted as deleted
+    assert await st.count("cd") == 0 and await st.collections() == []
