@@ -309,6 +309,8 @@ class Tables:
                 del expiring[key]
             if not expiring:
                 del self.expires[name]
+            if self.indexes.live:
+                self.indexes.apply([("d", name, key) for key in sorted(dead)])  # kept equal to data
             changed.add(name)
         return changed
 
