@@ -11,6 +11,7 @@ PostgreSQL: the user's documents are found without a sequential scan (EXPLAIN), 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,23 @@ async def test_forget_keeps_other_processes_consistent(store: storage.Store, reo
         assert await other.record_message(next(iter(minus(before, gone)[1].values()))) is False
     finally:
         await other.close()
+
+
+async def test_expired_documents_are_removed_but_neither_shown_nor_counted(store_config: Any):
+    from tests.test_ttl import Clock
+
+    clock = Clock()
+    async with storage.open_store(config=dataclasses.replace(store_config, clock=clock)) as store:
+        await store.put("cooldowns", "1_12", {"until": "soon"}, ttl=30)
+        await store.put("cooldowns", "2_12", {"until": "later"}, ttl=3000)
+        await store.save_member_data("12", "1", {"roles": []})
+        clock.at(60)  # 1_12 expired: it reads as absent everywhere, so also for the lifecycle
+        exported = await store.export_user("12")
+        assert exported["documents"] == {"cooldowns": {"2_12": {"until": "later"}}}
+        assert await store.forget_user("12", dry_run=True) == {"cooldowns": 1, "members": 1}
+        assert await store.forget_user("12") == {"cooldowns": 1, "members": 1}
+        clock.at(-60)  # back before it expired: the expired document was removed too (it was the user's data)
+        assert await store.get("cooldowns", "1_12") is None and await store.count("cooldowns") == 0
 
 
 async def test_prune_messages_of_one_guild(store: storage.Store):
@@ -405,7 +424,7 @@ async def test_forget_user_finds_the_documents_without_a_sequential_scan(pg_only
     await pg_only.put_many("economy", {str(u): {"c": rng.randrange(9)} for u in range(100, 3100)})
     async with pg_only.pool.acquire() as conn:
         for owner in (Owner(user="112"), Owner(user="112", guild="1010"), Owner(guild="1010")):
-            select, delete, args = pg_lifecycle.documents_where(owner)
+            select, delete, args = pg_lifecycle.documents_where(owner, datetime.now(timezone.utc))
             for sql in (select, delete):
                 plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
                 assert "Seq Scan on storage_documents" not in plan, plan

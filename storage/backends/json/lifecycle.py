@@ -24,6 +24,7 @@ from ... import cancellation
 from ...ownership import Owner
 from ...protocol import Document
 from . import forget_files
+from .expiry import dead_keys
 from .journal import Op
 from .message_files import MESSAGES_DIR, corrupt, list_files, order, parse_line, run_in_thread
 from .messages import MessageLog
@@ -34,16 +35,18 @@ __all__ = ["JsonLifecycle", "owned_records", "count_owned"]
 Record = dict[str, Any]
 
 
-def _decoded(data: Mapping[str, Mapping[str, bytes]], keys: dict[str, list[str]],
+def _decoded(data: Mapping[str, Mapping[str, bytes]], keys: dict[str, list[str]], dead: dict[str, set[str]],
              owner: Owner) -> dict[str, dict[str, Document]]:
-    """The owner's documents among ``keys`` (collection -> its keys, copied on the loop), decoded, sorted. A value
-    is read from ``data`` here, in the thread (a dict lookup is atomic): one deleted meanwhile is left out."""
+    """The owner's visible documents among ``keys`` (collection -> its keys, copied on the loop; ``dead``: the
+    expired ones, see json/expiry.py), decoded, sorted. A value is read from ``data`` here, in the thread (a dict
+    lookup is atomic): one deleted meanwhile is left out."""
     out: dict[str, dict[str, Document]] = {}
     owns, loads = owner.owns_key, orjson.loads
     for name in sorted(keys):
         coll = data.get(name) or {}
+        gone = dead.get(name) or set()
         found = {}
-        for key in sorted(k for k in keys[name] if owns(k)):
+        for key in sorted(k for k in keys[name] if owns(k) and k not in gone):
             raw = coll.get(key)
             if raw is not None:
                 found[key] = loads(raw)
@@ -106,6 +109,7 @@ class JsonLifecycle:
     _trust_journal: Callable[[], Awaitable[None]]
     _refresh: Callable[[], Awaitable[None]]
     _check_usable: Callable[[], None]
+    _now_micros: Callable[[], int]
 
     async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
         await self._refresh()
@@ -113,7 +117,7 @@ class JsonLifecycle:
         # of ms); matching, reading and decoding run in a thread.
         data = self._tables.data
         keys = {name: list(coll) for name, coll in data.items() if coll}
-        return await cancellation.run_in_thread(_decoded, data, keys, owner)  # no I/O: nothing to translate
+        return await cancellation.run_in_thread(_decoded, data, keys, self._expired(), owner)  # no I/O to translate
 
     async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
         root = self.path / MESSAGES_DIR
@@ -143,8 +147,15 @@ class JsonLifecycle:
                 raise
             # From the intent on, the forget runs to its end even if the caller is cancelled: the journal commit
             # decides, and the files follow it.
+            dead = self._expired()  # removed too (their bytes are the user's data), but never counted: absent already
             await cancellation.run_to_completion(self._commit_forget(plan))
-        return {name: len(keys) for name, keys in plan.keys.items()}, plan.messages
+        counts = {name: len(set(keys) - dead.get(name, set())) for name, keys in plan.keys.items()}
+        return {name: n for name, n in counts.items() if n}, plan.messages
+
+    def _expired(self) -> dict[str, set[str]]:
+        """The keys of expired documents still held, per collection (json/expiry.py; usually none)."""
+        now = self._now_micros()
+        return {name: dead for name, expiring in self._tables.expires.items() if (dead := dead_keys(expiring, now))}
 
     async def _commit_forget(self, plan: forget_files.ForgetPlan) -> None:
         ops: list[Op] = [("d", name, key) for name, keys in plan.keys.items() for key in keys]
