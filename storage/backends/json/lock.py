@@ -84,11 +84,16 @@ class SidecarLock:
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        self._path = os.fspath(path)  # stat()ed at every acquire: no Path-to-str conversion each time
         self.read_only = read_only
         self._fd = -1
         self._dir_fd = -1
         self._dir_lockable = True
         self._held = False
+        self._ident: tuple[int, int] | None = None  # (device, inode) of _fd: fixed for the descriptor's life
+        #: What this process last published into the file it holds open (None once that file was replaced):
+        #: while the journal has not moved since, re-reading the state would only find the same values.
+        self.published: tuple[int, int] | None = None
         self._boot = boot_id()
         self._fallback = filelock.FileLock(str(path), thread_local=False) if fcntl is None else None
 
@@ -102,21 +107,29 @@ class SidecarLock:
                 self._fd = os.open(self.path, os.O_RDONLY)
             else:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                mine = os.fstat(self._fd)
+            except BaseException:
+                os.close(self._fd)
+                self._fd = -1
+                raise
+            self._ident = (mine.st_dev, mine.st_ino)
         return self._fd
 
     def _reopen(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._ident = None
+            self.published = None
 
     def _same_file(self) -> bool:
         """Does the path still name the file we locked? (Someone may have deleted or replaced it.)"""
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._path)
         except FileNotFoundError:
             return False
-        mine = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        return (st.st_dev, st.st_ino) == self._ident
 
     def _lock_folder(self, blocking: bool) -> bool:
         """The folder lock (see the module doc); True when taken or when this file system cannot lock folders."""
@@ -197,7 +210,9 @@ class SidecarLock:
     def publish(self, ino: int, end: int) -> None:
         """Tell readers that journal ``ino`` is committed up to byte ``end``. Call holding the lock, after fsync."""
         body = _STATE.pack(_MAGIC, 0, self._boot, ino, end)[8:]
+        self.published = None  # unknown until the write is done
         os.pwrite(self._descriptor(), _STATE.pack(_MAGIC, zlib.crc32(body), self._boot, ino, end), 0)
+        self.published = (ino, end)
 
     def committed(self, *, trusted_only: bool = False) -> Committed | None:
         """The last published state, or None when unknown (never published, damaged, truncated, replaced).
@@ -229,3 +244,5 @@ class SidecarLock:
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+        self._ident = None
+        self.published = None

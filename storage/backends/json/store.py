@@ -104,13 +104,14 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self.lock_timeout = config.lock_timeout
         self.read_only = config.read_only
         self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
+        self._intent = json_restore.intent_path(self.path)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
-                                                                after=self._maybe_compact)
+                                                                after=self._maybe_compact, solo=True)
         #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
@@ -135,9 +136,12 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             yield
         except OSError as exc:
-            where = exc.filename or self.path
-            raise StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno,
-                                 path=str(where)) from exc
+            raise self._io_error(exc, what) from exc
+
+    def _io_error(self, exc: OSError, what: str) -> StorageIOError:
+        """:meth:`_io`'s error, for the per-commit path (a ``try`` there costs less than a context manager)."""
+        where = exc.filename or self.path
+        return StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno, path=str(where))
 
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
@@ -240,19 +244,23 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             await self._acquire_file_lock()
             self._holding = True
             try:
-                with self._io("catching up with the journal"):
+                try:
                     self._tables.catch_up()
-                    if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
+                    if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
                         json_restore.recover(self.path, self._tables.data)
+                except OSError as exc:
+                    raise self._io_error(exc, "catching up with the journal") from exc
                 yield
             finally:
                 self._holding = False
                 self._flock.release()
 
     async def _acquire_file_lock(self) -> None:
-        with self._io("taking the store lock"):
+        try:
             if self._flock.try_acquire():  # uncontended: no thread hop
                 return
+        except OSError as exc:
+            raise self._io_error(exc, "taking the store lock") from exc
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
@@ -311,13 +319,15 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         record = encode_record(ops)
         journal = self._journal
         start = journal.offset
-        began = time.perf_counter()
+        spent = 0.0
         try:
             try:
                 if self._sync_estimate < INLINE_SYNC_BUDGET:
+                    began = time.perf_counter()
                     journal.append(record)
+                    spent = time.perf_counter() - began
                 else:
-                    await cancellation.run_in_thread(journal.append, record)
+                    spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
@@ -333,7 +343,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                           journal.path, exc.__cause__)
                 self._suspect = exc.__cause__  # no rewrite now (we are cancelled): _trust_journal does it next
             raise
-        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
+        # The append's own time, not the thread hop's: a hop costs 0.3-1 ms on a busy host, and counting it kept
+        # the store threading appends that take 0.1 ms (see benchmarks/README.md, Design measurements).
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
 
     async def _after_failed_append(self, exc: OSError) -> None:
         """A failed write or fsync. After a failed fsync the file's cached pages no longer say what is on disk
@@ -673,6 +685,13 @@ class JsonTransaction(TransactionBase):
 
 
 __all__ += ["JsonTransaction"]
+
+
+def _timed_append(journal: Journal, record: bytes) -> float:
+    """``journal.append`` in a worker thread; returns how long the write and fsync took there."""
+    began = time.perf_counter()
+    journal.append(record)
+    return time.perf_counter() - began
 
 
 def _select_keys(keys: list[str], prefix: str | None) -> list[str]:
