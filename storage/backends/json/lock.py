@@ -180,6 +180,57 @@ class SidecarLock:
         self._held = True
         return True
 
+    @property
+    def can_wait(self) -> bool:
+        """Whether :meth:`wait_free` / :meth:`adopt` work here (POSIX ``flock``; not the Windows fallback)."""
+        return fcntl is not None and self._fallback is None and not self.read_only
+
+    def wait_free(self, abandoned: threading.Event) -> int:
+        """In a dedicated thread: block in ``flock`` on a fresh descriptor of the sidecar until it is ours.
+
+        Why: a poll with a growing sleep (:meth:`acquire`) lost the lock, again and again, to a process saving in
+        a loop (it locks again within 0.1 ms of letting go, the poller looked every 5 ms); a waiter blocked in the
+        kernel is woken when the holder lets go. A blocked ``flock`` cannot time out, so the caller gives up by
+        setting ``abandoned`` and leaving the thread: if the lock comes later, the thread lets go at once (closing
+        the descriptor releases it). Returns the descriptor, holding the sidecar's lock, for :meth:`adopt` on
+        the caller's thread (the descriptor in use is never swapped from here), or -1 when abandoned.
+        """
+        while not abandoned.is_set():
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mine = os.fstat(fd)
+                try:
+                    st: os.stat_result | None = os.stat(self._path)
+                except FileNotFoundError:
+                    st = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and not abandoned.is_set():
+                return fd
+            os.close(fd)  # abandoned, or the file was deleted or replaced while we waited: wait on the new one
+        return -1
+
+    def adopt(self, fd: int) -> bool:
+        """Make ``fd`` (from :meth:`wait_free`, holding the sidecar's lock) this lock's descriptor and take the
+        folder lock; False, holding nothing, when another holds the folder (its sidecar was deleted)."""
+        old, self._fd = self._fd, fd
+        try:
+            mine = os.fstat(fd)
+            self._ident = (mine.st_dev, mine.st_ino)
+            self.published = None  # another description of the file: read it again once
+            if old >= 0:
+                os.close(old)  # it holds no lock: taking it with that one just failed
+            if not self._lock_folder(blocking=False):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return False
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise
+        self._held = True
+        return True
+
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> None:
         """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep), or raise LockBusy.
 

@@ -261,6 +261,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 return
         except OSError as exc:
             raise self._io_error(exc, "taking the store lock") from exc
+        if self._flock.can_wait:
+            await self._wait_for_file_lock()
+            return
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
@@ -279,6 +282,36 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 pass
             self._flock.release()
             raise
+
+    async def _wait_for_file_lock(self) -> None:
+        """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
+        moment the lock is free; see :meth:`SidecarLock.wait_free`). On a timeout or a cancellation the wait is
+        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        while True:
+            abandoned = threading.Event()
+            waiter = in_own_thread(self._flock.wait_free, abandoned)
+            try:
+                fd = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
+            except BaseException as exc:
+                abandoned.set()
+                waiter.add_done_callback(_close_unused)
+                if isinstance(exc, TimeoutError):
+                    raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                           f"{self.lock_timeout}s") from None
+                if isinstance(exc, OSError):
+                    raise self._io_error(exc, "taking the store lock") from exc
+                raise
+            try:
+                if self._flock.adopt(fd):
+                    return
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
+            if loop.time() >= deadline:  # the folder stays locked by a process whose sidecar was deleted
+                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                       f"{self.lock_timeout}s")
+            await asyncio.sleep(0.001)
 
     # ---------------------------------------------------------------------------------------------------------------
     # committing
@@ -685,6 +718,52 @@ class JsonTransaction(TransactionBase):
 
 
 __all__ += ["JsonTransaction"]
+
+
+def in_own_thread(fn: Callable[..., int], *args: Any) -> asyncio.Future[int]:
+    """Run ``fn`` in a new daemon thread (not the default executor: a wait that is abandoned may block there for
+    as long as another process holds the lock, and must not take an executor slot meanwhile)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+
+    def settle(result: int | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            if result is not None and result >= 0:
+                os.close(result)  # nobody will adopt it: let go of the lock
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result if result is not None else -1)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # delivered to the awaiting task
+            _deliver(loop, settle, None, exc)
+            return
+        _deliver(loop, settle, result, None)
+
+    threading.Thread(target=run, name="storage-lock-wait", daemon=True).start()
+    return future
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, settle: Callable[[int | None, BaseException | None], None],
+             result: int | None, error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(settle, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        if result is not None and result >= 0:
+            os.close(result)
+
+
+def _close_unused(waiter: asyncio.Future[int]) -> None:
+    """A lock wait was abandoned: if the thread got the lock after all, let go of it."""
+    if waiter.cancelled() or waiter.exception() is not None:
+        return
+    fd = waiter.result()
+    if fd >= 0:
+        os.close(fd)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
