@@ -8,7 +8,8 @@ backend's primitives work on already-validated, already-encoded input.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sized
 from typing import Any
 
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
@@ -18,11 +19,17 @@ from .protocol import Document, Items, UpdateFn
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
 
-def normalize_items(items: Items) -> list[tuple[str, bytes]]:
-    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position."""
+#: ``put_many`` of more items than this encodes them in slices of ENCODE_TURN with an event-loop turn between
+#: (25k documents encoded in one go held a bot's loop 100-300 ms; see benchmarks/bench_stalls.py).
+ENCODE_TURN = 1000
+
+
+def normalize_items(items: Items, start: int = 0) -> list[tuple[str, bytes]]:
+    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position (counted
+    from ``start``)."""
     pairs = items.items() if isinstance(items, Mapping) else items
     out: list[tuple[str, bytes]] = []
-    for index, pair in enumerate(pairs):
+    for index, pair in enumerate(pairs, start):
         try:
             key, doc = pair
         except (TypeError, ValueError):
@@ -31,6 +38,17 @@ def normalize_items(items: Items) -> list[tuple[str, bytes]]:
             out.append((check_key(key), encode_doc(doc)))
         except ValidationError as exc:
             raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
+    return out
+
+
+async def _normalize_in_turns(items: Items) -> list[tuple[str, bytes]]:
+    """:func:`normalize_items` of a large input, ENCODE_TURN items at a time with a loop turn between."""
+    listed = list(items.items() if isinstance(items, Mapping) else items)
+    out: list[tuple[str, bytes]] = []
+    for start in range(0, len(listed), ENCODE_TURN):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(normalize_items(listed[start:start + ENCODE_TURN], start))
     return out
 
 
@@ -89,7 +107,10 @@ class OpsBase(abc.ABC):
     async def put_many(self, collection: str, items: Items) -> int:
         self._guard_write()
         check_collection(collection)
-        pairs = normalize_items(items)
+        if isinstance(items, Sized) and len(items) > ENCODE_TURN:
+            pairs = await _normalize_in_turns(items)
+        else:
+            pairs = normalize_items(items)
         if pairs:
             await self._put_encoded(collection, pairs)
         return len(pairs)

@@ -69,7 +69,7 @@ from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
 from .restore import RestoreSwap
-from .tables import Staged, Tables
+from .tables import Plan, Staged, Tables
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -85,6 +85,9 @@ INLINE_SYNC_BUDGET = 0.0005
 #: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
+#: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
+#: applied with C-level dict updates (see Tables.plan).
+LARGE_COMMIT = 2000
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -329,13 +332,15 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         await self._trust_journal()
         staged = Staged(self._tables.data)
         ops: list[Op] = []
-        for prepare in batch:
+        last = len(batch) - 1
+        for index, prepare in enumerate(batch):
             try:
                 item_ops, result = prepare(staged)
             except Exception as exc:  # this writer's own failure (its update fn raised, bad result)
                 outcomes.append(Failed(exc))
                 continue
-            staged.apply(item_ops)
+            if index != last:  # only later writers of this group read the staged view
+                staged.apply(item_ops)
             ops.extend(item_ops)
             outcomes.append(result)
         if ops:
@@ -349,13 +354,17 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         record that reached the disk is published and applied before the cancellation goes on, so the process's
         view always equals the disk. A record that did not reach the disk is neither.
         """
-        record = encode_record(ops)
+        plan: Plan | None = None
+        if len(ops) > LARGE_COMMIT:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
+            record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops)
+        else:
+            record = encode_record(ops)
         journal = self._journal
         start = journal.offset
         spent = 0.0
         try:
             try:
-                if self._sync_estimate < INLINE_SYNC_BUDGET:
+                if self._sync_estimate < INLINE_SYNC_BUDGET and plan is None:
                     began = time.perf_counter()
                     journal.append(record)
                     spent = time.perf_counter() - began
@@ -365,7 +374,10 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
-                    self._tables.apply(ops)
+                    if plan is None:
+                        self._tables.apply(ops)
+                    else:
+                        self._tables.apply_plan(plan)  # C-level dict updates: visible all at once
         except OSError as exc:
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
@@ -764,6 +776,11 @@ def _close_unused(waiter: asyncio.Future[int]) -> None:
     fd = waiter.result()
     if fd >= 0:
         os.close(fd)
+
+
+def _prepare_large(tables: Tables, ops: list[Op]) -> tuple[bytes, Plan]:
+    """In a worker thread, under the lock (nobody changes the documents meanwhile): the record and the plan."""
+    return encode_record(ops), tables.plan(ops)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
