@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -232,31 +232,43 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
-    @asynccontextmanager
-    async def _locked(self) -> AsyncIterator[None]:
-        """Hold this store's mutex and the cross-process file lock, caught up with the journal.
+    def _locked(self) -> AbstractAsyncContextManager[None]:
+        """Hold this store's mutex and the cross-process file lock, caught up with the journal (see _Held).
 
         A read-only store takes only its mutex (and catches up the read-only way): it never writes.
         """
-        async with self._mutex:
+        return _Held(self)
+
+    async def _enter_locked(self) -> None:
+        await self._mutex.acquire()
+        try:
             if self.read_only:
                 with self._io("reading the journal"):
                     self._tables.refresh_read_only()
-                yield
                 return
             await self._acquire_file_lock()
             self._holding = True
             try:
-                try:
-                    self._tables.catch_up()
-                    if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
-                        json_restore.recover(self.path, self._tables.data)
-                except OSError as exc:
-                    raise self._io_error(exc, "catching up with the journal") from exc
-                yield
-            finally:
+                self._tables.catch_up()
+                if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
+                    json_restore.recover(self.path, self._tables.data)
+            except BaseException as exc:
                 self._holding = False
                 self._flock.release()
+                if isinstance(exc, OSError):
+                    raise self._io_error(exc, "catching up with the journal") from exc
+                raise
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def _exit_locked(self) -> None:
+        try:
+            if not self.read_only:
+                self._holding = False
+                self._flock.release()
+        finally:
+            self._mutex.release()
 
     async def _acquire_file_lock(self) -> None:
         try:
@@ -646,6 +658,22 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             "foreign_files": dict(self._tables.foreign),
             "read_only": self.read_only,
         }
+
+
+class _Held:
+    """``async with store._locked()``: a plain class, not an ``asynccontextmanager`` (every commit takes it, and
+    an async generator per use, registered with the loop, cost several microseconds of a lone save)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: JsonBackend) -> None:
+        self._store = store
+
+    async def __aenter__(self) -> None:
+        await self._store._enter_locked()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._store._exit_locked()
 
 
 class JsonTransaction(TransactionBase):
