@@ -93,6 +93,7 @@ class StepProbe:
 
     def __init__(self) -> None:
         self.longest = 0.0
+        self.where = ""
         self._original = asyncio.events.Handle._run
 
     def install(self) -> None:
@@ -104,11 +105,13 @@ class StepProbe:
             spent = clock() - began
             if spent > probe.longest:
                 probe.longest = spent
+                probe.where = repr(handle)[:300]  # the callback (a task's coroutine and where it stood)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
 
     def reset(self) -> None:
         self.longest = 0.0
+        self.where = ""
 
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
@@ -134,7 +137,7 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         probe.reset()
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
-                         "step_cpu_ms": probe.longest * 1000}
+                         "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where}
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
