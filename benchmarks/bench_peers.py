@@ -14,6 +14,8 @@ Systems (each in a fresh process for every repetition, the repetitions interleav
   with orjson as ours is);
 * ``sqlite-normal``: the same in WAL with ``synchronous=NORMAL`` (what most bots run: a power cut may lose the last
   commits);
+* ``json-base`` (with ``--baseline PATH``): the JSON backend of another checkout, run exactly like ``json``, so a
+  change is measured before/after in the same interleaved run;
 * ``floor``: a raw loop of ``os.write`` + ``os.fdatasync`` of one save's journal line (what a durable save cannot
   beat on this disk).
 
@@ -153,7 +155,7 @@ class Sqlite:
 
 
 def make(system: str, path: Path) -> Json | Sqlite:
-    if system == "json":
+    if system in ("json", "json-base"):
         return Json(path)
     return Sqlite(path, "FULL" if system == "sqlite-full" else "NORMAL")
 
@@ -242,11 +244,14 @@ async def ops(system: str, path: Path, members: int, seconds: float) -> dict[str
     return out
 
 
-async def writer(system: str, path: Path, index: int, start_at: float, seconds: float) -> dict[str, Any]:
-    """One of the concurrent writer processes: its own members, saving from ``start_at`` for ``seconds``."""
+async def writer(system: str, path: Path, index: int, seconds: float) -> dict[str, Any]:
+    """One of the concurrent writer processes: its own members. It opens the store, says READY, reads the start
+    time from stdin (sent once every writer has opened: an open holds the lock while it loads), then saves."""
     target = make(system, path)
     await target.open()
     docs = [member_doc(index * 1000 + j) for j in range(1000)]
+    print("READY", flush=True)
+    start_at = float(await asyncio.to_thread(sys.stdin.readline))
     delay = start_at - time.time()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -264,10 +269,18 @@ async def writer(system: str, path: Path, index: int, start_at: float, seconds: 
 
 def run_writers(system: str, path: Path, seconds: float) -> float:
     """``WRITERS`` fresh processes on one store, started together: total saves per second."""
-    start_at = time.time() + 2.0 + (3.0 if system == "json" else 0.0)  # time to open (ours parses the snapshot)
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "writer", system, str(path),
-                               json.dumps([w, start_at, seconds])], stdout=subprocess.PIPE, text=True)
+                               json.dumps([w, seconds])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(WRITERS)]
+    for proc in procs:  # every writer has opened the store (the opens are not part of the window)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"writer of {system} did not start")
+    start_at = time.time() + 0.2
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start_at}\n")
+        proc.stdin.flush()
     results = []
     for proc in procs:
         stdout, _ = proc.communicate(timeout=300)
@@ -300,6 +313,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def report(summary: dict[str, dict[str, float]], args: argparse.Namespace, info: dict[str, Any]) -> list[Target]:
     ours, full, normal = summary.get("json", {}), summary.get("sqlite-full", {}), summary.get("sqlite-normal", {})
+    before = summary.get("json-base")
     floor = summary.get("floor", {}).get("save_per_s")
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -308,18 +322,26 @@ def report(summary: dict[str, dict[str, float]], args: argparse.Namespace, info:
     rows = []
     for name, key in ROWS:
         a, f, n = ours.get(key), full.get(key), normal.get(key)
-        rows.append([name, fmt(a), fmt(f), fmt(n), fmt(ratio(a, f)) + "x", fmt(ratio(a, n)) + "x"])
+        row = [name, fmt(a), fmt(f), fmt(n), fmt(ratio(a, f)) + "x", fmt(ratio(a, n)) + "x", ""]
+        if before is not None:
+            b = before.get(key)
+            row += [fmt(b), fmt(ratio(b, f)) + "x"]
+        rows.append(row)
     if floor:
         rows.append(["append+fdatasync floor (saves/s)", "-", "-", "-", "-", "-", fmt(floor)])
-        for name, system in (("  ours / floor", ours), ("  SQLite FULL / floor", full),
-                             ("  SQLite NORMAL / floor", normal)):
+        floors = [("  ours / floor", ours), ("  SQLite FULL / floor", full), ("  SQLite NORMAL / floor", normal)]
+        if before is not None:
+            floors.append(("  ours before / floor", before))
+        for name, system in floors:
             if system.get("save_per_s"):
                 rows.append([name, "-", "-", "-", "-", "-", fmt(system["save_per_s"] / floor) + "x"])
     title = (f"JSON backend vs sqlite3 {sqlite3.sqlite_version} at {args.members:,} members, medians of {args.reps} "
              f"interleaved repetitions (Python {info['python']}, {info['cpus']} cpus, {info['data_dir']}, load "
              f"{info.get('loadavg_1m', '?')}); times and sizes: ours / theirs, lower is better")
-    print_table(["row", "ours", "SQLite FULL", "SQLite NORMAL", "ours/FULL", "ours/NORMAL", "floor ratio"],
-                [row + [""] * (7 - len(row)) for row in rows], title=title)
+    heads = ["row", "ours", "SQLite FULL", "SQLite NORMAL", "ours/FULL", "ours/NORMAL", "floor ratio"]
+    if before is not None:
+        heads += ["ours before", "before/FULL"]
+    print_table(heads, [row + [""] * (len(heads) - len(row)) for row in rows], title=title)
 
     def get(d: dict[str, float], k: str) -> float | None:
         return d.get(k)
@@ -354,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--no-writers", action="store_true", help="skip the multi-process writer row")
     parser.add_argument("--dir", help="where to put the data (default: the system temp dir); the disk matters")
+    parser.add_argument("--baseline", help="a checkout of this repository whose JSON backend runs as one more "
+                                           "system, json-base, interleaved with the others (before/after)")
     parser.add_argument("--worker", nargs=4, metavar=("STEP", "SYSTEM", "PATH", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         step, system, path, extra = args.worker
+        if system == "json-base":  # the same JSON backend from another checkout (--baseline), imported first
+            sys.path.insert(0, os.environ["STORAGE_BENCH_BASELINE"])
         params = json.loads(extra)
         steps = {"prepare": lambda: prepare(system, Path(path), *params),
                  "ops": lambda: ops(system, Path(path), *params),
@@ -372,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     if not systems or set(systems) - set(SYSTEMS):
         parser.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    if args.baseline:
+        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
+            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
+        os.environ["STORAGE_BENCH_BASELINE"] = str(Path(args.baseline).resolve())
+        systems.insert(1, "json-base")
 
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
@@ -382,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         info["sqlite"] = sqlite3.sqlite_version
         sizes: dict[str, int] = {}
         for system in systems:
-            if system != "floor":
+            if system not in ("floor", "json-base"):
                 log(f"preparing {system} ({args.members:,} members)")
                 got = run_worker(__file__, ["prepare", system, str(root / f"template-{system}"),
                                             json.dumps([args.members])])
@@ -391,17 +422,18 @@ def main(argv: list[str] | None = None) -> int:
             order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # who goes first rotates
             for system in order:
                 place = root / f"{system}-{rep}"
+                template = root / f"template-{'json' if system == 'json-base' else system}"
                 if system == "floor":
                     place.mkdir()
                 else:
-                    shutil.copytree(root / f"template-{system}", place)
+                    shutil.copytree(template, place)
                 got = run_worker(__file__, ["ops", system, str(place), json.dumps([args.members, args.seconds])])
                 if system != "floor" and not args.no_writers:
                     shutil.rmtree(place)
-                    shutil.copytree(root / f"template-{system}", place)
+                    shutil.copytree(template, place)
                     got["writers_per_s"] = run_writers(system, place, 2 * args.seconds)
-                if system in sizes:
-                    got["disk_mb"] = sizes[system] / 1e6
+                if template.name[len("template-"):] in sizes:
+                    got["disk_mb"] = sizes[template.name[len("template-"):]] / 1e6
                 runs[system].append(got)
                 shutil.rmtree(place)
                 shown = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(got.items()))
