@@ -33,9 +33,9 @@ import orjson
 
 from ...offload import off_loop
 from ...protocol import Document
-from ...query.evaluate import Predicate, compile_filter, needles, sort_pairs, token
-from ...query.plan import RANGE_OPS, Condition, Query
-from .indexes import PathIndex
+from ...query.evaluate import OTHER, Predicate, compile_filter, needles, sort_pairs, token
+from ...query.plan import RANGE_OPS, Query
+from .indexes import CollectionIndexes, PathIndex
 
 __all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
 
@@ -68,12 +68,13 @@ def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> 
     return out
 
 
-def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, ...]) -> tuple[Any, bool] | None:
-    """Candidate keys from the indexes (a set or list), and whether they are exactly the matches (one condition
-    that the index answers exactly); None when no index fits."""
+def _candidates(indexes: CollectionIndexes, query: Query) -> tuple[Any, bool] | None:
+    """Candidate keys from the indexes (a set, tuple or list), and whether they are exactly the matches (one
+    condition that the index answers exactly, no prefix); None when no index fits."""
+    conditions, paths = query.conditions, indexes.paths
     best: Any = None
     for c in conditions:
-        index = indexes.get(c.dotted)
+        index = paths.get(c.dotted)
         if index is None:
             continue
         keys: Any = None
@@ -83,23 +84,57 @@ def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, .
             keys = set().union(*(index.equal(v) for v in c.value)) if c.value else set()
         if keys is not None and (best is None or len(keys) < len(best)):
             best = keys
-    if best is not None:
-        return best, len(conditions) == 1
-    for c in conditions:
-        index = indexes.get(c.dotted)
-        if index is None or c.op not in RANGE_OPS:
-            continue
-        kind = type(c.value) is str
-        same = [d for d in conditions if d.path == c.path and d.op in RANGE_OPS and (type(d.value) is str) == kind]
-        low = high = None
-        for d in same:  # the tightest bound of each side
-            if d.op in ("$gt", "$gte"):
-                if low is None or d.value > low[0] or (d.value == low[0] and d.op == "$gt"):
-                    low = (d.value, d.op == "$gte")
-            elif high is None or d.value < high[0] or (d.value == high[0] and d.op == "$lt"):
-                high = (d.value, d.op == "$lte")
-        return index.range(low, high), len(same) == len(conditions)
-    return None
+    exact = len(conditions) == 1 and query.prefix is None
+    if best is None:
+        for c in conditions:
+            index = paths.get(c.dotted)
+            if index is None or c.op not in RANGE_OPS:
+                continue
+            kind = type(c.value) is str
+            same = [d for d in conditions
+                    if d.path == c.path and d.op in RANGE_OPS and (type(d.value) is str) == kind]
+            low = high = None
+            for d in same:  # the tightest bound of each side
+                if d.op in ("$gt", "$gte"):
+                    if low is None or d.value > low[0] or (d.value == low[0] and d.op == "$gt"):
+                        low = (d.value, d.op == "$gte")
+                elif high is None or d.value < high[0] or (d.value == high[0] and d.op == "$lt"):
+                    high = (d.value, d.op == "$lte")
+            best = index.range(low, high)
+            exact = len(same) == len(conditions) and query.prefix is None
+            break
+    if query.prefix is not None:
+        prefixed = indexes.prefixed(query.prefix)
+        if best is None or len(prefixed) < len(best):
+            return prefixed, not conditions
+    return (best, exact) if best is not None else None
+
+
+def _ordered(index: PathIndex, keys: Iterable[str], descending: bool) -> list[str]:
+    """``keys`` in the query order of ``index``'s path, from its entries (nothing decoded)."""
+    entries = index.entries
+    groups: tuple[list[tuple[Any, str]], list[tuple[Any, str]], list[str]] = ([], [], [])
+    for key in keys:
+        entry = entries.get(key)
+        if entry is None or entry[0] == OTHER:
+            groups[2].append(key)
+        else:
+            groups[entry[0]].append((entry[1], key))  # type: ignore[arg-type]
+    out: list[str] = []
+    for group in groups[:2]:
+        group.sort(key=_second)
+        group.sort(key=_first, reverse=descending)
+        out.extend(key for _value, key in group)
+    out.extend(sorted(groups[2]))
+    return out
+
+
+def _first(pair: tuple[Any, str]) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple[Any, str]) -> str:
+    return pair[1]
 
 
 def _scan(docs: Mapping[str, bytes], query: Query, mode: Mode, predicate: Predicate, marks: list[bytes],
@@ -141,16 +176,17 @@ def _scan(docs: Mapping[str, bytes], query: Query, mode: Mode, predicate: Predic
     return ordered[query.offset:end]
 
 
-def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
-          predicate: Predicate) -> list[tuple[str, Document]] | None:
-    """``order_by`` + ``limit`` by walking the index (see the module doc); None when it would cost too much."""
-    assert query.order is not None and query.limit is not None
-    wanted = query.offset + query.limit
+def _walk(coll: Mapping[str, bytes], keys: Iterable[str], query: Query, predicate: Predicate,
+          complete: bool) -> list[tuple[str, Document]] | None:
+    """``order_by`` + ``limit`` by checking ``keys`` in query order until enough matched (see the module doc);
+    None when it would cost too much, or when ``keys`` (not ``complete``: an index's numbers and strings only) ran
+    out while documents outside them may match."""
+    wanted = query.offset + (query.limit or 0)
     prefix = query.prefix
     loads = orjson.loads
     found: list[tuple[str, Document]] = []
     budget, steps = WALK_BUDGET, WALK_STEPS
-    for key in index.ordered(query.order.descending):
+    for key in keys:
         steps -= 1
         if steps < 0:
             return None  # a prefix that few indexed keys have: cheaper to select its keys and sort them
@@ -165,21 +201,24 @@ def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
                 found.append((key, doc))
                 if len(found) >= wanted:
                     return found[query.offset:]
-    # The numbers and strings ran out first: the rest (missing or other types) is not in the index.
-    return found[query.offset:] if len(found) >= wanted or index.typed_count() == len(coll) else None
+    return found[query.offset:] if complete else None
 
 
-async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex], query: Query, mode: Mode) -> Any:
+async def run_query(coll: Mapping[str, bytes], indexes: CollectionIndexes | None, query: Query, mode: Mode) -> Any:
     """The answer to ``query`` over ``coll`` (committed documents with their ``indexes``, or a transaction's view
-    with none): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
+    with None): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
     predicate = compile_filter(query.conditions)
-    found = _candidates(indexes, query.conditions) if indexes else None
-    if found is not None and found[1] and mode == "count" and query.prefix is None:
+    found = _candidates(indexes, query) if indexes is not None else None
+    if found is not None and found[1] and mode == "count":
         return len(considered(coll, found[0]))  # the index answered exactly: no document to decode
-    order_index = indexes.get(query.order.dotted) if indexes and query.order is not None else None
-    if mode == "find" and order_index is not None and query.limit is not None and \
-            (found is None or len(found[0]) > WALK_BUDGET):
-        walked = _walk(coll, order_index, query, predicate)
+    order = query.order
+    order_index = indexes.paths.get(order.dotted) if indexes is not None and order is not None else None
+    if mode == "find" and order is not None and order_index is not None and query.limit is not None:
+        if found is not None and len(found[0]) <= WALK_STEPS:  # few candidates: ordered from the index entries
+            walked = _walk(coll, _ordered(order_index, found[0], order.descending), query, predicate, True)
+        else:  # many: the index in order, numbers then strings (the rest is not in it)
+            walked = _walk(coll, order_index.ordered(order.descending), query, predicate,
+                           order_index.typed_count() == len(coll))
         if walked is not None:
             return walked
     prefix = query.prefix
