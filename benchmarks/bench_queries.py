@@ -159,6 +159,10 @@ async def worker(backend: str, location: str, members: int, repeats: int) -> dic
                 floor.append(time.perf_counter() - started)
             out["decode_all_ms"] = statistics.median(floor) * 1000
             del raws
+        idle = Ticker()  # the baseline: how late the ticker wakes with nothing running (the machine's own noise)
+        await asyncio.sleep(2.0)
+        await idle.stop()
+        out["idle_stall_ms"] = idle.longest * 1000
         out["queries"] = {}
         for name, (_what, call) in queries(members).items():
             out["queries"][name] = await time_calls(lambda call=call: call(store), repeats)
@@ -201,6 +205,8 @@ def report(results: dict[str, dict[str, Any]], members: int) -> list[Target]:
                 title=f"find / count over {members:,} members (warm: median of the repeats)")
     for name, (what, _call) in described.items():
         print(f"  {name}: {what}")
+    print("  longest ticker lateness over 2 s of an idle loop (the machine's noise, same run): " +
+          ", ".join(f"{b} {fmt(results[b]['idle_stall_ms'])} ms" for b in backends))
     if "json" in results:
         print(f"  json, the floor of an unindexed scan (orjson.loads of every member, same run): "
               f"{fmt(results['json']['decode_all_ms'])} ms")
