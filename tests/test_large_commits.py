@@ -114,3 +114,14 @@ async def test_a_large_commit_keeps_an_index_equal_to_the_documents(store) -> No
     for score in (0, 7, 49, 55):
         found = sorted(key for key, _ in await store.find("ix", {"score": score}))
         assert found == sorted(k for k, d in reference.items() if d["score"] == score)
+
+
+async def test_large_commits_with_expiries_keep_each_expiry(store) -> None:
+    """A large put_many with a ttl, then one without over half of its keys (which makes those permanent): the
+    expiring ones and the permanent ones are exactly as a small commit would leave them."""
+    await store.put_many("cd", {f"k{i}": {"i": i} for i in range(BIG)}, ttl=3600)
+    await store.put_many("cd", {f"k{i}": {"i": -i} for i in range(0, BIG, 2)})
+    expiring = await store._expiries("cd", None)
+    assert set(expiring) == {f"k{i}" for i in range(1, BIG, 2)}
+    assert await store.count("cd") == BIG
+    assert await store.get("cd", "k2") == {"i": -2}

@@ -23,9 +23,9 @@ generic plan). Collection names are restricted to ``[A-Za-z0-9_.-]`` (storage.co
 Indexes (postgres/indexes.py) are built on exactly :func:`num_expr`, :func:`txt_expr` (partial: ``WHERE collection =
 '...' AND jsonb_typeof(E) = 'number'`` / ``'string'``) and :func:`field` (GIN, ``jsonb_path_ops``, partial on the
 collection). A range condition carries its ``jsonb_typeof`` test so the partial index's predicate is implied; an
-``order_by`` on an indexed path with a ``limit`` becomes three branches (numbers, strings, the rest), each a top-N
-that an index scan answers (the rest through the ``_other`` index on the key), merged by an outer sort of at most
-three times ``offset + limit`` rows.
+``order_by`` on an indexed path with a ``limit`` (and no prefix) becomes three branches (numbers, strings, the
+rest), each a top-N that an index scan answers (the rest through the ``_other`` index on the key), merged by an
+outer sort of at most three times ``offset + limit`` rows.
 
 Visibility: :func:`visible` returns THE conditions every query ANDs (the collection today); a rule such as expiry is
 added there once and applies to ``find``, ``count`` and ``delete_many`` alike.
@@ -33,6 +33,7 @@ added there once and applies to ``find``, ``count`` and ``delete_many`` alike.
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -40,7 +41,7 @@ import orjson
 
 from ...query.evaluate import token
 from ...query.plan import RANGE_OPS, Condition, Query
-from .documents import prefix_upper_bound
+from .documents import live, prefix_upper_bound
 
 __all__ = ["literal", "field", "num_expr", "txt_expr", "visible", "Built", "build_find", "build_count",
            "build_delete"]
@@ -78,16 +79,18 @@ def other_types(path: tuple[str, ...]) -> str:
     return f"(jsonb_typeof({e}) IS NULL OR jsonb_typeof({e}) NOT IN ('number', 'string'))"
 
 
-def visible(collection: str) -> list[str]:
-    """THE conditions every query on ``collection`` ANDs: which stored rows exist for a query (see module doc)."""
-    return [f"collection = {literal(collection)}"]
+def visible(collection: str, b: Built) -> list[str]:
+    """THE conditions every query on ``collection`` ANDs: which stored rows exist for a query (see module doc):
+    the collection, and the rows visible at the store's now (expiry: postgres/documents.py ``live``)."""
+    return [f"collection = {literal(collection)}", live(b.param(b.now, "timestamptz"))]
 
 
 class Built:
     """An SQL statement being built: its parameters, bound in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: datetime) -> None:
         self.params: list[Any] = []
+        self.now = now  # the store's now, for the expiry condition (bound as a parameter, never SQL's now())
 
     def param(self, value: Any, cast: str) -> str:
         self.params.append(value)
@@ -153,7 +156,7 @@ def condition(c: Condition, b: Built) -> str:
 
 
 def where_clause(collection: str, query: Query, b: Built) -> str:
-    parts = visible(collection)
+    parts = visible(collection, b)
     if query.prefix is not None:
         p = b.param(query.prefix, "text")
         bound = prefix_upper_bound(query.prefix)
@@ -174,17 +177,19 @@ def _window(query: Query, b: Built) -> str:
     return out
 
 
-def build_find(collection: str, query: Query, indexed: frozenset[str] = frozenset()) -> tuple[str, list[Any]]:
+def build_find(collection: str, query: Query, indexed: frozenset[str], now: datetime) -> tuple[str, list[Any]]:
     """``SELECT key, doc`` for ``find``; ``indexed``: the collection's indexed paths (they choose the SQL's shape,
-    never its answer)."""
-    b = Built()
+    never its answer); ``now``: the store's now (expiry)."""
+    b = Built(now)
     where = where_clause(collection, query, b)
     order = query.order
     if order is None:
         return f"SELECT key, doc FROM storage_documents WHERE {where} ORDER BY key{_window(query, b)}", b.params
     d = " DESC" if order.descending else ""
     num, txt, e = num_expr(order.path), txt_expr(order.path), field(order.path)
-    if order.dotted not in indexed or query.limit is None:
+    if order.dotted not in indexed or query.limit is None or query.prefix is not None:
+        # With a prefix the key range is the better path (a guild's members), and a prepared statement's generic
+        # plan, which cannot see how narrow the prefix is, might otherwise walk the whole order index instead.
         return (f"SELECT key, doc FROM storage_documents WHERE {where} ORDER BY {rank_expr(order.path)}, "
                 f"{num}{d}, {txt}{d}, key{_window(query, b)}"), b.params
     top = f" LIMIT {b.param(query.offset + query.limit, 'bigint')}"
@@ -201,15 +206,15 @@ def build_find(collection: str, query: Query, indexed: frozenset[str] = frozense
             f"{_window(query, b)}"), b.params
 
 
-def build_count(collection: str, query: Query) -> tuple[str, list[Any]]:
-    b = Built()
+def build_count(collection: str, query: Query, now: datetime) -> tuple[str, list[Any]]:
+    b = Built(now)
     return f"SELECT count(*) FROM storage_documents WHERE {where_clause(collection, query, b)}", b.params
 
 
-def build_delete(collection: str, query: Query, *, returning: bool) -> tuple[str, list[Any]]:
+def build_delete(collection: str, query: Query, now: datetime, *, returning: bool) -> tuple[str, list[Any]]:
     """``returning``: the deleted keys come back (a cache to invalidate); else only their number (no row to send
-    and decode, however many were deleted)."""
-    b = Built()
+    and decode, however many were deleted). Expired rows are neither counted nor deleted (the sweep takes them)."""
+    b = Built(now)
     tail = " RETURNING key" if returning else ""
     return f"DELETE FROM storage_documents WHERE {where_clause(collection, query, b)}{tail}", b.params
 
