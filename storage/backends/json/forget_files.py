@@ -45,8 +45,8 @@ from ...fsutil import atomic_write, fsync_dir, write_all
 from ...ownership import Owner
 from .message_files import GENERATION_NAME, MESSAGES_DIR, block_ids, corrupt, line_id, list_files, parse_line
 
-__all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "recover", "sweep",
-           "file_ids", "lines_with", "without_author", "is_forget_entry"]
+__all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "intent_path",
+           "intent_pending", "recover", "sweep", "file_ids", "lines_with", "without_author", "is_forget_entry"]
 
 log = logging.getLogger("storage.json.forget")
 
@@ -288,6 +288,16 @@ def _move(root: Path, moves: list[tuple[Path, Path]]) -> None:
 def pending(data_path: Path) -> bool:
     """Whether a forget's intent waits to be resolved (one ``stat``: checked at every lock)."""
     return os.path.lexists(data_path / INTENT_NAME)
+
+
+def intent_path(data_path: Path) -> str:
+    """Where the intent would be, for :func:`intent_pending` (a store computes it once)."""
+    return os.fspath(data_path / INTENT_NAME)
+
+
+def intent_pending(intent: str) -> bool:
+    """:func:`pending` given :func:`intent_path`: one ``lstat`` and no path join (checked at every lock)."""
+    return os.path.lexists(intent)
 
 
 def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tuple[str, str, bool]], list[str]]:
