@@ -47,6 +47,7 @@ from ... import cancellation
 from ...codec import decode_doc
 from ...config import StoreConfig
 from ...documents import apply_update
+from ...feed import ChangeFeed
 from ...errors import (
     DatabaseError,
     LockTimeoutError,
@@ -61,6 +62,7 @@ from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ..base import BackendBase, TransactionBase
 from . import restore as json_restore
+from .feed import JsonFeed
 from .group_commit import Failed, GroupCommit
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
@@ -115,6 +117,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
+        #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
+        self._feed = JsonFeed(self._refresh, self._catch_up_now)
+        self._tables.feed = self._feed.feed
 
     def __repr__(self) -> str:
         mode = " read_only" if self.read_only else ""
@@ -222,6 +227,19 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         if tables.need_reload or tables.need_lock:
             async with self._locked():
                 pass  # _locked() catches up (and reloads) under the lock
+
+    def _catch_up_now(self) -> None:
+        """The synchronous part of :meth:`_refresh` (no lock taken): what a watch runs as it begins."""
+        if self._holding or self._closed:
+            return
+        with self._io("reading the journal"):
+            if self.read_only:
+                self._tables.refresh_read_only()
+            else:
+                self._tables.follow(locked=False)
+
+    def _change_feed(self) -> ChangeFeed:
+        return self._feed.feed
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
@@ -563,11 +581,13 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             await self._commits.wait()
             await self._messages.wait()
+            await self._feed.close()  # watchers end after the last commits' changes
             if self._tables.dirty and not self.read_only and self._suspect is None:
                 async with self._locked():
                     if self._tables.dirty:
                         await self._run_compaction()
         finally:
+            self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._journal.close()
             self._flock.close()
             self._messages.close()

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ...codec import OWN_COLLECTIONS, check_collection
 from ...errors import CorruptDataError, ExternalChangeError, ValidationError
+from ...feed import ChangeFeed
 from ...fsutil import atomic_write, fsync_dir
 from .journal import Journal, Op
 from .lock import Committed, SidecarLock
@@ -72,6 +73,8 @@ class Tables:
         self.merge_external = False
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
         self.min_compact_bytes = MIN_COMPACT_BYTES
+        #: Told of every committed operation applied here, in commit order (json/feed.py); None: nobody asked.
+        self.feed: ChangeFeed | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # the committed end (published in storage.lock)
@@ -129,8 +132,14 @@ class Tables:
                                        "the file was left as it is", path=str(self.path / (name + ".json")))
         self.data, self.sizes, self.foreign, self.dirty, self.files = data, sizes, foreign, set(), files
         self.need_reload = self.need_lock = False
-        for ops in records:
-            self.apply(ops)
+        feed, self.feed = self.feed, None  # a reload replays records watchers may have seen: they resync instead
+        try:
+            for ops in records:
+                self.apply(ops)
+        finally:
+            self.feed = feed
+            if feed is not None:
+                feed.resync()
 
     def record_checksums(self) -> None:
         """Under the lock, after loading: record in the journal's header the checksum of every snapshot it does
@@ -167,6 +176,8 @@ class Tables:
     # applying committed changes to memory
     def apply(self, ops: list[Op]) -> None:
         data, sizes = self.data, self.sizes
+        feed = self.feed
+        publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
         for op in ops:
             coll_name, key = op[1], op[2]
             coll = data.get(coll_name)
@@ -180,8 +191,12 @@ class Tables:
                 new: bytes = op[3]  # type: ignore[misc]
                 coll[key] = new
                 sizes[coll_name] += len(key) + len(new) + OVERHEAD
+                if publish is not None:
+                    publish(coll_name, key, "put", new)
             elif old is not None:
                 del coll[key]
+                if publish is not None:
+                    publish(coll_name, key, "delete", None)
             self.dirty.add(coll_name)
 
     # ---------------------------------------------------------------------------------------------------------------
