@@ -16,8 +16,8 @@ cache, off by default: with it on, another process's write to a key this process
 after the entry expires), ``STORAGE_CACHE`` (``coherent``, the default on PostgreSQL where LISTEN works: a ``get``
 cache every process's commits invalidate; ``ttl``: the ``STORAGE_CACHE_TTL`` one, picked when only that is set;
 ``off``), ``STORAGE_CACHE_SIZE`` (entries, default 100000), ``STORAGE_LISTEN_DSN`` (a direct connection for
-LISTEN when the main DSN goes through PgBouncer), ``STORAGE_COMMAND_TIMEOUT`` (seconds, default 60: the longest any one wait on the
-PostgreSQL server may take, a statement or a connection from the pool, before the call fails with
+LISTEN when the main DSN goes through PgBouncer), ``STORAGE_COMMAND_TIMEOUT`` (seconds, default 60: the longest
+any one wait on the PostgreSQL server may take, a statement or a connection from the pool, before the call fails with
 :class:`storage.ConnectionError` and a frozen connection is abandoned).
 
 :meth:`StoreConfig.for_location` takes every one of these settings from the environment but the location, which the

@@ -53,7 +53,7 @@ _Queued = tuple[str, str, Op, "bytes | str | None"]
 class _Subscription:
     """One watcher's filter and bounded queue. Pushed to synchronously (never awaits, never blocks a writer)."""
 
-    __slots__ = ("__weakref__", "collection", "prefix", "limit", "items", "waiter", "closed", "overflows")
+    __slots__ = ("__weakref__", "closed", "collection", "items", "limit", "overflows", "prefix", "waiter")
 
     def __init__(self, collection: str | None, prefix: str | None, limit: int) -> None:
         self.collection = collection
@@ -117,6 +117,10 @@ class ChangeFeed:
         """Whether anyone watches (a backend may stop following when nobody does)."""
         return bool(self._subs)
 
+    def wants(self, collection: str, key: str) -> bool:
+        """Whether any watcher would receive a change of this key (a backend may skip work for nobody)."""
+        return any(sub.wants(collection, key) for sub in list(self._subs))
+
     def watch(self, collection: str | None, prefix: str | None) -> Watch:
         """A new watcher; changes published from now on reach it (see :class:`Watch`)."""
         if self.closed:
@@ -169,7 +173,7 @@ class Watch:
     unsubscribed by the garbage collector).
     """
 
-    __slots__ = ("_feed", "_sub", "_readied")
+    __slots__ = ("_feed", "_readied", "_sub")
 
     def __init__(self, feed: ChangeFeed, sub: _Subscription) -> None:
         self._feed = feed

@@ -47,7 +47,6 @@ from ... import cancellation
 from ...codec import decode_doc
 from ...config import StoreConfig
 from ...documents import apply_update
-from ...feed import ChangeFeed
 from ...errors import (
     DatabaseError,
     LockTimeoutError,
@@ -55,6 +54,7 @@ from ...errors import (
     StorageIOError,
     ValidationError,
 )
+from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns

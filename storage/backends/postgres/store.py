@@ -73,17 +73,22 @@ from ...dsn import mask_secrets
 from ...errors import (
     ConnectionError,
     DatabaseError,
+    FeedUnavailableError,
     MigrationError,
     StoreClosedError,
     TransactionError,
     ValidationError,
 )
+from ...feed import ChangeFeed
 from ...interfaces import BackendTransaction, MigrationLock
 from ...protocol import Document, UpdateFn
 from ..base import BackendBase, TransactionBase
 from . import conn as pg_conn
 from . import documents as sql
+from . import notify
+from .coherent_cache import CoherentCache
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
+from .feed import PgFeed
 from .ingest import RowEncoder, replay
 from .lane import Lane
 from .messages import COLUMNS, PgMessagesMixin
@@ -133,7 +138,18 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         #: The asyncpg pool: an escape hatch for migrations and hand-written SQL.
         self.pool: Any = None
         self._target = describe_target(config.dsn)
-        self._cache = DatabaseCache(ttl=config.cache_ttl)
+        #: The read cache (STORAGE_CACHE): coherent (postgres/coherent_cache.py, live once the listener is up),
+        #: the ttl one, or none (a DatabaseCache with ttl 0 never stores).
+        self._coherent: CoherentCache | None = None
+        mode = config.cache_mode
+        if mode == "coherent" and self._feed_possible():
+            self._cache: DatabaseCache | CoherentCache = CoherentCache(config.cache_size)
+            self._coherent = self._cache
+        else:
+            self._cache = DatabaseCache(ttl=config.cache_ttl if mode == "ttl" else 0, max_entries=config.cache_size)
+        #: store.watch() and the coherent cache's invalidations (postgres/feed.py), once open
+        self._pgfeed: PgFeed | None = None
+        self._channel = ""  # the schema's notification channel (postgres/notify.py), known once open
         self._writes = 0  # bumped after every write of this store: a read in flight across one must not cache
         self._quiet: set[int] = set()  # server pids of connections our own code is using (see _reset_connection)
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
@@ -188,12 +204,36 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         try:
             async with self.pool.acquire() as conn:  # with pool_min=0 this is the first connection
                 await ensure_schema(conn, read_only=config.read_only)
+                self._channel = notify.channel_for(await conn.fetchval("SELECT current_schema()"))
         except _OPEN_ERRORS as exc:
             self.pool.terminate()
             raise self._open_error(exc) from exc
         except BaseException:
             self.pool.terminate()
             raise
+        if self._feed_possible():
+            self._pgfeed = PgFeed(config.listen_dsn or str(config.dsn), self._channel, target=self._target,
+                                  connect_timeout=CONNECT_TIMEOUT, cache=self._coherent, fetch=self._fetch_encoded)
+            if self._coherent is not None and not await self._pgfeed.start_cache():
+                log.warning("%s: the listening connection is not up yet: the coherent cache stays off until it is",
+                            self._target)
+
+    def _feed_possible(self) -> bool:
+        """LISTEN needs a session of its own: not through a transaction pooler, unless a direct DSN is given."""
+        return not self.config.pgbouncer or bool(self.config.listen_dsn)
+
+    def _change_feed(self) -> ChangeFeed:
+        if self._pgfeed is None:
+            raise FeedUnavailableError(
+                f"{self._target}: store.watch() needs LISTEN, which does not work through PgBouncer in transaction "
+                "mode (STORAGE_PGBOUNCER=1): set STORAGE_LISTEN_DSN to a direct connection to the server")
+        return self._pgfeed.feed
+
+    async def _fetch_encoded(self, collection: str, keys: list[str]) -> dict[str, bytes]:
+        """The current documents of ``keys``, encoded: what the feed publishes for a large document."""
+        async with self._connection("watch") as conn:
+            docs = await sql.get_many(conn, collection, keys)
+        return {key: orjson.dumps(doc) for key, doc in docs.items()}
 
     def _open_error(self, exc: BaseException) -> DatabaseError:
         """A clear message for the first thing a user sees when the DSN, the password or the server is wrong."""
@@ -218,6 +258,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         if self._closed:
             return
         self._closed = True
+        if self._pgfeed is not None:
+            await self._pgfeed.close()
         await self._cache.clear()
         pool = self.pool
         if pool is None:
@@ -258,6 +300,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
         return _Borrowed(self, what, lane)
 
+    async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]]) -> None:
+        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document)."""
+        await notify.send(conn, self._channel, notify.payloads(collection, items))
+
     def _invalidate(self, collection: str, keys: Any) -> None:
         self._writes += 1
         cache = self._cache
@@ -269,6 +315,22 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     # document primitives
     async def _get(self, collection: str, key: str) -> Document | None:
         cache_key = (collection, key)
+        coherent = self._coherent
+        if coherent is not None:
+            text = coherent.get_nowait(cache_key)
+            if text is None:
+                ticket = coherent.begin(cache_key)
+                done = False
+                try:
+                    async with self._connection("get") as conn:
+                        text = await sql.get_text(conn, collection, key)
+                    done = True
+                finally:
+                    coherent.end(cache_key, ticket, (text or "") if done else None)
+            if not text:
+                return None
+            found: Document = orjson.loads(text)
+            return found
         text = self._cache.get_nowait(cache_key)
         if text is None:
             writes = self._writes
@@ -276,7 +338,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 text = await sql.get_text(conn, collection, key)
             if text is None:
                 return None
-            if writes == self._writes:
+            if writes == self._writes and isinstance(self._cache, DatabaseCache):
                 self._cache.set_nowait(cache_key, text)
         doc: Document = orjson.loads(text)
         return doc
@@ -288,21 +350,23 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
         try:
             async with self._connection("put") as conn:
-                await sql.put(conn, collection, items)
+                await notify.put(conn, self._channel, collection, items)
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         try:
             async with self._connection("delete") as conn:
-                return await sql.delete(conn, collection, key)
+                return await notify.delete(conn, self._channel, collection, key)
         finally:
             self._invalidate(collection, (key,))
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
         try:
             async with self._connection("update") as conn, pg_conn.transaction(conn):
-                return await sql.update(conn, collection, key, fn, default, in_transaction=False)
+                doc = await sql.update(conn, collection, key, fn, default, in_transaction=False)
+                await self._notify_written(conn, collection, [(key, orjson.dumps(doc))])
+                return doc
         finally:
             self._invalidate(collection, (key,))
 
@@ -357,6 +421,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                     raise
                 with contextlib.suppress(TransactionError):
                     await tx._check_not_aborted()  # records the failure in tx._failed
+                if tx._hatch_used and tx._failed is None:  # SQL we cannot describe: every watcher resyncs
+                    with contextlib.suppress(DatabaseError):  # a failure is recorded in tx._failed: rolled back
+                        async with tx._use("commit") as used:
+                            await notify.send(used, self._channel, [notify.RESYNC_PAYLOAD])
                 tx._finish()
                 self._reset_after(conn, tx)
                 if tx._failed is not None:
@@ -594,17 +662,19 @@ class PgTransaction(TransactionBase):
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
-            await sql.put(conn, collection, items)
+            await notify.put(conn, self._store._channel, collection, items)
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._wrote(collection, (key,))
         async with self._use("delete") as conn:
-            return await sql.delete(conn, collection, key)
+            return await notify.delete(conn, self._store._channel, collection, key)
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
         self._wrote(collection, (key,))
         async with self._use("update") as conn:
-            return await sql.update(conn, collection, key, fn, default, in_transaction=True)
+            doc = await sql.update(conn, collection, key, fn, default, in_transaction=True)
+            await self._store._notify_written(conn, collection, [(key, orjson.dumps(doc))])
+            return doc
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         return _paged_items(self._use, collection, prefix)

@@ -1,0 +1,106 @@
+"""What a PostgreSQL write tells the other processes: ``pg_notify`` inside the writing transaction.
+
+PostgreSQL delivers a notification only when its transaction commits, to every session listening on the channel,
+in commit order (and in the order sent within one transaction). So a write that sends, *in its own transaction*,
+what it changed gives every listener (postgres/listener.py) each committed change exactly once, after the commit,
+never for a write that rolled back; and two writes of one key, which row locks serialize, arrive in commit order.
+
+How it is sent (measured, benchmarks/bench_feed.py): as part of the write's own statement, a data-modifying ``WITH``
+whose outer ``SELECT`` calls ``pg_notify`` (``WITH w AS (INSERT ...) SELECT pg_notify($ch, $payload)``), so a
+``put`` stays one round trip. A trigger would also catch writes made with hand-written SQL, but a row or statement
+trigger in PL/pgSQL cost 25-40% more per ``put`` here even when it found nobody listening, against a few percent
+for the statement form. Writes this library cannot describe (SQL through ``tx.connection``) send ``resync``.
+``update()`` sends its notification as one more statement of its transaction (its result is known only then).
+
+Payload: a JSON array of operations in the journal's shape: ``["p", collection, key, doc]`` (put),
+``["f", collection, key]`` (put of a document larger than :data:`INLINE_DOC` bytes: NOTIFY payloads must stay under
+8000 bytes, so the listener reads it from the table instead), ``["d", collection, key]`` (delete) and ``["r"]``
+(resync: something changed that the writer cannot list). A batch is cut into as many notifications as needed.
+
+Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
+the schema name (channel names are identifiers of at most 63 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+__all__ = ["channel_for", "payloads", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC", "put", "delete", "send"]
+
+#: Bytes per notification, under PostgreSQL's limit of 8000.
+MAX_PAYLOAD = 7900
+#: Documents larger than this are not sent in the notification; the listener reads them (see the module doc).
+INLINE_DOC = 3000
+RESYNC_PAYLOAD = '[["r"]]'
+
+_PUT_ONE = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) VALUES ($1, $2, $3) "
+            "ON CONFLICT (collection, key) DO UPDATE SET doc = EXCLUDED.doc) SELECT pg_notify($4, $5)")
+_PUT_MANY = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) "
+             "SELECT $1, k, d FROM unnest($2::text[], $3::jsonb[]) AS u(k, d) "
+             "ON CONFLICT (collection, key) DO UPDATE SET doc = EXCLUDED.doc) "
+             "SELECT pg_notify($4, p) FROM unnest($5::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i")
+_DELETE = ("WITH w AS (DELETE FROM storage_documents WHERE collection = $1 AND key = $2 RETURNING 1) "
+           "SELECT count(*) FROM (SELECT pg_notify($3, $4) FROM w) AS n")
+_SEND = "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i"
+
+
+def channel_for(schema: str) -> str:
+    """The notification channel of the store whose tables live in ``schema``."""
+    return "storage_changes_" + hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()
+
+
+def _item(collection: bytes, key: str, doc: bytes | None, delete: bool) -> bytes:
+    head = orjson.dumps(key)
+    if delete:
+        return b'["d",' + collection + b"," + head + b"]"
+    if doc is None or len(doc) > INLINE_DOC:
+        return b'["f",' + collection + b"," + head + b"]"
+    return b'["p",' + collection + b"," + head + b"," + doc + b"]"
+
+
+def payloads(collection: str, items: Iterable[tuple[str, bytes | None]], *, delete: bool = False) -> list[str]:
+    """The notifications for puts of ``(key, encoded doc)`` (``doc`` None: the listener reads it) or, with
+    ``delete``, deletes of the keys; each under :data:`MAX_PAYLOAD` bytes, in order."""
+    coll = orjson.dumps(collection)
+    out: list[str] = []
+    parts: list[bytes] = []
+    size = 2
+    for key, doc in items:
+        item = _item(coll, key, doc, delete)
+        if parts and size + len(item) + 1 > MAX_PAYLOAD:
+            out.append((b"[" + b",".join(parts) + b"]").decode())
+            parts, size = [], 2
+        parts.append(item)
+        size += len(item) + 1
+    if parts:
+        out.append((b"[" + b",".join(parts) + b"]").decode())
+    return out
+
+
+async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]]) -> None:
+    """``documents.put`` that notifies in the same statement (so in the same transaction)."""
+    if len(items) == 1:
+        key, raw = items[0]
+        await conn.execute(_PUT_ONE, collection, key, raw, channel, payloads(collection, items)[0])
+        return
+    latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
+    keys = sorted(latest)
+    docs = [latest[k] for k in keys]
+    await conn.execute(_PUT_MANY, collection, keys, docs, channel, payloads(collection, zip(keys, docs)))
+
+
+async def delete(conn: Any, channel: str, collection: str, key: str) -> bool:
+    """``documents.delete`` that notifies in the same statement when a document was deleted."""
+    deleted: int = await conn.fetchval(_DELETE, collection, key, channel,
+                                       payloads(collection, [(key, None)], delete=True)[0])
+    return deleted > 0
+
+
+async def send(conn: Any, channel: str, notes: list[str]) -> None:
+    """Send notifications built by :func:`payloads` (inside the caller's transaction)."""
+    if notes:
+        await conn.execute(_SEND, channel, notes)
