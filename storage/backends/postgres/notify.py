@@ -13,9 +13,14 @@ for the statement form. Writes this library cannot describe (SQL through ``tx.co
 ``update()`` sends its notification as one more statement of its transaction (its result is known only then).
 
 Payload: a JSON array of operations in the journal's shape: ``["p", collection, key, doc]`` (put),
-``["f", collection, key]`` (put of a document larger than :data:`INLINE_DOC` bytes: NOTIFY payloads must stay under
-8000 bytes, so the listener reads it from the table instead), ``["d", collection, key]`` (delete) and ``["r"]``
-(resync: something changed that the writer cannot list). A batch is cut into as many notifications as needed.
+``["d", collection, key]`` (delete), ``["r"]`` (resync: something changed that the writer cannot list), and
+``["f", collection, key]`` (a put whose document the writer does not have: ``refresh_member_statistics``'s SQL;
+the listener reads it after the commit). A batch is cut into as many notifications as needed. NOTIFY payloads
+must stay under 8000 bytes, so a document larger than :data:`INLINE_DOC` bytes travels in pieces first, one
+notification each (``[["c", base64 piece]]``), then ``["q", collection, key]`` says whose document they make: one
+transaction's notifications are delivered together and in order, never interleaved with another's, so the listener
+gets the exact version committed (reading it from the table later could give a newer one). ``["s", token]`` is
+a marker the store sends itself (see PgFeed.sync).
 
 Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
 the schema name (channel names are identifiers of at most 63 bytes).
@@ -23,6 +28,7 @@ the schema name (channel names are identifiers of at most 63 bytes).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,8 +39,10 @@ __all__ = ["channel_for", "payloads", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_D
 
 #: Bytes per notification, under PostgreSQL's limit of 8000.
 MAX_PAYLOAD = 7900
-#: Documents larger than this are not sent in the notification; the listener reads them (see the module doc).
+#: Documents larger than this travel in pieces (see the module doc).
 INLINE_DOC = 3000
+#: Bytes of a document per piece (base64 makes them 4/3 as many).
+PIECE = 5600
 RESYNC_PAYLOAD = '[["r"]]'
 
 _PUT_ONE = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) VALUES ($1, $2, $3) "
@@ -53,15 +61,6 @@ def channel_for(schema: str) -> str:
     return "storage_changes_" + hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()
 
 
-def _item(collection: bytes, key: str, doc: bytes | None, delete: bool) -> bytes:
-    head = orjson.dumps(key)
-    if delete:
-        return b'["d",' + collection + b"," + head + b"]"
-    if doc is None or len(doc) > INLINE_DOC:
-        return b'["f",' + collection + b"," + head + b"]"
-    return b'["p",' + collection + b"," + head + b"," + doc + b"]"
-
-
 def payloads(collection: str, items: Iterable[tuple[str, bytes | None]], *, delete: bool = False) -> list[str]:
     """The notifications for puts of ``(key, encoded doc)`` (``doc`` None: the listener reads it) or, with
     ``delete``, deletes of the keys; each under :data:`MAX_PAYLOAD` bytes, in order."""
@@ -69,21 +68,37 @@ def payloads(collection: str, items: Iterable[tuple[str, bytes | None]], *, dele
     out: list[str] = []
     parts: list[bytes] = []
     size = 2
-    for key, doc in items:
-        item = _item(coll, key, doc, delete)
-        if parts and size + len(item) + 1 > MAX_PAYLOAD:
+
+    def flush() -> None:
+        nonlocal parts, size
+        if parts:
             out.append((b"[" + b",".join(parts) + b"]").decode())
             parts, size = [], 2
+
+    for key, doc in items:
+        head = orjson.dumps(key)
+        if delete:
+            item = b'["d",' + coll + b"," + head + b"]"
+        elif doc is None:
+            item = b'["f",' + coll + b"," + head + b"]"
+        elif len(doc) > INLINE_DOC:
+            flush()
+            for start in range(0, len(doc), PIECE):
+                out.append('[["c","' + base64.b64encode(doc[start:start + PIECE]).decode() + '"]]')
+            item = b'["q",' + coll + b"," + head + b"]"
+        else:
+            item = b'["p",' + coll + b"," + head + b"," + doc + b"]"
+        if parts and size + len(item) + 1 > MAX_PAYLOAD:
+            flush()
         parts.append(item)
         size += len(item) + 1
-    if parts:
-        out.append((b"[" + b",".join(parts) + b"]").decode())
+    flush()
     return out
 
 
 async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]]) -> None:
     """``documents.put`` that notifies in the same statement (so in the same transaction)."""
-    if len(items) == 1:
+    if len(items) == 1 and len(items[0][1]) <= INLINE_DOC:
         key, raw = items[0]
         await conn.execute(_PUT_ONE, collection, key, raw, channel, payloads(collection, items)[0])
         return

@@ -229,6 +229,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 "mode (STORAGE_PGBOUNCER=1): set STORAGE_LISTEN_DSN to a direct connection to the server")
         return self._pgfeed.feed
 
+    async def _send_marker(self, payload: str) -> None:
+        async with self._connection("close") as conn:
+            await notify.send(conn, self._channel, [payload])
+
     async def _fetch_encoded(self, collection: str, keys: list[str]) -> dict[str, bytes]:
         """The current documents of ``keys``, encoded: what the feed publishes for a large document."""
         async with self._connection("watch") as conn:
@@ -257,6 +261,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent."""
         if self._closed:
             return
+        if self._pgfeed is not None and self._pgfeed.feed.active:
+            await self._pgfeed.sync(self._send_marker, 1.0)  # watchers get this process's last changes first
         self._closed = True
         if self._pgfeed is not None:
             await self._pgfeed.close()
