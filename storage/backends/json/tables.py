@@ -205,11 +205,24 @@ class Tables:
         """Apply what other processes committed; flag a catch-up under the lock or a full reload when needed."""
         if self.need_reload or self.journal.fd < 0 or not self.journal.changed():
             return
-        found = self.journal.follow(self.committed, locked=locked)
-        for index, ops in enumerate(found.records):
-            if index == found.switched_at:
-                self.dirty = set()  # another process compacted: its snapshots hold everything before this
-            self.apply(ops)
+        journal = self.journal
+        ino, offset = journal.ino, journal.offset
+        found = journal.follow(self.committed, locked=locked)
+        feed = self.feed
+        # A rebase copied records we applied already (journal.py): watchers resync rather than see them twice.
+        repeats = feed is not None and (journal.crossed_copy or journal.repeats_until > (
+            offset if journal.ino == ino else 0))
+        if repeats:
+            self.feed = None
+        try:
+            for index, ops in enumerate(found.records):
+                if index == found.switched_at:
+                    self.dirty = set()  # another process compacted: its snapshots hold everything before this
+                self.apply(ops)
+        finally:
+            if repeats and feed is not None:
+                self.feed = feed
+                feed.resync()
         if found.switched_at == len(found.records):
             self.dirty = set()
         self.need_reload = found.reload
@@ -271,6 +284,7 @@ class Tables:
             checksums[name] = crc
             self.files[name] = (_signature(os.stat(target)), crc)
         fsync_dir(self.path)
+        self.journal.keep_previous()  # for followers that miss this generation entirely
         self.journal.mark_replacing()
         try:
             Journal.create(self.journal.path, self.journal.generation + 1, checksums,
