@@ -12,6 +12,11 @@ record, a JSON array of operations ``["p", collection, key, doc]`` (put) or ``["
 Every operation is a whole-document put or a delete, so replaying a journal onto a snapshot that already contains
 some of it gives the same result: that is what makes a crash mid-compaction harmless.
 
+The header may also say ``"previous_end"`` (where the previous generation's committed records end: followers
+read the old file to there, then go on in this one) and ``"copied"`` (a rebase started this generation with that
+many bytes of the previous one's records). A compaction keeps the file it replaces as ``storage.journal.<N>``
+until the next one (:meth:`Journal.keep_previous`), for followers that miss a whole generation.
+
 Crash rules: one commit (a group of concurrent writers' changes) is one line written by one ``write()``; it is
 acknowledged only after its fsync, and the next write starts only after that, so only the *last* record can be
 torn. A torn last record (no newline, or not parseable) is dropped with a warning and truncated away under the
@@ -302,8 +307,9 @@ class Journal:
         and only when it names the file being read; otherwise, unlocked, the result asks for a catch-up under the
         lock. After another process compacted, the rest of the old file is read through our still-open descriptor
         (up to the new header's ``previous_end``: the old generation's final committed end), then the new file is
-        followed from its header if it is exactly the next generation; if not (two compactions happened
-        meanwhile), the caller must reload the snapshots under the lock.
+        followed from its header if it is exactly the next generation. If two compactions happened meanwhile, the
+        generation in between is read from the file the second one kept (:meth:`keep_previous`); when that is
+        gone too, the caller must reload the snapshots under the lock.
         """
         self.crossed_copy = False
         if self.size() < self.offset:
