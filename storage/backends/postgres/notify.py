@@ -44,6 +44,7 @@ INLINE_DOC = 3000
 #: Bytes of a document per piece (base64 makes them 4/3 as many).
 PIECE = 5600
 RESYNC_PAYLOAD = '[["r"]]'
+_dumps = orjson.dumps
 
 _PUT_ONE = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) VALUES ($1, $2, $3) "
             "ON CONFLICT (collection, key) DO UPDATE SET doc = EXCLUDED.doc) SELECT pg_notify($4, $5)")
@@ -100,7 +101,9 @@ async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[st
     """``documents.put`` that notifies in the same statement (so in the same transaction)."""
     if len(items) == 1 and len(items[0][1]) <= INLINE_DOC:
         key, raw = items[0]
-        await conn.execute(_PUT_ONE, collection, key, raw, channel, payloads(collection, items)[0])
+        # the one-put payload of payloads(), built directly: this runs on every save
+        note = '[["p",' + _dumps(collection).decode() + "," + _dumps(key).decode() + "," + raw.decode() + "]]"
+        await conn.execute(_PUT_ONE, collection, key, raw, channel, note)
         return
     latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
     keys = sorted(latest)
