@@ -240,19 +240,22 @@ async def json_backend(folder: str, seconds: float, count: int, *, deliveries: i
             u, g = member_ids(i % 1000)
             return await store.save_member_data(u, g, member_doc(i % 1000, i))
 
-        # Alternating rounds; the other process's watcher is stopped (SIGSTOP) outside its rounds: a stopped
-        # watcher costs the writer nothing (the JSON writer never knows who watches), so it stands for "nobody".
-        samples: dict[str, list[float]] = {"nobody watching": [], "watcher in another process": [],
-                                           "watcher in this process": []}
+        # Alternating rounds: nobody watching and a watcher in this process (subscribed and drained for its round);
+        # then, against a baseline of their own, a watcher in another process running or stopped (SIGSTOP: a
+        # stopped watcher costs the writer nothing, since a JSON writer never knows who watches).
+        samples: dict[str, list[float]] = {"nobody watching": [], "watcher in this process": [],
+                                           "another process's watcher stopped": [], "watcher in another process": []}
+        for _ in range(count):
+            samples["nobody watching"].append((await paired({"s": save}, seconds))["s"])
+            watch = await store.watch().ready()
+            task = asyncio.create_task(_drain(watch))
+            samples["watcher in this process"].append((await paired({"s": save}, seconds))["s"])
+            task.cancel()
+            await watch.aclose()
         async with OtherWatcher(config) as other:
             for _ in range(count):
                 os.kill(other.proc.pid, signal.SIGSTOP)
-                samples["nobody watching"].append((await paired({"s": save}, seconds))["s"])
-                watch = await store.watch().ready()
-                task = asyncio.create_task(_drain(watch))
-                samples["watcher in this process"].append((await paired({"s": save}, seconds))["s"])
-                task.cancel()
-                await watch.aclose()
+                samples["another process's watcher stopped"].append((await paired({"s": save}, seconds))["s"])
                 os.kill(other.proc.pid, signal.SIGCONT)
                 samples["watcher in another process"].append((await paired({"s": save}, seconds))["s"])
         out["save_us"] = {name: statistics.median(values) for name, values in samples.items()}
@@ -316,13 +319,14 @@ def report(results: dict[str, Any]) -> list[Target]:
             base = res["today (no notify)"]
             ratio[phase + suffix] = res["notify"] / base
             saves += [[f"postgres{what}, {label}: {name}", fmt(us), fmt(us / base)] for name, us in res.items()]
-    jbase = js["save_us"]["nobody watching"]
-    saves += [["json: " + name, fmt(us), fmt(us / jbase)] for name, us in js["save_us"].items()]
     mem = js.get("memory_fs")
-    if mem is not None:
-        mbase = mem["save_us"]["nobody watching"]
-        saves += [["json in /dev/shm (no fsync): " + name, fmt(us), fmt(us / mbase)]
-                  for name, us in mem["save_us"].items()]
+    for label, res in (("json", js), ("json in /dev/shm (no fsync)", mem)):
+        if res is None:
+            continue
+        us = res["save_us"]
+        nobody, stopped = us["nobody watching"], us["another process's watcher stopped"]
+        saves += [[f"{label}: {name}", fmt(value), fmt(value / (stopped if "another" in name else nobody))]
+                  for name, value in us.items()]
     print_table(["save_member_data", "us/call", "x without"], saves, title="What the feed adds to a save")
     return [
         Target("cached get vs raw asyncpg fetchval", get["raw asyncpg fetchval"] / get["coherent cache"], ">=", 20,
@@ -334,8 +338,10 @@ def report(results: dict[str, Any]) -> list[Target]:
         Target("postgres save, nobody listening, async commit", ratio["nobody_listening_nosync"], "<=", 1.1, "x"),
         Target("postgres save, a watcher elsewhere, async commit", ratio["watcher_elsewhere_nosync"], "<=", 1.1,
                "x"),
-        Target("json save, a watcher elsewhere", js["save_us"]["watcher in another process"] / jbase, "<=", 1.1, "x"),
-        Target("json save, a watcher here", js["save_us"]["watcher in this process"] / jbase, "<=", 1.1, "x"),
+        Target("json save, a watcher elsewhere", js["save_us"]["watcher in another process"]
+               / js["save_us"]["another process's watcher stopped"], "<=", 1.1, "x"),
+        Target("json save, a watcher here", js["save_us"]["watcher in this process"]
+               / js["save_us"]["nobody watching"], "<=", 1.1, "x"),
         *([Target("json save in /dev/shm, a watcher here",
                   mem["save_us"]["watcher in this process"] / mem["save_us"]["nobody watching"], "<=", 1.1, "x")]
           if mem is not None else []),

@@ -410,7 +410,8 @@ async def test_json_follower_that_missed_two_compactions(tmp_path, kept):
     follower = await storage.open_store(config=config)
     writer = await storage.open_store(config=config)
     try:
-        follower._feed.interval = 3600  # looks once as the watch starts, then only when we read
+        follower._feed.interval = 3600  # looks once as the watch starts, then only when we read:
+        follower._feed._folder = None  # no inotify either
         async with follower.watch("c") as watch:
             await writer.put("c", "a", {"n": 1})
             await writer.compact()
@@ -432,3 +433,19 @@ async def test_json_follower_that_missed_two_compactions(tmp_path, kept):
         await follower.close()
     names = sorted(p.name for p in (tmp_path / "data").glob("storage.journal*"))
     assert len(names) <= 2  # the journal and at most one kept generation
+
+
+async def test_json_watch_is_woken_by_the_folder_where_it_can(tmp_path):
+    """On Linux the following task is woken by inotify (an idle watcher then costs nearly nothing); elsewhere it
+    polls. Either way another store's commit arrives."""
+    config = StoreConfig(backend="json", path=str(tmp_path / "data"), source="tests")
+    store = await storage.open_store(config=config)
+    other = await storage.open_store(config=config)
+    try:
+        async with store.watch("c") as watch:
+            await other.put("c", "k", {"n": 1})
+            assert tuple(await next_change(watch)) == ("c", "k", "put", {"n": 1})
+            assert store._feed.notified == sys.platform.startswith("linux")
+    finally:
+        await other.close()
+        await store.close()

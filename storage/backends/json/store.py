@@ -118,7 +118,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
-        self._feed = JsonFeed(self._refresh, self._catch_up_now)
+        self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path)
         self._tables.feed = self._feed.feed
 
     def __repr__(self) -> str:
