@@ -1,9 +1,11 @@
-"""Being woken when a file in the data folder changes (Linux inotify), so a watcher need not poll often.
+"""Being woken when ``storage.lock`` is written (Linux inotify), so a watcher need not poll often.
 
 Why: a JSON store learns of another process's commit by looking at the journal. Looking every few milliseconds
-costs an idle watching process about 2% of a core (measured: a timer wake-up, a ``pread``, 200 times a second);
-inotify wakes it only when a file of the folder was written: the journal (an appended record), ``storage.lock``
-(the committed end published after the fsync), a new journal moved into place (a compaction).
+costs an idle watching process about 2% of a core (measured: a timer wake-up, a ``pread``, 200 times a second).
+Every commit, and every compaction, ends by publishing the journal's committed end in ``storage.lock`` (a
+``pwrite``: json/lock.py), and readers never read past it, so a write to that one file is exactly when there is
+something new to read: inotify wakes the watcher then, once per commit. (If someone deletes ``storage.lock`` by
+hand, the watch stays on the old file and the slow look below takes over.)
 
 Not everywhere: inotify is Linux-only and not in the standard library (called here through ``ctypes``), the number
 of inotify instances per user is limited (128 by default), and it does not see writes made by another *host*
@@ -23,14 +25,12 @@ from pathlib import Path
 __all__ = ["DirWatch", "open_dirwatch"]
 
 _IN_MODIFY = 0x2
-_IN_MOVED_TO = 0x80
-_IN_CREATE = 0x100
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = getattr(os, "O_CLOEXEC", 0o2000000)
 
 
 class DirWatch:
-    """An inotify descriptor watching one folder's files for writes, moves in and creations."""
+    """An inotify descriptor watching one file for writes."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -52,8 +52,8 @@ class DirWatch:
             self.fd = -1
 
 
-def open_dirwatch(folder: Path) -> DirWatch | None:
-    """A :class:`DirWatch` on ``folder``, or None where inotify cannot be used (see the module doc)."""
+def open_dirwatch(path: Path) -> DirWatch | None:
+    """A :class:`DirWatch` on the file ``path``, or None where inotify cannot be used (see the module doc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -64,7 +64,7 @@ def open_dirwatch(folder: Path) -> DirWatch | None:
     fd = init(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         return None  # EMFILE: the per-user limit of instances is reached
-    if add(fd, os.fsencode(folder), _IN_MODIFY | _IN_MOVED_TO | _IN_CREATE) < 0:
+    if add(fd, os.fsencode(path), _IN_MODIFY) < 0:
         os.close(fd)
         return None
     return DirWatch(fd)

@@ -10,15 +10,16 @@ commit order, across compactions (a compaction's new journal names where the old
 cannot say what was missed (two compactions went by unseen, or a restore replaced the documents) the snapshots are
 reloaded and every watcher gets ``resync``.
 
-What this module adds is *when to look*, for a process that watches but neither reads nor writes: a task that,
-while anyone watches, looks at the journal when the folder's files change (inotify, json/dirwatch.py) and in any
-case every :data:`SLOW_POLL` seconds (writes from another host through a network file system raise no inotify
-event); where inotify cannot be used it looks every :data:`POLL_INTERVAL` seconds. A look is the store's read
-fast path: one ``pread`` of one byte past what this process has applied (bytes there mean another process
-appended a record or marked the journal for a compaction), then whatever was committed. Measured
-(benchmarks/bench_feed.py, /tmp/cpu check in the report): polling every 5 ms cost an idle watching process about
-2% of a core on this machine; with inotify an idle watcher costs nearly nothing, and a change reaches a watcher in
-another process within a few milliseconds either way (p50 about 1-5 ms).
+What this module adds is *when to look*, for a process that watches but neither reads nor writes. While anyone
+watches, it looks when ``storage.lock`` is written (every commit and compaction ends by publishing its committed
+end there: inotify, json/dirwatch.py), right in the event's callback, and a task looks every :data:`SLOW_POLL`
+seconds anyway (writes from another host through a network file system raise no inotify event); where inotify
+cannot be used the task looks every :data:`POLL_INTERVAL` seconds. A look is the store's read fast path: one
+``pread`` of one byte past what this process has applied (bytes there mean another process appended a record or
+marked the journal for a compaction), then whatever was committed (at most the journal's committed end).
+Measured on this 2-core machine under load (see the report of issue 16): polling every 5 ms cost an idle watching
+process 2.2% of a core, inotify 0.2%; a change reaches a watcher in another process in about 1-2 ms (p50) with
+inotify, 5 ms polling.
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ class JsonFeed:
     """The store's :class:`ChangeFeed` plus the task that follows the journal while anyone watches.
 
     ``refresh`` is the store's read-path catch-up (async: it may take the lock when the committed end is unknown),
-    ``catch_up_now`` its synchronous half (one ``pread``, then whatever other processes appended), run when a watch
-    begins so that changes committed before it are applied, and not delivered to it.
+    ``catch_up_now`` its synchronous half (one ``pread``, then whatever other processes appended; True when only
+    the async one can finish), run when a watch begins so that changes committed before it are applied, and not
+    delivered to it, and on every inotify event, right in the event's callback (most events are this process's
+    own commits, which need nothing more than that ``pread``: no task wakes for them).
     """
 
-    def __init__(self, refresh: Callable[[], Awaitable[None]], catch_up_now: Callable[[], None],
-                 folder: Path | None = None) -> None:
+    def __init__(self, refresh: Callable[[], Awaitable[None]], catch_up_now: Callable[[], bool],
+                 lock_path: Path | None = None) -> None:
         self.feed = ChangeFeed(start=self._start)
-        self._folder = folder
+        self._folder = lock_path  # the file whose writes say there is something to read (None: poll)
         self._refresh = refresh
         self._catch_up_now = catch_up_now
         self._task: asyncio.Task[None] | None = None
@@ -73,18 +76,19 @@ class JsonFeed:
         feed = self.feed
         failing = False
         loop = asyncio.get_running_loop()
-        woken = asyncio.Event()
+        woken: list[asyncio.Future[None]] = []  # the current wait, set by an inotify event or a timer
         dirwatch = open_dirwatch(self._folder) if self._folder is not None else None
         if dirwatch is not None:
             try:
-                loop.add_reader(dirwatch.fd, _woken, dirwatch, woken)
+                loop.add_reader(dirwatch.fd, self._woken, dirwatch, woken)
             except (NotImplementedError, OSError):  # an event loop without add_reader (Windows' proactor)
                 dirwatch.close()
                 dirwatch = None
         self.notified = dirwatch is not None
         try:
             while feed.active and not feed.closed:
-                woken.clear()
+                wait = loop.create_future()
+                woken[:] = [wait]  # events from here on wake the next wait (cheaper than an Event and wait_for)
                 try:
                     await self._refresh()
                     failing = False
@@ -95,12 +99,27 @@ class JsonFeed:
                 if dirwatch is None:
                     await asyncio.sleep(self.interval)
                 else:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(woken.wait(), min(self.interval * 20, SLOW_POLL))
+                    timer = loop.call_later(min(self.interval * 20, SLOW_POLL), _wake, wait)
+                    try:
+                        await wait
+                    finally:
+                        timer.cancel()
         finally:
             if dirwatch is not None:
                 loop.remove_reader(dirwatch.fd)
                 dirwatch.close()
+
+    def _woken(self, dirwatch: DirWatch, woken: list[asyncio.Future[None]]) -> None:
+        """``storage.lock`` was written (an inotify event): catch up now, waking the task only when that needs the
+        lock (or failed: the task retries and reports)."""
+        dirwatch.drain()
+        try:
+            if not self._catch_up_now():
+                return
+        except (DatabaseError, OSError):
+            pass
+        for wait in woken:
+            _wake(wait)
 
     async def close(self) -> None:
         """End every watcher and the following task (awaited: nothing is left running)."""
@@ -112,7 +131,8 @@ class JsonFeed:
                 await task
 
 
-def _woken(dirwatch: DirWatch, woken: asyncio.Event) -> None:
-    """The folder changed (an inotify event): look at the journal now."""
-    dirwatch.drain()
-    woken.set()
+
+
+def _wake(wait: asyncio.Future[None]) -> None:
+    if not wait.done():
+        wait.set_result(None)

@@ -118,7 +118,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
-        self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path)
+        self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
         self._tables.feed = self._feed.feed
 
     def __repr__(self) -> str:
@@ -228,15 +228,18 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             async with self._locked():
                 pass  # _locked() catches up (and reloads) under the lock
 
-    def _catch_up_now(self) -> None:
-        """The synchronous part of :meth:`_refresh` (no lock taken): what a watch runs as it begins."""
+    def _catch_up_now(self) -> bool:
+        """The synchronous part of :meth:`_refresh` (no lock taken), for the change feed (json/feed.py); True when
+        the rest needs the lock (then :meth:`_refresh`)."""
         if self._holding or self._closed:
-            return
+            return False
+        tables = self._tables
         with self._io("reading the journal"):
             if self.read_only:
-                self._tables.refresh_read_only()
-            else:
-                self._tables.follow(locked=False)
+                tables.refresh_read_only()
+                return False
+            tables.follow(locked=False)
+        return tables.need_reload or tables.need_lock
 
     def _change_feed(self) -> ChangeFeed:
         return self._feed.feed
