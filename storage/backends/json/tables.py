@@ -37,6 +37,7 @@ from ...codec import OWN_COLLECTIONS, check_collection
 from ...errors import CorruptDataError, ExternalChangeError, ValidationError
 from ...feed import ChangeFeed
 from ...fsutil import atomic_write, fsync_dir
+from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lock import Committed, SidecarLock
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
@@ -75,6 +76,8 @@ class Tables:
         self.min_compact_bytes = MIN_COMPACT_BYTES
         #: Told of every committed operation applied here, in commit order (json/feed.py); None: nobody asked.
         self.feed: ChangeFeed | None = None
+        #: The query indexes (indexes.py): kept equal to ``data`` by :meth:`load` and :meth:`apply`.
+        self.indexes = JsonIndexes(path)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the committed end (published in storage.lock)
@@ -132,6 +135,7 @@ class Tables:
                                        "the file was left as it is", path=str(self.path / (name + ".json")))
         self.data, self.sizes, self.foreign, self.dirty, self.files = data, sizes, foreign, set(), files
         self.need_reload = self.need_lock = False
+        self.indexes.reset()
         feed, self.feed = self.feed, None  # a reload replays records watchers may have seen: they resync instead
         try:
             for ops in records:
@@ -140,6 +144,8 @@ class Tables:
             self.feed = feed
             if feed is not None:
                 feed.resync()
+        self.indexes.read()
+        self.indexes.build(self.data)
 
     def record_checksums(self) -> None:
         """Under the lock, after loading: record in the journal's header the checksum of every snapshot it does
@@ -198,6 +204,8 @@ class Tables:
                 if publish is not None:
                     publish(coll_name, key, "delete", None)
             self.dirty.add(coll_name)
+        if self.indexes.live:
+            self.indexes.apply(ops)
 
     # ---------------------------------------------------------------------------------------------------------------
     # following the journal
