@@ -449,3 +449,21 @@ async def test_json_watch_is_woken_by_the_folder_where_it_can(tmp_path):
     finally:
         await other.close()
         await store.close()
+
+
+async def test_delete_many_is_watched_and_invalidates(store, reopen):
+    """delete_many (in and out of a transaction) reaches watchers, and another process's cached reads."""
+    other = await reopen()
+    try:
+        await store.put_many("c", {"a1": {"n": 1}, "a2": {"n": 2}, "b1": {"n": 3}, "b2": {"n": 4}})
+        assert await other.get("c", "a1") == {"n": 1}  # cached there (PostgreSQL's coherent cache)
+        async with other.watch("c") as watch:
+            assert await store.delete_many("c", prefix="a") == 2
+            async with store.transaction() as tx:
+                assert await tx.delete_many("c", {"n": 3}) == 1
+            got = sorted([tuple(await next_change(watch))[:3] for _ in range(3)])
+            assert got == [("c", "a1", "delete"), ("c", "a2", "delete"), ("c", "b1", "delete")]
+        assert await other.get("c", "a1") is None
+        assert await other.get("c", "b2") == {"n": 4}
+    finally:
+        await other.close()
