@@ -32,7 +32,8 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Literal
 from urllib.parse import quote
 
@@ -161,6 +162,10 @@ class StoreConfig:
         if self.cache is not None:
             return self.cache
         return "ttl" if self.cache_ttl > 0 else "coherent"
+    #: What expiring documents (``put(..., ttl=)``) are measured against: a function returning an aware datetime;
+    #: None means the system's UTC time. Tests inject a controllable clock here (both backends use it; PostgreSQL
+    #: gets its value as a parameter). See :mod:`storage.expiry`.
+    clock: Callable[[], datetime] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.backend not in ("json", "postgres"):

@@ -40,18 +40,24 @@ class DocumentOps(Protocol):
     async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
         """The documents that exist among ``keys``, as ``{key: doc}``."""
 
-    async def put(self, collection: str, key: str, doc: Document) -> None:
-        """Insert or replace one document; durable when it returns."""
+    async def put(self, collection: str, key: str, doc: Document, *, ttl: float | None = None,
+                  expires_at: datetime | None = None) -> None:
+        """Insert or replace one document; durable when it returns. With ``ttl`` (seconds) or ``expires_at`` (an
+        aware datetime) it reads as absent from that instant on; without, it is permanent (storage/expiry.py)."""
 
-    async def put_many(self, collection: str, items: Items) -> int:
-        """Insert or replace many documents at once, all or nothing; returns how many were given."""
+    async def put_many(self, collection: str, items: Items, *, ttl: float | None = None,
+                       expires_at: datetime | None = None) -> int:
+        """Insert or replace many documents at once, all or nothing; returns how many were given. One expiry
+        (``ttl``/``expires_at``) for the whole batch, as for :meth:`put`."""
 
     async def delete(self, collection: str, key: str) -> bool:
         """Remove a document; True if it existed."""
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None) -> Document:
-        """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent) while no other
-        writer, in this process or another, can change that key. Returns the stored result."""
+    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None, *,
+                     ttl: float | None = None, expires_at: datetime | None = None) -> Document:
+        """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent or expired)
+        while no other writer, in this process or another, can change that key. Returns the stored result, which
+        is permanent unless ``ttl``/``expires_at`` is given again (expiry is explicit on every write)."""
 
     def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         """``(key, doc)`` pairs in key order (code point order), optionally only keys starting with ``prefix``."""
@@ -77,6 +83,14 @@ class Transaction(DocumentOps, Protocol):
     connection: Any
 
     async def collections(self) -> list[str]: ...
+
+    # The seed's member calls, inside the transaction (they see its writes and commit with it).
+    async def get_member_data(self, user_id: int | str, guild_id: int | str,
+                              default: Mapping[str, Any] | None = None) -> Document: ...
+
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
+
+    async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
 
 @runtime_checkable
@@ -117,8 +131,12 @@ class Store(DocumentOps, Protocol):
     def watch(self, collection: str | None = None, *, prefix: str | None = None) -> Watch:
         """Every process's committed changes from now on: ``async for change in store.watch("settings")``."""
 
+    async def purge_expired(self) -> int:
+        """Remove expired documents (already absent to every read) from the files or tables now; returns how many."""
+
     # The seed's member calls ------------------------------------------------------------------------------------
-    async def get_member_data(self, user_id: int | str, guild_id: int | str) -> Document: ...
+    async def get_member_data(self, user_id: int | str, guild_id: int | str,
+                              default: Mapping[str, Any] | None = None) -> Document: ...
 
     async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
 

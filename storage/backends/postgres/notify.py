@@ -31,9 +31,12 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
+
+from . import documents as sql
 
 __all__ = ["channel_for", "payloads", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC", "put", "delete", "send"]
 
@@ -46,14 +49,11 @@ PIECE = 5600
 RESYNC_PAYLOAD = '[["r"]]'
 _dumps = orjson.dumps
 
-_PUT_ONE = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) VALUES ($1, $2, $3) "
-            "ON CONFLICT (collection, key) DO UPDATE SET doc = EXCLUDED.doc) SELECT pg_notify($4, $5)")
-_PUT_MANY = ("WITH w AS (INSERT INTO storage_documents (collection, key, doc) "
-             "SELECT $1, k, d FROM unnest($2::text[], $3::jsonb[]) AS u(k, d) "
-             "ON CONFLICT (collection, key) DO UPDATE SET doc = EXCLUDED.doc) "
-             "SELECT pg_notify($4, p) FROM unnest($5::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i")
-_DELETE = ("WITH w AS (DELETE FROM storage_documents WHERE collection = $1 AND key = $2 RETURNING 1) "
-           "SELECT count(*) FROM (SELECT pg_notify($3, $4) FROM w) AS n")
+# documents.py's statements, each inside a WITH whose SELECT notifies: the same writes, one round trip each
+_PUT_ONE = f"WITH w AS ({sql._PUT_ONE}) SELECT pg_notify($5, $6)"
+_PUT_MANY = (f"WITH w AS ({sql._PUT_MANY}) "
+             "SELECT pg_notify($5, p) FROM unnest($6::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i")
+_DELETE = f"WITH w AS ({sql._DELETE} RETURNING 1) SELECT count(*) FROM (SELECT pg_notify($4, $5) FROM w) AS n"
 _SEND = "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i"
 
 
@@ -97,23 +97,24 @@ def payloads(collection: str, items: Iterable[tuple[str, bytes | None]], *, dele
     return out
 
 
-async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]]) -> None:
+async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]],
+              expires: datetime | None = None) -> None:
     """``documents.put`` that notifies in the same statement (so in the same transaction)."""
     if len(items) == 1 and len(items[0][1]) <= INLINE_DOC:
         key, raw = items[0]
         # the one-put payload of payloads(), built directly: this runs on every save
         note = '[["p",' + _dumps(collection).decode() + "," + _dumps(key).decode() + "," + raw.decode() + "]]"
-        await conn.execute(_PUT_ONE, collection, key, raw, channel, note)
+        await conn.execute(_PUT_ONE, collection, key, raw, expires, channel, note)
         return
     latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
     keys = sorted(latest)
     docs = [latest[k] for k in keys]
-    await conn.execute(_PUT_MANY, collection, keys, docs, channel, payloads(collection, zip(keys, docs)))
+    await conn.execute(_PUT_MANY, collection, keys, docs, expires, channel, payloads(collection, zip(keys, docs)))
 
 
-async def delete(conn: Any, channel: str, collection: str, key: str) -> bool:
-    """``documents.delete`` that notifies in the same statement when a document was deleted."""
-    deleted: int = await conn.fetchval(_DELETE, collection, key, channel,
+async def delete(conn: Any, channel: str, collection: str, key: str, now: datetime) -> bool:
+    """``documents.delete`` that notifies in the same statement when a (visible) document was deleted."""
+    deleted: int = await conn.fetchval(_DELETE, collection, key, now, channel,
                                        payloads(collection, [(key, None)], delete=True)[0])
     return deleted > 0
 

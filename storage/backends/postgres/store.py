@@ -63,6 +63,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -109,6 +110,8 @@ log = logging.getLogger("storage.postgres")
 CONNECT_TIMEOUT = 15.0
 #: Seconds ``close()`` waits for borrowed connections to come back before it terminates them.
 CLOSE_TIMEOUT = 10.0
+#: Seconds between two sweeps of expired documents (each a few short statements; see :meth:`purge_expired`).
+SWEEP_INTERVAL = 60.0
 #: Seconds the indexed paths of a collection are remembered (see PostgresBackend._indexed_paths).
 INDEX_CACHE_SECONDS = 30.0
 
@@ -161,6 +164,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
         # release (see postgres/lane.py). Closed until the pool exists.
         self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
+        self._sweeper: asyncio.Task[None] | None = None  # the timer that purges expired documents
         #: collection -> (when read, its indexed paths): chooses the SQL shape of an ordered find (see query.py)
         self._indexed: dict[str, tuple[float, frozenset[str]]] = {}
 
@@ -219,12 +223,39 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         except BaseException:
             self.pool.terminate()
             raise
+        if not config.read_only:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         if self._feed_possible():
             self._pgfeed = PgFeed(config.listen_dsn or str(config.dsn), self._channel, target=self._target,
                                   connect_timeout=CONNECT_TIMEOUT, cache=self._coherent, fetch=self._fetch_encoded)
             if self._coherent is not None and not await self._pgfeed.start_cache():
                 log.warning("%s: the listening connection is not up yet: the coherent cache stays off until it is",
                             self._target)
+
+    async def _sweep_forever(self) -> None:
+        """Every :data:`SWEEP_INTERVAL` seconds: :meth:`purge_expired` (errors are logged; the next round retries)."""
+        while not self._closed:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.purge_expired()
+            except DatabaseError as exc:
+                log.warning("%s: sweeping expired documents failed (%s); retrying in %ss", self._target, exc,
+                            SWEEP_INTERVAL)
+
+    async def purge_expired(self) -> int:
+        """Delete the documents that are no longer visible (they already read as absent), in short batches of
+        :data:`~storage.backends.postgres.documents.SWEEP_BATCH` rows through the partial index on ``expires_at``,
+        each its own statement (no long lock; rows a writer holds are skipped until the next sweep); returns how
+        many. Runs by itself every :data:`SWEEP_INTERVAL` seconds while the store is open."""
+        self._guard_write()
+        removed = 0
+        while True:
+            async with self._connection("sweep") as conn:
+                n = await sql.sweep(conn, self._now())
+            removed += n
+            if n < sql.SWEEP_BATCH:
+                return removed
+            await asyncio.sleep(0)
 
     def _feed_possible(self) -> bool:
         """LISTEN needs a session of its own: not through a transaction pooler, unless a direct DSN is given."""
@@ -244,7 +275,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     async def _fetch_encoded(self, collection: str, keys: list[str]) -> dict[str, bytes]:
         """The current documents of ``keys``, encoded: what the feed publishes for a large document."""
         async with self._connection("watch") as conn:
-            docs = await sql.get_many(conn, collection, keys)
+            docs = await sql.get_many(conn, collection, keys, self._now())
         return {key: orjson.dumps(doc) for key, doc in docs.items()}
 
     def _open_error(self, exc: BaseException) -> DatabaseError:
@@ -275,6 +306,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         if self._pgfeed is not None:
             await self._pgfeed.close()
         await self._cache.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         pool = self.pool
         if pool is None:
             return
@@ -334,13 +369,13 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             text = coherent.get_nowait(cache_key)
             if text is None:
                 ticket = coherent.begin(cache_key)
-                done = False
+                keep = False
                 try:
                     async with self._connection("get") as conn:
-                        text = await sql.get_text(conn, collection, key)
-                    done = True
+                        text, expiring = await sql.get_text(conn, collection, key, self._now())
+                    keep = not expiring  # an expiring document is never cached: the cache would outlive it
                 finally:
-                    coherent.end(cache_key, ticket, (text or "") if done else None)
+                    coherent.end(cache_key, ticket, (text or "") if keep else None)
             if not text:
                 return None
             found: Document = orjson.loads(text)
@@ -349,36 +384,43 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         if text is None:
             writes = self._writes
             async with self._connection("get") as conn:
-                text = await sql.get_text(conn, collection, key)
+                text, expiring = await sql.get_text(conn, collection, key, self._now())
             if text is None:
                 return None
-            if writes == self._writes and isinstance(self._cache, DatabaseCache):
+            if writes == self._writes and not expiring and isinstance(self._cache, DatabaseCache):
                 self._cache.set_nowait(cache_key, text)
         doc: Document = orjson.loads(text)
         return doc
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         async with self._connection("get_many") as conn:
-            return await sql.get_many(conn, collection, keys)
+            return await sql.get_many(conn, collection, keys, self._now())
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        async with self._connection("expiries") as conn:
+            return await sql.expiries(conn, collection, keys, self._now())
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         try:
             async with self._connection("put") as conn:
-                await notify.put(conn, self._channel, collection, items)
+                await notify.put(conn, self._channel, collection, items, expires)
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         try:
             async with self._connection("delete") as conn:
-                return await notify.delete(conn, self._channel, collection, key)
+                return await notify.delete(conn, self._channel, collection, key, self._now())
         finally:
             self._invalidate(collection, (key,))
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         try:
             async with self._connection("update") as conn, pg_conn.transaction(conn):
-                doc = await sql.update(conn, collection, key, fn, default, in_transaction=False)
+                doc = await sql.update(conn, collection, key, fn, default, in_transaction=False, now=self._now(),
+                                       expires=expires)
                 await self._notify_written(conn, collection, [(key, orjson.dumps(doc))])
                 return doc
         finally:
@@ -387,16 +429,16 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         # Page by key rather than hold a cursor: no connection stays borrowed while the caller works on a page,
         # so writing to the store inside the loop cannot starve the pool.
-        return _paged_items(self._connection, collection, prefix)
+        return _paged_items(self._connection, collection, prefix, self._now)
 
     async def _count(self, collection: str) -> int:
         async with self._connection("count") as conn:
-            return await sql.count(conn, collection)
+            return await sql.count(conn, collection, self._now())
 
     async def collections(self) -> list[str]:
         self._guard_read()
         async with self._connection("collections") as conn:
-            return await sql.collections(conn)
+            return await sql.collections(conn, self._now())
 
     # ---------------------------------------------------------------------------------------------------------------
     # queries and indexes (query.py, indexes.py)
@@ -415,7 +457,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         indexed = await self._indexed_paths(collection, self._connection) if query.order and query.limit else None
-        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        text, params = pg_query.build_find(collection, query, indexed or frozenset(), self._now())
         async with self._connection("find") as conn:
             if query.limit is not None and query.limit <= pg_query.FETCH_ROWS:
                 return await pg_query.fetch_pairs(conn, text, params, query.limit)
@@ -423,14 +465,14 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 return await pg_query.fetch_pairs(conn, text, params, query.limit)
 
     async def _count_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_count(collection, query)
+        text, params = pg_query.build_count(collection, query, self._now())
         async with self._connection("count") as conn:
             n: int = await conn.fetchval(text, *params)
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
         # the deleted keys: every listener is told of them in the deleting transaction (postgres/notify.py)
-        text, params = pg_query.build_delete(collection, query, returning=True)
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=True)
         keys: list[str] = []
         try:
             async with self._connection("delete_many") as conn, pg_conn.transaction(conn):
@@ -716,7 +758,7 @@ class PgTransaction(TransactionBase):
         """The collections that hold documents, as this transaction sees them."""
         self._guard_read()
         async with self._use("collections") as conn:
-            return await sql.collections(conn)
+            return await sql.collections(conn, self._now())
 
     def _wrote(self, collection: str, keys: Any) -> None:
         self._written.setdefault(collection, set()).update(keys)
@@ -724,53 +766,61 @@ class PgTransaction(TransactionBase):
     async def _get(self, collection: str, key: str) -> Document | None:
         async with self._use("get") as conn:
             if self._locking_reads:
-                return await sql.get_locked(conn, collection, key)
-            return await sql.get(conn, collection, key)
+                return await sql.get_locked(conn, collection, key, self._now())
+            return await sql.get(conn, collection, key, self._now())
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         async with self._use("get_many") as conn:
             if self._locking_reads:
-                return await sql.get_many_locked(conn, collection, keys)
-            return await sql.get_many(conn, collection, keys)
+                return await sql.get_many_locked(conn, collection, keys, self._now())
+            return await sql.get_many(conn, collection, keys, self._now())
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        async with self._use("expiries") as conn:
+            return await sql.expiries(conn, collection, keys, self._now())
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
-            await notify.put(conn, self._store._channel, collection, items)
+            await notify.put(conn, self._store._channel, collection, items, expires)
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._wrote(collection, (key,))
         async with self._use("delete") as conn:
-            return await notify.delete(conn, self._store._channel, collection, key)
+            return await notify.delete(conn, self._store._channel, collection, key, self._now())
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         self._wrote(collection, (key,))
         async with self._use("update") as conn:
-            doc = await sql.update(conn, collection, key, fn, default, in_transaction=True)
+            doc = await sql.update(conn, collection, key, fn, default, in_transaction=True, now=self._now(),
+                                   expires=expires)
             await self._store._notify_written(conn, collection, [(key, orjson.dumps(doc))])
             return doc
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-        return _paged_items(self._use, collection, prefix)
+        return _paged_items(self._use, collection, prefix, self._now)
 
     async def _count(self, collection: str) -> int:
         async with self._use("count") as conn:
-            return await sql.count(conn, collection)
+            return await sql.count(conn, collection, self._now())
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         indexed = await self._store._indexed_paths(collection, self._use) if query.order and query.limit else None
-        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        text, params = pg_query.build_find(collection, query, indexed or frozenset(), self._now())
         async with self._use("find") as conn:
             return await pg_query.fetch_pairs(conn, text, params, query.limit)
 
     async def _count_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_count(collection, query)
+        text, params = pg_query.build_count(collection, query, self._now())
         async with self._use("count") as conn:
             n: int = await conn.fetchval(text, *params)
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_delete(collection, query, returning=True)  # keys: to notify and invalidate
+        # keys: to notify and invalidate
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=True)
         async with self._use("delete_many") as conn:
             deleted, keys = await pg_query.delete_rows(conn, text, params, returning=True)
             await notify.send(conn, self._store._channel, notify.payloads(collection, [(k, None) for k in keys],
@@ -780,12 +830,14 @@ class PgTransaction(TransactionBase):
 
 
 async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], collection: str,
-                       prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-    """``items()`` one page of keys at a time, each page on a connection from ``use`` (the pool's or the tx's)."""
+                       prefix: str | None, now: Callable[[], datetime]) -> AsyncIterator[tuple[str, Document]]:
+    """``items()`` one page of keys at a time, each page on a connection from ``use`` (the pool's or the tx's);
+    the visibility of expiring documents is decided once, at the first page (the iteration is one instant)."""
     after = ""
+    instant = now()
     while True:
         async with use("items") as conn:
-            page = await sql.items_page(conn, collection, prefix, after)
+            page = await sql.items_page(conn, collection, prefix, after, instant)
         for pair in page:
             yield pair
         if len(page) < sql.PAGE_SIZE:
