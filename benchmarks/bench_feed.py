@@ -197,8 +197,8 @@ async def postgres(dsn: str, seconds: float, count: int) -> dict[str, Any]:
 
         notifying = pg_notify.put
 
-        async def today(conn: Any, _channel: str, collection: str, items: Any) -> None:
-            await pg_documents.put(conn, collection, items)
+        async def today(conn: Any, _channel: str, collection: str, items: Any, expires: Any = None) -> None:
+            await pg_documents.put(conn, collection, items, expires)
 
         def saves(store: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
             async def save(i: int) -> object:
