@@ -467,3 +467,26 @@ async def test_delete_many_is_watched_and_invalidates(store, reopen):
         assert await other.get("c", "b2") == {"n": 4}
     finally:
         await other.close()
+
+
+async def test_large_commits_reach_watchers_change_by_change(store, reopen):
+    """A commit of thousands of operations (the JSON store applies those through a plan made in a worker thread)
+    gives every watcher, here and in another store, each change in order."""
+    other = await reopen()
+    try:
+        keys = [f"k{i:05d}" for i in range(2500)]
+        async with store.watch("big") as here, other.watch("big") as there:
+            await store.put_many("big", {k: {"i": i} for i, k in enumerate(keys)})
+            async with store.transaction() as tx:
+                assert await tx.delete_many("big", prefix="k0") == 2500
+                await tx.put("big", "k00001", {"back": True})
+            want = [("big", k, "put", {"i": i}) for i, k in enumerate(keys)]
+            want += [("big", k, "delete", None) for k in keys] + [("big", "k00001", "put", {"back": True})]
+            for watch in (here, there):
+                got = [tuple(await next_change(watch)) for _ in want]
+                assert got[:2500] == want[:2500]
+                assert sorted(got[2500:-1]) == sorted(want[2500:-1])  # one statement's deletes: any order
+                assert got[-1] == want[-1]
+                assert watch.overflows == 0
+    finally:
+        await other.close()

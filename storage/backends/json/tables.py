@@ -255,6 +255,9 @@ class Tables:
 
     def apply_plan(self, plan: Plan, ops: list[Op]) -> None:
         """:meth:`apply` of ``ops``, which :meth:`plan` was given (under the same lock, nothing changed between)."""
+        feed = self.feed
+        if feed is not None and feed.active:
+            self._publish(feed, ops)  # before the documents change: a delete is a change only of a present key
         data, sizes = self.data, self.sizes
         for name, puts, deletes, delta in plan:
             coll = data.get(name)
@@ -268,6 +271,19 @@ class Tables:
             self.dirty.add(name)
         if self.indexes.live:
             self.indexes.apply(ops)
+
+    def _publish(self, feed: ChangeFeed, ops: list[Op]) -> None:
+        """Tell the change feed of ``ops``, in order, as :meth:`apply` does, before they are applied."""
+        present: dict[tuple[str, str], bool] = {}
+        data = self.data
+        for op in ops:
+            where = (op[1], op[2])
+            if op[0] == "p":
+                feed.publish(op[1], op[2], "put", op[3])  # type: ignore[misc]
+                present[where] = True
+            elif present.get(where, op[2] in data.get(op[1], ())):
+                feed.publish(op[1], op[2], "delete", None)
+                present[where] = False
 
     # ---------------------------------------------------------------------------------------------------------------
     # following the journal
