@@ -455,9 +455,10 @@ async def test_delete_many_is_watched_and_invalidates(store, reopen):
     """delete_many (in and out of a transaction) reaches watchers, and another process's cached reads."""
     other = await reopen()
     try:
-        await store.put_many("c", {"a1": {"n": 1}, "a2": {"n": 2}, "b1": {"n": 3}, "b2": {"n": 4}})
-        assert await other.get("c", "a1") == {"n": 1}  # cached there (PostgreSQL's coherent cache)
         async with other.watch("c") as watch:
+            await store.put_many("c", {"a1": {"n": 1}, "a2": {"n": 2}, "b1": {"n": 3}, "b2": {"n": 4}})
+            assert [(await next_change(watch)).op for _ in range(4)] == ["put"] * 4
+            assert await other.get("c", "a1") == {"n": 1}  # cached there (PostgreSQL's coherent cache)
             assert await store.delete_many("c", prefix="a") == 2
             async with store.transaction() as tx:
                 assert await tx.delete_many("c", {"n": 3}) == 1
