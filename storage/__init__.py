@@ -16,6 +16,7 @@ from .errors import (
     CorruptDataError,
     DatabaseError,
     ExternalChangeError,
+    FeedUnavailableError,
     LockTimeoutError,
     MigrationError,
     ReadOnlyError,
@@ -24,6 +25,7 @@ from .errors import (
     TransactionError,
     ValidationError,
 )
+from .feed import Change, Watch
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
 from .stores import JsonStore, PostgresStore
@@ -34,12 +36,14 @@ __all__ = [
     "BackupError",
     "BackupInfo",
     "BackupReport",
+    "Change",
     "CopyReport",
     "ConnectionError",
     "CorruptDataError",
     "DatabaseCache",
     "DatabaseError",
     "ExternalChangeError",
+    "FeedUnavailableError",
     "JsonStore",
     "LockTimeoutError",
     "RestoreReport",
@@ -55,6 +59,7 @@ __all__ = [
     "Transaction",
     "TransactionError",
     "ValidationError",
+    "Watch",
     "copy",
     "open_store",
     "safe_database_operation",

@@ -103,3 +103,12 @@ class ExternalChangeError(CorruptDataError):
 
     Stop the bot before editing the files by hand; a closed store picks the edit up when it is next opened.
     """
+
+
+class FeedUnavailableError(DatabaseError):
+    """``store.watch()`` cannot follow other processes' changes here: PostgreSQL behind a transaction pooler
+    (``STORAGE_PGBOUNCER=1``, where LISTEN does not work) without ``STORAGE_LISTEN_DSN`` naming a direct connection,
+    or a read-only store. The coherent cache is off there too."""
+
+
+__all__ += ["FeedUnavailableError"]

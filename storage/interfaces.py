@@ -20,9 +20,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from .codec import check_collection
 from .config import StoreConfig
 from .documents import OpsBase
-from .errors import LockTimeoutError
+from .errors import LockTimeoutError, ValidationError
+from .feed import ChangeFeed, Watch
 from .member_calls import MembersMixin
 from .ownership import Owner
 from .protocol import Document, Transaction
@@ -248,3 +250,20 @@ class Backend(OpsBase, IndexOps):
         """A :class:`MessageSwap` when this backend's messages live outside its document transactions (JSON);
         None when a transaction replaces them itself (:attr:`BackendTransaction.replaces_messages`)."""
         return None
+
+    # -- the change feed (storage.feed) ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _change_feed(self) -> ChangeFeed:
+        """The feed every committed change of the store (this process's and every other's) is published to, in
+        commit order per key; raises :class:`storage.errors.FeedUnavailableError` where the backend cannot follow
+        other processes' changes (PostgreSQL behind PgBouncer without ``STORAGE_LISTEN_DSN``)."""
+
+    def watch(self, collection: str | None = None, *, prefix: str | None = None) -> Watch:
+        """Committed changes from now on, of every process, as an async iterator (see :class:`storage.feed.Watch`);
+        only ``collection``'s (every collection's when None), only keys starting with ``prefix``."""
+        self._guard_read()
+        if collection is not None:
+            check_collection(collection)
+        if prefix is not None and not isinstance(prefix, str):
+            raise ValidationError("prefix must be a str", field="prefix")
+        return self._change_feed().watch(collection, prefix or None)

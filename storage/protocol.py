@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # names only: these modules sit above this one
     from .backup.format import BackupInfo, BackupReport
     from .backup.operations import RestoreReport
     from .config import StoreConfig
+    from .feed import Watch
     from .interfaces import MigrationLock
     from .progress import Progress
 
@@ -126,6 +127,9 @@ class Store(DocumentOps, Protocol):
 
     async def close(self) -> None:
         """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
+
+    def watch(self, collection: str | None = None, *, prefix: str | None = None) -> Watch:
+        """Every process's committed changes from now on: ``async for change in store.watch("settings")``."""
 
     async def purge_expired(self) -> int:
         """Remove expired documents (already absent to every read) from the files or tables now; returns how many."""

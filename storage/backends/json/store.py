@@ -55,6 +55,7 @@ from ...errors import (
     ValidationError,
 )
 from ...expiry import from_micros, to_micros
+from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns
@@ -65,6 +66,7 @@ from ..base import BackendBase, TransactionBase
 from . import forget_files as json_forget
 from . import restore as json_restore
 from .expiry import dead_keys, live_mapping, visible
+from .feed import JsonFeed
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
@@ -127,6 +129,9 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
+        #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
+        self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
+        self._tables.feed = self._feed.feed
 
     def __repr__(self) -> str:
         mode = " read_only" if self.read_only else ""
@@ -238,6 +243,22 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
         if tables.need_reload or tables.need_lock:
             async with self._locked():
                 pass  # _locked() catches up (and reloads) under the lock
+
+    def _catch_up_now(self) -> bool:
+        """The synchronous part of :meth:`_refresh` (no lock taken), for the change feed (json/feed.py); True when
+        the rest needs the lock (then :meth:`_refresh`)."""
+        if self._holding or self._closed:
+            return False
+        tables = self._tables
+        with self._io("reading the journal"):
+            if self.read_only:
+                tables.refresh_read_only()
+                return False
+            tables.follow(locked=False)
+        return tables.need_reload or tables.need_lock
+
+    def _change_feed(self) -> ChangeFeed:
+        return self._feed.feed
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
@@ -768,11 +789,13 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
         try:
             await self._commits.wait()
             await self._messages.wait()
+            await self._feed.close()  # watchers end after the last commits' changes
             if not self.read_only and self._suspect is None and (self._tables.dirty or self._expired_held()):
                 async with self._locked():  # expired documents are purged from the files too
                     if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
         finally:
+            self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._journal.close()
             self._flock.close()
             self._messages.close()

@@ -28,6 +28,7 @@ from ...ownership import Owner
 from ...protocol import Document
 from . import conn as pg_conn
 from . import documents as sql
+from . import notify
 from .messages import COLUMNS, to_record
 from .schema import ID_SHIFT
 
@@ -129,6 +130,7 @@ class PgLifecycle:
 
     _connection: Callable[[str], Any]
     _invalidate: Callable[[str, Any], None]
+    _channel: str  # the store's change-feed channel (postgres/notify.py)
     _now: Callable[[], datetime]
 
     async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
@@ -156,6 +158,9 @@ class PgLifecycle:
         try:
             async with self._connection("forget") as conn, pg_conn.transaction(conn):
                 keys, visible, messages = await delete_owned(conn, owner, self._now())
+                for collection, removed in keys.items():  # watchers and other processes' caches, on commit only
+                    await notify.send(conn, self._channel, notify.payloads(collection, [(k, None) for k in removed],
+                                                                           delete=True))
         finally:
             for collection, removed in keys.items():
                 self._invalidate(collection, removed)

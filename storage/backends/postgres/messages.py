@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -246,6 +246,7 @@ class PgMessagesMixin:
 
     _connection: Callable[[str], Any]
     _invalidate: Callable[[str, Any], None]
+    _notify_written: Callable[[Any, str, list[tuple[str, bytes | None]]], Awaitable[None]]
     _now: Callable[[], datetime]
     config: Any
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
@@ -439,6 +440,7 @@ class PgMessagesMixin:
             # commit whose outcome is lost with the connection still drops them from the cache.
             async with self._connection("refresh_member_statistics") as conn, pg_conn.transaction(conn):
                 written = await pg_member_stats.refresh(conn, collection, where, args, self._now())
+                await self._notify_written(conn, collection, [(key, None) for key in written])
         finally:
             if written:
                 self._invalidate(collection, written)
