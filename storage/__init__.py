@@ -15,6 +15,7 @@ from .errors import (
     ConnectionError,
     CorruptDataError,
     DatabaseError,
+    EventLoopError,
     ExternalChangeError,
     LockTimeoutError,
     MigrationError,
@@ -27,6 +28,7 @@ from .errors import (
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
 from .stores import JsonStore, PostgresStore
+from .types import Member, MemberStatistics, MessageAnalysis, MessageRecord
 from .version import __version__
 
 __all__ = [
@@ -39,9 +41,14 @@ __all__ = [
     "CorruptDataError",
     "DatabaseCache",
     "DatabaseError",
+    "EventLoopError",
     "ExternalChangeError",
     "JsonStore",
     "LockTimeoutError",
+    "Member",
+    "MemberStatistics",
+    "MessageAnalysis",
+    "MessageRecord",
     "RestoreReport",
     "MigrationError",
     "PostgresStore",

@@ -13,7 +13,7 @@ from typing import Any
 
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
-from .protocol import Document, Items, UpdateFn
+from .protocol import Document, Items, Key, UpdateFn
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
@@ -67,12 +67,12 @@ class OpsBase(abc.ABC):
     async def _count(self, collection: str) -> int: ...
 
     # -- the public API ------------------------------------------------------------------------------------------
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._guard_read()
         doc = await self._get(check_collection(collection), check_key(key))
         return default if doc is None else doc
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         self._guard_read()
         if isinstance(keys, (str, bytes)):
             raise ValidationError("keys must be an iterable of keys, not a single string", field="keys")
@@ -81,7 +81,7 @@ class OpsBase(abc.ABC):
             return {}
         return await self._get_many(check_collection(collection), checked)
 
-    async def put(self, collection: str, key: str, doc: Document) -> None:
+    async def put(self, collection: str, key: Key, doc: Document) -> None:
         self._guard_write()
         pair = [(check_key(key), encode_doc(doc))]
         await self._put_encoded(check_collection(collection), pair)
@@ -94,11 +94,11 @@ class OpsBase(abc.ABC):
             await self._put_encoded(collection, pairs)
         return len(pairs)
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         self._guard_write()
         return await self._delete(check_collection(collection), check_key(key))
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None) -> Document:
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
         self._guard_write()
         if not callable(fn):
             raise ValidationError("fn must be callable: fn(doc) -> doc", field="fn")
@@ -108,8 +108,9 @@ class OpsBase(abc.ABC):
 
     async def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         self._guard_read()
-        if prefix is not None and not isinstance(prefix, str):
-            raise ValidationError("prefix must be a str", field="prefix")
+        if prefix is not None and not isinstance(prefix, str):  # an int would also match longer ids: 12 -> "123_"
+            raise ValidationError(f"prefix must be a str (for a guild's documents: f\"{{guild_id}}_\"), got "
+                                  f"{type(prefix).__name__}", field="prefix")
         async for pair in self._items(check_collection(collection), prefix or None):
             yield pair
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .codec import encode_doc
 from .errors import ValidationError
 from .models import MEMBERS, check_member, member_key, snowflake
 from .protocol import Document, DocumentOps
+from .types import Member
 
 __all__ = ["MEMBERS", "MembersMixin"]
 
@@ -34,13 +35,17 @@ class MemberWriter(DocumentOps, Protocol):
 class MembersMixin:
     """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
 
-    async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Document:
-        """The member's record, or ``{}`` when there is none (as the seed returned)."""
+    async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Member:
+        """The member's record, or ``{}`` when there is none (as the seed returned); typed as a
+        :class:`storage.Member` (a plain dict at run time)."""
         doc = await self.get(MEMBERS, member_key(user_id, guild_id))
-        return doc if doc is not None else {}
+        return cast(Member, doc if doc is not None else {})
 
-    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str, data: Document) -> bool:
-        """Replace the member's record; True once it is durable. Invalid data raises and writes nothing."""
+    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str,
+                               data: Member | Document) -> bool:
+        """Replace the member's record; True once it is durable. Invalid data raises and writes nothing.
+        ``join_date`` and ``statistics.last_active`` are stored in the canonical form of
+        :func:`storage.models.iso_utc` (a datetime such as ``member.joined_at`` is accepted)."""
         user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
         await self.put(MEMBERS, f"{guild}_{user}", check_member(data, user, guild))
         return True

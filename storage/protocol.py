@@ -19,11 +19,14 @@ if TYPE_CHECKING:  # names only: these modules sit above this one
     from .config import StoreConfig
     from .interfaces import MigrationLock
     from .progress import Progress
+    from .types import Member, MessageRecord
 
-__all__ = ["Document", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
+__all__ = ["Document", "Key", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
 
 Document = dict[str, Any]
-Items = Mapping[str, Document] | Iterable[tuple[str, Document]]
+#: A document key: a str, or a non-negative int (a snowflake such as ``guild.id``) stored as its decimal text.
+Key = str | int
+Items = Mapping[str, Document] | Mapping[int, Document] | Iterable[tuple[Key, Document]]
 #: ``fn(doc) -> doc``; returning ``None`` keeps the (mutated) doc it was given.
 UpdateFn = Callable[[Document], Document | None]
 TimeBound = str | datetime | None
@@ -33,22 +36,22 @@ TimeBound = str | datetime | None
 class DocumentOps(Protocol):
     """Document operations shared by a store and by a transaction on it."""
 
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent."""
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         """The documents that exist among ``keys``, as ``{key: doc}``."""
 
-    async def put(self, collection: str, key: str, doc: Document) -> None:
+    async def put(self, collection: str, key: Key, doc: Document) -> None:
         """Insert or replace one document; durable when it returns."""
 
     async def put_many(self, collection: str, items: Items) -> int:
         """Insert or replace many documents at once, all or nothing; returns how many were given."""
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         """Remove a document; True if it existed."""
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None) -> Document:
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
         """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent) while no other
         writer, in this process or another, can change that key. Returns the stored result."""
 
@@ -98,9 +101,9 @@ class Store(DocumentOps, Protocol):
         """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
 
     # The seed's member calls ------------------------------------------------------------------------------------
-    async def get_member_data(self, user_id: int | str, guild_id: int | str) -> Document: ...
+    async def get_member_data(self, user_id: int | str, guild_id: int | str) -> Member: ...
 
-    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool: ...
 
     async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
@@ -114,7 +117,7 @@ class Store(DocumentOps, Protocol):
     async def prune_messages(self, before: str | datetime) -> int: ...
 
     def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,
-                      until: TimeBound = None) -> AsyncIterator[dict[str, Any]]: ...
+                      until: TimeBound = None) -> AsyncIterator[MessageRecord]: ...
 
     async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
                              until: TimeBound = None) -> int | dict[str, int]: ...

@@ -28,7 +28,7 @@ from ..codec import check_collection
 from ..config import StoreConfig
 from ..errors import MigrationError, ValidationError
 from ..members import MembersMixin
-from ..protocol import Document, DocumentOps, Items, UpdateFn
+from ..protocol import Document, DocumentOps, Items, Key, UpdateFn
 from .ledger import RESERVED
 from .results import Direction
 
@@ -92,15 +92,15 @@ class MigrationContext(MembersMixin):
         self._check()
 
     # -- the document methods ----------------------------------------------------------------------------------------
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._check()
         return await self._tx.get(collection, key, default)
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         self._check()
         return await self._tx.get_many(collection, keys)
 
-    async def put(self, collection: str, key: str, doc: Document) -> None:
+    async def put(self, collection: str, key: Key, doc: Document) -> None:
         await self._tx.put(self._writable(collection), key, doc)
 
     async def put_many(self, collection: str, items: Items) -> int:
@@ -109,7 +109,7 @@ class MigrationContext(MembersMixin):
     async def delete(self, collection: str, key: str) -> bool:
         return await self._tx.delete(self._writable(collection), key)
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None) -> Document:
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
         return await self._tx.update(self._writable(collection), key, fn, default)
 
     async def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
