@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from asyncio import _get_running_loop  # bound once: the check below runs on every call
 
 from ..config import StoreConfig
 from ..errors import DatabaseError, EventLoopError, ReadOnlyError, StoreClosedError, TransactionError
@@ -33,7 +34,7 @@ class BackendBase(Backend):
         self._transactions_open = 0  # in any task: only then can the current one be in one (a cheap first test)
         #: The event loop that opened the store (its connections, locks and futures belong to it); None until the
         #: first call when the store was built outside a loop.
-        self._loop: asyncio.AbstractEventLoop | None = asyncio._get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = _get_running_loop()
 
     @property
     def closed(self) -> bool:
@@ -45,7 +46,7 @@ class BackendBase(Backend):
         # One C call and an identity test (about 40 ns, see benchmarks/README.md "Design measurements"): cheap
         # enough for every call, and it turns asyncpg's bare "attached to a different loop" RuntimeError (or, on
         # JSON, a lock or future quietly bound to the wrong loop) into an error that says what to do.
-        loop = asyncio._get_running_loop()
+        loop = _get_running_loop()
         if loop is not self._loop and loop is not None:
             if self._loop is not None:
                 raise self._loop_error()
@@ -65,7 +66,7 @@ class BackendBase(Backend):
         """For ``close()``: True when called from another loop after the opening loop ended (the store can only
         give back what needs no loop, see the backends' ``close``); raises :class:`EventLoopError` when the opening
         loop still runs (it may be using the store right now)."""
-        loop = asyncio._get_running_loop()
+        loop = _get_running_loop()
         if loop is self._loop or loop is None or self._loop is None:
             return False
         if not self._loop.is_closed():
