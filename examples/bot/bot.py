@@ -60,6 +60,18 @@ class StorageBot(commands.Bot):
         log.info("store %s ready (migrations applied: %s)", self.store.location(), self.migrated or "none")
         await self.add_cog(DataCog(self, backup_hours=self.backup_hours))
 
+    async def on_message(self, message: discord.Message) -> None:
+        """A command is run; any other guild message is activity (the cog records and counts it). Deciding here,
+        with one read of the guild's prefix per message, keeps commands out of the counts, so ``!forgetme`` cannot
+        race with the recording of its own message."""
+        if message.author.bot:
+            return
+        ctx = await self.get_context(message)
+        if ctx.command is not None:
+            await self.invoke(ctx)
+        elif message.guild is not None:
+            self.dispatch("activity", message)  # DataCog.on_activity
+
     async def close(self) -> None:
         await self.remove_cog(DataCog.__cog_name__)  # stops the backup task before the store goes
         await super().close()

@@ -1,8 +1,8 @@
 """The bot's one cog: everything it stores and every command that reads it, on ``storage``.
 
 * a member joins: their record (``join_date``, roles, default preferences), kept if they had one (a re-join);
-* a message: its analytics record (``record_message``) and the author's counter, an atomic ``update`` (no
-  increment is lost however many messages arrive at once, also with several shards on one store);
+* a message (not a command): its analytics record (``record_message``) and the author's counter, an atomic
+  ``update`` (no increment is lost however many messages arrive at once, also with several shards on one store);
 * ``!stats``: top authors and a per-day chart (a code block), from the message analytics queries;
 * ``!rank``: the ten members with the most messages, a ``find`` over member documents ordered by their counter;
 * ``!prefix [new]``: the guild's command prefix, a document in ``settings`` keyed by the guild id (an int key);
@@ -118,14 +118,14 @@ class DataCog(commands.Cog):
         key = member_key(member.id, member.guild.id)
         new = fresh_member(member)
         # One atomic read-modify-write: a re-join keeps the statistics, and a counter increment made meanwhile by
-        # on_message (another task, maybe another shard) cannot be overwritten by a stale copy.
+        # on_activity (another task, maybe another shard) cannot be overwritten by a stale copy.
         await self.store.update(MEMBERS, key, lambda doc: {**new, **doc, "join_date": new["join_date"],
                                                            "roles": new["roles"]})
 
     @commands.Cog.listener()
-    async def on_message(self, message: discord.Message) -> None:
-        if message.guild is None or message.author.bot:
-            return
+    async def on_activity(self, message: discord.Message) -> None:
+        """A guild message that is not a command (dispatched by the bot's ``on_message``)."""
+        assert message.guild is not None
         when = iso_utc(message.created_at)
         await self.store.record_message({
             "message_id": message.id, "guild_id": message.guild.id, "channel_id": message.channel.id,
