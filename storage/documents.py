@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
 from .protocol import Document, Items, Key, UpdateFn
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
+
+_T = TypeVar("_T")
 
 
 def normalize_items(items: Items) -> list[tuple[str, bytes]]:
@@ -67,6 +69,12 @@ class OpsBase(abc.ABC):
     async def _count(self, collection: str) -> int: ...
 
     # -- the public API ------------------------------------------------------------------------------------------
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
     async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._guard_read()
         doc = await self._get(check_collection(collection), check_key(key))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
 
 if TYPE_CHECKING:  # names only: these modules sit above this one
     from .backup.format import BackupInfo, BackupReport
@@ -30,14 +30,22 @@ Items = Mapping[str, Document] | Mapping[int, Document] | Iterable[tuple[Key, Do
 #: ``fn(doc) -> doc``; returning ``None`` keeps the (mutated) doc it was given.
 UpdateFn = Callable[[Document], Document | None]
 TimeBound = str | datetime | None
+_T = TypeVar("_T")
 
 
 @runtime_checkable
 class DocumentOps(Protocol):
     """Document operations shared by a store and by a transaction on it."""
 
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
     async def get(self, collection: str, key: Key, default: Any = None) -> Any:
-        """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent."""
+        """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent (typed: ``Document |
+        None``, or ``Document | type(default)``)."""
 
     async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         """The documents that exist among ``keys``, as ``{key: doc}``."""

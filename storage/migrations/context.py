@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 
@@ -33,6 +33,8 @@ from .ledger import RESERVED
 from .results import Direction
 
 __all__ = ["MigrationContext"]
+
+_T = TypeVar("_T")
 
 
 class MigrationContext(MembersMixin):
@@ -92,6 +94,12 @@ class MigrationContext(MembersMixin):
         self._check()
 
     # -- the document methods ----------------------------------------------------------------------------------------
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
     async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._check()
         return await self._tx.get(collection, key, default)
