@@ -312,8 +312,8 @@ class Migrator:
                                               f"{ip.started_at.isoformat()} by {ip.host} pid {ip.pid}"})
                 for applied in realign:
                     new = self._checksums[parse_version(applied.version)]
-                    doc = await tx.get(LEDGER, applied.version, default={})
-                    await tx.put(LEDGER, applied.version, {**doc, "checksum": new,
+                    doc = await tx.get(LEDGER, applied.version)
+                    await tx.put(LEDGER, applied.version, {**(doc or {}), "checksum": new,
                                                            "previous_checksum": applied.checksum})
                     entries.append({"event": "repair", "version": applied.version,
                                     "description": applied.description, "checksum": new,
