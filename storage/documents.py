@@ -73,6 +73,9 @@ class OpsBase(abc.ABC):
     async def get(self, collection: str, key: Key) -> Document | None: ...
 
     @overload
+    async def get(self, collection: str, key: Key, default: Document) -> Document: ...
+
+    @overload
     async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
 
     async def get(self, collection: str, key: Key, default: Any = None) -> Any:

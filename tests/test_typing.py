@@ -39,6 +39,8 @@ async def lengths(guild_id: int) -> int:
     total = 0
     async with storage.open_store(backend="json", path="data") as store:
         await store.put("settings", guild_id, {"prefix": "!"})      # an int key: a snowflake
+        settings = await store.get("settings", guild_id, default={})
+        total += len(str(settings.get("prefix", "!")))
         async for record in store.scan_messages(guild_id):
             typed: MessageRecord = record
             total += typed["content_length"] + len(typed["analysis"].get("topics", []))
@@ -52,6 +54,10 @@ import storage
 async def typo(store: storage.Store) -> int:
     member = await store.get_member_data(1, 2)
     return member["statistics"]["mesage_count"]
+
+
+async def maybe_absent(store: storage.Store) -> str:
+    return str((await store.get("settings", 1))["prefix"])   # None when absent: mypy says so
 '''
 
 
@@ -68,5 +74,7 @@ def test_mypy_strict_in_a_users_project_sees_member_and_message_record(tmp_path:
     assert not [line for line in lines if line.startswith("good.py")], done.stdout + done.stderr
     assert any(line.startswith("bad.py:7") and '"mesage_count"' in line and "MemberStatistics" in line
                for line in lines), done.stdout + done.stderr
-    # the typo's line only (its error, the "did you mean" note, the Any it leaves): the library was found and typed
-    assert all(line.startswith("bad.py:7:") for line in lines), done.stdout
+    assert any(line.startswith("bad.py:11") and "None" in line and "not indexable" in line
+               for line in lines), done.stdout  # get() without a default may return None
+    # only those two lines (the typo's error, its "did you mean" note, the Any it leaves): the library was found
+    assert all(line.startswith(("bad.py:7:", "bad.py:11:")) for line in lines), done.stdout
