@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,7 +50,7 @@ def fresh_member(member: discord.Member) -> storage.Member:
     }
 
 
-def count_message(author_id: int, guild_id: int, when: str) -> Any:
+def count_message(author_id: int, guild_id: int, when: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """The ``update`` function for one message: +1, and the latest time (compared as times: canonical text is not
     ordered like time as a string, ``...:06Z`` sorts after ``...:06.5Z``)."""
 
