@@ -14,6 +14,7 @@ from typing import Any, TypeVar, overload
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
 from .protocol import Document, Items, Key, UpdateFn
+from .query.ops import QueryOps
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
@@ -36,8 +37,9 @@ def normalize_items(items: Items) -> list[tuple[str, bytes]]:
     return out
 
 
-class OpsBase(abc.ABC):
-    """Public document operations with their checks, over backend primitives. Shared by stores and transactions."""
+class OpsBase(QueryOps, abc.ABC):
+    """Public document operations with their checks, over backend primitives. Shared by stores and transactions.
+    ``find`` / ``count`` / ``delete_many`` come from :class:`storage.query.ops.QueryOps`."""
 
     # -- primitives a backend provides ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -124,10 +126,6 @@ class OpsBase(abc.ABC):
                                   f"{type(prefix).__name__}", field="prefix")
         async for pair in self._items(check_collection(collection), prefix or None):
             yield pair
-
-    async def count(self, collection: str) -> int:
-        self._guard_read()
-        return await self._count(check_collection(collection))
 
 
 def apply_update(fn: UpdateFn, current: Document | None, default: Document | None) -> tuple[Document, bytes]:

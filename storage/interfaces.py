@@ -24,6 +24,7 @@ from .config import StoreConfig
 from .documents import OpsBase
 from .errors import LockTimeoutError
 from .protocol import Transaction
+from .query.ops import IndexOps
 
 __all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
            "TopColumn"]
@@ -115,8 +116,9 @@ class BackendTransaction(OpsBase):
         raise NotImplementedError(f"{type(self).__name__} cannot replace messages inside a transaction")
 
 
-class Backend(OpsBase):
-    """What a backend provides to the features written once. See the module doc."""
+class Backend(OpsBase, IndexOps):
+    """What a backend provides to the features written once. See the module doc. (The index calls come from
+    :class:`storage.query.ops.IndexOps`: a backend implements ``_ensure_index`` / ``_drop_index`` / ``_indexes``.)"""
 
     config: StoreConfig
     backend_name: str

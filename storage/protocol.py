@@ -69,8 +69,17 @@ class DocumentOps(Protocol):
     def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         """``(key, doc)`` pairs in key order (code point order), optionally only keys starting with ``prefix``."""
 
-    async def count(self, collection: str) -> int:
-        """Number of documents in ``collection``."""
+    async def count(self, collection: str, where: dict[str, Any] | None = None, *, prefix: str | None = None) -> int:
+        """Number of documents in ``collection`` (matching ``where`` / ``prefix`` when given)."""
+
+    async def find(self, collection: str, where: dict[str, Any] | None = None, *, prefix: str | None = None,
+                   order_by: str | None = None, limit: int | None = None,
+                   offset: int = 0) -> list[tuple[str, Document]]:
+        """Matching ``(key, doc)`` pairs, ordered (see :mod:`storage.query.plan` for the rules)."""
+
+    async def delete_many(self, collection: str, where: dict[str, Any] | None = None, *,
+                          prefix: str | None = None) -> int:
+        """Delete the matching documents atomically; returns how many."""
 
 
 @runtime_checkable
@@ -104,6 +113,13 @@ class Store(DocumentOps, Protocol):
 
     async def collections(self) -> list[str]:
         """Names of the collections that hold at least one document, sorted."""
+
+    async def ensure_index(self, collection: str, path: str) -> bool:
+        """Index a field path (persistent); True if created."""
+
+    async def drop_index(self, collection: str, path: str) -> bool: ...
+
+    async def indexes(self, collection: str) -> list[str]: ...
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """A transaction: reads see its own writes; an exception inside writes nothing."""

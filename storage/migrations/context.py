@@ -128,9 +128,19 @@ class MigrationContext(MembersMixin):
         async for pair in self._tx.items(collection, prefix):
             yield pair
 
-    async def count(self, collection: str) -> int:
+    async def count(self, collection: str, where: dict[str, Any] | None = None, *, prefix: str | None = None) -> int:
         self._check()
-        return await self._tx.count(collection)
+        return await self._tx.count(collection, where, prefix=prefix)
+
+    async def find(self, collection: str, where: dict[str, Any] | None = None, *, prefix: str | None = None,
+                   order_by: str | None = None, limit: int | None = None,
+                   offset: int = 0) -> list[tuple[str, Document]]:
+        self._check()
+        return await self._tx.find(collection, where, prefix=prefix, order_by=order_by, limit=limit, offset=offset)
+
+    async def delete_many(self, collection: str, where: dict[str, Any] | None = None, *,
+                          prefix: str | None = None) -> int:
+        return await self._tx.delete_many(self._writable(collection), where, prefix=prefix)
 
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
         """For the seed's ``batch_update_members``: decoded again so only the public transaction API is used."""

@@ -59,15 +59,18 @@ from ...interfaces import BackendTransaction, ExportSink, MessageSwap, Migration
 from ...messages.columns import MessageColumns
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
+from ...query.plan import Query
 from ..base import BackendBase, TransactionBase
 from . import restore as json_restore
 from .group_commit import Failed, GroupCommit
+from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
+from .query import Mode, run_query
 from .restore import RestoreSwap
 from .tables import Staged, Tables
 
@@ -466,6 +469,73 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         await self._refresh()
         return sorted(name for name, coll in self._tables.data.items() if coll)
 
+    # queries and indexes (query.py, indexes.py)
+    async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
+        await self._refresh()
+        tables = self._tables
+        return await run_query(tables.data.get(collection) or {}, tables.indexes.of(collection), query, mode)
+
+    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
+        found: list[tuple[str, Document]] = await self._query(collection, query, "find")
+        return found
+
+    async def _count_where(self, collection: str, query: Query) -> int:
+        counted: int = await self._query(collection, query, "count")
+        return counted
+
+    async def _delete_where(self, collection: str, query: Query) -> int:
+        """One transaction: the matching keys found under the lock, deleted in one journal line."""
+        self._check_writable(collection)
+        async with self.transaction() as tx:
+            return await tx._delete_where(collection, query)
+
+    async def _ensure_index(self, collection: str, path: str) -> bool:
+        """Under the lock (no commit can change the collection meanwhile): build in a worker thread, declare it
+        in ``storage.indexes``, then install it."""
+        self._check_writable(collection)
+        async with self._locked():
+            indexes = self._tables.indexes
+            paths = indexes.declared.get(collection, [])
+            if path in paths:
+                return False
+            built = await cancellation.run_in_thread(build_indexes, self._tables.data.get(collection) or {},
+                                                     [path])
+            before = indexes.declared
+            indexes.declared = {**before, collection: sorted([*paths, path])}
+            try:
+                with self._io("declaring the index"):
+                    await cancellation.run_in_thread(indexes.write)
+            except BaseException:
+                indexes.declared = before
+                raise
+            indexes.live.setdefault(collection, {}).update(built)
+        return True
+
+    async def _drop_index(self, collection: str, path: str) -> bool:
+        self._check_usable()
+        async with self._locked():
+            indexes = self._tables.indexes
+            paths = indexes.declared.get(collection, [])
+            if path not in paths:
+                return False
+            before = indexes.declared
+            rest = [p for p in paths if p != path]
+            indexes.declared = {c: p for c, p in {**before, collection: rest}.items() if p}
+            try:
+                with self._io("dropping the index"):
+                    await cancellation.run_in_thread(indexes.write)
+            except BaseException:
+                indexes.declared = before
+                raise
+            live = indexes.live.get(collection, {})
+            live.pop(path, None)
+            if not live:
+                indexes.live.pop(collection, None)
+        return True
+
+    async def _indexes(self, collection: str) -> list[str]:
+        return list(self._tables.indexes.declared.get(collection, []))
+
     # where the data is (storage.interfaces)
     def location(self) -> str:
         return os.path.realpath(self.path)
@@ -660,6 +730,29 @@ class JsonTransaction(TransactionBase):
 
     async def _count(self, collection: str) -> int:
         return len(self._staged.view(collection))
+
+    async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
+        """Over this transaction's view; the committed indexes serve it while it changed nothing in the
+        collection (the committed data cannot change while the transaction holds the lock)."""
+        view = self._staged.view(collection)
+        committed = self._staged.base.get(collection)
+        indexes = self._json._tables.indexes.of(collection) if view is committed else {}
+        return await run_query(view, indexes, query, mode)
+
+    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
+        found: list[tuple[str, Document]] = await self._query(collection, query, "find")
+        return found
+
+    async def _count_where(self, collection: str, query: Query) -> int:
+        counted: int = await self._query(collection, query, "count")
+        return counted
+
+    async def _delete_where(self, collection: str, query: Query) -> int:
+        self._json._check_writable(collection)
+        keys: list[str] = await self._query(collection, query, "keys")
+        for start in range(0, len(keys), ITEMS_TURN):
+            await self._stage([("d", collection, key) for key in keys[start:start + ITEMS_TURN]])
+        return len(keys)
 
     def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
         """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a

@@ -36,6 +36,7 @@ from pathlib import Path
 from ...codec import OWN_COLLECTIONS, check_collection
 from ...errors import CorruptDataError, ExternalChangeError, ValidationError
 from ...fsutil import atomic_write, fsync_dir
+from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lock import Committed, SidecarLock
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
@@ -72,6 +73,8 @@ class Tables:
         self.merge_external = False
         #: Compact once the journal exceeds this and the snapshots it would rewrite (tests lower it).
         self.min_compact_bytes = MIN_COMPACT_BYTES
+        #: The query indexes (indexes.py): kept equal to ``data`` by :meth:`load` and :meth:`apply`.
+        self.indexes = JsonIndexes(path)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the committed end (published in storage.lock)
@@ -129,8 +132,11 @@ class Tables:
                                        "the file was left as it is", path=str(self.path / (name + ".json")))
         self.data, self.sizes, self.foreign, self.dirty, self.files = data, sizes, foreign, set(), files
         self.need_reload = self.need_lock = False
+        self.indexes.reset()
         for ops in records:
             self.apply(ops)
+        self.indexes.read()
+        self.indexes.build(self.data)
 
     def record_checksums(self) -> None:
         """Under the lock, after loading: record in the journal's header the checksum of every snapshot it does
@@ -183,6 +189,8 @@ class Tables:
             elif old is not None:
                 del coll[key]
             self.dirty.add(coll_name)
+        if self.indexes.live:
+            self.indexes.apply(ops)
 
     # ---------------------------------------------------------------------------------------------------------------
     # following the journal

@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
@@ -80,9 +81,12 @@ from ...errors import (
 )
 from ...interfaces import BackendTransaction, MigrationLock
 from ...protocol import Document, UpdateFn
+from ...query.plan import Query
 from ..base import BackendBase, TransactionBase
 from . import conn as pg_conn
 from . import documents as sql
+from . import indexes as pg_indexes
+from . import query as pg_query
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .ingest import RowEncoder, replay
 from .lane import Lane
@@ -100,6 +104,8 @@ log = logging.getLogger("storage.postgres")
 CONNECT_TIMEOUT = 15.0
 #: Seconds ``close()`` waits for borrowed connections to come back before it terminates them.
 CLOSE_TIMEOUT = 10.0
+#: Seconds the indexed paths of a collection are remembered (see PostgresBackend._indexed_paths).
+INDEX_CACHE_SECONDS = 30.0
 
 # asyncpg reports a malformed DSN with a ValueError (ClientConfigurationError), at the first connection.
 _OPEN_ERRORS: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, ValueError)
@@ -139,6 +145,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
         # release (see postgres/lane.py). Closed until the pool exists.
         self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
+        #: collection -> (when read, its indexed paths): chooses the SQL shape of an ordered find (see query.py)
+        self._indexed: dict[str, tuple[float, frozenset[str]]] = {}
 
     # where the data is (storage.interfaces)
     def location(self) -> str:
@@ -326,6 +334,64 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         self._guard_read()
         async with self._connection("collections") as conn:
             return await sql.collections(conn)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # queries and indexes (query.py, indexes.py)
+    async def _indexed_paths(self, collection: str, use: Callable[[str], AbstractAsyncContextManager[Any]]
+                             ) -> frozenset[str]:
+        """The collection's indexed paths, re-read every :data:`INDEX_CACHE_SECONDS` (another process may add one;
+        a stale answer only changes the shape of the SQL, never its result)."""
+        hit = self._indexed.get(collection)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < INDEX_CACHE_SECONDS:
+            return hit[1]
+        async with use("indexes") as conn:
+            paths = frozenset((await pg_indexes.indexed_paths(conn, collection)).get(collection, []))
+        self._indexed[collection] = (now, paths)
+        return paths
+
+    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
+        indexed = await self._indexed_paths(collection, self._connection) if query.order and query.limit else None
+        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        async with self._connection("find") as conn:
+            if query.limit is not None and query.limit <= pg_query.FETCH_ROWS:
+                return await pg_query.fetch_pairs(conn, text, params, query.limit)
+            async with pg_conn.transaction(conn):
+                return await pg_query.fetch_pairs(conn, text, params, query.limit)
+
+    async def _count_where(self, collection: str, query: Query) -> int:
+        text, params = pg_query.build_count(collection, query)
+        async with self._connection("count") as conn:
+            n: int = await conn.fetchval(text, *params)
+            return n
+
+    async def _delete_where(self, collection: str, query: Query) -> int:
+        returning = self._cache.ttl > 0  # the deleted keys are needed only to invalidate the cache
+        text, params = pg_query.build_delete(collection, query, returning=returning)
+        keys: list[str] = []
+        try:
+            async with self._connection("delete_many") as conn:
+                deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
+        except BaseException:
+            await self._cache.clear()  # it may have committed: forget everything rather than risk a stale read
+            raise
+        finally:
+            self._invalidate(collection, keys)
+        return deleted
+
+    async def _ensure_index(self, collection: str, path: str) -> bool:
+        self._indexed.pop(collection, None)
+        async with self._connection("ensure_index", lane=False) as conn:
+            return await pg_indexes.ensure(conn, collection, path)
+
+    async def _drop_index(self, collection: str, path: str) -> bool:
+        self._indexed.pop(collection, None)
+        async with self._connection("drop_index", lane=False) as conn:
+            return await pg_indexes.drop(conn, collection, path)
+
+    async def _indexes(self, collection: str) -> list[str]:
+        async with self._connection("indexes") as conn:
+            return (await pg_indexes.indexed_paths(conn, collection)).get(collection, [])
 
     # ---------------------------------------------------------------------------------------------------------------
     # transactions
@@ -619,6 +685,26 @@ class PgTransaction(TransactionBase):
     async def _count(self, collection: str) -> int:
         async with self._use("count") as conn:
             return await sql.count(conn, collection)
+
+    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
+        indexed = await self._store._indexed_paths(collection, self._use) if query.order and query.limit else None
+        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        async with self._use("find") as conn:
+            return await pg_query.fetch_pairs(conn, text, params, query.limit)
+
+    async def _count_where(self, collection: str, query: Query) -> int:
+        text, params = pg_query.build_count(collection, query)
+        async with self._use("count") as conn:
+            n: int = await conn.fetchval(text, *params)
+            return n
+
+    async def _delete_where(self, collection: str, query: Query) -> int:
+        returning = self._store._cache.ttl > 0  # keys to invalidate at commit, only when there is a cache
+        text, params = pg_query.build_delete(collection, query, returning=returning)
+        async with self._use("delete_many") as conn:
+            deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
+        self._wrote(collection, keys)
+        return deleted
 
 
 async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], collection: str,
