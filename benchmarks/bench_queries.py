@@ -145,7 +145,8 @@ async def worker(backend: str, location: str, members: int, repeats: int) -> dic
             from storage.query import parse_query
 
             sql, params = build_find("members", parse_query({"join_date": {"$gte": "2024-03-03",
-                                                                           "$lt": "2024-03-04"}}))
+                                                                           "$lt": "2024-03-04"}}),
+                                     frozenset(), store._now())
             plan = await store.pool.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *params)
             top = (plan if isinstance(plan, list) else __import__("json").loads(plan))[0]["Plan"]
             nodes, node = [], top

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,6 +43,8 @@ _DUMPS_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _OWN_COLLECTIONS = frozenset(("members",))  # valid names (see check_collection)
 _NULL = re.compile(rb"null")
+#: Names no collection may have: they would be the JSON backend's own files (``storage.expires.json``).
+_RESERVED_NAMES = frozenset(("storage.expires",))
 #: The collections the library itself defines (members, the migration ledger): a file of theirs that is not a
 #: collection is damage, never "someone else's file".
 OWN_COLLECTIONS = frozenset(("members", "_migrations", "_migration_log", "_migration_notes", "_migration_state"))
@@ -115,20 +118,23 @@ def shown(value: Any) -> str:
     return _SHOWN.repr(value)
 
 
-def dumps_kept(value: Any, option: int | None = None) -> bytes:
+def dumps_kept(value: Any, option: int | None = None, default: Callable[[Any], Any] | None = None) -> bytes:
     """``orjson.dumps`` for bytes that will be *kept* (in memory for the store's lifetime).
 
     orjson builds its output in a 4 KiB buffer and the shrink that follows does not give the memory back: each
     result holds about 4 KiB of memory whatever its length. Copying into an exact-size ``bytes`` is cheap and brings
     that down to the document's real size (benchmarks/README.md, "Design measurements").
     """
-    return memoryview(orjson.dumps(value, option=option)).tobytes()
+    return memoryview(orjson.dumps(value, default, option)).tobytes()
 
 
 def check_collection(name: object) -> str:
     """Collection names become file names on the JSON backend, so they are restricted to a safe alphabet."""
     if type(name) is str and name in _OWN_COLLECTIONS:
         return name  # the library's own, on every member call: skip the regex
+    if name in _RESERVED_NAMES:
+        raise ValidationError(f"collection name {name!r} is reserved (the JSON backend's expiry file is "
+                              "storage.expires.json)", field="collection")
     if not isinstance(name, str) or not _COLLECTION_RE.match(name) or name.endswith((".tmp", ".json")):
         raise ValidationError(
             f"collection name must be 1-128 chars of letters, digits, '_', '-', '.', not starting with '.' or '-': "
@@ -187,17 +193,20 @@ def _walk(doc: Any, what: str) -> None:
             raise ValidationError(f"{path}: integer {value} does not fit in 64 bits", field=path)
 
 
-def encode_doc(doc: Any, *, what: str = "document") -> bytes:
+def encode_doc(doc: Any, *, what: str = "document", default: Callable[[Any], Any] | None = None) -> bytes:
     """Serialize a document, raising :class:`ValidationError` (naming the field) if it is not plain JSON.
 
     The result is always the exact-size copy of :func:`dumps_kept`, even for bytes that are only sent to a server:
     a batch holds all of them at once, 4 KiB each without the copy. In a ``batch_update_members`` on PostgreSQL the
     copy made no measurable difference to speed (benchmarks/README.md, "Design measurements").
+
+    ``default`` is orjson's hook for values it does not serialize itself (a collection rule's datetime-to-text, see
+    :mod:`storage.rules`); without it such a value is refused.
     """
     if type(doc) is not dict:
         raise ValidationError(f"{what} must be a dict, got {type(doc).__name__}", field=what)
     try:
-        out = dumps_kept(doc, _DUMPS_OPTS)
+        out = dumps_kept(doc, _DUMPS_OPTS, default)
     except (orjson.JSONEncodeError, TypeError) as exc:
         _walk(doc, what)  # a more precise message when the walk can find the field
         raise ValidationError(f"{what} is not JSON-serializable: {exc}", field=what) from exc
@@ -210,7 +219,7 @@ def encode_doc(doc: Any, *, what: str = "document") -> bytes:
     if out.find(_PLUS) != -1 or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None):
         fixed = canonical_numbers(doc)
         if fixed is not doc:
-            out = dumps_kept(fixed, _DUMPS_OPTS)
+            out = dumps_kept(fixed, _DUMPS_OPTS, default)
     return out
 
 

@@ -29,7 +29,8 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Literal
 from urllib.parse import quote
 
@@ -143,6 +144,10 @@ class StoreConfig:
     #: Open for reading only: no write lock is taken, nothing on disk or in the database is changed, and every
     #: write raises :class:`storage.errors.ReadOnlyError` (``check``, ``backup create`` and ``copy --from`` use it).
     read_only: bool = False
+    #: What expiring documents (``put(..., ttl=)``) are measured against: a function returning an aware datetime;
+    #: None means the system's UTC time. Tests inject a controllable clock here (both backends use it; PostgreSQL
+    #: gets its value as a parameter). See :mod:`storage.expiry`.
+    clock: Callable[[], datetime] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.backend not in ("json", "postgres"):

@@ -3,26 +3,41 @@
 :class:`OpsBase` checks every argument (collection names, keys, documents, update functions) and encodes documents
 before a backend sees them, so both backends reject exactly the same input with the same error and message, and a
 backend's primitives work on already-validated, already-encoded input.
+
+Every document written through it is encoded by :meth:`OpsBase._encode_for`, the one place where a collection's
+rule (:mod:`storage.rules`: the member shape on ``members``) is applied, and every write's ``ttl``/``expires_at``
+becomes an instant in :meth:`OpsBase._expiry` (:mod:`storage.expiry`), so no call path can skip either.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar, overload
+
+import orjson
 
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
+from .expiry import expiry_of, utc_now
 from .protocol import Document, Items, Key, UpdateFn
 from .query.ops import QueryOps
+from .rules import RULES, encode_for
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
 _T = TypeVar("_T")
 
 
-def normalize_items(items: Items) -> list[tuple[str, bytes]]:
-    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position."""
+def normalize_items(items: Items, collection: str | None = None, *, rule: bool = True) -> list[tuple[str, bytes]]:
+    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position.
+
+    With ``collection`` (and ``rule``), each document is checked by that collection's rule (:mod:`storage.rules`).
+    """
+    encode: Callable[[str, Any], bytes] = (
+        (lambda key, doc: encode_for(collection, key, doc)) if collection is not None and rule else
+        (lambda key, doc: encode_doc(doc)))
     pairs = items.items() if isinstance(items, Mapping) else items
     out: list[tuple[str, bytes]] = []
     for index, pair in enumerate(pairs):
@@ -31,7 +46,7 @@ def normalize_items(items: Items) -> list[tuple[str, bytes]]:
         except (TypeError, ValueError):
             raise ValidationError(f"item #{index} must be a (key, doc) pair", field=f"items[{index}]") from None
         try:
-            out.append((check_key(key), encode_doc(doc)))
+            out.append((check_key(key), encode(key, doc)))
         except ValidationError as exc:
             raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
     return out
@@ -55,14 +70,45 @@ class OpsBase(QueryOps, abc.ABC):
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]: ...
 
     @abc.abstractmethod
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
-        """Write all pairs atomically and durably (one commit)."""
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
+        """Write all pairs atomically and durably (one commit); each expires at ``expires`` (aware UTC), or is
+        permanent (None), whatever it was before."""
 
     @abc.abstractmethod
     async def _delete(self, collection: str, key: str) -> bool: ...
 
     @abc.abstractmethod
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document: ...
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
+        """Atomic read-modify-write; an expired document is absent (``fn`` gets the default). The result expires
+        at ``expires`` or is permanent."""
+
+    @abc.abstractmethod
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        """When each visible, expiring document among ``keys`` (None: the whole collection) expires; permanent
+        and absent ones are left out. What a backup or copy carries along with the documents."""
+
+    def _now(self) -> datetime:
+        """The instant expiry is measured against (a store's ``config.clock``; see :mod:`storage.expiry`)."""
+        return utc_now()
+
+    def _expiry(self, ttl: object, expires_at: object) -> datetime | None:
+        return expiry_of(self._now, ttl, expires_at)
+
+    @staticmethod
+    def _encode_for(collection: str, key: str, doc: Any, what: str = "document") -> bytes:
+        """THE encoding of every document written through the public API: the collection's rule applies here."""
+        return encode_for(collection, key, doc, what)
+
+    async def _put_stored(self, collection: str, items: Items, expires: datetime | None = None) -> int:
+        """Write documents that were already stored (a restore, a copy, the statistics refresh of stored members)
+        as they are: checked as JSON but not by the collection's rule (see :mod:`storage.rules` for why)."""
+        self._guard_write()
+        pairs = normalize_items(items, check_collection(collection), rule=False)
+        if pairs:
+            await self._put_encoded(collection, pairs, expires)
+        return len(pairs)
 
     @abc.abstractmethod
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]: ...
@@ -94,30 +140,44 @@ class OpsBase(QueryOps, abc.ABC):
             return {}
         return await self._get_many(check_collection(collection), checked)
 
-    async def put(self, collection: str, key: Key, doc: Document) -> None:
+    async def put(self, collection: str, key: Key, doc: Document, *, ttl: float | None = None,
+                  expires_at: datetime | None = None) -> None:
         self._guard_write()
-        pair = [(check_key(key), encode_doc(doc))]
-        await self._put_encoded(check_collection(collection), pair)
+        expires = self._expiry(ttl, expires_at)
+        collection, key = check_collection(collection), check_key(key)
+        await self._put_encoded(collection, [(key, self._encode_for(collection, key, doc))], expires)
 
-    async def put_many(self, collection: str, items: Items) -> int:
+    async def put_many(self, collection: str, items: Items, *, ttl: float | None = None,
+                       expires_at: datetime | None = None) -> int:
         self._guard_write()
-        check_collection(collection)
-        pairs = normalize_items(items)
+        expires = self._expiry(ttl, expires_at)
+        pairs = normalize_items(items, check_collection(collection))
         if pairs:
-            await self._put_encoded(collection, pairs)
+            await self._put_encoded(collection, pairs, expires)
         return len(pairs)
 
     async def delete(self, collection: str, key: Key) -> bool:
         self._guard_write()
         return await self._delete(check_collection(collection), check_key(key))
 
-    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None, *,
+                     ttl: float | None = None, expires_at: datetime | None = None) -> Document:
         self._guard_write()
         if not callable(fn):
             raise ValidationError("fn must be callable: fn(doc) -> doc", field="fn")
         if default is not None:
             encode_doc(default, what="default")
-        return await self._update(check_collection(collection), check_key(key), fn, default)
+        expires = self._expiry(ttl, expires_at)
+        collection, key = check_collection(collection), check_key(key)
+
+        def checked(doc: Document) -> Document:
+            """``fn``'s result through the collection's rule (run by the backend while the key is locked)."""
+            result = fn(doc)
+            encoded = self._encode_for(collection, key, doc if result is None else result, "update result")
+            loaded: Document = orjson.loads(encoded)
+            return loaded
+
+        return await self._update(collection, key, checked if collection in RULES else fn, default, expires)
 
     async def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         self._guard_read()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from .config import StoreConfig
 from .documents import OpsBase
 from .errors import LockTimeoutError
+from .member_calls import MembersMixin
 from .protocol import Transaction
 from .query.ops import IndexOps
 
@@ -88,8 +89,9 @@ class MessageSwap(abc.ABC):
     async def finish(self) -> None: ...
 
 
-class BackendTransaction(OpsBase):
-    """What a backend's transaction offers beyond the document operations (for backups, copies and migrations)."""
+class BackendTransaction(MembersMixin, OpsBase):
+    """What a backend's transaction offers beyond the document operations (for backups, copies and migrations);
+    it carries the seed's member calls too (``tx.get_member_data``...), written once in :mod:`storage.member_calls`."""
 
     #: The transaction's own connection for hand-written SQL in a migration (PostgreSQL), else None.
     connection: Any = None

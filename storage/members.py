@@ -1,80 +1,13 @@
-"""The seed's member calls, written once on top of the document operations.
+"""The seed's member calls as a feature of the public stores (:class:`MembersMixin`, mixed in by
+:mod:`storage.stores`).
 
-Members live in collection ``members`` under key ``f"{guild_id}_{user_id}"``, exactly where the seed's code put
-them, so a ``config/members.json`` written by the seed opens unchanged. Unlike the seed, bad input raises
-:class:`storage.ValidationError` instead of being logged and turned into ``False``, and a batch is written all at
-once (one durable commit) instead of one whole-file rewrite.
+They are written in :mod:`storage.member_calls`, a core module, because transactions carry them too
+(``tx.get_member_data``, ``tx.save_member_data``, ``tx.batch_update_members``) and transactions are built by the
+backends, which never import a feature.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, cast
+from .member_calls import MEMBERS, MembersMixin, deep_merge
 
-from .codec import encode_doc
-from .errors import ValidationError
-from .models import MEMBERS, check_member, member_key, snowflake
-from .protocol import Document, DocumentOps
-from .types import Member
-
-__all__ = ["MEMBERS", "MembersMixin"]
-
-log = logging.getLogger("storage.members")
-
-
-class MemberWriter(DocumentOps, Protocol):
-    """What the member calls need: the document operations, plus the write guard and the encoded put that
-    ``batch_update_members`` uses to write every row in one commit (a store, or a migration's context)."""
-
-    def _guard_write(self) -> None: ...
-
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None: ...
-
-
-class MembersMixin:
-    """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
-
-    async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str) -> Member:
-        """The member's record, or ``{}`` when there is none (as the seed returned); typed as a
-        :class:`storage.Member` (a plain dict at run time)."""
-        doc = await self.get(MEMBERS, member_key(user_id, guild_id))
-        return cast(Member, doc if doc is not None else {})
-
-    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str,
-                               data: Member | Document) -> bool:
-        """Replace the member's record; True once it is durable. Invalid data raises and writes nothing.
-        ``join_date`` and ``statistics.last_active`` are stored in the canonical form of
-        :func:`storage.models.iso_utc` (a datetime such as ``member.joined_at`` is accepted)."""
-        user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
-        await self.put(MEMBERS, f"{guild}_{user}", check_member(data, user, guild))
-        return True
-
-    async def batch_update_members(self: MemberWriter, updates: Iterable[Mapping[str, Any]]) -> int:
-        """Write every well-formed update in one all-or-nothing commit; returns how many were written.
-
-        Each update is ``{"user_id", "guild_id", "data"}``. Malformed ones are skipped and logged (the seed's
-        documented behaviour), so one bad row from a bulk import does not block the rest.
-        """
-        self._guard_write()  # closed, read-only, or a transaction open in this task (which would deadlock)
-        items: list[tuple[str, bytes]] = []
-        for index, update in enumerate(updates):
-            try:
-                if type(update) is not dict and not isinstance(update, Mapping):
-                    raise ValidationError(f"update must be a mapping, got {type(update).__name__}", field="update")
-                try:
-                    user_id, guild_id, data = update["user_id"], update["guild_id"], update["data"]
-                except KeyError:
-                    missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
-                    raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
-                user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
-                key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-                encoded = encode_doc(check_member(data, user, guild), what="data")
-            except ValidationError as exc:
-                log.error("batch_update_members: skipping update #%d: %s", index, exc)
-                continue
-            items.append((key, encoded))
-        if not items:
-            return 0
-        await self._put_encoded(MEMBERS, items)
-        return len(items)
+__all__ = ["MEMBERS", "MembersMixin", "deep_merge"]

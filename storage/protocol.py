@@ -53,18 +53,24 @@ class DocumentOps(Protocol):
     async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         """The documents that exist among ``keys``, as ``{key: doc}``."""
 
-    async def put(self, collection: str, key: Key, doc: Document) -> None:
-        """Insert or replace one document; durable when it returns."""
+    async def put(self, collection: str, key: Key, doc: Document, *, ttl: float | None = None,
+                  expires_at: datetime | None = None) -> None:
+        """Insert or replace one document; durable when it returns. With ``ttl`` (seconds) or ``expires_at`` (an
+        aware datetime) it reads as absent from that instant on; without, it is permanent (storage/expiry.py)."""
 
-    async def put_many(self, collection: str, items: Items) -> int:
-        """Insert or replace many documents at once, all or nothing; returns how many were given."""
+    async def put_many(self, collection: str, items: Items, *, ttl: float | None = None,
+                       expires_at: datetime | None = None) -> int:
+        """Insert or replace many documents at once, all or nothing; returns how many were given. One expiry
+        (``ttl``/``expires_at``) for the whole batch, as for :meth:`put`."""
 
     async def delete(self, collection: str, key: Key) -> bool:
         """Remove a document; True if it existed."""
 
-    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
-        """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent) while no other
-        writer, in this process or another, can change that key. Returns the stored result."""
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None, *,
+                     ttl: float | None = None, expires_at: datetime | None = None) -> Document:
+        """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent or expired)
+        while no other writer, in this process or another, can change that key. Returns the stored result, which
+        is permanent unless ``ttl``/``expires_at`` is given again (expiry is explicit on every write)."""
 
     def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         """``(key, doc)`` pairs in key order (code point order), optionally only keys starting with ``prefix``."""
@@ -90,6 +96,14 @@ class Transaction(DocumentOps, Protocol):
     connection: Any
 
     async def collections(self) -> list[str]: ...
+
+    # The seed's member calls, inside the transaction (they see its writes and commit with it).
+    async def get_member_data(self, user_id: int | str, guild_id: int | str,
+                              default: Mapping[str, Any] | None = None) -> Member: ...
+
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool: ...
+
+    async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
 
 @runtime_checkable
@@ -127,8 +141,12 @@ class Store(DocumentOps, Protocol):
     async def close(self) -> None:
         """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
 
+    async def purge_expired(self) -> int:
+        """Remove expired documents (already absent to every read) from the files or tables now; returns how many."""
+
     # The seed's member calls ------------------------------------------------------------------------------------
-    async def get_member_data(self, user_id: int | str, guild_id: int | str) -> Member: ...
+    async def get_member_data(self, user_id: int | str, guild_id: int | str,
+                              default: Mapping[str, Any] | None = None) -> Member: ...
 
     async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool: ...
 

@@ -746,7 +746,7 @@ async def test_copy_moves_everything_and_verifies(store, json_twin):
 
 async def test_copy_refuses_a_non_empty_target_unless_told(store, json_twin):
     await populate(store)
-    await json_twin.put("members", "precious", {"keep": "me"})
+    await json_twin.put("notes", "precious", {"keep": "me"})
     target_state = await snapshot(json_twin)
     with pytest.raises(TargetNotEmptyError, match="already holds data"):
         await copy(store, json_twin)

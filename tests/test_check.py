@@ -140,3 +140,15 @@ async def test_check_changes_nothing_not_even_a_pending_journal(tmp_path: Path):
     assert "5 documents and 5 messages readable" in result.stdout, result.stdout
     assert snapshot(crashed) == before
     assert (crashed / "storage.lock").read_bytes() == lock  # not even the lock file's state
+
+
+async def test_a_member_the_rule_refuses_is_a_note_not_damage(store_config: storage.StoreConfig):
+    """A member stored by an older version that did not check (storage/rules.py) reads as it is: noted, exit 0."""
+    async with storage.open_store(config=store_config) as store:
+        await store._put_stored("members", {"100_11": {"statistics": {"message_count": -3}}, "odd": {}})
+        await store.save_member_data(12, 100, {"roles": []})
+    where = ["--path", store_config.path] if store_config.backend == "json" else ["--dsn", str(store_config.dsn)]
+    result = await asyncio.to_thread(run, "check", *where)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "note: 2 document(s) of 'members' would be refused by its rule" in result.stdout, result.stdout
+    assert "'100_11': statistics.message_count must be a non-negative integer" in result.stdout

@@ -244,7 +244,7 @@ async def test_bot_data_requests_and_guild_removal(bot: StorageBot, backend: str
     store = bot.store
     assert store is not None
     truth = Truth()
-    (g0, g1), (chatters0, chatters1), (mod0, mod1) = await _people(bot, rnd)
+    (g0, g1), (chatters0, chatters1), (_mod0, mod1) = await _people(bot, rnd)
     await _chat(truth, g0.text_channels, chatters0, rnd, sequential=20, bursts=3, burst_size=150)
     await _chat(truth, g1.text_channels, chatters1, rnd, sequential=20, bursts=1, burst_size=100)
 

@@ -287,37 +287,37 @@ async def test_items_over_a_large_collection_is_a_snapshot_and_lets_the_loop_run
     they write meanwhile does not change the snapshot the iteration started from."""
     async with storage.open_store(backend="json", path=folder) as store:
         docs = {f"7_{i:05d}": {"n": i} for i in range(12_000)}
-        await store.put_many("members", {**docs, "8_1": {"n": -1}})
+        await store.put_many("things", {**docs, "8_1": {"n": -1}})
         beat = Heartbeat()
         seen = []
         after_writes = 0
-        async for key, doc in store.items("members", prefix="7_"):
+        async for key, doc in store.items("things", prefix="7_"):
             if len(seen) == 10:
-                await store.put("members", "7_zzz", {"n": 0})  # written after the snapshot: not seen
-                await store.delete("members", "7_11999")       # deleted after it: still seen
+                await store.put("things", "7_zzz", {"n": 0})  # written after the snapshot: not seen
+                await store.delete("things", "7_11999")       # deleted after it: still seen
                 after_writes = beat.turns
             seen.append((key, doc))
         beat.stop()
         assert seen == sorted(docs.items())
         assert beat.turns - after_writes >= 10  # the loop had a turn every 1000 documents of the 12,000
-        assert await store.get("members", "7_zzz") == {"n": 0}
+        assert await store.get("things", "7_zzz") == {"n": 0}
 
 
 async def test_a_large_transaction_lets_the_loop_run_and_its_items_see_its_own_deletes(folder):
     async with storage.open_store(backend="json", path=folder) as store:
-        await store.put_many("members", {f"7_{i:05d}": {"n": i} for i in range(6_000)})
+        await store.put_many("things", {f"7_{i:05d}": {"n": i} for i in range(6_000)})
         beat = Heartbeat()
         async with store.transaction() as tx:
             seen = []
-            async for key, _doc in tx.items("members", prefix="7_"):
+            async for key, _doc in tx.items("things", prefix="7_"):
                 if not seen:
-                    await tx.delete("members", "7_00001")  # deleted by this transaction: no longer seen
+                    await tx.delete("things", "7_00001")  # deleted by this transaction: no longer seen
                 seen.append(key)
             before = beat.turns
             for key in seen:
-                await tx.delete("members", key)  # 6,000 calls that never wait on their own
+                await tx.delete("things", key)  # 6,000 calls that never wait on their own
             during_deletes = beat.turns - before
         beat.stop()
         assert "7_00001" not in seen and len(seen) == 5_999
         assert during_deletes >= 5  # a loop turn every 1000 staged operations
-        assert await store.count("members") == 0
+        assert await store.count("things") == 0

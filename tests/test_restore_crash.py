@@ -175,13 +175,13 @@ async def test_an_intent_after_the_commit_rolls_forward_in_a_process_that_had_th
         digest = json_restore.documents_digest(restorer._tables.data)  # type: ignore[attr-defined]
         async with restorer.transaction() as tx:  # as restore_backup does: the intent and swap, then the commit
             json_restore.begin(data, staged, digest, "20240101_000000")
-            await tx.put("members", "new", {"restored": True})
+            await tx.put("members", "1_2", {"restored": True})
         # the restorer "crashed" here (its own next lock would resolve it too); the bystander's next write resolves
         await bystander.put("other", "k", {"v": 1})
         assert not json_restore.pending(data)
         messages = [r async for r in bystander.scan_messages(None, None, None)]  # type: ignore[attr-defined]
         assert [m["message_id"] for m in messages] == ["1"]
-        assert await bystander.get("members", "new") == {"restored": True}
+        assert await bystander.get("members", "1_2") == {"restored": True}
 
 
 async def test_an_unreadable_intent_refuses_to_open_rather_than_guess(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from asyncio import _get_running_loop  # bound once: the check below runs on every call
+from datetime import datetime
 
 from ..config import StoreConfig
 from ..errors import DatabaseError, EventLoopError, ReadOnlyError, StoreClosedError, TransactionError
+from ..expiry import checked_now
 from ..interfaces import Backend, BackendTransaction
 
 __all__ = ["BackendBase", "TransactionBase"]
@@ -39,6 +41,9 @@ class BackendBase(Backend):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _now(self) -> datetime:
+        return checked_now(self.config.clock)
 
     def _guard_open(self) -> None:
         if self._closed:
@@ -125,6 +130,9 @@ class TransactionBase(BackendTransaction):
         if self._store.config.read_only:
             raise ReadOnlyError(f"the {self._store.backend_name} store was opened read-only: its transactions "
                                 "only read")
+
+    def _now(self) -> datetime:
+        return self._store._now()
 
     def _end(self) -> None:
         self._active = False

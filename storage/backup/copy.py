@@ -29,6 +29,7 @@ from ..errors import BackupError, ValidationError
 from ..interfaces import Backend, BackendTransaction
 from ..progress import NullProgress, Progress
 from ..protocol import Document
+from .expiring import put_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .messages import MESSAGE_BATCH, MessageOps
 from .operations import snapshot_collections
@@ -158,13 +159,19 @@ async def _copy_collection(tx: BackendTransaction, target: Backend, name: str, d
         keys.add(key)
         batch.append((key, doc))
         if len(batch) >= batch_size:
-            await target.put_many(name, batch)
+            await _put_batch(tx, target, name, batch)
             progress.advance(len(batch))
             batch = []
     if batch:
-        await target.put_many(name, batch)
+        await _put_batch(tx, target, name, batch)
         progress.advance(len(batch))
     return keys
+
+
+async def _put_batch(tx: BackendTransaction, target: Backend, name: str, batch: list[tuple[str, Document]]) -> None:
+    """The source's documents as they are (no collection rule: see storage/rules.py), each with its expiry."""
+    expiries = await tx._expiries(name, [key for key, _ in batch])
+    await put_with_expiries(target, name, batch, expiries)
 
 
 async def _copy_messages(source: MessageOps, target: MessageOps, digest: ContentDigest,

@@ -52,6 +52,7 @@ from ..interfaces import Backend, BackendTransaction
 from ..offload import chunks, off_loop
 from ..progress import NullProgress, Progress
 from ..version import __version__
+from .expiring import backup_expiries, manifest_expiries, put_with_expiries
 from .files import collect as collect_files
 from .files import restore_files, write_files
 from .format import (
@@ -247,7 +248,11 @@ async def _write_collection(store: Backend, tx: BackendTransaction, root: Path, 
         else:
             async for chunk in chunks(tx.items(name)):
                 await off_loop(_write_ticking, writer, name, chunk, digest, ledger, progress)
-        return await off_loop(writer.close)
+        entry: dict[str, Any] = await off_loop(writer.close)
+        expires = await manifest_expiries(tx, name)
+        if expires:
+            entry["expires"] = expires  # see backup/expiring.py
+        return entry
     finally:
         writer.abort()
 
@@ -461,6 +466,13 @@ def _decoded(keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, Any]]:
 async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path, name: str,
                               entry: dict[str, Any] | None, dry_run: bool, progress: Progress) -> CollectionChange:
     wanted, raws = await off_loop(_read_backup_collection, root, name, entry) if entry else ({}, {})
+    expiries = backup_expiries(entry, name)
+    if expiries:  # what has expired since the backup was taken is not restored (it would read as absent)
+        now = tx._now()
+        for key in [key for key, when in expiries.items() if when <= now]:
+            wanted.pop(key, None)
+            del expiries[key]
+    current_expiries = await tx._expiries(name, None)
     view = tx.encoded_documents(name)
     if view is not None:
         current = await off_loop(_canonical_view, view)
@@ -469,11 +481,15 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
         async for chunk in chunks(tx.items(name)):
             current.update(await off_loop(_canonical_docs, chunk))
     removed, puts, added = await off_loop(_diff, current, wanted)
+    if expiries or current_expiries:  # same content but another expiry: written again, with the backup's
+        writing = set(puts)
+        puts += [key for key in wanted if key not in writing and expiries.get(key) != current_expiries.get(key)]
     if not dry_run:
         for key in removed:
             await tx.delete(name, key)
         for start in range(0, len(puts), RESTORE_BATCH):
-            await tx.put_many(name, await off_loop(_decoded, puts[start:start + RESTORE_BATCH], raws))
+            docs = await off_loop(_decoded, puts[start:start + RESTORE_BATCH], raws)
+            await put_with_expiries(tx, name, docs, expiries)
         final = await tx.count(name)
         if final != len(wanted):
             raise BackupError(f"restoring {name!r} would leave {final} documents instead of {len(wanted)}; "

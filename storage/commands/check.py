@@ -11,6 +11,9 @@ What is read, and where damage is reported:
   month would otherwise pass ``check`` and fail every analytics call. A torn *last* line (a crash mid-append, never
   acknowledged) is not damage: it is noted, and the next writer drops it;
 * PostgreSQL: every document and every message row, decoded.
+* documents a collection's rule refuses (storage/rules.py: a member with a negative ``message_count`` or a key that
+  is not ``{guild}_{user}``, stored by an older version that did not check) are *noted*, not counted as damage:
+  they read, back up and restore as they are, but the next write of such a document must correct it.
 
 Every problem is listed (not only the first), each with its file and byte position when it has one. The store is
 opened with ``read_only=True``: ``check`` takes no lock, cuts no torn line and compacts nothing.
@@ -30,8 +33,9 @@ from ..backends.json.message_files import MESSAGES_DIR, iter_lines, list_files, 
 from ..backup.messages import MessageOps
 from ..cli import add_store_options, existing_store_config
 from ..config import StoreConfig
-from ..errors import CorruptDataError, DatabaseError
+from ..errors import CorruptDataError, DatabaseError, ValidationError
 from ..migrations.ledger import LEDGER, LOG, STATE, read_applied, read_in_progress, read_log
+from ..rules import RULES, encode_for
 
 __all__ = ["register", "run_check", "scan_message_files"]
 
@@ -89,8 +93,19 @@ def _where(exc: CorruptDataError) -> str:
 async def _check_documents(store: Any, config: StoreConfig, problems: list[str], notes: list[str]) -> int:
     total = 0
     for name in await store.collections():
-        async for _key, _doc in store.items(name):
+        refused: list[str] = []
+        async for key, doc in store.items(name):
             total += 1
+            if name in RULES:
+                try:
+                    encode_for(name, key, doc)
+                except ValidationError as exc:
+                    refused.append(f"{key!r}: {exc}")
+        if refused:
+            shown = "; ".join(refused[:MAX_REPORTED_LINES]) + (f" (and {len(refused) - MAX_REPORTED_LINES} more)"
+                                                               if len(refused) > MAX_REPORTED_LINES else "")
+            notes.append(f"{len(refused)} document(s) of {name!r} would be refused by its rule if written now "
+                         f"(stored by an older version; they read as they are): {shown}")
     stats = getattr(store, "stats", None)
     if callable(stats):
         for name, why in stats()["foreign_files"].items():

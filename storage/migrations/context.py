@@ -111,17 +111,19 @@ class MigrationContext(MembersMixin):
         self._check()
         return await self._tx.get_many(collection, keys)
 
-    async def put(self, collection: str, key: Key, doc: Document) -> None:
-        await self._tx.put(self._writable(collection), key, doc)
+    async def put(self, collection: str, key: Key, doc: Document, **expiry: Any) -> None:
+        """``expiry``: ``ttl=`` or ``expires_at=``, as on the store (storage/expiry.py)."""
+        await self._tx.put(self._writable(collection), key, doc, **expiry)
 
-    async def put_many(self, collection: str, items: Items) -> int:
-        return await self._tx.put_many(self._writable(collection), items)
+    async def put_many(self, collection: str, items: Items, **expiry: Any) -> int:
+        return await self._tx.put_many(self._writable(collection), items, **expiry)
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         return await self._tx.delete(self._writable(collection), key)
 
-    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None) -> Document:
-        return await self._tx.update(self._writable(collection), key, fn, default)
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None,
+                     **expiry: Any) -> Document:
+        return await self._tx.update(self._writable(collection), key, fn, default, **expiry)
 
     async def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         self._check()

@@ -8,7 +8,10 @@ files stay plain JSON in the seed's shape; the journal holds what happened since
 Format: the first line is a header ``{"storage_journal": 1, "generation": N, "snapshots": {name: crc32}}`` (the
 checksums of the snapshot files the compaction that started this generation left, so that opening can trust
 them without re-validating every document); every other line is one committed
-record, a JSON array of operations ``["p", collection, key, doc]`` (put) or ``["d", collection, key]`` (delete).
+record, a JSON array of operations ``["p", collection, key, doc]`` (put), ``["p", collection, key, doc, expires]``
+(a put of a document that expires at ``expires``, canonical UTC text; see storage/expiry.py) or
+``["d", collection, key]`` (delete). A journal holding expiring puts is refused by library versions from before
+expiry existed (a clear "bad operation" error; nothing is lost).
 Every operation is a whole-document put or a delete, so replaying a journal onto a snapshot that already contains
 some of it gives the same result: that is what makes a crash mid-compaction harmless.
 
@@ -30,15 +33,34 @@ import orjson
 
 from ...codec import check_collection, check_key, dumps_kept
 from ...errors import CorruptDataError, ValidationError
+from ...expiry import from_micros, to_micros
 from ...fsutil import atomic_write, sync_fd, write_all
+from ...models import iso_utc, parse_timestamp
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "JOURNAL_FORMAT"]
 
 log = logging.getLogger("storage.journal")
 
 JOURNAL_FORMAT = 1
-#: An operation as the store applies it: ``("p", collection, key, encoded_doc)`` or ``("d", collection, key)``.
-Op = tuple[str, str, str, bytes] | tuple[str, str, str]
+#: An operation as the store applies it: ``("p", collection, key, encoded_doc)``, ``("p", collection, key,
+#: encoded_doc, expires)`` (expires: microseconds since the epoch, see storage/expiry.py) or ``("d", collection,
+#: key)``.
+Op = tuple[str, str, str, bytes] | tuple[str, str, str] | tuple[str, str, str, bytes, int]
+
+
+def expiry_text(micros: int) -> bytes:
+    """An expiry instant as it is written to disk (journal, ``storage.expires.json``): canonical UTC text."""
+    return orjson.dumps(iso_utc(from_micros(micros)))
+
+
+def parse_expiry(value: object) -> int:
+    """An expiry read from disk as microseconds; ValueError when it is not a timestamp."""
+    if type(value) is not str:
+        raise ValueError(f"expiry {value!r:.40} is not a timestamp")
+    try:
+        return to_micros(parse_timestamp(value, "expires"))
+    except (ValidationError, OverflowError):
+        raise ValueError(f"expiry {value!r:.40} is not a timestamp") from None
 
 
 def encode_record(ops: Sequence[Op]) -> bytes:
@@ -46,7 +68,12 @@ def encode_record(ops: Sequence[Op]) -> bytes:
     parts = []
     for op in ops:
         head = b'["' + op[0].encode() + b'",' + orjson.dumps(op[1]) + b"," + orjson.dumps(op[2])
-        parts.append(head + b"," + op[3] + b"]" if op[0] == "p" else head + b"]")  # type: ignore[misc]
+        if op[0] != "p":
+            parts.append(head + b"]")
+        elif len(op) == 5:
+            parts.append(head + b"," + op[3] + b"," + expiry_text(op[4]) + b"]")  # type: ignore[misc]
+        else:
+            parts.append(head + b"," + op[3] + b"]")  # type: ignore[misc]
     return b"[" + b",".join(parts) + b"]\n"
 
 
@@ -76,6 +103,11 @@ def _parse_record(line: bytes) -> list[Op]:
     for op in raw:
         if type(op) is list and len(op) == 4 and op[0] == "p" and type(op[3]) is dict:
             ops.append(("p", op[1], op[2], dumps_kept(op[3])))
+        elif type(op) is list and len(op) == 5 and op[0] == "p" and type(op[3]) is dict:
+            try:
+                ops.append(("p", op[1], op[2], dumps_kept(op[3]), parse_expiry(op[4])))
+            except ValueError as exc:
+                raise _Invalid(str(exc)) from None
         elif type(op) is list and len(op) == 3 and op[0] == "d":
             ops.append(("d", op[1], op[2]))
         else:

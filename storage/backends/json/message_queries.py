@@ -150,10 +150,17 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
         else:
             members = [pair async for pair in tx.items(collection, prefix=prefix)]
         writes = await off_loop(_member_writes, collection, guild, members, counts, latest)
+        expiring = await tx._expiries(collection, None)  # a member that expires keeps its expiry (storage/expiry.py)
         for start in range(0, len(writes), WRITE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            await tx.put_many(collection, writes[start:start + WRITE_SLICE])
+            # as stored, like the SQL version: only statistics change, and an odd member stored by an older
+            # version (storage/rules.py) must not stop the refresh of the others
+            groups: dict[datetime | None, list[tuple[str, Document]]] = {}
+            for key, doc in writes[start:start + WRITE_SLICE]:
+                groups.setdefault(expiring.get(key), []).append((key, doc))
+            for when, group in groups.items():
+                await tx._put_stored(collection, group, when)
     return len(writes)
 
 

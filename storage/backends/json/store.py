@@ -54,6 +54,7 @@ from ...errors import (
     StorageIOError,
     ValidationError,
 )
+from ...expiry import from_micros, to_micros
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns
@@ -62,6 +63,7 @@ from ...protocol import Document, UpdateFn
 from ...query.plan import Query
 from ..base import BackendBase, TransactionBase
 from . import restore as json_restore
+from .expiry import dead_keys, live_mapping, visible
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
@@ -289,7 +291,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     async def _commit_group(self, batch: list[_Prepare], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
         await self._trust_journal()
-        staged = Staged(self._tables.data)
+        staged = Staged(self._tables.data, self._tables.expires)
         ops: list[Op] = []
         for prepare in batch:
             try:
@@ -385,13 +387,28 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         async with self._locked():
             await self._run_compaction()
 
-    async def _run_compaction(self, *, everything: bool = False) -> None:
+    async def purge_expired(self) -> int:
+        """Remove the documents that are no longer visible (they already read as absent) from memory and the
+        files now, by a compaction; returns how many. (Closing the store and every compaction do it too.)"""
+        self._guard_write()
+        self._check_usable()
+        async with self._locked():
+            now = self._now_micros()
+            count = sum(len(dead_keys(expiring, now)) for expiring in self._tables.expires.values())
+            if count:
+                await self._run_compaction(now=now)
+        return count
+
+    async def _run_compaction(self, *, everything: bool = False, now: int | None = None) -> None:
         """Compact in a worker thread that a cancellation waits for (the lock stays held until it is done).
 
         ``everything`` rewrites every collection (after a failed fsync, when no file written since is trusted).
         """
+        # On the loop: the worker thread below only reads the documents.
+        purged = self._tables.purge_expired(self._now_micros() if now is None else now)
         try:
-            await cancellation.run_in_thread(self._tables.compact, set(self._tables.data) if everything else set())
+            await cancellation.run_in_thread(self._tables.compact,
+                                             set(self._tables.data) if everything else purged)
         except OSError as exc:
             raise StorageIOError(f"{exc.filename or self.path}: compaction failed: {exc.strerror or exc}; the "
                                  "journal still holds every write", errno=exc.errno,
@@ -399,17 +416,38 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # primitives
+    def _now_micros(self) -> int:
+        """Now, as the expiry predicate compares it (json/expiry.py ``visible``)."""
+        return to_micros(self._now())
+
+    def _dead(self, collection: str) -> set[str]:
+        """Keys of the collection's documents that are no longer visible (empty, and no clock read, when the
+        collection has no expiring document: the usual case)."""
+        expiring = self._tables.expires.get(collection)
+        return dead_keys(expiring, self._now_micros()) if expiring else set()
+
     async def _get(self, collection: str, key: str) -> Document | None:
         await self._refresh()
         coll = self._tables.data.get(collection)
         raw = coll.get(key) if coll is not None else None
-        return orjson.loads(raw) if raw is not None else None
+        if raw is None:
+            return None
+        expiring = self._tables.expires.get(collection)
+        if expiring and key in expiring and not visible(expiring[key], self._now_micros()):
+            return None
+        doc: Document = orjson.loads(raw)
+        return doc
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         await self._refresh()
         coll = self._tables.data.get(collection) or {}
+        dead = self._dead(collection)
         loads = orjson.loads
-        return {k: loads(coll[k]) for k in keys if k in coll}
+        return {k: loads(coll[k]) for k in keys if k in coll and k not in dead}
+
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        await self._refresh()
+        return _live_expiries(self._tables.expires.get(collection) or {}, keys, self._now_micros())
 
     def _check_writable(self, collection: str) -> None:
         self._check_usable()
@@ -419,29 +457,31 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 f"{self.path / (collection + '.json')} exists but is not a collection ({foreign[collection]}); "
                 "refusing to write to it", field="collection")
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         self._check_writable(collection)
-        ops: list[Op] = [("p", collection, key, raw) for key, raw in items]
+        ops = _put_ops(collection, items, expires)
         await self._submit(lambda staged: (ops, None))
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._check_writable(collection)
 
         def prepare(staged: Staged) -> tuple[list[Op], bool]:
-            if staged.get(collection, key) is None:
-                return [], False
+            if staged.live(collection, key, self._now_micros()) is None:
+                return [], False  # absent, or expired: reads as absent, purged by compaction
             return [("d", collection, key)], True
 
         result: bool = await self._submit(prepare)
         return result
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         self._check_writable(collection)
 
         def prepare(staged: Staged) -> tuple[list[Op], Document]:
-            raw = staged.get(collection, key)
+            raw = staged.live(collection, key, self._now_micros())
             _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
-            return [("p", collection, key, encoded)], orjson.loads(encoded)
+            return _put_ops(collection, [(key, encoded)], expires), orjson.loads(encoded)
 
         result: Document = await self._submit(prepare)
         return result
@@ -452,7 +492,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         and the loop gets a turn every :data:`ITEMS_TURN` documents decoded."""
         await self._refresh()
         coll = self._tables.data.get(collection) or {}
-        pairs = list(coll.items())
+        dead = self._dead(collection)
+        pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
         selected = await off_loop(_select, pairs, prefix) if len(pairs) > ITEMS_INLINE else _select(pairs, prefix)
         loads = orjson.loads
         for index, (key, raw) in enumerate(selected):
@@ -462,18 +503,19 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     async def _count(self, collection: str) -> int:
         await self._refresh()
-        return len(self._tables.data.get(collection) or ())
+        return len(self._tables.data.get(collection) or ()) - len(self._dead(collection))
 
     async def collections(self) -> list[str]:
         self._guard_read()
         await self._refresh()
-        return sorted(name for name, coll in self._tables.data.items() if coll)
+        return sorted(name for name, coll in self._tables.data.items() if len(coll) > len(self._dead(name)))
 
     # queries and indexes (query.py, indexes.py)
     async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
         await self._refresh()
         tables = self._tables
-        return await run_query(tables.data.get(collection) or {}, tables.indexes.of(collection), query, mode)
+        coll = live_mapping(tables.data.get(collection) or {}, self._dead(collection))  # expiry: json/expiry.py
+        return await run_query(coll, tables.indexes.of(collection), query, mode)
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         found: list[tuple[str, Document]] = await self._query(collection, query, "find")
@@ -635,13 +677,17 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._closed = True
         await cancellation.run_to_completion(self._close())
 
+    def _expired_held(self) -> bool:
+        """Whether memory holds documents that expired (no clock read when none is expiring)."""
+        return bool(self._tables.expires) and self._tables.has_expired(self._now_micros())
+
     async def _close(self) -> None:
         try:
             await self._commits.wait()
             await self._messages.wait()
-            if self._tables.dirty and not self.read_only and self._suspect is None:
-                async with self._locked():
-                    if self._tables.dirty:
+            if not self.read_only and self._suspect is None and (self._tables.dirty or self._expired_held()):
+                async with self._locked():  # expired documents are purged from the files too
+                    if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
         finally:
             self._journal.close()
@@ -666,7 +712,7 @@ class JsonTransaction(TransactionBase):
     def __init__(self, store: JsonBackend) -> None:
         super().__init__(store)
         self._json = store
-        self._staged = Staged(store._tables.data)
+        self._staged = Staged(store._tables.data, store._tables.expires)
         self._ops: list[Op] = []
         self._next_turn = ITEMS_TURN  # staged operations after which the loop gets its next turn
 
@@ -684,52 +730,58 @@ class JsonTransaction(TransactionBase):
             await asyncio.sleep(0)
 
     async def _get(self, collection: str, key: str) -> Document | None:
-        raw = self._staged.get(collection, key)
+        raw = self._staged.live(collection, key, self._json._now_micros())
         return orjson.loads(raw) if raw is not None else None
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         out = {}
+        now = self._json._now_micros()
         for key in keys:
-            raw = self._staged.get(collection, key)
+            raw = self._staged.live(collection, key, now)
             if raw is not None:
                 out[key] = orjson.loads(raw)
         return out
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        return _live_expiries(self._staged.expiring_in(collection), keys, self._json._now_micros())
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         self._json._check_writable(collection)
-        await self._stage([("p", collection, key, raw) for key, raw in items])
+        await self._stage(_put_ops(collection, items, expires))
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._json._check_writable(collection)
-        if self._staged.get(collection, key) is None:
+        if self._staged.live(collection, key, self._json._now_micros()) is None:
             return False
         await self._stage([("d", collection, key)])
         return True
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         self._json._check_writable(collection)
-        raw = self._staged.get(collection, key)
+        raw = self._staged.live(collection, key, self._json._now_micros())
         _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
-        await self._stage([("p", collection, key, encoded)])
+        await self._stage(_put_ops(collection, [(key, encoded)], expires))
         return decode_doc(encoded)
 
     async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         """The keys as they are when the iteration starts, in order (a large collection sorted in a worker thread);
         each document as it is when it is reached (one this transaction deleted meanwhile is skipped)."""
-        view = self._staged.view(collection)
+        view = self._staged.live_view(collection, self._json._now_micros())
         keys = list(view)
         selected = await off_loop(_select_keys, keys, prefix) if len(keys) > ITEMS_INLINE \
             else _select_keys(keys, prefix)
-        staged, loads = self._staged, orjson.loads
+        staged, loads, now = self._staged, orjson.loads, self._json._now_micros()
         for index, key in enumerate(selected):
             if index and not index % ITEMS_TURN:
                 await asyncio.sleep(0)
-            raw = staged.get(collection, key)
+            raw = staged.live(collection, key, now)
             if raw is not None:
                 yield key, loads(raw)
 
     async def _count(self, collection: str) -> int:
-        return len(self._staged.view(collection))
+        return len(self._staged.live_view(collection, self._json._now_micros()))
 
     async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
         """Over this transaction's view; the committed indexes serve it while it changed nothing in the
@@ -737,7 +789,8 @@ class JsonTransaction(TransactionBase):
         view = self._staged.view(collection)
         committed = self._staged.base.get(collection)
         indexes = self._json._tables.indexes.of(collection) if view is committed else {}
-        return await run_query(view, indexes, query, mode)
+        dead = dead_keys(self._staged.expiring_in(collection), self._json._now_micros())  # json/expiry.py
+        return await run_query(live_mapping(view, dead), indexes, query, mode)
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         found: list[tuple[str, Document]] = await self._query(collection, query, "find")
@@ -758,7 +811,7 @@ class JsonTransaction(TransactionBase):
         """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a
         decode and re-encode of each (the committed collection, with this transaction's changes over it)."""
         self._guard_read()
-        return self._staged.view(collection)
+        return self._staged.live_view(collection, self._json._now_micros())
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them (like ``PgTransaction``'s: a backup
@@ -766,12 +819,28 @@ class JsonTransaction(TransactionBase):
         self._guard_read()
         staged = self._staged
         changed = {collection for collection, _ in staged.changes}
+        now = self._json._now_micros()
         names = {name for name, coll in staged.base.items() if coll and name not in changed}
         names.update(name for name in changed if staged.keys(name))
-        return sorted(names)
+        return sorted(name for name in names if staged.live_view(name, now))
 
 
 __all__ += ["JsonTransaction"]
+
+
+def _live_expiries(expiring: Mapping[str, int], keys: list[str] | None, now: int) -> dict[str, datetime]:
+    """``_expiries`` over ``expiring`` ({key: expires} of documents present): the visible ones among ``keys``."""
+    if keys is None:
+        return {k: from_micros(when) for k, when in expiring.items() if visible(when, now)}
+    return {k: from_micros(expiring[k]) for k in keys if k in expiring and visible(expiring[k], now)}
+
+
+def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime | None) -> list[Op]:
+    """Put operations; with an expiry each carries it (as microseconds, json/expiry.py)."""
+    if expires is None:
+        return [("p", collection, key, raw) for key, raw in items]
+    when = to_micros(expires)
+    return [("p", collection, key, raw, when) for key, raw in items]
 
 
 def _select_keys(keys: list[str], prefix: str | None) -> list[str]:

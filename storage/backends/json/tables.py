@@ -36,6 +36,7 @@ from pathlib import Path
 from ...codec import OWN_COLLECTIONS, check_collection
 from ...errors import CorruptDataError, ExternalChangeError, ValidationError
 from ...fsutil import atomic_write, fsync_dir
+from .expiry import EXPIRES_NAME, Expiries, dead_keys, read_sidecar, render_sidecar, visible
 from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lock import Committed, SidecarLock
@@ -62,6 +63,8 @@ class Tables:
         self.lock = lock  # only its published committed end: the store takes and releases the lock itself
         self.read_only = read_only
         self.data: dict[str, Collection] = {}
+        #: when expiring documents expire: {collection: {key: micros}}, only keys present in data (json/expiry.py)
+        self.expires: Expiries = {}
         self.sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
         self.foreign: dict[str, str] = {}  # *.json files that are not collections: name -> why
         self.dirty: set[str] = set()  # collections changed in the current journal generation
@@ -105,7 +108,7 @@ class Tables:
         foreign: dict[str, str] = {}
         files: dict[str, FileState] = {}
         for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
-            if not entry.name.endswith(".json"):
+            if not entry.name.endswith(".json") or entry.name == EXPIRES_NAME:
                 continue
             name = entry.name[:-5]
             try:
@@ -130,6 +133,9 @@ class Tables:
             if name in OWN_COLLECTIONS:
                 raise CorruptDataError(f"{self.path / (name + '.json')} belongs to the library ({name!r}) but {why}; "
                                        "the file was left as it is", path=str(self.path / (name + ".json")))
+        expires = {name: {key: when for key, when in entries.items() if key in data.get(name, ())}
+                   for name, entries in read_sidecar(self.path / EXPIRES_NAME).items()}
+        self.expires = {name: entries for name, entries in expires.items() if entries}
         self.data, self.sizes, self.foreign, self.dirty, self.files = data, sizes, foreign, set(), files
         self.need_reload = self.need_lock = False
         self.indexes.reset()
@@ -172,7 +178,7 @@ class Tables:
     # ---------------------------------------------------------------------------------------------------------------
     # applying committed changes to memory
     def apply(self, ops: list[Op]) -> None:
-        data, sizes = self.data, self.sizes
+        data, sizes, expires = self.data, self.sizes, self.expires
         for op in ops:
             coll_name, key = op[1], op[2]
             coll = data.get(coll_name)
@@ -188,6 +194,12 @@ class Tables:
                 sizes[coll_name] += len(key) + len(new) + OVERHEAD
             elif old is not None:
                 del coll[key]
+            if len(op) == 5:
+                expires.setdefault(coll_name, {})[key] = op[4]  # type: ignore[misc]
+            elif coll_name in expires:
+                expiring = expires[coll_name]
+                if expiring.pop(key, None) is not None and not expiring:
+                    del expires[coll_name]
             self.dirty.add(coll_name)
         if self.indexes.live:
             self.indexes.apply(ops)
@@ -263,6 +275,9 @@ class Tables:
             crc = zlib.crc32(rendered)
             checksums[name] = crc
             self.files[name] = (_signature(os.stat(target)), crc)
+        sidecar = self.path / EXPIRES_NAME
+        if self.expires or sidecar.exists():  # after the snapshots, before the journal (see json/expiry.py)
+            atomic_write(sidecar, render_sidecar(self.expires))
         fsync_dir(self.path)
         self.journal.mark_replacing()
         try:
@@ -274,6 +289,34 @@ class Tables:
         self.journal.open(lambda: None)  # header only: we hold the lock, nobody appended
         self.publish()
         self.dirty = set()
+
+    def purge_expired(self, now: int) -> set[str]:
+        """Drop the documents that are no longer visible at ``now`` from memory (the compaction that follows writes
+        the files without them); returns the collections changed. On the event loop, under the lock, before the
+        compaction's worker thread starts (which only reads). No journal record: other processes see those
+        documents as absent already, and drop them at their next reload or compaction."""
+        changed: set[str] = set()
+        for name in list(self.expires):
+            expiring = self.expires[name]
+            dead = dead_keys(expiring, now)
+            if not dead:
+                continue
+            coll = self.data.get(name, {})
+            for key in dead:
+                raw = coll.pop(key, None)
+                if raw is not None:
+                    self.sizes[name] -= len(key) + len(raw) + OVERHEAD
+                del expiring[key]
+            if not expiring:
+                del self.expires[name]
+            if self.indexes.live:
+                self.indexes.apply([("d", name, key) for key in sorted(dead)])  # kept equal to data
+            changed.add(name)
+        return changed
+
+    def has_expired(self, now: int) -> bool:
+        """Whether any document in memory is no longer visible at ``now`` (a compaction would purge it)."""
+        return any(dead_keys(expiring, now) for expiring in self.expires.values())
 
     def _check_not_edited(self, name: str, path: Path) -> None:
         """Refuse to overwrite a snapshot someone else wrote since this process (or the last compaction) did."""
@@ -302,21 +345,63 @@ class Tables:
 class Staged:
     """Changes being prepared under the lock, layered over the committed data (read-your-writes)."""
 
-    __slots__ = ("base", "changes")
+    __slots__ = ("base", "base_expires", "changes", "expiring")
 
-    def __init__(self, base: dict[str, Collection]) -> None:
+    def __init__(self, base: dict[str, Collection], base_expires: Expiries | None = None) -> None:
         self.base = base
         self.changes: dict[tuple[str, str], bytes | None] = {}
+        self.base_expires: Expiries = base_expires if base_expires is not None else {}
+        #: the expiry each staged change leaves (None: permanent or deleted)
+        self.expiring: dict[tuple[str, str], int | None] = {}
 
     def get(self, collection: str, key: str) -> bytes | None:
+        """The document as staged, visible or not: see :meth:`live`."""
         if (collection, key) in self.changes:
             return self.changes[(collection, key)]
         coll = self.base.get(collection)
         return coll.get(key) if coll is not None else None
 
+    def expiry(self, collection: str, key: str) -> int | None:
+        if (collection, key) in self.expiring:
+            return self.expiring[(collection, key)]
+        expiring = self.base_expires.get(collection)
+        return expiring.get(key) if expiring else None
+
+    def live(self, collection: str, key: str, now: int) -> bytes | None:
+        """The document if it is visible at ``now`` (json/expiry.py), else None."""
+        raw = self.get(collection, key)
+        if raw is None or visible(self.expiry(collection, key), now):
+            return raw
+        return None
+
+    def expiring_in(self, collection: str) -> dict[str, int]:
+        """{key: expires} of the collection's expiring documents, staged changes included."""
+        out = dict(self.base_expires.get(collection) or {})
+        for (coll, key), when in self.expiring.items():
+            if coll == collection:
+                if when is None:
+                    out.pop(key, None)
+                else:
+                    out[key] = when
+        return out
+
+    def live_view(self, collection: str, now: int) -> Mapping[str, bytes]:
+        """:meth:`view` without the documents not visible at ``now``."""
+        view = self.view(collection)
+        dead = dead_keys(self.expiring_in(collection), now)
+        if not dead:
+            return view
+        return {key: raw for key, raw in view.items() if key not in dead}
+
     def apply(self, ops: list[Op]) -> None:
+        changes, expiring, base_expires = self.changes, self.expiring, self.base_expires
         for op in ops:
-            self.changes[(op[1], op[2])] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+            where = (op[1], op[2])
+            changes[where] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+            if len(op) == 5:
+                expiring[where] = op[4]  # type: ignore[misc]
+            elif where in expiring or op[2] in base_expires.get(op[1], ()):
+                expiring[where] = None  # permanent (or gone) now, over an expiry: recorded only then
 
     def view(self, collection: str) -> Mapping[str, bytes]:
         """The collection as committed plus the changes staged here (a copy only when there are changes)."""

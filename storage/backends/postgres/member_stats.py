@@ -34,10 +34,11 @@ would undo it. Without concurrent writers both are the same document.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from ...errors import ValidationError
-from .documents import prefix_upper_bound
+from .documents import live, prefix_upper_bound
 
 __all__ = ["REFRESH", "member_parameters", "refresh"]
 
@@ -76,7 +77,7 @@ WITH agg AS (
     FROM agg
 ), members AS (
     SELECT key, doc, doc -> 'statistics' AS old FROM storage_documents
-    WHERE collection = $1 AND key >= $2 AND key < $3
+    WHERE collection = $1 AND key >= $2 AND key < $3 AND {{live}}
         AND substr(key, $4) ~ '^(0|[1-9][0-9]*)$' AND length(substr(key, $4)) <= 20
         AND (length(substr(key, $4)) < 20 OR substr(key, $4) <= '18446744073709551615')
 ), bad AS (
@@ -94,7 +95,8 @@ WITH agg AS (
     WHERE NOT EXISTS (SELECT FROM bad) AND (doc IS NULL OR NOT coalesce({_SAME_COUNT}
         AND {_SAME_LAST}, false))
     ORDER BY key
-    ON CONFLICT (collection, key) DO UPDATE SET doc = {_MERGE_CURRENT}
+    ON CONFLICT (collection, key) DO UPDATE SET doc = CASE WHEN {{live_d}} THEN {_MERGE_CURRENT} ELSE EXCLUDED.doc END,
+        expires_at = CASE WHEN {{live_d}} THEN d.expires_at END
     RETURNING d.key
 )
 SELECT (SELECT key FROM bad), (SELECT old FROM bad), ARRAY(SELECT key FROM written)
@@ -107,12 +109,20 @@ def member_parameters(collection: str, guild: str) -> list[Any]:
     return [collection, prefix, prefix_upper_bound(prefix), len(prefix) + 1, guild]
 
 
-async def refresh(conn: Any, collection: str, where: str, args: list[Any]) -> list[str]:
+def refresh_statement(where: str, args: list[Any]) -> str:
+    """:data:`REFRESH` with its filter; its parameters are ``args`` and then the store's now (expiry)."""
+    now_param = f"${len(args) + 1}"
+    return REFRESH.format(where=where, live=live(now_param), live_d=live(now_param, "d."))
+
+
+async def refresh(conn: Any, collection: str, where: str, args: list[Any], now: datetime) -> list[str]:
     """Run :data:`REFRESH` (``args``: :func:`member_parameters`, then the filter's); returns the keys written.
 
     A malformed member raises :class:`ValidationError` with the Python version's message; nothing is written then.
+    Members that are no longer visible at ``now`` (storage/expiry.py) are absent: one with messages is written anew
+    (permanent) over the expired row; a visible member keeps its expiry.
     """
-    bad_key, bad_stats, written = await conn.fetchrow(REFRESH.format(where=where), *args)
+    bad_key, bad_stats, written = await conn.fetchrow(refresh_statement(where, args), *args, now)
     if bad_key is not None:
         raise ValidationError(f"{collection}/{bad_key}: statistics is a {type(bad_stats).__name__}, not an object; "
                               "nothing was written", field="statistics")

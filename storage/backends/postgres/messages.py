@@ -245,6 +245,7 @@ class PgMessagesMixin:
 
     _connection: Callable[[str], Any]
     _invalidate: Callable[[str, Any], None]
+    _now: Callable[[], datetime]
     config: Any
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
 
@@ -431,7 +432,7 @@ class PgMessagesMixin:
             # A transaction although it is one statement: the keys written are known before the commit, so that a
             # commit whose outcome is lost with the connection still drops them from the cache.
             async with self._connection("refresh_member_statistics") as conn, pg_conn.transaction(conn):
-                written = await pg_member_stats.refresh(conn, collection, where, args)
+                written = await pg_member_stats.refresh(conn, collection, where, args, self._now())
         finally:
             if written:
                 self._invalidate(collection, written)

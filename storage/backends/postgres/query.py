@@ -33,6 +33,7 @@ added there once and applies to ``find``, ``count`` and ``delete_many`` alike.
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -40,7 +41,7 @@ import orjson
 
 from ...query.evaluate import token
 from ...query.plan import RANGE_OPS, Condition, Query
-from .documents import prefix_upper_bound
+from .documents import live, prefix_upper_bound
 
 __all__ = ["literal", "field", "num_expr", "txt_expr", "visible", "Built", "build_find", "build_count",
            "build_delete"]
@@ -78,16 +79,18 @@ def other_types(path: tuple[str, ...]) -> str:
     return f"(jsonb_typeof({e}) IS NULL OR jsonb_typeof({e}) NOT IN ('number', 'string'))"
 
 
-def visible(collection: str) -> list[str]:
-    """THE conditions every query on ``collection`` ANDs: which stored rows exist for a query (see module doc)."""
-    return [f"collection = {literal(collection)}"]
+def visible(collection: str, b: Built) -> list[str]:
+    """THE conditions every query on ``collection`` ANDs: which stored rows exist for a query (see module doc):
+    the collection, and the rows visible at the store's now (expiry: postgres/documents.py ``live``)."""
+    return [f"collection = {literal(collection)}", live(b.param(b.now, "timestamptz"))]
 
 
 class Built:
     """An SQL statement being built: its parameters, bound in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: datetime) -> None:
         self.params: list[Any] = []
+        self.now = now  # the store's now, for the expiry condition (bound as a parameter, never SQL's now())
 
     def param(self, value: Any, cast: str) -> str:
         self.params.append(value)
@@ -153,7 +156,7 @@ def condition(c: Condition, b: Built) -> str:
 
 
 def where_clause(collection: str, query: Query, b: Built) -> str:
-    parts = visible(collection)
+    parts = visible(collection, b)
     if query.prefix is not None:
         p = b.param(query.prefix, "text")
         bound = prefix_upper_bound(query.prefix)
@@ -174,10 +177,10 @@ def _window(query: Query, b: Built) -> str:
     return out
 
 
-def build_find(collection: str, query: Query, indexed: frozenset[str] = frozenset()) -> tuple[str, list[Any]]:
+def build_find(collection: str, query: Query, indexed: frozenset[str], now: datetime) -> tuple[str, list[Any]]:
     """``SELECT key, doc`` for ``find``; ``indexed``: the collection's indexed paths (they choose the SQL's shape,
-    never its answer)."""
-    b = Built()
+    never its answer); ``now``: the store's now (expiry)."""
+    b = Built(now)
     where = where_clause(collection, query, b)
     order = query.order
     if order is None:
@@ -201,15 +204,15 @@ def build_find(collection: str, query: Query, indexed: frozenset[str] = frozense
             f"{_window(query, b)}"), b.params
 
 
-def build_count(collection: str, query: Query) -> tuple[str, list[Any]]:
-    b = Built()
+def build_count(collection: str, query: Query, now: datetime) -> tuple[str, list[Any]]:
+    b = Built(now)
     return f"SELECT count(*) FROM storage_documents WHERE {where_clause(collection, query, b)}", b.params
 
 
-def build_delete(collection: str, query: Query, *, returning: bool) -> tuple[str, list[Any]]:
+def build_delete(collection: str, query: Query, now: datetime, *, returning: bool) -> tuple[str, list[Any]]:
     """``returning``: the deleted keys come back (a cache to invalidate); else only their number (no row to send
-    and decode, however many were deleted)."""
-    b = Built()
+    and decode, however many were deleted). Expired rows are neither counted nor deleted (the sweep takes them)."""
+    b = Built(now)
     tail = " RETURNING key" if returning else ""
     return f"DELETE FROM storage_documents WHERE {where_clause(collection, query, b)}{tail}", b.params
 

@@ -3,9 +3,10 @@
 Three tables, in the connection's default schema (``search_path``):
 
 ``storage_documents``
-    One row per document, keyed by ``(collection, key)``, the document in ``jsonb``. Both text columns use the
-    ``"C"`` collation, so the primary key index *is* in code point order: ``items()`` walks it and returns keys in
-    exactly Python's ``sorted()`` order, and a prefix becomes an index range.
+    One row per document, keyed by ``(collection, key)``, the document in ``jsonb``, and ``expires_at`` for an
+    expiring document (NULL: permanent; see storage/expiry.py), with a partial index on it for the sweep.
+    Both text columns use the ``"C"`` collation, so the primary key index *is* in code point order: ``items()``
+    walks it and returns keys in exactly Python's ``sorted()`` order, and a prefix becomes an index range.
 ``storage_messages``
     The message-analytics records in typed columns. Besides the primary key there is one index for the per-guild
     queries, ``(guild_id, created_at) INCLUDE (channel_id, author_id, sentiment, topics)``: every column an
@@ -34,6 +35,13 @@ Versions (``storage_meta.schema_version``), each step applied in order to bring 
    ``9999-12-31T23:59:59.999999`` (Python's ``datetime.max``) as ``'infinity'``; stored times now travel as text. And
    the time BRIN index (which prunes use) summarizes new ranges through autovacuum as they fill, since the
    vacuums the store runs after ingest skip index work.
+3. ``storage_documents.expires_at timestamptz`` (expiring documents) and the partial index
+   ``storage_documents_expiring`` on ``(collection, expires_at) WHERE expires_at IS NOT NULL``, which holds only
+   expiring documents: the sweep walks it, and ``count`` subtracts the expired ones it finds there from an
+   index-only count of the collection (a filter on ``expires_at`` would read every row of the table). On an
+   existing database the column is added without a rewrite (nullable, no default: a catalog change); the index
+   build reads the table once (seconds per million documents, writes to it wait meanwhile) and is empty, as no
+   document expires yet.
 
 Opening checks the version with one query and only when the tables are missing (or older) takes a
 transaction-scoped advisory lock, checks again, and creates them: two processes opening a fresh database at the
@@ -51,7 +59,7 @@ from .conn import transaction
 
 __all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Stored message ids are ``id - ID_SHIFT``: the unsigned 64-bit range mapped onto ``bigint``, order kept.
 ID_SHIFT = 2**63
 
@@ -111,8 +119,13 @@ DROP INDEX IF EXISTS storage_messages_guild_author_time;
 UPDATE storage_messages SET created_at = timestamptz '9999-12-31 23:59:59.999999+00' WHERE created_at = 'infinity';
 ALTER INDEX storage_messages_time_brin SET (autosummarize = on);
 """
+_V3 = """
+ALTER TABLE storage_documents ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+CREATE INDEX IF NOT EXISTS storage_documents_expiring ON storage_documents (collection, expires_at)
+    WHERE expires_at IS NOT NULL;
+"""
 #: What brings a database from version ``n - 1`` to ``n``; a fresh database runs them all (on empty tables).
-_STEPS = {1: _CREATE_V1, 2: _V2}
+_STEPS = {1: _CREATE_V1, 2: _V2, 3: _V3}
 
 _VERSION_QUERY = "SELECT value::int FROM storage_meta WHERE name = 'schema_version'"
 

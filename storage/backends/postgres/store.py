@@ -63,6 +63,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -104,6 +105,8 @@ log = logging.getLogger("storage.postgres")
 CONNECT_TIMEOUT = 15.0
 #: Seconds ``close()`` waits for borrowed connections to come back before it terminates them.
 CLOSE_TIMEOUT = 10.0
+#: Seconds between two sweeps of expired documents (each a few short statements; see :meth:`purge_expired`).
+SWEEP_INTERVAL = 60.0
 #: Seconds the indexed paths of a collection are remembered (see PostgresBackend._indexed_paths).
 INDEX_CACHE_SECONDS = 30.0
 
@@ -145,6 +148,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
         # release (see postgres/lane.py). Closed until the pool exists.
         self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
+        self._sweeper: asyncio.Task[None] | None = None  # the timer that purges expired documents
         #: collection -> (when read, its indexed paths): chooses the SQL shape of an ordered find (see query.py)
         self._indexed: dict[str, tuple[float, frozenset[str]]] = {}
 
@@ -202,6 +206,33 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         except BaseException:
             self.pool.terminate()
             raise
+        if not config.read_only:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Every :data:`SWEEP_INTERVAL` seconds: :meth:`purge_expired` (errors are logged; the next round retries)."""
+        while not self._closed:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.purge_expired()
+            except DatabaseError as exc:
+                log.warning("%s: sweeping expired documents failed (%s); retrying in %ss", self._target, exc,
+                            SWEEP_INTERVAL)
+
+    async def purge_expired(self) -> int:
+        """Delete the documents that are no longer visible (they already read as absent), in short batches of
+        :data:`~storage.backends.postgres.documents.SWEEP_BATCH` rows through the partial index on ``expires_at``,
+        each its own statement (no long lock; rows a writer holds are skipped until the next sweep); returns how
+        many. Runs by itself every :data:`SWEEP_INTERVAL` seconds while the store is open."""
+        self._guard_write()
+        removed = 0
+        while True:
+            async with self._connection("sweep") as conn:
+                n = await sql.sweep(conn, self._now())
+            removed += n
+            if n < sql.SWEEP_BATCH:
+                return removed
+            await asyncio.sleep(0)
 
     def _open_error(self, exc: BaseException) -> DatabaseError:
         """A clear message for the first thing a user sees when the DSN, the password or the server is wrong."""
@@ -234,6 +265,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             return
         self._closed = True
         await self._cache.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         pool = self.pool
         if pool is None:
             return
@@ -288,52 +323,59 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         if text is None:
             writes = self._writes
             async with self._connection("get") as conn:
-                text = await sql.get_text(conn, collection, key)
+                text, expiring = await sql.get_text(conn, collection, key, self._now())
             if text is None:
                 return None
-            if writes == self._writes:
+            if writes == self._writes and not expiring:  # an expiring document is never cached
                 self._cache.set_nowait(cache_key, text)
         doc: Document = orjson.loads(text)
         return doc
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         async with self._connection("get_many") as conn:
-            return await sql.get_many(conn, collection, keys)
+            return await sql.get_many(conn, collection, keys, self._now())
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        async with self._connection("expiries") as conn:
+            return await sql.expiries(conn, collection, keys, self._now())
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         try:
             async with self._connection("put") as conn:
-                await sql.put(conn, collection, items)
+                await sql.put(conn, collection, items, expires)
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         try:
             async with self._connection("delete") as conn:
-                return await sql.delete(conn, collection, key)
+                return await sql.delete(conn, collection, key, self._now())
         finally:
             self._invalidate(collection, (key,))
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         try:
             async with self._connection("update") as conn, pg_conn.transaction(conn):
-                return await sql.update(conn, collection, key, fn, default, in_transaction=False)
+                return await sql.update(conn, collection, key, fn, default, in_transaction=False, now=self._now(),
+                                        expires=expires)
         finally:
             self._invalidate(collection, (key,))
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         # Page by key rather than hold a cursor: no connection stays borrowed while the caller works on a page,
         # so writing to the store inside the loop cannot starve the pool.
-        return _paged_items(self._connection, collection, prefix)
+        return _paged_items(self._connection, collection, prefix, self._now)
 
     async def _count(self, collection: str) -> int:
         async with self._connection("count") as conn:
-            return await sql.count(conn, collection)
+            return await sql.count(conn, collection, self._now())
 
     async def collections(self) -> list[str]:
         self._guard_read()
         async with self._connection("collections") as conn:
-            return await sql.collections(conn)
+            return await sql.collections(conn, self._now())
 
     # ---------------------------------------------------------------------------------------------------------------
     # queries and indexes (query.py, indexes.py)
@@ -352,7 +394,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         indexed = await self._indexed_paths(collection, self._connection) if query.order and query.limit else None
-        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        text, params = pg_query.build_find(collection, query, indexed or frozenset(), self._now())
         async with self._connection("find") as conn:
             if query.limit is not None and query.limit <= pg_query.FETCH_ROWS:
                 return await pg_query.fetch_pairs(conn, text, params, query.limit)
@@ -360,14 +402,14 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 return await pg_query.fetch_pairs(conn, text, params, query.limit)
 
     async def _count_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_count(collection, query)
+        text, params = pg_query.build_count(collection, query, self._now())
         async with self._connection("count") as conn:
             n: int = await conn.fetchval(text, *params)
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
         returning = self._cache.ttl > 0  # the deleted keys are needed only to invalidate the cache
-        text, params = pg_query.build_delete(collection, query, returning=returning)
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=returning)
         keys: list[str] = []
         try:
             async with self._connection("delete_many") as conn:
@@ -647,7 +689,7 @@ class PgTransaction(TransactionBase):
         """The collections that hold documents, as this transaction sees them."""
         self._guard_read()
         async with self._use("collections") as conn:
-            return await sql.collections(conn)
+            return await sql.collections(conn, self._now())
 
     def _wrote(self, collection: str, keys: Any) -> None:
         self._written.setdefault(collection, set()).update(keys)
@@ -655,52 +697,59 @@ class PgTransaction(TransactionBase):
     async def _get(self, collection: str, key: str) -> Document | None:
         async with self._use("get") as conn:
             if self._locking_reads:
-                return await sql.get_locked(conn, collection, key)
-            return await sql.get(conn, collection, key)
+                return await sql.get_locked(conn, collection, key, self._now())
+            return await sql.get(conn, collection, key, self._now())
 
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
         async with self._use("get_many") as conn:
             if self._locking_reads:
-                return await sql.get_many_locked(conn, collection, keys)
-            return await sql.get_many(conn, collection, keys)
+                return await sql.get_many_locked(conn, collection, keys, self._now())
+            return await sql.get_many(conn, collection, keys, self._now())
 
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]]) -> None:
+    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
+        async with self._use("expiries") as conn:
+            return await sql.expiries(conn, collection, keys, self._now())
+
+    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
+                           expires: datetime | None = None) -> None:
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
-            await sql.put(conn, collection, items)
+            await sql.put(conn, collection, items, expires)
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._wrote(collection, (key,))
         async with self._use("delete") as conn:
-            return await sql.delete(conn, collection, key)
+            return await sql.delete(conn, collection, key, self._now())
 
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None) -> Document:
+    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
+                      expires: datetime | None = None) -> Document:
         self._wrote(collection, (key,))
         async with self._use("update") as conn:
-            return await sql.update(conn, collection, key, fn, default, in_transaction=True)
+            return await sql.update(conn, collection, key, fn, default, in_transaction=True, now=self._now(),
+                                    expires=expires)
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-        return _paged_items(self._use, collection, prefix)
+        return _paged_items(self._use, collection, prefix, self._now)
 
     async def _count(self, collection: str) -> int:
         async with self._use("count") as conn:
-            return await sql.count(conn, collection)
+            return await sql.count(conn, collection, self._now())
 
     async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
         indexed = await self._store._indexed_paths(collection, self._use) if query.order and query.limit else None
-        text, params = pg_query.build_find(collection, query, indexed or frozenset())
+        text, params = pg_query.build_find(collection, query, indexed or frozenset(), self._now())
         async with self._use("find") as conn:
             return await pg_query.fetch_pairs(conn, text, params, query.limit)
 
     async def _count_where(self, collection: str, query: Query) -> int:
-        text, params = pg_query.build_count(collection, query)
+        text, params = pg_query.build_count(collection, query, self._now())
         async with self._use("count") as conn:
             n: int = await conn.fetchval(text, *params)
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
         returning = self._store._cache.ttl > 0  # keys to invalidate at commit, only when there is a cache
-        text, params = pg_query.build_delete(collection, query, returning=returning)
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=returning)
         async with self._use("delete_many") as conn:
             deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
         self._wrote(collection, keys)
@@ -708,12 +757,14 @@ class PgTransaction(TransactionBase):
 
 
 async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], collection: str,
-                       prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-    """``items()`` one page of keys at a time, each page on a connection from ``use`` (the pool's or the tx's)."""
+                       prefix: str | None, now: Callable[[], datetime]) -> AsyncIterator[tuple[str, Document]]:
+    """``items()`` one page of keys at a time, each page on a connection from ``use`` (the pool's or the tx's);
+    the visibility of expiring documents is decided once, at the first page (the iteration is one instant)."""
     after = ""
+    instant = now()
     while True:
         async with use("items") as conn:
-            page = await sql.items_page(conn, collection, prefix, after)
+            page = await sql.items_page(conn, collection, prefix, after, instant)
         for pair in page:
             yield pair
         if len(page) < sql.PAGE_SIZE:

@@ -1,0 +1,68 @@
+"""Per-collection document rules: what a collection accepts, whatever call writes it.
+
+A rule is applied in exactly one place, :meth:`storage.documents.OpsBase._encode_for`, which every write of the
+public document API goes through (``put``, ``put_many``, ``update``'s result, the same calls in a transaction and
+in a migration's context, ``save_member_data`` and ``batch_update_members``): no path can write a member that
+``save_member_data`` would refuse. A rule checks and encodes ``(key, doc)`` into the bytes that are stored.
+
+What a rule does *not* see: data that is already stored and is only being carried over as it is (a restore of a
+backup, ``storage copy`` to another backend). A backup is an image of what was stored; an older version of the
+library accepted members this rule refuses (a negative ``message_count`` put through ``put``), and refusing to
+restore or copy them would make that backup useless exactly when it is needed. Those paths write with
+:meth:`storage.documents.OpsBase._put_stored` instead; ``storage check`` is where such documents are reported.
+
+Rules live in :data:`RULES`, an immutable mapping from collection name to rule (no registration at run time:
+which collection means what is part of the library's contract, like the ``members`` collection itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from .codec import encode_doc, shown
+from .errors import ValidationError
+from .models import MEMBERS, check_member, iso_utc, snowflake
+
+__all__ = ["Rule", "RULES", "encode_for", "member_rule", "time_text"]
+
+#: ``rule(key, doc, what) -> encoded bytes``; raises :class:`ValidationError` naming the field.
+Rule = Callable[[str, Any, str], bytes]
+
+
+def time_text(value: Any) -> Any:
+    """orjson's ``default`` hook of a rule that stores datetimes as text: the canonical UTC form message records
+    use (:func:`storage.models.iso_utc`, a naive datetime taken as UTC), at any depth of the document."""
+    if isinstance(value, datetime):
+        return iso_utc(value, "datetime")
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def member_rule(key: str, doc: Any, what: str) -> bytes:
+    """The seed's member shape (:func:`storage.models.check_member`) under a key ``"{guild_id}_{user_id}"`` of two
+    canonical snowflakes; datetimes anywhere in the document are stored as canonical ISO text."""
+    guild, sep, user = key.partition("_")
+    try:
+        if not sep:
+            raise ValidationError("no '_'", field="key")
+        canonical = f"{snowflake(guild, 'guild_id')}_{snowflake(user, 'user_id')}"
+    except ValidationError:
+        raise ValidationError(f"a members key must be '{{guild_id}}_{{user_id}}' (two Discord ids), got {shown(key)}",
+                              field="key") from None
+    if canonical != key:  # pragma: no cover - snowflake() accepts only canonical text from a str
+        raise ValidationError(f"a members key must be canonical, got {shown(key)}", field="key")
+    return encode_doc(check_member(doc, user, guild), what=what, default=time_text)
+
+
+#: The rules by collection. Collections without one accept any JSON object.
+RULES: Mapping[str, Rule] = MappingProxyType({MEMBERS: member_rule})
+
+
+def encode_for(collection: str, key: str, doc: Any, what: str = "document") -> bytes:
+    """``doc`` checked by ``collection``'s rule and encoded (plain :func:`encode_doc` where there is no rule)."""
+    rule = RULES.get(collection)
+    if rule is None:
+        return encode_doc(doc, what=what)
+    return rule(key, doc, what)
