@@ -401,10 +401,12 @@ async def test_a_purge_keeps_the_json_indexes_equal_to_the_documents(st, clock):
     clock.at(10)
     assert await st.purge_expired() == 5
     if st.backend_name == "json":  # the in-memory index is what a rebuild from the documents gives
-        index = st._tables.indexes.of("cd")["n"]
-        rebuilt = build_indexes(st._tables.data["cd"], ["n"])["n"]
+        live = st._tables.indexes.of("cd")
+        fresh = build_indexes(st._tables.data["cd"], ["n"])
+        index, rebuilt = live.paths["n"], fresh.paths["n"]
         assert {name: getattr(index, name) for name in ("entries", "eq", "nums", "strs")} == {
             name: getattr(rebuilt, name) for name in ("entries", "eq", "nums", "strs")}
+        assert live.keys == fresh.keys
     await st.put("cd", "u1", {"n": 2})
     assert [k for k, _ in await st.find("cd", {"n": 2})] == ["p", "u1"]
     assert await st.count("cd", {"n": {"$gte": 0}}) == 2

@@ -5,7 +5,9 @@ An index on ``(collection, path)`` holds, for every document whose field at ``pa
 * ``nums`` / ``strs``: ``(value, key)`` pairs of the documents whose field is a number / a string, sorted: ranges
   are two bisections, and ``order_by`` walks them (numbers, then strings: the query order of plan.py);
 * ``eq``: the keys per scalar value (see :func:`storage.query.evaluate.token`), the value itself or the scalars of a
-  list field: an equality or ``$in`` on scalars is a dict lookup, list fields included ("members with role X").
+  list field: an equality or ``$in`` on scalars is a dict lookup, list fields included ("members with role X");
+
+and an indexed collection keeps its keys sorted (:class:`CollectionIndexes`), so a ``prefix`` is a bisection.
 
 Where it is kept current: :class:`~storage.backends.json.tables.Tables` calls :meth:`JsonIndexes.apply` for every
 committed record it applies (this process's commits, records replayed from other processes' journal lines,
@@ -36,7 +38,7 @@ from ...fsutil import atomic_write
 from ...query.evaluate import MISSING, NUMBER, OTHER, STRING, getter, sort_rank, token
 from .journal import Op
 
-__all__ = ["INDEX_FILE", "PathIndex", "JsonIndexes", "BATCH_MERGE"]
+__all__ = ["INDEX_FILE", "PathIndex", "CollectionIndexes", "JsonIndexes", "BATCH_MERGE", "build_indexes"]
 
 log = logging.getLogger("storage.json")
 
@@ -212,14 +214,56 @@ def _value(pair: tuple[Any, str]) -> Any:
     return pair[0]
 
 
+class CollectionIndexes:
+    """The indexes of one collection: its :class:`PathIndex` per dotted path, and every key of the collection in
+    order (a prefix is then a bisection: a guild's members without looking at the others')."""
+
+    __slots__ = ("keys", "paths")
+
+    def __init__(self, paths: dict[str, PathIndex], keys: list[str]) -> None:
+        self.paths = paths
+        self.keys = keys
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply ``{key: decoded doc or None (deleted)}``."""
+        for index in self.paths.values():
+            index.update(changes)
+        keys = self.keys
+        if len(changes) <= BATCH_MERGE:
+            for key, doc in changes.items():
+                i = bisect.bisect_left(keys, key)
+                present = i < len(keys) and keys[i] == key
+                if doc is None and present:
+                    del keys[i]
+                elif doc is not None and not present:
+                    keys.insert(i, key)
+            return
+        gone = {key for key, doc in changes.items() if doc is None}
+        known = set(keys)
+        kept = [key for key in keys if key not in gone] if gone else keys
+        kept.extend(key for key, doc in changes.items() if doc is not None and key not in known)
+        kept.sort()
+        self.keys = kept
+
+    def prefixed(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``, in order."""
+        keys = self.keys
+        i = bisect.bisect_left(keys, prefix)
+        out = []
+        while i < len(keys) and keys[i].startswith(prefix):
+            out.append(keys[i])
+            i += 1
+        return out
+
+
 class JsonIndexes:
     """Every index of a store: the declarations and the live :class:`PathIndex` objects."""
 
     def __init__(self, folder: Path) -> None:
         self.file = folder / INDEX_FILE
         self.declared: dict[str, list[str]] = {}
-        #: collection -> {dotted path: index}; built after each load, for the declared indexes
-        self.live: dict[str, dict[str, PathIndex]] = {}
+        #: collection -> its indexes; built after each load, for the declared indexes
+        self.live: dict[str, CollectionIndexes] = {}
 
     def read(self) -> None:
         """(Re)read the declarations (at every load)."""
@@ -251,7 +295,7 @@ class JsonIndexes:
 
     def build(self, data: Mapping[str, Mapping[str, bytes]]) -> None:
         """Build every declared index from ``data`` (after a load; in the loading thread)."""
-        live: dict[str, dict[str, PathIndex]] = {}
+        live: dict[str, CollectionIndexes] = {}
         for collection, paths in self.declared.items():
             live[collection] = build_indexes(data.get(collection, {}), paths)
         self.live = live
@@ -265,14 +309,13 @@ class JsonIndexes:
             if op[1] in live:
                 changes.setdefault(op[1], {})[op[2]] = loads(op[3]) if op[0] == "p" else None  # type: ignore[misc]
         for collection, changed in changes.items():
-            for index in live[collection].values():
-                index.update(changed)
+            live[collection].update(changed)
 
-    def of(self, collection: str) -> dict[str, PathIndex]:
-        return self.live.get(collection, {})
+    def of(self, collection: str) -> CollectionIndexes | None:
+        return self.live.get(collection)
 
 
-def build_indexes(coll: Mapping[str, bytes], paths: list[str]) -> dict[str, PathIndex]:
+def build_indexes(coll: Mapping[str, bytes], paths: list[str]) -> CollectionIndexes:
     """Fresh indexes of ``paths`` over a collection (each document decoded once, one at a time)."""
     indexes = {path: PathIndex(tuple(path.split("."))) for path in paths}
     fill = list(indexes.values())
@@ -284,4 +327,4 @@ def build_indexes(coll: Mapping[str, bytes], paths: list[str]) -> dict[str, Path
                 index.add_unsorted(key, doc)
         for index in fill:
             index.finish()
-    return indexes
+    return CollectionIndexes(indexes, sorted(coll))

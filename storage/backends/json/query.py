@@ -14,10 +14,10 @@ The plan, in order:
 Every candidate is then checked against the whole filter in Python (:func:`storage.query.evaluate.compile_filter`),
 so an index only ever narrows what is read, and a query gives the same answer with or without one.
 
-Event loop: candidates are checked on the loop when there are at most :data:`INLINE` of them; more (a scan of a
-large collection, a common value) are copied as ``(key, bytes)`` pairs on the loop (a few ms for 100k) and filtered,
-decoded and sorted in a worker thread. The copy is taken at one instant, so the answer is a consistent snapshot
-even while other coroutines write; the thread gives the GIL back every switch interval, so the loop keeps ticking.
+Event loop: the documents a plan reads are first copied (:func:`considered`, a dict copy: a few ms for 100k), then
+checked :data:`SCAN_CHUNK` at a time with a turn of the loop between chunks, and more than :data:`INLINE` matches
+are sorted in a worker thread. The copy is taken at one instant, so the answer is a consistent snapshot even while
+other coroutines write meanwhile.
 
 Visibility: :func:`considered` is the one place that says which stored documents a query sees (every plan goes
 through it), so a rule such as expiry is added there once.
@@ -25,24 +25,25 @@ through it), so a rule such as expiry is added there once.
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Iterable, Mapping
+from itertools import islice
 from typing import Any, Literal
 
 import orjson
 
 from ...offload import off_loop
 from ...protocol import Document
-from ...query.evaluate import Predicate, compile_filter, needles, sort_pairs, token
-from ...query.plan import RANGE_OPS, Condition, Query
-from .indexes import PathIndex
+from ...query.evaluate import OTHER, Predicate, compile_filter, needles, sort_pairs, token
+from ...query.plan import RANGE_OPS, Query
+from .indexes import CollectionIndexes, PathIndex
 
 __all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
 
-#: Candidates checked on the event loop at most; more go to a worker thread.
+#: Matches sorted on the event loop at most; more are sorted in a worker thread.
 INLINE = 2000
-#: Documents a scan in a worker thread checks between two releases of the GIL.
-GIL_TURN = 500
+#: Documents a scan checks between two turns of the event loop (about a millisecond of work).
+SCAN_CHUNK = 500
 #: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan, and index
 #: entries it steps over (keys without the prefix cost only a ``startswith``).
 WALK_BUDGET = 2000
@@ -68,12 +69,13 @@ def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> 
     return out
 
 
-def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, ...]) -> tuple[Any, bool] | None:
-    """Candidate keys from the indexes (a set or list), and whether they are exactly the matches (one condition
-    that the index answers exactly); None when no index fits."""
+def _candidates(indexes: CollectionIndexes, query: Query) -> tuple[Any, bool] | None:
+    """Candidate keys from the indexes (a set, tuple or list), and whether they are exactly the matches (one
+    condition that the index answers exactly, no prefix); None when no index fits."""
+    conditions, paths = query.conditions, indexes.paths
     best: Any = None
     for c in conditions:
-        index = indexes.get(c.dotted)
+        index = paths.get(c.dotted)
         if index is None:
             continue
         keys: Any = None
@@ -83,74 +85,126 @@ def _candidates(indexes: Mapping[str, PathIndex], conditions: tuple[Condition, .
             keys = set().union(*(index.equal(v) for v in c.value)) if c.value else set()
         if keys is not None and (best is None or len(keys) < len(best)):
             best = keys
-    if best is not None:
-        return best, len(conditions) == 1
-    for c in conditions:
-        index = indexes.get(c.dotted)
-        if index is None or c.op not in RANGE_OPS:
-            continue
-        kind = type(c.value) is str
-        same = [d for d in conditions if d.path == c.path and d.op in RANGE_OPS and (type(d.value) is str) == kind]
-        low = high = None
-        for d in same:  # the tightest bound of each side
-            if d.op in ("$gt", "$gte"):
-                if low is None or d.value > low[0] or (d.value == low[0] and d.op == "$gt"):
-                    low = (d.value, d.op == "$gte")
-            elif high is None or d.value < high[0] or (d.value == high[0] and d.op == "$lt"):
-                high = (d.value, d.op == "$lte")
-        return index.range(low, high), len(same) == len(conditions)
-    return None
+    exact = len(conditions) == 1 and query.prefix is None
+    if best is None:
+        for c in conditions:
+            index = paths.get(c.dotted)
+            if index is None or c.op not in RANGE_OPS:
+                continue
+            kind = type(c.value) is str
+            same = [d for d in conditions
+                    if d.path == c.path and d.op in RANGE_OPS and (type(d.value) is str) == kind]
+            low = high = None
+            for d in same:  # the tightest bound of each side
+                if d.op in ("$gt", "$gte"):
+                    if low is None or d.value > low[0] or (d.value == low[0] and d.op == "$gt"):
+                        low = (d.value, d.op == "$gte")
+                elif high is None or d.value < high[0] or (d.value == high[0] and d.op == "$lt"):
+                    high = (d.value, d.op == "$lte")
+            best = index.range(low, high)
+            exact = len(same) == len(conditions) and query.prefix is None
+            break
+    if query.prefix is not None:
+        prefixed = indexes.prefixed(query.prefix)
+        if best is None or len(prefixed) < len(best):
+            return prefixed, not conditions
+    return (best, exact) if best is not None else None
 
 
-def _scan(docs: Mapping[str, bytes], query: Query, mode: Mode, predicate: Predicate, marks: list[bytes],
-          in_thread: bool = False) -> Any:
-    """Filter (prefix, byte needles, the predicate), then count, list keys, or sort and slice the documents.
-
-    ``in_thread``: give the GIL away every :data:`GIL_TURN` documents (``time.sleep(0)``), so the event loop's
-    thread gets it at once instead of after a whole switch interval. Only what the mode needs is kept (no decoded
-    document for a count): fewer survivors, fewer full garbage collections."""
-    prefix = query.prefix
-    loads = orjson.loads
-    matched: list[tuple[str, Document]] = []
-    keys: list[str] = []
-    keep_doc, keep_key = matched.append, keys.append
-    counted = 0
-    turn = GIL_TURN if in_thread else len(docs) + 1
-    for index, (key, raw) in enumerate(docs.items()):
-        if index == turn:
-            turn += GIL_TURN
-            time.sleep(0)
-        if prefix is not None and not key.startswith(prefix):
-            continue
-        if marks and b"\\" not in raw and not all(m in raw for m in marks):
-            continue  # without escapes, a document lacking a needle's bytes cannot match
-        doc = loads(raw)
-        if predicate(doc):
-            if mode == "find":
-                keep_doc((key, doc))
-            elif mode == "keys":
-                keep_key(key)
-            else:
-                counted += 1
-    if mode == "count":
-        return counted
-    if mode == "keys":
-        return keys
-    ordered = sort_pairs(matched, query.order)
-    end = None if query.limit is None else query.offset + query.limit
-    return ordered[query.offset:end]
+def _ordered(index: PathIndex, keys: Iterable[str], descending: bool) -> list[str]:
+    """``keys`` in the query order of ``index``'s path, from its entries (nothing decoded)."""
+    entries = index.entries
+    groups: tuple[list[tuple[Any, str]], list[tuple[Any, str]], list[str]] = ([], [], [])
+    for key in keys:
+        entry = entries.get(key)
+        if entry is None or entry[0] == OTHER:
+            groups[2].append(key)
+        else:
+            groups[entry[0]].append((entry[1], key))  # type: ignore[arg-type]
+    out: list[str] = []
+    for group in groups[:2]:
+        group.sort(key=_second)
+        group.sort(key=_first, reverse=descending)
+        out.extend(key for _value, key in group)
+    out.extend(sorted(groups[2]))
+    return out
 
 
-def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
-          predicate: Predicate) -> list[tuple[str, Document]] | None:
-    """``order_by`` + ``limit`` by walking the index (see the module doc); None when it would cost too much."""
-    assert query.order is not None and query.limit is not None
-    wanted = query.offset + query.limit
+def _first(pair: tuple[Any, str]) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple[Any, str]) -> str:
+    return pair[1]
+
+
+class _Scan:
+    """Filter documents (prefix, byte needles, the predicate), fed a chunk at a time; keeps only what the mode needs
+    (no decoded document for a count: fewer survivors, fewer full garbage collections)."""
+
+    def __init__(self, query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> None:
+        self.query, self.mode, self.predicate, self.marks = query, mode, predicate, marks
+        self.matched: list[tuple[str, Document]] = []
+        self.keys: list[str] = []
+        self.counted = 0
+
+    def feed(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Filter ``items``; returns how many there were."""
+        prefix, marks, predicate, mode = self.query.prefix, self.marks, self.predicate, self.mode
+        loads = orjson.loads
+        seen = 0
+        for key, raw in items:
+            seen += 1
+            if prefix is not None and not key.startswith(prefix):
+                continue
+            if marks and b"\\" not in raw and not all(m in raw for m in marks):
+                continue  # without escapes, a document lacking a needle's bytes cannot match
+            doc = loads(raw)
+            if predicate(doc):
+                if mode == "find":
+                    self.matched.append((key, doc))
+                elif mode == "keys":
+                    self.keys.append(key)
+                else:
+                    self.counted += 1
+        return seen
+
+    async def result(self) -> Any:
+        if self.mode == "count":
+            return self.counted
+        if self.mode == "keys":
+            return self.keys
+        query = self.query
+        end = None if query.limit is None else query.offset + query.limit
+        if len(self.matched) > INLINE:  # sorting many: in a worker thread
+            return (await off_loop(sort_pairs, self.matched, query.order))[query.offset:end]
+        return sort_pairs(self.matched, query.order)[query.offset:end]
+
+
+async def _scan(docs: dict[str, bytes], query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> Any:
+    """The scan of a snapshot (``docs``, this call's own copy): :data:`SCAN_CHUNK` documents at a time on the loop,
+    which gets a turn between chunks. (A worker thread was tried: under load its GIL handoffs with the loop made the
+    scan 2-3x slower than decoding every document, and the loop waited a switch interval at each.)"""
+    scan = _Scan(query, mode, predicate, marks)
+    items = iter(docs.items())
+    for _chunk in range(len(docs) // SCAN_CHUNK + 1):
+        if scan.feed(islice(items, SCAN_CHUNK)) < SCAN_CHUNK:
+            break
+        await asyncio.sleep(0)
+    return await scan.result()
+
+
+def _walk(coll: Mapping[str, bytes], keys: Iterable[str], query: Query, predicate: Predicate,
+          complete: bool) -> list[tuple[str, Document]] | None:
+    """``order_by`` + ``limit`` by checking ``keys`` in query order until enough matched (see the module doc);
+    None when it would cost too much, or when ``keys`` (not ``complete``: an index's numbers and strings only) ran
+    out while documents outside them may match."""
+    wanted = query.offset + (query.limit or 0)
     prefix = query.prefix
     loads = orjson.loads
     found: list[tuple[str, Document]] = []
     budget, steps = WALK_BUDGET, WALK_STEPS
-    for key in index.ordered(query.order.descending):
+    for key in keys:
         steps -= 1
         if steps < 0:
             return None  # a prefix that few indexed keys have: cheaper to select its keys and sort them
@@ -165,21 +219,24 @@ def _walk(coll: Mapping[str, bytes], index: PathIndex, query: Query,
                 found.append((key, doc))
                 if len(found) >= wanted:
                     return found[query.offset:]
-    # The numbers and strings ran out first: the rest (missing or other types) is not in the index.
-    return found[query.offset:] if len(found) >= wanted or index.typed_count() == len(coll) else None
+    return found[query.offset:] if complete else None
 
 
-async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex], query: Query, mode: Mode) -> Any:
+async def run_query(coll: Mapping[str, bytes], indexes: CollectionIndexes | None, query: Query, mode: Mode) -> Any:
     """The answer to ``query`` over ``coll`` (committed documents with their ``indexes``, or a transaction's view
-    with none): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
+    with None): matching pairs (``find``), their number (``count``) or their keys (``keys``)."""
     predicate = compile_filter(query.conditions)
-    found = _candidates(indexes, query.conditions) if indexes else None
-    if found is not None and found[1] and mode == "count" and query.prefix is None:
+    found = _candidates(indexes, query) if indexes is not None else None
+    if found is not None and found[1] and mode == "count":
         return len(considered(coll, found[0]))  # the index answered exactly: no document to decode
-    order_index = indexes.get(query.order.dotted) if indexes and query.order is not None else None
-    if mode == "find" and order_index is not None and query.limit is not None and \
-            (found is None or len(found[0]) > WALK_BUDGET):
-        walked = _walk(coll, order_index, query, predicate)
+    order = query.order
+    order_index = indexes.paths.get(order.dotted) if indexes is not None and order is not None else None
+    if mode == "find" and order is not None and order_index is not None and query.limit is not None:
+        if found is not None and len(found[0]) <= WALK_STEPS:  # few candidates: ordered from the index entries
+            walked = _walk(coll, _ordered(order_index, found[0], order.descending), query, predicate, True)
+        else:  # many: the index in order, numbers then strings (the rest is not in it)
+            walked = _walk(coll, order_index.ordered(order.descending), query, predicate,
+                           order_index.typed_count() == len(coll))
         if walked is not None:
             return walked
     prefix = query.prefix
@@ -188,7 +245,4 @@ async def run_query(coll: Mapping[str, bytes], indexes: Mapping[str, PathIndex],
     else:  # keys only, on the loop: what is left may not need a thread
         keys = coll if found is None else found[0]
         docs = considered(coll, keys if prefix is None else [key for key in keys if key.startswith(prefix)])
-    marks = needles(query.conditions)
-    if len(docs) > INLINE:
-        return await off_loop(_scan, docs, query, mode, predicate, marks, True)
-    return _scan(docs, query, mode, predicate, marks)
+    return await _scan(docs, query, mode, predicate, needles(query.conditions))

@@ -550,7 +550,11 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             except BaseException:
                 indexes.declared = before
                 raise
-            indexes.live.setdefault(collection, {}).update(built)
+            current = indexes.live.get(collection)
+            if current is None:
+                indexes.live[collection] = built
+            else:
+                current.paths.update(built.paths)
         return True
 
     async def _drop_index(self, collection: str, path: str) -> bool:
@@ -569,10 +573,11 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             except BaseException:
                 indexes.declared = before
                 raise
-            live = indexes.live.get(collection, {})
-            live.pop(path, None)
-            if not live:
-                indexes.live.pop(collection, None)
+            live = indexes.live.get(collection)
+            if live is not None:
+                live.paths.pop(path, None)
+                if not live.paths:
+                    del indexes.live[collection]
         return True
 
     async def _indexes(self, collection: str) -> list[str]:
@@ -788,7 +793,7 @@ class JsonTransaction(TransactionBase):
         collection (the committed data cannot change while the transaction holds the lock)."""
         view = self._staged.view(collection)
         committed = self._staged.base.get(collection)
-        indexes = self._json._tables.indexes.of(collection) if view is committed else {}
+        indexes = self._json._tables.indexes.of(collection) if view is committed else None
         dead = dead_keys(self._staged.expiring_in(collection), self._json._now_micros())  # json/expiry.py
         return await run_query(live_mapping(view, dead), indexes, query, mode)
 

@@ -23,9 +23,9 @@ generic plan). Collection names are restricted to ``[A-Za-z0-9_.-]`` (storage.co
 Indexes (postgres/indexes.py) are built on exactly :func:`num_expr`, :func:`txt_expr` (partial: ``WHERE collection =
 '...' AND jsonb_typeof(E) = 'number'`` / ``'string'``) and :func:`field` (GIN, ``jsonb_path_ops``, partial on the
 collection). A range condition carries its ``jsonb_typeof`` test so the partial index's predicate is implied; an
-``order_by`` on an indexed path with a ``limit`` becomes three branches (numbers, strings, the rest), each a top-N
-that an index scan answers (the rest through the ``_other`` index on the key), merged by an outer sort of at most
-three times ``offset + limit`` rows.
+``order_by`` on an indexed path with a ``limit`` (and no prefix) becomes three branches (numbers, strings, the
+rest), each a top-N that an index scan answers (the rest through the ``_other`` index on the key), merged by an
+outer sort of at most three times ``offset + limit`` rows.
 
 Visibility: :func:`visible` returns THE conditions every query ANDs (the collection today); a rule such as expiry is
 added there once and applies to ``find``, ``count`` and ``delete_many`` alike.
@@ -187,7 +187,9 @@ def build_find(collection: str, query: Query, indexed: frozenset[str], now: date
         return f"SELECT key, doc FROM storage_documents WHERE {where} ORDER BY key{_window(query, b)}", b.params
     d = " DESC" if order.descending else ""
     num, txt, e = num_expr(order.path), txt_expr(order.path), field(order.path)
-    if order.dotted not in indexed or query.limit is None:
+    if order.dotted not in indexed or query.limit is None or query.prefix is not None:
+        # With a prefix the key range is the better path (a guild's members), and a prepared statement's generic
+        # plan, which cannot see how narrow the prefix is, might otherwise walk the whole order index instead.
         return (f"SELECT key, doc FROM storage_documents WHERE {where} ORDER BY {rank_expr(order.path)}, "
                 f"{num}{d}, {txt}{d}, key{_window(query, b)}"), b.params
     top = f" LIMIT {b.param(query.offset + query.limit, 'bigint')}"
