@@ -109,8 +109,9 @@ async def bot(store_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         await dpytest.empty_queue()
         client.ws = None  # dpytest's fake gateway has no socket, which discord.py 2.7's close() would ask about
+        cog = client.get_cog("DataCog")
         await client.close()
-        assert client.store is None
+        assert client.store is None and not cog.backup.is_running()
 
 
 async def _people(bot: StorageBot, rnd: random.Random):
@@ -231,6 +232,7 @@ async def test_bot_members_messages_commands_backup(bot: StorageBot, backend: st
 
     # the backup task ran once at start (its first iteration), and a backup verifies
     cog = bot.get_cog("DataCog")
+    assert cog.backup.is_running()  # started by cog_load; stopped by the bot's close() before the store closes
     await cog.backup()  # what the next iteration does
     backups = await store.list_backups()
     assert backups and (await store.verify_backup(backups[-1].id)).ok
