@@ -12,7 +12,8 @@ becomes an instant in :meth:`OpsBase._expiry` (:mod:`storage.expiry`), so no cal
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sized
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
@@ -30,8 +31,15 @@ __all__ = ["OpsBase", "normalize_items", "apply_update"]
 _T = TypeVar("_T")
 
 
-def normalize_items(items: Items, collection: str | None = None, *, rule: bool = True) -> list[tuple[str, bytes]]:
-    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position.
+#: ``put_many`` of more items than this encodes them in slices of ENCODE_TURN with an event-loop turn between
+#: (25k documents encoded in one go held a bot's loop 100-300 ms; see benchmarks/bench_stalls.py).
+ENCODE_TURN = 1000
+
+
+def normalize_items(items: Items, collection: str | None = None, *, rule: bool = True,
+                    start: int = 0) -> list[tuple[str, bytes]]:
+    """``put_many``'s input as checked, encoded pairs; the first bad item raises, naming its position (counted
+    from ``start``).
 
     With ``collection`` (and ``rule``), each document is checked by that collection's rule (:mod:`storage.rules`).
     """
@@ -40,7 +48,7 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
         (lambda key, doc: encode_doc(doc)))
     pairs = items.items() if isinstance(items, Mapping) else items
     out: list[tuple[str, bytes]] = []
-    for index, pair in enumerate(pairs):
+    for index, pair in enumerate(pairs, start):
         try:
             key, doc = pair
         except (TypeError, ValueError):
@@ -49,6 +57,17 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
             out.append((check_key(key), encode(key, doc)))
         except ValidationError as exc:
             raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
+    return out
+
+
+async def _normalize_in_turns(items: Items, collection: str) -> list[tuple[str, bytes]]:
+    """:func:`normalize_items` of a large input, ENCODE_TURN items at a time with a loop turn between."""
+    listed = list(items.items() if isinstance(items, Mapping) else items)
+    out: list[tuple[str, bytes]] = []
+    for start in range(0, len(listed), ENCODE_TURN):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(normalize_items(listed[start:start + ENCODE_TURN], collection, start=start))
     return out
 
 
@@ -151,7 +170,11 @@ class OpsBase(QueryOps, abc.ABC):
                        expires_at: datetime | None = None) -> int:
         self._guard_write()
         expires = self._expiry(ttl, expires_at)
-        pairs = normalize_items(items, check_collection(collection))
+        check_collection(collection)
+        if isinstance(items, Sized) and len(items) > ENCODE_TURN:
+            pairs = await _normalize_in_turns(items, collection)
+        else:
+            pairs = normalize_items(items, collection)
         if pairs:
             await self._put_encoded(collection, pairs, expires)
         return len(pairs)

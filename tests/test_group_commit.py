@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from storage.backends.json import group_commit
 from storage.backends.json.group_commit import Failed, GroupCommit
 
 
@@ -56,8 +57,8 @@ class Disk:
         assert not self.lock.locked(), "after runs outside the lock"
         self.after_calls += 1
 
-    def commit(self, *, after: bool = False) -> GroupCommit[int, int]:
-        return GroupCommit(self.locked, self.write, after=self.after if after else None)
+    def commit(self, *, after: bool = False, solo: bool = False) -> GroupCommit[int, int]:
+        return GroupCommit(self.locked, self.write, after=self.after if after else None, solo=solo)
 
 
 async def test_each_caller_gets_its_own_result() -> None:
@@ -236,3 +237,109 @@ async def test_a_write_that_forgets_an_outcome_fails_the_round_instead_of_hangin
     gc: GroupCommit[int, int] = GroupCommit(lambda: lock, short)
     outcomes = await asyncio.gather(*(gc.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+# -- the lone writer's fast path (solo=True, what the document journal uses) ---------------------------------------
+def loop_turned() -> asyncio.Event:
+    """An event set at the loop's next turn: still unset after an await means that await never yielded."""
+    turned = asyncio.Event()
+    asyncio.get_running_loop().call_soon(turned.set)
+    return turned
+
+
+async def test_a_lone_writer_commits_in_its_own_task_without_a_loop_turn() -> None:
+    disk = Disk()
+    gc = disk.commit(solo=True)
+    turned = loop_turned()
+    tasks_before = len(asyncio.all_tasks())
+    assert await gc.submit(1) == 10
+    assert not turned.is_set() and len(asyncio.all_tasks()) == tasks_before
+    assert disk.rounds == [[1]]
+
+
+async def test_concurrent_writers_still_share_a_commit_with_the_fast_path() -> None:
+    """The first writer commits alone at once; every other one of the same loop turn joins one group."""
+    disk = Disk()
+    gc = disk.commit(solo=True)
+    assert await asyncio.gather(*(gc.submit(i) for i in range(100))) == [i * 10 for i in range(100)]
+    assert disk.rounds == [[0], list(range(1, 100))]
+
+
+async def test_writers_arriving_during_a_lone_commit_share_the_next_one() -> None:
+    disk = Disk()
+    disk.gate = asyncio.Event()
+    gc = disk.commit(solo=True)
+    first = asyncio.create_task(gc.submit(0))
+    await disk.writing.wait()  # the lone commit holds the lock and is "fsyncing"
+    later = [asyncio.create_task(gc.submit(i)) for i in range(1, 20)]
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(gc.wait())
+    await asyncio.sleep(0)
+    assert not first.done() and not waiter.done()  # wait() waits for a lone commit too
+    disk.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*later) == [i * 10 for i in range(1, 20)]
+    await waiter
+    assert disk.rounds == [[0], list(range(1, 20))]
+
+
+async def test_after_concurrency_one_queued_round_then_lone_commits_again() -> None:
+    disk = Disk()
+    gc = disk.commit(solo=True, after=True)
+    await asyncio.gather(*(gc.submit(i) for i in range(5)))
+    assert await gc.submit(5) == 50  # crowded: queued, a round of one
+    turned = loop_turned()
+    assert await gc.submit(6) == 60  # lone again: no task, no loop turn
+    assert not turned.is_set()
+    assert disk.rounds == [[0], [1, 2, 3, 4], [5], [6]]
+    assert disk.after_calls == 4  # after each good round, lone ones included
+
+
+async def test_a_lone_writer_in_a_tight_loop_gives_the_loop_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 0.0)  # over budget at once: every second commit yields
+    disk = Disk()
+    gc = disk.commit(solo=True)
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = turns
+    for i in range(10):
+        await gc.submit(i)  # nothing here suspends but the fast path's own turn
+    tick.cancel()
+    assert turns - before >= 5
+    assert disk.rounds == [[i] for i in range(10)]  # still alone: the yield found nobody else writing
+
+
+async def test_a_lone_writer_cancelled_while_waiting_for_the_lock_is_not_written() -> None:
+    disk = Disk()
+    gc = disk.commit(solo=True)
+    await disk.lock.acquire()  # a transaction holds the store
+    doomed = asyncio.create_task(gc.submit(1))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    disk.lock.release()
+    assert await gc.submit(2) == 20
+    assert disk.rounds == [[2]]
+
+
+@pytest.mark.parametrize("solo", [False, True], ids=["leader", "lone"])
+async def test_a_lone_or_led_round_that_fails_fails_its_writer_and_later_rounds_work(solo: bool) -> None:
+    disk = Disk()
+    disk.failures[1] = OSError("eio")
+    disk.reject = {3}
+    gc = disk.commit(solo=solo)
+    with pytest.raises(OSError):
+        await gc.submit(1)
+    with pytest.raises(ValueError, match="bad item 3"):
+        await gc.submit(3)
+    assert await gc.submit(4) == 40
+    assert disk.rounds == [[3], [4]]  # Disk records every item handed to write, a rejected one too

@@ -21,16 +21,31 @@ Guarantees, for every backend that uses it:
 How the bytes reach the disk (inline or in a thread, one file or several) is ``write``'s business, not this
 class's: the lock and the write function are the caller's, so the same loop serves the document journal
 (:mod:`.json_files`) and the message log (:mod:`.json_messages`).
+
+**The lone writer** (``solo=True``). A leader task costs a task and two event-loop turns per commit, which is most
+of a save's Python time when nobody else is writing. So a writer that finds no commit running, no queue, no sign
+of concurrency and no other task committing since the loop's last turn commits *in its own task*: the same
+``locked()`` and ``write`` with a group of one, no task, no loop turn. Group commit stays for concurrent writers:
+a writer arriving while a commit runs, or from another task within the same loop turn as a lone commit, queues
+and starts a leader as above, and marks the store *crowded*; while crowded every writer queues, until a leader
+round finds a single writer again. Guarantees are the same: cancelled while waiting for the lock, nothing of
+it is written; cancelled once its write started, the write completes (``write`` must not abandon it) and the
+caller gets the cancellation. A lone writer saving in a tight loop gives the loop a turn at least every
+:data:`SOLO_TURN_BUDGET` seconds (a bot's heartbeat shares it). :meth:`wait` waits for lone commits too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["GroupCommit", "Failed"]
+
+#: A lone writer committing in a tight loop (no await that suspends) gives the event loop a turn after this long.
+SOLO_TURN_BUDGET = 0.002
 
 T = TypeVar("T")  # what a writer submits
 R = TypeVar("R")  # what it gets back once its write is durable
@@ -54,30 +69,79 @@ class GroupCommit(Generic[T, R]):
     after each round that did not fail, outside the lock (housekeeping such as compaction).
     """
 
-    __slots__ = ("_after", "_leader", "_locked", "_queue", "_write")
+    __slots__ = ("_after", "_crowded", "_idle", "_leader", "_locked", "_queue", "_solo", "_solo_running",
+                 "_turn_since", "_turn_task", "_write")
 
     def __init__(self, locked: Callable[[], AbstractAsyncContextManager[None]],
                  write: Callable[[list[T], list[R | Failed]], Awaitable[None]],
-                 after: Callable[[], Awaitable[None]] | None = None) -> None:
+                 after: Callable[[], Awaitable[None]] | None = None, *, solo: bool = False) -> None:
         self._locked = locked
         self._write = write
         self._after = after
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._leader: asyncio.Task[None] | None = None
+        self._solo = solo  # lone writers commit in their own task (see the module doc)
+        self._solo_running = False
+        self._crowded = False  # concurrent writers seen: queue until a round finds one writer again
+        self._turn_task: asyncio.Task[Any] | None = None  # the task that committed alone since the last loop turn
+        self._turn_since = 0.0
+        self._idle: list[asyncio.Future[None]] = []  # wait() callers waiting for a lone commit to end
 
     async def submit(self, item: T) -> R:
-        """Queue ``item`` for the next round and wait until it is durable; returns its outcome."""
+        """Commit ``item`` (alone, or in the next round) and wait until it is durable; returns its outcome."""
+        if self._solo and self._leader is None and not self._solo_running and not self._crowded:
+            task = asyncio.current_task()
+            if self._turn_task is None or self._turn_task is task:
+                return await self._commit_alone(item, task)
+        if self._solo:
+            self._crowded = True  # a commit is running, or another task committed within this loop turn
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._leader is None:
             self._leader = asyncio.create_task(self._lead())
         return await future
 
+    async def _commit_alone(self, item: T, task: asyncio.Task[Any] | None) -> R:
+        """The lone writer's commit, in the caller's task (see the module doc)."""
+        if self._turn_task is None:
+            self._turn_task, self._turn_since = task, time.perf_counter()
+            asyncio.get_running_loop().call_soon(self._turned)
+        elif time.perf_counter() - self._turn_since > SOLO_TURN_BUDGET:
+            await asyncio.sleep(0)  # committing back to back without a loop turn: let the loop run first
+            return await self.submit(item)  # others may have started writing meanwhile
+        self._solo_running = True
+        outcomes: list[R | Failed] = []
+        try:
+            async with self._locked():
+                await self._write([item], outcomes)
+        finally:
+            self._solo_running = False
+            idle, self._idle = self._idle, []
+            for future in idle:
+                if not future.done():
+                    future.set_result(None)
+        if len(outcomes) != 1:
+            raise RuntimeError(f"group commit: 1 write, {len(outcomes)} outcomes")
+        outcome = outcomes[0]
+        if isinstance(outcome, Failed):
+            raise outcome.error
+        if self._after is not None:
+            await self._after()
+        return outcome
+
+    def _turned(self) -> None:
+        self._turn_task = None
+
     async def wait(self) -> None:
-        """Wait until every queued write is settled (the leader has finished). Cancelling the caller does not
-        cancel the commit."""
-        if self._leader is not None:
-            await asyncio.shield(self._leader)
+        """Wait until every queued write is settled (the leader and any lone commit have finished). Cancelling
+        the caller does not cancel the commit."""
+        while self._leader is not None or self._solo_running:
+            if self._leader is not None:
+                await asyncio.shield(self._leader)
+            else:
+                idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._idle.append(idle)
+                await idle
 
     async def _lead(self) -> None:
         """Commit rounds until nothing is queued (started by the first writer to find no leader)."""
@@ -95,6 +159,8 @@ class GroupCommit(Generic[T, R]):
                             if len(outcomes) != len(batch):
                                 raise RuntimeError(f"group commit: {len(batch)} writes, {len(outcomes)} outcomes")
                             _resolve(batch, outcomes)  # still under the lock: durable is acknowledged, whatever follows
+                        if len(batch) <= 1 and not self._queue:
+                            self._crowded = False  # one writer again: the next one may commit alone
                 except BaseException as exc:  # lock timeout, I/O error: fail every writer of this round
                     if not batch:
                         batch, self._queue = self._queue, []

@@ -84,11 +84,16 @@ class SidecarLock:
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        self._path = os.fspath(path)  # stat()ed at every acquire: no Path-to-str conversion each time
         self.read_only = read_only
         self._fd = -1
         self._dir_fd = -1
         self._dir_lockable = True
         self._held = False
+        self._ident: tuple[int, int] | None = None  # (device, inode) of _fd: fixed for the descriptor's life
+        #: What this process last published into the file it holds open (None once that file was replaced):
+        #: while the journal has not moved since, re-reading the state would only find the same values.
+        self.published: tuple[int, int] | None = None
         self._boot = boot_id()
         self._fallback = filelock.FileLock(str(path), thread_local=False) if fcntl is None else None
 
@@ -102,21 +107,29 @@ class SidecarLock:
                 self._fd = os.open(self.path, os.O_RDONLY)
             else:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                mine = os.fstat(self._fd)
+            except BaseException:
+                os.close(self._fd)
+                self._fd = -1
+                raise
+            self._ident = (mine.st_dev, mine.st_ino)
         return self._fd
 
     def _reopen(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._ident = None
+            self.published = None
 
     def _same_file(self) -> bool:
         """Does the path still name the file we locked? (Someone may have deleted or replaced it.)"""
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._path)
         except FileNotFoundError:
             return False
-        mine = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        return (st.st_dev, st.st_ino) == self._ident
 
     def _lock_folder(self, blocking: bool) -> bool:
         """The folder lock (see the module doc); True when taken or when this file system cannot lock folders."""
@@ -167,6 +180,57 @@ class SidecarLock:
         self._held = True
         return True
 
+    @property
+    def can_wait(self) -> bool:
+        """Whether :meth:`wait_free` / :meth:`adopt` work here (POSIX ``flock``; not the Windows fallback)."""
+        return fcntl is not None and self._fallback is None and not self.read_only
+
+    def wait_free(self, abandoned: threading.Event) -> int:
+        """In a dedicated thread: block in ``flock`` on a fresh descriptor of the sidecar until it is ours.
+
+        Why: a poll with a growing sleep (:meth:`acquire`) lost the lock, again and again, to a process saving in
+        a loop (it locks again within 0.1 ms of letting go, the poller looked every 5 ms); a waiter blocked in the
+        kernel is woken when the holder lets go. A blocked ``flock`` cannot time out, so the caller gives up by
+        setting ``abandoned`` and leaving the thread: if the lock comes later, the thread lets go at once (closing
+        the descriptor releases it). Returns the descriptor, holding the sidecar's lock, for :meth:`adopt` on
+        the caller's thread (the descriptor in use is never swapped from here), or -1 when abandoned.
+        """
+        while not abandoned.is_set():
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mine = os.fstat(fd)
+                try:
+                    st: os.stat_result | None = os.stat(self._path)
+                except FileNotFoundError:
+                    st = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and not abandoned.is_set():
+                return fd
+            os.close(fd)  # abandoned, or the file was deleted or replaced while we waited: wait on the new one
+        return -1
+
+    def adopt(self, fd: int) -> bool:
+        """Make ``fd`` (from :meth:`wait_free`, holding the sidecar's lock) this lock's descriptor and take the
+        folder lock; False, holding nothing, when another holds the folder (its sidecar was deleted)."""
+        old, self._fd = self._fd, fd
+        try:
+            mine = os.fstat(fd)
+            self._ident = (mine.st_dev, mine.st_ino)
+            self.published = None  # another description of the file: read it again once
+            if old >= 0:
+                os.close(old)  # it holds no lock: taking it with that one just failed
+            if not self._lock_folder(blocking=False):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return False
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise
+        self._held = True
+        return True
+
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> None:
         """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep), or raise LockBusy.
 
@@ -197,7 +261,9 @@ class SidecarLock:
     def publish(self, ino: int, end: int) -> None:
         """Tell readers that journal ``ino`` is committed up to byte ``end``. Call holding the lock, after fsync."""
         body = _STATE.pack(_MAGIC, 0, self._boot, ino, end)[8:]
+        self.published = None  # unknown until the write is done
         os.pwrite(self._descriptor(), _STATE.pack(_MAGIC, zlib.crc32(body), self._boot, ino, end), 0)
+        self.published = (ino, end)
 
     def committed(self, *, trusted_only: bool = False) -> Committed | None:
         """The last published state, or None when unknown (never published, damaged, truncated, replaced).
@@ -229,3 +295,5 @@ class SidecarLock:
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+        self._ident = None
+        self.published = None

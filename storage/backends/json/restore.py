@@ -50,7 +50,7 @@ from .message_files import GENERATION_NAME, MESSAGES_DIR, run_in_thread
 
 __all__ = [
     "INTENT_NAME", "RestoreSwap", "documents_digest", "stage_messages", "begin", "resolve", "recover", "discard",
-    "pending", "sweep", "is_restore_entry",
+    "pending", "intent_path", "intent_pending", "sweep", "is_restore_entry",
 ]
 
 log = logging.getLogger("storage.json.restore")
@@ -130,8 +130,18 @@ def begin(data_path: Path, staged: Path, before_digest: str, backup_id: str) -> 
 
 
 def pending(data_path: Path) -> bool:
-    """Whether a restore's intent is waiting to be resolved (one ``stat``: checked at every lock)."""
+    """Whether a restore's intent is waiting to be resolved (one ``stat``)."""
     return os.path.lexists(data_path / INTENT_NAME)
+
+
+def intent_path(data_path: Path) -> str:
+    """Where the intent would be, for :func:`intent_pending` (a store computes it once)."""
+    return os.fspath(data_path / INTENT_NAME)
+
+
+def intent_pending(intent: str) -> bool:
+    """:func:`pending` given :func:`intent_path`: one ``lstat`` and no path join (checked at every lock)."""
+    return os.path.lexists(intent)
 
 
 def _read_intent(data_path: Path) -> dict[str, str]:

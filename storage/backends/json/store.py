@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,7 +74,7 @@ from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
 from .query import Mode, run_query
 from .restore import RestoreSwap
-from .tables import Staged, Tables
+from .tables import Plan, Staged, Tables
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -90,6 +90,9 @@ INLINE_SYNC_BUDGET = 0.0005
 #: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
+#: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
+#: applied with C-level dict updates (see Tables.plan).
+LARGE_COMMIT = 2000
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -109,13 +112,14 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self.lock_timeout = config.lock_timeout
         self.read_only = config.read_only
         self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
+        self._intent = json_restore.intent_path(self.path)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
-                                                                after=self._maybe_compact)
+                                                                after=self._maybe_compact, solo=True)
         #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
@@ -140,9 +144,12 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             yield
         except OSError as exc:
-            where = exc.filename or self.path
-            raise StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno,
-                                 path=str(where)) from exc
+            raise self._io_error(exc, what) from exc
+
+    def _io_error(self, exc: OSError, what: str) -> StorageIOError:
+        """:meth:`_io`'s error, for the per-commit path (a ``try`` there costs less than a context manager)."""
+        where = exc.filename or self.path
+        return StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno, path=str(where))
 
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
@@ -230,34 +237,54 @@ class JsonBackend(JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
-    @asynccontextmanager
-    async def _locked(self) -> AsyncIterator[None]:
-        """Hold this store's mutex and the cross-process file lock, caught up with the journal.
+    def _locked(self) -> AbstractAsyncContextManager[None]:
+        """Hold this store's mutex and the cross-process file lock, caught up with the journal (see _Held).
 
         A read-only store takes only its mutex (and catches up the read-only way): it never writes.
         """
-        async with self._mutex:
+        return _Held(self)
+
+    async def _enter_locked(self) -> None:
+        await self._mutex.acquire()
+        try:
             if self.read_only:
                 with self._io("reading the journal"):
                     self._tables.refresh_read_only()
-                yield
                 return
             await self._acquire_file_lock()
             self._holding = True
             try:
-                with self._io("catching up with the journal"):
-                    self._tables.catch_up()
-                    if json_restore.pending(self.path):  # a restore crashed (or is finishing) since the last open
-                        json_restore.recover(self.path, self._tables.data)
-                yield
-            finally:
+                self._tables.catch_up()
+                if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
+                    # in a thread: resolving digests every document (about a second of CPU at 100k members)
+                    await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data)
+            except BaseException as exc:
                 self._holding = False
                 self._flock.release()
+                if isinstance(exc, OSError):
+                    raise self._io_error(exc, "catching up with the journal") from exc
+                raise
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def _exit_locked(self) -> None:
+        try:
+            if not self.read_only:
+                self._holding = False
+                self._flock.release()
+        finally:
+            self._mutex.release()
 
     async def _acquire_file_lock(self) -> None:
-        with self._io("taking the store lock"):
+        try:
             if self._flock.try_acquire():  # uncontended: no thread hop
                 return
+        except OSError as exc:
+            raise self._io_error(exc, "taking the store lock") from exc
+        if self._flock.can_wait:
+            await self._wait_for_file_lock()
+            return
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
@@ -277,6 +304,36 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             self._flock.release()
             raise
 
+    async def _wait_for_file_lock(self) -> None:
+        """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
+        moment the lock is free; see :meth:`SidecarLock.wait_free`). On a timeout or a cancellation the wait is
+        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        while True:
+            abandoned = threading.Event()
+            waiter = in_own_thread(self._flock.wait_free, abandoned)
+            try:
+                fd = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
+            except BaseException as exc:
+                abandoned.set()
+                waiter.add_done_callback(_close_unused)
+                if isinstance(exc, TimeoutError):
+                    raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                           f"{self.lock_timeout}s") from None
+                if isinstance(exc, OSError):
+                    raise self._io_error(exc, "taking the store lock") from exc
+                raise
+            try:
+                if self._flock.adopt(fd):
+                    return
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
+            if loop.time() >= deadline:  # the folder stays locked by a process whose sidecar was deleted
+                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                       f"{self.lock_timeout}s")
+            await asyncio.sleep(0.001)
+
     # ---------------------------------------------------------------------------------------------------------------
     # committing
     def _check_usable(self) -> None:
@@ -293,13 +350,15 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         await self._trust_journal()
         staged = Staged(self._tables.data, self._tables.expires)
         ops: list[Op] = []
-        for prepare in batch:
+        last = len(batch) - 1
+        for index, prepare in enumerate(batch):
             try:
                 item_ops, result = prepare(staged)
             except Exception as exc:  # this writer's own failure (its update fn raised, bad result)
                 outcomes.append(Failed(exc))
                 continue
-            staged.apply(item_ops)
+            if index != last:  # only later writers of this group read the staged view
+                staged.apply(item_ops)
             ops.extend(item_ops)
             outcomes.append(result)
         if ops:
@@ -313,21 +372,31 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         record that reached the disk is published and applied before the cancellation goes on, so the process's
         view always equals the disk. A record that did not reach the disk is neither.
         """
-        record = encode_record(ops)
+        plan: Plan | None = None
+        large = len(ops) > LARGE_COMMIT
+        if large:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
+            record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops)
+        else:
+            record = encode_record(ops)
         journal = self._journal
         start = journal.offset
-        began = time.perf_counter()
+        spent = 0.0
         try:
             try:
-                if self._sync_estimate < INLINE_SYNC_BUDGET:
+                if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
+                    began = time.perf_counter()
                     journal.append(record)
+                    spent = time.perf_counter() - began
                 else:
-                    await cancellation.run_in_thread(journal.append, record)
+                    spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
-                    self._tables.apply(ops)
+                    if plan is None:
+                        self._tables.apply(ops)
+                    else:
+                        self._tables.apply_plan(plan, ops)  # C-level dict updates: visible all at once
         except OSError as exc:
             await self._after_failed_append(exc)
             raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
@@ -338,7 +407,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                           journal.path, exc.__cause__)
                 self._suspect = exc.__cause__  # no rewrite now (we are cancelled): _trust_journal does it next
             raise
-        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * (time.perf_counter() - began)
+        # The append's own time, not the thread hop's: a hop costs 0.3-1 ms on a busy host, and counting it kept
+        # the store threading appends that take 0.1 ms (see benchmarks/README.md, Design measurements).
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
 
     async def _after_failed_append(self, exc: OSError) -> None:
         """A failed write or fsync. After a failed fsync the file's cached pages no longer say what is on disk
@@ -460,7 +531,14 @@ class JsonBackend(JsonMessageQueries, BackendBase):
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
                            expires: datetime | None = None) -> None:
         self._check_writable(collection)
-        ops = _put_ops(collection, items, expires)
+        if len(items) <= LARGE_COMMIT:
+            ops = _put_ops(collection, items, expires)
+        else:  # 25k operations built in one go held the loop ~10 ms: ITEMS_TURN at a time, a loop turn between
+            ops = []
+            for start in range(0, len(items), ITEMS_TURN):
+                if start:
+                    await asyncio.sleep(0)
+                ops.extend(_put_ops(collection, items[start:start + ITEMS_TURN], expires))
         await self._submit(lambda staged: (ops, None))
 
     async def _delete(self, collection: str, key: str) -> bool:
@@ -711,6 +789,22 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         }
 
 
+class _Held:
+    """``async with store._locked()``: a plain class, not an ``asynccontextmanager`` (every commit takes it, and
+    an async generator per use, registered with the loop, cost several microseconds of a lone save)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: JsonBackend) -> None:
+        self._store = store
+
+    async def __aenter__(self) -> None:
+        await self._store._enter_locked()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._store._exit_locked()
+
+
 class JsonTransaction(TransactionBase):
     """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
@@ -831,6 +925,64 @@ class JsonTransaction(TransactionBase):
 
 
 __all__ += ["JsonTransaction"]
+
+
+def in_own_thread(fn: Callable[..., int], *args: Any) -> asyncio.Future[int]:
+    """Run ``fn`` in a new daemon thread (not the default executor: a wait that is abandoned may block there for
+    as long as another process holds the lock, and must not take an executor slot meanwhile)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+
+    def settle(result: int | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            if result is not None and result >= 0:
+                os.close(result)  # nobody will adopt it: let go of the lock
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result if result is not None else -1)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # delivered to the awaiting task
+            _deliver(loop, settle, None, exc)
+            return
+        _deliver(loop, settle, result, None)
+
+    threading.Thread(target=run, name="storage-lock-wait", daemon=True).start()
+    return future
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, settle: Callable[[int | None, BaseException | None], None],
+             result: int | None, error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(settle, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        if result is not None and result >= 0:
+            os.close(result)
+
+
+def _close_unused(waiter: asyncio.Future[int]) -> None:
+    """A lock wait was abandoned: if the thread got the lock after all, let go of it."""
+    if waiter.cancelled() or waiter.exception() is not None:
+        return
+    fd = waiter.result()
+    if fd >= 0:
+        os.close(fd)
+
+
+def _prepare_large(tables: Tables, ops: list[Op]) -> tuple[bytes, Plan | None]:
+    """In a worker thread, under the lock (nobody changes the documents meanwhile): the record and the plan."""
+    return encode_record(ops), tables.plan(ops)
+
+
+def _timed_append(journal: Journal, record: bytes) -> float:
+    """``journal.append`` in a worker thread; returns how long the write and fsync took there."""
+    began = time.perf_counter()
+    journal.append(record)
+    return time.perf_counter() - began
 
 
 def _live_expiries(expiring: Mapping[str, int], keys: list[str] | None, now: int) -> dict[str, datetime]:

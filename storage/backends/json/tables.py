@@ -42,13 +42,15 @@ from .journal import Journal, Op
 from .lock import Committed, SidecarLock
 from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
 
-__all__ = ["Tables", "Staged", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
+__all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
 
 log = logging.getLogger("storage.json")
 
 #: Compact once the journal is larger than this fraction of the snapshots it would rewrite (and MIN_COMPACT).
 COMPACT_RATIO = 1.0
 MIN_COMPACT_BYTES = 1 << 20
+#: :meth:`Tables.plan`'s result: per collection, (name, final puts, keys to delete, size change in bytes).
+Plan = list[tuple[str, dict[str, bytes], list[str], int]]
 
 #: A file's stat signature (see _signature) and the crc32 of its content.
 FileState = tuple[tuple[int, int, int], int]
@@ -204,6 +206,54 @@ class Tables:
         if self.indexes.live:
             self.indexes.apply(ops)
 
+    def plan(self, ops: list[Op]) -> Plan | None:
+        """What :meth:`apply` would do, worked out without changing anything (a worker thread can run it while
+        the lock keeps the documents still): per collection, the final puts, the deletes and the size change.
+        :meth:`apply_plan` then makes it visible with a few C-level dict updates, all at once for the loop.
+        None when an operation carries or may clear an expiry (json/expiry.py): :meth:`apply` does those."""
+        expires = self.expires
+        final: dict[str, dict[str, bytes | None]] = {}
+        for op in ops:
+            if len(op) == 5 or op[1] in expires:
+                return None
+            coll = final.get(op[1])
+            if coll is None:
+                coll = final[op[1]] = {}
+            coll[op[2]] = op[3] if op[0] == "p" else None  # type: ignore[misc]
+        plan: Plan = []
+        for name, changes in final.items():
+            current = self.data.get(name, {})
+            delta = 0 if name in self.data else 2
+            puts: dict[str, bytes] = {}
+            deletes: list[str] = []
+            for key, new in changes.items():
+                old = current.get(key)
+                if old is not None:
+                    delta -= len(key) + len(old) + OVERHEAD
+                if new is not None:
+                    puts[key] = new
+                    delta += len(key) + len(new) + OVERHEAD
+                elif old is not None:
+                    deletes.append(key)
+            plan.append((name, puts, deletes, delta))
+        return plan
+
+    def apply_plan(self, plan: Plan, ops: list[Op]) -> None:
+        """:meth:`apply` of ``ops``, which :meth:`plan` was given (under the same lock, nothing changed between)."""
+        data, sizes = self.data, self.sizes
+        for name, puts, deletes, delta in plan:
+            coll = data.get(name)
+            if coll is None:
+                coll = data[name] = {}
+                sizes[name] = 0
+            coll.update(puts)
+            for key in deletes:
+                del coll[key]
+            sizes[name] += delta
+            self.dirty.add(name)
+        if self.indexes.live:
+            self.indexes.apply(ops)
+
     # ---------------------------------------------------------------------------------------------------------------
     # following the journal
     def follow(self, *, locked: bool) -> None:
@@ -237,13 +287,19 @@ class Tables:
 
     def catch_up(self) -> None:
         """Under the lock: apply everything committed (cutting away what never was), reload after a generation
-        jump, and publish the committed end when it was not known."""
+        jump, and publish the committed end when it was not known. The common case (nothing new since this
+        process's own last publish) costs one ``pread`` of the journal and no read of the lock file."""
+        journal = self.journal
+        before = (journal.ino, journal.offset)
         self.follow(locked=True)
         if self.need_reload:
             log.info("%s: the journal moved on by more than one compaction: reloading the snapshots", self.path)
             self.load()
+        mine = (journal.ino, journal.offset)
+        if mine == before and self.lock.published == mine:
+            return  # nobody appended since our own publish into this very lock file: it still says this
         committed = self.committed()
-        if committed is None or committed != (self.journal.ino, self.journal.offset):
+        if committed is None or committed != mine:
             self.publish()
 
     # ---------------------------------------------------------------------------------------------------------------

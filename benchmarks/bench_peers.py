@@ -1,0 +1,453 @@
+"""Our JSON backend beside SQLite (the embedded store a bot developer would pick instead), same documents, same run.
+
+Run it from the repository root::
+
+    .venv/bin/python benchmarks/bench_peers.py            # 100k members, 5 interleaved repetitions (a few minutes)
+    .venv/bin/python benchmarks/bench_peers.py --quick    # 10k members, 3 repetitions, shorter rounds (about a minute)
+    .venv/bin/python benchmarks/bench_peers.py --members 50000 --reps 7 --dir /mnt/ssd/tmp
+
+Systems (each in a fresh process for every repetition, the repetitions interleaved, medians reported):
+
+* ``json``: this library's JSON backend through ``storage.open_store(backend="json")`` and its public calls;
+* ``sqlite-full``: the standard ``sqlite3`` module, WAL, ``synchronous=FULL`` (durable: the configuration that
+  gives the guarantee ours gives), one row per member (``key TEXT PRIMARY KEY, doc TEXT`` holding the JSON, encoded
+  with orjson as ours is);
+* ``sqlite-normal``: the same in WAL with ``synchronous=NORMAL`` (what most bots run: a power cut may lose the last
+  commits);
+* ``json-base`` (with ``--baseline PATH``): the JSON backend of another checkout, run exactly like ``json``, so a
+  change is measured before/after in the same interleaved run;
+* ``floor``: a raw loop of ``os.write`` + ``os.fdatasync`` of one save's journal line (what a durable save cannot
+  beat on this disk).
+
+Rows: sequential durable save (``save_member_data`` / one autocommitted upsert, one await per save, every save
+writing different bytes); 4 writer processes on one store, total saves per second; a batch of 1,000 member upserts
+(``put_many`` / ``executemany`` in one transaction); ``get``; open of the store + first get, and the peak RSS of
+that process; size on disk (the store as prepared: our compacted snapshot, SQLite's checkpointed database).
+Ratios are ours / SQLite FULL, ours / SQLite NORMAL, and the save against the floor. The SQLite calls are
+synchronous (they block the event loop; ours do not): the comparison flatters SQLite, not us.
+Results go to ``benchmarks/results/peers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script from anywhere
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when not installed
+
+import orjson
+from _common import (
+    Target,
+    atimed,
+    fmt,
+    machine_info,
+    member_doc,
+    member_ids,
+    peak_rss_mib,
+    print_table,
+    rss_mib,
+    run_worker,
+    write_results,
+)
+
+SYSTEMS = ("json", "sqlite-full", "sqlite-normal", "floor")
+WRITERS = 4
+BATCH = 1000
+UPSERT = "INSERT INTO members(key, doc) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET doc = excluded.doc"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def key_of(i: int) -> str:
+    user_id, guild_id = member_ids(i)
+    return f"{guild_id}_{user_id}"
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- the systems ----------------------------------------------------------------------------------------------------
+class Json:
+    """Our store, through the public API a bot uses."""
+
+    def __init__(self, path: Path) -> None:
+        import storage  # before any clock starts: an import is not an open
+
+        self.storage = storage
+        self.path = path
+        self.store: Any = None
+
+    async def open(self) -> None:
+        self.store = await self.storage.open_store(backend="json", path=self.path)
+
+    async def get(self, i: int) -> Any:
+        user_id, guild_id = member_ids(i)
+        return await self.store.get_member_data(user_id, guild_id)
+
+    async def save(self, i: int, doc: dict[str, Any]) -> Any:
+        user_id, guild_id = member_ids(i)
+        return await self.store.save_member_data(user_id, guild_id, doc)
+
+    async def batch(self, items: dict[str, dict[str, Any]]) -> Any:
+        return await self.store.put_many("members", items)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class Sqlite:
+    """The standard module, one row per member; autocommit (each save is its own durable transaction)."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path = path / "members.db"
+        self.synchronous = synchronous
+        self.conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("CREATE TABLE IF NOT EXISTS members (key TEXT PRIMARY KEY, doc TEXT NOT NULL)")
+        self.conn = conn
+
+    async def get(self, i: int) -> Any:
+        assert self.conn is not None
+        row = self.conn.execute("SELECT doc FROM members WHERE key = ?", (key_of(i),)).fetchone()
+        return orjson.loads(row[0]) if row is not None else {}
+
+    async def save(self, i: int, doc: dict[str, Any]) -> Any:
+        assert self.conn is not None
+        self.conn.execute(UPSERT, (key_of(i), orjson.dumps(doc).decode()))
+        return True
+
+    async def batch(self, items: dict[str, dict[str, Any]]) -> Any:
+        assert self.conn is not None
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(UPSERT, [(k, orjson.dumps(d).decode()) for k, d in items.items()])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return len(items)
+
+    async def close(self) -> None:
+        assert self.conn is not None
+        self.conn.close()
+
+
+def make(system: str, path: Path) -> Json | Sqlite:
+    if system in ("json", "json-base"):
+        return Json(path)
+    return Sqlite(path, "FULL" if system == "sqlite-full" else "NORMAL")
+
+
+def floor_line() -> bytes:
+    """One save's journal line, as the JSON backend writes it (the floor writes the same bytes)."""
+    from storage.backends.json.journal import encode_record
+    from storage.codec import encode_doc
+
+    return encode_record([("p", "members", key_of(0), encode_doc(member_doc(0)))])
+
+
+# -- workers (each in a fresh interpreter) ---------------------------------------------------------------------------
+async def prepare(system: str, path: Path, members: int) -> dict[str, Any]:
+    """Build the store every repetition copies: ``members`` members, compacted / checkpointed."""
+    path.mkdir(parents=True)
+    target = make(system, path)
+    await target.open()
+    for start in range(0, members, 10_000):
+        await target.batch({key_of(i): member_doc(i) for i in range(start, min(members, start + 10_000))})
+    if isinstance(target, Sqlite):
+        assert target.conn is not None
+        target.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    await target.close()
+    return {"bytes": dir_bytes(path)}
+
+
+async def ops(system: str, path: Path, members: int, seconds: float) -> dict[str, Any]:
+    """One repetition of every single-process row, on a fresh copy of the prepared store."""
+    out: dict[str, Any] = {}
+    if system == "floor":
+        line = floor_line()
+        fd = os.open(path / "floor.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sync = getattr(os, "fdatasync", os.fsync)
+        try:
+            n, start = 0, time.perf_counter()
+            while n < 20 or time.perf_counter() - start < seconds:
+                os.write(fd, line)
+                sync(fd)
+                n += 1
+            out["save_per_s"] = n / (time.perf_counter() - start)
+        finally:
+            os.close(fd)
+        return out
+
+    rng = random.Random(7)
+    picks = [rng.randrange(members) for _ in range(4096)]
+    docs = [member_doc(i) for i in picks]
+    target = make(system, path)
+    rss_before = rss_mib()
+    started = time.perf_counter()
+    await target.open()
+    first = await target.get(picks[0])
+    out["open_first_get_ms"] = 1000 * (time.perf_counter() - started)
+    out["open_peak_rss_mib"] = peak_rss_mib()
+    out["open_rss_added_mib"] = rss_mib() - rss_before
+    if first.get("user_id") != str(member_ids(picks[0])[0]):
+        raise RuntimeError(f"{system}: the first get did not return the prepared member")
+
+    rate = await atimed(lambda n: target.get(picks[n & 4095]), seconds=seconds, min_ops=200)
+    out["get_per_s"] = rate.per_second
+
+    async def save(n: int) -> Any:
+        doc = docs[n & 4095]
+        doc["statistics"]["message_count"] = n + 1  # every save writes different bytes
+        return await target.save(picks[n & 4095], doc)
+
+    rate = await atimed(save, seconds=seconds, min_ops=20)
+    out["save_per_s"] = rate.per_second
+
+    times = []
+    for b in range(max(5, int(10 * seconds))):
+        base = (b * BATCH * 7) % members
+        items = {}
+        for j in range(BATCH):
+            i = (base + j) % members
+            doc = member_doc(i)
+            doc["statistics"]["message_count"] = b + 1
+            items[key_of(i)] = doc
+        t0 = time.perf_counter()
+        await target.batch(items)
+        times.append(time.perf_counter() - t0)
+    out["batch_ms"] = 1000 * statistics.median(times)
+    await target.close()
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+async def writer(system: str, path: Path, index: int, seconds: float) -> dict[str, Any]:
+    """One of the concurrent writer processes: its own members. It opens the store, says READY, reads the start
+    time from stdin (sent once every writer has opened: an open holds the lock while it loads), then saves."""
+    target = make(system, path)
+    await target.open()
+    docs = [member_doc(index * 1000 + j) for j in range(1000)]
+    print("READY", flush=True)
+    start_at = float(await asyncio.to_thread(sys.stdin.readline))
+    delay = start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    deadline = start_at + seconds
+    n = 0
+    while time.time() < deadline:
+        doc = docs[n % 1000]
+        doc["statistics"]["message_count"] = n + 1
+        await target.save(index * 1000 + n % 1000, doc)
+        n += 1
+    elapsed = time.time() - start_at
+    await target.close()
+    return {"saves": n, "seconds": elapsed}
+
+
+def run_writers(system: str, path: Path, seconds: float) -> float:
+    """``WRITERS`` fresh processes on one store, started together: total saves per second."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "writer", system, str(path),
+                               json.dumps([w, seconds])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for w in range(WRITERS)]
+    for proc in procs:  # every writer has opened the store (the opens are not part of the window)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"writer of {system} did not start")
+    start_at = time.time() + 0.2
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start_at}\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        stdout, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"writer of {system} exited with {proc.returncode}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    late = [r for r in results if r["seconds"] > seconds * 1.5]
+    if late:
+        log(f"  warning: {system} writers ran {max(r['seconds'] for r in late):.2f} s for a {seconds} s window")
+    return sum(r["saves"] for r in results) / max(r["seconds"] for r in results)
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+ROWS = (  # (label, key)
+    ("sequential durable save (saves/s)", "save_per_s"),
+    (f"{WRITERS} writer processes, total (saves/s)", "writers_per_s"),
+    (f"batch of {BATCH} upserts (ms)", "batch_ms"),
+    ("get (ops/s)", "get_per_s"),
+    ("open + first get (ms)", "open_first_get_ms"),
+    ("peak RSS after open + first get (MiB)", "open_peak_rss_mib"),
+    ("peak RSS of the whole run (MiB)", "peak_rss_mib"),
+    ("size on disk (MB)", "disk_mb"),
+)
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = {k for run in runs for k in run}
+    return {k: statistics.median(run[k] for run in runs if k in run) for k in keys}
+
+
+def report(summary: dict[str, dict[str, float]], args: argparse.Namespace, info: dict[str, Any]) -> list[Target]:
+    ours, full, normal = summary.get("json", {}), summary.get("sqlite-full", {}), summary.get("sqlite-normal", {})
+    before = summary.get("json-base")
+    floor = summary.get("floor", {}).get("save_per_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None  # rates: >= 1 is better; times and sizes: <= 1 is better
+
+    rows = []
+    for name, key in ROWS:
+        a, f, n = ours.get(key), full.get(key), normal.get(key)
+        row = [name, fmt(a), fmt(f), fmt(n), fmt(ratio(a, f)) + "x", fmt(ratio(a, n)) + "x", ""]
+        if before is not None:
+            b = before.get(key)
+            row += [fmt(b), fmt(ratio(b, f)) + "x"]
+        rows.append(row)
+    if floor:
+        rows.append(["append+fdatasync floor (saves/s)", "-", "-", "-", "-", "-", fmt(floor)])
+        floors = [("  ours / floor", ours), ("  SQLite FULL / floor", full), ("  SQLite NORMAL / floor", normal)]
+        if before is not None:
+            floors.append(("  ours before / floor", before))
+        for name, system in floors:
+            if system.get("save_per_s"):
+                rows.append([name, "-", "-", "-", "-", "-", fmt(system["save_per_s"] / floor) + "x"])
+    title = (f"JSON backend vs sqlite3 {sqlite3.sqlite_version} at {args.members:,} members, medians of {args.reps} "
+             f"interleaved repetitions (Python {info['python']}, {info['cpus']} cpus, {info['data_dir']}, load "
+             f"{info.get('loadavg_1m', '?')}); times and sizes: ours / theirs, lower is better")
+    heads = ["row", "ours", "SQLite FULL", "SQLite NORMAL", "ours/FULL", "ours/NORMAL", "floor ratio"]
+    if before is not None:
+        heads += ["ours before", "before/FULL"]
+    print_table(heads, [row + [""] * (len(heads) - len(row)) for row in rows], title=title)
+
+    def get(d: dict[str, float], k: str) -> float | None:
+        return d.get(k)
+
+    def r(k: str) -> float | None:
+        a, b = get(ours, k), get(full, k)
+        return a / b if a and b else None
+
+    targets = [
+        Target("sequential save / SQLite FULL", r("save_per_s"), ">=", 1.0, "x"),
+        Target(f"{WRITERS} writer processes / SQLite FULL", r("writers_per_s"), ">=", 1.0, "x"),
+        Target(f"batch of {BATCH} time / SQLite FULL", r("batch_ms"), "<=", 1.0, "x"),
+        Target("get / SQLite FULL", r("get_per_s"), ">=", 2.0, "x"),
+        Target("size on disk / SQLite FULL", r("disk_mb"), "<=", 1.0, "x"),
+        Target("sequential save / floor", ours["save_per_s"] / floor if floor and ours.get("save_per_s") else None,
+               ">=", 0.8, "x"),
+        Target("open + first get (ms)", get(ours, "open_first_get_ms"), "<=", 50, "ms"),
+        Target("peak RSS after open / SQLite FULL", r("open_peak_rss_mib"), "<=", 1.5, "x"),
+    ]
+    print_table(["target", "value", "goal", "verdict"],
+                [[t.name, fmt(t.value), f"{t.op} {fmt(t.goal)}", t.verdict] for t in targets],
+                title="Targets of issue 15 (informational)")
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10k members, 3 repetitions, shorter rounds")
+    parser.add_argument("--members", type=int, help="members in the store (default 100000, --quick 10000)")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (default 5, --quick 3)")
+    parser.add_argument("--seconds", type=float, help="length of each timed round (default 1.0, --quick 0.5)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    parser.add_argument("--no-writers", action="store_true", help="skip the multi-process writer row")
+    parser.add_argument("--dir", help="where to put the data (default: the system temp dir); the disk matters")
+    parser.add_argument("--baseline", help="a checkout of this repository whose JSON backend runs as one more "
+                                           "system, json-base, interleaved with the others (before/after)")
+    parser.add_argument("--worker", nargs=4, metavar=("STEP", "SYSTEM", "PATH", "ARGS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        step, system, path, extra = args.worker
+        if system == "json-base":  # the same JSON backend from another checkout (--baseline), imported first
+            sys.path.insert(0, os.environ["STORAGE_BENCH_BASELINE"])
+        params = json.loads(extra)
+        steps = {"prepare": lambda: prepare(system, Path(path), *params),
+                 "ops": lambda: ops(system, Path(path), *params),
+                 "writer": lambda: writer(system, Path(path), *params)}
+        print(json.dumps(asyncio.run(steps[step]())))
+        return 0
+
+    args.members = args.members or (10_000 if args.quick else 100_000)
+    args.reps = args.reps or (3 if args.quick else 5)
+    args.seconds = args.seconds or (0.5 if args.quick else 1.0)
+    systems = [s for s in args.systems.split(",") if s]
+    if not systems or set(systems) - set(SYSTEMS):
+        parser.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    if args.baseline:
+        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
+            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
+        os.environ["STORAGE_BENCH_BASELINE"] = str(Path(args.baseline).resolve())
+        systems.insert(1, "json-base")
+
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory(prefix="bench_peers-", dir=args.dir) as tmp:
+        root = Path(tmp)
+        info = machine_info(tmp)
+        info["orjson"] = importlib.metadata.version("orjson")
+        info["sqlite"] = sqlite3.sqlite_version
+        sizes: dict[str, int] = {}
+        for system in systems:
+            if system not in ("floor", "json-base"):
+                log(f"preparing {system} ({args.members:,} members)")
+                got = run_worker(__file__, ["prepare", system, str(root / f"template-{system}"),
+                                            json.dumps([args.members])])
+                sizes[system] = got["bytes"]
+        for rep in range(args.reps):
+            order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # who goes first rotates
+            for system in order:
+                place = root / f"{system}-{rep}"
+                template = root / f"template-{'json' if system == 'json-base' else system}"
+                if system == "floor":
+                    place.mkdir()
+                else:
+                    shutil.copytree(template, place)
+                got = run_worker(__file__, ["ops", system, str(place), json.dumps([args.members, args.seconds])])
+                if system != "floor" and not args.no_writers:
+                    shutil.rmtree(place)
+                    shutil.copytree(template, place)
+                    got["writers_per_s"] = run_writers(system, place, 2 * args.seconds)
+                if template.name[len("template-"):] in sizes:
+                    got["disk_mb"] = sizes[template.name[len("template-"):]] / 1e6
+                runs[system].append(got)
+                shutil.rmtree(place)
+                shown = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(got.items()))
+                log(f"rep {rep + 1}/{args.reps} {system}: {shown}")
+    summary = {system: medians(r) for system, r in runs.items() if r}
+    print(file=sys.stderr)
+    targets = report(summary, args, info)
+    info["wall_s"] = time.perf_counter() - started
+    path = write_results("peers", {"machine": info, "members": args.members, "reps": args.reps,
+                                   "seconds": args.seconds, "runs": runs, "medians": summary,
+                                   "targets": [t.as_dict() for t in targets]})
+    print(f"wrote {path} in {info['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The longest event-loop stall of every public call, on each backend, at 100k members + 1M messages.
+
+Run it from the repository root::
+
+    .venv/bin/python benchmarks/bench_stalls.py                        # JSON and PostgreSQL, 100k + 1M (minutes)
+    .venv/bin/python benchmarks/bench_stalls.py --scale 0.1            # 10k members + 100k messages
+    .venv/bin/python benchmarks/bench_stalls.py --backends json --only open,first_query
+
+A bot's storage calls share one event loop with discord.py's gateway heartbeat: a call that keeps the loop busy
+for half a second freezes the whole bot. So a 1 ms ticker task runs beside each call and records the longest gap
+between two of its ticks (work done on the loop, a worker thread holding the GIL and a full garbage collection all
+count: a heartbeat would wait just the same). Target: no call over 20 ms. On a loaded shared host the ticker
+also counts the time the OS did not run the process at all (the idle-loop baseline row shows how much), so the
+longest single loop step in CPU time is reported beside it (see :class:`StepProbe`).
+
+Data: members in 5 guilds (``--members`` / 5 each, seed-shaped documents), messages (bench_analytics's
+``Stream``: Discord-like ids, 12 months) spread over the same guilds, authored by 25% more users than each guild
+has members (so ``refresh_member_statistics`` writes about 1.25x a guild's members). Each backend runs in a fresh
+process; PostgreSQL runs in scratch databases (dropped afterwards) on ``--pg-admin-dsn``.
+Results go to ``benchmarks/results/stalls.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script from anywhere
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when not installed
+
+from _common import fmt, machine_info, peak_rss_mib, print_table, run_worker, write_results
+from bench_analytics import END, Stream
+from bench_backup import Places, StallWatch, busy_python, postgres_reachable
+
+STALL_TARGET_MS = 20.0
+GUILDS = 5
+BATCH = 10_000
+BIG_PUT = 25_000
+
+
+class Data:
+    """Members and messages of the benchmark (deterministic)."""
+
+    def __init__(self, members: int, messages: int) -> None:
+        self.per_guild = max(1, members // GUILDS)
+        self.members = self.per_guild * GUILDS
+        self.stream = Stream(messages, GUILDS, 12)
+        self.rng = random.Random(99)
+
+    def user(self, g: int, j: int) -> str:
+        return str(910_000_000_000_000_000 + g * 10_000_000 + j)
+
+    def guild(self, g: int) -> str:
+        return self.stream.guild(g)
+
+    def member(self, g: int, j: int, version: int = 0) -> dict[str, Any]:
+        return {"user_id": self.user(g, j), "guild_id": self.guild(g), "join_date": "2024-01-01T00:00:00Z",
+                "roles": ["member"] + (["mod"] if j % 50 == 0 else []),
+                "preferences": {"notifications": bool(j % 2), "language": "ja"},
+                "statistics": {"message_count": (j + version) % 5000, "last_active": "2024-06-15T12:00:00Z"}}
+
+    def message(self, i: int) -> dict[str, Any]:
+        record = self.stream.record(i)
+        g = i % GUILDS
+        record["author_id"] = self.user(g, self.rng.randrange(self.per_guild + self.per_guild // 4))
+        return record
+
+
+def log(message: str) -> None:
+    print(f"[stalls] {message}", file=sys.stderr, flush=True)
+
+
+class StepProbe:
+    """The longest single event-loop step (one callback or task step), in the loop thread's CPU time.
+
+    Why beside the ticker: on a loaded shared host the ticker's gaps include the time the OS did not run this
+    process at all (an idle loop shows 30-200 ms there); CPU time spent inside one step is what this library's
+    code holds the loop for, whatever the neighbours do. It misses time the loop waits for the GIL held by a
+    worker thread, which the ticker does see: read both.
+    """
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.where = ""
+        self._original = asyncio.events.Handle._run
+
+    def install(self) -> None:
+        original, probe, clock = self._original, self, time.thread_time
+
+        def _run(handle: asyncio.events.Handle) -> None:
+            began = clock()
+            original(handle)
+            spent = clock() - began
+            if spent > probe.longest:
+                probe.longest = spent
+                probe.where = repr(handle)[:300]  # the callback (a task's coroutine and where it stood)
+
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.longest = 0.0
+        self.where = ""
+
+
+async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
+                 only: list[str]) -> dict[str, Any]:
+    import storage
+    from storage.backup.copy import copy
+    from storage.cli import build_parser
+    from storage.commands.core import run_status
+
+    data = Data(members, messages)
+    places = Places(Path(root), admin_dsn)
+    results: dict[str, dict[str, float]] = {}
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
+    probe = StepProbe()
+    probe.install()
+
+    async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
+        watcher = StallWatch()
+        started = time.perf_counter()
+        probe.reset()
+        result = await watcher.watch(op)
+        results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
+                         "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where}
+        log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
+            f"longest loop step {probe.longest * 1000:.1f} ms CPU")
+        return result
+
+    await watch("(baseline: idle event loop, 2 s)", lambda: asyncio.sleep(2))
+    await watch("(baseline: a thread running Python, 2 s)", lambda: asyncio.to_thread(busy_python, 2.0))
+
+    try:
+        source_config = await places.config(backend, "source")
+        store: Any = await storage.open_store(config=source_config)
+        log(f"{backend}: filling {data.members:,} members + {messages:,} messages")
+        for g in range(GUILDS):
+            for start in range(0, data.per_guild, BATCH):
+                await store.batch_update_members(
+                    [{"user_id": data.user(g, j), "guild_id": data.guild(g), "data": data.member(g, j)}
+                     for j in range(start, min(data.per_guild, start + BATCH))])
+        longest = longest_step = 0.0
+        for start in range(0, messages, BATCH):
+            batch = [data.message(i) for i in range(start, min(messages, start + BATCH))]
+            watcher = StallWatch()
+            probe.reset()
+            await watcher.watch(lambda batch=batch: store.record_messages(batch))
+            longest, longest_step = max(longest, watcher.longest), max(longest_step, probe.longest)
+        results[f"record_messages ({BATCH:,} a call)"] = {"seconds": 0.0, "stall_ms": longest * 1000,
+                                                           "step_cpu_ms": longest_step * 1000}
+        await watch("close (after the fill)", store.close)
+
+        store = await watch("open", lambda: storage.open_store(config=source_config))
+        g0, g1 = data.guild(0), data.guild(1)
+        await watch("first analytics query after open (top_authors)", lambda: store.top_authors(g0))
+        await watch("get_member_data", lambda: store.get_member_data(data.user(0, 1), g0))
+        await watch("save_member_data", lambda: store.save_member_data(data.user(0, 1), g0, data.member(0, 1, 7)))
+        await watch("message_counts(by=day)", lambda: store.message_counts(g1, by="day"))
+
+        async def listing() -> int:
+            return len([key async for key, _doc in store.items("members", prefix=g1 + "_")])
+
+        await watch(f"items(members, prefix=guild) ({data.per_guild:,})", listing)
+        if wanted("put_many"):
+            big = {f"k{i:06d}": data.member(2, i, 3) for i in range(BIG_PUT)}
+            await watch(f"put_many of {BIG_PUT:,} documents", lambda: store.put_many("bulk", big))
+        await watch("refresh_member_statistics(guild)", lambda: store.refresh_member_statistics(g1))
+        if backend == "json":
+            await watch("compact", store.compact)
+        if wanted("backup"):
+            info = await watch("create_backup", store.create_backup)
+            target_config = await places.config(backend, "restored")
+            async with storage.open_store(config=target_config) as target:
+                await watch("restore_backup(dry_run=True), empty target",
+                            lambda: target.restore_backup(info.id, dry_run=True))
+                await watch("restore_backup, empty target", lambda: target.restore_backup(info.id))
+            async with storage.open_store(config=await places.config(backend, "copy")) as target:
+                await watch("copy to an empty store (+ verify)", lambda: copy(store, target))
+
+        async def delete_guild() -> int:
+            n = 0
+            async with store.transaction() as tx:
+                async for key, _doc in tx.items("members", prefix=data.guild(4) + "_"):
+                    await tx.delete("members", key)
+                    n += 1
+            return n
+
+        await watch(f"transaction: list + delete a guild's {data.per_guild:,} members", delete_guild)
+        await watch("prune_messages (oldest month)",
+                    lambda: store.prune_messages(END - timedelta(days=30 * 11)))
+        await watch("close", store.close)
+
+        if wanted("status"):
+            argv = ["status", "--backend", backend]
+            argv += ["--path", source_config.path] if backend == "json" else ["--dsn", str(source_config.dsn)]
+            args = build_parser().parse_args(argv)
+            with contextlib.redirect_stdout(io.StringIO()):
+                await watch("status (CLI: open, counts, message summary, backups, close)", lambda: run_status(args))
+    finally:
+        await places.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"backend": backend, "members": data.members, "messages": messages, "results": results,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="1.0: 100k members + 1M messages")
+    parser.add_argument("--backends", default="json,postgres", help="comma-separated (default %(default)s)")
+    parser.add_argument("--only", default="", help="skip optional groups not listed: put_many,backup,status")
+    parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="a server where scratch databases may be created (default %(default)s)")
+    parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
+    parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        params = json.loads(args.worker[0])
+        print(json.dumps(asyncio.run(worker(*params))))
+        return 0
+
+    members, messages = int(100_000 * args.scale), int(1_000_000 * args.scale)
+    only = [o for o in args.only.split(",") if o]
+    backends = [b for b in args.backends.split(",") if b]
+    notes = []
+    if "postgres" in backends:
+        why = asyncio.run(postgres_reachable(args.pg_admin_dsn))
+        if why is not None:
+            notes.append(f"postgres skipped: {why}")
+            backends.remove("postgres")
+    started = time.perf_counter()
+    out = {}
+    for backend in backends:
+        root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
+        admin = args.pg_admin_dsn if backend == "postgres" else None
+        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only])],
+                                  timeout=3600)
+    names: list[str] = []
+    for result in out.values():
+        names += [n for n in result["results"] if n not in names]
+    rows = []
+    for name in names:
+        row: list[object] = [name]
+        for backend in backends:
+            got = out[backend]["results"].get(name)
+            if got is None:
+                row += ["-", "-"]
+                continue
+            stall, step = got["stall_ms"], got.get("step_cpu_ms")
+            row += [fmt(got["seconds"]) if got["seconds"] else "-",
+                    fmt(stall) + (" MISS" if stall > STALL_TARGET_MS else ""),
+                    "-" if step is None else fmt(step) + (" MISS" if step > STALL_TARGET_MS else "")]
+        rows.append(row)
+    heads = ["call"] + [f"{b} {what}" for b in backends for what in ("s", "stall ms", "step CPU ms")]
+    print_table(heads, rows, title=f"longest event-loop stall per call (1 ms ticker: 'stall'; the longest single loop "
+                                   f"step in the loop thread's CPU time: 'step CPU'), {members:,} members + "
+                                   f"{messages:,} messages; target <= {STALL_TARGET_MS:.0f} ms")
+    for note in notes:
+        print(note)
+    info = machine_info(args.dir)
+    info["wall_s"] = time.perf_counter() - started
+    path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": out,
+                                    "notes": notes})
+    print(f"wrote {path} in {info['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
