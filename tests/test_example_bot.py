@@ -5,7 +5,7 @@ applied, cog loaded, backup task started), then members join and a few thousand 
 concurrent bursts (every handler of a burst runs at once, as a busy guild's gateway delivers them). What the bot
 answers and what it stored are checked against a ground truth the test computes from the messages it sent. The
 longest event-loop stall seen meanwhile is printed (a bot's heartbeat shares that loop), never asserted. Measured:
-150-250 ms on either backend, which is a burst's 200 handlers each taking its turn at once (dpytest delivers a
+50-250 ms on either backend, which is a burst's 200 handlers each taking its turn at once (dpytest delivers a
 burst in one go, the gateway one frame at a time); asyncio's debug mode with ``slow_callback_duration = 0.02``
 flagged no single callback over 20 ms during the run.
 """

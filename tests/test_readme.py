@@ -5,7 +5,7 @@ folder (the environment points ``open_store()`` there; no PostgreSQL variable is
 here says why in an HTML comment just before its fence: ``<!-- not-run: needs a PostgreSQL server -->``; the
 exclusions are listed by the test and kept few. Blocks may use top-level ``await`` (they are run as the body of a
 coroutine) and a few names the README takes as given, defined in :func:`_given`: ``store`` (an open store),
-``user_id``, ``guild_id``, ``updates``, ``records``, ``key``.
+``user_id``, ``guild_id``, ``updates``, ``records``, ``key``, ``before`` (a cutoff time).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _given(store: storage.Store) -> dict[str, Any]:
     user_id, guild_id = 300000000000000001, 800000000000000001
     return {
         "storage": storage, "store": store, "user_id": user_id, "guild_id": guild_id, "key": "alice",
+        "before": "2024-01-02T00:00:00Z",
         "updates": [{"user_id": user_id, "guild_id": guild_id, "data": {"roles": ["member"]}},
                     {"user_id": "not an id", "guild_id": guild_id, "data": {}}],
         "records": [{"message_id": 900 + i, "guild_id": guild_id, "channel_id": 5, "author_id": user_id,
@@ -100,8 +101,8 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             loop.run_until_complete(bot.close())
             assert bot.store.closed
         # what the blocks did is in the store (they ran against it, not against a stub)
-        member = loop.run_until_complete(store.get_member_data(namespace["user_id"], namespace["guild_id"]))
-        assert member != {}
+        # (the API tour's transfer: alice got 10 points, then gave 5 to bob)
+        assert loop.run_until_complete(store.get("economy", "alice")) == {"points": 5}
         loop.run_until_complete(store.close())
     finally:
         loop.close()
