@@ -15,6 +15,7 @@ from .errors import (
     ConnectionError,
     CorruptDataError,
     DatabaseError,
+    EventLoopError,
     ExternalChangeError,
     FeedUnavailableError,
     LockTimeoutError,
@@ -29,6 +30,7 @@ from .feed import Change, Watch
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
 from .stores import JsonStore, PostgresStore
+from .types import Member, MemberStatistics, MessageAnalysis, MessageRecord
 from .version import __version__
 
 __all__ = [
@@ -42,10 +44,15 @@ __all__ = [
     "CorruptDataError",
     "DatabaseCache",
     "DatabaseError",
+    "EventLoopError",
     "ExternalChangeError",
     "FeedUnavailableError",
     "JsonStore",
     "LockTimeoutError",
+    "Member",
+    "MemberStatistics",
+    "MessageAnalysis",
+    "MessageRecord",
     "RestoreReport",
     "MigrationError",
     "PostgresStore",

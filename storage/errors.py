@@ -23,6 +23,8 @@ __all__ = [
     "ReadOnlyError",
     "StorageIOError",
     "ExternalChangeError",
+    "EventLoopError",
+    "FeedUnavailableError",
 ]
 
 
@@ -111,4 +113,13 @@ class FeedUnavailableError(DatabaseError):
     or a read-only store. The coherent cache is off there too."""
 
 
-__all__ += ["FeedUnavailableError"]
+
+class EventLoopError(DatabaseError):
+    """The store was used from an event loop other than the one that opened it.
+
+    A store's connections, locks and futures belong to the loop that opened it: a PostgreSQL pool opened under
+    ``asyncio.run(...)`` cannot serve calls made later under ``bot.run()`` (asyncpg would fail with a bare
+    ``RuntimeError``), so every backend refuses such a call up front with this error. Open the store in the loop
+    that uses it: in a discord.py bot, in ``setup_hook`` (and close it in ``close()``); in a script, inside the
+    ``async def main()`` given to ``asyncio.run``.
+    """

@@ -778,6 +778,12 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
         """
         if self._closed:
             return
+        if self._closing_elsewhere():  # the opening loop has ended: no write can be queued; the journal holds all
+            self._closed = True
+            self._journal.close()
+            self._flock.close()
+            self._messages.close()
+            return
         self._closed = True
         await cancellation.run_to_completion(self._close())
 

@@ -300,8 +300,15 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         return translate(exc, "opening the store", self.config.dsn)
 
     async def close(self) -> None:
-        """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent."""
+        """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent.
+
+        From another loop once the opening one has ended (``asyncio.run(open_store())``, then ``close()`` later):
+        the pool's connections belong to that dead loop and cannot be closed politely; the store is marked closed
+        and they go when the process does (the server rolls back nothing: no transaction can be open on them)."""
         if self._closed:
+            return
+        if self._closing_elsewhere():
+            self._closed = True
             return
         if self._pgfeed is not None and self._pgfeed.feed.active:
             await self._pgfeed.sync(self._send_marker, 1.0)  # watchers get this process's last changes first
