@@ -137,6 +137,7 @@ class ColumnCache:
                 except BaseException:
                     del self._files[key]  # half extended: not to be trusted
                     raise
+                cached.columns.freeze()  # kept for the process's life: as tuples the GC stops visiting
             return cached
         finally:
             os.close(fd)
