@@ -24,7 +24,8 @@ from .config import StoreConfig
 from .documents import OpsBase
 from .errors import LockTimeoutError
 from .member_calls import MembersMixin
-from .protocol import Transaction
+from .ownership import Owner
+from .protocol import Document, Transaction
 from .query.ops import IndexOps
 
 __all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
@@ -188,8 +189,9 @@ class Backend(OpsBase, IndexOps):
         """
 
     @abc.abstractmethod
-    async def _delete_messages_before(self, before: datetime) -> int:
-        """Delete every record with a timestamp strictly before ``before``; returns how many."""
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
+        """Delete every record (of ``guild`` only, when given) with a timestamp strictly before ``before``;
+        returns how many."""
 
     @abc.abstractmethod
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
@@ -237,6 +239,25 @@ class Backend(OpsBase, IndexOps):
         """Every record, in a faster way than :meth:`_scan_messages` if the backend has one (the JSON store reads
         its files as bytes in a worker thread); returns False, having emitted nothing, when it has none."""
         return False
+
+    # -- the data lifecycle (for :mod:`storage.lifecycle`; whose data is what: :mod:`storage.ownership`) ----------
+    @abc.abstractmethod
+    async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
+        """Every document ``owner`` owns, per collection: collections sorted, keys sorted, empty ones left out."""
+
+    @abc.abstractmethod
+    def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
+        """Every record ``owner`` owns (current versions), by (timestamp, message_id)."""
+
+    @abc.abstractmethod
+    async def _count_owned_messages(self, owner: Owner) -> int:
+        """How many records ``owner`` owns."""
+
+    @abc.abstractmethod
+    async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
+        """Delete every document and record ``owner`` owns, all or nothing (also across a crash: what a crash
+        interrupts is finished or undone by the next open or write). Returns the documents removed per collection
+        (only collections that lost some) and the records removed."""
 
     def message_swap(self) -> MessageSwap | None:
         """A :class:`MessageSwap` when this backend's messages live outside its document transactions (JSON);

@@ -132,13 +132,15 @@ class AnalyticsMixin(Backend):
         checked = canonical_numbers(checked)  # numbers as every backend gives them back (see codec.py)
         return await self._modify_message(mid, lambda current: merged_record(current, checked))
 
-    async def prune_messages(self, before: str | datetime) -> int:
-        """Delete messages older than ``before`` (timestamp < before); returns how many were deleted."""
+    async def prune_messages(self, before: str | datetime, *, guild_id: int | str | None = None) -> int:
+        """Delete messages older than ``before`` (timestamp < before), of one guild when ``guild_id`` is given;
+        returns how many were deleted."""
         self._guard_write()
         bound = time_bound(before, "before")
         if bound is None:
             raise ValidationError("before is required: prune_messages(before)", field="before")
-        return await self._delete_messages_before(bound)
+        guild = None if guild_id is None else snowflake(guild_id, "guild_id")
+        return await self._delete_messages_before(bound, guild)
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,

@@ -62,11 +62,13 @@ from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ...query.plan import Query
 from ..base import BackendBase, TransactionBase
+from . import forget_files as json_forget
 from . import restore as json_restore
 from .expiry import dead_keys, live_mapping, visible
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
+from .lifecycle import JsonLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
@@ -100,7 +102,7 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
-class JsonBackend(JsonMessageQueries, BackendBase):
+class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -113,6 +115,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self.read_only = config.read_only
         self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
         self._intent = json_restore.intent_path(self.path)
+        self._forget_intent = json_forget.intent_path(self.path)  # a forget's (forget_files.py)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
@@ -197,6 +200,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 self._remove_temp_files()
                 self._tables.load()
                 json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
+                json_forget.recover(self.path, self._tables.data, at_open=True)  # ... and a crashed forget
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
                 self._tables.publish()
         except BaseException:
@@ -258,6 +262,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
                     # in a thread: resolving digests every document (about a second of CPU at 100k members)
                     await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data)
+                if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
+                    await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data)
             except BaseException as exc:
                 self._holding = False
                 self._flock.release()
@@ -706,9 +712,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._check_usable()
         return await self._messages.modify(message_id, fn)
 
-    async def _delete_messages_before(self, before: datetime) -> int:
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
         self._check_usable()
-        return await self._messages.delete_before(before)
+        return await self._messages.delete_before(before, guild)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
                        until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:

@@ -88,9 +88,11 @@ from . import conn as pg_conn
 from . import documents as sql
 from . import indexes as pg_indexes
 from . import query as pg_query
+from .analyze import BULK_ROWS, LoadStatistics
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .ingest import RowEncoder, replay
 from .lane import Lane
+from .lifecycle import PgLifecycle
 from .messages import COLUMNS, PgMessagesMixin
 from .migration_lock import AdvisoryMigrationLock
 from .schema import ensure_schema
@@ -131,7 +133,7 @@ async def _init_connection(conn: Any) -> None:
                               format="binary")
 
 
-class PostgresBackend(PgMessagesMixin, BackendBase):
+class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
     """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await storage.PostgresStore.open(config)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -148,6 +150,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
         # release (see postgres/lane.py). Closed until the pool exists.
         self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
+        self._load_stats = LoadStatistics()  # ANALYZE after bulk loads (postgres/analyze.py)
         self._sweeper: asyncio.Task[None] | None = None  # the timer that purges expired documents
         #: collection -> (when read, its indexed paths): chooses the SQL shape of an ordered find (see query.py)
         self._indexed: dict[str, tuple[float, frozenset[str]]] = {}
@@ -337,6 +340,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         try:
             async with self._connection("put") as conn:
                 await sql.put(conn, collection, items, expires)
+                await self._load_stats.after_load(conn, "storage_documents", len(items))
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
@@ -476,6 +480,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 finally:
                     for collection, keys in tx._written.items():
                         self._invalidate(collection, keys)
+                for table, rows in tx._loaded.items():  # committed: planner statistics for what it loaded
+                    await self._load_stats.after_load(conn, table, rows)
         finally:
             self._leave_transaction(token)
 
@@ -592,6 +598,7 @@ class PgTransaction(TransactionBase):
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
+        self._loaded: dict[str, int] = {}  # bulk rows per table, ANALYZEd after the commit (postgres/analyze.py)
         self._abandoned = False  # a statement was cancelled or timed out: the connection was terminated
         self._used = False  # a statement ran: too late to change the isolation level
         #: After :meth:`pin_snapshot`: the exported snapshot, which another connection can read in too (a backup
@@ -676,7 +683,12 @@ class PgTransaction(TransactionBase):
                 status: str = await conn.copy_to_table("storage_messages", source=replay([b"".join(
                     [row for _, row in rows])]), columns=COLUMNS, format="binary")
                 inserted += int(status.rsplit(" ", 1)[1])
+        self._note_load("storage_messages", inserted)
         return inserted
+
+    def _note_load(self, table: str, rows: int) -> None:
+        if rows >= BULK_ROWS:
+            self._loaded[table] = self._loaded.get(table, 0) + rows
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them."""
@@ -708,6 +720,7 @@ class PgTransaction(TransactionBase):
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
             await sql.put(conn, collection, items, expires)
+        self._note_load("storage_documents", len(items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._wrote(collection, (key,))
