@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .codec import check_collection
 from .config import StoreConfig
@@ -31,7 +31,7 @@ from .protocol import Document, Transaction
 from .query.ops import IndexOps
 
 __all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
-           "TopColumn"]
+           "TopColumn", "MessageSummary"]
 
 #: A message record as the written-once layer normalized it (the seed's fields plus ``guild_id``).
 Record = dict[str, Any]
@@ -42,6 +42,16 @@ ExportSink = Callable[[str, bytes, bytes], None]
 Grouping = Literal["channel", "author", "day", "sentiment"]
 #: What :meth:`Backend._top_messages` ranks: author ids, channel ids, ``analysis.topics`` (once per record).
 TopColumn = Literal["author", "channel", "topic"]
+
+
+class MessageSummary(NamedTuple):
+    """What :meth:`Backend._message_summary` reports: how many records, in how many guilds, and the canonical
+    timestamp texts of the oldest and newest (by time, not by text; None without records)."""
+
+    records: int
+    guilds: int
+    oldest: str | None
+    newest: str | None
 
 
 class MigrationLock(abc.ABC):
@@ -192,6 +202,11 @@ class Backend(OpsBase, IndexOps):
         exported ``snapshot`` of a transaction (see :meth:`BackendTransaction.pin_snapshot`) when one is given."""
 
     # -- message queries (for :mod:`storage.messages.queries`: a guild id as canonical text, aware UTC bounds) ------
+    @abc.abstractmethod
+    async def _message_summary(self) -> MessageSummary:
+        """Every record's count, distinct guilds, oldest and newest time (``status``): from what the backend keeps
+        (SQL aggregates, the JSON column cache in a worker thread), never a scan of every record on the loop."""
+
     @abc.abstractmethod
     async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
         """How many messages the guild has in ``[since, until)``."""

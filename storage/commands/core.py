@@ -206,18 +206,15 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 
 async def _message_summary(store: Any) -> str | None:
-    """``N messages in G guild(s), oldest ..., newest ...`` (one pass over the records), None without messages."""
-    ops = MessageOps(store)
-    count, guilds, oldest, newest = 0, set(), None, None
-    async for record in ops.scan():
-        count += 1
-        guilds.add(record["guild_id"])
-        ts = str(record["timestamp"])
-        oldest = ts if oldest is None or ts < oldest else oldest
-        newest = ts if newest is None or ts > newest else newest
+    """``N messages in G guild(s), oldest ..., newest ...``, None without messages.
+
+    From the backend's own summary (SQL aggregates; the JSON column cache, built in a worker thread): scanning
+    every record here took ~2.3 s of event-loop time at 1M messages (issue 15). Oldest and newest are by time.
+    """
+    count, guilds, oldest, newest = await store._message_summary()
     if not count:
         return "0"
-    return f"{count} in {len(guilds)} guild(s), oldest {oldest}, newest {newest}"
+    return f"{count} in {guilds} guild(s), oldest {oldest}, newest {newest}"
 
 
 async def _migration_version(store: Any) -> str:

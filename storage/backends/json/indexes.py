@@ -26,7 +26,6 @@ query gives the same answer without them).
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ import orjson
 from ...fsutil import atomic_write
 from ...query.evaluate import MISSING, NUMBER, OTHER, STRING, getter, sort_rank, token
 from .journal import Op
+from .sorted_chunks import SortedChunks
 
 __all__ = ["INDEX_FILE", "PathIndex", "CollectionIndexes", "JsonIndexes", "BATCH_MERGE", "build_indexes"]
 
@@ -73,18 +73,22 @@ def _entry(value: Any) -> Entry | None:
 class PathIndex:
     """The index of one path of one collection (see the module doc)."""
 
-    __slots__ = ("entries", "eq", "get", "nums", "path", "strs")
+    __slots__ = ("_unsorted", "entries", "eq", "get", "nums", "path", "strs")
 
     def __init__(self, path: tuple[str, ...]) -> None:
         self.path = path
         self.get = getter(path)
         self.entries: dict[str, Entry] = {}
-        self.nums: list[tuple[Any, str]] = []
-        self.strs: list[tuple[str, str]] = []
-        #: token -> the one key that has it, or a set of two or more keys
-        self.eq: dict[Any, str | set[str]] = {}
+        #: (value, key) pairs, sorted, in chunks of tuples (sorted_chunks.py: what the garbage collector skips)
+        self.nums = SortedChunks()
+        self.strs = SortedChunks()
+        self._unsorted: tuple[list[tuple[Any, str]], list[tuple[str, str]]] = ([], [])  # while building
+        #: token -> the one key that has it, or a dict of two or more keys (an insertion-ordered set): a dict of
+        #: str -> None is never tracked by the garbage collector, a set always is and every full collection
+        #: visits each of its members (100k members under a ``roles`` index: ~100k visits, several ms a pass)
+        self.eq: dict[Any, str | dict[str, None]] = {}
 
-    def _sorted(self, rank: int) -> list[Any]:
+    def _sorted(self, rank: int) -> SortedChunks:
         return self.nums if rank == NUMBER else self.strs
 
     def _unlink(self, key: str) -> Entry | None:
@@ -99,7 +103,7 @@ class PathIndex:
                     if keys == key:
                         del eq[tok]
                     continue
-                keys.discard(key)
+                keys.pop(key, None)
                 if len(keys) == 1:
                     eq[tok] = next(iter(keys))  # back to a plain str (see Entry)
         return entry
@@ -113,9 +117,9 @@ class PathIndex:
                 eq[tok] = key  # most values are unique (ids, counters): no set for them
             elif isinstance(keys, str):
                 if keys != key:
-                    eq[tok] = {keys, key}
+                    eq[tok] = {keys: None, key: None}
             else:
-                keys.add(key)
+                keys[key] = None
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply ``{key: decoded doc or None (deleted)}``."""
@@ -132,25 +136,24 @@ class PathIndex:
                     added.append((new[0], new[1], key))
         if len(removed) + len(added) <= BATCH_MERGE:
             for rank, value, key in removed:
-                lst = self._sorted(rank)
-                i = bisect.bisect_left(lst, (value, key))
-                if i < len(lst) and lst[i][1] == key:
-                    del lst[i]
+                self._sorted(rank).discard((value, key))
             for rank, value, key in added:
-                bisect.insort(self._sorted(rank), (value, key))
+                self._sorted(rank).add((value, key))
             return
         for rank in (NUMBER, STRING):
             gone = {key for r, _v, key in removed if r == rank}
-            lst = self._sorted(rank)
-            if gone:
-                lst[:] = [pair for pair in lst if pair[1] not in gone]
             fresh = [(value, key) for r, value, key in added if r == rank]
-            if fresh:
-                lst.extend(fresh)
-                lst.sort()  # two sorted runs once ``fresh`` is sorted: timsort merges them in linear time
+            if not gone and not fresh:
+                continue
+            lst = self._sorted(rank)
+            pairs = [pair for pair in lst if pair[1] not in gone] if gone else list(lst)
+            pairs.extend(fresh)
+            pairs.sort()  # two sorted runs once ``fresh`` is sorted: timsort merges them in linear time
+            lst.rebuild(pairs)
 
     def clear(self) -> None:
-        self.entries, self.nums, self.strs, self.eq = {}, [], [], {}
+        self.entries, self.nums, self.strs, self.eq = {}, SortedChunks(), SortedChunks(), {}
+        self._unsorted = ([], [])
 
     def add_unsorted(self, key: str, doc: Any) -> None:
         """While building: add a document (:meth:`finish` sorts once at the end)."""
@@ -158,16 +161,20 @@ class PathIndex:
         if entry is not None:
             self._link(key, entry)
             if entry[0] == NUMBER:
-                self.nums.append((entry[1], key))
+                self._unsorted[0].append((entry[1], key))
             elif entry[0] == STRING:
-                self.strs.append((entry[1], key))
+                self._unsorted[1].append((entry[1], key))
 
     def finish(self) -> None:
-        self.nums.sort()
-        self.strs.sort()
+        nums, strs = self._unsorted
+        nums.sort()
+        strs.sort()
+        self.nums.rebuild(nums)
+        self.strs.rebuild(strs)
+        self._unsorted = ([], [])
 
     # -- reading -----------------------------------------------------------------------------------------------------
-    def equal(self, value: Any) -> set[str] | tuple[str, ...]:
+    def equal(self, value: Any) -> dict[str, None] | tuple[str, ...]:
         """Keys whose field equals the scalar ``value`` or is a list holding it (the ``$eq`` rule, exactly)."""
         keys = self.eq.get(token(value))
         if keys is None:
@@ -182,12 +189,10 @@ class PathIndex:
         lst = self.strs if type(bound[0]) is str else self.nums
         start, end = 0, len(lst)
         if low is not None:
-            find = bisect.bisect_left if low[1] else bisect.bisect_right
-            start = find(lst, low[0], key=_value)
+            start = lst.position(low[0], right=not low[1], key=_value)
         if high is not None:
-            find = bisect.bisect_right if high[1] else bisect.bisect_left
-            end = find(lst, high[0], key=_value)
-        return [key for _value_, key in lst[start:end]] if start < end else []
+            end = lst.position(high[0], right=high[1], key=_value)
+        return [key for _value_, key in lst.slice(start, end)] if start < end else []
 
     def ordered(self, descending: bool) -> Iterator[str]:
         """Keys of the number then string group in query order (ties by key ascending); the rest is not here."""
@@ -196,15 +201,15 @@ class PathIndex:
                 for pair in lst:
                     yield pair[1]
                 continue
-            i = len(lst) - 1
-            while i >= 0:  # backwards by value, but each run of equal values by key ascending
-                j = i
-                value = lst[i][0]
-                while j > 0 and lst[j - 1][0] == value:
-                    j -= 1
-                for k in range(j, i + 1):
-                    yield lst[k][1]
-                i = j - 1
+            run: list[str] = []  # backwards by value, but each run of equal values by key ascending
+            value: Any = None
+            for pair in reversed(lst):
+                if run and pair[0] != value:
+                    yield from reversed(run)
+                    run = []
+                value = pair[0]
+                run.append(pair[1])
+            yield from reversed(run)
 
     def typed_count(self) -> int:
         return len(self.nums) + len(self.strs)
@@ -222,7 +227,7 @@ class CollectionIndexes:
 
     def __init__(self, paths: dict[str, PathIndex], keys: list[str]) -> None:
         self.paths = paths
-        self.keys = keys
+        self.keys = SortedChunks(keys)  # sorted, in chunks of tuples (sorted_chunks.py)
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply ``{key: decoded doc or None (deleted)}``."""
@@ -231,28 +236,27 @@ class CollectionIndexes:
         keys = self.keys
         if len(changes) <= BATCH_MERGE:
             for key, doc in changes.items():
-                i = bisect.bisect_left(keys, key)
-                present = i < len(keys) and keys[i] == key
-                if doc is None and present:
-                    del keys[i]
-                elif doc is not None and not present:
-                    keys.insert(i, key)
+                if doc is None:
+                    keys.discard(key)
+                elif key not in keys:
+                    keys.add(key)
             return
         gone = {key for key, doc in changes.items() if doc is None}
-        known = set(keys)
-        kept = [key for key in keys if key not in gone] if gone else keys
+        every = list(keys)
+        known = set(every)
+        kept = [key for key in every if key not in gone] if gone else every
         kept.extend(key for key, doc in changes.items() if doc is not None and key not in known)
         kept.sort()
-        self.keys = kept
+        keys.rebuild(kept)
 
     def prefixed(self, prefix: str) -> list[str]:
         """The keys that start with ``prefix``, in order."""
         keys = self.keys
-        i = bisect.bisect_left(keys, prefix)
         out = []
-        while i < len(keys) and keys[i].startswith(prefix):
-            out.append(keys[i])
-            i += 1
+        for key in keys.iter_from(keys.position(prefix)):
+            if not key.startswith(prefix):
+                break
+            out.append(key)
         return out
 
 

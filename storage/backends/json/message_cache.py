@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...messages.columns import ColumnsBuilder, MessageColumns
+from ...interfaces import MessageSummary
+from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
 from .message_files import (
     FileKey,
     Record,
@@ -94,6 +95,29 @@ class ColumnCache:
                     blocks.append(cached.columns.snapshot() if whole else cached.columns.snapshot(lo, hi))
         return blocks
 
+    async def summary(self) -> MessageSummary:
+        """Count, guilds, oldest and newest of every file (their cache entries brought up to date, in a thread)."""
+        return await run_holding(self._lock, self._summary_sync)
+
+    def _summary_sync(self) -> MessageSummary:
+        generation = read_generation(self.root)
+        if generation != self._generation:
+            self._files, self._generation = {}, generation
+        count, guilds, oldest, newest = 0, set(), None, None
+        for month, in_month in list_months(self.root, None, None, None):
+            for guild in in_month:
+                cached = self._cached((guild, month))
+                if cached is None or not len(cached.columns):
+                    continue
+                times = cached.columns.micros
+                count += len(times)
+                guilds.add(guild)
+                low, high = min(times), max(times)
+                oldest = low if oldest is None or low < oldest else oldest
+                newest = high if newest is None or high > newest else newest
+        return MessageSummary(count, len(guilds), None if oldest is None else micros_text(oldest),
+                              None if newest is None else micros_text(newest))
+
     def _cached(self, key: FileKey) -> _Cached | None:
         """The file's cache entry, brought up to date (None when the file is gone)."""
         path = file_path(self.root, key)
@@ -113,6 +137,7 @@ class ColumnCache:
                 except BaseException:
                     del self._files[key]  # half extended: not to be trusted
                     raise
+                cached.columns.freeze()  # kept for the process's life: as tuples the GC stops visiting
             return cached
         finally:
             os.close(fd)

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
+from ...interfaces import MessageSummary
 from ...messages.columns import MessageColumns, micros
 from ...messages.records import bound_key, timestamp_key
 from .group_commit import Failed, GroupCommit
@@ -564,6 +565,10 @@ class MessageLog:
             merged = parts[0] if len(parts) == 1 else heapq.merge(*parts, key=order)
             for rec in merged:
                 yield rec
+
+    async def summary(self) -> MessageSummary:
+        """Count, guilds, oldest and newest of every record (``status``), from the column cache."""
+        return await self._cache.summary()
 
     async def columns(self, guild_id: str | None, since: datetime | None,
                       until: datetime | None) -> AsyncIterator[MessageColumns]:

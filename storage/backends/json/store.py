@@ -57,7 +57,7 @@ from ...errors import (
 from ...expiry import from_micros, to_micros
 from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
-from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
+from ...interfaces import BackendTransaction, ExportSink, MessageSummary, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
@@ -741,6 +741,10 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
                        until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
         # no snapshots here: a transaction holds the lock every message write takes (see messages_in_snapshot)
         return self._messages.scan(guild_id, since, until)
+
+    async def _message_summary(self) -> MessageSummary:
+        self._check_usable()
+        return await self._messages.summary()
 
     def _scan_message_columns(self, guild_id: str | None, since: datetime | None,
                               until: datetime | None) -> AsyncIterator[MessageColumns]:

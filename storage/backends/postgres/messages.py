@@ -53,7 +53,7 @@ from typing import Any
 import asyncpg
 
 from ...errors import DatabaseError, ValidationError
-from ...interfaces import Grouping, TopColumn
+from ...interfaces import Grouping, MessageSummary, TopColumn
 from ...messages.records import INGEST_CHUNK
 from ...models import iso_utc
 from . import conn as pg_conn
@@ -395,6 +395,14 @@ class PgMessagesMixin:
             text = template if isinstance(template, str) else template(conn)
             rows: list[Any] = await conn.fetch(text.format(*placeholders, where=where), *args, *params)
         return rows
+
+    async def _message_summary(self) -> MessageSummary:
+        async with self._connection("message summary") as conn:
+            row = await conn.fetchrow("SELECT count(*), count(DISTINCT guild_id), min(created_at), max(created_at) "
+                                      "FROM storage_messages")
+        count, guilds, oldest, newest = row
+        return MessageSummary(count, guilds, None if oldest is None else _canonical(oldest),
+                              None if newest is None else _canonical(newest))
 
     async def _count_messages(self, guild: str, since: datetime | None, until: datetime | None) -> int:
         rows = await self._aggregate("message_counts", _COUNT, guild, since, until)
