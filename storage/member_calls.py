@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import ValidationError
+from .member_fast import encode_member_ids
 from .models import MEMBERS, member_key, snowflake
 from .protocol import Document, DocumentOps
 from .rules import encode_for
@@ -77,7 +78,8 @@ class MembersMixin:
                     raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
                 user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
                 key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-                encoded = encode_for(MEMBERS, key, data, "data")  # the members rule, as every write applies it
+                # the members rule, as every write applies it: its fast path for the usual member, else in full
+                encoded = encode_member_ids(guild, user, data) or encode_for(MEMBERS, key, data, "data")
             except ValidationError as exc:
                 log.error("batch_update_members: skipping update #%d: %s", index, exc)
                 continue
