@@ -199,13 +199,17 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
     start = 0
     for _round in range(25):
         proc = spawn("crash-writer", cfg, start)
+        # the kill's random moment counts from the first acknowledged write, not from the spawn: on a loaded
+        # machine the interpreter's start alone can take seconds, and a kill before the open tests nothing
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
         deadline = time.monotonic() + rng.uniform(0.3, 1.2)
         while time.monotonic() < deadline and proc.poll() is None:
             await asyncio.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         os.kill(proc.pid, signal.SIGKILL)
         out, _err = proc.communicate(timeout=30)
-        acks = _acks(out)
+        acks = _acks(first + out)
         acknowledged.update(dict.fromkeys(acks))
         start = max([start, *acks]) + 100
         # the next open must succeed, and every acknowledged write must be there

@@ -108,7 +108,8 @@ async def test_transactions_and_readers_make_progress_on_any_pool_size(pg_config
 async def test_a_wait_for_the_pool_that_cannot_end_fails_with_a_clear_error(pg_config: StoreConfig):
     # The transaction's task waits for another task that needs a connection: with a pool of one, nothing can
     # ever give it one. The wait ends after the command timeout with a ConnectionError that says so.
-    config = dataclasses.replace(pg_config, pool_min=0, pool_max=1, command_timeout=0.5)
+    # (2 s: long enough for a loaded machine's own statements, which 0.5 s was not)
+    config = dataclasses.replace(pg_config, pool_min=0, pool_max=1, command_timeout=2.0)
     async with storage.open_store(config=config) as store:
         await store.put("things", "k", {"v": 1})
         async with store.transaction() as tx:
