@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from .codec import _DUMPS_OPTS, _NEGATIVE_ZERO, _NULL
+from .codec import _DUMPS_OPTS, _NEGATIVE_ZERO
 from .models import iso_utc
 
-__all__ = ["encode_member", "encode_member_ids", "time_text"]
+__all__ = ["encode_member", "encode_member_ids", "encode_members", "encode_members_ids", "time_text"]
 
 #: A members key whose two ids are canonical snowflakes below 2**63 (1-19 ASCII digits, no leading zero): such a
 #: key also passes :func:`storage.codec.check_key` (short, ASCII, no NUL), so neither check needs running.
@@ -68,6 +68,12 @@ def encode_member(key: Any, doc: Any) -> bytes | None:
 
 def encode_member_ids(guild: str, user: str, doc: Any) -> bytes | None:
     """:func:`encode_member` for the key ``f"{guild}_{user}"`` of two ids already canonical."""
+    out = _encode_unchecked(guild, user, doc)
+    return None if out is None or _needs_a_look(out) else out
+
+
+def _encode_unchecked(guild: str, user: str, doc: Any) -> bytes | None:
+    """:func:`encode_member_ids` before the output checks of :func:`_needs_a_look`."""
     if type(doc) is not dict:
         return None
     get = doc.get
@@ -102,11 +108,44 @@ def encode_member_ids(guild: str, user: str, doc: Any) -> bytes | None:
             return None
     try:
         # dumps_kept: the exact-size copy (orjson's own result holds a 4 KiB buffer; see storage.codec)
-        out = memoryview(_dumps(doc, time_text, _DUMPS_OPTS)).tobytes()
+        return memoryview(_dumps(doc, time_text, _DUMPS_OPTS)).tobytes()
     except (orjson.JSONEncodeError, TypeError):
         return None
-    # storage.codec.encode_doc's output checks: where it would walk the document or rewrite a number, go its way
-    if (_NULL.search(out) is not None or (out.find(_BACKSLASH) != -1 and b"\\u0000" in out)
-            or out.find(_PLUS) != -1 or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None)):
-        return None
-    return out
+
+
+def _needs_a_look(out: bytes) -> bool:
+    """Whether :func:`storage.codec.encode_doc` would walk the document or rewrite a number of the output ``out``
+    (of one document or several joined): then the full rule decides."""
+    return (b"null" in out or (out.find(_BACKSLASH) != -1 and b"\\u0000" in out) or out.find(_PLUS) != -1
+            or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None))
+
+
+def encode_members(pairs: list[Any]) -> list[bytes | None]:
+    """:func:`encode_member` of each ``(key, doc)`` pair (anything else: None), with the output checks run once
+    over the batch: per document they cost a quarter of the whole fast path (four searches of 250 bytes, 1.4 ms
+    per 1,000 members), over the joined outputs about 0.25 ms. Only when the batch has a hit is each output
+    searched again. A pattern cannot span two outputs (each is a ``{...}`` object; no pattern has a brace)."""
+    outs: list[bytes | None] = []
+    append = outs.append
+    match = _MEMBER_KEY.match
+    for pair in pairs:
+        if type(pair) is tuple and len(pair) == 2:
+            key, doc = pair
+            if type(key) is str and match(key) is not None:
+                guild, _, user = key.partition("_")
+                append(_encode_unchecked(guild, user, doc))
+                continue
+        append(None)
+    return _looked_at(outs)
+
+
+def encode_members_ids(rows: list[tuple[str, str, Any]]) -> list[bytes | None]:
+    """:func:`encode_members` of ``(guild, user, doc)`` rows whose ids are already canonical."""
+    return _looked_at([_encode_unchecked(guild, user, doc) for guild, user, doc in rows])
+
+
+def _looked_at(outs: list[bytes | None]) -> list[bytes | None]:
+    """``outs`` with None for each output :func:`_needs_a_look` (searched one by one only if the batch needs it)."""
+    if _needs_a_look(b"".join([out for out in outs if out is not None])):
+        return [None if out is None or _needs_a_look(out) else out for out in outs]
+    return outs

@@ -23,16 +23,17 @@ from typing import Any
 
 from .codec import encode_doc, shown
 from .errors import ValidationError
-from .member_fast import encode_member, time_text
+from .member_fast import encode_member, encode_members, time_text
 from .models import MEMBERS, check_member, snowflake
 
 __all__ = ["Rule", "RULES", "FAST_RULES", "encode_for", "member_rule", "time_text"]
 
 #: ``rule(key, doc, what) -> encoded bytes``; raises :class:`ValidationError` naming the field.
 Rule = Callable[[str, Any, str], bytes]
-#: ``fast(key, doc) -> encoded bytes | None``: a rule's fast path for the usual document (key included: it also
-#: passes :func:`storage.codec.check_key`); None means "run the rule", never "invalid" (see storage.member_fast).
-FastRule = Callable[[Any, Any], "bytes | None"]
+#: ``fast(pairs) -> [encoded bytes | None]``: a rule's fast path over a batch of ``(key, doc)`` pairs, for the
+#: usual document (its key included: it also passes :func:`storage.codec.check_key`); None means "run the rule",
+#: never "invalid" (see storage.member_fast).
+FastRule = Callable[[list[Any]], "list[bytes | None]"]
 
 
 def member_rule(key: str, doc: Any, what: str) -> bytes:
@@ -62,7 +63,7 @@ def member_rule_checked(key: str, doc: Any, what: str) -> bytes:
 #: The rules by collection. Collections without one accept any JSON object.
 RULES: Mapping[str, Rule] = MappingProxyType({MEMBERS: member_rule})
 #: The rules' fast paths by collection (a collection may have a rule without one).
-FAST_RULES: Mapping[str, FastRule] = MappingProxyType({MEMBERS: encode_member})
+FAST_RULES: Mapping[str, FastRule] = MappingProxyType({MEMBERS: encode_members})
 
 
 def encode_for(collection: str, key: str, doc: Any, what: str = "document") -> bytes:

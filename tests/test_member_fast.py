@@ -26,7 +26,8 @@ from storage.backends.json.snapshot import OVERHEAD
 from storage.backends.json.tables import Tables
 from storage.codec import check_key, encode_doc, shown
 from storage.documents import normalize_items
-from storage.member_fast import encode_member, encode_member_ids
+from storage.member_fast import encode_member, encode_member_ids, encode_members, encode_members_ids
+from storage.models import snowflake
 from storage.rules import member_rule, member_rule_checked
 
 SEEDS = range(8)
@@ -158,6 +159,37 @@ def test_the_fast_path_accepts_only_what_the_rule_accepts_and_stores_the_same_by
     assert taken > 500 and refused > 300 and declined - refused > 50
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_batch_fast_path_decides_each_member_like_the_rule(seed: int) -> None:
+    """encode_members / encode_members_ids search the joined outputs once: a batch with one output that needs
+    a look (a None, a NaN, a -0.0, a big float) must still decline exactly the outputs that need it."""
+    rnd = random.Random(50 + seed)
+    for _ in range(60):
+        members = [random_member(rnd) for _ in range(rnd.randrange(0, 40))]
+        pairs: list[Any] = [(key, doc) for key, doc, _g, _u in members]
+        if pairs and rnd.random() < 0.2:
+            pairs[rnd.randrange(len(pairs))] = rnd.choice([None, "x", ("1_2",), ["1_2", {}], ("1_2", {}, 3)])
+        for pair, fast in zip(pairs, encode_members(pairs), strict=True):
+            if fast is not None:
+                assert outcome(previous_rule, *pair) == ("ok", fast, None)
+                assert encode_member(*pair) == fast
+            elif type(pair) is tuple and len(pair) == 2:
+                assert encode_member(*pair) is None
+        rows = [(guild, user, doc) for _key, doc, guild, user in members if _canonical_ids(guild, user)]
+        for (guild, user, doc), fast in zip(rows, encode_members_ids(rows), strict=True):
+            assert fast == encode_member_ids(guild, user, doc)
+            if fast is not None:
+                assert outcome(previous_rule, f"{guild}_{user}", doc) == ("ok", fast, None)
+
+
+def _canonical_ids(guild: str, user: str) -> bool:
+    """Whether both ids are canonical snowflakes (what encode_member(s)_ids expects)."""
+    try:
+        return snowflake(guild, "guild_id") == guild and snowflake(user, "user_id") == user
+    except ValidationError:
+        return False
+
+
 def previous_normalize(items: Any, collection: str) -> list[tuple[str, bytes]]:
     """``normalize_items`` of the members collection as it was before the fast path."""
     out = []
@@ -189,33 +221,33 @@ def test_put_many_encoding_equals_the_previous_loop(seed: int) -> None:
             assert got == expected, items
 
 
-async def test_batch_update_members_stores_what_the_full_rule_would(store) -> None:
+async def test_batch_update_members_stores_what_the_full_rule_would(store, caplog) -> None:
     rnd = random.Random(5)
     updates: list[Any] = []
-    expected: dict[str, bytes] = {}
     for _ in range(400):
         _key, doc, guild, user = random_member(rnd)
         updates.append({"user_id": user, "guild_id": guild, "data": doc})
-        try:
-            from storage.models import snowflake
-            canonical = f"{snowflake(guild, 'guild_id')}_{snowflake(user, 'user_id')}"
-            expected[canonical] = member_rule_checked(canonical, doc, "data")
-        except ValidationError:
-            continue
+    updates[7] = {"user_id": "1", "data": {}}  # malformed updates are skipped too, and logged in order
+    updates[300] = ["not", "a", "mapping"]
+    expected = {key: orjson.loads(encoded) for key, encoded in filter(None, map(_previous, updates))}
+    caplog.set_level("ERROR", logger="storage.members")
     written = await store.batch_update_members(updates)
-    assert written == sum(1 for u in updates if _valid(u))
-    stored = {k: d async for k, d in store.items("members")}
-    assert stored == {k: orjson.loads(v) for k, v in expected.items()}
+    assert written == sum(1 for u in updates if _previous(u) is not None)
+    skipped = [int(r.getMessage().split("#")[1].split(":")[0]) for r in caplog.records
+               if "batch_update_members: skipping update" in r.getMessage()]
+    assert skipped == [i for i, u in enumerate(updates) if _previous(u) is None]
+    assert {k: d async for k, d in store.items("members")} == expected
 
 
-def _valid(update: dict[str, Any]) -> bool:
-    from storage.models import snowflake
+def _previous(update: Any) -> tuple[str, bytes] | None:
+    """What the previous batch_update_members wrote for ``update`` (None: skipped)."""
+    if not isinstance(update, dict) or not {"user_id", "guild_id", "data"} <= update.keys():
+        return None
     try:
-        key = f"{snowflake(update['guild_id'], 'guild_id')}_{snowflake(update['user_id'], 'user_id')}"
-        member_rule_checked(key, update["data"], "data")
+        user, guild = snowflake(update["user_id"], "user_id"), snowflake(update["guild_id"], "guild_id")
+        return f"{guild}_{user}", member_rule_checked(f"{guild}_{user}", update["data"], "data")
     except ValidationError:
-        return False
-    return True
+        return None
 
 
 def previous_encode_record(ops: list[Any]) -> bytes:
