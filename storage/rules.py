@@ -11,6 +11,11 @@ library accepted members this rule refuses (a negative ``message_count`` put thr
 restore or copy them would make that backup useless exactly when it is needed. Those paths write with
 :meth:`storage.documents.OpsBase._put_stored` instead; ``storage check`` is where such documents are reported.
 
+A rule may have a fast path (:data:`FAST_RULES`; the members one is :mod:`storage.member_fast`) that batch writes
+(``put_many``, ``batch_update_members``) run first over all their documents: it encodes the usual document and
+declines anything else, which then goes through the rule itself. It never refuses: what is accepted or refused,
+and with which message, is the rule's decision alone.
+
 Rules live in :data:`RULES`, an immutable mapping from collection name to rule (no registration at run time:
 which collection means what is part of the library's contract, like the ``members`` collection itself).
 """

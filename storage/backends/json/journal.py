@@ -63,7 +63,7 @@ def parse_expiry(value: object) -> int:
         raise ValueError(f"expiry {value!r:.40} is not a timestamp") from None
 
 
-#: orjson's already-serialized JSON (orjson 3.9.11 or later): a whole record in one ``dumps``.
+#: orjson's already-serialized JSON (recent orjson versions; None in older ones): a whole record in one ``dumps``.
 _FRAGMENT: Callable[[bytes], object] | None = getattr(orjson, "Fragment", None)
 
 
