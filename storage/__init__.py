@@ -15,7 +15,9 @@ from .errors import (
     ConnectionError,
     CorruptDataError,
     DatabaseError,
+    EventLoopError,
     ExternalChangeError,
+    FeedUnavailableError,
     LockTimeoutError,
     MigrationError,
     ReadOnlyError,
@@ -24,9 +26,11 @@ from .errors import (
     TransactionError,
     ValidationError,
 )
+from .feed import Change, Watch
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
 from .stores import JsonStore, PostgresStore
+from .types import Member, MemberStatistics, MessageAnalysis, MessageRecord
 from .version import __version__
 
 __all__ = [
@@ -34,14 +38,21 @@ __all__ = [
     "BackupError",
     "BackupInfo",
     "BackupReport",
+    "Change",
     "CopyReport",
     "ConnectionError",
     "CorruptDataError",
     "DatabaseCache",
     "DatabaseError",
+    "EventLoopError",
     "ExternalChangeError",
+    "FeedUnavailableError",
     "JsonStore",
     "LockTimeoutError",
+    "Member",
+    "MemberStatistics",
+    "MessageAnalysis",
+    "MessageRecord",
     "RestoreReport",
     "MigrationError",
     "PostgresStore",
@@ -55,6 +66,7 @@ __all__ = [
     "Transaction",
     "TransactionError",
     "ValidationError",
+    "Watch",
     "copy",
     "open_store",
     "safe_database_operation",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from .config import StoreConfig
@@ -14,18 +14,45 @@ from .stores import AnyStore, store_class
 __all__ = ["open_store", "StoreOpener"]
 
 
-class StoreOpener:
-    """What :func:`open_store` returns: ``await`` it for a store, or ``async with`` it to close the store after."""
+class StoreOpener(Coroutine[Any, Any, AnyStore]):
+    """What :func:`open_store` returns: ``await`` it for a store, or ``async with`` it to close the store after.
+
+    It is also a coroutine object (``collections.abc.Coroutine``), because ``asyncio.run`` and
+    ``asyncio.create_task`` accept nothing else: ``asyncio.run(storage.open_store())`` opens and returns a store.
+    That store belongs to the loop ``asyncio.run`` then ends, though, so any later call on it raises
+    :class:`storage.EventLoopError` saying where to open it instead (``close()`` still releases its files). Open
+    the store inside the loop that uses it: ``async def main(): async with storage.open_store() as store: ...``
+    with ``asyncio.run(main())``, or in a discord.py bot's ``setup_hook``.
+    """
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._store: AnyStore | None = None
+        self._coro: Coroutine[Any, Any, AnyStore] | None = None  # made when driven as a coroutine (send/throw)
 
     async def _open(self) -> AnyStore:
         return await store_class(self.config).open(self.config)
 
     def __await__(self) -> Generator[Any, None, AnyStore]:
         return self._open().__await__()
+
+    # -- the coroutine protocol, for a task driving the opener directly (asyncio.run, create_task, gather) --------
+    def _driven(self) -> Coroutine[Any, Any, AnyStore]:
+        if self._coro is None:
+            self._coro = self._open()
+        return self._coro
+
+    def send(self, value: Any) -> Any:
+        return self._driven().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None and tb is None:  # the one-argument form (the three-argument one is deprecated in 3.12)
+            return self._driven().throw(typ)
+        return self._driven().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> AnyStore:
         self._store = await self._open()

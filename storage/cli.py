@@ -34,7 +34,7 @@ _LITERAL = re.compile(r"``?([^`]+)``?")
 JOURNAL_NAME = "storage.journal"
 
 #: Modules under storage.commands, each adding one or more subcommands.
-COMMAND_MODULES = ("core", "check", "migrate", "backup", "stats")
+COMMAND_MODULES = ("core", "check", "migrate", "backup", "stats", "forget")
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:

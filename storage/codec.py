@@ -143,8 +143,14 @@ def check_collection(name: object) -> str:
 
 
 def check_key(key: object) -> str:
-    if not isinstance(key, str):
-        raise ValidationError(f"document key must be a str, got {type(key).__name__}", field="key")
+    """A document key as stored: a non-empty str, or a non-negative int (a Discord snowflake such as
+    ``guild.id``), which is stored as its decimal text, so ``get("settings", 123)`` and ``get("settings", "123")``
+    name the same document on every call and backend (and ``items``/``get_many`` give it back as ``"123"``)."""
+    if type(key) is not str:
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            return str(int(key))  # int() too: an IntEnum's str() would be its name
+        raise ValidationError(f"document key must be a str or a non-negative int (a snowflake id), got "
+                              f"{shown(key) if isinstance(key, int) else type(key).__name__}", field="key")
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ValidationError(f"document key must be 1-{MAX_KEY_LENGTH} characters, got {len(key)}", field="key")
     if "\x00" in key:

@@ -13,8 +13,11 @@ statement cache, for transaction poolers), ``STORAGE_BACKUP_DIR`` (default ``./b
 ``STORAGE_BACKUP_KEEP`` (how many backups retention keeps), ``STORAGE_BACKUP_EXTRA`` (files outside the data
 folder to include in backups), ``STORAGE_CACHE_TTL`` (seconds; PostgreSQL ``get``
 cache, off by default: with it on, another process's write to a key this process read recently is seen only
-after the entry expires), ``STORAGE_COMMAND_TIMEOUT`` (seconds, default 60: the longest any one wait on the
-PostgreSQL server may take, a statement or a connection from the pool, before the call fails with
+after the entry expires), ``STORAGE_CACHE`` (``coherent``, the default on PostgreSQL where LISTEN works: a ``get``
+cache every process's commits invalidate; ``ttl``: the ``STORAGE_CACHE_TTL`` one, picked when only that is set;
+``off``), ``STORAGE_CACHE_SIZE`` (entries, default 100000), ``STORAGE_LISTEN_DSN`` (a direct connection for
+LISTEN when the main DSN goes through PgBouncer), ``STORAGE_COMMAND_TIMEOUT`` (seconds, default 60: the longest
+any one wait on the PostgreSQL server may take, a statement or a connection from the pool, before the call fails with
 :class:`storage.ConnectionError` and a frozen connection is abandoned).
 
 :meth:`StoreConfig.for_location` takes every one of these settings from the environment but the location, which the
@@ -144,6 +147,21 @@ class StoreConfig:
     #: Open for reading only: no write lock is taken, nothing on disk or in the database is changed, and every
     #: write raises :class:`storage.errors.ReadOnlyError` (``check``, ``backup create`` and ``copy --from`` use it).
     read_only: bool = False
+    #: PostgreSQL read cache (STORAGE_CACHE): "coherent" (invalidated by every process's commits, see
+    #: storage/backends/postgres/coherent_cache.py), "ttl" (``cache_ttl``, this process's writes only) or "off";
+    #: None picks "ttl" when ``cache_ttl`` > 0, else "coherent".
+    cache: Literal["off", "coherent", "ttl"] | None = None
+    #: Most entries the read cache holds (least recently used go first): STORAGE_CACHE_SIZE.
+    cache_size: int = 100_000
+    #: A direct PostgreSQL connection for LISTEN when ``dsn`` goes through PgBouncer (STORAGE_LISTEN_DSN).
+    listen_dsn: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def cache_mode(self) -> Literal["off", "coherent", "ttl"]:
+        """The read cache asked for (see :attr:`cache`); the coherent one still needs a working change feed."""
+        if self.cache is not None:
+            return self.cache
+        return "ttl" if self.cache_ttl > 0 else "coherent"
     #: What expiring documents (``put(..., ttl=)``) are measured against: a function returning an aware datetime;
     #: None means the system's UTC time. Tests inject a controllable clock here (both backends use it; PostgreSQL
     #: gets its value as a parameter). See :mod:`storage.expiry`.
@@ -169,6 +187,13 @@ class StoreConfig:
                 f"pool sizes must satisfy 0 <= min <= max, max >= 1 (got {self.pool_min}, {self.pool_max})",
                 field="pool_max",
             )
+        if self.cache not in (None, "off", "coherent", "ttl"):
+            raise ValidationError(f"cache must be 'off', 'coherent' or 'ttl', got {self.cache!r}", field="cache")
+        if self.cache_size < 1:
+            raise ValidationError(f"cache_size must be >= 1, got {self.cache_size!r}", field="cache_size")
+        if self.listen_dsn and not _URL_START.match(self.listen_dsn):
+            raise ValidationError(f"STORAGE_LISTEN_DSN must start with postgresql:// or postgres://, got "
+                                  f"{redact_dsn(self.listen_dsn)}", field="listen_dsn")
         if not 0 < self.command_timeout < float("inf"):
             raise ValidationError(f"command_timeout must be a number of seconds > 0, got {self.command_timeout!r}",
                                   field="command_timeout")
@@ -258,6 +283,15 @@ class StoreConfig:
         return cls(backend="json", path=location, source=source, **_settings(env))  # type: ignore[arg-type]
 
 
+def _cache_mode(env: Mapping[str, str]) -> str | None:
+    raw = env.get("STORAGE_CACHE", "").strip().lower()
+    if not raw:
+        return None
+    if raw not in ("off", "coherent", "ttl"):
+        raise ValidationError(f"STORAGE_CACHE must be off, coherent or ttl, got {raw!r}", field="STORAGE_CACHE")
+    return raw
+
+
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -269,5 +303,8 @@ def _settings(env: Mapping[str, str]) -> dict[str, object]:
         "pgbouncer": _bool(env, "STORAGE_PGBOUNCER"),
         "cache_ttl": _seconds(env, "STORAGE_CACHE_TTL", 0.0, zero=True),
         "command_timeout": _seconds(env, "STORAGE_COMMAND_TIMEOUT", 60.0, zero=False),
+        "cache": _cache_mode(env),
+        "cache_size": _int(env, "STORAGE_CACHE_SIZE", 100_000, 1),
+        "listen_dsn": env.get("STORAGE_LISTEN_DSN", "").strip() or None,
         **backup_settings(env),
     }

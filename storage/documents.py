@@ -15,18 +15,20 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sized
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
 from .expiry import expiry_of, utc_now
-from .protocol import Document, Items, UpdateFn
+from .protocol import Document, Items, Key, UpdateFn
 from .query.ops import QueryOps
 from .rules import FAST_RULES, RULES, encode_for
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
+
+_T = TypeVar("_T")
 
 
 #: ``put_many`` of more items than this encodes them in slices of ENCODE_TURN with an event-loop turn between
@@ -65,7 +67,8 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
         except (TypeError, ValueError):
             raise ValidationError(f"item #{index} must be a (key, doc) pair", field=f"items[{index}]") from None
         try:
-            out.append((check_key(key), encode(key, doc)))
+            checked = check_key(key)  # an int key (a snowflake) becomes its text before the rule sees it
+            out.append((checked, encode(checked, doc)))
         except ValidationError as exc:
             raise ValidationError(f"item #{index} ({shown(key)}): {exc}", field=exc.field) from exc
     return out
@@ -147,12 +150,21 @@ class OpsBase(QueryOps, abc.ABC):
     async def _count(self, collection: str) -> int: ...
 
     # -- the public API ------------------------------------------------------------------------------------------
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: Document) -> Document: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._guard_read()
         doc = await self._get(check_collection(collection), check_key(key))
         return default if doc is None else doc
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         self._guard_read()
         if isinstance(keys, (str, bytes)):
             raise ValidationError("keys must be an iterable of keys, not a single string", field="keys")
@@ -161,7 +173,7 @@ class OpsBase(QueryOps, abc.ABC):
             return {}
         return await self._get_many(check_collection(collection), checked)
 
-    async def put(self, collection: str, key: str, doc: Document, *, ttl: float | None = None,
+    async def put(self, collection: str, key: Key, doc: Document, *, ttl: float | None = None,
                   expires_at: datetime | None = None) -> None:
         self._guard_write()
         expires = self._expiry(ttl, expires_at)
@@ -181,11 +193,11 @@ class OpsBase(QueryOps, abc.ABC):
             await self._put_encoded(collection, pairs, expires)
         return len(pairs)
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         self._guard_write()
         return await self._delete(check_collection(collection), check_key(key))
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None, *,
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None, *,
                      ttl: float | None = None, expires_at: datetime | None = None) -> Document:
         self._guard_write()
         if not callable(fn):
@@ -206,8 +218,9 @@ class OpsBase(QueryOps, abc.ABC):
 
     async def items(self, collection: str, prefix: str | None = None) -> AsyncIterator[tuple[str, Document]]:
         self._guard_read()
-        if prefix is not None and not isinstance(prefix, str):
-            raise ValidationError("prefix must be a str", field="prefix")
+        if prefix is not None and not isinstance(prefix, str):  # an int would also match longer ids: 12 -> "123_"
+            raise ValidationError(f"prefix must be a str (for a guild's documents: f\"{{guild_id}}_\"), got "
+                                  f"{type(prefix).__name__}", field="prefix")
         async for pair in self._items(check_collection(collection), prefix or None):
             yield pair
 

@@ -23,6 +23,8 @@ __all__ = [
     "ReadOnlyError",
     "StorageIOError",
     "ExternalChangeError",
+    "EventLoopError",
+    "FeedUnavailableError",
 ]
 
 
@@ -102,4 +104,22 @@ class ExternalChangeError(CorruptDataError):
     had it open, or over a journal that still holds newer changes). The store refuses to overwrite it.
 
     Stop the bot before editing the files by hand; a closed store picks the edit up when it is next opened.
+    """
+
+
+class FeedUnavailableError(DatabaseError):
+    """``store.watch()`` cannot follow other processes' changes here: PostgreSQL behind a transaction pooler
+    (``STORAGE_PGBOUNCER=1``, where LISTEN does not work) without ``STORAGE_LISTEN_DSN`` naming a direct connection,
+    or a read-only store. The coherent cache is off there too."""
+
+
+
+class EventLoopError(DatabaseError):
+    """The store was used from an event loop other than the one that opened it.
+
+    A store's connections, locks and futures belong to the loop that opened it: a PostgreSQL pool opened under
+    ``asyncio.run(...)`` cannot serve calls made later under ``bot.run()`` (asyncpg would fail with a bare
+    ``RuntimeError``), so every backend refuses such a call up front with this error. Open the store in the loop
+    that uses it: in a discord.py bot, in ``setup_hook`` (and close it in ``close()``); in a script, inside the
+    ``async def main()`` given to ``asyncio.run``.
     """

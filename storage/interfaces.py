@@ -20,11 +20,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from .codec import check_collection
 from .config import StoreConfig
 from .documents import OpsBase
-from .errors import LockTimeoutError
+from .errors import LockTimeoutError, ValidationError
+from .feed import ChangeFeed, Watch
 from .member_calls import MembersMixin
-from .protocol import Transaction
+from .ownership import Owner
+from .protocol import Document, Transaction
 from .query.ops import IndexOps
 
 __all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
@@ -178,8 +181,9 @@ class Backend(OpsBase, IndexOps):
         """
 
     @abc.abstractmethod
-    async def _delete_messages_before(self, before: datetime) -> int:
-        """Delete every record with a timestamp strictly before ``before``; returns how many."""
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
+        """Delete every record (of ``guild`` only, when given) with a timestamp strictly before ``before``;
+        returns how many."""
 
     @abc.abstractmethod
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
@@ -223,7 +227,43 @@ class Backend(OpsBase, IndexOps):
         its files as bytes in a worker thread); returns False, having emitted nothing, when it has none."""
         return False
 
+    # -- the data lifecycle (for :mod:`storage.lifecycle`; whose data is what: :mod:`storage.ownership`) ----------
+    @abc.abstractmethod
+    async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
+        """Every document ``owner`` owns, per collection: collections sorted, keys sorted, empty ones left out."""
+
+    @abc.abstractmethod
+    def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
+        """Every record ``owner`` owns (current versions), by (timestamp, message_id)."""
+
+    @abc.abstractmethod
+    async def _count_owned_messages(self, owner: Owner) -> int:
+        """How many records ``owner`` owns."""
+
+    @abc.abstractmethod
+    async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
+        """Delete every document and record ``owner`` owns, all or nothing (also across a crash: what a crash
+        interrupts is finished or undone by the next open or write). Returns the documents removed per collection
+        (only collections that lost some) and the records removed."""
+
     def message_swap(self) -> MessageSwap | None:
         """A :class:`MessageSwap` when this backend's messages live outside its document transactions (JSON);
         None when a transaction replaces them itself (:attr:`BackendTransaction.replaces_messages`)."""
         return None
+
+    # -- the change feed (storage.feed) ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _change_feed(self) -> ChangeFeed:
+        """The feed every committed change of the store (this process's and every other's) is published to, in
+        commit order per key; raises :class:`storage.errors.FeedUnavailableError` where the backend cannot follow
+        other processes' changes (PostgreSQL behind PgBouncer without ``STORAGE_LISTEN_DSN``)."""
+
+    def watch(self, collection: str | None = None, *, prefix: str | None = None) -> Watch:
+        """Committed changes from now on, of every process, as an async iterator (see :class:`storage.feed.Watch`);
+        only ``collection``'s (every collection's when None), only keys starting with ``prefix``."""
+        self._guard_read()
+        if collection is not None:
+            check_collection(collection)
+        if prefix is not None and not isinstance(prefix, str):
+            raise ValidationError("prefix must be a str", field="prefix")
+        return self._change_feed().watch(collection, prefix or None)

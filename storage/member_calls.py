@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .errors import ValidationError
 from .member_fast import encode_members_ids
 from .models import MEMBERS, member_key, snowflake
 from .protocol import Document, DocumentOps
 from .rules import encode_for
+from .types import Member
 
 __all__ = ["MEMBERS", "MembersMixin", "deep_merge"]
 
@@ -38,8 +39,9 @@ class MembersMixin:
     """``get_member_data`` / ``save_member_data`` / ``batch_update_members`` for any :class:`DocumentOps`."""
 
     async def get_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str,
-                              default: Mapping[str, Any] | None = None) -> Document:
-        """The member's record, or ``{}`` when there is none (as the seed returned).
+                              default: Mapping[str, Any] | None = None) -> Member:
+        """The member's record, or ``{}`` when there is none (as the seed returned); typed as a
+        :class:`storage.Member` (a plain dict at run time).
 
         With ``default`` (Red's ``register_member``): the stored record deep-merged over a copy of ``default``
         (see :func:`deep_merge`), so a member saved before a new setting existed reads with that setting's default.
@@ -50,13 +52,16 @@ class MembersMixin:
             raise ValidationError(f"default must be a dict, got {type(default).__name__}", field="default")
         doc = await self.get(MEMBERS, member_key(user_id, guild_id))
         if default is None:
-            return doc if doc is not None else {}
-        return deep_merge(default, doc or {})
+            return cast(Member, doc if doc is not None else {})
+        return cast(Member, deep_merge(default, doc or {}))
 
-    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str, data: Document) -> bool:
+    async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str,
+                               data: Member | Document) -> bool:
         """Replace the member's record; True once it is durable. Invalid data raises and writes nothing (the
-        member rule of :mod:`storage.rules`, applied by ``put`` as on every write to ``members``)."""
-        await self.put(MEMBERS, member_key(user_id, guild_id), data)
+        member rule of :mod:`storage.rules`, applied by ``put`` as on every write to ``members``).
+        ``join_date`` and ``statistics.last_active`` are stored in the canonical form of
+        :func:`storage.models.iso_utc` (a datetime such as ``member.joined_at`` is accepted)."""
+        await self.put(MEMBERS, member_key(user_id, guild_id), cast(Document, data))
         return True
 
     async def batch_update_members(self: MemberWriter, updates: Iterable[Mapping[str, Any]]) -> int:

@@ -89,7 +89,9 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> datetime:
 
 def iso_utc(value: Any, field: str = "timestamp") -> str:
     """Canonical text form used in stored records: ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z`` (UTC, the fraction only when
-    non-zero, the year always four digits).
+    non-zero and then always six digits, the year always four digits): ``2024-05-01T12:00:06Z``,
+    ``2024-05-01T12:00:06.283000Z``. Accepts ISO 8601 text (any offset, ``Z``, naive = UTC) or a datetime.
+    Public: the form the library writes for message timestamps, ``join_date`` and ``last_active``.
 
     One canonical form means equal instants are equal strings on every backend. It does *not* make string order
     time order (``"...:00Z"`` sorts after ``"...:00.5Z"``): compare parsed times, or pad the fraction first.
@@ -129,7 +131,9 @@ def canonical_time(text: str) -> datetime | None:
 
 
 def member_key(user_id: Any, guild_id: Any) -> str:
-    """The seed's key: ``f"{guild_id}_{user_id}"``."""
+    """The seed's key of a member document in collection ``members``: ``f"{guild_id}_{user_id}"``, the ids in
+    canonical form (ints or decimal strings accepted; anything else raises :class:`ValidationError`). Public: use
+    it for ``store.get("members", member_key(user, guild))`` or a ``find`` over members."""
     return f"{snowflake(guild_id, 'guild_id')}_{snowflake(user_id, 'user_id')}"
 
 
@@ -140,7 +144,8 @@ def _count(value: Any, field: str) -> int:
 
 
 def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> dict[str, Any]:
-    """Check a member record; the fields the seed documents are checked when present, others kept as-is.
+    """Check a member record; the fields the seed documents are checked when present, others kept as-is
+    (timestamps are put in canonical form: see :func:`check_member`).
 
     When ``user_id``/``guild_id`` are given (the key being written), ids inside the record must agree with them:
     a record that says it is someone else would be filed under the wrong key.
@@ -151,6 +156,10 @@ def validate_member(data: Any, *, user_id: Any = None, guild_id: Any = None) -> 
 
 def check_member(data: Any, user_id: str | None, guild_id: str | None) -> dict[str, Any]:
     """:func:`validate_member` with the key's ids already canonical (as :func:`member_key` made them).
+
+    Returns ``data`` itself, or, when ``join_date`` or ``statistics.last_active`` is a valid timestamp in another
+    form (``+00:00``, ``.000Z``, a ``datetime`` such as discord.py's ``member.joined_at``), a copy with it in the
+    canonical form of :func:`iso_utc`.
 
     Runs for every member of a ``batch_update_members``, so the usual record (ids as the key's text, canonical
     timestamps, roles a list of str) is recognized with the fewest steps; anything else goes the long way.
@@ -163,7 +172,9 @@ def check_member(data: Any, user_id: str | None, guild_id: str | None) -> dict[s
         _same_id(data["guild_id"], guild_id, "guild_id")
     join_date = data.get("join_date")
     if join_date is not None and not (type(join_date) is str and is_canonical(join_date)):
-        iso_utc(join_date, "join_date")  # validates; the value is kept as given
+        # the one canonical form (a copy: the caller's dict is not changed), so that equal instants are equal text
+        # and refresh_member_statistics' comparison (text, on both backends) sees no change where there is none
+        data = {**data, "join_date": iso_utc(join_date, "join_date")}
     if "roles" in data:
         roles = data["roles"]
         try:  # str.join takes nothing but str (and subclasses), checked in C: the usual list costs ~50 ns
@@ -184,8 +195,9 @@ def check_member(data: Any, user_id: str | None, guild_id: str | None) -> dict[s
                 _count(count, "statistics.message_count")
         last_active = stats.get("last_active")
         if last_active is not None and not (type(last_active) is str and is_canonical(last_active)):
-            iso_utc(last_active, "statistics.last_active")
-    return data
+            data = {**data, "statistics": {**stats, "last_active": iso_utc(last_active, "statistics.last_active")}}
+    checked: dict[str, Any] = data
+    return checked
 
 
 def _same_id(value: Any, expected: str | None, name: str) -> None:

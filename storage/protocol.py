@@ -11,35 +11,50 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
 
 if TYPE_CHECKING:  # names only: these modules sit above this one
     from .backup.format import BackupInfo, BackupReport
     from .backup.operations import RestoreReport
     from .config import StoreConfig
+    from .feed import Watch
     from .interfaces import MigrationLock
     from .progress import Progress
+    from .types import Member, MessageRecord
 
-__all__ = ["Document", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
+__all__ = ["Document", "Key", "Items", "UpdateFn", "TimeBound", "DocumentOps", "Transaction", "Store"]
 
 Document = dict[str, Any]
-Items = Mapping[str, Document] | Iterable[tuple[str, Document]]
+#: A document key: a str, or a non-negative int (a snowflake such as ``guild.id``) stored as its decimal text.
+Key = str | int
+Items = Mapping[str, Document] | Mapping[int, Document] | Iterable[tuple[Key, Document]]
 #: ``fn(doc) -> doc``; returning ``None`` keeps the (mutated) doc it was given.
 UpdateFn = Callable[[Document], Document | None]
 TimeBound = str | datetime | None
+_T = TypeVar("_T")
 
 
 @runtime_checkable
 class DocumentOps(Protocol):
     """Document operations shared by a store and by a transaction on it."""
 
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
-        """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent."""
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    @overload
+    async def get(self, collection: str, key: Key, default: Document) -> Document: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
+        """A fresh ``dict`` the caller may mutate, or ``default`` when the key is absent (typed: ``Document |
+        None``, or ``Document | type(default)``)."""
+
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         """The documents that exist among ``keys``, as ``{key: doc}``."""
 
-    async def put(self, collection: str, key: str, doc: Document, *, ttl: float | None = None,
+    async def put(self, collection: str, key: Key, doc: Document, *, ttl: float | None = None,
                   expires_at: datetime | None = None) -> None:
         """Insert or replace one document; durable when it returns. With ``ttl`` (seconds) or ``expires_at`` (an
         aware datetime) it reads as absent from that instant on; without, it is permanent (storage/expiry.py)."""
@@ -49,10 +64,10 @@ class DocumentOps(Protocol):
         """Insert or replace many documents at once, all or nothing; returns how many were given. One expiry
         (``ttl``/``expires_at``) for the whole batch, as for :meth:`put`."""
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         """Remove a document; True if it existed."""
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None, *,
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None, *,
                      ttl: float | None = None, expires_at: datetime | None = None) -> Document:
         """Atomic read-modify-write: ``fn`` sees the current doc (``default`` or ``{}`` when absent or expired)
         while no other writer, in this process or another, can change that key. Returns the stored result, which
@@ -85,9 +100,9 @@ class Transaction(DocumentOps, Protocol):
 
     # The seed's member calls, inside the transaction (they see its writes and commit with it).
     async def get_member_data(self, user_id: int | str, guild_id: int | str,
-                              default: Mapping[str, Any] | None = None) -> Document: ...
+                              default: Mapping[str, Any] | None = None) -> Member: ...
 
-    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool: ...
 
     async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
@@ -127,14 +142,17 @@ class Store(DocumentOps, Protocol):
     async def close(self) -> None:
         """Flush and release everything; afterwards every call raises :class:`storage.DatabaseError`."""
 
+    def watch(self, collection: str | None = None, *, prefix: str | None = None) -> Watch:
+        """Every process's committed changes from now on: ``async for change in store.watch("settings")``."""
+
     async def purge_expired(self) -> int:
         """Remove expired documents (already absent to every read) from the files or tables now; returns how many."""
 
     # The seed's member calls ------------------------------------------------------------------------------------
     async def get_member_data(self, user_id: int | str, guild_id: int | str,
-                              default: Mapping[str, Any] | None = None) -> Document: ...
+                              default: Mapping[str, Any] | None = None) -> Member: ...
 
-    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Document) -> bool: ...
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool: ...
 
     async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
@@ -145,10 +163,18 @@ class Store(DocumentOps, Protocol):
 
     async def update_message(self, message_id: int | str, changes: Mapping[str, Any]) -> bool: ...
 
-    async def prune_messages(self, before: str | datetime) -> int: ...
+    async def prune_messages(self, before: str | datetime, *, guild_id: int | str | None = None) -> int: ...
+
+    # the data lifecycle (storage.lifecycle)
+    async def forget_guild(self, guild_id: int | str, *, dry_run: bool = False) -> dict[str, int]: ...
+
+    async def forget_user(self, user_id: int | str, *, guild_id: int | str | None = None,
+                          dry_run: bool = False) -> dict[str, int]: ...
+
+    async def export_user(self, user_id: int | str, *, guild_id: int | str | None = None) -> dict[str, Any]: ...
 
     def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,
-                      until: TimeBound = None) -> AsyncIterator[dict[str, Any]]: ...
+                      until: TimeBound = None) -> AsyncIterator[MessageRecord]: ...
 
     async def message_counts(self, guild_id: int | str, by: str | None = None, *, since: TimeBound = None,
                              until: TimeBound = None) -> int | dict[str, int]: ...

@@ -21,15 +21,16 @@ from .backends.json.store import JsonBackend
 from .backends.postgres.store import PostgresBackend
 from .backup.operations import BackupMixin
 from .config import StoreConfig
+from .lifecycle import LifecycleMixin
 from .members import MembersMixin
 from .messages.queries import AnalyticsMixin
 
 __all__ = ["JsonStore", "PostgresStore", "StoreFeatures", "AnyStore", "store_class"]
 
 
-class StoreFeatures(BackupMixin, MembersMixin, AnalyticsMixin):
+class StoreFeatures(BackupMixin, MembersMixin, AnalyticsMixin, LifecycleMixin):
     """Everything a store offers above its backend's primitives: the seed's member calls, message analytics,
-    backups and restores."""
+    backups and restores, forgetting and exporting data."""
 
 
 class JsonStore(JsonBackend, StoreFeatures):

@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "storage"
 
 ENTRY = ("storage.api", "storage.cli", "storage.commands", "storage.__main__", "storage.stores")
-FEATURES = ("storage.members", "storage.messages.queries", "storage.backup", "storage.migrations")
+FEATURES = ("storage.members", "storage.messages.queries", "storage.backup", "storage.migrations",
+            "storage.lifecycle")
 BACKENDS = ("storage.backends",)
 #: Modules of ``messages/`` that are data definitions both layers use (record checks, column blocks), not features.
 SHARED_MODELS = ("storage.messages.records", "storage.messages.columns")

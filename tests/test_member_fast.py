@@ -291,12 +291,25 @@ class _NoIndexes:
     live = False
 
 
+class _Feed:
+    """A change feed that records what apply() publishes."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, bytes | None]] = []
+
+    def publish(self, collection: str, key: str, kind: str, raw: bytes | None) -> None:
+        self.seen.append((collection, key, kind, raw))
+
+
 def _tables(data: dict[str, dict[str, bytes]], expires: dict[str, dict[str, int]]) -> Tables:
     tables = Tables.__new__(Tables)  # only what apply() touches
     tables.data, tables.expires = data, expires
     tables.sizes = {name: 2 + sum(len(k) + len(v) + OVERHEAD for k, v in coll.items()) for name, coll in data.items()}
     tables.dirty = set()
     tables.indexes = _NoIndexes()  # type: ignore[assignment]
+    tables.feed = _Feed()  # type: ignore[assignment]
     return tables
 
 
@@ -314,8 +327,10 @@ def previous_apply(tables: Tables, ops: list[Any]) -> None:
         if op[0] == "p":
             coll[key] = op[3]
             sizes[coll_name] += len(key) + len(op[3]) + OVERHEAD
+            tables.feed.publish(coll_name, key, "put", op[3])
         elif old is not None:
             del coll[key]
+            tables.feed.publish(coll_name, key, "delete", None)
         if len(op) == 5:
             expires.setdefault(coll_name, {})[key] = op[4]
         elif coll_name in expires:
@@ -340,5 +355,5 @@ def test_tables_apply_equals_the_previous_per_operation_loop(seed: int) -> None:
                 ops.sort(key=lambda op: op[1])
             mine.apply(ops)
             previous_apply(reference, ops)
-            assert (mine.data, mine.sizes, mine.expires, mine.dirty) == \
-                (reference.data, reference.sizes, reference.expires, reference.dirty)
+            assert (mine.data, mine.sizes, mine.expires, mine.dirty, mine.feed.seen) == \
+                (reference.data, reference.sizes, reference.expires, reference.dirty, reference.feed.seen)

@@ -84,8 +84,10 @@ def freezer(cluster: Cluster) -> Iterator[Freezer]:
 
 @pytest.fixture
 def config(cluster: Cluster) -> StoreConfig:
+    # cache="off": every call here must reach the (frozen) server; the coherent cache would answer a get of a key
+    # read before from memory, which is right (a frozen server commits nothing) but not what these tests test
     return StoreConfig(backend="postgres", dsn=with_params(cluster.dsn(), application_name=APP), pool_min=1,
-                       pool_max=4, command_timeout=1.0, source="tests")
+                       pool_max=4, command_timeout=1.0, cache="off", source="tests")
 
 
 @pytest.fixture

@@ -31,16 +31,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from ..codec import canonical_numbers, encode_doc
 from ..errors import ValidationError
 from ..interfaces import Backend, Grouping, TopColumn
 from ..models import MEMBERS, parse_timestamp, snowflake
 from ..protocol import TimeBound
+from ..types import MessageRecord as TypedRecord
 from .records import (
     INGEST_CHUNK,
-    MessageRecord,
     checked_changes,
     checked_record,
     joined,
@@ -132,17 +132,19 @@ class AnalyticsMixin(Backend):
         checked = canonical_numbers(checked)  # numbers as every backend gives them back (see codec.py)
         return await self._modify_message(mid, lambda current: merged_record(current, checked))
 
-    async def prune_messages(self, before: str | datetime) -> int:
-        """Delete messages older than ``before`` (timestamp < before); returns how many were deleted."""
+    async def prune_messages(self, before: str | datetime, *, guild_id: int | str | None = None) -> int:
+        """Delete messages older than ``before`` (timestamp < before), of one guild when ``guild_id`` is given;
+        returns how many were deleted."""
         self._guard_write()
         bound = time_bound(before, "before")
         if bound is None:
             raise ValidationError("before is required: prune_messages(before)", field="before")
-        return await self._delete_messages_before(bound)
+        guild = None if guild_id is None else snowflake(guild_id, "guild_id")
+        return await self._delete_messages_before(bound, guild)
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,
-                            until: TimeBound = None) -> AsyncIterator[MessageRecord]:
+                            until: TimeBound = None) -> AsyncIterator[TypedRecord]:
         """Every stored record of a guild (of every guild when ``guild_id`` is None) in ``[since, until)``, ordered
         by (timestamp, message_id), as the normalized dicts ``record_messages`` stored (current versions).
 
@@ -152,7 +154,7 @@ class AnalyticsMixin(Backend):
         guild = None if guild_id is None else snowflake(guild_id, "guild_id")
         lo, hi = time_bound(since, "since"), time_bound(until, "until")
         async for record in self._scan_messages(guild, lo, hi):
-            yield record
+            yield cast(TypedRecord, record)
 
     def _window(self, guild_id: Any, since: TimeBound,
                 until: TimeBound) -> tuple[str, datetime | None, datetime | None]:

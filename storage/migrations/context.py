@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 
@@ -28,11 +28,13 @@ from ..codec import check_collection
 from ..config import StoreConfig
 from ..errors import MigrationError, ValidationError
 from ..members import MembersMixin
-from ..protocol import Document, DocumentOps, Items, UpdateFn
+from ..protocol import Document, DocumentOps, Items, Key, UpdateFn
 from .ledger import RESERVED
 from .results import Direction
 
 __all__ = ["MigrationContext"]
+
+_T = TypeVar("_T")
 
 
 class MigrationContext(MembersMixin):
@@ -92,25 +94,34 @@ class MigrationContext(MembersMixin):
         self._check()
 
     # -- the document methods ----------------------------------------------------------------------------------------
-    async def get(self, collection: str, key: str, default: Any = None) -> Any:
+    @overload
+    async def get(self, collection: str, key: Key) -> Document | None: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: Document) -> Document: ...
+
+    @overload
+    async def get(self, collection: str, key: Key, default: _T) -> Document | _T: ...
+
+    async def get(self, collection: str, key: Key, default: Any = None) -> Any:
         self._check()
         return await self._tx.get(collection, key, default)
 
-    async def get_many(self, collection: str, keys: Iterable[str]) -> dict[str, Document]:
+    async def get_many(self, collection: str, keys: Iterable[Key]) -> dict[str, Document]:
         self._check()
         return await self._tx.get_many(collection, keys)
 
-    async def put(self, collection: str, key: str, doc: Document, **expiry: Any) -> None:
+    async def put(self, collection: str, key: Key, doc: Document, **expiry: Any) -> None:
         """``expiry``: ``ttl=`` or ``expires_at=``, as on the store (storage/expiry.py)."""
         await self._tx.put(self._writable(collection), key, doc, **expiry)
 
     async def put_many(self, collection: str, items: Items, **expiry: Any) -> int:
         return await self._tx.put_many(self._writable(collection), items, **expiry)
 
-    async def delete(self, collection: str, key: str) -> bool:
+    async def delete(self, collection: str, key: Key) -> bool:
         return await self._tx.delete(self._writable(collection), key)
 
-    async def update(self, collection: str, key: str, fn: UpdateFn, default: Document | None = None,
+    async def update(self, collection: str, key: Key, fn: UpdateFn, default: Document | None = None,
                      **expiry: Any) -> Document:
         return await self._tx.update(self._writable(collection), key, fn, default, **expiry)
 

@@ -313,7 +313,7 @@ class Migrator:
                 for applied in realign:
                     new = self._checksums[parse_version(applied.version)]
                     doc = await tx.get(LEDGER, applied.version)
-                    await tx.put(LEDGER, applied.version, {**doc, "checksum": new,
+                    await tx.put(LEDGER, applied.version, {**(doc or {}), "checksum": new,
                                                            "previous_checksum": applied.checksum})
                     entries.append({"event": "repair", "version": applied.version,
                                     "description": applied.description, "checksum": new,

@@ -15,6 +15,11 @@ expiry existed (a clear "bad operation" error; nothing is lost).
 Every operation is a whole-document put or a delete, so replaying a journal onto a snapshot that already contains
 some of it gives the same result: that is what makes a crash mid-compaction harmless.
 
+The header may also say ``"previous_end"`` (where the previous generation's committed records end: followers
+read the old file to there, then go on in this one) and ``"copied"`` (a rebase started this generation with that
+many bytes of the previous one's records). A compaction keeps the file it replaces as ``storage.journal.<N>``
+until the next one (:meth:`Journal.keep_previous`), for followers that miss a whole generation.
+
 Crash rules: one commit (a group of concurrent writers' changes) is one line written by one ``write()``; it is
 acknowledged only after its fsync, and the next write starts only after that, so only the *last* record can be
 torn. A torn last record (no newline, or not parseable) is dropped with a warning and truncated away under the
@@ -23,6 +28,7 @@ lock; anything unparseable before it is real corruption and raises :class:`Corru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -96,11 +102,17 @@ def _row(op: Op, fragment: Callable[[bytes], object]) -> list[object]:
     return [op[0], op[1], op[2], fragment(op[3]), fragment(expiry_text(op[4]))]  # type: ignore[misc]
 
 
-def _header(generation: int, snapshots: dict[str, int], previous_end: int | None) -> bytes:
+def _header(generation: int, snapshots: dict[str, int], previous_end: int | None, copied: int = 0) -> bytes:
     header: dict[str, object] = {"storage_journal": JOURNAL_FORMAT, "generation": generation, "snapshots": snapshots}
     if previous_end is not None:
         header["previous_end"] = previous_end
+    if copied:
+        header["copied"] = copied  # bytes of the previous generation's records it starts with: see Journal.repeats
     return orjson.dumps(header) + b"\n"
+
+
+#: What opening a journal file finds: (fd, inode, header end, generation, snapshots, previous_end, copied).
+_Opened = tuple[int, int, int, int, dict[str, int], "int | None", int]
 
 
 class _Invalid(Exception):
@@ -173,13 +185,19 @@ class Journal:
         self.snapshots: dict[str, int] = {}
         #: Where the previous generation's committed records ended (None in journals from before it was recorded).
         self.previous_end: int | None = None
+        #: Where this file's copies of the previous generation's records end (a rebase starts a generation with
+        #: them; 0: none): a follower that read them there reads them again here, harmless for the documents,
+        #: but the change feed resyncs instead of repeating them (tables.py).
+        self.repeats_until = 0
+        #: The last :meth:`follow` went through a kept generation that started with such copies.
+        self.crossed_copy = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @staticmethod
     def create(path: Path, generation: int, snapshots: dict[str, int] | None = None,
                previous_end: int | None = None, records: bytes = b"") -> None:
         """Write a fresh journal (header, then ``records``) atomically; replaces an existing one."""
-        atomic_write(path, _header(generation, snapshots or {}, previous_end) + records)
+        atomic_write(path, _header(generation, snapshots or {}, previous_end, copied=len(records)) + records)
 
     def rebase(self, snapshots: dict[str, int]) -> None:
         """Start the next generation with more snapshot checksums in its header but the same records (copied):
@@ -188,6 +206,7 @@ class Journal:
         gives the same state (every record is whole-document puts and deletes)."""
         body = os.pread(self.fd, self.offset, 0)
         body = body[body.index(b"\n") + 1:]
+        self.keep_previous()
         self.mark_replacing()
         try:
             Journal.create(self.path, self.generation + 1, {**self.snapshots, **snapshots}, self.offset, body)
@@ -205,29 +224,31 @@ class Journal:
         self._switch_to(*self._open_current())
         return self.read_new(end=self._end_of(committed()), locked=not self.read_only)
 
-    def _open_current(self) -> tuple[int, int, int, int, dict[str, int], int | None]:
-        """Open the file the path names now: ``(fd, inode, header end, generation, snapshots, previous_end)``."""
+    def _open_current(self) -> _Opened:
+        """Open the file the path names now: ``(fd, inode, header end, generation, snapshots, previous_end,
+        copied)``."""
         fd = self._open_fd()
         try:
             st = os.fstat(fd)
-            header_end, generation, snapshots, previous_end = self._read_header(fd)
+            header_end, generation, snapshots, previous_end, copied = self._read_header(fd)
         except BaseException:
             os.close(fd)
             raise
-        return fd, st.st_ino, header_end, generation, snapshots, previous_end
+        return fd, st.st_ino, header_end, generation, snapshots, previous_end, copied
 
     def _switch_to(self, fd: int, ino: int, header_end: int, generation: int, snapshots: dict[str, int],
-                   previous_end: int | None) -> None:
+                   previous_end: int | None, copied: int) -> None:
         """Follow the file :meth:`_open_current` opened, from its first record."""
         self.fd, self.ino, self.offset, self.generation = fd, ino, header_end, generation
         self.snapshots, self.previous_end = snapshots, previous_end
+        self.repeats_until = header_end + copied if copied else 0
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int], int | None]:
+    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int], int | None, int]:
         head = os.pread(fd, 1 << 16, 0)
         end = head.find(b"\n")
         if end < 0 and len(head) == 1 << 16:  # a header naming very many collections
@@ -244,13 +265,14 @@ class Journal:
             snapshots = {check_collection(str(k)): int(v) for k, v in header.get("snapshots", {}).items()}
             previous = header.get("previous_end")
             previous_end = None if previous is None else int(previous)
+            copied = int(header.get("copied", 0))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise CorruptDataError(f"{self.path}: journal header is not valid", path=str(self.path),
                                    position=0) from None
         if fmt != JOURNAL_FORMAT:
             raise CorruptDataError(f"{self.path}: journal format {fmt!r} is not supported (this library writes "
                                    f"{JOURNAL_FORMAT})", path=str(self.path), position=0)
-        return end + 1, generation, snapshots, previous_end
+        return end + 1, generation, snapshots, previous_end, copied
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def size(self) -> int:
@@ -336,9 +358,11 @@ class Journal:
         and only when it names the file being read; otherwise, unlocked, the result asks for a catch-up under the
         lock. After another process compacted, the rest of the old file is read through our still-open descriptor
         (up to the new header's ``previous_end``: the old generation's final committed end), then the new file is
-        followed from its header if it is exactly the next generation; if not (two compactions happened
-        meanwhile), the caller must reload the snapshots under the lock.
+        followed from its header if it is exactly the next generation. If two compactions happened meanwhile, the
+        generation in between is read from the file the second one kept (:meth:`keep_previous`); when that is
+        gone too, the caller must reload the snapshots under the lock.
         """
+        self.crossed_copy = False
         if self.size() < self.offset:
             return Follow([], reload=True)  # cut back under us: only a reload is safe
         if not self.replaced():
@@ -350,12 +374,23 @@ class Journal:
             current = self._open_current()
         except FileNotFoundError:
             return Follow([], reload=True)
+        records: list[list[Op]] = []
+        while current[3] > self.generation + 1:  # generations went by unseen: the kept one (keep_previous), if any
+            kept = self._open_kept(self.generation + 1)
+            if kept is None:
+                break
+            # read the old file to where its successor says its committed records end, then go on in that one
+            records += self.read_new(end=kept[5], locked=False)
+            self.close()
+            self._switch_to(*kept)
+            self.crossed_copy = self.crossed_copy or kept[6] > 0
         generation, previous_end = current[3], current[5]
         next_one = generation == self.generation + 1
         # The old file is finished: nobody writes it again. When the new file is the very next generation, its
         # header's previous_end is where the old file's committed records end (past it: a compaction's mark).
         # Otherwise previous_end speaks of a file in between, and only a reload of the snapshots is right.
-        records = self.read_new(end=previous_end, locked=False) if next_one else []
+        if next_one:
+            records += self.read_new(end=previous_end, locked=False)
         self.close()
         self._switch_to(*current)
         if not next_one:
@@ -365,6 +400,44 @@ class Journal:
         if end is None and not locked:
             return Follow(records, switched_at, need_lock=True)
         return Follow(records + self.read_new(end=end, locked=locked), switched_at)
+
+    def _kept_path(self, generation: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{generation}")
+
+    def _open_kept(self, generation: int) -> _Opened | None:
+        """The kept file of ``generation`` (see :meth:`keep_previous`), opened like :meth:`_open_current`; None
+        when it is not there (any more) or is not that generation."""
+        try:
+            fd = os.open(self._kept_path(generation), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            header_end, gen, snapshots, previous_end, copied = self._read_header(fd)
+        except (OSError, CorruptDataError):
+            os.close(fd)
+            return None
+        if gen != generation:
+            os.close(fd)
+            return None
+        return fd, st.st_ino, header_end, gen, snapshots, previous_end, copied
+
+    def keep_previous(self) -> None:
+        """Before this file is replaced (a compaction, a rebase; under the lock): keep it, hard-linked as
+        ``storage.journal.<generation>``, until the next replacement removes it. A follower that misses this whole
+        generation (two compactions between two of its looks: a process that compacts, then compacts again as it
+        closes) reads it there instead of reloading the snapshots and making its watchers resync. Costs one link
+        per compaction and the disk space of one old journal; where hard links are not possible a follower
+        reloads as before."""
+        kept = self._kept_path(self.generation)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(kept)  # left by a crash between a link and the replacement
+            os.link(self.path, kept)
+        except OSError as exc:
+            log.debug("%s: cannot keep the previous journal (%s)", self.path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(self._kept_path(self.generation - 1))
 
     def _end_of(self, committed: tuple[int, int] | None) -> int | None:
         """The committed end if ``committed`` speaks of this file."""

@@ -435,15 +435,17 @@ class MessageLog:
         state.size += len(line)
         return True
 
-    async def delete_before(self, before: datetime) -> int:
-        """Remove every record with timestamp < ``before``: whole months by unlink, the boundary month rewritten."""
-        return await run_holding(self._locked(), self._delete_locked, bound_key(before))
+    async def delete_before(self, before: datetime, guild: str | None = None) -> int:
+        """Remove every record (of ``guild``, when given) with timestamp < ``before``: whole months by unlink, the
+        boundary month rewritten."""
+        return await run_holding(self._locked(), self._delete_locked, bound_key(before), guild)
 
-    def _delete_locked(self, before: str) -> int:
+    def _delete_locked(self, before: str, guild: str | None = None) -> int:
         index = self._sync_locked()
         month = before[:7]
         partial = before > month_range(month)[0]  # the bound's own month has lines to keep and maybe to drop
-        doomed = sorted(k for k in self._files if k[1] < month or (partial and k[1] == month))
+        doomed = sorted(k for k in self._files if (guild is None or k[0] == guild)
+                        and (k[1] < month or (partial and k[1] == month)))
         if not doomed:
             return 0
         self._rewriting = False

@@ -55,6 +55,7 @@ from ...errors import (
     ValidationError,
 )
 from ...expiry import from_micros, to_micros
+from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSwap, MigrationLock
 from ...messages.columns import MessageColumns
@@ -62,11 +63,14 @@ from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ...query.plan import Query
 from ..base import BackendBase, TransactionBase
+from . import forget_files as json_forget
 from . import restore as json_restore
 from .expiry import dead_keys, live_mapping, visible
+from .feed import JsonFeed
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
+from .lifecycle import JsonLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
@@ -100,7 +104,7 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
-class JsonBackend(JsonMessageQueries, BackendBase):
+class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -113,6 +117,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self.read_only = config.read_only
         self._journal = Journal(self.path / JOURNAL_NAME, read_only=self.read_only)
         self._intent = json_restore.intent_path(self.path)
+        self._forget_intent = json_forget.intent_path(self.path)  # a forget's (forget_files.py)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
@@ -124,6 +129,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
+        #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
+        self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
+        self._tables.feed = self._feed.feed
 
     def __repr__(self) -> str:
         mode = " read_only" if self.read_only else ""
@@ -197,6 +205,7 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 self._remove_temp_files()
                 self._tables.load()
                 json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
+                json_forget.recover(self.path, self._tables.data, at_open=True)  # ... and a crashed forget
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
                 self._tables.publish()
         except BaseException:
@@ -235,6 +244,22 @@ class JsonBackend(JsonMessageQueries, BackendBase):
             async with self._locked():
                 pass  # _locked() catches up (and reloads) under the lock
 
+    def _catch_up_now(self) -> bool:
+        """The synchronous part of :meth:`_refresh` (no lock taken), for the change feed (json/feed.py); True when
+        the rest needs the lock (then :meth:`_refresh`)."""
+        if self._holding or self._closed:
+            return False
+        tables = self._tables
+        with self._io("reading the journal"):
+            if self.read_only:
+                tables.refresh_read_only()
+                return False
+            tables.follow(locked=False)
+        return tables.need_reload or tables.need_lock
+
+    def _change_feed(self) -> ChangeFeed:
+        return self._feed.feed
+
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
     def _locked(self) -> AbstractAsyncContextManager[None]:
@@ -258,6 +283,8 @@ class JsonBackend(JsonMessageQueries, BackendBase):
                 if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
                     # in a thread: resolving digests every document (about a second of CPU at 100k members)
                     await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data)
+                if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
+                    await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data)
             except BaseException as exc:
                 self._holding = False
                 self._flock.release()
@@ -706,9 +733,9 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         self._check_usable()
         return await self._messages.modify(message_id, fn)
 
-    async def _delete_messages_before(self, before: datetime) -> int:
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
         self._check_usable()
-        return await self._messages.delete_before(before)
+        return await self._messages.delete_before(before, guild)
 
     def _scan_messages(self, guild_id: str | None = None, since: datetime | None = None,
                        until: datetime | None = None, *, snapshot: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -751,6 +778,12 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         """
         if self._closed:
             return
+        if self._closing_elsewhere():  # the opening loop has ended: no write can be queued; the journal holds all
+            self._closed = True
+            self._journal.close()
+            self._flock.close()
+            self._messages.close()
+            return
         self._closed = True
         await cancellation.run_to_completion(self._close())
 
@@ -762,11 +795,13 @@ class JsonBackend(JsonMessageQueries, BackendBase):
         try:
             await self._commits.wait()
             await self._messages.wait()
+            await self._feed.close()  # watchers end after the last commits' changes
             if not self.read_only and self._suspect is None and (self._tables.dirty or self._expired_held()):
                 async with self._locked():  # expired documents are purged from the files too
                     if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
         finally:
+            self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._journal.close()
             self._flock.close()
             self._messages.close()

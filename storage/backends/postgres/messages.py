@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -58,6 +58,7 @@ from ...messages.records import INGEST_CHUNK
 from ...models import iso_utc
 from . import conn as pg_conn
 from . import member_stats as pg_member_stats
+from .analyze import LoadStatistics
 from .errors import DRIVER_ERRORS
 from .ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .schema import ID_SHIFT
@@ -245,9 +246,11 @@ class PgMessagesMixin:
 
     _connection: Callable[[str], Any]
     _invalidate: Callable[[str, Any], None]
+    _notify_written: Callable[[Any, str, list[tuple[str, bytes | None]]], Awaitable[None]]
     _now: Callable[[], datetime]
     config: Any
     _unvacuumed = 0  # rows this store inserted since its last VACUUM (per instance once assigned)
+    _load_stats: LoadStatistics  # ANALYZE after bulk loads (postgres/analyze.py)
 
     # -- primitives ----------------------------------------------------------------------------------------------
     async def _insert_messages(self, records: list[Record]) -> int:
@@ -306,6 +309,7 @@ class PgMessagesMixin:
                     status: str = await conn.execute(_STAGE_MERGE)
                 new = int(status.rsplit(" ", 1)[1])
             await self._count_for_vacuum(conn, new)
+            await self._load_stats.after_load(conn, "storage_messages", new)
         return new
 
     async def _count_for_vacuum(self, conn: Any, new: int) -> None:
@@ -338,11 +342,14 @@ class PgMessagesMixin:
             await conn.execute(_UPDATE, *to_row(new))
             return True
 
-    async def _delete_messages_before(self, before: datetime) -> int:
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
         async with self._connection("prune_messages") as conn:
             args: list[Any] = []
-            status: str = await conn.execute(f"DELETE FROM storage_messages WHERE {_time_clause('<', before, args)}",
-                                             *args)
+            where = _time_clause('<', before, args)
+            if guild is not None:
+                args.append(int(guild) - ID_SHIFT)
+                where += f" AND guild_id = ${len(args)}"
+            status: str = await conn.execute(f"DELETE FROM storage_messages WHERE {where}", *args)
             deleted = int(status.rsplit(" ", 1)[1])
             if deleted:
                 # Until a vacuum removes them, the index entries of deleted rows each cost a heap visit in every
@@ -433,6 +440,7 @@ class PgMessagesMixin:
             # commit whose outcome is lost with the connection still drops them from the cache.
             async with self._connection("refresh_member_statistics") as conn, pg_conn.transaction(conn):
                 written = await pg_member_stats.refresh(conn, collection, where, args, self._now())
+                await self._notify_written(conn, collection, [(key, None) for key in written])
         finally:
             if written:
                 self._invalidate(collection, written)

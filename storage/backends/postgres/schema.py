@@ -42,6 +42,9 @@ Versions (``storage_meta.schema_version``), each step applied in order to bring 
    existing database the column is added without a rewrite (nullable, no default: a catalog change); the index
    build reads the table once (seconds per million documents, writes to it wait meanwhile) and is empty, as no
    document expires yet.
+4. ``storage_documents_key_reversed``, an index on ``reverse(key)``: the documents whose key ends with
+   ``"_{user_id}"`` (``forget_user``, ``export_user``) are one range of it. Built with a plain ``CREATE INDEX`` on an
+   existing database (blocks document writes for the seconds it takes, once).
 
 Opening checks the version with one query and only when the tables are missing (or older) takes a
 transaction-scoped advisory lock, checks again, and creates them: two processes opening a fresh database at the
@@ -59,7 +62,7 @@ from .conn import transaction
 
 __all__ = ["SCHEMA_VERSION", "ID_SHIFT", "DOC_LOCK_CLASS", "ensure_schema", "stable_lock_key"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Stored message ids are ``id - ID_SHIFT``: the unsigned 64-bit range mapped onto ``bigint``, order kept.
 ID_SHIFT = 2**63
 
@@ -124,8 +127,14 @@ ALTER TABLE storage_documents ADD COLUMN IF NOT EXISTS expires_at timestamptz;
 CREATE INDEX IF NOT EXISTS storage_documents_expiring ON storage_documents (collection, expires_at)
     WHERE expires_at IS NOT NULL;
 """
+# Documents by the end of their key (storage.lifecycle): forget_user / export_user find the keys ending with
+# "_{user}" as one range of this index (reverse(key) starting with reverse(user) || '_'), never a scan of the table.
+# reverse() keeps the column's "C" collation, so the range is in code point order like the primary key.
+_V4 = """
+CREATE INDEX IF NOT EXISTS storage_documents_key_reversed ON storage_documents (reverse(key));
+"""
 #: What brings a database from version ``n - 1`` to ``n``; a fresh database runs them all (on empty tables).
-_STEPS = {1: _CREATE_V1, 2: _V2, 3: _V3}
+_STEPS = {1: _CREATE_V1, 2: _V2, 3: _V3, 4: _V4}
 
 _VERSION_QUERY = "SELECT value::int FROM storage_meta WHERE name = 'schema_version'"
 

@@ -75,11 +75,13 @@ from ...dsn import mask_secrets
 from ...errors import (
     ConnectionError,
     DatabaseError,
+    FeedUnavailableError,
     MigrationError,
     StoreClosedError,
     TransactionError,
     ValidationError,
 )
+from ...feed import ChangeFeed
 from ...interfaces import BackendTransaction, MigrationLock
 from ...protocol import Document, UpdateFn
 from ...query.plan import Query
@@ -87,10 +89,15 @@ from ..base import BackendBase, TransactionBase
 from . import conn as pg_conn
 from . import documents as sql
 from . import indexes as pg_indexes
+from . import notify
 from . import query as pg_query
+from .analyze import BULK_ROWS, LoadStatistics
+from .coherent_cache import CoherentCache
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
+from .feed import PgFeed
 from .ingest import RowEncoder, replay
 from .lane import Lane
+from .lifecycle import PgLifecycle
 from .messages import COLUMNS, PgMessagesMixin
 from .migration_lock import AdvisoryMigrationLock
 from .schema import ensure_schema
@@ -131,7 +138,7 @@ async def _init_connection(conn: Any) -> None:
                               format="binary")
 
 
-class PostgresBackend(PgMessagesMixin, BackendBase):
+class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
     """The PostgreSQL backend. Open it with :func:`storage.open_store` (or ``await storage.PostgresStore.open(config)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -142,12 +149,24 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         #: The asyncpg pool: an escape hatch for migrations and hand-written SQL.
         self.pool: Any = None
         self._target = describe_target(config.dsn)
-        self._cache = DatabaseCache(ttl=config.cache_ttl)
+        #: The read cache (STORAGE_CACHE): coherent (postgres/coherent_cache.py, live once the listener is up),
+        #: the ttl one, or none (a DatabaseCache with ttl 0 never stores).
+        self._coherent: CoherentCache | None = None
+        mode = config.cache_mode
+        if mode == "coherent" and self._feed_possible():
+            self._cache: DatabaseCache | CoherentCache = CoherentCache(config.cache_size)
+            self._coherent = self._cache
+        else:
+            self._cache = DatabaseCache(ttl=config.cache_ttl if mode == "ttl" else 0, max_entries=config.cache_size)
+        #: store.watch() and the coherent cache's invalidations (postgres/feed.py), once open
+        self._pgfeed: PgFeed | None = None
+        self._channel = ""  # the schema's notification channel (postgres/notify.py), known once open
         self._writes = 0  # bumped after every write of this store: a read in flight across one must not cache
         self._quiet: set[int] = set()  # server pids of connections our own code is using (see _reset_connection)
         # One pool connection kept between operations, so that most one-statement calls skip the pool's acquire and
         # release (see postgres/lane.py). Closed until the pool exists.
         self._lane = Lane(None, quiet=self._quiet, timeout=config.command_timeout, target=self._target)
+        self._load_stats = LoadStatistics()  # ANALYZE after bulk loads (postgres/analyze.py)
         self._sweeper: asyncio.Task[None] | None = None  # the timer that purges expired documents
         #: collection -> (when read, its indexed paths): chooses the SQL shape of an ordered find (see query.py)
         self._indexed: dict[str, tuple[float, frozenset[str]]] = {}
@@ -200,6 +219,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         try:
             async with self.pool.acquire() as conn:  # with pool_min=0 this is the first connection
                 await ensure_schema(conn, read_only=config.read_only)
+                self._channel = notify.channel_for(await conn.fetchval("SELECT current_schema()"))
         except _OPEN_ERRORS as exc:
             self.pool.terminate()
             raise self._open_error(exc) from exc
@@ -208,6 +228,12 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             raise
         if not config.read_only:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        if self._feed_possible():
+            self._pgfeed = PgFeed(config.listen_dsn or str(config.dsn), self._channel, target=self._target,
+                                  connect_timeout=CONNECT_TIMEOUT, cache=self._coherent, fetch=self._fetch_encoded)
+            if self._coherent is not None and not await self._pgfeed.start_cache():
+                log.warning("%s: the listening connection is not up yet: the coherent cache stays off until it is",
+                            self._target)
 
     async def _sweep_forever(self) -> None:
         """Every :data:`SWEEP_INTERVAL` seconds: :meth:`purge_expired` (errors are logged; the next round retries)."""
@@ -234,6 +260,27 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 return removed
             await asyncio.sleep(0)
 
+    def _feed_possible(self) -> bool:
+        """LISTEN needs a session of its own: not through a transaction pooler, unless a direct DSN is given."""
+        return not self.config.pgbouncer or bool(self.config.listen_dsn)
+
+    def _change_feed(self) -> ChangeFeed:
+        if self._pgfeed is None:
+            raise FeedUnavailableError(
+                f"{self._target}: store.watch() needs LISTEN, which does not work through PgBouncer in transaction "
+                "mode (STORAGE_PGBOUNCER=1): set STORAGE_LISTEN_DSN to a direct connection to the server")
+        return self._pgfeed.feed
+
+    async def _send_marker(self, payload: str) -> None:
+        async with self._connection("close") as conn:
+            await notify.send(conn, self._channel, [payload])
+
+    async def _fetch_encoded(self, collection: str, keys: list[str]) -> dict[str, bytes]:
+        """The current documents of ``keys``, encoded: what the feed publishes for a large document."""
+        async with self._connection("watch") as conn:
+            docs = await sql.get_many(conn, collection, keys, self._now())
+        return {key: orjson.dumps(doc) for key, doc in docs.items()}
+
     def _open_error(self, exc: BaseException) -> DatabaseError:
         """A clear message for the first thing a user sees when the DSN, the password or the server is wrong."""
         target = self._target
@@ -253,10 +300,21 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         return translate(exc, "opening the store", self.config.dsn)
 
     async def close(self) -> None:
-        """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent."""
+        """Close the pool (waiting up to :data:`CLOSE_TIMEOUT` for borrowed connections); idempotent.
+
+        From another loop once the opening one has ended (``asyncio.run(open_store())``, then ``close()`` later):
+        the pool's connections belong to that dead loop and cannot be closed politely; the store is marked closed
+        and they go when the process does (the server rolls back nothing: no transaction can be open on them)."""
         if self._closed:
             return
+        if self._closing_elsewhere():
+            self._closed = True
+            return
+        if self._pgfeed is not None and self._pgfeed.feed.active:
+            await self._pgfeed.sync(self._send_marker, 1.0)  # watchers get this process's last changes first
         self._closed = True
+        if self._pgfeed is not None:
+            await self._pgfeed.close()
         await self._cache.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -301,6 +359,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
         return _Borrowed(self, what, lane)
 
+    async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]]) -> None:
+        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document)."""
+        await notify.send(conn, self._channel, notify.payloads(collection, items))
+
     def _invalidate(self, collection: str, keys: Any) -> None:
         self._writes += 1
         cache = self._cache
@@ -312,6 +374,22 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
     # document primitives
     async def _get(self, collection: str, key: str) -> Document | None:
         cache_key = (collection, key)
+        coherent = self._coherent
+        if coherent is not None:
+            text = coherent.get_nowait(cache_key)
+            if text is None:
+                ticket = coherent.begin(cache_key)
+                keep = False
+                try:
+                    async with self._connection("get") as conn:
+                        text, expiring = await sql.get_text(conn, collection, key, self._now())
+                    keep = not expiring  # an expiring document is never cached: the cache would outlive it
+                finally:
+                    coherent.end(cache_key, ticket, (text or "") if keep else None)
+            if not text:
+                return None
+            found: Document = orjson.loads(text)
+            return found
         text = self._cache.get_nowait(cache_key)
         if text is None:
             writes = self._writes
@@ -319,7 +397,7 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 text, expiring = await sql.get_text(conn, collection, key, self._now())
             if text is None:
                 return None
-            if writes == self._writes and not expiring:  # an expiring document is never cached
+            if writes == self._writes and not expiring and isinstance(self._cache, DatabaseCache):
                 self._cache.set_nowait(cache_key, text)
         doc: Document = orjson.loads(text)
         return doc
@@ -336,14 +414,15 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                            expires: datetime | None = None) -> None:
         try:
             async with self._connection("put") as conn:
-                await sql.put(conn, collection, items, expires)
+                await notify.put(conn, self._channel, collection, items, expires)
+                await self._load_stats.after_load(conn, "storage_documents", len(items))
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         try:
             async with self._connection("delete") as conn:
-                return await sql.delete(conn, collection, key, self._now())
+                return await notify.delete(conn, self._channel, collection, key, self._now())
         finally:
             self._invalidate(collection, (key,))
 
@@ -351,8 +430,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                       expires: datetime | None = None) -> Document:
         try:
             async with self._connection("update") as conn, pg_conn.transaction(conn):
-                return await sql.update(conn, collection, key, fn, default, in_transaction=False, now=self._now(),
-                                        expires=expires)
+                doc = await sql.update(conn, collection, key, fn, default, in_transaction=False, now=self._now(),
+                                       expires=expires)
+                await self._notify_written(conn, collection, [(key, orjson.dumps(doc))])
+                return doc
         finally:
             self._invalidate(collection, (key,))
 
@@ -401,12 +482,14 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
-        returning = self._cache.ttl > 0  # the deleted keys are needed only to invalidate the cache
-        text, params = pg_query.build_delete(collection, query, self._now(), returning=returning)
+        # the deleted keys: every listener is told of them in the deleting transaction (postgres/notify.py)
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=True)
         keys: list[str] = []
         try:
-            async with self._connection("delete_many") as conn:
-                deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
+            async with self._connection("delete_many") as conn, pg_conn.transaction(conn):
+                deleted, keys = await pg_query.delete_rows(conn, text, params, returning=True)
+                await notify.send(conn, self._channel, notify.payloads(collection, [(k, None) for k in keys],
+                                                                       delete=True))
         except BaseException:
             await self._cache.clear()  # it may have committed: forget everything rather than risk a stale read
             raise
@@ -465,6 +548,10 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                     raise
                 with contextlib.suppress(TransactionError):
                     await tx._check_not_aborted()  # records the failure in tx._failed
+                if tx._hatch_used and tx._failed is None:  # SQL we cannot describe: every watcher resyncs
+                    with contextlib.suppress(DatabaseError):  # a failure is recorded in tx._failed: rolled back
+                        async with tx._use("commit") as used:
+                            await notify.send(used, self._channel, [notify.RESYNC_PAYLOAD])
                 tx._finish()
                 self._reset_after(conn, tx)
                 if tx._failed is not None:
@@ -476,6 +563,8 @@ class PostgresBackend(PgMessagesMixin, BackendBase):
                 finally:
                     for collection, keys in tx._written.items():
                         self._invalidate(collection, keys)
+                for table, rows in tx._loaded.items():  # committed: planner statistics for what it loaded
+                    await self._load_stats.after_load(conn, table, rows)
         finally:
             self._leave_transaction(token)
 
@@ -592,6 +681,7 @@ class PgTransaction(TransactionBase):
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
+        self._loaded: dict[str, int] = {}  # bulk rows per table, ANALYZEd after the commit (postgres/analyze.py)
         self._abandoned = False  # a statement was cancelled or timed out: the connection was terminated
         self._used = False  # a statement ran: too late to change the isolation level
         #: After :meth:`pin_snapshot`: the exported snapshot, which another connection can read in too (a backup
@@ -676,7 +766,12 @@ class PgTransaction(TransactionBase):
                 status: str = await conn.copy_to_table("storage_messages", source=replay([b"".join(
                     [row for _, row in rows])]), columns=COLUMNS, format="binary")
                 inserted += int(status.rsplit(" ", 1)[1])
+        self._note_load("storage_messages", inserted)
         return inserted
+
+    def _note_load(self, table: str, rows: int) -> None:
+        if rows >= BULK_ROWS:
+            self._loaded[table] = self._loaded.get(table, 0) + rows
 
     async def collections(self) -> list[str]:
         """The collections that hold documents, as this transaction sees them."""
@@ -707,19 +802,22 @@ class PgTransaction(TransactionBase):
                            expires: datetime | None = None) -> None:
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
-            await sql.put(conn, collection, items, expires)
+            await notify.put(conn, self._store._channel, collection, items, expires)
+        self._note_load("storage_documents", len(items))
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._wrote(collection, (key,))
         async with self._use("delete") as conn:
-            return await sql.delete(conn, collection, key, self._now())
+            return await notify.delete(conn, self._store._channel, collection, key, self._now())
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
                       expires: datetime | None = None) -> Document:
         self._wrote(collection, (key,))
         async with self._use("update") as conn:
-            return await sql.update(conn, collection, key, fn, default, in_transaction=True, now=self._now(),
-                                    expires=expires)
+            doc = await sql.update(conn, collection, key, fn, default, in_transaction=True, now=self._now(),
+                                   expires=expires)
+            await self._store._notify_written(conn, collection, [(key, orjson.dumps(doc))])
+            return doc
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         return _paged_items(self._use, collection, prefix, self._now)
@@ -741,10 +839,12 @@ class PgTransaction(TransactionBase):
             return n
 
     async def _delete_where(self, collection: str, query: Query) -> int:
-        returning = self._store._cache.ttl > 0  # keys to invalidate at commit, only when there is a cache
-        text, params = pg_query.build_delete(collection, query, self._now(), returning=returning)
+        # keys: to notify and invalidate
+        text, params = pg_query.build_delete(collection, query, self._now(), returning=True)
         async with self._use("delete_many") as conn:
-            deleted, keys = await pg_query.delete_rows(conn, text, params, returning=returning)
+            deleted, keys = await pg_query.delete_rows(conn, text, params, returning=True)
+            await notify.send(conn, self._store._channel, notify.payloads(collection, [(k, None) for k in keys],
+                                                                          delete=True))
         self._wrote(collection, keys)
         return deleted
 

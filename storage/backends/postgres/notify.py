@@ -1,0 +1,125 @@
+"""What a PostgreSQL write tells the other processes: ``pg_notify`` inside the writing transaction.
+
+PostgreSQL delivers a notification only when its transaction commits, to every session listening on the channel,
+in commit order (and in the order sent within one transaction). So a write that sends, *in its own transaction*,
+what it changed gives every listener (postgres/listener.py) each committed change exactly once, after the commit,
+never for a write that rolled back; and two writes of one key, which row locks serialize, arrive in commit order.
+
+How it is sent (measured, benchmarks/bench_feed.py): as part of the write's own statement, a data-modifying ``WITH``
+whose outer ``SELECT`` calls ``pg_notify`` (``WITH w AS (INSERT ...) SELECT pg_notify($ch, $payload)``), so a
+``put`` stays one round trip. A trigger would also catch writes made with hand-written SQL, but a row or statement
+trigger in PL/pgSQL cost 25-40% more per ``put`` here even when it found nobody listening, against a few percent
+for the statement form. Writes this library cannot describe (SQL through ``tx.connection``) send ``resync``.
+``update()`` sends its notification as one more statement of its transaction (its result is known only then).
+
+Payload: a JSON array of operations in the journal's shape: ``["p", collection, key, doc]`` (put),
+``["d", collection, key]`` (delete), ``["r"]`` (resync: something changed that the writer cannot list), and
+``["f", collection, key]`` (a put whose document the writer does not have: ``refresh_member_statistics``'s SQL;
+the listener reads it after the commit). A batch is cut into as many notifications as needed. NOTIFY payloads
+must stay under 8000 bytes, so a document larger than :data:`INLINE_DOC` bytes travels in pieces first, one
+notification each (``[["c", base64 piece]]``), then ``["q", collection, key]`` says whose document they make: one
+transaction's notifications are delivered together and in order, never interleaved with another's, so the listener
+gets the exact version committed (reading it from the table later could give a newer one). ``["s", token]`` is
+a marker the store sends itself (see PgFeed.sync).
+
+Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
+the schema name (channel names are identifiers of at most 63 bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from . import documents as sql
+
+__all__ = ["channel_for", "payloads", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC", "put", "delete", "send"]
+
+#: Bytes per notification, under PostgreSQL's limit of 8000.
+MAX_PAYLOAD = 7900
+#: Documents larger than this travel in pieces (see the module doc).
+INLINE_DOC = 3000
+#: Bytes of a document per piece (base64 makes them 4/3 as many).
+PIECE = 5600
+RESYNC_PAYLOAD = '[["r"]]'
+_dumps = orjson.dumps
+
+# documents.py's statements, each inside a WITH whose SELECT notifies: the same writes, one round trip each
+_PUT_ONE = f"WITH w AS ({sql._PUT_ONE}) SELECT pg_notify($5, $6)"
+_PUT_MANY = (f"WITH w AS ({sql._PUT_MANY}) "
+             "SELECT pg_notify($5, p) FROM unnest($6::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i")
+_DELETE = f"WITH w AS ({sql._DELETE} RETURNING 1) SELECT count(*) FROM (SELECT pg_notify($4, $5) FROM w) AS n"
+_SEND = "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i"
+
+
+def channel_for(schema: str) -> str:
+    """The notification channel of the store whose tables live in ``schema``."""
+    return "storage_changes_" + hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()
+
+
+def payloads(collection: str, items: Iterable[tuple[str, bytes | None]], *, delete: bool = False) -> list[str]:
+    """The notifications for puts of ``(key, encoded doc)`` (``doc`` None: the listener reads it) or, with
+    ``delete``, deletes of the keys; each under :data:`MAX_PAYLOAD` bytes, in order."""
+    coll = orjson.dumps(collection)
+    out: list[str] = []
+    parts: list[bytes] = []
+    size = 2
+
+    def flush() -> None:
+        nonlocal parts, size
+        if parts:
+            out.append((b"[" + b",".join(parts) + b"]").decode())
+            parts, size = [], 2
+
+    for key, doc in items:
+        head = orjson.dumps(key)
+        if delete:
+            item = b'["d",' + coll + b"," + head + b"]"
+        elif doc is None:
+            item = b'["f",' + coll + b"," + head + b"]"
+        elif len(doc) > INLINE_DOC:
+            flush()
+            for start in range(0, len(doc), PIECE):
+                out.append('[["c","' + base64.b64encode(doc[start:start + PIECE]).decode() + '"]]')
+            item = b'["q",' + coll + b"," + head + b"]"
+        else:
+            item = b'["p",' + coll + b"," + head + b"," + doc + b"]"
+        if parts and size + len(item) + 1 > MAX_PAYLOAD:
+            flush()
+        parts.append(item)
+        size += len(item) + 1
+    flush()
+    return out
+
+
+async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]],
+              expires: datetime | None = None) -> None:
+    """``documents.put`` that notifies in the same statement (so in the same transaction)."""
+    if len(items) == 1 and len(items[0][1]) <= INLINE_DOC:
+        key, raw = items[0]
+        # the one-put payload of payloads(), built directly: this runs on every save
+        note = '[["p",' + _dumps(collection).decode() + "," + _dumps(key).decode() + "," + raw.decode() + "]]"
+        await conn.execute(_PUT_ONE, collection, key, raw, expires, channel, note)
+        return
+    latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
+    keys = sorted(latest)
+    docs = [latest[k] for k in keys]
+    await conn.execute(_PUT_MANY, collection, keys, docs, expires, channel, payloads(collection, zip(keys, docs)))
+
+
+async def delete(conn: Any, channel: str, collection: str, key: str, now: datetime) -> bool:
+    """``documents.delete`` that notifies in the same statement when a (visible) document was deleted."""
+    deleted: int = await conn.fetchval(_DELETE, collection, key, now, channel,
+                                       payloads(collection, [(key, None)], delete=True)[0])
+    return deleted > 0
+
+
+async def send(conn: Any, channel: str, notes: list[str]) -> None:
+    """Send notifications built by :func:`payloads` (inside the caller's transaction)."""
+    if notes:
+        await conn.execute(_SEND, channel, notes)
