@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, cast
 
 from .errors import ValidationError
+from .member_fast import encode_members_ids
 from .models import MEMBERS, member_key, snowflake
 from .protocol import Document, DocumentOps
 from .rules import encode_for
@@ -70,8 +71,10 @@ class MembersMixin:
         documented behaviour), so one bad row from a bulk import does not block the rest.
         """
         self._guard_write()  # closed, read-only, or a transaction open in this task (which would deadlock)
-        items: list[tuple[str, bytes]] = []
-        for index, update in enumerate(updates):
+        # First every update's shape and ids, then the member rule: its fast path over all the rows at once
+        # (storage.member_fast), the rows it declines in full, in order (so errors are logged in order).
+        rows: list[tuple[str, str, Any] | ValidationError] = []
+        for update in updates:
             try:
                 if type(update) is not dict and not isinstance(update, Mapping):
                     raise ValidationError(f"update must be a mapping, got {type(update).__name__}", field="update")
@@ -80,12 +83,27 @@ class MembersMixin:
                 except KeyError:
                     missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
                     raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
-                user, guild = snowflake(user_id, "user_id"), snowflake(guild_id, "guild_id")
-                key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-                encoded = encode_for(MEMBERS, key, data, "data")  # the members rule, as every write applies it
+                user = snowflake(user_id, "user_id")
+                rows.append((snowflake(guild_id, "guild_id"), user, data))
             except ValidationError as exc:
-                log.error("batch_update_members: skipping update #%d: %s", index, exc)
+                rows.append(exc)
+        fast = encode_members_ids([row for row in rows if type(row) is tuple])
+        items: list[tuple[str, bytes]] = []
+        taken = 0
+        for index, row in enumerate(rows):
+            if isinstance(row, ValidationError):
+                log.error("batch_update_members: skipping update #%d: %s", index, row)
                 continue
+            guild, user, data = row
+            key = f"{guild}_{user}"  # member_key, from the ids already made canonical
+            encoded = fast[taken]
+            taken += 1
+            if encoded is None:
+                try:
+                    encoded = encode_for(MEMBERS, key, data, "data")  # the members rule, as every write applies it
+                except ValidationError as exc:
+                    log.error("batch_update_members: skipping update #%d: %s", index, exc)
+                    continue
             items.append((key, encoded))
         if not items:
             return 0

@@ -11,6 +11,11 @@ library accepted members this rule refuses (a negative ``message_count`` put thr
 restore or copy them would make that backup useless exactly when it is needed. Those paths write with
 :meth:`storage.documents.OpsBase._put_stored` instead; ``storage check`` is where such documents are reported.
 
+A rule may have a fast path (:data:`FAST_RULES`; the members one is :mod:`storage.member_fast`) that batch writes
+(``put_many``, ``batch_update_members``) run first over all their documents: it encodes the usual document and
+declines anything else, which then goes through the rule itself. It never refuses: what is accepted or refused,
+and with which message, is the rule's decision alone.
+
 Rules live in :data:`RULES`, an immutable mapping from collection name to rule (no registration at run time:
 which collection means what is part of the library's contract, like the ``members`` collection itself).
 """
@@ -18,31 +23,35 @@ which collection means what is part of the library's contract, like the ``member
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
 from .codec import encode_doc, shown
 from .errors import ValidationError
-from .models import MEMBERS, check_member, iso_utc, snowflake
+from .member_fast import encode_member, encode_members, time_text
+from .models import MEMBERS, check_member, snowflake
 
-__all__ = ["Rule", "RULES", "encode_for", "member_rule", "time_text"]
+__all__ = ["Rule", "RULES", "FAST_RULES", "encode_for", "member_rule", "time_text"]
 
 #: ``rule(key, doc, what) -> encoded bytes``; raises :class:`ValidationError` naming the field.
 Rule = Callable[[str, Any, str], bytes]
-
-
-def time_text(value: Any) -> Any:
-    """orjson's ``default`` hook of a rule that stores datetimes as text: the canonical UTC form message records
-    use (:func:`storage.models.iso_utc`, a naive datetime taken as UTC), at any depth of the document."""
-    if isinstance(value, datetime):
-        return iso_utc(value, "datetime")
-    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+#: ``fast(pairs) -> [encoded bytes | None]``: a rule's fast path over a batch of ``(key, doc)`` pairs, for the
+#: usual document (its key included: it also passes :func:`storage.codec.check_key`); None means "run the rule",
+#: never "invalid" (see storage.member_fast).
+FastRule = Callable[[list[Any]], "list[bytes | None]"]
 
 
 def member_rule(key: str, doc: Any, what: str) -> bytes:
     """The seed's member shape (:func:`storage.models.check_member`) under a key ``"{guild_id}_{user_id}"`` of two
     canonical snowflakes; datetimes anywhere in the document are stored as canonical ISO text."""
+    encoded = encode_member(key, doc)  # the usual member in a few calls (storage.member_fast), else the long way
+    if encoded is not None:
+        return encoded
+    return member_rule_checked(key, doc, what)
+
+
+def member_rule_checked(key: str, doc: Any, what: str) -> bytes:
+    """:func:`member_rule` without its fast path: every check spelled out, and the error messages."""
     guild, sep, user = key.partition("_")
     try:
         if not sep:
@@ -58,6 +67,8 @@ def member_rule(key: str, doc: Any, what: str) -> bytes:
 
 #: The rules by collection. Collections without one accept any JSON object.
 RULES: Mapping[str, Rule] = MappingProxyType({MEMBERS: member_rule})
+#: The rules' fast paths by collection (a collection may have a rule without one).
+FAST_RULES: Mapping[str, FastRule] = MappingProxyType({MEMBERS: encode_members})
 
 
 def encode_for(collection: str, key: str, doc: Any, what: str = "document") -> bytes:

@@ -189,35 +189,52 @@ class Tables:
     # ---------------------------------------------------------------------------------------------------------------
     # applying committed changes to memory
     def apply(self, ops: list[Op]) -> None:
-        data, sizes, expires = self.data, self.sizes, self.expires
+        """Apply a committed record's operations to the collections, their sizes, expiries, indexes and the change
+        feed.
+
+        Per run of operations on one collection its dict, size change and expiries are looked up once (a batch of
+        1,000 member puts: 0.79 -> 0.44 ms, benchmarks/README.md), not once per operation."""
+        data, sizes, expires, dirty = self.data, self.sizes, self.expires, self.dirty
         feed = self.feed
         publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
+        name: str | None = None
+        coll: Collection = {}
+        expiring: dict[str, int] | None = None
+        delta = 0
         for op in ops:
-            coll_name, key = op[1], op[2]
-            coll = data.get(coll_name)
-            if coll is None:
-                coll = data[coll_name] = {}
-                sizes[coll_name] = 2
+            if op[1] != name:
+                if name is not None:
+                    sizes[name] += delta
+                name = op[1]
+                found = data.get(name)
+                if found is None:
+                    found = data[name] = {}
+                    sizes[name] = 2
+                coll, delta, expiring = found, 0, expires.get(name)
+                dirty.add(name)
+            key = op[2]
             old = coll.get(key)
             if old is not None:
-                sizes[coll_name] -= len(key) + len(old) + OVERHEAD
+                delta -= len(key) + len(old) + OVERHEAD
             if op[0] == "p":
                 new: bytes = op[3]  # type: ignore[misc]
                 coll[key] = new
-                sizes[coll_name] += len(key) + len(new) + OVERHEAD
+                delta += len(key) + len(new) + OVERHEAD
                 if publish is not None:
-                    publish(coll_name, key, "put", new)
+                    publish(name, key, "put", new)
             elif old is not None:
                 del coll[key]
                 if publish is not None:
-                    publish(coll_name, key, "delete", None)
+                    publish(name, key, "delete", None)
             if len(op) == 5:
-                expires.setdefault(coll_name, {})[key] = op[4]  # type: ignore[misc]
-            elif coll_name in expires:
-                expiring = expires[coll_name]
-                if expiring.pop(key, None) is not None and not expiring:
-                    del expires[coll_name]
-            self.dirty.add(coll_name)
+                if expiring is None:
+                    expiring = expires[name] = {}
+                expiring[key] = op[4]  # type: ignore[misc]
+            elif expiring is not None and expiring.pop(key, None) is not None and not expiring:
+                del expires[name]
+                expiring = None
+        if name is not None:
+            sizes[name] += delta
         if self.indexes.live:
             self.indexes.apply(ops)
 
