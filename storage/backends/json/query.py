@@ -38,7 +38,7 @@ from ...query.evaluate import OTHER, Predicate, compile_filter, needles, sort_pa
 from ...query.plan import RANGE_OPS, Query
 from .indexes import CollectionIndexes, PathIndex
 
-__all__ = ["INLINE", "WALK_BUDGET", "Mode", "run_query", "considered"]
+__all__ = ["INLINE", "WALK_BUDGET", "Mode", "QueryAnswers", "run_query", "considered"]
 
 #: Matches sorted on the event loop at most; more are sorted in a worker thread.
 INLINE = 2000
@@ -50,6 +50,22 @@ WALK_BUDGET = 2000
 WALK_STEPS = 20_000
 
 Mode = Literal["find", "count", "keys"]
+
+
+class QueryAnswers:
+    """``_find`` / ``_count_where`` of the store and of a transaction, over their one ``_query`` (which knows what
+    each sees: the committed documents with their indexes, or the transaction's view)."""
+
+    async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
+        raise NotImplementedError
+
+    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
+        found: list[tuple[str, Document]] = await self._query(collection, query, "find")
+        return found
+
+    async def _count_where(self, collection: str, query: Query) -> int:
+        counted: int = await self._query(collection, query, "count")
+        return counted
 
 
 def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> dict[str, bytes]:

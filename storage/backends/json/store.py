@@ -76,7 +76,7 @@ from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
-from .query import Mode, run_query
+from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
 from .tables import Plan, Staged, Tables
 
@@ -104,7 +104,7 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 
 
-class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
+class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -622,14 +622,6 @@ class JsonBackend(JsonLifecycle, JsonMessageQueries, BackendBase):
         coll = live_mapping(tables.data.get(collection) or {}, self._dead(collection))  # expiry: json/expiry.py
         return await run_query(coll, tables.indexes.of(collection), query, mode)
 
-    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
-        found: list[tuple[str, Document]] = await self._query(collection, query, "find")
-        return found
-
-    async def _count_where(self, collection: str, query: Query) -> int:
-        counted: int = await self._query(collection, query, "count")
-        return counted
-
     async def _delete_where(self, collection: str, query: Query) -> int:
         """One transaction: the matching keys found under the lock, deleted in one journal line."""
         self._check_writable(collection)
@@ -838,7 +830,7 @@ class _Held:
         self._store._exit_locked()
 
 
-class JsonTransaction(TransactionBase):
+class JsonTransaction(QueryAnswers, TransactionBase):
     """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
 
     def __init__(self, store: JsonBackend) -> None:
@@ -923,14 +915,6 @@ class JsonTransaction(TransactionBase):
         indexes = self._json._tables.indexes.of(collection) if view is committed else None
         dead = dead_keys(self._staged.expiring_in(collection), self._json._now_micros())  # json/expiry.py
         return await run_query(live_mapping(view, dead), indexes, query, mode)
-
-    async def _find(self, collection: str, query: Query) -> list[tuple[str, Document]]:
-        found: list[tuple[str, Document]] = await self._query(collection, query, "find")
-        return found
-
-    async def _count_where(self, collection: str, query: Query) -> int:
-        counted: int = await self._query(collection, query, "count")
-        return counted
 
     async def _delete_where(self, collection: str, query: Query) -> int:
         self._json._check_writable(collection)
