@@ -43,7 +43,7 @@ import orjson
 from ...errors import CorruptDataError
 from ...fsutil import atomic_write, fsync_dir, write_all
 from ...ownership import Owner
-from .message_files import GENERATION_NAME, MESSAGES_DIR, block_ids, corrupt, line_id, list_files, parse_line
+from .message_files import GENERATION_NAME, MESSAGES_DIR, block_line_ids, corrupt, list_files, parse_line
 
 __all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "intent_path",
            "intent_pending", "recover", "sweep", "file_ids", "lines_with", "without_author", "is_forget_entry"]
@@ -99,19 +99,7 @@ def owned_keys(data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> dict[st
 def file_ids(path: Path, data: bytes) -> set[int]:
     """The distinct message ids of a file's complete lines (a record and its updates are one id)."""
     end = data.rfind(b"\n") + 1
-    block = data[:end]
-    digits = block_ids(block) if block else []
-    if digits is not None:
-        return set(map(int, digits))
-    ids: set[int] = set()
-    offset = 0
-    for line in block[:-1].split(b"\n"):
-        try:
-            ids.add(line_id(line))
-        except ValueError as exc:
-            raise corrupt(path, offset, exc) from None
-        offset += len(line) + 1
-    return ids
+    return set(block_line_ids(path, 0, data[:end])) if end else set()
 
 
 def lines_with(data: bytes, needle: bytes) -> Iterator[tuple[int, int]]:

@@ -35,7 +35,8 @@ from ...fsutil import TEMP_MARK
 
 __all__ = [
     "MESSAGES_DIR", "GENERATION_NAME", "FileKey", "Record", "encode_line", "encode_bodies", "join_lines",
-    "encode_update", "parse_line", "parse_record", "parse_block", "block_ids", "line_id", "corrupt", "iter_blocks",
+    "encode_update", "parse_line", "parse_record", "parse_block", "block_ids", "block_line_ids", "line_id", "corrupt",
+    "iter_blocks",
     "iter_lines", "order", "month_range", "file_path", "list_files", "list_months", "read_generation",
     "is_temp_file", "run_in_thread", "run_holding",
 ]
@@ -167,6 +168,22 @@ def block_ids(block: bytes) -> list[bytes] | None:
         ids += _UPDATE_IDS.findall(text)
         if len(ids) != lines:
             return None
+    return ids
+
+
+def block_line_ids(path: Path, offset: int, block: bytes) -> list[int]:
+    """The ids of ``block``'s complete lines (read at ``offset`` of ``path``), one per line: by :func:`block_ids`,
+    or line by line to name the corrupt line and its position."""
+    digits = block_ids(block)
+    if digits is not None:
+        return list(map(int, digits))
+    ids = []
+    for line in block[:-1].split(b"\n"):
+        try:
+            ids.append(line_id(line))
+        except ValueError as exc:
+            raise corrupt(path, offset, exc) from None
+        offset += len(line) + 1
     return ids
 
 

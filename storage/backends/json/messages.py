@@ -63,7 +63,7 @@ from .message_files import (
     MESSAGES_DIR,
     FileKey,
     Record,
-    block_ids,
+    block_line_ids,
     corrupt,
     encode_bodies,
     encode_update,
@@ -72,7 +72,6 @@ from .message_files import (
     iter_blocks,
     iter_lines,
     join_lines,
-    line_id,
     list_files,
     list_months,
     month_range,
@@ -220,13 +219,13 @@ class MessageLog:
             previous: tuple[int, bytes] | None = None
             for block in iter_blocks(fd, state.size, size):
                 if previous is not None:
-                    index.update(dict.fromkeys(_ids(path, *previous), slot))
+                    index.update(dict.fromkeys(block_line_ids(path, *previous), slot))
                 previous = block
             if previous is not None:
                 offset, data = previous
                 cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
                 if cut:
-                    index.update(dict.fromkeys(_ids(path, offset, data[:cut]), slot))
+                    index.update(dict.fromkeys(block_line_ids(path, offset, data[:cut]), slot))
                 end = offset + cut
                 try:
                     last = parse_record(data[cut:-1])  # checked in full: a torn write may end in a newline
@@ -480,7 +479,7 @@ class MessageLog:
         fd = os.open(path, os.O_RDONLY)
         try:
             for offset, block in iter_blocks(fd, 0, state.size):
-                ids.update(_ids(path, offset, block))
+                ids.update(block_line_ids(path, offset, block))
         finally:
             os.close(fd)
         self._before_rewrite()
@@ -584,19 +583,6 @@ class MessageLog:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-def _ids(path: Path, offset: int, block: bytes) -> list[int]:
-    """The ids of a block of complete lines read at ``offset``: by regex, or line by line to find a bad one."""
-    digits = block_ids(block)
-    if digits is not None:
-        return list(map(int, digits))
-    ids = []
-    for line in block[:-1].split(b"\n"):
-        try:
-            ids.append(line_id(line))
-        except ValueError as exc:
-            raise corrupt(path, offset, exc) from None
-        offset += len(line) + 1
-    return ids
 
 
 def _latest(path: Path, size: int, message_id: str) -> Record:

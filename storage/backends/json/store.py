@@ -639,20 +639,26 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 return False
             built = await cancellation.run_in_thread(build_indexes, self._tables.data.get(collection) or {},
                                                      [path])
-            before = indexes.declared
-            indexes.declared = {**before, collection: sorted([*paths, path])}
-            try:
-                with self._io("declaring the index"):
-                    await cancellation.run_in_thread(indexes.write)
-            except BaseException:
-                indexes.declared = before
-                raise
+            await self._declare_indexes({**indexes.declared, collection: sorted([*paths, path])},
+                                        "declaring the index")
             current = indexes.live.get(collection)
             if current is None:
                 indexes.live[collection] = built
             else:
                 current.paths.update(built.paths)
         return True
+
+    async def _declare_indexes(self, declared: dict[str, list[str]], doing: str) -> None:
+        """Persist ``declared`` as the index declarations (under the lock); on failure the old ones stay in force."""
+        indexes = self._tables.indexes
+        before = indexes.declared
+        indexes.declared = declared
+        try:
+            with self._io(doing):
+                await cancellation.run_in_thread(indexes.write)
+        except BaseException:
+            indexes.declared = before
+            raise
 
     async def _drop_index(self, collection: str, path: str) -> bool:
         self._check_usable()
@@ -661,15 +667,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             paths = indexes.declared.get(collection, [])
             if path not in paths:
                 return False
-            before = indexes.declared
             rest = [p for p in paths if p != path]
-            indexes.declared = {c: p for c, p in {**before, collection: rest}.items() if p}
-            try:
-                with self._io("dropping the index"):
-                    await cancellation.run_in_thread(indexes.write)
-            except BaseException:
-                indexes.declared = before
-                raise
+            await self._declare_indexes({c: p for c, p in {**indexes.declared, collection: rest}.items() if p},
+                                        "dropping the index")
             live = indexes.live.get(collection)
             if live is not None:
                 live.paths.pop(path, None)
