@@ -55,6 +55,8 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
     if fast is not None:
         pairs = list(pairs)
         encoded = fast(pairs)
+        if None not in encoded:  # the usual batch: every item taken by the fast path (each a (str, doc) tuple)
+            return [(pair[0], done) for pair, done in zip(pairs, encoded)]  # type: ignore[index,misc]
     out: list[tuple[str, bytes]] = []
     for index, pair in enumerate(pairs, start):
         if encoded is not None:
