@@ -1,0 +1,135 @@
+"""The key -> offset sidecar of a snapshot: ``storage.<collection>.offsets``, a cache that lets a store open without
+parsing the snapshot.
+
+A snapshot in compaction's layout (snapshot.py: one document per line) is found again line by line from this table:
+for each document, the crc32 of its key (sorted, for a bisection), where its line starts and how long it is (without
+the comma and newline). Opening a collection then costs a read of this table (16 bytes a document) and one
+checksum pass over the snapshot, instead of a parse of every document (json/lazy.py reads them on first use).
+
+It is only a cache, never the truth, so it can never make a wrong answer possible:
+
+* It records the snapshot's size and crc32 it was built from, and carries a crc32 of its own bytes: a truncated,
+  corrupt or hand-edited sidecar, or one left over from another snapshot (a hand edit of ``members.json``, a
+  compaction that crashed between the two files, a restore) fails :func:`read_offsets` and is rebuilt from the
+  snapshot by a full read.
+* It is built only from a snapshot whose every document was checked (snapshot.py's fast path, or compaction's own
+  rendering), and only when no key needs a JSON escape, so a document found through it is exactly the bytes an
+  eager load would have kept.
+* Every document read through it is checked again: its line must start with exactly ``  "<key>": `` (lazy.py).
+
+Written atomically (temp file, fsync, rename): a crash while writing leaves the old sidecar (stale: rebuilt) or a
+temp file (removed at the next open), never a torn file that passes the checks. A person reading ``config/`` sees
+the same JSON files as before; this file is the store's own (every ``storage.*`` entry is), not data: backups skip
+it and deleting it only makes the next open slower.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...fsutil import atomic_write
+
+__all__ = ["Offsets", "Spans", "new_spans", "offsets_name", "build_offsets", "render_offsets", "read_offsets",
+           "write_offsets"]
+
+MAGIC = b"storage offsets 1\n"
+#: snapshot size, snapshot crc32, documents, approximate collection size (snapshot.py's accounting)
+_HEADER = struct.Struct("<QIIQ")
+_TRAILER = struct.Struct("<I")
+#: bytes of the table per document: key crc32 (4), line offset (8), line length (4)
+ENTRY_BYTES = 16
+
+#: Per document, in file order: key crc32, offset of its line, length of its line (comma and newline excluded).
+Spans = tuple["array[int]", "array[int]", "array[int]"]
+
+
+def new_spans() -> Spans:
+    return array("I"), array("Q"), array("I")
+
+
+if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover - every supported platform
+    raise ImportError("storage: array('I') must be 4 bytes and array('Q') 8 bytes")
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """A validated sidecar's table, sorted by key crc32 (ties in file order)."""
+
+    hashes: "array[int]"
+    offsets: "array[int]"
+    lengths: "array[int]"
+    snapshot_size: int
+    snapshot_crc: int
+    approx_size: int
+
+    @property
+    def count(self) -> int:
+        return len(self.hashes)
+
+
+def offsets_name(collection: str) -> str:
+    """``storage.<collection>.offsets``: ``storage.`` marks the store's own files; no collection file ends so."""
+    return f"storage.{collection}.offsets"
+
+
+def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_size: int) -> Offsets:
+    """The table of a snapshot from its spans in file order (sorted here, by key crc32)."""
+    hashes, offsets, lengths = spans
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)  # stable: equal crcs stay in file order
+    return Offsets(array("I", [hashes[i] for i in order]), array("Q", [offsets[i] for i in order]),
+                   array("I", [lengths[i] for i in order]), snapshot_size, snapshot_crc, approx_size)
+
+
+def _little(values: "array[int]") -> bytes:
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array(values.typecode, values)  # pragma: no cover - big-endian machines
+    swapped.byteswap()  # pragma: no cover
+    return swapped.tobytes()  # pragma: no cover
+
+
+def render_offsets(table: Offsets) -> bytes:
+    body = (MAGIC + _HEADER.pack(table.snapshot_size, table.snapshot_crc, table.count, table.approx_size)
+            + _little(table.hashes) + _little(table.offsets) + _little(table.lengths))
+    return body + _TRAILER.pack(zlib.crc32(body))
+
+
+def write_offsets(path: Path, table: Offsets, *, sync_dir: bool) -> None:
+    atomic_write(path, render_offsets(table), sync_dir=sync_dir)
+
+
+def read_offsets(path: Path, snapshot_size: int) -> Offsets | str:
+    """The sidecar's table if it is whole and was built for a snapshot of ``snapshot_size`` bytes, else why not.
+    (The caller then checks the snapshot's crc32 against :attr:`Offsets.snapshot_crc`.)"""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    fixed = len(MAGIC) + _HEADER.size + _TRAILER.size
+    if len(raw) < fixed or not raw.startswith(MAGIC):
+        return "not a sidecar of this version"
+    size, crc, count, approx = _HEADER.unpack_from(raw, len(MAGIC))
+    if len(raw) != fixed + count * ENTRY_BYTES:
+        return "truncated or padded"
+    (own,) = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
+    if zlib.crc32(memoryview(raw)[:-_TRAILER.size]) != own:
+        return "its checksum does not match"
+    if size != snapshot_size:
+        return "built for another snapshot (size differs)"
+    at = len(MAGIC) + _HEADER.size
+    columns = []
+    for typecode, width in (("I", 4), ("Q", 8), ("I", 4)):
+        column = array(typecode)
+        column.frombytes(raw[at:at + count * width])
+        if sys.byteorder != "little":  # pragma: no cover - big-endian machines
+            column.byteswap()
+        columns.append(column)
+        at += count * width
+    return Offsets(columns[0], columns[1], columns[2], size, crc, approx)
