@@ -30,8 +30,7 @@ import os
 import threading
 import zlib
 from bisect import bisect_left
-from collections.abc import Iterator, KeysView, ValuesView, ItemsView
-from collections.abc import MutableMapping
+from collections.abc import ItemsView, Iterator, KeysView, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +182,7 @@ class SnapshotFile:
 class Lazy(MutableMapping[str, bytes]):
     """``{key: encoded document}`` over a :class:`SnapshotFile`: see the module doc."""
 
-    __slots__ = ("file", "_known", "_count", "_whole", "_mutex")
+    __slots__ = ("_count", "_known", "_mutex", "_whole", "file")
 
     def __init__(self, file: SnapshotFile) -> None:
         self.file = file

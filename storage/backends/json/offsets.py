@@ -60,9 +60,9 @@ if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover - e
 class Offsets:
     """A validated sidecar's table, sorted by key crc32 (ties in file order)."""
 
-    hashes: "array[int]"
-    offsets: "array[int]"
-    lengths: "array[int]"
+    hashes: array[int]
+    offsets: array[int]
+    lengths: array[int]
     snapshot_size: int
     snapshot_crc: int
     approx_size: int
@@ -85,7 +85,7 @@ def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_si
                    array("I", [lengths[i] for i in order]), snapshot_size, snapshot_crc, approx_size)
 
 
-def _little(values: "array[int]") -> bytes:
+def _little(values: array[int]) -> bytes:
     if sys.byteorder == "little":
         return values.tobytes()
     swapped = array(values.typecode, values)  # pragma: no cover - big-endian machines

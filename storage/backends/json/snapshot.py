@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import re
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from itertools import chain
 from pathlib import Path
 
@@ -28,9 +28,11 @@ from ...codec import dumps_kept
 from ...errors import CorruptDataError, DatabaseError
 from .offsets import Spans, new_spans
 
-__all__ = ["Collection", "render_collection", "render_with_spans", "read_snapshot", "parse_lines"]
+__all__ = ["Collection", "Documents", "render_collection", "render_with_spans", "read_snapshot", "parse_lines"]
 
 Collection = dict[str, bytes]
+#: A collection as the store holds it: a :data:`Collection`, or one read lazily from its snapshot (json/lazy.py).
+Documents = MutableMapping[str, bytes]
 #: Per-document bookkeeping bytes in a snapshot (quotes, colon, comma, newline, indent): for compaction sizing.
 OVERHEAD = 8
 _NEEDS_FULL_PARSE = re.compile(rb'[\x00-\x1f\\"]')

@@ -40,10 +40,10 @@ from ...fsutil import atomic_write, fsync_dir
 from .expiry import EXPIRES_NAME, Expiries, dead_keys, read_sidecar, render_sidecar, visible
 from .indexes import JsonIndexes
 from .journal import Journal, Op
-from .lock import Committed, SidecarLock
 from .lazy import Lazy, SnapshotFile
+from .lock import Committed, SidecarLock
 from .offsets import Offsets, build_offsets, new_spans, offsets_name, read_offsets, write_offsets
-from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection, render_with_spans
+from .snapshot import OVERHEAD, Documents, read_snapshot, render_collection, render_with_spans
 
 __all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
 
@@ -68,7 +68,7 @@ class Tables:
         self.lock = lock  # only its published committed end: the store takes and releases the lock itself
         self.read_only = read_only
         #: Each collection as ``{key: encoded document}``: a dict, or a lazy one over its snapshot (json/lazy.py)
-        self.data: dict[str, Collection] = {}
+        self.data: dict[str, Documents] = {}
         #: when expiring documents expire: {collection: {key: micros}}, only keys present in data (json/expiry.py)
         self.expires: Expiries = {}
         self.sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
@@ -114,7 +114,7 @@ class Tables:
         if self.journal.path.exists():
             records = self.journal.open(self.committed)
         trusted = self.journal.snapshots
-        data: dict[str, Collection] = {}
+        data: dict[str, Documents] = {}
         sizes: dict[str, int] = {}
         foreign: dict[str, str] = {}
         files: dict[str, FileState] = {}
@@ -216,7 +216,7 @@ class Tables:
             self.journal.rebase(untrusted)
             fsync_dir(self.path)
 
-    def _check_edit(self, name: str, path: Path, coll: Collection, records: list[list[Op]]) -> None:
+    def _check_edit(self, name: str, path: Path, coll: Documents, records: list[list[Op]]) -> None:
         """A snapshot that is not the file the last compaction wrote: fine if the journal has nothing newer for it
         (a hand edit while the store was closed, or a compaction that crashed after writing it), damage if
         replaying the journal would overwrite part of it (someone wrote it while the store had it open)."""
@@ -250,7 +250,7 @@ class Tables:
         feed = self.feed
         publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
         name: str | None = None
-        coll: Collection = {}
+        coll: Documents = {}
         expiring: dict[str, int] | None = None
         delta = 0
         for op in ops:
@@ -538,7 +538,7 @@ class Staged:
 
     __slots__ = ("base", "base_expires", "changes", "expiring")
 
-    def __init__(self, base: dict[str, Collection], base_expires: Expiries | None = None) -> None:
+    def __init__(self, base: dict[str, Documents], base_expires: Expiries | None = None) -> None:
         self.base = base
         self.changes: dict[tuple[str, str], bytes | None] = {}
         self.base_expires: Expiries = base_expires if base_expires is not None else {}
