@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from bisect import bisect_left
 from collections.abc import ItemsView, Iterator, KeysView, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
@@ -139,20 +138,26 @@ class SnapshotFile:
         except UnicodeEncodeError:
             return None  # a lone surrogate: no key in a UTF-8 file is that
         table = self.table
-        hashes = table.hashes
+        hashes, slots = table.hashes, table.slots
         h = zlib.crc32(kb)
-        i = bisect_left(hashes, h)
-        n = len(hashes)
-        if i >= n or hashes[i] != h:
-            return None
+        mask = len(slots) - 1
+        at = h & mask
         k = len(kb)
-        while i < n and hashes[i] == h:  # several keys may share a crc32: the line says whose it is
-            line = os.pread(self.fd, table.lengths[i], table.offsets[i])
-            if line[3:3 + k] == kb and line[3 + k:6 + k] == b'": ' and line[:3] == b'  "':
-                self._check_unchanged()  # after the read: what it returned is what the file held at the open
-                return line[6 + k:]
-            i += 1
-        self._check_unchanged()
+        read = False
+        for _probe in range(len(slots)):  # bounded: a slot table is never full (checked when read)
+            index = slots[at]
+            if not index:
+                break
+            index -= 1
+            if hashes[index] == h:  # several keys may share a crc32: the line says whose it is
+                line = os.pread(self.fd, table.lengths[index], table.offsets[index])
+                read = True
+                if line[3:3 + k] == kb and line[3 + k:6 + k] == b'": ' and line[:3] == b'  "':
+                    self._check_unchanged()  # after the read: what it returned is what the file held at the open
+                    return line[6 + k:]
+            at = (at + 1) & mask
+        if read:
+            self._check_unchanged()  # "absent" only from the bytes checked at the open
         return None
 
     def read_all(self) -> Collection:

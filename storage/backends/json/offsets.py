@@ -2,9 +2,11 @@
 parsing the snapshot.
 
 A snapshot in compaction's layout (snapshot.py: one document per line) is found again line by line from this table:
-for each document, the crc32 of its key (sorted, for a bisection), where its line starts and how long it is (without
-the comma and newline). Opening a collection then costs a read of this table (16 bytes a document) and one
-checksum pass over the snapshot, instead of a parse of every document (json/lazy.py reads them on first use).
+for each document in file order, the crc32 of its key, where its line starts and how long it is (without the comma
+and newline), plus an open-addressing hash table of slots over them (built by a plain loop, not one long sort: a
+C call that sorts 100k entries holds the GIL, and with it a bot's event loop, for tens of ms). Opening a collection
+then costs a read of this table (24 bytes a document) and one checksum pass over the snapshot, instead of a parse
+of every document (json/lazy.py reads them on first use).
 
 It is only a cache, never the truth, so it can never make a wrong answer possible:
 
@@ -38,11 +40,12 @@ __all__ = ["Offsets", "Spans", "new_spans", "offsets_name", "build_offsets", "re
            "write_offsets"]
 
 MAGIC = b"storage offsets 1\n"
-#: snapshot size, snapshot crc32, documents, approximate collection size (snapshot.py's accounting)
-_HEADER = struct.Struct("<QIIQ")
+#: snapshot size, snapshot crc32, documents, slots, approximate collection size (snapshot.py's accounting)
+_HEADER = struct.Struct("<QIIIQ")
 _TRAILER = struct.Struct("<I")
-#: bytes of the table per document: key crc32 (4), line offset (8), line length (4)
+#: bytes of the table per document: key crc32 (4), line offset (8), line length (4); and per slot (4)
 ENTRY_BYTES = 16
+SLOT_BYTES = 4
 
 #: Per document, in file order: key crc32, offset of its line, length of its line (comma and newline excluded).
 Spans = tuple["array[int]", "array[int]", "array[int]"]
@@ -58,11 +61,14 @@ if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover - e
 
 @dataclass(frozen=True)
 class Offsets:
-    """A validated sidecar's table, sorted by key crc32 (ties in file order)."""
+    """A validated sidecar's table: the documents' spans in file order, and ``slots`` (a power of two of them, at
+    least twice the documents): slot ``crc32(key) & (len(slots) - 1)`` and the ones after it, up to an empty one
+    (0), hold the 1-based indexes of the documents whose key may be that key."""
 
     hashes: array[int]
     offsets: array[int]
     lengths: array[int]
+    slots: array[int]
     snapshot_size: int
     snapshot_crc: int
     approx_size: int
@@ -78,11 +84,19 @@ def offsets_name(collection: str) -> str:
 
 
 def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_size: int) -> Offsets:
-    """The table of a snapshot from its spans in file order (sorted here, by key crc32)."""
+    """The table of a snapshot from its spans in file order (the slots built here)."""
     hashes, offsets, lengths = spans
-    order = sorted(range(len(hashes)), key=hashes.__getitem__)  # stable: equal crcs stay in file order
-    return Offsets(array("I", [hashes[i] for i in order]), array("Q", [offsets[i] for i in order]),
-                   array("I", [lengths[i] for i in order]), snapshot_size, snapshot_crc, approx_size)
+    size = 8
+    while size < 2 * len(hashes):
+        size *= 2
+    mask = size - 1
+    slots = array("I", bytes(SLOT_BYTES * size))
+    for index, h in enumerate(hashes, 1):
+        at = h & mask
+        while slots[at]:
+            at = (at + 1) & mask
+        slots[at] = index
+    return Offsets(hashes, offsets, lengths, slots, snapshot_size, snapshot_crc, approx_size)
 
 
 def _little(values: array[int]) -> bytes:
@@ -94,8 +108,9 @@ def _little(values: array[int]) -> bytes:
 
 
 def render_offsets(table: Offsets) -> bytes:
-    body = (MAGIC + _HEADER.pack(table.snapshot_size, table.snapshot_crc, table.count, table.approx_size)
-            + _little(table.hashes) + _little(table.offsets) + _little(table.lengths))
+    body = (MAGIC + _HEADER.pack(table.snapshot_size, table.snapshot_crc, table.count, len(table.slots),
+                                 table.approx_size)
+            + _little(table.hashes) + _little(table.offsets) + _little(table.lengths) + _little(table.slots))
     return body + _TRAILER.pack(zlib.crc32(body))
 
 
@@ -115,9 +130,11 @@ def read_offsets(path: Path, snapshot_size: int) -> Offsets | str:
     fixed = len(MAGIC) + _HEADER.size + _TRAILER.size
     if len(raw) < fixed or not raw.startswith(MAGIC):
         return "not a sidecar of this version"
-    size, crc, count, approx = _HEADER.unpack_from(raw, len(MAGIC))
-    if len(raw) != fixed + count * ENTRY_BYTES:
+    size, crc, count, nslots, approx = _HEADER.unpack_from(raw, len(MAGIC))
+    if len(raw) != fixed + count * ENTRY_BYTES + nslots * SLOT_BYTES:
         return "truncated or padded"
+    if nslots < 2 * count or nslots < 8 or nslots & (nslots - 1):
+        return "its slot table has the wrong size"
     (own,) = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
     if zlib.crc32(memoryview(raw)[:-_TRAILER.size]) != own:
         return "its checksum does not match"
@@ -125,11 +142,11 @@ def read_offsets(path: Path, snapshot_size: int) -> Offsets | str:
         return "built for another snapshot (size differs)"
     at = len(MAGIC) + _HEADER.size
     columns = []
-    for typecode, width in (("I", 4), ("Q", 8), ("I", 4)):
+    for typecode, width, n in (("I", 4, count), ("Q", 8, count), ("I", 4, count), ("I", 4, nslots)):
         column = array(typecode)
-        column.frombytes(raw[at:at + count * width])
+        column.frombytes(raw[at:at + n * width])
         if sys.byteorder != "little":  # pragma: no cover - big-endian machines
             column.byteswap()
         columns.append(column)
-        at += count * width
-    return Offsets(columns[0], columns[1], columns[2], size, crc, approx)
+        at += n * width
+    return Offsets(columns[0], columns[1], columns[2], columns[3], size, crc, approx)
