@@ -113,7 +113,12 @@ async def point_answers(store: Any, keys: list[str]) -> dict[str, Any]:
 
 
 async def random_writes(stores: list[Any], rng: random.Random, round_: int) -> None:
-    """The same random writes on every store: puts of new and existing keys, deletes, updates, batches."""
+    """The same random writes on every store: puts of new and existing keys, deletes, updates, batches, and one
+    commit large enough to be planned in a worker thread and applied at once (store.LARGE_COMMIT)."""
+    start = rng.randrange(100, 300)
+    big = {key(i): member(random.Random(i + round_), i) for i in range(start, start + 2100)}  # old and new keys
+    for store in stores:
+        await store.put_many(COLL, big)
     for _ in range(40):
         i = rng.randrange(400)
         op = rng.random()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from collections.abc import ItemsView, Iterator, KeysView, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ class SnapshotFile:
         h = zlib.crc32(kb)
         mask = len(slots) - 1
         at = h & mask
-        k = len(kb)
+        prefix = b'  "' + kb + b'": '
         read = False
         for _probe in range(len(slots)):  # bounded: a slot table is never full (checked when read)
             index = slots[at]
@@ -152,9 +152,9 @@ class SnapshotFile:
             if hashes[index] == h:  # several keys may share a crc32: the line says whose it is
                 line = os.pread(self.fd, table.lengths[index], table.offsets[index])
                 read = True
-                if line[3:3 + k] == kb and line[3 + k:6 + k] == b'": ' and line[:3] == b'  "':
+                if line.startswith(prefix):
                     self._check_unchanged()  # after the read: what it returned is what the file held at the open
-                    return line[6 + k:]
+                    return line[len(prefix):]
             at = (at + 1) & mask
         if read:
             self._check_unchanged()  # "absent" only from the bytes checked at the open
@@ -274,6 +274,27 @@ class Lazy(MutableMapping[str, bytes]):
             if old is None:
                 self._count += 1
             known[key] = raw
+
+    def put_all(self, puts: Mapping[str, bytes]) -> None:
+        """``update(puts)`` in one step under the mutex, for a large commit (Tables.apply_plan, on the loop):
+        :meth:`Tables.plan` looked the old documents up already, in a worker thread, so no file is read here and
+        the work is one pass over the keys plus a C-level ``dict.update``."""
+        with self._mutex:
+            whole = self._whole
+            if whole is not None:
+                whole.update(puts)
+                return
+            known = self._known
+            get = known.get
+            added = 0
+            for key in puts:
+                old = get(key, _MISSING)
+                if old is _MISSING:
+                    old = self.file.lookup(key)
+                if old is None:
+                    added += 1
+            known.update(puts)
+            self._count += added
 
     def __delitem__(self, key: str) -> None:
         with self._mutex:

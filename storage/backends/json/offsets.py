@@ -27,12 +27,14 @@ it and deleting it only makes the next open slower.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ...fsutil import atomic_write
 
@@ -120,33 +122,41 @@ def write_offsets(path: Path, table: Offsets, *, sync_dir: bool) -> None:
 
 def read_offsets(path: Path, snapshot_size: int) -> Offsets | str:
     """The sidecar's table if it is whole and was built for a snapshot of ``snapshot_size`` bytes, else why not.
-    (The caller then checks the snapshot's crc32 against :attr:`Offsets.snapshot_crc`.)"""
+    (The caller then checks the snapshot's crc32 against :attr:`Offsets.snapshot_crc`.) The columns are read
+    straight into their arrays: no second copy of the file in memory, even for a moment."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            return _read_table(f, os.fstat(f.fileno()).st_size, snapshot_size)
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         return f"unreadable ({exc})"
-    fixed = len(MAGIC) + _HEADER.size + _TRAILER.size
-    if len(raw) < fixed or not raw.startswith(MAGIC):
+
+
+def _read_table(f: BinaryIO, file_size: int, snapshot_size: int) -> Offsets | str:
+    head = f.read(len(MAGIC) + _HEADER.size)
+    if len(head) < len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
         return "not a sidecar of this version"
-    size, crc, count, nslots, approx = _HEADER.unpack_from(raw, len(MAGIC))
-    if len(raw) != fixed + count * ENTRY_BYTES + nslots * SLOT_BYTES:
+    size, crc, count, nslots, approx = _HEADER.unpack_from(head, len(MAGIC))
+    if file_size != len(head) + count * ENTRY_BYTES + nslots * SLOT_BYTES + _TRAILER.size:
         return "truncated or padded"
     if nslots < 2 * count or nslots < 8 or nslots & (nslots - 1):
         return "its slot table has the wrong size"
-    (own,) = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
-    if zlib.crc32(memoryview(raw)[:-_TRAILER.size]) != own:
-        return "its checksum does not match"
     if size != snapshot_size:
         return "built for another snapshot (size differs)"
-    at = len(MAGIC) + _HEADER.size
+    own = zlib.crc32(head)
     columns = []
-    for typecode, width, n in (("I", 4, count), ("Q", 8, count), ("I", 4, count), ("I", 4, nslots)):
+    for typecode, n in (("I", count), ("Q", count), ("I", count), ("I", nslots)):
         column = array(typecode)
-        column.frombytes(raw[at:at + n * width])
+        try:
+            column.fromfile(f, n)
+        except EOFError:
+            return "truncated"
+        own = zlib.crc32(column, own)  # the bytes as stored (little-endian), before any swap
         if sys.byteorder != "little":  # pragma: no cover - big-endian machines
             column.byteswap()
         columns.append(column)
-        at += n * width
+    trailer = f.read(_TRAILER.size)
+    if len(trailer) != _TRAILER.size or _TRAILER.unpack(trailer)[0] != own:
+        return "its checksum does not match"
     return Offsets(columns[0], columns[1], columns[2], columns[3], size, crc, approx)

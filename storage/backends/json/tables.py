@@ -4,7 +4,10 @@ A :class:`Tables` holds every collection as this process knows it committed (doc
 bytes), with what the rest of the store needs to keep that view equal to the disk:
 
 * **Loading**: every ``<collection>.json`` snapshot is read (``*.json`` files that are not collections are kept
-  aside as *foreign*, never written), then the journal is replayed over them.
+  aside as *foreign*, never written), then the journal is replayed over them. A snapshot whose key -> offset
+  sidecar (offsets.py) matches it is not parsed: its collection is a :class:`~storage.backends.json.lazy.Lazy`
+  that reads documents on first use; any other is read whole and its sidecar (re)written, when the store may
+  write.
 * **Applying**: a committed record's operations change the collections, their approximate snapshot sizes and the
   set of collections changed in this journal generation (the *dirty* set, which compaction rewrites).
 * **Following**: records that other processes committed are read from the journal up to the committed end they
@@ -333,7 +336,10 @@ class Tables:
             if coll is None:
                 coll = data[name] = {}
                 sizes[name] = 0
-            coll.update(puts)
+            if type(coll) is Lazy:
+                coll.put_all(puts)  # one pass, no file read (plan() read the old documents in its thread)
+            else:
+                coll.update(puts)
             for key in deletes:
                 del coll[key]
             sizes[name] += delta
