@@ -66,6 +66,10 @@ class SnapshotFile:
         self.fd = fd
         self._stat = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.table = table
+        # the table's columns, one attribute away (lookup is on the path of every first read and write of a key)
+        self._hashes, self._offsets, self._lengths, self._slots = table.hashes, table.offsets, table.lengths, \
+            table.slots
+        self._mask = len(table.slots) - 1
 
     @classmethod
     def open(cls, path: Path, table_of: Any) -> tuple[SnapshotFile | None, str]:
@@ -137,25 +141,27 @@ class SnapshotFile:
             kb = key.encode()
         except UnicodeEncodeError:
             return None  # a lone surrogate: no key in a UTF-8 file is that
-        table = self.table
-        hashes, slots = table.hashes, table.slots
         h = zlib.crc32(kb)
-        mask = len(slots) - 1
+        slots, mask = self._slots, self._mask
         at = h & mask
+        index = slots[at]
+        if not index:
+            return None  # the usual answer for an absent key: no file read
+        hashes = self._hashes
         prefix = b'  "' + kb + b'": '
         read = False
-        for _probe in range(len(slots)):  # bounded: a slot table is never full (checked when read)
-            index = slots[at]
-            if not index:
-                break
+        for _probe in range(mask + 1):  # bounded: a slot table is never full (checked when read)
             index -= 1
             if hashes[index] == h:  # several keys may share a crc32: the line says whose it is
-                line = os.pread(self.fd, table.lengths[index], table.offsets[index])
+                line = os.pread(self.fd, self._lengths[index], self._offsets[index])
                 read = True
                 if line.startswith(prefix):
                     self._check_unchanged()  # after the read: what it returned is what the file held at the open
                     return line[len(prefix):]
             at = (at + 1) & mask
+            index = slots[at]
+            if not index:
+                break
         if read:
             self._check_unchanged()  # "absent" only from the bytes checked at the open
         return None
@@ -262,11 +268,17 @@ class Lazy(MutableMapping[str, bytes]):
 
     # writes ---------------------------------------------------------------------------------------------------------
     def __setitem__(self, key: str, raw: bytes) -> None:
+        self.swap(key, raw)
+
+    def swap(self, key: str, raw: bytes) -> bytes | None:
+        """``self[key] = raw``, returning the document it replaced (None: there was none): Tables.apply's put, with
+        one look into the file instead of a ``get`` and a set."""
         with self._mutex:
             whole = self._whole
             if whole is not None:
+                old = whole.get(key)
                 whole[key] = raw
-                return
+                return old
             known = self._known
             old = known.get(key, _MISSING)
             if old is _MISSING:
@@ -274,6 +286,7 @@ class Lazy(MutableMapping[str, bytes]):
             if old is None:
                 self._count += 1
             known[key] = raw
+            return old
 
     def put_all(self, puts: Mapping[str, bytes]) -> None:
         """``update(puts)`` in one step under the mutex, for a large commit (Tables.apply_plan, on the loop):

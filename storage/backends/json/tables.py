@@ -254,6 +254,7 @@ class Tables:
         publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
         name: str | None = None
         coll: Documents = {}
+        swap = None  # a lazy collection's set-and-return-old (json/lazy.py): one look into the file, not two
         expiring: dict[str, int] | None = None
         delta = 0
         for op in ops:
@@ -266,18 +267,23 @@ class Tables:
                     found = data[name] = {}
                     sizes[name] = 2
                 coll, delta, expiring = found, 0, expires.get(name)
+                swap = found.swap if type(found) is Lazy else None
                 dirty.add(name)
             key = op[2]
-            old = coll.get(key)
-            if old is not None:
-                delta -= len(key) + len(old) + OVERHEAD
             if op[0] == "p":
                 new: bytes = op[3]  # type: ignore[misc]
-                coll[key] = new
+                if swap is not None:
+                    old = swap(key, new)
+                else:
+                    old = coll.get(key)
+                    coll[key] = new
+                if old is not None:
+                    delta -= len(key) + len(old) + OVERHEAD
                 delta += len(key) + len(new) + OVERHEAD
                 if publish is not None:
                     publish(name, key, "put", new)
-            elif old is not None:
+            elif (old := coll.get(key)) is not None:
+                delta -= len(key) + len(old) + OVERHEAD
                 del coll[key]
                 if publish is not None:
                     publish(name, key, "delete", None)
