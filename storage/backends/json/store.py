@@ -592,7 +592,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._check_writable(collection)
 
         def prepare(staged: Staged) -> tuple[list[Op], bool]:
-            if staged.live(collection, key, self._now_micros()) is None:
+            if not staged.present(collection, key, self._now_micros()):
                 return [], False  # absent, or expired: reads as absent, purged by compaction
             return [("d", collection, key)], True
 

@@ -590,6 +590,17 @@ class Staged:
             return raw
         return None
 
+    def present(self, collection: str, key: str, now: int) -> bool:
+        """``live(...) is not None`` without the document: a lazy collection answers from its table, no file read
+        (a delete needs only to know whether there is something to delete)."""
+        where = (collection, key)
+        if where in self.changes:
+            exists = self.changes[where] is not None
+        else:
+            coll = self.base.get(collection)
+            exists = coll is not None and key in coll
+        return exists and visible(self.expiry(collection, key), now)
+
     def expiring_in(self, collection: str) -> dict[str, int]:
         """{key: expires} of the collection's expiring documents, staged changes included."""
         out = dict(self.base_expires.get(collection) or {})
