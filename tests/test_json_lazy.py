@@ -278,6 +278,8 @@ async def test_a_snapshot_edited_in_place_while_open_raises_instead_of_answering
             os.utime(snap, ns=(1, 1))
         with pytest.raises(ExternalChangeError):
             await store.get(COLL, key(2))
+        with pytest.raises(ExternalChangeError):  # several unread keys: one check after all their reads
+            await store.get_many(COLL, [key(1), key(3), key(4)])
         assert await store.get(COLL, key(1)) == docs[key(1)]  # read before the edit: kept
         with pytest.raises(ExternalChangeError):
             await store.find(COLL, {"n": 1})  # the whole read checks the checksum again

@@ -179,9 +179,29 @@ class SnapshotFile:
         index = self.find(key)
         if index < 0:
             return None
-        prefix = b'  "' + key.encode() + b'": '
         line = os.pread(self.fd, self._lengths[index], self._offsets[index])
         self._check_unchanged()  # after the read: what it returned is what the file held at the open
+        return self._document(key, line)
+
+    def lookup_many(self, keys: list[str]) -> dict[str, bytes]:
+        """``{key: document}`` of those of ``keys`` stored in this snapshot: a pread each, one fstat for all (after
+        the last read, so every line returned is what the file held at the open)."""
+        found: dict[str, bytes] = {}
+        lines = []
+        find, lengths, offsets, fd, pread = self.find, self._lengths, self._offsets, self.fd, os.pread
+        for key in keys:
+            index = find(key)
+            if index >= 0:
+                lines.append((key, pread(fd, lengths[index], offsets[index])))
+        if lines:
+            self._check_unchanged()
+            for key, line in lines:
+                found[key] = self._document(key, line)
+        return found
+
+    def _document(self, key: str, line: bytes) -> bytes:
+        """The document of ``key``'s line, checked to be that key's: a table can never hand out another's."""
+        prefix = b'  "' + key.encode() + b'": '
         if not line.startswith(prefix):  # the table was checked against these bytes: only a damaged disk gets here
             raise CorruptDataError(f"{self.path} does not match its offsets sidecar although their checksums do; "
                                    "delete the sidecar and reopen", path=str(self.path))
@@ -260,6 +280,34 @@ class Lazy(MutableMapping[str, bytes]):
                         return self._whole.get(key, default)
                     raw = self._known.setdefault(key, raw)  # a write that came first wins
         return default if raw is None else raw
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """``{key: document}`` of the present ones among ``keys``: those not read yet in one
+        :meth:`SnapshotFile.lookup_many` (one fstat for the lot, not one per key), then kept like :meth:`get`'s."""
+        whole = self._whole
+        if whole is not None:
+            return {key: whole[key] for key in keys if key in whole}
+        known = self._known
+        out: dict[str, bytes] = {}
+        cold = []
+        for key in keys:
+            raw = known.get(key, _MISSING)
+            if raw is _MISSING:
+                cold.append(key)
+            elif raw is not None:
+                out[key] = raw
+        if cold:
+            read = self.file.lookup_many(cold)
+            with self._mutex:
+                if self._whole is not None:
+                    return self.get_many(keys)
+                for key, raw in read.items():
+                    raw = known.setdefault(key, raw)  # a write that came first wins
+                    if raw is not None:
+                        out[key] = raw
+            if read:
+                out = {key: out[key] for key in keys if key in out}  # in the order asked, like the dict's
+        return out
 
     def __getitem__(self, key: str) -> bytes:
         raw = self.get(key)

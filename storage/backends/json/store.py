@@ -561,6 +561,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
         loads = orjson.loads
+        if type(coll) is Lazy:  # the keys not read yet in one pass, one fstat (json/lazy.py)
+            return {k: loads(raw) for k, raw in coll.get_many(keys).items() if k not in dead}
         return {k: loads(coll[k]) for k in keys if k in coll and k not in dead}
 
     async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
