@@ -71,8 +71,7 @@ class SnapshotFile:
         self._stat = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.table = table
         # the table's columns, one attribute away (lookup is on the path of every first read and write of a key)
-        self._hashes, self._offsets, self._lengths, self._slots = table.hashes, table.offsets, table.lengths, \
-            table.slots
+        self._offsets, self._lengths, self._slots = table.offsets, table.lengths, table.slots
         self._key_ends, self._keys = table.key_ends, table.keys
         self._mask = len(table.slots) - 1
 
@@ -147,20 +146,17 @@ class SnapshotFile:
             kb = key.encode()
         except UnicodeEncodeError:
             return -1  # a lone surrogate: no key in a UTF-8 file is that
-        h = crc32(kb)
         slots, mask = self._slots, self._mask
-        at = h & mask
+        at = crc32(kb) & mask
         index = slots[at]
         if not index:
             return -1  # the usual answer for an absent key
-        hashes, ends, keys, n = self._hashes, self._key_ends, self._keys, len(kb)
+        ends, keys, n = self._key_ends, self._keys, len(kb)
         for _probe in range(mask + 1):  # bounded: a slot table is never full (checked when read)
             index -= 1
-            if hashes[index] == h:  # several keys may share a crc32: the key itself says which
-                end = ends[index]
-                start = ends[index - 1] if index else 0
-                if end - start == n and keys.startswith(kb, start):
-                    return index
+            start = ends[index - 1] if index else 0
+            if ends[index] - start == n and keys.startswith(kb, start):  # the key itself, not a hash: exact
+                return index
             at = (at + 1) & mask
             index = slots[at]
             if not index:

@@ -2,12 +2,13 @@
 parsing the snapshot.
 
 A snapshot in compaction's layout (snapshot.py: one document per line) is found again line by line from this table:
-for each document in file order, the crc32 of its key, where its line starts and how long it is (without the comma
-and newline), and the key itself (one blob of every key's UTF-8 plus where each ends), plus an open-addressing hash
-table of slots over them (built by a plain loop, not one long sort: a
+for each document in file order, where its line starts and how long it is (without the comma and newline), and its
+key (one blob of every key's UTF-8 plus where each ends), plus an open-addressing hash table of slots over them
+(placed by the crc32 of the key) (built by a plain loop, not one long sort: a
 C call that sorts 100k entries holds the GIL, and with it a bot's event loop, for tens of ms). Opening a collection
-then costs a read of this table (28 bytes a document plus its key) and one checksum pass over the snapshot, instead
-of a parse of every document (json/lazy.py reads them on first use).
+then costs a read of this table (12-16 bytes a document plus its key, and 4 bytes a slot) and one checksum pass over
+the snapshot, instead of a parse of every document (json/lazy.py reads them on first use). Offsets are 4 bytes when
+the snapshot is under 4 GiB (8 above); no per-document hash is kept, the key itself decides a probe.
 
 Why the keys are in the table: a write needs to know whether its key is present and how long the document it
 replaces is (the count and the size accounting), never the old document itself. With the keys in memory both are
@@ -53,9 +54,9 @@ MAGIC = b"storage offsets 2\n"
 #: the keys blob
 _HEADER = struct.Struct("<QIIIQQ")
 _TRAILER = struct.Struct("<I")
-#: bytes of the table per document: key crc32 (4), line offset (8), line length (4), end of its key in the blob (4);
-#: and per slot (4); then the keys blob
-ENTRY_BYTES = 20
+#: bytes of the table per document besides its offset: line length (4), end of its key in the blob (4); per slot (4);
+#: then the keys blob
+ENTRY_BYTES = 8
 SLOT_BYTES = 4
 
 #: Per document, in file order: key crc32, offset of its line, length of its line (comma and newline excluded), end
@@ -78,7 +79,6 @@ class Offsets:
     twice the documents): slot ``crc32(key) & (len(slots) - 1)`` and the ones after it, up to an empty one (0), hold
     the 1-based indexes of the documents whose key may be that key."""
 
-    hashes: array[int]
     offsets: array[int]
     lengths: array[int]
     key_ends: array[int]
@@ -90,7 +90,7 @@ class Offsets:
 
     @property
     def count(self) -> int:
-        return len(self.hashes)
+        return len(self.lengths)
 
 
 def offsets_name(collection: str) -> str:
@@ -111,7 +111,14 @@ def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_si
         while slots[at]:
             at = (at + 1) & mask
         slots[at] = index
-    return Offsets(hashes, offsets, lengths, key_ends, keys, slots, snapshot_size, snapshot_crc, approx_size)
+    if _offset_type(snapshot_size) != offsets.typecode:
+        offsets = array(_offset_type(snapshot_size), offsets)
+    return Offsets(offsets, lengths, key_ends, keys, slots, snapshot_size, snapshot_crc, approx_size)
+
+
+def _offset_type(snapshot_size: int) -> str:
+    """The array type of the offsets column: 4 bytes while every offset fits (a snapshot under 4 GiB)."""
+    return "I" if snapshot_size < 1 << 32 else "Q"
 
 
 def _little(values: array[int]) -> bytes:
@@ -125,7 +132,7 @@ def _little(values: array[int]) -> bytes:
 def render_offsets(table: Offsets) -> bytes:
     body = (MAGIC + _HEADER.pack(table.snapshot_size, table.snapshot_crc, table.count, len(table.slots),
                                  table.approx_size, len(table.keys))
-            + _little(table.hashes) + _little(table.offsets) + _little(table.lengths) + _little(table.key_ends)
+            + _little(table.offsets) + _little(table.lengths) + _little(table.key_ends)
             + _little(table.slots) + bytes(table.keys))
     return body + _TRAILER.pack(zlib.crc32(body))
 
@@ -152,7 +159,9 @@ def _read_table(f: BinaryIO, file_size: int, snapshot_size: int) -> Offsets | st
     if len(head) < len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
         return "not a sidecar of this version"
     size, crc, count, nslots, approx, keys_size = _HEADER.unpack_from(head, len(MAGIC))
-    if file_size != len(head) + count * ENTRY_BYTES + nslots * SLOT_BYTES + keys_size + _TRAILER.size:
+    offset_type = _offset_type(size)
+    entry = ENTRY_BYTES + array(offset_type).itemsize
+    if file_size != len(head) + count * entry + nslots * SLOT_BYTES + keys_size + _TRAILER.size:
         return "truncated or padded"
     if nslots < 2 * count or nslots < 8 or nslots & (nslots - 1):
         return "its slot table has the wrong size"
@@ -160,7 +169,7 @@ def _read_table(f: BinaryIO, file_size: int, snapshot_size: int) -> Offsets | st
         return "built for another snapshot (size differs)"
     own = zlib.crc32(head)
     columns = []
-    for typecode, n in (("I", count), ("Q", count), ("I", count), ("I", count), ("I", nslots)):
+    for typecode, n in ((offset_type, count), ("I", count), ("I", count), ("I", nslots)):
         column = array(typecode)
         try:
             column.fromfile(f, n)
@@ -175,7 +184,7 @@ def _read_table(f: BinaryIO, file_size: int, snapshot_size: int) -> Offsets | st
     trailer = f.read(_TRAILER.size)
     if len(keys) != keys_size or len(trailer) != _TRAILER.size or _TRAILER.unpack(trailer)[0] != own:
         return "its checksum does not match"
-    key_ends = columns[3]
+    key_ends = columns[2]
     if (key_ends[-1] if count else 0) != keys_size:
         return "its keys do not add up"
-    return Offsets(columns[0], columns[1], columns[2], key_ends, keys, columns[4], size, crc, approx)
+    return Offsets(columns[0], columns[1], key_ends, keys, columns[3], size, crc, approx)
