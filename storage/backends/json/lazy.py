@@ -146,6 +146,9 @@ class SnapshotFile:
             kb = key.encode()
         except UnicodeEncodeError:
             return -1  # a lone surrogate: no key in a UTF-8 file is that
+        return self._find(kb)
+
+    def _find(self, kb: bytes) -> int:
         slots, mask = self._slots, self._mask
         at = crc32(kb) & mask
         index = slots[at]
@@ -165,10 +168,14 @@ class SnapshotFile:
 
     def size_of(self, key: str) -> int | None:
         """The length of the document stored under ``key`` (its encoded bytes), or None: no file read."""
-        index = self.find(key)
+        try:
+            kb = key.encode()
+        except UnicodeEncodeError:
+            return None
+        index = self._find(kb)
         if index < 0:
             return None
-        return self._lengths[index] - len(key.encode()) - 6  # the line less '  "<key>": '
+        return self._lengths[index] - len(kb) - 6  # the line less '  "<key>": '
 
     def lookup(self, key: str) -> bytes | None:
         """The document stored under ``key`` in this snapshot (its encoded bytes), or None."""

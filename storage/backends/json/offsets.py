@@ -24,7 +24,9 @@ It is only a cache, never the truth, so it can never make a wrong answer possibl
   snapshot by a full read.
 * It is built only from a snapshot whose every document was checked (snapshot.py's fast path, or compaction's own
   rendering), and only when no key needs a JSON escape, so a document found through it is exactly the bytes an
-  eager load would have kept.
+  eager load would have kept, and its keys and line lengths are the snapshot's: presence and sizes are answered
+  from the table alone (its keys compared byte for byte, never a hash), which the two checksums bind to the bytes
+  of the snapshot opened. (A sidecar forged on purpose with a correct checksum is outside what a checksum guards.)
 * Every document read through it is checked again: its line must start with exactly ``  "<key>": `` (lazy.py).
 
 Written atomically (temp file, fsync, rename): a crash while writing leaves the old sidecar (stale: rebuilt) or a
