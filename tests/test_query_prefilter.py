@@ -55,11 +55,12 @@ class Writer:
     """JSON text of a value, written as some other serializer (or a hand edit) might: whitespace, escapes, number
     spellings and duplicate keys chosen at random. ``loose=False`` writes orjson's bytes."""
 
-    def __init__(self, rng: random.Random, loose: bool) -> None:
-        self.rng, self.loose = rng, loose
+    def __init__(self, rng: random.Random, loose: bool, spaces: tuple[str, ...] = ("", "", " ", "\n", "\t", "\r\n  ")
+                 ) -> None:
+        self.rng, self.loose, self.spaces = rng, loose, spaces
 
     def ws(self) -> str:
-        return self.rng.choice(["", "", " ", "\n", "\t", "\r\n  "]) if self.loose else ""
+        return self.rng.choice(self.spaces) if self.loose else ""
 
     def number(self, v: int | float) -> str:
         if not self.loose:
@@ -78,9 +79,9 @@ class Writer:
         for ch in s:
             if ch in '"\\' or ord(ch) < 0x20:
                 out.append(orjson.dumps(ch).decode()[1:-1])
-            elif self.loose and self.rng.random() < 0.15:
-                out.append(ch.encode("utf-16-be").hex().join(["", ""]) and "".join(
-                    f"\\u{ch.encode('utf-16-be')[i:i + 2].hex()}" for i in range(0, len(ch.encode("utf-16-be")), 2)))
+            elif self.loose and self.rng.random() < 0.15:  # \uXXXX (a surrogate pair beyond the BMP)
+                units = ch.encode("utf-16-be")
+                out.append("".join(f"\\u{units[i:i + 2].hex()}" for i in range(0, len(units), 2)))
             else:
                 out.append(ch)
         return '"' + "".join(out) + '"'

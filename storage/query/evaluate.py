@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
-
 from .plan import Condition, Order
 
 __all__ = ["MISSING", "Predicate", "resolve", "getter", "deep_equal", "token", "compile_filter",

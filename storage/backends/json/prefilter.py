@@ -77,7 +77,7 @@ def _byte_class(values: Iterable[int]) -> bytes | None:
     if not wanted:
         return None
     parts, start, prev = [], wanted[0], wanted[0]
-    for b in wanted[1:] + [-1]:
+    for b in [*wanted[1:], -1]:
         if b == prev + 1:
             prev = b
             continue
@@ -205,7 +205,7 @@ def _equal_options(values: list[Any]) -> tuple[list[bytes], set[Any]]:
 class _Test:
     """One condition's pattern; ``check`` (if any) is applied to the number its group 1 captured."""
 
-    __slots__ = ("pattern", "check")
+    __slots__ = ("check", "pattern")
 
     def __init__(self, pattern: bytes | None, check: Check | None = None) -> None:
         self.pattern = None if pattern is None else re.compile(pattern)
