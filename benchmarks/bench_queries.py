@@ -5,6 +5,12 @@ Run it from the repository root::
     .venv/bin/python benchmarks/bench_queries.py                                   # JSON only
     .venv/bin/python benchmarks/bench_queries.py --dsn postgresql://postgres@127.0.0.1/postgres   # + PostgreSQL
     STORAGE_BENCH_DSN=postgresql://... .venv/bin/python benchmarks/bench_queries.py --members 10000
+    .venv/bin/python benchmarks/bench_queries.py --baseline /path/to/old --rounds 3  # before/after, same run
+
+``--baseline`` names another checkout of this repository (``git worktree add --detach /tmp/base <commit>``): each
+round runs every backend's worker once on it and once on this checkout (the order alternating by round, the same
+worker code importing the one or the other ``storage``), and the table shows both: warm ms as the median of the
+rounds' warm medians, the longest stall as the worst over the rounds, and the result sizes, which must agree.
 
 PostgreSQL runs in a schema of its own (``bench_queries_<pid>``, created and dropped by the benchmark), so any
 database will do. Each backend runs in a fresh subprocess. ``--members`` seed-shaped members
@@ -118,7 +124,7 @@ async def time_calls(op: Callable[[], Awaitable[Any]], repeats: int) -> dict[str
 async def worker(backend: str, location: str, members: int, repeats: int) -> dict[str, Any]:
     import storage
 
-    out: dict[str, Any] = {"backend": backend, "members": members}
+    out: dict[str, Any] = {"backend": backend, "members": members, "storage": str(Path(storage.__file__).parent)}
     schema = None
     if backend == "postgres":
         import asyncpg
@@ -193,19 +199,54 @@ async def worker(backend: str, location: str, members: int, repeats: int) -> dic
     return out
 
 
-def report(results: dict[str, dict[str, Any]], members: int) -> list[Target]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's runs (rounds) of one checkout as one: per query the median warm and cold ms, the worst stall."""
+    out = dict(runs[0])
+    out["queries"] = {}
+    for name in runs[0]["queries"]:
+        each = [run["queries"][name] for run in runs]
+        results = {q["result"] for q in each}
+        if len(results) != 1:
+            raise RuntimeError(f"{name}: the rounds disagree on the result ({sorted(results)})")
+        out["queries"][name] = {"warm_ms": statistics.median(q["warm_ms"] for q in each),
+                                "cold_ms": statistics.median(q["cold_ms"] for q in each),
+                                "longest_stall_ms": max(q["longest_stall_ms"] for q in each),
+                                "result": each[0]["result"]}
+    for figure in ("idle_stall_ms", "decode_all_ms"):
+        if figure in out:
+            out[figure] = statistics.median(run[figure] for run in runs)
+    return out
+
+
+def report(systems: dict[str, dict[str, dict[str, Any]]], members: int) -> list[Target]:
+    """The table (both checkouts side by side when there is a baseline) and the targets, on this checkout."""
+    results = systems["this"]
+    base = systems.get("base")
     backends = list(results)
     described = queries(members)
     rows = []
     for name in described:
         for backend in backends:
             q = results[backend]["queries"][name]
-            rows.append([name if backend == backends[0] else "", backend, fmt(q["warm_ms"]), fmt(q["cold_ms"]),
-                         fmt(q["longest_stall_ms"]), f"{q['result']:,}"])
-    print_table(["query", "backend", "warm ms", "cold ms", "longest stall ms", "result"], rows,
-                title=f"find / count over {members:,} members (warm: median of the repeats)")
+            row = [name if backend == backends[0] else "", backend]
+            if base is not None:
+                b = base[backend]["queries"][name]
+                if b["result"] != q["result"]:
+                    raise RuntimeError(f"{backend}: {name}: baseline found {b['result']}, this {q['result']}")
+                row += [fmt(b["warm_ms"]), fmt(q["warm_ms"]), f"{q['warm_ms'] / b['warm_ms']:.2f}x",
+                        fmt(b["longest_stall_ms"]), fmt(q["longest_stall_ms"])]
+            else:
+                row += [fmt(q["warm_ms"]), fmt(q["cold_ms"]), fmt(q["longest_stall_ms"])]
+            rows.append([*row, f"{q['result']:,}"])
+    headers = (["query", "backend", "base warm ms", "this warm ms", "this/base", "base stall ms", "this stall ms",
+                "result"] if base is not None else
+               ["query", "backend", "warm ms", "cold ms", "longest stall ms", "result"])
+    print_table(headers, rows, title=f"find / count over {members:,} members (warm: median of the repeats"
+                                     + ("; medians of the rounds, stalls the worst round)" if base else ")"))
     for name, (what, _call) in described.items():
         print(f"  {name}: {what}")
+    for label, sys_results in systems.items():
+        print(f"  {label}: storage from {', '.join(sorted({r['storage'] for r in sys_results.values()}))}")
     print("  longest ticker lateness over 2 s of an idle loop (the machine's noise, same run): " +
           ", ".join(f"{b} {fmt(results[b]['idle_stall_ms'])} ms" for b in backends))
     if "json" in results:
@@ -241,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", default=os.environ.get("STORAGE_BENCH_DSN"),
                         help="a PostgreSQL database to benchmark too (default $STORAGE_BENCH_DSN)")
     parser.add_argument("--backends", default=None, help="comma-separated subset of json,postgres")
+    parser.add_argument("--baseline", help="another checkout of this repository, run interleaved (before/after)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each backend per checkout (default 1)")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "LOCATION"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkout", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
+        if args.checkout:
+            sys.path.insert(0, args.checkout)  # before this checkout (sys.path[1]) and any installed copy
         backend, location = args.worker
         if location == "-":
             location = os.environ["STORAGE_BENCH_DSN"]
@@ -257,20 +303,34 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else ["json"] + (["postgres"] if args.dsn else [])
     if "postgres" in backends and not args.dsn:
         parser.error("--backends postgres needs --dsn or STORAGE_BENCH_DSN")
-    common = ["--members", str(args.members), "--repeats", str(args.repeats)]
-    results: dict[str, dict[str, Any]] = {}
-    for backend in backends:
-        if backend == "json":
-            folder = Path(tempfile.mkdtemp(prefix="bench-queries-", dir=args.dir))
-            try:
-                results[backend] = run_worker(__file__, ["json", str(folder / "data"), *common], timeout=3600)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        else:
-            os.environ["STORAGE_BENCH_DSN"] = args.dsn  # to the worker through its environment, not its argv
-            results[backend] = run_worker(__file__, ["postgres", "-", *common], timeout=3600)
-    targets = report(results, args.members)
-    path = write_results("queries", {"machine": machine_info(args.dir), "results": results,
+    checkouts = {"this": str(Path(__file__).resolve().parent.parent)}
+    if args.baseline:
+        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
+            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
+        checkouts = {"base": str(Path(args.baseline).resolve()), **checkouts}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {b: [] for b in backends} for name in checkouts}
+    for round_ in range(args.rounds):
+        for backend in backends:
+            order = list(checkouts) if round_ % 2 == 0 else list(reversed(checkouts))
+            for name in order:
+                log(f"round {round_ + 1}/{args.rounds}: {backend} on {name}")
+                common = ["--members", str(args.members), "--repeats", str(args.repeats),
+                          "--checkout", checkouts[name]]
+                if backend == "json":
+                    folder = Path(tempfile.mkdtemp(prefix="bench-queries-", dir=args.dir))
+                    try:
+                        runs[name][backend].append(
+                            run_worker(__file__, ["json", str(folder / "data"), *common], timeout=3600))
+                    finally:
+                        shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    os.environ["STORAGE_BENCH_DSN"] = args.dsn  # to the worker through its environment, not argv
+                    runs[name][backend].append(run_worker(__file__, ["postgres", "-", *common], timeout=3600))
+    systems = {name: {b: summarize(rs) for b, rs in by_backend.items()} for name, by_backend in runs.items()}
+    targets = report(systems, args.members)
+    path = write_results("queries", {"machine": machine_info(args.dir), "checkouts": checkouts,
+                                     "rounds": args.rounds, "results": systems["this"],
+                                     "baseline": systems.get("base"), "runs": runs,
                                      "targets": [t.as_dict() for t in targets]})
     print(f"results written to {path}")
     return 0

@@ -7,10 +7,10 @@ match in the documents' text, many at a time, and only those are decoded and che
 must survive; a document that survives and does not match costs a decode, nothing else.
 
 How
-    A chunk of encoded documents is joined into one buffer and each condition that can be told from the text
-    becomes one compiled regular expression, searched over the whole buffer in C; a match's position says which
-    document it is in (a bisection of the documents' starts). One search per chunk, not per document: a call per
-    document cost more than the search itself (about 2.5x here).
+    A chunk of encoded documents is joined into one buffer (NUL between them) and each condition that can be told
+    from the text becomes one compiled regular expression, searched over the whole buffer in C; a match's position
+    says which document it is in (a bisection of the documents' starts). One search per chunk, not per document:
+    a call per document cost more than the search itself (about 2.5x here).
     Per condition, the pattern is the field's last key, ``"key"`` then ``:`` (JSON whitespace allowed around it:
     the bytes need not be orjson's), followed by what the value must look like:
 
@@ -101,7 +101,7 @@ def _at_least(low: bytes) -> bytes | None:
     above = _byte_class(range(low[0] + 1, 256))
     if above is not None:
         options.append(above + _CONTENT)
-    same = _at_least(low[1:])
+    same = _at_least(low[1:]) if low[0] not in _NOT_CONTENT else None  # (no content byte equals those)
     if same is not None:
         options.append(re.escape(low[:1]) + same)
     return _alternatives(options)
@@ -115,7 +115,7 @@ def _below(high: bytes) -> bytes | None:
     under = _byte_class(range(1, high[0]))
     if under is not None:
         options.append(under + _CONTENT)
-    same = _below(high[1:])
+    same = _below(high[1:]) if high[0] not in _NOT_CONTENT else None
     if same is not None:
         options.append(re.escape(high[:1]) + same)
     return _alternatives(options)
@@ -132,18 +132,20 @@ def string_range(low: bytes, high: bytes | None) -> bytes | None:
     common = 0
     while common < len(low) and low[common] == high[common]:
         common += 1
+    if any(b in _NOT_CONTENT for b in low[:common]):
+        return None  # every content in the range would hold a byte that no content holds
     head = re.escape(low[:common])
     if common == len(low):  # low is a proper prefix of high: anything below high's rest
         rest = _below(high[common:])
         return None if rest is None else head + rest
     options = []
-    first = _at_least(low[common + 1:])
+    first = _at_least(low[common + 1:]) if low[common] not in _NOT_CONTENT else None
     if first is not None:
         options.append(re.escape(low[common:common + 1]) + first)
     between = _byte_class(range(low[common] + 1, high[common]))
     if between is not None:
         options.append(between + _CONTENT)
-    last = _below(high[common + 1:])
+    last = _below(high[common + 1:]) if high[common] not in _NOT_CONTENT else None
     if last is not None:
         options.append(re.escape(high[common:common + 1]) + last)
     rest = _alternatives(options)
@@ -258,10 +260,10 @@ class Prefilter:
         and the bytes searched."""
         if not raws:
             return [], 0
-        buf = b"".join(raws)
-        # starts[i]: where raws[i] begins in buf. No separator: a match is counted for the document it starts in,
-        # and one that runs on into the next document (a false occurrence) does not hide that document's own.
-        starts = list(accumulate(map(len, raws), initial=0))
+        # NUL between documents: no JSON text holds one and no pattern matches one, so every match lies within one
+        # document (none runs on into the next and hides its occurrence). starts[i]: where raws[i] begins.
+        buf = b"\x00".join(raws)
+        starts = list(accumulate(map((1).__add__, map(len, raws)), initial=0))
         found: set[int] | None = None
         for test in self._tests:
             hits: set[int] = set()
@@ -276,14 +278,19 @@ class Prefilter:
             doc = bisect_right(starts, escaped) - 1
             found.add(doc)
             escaped = buf.find(_BACKSLASH, starts[doc + 1])
-        return sorted(found), len(buf)
+        return sorted(found), len(buf) + 1 - len(raws)
 
 
 def _search(buf: bytes, starts: list[int], pattern: re.Pattern[bytes], check: Check | None, hits: set[int],
             among: set[int] | None) -> None:
     """Add to ``hits`` every document (among ``among``, when given) with an occurrence the pattern and ``check``
-    accept. After a hit the search resumes at the next document; after a rejected number, at the next byte (a
-    false occurrence must not hide a real one)."""
+    accept."""
+    if check is None:  # every match is a hit: one pass in C, a bisection per match
+        found = {bisect_right(starts, m.start()) - 1 for m in pattern.finditer(buf)}
+        hits.update(found if among is None else found & among)
+        return
+    # A number to check: after a hit the search resumes at the next document, after a rejected number at the next
+    # byte (a false occurrence must not hide a real one).
     search = pattern.search
     end = len(buf)
     pos = 0
@@ -296,11 +303,10 @@ def _search(buf: bytes, starts: list[int], pattern: re.Pattern[bytes], check: Ch
         if among is not None and doc not in among:
             pos = starts[doc + 1]
             continue
-        if check is not None:
-            text = m.group(1)
-            if text is not None and not check(parse_number(text)):
-                pos = at + 1
-                continue
+        text = m.group(1)
+        if text is not None and not check(parse_number(text)):
+            pos = at + 1
+            continue
         hits.add(doc)
         pos = starts[doc + 1]
 
