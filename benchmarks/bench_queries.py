@@ -117,16 +117,18 @@ async def time_calls(op: Callable[[], Awaitable[Any]], repeats: int) -> dict[str
     await asyncio.sleep(0.01)
     stalls = Ticker()
     await asyncio.sleep(0.005)  # the ticker's first turn
+    cpu = []
     for _ in range(repeats + 1):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         result = await op()
         times.append(time.perf_counter() - started)
+        cpu.append(time.thread_time() - started_cpu)
         await asyncio.sleep(0.002)  # the ticker sees the end of a call that held the loop
     await stalls.stop()
     size = len(result) if isinstance(result, list) else result
     return {"cold_ms": times[0] * 1000, "warm_ms": statistics.median(times[1:]) * 1000,
             "longest_stall_ms": stalls.longest * 1000, "longest_busy_ms": stalls.longest_busy * 1000,
-            "result": size}
+            "warm_cpu_ms": statistics.median(cpu[1:]) * 1000, "result": size}
 
 
 async def worker(backend: str, location: str, members: int, repeats: int) -> dict[str, Any]:
@@ -220,6 +222,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                 "cold_ms": statistics.median(q["cold_ms"] for q in each),
                                 "longest_stall_ms": max(q["longest_stall_ms"] for q in each),
                                 "longest_busy_ms": max(q["longest_busy_ms"] for q in each),
+                                "warm_cpu_ms": statistics.median(q["warm_cpu_ms"] for q in each),
                                 "result": each[0]["result"]}
     for figure in ("idle_stall_ms", "decode_all_ms"):
         if figure in out:
@@ -253,6 +256,18 @@ def report(systems: dict[str, dict[str, dict[str, Any]]], members: int) -> list[
                ["query", "backend", "warm ms", "cold ms", "longest stall ms", "longest busy ms", "result"])
     print_table(headers, rows, title=f"find / count over {members:,} members (warm: median of the repeats"
                                      + ("; medians of the rounds, stalls the worst round)" if base else ")"))
+    if base is not None:  # CPU of the loop's thread per call: what the noisy wall times above are made of
+        cpu_rows = []
+        for name in described:
+            for backend in backends:
+                b, q = base[backend]["queries"][name]["warm_cpu_ms"], results[backend]["queries"][name]["warm_cpu_ms"]
+                cpu_rows.append([name if backend == backends[0] else "", backend, fmt(b), fmt(q),
+                                 f"{q / b:.2f}x" if b else ""])
+        print()
+        print_table(["query", "backend", "base cpu ms", "this cpu ms", "this/base"], cpu_rows,
+                    title="the same calls in CPU time of the loop's thread (warm; medians of the rounds): not "
+                          "inflated by other processes (PostgreSQL: the client's share only)")
+        print()
     for name, (what, _call) in described.items():
         print(f"  {name}: {what}")
     print("  stall: the longest lateness of a 1 ms ticker sharing the loop (wall time: it also counts the OS running "

@@ -222,11 +222,10 @@ def _tests(conditions: Sequence[Condition]) -> list[_Test]:
         op, v = c.op, c.value
         if op in RANGE_OPS:
             ranges.setdefault((c.path, type(v) is str), []).append(c)
+        elif op == "$in" and not v:
+            tests.append(_Test(None))  # $in []: nothing matches
         elif op in ("$eq", "$in"):
             options, numbers = _equal_options([v] if op == "$eq" else v)
-            if op == "$in" and not v:
-                tests.append(_Test(None))  # $in []: nothing matches
-                continue
             if numbers:
                 options.insert(0, _NUMBER)
             tests.append(_Test(key + _alternatives(options),  # type: ignore[operator]
