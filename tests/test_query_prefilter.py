@@ -277,6 +277,10 @@ def test_numbers_parse_as_orjson_reads_them(text: bytes, value: Any):
     ({"n": -(2**63)}, {"n": {"$lte": -(2**63)}}),
     ({"s": "日本語"}, {"s": {"$gt": "日本", "$lt": "日本語!"}}),
     ({"s": "😀"}, {"s": {"$gt": "\uffff"}}),  # above the BMP: 4 UTF-8 bytes, still ordered by code point
+    ({"b": {"roles": ["x"]}, "roles": ["y", "role7"]}, {"roles": "role7"}),  # a list elsewhere without the value
+    ({"x": ":", ":": ["m", "n"]}, {":": "n"}),  # a key whose occurrences may overlap: searched byte by byte
+    ({"x": ":", ":": ["m", "n"]}, {":": {"$in": ["q", "n"]}}),
+    ({"t": ["ab", "abc"]}, {"t": {"$contains": "abc"}}),
 ])
 def test_a_false_occurrence_never_hides_the_field(doc: dict[str, Any], where: dict[str, Any]):
     query = parse_query(where)
@@ -285,3 +289,19 @@ def test_a_false_occurrence_never_hides_the_field(doc: dict[str, Any], where: di
     assert filt is not None
     for raw in (orjson.dumps(doc), orjson.dumps({"pad": 1, **doc})):
         assert 1 in filt.survivors([b'{"other":0}', raw, b'{"a":{"a":1}}'])[0], raw
+
+
+def test_a_list_field_survives_only_with_the_string_it_is_asked_for():
+    """``{"roles": "role7"}``: a document whose roles list does not hold ``"role7"`` is filtered out (the list
+    alternative of the pattern needs the quoted string in the document), one that holds it survives."""
+    rng = random.Random(1730)
+    docs = [{"roles": [f"role{rng.randrange(40)}" for _ in range(rng.randint(0, 4))], "n": i} for i in range(500)]
+    raws = [orjson.dumps(d) for d in docs]
+    for where in ({"roles": "role7"}, {"roles": {"$in": ["role7", "role13"]}}, {"roles": {"$contains": "role7"}}):
+        query = parse_query(where)
+        filt = prefilter(query.conditions)
+        assert filt is not None
+        predicate = compile_filter(query.conditions)
+        exact = {i for i, d in enumerate(docs) if predicate(d)}
+        assert 0 < len(exact) < len(docs)
+        assert set(filt.survivors(raws)[0]) == exact, where

@@ -18,9 +18,10 @@ How
       range (:func:`string_range`; UTF-8 byte order is code point order, the order of the rules in plan.py);
     * a number range or a number equality: the number's text, parsed and compared in Python (one match per
       candidate occurrence; a number may be spelled ``1``, ``1.0`` or ``1e0``);
-    * equality with a string / ``true`` / ``false`` / ``null``: that text, or ``[`` (a list may hold it);
+    * equality with a string / ``true`` / ``false`` / ``null``: that text, or ``[`` (a list may hold it: then,
+      for strings, the document must hold the string quoted somewhere, ``"role7"``, as an element is written);
       with a list or an object: ``[`` (or ``{``); ``$in``: any of its values';
-    * ``$contains``: a string holding the substring, or ``[``; ``$exists: true``: the key alone.
+    * ``$contains``: a string holding the substring, or ``[`` (and the string quoted); ``$exists: true``: the key.
 
     ``$ne``, ``$nin`` and ``$exists: false`` match documents that lack the field, so they prefilter nothing.
 
@@ -50,7 +51,9 @@ __all__ = ["Prefilter", "prefilter", "string_range", "parse_number"]
 
 _WS = rb"[ \t\n\r]*"
 #: A JSON number (strict: what matches always parses).
-_NUMBER = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
+_NUMBER = rb"(?P<num>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
+#: A list value (it may hold what is asked for): the group tells a match through a list from a match by the value.
+_LIST = rb"(?P<lst>\[)"
 #: Bytes no plain (unescaped) string content holds; a document that escapes them always survives anyway.
 _NOT_CONTENT = frozenset(b'"\\\x00')
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
@@ -188,7 +191,7 @@ def _number_check(conds: list[Condition]) -> Check:
 def _equal_options(values: list[Any]) -> tuple[list[bytes], set[Any]]:
     """The value texts (after the key) that may hold one of ``values`` as ``$eq`` means it, and the numbers among
     them (checked after parsing)."""
-    options, numbers = [rb"\["], set()  # a list may hold any of them
+    options, numbers = [_LIST], set()  # a list may hold any of them
     for v in values:
         t = type(v)
         if t is str:
@@ -204,14 +207,30 @@ def _equal_options(values: list[Any]) -> tuple[list[bytes], set[Any]]:
     return options, numbers
 
 
+def _quoted(values: list[Any]) -> tuple[bytes, ...] | None:
+    """What a document whose field is a list holding one of ``values`` (strings) contains: one of them, quoted
+    (an element is written as its bytes). None when a value is not a string (a number has many spellings)."""
+    if not all(type(v) is str for v in values):
+        return None
+    return tuple(b'"' + v.encode() + b'"' for v in values)
+
+
 class _Test:
-    """One condition's pattern; ``check`` (if any) is applied to the number its group 1 captured."""
+    """One condition's pattern; ``check`` (if any) is applied to the number its group ``num`` captured, and a match
+    through a list (group ``lst``) counts only if the document holds one of ``needles`` (when there are some).
 
-    __slots__ = ("check", "pattern")
+    ``overlaps``: whether a match might start at a string's *closing* quote and so run over the opening quote of
+    a real occurrence (which one non-overlapping pass would then skip, were that match rejected): only for a key
+    whose first character can follow a closing quote (JSON whitespace, ``:``, ``,``, ``}``, ``]``). Such keys
+    take the byte-by-byte search, a conservative choice: no valid document where it matters was found."""
 
-    def __init__(self, pattern: bytes | None, check: Check | None = None) -> None:
+    __slots__ = ("check", "needles", "overlaps", "pattern")
+
+    def __init__(self, pattern: bytes | None, check: Check | None = None, needles: tuple[bytes, ...] | None = None,
+                 key: str = "") -> None:
         self.pattern = None if pattern is None else re.compile(pattern)
-        self.check = check
+        self.check, self.needles = check, needles
+        self.overlaps = key[:1] in (" ", "\t", "\n", "\r", ":", ",", "}", "]")
 
 
 def _tests(conditions: Sequence[Condition]) -> list[_Test]:
@@ -225,14 +244,16 @@ def _tests(conditions: Sequence[Condition]) -> list[_Test]:
         elif op == "$in" and not v:
             tests.append(_Test(None))  # $in []: nothing matches
         elif op in ("$eq", "$in"):
-            options, numbers = _equal_options([v] if op == "$eq" else v)
+            values = [v] if op == "$eq" else v
+            options, numbers = _equal_options(values)
             if numbers:
                 options.insert(0, _NUMBER)
             tests.append(_Test(key + _alternatives(options),  # type: ignore[operator]
-                               numbers.__contains__ if numbers else None))
+                               numbers.__contains__ if numbers else None, _quoted(values), c.path[-1]))
         elif op == "$contains":
             if type(v) is str:
-                tests.append(_Test(key + rb'(?:"[^"\\\x00]*' + re.escape(v.encode()) + rb"|\[)"))
+                tests.append(_Test(key + rb'(?:"[^"\\\x00]*' + re.escape(v.encode()) + rb"|" + _LIST + b")",
+                                   None, _quoted([v]), c.path[-1]))
             else:
                 tests.append(_Test(key + rb"\["))
         elif op == "$exists" and v:
@@ -267,7 +288,7 @@ class Prefilter:
         for test in self._tests:
             hits: set[int] = set()
             if test.pattern is not None:
-                _search(buf, starts, test.pattern, test.check, hits, found)
+                _search(buf, starts, test, hits, found)
             found = hits if found is None else found & hits
             if not found:
                 break
@@ -280,30 +301,44 @@ class Prefilter:
         return sorted(found), len(buf) + 1 - len(raws)
 
 
-def _search(buf: bytes, starts: list[int], pattern: re.Pattern[bytes], check: Check | None, hits: set[int],
-            among: set[int] | None) -> None:
-    """Add to ``hits`` every document (among ``among``, when given) with an occurrence the pattern and ``check``
-    accept."""
-    if check is None:  # every match is a hit: one pass in C, a bisection per match
+def _holds(buf: bytes, start: int, end: int, needles: tuple[bytes, ...]) -> bool:
+    return any(buf.find(needle, start, end) != -1 for needle in needles)
+
+
+def _search(buf: bytes, starts: list[int], test: _Test, hits: set[int], among: set[int] | None) -> None:
+    """Add to ``hits`` every document (among ``among``, when given) with an occurrence that ``test`` accepts."""
+    pattern, check, needles = test.pattern, test.check, test.needles
+    assert pattern is not None
+    if check is None and needles is None:  # every match is a hit: one pass in C, a bisection per match
         found = {bisect_right(starts, m.start()) - 1 for m in pattern.finditer(buf)}
         hits.update(found if among is None else found & among)
         return
-    # A number to check: after a hit the search resumes at the next document, after a rejected number at the next
-    # byte (a false occurrence must not hide a real one).
+    if check is None and not test.overlaps and needles is not None:  # one pass; a list needs a needle
+        for m in pattern.finditer(buf):
+            doc = bisect_right(starts, m.start()) - 1
+            if m.lastgroup != "lst" or _holds(buf, starts[doc], starts[doc + 1], needles):
+                hits.add(doc)
+        if among is not None:
+            hits &= among
+        return
+    # A number to check (or a key whose occurrences may overlap): after a hit the search resumes at the next
+    # document, after a rejected occurrence at the next byte (a false occurrence must not hide a real one).
     search = pattern.search
     end = len(buf)
     pos = 0
     while pos < end:
-        m = search(buf, pos)
-        if m is None:
+        found_at = search(buf, pos)
+        if found_at is None:
             return
+        m = found_at
         at = m.start()
         doc = bisect_right(starts, at) - 1
         if among is not None and doc not in among:
             pos = starts[doc + 1]
             continue
-        text = m.group(1)
-        if text is not None and not check(parse_number(text)):
+        group = m.lastgroup
+        if (group == "num" and check is not None and not check(parse_number(m.group("num")))) or \
+                (group == "lst" and needles is not None and not _holds(buf, starts[doc], starts[doc + 1], needles)):
             pos = at + 1
             continue
         hits.add(doc)
