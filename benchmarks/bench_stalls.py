@@ -31,7 +31,10 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -91,24 +94,49 @@ class StepProbe:
     worker thread, which the ticker does see: read both.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sample: bool = False) -> None:
         self.longest = 0.0
         self.where = ""
+        self.stacks: list[tuple[int, str]] = []  # --where: the longest step's sampled stacks, most frequent first
         self.since = 0.0  # loop-thread CPU time at the last reset: a step already running then counts from here
         self._original = asyncio.events.Handle._run
+        self._sample = sample
+        self._began: float | None = None  # wall time the running step began (read by the sampling thread)
+        self._samples: list[str] = []
 
     def install(self) -> None:
-        original, probe, clock = self._original, self, time.thread_time
+        original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
 
         def _run(handle: asyncio.events.Handle) -> None:
             began = clock()
+            probe._samples = []
+            probe._began = wall()
             original(handle)
+            probe._began = None
             spent = clock() - max(began, probe.since)  # not the caller's own work before the call began
             if spent > probe.longest:
                 probe.longest = spent
                 probe.where = repr(handle)[:300]  # the callback (a task's coroutine and where it stood)
+                probe.stacks = Counter(probe._samples).most_common(4)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        if self._sample:
+            loop_thread = threading.get_ident()
+            threading.Thread(target=self._sampler, args=(loop_thread,), daemon=True).start()
+
+    def _sampler(self, loop_thread: int) -> None:
+        """``--where``: every 2 ms, if the loop's current step has run for over 5 ms, note the loop thread's stack
+        (the innermost frames): the longest step's most frequent stacks say where its time went."""
+        while True:
+            time.sleep(0.002)
+            began = self._began
+            if began is None or time.perf_counter() - began < 0.005:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is None:
+                continue
+            frames = traceback.extract_stack(frame)[-8:]
+            self._samples.append(" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)))
 
     def reset(self) -> None:
         """Start a new measurement (from the loop thread: the step running now counts from here on)."""
@@ -118,7 +146,7 @@ class StepProbe:
 
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
-                 only: list[str]) -> dict[str, Any]:
+                 only: list[str], sample: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -131,7 +159,7 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
     def wanted(name: str) -> bool:
         return not only or name in only
 
-    probe = StepProbe()
+    probe = StepProbe(sample)
     probe.install()
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
@@ -141,6 +169,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
                          "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where}
+        if probe.stacks:
+            results[name]["stacks"] = probe.stacks
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -158,14 +188,17 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                     [{"user_id": data.user(g, j), "guild_id": data.guild(g), "data": data.member(g, j)}
                      for j in range(start, min(data.per_guild, start + BATCH))])
         longest = longest_step = 0.0
+        stacks: list[tuple[int, str]] = []
         for start in range(0, messages, BATCH):
             batch = [data.message(i) for i in range(start, min(messages, start + BATCH))]
             watcher = StallWatch()
             probe.reset()
             await watcher.watch(lambda batch=batch: store.record_messages(batch))
-            longest, longest_step = max(longest, watcher.longest), max(longest_step, probe.longest)
+            longest = max(longest, watcher.longest)
+            if probe.longest > longest_step:
+                longest_step, stacks = probe.longest, probe.stacks
         results[f"record_messages ({BATCH:,} a call)"] = {"seconds": 0.0, "stall_ms": longest * 1000,
-                                                           "step_cpu_ms": longest_step * 1000}
+                                                           "step_cpu_ms": longest_step * 1000, "stacks": stacks}
         await watch("close (after the fill)", store.close)
 
         store = await watch("open", lambda: storage.open_store(config=source_config))
@@ -229,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="a server where scratch databases may be created (default %(default)s)")
     parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
+    parser.add_argument("--where", action="store_true",
+                        help="sample the loop thread's stack during long steps; print where the longest went")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -250,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
         admin = args.pg_admin_dsn if backend == "postgres" else None
-        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only])],
+        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where])],
                                   timeout=3600)
     names: list[str] = []
     for result in out.values():
@@ -279,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": out,
                                     "notes": notes})
     print(f"wrote {path} in {info['wall_s']:.0f} s")
+    if args.where:
+        for backend in backends:
+            for name, got in out[backend]["results"].items():
+                if got.get("step_cpu_ms", 0) > STALL_TARGET_MS / 2 and got.get("stacks"):
+                    print(f"\n{backend}: {name}: longest step {got['step_cpu_ms']:.1f} ms CPU, sampled stacks:")
+                    for stack, count in got["stacks"]:
+                        print(f"  {count:3d}x {stack}")
     return 0
 
 
