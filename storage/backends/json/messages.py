@@ -89,6 +89,9 @@ log = logging.getLogger("storage.json.messages")
 
 _FSYNC_THREADS = 8  # a batch touching several files fsyncs them in parallel (the disk merges the flushes)
 _SEARCH_BLOCK = 1 << 20  # an update searches its record's file backwards in blocks of this size
+#: ``scan`` gives the event loop a turn every this many records (what its consumer does with each one, e.g. a copy
+#: hashing it, runs on the loop: a whole month at once held it 0.35 s at 1M messages).
+SCAN_TURN = 500
 
 
 @dataclass
@@ -562,7 +565,9 @@ class MessageLog:
             m_hi = hi if hi is not None and hi < end else None
             parts = [await asyncio.to_thread(_load, self._path((g, month)), m_lo, m_hi) for g in guilds]
             merged = parts[0] if len(parts) == 1 else heapq.merge(*parts, key=order)
-            for rec in merged:
+            for index, rec in enumerate(merged):
+                if index and not index % SCAN_TURN:
+                    await asyncio.sleep(0)  # a month is up to 100k records: the consumer's work gets loop turns
                 yield rec
 
     async def summary(self) -> MessageSummary:
@@ -578,8 +583,13 @@ class MessageLog:
             return
         lo_key = bound_key(since) if since is not None else None
         hi_key = bound_key(until) if until is not None else None
+        turn = False
         for block in await self._cache.blocks(guild_id, lo_key, hi_key, lo, hi):
-            yield block
+            for part in block.parts():  # a loop turn between blocks of at most COLUMN_BLOCK rows: counting them
+                if turn:                # all in one step held the loop 25-35 ms at 200k messages a guild
+                    await asyncio.sleep(0)
+                turn = True
+                yield part
 
 
 # -------------------------------------------------------------------------------------------------------------------

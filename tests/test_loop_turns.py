@@ -1,0 +1,102 @@
+"""Long reads give the event loop turns in bounded steps (issue 15: no call holds a bot's loop over 20 ms).
+
+The JSON message scan yields a turn every ``SCAN_TURN`` records, and the analytics queries count column blocks cut
+to at most ``COLUMN_BLOCK`` rows with a turn between them. Timing is measured in benchmarks/bench_stalls.py; here
+the turns are counted (deterministic), and the answers are checked to be the same whatever the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from array import array
+from typing import Any
+
+import pytest
+
+import storage
+from storage.backends.json import messages as json_messages
+from storage.messages.columns import MessageColumns
+
+
+def _records(n: int, guild: str = "7") -> list[dict[str, Any]]:
+    rng = random.Random(11)
+    return [{"message_id": str(1_000 + i), "guild_id": guild, "channel_id": str(rng.choice([5, 6, 8])),
+             "author_id": str(rng.randrange(1, 40)), "timestamp": f"2024-03-{rng.randrange(1, 29):02d}T"
+             f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z", "content_length": rng.randrange(50),
+             "analysis": {"sentiment": rng.choice(["positive", "negative", None]),
+                          "topics": rng.sample(["a", "b", "c", "d"], rng.randrange(3))}} for i in range(n)]
+
+
+def test_parts_cut_a_block_into_bounded_blocks_that_add_up_to_it():
+    n = 23
+    block = MessageColumns(array("q", range(n)), tuple(f"a{i}" for i in range(n)), tuple(f"c{i}" for i in range(n)),
+                           tuple(None if i % 3 else "positive" for i in range(n)), tuple((str(i),) for i in range(n)))
+    assert block.parts(23) == [block] and block.parts(100) == [block]
+    parts = block.parts(5)
+    assert [len(p) for p in parts] == [5, 5, 5, 5, 3]
+    for field in ("micros", "authors", "channels", "sentiments", "topics"):
+        assert [x for p in parts for x in getattr(p, field)] == list(getattr(block, field))
+
+
+async def _answers(store: storage.Store) -> list[Any]:
+    return [await store.top_authors(7, limit=50), await store.top_channels(7), await store.top_topics(7),
+            await store.message_counts(7), await store.message_counts(7, by="day"),
+            await store.message_counts(7, by="author"), await store.sentiment_breakdown(7),
+            await store.last_activity(7, 3), await store.message_counts(7, since="2024-03-10", until="2024-03-20")]
+
+
+async def test_query_answers_do_not_depend_on_the_block_cut(store: storage.Store, monkeypatch: pytest.MonkeyPatch):
+    """The same answers with blocks cut to 7 rows (many loop turns) as whole; on PostgreSQL SQL answers them, and
+    the records are the same: both backends give the same answers (tests/test_analytics.py compares them too)."""
+    await store.record_messages(_records(300))
+    whole = await _answers(store)
+    real = MessageColumns.parts
+    cuts: list[int] = []
+
+    def small(self: MessageColumns, size: int = 7) -> list[MessageColumns]:
+        out = real(self, 7)
+        cuts.append(len(out))
+        return out
+
+    monkeypatch.setattr(MessageColumns, "parts", small)
+    assert await _answers(store) == whole
+    if store.backend_name == "json":
+        assert cuts and max(cuts) > 1
+
+
+async def _turns_during(aiter: Any) -> tuple[int, list[Any]]:
+    """How many times a concurrent task ran while ``aiter`` was consumed (without awaiting anything else)."""
+    ticks = 0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while running:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    try:
+        got = [item async for item in aiter]
+    finally:
+        running = False
+        await task
+    return ticks - start, got
+
+
+async def test_json_scan_and_columns_give_the_loop_turns(store: storage.Store, monkeypatch: pytest.MonkeyPatch):
+    if store.backend_name != "json":
+        pytest.skip("the JSON message log's own turns (PostgreSQL awaits the server for every fetch)")
+    records = _records(1_200)
+    await store.record_messages(records)
+    monkeypatch.setattr(json_messages, "SCAN_TURN", 100)
+    turns, scanned = await _turns_during(store.scan_messages(7))
+    assert len(scanned) == 1_200 and turns >= 1_200 // 100 - 1
+    assert sorted(r["message_id"] for r in scanned) == sorted(r["message_id"] for r in records)
+    real = MessageColumns.parts
+    monkeypatch.setattr(MessageColumns, "parts", lambda self, size=100: real(self, 100))
+    turns, blocks = await _turns_during(store._scan_message_columns("7", None, None))  # type: ignore[attr-defined]
+    assert sum(len(b) for b in blocks) == 1_200 and len(blocks) == 12 and turns >= 11
