@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import random
@@ -103,6 +104,9 @@ class StepProbe:
         self._sample = sample
         self._began: float | None = None  # wall time the running step began (read by the sampling thread)
         self._samples: list[str] = []
+        self.gcs: dict[str, tuple[int, float]] = {}  # --where: "gen2 loop" -> (collections, longest ms)
+        self._gc_began = 0.0
+        self._loop_thread = 0
 
     def install(self) -> None:
         original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
@@ -121,8 +125,20 @@ class StepProbe:
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
         if self._sample:
-            loop_thread = threading.get_ident()
+            loop_thread = self._loop_thread = threading.get_ident()
             threading.Thread(target=self._sampler, args=(loop_thread,), daemon=True).start()
+            gc.callbacks.append(self._gc_callback)
+
+    def _gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        """``--where``: each garbage collection's generation, duration and thread (a full one holds the GIL)."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+            return
+        spent = time.perf_counter() - self._gc_began
+        on_loop = threading.get_ident() == self._loop_thread
+        key = f"gen{info['generation']} {'loop' if on_loop else 'thread'}"
+        count, longest = self.gcs.get(key, (0, 0.0))
+        self.gcs[key] = (count + 1, max(longest, spent * 1000))
 
     def _sampler(self, loop_thread: int) -> None:
         """``--where``: every 2 ms, if the loop's current step has run for over 5 ms, note the loop thread's stack
@@ -142,6 +158,7 @@ class StepProbe:
         """Start a new measurement (from the loop thread: the step running now counts from here on)."""
         self.longest = 0.0
         self.where = ""
+        self.gcs = {}
         self.since = time.thread_time()
 
 
@@ -171,6 +188,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                          "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where}
         if probe.stacks:
             results[name]["stacks"] = probe.stacks
+        if probe.gcs:
+            results[name]["gc"] = probe.gcs
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -321,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\n{backend}: {name}: longest step {got['step_cpu_ms']:.1f} ms CPU, sampled stacks:")
                     for stack, count in got["stacks"]:
                         print(f"  {count:3d}x {stack}")
+                full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
+                if full:
+                    print(f"{backend}: {name}: full collections (count, longest ms): {full}")
     return 0
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
@@ -138,6 +139,13 @@ class MessageLog:
     async def wait(self) -> None:
         """Wait until every queued insert is settled (before closing)."""
         await self._inserts.wait()
+
+    async def release(self) -> None:
+        """:meth:`close`, freeing the index and the cache in a worker thread a piece at a time: at 1M messages,
+        dropping them in one go (one C call: the GIL is not given back) held the event loop 25-40 ms at close."""
+        index, files, pool = self._index, self._cache.take(), self._pool
+        self._index, self._files, self._slots, self._pool = None, {}, [], None
+        await run_in_thread(_free, index, files, pool)
 
     def close(self) -> None:
         """Forget the index and the cache (they are rebuilt from the files by whoever opens the store next)."""
@@ -593,6 +601,18 @@ class MessageLog:
 
 
 # -------------------------------------------------------------------------------------------------------------------
+
+
+def _free(index: dict[int, int] | None, files: dict[FileKey, Any], pool: concurrent.futures.Executor | None) -> None:
+    """Drop ``index`` and ``files`` item by item (in a worker thread, which gives the GIL back between Python
+    steps), and shut ``pool`` down (joining its threads blocks)."""
+    while index:
+        for _ in range(min(len(index), 10_000)):
+            index.popitem()
+    while files:
+        files.popitem()
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def _latest(path: Path, size: int, message_id: str) -> Record:

@@ -796,6 +796,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 async with self._locked():  # expired documents are purged from the files too
                     if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
+            await self._messages.release()  # the message index and cache, freed off the loop
         finally:
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._journal.close()
