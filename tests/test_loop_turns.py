@@ -132,3 +132,29 @@ async def _until_done(task: asyncio.Future[Any], cancel: bool) -> Any:
         assert cancel
     return
     yield  # an async generator for _turns_during
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 1999, 2000, 2001, 4001])
+def test_snapshot_parts_are_the_seed_layout(n: int, tmp_path: Any):
+    """Compaction writes a snapshot in parts (no GIL-holding join of the whole file): the bytes are exactly the
+    one-document-per-line layout, and the parts' crc is the file's."""
+    import zlib
+
+    import orjson
+
+    from storage.backends.json.snapshot import RENDER_PART, read_snapshot, render_parts
+    from storage.fsutil import atomic_write
+
+    coll = {f"k{i}": orjson.dumps({"i": i, "ü": [i]}) for i in range(n)}
+    whole = b"{\n" + b",\n".join(b"  " + orjson.dumps(k) + b": " + v for k, v in coll.items()) + b"\n}\n" \
+        if coll else b"{}\n"
+    parts = render_parts(coll)
+    assert b"".join(parts) == whole and len(parts) == (1 if not n else -(-n // RENDER_PART) + 1)
+    path = tmp_path / "c.json"
+    atomic_write(path, parts)
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    assert path.read_bytes() == whole and crc == zlib.crc32(whole)
+    loaded = read_snapshot(path, crc)
+    assert not isinstance(loaded, str) and dict(loaded[0]) == coll

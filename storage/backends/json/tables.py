@@ -41,7 +41,7 @@ from .expiry import EXPIRES_NAME, Expiries, dead_keys, read_sidecar, render_side
 from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lock import Committed, SidecarLock
-from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
+from .snapshot import OVERHEAD, Collection, read_snapshot, render_parts
 
 __all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
 
@@ -386,10 +386,12 @@ class Tables:
                 continue
             path = self.path / f"{name}.json"
             self._check_not_edited(name, path)
-            rendered = render_collection(self.data.get(name, {}))
+            rendered = render_parts(self.data.get(name, {}))  # parts: no GIL-holding join of the whole file
             target = _snapshot_target(path)
             atomic_write(target, rendered, sync_dir=target.parent != self.path)
-            crc = zlib.crc32(rendered)
+            crc = 0
+            for part in rendered:
+                crc = zlib.crc32(part, crc)
             checksums[name] = crc
             self.files[name] = (_signature(os.stat(target)), crc)
         sidecar = self.path / EXPIRES_NAME
