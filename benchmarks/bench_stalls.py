@@ -180,6 +180,7 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
     probe.install()
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
+        heap = Counter(type(o).__name__ for o in gc.get_objects()) if sample else None  # what a full GC visits
         watcher = StallWatch()
         started = time.perf_counter()
         probe.reset()
@@ -190,6 +191,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
             results[name]["stacks"] = probe.stacks
         if probe.gcs:
             results[name]["gc"] = probe.gcs
+        if heap is not None:
+            results[name]["tracked_before"] = [sum(heap.values()), heap.most_common(6)]
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {count:3d}x {stack}")
                 full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
                 if full:
-                    print(f"{backend}: {name}: full collections (count, longest ms): {full}")
+                    print(f"{backend}: {name}: full collections (count, longest ms): {full}; objects tracked "
+                          f"before the call: {got.get('tracked_before')}")
     return 0
 
 

@@ -158,3 +158,33 @@ def test_snapshot_parts_are_the_seed_layout(n: int, tmp_path: Any):
     assert path.read_bytes() == whole and crc == zlib.crc32(whole)
     loaded = read_snapshot(path, crc)
     assert not isinstance(loaded, str) and dict(loaded[0]) == coll
+
+
+async def test_a_sliced_put_many_is_all_or_nothing_under_cancellation(store: storage.Store,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """PostgreSQL sends a large ``put_many`` as several statements (the loop runs between them) in one
+    transaction: cancelled after any number of loop turns, either every document is there or none. (The JSON
+    backend has its own turns while encoding a large batch: the same must hold.)"""
+    from storage.backends.postgres import notify
+
+    monkeypatch.setattr(notify, "PUT_SLICE", 3)
+    docs = {f"k{i:02d}": {"n": i, "ü": [i]} for i in range(10)}
+    for turns in range(400):
+        name = f"sliced{turns}"
+        task = asyncio.ensure_future(store.put_many(name, docs))
+        for _ in range(min(turns, 30)):  # every loop turn, then (the server takes time) every 0.5 ms
+            await asyncio.sleep(0)
+        if turns > 30:
+            await asyncio.sleep((turns - 30) * 0.0005)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        got = {key: doc async for key, doc in store.items(name)}
+        assert got in ({}, docs), f"a partial put_many after {turns} loop turns"
+        if got == docs and task.done() and not task.cancelled():
+            break
+    else:
+        pytest.fail("the put_many never finished")
+    assert await store.put_many("sliced", docs) == 10 and await store.count("sliced") == 10
