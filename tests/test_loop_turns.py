@@ -188,3 +188,17 @@ async def test_a_sliced_put_many_is_all_or_nothing_under_cancellation(store: sto
     else:
         pytest.fail("the put_many never finished")
     assert await store.put_many("sliced", docs) == 10 and await store.count("sliced") == 10
+
+
+def test_top_first_is_the_full_sort_with_ties():
+    """``top``'s shortcut (the limit-th largest count found first, then only the entries at or above it sorted)
+    gives exactly the full sort's answer: many ties, limits from 0 to past the end."""
+    from collections import Counter
+
+    from storage.backends.json.message_queries import _first
+
+    rng = random.Random(3)
+    for _ in range(200):
+        counts = Counter({f"u{rng.randrange(10**6)}": rng.randrange(1, 6) for _ in range(rng.randrange(0, 40))})
+        for limit in range(0, len(counts) + 3):
+            assert _first(counts, limit) == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]

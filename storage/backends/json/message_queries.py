@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import heapq
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
@@ -70,7 +71,18 @@ async def top(blocks: Blocks, column: TopColumn, limit: int) -> list[tuple[str, 
                     counts[topic] += n
         else:
             counts.update(block.authors if column == "author" else block.channels)
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return _first(counts, limit)
+
+
+def _first(counts: Counter[str], limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` first of ``counts`` by rows descending, then key. Sorting every author of a large guild with
+    a Python key function held the loop 15-30 ms: the ``limit``-th largest count is found in C first, and only the
+    entries at or above it are sorted (ties at that count included, so the answer is the same)."""
+    items: Iterable[tuple[str, int]] = counts.items()
+    if 0 < limit < len(counts):
+        floor = heapq.nlargest(limit, counts.values())[-1]
+        items = [kv for kv in items if kv[1] >= floor]
+    return sorted(items, key=lambda kv: (-kv[1], kv[0]))[:limit]
 
 
 async def last(blocks: Blocks, author: str) -> str | None:
