@@ -202,3 +202,28 @@ def test_top_first_is_the_full_sort_with_ties():
         counts = Counter({f"u{rng.randrange(10**6)}": rng.randrange(1, 6) for _ in range(rng.randrange(0, 40))})
         for limit in range(0, len(counts) + 3):
             assert _first(counts, limit) == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+async def test_items_of_a_large_collection(store: storage.Store):
+    """Over ``ITEMS_INLINE`` documents the JSON store copies the collection (one C call) and picks and sorts the
+    pairs in a worker thread: the same answer as a small one's, prefix and expiry included, on both backends; on
+    JSON, writes made after the first item do not show (the iteration is the collection when it began)."""
+    from storage.backends.json.store import ITEMS_INLINE
+
+    n = ITEMS_INLINE + 700
+    docs = {f"{1 + i % 3}_{i:05d}": {"i": i} for i in range(n)}
+    await store.put_many("big", docs)
+    await store.put("big", "2_99999", {"soon": True}, ttl=0.05)
+    await asyncio.sleep(0.1)  # expired: absent from the iteration
+    for prefix in (None, "2_", "9_"):
+        want = sorted((k, d) for k, d in docs.items() if prefix is None or k.startswith(prefix))
+        assert [pair async for pair in store.items("big", prefix=prefix)] == want
+    if store.backend_name != "json":
+        return
+    seen = []
+    async for key, doc in store.items("big", prefix="1_"):
+        if not seen:
+            await store.put("big", "1_00000a", {"late": True})
+            await store.delete("big", "1_00003")
+        seen.append((key, doc))
+    assert seen == sorted((k, d) for k, d in docs.items() if k.startswith("1_"))

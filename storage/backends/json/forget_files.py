@@ -92,6 +92,7 @@ class ForgetPlan:
     files: list[tuple[str, str, bool]] = field(default_factory=list)  # (guild, month, a staged version exists)
     guilds: list[str] = field(default_factory=list)  # whole guild folders that go
     messages: int = 0  # records removed
+    settled: bool = False  # its intent was written and resolved: the work folder is garbage
     scans: dict[tuple[str, str], FileScan] = field(default_factory=dict)  # (guild, month) -> what stage found
     restaged: int = 0  # files read again under the lock (see restage)
 
@@ -429,11 +430,14 @@ def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tupl
     return token, keys, files, guilds
 
 
-def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_back: bool = False) -> bool | None:
+def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_back: bool = False,
+            remove_work: bool = True) -> bool | None:
     """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` caught up.
 
     ``roll_back``: the forgetting process knows its documents were never committed (it failed before). Returns
-    whether the forget happened, or None when there was no intent.
+    whether the forget happened, or None when there was no intent. ``remove_work=False`` leaves the work folder
+    (garbage once the intent is gone: the forgetting process deletes it after releasing the lock, since it holds
+    the old message files, and an open sweeps it if that process dies first).
     """
     if not pending(data_path):
         return None
@@ -455,7 +459,8 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_ba
                     "completing" if happened else "rolling back", token)
     os.unlink(data_path / INTENT_NAME)
     fsync_dir(data_path)
-    shutil.rmtree(data_path / f"{_WORK}{token}", ignore_errors=True)
+    if remove_work:
+        shutil.rmtree(data_path / f"{_WORK}{token}", ignore_errors=True)
     return happened
 
 

@@ -598,8 +598,13 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         await self._refresh()
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
-        pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
-        selected = await off_loop(_select, pairs, prefix) if len(pairs) > ITEMS_INLINE else _select(pairs, prefix)
+        if len(coll) > ITEMS_INLINE:
+            # The snapshot is one C-level dict copy (0.5 ms at 100k; a list of pairs built on the loop took 9-15
+            # ms); the pairs are picked and sorted from it in a worker thread.
+            selected = await off_loop(_select_from, dict(coll), dead, prefix)
+        else:
+            pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
+            selected = _select(pairs, prefix)
         loads = orjson.loads
         for index, (key, raw) in enumerate(selected):
             if index and not index % ITEMS_TURN:
@@ -1024,6 +1029,18 @@ def _select_keys(keys: list[str], prefix: str | None) -> list[str]:
         keys = [key for key in keys if key.startswith(prefix)]
     keys.sort()
     return keys
+
+
+def _select_from(coll: dict[str, bytes], dead: set[str], prefix: str | None) -> list[tuple[str, bytes]]:
+    """The pairs of ``coll`` (a private copy) whose key starts with ``prefix`` and is not ``dead``, sorted by key."""
+    if prefix is not None:
+        pairs = [pair for pair in coll.items() if pair[0].startswith(prefix)]
+    else:
+        pairs = list(coll.items())
+    if dead:
+        pairs = [pair for pair in pairs if pair[0] not in dead]
+    pairs.sort()
+    return pairs
 
 
 def _select(pairs: list[tuple[str, bytes]], prefix: str | None) -> list[tuple[str, bytes]]:
