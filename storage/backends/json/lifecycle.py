@@ -152,8 +152,8 @@ class JsonLifecycle:
                     # lock or open rolls back), then report the first failure
                     plan.settled = bool(await cancellation.run_to_completion(self._settle(roll_back=True)))
                     raise
-            # From the intent on, the forget runs to its end even if the caller is cancelled: the journal commit
-            # decides, and the files follow it.
+                # From the intent on, the forget runs to its end even if the caller is cancelled: the journal
+                # commit decides, and the files follow it.
                 dead = self._expired()  # removed too (their bytes are the user's data), never counted: absent
                 await cancellation.run_to_completion(self._commit_forget(plan))
         finally:
