@@ -21,7 +21,9 @@ The documents commit with one journal record, but the messages live in their own
 4. **Commit**: the deletions of the documents are appended to the journal: the one point that decides.
 5. **Resolve** (:func:`resolve`): if none of the keys is left in the documents (or there were none), the forget
    happened, and it is rolled forward (a swap that a crash interrupted is finished); otherwise it is rolled back
-   (the files moved aside return). The intent is removed, then the work folder.
+   (the files moved aside return). The intent is removed, then the work folder: by the forgetting process once
+   it released the lock (at 1M messages the folder holds most of the log's old files: about a second of unlinking
+   that writers need not wait for), or at once by whoever else resolves it.
 
 Who resolves: the forgetting process itself at step 5 (or after a failure at any step, when it knows the outcome),
 :meth:`JsonStore._open_sync` at every open, and the store's lock whenever it finds the intent (like a restore's),
