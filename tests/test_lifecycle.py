@@ -377,6 +377,24 @@ async def test_forget_user_stages_without_the_lock_and_restages_what_changed(
     await other.close()
 
 
+async def test_the_work_folder_is_deleted_after_the_lock(json_store: Any, monkeypatch: pytest.MonkeyPatch):
+    """The forget's work folder (the old message files) is deleted once the intent is resolved and the store lock
+    released: writers do not wait for the unlinking."""
+    await fill(json_store)
+    real = forget_files.discard
+    calls: list[tuple[bool, bool, bool]] = []
+
+    def discard(data_path: Path, token: str) -> None:
+        work = data_path / f"storage.forget-{token}"
+        calls.append((json_store._holding, forget_files.pending(data_path), work.is_dir()))
+        real(data_path, token)
+
+    monkeypatch.setattr(forget_files, "discard", discard)
+    assert (await json_store.forget_user("12"))["messages"] > 0
+    assert calls == [(False, False, True)]
+    assert not [p for p in json_store.path.iterdir() if p.name.startswith("storage.forget")]
+
+
 class Crash(Exception):
     """Where the process would have died."""
 
