@@ -162,7 +162,8 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
     prefix = f"{guild}_"
     async with transaction() as tx:
         view = tx.encoded_documents(collection)
-        if view is not None:  # sorting 100k keys held the loop ~50 ms: a thread (the transaction holds the lock)
+        if view is not None:  # in a thread: sorting 100k keys held the loop ~50 ms, and a lazy collection
+            # (json/lazy.py) is read whole on first walk (the transaction holds the lock: nothing changes it)
             members: list[tuple[str, Any]] = await off_loop(_guild_members, view, prefix)
         else:
             members = [pair async for pair in tx.items(collection, prefix=prefix)]
