@@ -340,7 +340,7 @@ class Journal:
             self.offset += good
         if locked and not self.read_only and self.offset < size and (
                 debris or not is_blank(os.pread(self.fd, 1, self.offset))
-                or whole_tail and next_nonblank(os.pread(self.fd, size - self.offset, self.offset), 0) >= 0):
+                or (whole_tail and next_nonblank(os.pread(self.fd, size - self.offset, self.offset), 0) >= 0)):
             self._drop_unacknowledged(size, torn=end is None)
         return records
 
