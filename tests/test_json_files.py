@@ -326,3 +326,23 @@ async def test_a_large_transaction_lets_the_loop_run_and_its_items_see_its_own_d
         assert "7_00001" not in seen and len(seen) == 5_999
         assert during_deletes >= 5  # a loop turn every 1000 staged operations
         assert await store.count("things") == 0
+
+
+async def test_close_leaves_the_folding_to_another_store_holding_the_lock(folder):
+    """A close finds another process (here: another store, which locks like one) holding the lock: it does not
+    wait to rewrite the snapshots (at 100k members a peer's save waited seconds for that); the holder folds
+    everything, the closed store's writes included, at its own close."""
+    first = await JsonStore.open(StoreConfig(backend="json", path=str(folder), lock_timeout=2, source="tests"))
+    second = await JsonStore.open(config(folder))
+    try:
+        await first.put("things", "a", {"n": 1})
+        await second.put("things", "b", {"n": 2})
+        async with second._locked():  # the other process is committing right now
+            await first.close()  # without waiting for it (a wait here would time out: lock_timeout=2)
+            assert not (folder / "things.json").exists()
+        await second.put("things", "c", {"n": 3})
+    finally:
+        await first.close()
+        await second.close()
+    assert json.loads((folder / "things.json").read_text()) == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 3}}
+    assert len((folder / JOURNAL_NAME).read_text().splitlines()) == 1  # header only: all folded in
