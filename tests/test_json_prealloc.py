@@ -100,7 +100,7 @@ async def test_chunks_grow_the_file_and_a_reopen_reads_through_them(folder, monk
         await store.put("things", f"k{i}", {"i": i, "pad": "q" * 100})
         sizes.add((folder / JOURNAL_NAME).stat().st_size)
     crash(store)
-    assert len(sizes) >= 5  # several extensions, each a record plus a chunk
+    assert 5 <= len(sizes) <= 20  # a few extensions (each a record plus a chunk); 200 appends would be 200 sizes
     async with storage.open_store(config=config(folder)) as again:
         assert {k: d["i"] async for k, d in again.items("things")} == {f"k{i}": i for i in range(200)}
 
