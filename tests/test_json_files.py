@@ -362,3 +362,13 @@ async def test_a_killed_store_does_not_keep_the_last_close_from_folding(folder):
     await store.close()
     assert json.loads((folder / "things.json").read_text()) == {"mine": {"n": 1}}
     assert len((folder / JOURNAL_NAME).read_text().splitlines()) == 1
+
+
+async def test_stores_closing_together_still_fold(folder):
+    """Each lets go of its share before it asks whether it is the last: of stores closing at once, one folds."""
+    stores = [await JsonStore.open(config(folder)) for _ in range(3)]
+    for i, store in enumerate(stores):
+        await store.put("things", f"k{i}", {"n": i})
+    await asyncio.gather(*(store.close() for store in stores))
+    assert json.loads((folder / "things.json").read_text()) == {f"k{i}": {"n": i} for i in range(3)}
+    assert len((folder / JOURNAL_NAME).read_text().splitlines()) == 1
