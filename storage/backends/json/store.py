@@ -531,12 +531,20 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         return dead_keys(expiring, self._now_micros()) if expiring else set()
 
     async def _get(self, collection: str, key: str) -> Document | None:
-        await self._refresh()
-        coll = self._tables.data.get(collection)
+        tables = self._tables
+        if not self._holding:  # _refresh's fast path inlined: this runs before every get (a coroutine less)
+            journal = self._journal
+            try:
+                stale = journal.fd < 0 or tables.need_reload or tables.need_lock or journal.changed()
+            except OSError:
+                stale = True  # _refresh reports it with context
+            if stale:
+                await self._refresh()
+        coll = tables.data.get(collection)
         raw = coll.get(key) if coll is not None else None
         if raw is None:
             return None
-        expiring = self._tables.expires.get(collection)
+        expiring = tables.expires.get(collection)
         if expiring and key in expiring and not visible(expiring[key], self._now_micros()):
             return None
         doc: Document = orjson.loads(raw)
