@@ -110,9 +110,11 @@ class JsonLifecycle:
     _refresh: Callable[[], Awaitable[None]]
     _check_usable: Callable[[], None]
     _now_micros: Callable[[], int]
+    _whole: Callable[..., Awaitable[None]]
 
     async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
         await self._refresh()
+        await self._whole()  # lazy collections read whole off the loop first (json/lazy.py)
         # The loop copies the keys only (a list of 100k strings: well under a ms; pairs would cost tuples and tens
         # of ms); matching, reading and decoding run in a thread.
         data = self._tables.data
