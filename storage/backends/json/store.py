@@ -567,6 +567,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
         loads = orjson.loads
+        if type(coll) is Lazy:  # the keys not read yet in one pass, one fstat (json/lazy.py)
+            return {k: loads(raw) for k, raw in coll.get_many(keys).items() if k not in dead}
         return {k: loads(coll[k]) for k in keys if k in coll and k not in dead}
 
     async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
@@ -598,7 +600,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._check_writable(collection)
 
         def prepare(staged: Staged) -> tuple[list[Op], bool]:
-            if staged.live(collection, key, self._now_micros()) is None:
+            if not staged.present(collection, key, self._now_micros()):
                 return [], False  # absent, or expired: reads as absent, purged by compaction
             return [("d", collection, key)], True
 
