@@ -349,3 +349,43 @@ async def test_stores_closing_together_still_fold(folder):
     await asyncio.gather(*(store.close() for store in stores))
     assert json.loads((folder / "things.json").read_text()) == {f"k{i}": {"n": i} for i in range(3)}
     assert len((folder / JOURNAL_NAME).read_text().splitlines()) == 1
+
+
+def _kept_generations(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(JOURNAL_NAME + "."))
+
+
+async def test_the_last_close_removes_the_kept_journal_generation(folder):
+    """A compaction keeps the journal it replaces (storage.journal.<N>) for stores that follow it; once the last
+    writable store has closed nobody can, and it is removed: a bulk-loaded store kept a second copy of its whole
+    journal on disk. While another writer is open it stays, and that store still follows every write."""
+    first = await JsonStore.open(config(folder))
+    second = await JsonStore.open(config(folder))
+    await first.put_many("things", {f"k{i}": {"n": i} for i in range(500)})
+    await first.compact()
+    kept = _kept_generations(folder)
+    assert kept, "the compaction kept the journal it replaced"
+    await first.close()  # not the last writer: the kept generation may still serve `second`
+    assert _kept_generations(folder) == kept
+    assert await second.count("things") == 500
+    await second.put("things", "last", {"n": -1})
+    await second.close()  # the last writer: it folds, and nothing is left that could follow the kept file
+    assert _kept_generations(folder) == []
+    async with storage.open_store(backend="json", path=folder) as store:
+        assert await store.count("things") == 501 and await store.get("things", "last") == {"n": -1}
+
+
+async def test_a_read_only_store_that_missed_a_generation_still_reads_everything(folder):
+    """A read-only follower does not count as present: when the last writer closes and removes the kept
+    generation, a follower that missed it reloads the snapshots and reads exactly what was written."""
+    writer = await JsonStore.open(config(folder))
+    reader = await JsonStore.open(StoreConfig(backend="json", path=str(folder), read_only=True, source="tests"))
+    await writer.put("things", "a", {"n": 1})
+    assert await reader.get("things", "a") == {"n": 1}
+    await writer.put("things", "b", {"n": 2})
+    await writer.compact()  # one generation the reader never looks at...
+    await writer.put("things", "c", {"n": 3})
+    await writer.close()  # ...and a second one at the close, after which the kept file is removed
+    assert _kept_generations(folder) == []
+    assert {k: d async for k, d in reader.items("things")} == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 3}}
+    await reader.close()

@@ -838,6 +838,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     async with self._locked():  # expired documents are purged from the files too
                         if self._tables.dirty or self._expired_held():
                             await self._run_compaction()
+                if self._presence.alone:
+                    self._journal.drop_kept()  # no store left that could follow it (json/presence.py)
             await self._messages.release()  # the message index and cache, freed off the loop
         finally:
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
