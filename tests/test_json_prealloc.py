@@ -89,6 +89,24 @@ async def test_records_overwrite_filler_and_the_journal_stays_text(folder):
         assert await again.count("things") == 51
 
 
+async def test_a_large_record_is_written_without_filler_and_small_ones_get_it_again(folder):
+    """A record larger than a chunk (a batch of members) costs its data write anyway: a chunk of filler after it
+    would multiply the bytes its fsync writes (1,000 members: 0.3 MB of record, up to 1 MiB of filler). It is
+    written alone; the next small record brings a chunk again."""
+    store = await JsonStore.open(config(folder))
+    try:
+        journal = folder / JOURNAL_NAME
+        await store.put_many("things", {f"k{i}": {"n": i, "pad": "b" * 100} for i in range(1000)})
+        assert store._journal.offset > filler.MIN_CHUNK  # one record, larger than a chunk
+        assert journal.stat().st_size == store._journal.offset  # nothing after it
+        await store.put("things", "small", {"n": -1})
+        assert journal.stat().st_size >= store._journal.offset + filler.MIN_CHUNK
+    finally:
+        await store.close()
+    async with storage.open_store(config=config(folder)) as again:
+        assert await again.count("things") == 1001 and await again.get("things", "k999") == {"n": 999, "pad": "b" * 100}
+
+
 async def test_chunks_grow_the_file_and_a_reopen_reads_through_them(folder, monkeypatch):
     monkeypatch.setattr(filler, "MIN_CHUNK", 4096)
     monkeypatch.setattr(filler, "MAX_CHUNK", 4096)

@@ -50,7 +50,7 @@ from ...errors import CorruptDataError, ValidationError
 from ...expiry import from_micros, to_micros
 from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
-from .filler import FILL, NO_ROOM, chunk_for, is_blank, next_nonblank
+from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "JOURNAL_FORMAT"]
 
@@ -524,7 +524,7 @@ class Journal:
         """Write ``data`` at :attr:`offset` followed by a chunk of filler, in one ``pwrite`` (the caller's fsync
         then commits the file's new size once for the whole chunk); without filler when it does not fit."""
         start = self.offset
-        chunk = chunk_for(self.fd, start)
+        chunk = 0 if len(data) > MIN_CHUNK else chunk_for(self.fd, start)
         if chunk:
             try:
                 pwrite_all(self.fd, data + FILL * chunk, start)
