@@ -17,6 +17,15 @@ The documents commit with one journal record, but the messages live in their own
    happened, and it is rolled forward (a swap that a crash interrupted is finished); otherwise it is rolled back
    (the files moved aside return). The intent is removed, then the work folder.
 
+**In a transaction** (``tx.forget_user``, ``tx.prune_messages``...; :mod:`.tx_messages`), the deciding side is
+the transaction's own journal record instead: its documents may be written again after the forget in the same
+transaction (a key forgotten, then put), or it may remove message records only, so "none of the keys is left"
+would not tell. Its intent names the record instead (``"commit"``: the journal generation, the offset it starts
+at, its length and digest): the forget happened if and only if the journal committed exactly that record there.
+Under the lock nobody else appends, and nobody compacts before resolving a pending intent, so the record is found
+where the intent says if it was committed; a record cut away as never acknowledged, or a journal rewritten from
+memory after a failed append (a new generation), means it was not.
+
 Who resolves: the forgetting process itself at step 5 (or after a failure at any step, when it knows the outcome),
 :meth:`JsonStore._open_sync` at every open, and the store's lock whenever it finds the intent (like a restore's),
 so nobody writes on top of a half-done forget. Work folders without an intent are garbage, removed at open.
@@ -34,9 +43,10 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -46,12 +56,13 @@ from ...ownership import Owner
 from .message_files import GENERATION_NAME, MESSAGES_DIR, block_line_ids, corrupt, list_files, parse_line
 
 __all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "intent_path",
-           "intent_pending", "recover", "sweep", "file_ids", "lines_with", "without_author", "is_forget_entry"]
+           "intent_pending", "recover", "sweep", "file_ids", "lines_with", "without_author", "is_forget_entry",
+           "new_token", "sync_all", "JournalHolds", "WORK_PREFIX"]
 
 log = logging.getLogger("storage.json.forget")
 
 INTENT_NAME = "storage.forget"
-_WORK = "storage.forget-"
+_WORK = WORK_PREFIX = "storage.forget-"
 _TOKEN = re.compile(r"\d+-[0-9a-f]{16}\Z")
 _FSYNC_THREADS = 8
 
@@ -59,6 +70,16 @@ _FSYNC_THREADS = 8
 def is_forget_entry(name: str) -> bool:
     """Whether an entry of the data folder belongs to a forget in progress (its intent or work folder)."""
     return name == INTENT_NAME or (name.startswith(_WORK) and _TOKEN.match(name[len(_WORK):]) is not None)
+
+
+#: ``holds(generation, offset, length, digest)``: whether the store's journal (caught up under the lock) committed
+#: that record (:meth:`storage.backends.json.journal.Journal.holds`): what decides a transaction's forget.
+JournalHolds = Callable[[int, int, int, str], bool]
+
+
+def new_token() -> str:
+    """A forget's token: the process id (whose intent it is, for the log) and a random part."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
 @dataclass
@@ -71,6 +92,8 @@ class ForgetPlan:
     files: list[tuple[str, str, bool]] = field(default_factory=list)  # (guild, month, a staged version exists)
     guilds: list[str] = field(default_factory=list)  # whole guild folders that go
     messages: int = 0  # records removed
+    #: A transaction's forget: the journal record that decides it (see the module doc); None: the keys decide.
+    commit: dict[str, Any] | None = None
 
     @property
     def work(self) -> Path:
@@ -140,7 +163,7 @@ def without_author(path: Path, data: bytes, author: str) -> tuple[bytes, set[int
 def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> ForgetPlan:
     """Step 1, in a worker thread under the store lock: the keys, and the message files staged. On an error the
     work folder is removed and the error raised (nothing changed)."""
-    plan = ForgetPlan(data_path, f"{os.getpid()}-{secrets.token_hex(8)}")
+    plan = ForgetPlan(data_path, new_token())
     plan.keys = owned_keys(data, owner)
     root = data_path / MESSAGES_DIR
     staged: list[Path] = []
@@ -171,7 +194,7 @@ def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Own
             (plan.work / "old").mkdir(parents=True, exist_ok=True)
             (plan.work / "guilds").mkdir(exist_ok=True)
             folders = sorted({plan.work / "new" / g for g, _m, has_new in plan.files if has_new})
-            _sync_all([*staged, *folders])
+            sync_all([*staged, *folders])
     except BaseException:
         plan.discard()
         raise
@@ -179,7 +202,7 @@ def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Own
 
 
 def _stage(folder: Path, name: str, content: bytes) -> Path:
-    """Write a staged file (fsynced later, with the others: :func:`_sync_all`)."""
+    """Write a staged file (fsynced later, with the others: :func:`sync_all`)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -190,7 +213,7 @@ def _stage(folder: Path, name: str, content: bytes) -> Path:
     return path
 
 
-def _sync_all(paths: list[Path]) -> None:
+def sync_all(paths: list[Path]) -> None:
     """fsync files and folders, several at a time: a user active in 100 guilds for a year has over a thousand
     files staged, and parallel fsyncs let the disk merge the flushes (about 3x faster, see json/messages.py)."""
     def sync(path: Path) -> None:
@@ -211,8 +234,10 @@ def _sync_all(paths: list[Path]) -> None:
 
 def begin(plan: ForgetPlan) -> None:
     """Steps 2 and 3, under the store lock: the intent, then the swap of the message files."""
-    intent = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
-              "files": [list(f) for f in plan.files], "guilds": plan.guilds}
+    intent: dict[str, Any] = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
+                              "files": [list(f) for f in plan.files], "guilds": plan.guilds}
+    if plan.commit is not None:
+        intent["commit"] = plan.commit
     if plan.work.exists():
         fsync_dir(plan.data_path)  # the work folder's entry, before the intent names it
     atomic_write(plan.data_path / INTENT_NAME, orjson.dumps(intent) + b"\n")
@@ -270,7 +295,7 @@ def _move(root: Path, moves: list[tuple[Path, Path]]) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
         folders.update((src.parent, dst.parent))
-    _sync_all(sorted(folder for folder in folders if folder.is_dir()))
+    sync_all(sorted(folder for folder in folders if folder.is_dir()))
 
 
 def pending(data_path: Path) -> bool:
@@ -288,7 +313,10 @@ def intent_pending(intent: str) -> bool:
     return os.path.lexists(intent)
 
 
-def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tuple[str, str, bool]], list[str]]:
+_Intent = tuple[str, list[tuple[str, str]], list[tuple[str, str, bool]], list[str], "tuple[int, int, int, str] | None"]
+
+
+def _read_intent(data_path: Path) -> _Intent:
     path = data_path / INTENT_NAME
     try:
         intent = orjson.loads(path.read_bytes())
@@ -301,23 +329,34 @@ def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tupl
         for g in [*guilds, *(f[0] for f in files)]:
             if not g.isdigit() or "/" in g:
                 raise ValueError(f"bad guild folder {g!r}")
+        raw = intent.get("commit")
+        commit = None
+        if raw is not None:
+            commit = (raw["generation"], raw["offset"], raw["length"], raw["digest"])
+            if any(type(v) is not int or v < 0 for v in commit[:3]) or type(commit[3]) is not str:
+                raise ValueError(f"bad commit {raw!r:.80}")
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CorruptDataError(f"{path}: an interrupted forget left this file, but it cannot be read ({exc}); the "
                                "store cannot tell whether it happened: see the README's 'Forgetting and exporting "
                                "data'", path=str(path)) from exc
-    return token, keys, files, guilds
+    return token, keys, files, guilds, commit
 
 
-def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_back: bool = False) -> bool | None:
-    """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` caught up.
+def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
+            roll_back: bool = False) -> bool | None:
+    """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` and the journal
+    (``holds``) caught up.
 
     ``roll_back``: the forgetting process knows its documents were never committed (it failed before). Returns
     whether the forget happened, or None when there was no intent.
     """
     if not pending(data_path):
         return None
-    token, keys, files, guilds = _read_intent(data_path)
-    happened = not roll_back and not any(key in data.get(coll, {}) for coll, key in keys)
+    token, keys, files, guilds, commit = _read_intent(data_path)
+    if commit is not None:  # a transaction's: its journal record decides
+        happened = not roll_back and holds(*commit)
+    else:
+        happened = not roll_back and not any(key in data.get(coll, {}) for coll, key in keys)
     if happened:
         _swap(data_path, token, files, guilds)
         root = data_path / MESSAGES_DIR
@@ -338,11 +377,13 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_ba
     return happened
 
 
-def recover(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, at_open: bool = False) -> None:
-    """The store's hook (under the lock, ``data`` caught up): resolve a pending forget; at open also :func:`sweep`.
-    An ``OSError`` propagates (the store reports it; the intent stays, and the next lock or open tries again)."""
+def recover(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
+            at_open: bool = False) -> None:
+    """The store's hook (under the lock, ``data`` and the journal caught up): resolve a pending forget; at open
+    also :func:`sweep`. An ``OSError`` propagates (the store reports it; the intent stays, and the next lock or open
+    tries again)."""
     if pending(data_path):
-        resolve(data_path, data)
+        resolve(data_path, data, holds)
     if at_open:
         sweep(data_path)
 
