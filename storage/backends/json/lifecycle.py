@@ -163,7 +163,7 @@ class JsonLifecycle:
             except BaseException:
                 # nothing committed: put the files back (if that fails too, the intent stays and the next lock
                 # or open rolls back), then report the first failure
-                await cancellation.run_to_completion(self._settle(roll_back=True))
+                await cancellation.run_to_completion(self._undo_begin(plan.discard))
                 raise
             # From the intent on, the forget runs to its end even if the caller is cancelled: the journal commit
             # decides, and the files follow it.
@@ -184,6 +184,14 @@ class JsonLifecycle:
                 await self._commit(ops)
         finally:
             await self._settle(roll_back=False)  # decided by the documents: forward if committed, else back
+
+    async def _undo_begin(self, discard: Callable[[], None]) -> None:
+        """:func:`forget_files.begin` failed, nothing committed: roll back its intent if it was written, else
+        remove the work folder (nothing refers to it)."""
+        if forget_files.pending(self.path):
+            await self._settle(roll_back=True)
+        else:
+            await cancellation.run_in_thread(discard)
 
     async def _settle(self, *, roll_back: bool) -> None:
         """Resolve this forget's intent (see :func:`forget_files.resolve`); an error there leaves it pending."""
@@ -209,7 +217,7 @@ class JsonLifecycle:
         try:
             await run_in_thread(forget_files.begin, plan)
         except BaseException:
-            await cancellation.run_to_completion(self._settle(roll_back=True))
+            await cancellation.run_to_completion(self._undo_begin(messages.discard))
             raise
         await cancellation.run_to_completion(self._commit_record(ops, record))
 

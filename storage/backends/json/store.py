@@ -645,26 +645,37 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 return False
             built = await cancellation.run_in_thread(build_indexes, self._tables.data.get(collection) or {},
                                                      [path])
+
+            def install() -> None:
+                current = indexes.live.get(collection)
+                if current is None:
+                    indexes.live[collection] = built
+                else:
+                    current.paths.update(built.paths)
+
             await self._declare_indexes({**indexes.declared, collection: sorted([*paths, path])},
-                                        "declaring the index")
-            current = indexes.live.get(collection)
-            if current is None:
-                indexes.live[collection] = built
-            else:
-                current.paths.update(built.paths)
+                                        "declaring the index", install)
         return True
 
-    async def _declare_indexes(self, declared: dict[str, list[str]], doing: str) -> None:
-        """Persist ``declared`` as the index declarations (under the lock); on failure the old ones stay in force."""
+    async def _declare_indexes(self, declared: dict[str, list[str]], doing: str, install: Callable[[], None]) -> None:
+        """Persist ``declared`` as the index declarations (under the lock), then ``install`` the live indexes to
+        match. Memory follows the file: if it failed before the file was replaced, the old declarations stay in
+        force; once the file holds the new ones (even if the task is cancelled while the worker thread finishes,
+        or the folder's fsync after fails), they are recorded and installed before the error goes on."""
         indexes = self._tables.indexes
         before = indexes.declared
+        replaced = threading.Event()
         indexes.declared = declared
         try:
             with self._io(doing):
-                await cancellation.run_in_thread(indexes.write)
+                await cancellation.run_in_thread(indexes.write, replaced.set)
         except BaseException:
-            indexes.declared = before
+            if not replaced.is_set():
+                indexes.declared = before
+                raise
+            install()
             raise
+        install()
 
     async def _drop_index(self, collection: str, path: str) -> bool:
         self._check_usable()
@@ -674,13 +685,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             if path not in paths:
                 return False
             rest = [p for p in paths if p != path]
+
+            def uninstall() -> None:
+                live = indexes.live.get(collection)
+                if live is not None:
+                    live.paths.pop(path, None)
+                    if not live.paths:
+                        del indexes.live[collection]
+
             await self._declare_indexes({c: p for c, p in {**indexes.declared, collection: rest}.items() if p},
-                                        "dropping the index")
-            live = indexes.live.get(collection)
-            if live is not None:
-                live.paths.pop(path, None)
-                if not live.paths:
-                    del indexes.live[collection]
+                                        "dropping the index", uninstall)
         return True
 
     async def _indexes(self, collection: str) -> list[str]:
