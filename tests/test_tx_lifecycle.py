@@ -80,6 +80,15 @@ async def tx_state(tx: Any) -> State:
     return docs, messages
 
 
+async def consistent(store: Any) -> State:
+    """Everything in one snapshot. (PostgreSQL: a transaction abandoned by a cancellation during its COMMIT may
+    still commit on the server a moment later, and reading the documents and the records at two instants could
+    straddle it.)"""
+    async with store.transaction() as tx:
+        await tx.pin_snapshot()
+        return await tx_state(tx)
+
+
 def no_leftovers(store: Any) -> None:
     """A JSON store has no forget in progress and no staged files once a transaction is over."""
     if isinstance(store, storage.JsonStore):
@@ -217,7 +226,7 @@ async def test_a_cancellation_at_any_loop_turn_forgets_all_or_nothing(store: sto
             await task
         except asyncio.CancelledError:
             pass
-        now = await everything(store)
+        now = await consistent(store)
         assert now in (before, after), f"a partial transaction after {turns} loop turns"
         no_leftovers(store)
         if now == after:
