@@ -14,7 +14,9 @@ benchmarks/_common.py), a ``settings`` document per guild; ``--messages`` messag
 every guild (100 at 100k members), with 20 messages in each and an ``economy`` document. Timed, each once, with the
 longest event-loop stall during the call (a 1 ms ticker task, as a bot's gateway heartbeat): ``forget_guild`` of
 the 1,000-member guild (dry run first, then the real one), ``export_user`` and ``forget_user`` of the user present
-in every guild. Targets (printed, never failing): ``forget_guild`` <= 1 s; no stall over 20 ms.
+in every guild; then, same run, ``forget_guild`` of another 1,000-member guild on the store and of a third one
+inside a transaction (with a put, as a bot's leave handler would), to show what the transaction's form costs.
+Targets (printed, never failing): ``forget_guild`` <= 1 s; no stall over 20 ms.
 Results go to ``benchmarks/results/lifecycle.json``.
 """
 
@@ -93,6 +95,13 @@ class StallWatch:
             self._task.cancel()
 
 
+async def _in_transaction(store: Any, guild: int) -> dict[str, int]:
+    async with store.transaction() as tx:
+        counts: dict[str, int] = await tx.forget_guild(guild)
+        await tx.put("left", str(guild), {"left": True})
+    return counts
+
+
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -164,6 +173,8 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
                 ("export_user", lambda: store.export_user(THE_USER)),
                 ("forget_user dry run", lambda: store.forget_user(THE_USER, dry_run=True)),
                 ("forget_user", lambda: store.forget_user(THE_USER)),
+                ("forget_guild (another guild)", lambda: store.forget_guild(guild + 1)),
+                ("tx: forget_guild (a third guild)", lambda: _in_transaction(store, guild + 2)),
             ):
                 seconds, stall, result = await watch.measure(op)
                 summary = result if not isinstance(result, dict) or "format" not in result else {
@@ -196,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = list(results)
     rows = []
     for name in ("baseline: idle 0.3 s", "baseline: Python in a thread 0.3 s", "forget_guild dry run",
-                 "forget_guild", "export_user", "forget_user dry run", "forget_user"):
+                 "forget_guild", "export_user", "forget_user dry run", "forget_user", "forget_guild (another guild)",
+                 "tx: forget_guild (a third guild)"):
         rows.append([name] + [f"{fmt(results[b][name]['seconds'])} s / {fmt(results[b][name]['stall_ms'])} ms"
                               for b in backends])
     rows.append(["(filling the store)"] + [f"{fmt(results[b]['fill_s'])} s" for b in backends])
@@ -207,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in backends:
         targets.append(Target(f"{b} forget_guild seconds", results[b]["forget_guild"]["seconds"], "<=", 1.0, "s"))
         worst = max(results[b][n]["stall_ms"] for n in ("forget_guild", "forget_user", "export_user",
-                                                        "forget_guild dry run", "forget_user dry run"))
+                                                        "forget_guild dry run", "forget_user dry run",
+                                                        "forget_guild (another guild)",
+                                                        "tx: forget_guild (a third guild)"))
         targets.append(Target(f"{b} longest loop stall", worst, "<=", 20.0, "ms"))
     print_table(["target", "value", "goal", "verdict"],
                 [[t.name, fmt(t.value), f"{t.op} {fmt(t.goal)} {t.unit}", t.verdict] for t in targets])

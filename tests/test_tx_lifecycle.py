@@ -295,6 +295,26 @@ async def test_message_writes_meanwhile_are_kept_and_ids_stay_unique(
         await other.close()
 
 
+async def test_expired_documents_in_a_transaction_are_removed_but_neither_shown_nor_counted(store_config: Any):
+    from tests.test_ttl import Clock
+
+    clock = Clock()
+    async with storage.open_store(config=dataclasses.replace(store_config, clock=clock)) as store:
+        await store.put("cooldowns", "1_12", {"until": "soon"}, ttl=30)
+        await store.put("cooldowns", "2_12", {"until": "later"}, ttl=3000)
+        await store.save_member_data("12", "1", {"roles": []})
+        clock.at(60)  # 1_12 expired: absent for the transaction's lifecycle calls too
+        async with store.transaction() as tx:
+            await tx.put("cooldowns", "3_12", {"until": "new"}, ttl=30)  # this transaction's own, visible
+            assert (await tx.export_user("12"))["documents"] == {
+                "cooldowns": {"2_12": {"until": "later"}, "3_12": {"until": "new"}}}
+            assert await tx.forget_user("12", dry_run=True) == {"cooldowns": 2, "members": 1}
+            assert await tx.forget_user("12") == {"cooldowns": 2, "members": 1}
+            assert await tx.forget_user("12", dry_run=True) == {}
+        clock.at(-60)  # back before it expired: the expired document was removed too (it was the user's data)
+        assert await store.get("cooldowns", "1_12") is None and await store.count("cooldowns") == 0
+
+
 async def test_bad_arguments_in_a_transaction_change_nothing(store: storage.Store):
     await fill(store, messages=30)
     before = await everything(store)
