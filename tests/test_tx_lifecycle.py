@@ -511,6 +511,11 @@ async def test_a_child_killed_at_each_step_leaves_one_state_or_the_other(tmp_pat
     child = _spawn(tmp_path, point)
     _out, err = await asyncio.to_thread(child.communicate, timeout=120)
     assert child.returncode == 9, err
+    if point != "staged":  # the intent names the record that decides, and no keys (see forget_files)
+        intent = json.loads((tmp_path / "data" / forget_files.INTENT_NAME).read_bytes())
+        assert intent["keys"] is None and sorted(intent["commit"]) == ["digest", "generation", "length", "offset"]
+    else:
+        assert not forget_files.pending(tmp_path / "data")
     state = await _settled(tmp_path)
     if outcome is None:  # fsynced but never published: cut away as unacknowledged, or kept whole
         assert state in (before, after)

@@ -21,7 +21,8 @@ The documents commit with one journal record, but the messages live in their own
 the transaction's own journal record instead: its documents may be written again after the forget in the same
 transaction (a key forgotten, then put), or it may remove message records only, so "none of the keys is left"
 would not tell. Its intent names the record instead (``"commit"``: the journal generation, the offset it starts
-at, its length and digest): the forget happened if and only if the journal committed exactly that record there.
+at, its length and digest; its ``"keys"`` are ``null``, which versions that decide by the keys refuse rather than
+misread): the forget happened if and only if the journal committed exactly that record there.
 Under the lock nobody else appends, and nobody compacts before resolving a pending intent, so the record is found
 where the intent says if it was committed; a record cut away as never acknowledged, or a journal rewritten from
 memory after a failed append (a new generation), means it was not.
@@ -237,7 +238,9 @@ def begin(plan: ForgetPlan) -> None:
     intent: dict[str, Any] = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
                               "files": [list(f) for f in plan.files], "guilds": plan.guilds}
     if plan.commit is not None:
-        intent["commit"] = plan.commit
+        # decided by the record, not the keys; and ``"keys": null`` makes a version from before transactions could
+        # forget (which would decide by the keys, and find none) refuse the intent instead of guessing
+        intent["commit"], intent["keys"] = plan.commit, None
     if plan.work.exists():
         fsync_dir(plan.data_path)  # the work folder's entry, before the intent names it
     atomic_write(plan.data_path / INTENT_NAME, orjson.dumps(intent) + b"\n")
@@ -323,18 +326,18 @@ def _read_intent(data_path: Path) -> _Intent:
         token = intent["token"]
         if type(token) is not str or not _TOKEN.match(token):
             raise ValueError("bad token")
-        keys = [(str(c), str(k)) for c, k in intent["keys"]]
-        files = [(str(g), str(m), bool(s)) for g, m, s in intent["files"]]
-        guilds = [str(g) for g in intent["guilds"]]
-        for g in [*guilds, *(f[0] for f in files)]:
-            if not g.isdigit() or "/" in g:
-                raise ValueError(f"bad guild folder {g!r}")
         raw = intent.get("commit")
         commit = None
         if raw is not None:
             commit = (raw["generation"], raw["offset"], raw["length"], raw["digest"])
             if any(type(v) is not int or v < 0 for v in commit[:3]) or type(commit[3]) is not str:
                 raise ValueError(f"bad commit {raw!r:.80}")
+        keys = [] if commit is not None else [(str(c), str(k)) for c, k in intent["keys"]]
+        files = [(str(g), str(m), bool(s)) for g, m, s in intent["files"]]
+        guilds = [str(g) for g in intent["guilds"]]
+        for g in [*guilds, *(f[0] for f in files)]:
+            if not g.isdigit() or "/" in g:
+                raise ValueError(f"bad guild folder {g!r}")
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CorruptDataError(f"{path}: an interrupted forget left this file, but it cannot be read ({exc}); the "
                                "store cannot tell whether it happened: see the README's 'Forgetting and exporting "
