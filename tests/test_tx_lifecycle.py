@@ -34,6 +34,7 @@ import storage
 from storage.backends.json import forget_files, tx_messages
 from storage.ownership import Owner
 from tests.test_feed import next_change
+from tests.test_json_disk_faults import PAD, SmallDisk, assert_io_error, small_disk  # noqa: F401 (a fixture)
 from tests.test_lifecycle import GUILDS, USERS, State, everything, expected_counts, fill, minus, owned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,6 +407,43 @@ async def test_a_fault_in_the_commit_leaves_nothing_committed(json_store: Any, m
     async with json_store.transaction() as tx:  # and the store goes on
         await tx.forget_guild("112")
     assert await everything(json_store) == minus(before, owned(before, Owner(guild="112")))
+
+
+@pytest.mark.parametrize("room", [0, 4096, 12288], ids=["full", "one-page-left", "three-pages-left"])
+async def test_a_transaction_forget_on_a_real_full_disk(small_disk: SmallDisk, room: int):  # noqa: F811
+    """A real ENOSPC (a small tmpfs filled up, the fixture of tests/test_json_disk_faults.py) wherever the space
+    runs out: the transaction raises StorageIOError, nothing is forgotten, nothing is left behind, and the same
+    store forgets it all once there is room."""
+    assert os.path.ismount(small_disk.mountpoint)  # never fill anything but the test's own tmpfs
+    cfg = storage.StoreConfig(backend="json", path=str(small_disk.mountpoint / "data"), lock_timeout=30,
+                              source="tests")
+    async with storage.open_store(config=cfg) as store:
+        await fill(store, messages=600)
+        before = await everything(store)
+
+        async def forget() -> None:
+            async with store.transaction() as tx:
+                await tx.forget_user("12")
+                await tx.put("members", "1_12", {"back": True, "pad": PAD})
+                await tx.forget_guild("112")
+
+        small_disk.fill(leave=room)
+        try:
+            with pytest.raises(storage.DatabaseError) as failed:
+                await forget()
+            assert_io_error(failed.value, errno.ENOSPC)
+            assert await everything(store) == before
+            assert not forget_files.pending(store.path)
+            no_leftovers(store)
+        finally:
+            small_disk.free()
+        await forget()
+        after = minus(before, owned(before, Owner(user="12")))
+        after = ({**after[0], ("members", "1_12"): {"back": True, "pad": PAD}}, after[1])
+        after = minus(after, owned(after, Owner(guild="112")))
+        assert await everything(store) == after
+    async with storage.open_store(config=cfg) as store:
+        assert await everything(store) == after
 
 
 async def test_a_resolution_left_undone_is_settled_by_the_journal_record(
