@@ -602,14 +602,19 @@ async def test_kill_9_at_spread_points_of_a_transaction_leaves_one_state_or_the_
     assert killed_running >= 12, "the kills must land while the transaction runs"
 
 
-async def test_the_store_level_forget_and_intents_of_old_shape_still_decide_by_the_keys(json_store: Any):
-    """An intent without ``commit`` (the store's own forget, or one written by an older version) is decided by
-    the documents as before."""
-    await fill(json_store)
-    before = await everything(json_store)
-    assert await json_store.forget_user("2") == expected_counts(owned(before, Owner(user="2")))
-    assert await everything(json_store) == minus(before, owned(before, Owner(user="2")))
-    no_leftovers(json_store)
+@pytest.mark.parametrize("commit", [{"generation": "1", "offset": 0, "length": 3, "digest": "ab"},
+                                    {"generation": 1, "offset": -1, "length": 3, "digest": "ab"},
+                                    {"generation": 1, "offset": 0, "length": 3}])
+async def test_an_unreadable_transaction_intent_refuses_to_open_rather_than_guess(tmp_path: Path,
+                                                                                   commit: dict[str, Any]):
+    path = tmp_path / "data"
+    async with storage.open_store(backend="json", path=str(path)) as store:
+        await store.put("c", "k", {"v": 1})
+    intent = {"token": "1-0123456789abcdef", "keys": None, "files": [], "guilds": [], "commit": commit}
+    (path / forget_files.INTENT_NAME).write_bytes(json.dumps(intent).encode())
+    with pytest.raises(storage.CorruptDataError, match="interrupted forget"):
+        await storage.open_store(backend="json", path=str(path))
+    assert forget_files.pending(path)  # left for a person to look at
 
 
 async def test_index_declarations_follow_what_is_stored_under_cancellation(store: storage.Store,

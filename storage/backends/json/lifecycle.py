@@ -311,12 +311,13 @@ class JsonTxLifecycle:
         return await run_in_thread(lambda: count_in(_view_files(view, owner), owner))
 
     async def _step(self, work: Callable[[View, Path], Step]) -> Step:
-        """Run one message step in a worker thread over this transaction's view; adopted by the caller."""
+        """Run one message step (a prune) in a worker thread over this transaction's view, and adopt it once it
+        finished (a failure or a cancellation before then leaves the transaction as it was)."""
         self._json._check_usable()
         async with self._steps:
             view, folder = self._tx_messages.view(), self._tx_messages.next_folder()
             step = await run_in_thread(work, view, folder)
-            self._tx_messages.adopt(step)  # no await since the thread: the step and what follows are one
+            self._tx_messages.adopt(step)
             return step
 
     async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
