@@ -329,9 +329,10 @@ class JsonTxLifecycle:
             # From here to the staging, no await: the message side and the documents become part of the
             # transaction together (a cancellation before this point leaves neither).
             keys = self._with_changes(base, owner)
-            staged, now = self._staged, self._tx_now()
+            now = self._tx_now()
+            # every key in ``keys`` is present in the view: only the expired ones (json/expiry.py) are not counted
             counts = {name: n for name in sorted(keys)
-                      if (n := sum(1 for key in keys[name] if staged.live(name, key, now) is not None))}
+                      if (n := len(keys[name] - dead_keys(self._staged.expiring_in(name), now)))}
             self._tx_messages.adopt(step)
             # expired documents are removed too (their bytes are the user's data), but not counted: absent already
             ops: list[Op] = [("d", name, key) for name in sorted(keys) for key in sorted(keys[name])]
