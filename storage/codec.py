@@ -34,8 +34,8 @@ import orjson
 
 from .errors import CorruptDataError, ValidationError
 
-__all__ = ["encode_doc", "decode_doc", "dumps_kept", "dumps_canonical", "canonical_numbers", "check_collection",
-           "check_key", "shown", "MAX_KEY_LENGTH", "MAX_DEPTH", "OWN_COLLECTIONS"]
+__all__ = ["encode_doc", "decode_doc", "dumps_kept", "dumps_each", "dumps_canonical", "canonical_numbers",
+           "check_collection", "check_key", "shown", "MAX_KEY_LENGTH", "MAX_DEPTH", "OWN_COLLECTIONS"]
 
 MAX_KEY_LENGTH = 512
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
@@ -128,6 +128,41 @@ def dumps_kept(value: Any, option: int | None = None, default: Callable[[Any], A
     return memoryview(orjson.dumps(value, default, option)).tobytes()
 
 
+#: What :func:`dumps_each` puts between documents: a raw NUL byte, which no document's output can hold (orjson
+#: writes a NUL in a string as ``\\u0000``), as an already-serialized fragment (None with orjson < 3.9.10).
+_FRAGMENT: Callable[[bytes], object] | None = getattr(orjson, "Fragment", None)
+_SEPARATOR = _FRAGMENT(b"\x00") if _FRAGMENT is not None else None
+_SPLIT = b",\x00,"
+
+
+def dumps_each(docs: list[Any], option: int | None = None,
+               default: Callable[[Any], Any] | None = None) -> tuple[list[bytes], bytes] | None:
+    """``[dumps_kept(doc, option, default) for doc in docs]`` in *one* ``orjson.dumps``, with that call's whole
+    output (which a caller can search once instead of once per document); None when the one call fails (then
+    encode one by one, which also tells which document is at fault).
+
+    Per document, ``orjson.dumps`` costs 0.4 us of its own and the exact-size copy of :func:`dumps_kept` as much
+    again; one call over 1,000 members takes 0.16 ms in all. The documents are dumped as one list with a
+    separator between them that no document's output can contain (see :data:`_SEPARATOR`), and the output is split
+    there: each piece is exactly what ``dumps`` gives that document alone (a dict is written the same inside a
+    list), an exact-size ``bytes`` of its own. Should the pieces not come out one per document (a document
+    holding an ``orjson.Fragment`` with the separator in it), the result is None too. A document nested exactly
+    :data:`MAX_DEPTH` deep is one level too deep inside the list: None, and the one-by-one path takes it.
+    """
+    if not docs:
+        return [], b""
+    if _SEPARATOR is None:
+        return None
+    parts: list[Any] = [_SEPARATOR] * (2 * len(docs) - 1)
+    parts[::2] = docs
+    try:
+        out = orjson.dumps(parts, default, option)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    pieces = out[1:-1].split(_SPLIT)
+    return (pieces, out) if len(pieces) == len(docs) else None
+
+
 def check_collection(name: object) -> str:
     """Collection names become file names on the JSON backend, so they are restricted to a safe alphabet."""
     if type(name) is str and name in _OWN_COLLECTIONS:
@@ -146,6 +181,8 @@ def check_key(key: object) -> str:
     """A document key as stored: a non-empty str, or a non-negative int (a Discord snowflake such as
     ``guild.id``), which is stored as its decimal text, so ``get("settings", 123)`` and ``get("settings", "123")``
     name the same document on every call and backend (and ``items``/``get_many`` give it back as ``"123"``)."""
+    if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and "\x00" not in key:
+        return key  # the usual key, on every call: isascii() is a flag test, and ASCII text is valid Unicode
     if type(key) is not str:
         if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
             return str(int(key))  # int() too: an IntEnum's str() would be its name

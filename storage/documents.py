@@ -15,6 +15,7 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sized
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, TypeVar, overload
 
 import orjson
@@ -29,6 +30,7 @@ from .rules import FAST_RULES, RULES, encode_for
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
 _T = TypeVar("_T")
+_first = itemgetter(0)
 
 
 #: ``put_many`` of more items than this encodes them in slices of ENCODE_TURN with an event-loop turn between
@@ -55,6 +57,8 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
     if fast is not None:
         pairs = list(pairs)
         encoded = fast(pairs)
+        if None not in encoded:  # the usual batch: every item taken by the fast path (each a (str, doc) tuple)
+            return list(zip(map(_first, pairs), encoded))  # type: ignore[arg-type]
     out: list[tuple[str, bytes]] = []
     for index, pair in enumerate(pairs, start):
         if encoded is not None:

@@ -50,9 +50,9 @@ class MembersMixin:
         """
         if default is not None and not isinstance(default, Mapping):
             raise ValidationError(f"default must be a dict, got {type(default).__name__}", field="default")
-        doc = await self.get(MEMBERS, member_key(user_id, guild_id))
+        doc: Any = await self.get(MEMBERS, member_key(user_id, guild_id))  # Any: no cast() call on every get
         if default is None:
-            return cast(Member, doc if doc is not None else {})
+            return doc if doc is not None else {}  # type: ignore[no-any-return]
         return cast(Member, deep_merge(default, doc or {}))
 
     async def save_member_data(self: DocumentOps, user_id: int | str, guild_id: int | str,
@@ -83,28 +83,21 @@ class MembersMixin:
                 except KeyError:
                     missing = [f for f in ("user_id", "guild_id", "data") if f not in update]
                     raise ValidationError(f"update is missing {', '.join(missing)}", field=missing[0]) from None
+                if type(user_id) is int and type(guild_id) is int and not (user_id | guild_id) >> 64:
+                    rows.append((str(guild_id), str(user_id), data))  # two ints in 0..2**64-1 (models.member_key)
+                    continue
                 user = snowflake(user_id, "user_id")
                 rows.append((snowflake(guild_id, "guild_id"), user, data))
             except ValidationError as exc:
                 rows.append(exc)
-        fast = encode_members_ids([row for row in rows if type(row) is tuple])
-        items: list[tuple[str, bytes]] = []
-        taken = 0
-        for index, row in enumerate(rows):
-            if isinstance(row, ValidationError):
-                log.error("batch_update_members: skipping update #%d: %s", index, row)
-                continue
-            guild, user, data = row
-            key = f"{guild}_{user}"  # member_key, from the ids already made canonical
-            encoded = fast[taken]
-            taken += 1
-            if encoded is None:
-                try:
-                    encoded = encode_for(MEMBERS, key, data, "data")  # the members rule, as every write applies it
-                except ValidationError as exc:
-                    log.error("batch_update_members: skipping update #%d: %s", index, exc)
-                    continue
-            items.append((key, encoded))
+        good = [row for row in rows if not isinstance(row, ValidationError)]
+        fast = encode_members_ids(good)
+        items: list[tuple[str, bytes]]
+        if len(good) == len(rows) and None not in fast:  # the usual batch: every update well-formed and usual
+            done = cast(list[bytes], fast)
+            items = [(f"{guild}_{user}", encoded) for (guild, user, _data), encoded in zip(good, done)]
+        else:
+            items = _items_the_long_way(rows, fast)
         if not items:
             return 0
         await self._put_encoded(MEMBERS, items)
@@ -126,3 +119,27 @@ def _merge_into(out: dict[str, Any], over: Mapping[str, Any]) -> None:
             _merge_into(current, value)
         else:
             out[key] = copy.deepcopy(value)
+
+
+def _items_the_long_way(rows: list[tuple[str, str, Any] | ValidationError],
+                        fast: list[bytes | None]) -> list[tuple[str, bytes]]:
+    """:meth:`batch_update_members`' items when some update is malformed or not of the usual shape: each row in
+    order, its error logged, the rows the fast path declined through the full rule."""
+    items: list[tuple[str, bytes]] = []
+    taken = 0
+    for index, row in enumerate(rows):
+        if isinstance(row, ValidationError):
+            log.error("batch_update_members: skipping update #%d: %s", index, row)
+            continue
+        guild, user, data = row
+        key = f"{guild}_{user}"  # member_key, from the ids already made canonical
+        encoded = fast[taken]
+        taken += 1
+        if encoded is None:
+            try:
+                encoded = encode_for(MEMBERS, key, data, "data")  # the members rule, as every write applies it
+            except ValidationError as exc:
+                log.error("batch_update_members: skipping update #%d: %s", index, exc)
+                continue
+        items.append((key, encoded))
+    return items

@@ -155,6 +155,12 @@ def member_key(user_id: Any, guild_id: Any) -> str:
     """The seed's key of a member document in collection ``members``: ``f"{guild_id}_{user_id}"``, the ids in
     canonical form (ints or decimal strings accepted; anything else raises :class:`ValidationError`). Public: use
     it for ``store.get("members", member_key(user, guild))`` or a ``find`` over members."""
+    # Two ints (discord.py's ids), the usual case of every get_member_data: formatted as they are, without two
+    # snowflake() calls (a quarter of a JSON get_member_data; issue 15). Anything else: the checked way.
+    # (u | g) >> 64 is 0 exactly when both are in 0..2**64-1 (a negative one makes it negative); "%d" formats faster
+    # than an f-string here (236 -> 178 ns).
+    if type(user_id) is int and type(guild_id) is int and not (user_id | guild_id) >> 64:
+        return "%d_%d" % (guild_id, user_id)  # noqa: UP031 - measured faster, see above
     return f"{snowflake(guild_id, 'guild_id')}_{snowflake(user_id, 'user_id')}"
 
 

@@ -82,7 +82,15 @@ class BackendBase(Backend):
     def _guard_read(self) -> None:
         """Every call on the store, read or write, is refused inside the current task's own transaction: the
         transaction holds what the call would wait for (the JSON store's lock, a PostgreSQL connection of a pool
-        that may have no other free), so it could only deadlock or, on PostgreSQL, read around the transaction."""
+        that may have no other free), so it could only deadlock or, on PostgreSQL, read around the transaction.
+
+        The usual call (open, no transaction anywhere, in the store's own loop) is one test of three values: this
+        runs on every call, and a JSON ``get`` costs a few microseconds in all."""
+        if self._closed or self._transactions_open or _get_running_loop() is not self._loop:
+            self._guard_unusual()
+
+    def _guard_unusual(self) -> None:
+        """:meth:`_guard_read` when its quick test did not pass: which guard applies, and its error."""
         self._guard_open()
         if self._transactions_open and id(self) in _open_transactions.get():
             raise TransactionError(

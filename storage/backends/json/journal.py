@@ -79,9 +79,14 @@ def encode_record(ops: Sequence[Op]) -> bytes:
 
     With ``orjson.Fragment`` the record is one ``dumps`` of the operations with the documents as fragments: for
     1,000 member puts 0.17 ms against 1.2 ms of concatenating each operation's parts (same bytes; older orjson
-    versions take that way)."""
+    versions take that way). When no operation carries an expiry (the usual record), the operation tuples are
+    dumped as they are (a tuple is written as an array) and orjson hands each document's bytes, which it does not
+    serialize itself, to ``default``: ``Fragment``, which splices them in. No list per operation: 0.19 -> 0.09 ms
+    for 1,000 puts."""
     fragment = _FRAGMENT
     if fragment is not None:
+        if type(ops) is list and max(map(len, ops), default=0) <= 4:  # puts without expiry and deletes
+            return orjson.dumps(ops, fragment, orjson.OPT_APPEND_NEWLINE)
         return orjson.dumps([[op[0], op[1], op[2], fragment(op[3])] if len(op) == 4  # type: ignore[misc]
                              else _row(op, fragment) for op in ops], option=orjson.OPT_APPEND_NEWLINE)
     parts = []
@@ -344,9 +349,12 @@ class Journal:
                                    path=str(self.path)) from None
 
     def changed(self) -> bool:
-        """Cheap check for anything new (one ``pread`` of a byte, less than half the cost of a ``stat`` of the path):
-        appended records, or a compaction, which marks the file it replaces (see :meth:`mark_replacing`)."""
-        return os.pread(self.fd, 1, self.offset) != b""
+        """Cheap check for anything new: appended records, or a compaction, which marks the file it replaces (see
+        :meth:`mark_replacing`); either way the file is longer than what we read. One ``lseek`` to the end (the
+        file's size, 0.22 us here: a ``pread`` of a byte costs 0.36 us, a ``stat`` of the path 0.9; it runs before
+        every read). Moving the descriptor's position is harmless: it is only read with ``pread``, and only
+        written in ``O_APPEND`` mode, which writes at the end whatever the position."""
+        return os.lseek(self.fd, 0, os.SEEK_END) > self.offset
 
     def mark_replacing(self) -> None:
         """Before a compaction replaces this file: append a byte past the committed end, so that readers following

@@ -145,9 +145,11 @@ class JsonLifecycle:
     _refresh: Callable[[], Awaitable[None]]
     _check_usable: Callable[[], None]
     _now_micros: Callable[[], int]
+    _whole: Callable[..., Awaitable[None]]
 
     async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
         await self._refresh()
+        await self._whole()  # lazy collections read whole off the loop first (json/lazy.py)
         # The loop copies the keys only (a list of 100k strings: well under a ms; pairs would cost tuples and tens
         # of ms); matching, reading and decoding run in a thread.
         data = self._tables.data
@@ -265,6 +267,7 @@ class JsonTxLifecycle:
         """The owner's committed keys (visible or not) per collection: the loop copies the keys (as the store's
         ``_owned_documents`` does: a read-only store's transaction holds no file lock, so the documents may move
         on meanwhile), a worker thread matches them."""
+        await self._json._whole()  # lazy collections read whole off the loop first (json/lazy.py)
         keys = {name: list(coll) for name, coll in self._json._tables.data.items() if coll}
         return await cancellation.run_in_thread(_owned_in, keys, owner)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
@@ -128,6 +128,10 @@ def _member_writes(collection: str, guild: str, members: list[tuple[str, Any]], 
     return writes
 
 
+def _prefixed(view: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    return [(key, view[key]) for key in sorted(view) if key.startswith(prefix)]
+
+
 async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManager[BackendTransaction]],
                              collection: str, guild: str, blocks: Blocks) -> int:
     """Write each author's message count and latest time (from ``blocks``: the guild's messages) into the member
@@ -145,8 +149,8 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
     prefix = f"{guild}_"
     async with transaction() as tx:
         view = tx.encoded_documents(collection)
-        if view is not None:
-            members: list[tuple[str, Any]] = [(key, view[key]) for key in sorted(view) if key.startswith(prefix)]
+        if view is not None:  # in a thread: a lazy collection (json/lazy.py) is read whole on first walk
+            members: list[tuple[str, Any]] = await off_loop(_prefixed, view, prefix)
         else:
             members = [pair async for pair in tx.items(collection, prefix=prefix)]
         writes = await off_loop(_member_writes, collection, guild, members, counts, latest)

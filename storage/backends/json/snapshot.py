@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from itertools import chain
 from pathlib import Path
 
@@ -26,21 +26,47 @@ import orjson
 
 from ...codec import dumps_kept
 from ...errors import CorruptDataError, DatabaseError
+from .offsets import Spans, new_spans
 
-__all__ = ["Collection", "render_collection", "read_snapshot"]
+__all__ = ["Collection", "Documents", "render_collection", "render_with_spans", "read_snapshot", "parse_lines"]
 
 Collection = dict[str, bytes]
+#: A collection as the store holds it: a :data:`Collection`, or one read lazily from its snapshot (json/lazy.py).
+Documents = MutableMapping[str, bytes]
 #: Per-document bookkeeping bytes in a snapshot (quotes, colon, comma, newline, indent): for compaction sizing.
 OVERHEAD = 8
 _NEEDS_FULL_PARSE = re.compile(rb'[\x00-\x1f\\"]')
 
 
-def render_collection(coll: Collection) -> bytes:
+def render_collection(coll: Mapping[str, bytes]) -> bytes:
     """A snapshot file's bytes: the seed's shape, one document per line."""
     if not coll:
         return b"{}\n"
     dumps = orjson.dumps
     return b"{\n" + b",\n".join(b"  " + dumps(k) + b": " + v for k, v in coll.items()) + b"\n}\n"
+
+
+def render_with_spans(coll: Mapping[str, bytes]) -> tuple[bytes, Spans | None]:
+    """:func:`render_collection` plus each line's span for the key -> offset sidecar (offsets.py); no spans when a
+    key needs a JSON escape (its bytes in the file would not be the key's UTF-8: such a file is read eagerly)."""
+    if not coll:
+        return b"{}\n", new_spans()
+    dumps, crc32 = orjson.dumps, zlib.crc32
+    hashes, offsets, lengths = spans = new_spans()
+    lines = []
+    pos = 2
+    escaped = False
+    for k, v in coll.items():
+        quoted = dumps(k)
+        line = b"  " + quoted + b": " + v
+        lines.append(line)
+        if b"\\" in quoted:
+            escaped = True
+        hashes.append(crc32(quoted[1:-1]))
+        offsets.append(pos)
+        lengths.append(len(line))
+        pos += len(line) + 2  # ",\n" (the last line's "\n}" counts the same)
+    return b"{\n" + b",\n".join(lines) + b"\n}\n", None if escaped else spans
 
 
 #: Bytes split per C call when loading (see _split_lines).
@@ -60,10 +86,11 @@ def _split_lines(raw: bytes, start: int, stop: int) -> Iterator[bytes]:
         start = end + 1
 
 
-def _read_lines(raw: bytes, validate: bool) -> tuple[Collection, int] | None:
+def _read_lines(raw: bytes, validate: bool, spans: Spans | None = None) -> tuple[Collection, int] | None:
     """The fast path for files in :func:`render_collection`'s layout; None means "use the general path".
 
-    ``validate=False`` (the file's checksum matches what compaction wrote) skips parsing each document.
+    ``validate=False`` (the file's checksum matches what compaction wrote) skips parsing each document. ``spans``
+    (when given) receives each line's key crc32, offset and length, for the key -> offset sidecar (offsets.py).
     """
     if raw == b"{}\n":
         return {}, 2
@@ -73,8 +100,11 @@ def _read_lines(raw: bytes, validate: bool) -> tuple[Collection, int] | None:
     docs: Collection = {}
     size = 2
     loads = orjson.loads
+    crc32 = zlib.crc32
+    pos = 2
     line = next(lines)
     for following in chain(lines, (None,)):
+        step = len(line) + 1
         if following is not None:  # every line but the last ends with a comma
             if not line.endswith(b","):
                 return None
@@ -91,19 +121,26 @@ def _read_lines(raw: bytes, validate: bool) -> tuple[Collection, int] | None:
             return None  # the general path reports the exact position
         docs[key] = doc
         size += len(key) + len(doc) + OVERHEAD
+        if spans is not None:
+            spans[0].append(crc32(line[3:end]))
+            spans[1].append(pos)
+            spans[2].append(len(line))
+        pos += step
         if following is not None:
             line = following
     return docs, size
 
 
-def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collection, int, int] | str:
+def read_snapshot(path: Path, trusted_crc: int | None = None,
+                  spans: Spans | None = None) -> tuple[Collection, int, int] | str:
     """A collection file's documents (encoded), approximate size and crc32, or why it is not a collection.
 
     Invalid JSON, an empty or a truncated file raises :class:`CorruptDataError` with the byte position: the file
     is left untouched for a human to look at, never replaced by ``{}`` (TinyDB #67). Valid JSON of another shape
     (a list, an object whose values are not objects: a bot's ``version.json``) is not an error, just not ours.
     ``trusted_crc`` is the crc32 compaction recorded for this file: when it matches, the documents are not
-    re-parsed one by one (they are exactly the bytes this library wrote).
+    re-parsed one by one (they are exactly the bytes this library wrote). ``spans`` receives the lines' spans
+    (see :func:`_read_lines`) when the file is in compaction's layout, and is left empty otherwise.
     """
     try:
         raw = path.read_bytes()
@@ -113,8 +150,11 @@ def read_snapshot(path: Path, trusted_crc: int | None = None) -> tuple[Collectio
         raise CorruptDataError(f"{path} is empty ({len(raw)} bytes): expected a JSON object; the file was "
                                "left as it is", path=str(path), position=0)
     crc = zlib.crc32(raw)
-    loaded = _read_lines(raw, validate=crc != trusted_crc)
+    loaded = _read_lines(raw, validate=crc != trusted_crc, spans=spans)
     if loaded is None:
+        if spans is not None:
+            for column in spans:
+                del column[:]
         collecting = gc.isenabled()
         gc.disable()  # a big parse allocates millions of objects: the cyclic GC would rescan them again and again
         try:
@@ -147,3 +187,10 @@ def _read_general(path: Path, raw: bytes) -> tuple[Collection, int] | str:
         docs[key] = encoded
         size += len(key) + len(encoded) + OVERHEAD
     return docs, size
+
+
+def parse_lines(raw: bytes) -> Collection | None:
+    """The documents of a snapshot in compaction's layout whose documents were all checked before (the lazy
+    collection's full read, json/lazy.py): None when ``raw`` is not in that layout."""
+    loaded = _read_lines(raw, validate=False)
+    return None if loaded is None else loaded[0]

@@ -70,6 +70,7 @@ from .feed import JsonFeed
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
+from .lazy import Lazy
 from .lifecycle import JsonLifecycle, JsonTxLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
@@ -518,6 +519,17 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                                  "journal still holds every write", errno=exc.errno,
                                  path=str(exc.filename or self.path)) from exc
 
+    async def _whole(self, *collections: str) -> None:
+        """Before walking a collection on the loop: a lazy one (json/lazy.py) is read whole in a worker thread and
+        put in place as a plain dict (the loop never parses a snapshot). Every collection when none is named."""
+        tables = self._tables
+        for name in collections or list(tables.data):
+            coll = tables.data.get(name)
+            if type(coll) is Lazy and not coll.is_whole:
+                with self._io(f"reading {name}.json"):
+                    await cancellation.run_in_thread(coll.whole)
+        tables.settle()
+
     # ---------------------------------------------------------------------------------------------------------------
     # primitives
     def _now_micros(self) -> int:
@@ -531,12 +543,20 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         return dead_keys(expiring, self._now_micros()) if expiring else set()
 
     async def _get(self, collection: str, key: str) -> Document | None:
-        await self._refresh()
-        coll = self._tables.data.get(collection)
+        tables = self._tables
+        if not self._holding:  # _refresh's fast path inlined: this runs before every get (a coroutine less)
+            journal = self._journal
+            try:
+                stale = journal.fd < 0 or tables.need_reload or tables.need_lock or journal.changed()
+            except OSError:
+                stale = True  # _refresh reports it with context
+            if stale:
+                await self._refresh()
+        coll = tables.data.get(collection)
         raw = coll.get(key) if coll is not None else None
         if raw is None:
             return None
-        expiring = self._tables.expires.get(collection)
+        expiring = tables.expires.get(collection)
         if expiring and key in expiring and not visible(expiring[key], self._now_micros()):
             return None
         doc: Document = orjson.loads(raw)
@@ -602,6 +622,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         loop: a large collection is filtered and sorted in a worker thread (the loop only copies the references),
         and the loop gets a turn every :data:`ITEMS_TURN` documents decoded."""
         await self._refresh()
+        await self._whole(collection)
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
         pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
@@ -624,6 +645,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     # queries and indexes (query.py, indexes.py)
     async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
         await self._refresh()
+        await self._whole(collection)
         tables = self._tables
         coll = live_mapping(tables.data.get(collection) or {}, self._dead(collection))  # expiry: json/expiry.py
         return await run_query(coll, tables.indexes.of(collection), query, mode)
@@ -804,6 +826,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._journal.close()
             self._flock.close()
             self._messages.close()
+            self._tables.release()
             return
         self._closed = True
         await cancellation.run_to_completion(self._close())
@@ -826,6 +849,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._journal.close()
             self._flock.close()
             self._messages.close()
+            self._tables.release()
 
     def stats(self) -> dict[str, Any]:
         """Sizes for ``storage status``."""
@@ -928,6 +952,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
     async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
         """The keys as they are when the iteration starts, in order (a large collection sorted in a worker thread);
         each document as it is when it is reached (one this transaction deleted meanwhile is skipped)."""
+        await self._json._whole(collection)
         view = self._staged.live_view(collection, self._json._now_micros())
         keys = list(view)
         selected = await off_loop(_select_keys, keys, prefix) if len(keys) > ITEMS_INLINE \
@@ -941,11 +966,20 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
                 yield key, loads(raw)
 
     async def _count(self, collection: str) -> int:
+        staged = self._staged
+        if staged.expiring_in(collection) or any(name == collection for name, _key in staged.changes):
+            await self.whole(collection)  # the view is then a copy with the changes over it
         return len(self._staged.live_view(collection, self._json._now_micros()))
+
+    async def whole(self, collection: str) -> None:
+        """Read a lazy committed collection whole off the loop (JsonStore._whole) before this transaction's view
+        of it is walked or copied: :meth:`encoded_documents` callers that walk it on the loop call this first."""
+        await self._json._whole(collection)
 
     async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
         """Over this transaction's view; the committed indexes serve it while it changed nothing in the
         collection (the committed data cannot change while the transaction holds the lock)."""
+        await self._json._whole(collection)
         view = self._staged.view(collection)
         committed = self._staged.base.get(collection)
         indexes = self._json._tables.indexes.of(collection) if view is committed else None
@@ -971,6 +1005,8 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         self._guard_read()
         staged = self._staged
         changed = {collection for collection, _ in staged.changes}
+        for name in changed:
+            await self._json._whole(name)
         now = self._json._now_micros()
         names = {name for name, coll in staged.base.items() if coll and name not in changed}
         names.update(name for name in changed if staged.keys(name))

@@ -4,7 +4,10 @@ A :class:`Tables` holds every collection as this process knows it committed (doc
 bytes), with what the rest of the store needs to keep that view equal to the disk:
 
 * **Loading**: every ``<collection>.json`` snapshot is read (``*.json`` files that are not collections are kept
-  aside as *foreign*, never written), then the journal is replayed over them.
+  aside as *foreign*, never written), then the journal is replayed over them. A snapshot whose key -> offset
+  sidecar (offsets.py) matches it is not parsed: its collection is a :class:`~storage.backends.json.lazy.Lazy`
+  that reads documents on first use; any other is read whole and its sidecar (re)written, when the store may
+  write.
 * **Applying**: a committed record's operations change the collections, their approximate snapshot sizes and the
   set of collections changed in this journal generation (the *dirty* set, which compaction rewrites).
 * **Following**: records that other processes committed are read from the journal up to the committed end they
@@ -40,8 +43,10 @@ from ...fsutil import atomic_write, fsync_dir
 from .expiry import EXPIRES_NAME, Expiries, dead_keys, read_sidecar, render_sidecar, visible
 from .indexes import JsonIndexes
 from .journal import Journal, Op
+from .lazy import Lazy, SnapshotFile
 from .lock import Committed, SidecarLock
-from .snapshot import OVERHEAD, Collection, read_snapshot, render_collection
+from .offsets import Offsets, build_offsets, new_spans, offsets_name, read_offsets, write_offsets
+from .snapshot import OVERHEAD, Documents, read_snapshot, render_collection, render_with_spans
 
 __all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
 
@@ -65,7 +70,8 @@ class Tables:
         self.journal = journal
         self.lock = lock  # only its published committed end: the store takes and releases the lock itself
         self.read_only = read_only
-        self.data: dict[str, Collection] = {}
+        #: Each collection as ``{key: encoded document}``: a dict, or a lazy one over its snapshot (json/lazy.py)
+        self.data: dict[str, Documents] = {}
         #: when expiring documents expire: {collection: {key: micros}}, only keys present in data (json/expiry.py)
         self.expires: Expiries = {}
         self.sizes: dict[str, int] = {}  # approximate snapshot bytes per collection
@@ -83,6 +89,9 @@ class Tables:
         self.feed: ChangeFeed | None = None
         #: The query indexes (indexes.py): kept equal to ``data`` by :meth:`load` and :meth:`apply`.
         self.indexes = JsonIndexes(path)
+        #: Open snapshots lazily through their key -> offset sidecars and keep those up to date (json/lazy.py,
+        #: json/offsets.py); False reads every snapshot whole (the reference the tests compare against).
+        self.lazy = True
 
     # ---------------------------------------------------------------------------------------------------------------
     # the committed end (published in storage.lock)
@@ -108,7 +117,7 @@ class Tables:
         if self.journal.path.exists():
             records = self.journal.open(self.committed)
         trusted = self.journal.snapshots
-        data: dict[str, Collection] = {}
+        data: dict[str, Documents] = {}
         sizes: dict[str, int] = {}
         foreign: dict[str, str] = {}
         files: dict[str, FileState] = {}
@@ -125,13 +134,21 @@ class Tables:
             if not entry.is_file():  # follows symlinks: a link to a file is that file (see _snapshot_target)
                 foreign[name] = "it is not a regular file" + (" (a directory)" if entry.is_dir() else "")
                 continue
-            st = os.stat(path)
-            loaded = read_snapshot(path, trusted.get(name))
-            if isinstance(loaded, str):
-                foreign[name] = loaded
-                continue
-            data[name], sizes[name], crc = loaded
-            files[name] = (_signature(st), crc)
+            lazy = self._open_lazy(name, path) if self.lazy else None
+            if lazy is not None:
+                data[name], sizes[name], crc = lazy, lazy.file.table.approx_size, lazy.file.crc
+                files[name] = (lazy.file.signature, crc)
+            else:
+                st = os.stat(path)
+                spans = None if self.read_only or not self.lazy else new_spans()
+                loaded = read_snapshot(path, trusted.get(name), spans)
+                if isinstance(loaded, str):
+                    foreign[name] = loaded
+                    continue
+                data[name], sizes[name], crc = loaded
+                files[name] = (_signature(st), crc)
+                if spans is not None and len(spans[0]) == len(data[name]):  # compaction's layout: every line seen
+                    self._write_offsets(name, build_offsets(spans, st.st_size, crc, sizes[name]))
             if name in trusted and trusted[name] != crc:
                 self._check_edit(name, path, data[name], records)
         for name, why in foreign.items():
@@ -154,6 +171,44 @@ class Tables:
                 feed.resync()
         self.indexes.read()
         self.indexes.build(self.data)
+        self.settle()
+
+    def _open_lazy(self, name: str, path: Path) -> Lazy | None:
+        """The collection over its snapshot and key -> offset sidecar (json/lazy.py), or None (then the snapshot is
+        read whole, and the sidecar rebuilt) when the sidecar is missing or does not belong to these exact bytes."""
+        sidecar = self.path / offsets_name(name)
+        try:
+            file, why = SnapshotFile.open(path, lambda size: read_offsets(sidecar, size))
+        except OSError as exc:
+            file, why = None, f"unreadable ({exc})"
+        if file is None:
+            if why != "missing":
+                log.info("%s: %s; reading %s whole and rebuilding it", sidecar, why, path.name)
+            return None
+        return Lazy(file)
+
+    def _write_offsets(self, name: str, table: Offsets, *, sync_dir: bool = False) -> None:
+        """Write a collection's key -> offset sidecar (a cache: a failure costs the next open its speed, nothing
+        else, so it is logged and not raised)."""
+        try:
+            write_offsets(self.path / offsets_name(name), table, sync_dir=sync_dir)
+        except OSError as exc:
+            log.warning("%s: cannot write %s (%s): the next open reads %s.json whole", self.path,
+                        offsets_name(name), exc, name)
+
+    def settle(self) -> None:
+        """Put each lazy collection that was read whole in place as that plain dict (reads are then a bare dict
+        lookup again). Replacing a value never resizes ``data``: safe beside a thread iterating it."""
+        data = self.data
+        for name, coll in list(data.items()):
+            if type(coll) is Lazy and coll.is_whole:
+                data[name] = coll.whole()
+
+    def release(self) -> None:
+        """At close: give the lazy collections' snapshot descriptors back."""
+        for coll in list(self.data.values()):
+            if type(coll) is Lazy:
+                coll.file.close()
 
     def record_checksums(self) -> None:
         """Under the lock, after loading: record in the journal's header the checksum of every snapshot it does
@@ -164,7 +219,7 @@ class Tables:
             self.journal.rebase(untrusted)
             fsync_dir(self.path)
 
-    def _check_edit(self, name: str, path: Path, coll: Collection, records: list[list[Op]]) -> None:
+    def _check_edit(self, name: str, path: Path, coll: Documents, records: list[list[Op]]) -> None:
         """A snapshot that is not the file the last compaction wrote: fine if the journal has nothing newer for it
         (a hand edit while the store was closed, or a compaction that crashed after writing it), damage if
         replaying the journal would overwrite part of it (someone wrote it while the store had it open)."""
@@ -198,7 +253,8 @@ class Tables:
         feed = self.feed
         publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
         name: str | None = None
-        coll: Collection = {}
+        coll: Documents = {}
+        swap = None  # a lazy collection's set-and-return-old (json/lazy.py): one look into the file, not two
         expiring: dict[str, int] | None = None
         delta = 0
         for op in ops:
@@ -211,18 +267,23 @@ class Tables:
                     found = data[name] = {}
                     sizes[name] = 2
                 coll, delta, expiring = found, 0, expires.get(name)
+                swap = found.swap if type(found) is Lazy else None
                 dirty.add(name)
             key = op[2]
-            old = coll.get(key)
-            if old is not None:
-                delta -= len(key) + len(old) + OVERHEAD
             if op[0] == "p":
                 new: bytes = op[3]  # type: ignore[misc]
-                coll[key] = new
+                if swap is not None:
+                    old = swap(key, new)
+                else:
+                    old = coll.get(key)
+                    coll[key] = new
+                if old is not None:
+                    delta -= len(key) + len(old) + OVERHEAD
                 delta += len(key) + len(new) + OVERHEAD
                 if publish is not None:
                     publish(name, key, "put", new)
-            elif old is not None:
+            elif (old := coll.get(key)) is not None:
+                delta -= len(key) + len(old) + OVERHEAD
                 del coll[key]
                 if publish is not None:
                     publish(name, key, "delete", None)
@@ -281,7 +342,10 @@ class Tables:
             if coll is None:
                 coll = data[name] = {}
                 sizes[name] = 0
-            coll.update(puts)
+            if type(coll) is Lazy:
+                coll.put_all(puts)  # one pass, no file read (plan() read the old documents in its thread)
+            else:
+                coll.update(puts)
             for key in deletes:
                 del coll[key]
             sizes[name] += delta
@@ -386,12 +450,23 @@ class Tables:
                 continue
             path = self.path / f"{name}.json"
             self._check_not_edited(name, path)
-            rendered = render_collection(self.data.get(name, {}))
+            coll = self.data.get(name, {})
+            was_lazy = type(coll) is Lazy and not coll.is_whole
+            rendered, spans = render_with_spans(coll) if self.lazy else (render_collection(coll), None)
             target = _snapshot_target(path)
             atomic_write(target, rendered, sync_dir=target.parent != self.path)
             crc = zlib.crc32(rendered)
             checksums[name] = crc
-            self.files[name] = (_signature(os.stat(target)), crc)
+            st = os.stat(target)
+            self.files[name] = (_signature(st), crc)
+            if spans is not None:
+                table = build_offsets(spans, len(rendered), crc, self.sizes.get(name, 2))
+                self._write_offsets(name, table)
+                if was_lazy:  # read whole only to be rendered: lazy again, over the new file (json/lazy.py)
+                    self.data[name] = Lazy(SnapshotFile.adopt(target, table))
+            elif self.lazy:
+                self._drop_offsets(name)
+            del rendered
         sidecar = self.path / EXPIRES_NAME
         if self.expires or sidecar.exists():  # after the snapshots, before the journal (see json/expiry.py)
             atomic_write(sidecar, render_sidecar(self.expires))
@@ -407,6 +482,16 @@ class Tables:
         self.journal.open(lambda: None)  # header only: we hold the lock, nobody appended
         self.publish()
         self.dirty = set()
+        self.settle()
+
+    def _drop_offsets(self, name: str) -> None:
+        """No sidecar for a snapshot whose keys need escapes (read whole at open): remove a stale one."""
+        try:
+            os.unlink(self.path / offsets_name(name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: cannot remove %s (%s)", self.path, offsets_name(name), exc)
 
     def purge_expired(self, now: int) -> set[str]:
         """Drop the documents that are no longer visible at ``now`` from memory (the compaction that follows writes
@@ -465,7 +550,7 @@ class Staged:
 
     __slots__ = ("base", "base_expires", "changes", "expiring")
 
-    def __init__(self, base: dict[str, Collection], base_expires: Expiries | None = None) -> None:
+    def __init__(self, base: dict[str, Documents], base_expires: Expiries | None = None) -> None:
         self.base = base
         self.changes: dict[tuple[str, str], bytes | None] = {}
         self.base_expires: Expiries = base_expires if base_expires is not None else {}

@@ -1,0 +1,329 @@
+"""A collection opened without parsing its snapshot: documents are read from the file on first use.
+
+Why: an eager open reads every document of every snapshot into memory (100k members: a quarter of a second and
+about 70 MiB), though a bot usually touches a fraction of them. With the key -> offset sidecar (offsets.py) an open
+only checks the snapshot's crc32 (one pass, no Python object per document) and loads the table; :class:`Lazy`
+then answers the store exactly as the ``{key: encoded document}`` dict of an eager load would:
+
+* **point reads** (``get``, ``in``, ``[]``: get, get_many, update, put's size accounting, the journal replay) find
+  the line through the table and ``pread`` it, check that the line starts with exactly ``  "<key>": `` (so a table
+  can never hand out another key's document) and that the file was not changed in place since the open (stat), and
+  keep the document's bytes (memory grows with what is used);
+* **writes** (the journal's records applied in memory) go into the same dict of known documents, a delete as None;
+* **everything that walks the collection** (``items``/``keys``/``values``/iteration: scans, queries, indexes,
+  compaction, backups, forget, digests) first reads the whole file once into a plain dict (:meth:`Lazy.whole`), the
+  changes laid over it; from then on the collection is that dict. The store does this in a worker thread before
+  any walk on the event loop (JsonStore._whole) and then swaps the dict in (Tables.settle), so the loop never
+  parses a snapshot and reads are back to a bare dict lookup.
+
+Threads: the store's writes happen under its lock or on the loop; a worker thread may call :meth:`Lazy.whole`
+meanwhile. A mutex makes each change and the final swap atomic with respect to one another; reads take no lock (a
+read racing the swap sees the documents as they were just before it, which are the same).
+
+The snapshot's descriptor stays open while the collection is lazy: a compaction by another process replaces the
+file (a new inode), and this process goes on reading the bytes it checked, which is what its view is built on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
+from pathlib import Path
+from typing import Any
+
+from ...errors import CorruptDataError, ExternalChangeError
+from .offsets import Offsets
+from .snapshot import Collection, parse_lines
+
+__all__ = ["SnapshotFile", "Lazy", "crc_of_fd"]
+
+#: Bytes read per step when checksumming a snapshot (a read buffer, not the whole file, stays in memory).
+READ_CHUNK = 1 << 20
+_MISSING: Any = object()
+
+
+def crc_of_fd(fd: int, size: int) -> int:
+    """The crc32 of the first ``size`` bytes of ``fd``, read a chunk at a time into one reused buffer."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    crc, at = 0, 0
+    while at < size:
+        n = os.preadv(fd, [buf], at)
+        if n <= 0:
+            break
+        crc = zlib.crc32(view[:n], crc)
+        at += n
+    return crc
+
+
+class SnapshotFile:
+    """An open snapshot whose bytes were checked against its sidecar table; reads lines by key."""
+
+    def __init__(self, path: Path, fd: int, st: os.stat_result, table: Offsets) -> None:
+        self.path = path
+        self.fd = fd
+        self._stat = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.table = table
+        # the table's columns, one attribute away (lookup is on the path of every first read and write of a key)
+        self._hashes, self._offsets, self._lengths, self._slots = table.hashes, table.offsets, table.lengths, \
+            table.slots
+        self._mask = len(table.slots) - 1
+
+    @classmethod
+    def open(cls, path: Path, table_of: Any) -> tuple[SnapshotFile | None, str]:
+        """The snapshot at ``path`` with the table ``table_of(size)`` returns, if that table was built for exactly
+        these bytes (size and crc32); else (None, why). ``table_of`` returns an :class:`Offsets` or a reason."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            table = table_of(st.st_size)
+            if isinstance(table, str):
+                os.close(fd)
+                return None, table
+            if crc_of_fd(fd, st.st_size) != table.snapshot_crc:
+                os.close(fd)
+                return None, "built for another snapshot (checksum differs)"
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                os.close(fd)
+                return None, "the snapshot changed while it was checked"
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+        return cls(path, fd, st, table), ""
+
+    @classmethod
+    def adopt(cls, path: Path, table: Offsets) -> SnapshotFile:
+        """The snapshot compaction just wrote from ``table``'s rendering (under the lock: nobody else writes it)."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if st.st_size != table.snapshot_size:
+                raise CorruptDataError(f"{path} is not the file just written", path=str(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, st, table)
+
+    @property
+    def signature(self) -> tuple[int, int, int]:
+        """The file's stat signature at the open, as Tables records it (``_signature``)."""
+        return self._stat
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def crc(self) -> int:
+        return self.table.snapshot_crc
+
+    def _check_unchanged(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stat:
+            raise ExternalChangeError(
+                f"{self.path} was changed in place while the store had it open (the library owns its files while "
+                "a store is open: stop the bot to edit them); reopen the store to read the edit",
+                path=str(self.path))
+
+    def lookup(self, key: str) -> bytes | None:
+        """The document stored under ``key`` in this snapshot (its encoded bytes), or None."""
+        try:
+            kb = key.encode()
+        except UnicodeEncodeError:
+            return None  # a lone surrogate: no key in a UTF-8 file is that
+        h = zlib.crc32(kb)
+        slots, mask = self._slots, self._mask
+        at = h & mask
+        index = slots[at]
+        if not index:
+            return None  # the usual answer for an absent key: no file read
+        hashes = self._hashes
+        prefix = b'  "' + kb + b'": '
+        read = False
+        for _probe in range(mask + 1):  # bounded: a slot table is never full (checked when read)
+            index -= 1
+            if hashes[index] == h:  # several keys may share a crc32: the line says whose it is
+                line = os.pread(self.fd, self._lengths[index], self._offsets[index])
+                read = True
+                if line.startswith(prefix):
+                    self._check_unchanged()  # after the read: what it returned is what the file held at the open
+                    return line[len(prefix):]
+            at = (at + 1) & mask
+            index = slots[at]
+            if not index:
+                break
+        if read:
+            self._check_unchanged()  # "absent" only from the bytes checked at the open
+        return None
+
+    def read_all(self) -> Collection:
+        """Every document of the snapshot, in file order (one read; checked again by crc32)."""
+        size = self._stat[1]
+        parts = []
+        at = 0
+        while at < size:
+            chunk = os.pread(self.fd, min(size - at, 1 << 24), at)
+            if not chunk:
+                break
+            parts.append(chunk)
+            at += len(chunk)
+        raw = b"".join(parts) if len(parts) != 1 else parts[0]
+        del parts
+        self._check_unchanged()
+        if zlib.crc32(raw) != self.table.snapshot_crc:
+            raise ExternalChangeError(f"{self.path} was changed in place while the store had it open; reopen the "
+                                      "store to read the edit", path=str(self.path))
+        docs = parse_lines(raw)
+        if docs is None or len(docs) != self.table.count:
+            raise CorruptDataError(f"{self.path} does not match its offsets sidecar although their checksums do; "
+                                   "delete the sidecar and reopen", path=str(self.path))
+        return docs
+
+
+class Lazy(MutableMapping[str, bytes]):
+    """``{key: encoded document}`` over a :class:`SnapshotFile`: see the module doc."""
+
+    __slots__ = ("_count", "_known", "_mutex", "_whole", "file")
+
+    def __init__(self, file: SnapshotFile) -> None:
+        self.file = file
+        #: documents read or written since the open (None: deleted); empty once whole
+        self._known: dict[str, bytes | None] = {}
+        self._count = file.table.count
+        #: the whole collection as a plain dict, once something walked it
+        self._whole: dict[str, bytes] | None = None
+        self._mutex = threading.Lock()
+
+    @property
+    def is_whole(self) -> bool:
+        return self._whole is not None
+
+    def whole(self) -> dict[str, bytes]:
+        """The collection as a plain dict (read once; then every call of this object goes to it). Long: in a worker
+        thread, or under the store lock in one."""
+        whole = self._whole
+        if whole is not None:
+            return whole
+        docs = self.file.read_all()
+        with self._mutex:
+            if self._whole is None:
+                known = self._known
+                docs.update(known)  # type: ignore[arg-type]  # Nones removed just below
+                for key in [key for key, raw in known.items() if raw is None]:
+                    del docs[key]
+                self._whole = docs
+                self._known = {}
+            return self._whole
+
+    # reads ----------------------------------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        whole = self._whole
+        if whole is not None:
+            return whole.get(key, default)
+        raw = self._known.get(key, _MISSING)
+        if raw is _MISSING:
+            raw = self.file.lookup(key)
+            if raw is not None:
+                with self._mutex:
+                    if self._whole is not None:
+                        return self._whole.get(key, default)
+                    raw = self._known.setdefault(key, raw)  # a write that came first wins
+        return default if raw is None else raw
+
+    def __getitem__(self, key: str) -> bytes:
+        raw = self.get(key)
+        if raw is None:
+            raise KeyError(key)
+        result: bytes = raw
+        return result
+
+    def __contains__(self, key: object) -> bool:
+        return type(key) is str and self.get(key) is not None
+
+    def __len__(self) -> int:
+        whole = self._whole
+        return len(whole) if whole is not None else self._count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.whole())
+
+    def keys(self) -> KeysView[str]:
+        return self.whole().keys()
+
+    def items(self) -> ItemsView[str, bytes]:
+        return self.whole().items()
+
+    def values(self) -> ValuesView[bytes]:
+        return self.whole().values()
+
+    # writes ---------------------------------------------------------------------------------------------------------
+    def __setitem__(self, key: str, raw: bytes) -> None:
+        self.swap(key, raw)
+
+    def swap(self, key: str, raw: bytes) -> bytes | None:
+        """``self[key] = raw``, returning the document it replaced (None: there was none): Tables.apply's put, with
+        one look into the file instead of a ``get`` and a set."""
+        with self._mutex:
+            whole = self._whole
+            if whole is not None:
+                old = whole.get(key)
+                whole[key] = raw
+                return old
+            known = self._known
+            old = known.get(key, _MISSING)
+            if old is _MISSING:
+                old = self.file.lookup(key)
+            if old is None:
+                self._count += 1
+            known[key] = raw
+            return old
+
+    def put_all(self, puts: Mapping[str, bytes]) -> None:
+        """``update(puts)`` in one step under the mutex, for a large commit (Tables.apply_plan, on the loop):
+        :meth:`Tables.plan` looked the old documents up already, in a worker thread, so no file is read here and
+        the work is one pass over the keys plus a C-level ``dict.update``."""
+        with self._mutex:
+            whole = self._whole
+            if whole is not None:
+                whole.update(puts)
+                return
+            known = self._known
+            get = known.get
+            added = 0
+            for key in puts:
+                old = get(key, _MISSING)
+                if old is _MISSING:
+                    old = self.file.lookup(key)
+                if old is None:
+                    added += 1
+            known.update(puts)
+            self._count += added
+
+    def __delitem__(self, key: str) -> None:
+        with self._mutex:
+            whole = self._whole
+            if whole is not None:
+                del whole[key]
+                return
+            known = self._known
+            old = known.get(key, _MISSING)
+            if old is _MISSING:
+                old = self.file.lookup(key)
+            if old is None:
+                raise KeyError(key)
+            known[key] = None
+            self._count -= 1
+
+    def __repr__(self) -> str:
+        state = "whole" if self._whole is not None else f"{len(self._known)} known"
+        return f"<Lazy {self.file.path} {len(self)} documents, {state}>"

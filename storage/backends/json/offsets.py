@@ -1,0 +1,162 @@
+"""The key -> offset sidecar of a snapshot: ``storage.<collection>.offsets``, a cache that lets a store open without
+parsing the snapshot.
+
+A snapshot in compaction's layout (snapshot.py: one document per line) is found again line by line from this table:
+for each document in file order, the crc32 of its key, where its line starts and how long it is (without the comma
+and newline), plus an open-addressing hash table of slots over them (built by a plain loop, not one long sort: a
+C call that sorts 100k entries holds the GIL, and with it a bot's event loop, for tens of ms). Opening a collection
+then costs a read of this table (24 bytes a document) and one checksum pass over the snapshot, instead of a parse
+of every document (json/lazy.py reads them on first use).
+
+It is only a cache, never the truth, so it can never make a wrong answer possible:
+
+* It records the snapshot's size and crc32 it was built from, and carries a crc32 of its own bytes: a truncated,
+  corrupt or hand-edited sidecar, or one left over from another snapshot (a hand edit of ``members.json``, a
+  compaction that crashed between the two files, a restore) fails :func:`read_offsets` and is rebuilt from the
+  snapshot by a full read.
+* It is built only from a snapshot whose every document was checked (snapshot.py's fast path, or compaction's own
+  rendering), and only when no key needs a JSON escape, so a document found through it is exactly the bytes an
+  eager load would have kept.
+* Every document read through it is checked again: its line must start with exactly ``  "<key>": `` (lazy.py).
+
+Written atomically (temp file, fsync, rename): a crash while writing leaves the old sidecar (stale: rebuilt) or a
+temp file (removed at the next open), never a torn file that passes the checks. A person reading ``config/`` sees
+the same JSON files as before; this file is the store's own (every ``storage.*`` entry is), not data: backups skip
+it and deleting it only makes the next open slower.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import zlib
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ...fsutil import atomic_write
+
+__all__ = ["Offsets", "Spans", "new_spans", "offsets_name", "build_offsets", "render_offsets", "read_offsets",
+           "write_offsets"]
+
+MAGIC = b"storage offsets 1\n"
+#: snapshot size, snapshot crc32, documents, slots, approximate collection size (snapshot.py's accounting)
+_HEADER = struct.Struct("<QIIIQ")
+_TRAILER = struct.Struct("<I")
+#: bytes of the table per document: key crc32 (4), line offset (8), line length (4); and per slot (4)
+ENTRY_BYTES = 16
+SLOT_BYTES = 4
+
+#: Per document, in file order: key crc32, offset of its line, length of its line (comma and newline excluded).
+Spans = tuple["array[int]", "array[int]", "array[int]"]
+
+
+def new_spans() -> Spans:
+    return array("I"), array("Q"), array("I")
+
+
+if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover - every supported platform
+    raise ImportError("storage: array('I') must be 4 bytes and array('Q') 8 bytes")
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """A validated sidecar's table: the documents' spans in file order, and ``slots`` (a power of two of them, at
+    least twice the documents): slot ``crc32(key) & (len(slots) - 1)`` and the ones after it, up to an empty one
+    (0), hold the 1-based indexes of the documents whose key may be that key."""
+
+    hashes: array[int]
+    offsets: array[int]
+    lengths: array[int]
+    slots: array[int]
+    snapshot_size: int
+    snapshot_crc: int
+    approx_size: int
+
+    @property
+    def count(self) -> int:
+        return len(self.hashes)
+
+
+def offsets_name(collection: str) -> str:
+    """``storage.<collection>.offsets``: ``storage.`` marks the store's own files; no collection file ends so."""
+    return f"storage.{collection}.offsets"
+
+
+def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_size: int) -> Offsets:
+    """The table of a snapshot from its spans in file order (the slots built here)."""
+    hashes, offsets, lengths = spans
+    size = 8
+    while size < 2 * len(hashes):
+        size *= 2
+    mask = size - 1
+    slots = array("I", bytes(SLOT_BYTES * size))
+    for index, h in enumerate(hashes, 1):
+        at = h & mask
+        while slots[at]:
+            at = (at + 1) & mask
+        slots[at] = index
+    return Offsets(hashes, offsets, lengths, slots, snapshot_size, snapshot_crc, approx_size)
+
+
+def _little(values: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array(values.typecode, values)  # pragma: no cover - big-endian machines
+    swapped.byteswap()  # pragma: no cover
+    return swapped.tobytes()  # pragma: no cover
+
+
+def render_offsets(table: Offsets) -> bytes:
+    body = (MAGIC + _HEADER.pack(table.snapshot_size, table.snapshot_crc, table.count, len(table.slots),
+                                 table.approx_size)
+            + _little(table.hashes) + _little(table.offsets) + _little(table.lengths) + _little(table.slots))
+    return body + _TRAILER.pack(zlib.crc32(body))
+
+
+def write_offsets(path: Path, table: Offsets, *, sync_dir: bool) -> None:
+    atomic_write(path, render_offsets(table), sync_dir=sync_dir)
+
+
+def read_offsets(path: Path, snapshot_size: int) -> Offsets | str:
+    """The sidecar's table if it is whole and was built for a snapshot of ``snapshot_size`` bytes, else why not.
+    (The caller then checks the snapshot's crc32 against :attr:`Offsets.snapshot_crc`.) The columns are read
+    straight into their arrays: no second copy of the file in memory, even for a moment."""
+    try:
+        with open(path, "rb") as f:
+            return _read_table(f, os.fstat(f.fileno()).st_size, snapshot_size)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+
+
+def _read_table(f: BinaryIO, file_size: int, snapshot_size: int) -> Offsets | str:
+    head = f.read(len(MAGIC) + _HEADER.size)
+    if len(head) < len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
+        return "not a sidecar of this version"
+    size, crc, count, nslots, approx = _HEADER.unpack_from(head, len(MAGIC))
+    if file_size != len(head) + count * ENTRY_BYTES + nslots * SLOT_BYTES + _TRAILER.size:
+        return "truncated or padded"
+    if nslots < 2 * count or nslots < 8 or nslots & (nslots - 1):
+        return "its slot table has the wrong size"
+    if size != snapshot_size:
+        return "built for another snapshot (size differs)"
+    own = zlib.crc32(head)
+    columns = []
+    for typecode, n in (("I", count), ("Q", count), ("I", count), ("I", nslots)):
+        column = array(typecode)
+        try:
+            column.fromfile(f, n)
+        except EOFError:
+            return "truncated"
+        own = zlib.crc32(column, own)  # the bytes as stored (little-endian), before any swap
+        if sys.byteorder != "little":  # pragma: no cover - big-endian machines
+            column.byteswap()
+        columns.append(column)
+    trailer = f.read(_TRAILER.size)
+    if len(trailer) != _TRAILER.size or _TRAILER.unpack(trailer)[0] != own:
+        return "its checksum does not match"
+    return Offsets(columns[0], columns[1], columns[2], columns[3], size, crc, approx)
