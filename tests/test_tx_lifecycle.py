@@ -663,3 +663,24 @@ async def test_index_declarations_follow_what_is_stored_under_cancellation(store
                 break
         else:
             pytest.fail("the index call never finished")
+
+
+async def test_a_transaction_forget_on_a_lazily_opened_store_equals_the_eager_one(tmp_path: Path):
+    """JSON lazy open (json/lazy.py): a transaction's forget reads the collections whole off the loop, and its
+    counts, export and result are those of an eagerly opened copy of the same folder."""
+    from tests.test_json_lazy import COLL, cfg, eager_copy, is_lazy, seeded
+
+    await seeded(tmp_path / "lazy")
+    eager_copy(tmp_path / "lazy", tmp_path / "eager")
+    results = []
+    for name in ("lazy", "eager"):
+        async with storage.open_store(config=cfg(tmp_path / name)) as store:
+            assert is_lazy(store) == (name == "lazy")
+            async with store.transaction() as tx:
+                exported = await tx.export_user("105")
+                counts = (await tx.forget_user("105"), await tx.forget_guild("7"))
+                after = await tx.export_user("105")
+            assert type(store._tables.data[COLL]) is dict  # read whole (in a worker thread), then put in place
+            results.append((exported, counts, after, await everything(store)))
+    assert results[0] == results[1]
+    assert results[0][1][0] == {COLL: 1} and results[0][2]["documents"] == {}
