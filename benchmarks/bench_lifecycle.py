@@ -99,6 +99,34 @@ class StallWatch:
             self._task.cancel()
 
 
+class WriterProbe:
+    """A bot writing beside the watched call (a ``put`` every 5 ms): the longest any of its writes waited, i.e. how
+    long the call kept the store's write lock (a forget on JSON takes it)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.longest = 0.0
+        self._running = False
+
+    async def _write(self) -> None:
+        n = 0
+        while self._running:
+            began = time.perf_counter()
+            await self.store.put("bench_probe", "writer", {"n": n})
+            self.longest = max(self.longest, time.perf_counter() - began)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    async def around(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        self.longest, self._running = 0.0, True
+        task = asyncio.create_task(self._write())
+        try:
+            return await op()
+        finally:
+            self._running = False
+            await task
+
+
 async def _in_transaction(store: Any, guild: int) -> dict[str, int]:
     async with store.transaction() as tx:
         counts: dict[str, int] = await tx.forget_guild(guild)
@@ -167,6 +195,7 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
         guild, guilds = await fill(store, members, messages, guild_messages)
         out["fill_s"] = time.perf_counter() - began
         watch = StallWatch()
+        writer = WriterProbe(store)
         try:
             for name, op in (
                 # the machine's floor, same run: the loop idle, and the loop beside a worker thread running Python
@@ -179,11 +208,13 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
                 ("forget_user dry run", lambda: store.forget_user(THE_USER, dry_run=True)),
                 ("forget_user", lambda: store.forget_user(THE_USER)),
             ):
-                seconds, stall, result = await watch.measure(op)
+                seconds, stall, result = await watch.measure(lambda op=op: writer.around(op))
                 summary = result if not isinstance(result, dict) or "format" not in result else {
                     "messages": len(result["messages"]), "members": len(result["members"])}
-                out[name] = {"seconds": seconds, "stall_ms": stall * 1000, "result": summary}
-                log(f"{backend} {name}: {seconds:.3f} s, longest stall {stall * 1000:.1f} ms, {summary}")
+                out[name] = {"seconds": seconds, "stall_ms": stall * 1000, "result": summary,
+                             "writer_wait_ms": writer.longest * 1000}
+                log(f"{backend} {name}: {seconds:.3f} s, longest stall {stall * 1000:.1f} ms, a concurrent write "
+                    f"waited up to {writer.longest * 1000:.0f} ms, {summary}")
             # the transaction's form beside the store's, interleaved over fresh guilds of the same size
             runs: dict[str, list[tuple[float, float]]] = {STORE_ROW: [], TX_ROW: []}
             for r in range(min(rounds, (guilds - 1) // 2)):
@@ -225,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in ("baseline: idle 0.3 s", "baseline: Python in a thread 0.3 s", "forget_guild dry run",
                  "forget_guild", "export_user", "forget_user dry run", "forget_user", STORE_ROW, TX_ROW):
-        rows.append([name] + [f"{fmt(results[b][name]['seconds'])} s / {fmt(results[b][name]['stall_ms'])} ms"
-                              for b in backends])
+        rows.append([name] + [f"{fmt(results[b][name]['seconds'])} s / {fmt(results[b][name]['stall_ms'])} ms / "
+                              f"{fmt(results[b][name].get('writer_wait_ms', 0))} ms" for b in backends])
     rows.append(["(filling the store)"] + [f"{fmt(results[b]['fill_s'])} s" for b in backends])
-    print_table(["call (time / longest loop stall)", *backends], rows,
+    print_table(["call (time / longest loop stall / longest wait of a concurrent put)", *backends], rows,
                 title=f"{args.members:,} members, {args.messages:,} messages ({args.guild_messages:,} in the "
                       f"forgotten guild), one user in every guild")
     targets = []

@@ -25,13 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -91,34 +95,88 @@ class StepProbe:
     worker thread, which the ticker does see: read both.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sample: bool = False) -> None:
         self.longest = 0.0
         self.where = ""
+        self.stacks: list[tuple[int, str]] = []  # --where: the longest step's sampled stacks, most frequent first
         self.since = 0.0  # loop-thread CPU time at the last reset: a step already running then counts from here
         self._original = asyncio.events.Handle._run
+        self._sample = sample
+        self._began: float | None = None  # wall time the running step began (read by the sampling thread)
+        self._samples: list[str] = []
+        self.gcs: dict[str, tuple[int, float]] = {}  # --where: "gen2 loop" -> (collections, longest ms)
+        self._gc_began = 0.0
+        self._gc_cpu_began = 0.0
+        self._loop_thread = 0
+        #: the longest step without the garbage collections that ran inside it (loop-thread CPU): the library's
+        #: own code, where 'longest' also counts a full collection of the whole process heap that landed in it
+        self.longest_no_gc = 0.0
+        self._gc_in_step = 0.0
 
     def install(self) -> None:
-        original, probe, clock = self._original, self, time.thread_time
+        original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
 
         def _run(handle: asyncio.events.Handle) -> None:
             began = clock()
+            probe._samples = []
+            probe._gc_in_step = 0.0
+            probe._began = wall()
             original(handle)
+            probe._began = None
             spent = clock() - max(began, probe.since)  # not the caller's own work before the call began
+            probe.longest_no_gc = max(probe.longest_no_gc, spent - probe._gc_in_step)
             if spent > probe.longest:
                 probe.longest = spent
                 probe.where = repr(handle)[:300]  # the callback (a task's coroutine and where it stood)
+                probe.stacks = Counter(probe._samples).most_common(4)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        loop_thread = self._loop_thread = threading.get_ident()
+        gc.callbacks.append(self._gc_callback)
+        if self._sample:
+            threading.Thread(target=self._sampler, args=(loop_thread,), daemon=True).start()
+
+    def _gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        """Each garbage collection's generation, duration and thread (a full one holds the GIL); the loop thread's
+        collections are subtracted from the step they ran in (``longest_no_gc``)."""
+        on_loop = threading.get_ident() == self._loop_thread
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+            if on_loop:
+                self._gc_cpu_began = time.thread_time()
+            return
+        spent = time.perf_counter() - self._gc_began
+        if on_loop:
+            self._gc_in_step += time.thread_time() - self._gc_cpu_began
+        key = f"gen{info['generation']} {'loop' if on_loop else 'thread'}"
+        count, longest = self.gcs.get(key, (0, 0.0))
+        self.gcs[key] = (count + 1, max(longest, spent * 1000))
+
+    def _sampler(self, loop_thread: int) -> None:
+        """``--where``: every 2 ms, if the loop's current step has run for over 5 ms, note the loop thread's stack
+        (the innermost frames): the longest step's most frequent stacks say where its time went."""
+        while True:
+            time.sleep(0.002)
+            began = self._began
+            if began is None or time.perf_counter() - began < 0.005:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is None:
+                continue
+            frames = traceback.extract_stack(frame)[-8:]
+            self._samples.append(" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)))
 
     def reset(self) -> None:
         """Start a new measurement (from the loop thread: the step running now counts from here on)."""
         self.longest = 0.0
         self.where = ""
+        self.gcs = {}
+        self.longest_no_gc = 0.0
         self.since = time.thread_time()
 
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
-                 only: list[str]) -> dict[str, Any]:
+                 only: list[str], sample: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -131,16 +189,27 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
     def wanted(name: str) -> bool:
         return not only or name in only
 
-    probe = StepProbe()
+    probe = StepProbe(sample)
     probe.install()
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
+        heap = Counter(type(o).__name__ for o in gc.get_objects()) if sample else None  # what a full GC visits
         watcher = StallWatch()
         started = time.perf_counter()
         probe.reset()
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
-                         "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where}
+                         "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where,
+                         "step_no_gc_ms": probe.longest_no_gc * 1000,
+                         "full_gcs": sum(v[0] for k, v in probe.gcs.items() if k.startswith("gen2")),
+                         "longest_full_gc_ms": max([v[1] for k, v in probe.gcs.items() if k.startswith("gen2")],
+                                                   default=0.0)}
+        if probe.stacks:
+            results[name]["stacks"] = probe.stacks
+        if probe.gcs:
+            results[name]["gc"] = probe.gcs
+        if heap is not None:
+            results[name]["tracked_before"] = [sum(heap.values()), heap.most_common(6)]
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -157,15 +226,24 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                 await store.batch_update_members(
                     [{"user_id": data.user(g, j), "guild_id": data.guild(g), "data": data.member(g, j)}
                      for j in range(start, min(data.per_guild, start + BATCH))])
-        longest = longest_step = 0.0
+        longest = longest_step = no_gc = longest_gc = 0.0
+        full_gcs = 0
+        stacks: list[tuple[int, str]] = []
         for start in range(0, messages, BATCH):
             batch = [data.message(i) for i in range(start, min(messages, start + BATCH))]
             watcher = StallWatch()
             probe.reset()
             await watcher.watch(lambda batch=batch: store.record_messages(batch))
-            longest, longest_step = max(longest, watcher.longest), max(longest_step, probe.longest)
-        results[f"record_messages ({BATCH:,} a call)"] = {"seconds": 0.0, "stall_ms": longest * 1000,
-                                                           "step_cpu_ms": longest_step * 1000}
+            longest, no_gc = max(longest, watcher.longest), max(no_gc, probe.longest_no_gc)
+            fulls = [v for k, v in probe.gcs.items() if k.startswith("gen2")]
+            full_gcs += sum(v[0] for v in fulls)
+            longest_gc = max([longest_gc, *(v[1] for v in fulls)])
+            if probe.longest > longest_step:
+                longest_step, stacks = probe.longest, probe.stacks
+            del batch  # the caller's records are garbage once recorded (kept, every full collection visits them)
+        results[f"record_messages ({BATCH:,} a call)"] = {
+            "seconds": 0.0, "stall_ms": longest * 1000, "step_cpu_ms": longest_step * 1000, "stacks": stacks,
+            "step_no_gc_ms": no_gc * 1000, "full_gcs": full_gcs, "longest_full_gc_ms": longest_gc}
         await watch("close (after the fill)", store.close)
 
         store = await watch("open", lambda: storage.open_store(config=source_config))
@@ -182,6 +260,7 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         if wanted("put_many"):
             big = {f"k{i:06d}": data.member(2, i, 3) for i in range(BIG_PUT)}
             await watch(f"put_many of {BIG_PUT:,} documents", lambda: store.put_many("bulk", big))
+            del big  # the caller's input is garbage once written (kept, every later full collection visits it)
         await watch("refresh_member_statistics(guild)", lambda: store.refresh_member_statistics(g1))
         if backend == "json":
             await watch("compact", store.compact)
@@ -229,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="a server where scratch databases may be created (default %(default)s)")
     parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
+    parser.add_argument("--where", action="store_true",
+                        help="sample the loop thread's stack during long steps; print where the longest went")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -250,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
         admin = args.pg_admin_dsn if backend == "postgres" else None
-        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only])],
+        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where])],
                                   timeout=3600)
     names: list[str] = []
     for result in out.values():
@@ -263,14 +344,20 @@ def main(argv: list[str] | None = None) -> int:
             if got is None:
                 row += ["-", "-"]
                 continue
-            stall, step = got["stall_ms"], got.get("step_cpu_ms")
+            stall, step, no_gc = got["stall_ms"], got.get("step_cpu_ms"), got.get("step_no_gc_ms")
+            fulls = got.get("full_gcs")
             row += [fmt(got["seconds"]) if got["seconds"] else "-",
                     fmt(stall) + (" MISS" if stall > STALL_TARGET_MS else ""),
-                    "-" if step is None else fmt(step) + (" MISS" if step > STALL_TARGET_MS else "")]
+                    "-" if step is None else fmt(step) + (" MISS" if step > STALL_TARGET_MS else ""),
+                    "-" if no_gc is None else fmt(no_gc) + (" MISS" if no_gc > STALL_TARGET_MS else ""),
+                    "-" if not fulls else f"{fulls} ({fmt(got['longest_full_gc_ms'])})"]
         rows.append(row)
-    heads = ["call"] + [f"{b} {what}" for b in backends for what in ("s", "stall ms", "step CPU ms")]
+    heads = ["call"] + [f"{b} {what}" for b in backends
+                        for what in ("s", "stall ms", "step CPU ms", "step w/o GC ms", "full GCs (longest ms)")]
     print_table(heads, rows, title=f"longest event-loop stall per call (1 ms ticker: 'stall'; the longest single loop "
-                                   f"step in the loop thread's CPU time: 'step CPU'), {members:,} members + "
+                                   f"step in the loop thread's CPU time: 'step CPU'; the same without the garbage "
+                                   f"collections that ran inside it: 'w/o GC'; full collections during the call, "
+                                   f"any thread), {members:,} members + "
                                    f"{messages:,} messages; target <= {STALL_TARGET_MS:.0f} ms")
     for note in notes:
         print(note)
@@ -279,6 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": out,
                                     "notes": notes})
     print(f"wrote {path} in {info['wall_s']:.0f} s")
+    if args.where:
+        for backend in backends:
+            for name, got in out[backend]["results"].items():
+                if got.get("step_cpu_ms", 0) > STALL_TARGET_MS / 2 and got.get("stacks"):
+                    print(f"\n{backend}: {name}: longest step {got['step_cpu_ms']:.1f} ms CPU, sampled stacks:")
+                    for stack, count in got["stacks"]:
+                        print(f"  {count:3d}x {stack}")
+                full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
+                if full:
+                    print(f"{backend}: {name}: full collections (count, longest ms): {full}; objects tracked "
+                          f"before the call: {got.get('tracked_before')}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd", "make_dirs", "pid_alive"]
@@ -48,13 +49,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file, never a mix."""
+def atomic_write(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` (bytes, or parts written one after the other) so that a crash leaves either
+    the old or the new file, never a mix."""
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            write_all(fd, data)
+            for part in (data,) if isinstance(data, bytes) else data:
+                write_all(fd, part)
             os.fsync(fd)
         finally:
             os.close(fd)

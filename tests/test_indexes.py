@@ -106,6 +106,7 @@ async def test_json_plans_that_fall_back_give_the_same_answers(tmp_path, monkeyp
     """Tiny budgets force every plan's other branch: walks that give up, candidates filtered in a worker thread."""
     monkeypatch.setattr(json_query, "INLINE", 3)
     monkeypatch.setattr(json_query, "SCAN_CHUNK", 7)
+    monkeypatch.setattr(json_query, "PREFILTER_BYTES", 300)  # prefiltered chunks of a few documents
     monkeypatch.setattr(json_query, "WALK_BUDGET", 5)
     monkeypatch.setattr(json_query, "WALK_STEPS", 40)
     rng = random.Random(1411)

@@ -326,6 +326,77 @@ async def test_a_failed_journal_commit_rolls_the_messages_back(json_store: Any, 
     assert await json_store.forget_guild("12") == expected_counts(owned(before, Owner(guild="12")))
 
 
+@pytest.mark.parametrize("sweep", [False, True])
+async def test_forget_user_stages_without_the_lock_and_restages_what_changed(
+        json_store: Any, reopen: Callable[[], Awaitable[Any]], monkeypatch: pytest.MonkeyPatch, sweep: bool):
+    """The message files are read and staged before the store lock is taken (writers do not wait for it); what
+    another process changes meanwhile (new records of the user in an existing and in a new month file, others'
+    records, a prune, a document) is found under the lock. With ``sweep``, another process's open also removed
+    the work folder meanwhile (it names no intent yet): everything is staged again."""
+    await fill(json_store)
+    other = await reopen()
+    loop = asyncio.get_running_loop()
+    real_stage = forget_files.stage
+    plans: list[forget_files.ForgetPlan] = []
+    states: list[State] = []
+    template = _records(random.Random(5), 1)[0]
+    late = [{**template, "message_id": str(90_000 + i), "author_id": author, "guild_id": "1", "timestamp": when}
+            for i, (author, when) in enumerate([("12", "2024-02-03T00:00:00Z"), ("2", "2024-02-04T00:00:00Z"),
+                                                ("12", "2024-07-01T00:00:00Z")])]  # July: a new file
+
+    async def meanwhile() -> None:
+        """Another process's writes while the forget stages (they would time out if it held the lock)."""
+        await other.record_messages(late)
+        assert await other.prune_messages("2024-02-01T00:00:00Z", guild_id="2") > 0
+        await other.put("economy", "12", {"coins": 1})
+        await other.put("misc", "5_12", {"late": True})
+        if sweep:
+            forget_files.sweep(json_store.path)  # what another process's open does under the lock
+        states.append(await everything(other))
+
+    def stage(*args: Any) -> forget_files.ForgetPlan:
+        plan = real_stage(*args)
+        plans.append(plan)
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(meanwhile(), 30), loop).result()
+        return plan
+
+    monkeypatch.setattr(forget_files, "stage", stage)
+    try:
+        counts = await json_store.forget_user("12")
+    finally:
+        monkeypatch.undo()
+    reference = states[0]
+    gone = owned(reference, Owner(user="12"))
+    assert {"90000", "90002"} <= gone[1].keys() and ("misc", "5_12") in gone[0]
+    assert counts == expected_counts(gone)
+    assert await everything(json_store) == minus(reference, gone)
+    assert await everything(other) == minus(reference, gone)
+    # read again under the lock: the two files the new records went to (the pruned one is gone); after the sweep
+    # every file that has a staged version
+    staged_versions = sum(1 for scan in plans[0].scans.values() if scan.staged)
+    assert plans[0].restaged >= staged_versions > 2 if sweep else plans[0].restaged == 2
+    assert not [p for p in json_store.path.iterdir() if p.name.startswith("storage.forget")]
+    await other.close()
+
+
+async def test_the_work_folder_is_deleted_after_the_lock(json_store: Any, monkeypatch: pytest.MonkeyPatch):
+    """The forget's work folder (the old message files) is deleted once the intent is resolved and the store lock
+    released: writers do not wait for the unlinking."""
+    await fill(json_store)
+    real = forget_files.discard
+    calls: list[tuple[bool, bool, bool]] = []
+
+    def discard(data_path: Path, token: str) -> None:
+        work = data_path / f"storage.forget-{token}"
+        calls.append((json_store._holding, forget_files.pending(data_path), work.is_dir()))
+        real(data_path, token)
+
+    monkeypatch.setattr(forget_files, "discard", discard)
+    assert (await json_store.forget_user("12"))["messages"] > 0
+    assert calls == [(False, False, True)]
+    assert not [p for p in json_store.path.iterdir() if p.name.startswith("storage.forget")]
+
+
 class Crash(Exception):
     """Where the process would have died."""
 

@@ -9,6 +9,7 @@ reference's answer (the same keys, in the same order) on the JSON files and on P
 from __future__ import annotations
 
 import functools
+import json
 import random
 from typing import Any
 
@@ -19,9 +20,13 @@ from storage import ValidationError
 
 ABSENT = object()
 
-PATHS = ["a", "b", "c.d", "c.e", "tags", "ü.ñ", "c"]
+PATHS = ["a", "b", "c.d", "c.e", "tags", "ü.ñ", "c", ",", "d"]
 SCALARS: list[Any] = [0, 1, 1.0, -1, 2, 2.5, 0.1, 3, 10, -7.25, 1e20, 2**63, True, False, None,
-                      "", "a", "A", "b", "ab", "é", "日本", "😀", "a b", "it's", 'say "hi"', "back\\slash", "x-1"]
+                      "", "a", "A", "b", "ab", "é", "日本", "😀", "a b", "it's", 'say "hi"', "back\\slash", "x-1",
+                      # for the JSON backend's byte prefilter: numbers spelled several ways, 64-bit edges, text
+                      # that looks like JSON structure, escapes and characters beyond the BMP
+                      100, 1e2, 100.0, 1e16, 1.5e-7, 2**64 - 1, -(2**63), 12345678901234567890, "a,b", "}",
+                      '"d":1', "x:y", "line\nbreak", "\u2028", "日本語", "ü", "a\x01"]
 
 
 # -- the reference ----------------------------------------------------------------------------------------------------
@@ -130,7 +135,9 @@ def rand_value(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice(SCALARS)
     if r < 0.85:
         return [rand_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {rng.choice(["d", "e", "x"]): rand_value(rng, depth + 1) for _ in range(rng.randint(0, 2))}
+    # nested objects reuse the top-level names ("a", "tags", "d"...): the same key at another depth
+    return {rng.choice(["d", "e", "x", "a", "tags", "ñ", ","]): rand_value(rng, depth + 1)
+            for _ in range(rng.randint(0, 2))}
 
 
 def rand_doc(rng: random.Random) -> dict[str, Any]:
@@ -459,3 +466,31 @@ async def test_delete_many_invalidates_the_read_cache(store_config: storage.Stor
         assert await s.get("m", "b") is None
     finally:
         await s.close()
+
+
+async def test_json_queries_read_documents_as_any_writer_spelled_them(tmp_path):
+    """The JSON backend keeps a snapshot's document bytes as the file has them (one per line, the seed's shape):
+    a hand edit or another tool may write spaces, ``\\uXXXX`` escapes, ``1e2`` for 100 or duplicate keys. Its scan
+    reads documents' bytes before decoding them (storage/backends/json/prefilter.py), and must still find exactly
+    the reference's answer."""
+    from storage.backends.json.snapshot import read_snapshot
+    from tests.test_query_prefilter import Writer
+
+    rng = random.Random(1405)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i in range(300):
+        doc = rand_doc(rng)
+        text = Writer(rng, loose=rng.random() < 0.7, spaces=("", "", " ", "  ", "\t")).write(doc)
+        lines.append(f"  {json.dumps(rand_key(rng, i), ensure_ascii=False)}: {text}")
+    (folder / "q.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    kept, _size, _crc = read_snapshot(folder / "q.json")
+    assert any(b": " in raw for raw in kept.values()) and any(b"\\u" in raw for raw in kept.values())
+    store = await storage.open_store(backend="json", path=str(folder))
+    try:
+        stored = {k: d async for k, d in store.items("q")}
+        assert len(stored) == len(kept)
+        await check_random_queries(store, stored, rng, 400)
+    finally:
+        await store.close()

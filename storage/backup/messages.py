@@ -31,7 +31,7 @@ from .format import (
     iter_lines,
 )
 
-__all__ = ["MessageOps", "MESSAGE_BATCH"]
+__all__ = ["MessageOps", "MESSAGE_BATCH", "digest_records"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -42,7 +42,7 @@ CHECK_BATCH = 2000
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
 
 
-def _digest_records(digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+def digest_records(digest: ContentDigest, records: list[dict[str, Any]]) -> None:
     for record in records:
         digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
 
@@ -51,7 +51,7 @@ def _write_records(writer: JsonlWriter, digest: ContentDigest, records: list[dic
     dumps = orjson.dumps
     for record in records:
         writer.write(dumps(record) + b"\n")
-    _digest_records(digest, records)
+    digest_records(digest, records)
 
 
 class MessageOps:
@@ -78,7 +78,7 @@ class MessageOps:
         if not await self.store._export_messages(lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
                                                  lambda n: None):
             async for chunk in chunks(self.scan()):
-                await off_loop(_digest_records, digest, chunk)
+                await off_loop(digest_records, digest, chunk)
         return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
 
     async def insert(self, records: list[dict[str, Any]]) -> int:

@@ -77,6 +77,15 @@ class MessageColumns:
     def __len__(self) -> int:
         return len(self.authors)
 
+    def parts(self, size: int = COLUMN_BLOCK) -> list[MessageColumns]:
+        """This block cut into blocks of at most ``size`` rows (itself when it is not larger): a consumer that
+        counts one block per event-loop step then holds the loop for a bounded time, however large a file is."""
+        if len(self) <= size:
+            return [self]
+        return [MessageColumns(self.micros[i:i + size], self.authors[i:i + size], self.channels[i:i + size],
+                               self.sentiments[i:i + size], self.topics[i:i + size])
+                for i in range(0, len(self), size)]
+
 
 class ColumnsBuilder:
     """Grows column blocks record by record; also the JSON backend's per-file cache.

@@ -5,9 +5,9 @@ twice: in Python by :mod:`storage.query.evaluate` (the JSON backend, and any bac
 ``storage/backends/postgres/query.py``. The property tests compare both with a third, independent evaluator.
 """
 
-from .evaluate import compile_filter, deep_equal, needles, resolve, sort_pairs, sort_rank
+from .evaluate import compile_filter, deep_equal, resolve, sort_pairs, sort_rank
 from .ops import IndexOps, QueryOps
 from .plan import OPERATORS, Condition, Order, Query, check_path, parse_query
 
 __all__ = ["OPERATORS", "Condition", "Order", "Query", "check_path", "parse_query", "compile_filter", "deep_equal",
-           "needles", "resolve", "sort_pairs", "sort_rank", "QueryOps", "IndexOps"]
+           "resolve", "sort_pairs", "sort_rank", "QueryOps", "IndexOps"]

@@ -1,5 +1,5 @@
-"""The query rules of :mod:`storage.query.plan` in Python: filters compiled to closures, the result order, and the
-byte needles that let a scan skip documents without decoding them.
+"""The query rules of :mod:`storage.query.plan` in Python: filters compiled to closures and the result order.
+(The JSON backend's scan skips most documents before decoding them: storage/backends/json/prefilter.py.)
 
 Used by the JSON backend for every query (on its decoded documents) and by its indexes for their sort keys. The SQL
 of the PostgreSQL backend implements the same rules; the property tests hold both to a third, independent
@@ -11,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
-
 from .plan import Condition, Order
 
-__all__ = ["MISSING", "Predicate", "resolve", "getter", "deep_equal", "token", "compile_filter", "needles",
+__all__ = ["MISSING", "Predicate", "resolve", "getter", "deep_equal", "token", "compile_filter",
            "sort_rank", "sort_pairs", "NUMBER", "STRING", "OTHER"]
 
 Predicate = Callable[[dict[str, Any]], bool]
@@ -221,24 +219,6 @@ def compile_filter(conditions: Iterable[Condition]) -> Predicate:
                 return False
         return True
     return all_hold
-
-
-def needles(conditions: Iterable[Condition]) -> list[bytes]:
-    """Byte strings that a document's JSON text must contain for the conditions to hold, *provided the text has no
-    backslash* (without escapes, a key or a string value appears in it exactly as orjson writes it). A scan skips
-    a document that lacks one and has no backslash, without decoding it."""
-    out: list[bytes] = []
-    for c in conditions:
-        needs_field = c.op in ("$eq", "$gt", "$gte", "$lt", "$lte", "$contains") or \
-            (c.op == "$exists" and c.value) or (c.op == "$in" and c.value)
-        if not needs_field:
-            continue
-        if c.op == "$eq" and type(c.value) is str:
-            out.append(orjson.dumps(c.value))
-        elif c.op == "$contains" and type(c.value) is str:
-            out.append(orjson.dumps(c.value)[1:-1])
-        out.append(orjson.dumps(c.path[-1]))
-    return list(dict.fromkeys(n for n in out if n))
 
 
 def sort_rank(value: Any) -> int:

@@ -4,10 +4,16 @@ The documents commit with one journal record, but the messages live in their own
 (``messages/<guild>/<month>.jsonl``), outside it. A forget therefore runs like the restore
 (:mod:`.restore`), with an intent file, but with the *documents* as the deciding side:
 
-1. **Plan and stage** (under the store lock, in a worker thread): the keys to delete are listed; every message
-   file that holds records of the owner is read, and the file without them is written, fsynced, into a private
-   work folder ``storage.forget-<token>/new/<guild>/<month>.jsonl`` (nothing is staged for a file that loses
-   every line, nor for a guild folder that goes as a whole).
+1. **Stage** (:func:`stage`, in a worker thread, *before* the store lock: reading every message file and writing
+   and fsyncing the staged ones takes seconds at a million messages, and writers would wait that long): every
+   message file that holds records of the owner is read, and the file without them is written, fsynced, into a
+   private work folder ``storage.forget-<token>/new/<guild>/<month>.jsonl`` (nothing is staged for a file that
+   loses every line, nor for a guild folder that goes as a whole). Each file's identity (inode, size,
+   modification time) is noted with what was read of it.
+   **Plan** (:func:`restage`, under the lock): the keys to delete are listed, and every file that changed since
+   it was read (another writer appended to it, a prune replaced or removed it, a new month began), or whose staged
+   version is missing (an open by another process swept the work folder), is read and staged again. Files only
+   grow or are replaced under the lock, so a file whose identity is unchanged holds exactly the bytes read.
 2. **Intent**: ``storage.forget`` is written and fsynced: the token, the keys, the files and guild folders.
 3. **Swap**: the message log's generation changes (every process's index and column cache are rebuilt), each
    file moves aside into ``storage.forget-<token>/old/`` and its staged version takes its place; a forgotten
@@ -15,7 +21,9 @@ The documents commit with one journal record, but the messages live in their own
 4. **Commit**: the deletions of the documents are appended to the journal: the one point that decides.
 5. **Resolve** (:func:`resolve`): if none of the keys is left in the documents (or there were none), the forget
    happened, and it is rolled forward (a swap that a crash interrupted is finished); otherwise it is rolled back
-   (the files moved aside return). The intent is removed, then the work folder.
+   (the files moved aside return). The intent is removed, then the work folder: by the forgetting process once
+   it released the lock (at 1M messages the folder holds most of the log's old files: about a second of unlinking
+   that writers need not wait for), or at once by whoever else resolves it.
 
 **In a transaction** (``tx.forget_user``, ``tx.prune_messages``...; :mod:`.tx_messages`), the deciding side is
 the transaction's own journal record instead: its documents may be written again after the forget in the same
@@ -56,9 +64,9 @@ from ...fsutil import atomic_write, fsync_dir, write_all
 from ...ownership import Owner
 from .message_files import GENERATION_NAME, MESSAGES_DIR, block_line_ids, corrupt, list_files, parse_line
 
-__all__ = ["INTENT_NAME", "ForgetPlan", "owned_keys", "prepare", "begin", "resolve", "pending", "intent_path",
-           "intent_pending", "recover", "sweep", "file_ids", "lines_with", "without_author", "is_forget_entry",
-           "new_token", "sync_all", "JournalHolds", "WORK_PREFIX"]
+__all__ = ["INTENT_NAME", "ForgetPlan", "FileScan", "owned_keys", "new_token", "stage", "restage", "discard", "begin",
+           "resolve", "pending", "intent_path", "intent_pending", "recover", "sweep", "file_ids", "lines_with",
+           "without_author", "is_forget_entry", "sync_all", "JournalHolds", "WORK_PREFIX"]
 
 log = logging.getLogger("storage.json.forget")
 
@@ -73,14 +81,18 @@ def is_forget_entry(name: str) -> bool:
     return name == INTENT_NAME or (name.startswith(_WORK) and _TOKEN.match(name[len(_WORK):]) is not None)
 
 
-#: ``holds(generation, offset, length, digest)``: whether the store's journal (caught up under the lock) committed
-#: that record (:meth:`storage.backends.json.journal.Journal.holds`): what decides a transaction's forget.
-JournalHolds = Callable[[int, int, int, str], bool]
+#: A message file's identity when it was read: (inode, size, modification time in ns). Files only grow (appends)
+#: or are replaced (a new inode), always under the store lock: the same identity means the same bytes.
+Fingerprint = tuple[int, int, int]
 
 
-def new_token() -> str:
-    """A forget's token: the process id (whose intent it is, for the log) and a random part."""
-    return f"{os.getpid()}-{secrets.token_hex(8)}"
+@dataclass
+class FileScan:
+    """What :func:`stage` found in one message file."""
+
+    seen: Fingerprint | None  # None: the file changed while it was read (read again under the lock)
+    removed: int  # the owner's records in it (distinct ids)
+    staged: int | None  # bytes of its staged version (0: it loses every line; None: nothing of the owner's)
 
 
 @dataclass
@@ -93,6 +105,9 @@ class ForgetPlan:
     files: list[tuple[str, str, bool]] = field(default_factory=list)  # (guild, month, a staged version exists)
     guilds: list[str] = field(default_factory=list)  # whole guild folders that go
     messages: int = 0  # records removed
+    settled: bool = False  # its intent was written and resolved: the work folder is garbage
+    scans: dict[tuple[str, str], FileScan] = field(default_factory=dict)  # (guild, month) -> what stage found
+    restaged: int = 0  # files read again under the lock (see restage)
     #: A transaction's forget: the journal record that decides it (see the module doc); None: the keys decide.
     commit: dict[str, Any] | None = None
 
@@ -106,7 +121,22 @@ class ForgetPlan:
 
     def discard(self) -> None:
         """Remove the work folder of a forget that never wrote its intent."""
-        shutil.rmtree(self.work, ignore_errors=True)
+        discard(self.data_path, self.token)
+
+
+#: ``holds(generation, offset, length, digest)``: whether the store's journal (caught up under the lock) committed
+#: that record (:meth:`storage.backends.json.journal.Journal.holds`): what decides a transaction's forget.
+JournalHolds = Callable[[int, int, int, str], bool]
+
+
+def new_token() -> str:
+    """A forget's token: names its work folder (the process id first, for the log of another process)."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def discard(data_path: Path, token: str) -> None:
+    """Remove the work folder of the forget ``token`` (one that never wrote its intent)."""
+    shutil.rmtree(data_path / f"{_WORK}{token}", ignore_errors=True)
 
 
 def owned_keys(data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> dict[str, list[str]]:
@@ -161,45 +191,133 @@ def without_author(path: Path, data: bytes, author: str) -> tuple[bytes, set[int
     return b"".join(chunks), removed
 
 
-def prepare(data_path: Path, data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> ForgetPlan:
-    """Step 1, in a worker thread under the store lock: the keys, and the message files staged. On an error the
-    work folder is removed and the error raised (nothing changed)."""
-    plan = ForgetPlan(data_path, new_token())
-    plan.keys = owned_keys(data, owner)
-    root = data_path / MESSAGES_DIR
-    staged: list[Path] = []
+def _read(path: Path) -> tuple[bytes, Fingerprint | None] | None:
+    """A message file's bytes and its identity as read (None as the identity when it changed during the read, so
+    that :func:`restage` reads it again; None for everything when the file is gone)."""
     try:
-        if owner.user is None:  # a guild: its whole folder
-            assert owner.guild is not None
-            folder = root / owner.guild
-            if folder.is_dir():
-                ids: set[int] = set()
-                for (_g, _m), path, _st in list_files(root):
-                    if _g == owner.guild:
-                        ids |= file_ids(path, path.read_bytes())
-                plan.guilds.append(owner.guild)
-                plan.messages = len(ids)
-        else:
-            for (guild, month), path, _st in list_files(root):
-                if owner.guild is not None and guild != owner.guild:
-                    continue
-                found = without_author(path, path.read_bytes(), owner.user)
-                if found is None:
-                    continue
-                kept, removed = found
-                if kept:
-                    staged.append(_stage(plan.work / "new" / guild, f"{month}.jsonl", kept))
-                plan.files.append((guild, month, bool(kept)))
-                plan.messages += len(removed)
-        if plan.files or plan.guilds:
-            (plan.work / "old").mkdir(parents=True, exist_ok=True)
-            (plan.work / "guilds").mkdir(exist_ok=True)
-            folders = sorted({plan.work / "new" / g for g, _m, has_new in plan.files if has_new})
-            sync_all([*staged, *folders])
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        before = os.fstat(fd)
+        data = os.pread(fd, before.st_size, 0) if before.st_size else b""
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    seen = (before.st_ino, before.st_size, before.st_mtime_ns)
+    stable = len(data) == before.st_size and (after.st_size, after.st_mtime_ns) == seen[1:]
+    return data, seen if stable else None
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _scan(plan: ForgetPlan, owner: Owner, guild: str, month: str, path: Path) -> FileScan | None:
+    """Read one file and stage its version without the owner's records (a user's; a guild's files are only
+    counted: its whole folder goes). None when the file is gone."""
+    read = _read(path)
+    if read is None:
+        return None
+    data, seen = read
+    if owner.user is None:
+        return FileScan(seen, len(file_ids(path, data)), None)
+    found = without_author(path, data, owner.user)
+    if found is None:
+        return FileScan(seen, 0, None)
+    kept, removed = found
+    if kept:
+        _stage(plan.work / "new" / guild, f"{month}.jsonl", kept)
+    return FileScan(seen, len(removed), len(kept))
+
+
+def _in_scope(owner: Owner, guild: str) -> bool:
+    return owner.guild is None or guild == owner.guild
+
+
+def stage(data_path: Path, owner: Owner, token: str) -> ForgetPlan:
+    """Step 1, in a worker thread *without* the store lock: read the owner's message files and stage them, fsynced
+    (see the module doc). The keys and the final list of files are :func:`restage`'s, under the lock. On an error
+    the work folder is removed and the error raised (nothing changed)."""
+    plan = ForgetPlan(data_path, token)
+    root = data_path / MESSAGES_DIR
+    try:
+        for (guild, month), path, _st in list_files(root):
+            if _in_scope(owner, guild):
+                scan = _scan(plan, owner, guild, month, path)
+                if scan is not None:
+                    plan.scans[guild, month] = scan
+        sync_all(_staged_paths(plan))
     except BaseException:
         plan.discard()
         raise
     return plan
+
+
+def _staged_paths(plan: ForgetPlan) -> list[Path]:
+    """The staged files and their folders."""
+    files = [plan.work / "new" / guild / f"{month}.jsonl" for (guild, month), scan in sorted(plan.scans.items())
+             if scan.staged]
+    return [*files, *sorted({path.parent for path in files})]
+
+
+def _staged_intact(plan: ForgetPlan, guild: str, month: str, scan: FileScan) -> bool:
+    """Whether the staged version :func:`stage` wrote is there, whole (another process's open sweeps work folders
+    that no intent names: it may have removed it since)."""
+    if not scan.staged:
+        return True
+    try:
+        return os.stat(plan.work / "new" / guild / f"{month}.jsonl").st_size == scan.staged
+    except FileNotFoundError:
+        return False
+
+
+def restage(plan: ForgetPlan, data: Mapping[str, Mapping[str, bytes]], owner: Owner) -> None:
+    """Step 1's end, in a worker thread under the store lock (nothing changes the files or ``data`` meanwhile):
+    the keys to delete; every message file that is new, changed or gone since :func:`stage` read it is read and
+    staged again (or dropped); then the plan's files, guild folders and count. On an error the work folder is
+    removed and the error raised (nothing changed)."""
+    plan.keys = owned_keys(data, owner)
+    root = plan.data_path / MESSAGES_DIR
+    try:
+        scans: dict[tuple[str, str], FileScan] = {}
+        fresh: list[Path] = []
+        for (guild, month), path, st in list_files(root):
+            if not _in_scope(owner, guild):
+                continue
+            scan = plan.scans.get((guild, month))
+            if scan is None or scan.seen != _fingerprint(st) or not _staged_intact(plan, guild, month, scan):
+                staged = plan.work / "new" / guild / f"{month}.jsonl"
+                staged.unlink(missing_ok=True)
+                scan = _scan(plan, owner, guild, month, path)
+                plan.restaged += 1
+                if scan is None:
+                    continue
+                if scan.staged:
+                    fresh.append(staged)
+            scans[guild, month] = scan
+        for (guild, month), scan in plan.scans.items():  # files gone since (pruned): their staged versions too
+            if (guild, month) not in scans and scan.staged:
+                (plan.work / "new" / guild / f"{month}.jsonl").unlink(missing_ok=True)
+        plan.scans = scans
+        if owner.user is None:  # a guild: its whole folder
+            assert owner.guild is not None
+            if (root / owner.guild).is_dir():
+                plan.guilds.append(owner.guild)
+                plan.messages = sum(scan.removed for scan in scans.values())
+        else:
+            for (guild, month), scan in sorted(scans.items()):
+                if scan.removed:
+                    plan.files.append((guild, month, bool(scan.staged)))
+                    plan.messages += scan.removed
+        if plan.files or plan.guilds:
+            (plan.work / "old").mkdir(parents=True, exist_ok=True)
+            (plan.work / "guilds").mkdir(exist_ok=True)
+            if fresh:  # the files staged again, and every staged folder (a sweep may have recreated one)
+                sync_all([*fresh, *sorted({path.parent for path in _staged_paths(plan)})])
+    except BaseException:
+        plan.discard()
+        raise
 
 
 def _stage(folder: Path, name: str, content: bytes) -> Path:
@@ -346,12 +464,14 @@ def _read_intent(data_path: Path) -> _Intent:
 
 
 def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
-            roll_back: bool = False) -> bool | None:
+            roll_back: bool = False, remove_work: bool = True) -> bool | None:
     """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` and the journal
-    (``holds``) caught up.
+    (``holds``, for a transaction's forget) caught up.
 
     ``roll_back``: the forgetting process knows its documents were never committed (it failed before). Returns
-    whether the forget happened, or None when there was no intent.
+    whether the forget happened, or None when there was no intent. ``remove_work=False`` leaves the work folder
+    (garbage once the intent is gone: the forgetting process deletes it after releasing the lock, since it holds
+    the old message files, and an open sweeps it if that process dies first).
     """
     if not pending(data_path):
         return None
@@ -376,7 +496,8 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: Jou
                     "completing" if happened else "rolling back", token)
     os.unlink(data_path / INTENT_NAME)
     fsync_dir(data_path)
-    shutil.rmtree(data_path / f"{_WORK}{token}", ignore_errors=True)
+    if remove_work:
+        shutil.rmtree(data_path / f"{_WORK}{token}", ignore_errors=True)
     return happened
 
 

@@ -168,24 +168,36 @@ class JsonLifecycle:
 
     async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
         self._check_usable()
-        async with self._locked():
-            await self._trust_journal()
-            # Under the lock nothing changes the documents on the loop: the thread may read them as they are.
-            plan = await run_in_thread(forget_files.prepare, self.path, self._tables.data, owner)
-            if plan.empty:
-                plan.discard()
-                return {}, 0
-            try:
-                await run_in_thread(forget_files.begin, plan)
-            except BaseException:
-                # nothing committed: put the files back (if that fails too, the intent stays and the next lock
-                # or open rolls back), then report the first failure
-                await cancellation.run_to_completion(self._undo_begin(plan.discard))
-                raise
-            # From the intent on, the forget runs to its end even if the caller is cancelled: the journal commit
-            # decides, and the files follow it.
-            dead = self._expired()  # removed too (their bytes are the user's data), but never counted: absent already
-            await cancellation.run_to_completion(self._commit_forget(plan))
+        token = forget_files.new_token()
+        begun = False  # the intent may exist: from then on its resolution cleans the work folder up
+        try:
+            # The slow part (read every message file, write and fsync the staged ones: seconds at 1M messages)
+            # runs before the lock, so writers do not wait for it; under the lock only what changed meanwhile is
+            # read again (forget_files.restage).
+            plan = await run_in_thread(forget_files.stage, self.path, owner, token)
+            async with self._locked():
+                await self._trust_journal()
+                # Under the lock nothing changes the documents on the loop: the thread may read them as they are.
+                await run_in_thread(forget_files.restage, plan, self._tables.data, owner)
+                if plan.empty:
+                    return {}, 0
+                begun = True
+                try:
+                    await run_in_thread(forget_files.begin, plan)
+                except BaseException:
+                    # nothing committed: put the files back (if that fails too, the intent stays and the next
+                    # lock or open rolls back), then report the first failure
+                    plan.settled = bool(await cancellation.run_to_completion(self._settle(roll_back=True)))
+                    raise
+                # From the intent on, the forget runs to its end even if the caller is cancelled: the journal
+                # commit decides, and the files follow it.
+                dead = self._expired()  # removed too (their bytes are the user's data), never counted: absent
+                await cancellation.run_to_completion(self._commit_forget(plan))
+        finally:
+            # No intent was written, or it is resolved: the work folder is garbage (also when cancelled). Its old
+            # files (at 1M messages, most of the log) are deleted after the lock: writers need not wait for that.
+            if not begun or plan.settled:
+                await cancellation.run_to_completion(asyncio.to_thread(forget_files.discard, self.path, token))
         counts = {name: len(set(keys) - dead.get(name, set())) for name, keys in plan.keys.items()}
         return {name: n for name, n in counts.items() if n}, plan.messages
 
@@ -200,21 +212,29 @@ class JsonLifecycle:
             if ops:
                 await self._commit(ops)
         finally:
-            await self._settle(roll_back=False)  # decided by the documents: forward if committed, else back
+            # decided by the documents: forward if committed, else back
+            plan.settled = bool(await self._settle(roll_back=False))
 
     async def _undo_begin(self, discard: Callable[[], None]) -> None:
-        """:func:`forget_files.begin` failed, nothing committed: roll back its intent if it was written, else
-        remove the work folder (nothing refers to it)."""
+        """:func:`forget_files.begin` failed, nothing committed: roll back its intent if it was written, then
+        remove the work folder (nothing refers to it any more)."""
         if forget_files.pending(self.path):
-            await self._settle(roll_back=True)
-        else:
+            await self._settle(roll_back=True)  # if that fails, the work folder stays: the rollback needs it
+        await self._discard_unless_pending(discard)
+
+    async def _discard_unless_pending(self, discard: Callable[[], None]) -> None:
+        """Remove a transaction's work folder, never while an intent may still refer to it (a resolution that
+        failed, or did not happen: the next lock or open needs the files moved aside)."""
+        if not forget_files.pending(self.path):
             await cancellation.run_in_thread(discard)
 
-    async def _settle(self, *, roll_back: bool) -> None:
-        """Resolve this forget's intent (see :func:`forget_files.resolve`); an error there leaves it pending."""
+    async def _settle(self, *, roll_back: bool) -> bool:
+        """Resolve this forget's intent (see :func:`forget_files.resolve`; True once resolved); an error there
+        leaves it pending. The work folder is left for the caller to delete after the lock."""
         data: Mapping[str, Mapping[str, bytes]] = self._tables.data
-        await run_in_thread(functools.partial(forget_files.resolve, roll_back=roll_back), self.path, data,
-                            self._journal.holds)
+        await run_in_thread(functools.partial(forget_files.resolve, roll_back=roll_back, remove_work=False),
+                            self.path, data, self._journal.holds)
+        return True
 
     async def _commit_transaction(self, ops: list[Op], messages: TxMessages) -> None:
         """Commit a transaction that staged message work (json/tx_messages.py), under its lock: the staged files
@@ -238,13 +258,14 @@ class JsonLifecycle:
         except BaseException:
             await cancellation.run_to_completion(self._undo_begin(messages.discard))
             raise
-        await cancellation.run_to_completion(self._commit_record(ops, record))
+        await cancellation.run_to_completion(self._commit_record(ops, record, messages))
 
-    async def _commit_record(self, ops: list[Op], record: bytes) -> None:
+    async def _commit_record(self, ops: list[Op], record: bytes, messages: TxMessages) -> None:
         try:
             await self._commit(ops, record=record)
         finally:
             await self._settle(roll_back=False)  # decided by the journal: forward if the record is there, else back
+            await self._discard_unless_pending(messages.discard)  # resolved: the work folder is garbage
 
 
 class JsonTxLifecycle:

@@ -16,6 +16,7 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...interfaces import MessageSummary
 from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
@@ -74,6 +75,11 @@ class ColumnCache:
 
     def clear(self) -> None:
         self._files = {}
+
+    def take(self) -> dict[FileKey, Any]:
+        """Empty the cache and return what it held (for the caller to free off the loop)."""
+        files, self._files = self._files, {}
+        return files
 
     async def blocks(self, guild_id: str | None, lo_key: str | None, hi_key: str | None, lo: int | None,
                      hi: int | None) -> list[MessageColumns]:

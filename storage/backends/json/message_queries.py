@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import heapq
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
@@ -70,7 +71,18 @@ async def top(blocks: Blocks, column: TopColumn, limit: int) -> list[tuple[str, 
                     counts[topic] += n
         else:
             counts.update(block.authors if column == "author" else block.channels)
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return _first(counts, limit)
+
+
+def _first(counts: Counter[str], limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` first of ``counts`` by rows descending, then key. Sorting every author of a large guild with
+    a Python key function held the loop 15-30 ms: the ``limit``-th largest count is found in C first, and only the
+    entries at or above it are sorted (ties at that count included, so the answer is the same)."""
+    items: Iterable[tuple[str, int]] = counts.items()
+    if 0 < limit < len(counts):
+        floor = heapq.nlargest(limit, counts.values())[-1]
+        items = [kv for kv in items if kv[1] >= floor]
+    return sorted(items, key=lambda kv: (-kv[1], kv[0]))[:limit]
 
 
 async def last(blocks: Blocks, author: str) -> str | None:
@@ -128,8 +140,9 @@ def _member_writes(collection: str, guild: str, members: list[tuple[str, Any]], 
     return writes
 
 
-def _prefixed(view: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    return [(key, view[key]) for key in sorted(view) if key.startswith(prefix)]
+def _guild_members(view: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """The ``(key, stored)`` of ``view`` whose key starts with ``prefix``, in key order (in a worker thread)."""
+    return [(key, view[key]) for key in sorted(key for key in view if key.startswith(prefix))]
 
 
 async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManager[BackendTransaction]],
@@ -149,8 +162,9 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
     prefix = f"{guild}_"
     async with transaction() as tx:
         view = tx.encoded_documents(collection)
-        if view is not None:  # in a thread: a lazy collection (json/lazy.py) is read whole on first walk
-            members: list[tuple[str, Any]] = await off_loop(_prefixed, view, prefix)
+        if view is not None:  # in a thread: sorting 100k keys held the loop ~50 ms, and a lazy collection
+            # (json/lazy.py) is read whole on first walk (the transaction holds the lock: nothing changes it)
+            members: list[tuple[str, Any]] = await off_loop(_guild_members, view, prefix)
         else:
             members = [pair async for pair in tx.items(collection, prefix=prefix)]
         writes = await off_loop(_member_writes, collection, guild, members, counts, latest)

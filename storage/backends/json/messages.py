@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
@@ -89,6 +90,9 @@ log = logging.getLogger("storage.json.messages")
 
 _FSYNC_THREADS = 8  # a batch touching several files fsyncs them in parallel (the disk merges the flushes)
 _SEARCH_BLOCK = 1 << 20  # an update searches its record's file backwards in blocks of this size
+#: ``scan`` gives the event loop a turn every this many records (what its consumer does with each one, e.g. a copy
+#: hashing it, runs on the loop: a whole month at once held it 0.35 s at 1M messages).
+SCAN_TURN = 500
 
 
 @dataclass
@@ -135,6 +139,13 @@ class MessageLog:
     async def wait(self) -> None:
         """Wait until every queued insert is settled (before closing)."""
         await self._inserts.wait()
+
+    async def release(self) -> None:
+        """:meth:`close`, freeing the index and the cache in a worker thread a piece at a time: at 1M messages,
+        dropping them in one go (one C call: the GIL is not given back) held the event loop 25-40 ms at close."""
+        index, files, pool = self._index, self._cache.take(), self._pool
+        self._index, self._files, self._slots, self._pool = None, {}, [], None
+        await run_in_thread(_free, index, files, pool)
 
     def close(self) -> None:
         """Forget the index and the cache (they are rebuilt from the files by whoever opens the store next)."""
@@ -562,7 +573,9 @@ class MessageLog:
             m_hi = hi if hi is not None and hi < end else None
             parts = [await asyncio.to_thread(_load, self._path((g, month)), m_lo, m_hi) for g in guilds]
             merged = parts[0] if len(parts) == 1 else heapq.merge(*parts, key=order)
-            for rec in merged:
+            for index, rec in enumerate(merged):
+                if index and not index % SCAN_TURN:
+                    await asyncio.sleep(0)  # a month is up to 100k records: the consumer's work gets loop turns
                 yield rec
 
     async def summary(self) -> MessageSummary:
@@ -578,11 +591,28 @@ class MessageLog:
             return
         lo_key = bound_key(since) if since is not None else None
         hi_key = bound_key(until) if until is not None else None
+        turn = False
         for block in await self._cache.blocks(guild_id, lo_key, hi_key, lo, hi):
-            yield block
+            for part in block.parts():  # a loop turn between blocks of at most COLUMN_BLOCK rows: counting them
+                if turn:                # all in one step held the loop 25-35 ms at 200k messages a guild
+                    await asyncio.sleep(0)
+                turn = True
+                yield part
 
 
 # -------------------------------------------------------------------------------------------------------------------
+
+
+def _free(index: dict[int, int] | None, files: dict[FileKey, Any], pool: concurrent.futures.Executor | None) -> None:
+    """Drop ``index`` and ``files`` item by item (in a worker thread, which gives the GIL back between Python
+    steps), and shut ``pool`` down (joining its threads blocks)."""
+    while index:
+        for _ in range(min(len(index), 10_000)):
+            index.popitem()
+    while files:
+        files.popitem()
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def _latest(path: Path, size: int, message_id: str) -> Record:

@@ -12,12 +12,15 @@ The plan, in order:
 4. **A scan** of the collection.
 
 Every candidate is then checked against the whole filter in Python (:func:`storage.query.evaluate.compile_filter`),
-so an index only ever narrows what is read, and a query gives the same answer with or without one.
+so an index only ever narrows what is read, and a query gives the same answer with or without one. A scan first
+reads the documents' JSON text (storage/backends/json/prefilter.py): only those that may match are decoded, which
+is what makes an unindexed query cheaper than decoding the collection (100k members: about 40 ms of CPU for a
+selective find, where decoding them all costs 90-150 ms; benchmarks/bench_queries.py).
 
 Event loop: the documents a plan reads are first copied (:func:`considered`, a dict copy: a few ms for 100k), then
-checked :data:`SCAN_CHUNK` at a time with a turn of the loop between chunks, and more than :data:`INLINE` matches
-are sorted in a worker thread. The copy is taken at one instant, so the answer is a consistent snapshot even while
-other coroutines write meanwhile.
+searched about :data:`PREFILTER_BYTES` and decoded :data:`SCAN_CHUNK` at a time, with a turn of the loop between
+steps, and more than :data:`INLINE` matches are sorted in a worker thread. The copy is taken at one instant, so the
+answer is a consistent snapshot even while other coroutines write meanwhile.
 
 Visibility: :func:`considered` is the one place that says which stored documents a query sees (every plan goes
 through it), so a rule such as expiry is added there once.
@@ -26,24 +29,29 @@ through it), so a rule such as expiry is added there once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
+from operator import truth
 from typing import Any, Literal
 
 import orjson
 
 from ...offload import off_loop
 from ...protocol import Document
-from ...query.evaluate import OTHER, Predicate, compile_filter, needles, sort_pairs, token
+from ...query.evaluate import OTHER, Predicate, compile_filter, sort_pairs, token
 from ...query.plan import RANGE_OPS, Query
 from .indexes import CollectionIndexes, PathIndex
+from .prefilter import prefilter
 
 __all__ = ["INLINE", "WALK_BUDGET", "Mode", "QueryAnswers", "run_query", "considered"]
 
 #: Matches sorted on the event loop at most; more are sorted in a worker thread.
 INLINE = 2000
-#: Documents a scan checks between two turns of the event loop (about a millisecond of work).
+#: Documents a scan decodes and checks between two turns of the event loop (about a millisecond of work).
 SCAN_CHUNK = 500
+#: Bytes of documents a prefiltered scan searches between two turns of the event loop (a few milliseconds: the
+#: join, the position table and one regex search per condition, each about 1 ms per MB here).
+PREFILTER_BYTES = 1 << 20
 #: Documents an index walk (``order_by`` + ``limit``) checks on the loop before it gives up for a scan, and index
 #: entries it steps over (keys without the prefix cost only a ``startswith``).
 WALK_BUDGET = 2000
@@ -72,8 +80,10 @@ def considered(coll: Mapping[str, bytes], keys: Iterable[str] | None = None) -> 
     """THE documents a query sees: ``{key: encoded doc}`` for ``keys`` (every document when None) that are stored
     and visible, as a copy taken now. Every plan reads documents through here (see the module doc).
 
-    A dict, not a list of pairs: copying a dict makes no per-document objects for the garbage collector to track
-    (100k fresh tuples would bring on a full collection, which holds the event loop whatever thread triggers it)."""
+    A dict, not a list of pairs or a tuple of the documents: a copied dict of strings and bytes is not tracked by
+    the garbage collector at all, where 100k fresh tuples would bring on a full collection, and the first
+    collection that sees a 100k-long tuple reads the header of every document in it (cache misses: 2-17 ms, on
+    the event loop, whatever thread triggers it)."""
     if keys is None:
         return dict(coll)
     get = coll.get
@@ -155,35 +165,31 @@ def _second(pair: tuple[Any, str]) -> str:
 
 
 class _Scan:
-    """Filter documents (prefix, byte needles, the predicate), fed a chunk at a time; keeps only what the mode needs
-    (no decoded document for a count: fewer survivors, fewer full garbage collections)."""
+    """Filter documents (the predicate), fed a chunk at a time; keeps only what the mode needs (no decoded document
+    for a count: fewer survivors, fewer full garbage collections)."""
 
-    def __init__(self, query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> None:
-        self.query, self.mode, self.predicate, self.marks = query, mode, predicate, marks
+    def __init__(self, query: Query, mode: Mode, predicate: Predicate) -> None:
+        self.query, self.mode, self.predicate = query, mode, predicate
         self.matched: list[tuple[str, Document]] = []
         self.keys: list[str] = []
         self.counted = 0
 
-    def feed(self, items: Iterable[tuple[str, bytes]]) -> int:
-        """Filter ``items``; returns how many there were."""
-        prefix, marks, predicate, mode = self.query.prefix, self.marks, self.predicate, self.mode
-        loads = orjson.loads
-        seen = 0
-        for key, raw in items:
-            seen += 1
-            if prefix is not None and not key.startswith(prefix):
-                continue
-            if marks and b"\\" not in raw and not all(m in raw for m in marks):
-                continue  # without escapes, a document lacking a needle's bytes cannot match
-            doc = loads(raw)
+    def feed(self, keys: Sequence[str], raws: Sequence[bytes], which: Iterable[int]) -> None:
+        """Decode and check the documents ``which`` (indexes into ``keys`` / ``raws``), each dropped as soon as it
+        is checked unless it is kept (a batch of decoded documents held at once would be promoted by the garbage
+        collector's young collections and bring on full ones, which hold the loop for 10 ms and more)."""
+        predicate, loads = self.predicate, orjson.loads
+        if self.mode == "count":  # iterated in C: map, no Python loop per document
+            self.counted += sum(map(truth, map(predicate, map(loads, map(raws.__getitem__, which)))))
+            return
+        keep = self.matched.append if self.mode == "find" else None
+        for i in which:
+            doc = loads(raws[i])
             if predicate(doc):
-                if mode == "find":
-                    self.matched.append((key, doc))
-                elif mode == "keys":
-                    self.keys.append(key)
+                if keep is not None:
+                    keep((keys[i], doc))
                 else:
-                    self.counted += 1
-        return seen
+                    self.keys.append(keys[i])
 
     async def result(self) -> Any:
         if self.mode == "count":
@@ -197,15 +203,36 @@ class _Scan:
         return sort_pairs(self.matched, query.order)[query.offset:end]
 
 
-async def _scan(docs: dict[str, bytes], query: Query, mode: Mode, predicate: Predicate, marks: list[bytes]) -> Any:
-    """The scan of a snapshot (``docs``, this call's own copy): :data:`SCAN_CHUNK` documents at a time on the loop,
-    which gets a turn between chunks. (A worker thread was tried: under load its GIL handoffs with the loop made the
-    scan 2-3x slower than decoding every document, and the loop waited a switch interval at each.)"""
-    scan = _Scan(query, mode, predicate, marks)
-    items = iter(docs.items())
-    for _chunk in range(len(docs) // SCAN_CHUNK + 1):
-        if scan.feed(islice(items, SCAN_CHUNK)) < SCAN_CHUNK:
+async def _scan(docs: dict[str, bytes], query: Query, mode: Mode, predicate: Predicate) -> Any:
+    """The scan of a snapshot (``docs``, this call's own copy from :func:`considered`, already restricted to the
+    prefix), a chunk at a time on the loop, which gets a turn after each step of a few milliseconds. (A worker
+    thread was tried: under load its GIL handoffs with the loop made the scan 2-3x slower than decoding every
+    document, and the loop waited a switch interval at each.)
+
+    With a :mod:`prefilter <storage.backends.json.prefilter>` (some condition can be told from the text), a chunk
+    is about :data:`PREFILTER_BYTES` of documents, searched in one step, and only its survivors are decoded,
+    :data:`SCAN_CHUNK` per step; once a chunk lets more than half of its documents through, the prefilter is not
+    worth its search and the rest is decoded directly, :data:`SCAN_CHUNK` documents per chunk. A chunk's keys and
+    documents are two short lists (the snapshot itself stays an untracked dict, see :func:`considered`)."""
+    scan = _Scan(query, mode, predicate)
+    filtering = prefilter(query.conditions)
+    key_iter, raw_iter = iter(docs), iter(docs.values())  # the same order: nothing changes docs meanwhile
+    per_chunk = 1000 if filtering is not None else SCAN_CHUNK  # then sized to PREFILTER_BYTES
+    while True:
+        keys, raws = list(islice(key_iter, per_chunk)), list(islice(raw_iter, per_chunk))
+        if not keys:
             break
+        if filtering is None:
+            scan.feed(keys, raws, range(len(raws)))
+        else:
+            survivors, size = filtering.survivors(raws)
+            per_chunk = max(1, PREFILTER_BYTES * len(raws) // max(1, size))
+            if 2 * len(survivors) > len(raws):
+                filtering, per_chunk = None, SCAN_CHUNK  # most get through: cheaper to decode them all
+            for first in range(0, len(survivors), SCAN_CHUNK):
+                if first:
+                    await asyncio.sleep(0)
+                scan.feed(keys, raws, survivors[first:first + SCAN_CHUNK])
         await asyncio.sleep(0)
     return await scan.result()
 
@@ -256,9 +283,9 @@ async def run_query(coll: Mapping[str, bytes], indexes: CollectionIndexes | None
         if walked is not None:
             return walked
     prefix = query.prefix
-    if found is None and (prefix is None or len(coll) <= INLINE):
+    if found is None and prefix is None:
         docs = considered(coll)
     else:  # keys only, on the loop: what is left may not need a thread
         keys = coll if found is None else found[0]
         docs = considered(coll, keys if prefix is None else [key for key in keys if key.startswith(prefix)])
-    return await _scan(docs, query, mode, predicate, needles(query.conditions))
+    return await _scan(docs, query, mode, predicate)

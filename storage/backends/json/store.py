@@ -625,8 +625,14 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         await self._whole(collection)
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
-        pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
-        selected = await off_loop(_select, pairs, prefix) if len(pairs) > ITEMS_INLINE else _select(pairs, prefix)
+        if len(coll) > ITEMS_INLINE:
+            # The snapshot is one C-level dict copy (0.5 ms at 100k; a list of pairs built on the loop took 9-15
+            # ms); the pairs are picked and sorted from it in a worker thread.
+            plain = coll.whole() if type(coll) is Lazy else coll  # settled to a dict by _whole: this is a guard
+            selected = await off_loop(_select_from, dict(plain), dead, prefix)
+        else:
+            pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
+            selected = _select(pairs, prefix)
         loads = orjson.loads
         for index, (key, raw) in enumerate(selected):
             if index and not index % ITEMS_TURN:
@@ -844,6 +850,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 async with self._locked():  # expired documents are purged from the files too
                     if self._tables.dirty or self._expired_held():
                         await self._run_compaction()
+            await self._messages.release()  # the message index and cache, freed off the loop
         finally:
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._journal.close()
@@ -1096,6 +1103,18 @@ def _select_keys(keys: list[str], prefix: str | None) -> list[str]:
         keys = [key for key in keys if key.startswith(prefix)]
     keys.sort()
     return keys
+
+
+def _select_from(coll: dict[str, bytes], dead: set[str], prefix: str | None) -> list[tuple[str, bytes]]:
+    """The pairs of ``coll`` (a private copy) whose key starts with ``prefix`` and is not ``dead``, sorted by key."""
+    if prefix is not None:
+        pairs = [pair for pair in coll.items() if pair[0].startswith(prefix)]
+    else:
+        pairs = list(coll.items())
+    if dead:
+        pairs = [pair for pair in pairs if pair[0] not in dead]
+    pairs.sort()
+    return pairs
 
 
 def _select(pairs: list[tuple[str, bytes]], prefix: str | None) -> list[tuple[str, bytes]]:

@@ -43,6 +43,7 @@ Where the time goes, and why the queries are written as they are
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -56,6 +57,7 @@ from ...errors import DatabaseError, ValidationError
 from ...interfaces import Grouping, MessageSummary, TopColumn
 from ...messages.records import INGEST_CHUNK
 from ...models import iso_utc
+from ...offload import off_loop
 from . import conn as pg_conn
 from . import member_stats as pg_member_stats
 from .analyze import LoadStatistics
@@ -66,6 +68,8 @@ from .schema import ID_SHIFT
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
 
 log = logging.getLogger("storage.postgres")
+#: ``_scan_messages`` gives the event loop a turn every this many records (see json/messages.py's SCAN_TURN).
+SCAN_TURN = 500
 
 Record = dict[str, Any]
 COLUMNS = ("message_id", "guild_id", "channel_id", "author_id", "created_at", "content_length", "attachments",
@@ -167,6 +171,11 @@ def to_record(row: Any) -> Record:
     if extra:
         rec.update(extra)
     return rec
+
+
+def _encoded_in_order(records: list[Record]) -> list[list[Any]]:
+    """``record_rows`` of the records in id order, every chunk at once (in a worker thread)."""
+    return list(record_rows(sorted(records, key=_id_order), INGEST_CHUNK, RowEncoder()))
 
 
 def _id_order(rec: Record) -> tuple[int, str]:
@@ -276,8 +285,13 @@ class PgMessagesMixin:
             return new
         # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
         # (inserting into the unique index waits for the other uncommitted insert of the same id).
-        records = sorted(records, key=_id_order)
-        return await self._copy_messages(Ingest(record_rows(records, INGEST_CHUNK, RowEncoder())))
+        if len(records) <= INGEST_CHUNK:
+            return await self._copy_messages(Ingest(record_rows(sorted(records, key=_id_order), INGEST_CHUNK,
+                                                                RowEncoder())))
+        # A copy's or restore's 10k records sorted and encoded on the loop held it ~80 ms: a worker thread does it
+        # (they are the caller's, already normalized: nothing else touches them meanwhile).
+        chunks = await off_loop(_encoded_in_order, records)
+        return await self._copy_messages(Ingest(iter(chunks)))
 
     async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
         """``record_messages``: checked, encoded and sent a chunk at a time (see postgres/ingest.py)."""
@@ -382,7 +396,9 @@ class PgMessagesMixin:
             if snapshot is not None:  # a utility statement: no parameters, hence the check of the id above
                 await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             async for rows in _cursor_blocks(conn, query, args, 2000):
-                for row in rows:
+                for index, row in enumerate(rows):
+                    if index and not index % SCAN_TURN:
+                        await asyncio.sleep(0)  # what the consumer does per record (a backup hashes it) runs here
                     yield to_record(row)
 
     # -- queries in SQL ------------------------------------------------------------------------------------------
