@@ -11,7 +11,8 @@ import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "sync_fd", "make_dirs", "pid_alive"]
+__all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "pwrite_all", "sync_fd", "make_dirs",
+           "pid_alive"]
 
 TEMP_MARK = ".tmp-"
 
@@ -47,6 +48,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``os.pwrite`` at ``offset`` until everything is written (short writes happen near ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def atomic_write(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o644, sync_dir: bool = True) -> None:

@@ -18,11 +18,12 @@ def _config(raw: str) -> StoreConfig:
     return StoreConfig(**json.loads(raw))
 
 
-async def crash_writer(config: StoreConfig, start: int) -> None:
-    """Write forever, printing ``ACK n`` after each write returns; the parent kills us at a random moment."""
+async def crash_writer(config: StoreConfig, start: int, compact_bytes: int = 16 * 1024) -> None:
+    """Write forever, printing ``ACK n`` after each write returns; the parent kills us at a random moment.
+    ``compact_bytes`` 0: the store's own compaction threshold (kills then land mostly inside preallocated filler)."""
     store = await storage.open_store(config=config)
-    if hasattr(store, "min_compact_bytes"):
-        store.min_compact_bytes = 16 * 1024  # compact often, so kills also land mid-compaction
+    if hasattr(store, "min_compact_bytes") and compact_bytes:
+        store.min_compact_bytes = compact_bytes  # compact often, so kills also land mid-compaction
     i = start
 
     async def one(n: int) -> None:
@@ -50,13 +51,32 @@ async def incrementer(config: StoreConfig, count: int, keys: int) -> None:
     print("DONE", flush=True)
 
 
+async def watch_counter(config: StoreConfig, target: int) -> None:
+    """Read ``counters/c`` in a tight loop (following another process's journal without its lock), printing
+    ``SEEN n`` at each new value, until it reaches ``target``; any error ends the process non-zero."""
+    store = await storage.open_store(config=config)
+    last = -1
+    try:
+        print("READY", flush=True)
+        while last < target:
+            doc = await store.get("counters", "c", {"n": -1})
+            if doc["n"] != last:
+                last = doc["n"]
+                print(f"SEEN {last}", flush=True)
+            await asyncio.sleep(0)
+    finally:
+        await store.close()
+
+
 def main() -> None:
     mode, raw = sys.argv[1], sys.argv[2]
     config = _config(raw)
     if mode == "crash-writer":
-        asyncio.run(crash_writer(config, int(sys.argv[3])))
+        asyncio.run(crash_writer(config, *map(int, sys.argv[3:5])))
     elif mode == "incrementer":
         asyncio.run(incrementer(config, int(sys.argv[3]), int(sys.argv[4])))
+    elif mode == "watch-counter":
+        asyncio.run(watch_counter(config, int(sys.argv[3])))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

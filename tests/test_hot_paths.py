@@ -7,8 +7,8 @@
 * the members fast path with whole random batches where one document spoils the shared ``dumps`` (a set, a huge
   int, a Fragment holding the separator, a document nested to the depth limit): each member still decided like the
   full rule;
-* the journal's ``changed()`` (an ``lseek`` to the end instead of a ``pread`` of a byte) on a real journal: it
-  sees what another writer appended, and a read-only follower after the append;
+* the journal's ``changed()`` (a ``pread`` of the byte where the reader stopped: a record, or end of file or the
+  preallocated filler) on a real journal: it sees what another writer wrote, and a read-only follower after it;
 * the guards kept on the shortened read path: a closed store, a transaction open in the task, and a document that
   expired all still answer as before.
 """
@@ -221,7 +221,7 @@ def test_changed_sees_appends_by_another_writer(tmp_path) -> None:
     assert [op for record in reader.read_new(end=None, locked=False) for op in record] == [("p", "c", "k", b"{}")]
     assert not reader.changed()
     writer.append(b'[["d","c","k"]]\n')
-    assert reader.changed()  # the lseek moved the position; appends still go to the end, reads use pread
+    assert reader.changed()  # written over the filler after the first record
     assert reader.read_new(end=None, locked=False) == [[("d", "c", "k")]]
     reader.close()
     writer.close()
@@ -249,7 +249,7 @@ async def test_the_shortened_read_path_keeps_its_guards(store) -> None:
 
 
 async def test_a_json_get_sees_what_another_process_committed(tmp_path) -> None:
-    """The read path's freshness check (one lseek) still notices another store's commit on the same folder."""
+    """The read path's freshness check (one pread) still notices another store's commit on the same folder."""
     first = await storage.open_store(backend="json", path=tmp_path / "data")
     second = await storage.open_store(backend="json", path=tmp_path / "data")
     try:

@@ -77,6 +77,7 @@ from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
+from .presence import Presence
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
 from .tables import Plan, Staged, Tables
@@ -121,6 +122,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._intent = json_restore.intent_path(self.path)
         self._forget_intent = json_forget.intent_path(self.path)  # a forget's (forget_files.py)
         self._flock = SidecarLock(self.path / LOCK_NAME, read_only=self.read_only)
+        #: this store's share of the folder while open for writing: the last to close folds (json/presence.py)
+        self._presence = Presence(self.path / LOCK_NAME)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
         self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
@@ -184,6 +187,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         except asyncio.CancelledError:
             store._journal.close()  # opened all the same: give the files back before the cancellation goes on
             store._flock.close()
+            store._presence.close()
             raise
         return store
 
@@ -211,7 +215,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 json_forget.recover(self.path, self._tables.data, self._journal.holds, at_open=True)
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
                 self._tables.publish()
+                self._presence.enter()
         except BaseException:
+            self._presence.close()
             self._journal.close()
             self._flock.close()
             raise
@@ -829,6 +835,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             return
         if self._closing_elsewhere():  # the opening loop has ended: no write can be queued; the journal holds all
             self._closed = True
+            self._presence.close()
             self._journal.close()
             self._flock.close()
             self._messages.close()
@@ -846,13 +853,18 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             await self._commits.wait()
             await self._messages.wait()
             await self._feed.close()  # watchers end after the last commits' changes
-            if not self.read_only and self._suspect is None and (self._tables.dirty or self._expired_held()):
-                async with self._locked():  # expired documents are purged from the files too
-                    if self._tables.dirty or self._expired_held():
-                        await self._run_compaction()
+            # The last writable store to close folds the journal; the others leave it to the stores still open
+            # (json/presence.py: a fold at 100k members held the lock for seconds while they waited to write).
+            if not self.read_only and self._presence.leave() and self._suspect is None:
+                await self._refresh()  # what the stores that closed before us committed: ours to fold too
+                if self._tables.dirty or self._expired_held():
+                    async with self._locked():  # expired documents are purged from the files too
+                        if self._tables.dirty or self._expired_held():
+                            await self._run_compaction()
             await self._messages.release()  # the message index and cache, freed off the loop
         finally:
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
+            self._presence.close()
             self._journal.close()
             self._flock.close()
             self._messages.close()
