@@ -3,14 +3,16 @@ lone durable save_member_data (issue 15: a batch of 1,000 at most SQLite's time)
 
     .venv/bin/python benchmarks/bench_batch.py                          # this checkout, 5 repetitions
     .venv/bin/python benchmarks/bench_batch.py --baseline /path/to/old  # before/after, interleaved, same run
+    .venv/bin/python benchmarks/bench_batch.py --cold                   # the store reopened before the batches
 
 Each repetition runs each checkout in a fresh process on a fresh 10k-member store: 30 batches of each kind (the
 first 5 not counted) and 2,000 saves, every one writing different bytes: wall time, and the process's CPU time
 (steadier on a shared, loaded machine: waiting for a CPU or for the disk is not counted). A second pass in a fresh
 process times the phases of a commit by wrapping them (perf_counter_ns; the wrappers add a little): the rule and
 encoding (``normalize_items``), the journal record, the append + fdatasync, publish and apply. Medians over
-repetitions.
-Results: benchmarks/results/batch.json.
+repetitions. ``--cold``: the store is closed and opened again after it is seeded, as after a bot's restart, so the
+batches write members never read since the open (a lazily opened snapshot, json/lazy.py, where the checkout has it).
+Results: benchmarks/results/batch.json (``batch-cold.json`` with ``--cold``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def wrap_phases(acc: dict[str, int], current: list[str]) -> None:
     wrap(tables.Tables, "apply", "apply")
 
 
-async def measure(phases: bool) -> dict[str, float]:
+async def measure(phases: bool, cold: bool = False) -> dict[str, float]:
     import storage
 
     acc: dict[str, int] = {}
@@ -100,6 +102,9 @@ async def measure(phases: bool) -> dict[str, float]:
             for start in range(0, MEMBERS, BATCH):
                 await store.put_many("members", {key_of(i): member_doc(i) for i in range(start, start + BATCH)})
             await store.compact()
+            if cold:
+                await store.close()
+                store = await storage.JsonStore.open(folder)
             times: dict[str, list[int]] = {"put_many_ms": [], "batch_update_members_ms": []}
             cpu: dict[str, list[int]] = {"put_many_ms": [], "batch_update_members_ms": []}
             for b in range(ROUNDS):
@@ -145,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     parser.add_argument("--baseline", help="another checkout of this repository, run interleaved (before/after)")
-    parser.add_argument("--worker", nargs=2, metavar=("CHECKOUT", "PHASES"), help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help="reopen the store after seeding it (writes of members "
+                        "not read since the open)")
+    parser.add_argument("--worker", nargs=3, metavar=("CHECKOUT", "PHASES", "COLD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         sys.path.insert(0, args.worker[0])
-        print(json.dumps(asyncio.run(measure(args.worker[1] == "1"))))
+        print(json.dumps(asyncio.run(measure(args.worker[1] == "1", args.worker[2] == "1"))))
         return 0
     here = str(Path(__file__).resolve().parent.parent)
     systems = {"this": here}
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             for phases in ("0", "1"):
                 print(f"rep {rep + 1}/{args.reps}: {name} {'phases' if phases == '1' else 'totals'}",
                       file=sys.stderr, flush=True)
-                got = run_worker(__file__, [path, phases])
+                got = run_worker(__file__, [path, phases, "1" if args.cold else "0"])
                 runs[name].append({k: v for k, v in got.items() if (" | " in k) == (phases == "1")})
     keys = sorted({k for rs in runs.values() for r in rs for k in r}, key=lambda k: (" | " in k, k))
     summary = {name: {k: statistics.median([r[k] for r in rs if k in r]) for k in keys} for name, rs in runs.items()}
@@ -174,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in systems:
             row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x" if summary["base"].get(k) else "")
         rows.append(row)
-    print_table(headers, rows, title=f"member writes, JSON backend, {MEMBERS:,} members, medians of {args.reps} "
+    print_table(headers, rows, title=f"member writes, JSON backend, {MEMBERS:,} members"
+                                     f"{' (reopened: cold)' if args.cold else ''}, medians of {args.reps} "
                                      f"interleaved repetitions (ms; save in us; phases wrapped, per call)")
-    path = write_results("batch", {"reps": args.reps, "systems": systems, "summary": summary, "runs": runs,
-                                   "cpu_count": os.cpu_count()})
+    path = write_results("batch-cold" if args.cold else "batch",
+                         {"reps": args.reps, "systems": systems, "summary": summary, "runs": runs, "cold": args.cold,
+                          "cpu_count": os.cpu_count()})
     print(f"results: {path}")
     return 0
 

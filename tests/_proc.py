@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from storage import StoreConfig
 
@@ -25,3 +29,32 @@ def spawn(mode: str, config: StoreConfig, *args: object, stdout: int = subproces
         [sys.executable, str(CHILD), mode, config_arg(config), *map(str, args)],
         stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
     )
+
+
+async def crash_writer_round(config: StoreConfig, start: int, window: float, *args: object) -> list[int]:
+    """One round of the kill -9 tests: a ``crash-writer`` child writes from ``start`` and is killed ``window``
+    seconds after its first acknowledged write (counted from there, not from the spawn: on a loaded machine the
+    interpreter's start alone can take seconds, and a kill before the open tests nothing). Returns the numbers it
+    acknowledged."""
+    proc = spawn("crash-writer", config, start, *args)
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline and proc.poll() is None:
+        await asyncio.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    out, _err = proc.communicate(timeout=30)
+    return [int(line.split()[1]) for line in (first + out).splitlines()
+            if line.startswith("ACK ") and line.count(" ") == 1]
+
+
+def assert_crash_writes(docs: dict[str, Any], acks: list[int]) -> None:
+    """Every write the ``crash-writer`` child acknowledged is in ``docs`` (the ``crash`` collection, reopened)."""
+    for n in acks:
+        if n % 7 == 0:
+            assert docs[f"k{n}"] == {"n": n, "pad": "x" * 200} and docs[f"m{n}"] == {"n": -n}
+        elif n % 11 == 0:
+            assert docs["counter"]["n"] >= n
+        else:
+            assert docs[f"k{n}"] == {"n": n, "pad": "y" * (n % 300)}

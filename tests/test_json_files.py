@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import storage
 from storage import CorruptDataError, StoreConfig, ValidationError
 from storage.backends.json.store import JOURNAL_NAME
 from storage.stores import JsonStore
-from tests._proc import spawn
+from tests._proc import assert_crash_writes, crash_writer_round, spawn
 
 SEED_MEMBERS = {
     "987654321_123456789": {
@@ -188,10 +187,6 @@ async def test_leftover_temp_files_are_removed_on_open(folder):
 
 
 # -- kill -9 --------------------------------------------------------------------------------------------------------
-def _acks(out: str) -> list[int]:
-    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("ACK ") and line.count(" ") == 1]
-
-
 @pytest.mark.slow
 async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
     rng = random.Random(20261124)
@@ -199,30 +194,12 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_write(folder):
     acknowledged: dict[int, None] = {}
     start = 0
     for _round in range(25):
-        proc = spawn("crash-writer", cfg, start)
-        # the kill's random moment counts from the first acknowledged write, not from the spawn: on a loaded
-        # machine the interpreter's start alone can take seconds, and a kill before the open tests nothing
-        assert proc.stdout is not None
-        first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
-        deadline = time.monotonic() + rng.uniform(0.3, 1.2)
-        while time.monotonic() < deadline and proc.poll() is None:
-            await asyncio.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _err = proc.communicate(timeout=30)
-        acks = _acks(first + out)
+        acks = await crash_writer_round(cfg, start, rng.uniform(0.3, 1.2))
         acknowledged.update(dict.fromkeys(acks))
         start = max([start, *acks]) + 100
         # the next open must succeed, and every acknowledged write must be there
         async with storage.open_store(config=cfg) as store:
-            docs = {k: d async for k, d in store.items("crash")}
-            for n in acks:
-                if n % 7 == 0:
-                    assert docs[f"k{n}"] == {"n": n, "pad": "x" * 200} and docs[f"m{n}"] == {"n": -n}
-                elif n % 11 == 0:
-                    assert docs["counter"]["n"] >= n
-                else:
-                    assert docs[f"k{n}"] == {"n": n, "pad": "y" * (n % 300)}
+            assert_crash_writes({k: d async for k, d in store.items("crash")}, acks)
     assert len(acknowledged) > 200  # the test really exercised the writer
     async with storage.open_store(config=cfg) as store:
         assert await store.count("crash") >= len(acknowledged)
@@ -372,3 +349,43 @@ async def test_stores_closing_together_still_fold(folder):
     await asyncio.gather(*(store.close() for store in stores))
     assert json.loads((folder / "things.json").read_text()) == {f"k{i}": {"n": i} for i in range(3)}
     assert len((folder / JOURNAL_NAME).read_text().splitlines()) == 1
+
+
+def _kept_generations(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(JOURNAL_NAME + "."))
+
+
+async def test_the_last_close_removes_the_kept_journal_generation(folder):
+    """A compaction keeps the journal it replaces (storage.journal.<N>) for stores that follow it; once the last
+    writable store has closed nobody can, and it is removed: a bulk-loaded store kept a second copy of its whole
+    journal on disk. While another writer is open it stays, and that store still follows every write."""
+    first = await JsonStore.open(config(folder))
+    second = await JsonStore.open(config(folder))
+    await first.put_many("things", {f"k{i}": {"n": i} for i in range(500)})
+    await first.compact()
+    kept = _kept_generations(folder)
+    assert kept, "the compaction kept the journal it replaced"
+    await first.close()  # not the last writer: the kept generation may still serve `second`
+    assert _kept_generations(folder) == kept
+    assert await second.count("things") == 500
+    await second.put("things", "last", {"n": -1})
+    await second.close()  # the last writer: it folds, and nothing is left that could follow the kept file
+    assert _kept_generations(folder) == []
+    async with storage.open_store(backend="json", path=folder) as store:
+        assert await store.count("things") == 501 and await store.get("things", "last") == {"n": -1}
+
+
+async def test_a_read_only_store_that_missed_a_generation_still_reads_everything(folder):
+    """A read-only follower does not count as present: when the last writer closes and removes the kept
+    generation, a follower that missed it reloads the snapshots and reads exactly what was written."""
+    writer = await JsonStore.open(config(folder))
+    reader = await JsonStore.open(StoreConfig(backend="json", path=str(folder), read_only=True, source="tests"))
+    await writer.put("things", "a", {"n": 1})
+    assert await reader.get("things", "a") == {"n": 1}
+    await writer.put("things", "b", {"n": 2})
+    await writer.compact()  # one generation the reader never looks at...
+    await writer.put("things", "c", {"n": 3})
+    await writer.close()  # ...and a second one at the close, after which the kept file is removed
+    assert _kept_generations(folder) == []
+    assert {k: d async for k, d in reader.items("things")} == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 3}}
+    await reader.close()

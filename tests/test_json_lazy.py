@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 import storage
 from storage.backends.json import offsets
 from storage.backends.json.lazy import Lazy
-from storage.errors import ExternalChangeError
+from storage.errors import CorruptDataError, ExternalChangeError
 from storage.stores import JsonStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +110,8 @@ async def test_open_reads_no_document_until_asked(tmp_path: Path) -> None:
 async def point_answers(store: Any, keys: list[str]) -> dict[str, Any]:
     """The answers that do not walk the collection (a lazy store stays lazy through them)."""
     return {"get": {k: await store.get(COLL, k) for k in keys}, "get_many": await store.get_many(COLL, keys),
-            "count": await store.count(COLL), "collections": await store.collections()}
+            "count": await store.count(COLL), "collections": await store.collections(),
+            "size": store._tables.sizes.get(COLL)}  # the size accounting (a lazy put sizes the old line unread)
 
 
 async def random_writes(stores: list[Any], rng: random.Random, round_: int) -> None:
@@ -197,7 +199,8 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt", "hand-edited", "stale", "garbage"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt", "hand-edited", "stale", "garbage",
+                                    "version-1"])
 async def test_a_bad_sidecar_is_detected_and_rebuilt(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "s"
     docs = await seeded(path)
@@ -220,6 +223,9 @@ async def test_a_bad_sidecar_is_detected_and_rebuilt(tmp_path: Path, damage: str
             await store.put(COLL, key(0), {"changed": True})
             docs[key(0)] = {"changed": True}
         sidecar.write_bytes(good)
+    elif damage == "version-1":  # a sidecar of the format before the keys were in it
+        assert good.startswith(offsets.MAGIC) and offsets.MAGIC.endswith(b" 2\n")
+        sidecar.write_bytes(b"storage offsets 1\n" + good[len(offsets.MAGIC):])
     else:
         sidecar.write_bytes(b'{"not": "a sidecar"}')
     async with storage.open_store(config=cfg(path)) as store:
@@ -272,6 +278,8 @@ async def test_a_snapshot_edited_in_place_while_open_raises_instead_of_answering
             os.utime(snap, ns=(1, 1))
         with pytest.raises(ExternalChangeError):
             await store.get(COLL, key(2))
+        with pytest.raises(ExternalChangeError):  # several unread keys: one check after all their reads
+            await store.get_many(COLL, [key(1), key(3), key(4)])
         assert await store.get(COLL, key(1)) == docs[key(1)]  # read before the edit: kept
         with pytest.raises(ExternalChangeError):
             await store.find(COLL, {"n": 1})  # the whole read checks the checksum again
@@ -441,3 +449,99 @@ async def test_a_reopened_store_answers_every_read_as_before_on_every_backend(st
         await store.put(COLL, "7_5000", {"new": True})
         assert await store.get(COLL, key(4)) == {"back": True}
         assert await store.count(COLL) == len(docs) + 1
+
+
+#: Two keys with the same crc32 (found by a search over sha1-derived names; the test checks it): the table's hash
+#: says "maybe" for either, only the key held in the table tells them apart.
+COLLIDING = ("key-8188ad31243727ca", "key-63d6d80dbceb5784")
+
+
+async def test_keys_sharing_a_crc32_are_told_apart(tmp_path: Path) -> None:
+    stored, other = COLLIDING
+    assert zlib.crc32(stored.encode()) == zlib.crc32(other.encode()) and stored != other
+    path = tmp_path / "s"
+    docs = await seeded(path, n=50)
+    async with storage.open_store(config=cfg(path)) as store:
+        await store.put(COLL, stored, {"who": "stored"})
+    docs[stored] = {"who": "stored"}
+    eager_copy(path, tmp_path / "ref")
+    lazy_store = await storage.open_store(config=cfg(path))
+    ref = await storage.open_store(config=cfg(tmp_path / "ref"))
+    try:
+        assert is_lazy(lazy_store) and not is_lazy(ref)
+        lazy = lazy_store._tables.data[COLL]
+        assert isinstance(lazy, Lazy)
+        assert stored in lazy and other not in lazy and lazy.size_of(other) is None
+        assert lazy.file.find(other) == -1 and lazy.file.find(stored) >= 0
+        keys = [stored, other, key(1), key(2)]
+        for store in (lazy_store, ref):
+            await store.put(COLL, other, {"who": "other"})  # new: the count grows, nothing is replaced
+        assert await point_answers(lazy_store, keys) == await point_answers(ref, keys)
+        for store in (lazy_store, ref):
+            await store.delete(COLL, other)
+            await store.delete(COLL, other)  # absent now: nothing to delete, though its hash is in the table
+        assert await point_answers(lazy_store, keys) == await point_answers(ref, keys)
+        big = {f"big_{i}": {"i": i} for i in range(2100)} | {other: {"who": "big"}}  # planned in a thread
+        for store in (lazy_store, ref):
+            await store.put_many(COLL, big)
+            await store.delete(COLL, stored)
+        assert is_lazy(lazy_store)
+        assert await point_answers(lazy_store, keys) == await point_answers(ref, keys)
+        assert await answers(lazy_store, keys) == await answers(ref, keys)
+    finally:
+        await lazy_store.close()
+        await ref.close()
+
+
+async def test_writes_of_keys_not_read_yet_read_nothing_from_the_snapshot(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put, a batch, a large commit and a delete of keys never read decide presence and the old size from the
+    sidecar's table: no pread of the snapshot (each cost 3.4-20 us before, with an fstat). A get still reads."""
+    path = tmp_path / "s"
+    docs = await seeded(path, n=300)
+    eager_copy(path, tmp_path / "ref")
+    lazy_store = await storage.open_store(config=cfg(path))
+    ref = await storage.open_store(config=cfg(tmp_path / "ref"))
+    lazy = lazy_store._tables.data[COLL]
+    assert isinstance(lazy, Lazy)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, at: int) -> bytes:
+        if fd == lazy.file.fd:
+            reads.append(at)
+        return real_pread(fd, n, at)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    keys = [key(i) for i in range(0, 320, 7)] + ["new_1", "absent"]
+    try:
+        for store in (lazy_store, ref):
+            await store.put(COLL, key(1), {"one": 1})
+            await store.put_many(COLL, {key(i): {"batch": i} for i in range(10, 310)})  # old and new keys
+            await store.put_many(COLL, {f"new_{i}": {"i": i} for i in range(2100)} | {key(5): {"five": 5}})
+            await store.delete(COLL, key(2))
+            await store.delete(COLL, "absent")
+        assert reads == []
+        assert is_lazy(lazy_store) and await lazy_store.count(COLL) == len(docs) + 10 + 2100 - 1
+        assert await point_answers(lazy_store, keys) == await point_answers(ref, keys)
+        before = len(reads)
+        assert await lazy_store.get(COLL, key(3)) == docs[key(3)]
+        assert len(reads) == before + 1  # a get of a key not read yet reads its line
+    finally:
+        await lazy_store.close()
+        await ref.close()
+
+
+async def test_a_table_that_points_at_another_line_raises_instead_of_answering(tmp_path: Path) -> None:
+    """The table is trusted for presence (it was checked against the snapshot's bytes); a get still checks that
+    the line it reads is its key's, so even a table gone wrong in memory can never hand out another document."""
+    path = tmp_path / "s"
+    await seeded(path, n=20)
+    async with storage.open_store(config=cfg(path)) as store:
+        lazy = store._tables.data[COLL]
+        assert isinstance(lazy, Lazy)
+        table = lazy.file.table
+        table.offsets[0], table.offsets[1] = table.offsets[1], table.offsets[0]
+        first = lazy.file.table.keys[:table.key_ends[0]].decode()
+        with pytest.raises(CorruptDataError):
+            await store.get(COLL, first)

@@ -15,9 +15,7 @@ import json
 import logging
 import os
 import random
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from storage.backends.json import filler
 from storage.backends.json.journal import encode_record
 from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME
 from storage.stores import JsonStore
-from tests._proc import spawn
+from tests._proc import assert_crash_writes, crash_writer_round, spawn
 from tests.test_json_disk_faults import SmallDisk, small_disk  # noqa: F401 - the fixture, used by name
 
 PAD = "x" * 9000  # larger than a tmpfs page
@@ -253,28 +251,11 @@ async def test_kill_9_while_writing_inside_the_filler_loses_no_acknowledged_writ
     start = 0
     acknowledged = 0
     for _round in range(12):
-        proc = spawn("crash-writer", cfg, start, 0)
-        assert proc.stdout is not None
-        first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
-        deadline = time.monotonic() + rng.uniform(0.2, 0.8)
-        while time.monotonic() < deadline and proc.poll() is None:
-            await asyncio.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _err = proc.communicate(timeout=30)
-        acks = [int(line.split()[1]) for line in (first + out).splitlines()
-                if line.startswith("ACK ") and line.count(" ") == 1]
+        acks = await crash_writer_round(cfg, start, rng.uniform(0.2, 0.8), 0)
         acknowledged += len(acks)
         start = max([start, *acks]) + 100
         async with storage.open_store(config=cfg) as store:
-            docs = {k: d async for k, d in store.items("crash")}
-            for n in acks:
-                if n % 7 == 0:
-                    assert docs[f"k{n}"] == {"n": n, "pad": "x" * 200} and docs[f"m{n}"] == {"n": -n}
-                elif n % 11 == 0:
-                    assert docs["counter"]["n"] >= n
-                else:
-                    assert docs[f"k{n}"] == {"n": n, "pad": "y" * (n % 300)}
+            assert_crash_writes({k: d async for k, d in store.items("crash")}, acks)
             raw = (folder / JOURNAL_NAME).read_bytes()
             assert raw[store._journal.offset:].strip(b"\n") == b""  # nothing past the records but filler
     assert acknowledged > 100

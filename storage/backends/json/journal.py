@@ -486,6 +486,12 @@ class Journal:
         with contextlib.suppress(OSError):
             os.unlink(self._kept_path(self.generation - 1))
 
+    def drop_kept(self) -> None:
+        """Remove the generation :meth:`keep_previous` kept, once no store can need it (the last writable store's
+        close, json/presence.py). Best effort: a file left behind only costs disk until the next compaction."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._kept_path(self.generation - 1))
+
     def _end_of(self, committed: tuple[int, int] | None) -> int | None:
         """The committed end if ``committed`` speaks of this file."""
         if committed is None or committed[0] != self.ino:

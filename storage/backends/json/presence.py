@@ -14,6 +14,13 @@ nobody else has the folder open for writing. Two stores closing at once cannot b
 before it asks, so the later one to ask is granted. Byte-range locks and ``flock`` (json/lock.py) do not interact
 on Linux. Where OFD locks are missing (other systems) or the lock file cannot be opened, every close folds, as
 before. Read-only stores take no share: they never fold, so they must not make a writer leave it to them.
+
+The last close also removes the journal generation a compaction kept for followers (``storage.journal.<N>``,
+json/journal.py ``keep_previous``): it can only help a store that is still open, and only a granted exclusive lock
+(:attr:`Presence.alone`) proves that no writer is. A read-only follower still open then reloads its snapshots if it
+missed that whole generation (its watchers get a ``resync``), which is always correct; without this, a store
+closed after a bulk load kept a second copy of its whole journal on disk (100k members: 28 MB beside a 30 MB
+snapshot).
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ class Presence:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = -1
+        #: Set by :meth:`leave`: True only when the exclusive lock was granted (no other writer has the folder
+        #: open); False when refused or when it cannot be known.
+        self.alone = False
 
     def enter(self) -> None:
         """Take a share; on any failure the store just folds at every close, as without this."""
@@ -72,6 +82,7 @@ class Presence:
         """Let go of the share; True when no other store has the folder open for writing (or it cannot be
         known: then folding is the safe answer)."""
         fd, self._fd = self._fd, -1
+        self.alone = False
         if fd < 0 or _OFD_SETLK is None:
             return True
         try:
@@ -82,6 +93,7 @@ class Presence:
                 if exc.errno in _REFUSED:
                     return False
                 raise
+            self.alone = True
             return True
         except OSError as exc:
             log.debug("%s: presence lock failed at close (%s): folding the journal", self.path, exc)

@@ -72,7 +72,7 @@ def render_with_spans(coll: Mapping[str, bytes]) -> tuple[list[bytes], Spans | N
     if not coll:
         return [b"{}\n"], new_spans()
     dumps, crc32 = orjson.dumps, zlib.crc32
-    hashes, offsets, lengths = spans = new_spans()
+    hashes, offsets, lengths, key_ends, keys = spans = new_spans()
     lines = []
     pos = 2
     escaped = False
@@ -82,7 +82,10 @@ def render_with_spans(coll: Mapping[str, bytes]) -> tuple[list[bytes], Spans | N
         lines.append(line)
         if b"\\" in quoted:
             escaped = True
-        hashes.append(crc32(quoted[1:-1]))
+        kb = quoted[1:-1]
+        hashes.append(crc32(kb))
+        keys += kb
+        key_ends.append(len(keys))
         offsets.append(pos)
         lengths.append(len(line))
         pos += len(line) + 2  # ",\n" (the last line's "\n}" counts the same)
@@ -142,9 +145,12 @@ def _read_lines(raw: bytes, validate: bool, spans: Spans | None = None) -> tuple
         docs[key] = doc
         size += len(key) + len(doc) + OVERHEAD
         if spans is not None:
-            spans[0].append(crc32(line[3:end]))
+            kb = line[3:end]
+            spans[0].append(crc32(kb))
             spans[1].append(pos)
             spans[2].append(len(line))
+            spans[4].extend(kb)
+            spans[3].append(len(spans[4]))
         pos += step
         if following is not None:
             line = following

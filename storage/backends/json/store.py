@@ -573,6 +573,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         coll = self._tables.data.get(collection) or {}
         dead = self._dead(collection)
         loads = orjson.loads
+        if type(coll) is Lazy:  # the keys not read yet in one pass, one fstat (json/lazy.py)
+            return {k: loads(raw) for k, raw in coll.get_many(keys).items() if k not in dead}
         return {k: loads(coll[k]) for k in keys if k in coll and k not in dead}
 
     async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
@@ -604,7 +606,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._check_writable(collection)
 
         def prepare(staged: Staged) -> tuple[list[Op], bool]:
-            if staged.live(collection, key, self._now_micros()) is None:
+            if not staged.present(collection, key, self._now_micros()):
                 return [], False  # absent, or expired: reads as absent, purged by compaction
             return [("d", collection, key)], True
 
@@ -861,6 +863,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     async with self._locked():  # expired documents are purged from the files too
                         if self._tables.dirty or self._expired_held():
                             await self._run_compaction()
+                if self._presence.alone:
+                    self._journal.drop_kept()  # no store left that could follow it (json/presence.py)
             await self._messages.release()  # the message index and cache, freed off the loop
         finally:
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself

@@ -254,7 +254,7 @@ class Tables:
         publish = feed.publish if feed is not None and feed.active else None  # the change feed (json/feed.py)
         name: str | None = None
         coll: Documents = {}
-        swap = None  # a lazy collection's set-and-return-old (json/lazy.py): one look into the file, not two
+        swap = remove = None  # a lazy collection's put and delete returning the old size (json/lazy.py): no file read
         expiring: dict[str, int] | None = None
         delta = 0
         for op in ops:
@@ -267,21 +267,27 @@ class Tables:
                     found = data[name] = {}
                     sizes[name] = 2
                 coll, delta, expiring = found, 0, expires.get(name)
-                swap = found.swap if type(found) is Lazy else None
+                swap, remove = (found.swap, found.remove) if type(found) is Lazy else (None, None)
                 dirty.add(name)
             key = op[2]
             if op[0] == "p":
                 new: bytes = op[3]  # type: ignore[misc]
                 if swap is not None:
-                    old = swap(key, new)
+                    if (old_size := swap(key, new)) is not None:
+                        delta -= len(key) + old_size + OVERHEAD
                 else:
                     old = coll.get(key)
                     coll[key] = new
-                if old is not None:
-                    delta -= len(key) + len(old) + OVERHEAD
+                    if old is not None:
+                        delta -= len(key) + len(old) + OVERHEAD
                 delta += len(key) + len(new) + OVERHEAD
                 if publish is not None:
                     publish(name, key, "put", new)
+            elif remove is not None:
+                if (old_size := remove(key)) is not None:
+                    delta -= len(key) + old_size + OVERHEAD
+                    if publish is not None:
+                        publish(name, key, "delete", None)
             elif (old := coll.get(key)) is not None:
                 delta -= len(key) + len(old) + OVERHEAD
                 del coll[key]
@@ -316,17 +322,24 @@ class Tables:
         plan: Plan = []
         for name, changes in final.items():
             current = self.data.get(name, {})
+            size_of = current.size_of if type(current) is Lazy else None  # no file read (json/lazy.py)
             delta = 0 if name in self.data else 2
             puts: dict[str, bytes] = {}
             deletes: list[str] = []
             for key, new in changes.items():
-                old = current.get(key)
-                if old is not None:
-                    delta -= len(key) + len(old) + OVERHEAD
+                if size_of is not None:
+                    if (old_size := size_of(key)) is not None:
+                        delta -= len(key) + old_size + OVERHEAD
+                    present = old_size is not None
+                else:
+                    old = current.get(key)
+                    if old is not None:
+                        delta -= len(key) + len(old) + OVERHEAD
+                    present = old is not None
                 if new is not None:
                     puts[key] = new
                     delta += len(key) + len(new) + OVERHEAD
-                elif old is not None:
+                elif present:
                     deletes.append(key)
             plan.append((name, puts, deletes, delta))
         return plan
@@ -343,7 +356,7 @@ class Tables:
                 coll = data[name] = {}
                 sizes[name] = 0
             if type(coll) is Lazy:
-                coll.put_all(puts)  # one pass, no file read (plan() read the old documents in its thread)
+                coll.put_all(puts)  # one pass, no file read (plan() sized the old documents from the table)
             else:
                 coll.update(puts)
             for key in deletes:
@@ -579,6 +592,17 @@ class Staged:
         if raw is None or visible(self.expiry(collection, key), now):
             return raw
         return None
+
+    def present(self, collection: str, key: str, now: int) -> bool:
+        """``live(...) is not None`` without the document: a lazy collection answers from its table, no file read
+        (a delete needs only to know whether there is something to delete)."""
+        where = (collection, key)
+        if where in self.changes:
+            exists = self.changes[where] is not None
+        else:
+            coll = self.base.get(collection)
+            exists = coll is not None and key in coll
+        return exists and visible(self.expiry(collection, key), now)
 
     def expiring_in(self, collection: str) -> dict[str, int]:
         """{key: expires} of the collection's expiring documents, staged changes included."""
