@@ -14,7 +14,10 @@ benchmarks/_common.py), a ``settings`` document per guild; ``--messages`` messag
 every guild (100 at 100k members), with 20 messages in each and an ``economy`` document. Timed, each once, with the
 longest event-loop stall during the call (a 1 ms ticker task, as a bot's gateway heartbeat): ``forget_guild`` of
 the 1,000-member guild (dry run first, then the real one), ``export_user`` and ``forget_user`` of the user present
-in every guild. Targets (printed, never failing): ``forget_guild`` <= 1 s; no stall over 20 ms.
+in every guild; then, same run, interleaved (``--rounds`` times, medians): ``forget_guild`` of another 1,000-member
+guild on the store, and of the next one inside a transaction (with a put, as a bot's leave handler would), to show
+what the transaction's form costs.
+Targets (printed, never failing): ``forget_guild`` <= 1 s; no stall over 20 ms.
 Results go to ``benchmarks/results/lifecycle.json``.
 """
 
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +52,8 @@ from _common import (
 import storage
 
 THE_USER = 299_999_999_999_999_999  # a member of every guild
+STORE_ROW = "forget_guild, another guild (median)"
+TX_ROW = "tx: forget_guild + put, the next guild (median)"
 USER_MESSAGES_PER_GUILD = 20
 BATCH = 10_000
 
@@ -121,6 +127,13 @@ class WriterProbe:
             await task
 
 
+async def _in_transaction(store: Any, guild: int) -> dict[str, int]:
+    async with store.transaction() as tx:
+        counts: dict[str, int] = await tx.forget_guild(guild)
+        await tx.put("left", str(guild), {"left": True})
+    return counts
+
+
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -172,7 +185,8 @@ async def fill(store: Any, members: int, messages: int, guild_messages: int) -> 
     return first_guild, guilds
 
 
-async def run_backend(backend: str, where: str, members: int, messages: int, guild_messages: int) -> dict[str, Any]:
+async def run_backend(backend: str, where: str, members: int, messages: int, guild_messages: int,
+                      rounds: int = 5) -> dict[str, Any]:
     config = (storage.StoreConfig(backend="json", path=where, source="benchmark") if backend == "json"
               else storage.StoreConfig(backend="postgres", dsn=where, source="benchmark", command_timeout=600))
     out: dict[str, Any] = {}
@@ -201,6 +215,19 @@ async def run_backend(backend: str, where: str, members: int, messages: int, gui
                              "writer_wait_ms": writer.longest * 1000}
                 log(f"{backend} {name}: {seconds:.3f} s, longest stall {stall * 1000:.1f} ms, a concurrent write "
                     f"waited up to {writer.longest * 1000:.0f} ms, {summary}")
+            # the transaction's form beside the store's, interleaved over fresh guilds of the same size
+            runs: dict[str, list[tuple[float, float]]] = {STORE_ROW: [], TX_ROW: []}
+            for r in range(min(rounds, (guilds - 1) // 2)):
+                first = guild + 1 + 2 * r
+                for name, op in ((STORE_ROW, lambda g=first: store.forget_guild(g)),
+                                 (TX_ROW, lambda g=first + 1: _in_transaction(store, g))):
+                    seconds, stall, result = await watch.measure(op)
+                    runs[name].append((seconds, stall))
+                    log(f"{backend} round {r + 1}, {name.replace(' (median)', '')}: {seconds:.3f} s, longest stall "
+                        f"{stall * 1000:.1f} ms, {result}")
+            for name, timings in runs.items():
+                out[name] = {"seconds": statistics.median(t for t, _ in timings),
+                             "stall_ms": statistics.median(st for _, st in timings) * 1000, "runs": timings}
         finally:
             watch.stop()
     out["guilds"] = guilds
@@ -212,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=100_000)
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--guild-messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved store/transaction forget_guild pairs")
     parser.add_argument("--dsn", default=os.environ.get("STORAGE_BENCH_DSN"))
     parser.add_argument("--dir", default=None, help="where the JSON store goes (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -219,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-lifecycle-", dir=args.dir))
     try:
         results["json"] = asyncio.run(run_backend("json", str(tmp / "data"), args.members, args.messages,
-                                                  args.guild_messages))
+                                                  args.guild_messages, args.rounds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.dsn:
@@ -227,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = list(results)
     rows = []
     for name in ("baseline: idle 0.3 s", "baseline: Python in a thread 0.3 s", "forget_guild dry run",
-                 "forget_guild", "export_user", "forget_user dry run", "forget_user"):
+                 "forget_guild", "export_user", "forget_user dry run", "forget_user", STORE_ROW, TX_ROW):
         rows.append([name] + [f"{fmt(results[b][name]['seconds'])} s / {fmt(results[b][name]['stall_ms'])} ms / "
                               f"{fmt(results[b][name].get('writer_wait_ms', 0))} ms" for b in backends])
     rows.append(["(filling the store)"] + [f"{fmt(results[b]['fill_s'])} s" for b in backends])
@@ -260,7 +288,7 @@ async def _with_schema(args: argparse.Namespace) -> dict[str, Any]:
     sep = "&" if "?" in args.dsn else "?"
     try:
         return await run_backend("postgres", f"{args.dsn}{sep}options=-csearch_path%3D{schema}", args.members,
-                                 args.messages, args.guild_messages)
+                                 args.messages, args.guild_messages, args.rounds)
     finally:
         conn = await asyncpg.connect(args.dsn)
         try:

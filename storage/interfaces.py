@@ -25,9 +25,9 @@ from .config import StoreConfig
 from .documents import OpsBase
 from .errors import LockTimeoutError, ValidationError
 from .feed import ChangeFeed, Watch
+from .lifecycle_calls import LifecyclePrimitives, TransactionLifecycle
 from .member_calls import MembersMixin
-from .ownership import Owner
-from .protocol import Document, Transaction
+from .protocol import Transaction
 from .query.ops import IndexOps
 
 __all__ = ["Backend", "BackendTransaction", "MigrationLock", "MessageSwap", "ExportSink", "Record", "Grouping",
@@ -102,9 +102,11 @@ class MessageSwap(abc.ABC):
     async def finish(self) -> None: ...
 
 
-class BackendTransaction(MembersMixin, OpsBase):
+class BackendTransaction(MembersMixin, TransactionLifecycle, OpsBase):
     """What a backend's transaction offers beyond the document operations (for backups, copies and migrations);
-    it carries the seed's member calls too (``tx.get_member_data``...), written once in :mod:`storage.member_calls`."""
+    it carries the seed's member calls too (``tx.get_member_data``...), written once in :mod:`storage.member_calls`,
+    and the data lifecycle (``tx.forget_guild``, ``tx.forget_user``, ``tx.export_user``, ``tx.prune_messages``),
+    written once in :mod:`storage.lifecycle_calls` over primitives each backend implements inside its transaction."""
 
     #: The transaction's own connection for hand-written SQL in a migration (PostgreSQL), else None.
     connection: Any = None
@@ -131,9 +133,11 @@ class BackendTransaction(MembersMixin, OpsBase):
         raise NotImplementedError(f"{type(self).__name__} cannot replace messages inside a transaction")
 
 
-class Backend(OpsBase, IndexOps):
+class Backend(LifecyclePrimitives, OpsBase, IndexOps):
     """What a backend provides to the features written once. See the module doc. (The index calls come from
-    :class:`storage.query.ops.IndexOps`: a backend implements ``_ensure_index`` / ``_drop_index`` / ``_indexes``.)"""
+    :class:`storage.query.ops.IndexOps`: a backend implements ``_ensure_index`` / ``_drop_index`` / ``_indexes``;
+    the data lifecycle's primitives, ``_forget`` and the ``_owned_*`` reads, are declared in
+    :class:`storage.lifecycle_calls.LifecyclePrimitives`.)"""
 
     config: StoreConfig
     backend_name: str
@@ -241,25 +245,6 @@ class Backend(OpsBase, IndexOps):
         """Every record, in a faster way than :meth:`_scan_messages` if the backend has one (the JSON store reads
         its files as bytes in a worker thread); returns False, having emitted nothing, when it has none."""
         return False
-
-    # -- the data lifecycle (for :mod:`storage.lifecycle`; whose data is what: :mod:`storage.ownership`) ----------
-    @abc.abstractmethod
-    async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
-        """Every document ``owner`` owns, per collection: collections sorted, keys sorted, empty ones left out."""
-
-    @abc.abstractmethod
-    def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
-        """Every record ``owner`` owns (current versions), by (timestamp, message_id)."""
-
-    @abc.abstractmethod
-    async def _count_owned_messages(self, owner: Owner) -> int:
-        """How many records ``owner`` owns."""
-
-    @abc.abstractmethod
-    async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
-        """Delete every document and record ``owner`` owns, all or nothing (also across a crash: what a crash
-        interrupts is finished or undone by the next open or write). Returns the documents removed per collection
-        (only collections that lost some) and the records removed."""
 
     def message_swap(self) -> MessageSwap | None:
         """A :class:`MessageSwap` when this backend's messages live outside its document transactions (JSON);

@@ -16,6 +16,8 @@ from .errors import ValidationError
 __all__ = [
     "snowflake",
     "parse_timestamp",
+    "time_bound",
+    "prune_bound",
     "iso_utc",
     "is_canonical",
     "canonical_time",
@@ -85,6 +87,25 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> datetime:
     if dt.tzinfo is None:
         return dt.replace(tzinfo=timezone.utc)
     return dt.astimezone(timezone.utc)
+
+
+def time_bound(value: Any, name: str) -> datetime | None:
+    """A query bound (``since``/``until``/``before``) as an aware UTC datetime; None stays None (unbounded)."""
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value, name)
+    except OverflowError as exc:
+        raise ValidationError(f"{name} is out of range: {exc}", field=name) from exc
+
+
+def prune_bound(before: Any, guild_id: Any) -> tuple[datetime, str | None]:
+    """``prune_messages(before, guild_id=)``'s arguments checked (stores and transactions share them): the bound
+    as an aware UTC datetime, the guild as canonical text or None."""
+    bound = time_bound(before, "before")
+    if bound is None:
+        raise ValidationError("before is required: prune_messages(before)", field="before")
+    return bound, None if guild_id is None else snowflake(guild_id, "guild_id")
 
 
 def iso_utc(value: Any, field: str = "timestamp") -> str:

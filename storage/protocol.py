@@ -106,6 +106,16 @@ class Transaction(DocumentOps, Protocol):
 
     async def batch_update_members(self, updates: Iterable[Mapping[str, Any]]) -> int: ...
 
+    # The data lifecycle, inside the transaction (it sees the forgotten data as absent; committed with it).
+    async def forget_guild(self, guild_id: int | str, *, dry_run: bool = False) -> dict[str, int]: ...
+
+    async def forget_user(self, user_id: int | str, *, guild_id: int | str | None = None,
+                          dry_run: bool = False) -> dict[str, int]: ...
+
+    async def export_user(self, user_id: int | str, *, guild_id: int | str | None = None) -> dict[str, Any]: ...
+
+    async def prune_messages(self, before: str | datetime, *, guild_id: int | str | None = None) -> int: ...
+
 
 @runtime_checkable
 class Store(DocumentOps, Protocol):

@@ -36,7 +36,7 @@ from typing import Any, cast
 from ..codec import canonical_numbers, encode_doc
 from ..errors import ValidationError
 from ..interfaces import Backend, Grouping, TopColumn
-from ..models import MEMBERS, parse_timestamp, snowflake
+from ..models import MEMBERS, prune_bound, snowflake, time_bound
 from ..protocol import TimeBound
 from ..types import MessageRecord as TypedRecord
 from .records import (
@@ -55,16 +55,6 @@ __all__ = ["AnalyticsMixin", "UNKNOWN_SENTIMENT", "BY_CHOICES", "time_bound", "c
 UNKNOWN_SENTIMENT = "unknown"
 BY_CHOICES = (None, "channel", "author", "day")
 VALIDATE_IN_THREAD = 2000  # records: bigger batches are validated in a worker thread
-
-
-def time_bound(value: TimeBound, name: str) -> datetime | None:
-    """A query bound (``since``/``until``/``before``) as an aware UTC datetime; None stays None (unbounded)."""
-    if value is None:
-        return None
-    try:
-        return parse_timestamp(value, name)
-    except OverflowError as exc:
-        raise ValidationError(f"{name} is out of range: {exc}", field=name) from exc
 
 
 def check_limit(limit: Any) -> int:
@@ -136,11 +126,7 @@ class AnalyticsMixin(Backend):
         """Delete messages older than ``before`` (timestamp < before), of one guild when ``guild_id`` is given;
         returns how many were deleted."""
         self._guard_write()
-        bound = time_bound(before, "before")
-        if bound is None:
-            raise ValidationError("before is required: prune_messages(before)", field="before")
-        guild = None if guild_id is None else snowflake(guild_id, "guild_id")
-        return await self._delete_messages_before(bound, guild)
+        return await self._delete_messages_before(*prune_bound(before, guild_id))
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def scan_messages(self, guild_id: int | str | None = None, since: TimeBound = None,

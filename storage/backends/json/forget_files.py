@@ -25,6 +25,16 @@ The documents commit with one journal record, but the messages live in their own
    it released the lock (at 1M messages the folder holds most of the log's old files: about a second of unlinking
    that writers need not wait for), or at once by whoever else resolves it.
 
+**In a transaction** (``tx.forget_user``, ``tx.prune_messages``...; :mod:`.tx_messages`), the deciding side is
+the transaction's own journal record instead: its documents may be written again after the forget in the same
+transaction (a key forgotten, then put), or it may remove message records only, so "none of the keys is left"
+would not tell. Its intent names the record instead (``"commit"``: the journal generation, the offset it starts
+at, its length and digest; its ``"keys"`` are ``null``, which versions that decide by the keys refuse rather than
+misread): the forget happened if and only if the journal committed exactly that record there.
+Under the lock nobody else appends, and nobody compacts before resolving a pending intent, so the record is found
+where the intent says if it was committed; a record cut away as never acknowledged, or a journal rewritten from
+memory after a failed append (a new generation), means it was not.
+
 Who resolves: the forgetting process itself at step 5 (or after a failure at any step, when it knows the outcome),
 :meth:`JsonStore._open_sync` at every open, and the store's lock whenever it finds the intent (like a restore's),
 so nobody writes on top of a half-done forget. Work folders without an intent are garbage, removed at open.
@@ -42,9 +52,10 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -55,12 +66,12 @@ from .message_files import GENERATION_NAME, MESSAGES_DIR, block_line_ids, corrup
 
 __all__ = ["INTENT_NAME", "ForgetPlan", "FileScan", "owned_keys", "new_token", "stage", "restage", "discard", "begin",
            "resolve", "pending", "intent_path", "intent_pending", "recover", "sweep", "file_ids", "lines_with",
-           "without_author", "is_forget_entry"]
+           "without_author", "is_forget_entry", "sync_all", "JournalHolds", "WORK_PREFIX"]
 
 log = logging.getLogger("storage.json.forget")
 
 INTENT_NAME = "storage.forget"
-_WORK = "storage.forget-"
+_WORK = WORK_PREFIX = "storage.forget-"
 _TOKEN = re.compile(r"\d+-[0-9a-f]{16}\Z")
 _FSYNC_THREADS = 8
 
@@ -97,6 +108,8 @@ class ForgetPlan:
     settled: bool = False  # its intent was written and resolved: the work folder is garbage
     scans: dict[tuple[str, str], FileScan] = field(default_factory=dict)  # (guild, month) -> what stage found
     restaged: int = 0  # files read again under the lock (see restage)
+    #: A transaction's forget: the journal record that decides it (see the module doc); None: the keys decide.
+    commit: dict[str, Any] | None = None
 
     @property
     def work(self) -> Path:
@@ -109,6 +122,11 @@ class ForgetPlan:
     def discard(self) -> None:
         """Remove the work folder of a forget that never wrote its intent."""
         discard(self.data_path, self.token)
+
+
+#: ``holds(generation, offset, length, digest)``: whether the store's journal (caught up under the lock) committed
+#: that record (:meth:`storage.backends.json.journal.Journal.holds`): what decides a transaction's forget.
+JournalHolds = Callable[[int, int, int, str], bool]
 
 
 def new_token() -> str:
@@ -229,7 +247,7 @@ def stage(data_path: Path, owner: Owner, token: str) -> ForgetPlan:
                 scan = _scan(plan, owner, guild, month, path)
                 if scan is not None:
                     plan.scans[guild, month] = scan
-        _sync_all(_staged_paths(plan))
+        sync_all(_staged_paths(plan))
     except BaseException:
         plan.discard()
         raise
@@ -296,14 +314,14 @@ def restage(plan: ForgetPlan, data: Mapping[str, Mapping[str, bytes]], owner: Ow
             (plan.work / "old").mkdir(parents=True, exist_ok=True)
             (plan.work / "guilds").mkdir(exist_ok=True)
             if fresh:  # the files staged again, and every staged folder (a sweep may have recreated one)
-                _sync_all([*fresh, *sorted({path.parent for path in _staged_paths(plan)})])
+                sync_all([*fresh, *sorted({path.parent for path in _staged_paths(plan)})])
     except BaseException:
         plan.discard()
         raise
 
 
 def _stage(folder: Path, name: str, content: bytes) -> Path:
-    """Write a staged file (fsynced later, with the others: :func:`_sync_all`)."""
+    """Write a staged file (fsynced later, with the others: :func:`sync_all`)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -314,7 +332,7 @@ def _stage(folder: Path, name: str, content: bytes) -> Path:
     return path
 
 
-def _sync_all(paths: list[Path]) -> None:
+def sync_all(paths: list[Path]) -> None:
     """fsync files and folders, several at a time: a user active in 100 guilds for a year has over a thousand
     files staged, and parallel fsyncs let the disk merge the flushes (about 3x faster, see json/messages.py)."""
     def sync(path: Path) -> None:
@@ -335,8 +353,12 @@ def _sync_all(paths: list[Path]) -> None:
 
 def begin(plan: ForgetPlan) -> None:
     """Steps 2 and 3, under the store lock: the intent, then the swap of the message files."""
-    intent = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
-              "files": [list(f) for f in plan.files], "guilds": plan.guilds}
+    intent: dict[str, Any] = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
+                              "files": [list(f) for f in plan.files], "guilds": plan.guilds}
+    if plan.commit is not None:
+        # decided by the record, not the keys; and ``"keys": null`` makes a version from before transactions could
+        # forget (which would decide by the keys, and find none) refuse the intent instead of guessing
+        intent["commit"], intent["keys"] = plan.commit, None
     if plan.work.exists():
         fsync_dir(plan.data_path)  # the work folder's entry, before the intent names it
     atomic_write(plan.data_path / INTENT_NAME, orjson.dumps(intent) + b"\n")
@@ -394,7 +416,7 @@ def _move(root: Path, moves: list[tuple[Path, Path]]) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
         folders.update((src.parent, dst.parent))
-    _sync_all(sorted(folder for folder in folders if folder.is_dir()))
+    sync_all(sorted(folder for folder in folders if folder.is_dir()))
 
 
 def pending(data_path: Path) -> bool:
@@ -412,14 +434,23 @@ def intent_pending(intent: str) -> bool:
     return os.path.lexists(intent)
 
 
-def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tuple[str, str, bool]], list[str]]:
+_Intent = tuple[str, list[tuple[str, str]], list[tuple[str, str, bool]], list[str], "tuple[int, int, int, str] | None"]
+
+
+def _read_intent(data_path: Path) -> _Intent:
     path = data_path / INTENT_NAME
     try:
         intent = orjson.loads(path.read_bytes())
         token = intent["token"]
         if type(token) is not str or not _TOKEN.match(token):
             raise ValueError("bad token")
-        keys = [(str(c), str(k)) for c, k in intent["keys"]]
+        raw = intent.get("commit")
+        commit = None
+        if raw is not None:
+            commit = (raw["generation"], raw["offset"], raw["length"], raw["digest"])
+            if any(type(v) is not int or v < 0 for v in commit[:3]) or type(commit[3]) is not str:
+                raise ValueError(f"bad commit {raw!r:.80}")
+        keys = [] if commit is not None else [(str(c), str(k)) for c, k in intent["keys"]]
         files = [(str(g), str(m), bool(s)) for g, m, s in intent["files"]]
         guilds = [str(g) for g in intent["guilds"]]
         for g in [*guilds, *(f[0] for f in files)]:
@@ -429,12 +460,13 @@ def _read_intent(data_path: Path) -> tuple[str, list[tuple[str, str]], list[tupl
         raise CorruptDataError(f"{path}: an interrupted forget left this file, but it cannot be read ({exc}); the "
                                "store cannot tell whether it happened: see the README's 'Forgetting and exporting "
                                "data'", path=str(path)) from exc
-    return token, keys, files, guilds
+    return token, keys, files, guilds, commit
 
 
-def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_back: bool = False,
-            remove_work: bool = True) -> bool | None:
-    """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` caught up.
+def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
+            roll_back: bool = False, remove_work: bool = True) -> bool | None:
+    """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` and the journal
+    (``holds``, for a transaction's forget) caught up.
 
     ``roll_back``: the forgetting process knows its documents were never committed (it failed before). Returns
     whether the forget happened, or None when there was no intent. ``remove_work=False`` leaves the work folder
@@ -443,8 +475,11 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_ba
     """
     if not pending(data_path):
         return None
-    token, keys, files, guilds = _read_intent(data_path)
-    happened = not roll_back and not any(key in data.get(coll, {}) for coll, key in keys)
+    token, keys, files, guilds, commit = _read_intent(data_path)
+    if commit is not None:  # a transaction's: its journal record decides
+        happened = not roll_back and holds(*commit)
+    else:
+        happened = not roll_back and not any(key in data.get(coll, {}) for coll, key in keys)
     if happened:
         _swap(data_path, token, files, guilds)
         root = data_path / MESSAGES_DIR
@@ -466,11 +501,13 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, roll_ba
     return happened
 
 
-def recover(data_path: Path, data: Mapping[str, Mapping[str, bytes]], *, at_open: bool = False) -> None:
-    """The store's hook (under the lock, ``data`` caught up): resolve a pending forget; at open also :func:`sweep`.
-    An ``OSError`` propagates (the store reports it; the intent stays, and the next lock or open tries again)."""
+def recover(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
+            at_open: bool = False) -> None:
+    """The store's hook (under the lock, ``data`` and the journal caught up): resolve a pending forget; at open
+    also :func:`sweep`. An ``OSError`` propagates (the store reports it; the intent stays, and the next lock or open
+    tries again)."""
     if pending(data_path):
-        resolve(data_path, data)
+        resolve(data_path, data, holds)
     if at_open:
         sweep(data_path)
 

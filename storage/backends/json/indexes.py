@@ -27,13 +27,13 @@ query gives the same answer without them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ...fsutil import atomic_write
+from ...fsutil import atomic_write, fsync_dir
 from ...query.evaluate import MISSING, NUMBER, OTHER, STRING, getter, sort_rank, token
 from .journal import Op
 from .sorted_chunks import SortedChunks
@@ -290,9 +290,14 @@ class JsonIndexes:
             declared = {}
         self.declared = {c: paths for c, paths in declared.items() if paths}
 
-    def write(self) -> None:
-        """Persist the declarations (atomically; under the store lock)."""
-        atomic_write(self.file, orjson.dumps(self.declared, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    def write(self, replaced: Callable[[], None] = lambda: None) -> None:
+        """Persist the declarations (atomically; under the store lock). ``replaced`` is called the moment the
+        file holds them (before the folder's fsync, which may still fail): from then on they are the declarations,
+        whatever happens to the caller (see JsonBackend._declare_indexes)."""
+        atomic_write(self.file, orjson.dumps(self.declared, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS),
+                     sync_dir=False)
+        replaced()
+        fsync_dir(self.file.parent)
 
     def reset(self) -> None:
         self.live = {}

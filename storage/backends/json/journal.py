@@ -37,6 +37,7 @@ file again); an unparseable line followed by a record that parses is real corrup
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
 from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
 
-__all__ = ["Journal", "Follow", "Op", "encode_record", "JOURNAL_FORMAT"]
+__all__ = ["Journal", "Follow", "Op", "encode_record", "record_digest", "JOURNAL_FORMAT"]
 
 log = logging.getLogger("storage.journal")
 
@@ -107,6 +108,12 @@ def encode_record(ops: Sequence[Op]) -> bytes:
         else:
             parts.append(head + b"," + op[3] + b"]")  # type: ignore[misc]
     return b"[" + b",".join(parts) + b"]\n"
+
+
+def record_digest(record: bytes) -> str:
+    """A record's digest, as an intent names it (json/forget_files.py: the record that decides a transaction's
+    forget)."""
+    return hashlib.blake2b(record, digest_size=16).hexdigest()
 
 
 def _row(op: Op, fragment: Callable[[bytes], object]) -> list[object]:
@@ -490,6 +497,15 @@ class Journal:
         if committed is None or committed[0] != self.ino:
             return None
         return committed[1]
+
+    def holds(self, generation: int, offset: int, length: int, digest: str) -> bool:
+        """Whether this journal, caught up under the lock, committed the record of ``length`` bytes at ``offset``
+        of generation ``generation`` whose :func:`record_digest` is ``digest`` (what decides a transaction's
+        forget, see json/forget_files.py). Only what this process applied counts (past :attr:`offset` nothing was
+        committed), and a journal of another generation was rewritten from memory without it."""
+        if self.fd < 0 or self.generation != generation or offset + length > self.offset:
+            return False
+        return record_digest(os.pread(self.fd, length, offset)) == digest
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def append(self, data: bytes) -> None:

@@ -71,7 +71,7 @@ from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
 from .lazy import Lazy
-from .lifecycle import JsonLifecycle
+from .lifecycle import JsonLifecycle, JsonTxLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
@@ -81,6 +81,7 @@ from .presence import Presence
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
 from .tables import Plan, Staged, Tables
+from .tx_messages import TxMessages
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
 
@@ -210,7 +211,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 self._remove_temp_files()
                 self._tables.load()
                 json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
-                json_forget.recover(self.path, self._tables.data, at_open=True)  # ... and a crashed forget
+                # ... and a crashed forget
+                json_forget.recover(self.path, self._tables.data, self._journal.holds, at_open=True)
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
                 self._tables.publish()
                 self._presence.enter()
@@ -291,7 +293,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     # in a thread: resolving digests every document (about a second of CPU at 100k members)
                     await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data)
                 if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
-                    await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data)
+                    await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data,
+                                                     self._journal.holds)
             except BaseException as exc:
                 self._holding = False
                 self._flock.release()
@@ -398,20 +401,23 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if ops:
             await self._commit(ops)
 
-    async def _commit(self, ops: list[Op]) -> None:
+    async def _commit(self, ops: list[Op], *, record: bytes | None = None) -> None:
         """Make ``ops`` durable, then visible: append + fsync, publish the committed end, apply to memory.
 
         Under the lock. The three steps happen together or not at all, whatever interrupts them: if the task is
         cancelled while a worker thread runs the fsync, the thread is waited for (storage.cancellation), and a
         record that reached the disk is published and applied before the cancellation goes on, so the process's
         view always equals the disk. A record that did not reach the disk is neither.
+
+        ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
         """
         plan: Plan | None = None
         large = len(ops) > LARGE_COMMIT
         if large:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
-            record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops)
-        else:
+            record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
+        elif record is None:
             record = encode_record(ops)
+        assert record is not None
         journal = self._journal
         start = journal.offset
         spent = 0.0
@@ -675,26 +681,37 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 return False
             built = await cancellation.run_in_thread(build_indexes, self._tables.data.get(collection) or {},
                                                      [path])
+
+            def install() -> None:
+                current = indexes.live.get(collection)
+                if current is None:
+                    indexes.live[collection] = built
+                else:
+                    current.paths.update(built.paths)
+
             await self._declare_indexes({**indexes.declared, collection: sorted([*paths, path])},
-                                        "declaring the index")
-            current = indexes.live.get(collection)
-            if current is None:
-                indexes.live[collection] = built
-            else:
-                current.paths.update(built.paths)
+                                        "declaring the index", install)
         return True
 
-    async def _declare_indexes(self, declared: dict[str, list[str]], doing: str) -> None:
-        """Persist ``declared`` as the index declarations (under the lock); on failure the old ones stay in force."""
+    async def _declare_indexes(self, declared: dict[str, list[str]], doing: str, install: Callable[[], None]) -> None:
+        """Persist ``declared`` as the index declarations (under the lock), then ``install`` the live indexes to
+        match. Memory follows the file: if it failed before the file was replaced, the old declarations stay in
+        force; once the file holds the new ones (even if the task is cancelled while the worker thread finishes,
+        or the folder's fsync after fails), they are recorded and installed before the error goes on."""
         indexes = self._tables.indexes
         before = indexes.declared
+        replaced = threading.Event()
         indexes.declared = declared
         try:
             with self._io(doing):
-                await cancellation.run_in_thread(indexes.write)
+                await cancellation.run_in_thread(indexes.write, replaced.set)
         except BaseException:
-            indexes.declared = before
+            if not replaced.is_set():
+                indexes.declared = before
+                raise
+            install()
             raise
+        install()
 
     async def _drop_index(self, collection: str, path: str) -> bool:
         self._check_usable()
@@ -704,13 +721,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             if path not in paths:
                 return False
             rest = [p for p in paths if p != path]
+
+            def uninstall() -> None:
+                live = indexes.live.get(collection)
+                if live is not None:
+                    live.paths.pop(path, None)
+                    if not live.paths:
+                        del indexes.live[collection]
+
             await self._declare_indexes({c: p for c, p in {**indexes.declared, collection: rest}.items() if p},
-                                        "dropping the index")
-            live = indexes.live.get(collection)
-            if live is not None:
-                live.paths.pop(path, None)
-                if not live.paths:
-                    del indexes.live[collection]
+                                        "dropping the index", uninstall)
         return True
 
     async def _indexes(self, collection: str) -> list[str]:
@@ -795,10 +815,15 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     yield tx
                 except BaseException:
                     tx._finish()
+                    await tx._discard_messages()
                     raise
                 ops = tx._finish()
-                if ops:
-                    await self._commit(ops)
+                if not tx._tx_messages.empty:  # forgets or prunes: their message side commits with the record
+                    await self._commit_transaction(ops, tx._tx_messages)
+                else:
+                    await tx._discard_messages()
+                    if ops:
+                        await self._commit(ops)
         finally:
             self._leave_transaction(token)
 
@@ -877,8 +902,10 @@ class _Held:
         self._store._exit_locked()
 
 
-class JsonTransaction(QueryAnswers, TransactionBase):
-    """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line."""
+class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
+    """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line;
+    forgets and prunes stage their message side beside the message files (json/tx_messages.py), and the same
+    journal line decides it."""
 
     def __init__(self, store: JsonBackend) -> None:
         super().__init__(store)
@@ -886,6 +913,15 @@ class JsonTransaction(QueryAnswers, TransactionBase):
         self._staged = Staged(store._tables.data, store._tables.expires)
         self._ops: list[Op] = []
         self._next_turn = ITEMS_TURN  # staged operations after which the loop gets its next turn
+        self._tx_messages = TxMessages(store.path)  # forgets' and prunes' message side (json/tx_messages.py)
+        self._steps = asyncio.Lock()
+
+    async def _discard_messages(self) -> None:
+        """The transaction ends without message work to commit: remove what its steps staged (if any)."""
+        try:
+            await cancellation.run_in_thread(self._tx_messages.discard)
+        except Exception as exc:  # only disk space: the next open removes a work folder without an intent
+            log.warning("%s: could not remove a transaction's staged message files: %s", self._json.path, exc)
 
     def _finish(self) -> list[Op]:
         self._end()
@@ -1049,9 +1085,10 @@ def _close_unused(waiter: asyncio.Future[int]) -> None:
         os.close(fd)
 
 
-def _prepare_large(tables: Tables, ops: list[Op]) -> tuple[bytes, Plan | None]:
-    """In a worker thread, under the lock (nobody changes the documents meanwhile): the record and the plan."""
-    return encode_record(ops), tables.plan(ops)
+def _prepare_large(tables: Tables, ops: list[Op], record: bytes | None) -> tuple[bytes, Plan | None]:
+    """In a worker thread, under the lock (nobody changes the documents meanwhile): the record (unless given) and
+    the plan."""
+    return encode_record(ops) if record is None else record, tables.plan(ops)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:

@@ -15,12 +15,17 @@ Whose data is what (:mod:`storage.ownership`) in SQL, each an index range, never
   bot's ingest could not.
 
 The statements are module constants so that tests can ``EXPLAIN`` exactly what runs (tests/test_lifecycle.py).
+
+A transaction (:class:`PgTxLifecycle`) runs the same statements on its own connection: a forget or a prune is then
+part of that transaction (rolled back with it; its later reads see the rows gone), and the change-feed
+notifications of the deleted documents are sent in it, so that watchers hear of them only if it commits.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -29,10 +34,11 @@ from ...protocol import Document
 from . import conn as pg_conn
 from . import documents as sql
 from . import notify
-from .messages import COLUMNS, to_record
+from .messages import COLUMNS, delete_before, to_record
 from .schema import ID_SHIFT
 
-__all__ = ["PgLifecycle", "documents_where", "messages_where", "select_documents", "delete_owned"]
+__all__ = ["PgLifecycle", "PgTxLifecycle", "documents_where", "messages_where", "select_documents", "delete_owned",
+           "forget_owned"]
 
 Record = dict[str, Any]
 
@@ -125,6 +131,37 @@ async def delete_owned(conn: Any, owner: Owner, now: datetime) -> tuple[dict[str
     return keys, visible, int(status.rsplit(" ", 1)[1])
 
 
+async def forget_owned(conn: Any, owner: Owner, now: datetime,
+                       channel: str) -> tuple[dict[str, list[str]], dict[str, int], int]:
+    """:func:`delete_owned`, and the change-feed notifications of the deleted documents sent on ``conn`` (inside
+    the caller's transaction: watchers and other processes' caches hear of them on commit only)."""
+    keys, visible, messages = await delete_owned(conn, owner, now)
+    for collection, removed in keys.items():
+        await notify.send(conn, channel, notify.payloads(collection, [(k, None) for k in removed], delete=True))
+    return keys, visible, messages
+
+
+async def owned_rows(conn: Any, owner: Owner) -> list[Any]:
+    """The owner's message rows, by (timestamp, id)."""
+    where, args = messages_where(owner)
+    rows: list[Any] = await conn.fetch("SELECT " + ", ".join(COLUMNS) + " FROM storage_messages" + where
+                                       + " ORDER BY created_at, message_id", *args)
+    return rows
+
+
+async def count_owned(conn: Any, owner: Owner) -> int:
+    where, args = messages_where(owner)
+    n: int = await conn.fetchval("SELECT count(*) FROM storage_messages" + where, *args)
+    return n
+
+
+async def _records_of(rows: list[Any]) -> AsyncIterator[Record]:
+    for index, row in enumerate(rows):
+        if index and not index % 100:
+            await asyncio.sleep(0)  # decoding thousands of records: the loop gets turns
+        yield to_record(row)
+
+
 class PgLifecycle:
     """Mixed into :class:`storage.backends.postgres.store.PostgresBackend`."""
 
@@ -138,30 +175,61 @@ class PgLifecycle:
             return await select_documents(conn, owner, self._now())
 
     async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
-        where, args = messages_where(owner)
         async with self._connection("export_user") as conn:
-            rows = await conn.fetch("SELECT " + ", ".join(COLUMNS) + " FROM storage_messages" + where
-                                    + " ORDER BY created_at, message_id", *args)
-        for index, row in enumerate(rows):
-            if index and not index % 100:
-                await asyncio.sleep(0)  # decoding thousands of records: the loop gets turns
-            yield to_record(row)
+            rows = await owned_rows(conn, owner)
+        async for record in _records_of(rows):
+            yield record
 
     async def _count_owned_messages(self, owner: Owner) -> int:
-        where, args = messages_where(owner)
         async with self._connection("forget (dry run)") as conn:
-            n: int = await conn.fetchval("SELECT count(*) FROM storage_messages" + where, *args)
-        return n
+            return await count_owned(conn, owner)
 
     async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
         keys: dict[str, list[str]] = {}
         try:
             async with self._connection("forget") as conn, pg_conn.transaction(conn):
-                keys, visible, messages = await delete_owned(conn, owner, self._now())
-                for collection, removed in keys.items():  # watchers and other processes' caches, on commit only
-                    await notify.send(conn, self._channel, notify.payloads(collection, [(k, None) for k in removed],
-                                                                           delete=True))
+                keys, visible, messages = await forget_owned(conn, owner, self._now(), self._channel)
         finally:
             for collection, removed in keys.items():
                 self._invalidate(collection, removed)
         return dict(sorted(visible.items())), messages
+
+
+class PgTxLifecycle:
+    """The lifecycle primitives of a transaction (mixed into :class:`storage.backends.postgres.store.PgTransaction`):
+    the same statements on the transaction's connection (see the module doc)."""
+
+    _use: Callable[[str], AbstractAsyncContextManager[Any]]
+    _wrote: Callable[[str, Any], None]
+    _now: Callable[[], datetime]
+    _feed_channel: Callable[[], str]  # the store's change-feed channel
+    #: A prune deleted rows: the store vacuums the messages table once the transaction committed.
+    _pruned = False
+
+    async def _owned_documents(self, owner: Owner) -> dict[str, dict[str, Document]]:
+        async with self._use("export_user") as conn:
+            return await select_documents(conn, owner, self._now())
+
+    async def _owned_messages(self, owner: Owner) -> AsyncIterator[Record]:
+        async with self._use("export_user") as conn:
+            rows = await owned_rows(conn, owner)
+        async for record in _records_of(rows):
+            yield record
+
+    async def _count_owned_messages(self, owner: Owner) -> int:
+        async with self._use("forget (dry run)") as conn:
+            return await count_owned(conn, owner)
+
+    async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
+        async with self._use("forget") as conn:
+            keys, visible, messages = await forget_owned(conn, owner, self._now(), self._feed_channel())
+        for collection, removed in keys.items():
+            self._wrote(collection, removed)  # the caches drop them after the commit
+        return dict(sorted(visible.items())), messages
+
+    async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
+        async with self._use("prune_messages") as conn:
+            deleted = await delete_before(conn, before, guild)
+        if deleted:
+            self._pruned = True
+        return deleted

@@ -65,7 +65,7 @@ from .errors import DRIVER_ERRORS
 from .ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .schema import ID_SHIFT
 
-__all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS"]
+__all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
 
 log = logging.getLogger("storage.postgres")
 #: ``_scan_messages`` gives the event loop a turn every this many records (see json/messages.py's SCAN_TURN).
@@ -207,6 +207,18 @@ def _time_clause(op: str, bound: datetime, args: list[Any]) -> str:
         return f"created_at {op} {_LAST_INSTANT_SQL}"
     args.append(bound)
     return f"created_at {op} ${len(args)}"
+
+
+async def delete_before(conn: Any, before: datetime, guild: str | None) -> int:
+    """``prune_messages`` on ``conn`` (the store's own connection, or a transaction's): the records (of ``guild``,
+    when given) with a timestamp before ``before`` deleted; returns how many."""
+    args: list[Any] = []
+    where = _time_clause('<', before, args)
+    if guild is not None:
+        args.append(int(guild) - ID_SHIFT)
+        where += f" AND guild_id = ${len(args)}"
+    status: str = await conn.execute(f"DELETE FROM storage_messages WHERE {where}", *args)
+    return int(status.rsplit(" ", 1)[1])
 
 
 def _vacuum_statement(conn: Any, *, index_cleanup: bool) -> str:
@@ -358,13 +370,7 @@ class PgMessagesMixin:
 
     async def _delete_messages_before(self, before: datetime, guild: str | None = None) -> int:
         async with self._connection("prune_messages") as conn:
-            args: list[Any] = []
-            where = _time_clause('<', before, args)
-            if guild is not None:
-                args.append(int(guild) - ID_SHIFT)
-                where += f" AND guild_id = ${len(args)}"
-            status: str = await conn.execute(f"DELETE FROM storage_messages WHERE {where}", *args)
-            deleted = int(status.rsplit(" ", 1)[1])
+            deleted = await delete_before(conn, before, guild)
             if deleted:
                 # Until a vacuum removes them, the index entries of deleted rows each cost a heap visit in every
                 # query that spans their time (and autovacuum waits for 20% of the table to be dead).

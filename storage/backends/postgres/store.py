@@ -98,7 +98,7 @@ from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driv
 from .feed import PgFeed
 from .ingest import RowEncoder, replay
 from .lane import Lane
-from .lifecycle import PgLifecycle
+from .lifecycle import PgLifecycle, PgTxLifecycle
 from .messages import COLUMNS, PgMessagesMixin
 from .migration_lock import AdvisoryMigrationLock
 from .schema import ensure_schema
@@ -566,6 +566,8 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
                         self._invalidate(collection, keys)
                 for table, rows in tx._loaded.items():  # committed: planner statistics for what it loaded
                     await self._load_stats.after_load(conn, table, rows)
+                if tx._pruned:  # as after a store's prune_messages (VACUUM cannot run inside the transaction)
+                    await self._vacuum(conn, index_cleanup=True)
         finally:
             self._leave_transaction(token)
 
@@ -672,7 +674,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class PgTransaction(TransactionBase):
+class PgTransaction(PgTxLifecycle, TransactionBase):
     """What ``store.transaction()`` yields: the document operations on the transaction's own connection.
 
     Calls on one transaction are serialized (a connection runs one statement at a time), so it is safe to use it
@@ -792,6 +794,9 @@ class PgTransaction(TransactionBase):
 
     def _wrote(self, collection: str, keys: Any) -> None:
         self._written.setdefault(collection, set()).update(keys)
+
+    def _feed_channel(self) -> str:
+        return self._store._channel
 
     async def _get(self, collection: str, key: str) -> Document | None:
         async with self._use("get") as conn:
