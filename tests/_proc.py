@@ -31,6 +31,18 @@ def spawn(mode: str, config: StoreConfig, *args: object, stdout: int = subproces
     )
 
 
+async def read_until(child: subprocess.Popen[str], marker: str) -> float:
+    """Read a child's output lines until one starts with ``marker``; returns when (monotonic). A child that ends
+    first fails the test with its stderr."""
+    assert child.stdout is not None
+    while True:
+        line = await asyncio.to_thread(child.stdout.readline)
+        if not line:
+            raise AssertionError(f"the child ended before {marker!r}: {child.stderr.read() if child.stderr else ''}")
+        if line.startswith(marker):
+            return time.monotonic()
+
+
 async def crash_writer_round(config: StoreConfig, start: int, window: float, *args: object) -> list[int]:
     """One round of the kill -9 tests: a ``crash-writer`` child writes from ``start`` and is killed ``window``
     seconds after its first acknowledged write (counted from there, not from the spawn: on a loaded machine the

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import storage
 from storage import StoreConfig
 from storage.backends.json import restore as json_restore
 
+from ._proc import read_until
 from .test_backup import GUILD, populate, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,17 +78,6 @@ def _spawn(config: StoreConfig, backup_id: str) -> subprocess.Popen[str]:
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-async def _run_until(child: subprocess.Popen[str], marker: str) -> float:
-    """Read the child's lines until one starts with ``marker``; returns when (monotonic)."""
-    assert child.stdout is not None
-    while True:
-        line = await asyncio.to_thread(child.stdout.readline)
-        if not line:
-            raise AssertionError(f"the child ended before {marker!r}: {child.stderr.read() if child.stderr else ''}")
-        if line.startswith(marker):
-            return time.monotonic()
-
-
 @pytest.mark.slow
 async def test_kill_9_during_a_json_restore_leaves_one_state_or_the_other(tmp_path: Path) -> None:
     template = tmp_path / "template"
@@ -98,8 +87,8 @@ async def test_kill_9_during_a_json_restore_leaves_one_state_or_the_other(tmp_pa
     run = tmp_path / "run"
     shutil.copytree(template, run)
     child = _spawn(_config(run), backup_id)
-    opened = await _run_until(child, "OPEN")
-    finished = await _run_until(child, "DONE")
+    opened = await read_until(child, "OPEN")
+    finished = await read_until(child, "DONE")
     child.wait()
     duration = finished - opened
     async with storage.open_store(config=_config(run)) as store:
@@ -115,7 +104,7 @@ async def test_kill_9_during_a_json_restore_leaves_one_state_or_the_other(tmp_pa
         run = tmp_path / f"run{number}"
         shutil.copytree(template, run)
         child = _spawn(_config(run), backup_id)
-        await _run_until(child, marker)
+        await read_until(child, marker)
         if delay:
             await asyncio.sleep(delay)
         if child.poll() is None:

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ import pytest
 import storage
 from storage.backends.json import forget_files, tx_messages
 from storage.ownership import Owner
+from tests._proc import read_until
 from tests.test_feed import next_change
 from tests.test_json_disk_faults import PAD, SmallDisk, assert_io_error, small_disk  # noqa: F401 (a fixture)
 from tests.test_lifecycle import GUILDS, USERS, State, everything, expected_counts, fill, minus, owned
@@ -561,16 +561,6 @@ async def test_a_child_killed_at_each_step_leaves_one_state_or_the_other(tmp_pat
         assert state == (before if outcome == "before" else after)
 
 
-async def _line(child: subprocess.Popen[str], marker: str) -> float:
-    assert child.stdout is not None
-    while True:
-        line = await asyncio.to_thread(child.stdout.readline)
-        if not line:
-            raise AssertionError(f"the child ended before {marker!r}: {child.stderr.read() if child.stderr else ''}")
-        if line.startswith(marker):
-            return time.monotonic()
-
-
 @pytest.mark.slow
 async def test_kill_9_at_spread_points_of_a_transaction_leaves_one_state_or_the_other(tmp_path: Path):
     template = tmp_path / "template"
@@ -578,8 +568,8 @@ async def test_kill_9_at_spread_points_of_a_transaction_leaves_one_state_or_the_
     run = tmp_path / "timing"
     shutil.copytree(template, run)
     child = _spawn(run, "none")
-    opened = await _line(child, "OPEN")
-    duration = await _line(child, "DONE") - opened
+    opened = await read_until(child, "OPEN")
+    duration = await read_until(child, "DONE") - opened
     await asyncio.to_thread(child.wait)
     assert await _settled(run) == after
     outcomes = {"before": 0, "after": 0}
@@ -588,7 +578,7 @@ async def test_kill_9_at_spread_points_of_a_transaction_leaves_one_state_or_the_
         run = tmp_path / f"run{number}"
         shutil.copytree(template, run)
         child = _spawn(run, "none")
-        await _line(child, "OPEN")
+        await read_until(child, "OPEN")
         await asyncio.sleep(duration * number / 20)
         if child.poll() is None:
             killed_running += 1
