@@ -112,6 +112,8 @@ class StepProbe:
         #: own code, where 'longest' also counts a full collection of the whole process heap that landed in it
         self.longest_no_gc = 0.0
         self._gc_in_step = 0.0
+        #: --where: the most objects a full collection during the call walked, and their commonest types
+        self.full_heap: tuple[int, list[tuple[str, int]]] = (0, [])
 
     def install(self) -> None:
         original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
@@ -140,6 +142,12 @@ class StepProbe:
         """Each garbage collection's generation, duration and thread (a full one holds the GIL); the loop thread's
         collections are subtracted from the step they ran in (``longest_no_gc``)."""
         on_loop = threading.get_ident() == self._loop_thread
+        if phase == "start" and self._sample and info["generation"] == 2:
+            # --where: what this full collection walks (the largest during the call, with its commonest types)
+            objects = gc.get_objects()
+            if len(objects) > self.full_heap[0]:
+                self.full_heap = (len(objects), Counter(type(o).__name__ for o in objects).most_common(6))
+            del objects
         if phase == "start":
             self._gc_began = time.perf_counter()
             if on_loop:
@@ -172,6 +180,7 @@ class StepProbe:
         self.where = ""
         self.gcs = {}
         self.longest_no_gc = 0.0
+        self.full_heap = (0, [])
         self.since = time.thread_time()
 
 
@@ -210,6 +219,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
             results[name]["gc"] = probe.gcs
         if heap is not None:
             results[name]["tracked_before"] = [sum(heap.values()), heap.most_common(6)]
+        if probe.full_heap[0]:
+            results[name]["tracked_at_full_gc"] = list(probe.full_heap)
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -285,6 +296,16 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         await watch(f"transaction: list + delete a guild's {data.per_guild:,} members", delete_guild)
         await watch("prune_messages (oldest month)",
                     lambda: store.prune_messages(END - timedelta(days=30 * 11)))
+        if wanted("lifecycle"):
+            async def forget_in_transaction() -> dict[str, int]:
+                async with store.transaction() as tx:
+                    counts: dict[str, int] = await tx.forget_guild(data.guild(3))
+                return counts
+
+            await watch("export_user", lambda: store.export_user(data.user(0, 5)))
+            await watch("forget_user", lambda: store.forget_user(data.user(0, 5)))
+            await watch(f"transaction: forget_guild ({data.per_guild:,} members)", forget_in_transaction)
+            await watch(f"forget_guild ({data.per_guild:,} members)", lambda: store.forget_guild(data.guild(2)))
         await watch("close", store.close)
 
         if wanted("status"):
@@ -304,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: 100k members + 1M messages")
     parser.add_argument("--backends", default="json,postgres", help="comma-separated (default %(default)s)")
-    parser.add_argument("--only", default="", help="skip optional groups not listed: put_many,backup,status")
+    parser.add_argument("--only", default="", help="skip optional groups not listed: put_many,backup,lifecycle,status")
     parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="a server where scratch databases may be created (default %(default)s)")
     parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
@@ -376,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
                 if full:
                     print(f"{backend}: {name}: full collections (count, longest ms): {full}; objects tracked "
-                          f"before the call: {got.get('tracked_before')}")
+                          f"before the call: {got.get('tracked_before')}; at the largest full collection during "
+                          f"it: {got.get('tracked_at_full_gc')}")
     return 0
 
 
