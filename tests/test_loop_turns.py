@@ -441,3 +441,38 @@ async def test_large_stored_writes_are_encoded_off_the_loop(store: storage.Store
     assert not [size for size, on_loop in calls if on_loop and size > documents.ENCODE_TURN]
     for name in ("c", "t"):
         assert [pair async for pair in store.items(name)] == big
+
+
+async def test_postgres_frames_a_large_notification_off_the_loop(store: storage.Store,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """PostgreSQL's ``refresh_member_statistics`` notifies every member it wrote: over NOTIFY_INLINE keys the
+    notifications are framed in a worker thread (25k keys held the loop ~21 ms), and a watcher hears of them."""
+    if store.backend_name != "postgres":
+        pytest.skip("PostgreSQL's change notifications")
+    import threading
+
+    from storage.backends.postgres import notify
+    from storage.backends.postgres.store import NOTIFY_INLINE
+
+    loop_thread = threading.get_ident()
+    framed: list[tuple[int, bool]] = []
+    real = notify.payloads
+
+    def payloads(collection: str, items: Any, **kwargs: Any) -> list[str]:
+        items = list(items)
+        framed.append((len(items), threading.get_ident() == loop_thread))
+        return real(collection, items, **kwargs)
+
+    monkeypatch.setattr(notify, "payloads", payloads)
+    n = NOTIFY_INLINE + 50
+    await store.batch_update_members([{"user_id": 1000 + i, "guild_id": 7, "data": {"n": i}} for i in range(n)])
+    framed.clear()
+    async with store.watch("members") as watch:
+        assert await store.refresh_member_statistics(7) == n
+        seen: set[str] = set()
+        async with asyncio.timeout(30):
+            async for change in watch:
+                seen.add(change.key)
+                if len(seen) == n:
+                    break
+    assert (n, False) in framed and not [size for size, on_loop in framed if on_loop and size > NOTIFY_INLINE]
