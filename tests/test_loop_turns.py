@@ -476,3 +476,48 @@ async def test_postgres_frames_a_large_notification_off_the_loop(store: storage.
                 if len(seen) == n:
                     break
     assert (n, False) in framed and not [size for size, on_loop in framed if on_loop and size > NOTIFY_INLINE]
+
+
+async def test_copies_and_staged_restores_hold_few_message_records_at_once(store: storage.Store, tmp_path: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """A copy inserts the messages STREAM_BATCH at a time, and a JSON restore stages them STREAM_BATCH at a time:
+    decoded records are three containers each, walked by every full garbage collection while they are held
+    (10k at a time were half of what such a collection walked). Everything arrives."""
+    from storage.backends.json import restore as json_restore
+    from storage.backup.copy import copy
+    from storage.backup.messages import STREAM_BATCH, MessageOps
+
+    assert STREAM_BATCH <= 2000
+    records = _records(STREAM_BATCH + 700)
+    await store.record_messages(records)
+    inserted: list[int] = []
+    real_insert = MessageOps.insert
+
+    async def insert(self: MessageOps, batch: list[dict[str, Any]]) -> int:
+        inserted.append(len(batch))
+        return await real_insert(self, batch)
+
+    monkeypatch.setattr(MessageOps, "insert", insert)
+    async with storage.open_store(backend="json", path=str(tmp_path / "copy"),
+                                  backup_dir=str(store.config.backup_dir)) as target:  # type: ignore[attr-defined]
+        report = await copy(store, target)
+        assert report.messages == len(records) and await target.message_counts(7) == len(records)
+        assert len(inserted) >= 2 and max(inserted) <= STREAM_BATCH and sum(inserted) == len(records)
+        staged: list[int] = []
+        real_stage = json_restore.stage_messages
+
+        def stage(path: Any, batches: Any) -> Any:
+            def counted() -> Any:
+                for batch in batches:
+                    staged.append(len(batch))
+                    yield batch
+            return real_stage(path, counted())
+
+        monkeypatch.setattr(json_restore, "stage_messages", stage)
+        info = await store.create_backup()
+        extra = [{**r, "message_id": str(900_000 + i)} for i, r in enumerate(_records(3, guild="8"))]
+        await target.record_messages(extra)  # differs: the restore replaces the messages
+        await target.put("c", "x", {"differs": True})  # and a document (a JSON restore that changes no document
+        await target.restore_backup(info.id)            # keeps the messages it had: see restore.resolve)
+        assert len(staged) >= 2 and max(staged) <= STREAM_BATCH and sum(staged) == len(records)
+        assert await target.message_counts(7) == len(records) and await target.message_counts(8) == 0

@@ -82,7 +82,7 @@ from .format import (
     verify_backup_dir,
     write_manifest,
 )
-from .messages import MessageOps
+from .messages import MESSAGE_BATCH, STREAM_BATCH, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -337,7 +337,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
         # (the slow part, before the lock), then swapped in inside the documents' transaction, all or nothing
         # across a crash too (storage.interfaces.MessageSwap).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
-        staged_count = await swap.stage(_batches(root, message_entry, progress))
+        staged_count = await swap.stage(_batches(root, message_entry, progress, STREAM_BATCH))
         if staged_count != message_entry["count"]:
             await swap.finish()
             raise BackupError(f"staging the messages of {root.name} gave {staged_count} records instead of "
@@ -399,9 +399,10 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
     return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files)
 
 
-def _batches(root: Path, entry: dict[str, Any], progress: Progress) -> Iterator[list[dict[str, Any]]]:
+def _batches(root: Path, entry: dict[str, Any], progress: Progress,
+             size: int = MESSAGE_BATCH) -> Iterator[list[dict[str, Any]]]:
     """The backed-up records in batches (already checked by ``MessageOps.check_backup``), counted as they go."""
-    for batch in MessageOps.backup_batches(root, entry):
+    for batch in MessageOps.backup_batches(root, entry, size):
         yield batch
         progress.advance(len(batch))
 
