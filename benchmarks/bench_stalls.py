@@ -114,6 +114,7 @@ class StepProbe:
         self._gc_in_step = 0.0
         #: --where: the most objects a full collection during the call walked, and their commonest types
         self.full_heap: tuple[int, list[tuple[str, int]]] = (0, [])
+        self._probe_cpu = 0.0  # --where: CPU the heap counting took inside the running step
 
     def install(self) -> None:
         original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
@@ -121,11 +122,12 @@ class StepProbe:
         def _run(handle: asyncio.events.Handle) -> None:
             began = clock()
             probe._samples = []
-            probe._gc_in_step = 0.0
+            probe._gc_in_step = probe._probe_cpu = 0.0
             probe._began = wall()
             original(handle)
             probe._began = None
-            spent = clock() - max(began, probe.since)  # not the caller's own work before the call began
+            # not the caller's own work before the call began, nor the --where heap counting
+            spent = clock() - max(began, probe.since) - probe._probe_cpu
             probe.longest_no_gc = max(probe.longest_no_gc, spent - probe._gc_in_step)
             if spent > probe.longest:
                 probe.longest = spent
@@ -143,11 +145,15 @@ class StepProbe:
         collections are subtracted from the step they ran in (``longest_no_gc``)."""
         on_loop = threading.get_ident() == self._loop_thread
         if phase == "start" and self._sample and info["generation"] == 2:
-            # --where: what this full collection walks (the largest during the call, with its commonest types)
+            # --where: what this full collection walks (the largest during the call, with its commonest types);
+            # the counting's own CPU is left out of the step's figures (it is the probe's, not the library's)
+            counting = time.thread_time()
             objects = gc.get_objects()
             if len(objects) > self.full_heap[0]:
                 self.full_heap = (len(objects), Counter(type(o).__name__ for o in objects).most_common(6))
             del objects
+            if on_loop:
+                self._probe_cpu += time.thread_time() - counting
         if phase == "start":
             self._gc_began = time.perf_counter()
             if on_loop:
