@@ -445,14 +445,15 @@ async def test_large_stored_writes_are_encoded_off_the_loop(store: storage.Store
 
 async def test_postgres_frames_a_large_notification_off_the_loop(store: storage.Store,
                                                                 monkeypatch: pytest.MonkeyPatch):
-    """PostgreSQL's ``refresh_member_statistics`` notifies every member it wrote: over NOTIFY_INLINE keys the
-    notifications are framed in a worker thread (25k keys held the loop ~21 ms), and a watcher hears of them."""
+    """PostgreSQL's ``refresh_member_statistics`` notifies every member it wrote, a forget every key it deleted:
+    over NOTIFY_INLINE keys the notifications are framed in a worker thread (25k keys held the loop ~21 ms), and
+    a watcher hears of them."""
     if store.backend_name != "postgres":
         pytest.skip("PostgreSQL's change notifications")
     import threading
 
     from storage.backends.postgres import notify
-    from storage.backends.postgres.store import NOTIFY_INLINE
+    from storage.backends.postgres.notify import NOTIFY_INLINE
 
     loop_thread = threading.get_ident()
     framed: list[tuple[int, bool]] = []
@@ -476,6 +477,10 @@ async def test_postgres_frames_a_large_notification_off_the_loop(store: storage.
                 if len(seen) == n:
                     break
     assert (n, False) in framed and not [size for size, on_loop in framed if on_loop and size > NOTIFY_INLINE]
+    framed.clear()
+    async with store.transaction() as tx:  # a forget notifies its deletions the same way, on a store or a tx
+        assert (await tx.forget_guild(7))["members"] == n
+    assert framed == [(n, False)] and await store.count("members") == 0
 
 
 async def test_copies_and_staged_restores_hold_few_message_records_at_once(store: storage.Store, tmp_path: Any,

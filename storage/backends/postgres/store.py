@@ -113,8 +113,6 @@ log = logging.getLogger("storage.postgres")
 CONNECT_TIMEOUT = 15.0
 #: Seconds ``close()`` waits for borrowed connections to come back before it terminates them.
 CLOSE_TIMEOUT = 10.0
-#: ``_notify_written`` frames the notifications of more keys than this in a worker thread.
-NOTIFY_INLINE = 2000
 #: Seconds between two sweeps of expired documents (each a few short statements; see :meth:`purge_expired`).
 SWEEP_INTERVAL = 60.0
 #: Seconds the indexed paths of a collection are remembered (see PostgresBackend._indexed_paths).
@@ -363,14 +361,9 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         return _Borrowed(self, what, lane)
 
     async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]]) -> None:
-        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document).
-
-        More than NOTIFY_INLINE keys are framed in a worker thread: refresh_member_statistics notifies 25k at
-        100k members, ~21 ms of the loop framed there."""
-        if len(items) > NOTIFY_INLINE:
-            texts = await off_loop(notify.payloads, collection, items)
-        else:
-            texts = notify.payloads(collection, items)
+        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document);
+        many keys are framed off the loop (notify.framed)."""
+        texts = await notify.framed(collection, items)
         await notify.send(conn, self._channel, texts)
 
     def _invalidate(self, collection: str, keys: Any) -> None:
