@@ -736,6 +736,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _indexes(self, collection: str) -> list[str]:
         return list(self._tables.indexes.declared.get(collection, []))
 
+    async def _all_indexes(self) -> dict[str, list[str]]:
+        return {name: list(paths) for name, paths in sorted(self._tables.indexes.declared.items()) if paths}
+
     # where the data is (storage.interfaces)
     def location(self) -> str:
         return os.path.realpath(self.path)
