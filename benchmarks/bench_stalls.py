@@ -191,7 +191,7 @@ class StepProbe:
 
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
-                 only: list[str], sample: bool = False) -> dict[str, Any]:
+                 only: list[str], sample: bool = False, freeze: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -264,6 +264,9 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         await watch("close (after the fill)", store.close)
 
         store = await watch("open", lambda: storage.open_store(config=source_config))
+        if freeze:  # --gc-freeze: what the bot could choose (the library never does): the heap so far made permanent
+            gc.collect()
+            gc.freeze()
         g0, g1 = data.guild(0), data.guild(1)
         await watch("first analytics query after open (top_authors)", lambda: store.top_authors(g0))
         await watch("get_member_data", lambda: store.get_member_data(data.user(0, 1), g0))
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
     parser.add_argument("--where", action="store_true",
                         help="sample the loop thread's stack during long steps; print where the longest went")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="after the open, gc.collect() + gc.freeze() (a bot's own choice: full collections then "
+                             "walk only what was made since; the library never calls it)")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -358,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
         admin = args.pg_admin_dsn if backend == "postgres" else None
-        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where])],
+        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where,
+                                                         args.gc_freeze])],
                                   timeout=3600)
     names: list[str] = []
     for result in out.values():
