@@ -414,3 +414,19 @@ def test_a_batch_checked_a_field_at_a_time_decides_each_member_like_alone(seed: 
             if out is not None:
                 assert outcome(previous_rule, *pair) == ("ok", out, None)
     assert outcomes.count(True) > 50 and outcomes.count(False) > 50  # both ways, many times
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_put_many_of_a_mapping_encodes_like_the_previous_loop(seed: int) -> None:
+    """``put_many`` of a dict hands its keys and documents to the column check as they are (rules.FAST_COLUMNS);
+    the pairs, or the error, are those of the previous loop, usual batches and batches with one odd member."""
+    rnd = random.Random(500 + seed)
+    for _ in range(120):
+        items: dict[Any, Any] = dict(varied_usual_member(rnd) for _ in range(rnd.randrange(0, 30)))
+        if rnd.random() < 0.5:
+            key, doc, _g, _u = random_member(rnd)
+            items[key] = doc
+        if rnd.random() < 0.05:
+            items[12345] = {"user_id": "1"}  # an int key: its text, then the rule (the key and the record differ)
+        expected = outcome(previous_normalize, items, "members")
+        assert outcome(normalize_items, items, "members") == expected

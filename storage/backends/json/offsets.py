@@ -119,12 +119,13 @@ def document_sizes(table: Offsets, go_on: Callable[[], bool] = lambda: True) -> 
         stops = ends[lo:hi]
         starts = array("I", [ends[lo - 1] if lo else 0])
         starts.extend(stops[:-1])
-        spans = list(map(slice, starts, stops))
+        # (slice objects made and dropped one at a time: held in a list, 100k of them set off the garbage collector,
+        # whose full pass then walked everything the process holds, for tens of ms)
         if ascii_keys:  # a character per byte: the key's str sliced from the text at the same spans
-            keys = list(map(text.__getitem__, spans))
+            keys = list(map(text.__getitem__, map(slice, starts, stops)))
             key_bytes = list(map(len, keys))
         else:
-            raw = list(map(blob.__getitem__, spans))
+            raw = list(map(blob.__getitem__, map(slice, starts, stops)))
             keys = list(map(bytes.decode, raw))
             key_bytes = list(map(len, raw))
         # a line is '  "<key>": <document>': its length less the key's bytes and the 6 around them

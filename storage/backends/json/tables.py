@@ -59,7 +59,7 @@ MIN_COMPACT_BYTES = 1 << 20
 #: A record of at least this many operations that are all puts without expiry into one collection is applied in
 #: a few C-level passes (:meth:`Tables._apply_puts`).
 BULK_APPLY = 32
-_kind, _collection, _key, _doc = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_kind, _collection = itemgetter(0), itemgetter(1)
 #: :meth:`Tables.plan`'s result: per collection, (name, final puts, keys to delete, size change in bytes, how many
 #: of the puts' keys had no document).
 Plan = list[tuple[str, dict[str, bytes], list[str], int, int]]
@@ -342,7 +342,7 @@ class Tables:
         name = ops[0][1]
         if set(map(len, ops)) != {4} or set(map(_kind, ops)) != {"p"} or set(map(_collection, ops)) != {name}:
             return None
-        return name, dict(zip(map(_key, ops), map(_doc, ops)))  # type: ignore[arg-type]
+        return name, {op[2]: op[3] for op in ops}  # type: ignore[misc]
 
     def _plan_puts(self, name: str, puts: dict[str, bytes]) -> tuple[str, dict[str, bytes], list[str], int, int]:
         """:meth:`plan` of a batch of puts into ``name``: what they replace from :meth:`Lazy.replaced` (a lazy
