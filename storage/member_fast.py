@@ -178,7 +178,7 @@ def _all_usual(guilds: list[str], users: list[str], docs: list[Any]) -> bool:
     what :func:`_usual` takes (every test here is the same test, or a stricter one, on each member).
 
     Why: :func:`_usual` costs about 1.1 us a member (1.1 ms of a 1,000-member batch at 4.7 ms; SQLite writes the
-    batch durably in 2.7 ms); a field at a time, about 0.5 us (benchmarks/README.md)."""
+    batch durably in 2.7 ms); a field at a time, about half that (benchmarks/README.md)."""
     if set(map(type, docs)) != {dict}:
         return False
     for field, own in (("user_id", users), ("guild_id", guilds)):

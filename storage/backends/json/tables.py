@@ -320,7 +320,7 @@ class Tables:
         operation in order) or when a key put holds an expiry (the put clears it).
 
         Why: the per-operation loop cost 2 us a put into a lazy collection (a probe of the table per key not read
-        yet): 2.05 ms of a 1,000-member batch's 4.7 ms at 100k members; this way 0.3 ms (benchmarks/README.md)."""
+        yet): 2.05 ms of a 1,000-member batch's 4.7 ms at 100k members; this way 0.5-0.7 ms (benchmarks/README.md)."""
         feed = self.feed
         if feed is not None and feed.active:
             return False
