@@ -28,6 +28,8 @@ from tests.test_json_lazy import cfg, eager_copy, is_lazy, point_answers
 from tests.test_member_fast import previous_apply
 
 COLL = "things"
+# These stores are small (~50 KB): below offsets.MIN_SNAPSHOT_BYTES they would get no sidecar.
+pytestmark = pytest.mark.usefixtures("sidecar_always")
 #: ASCII keys and keys whose UTF-8 is longer than their text (a character is not a byte in the table's blob)
 KEYS = [f"{g}_{u}" for g in range(3) for u in range(120)] + [f"é{i}" for i in range(40)] + [f"ключ{i}" for i in
                                                                                            range(40)]
