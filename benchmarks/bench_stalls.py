@@ -112,6 +112,9 @@ class StepProbe:
         #: own code, where 'longest' also counts a full collection of the whole process heap that landed in it
         self.longest_no_gc = 0.0
         self._gc_in_step = 0.0
+        #: --where: the most objects a full collection during the call walked, and their commonest types
+        self.full_heap: tuple[int, list[tuple[str, int]]] = (0, [])
+        self._probe_cpu = 0.0  # --where: CPU the heap counting took inside the running step
 
     def install(self) -> None:
         original, probe, clock, wall = self._original, self, time.thread_time, time.perf_counter
@@ -119,11 +122,12 @@ class StepProbe:
         def _run(handle: asyncio.events.Handle) -> None:
             began = clock()
             probe._samples = []
-            probe._gc_in_step = 0.0
+            probe._gc_in_step = probe._probe_cpu = 0.0
             probe._began = wall()
             original(handle)
             probe._began = None
-            spent = clock() - max(began, probe.since)  # not the caller's own work before the call began
+            # not the caller's own work before the call began, nor the --where heap counting
+            spent = clock() - max(began, probe.since) - probe._probe_cpu
             probe.longest_no_gc = max(probe.longest_no_gc, spent - probe._gc_in_step)
             if spent > probe.longest:
                 probe.longest = spent
@@ -140,6 +144,16 @@ class StepProbe:
         """Each garbage collection's generation, duration and thread (a full one holds the GIL); the loop thread's
         collections are subtracted from the step they ran in (``longest_no_gc``)."""
         on_loop = threading.get_ident() == self._loop_thread
+        if phase == "start" and self._sample and info["generation"] == 2:
+            # --where: what this full collection walks (the largest during the call, with its commonest types);
+            # the counting's own CPU is left out of the step's figures (it is the probe's, not the library's)
+            counting = time.thread_time()
+            objects = gc.get_objects()
+            if len(objects) > self.full_heap[0]:
+                self.full_heap = (len(objects), Counter(type(o).__name__ for o in objects).most_common(6))
+            del objects
+            if on_loop:
+                self._probe_cpu += time.thread_time() - counting
         if phase == "start":
             self._gc_began = time.perf_counter()
             if on_loop:
@@ -172,11 +186,12 @@ class StepProbe:
         self.where = ""
         self.gcs = {}
         self.longest_no_gc = 0.0
+        self.full_heap = (0, [])
         self.since = time.thread_time()
 
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
-                 only: list[str], sample: bool = False) -> dict[str, Any]:
+                 only: list[str], sample: bool = False, freeze: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -210,6 +225,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
             results[name]["gc"] = probe.gcs
         if heap is not None:
             results[name]["tracked_before"] = [sum(heap.values()), heap.most_common(6)]
+        if probe.full_heap[0]:
+            results[name]["tracked_at_full_gc"] = list(probe.full_heap)
         log(f"{backend}: {name}: {results[name]['seconds']:.3f} s, longest stall {watcher.longest * 1000:.1f} ms, "
             f"longest loop step {probe.longest * 1000:.1f} ms CPU")
         return result
@@ -247,6 +264,9 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         await watch("close (after the fill)", store.close)
 
         store = await watch("open", lambda: storage.open_store(config=source_config))
+        if freeze:  # --gc-freeze: what the bot could choose (the library never does): the heap so far made permanent
+            gc.collect()
+            gc.freeze()
         g0, g1 = data.guild(0), data.guild(1)
         await watch("first analytics query after open (top_authors)", lambda: store.top_authors(g0))
         await watch("get_member_data", lambda: store.get_member_data(data.user(0, 1), g0))
@@ -285,6 +305,16 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         await watch(f"transaction: list + delete a guild's {data.per_guild:,} members", delete_guild)
         await watch("prune_messages (oldest month)",
                     lambda: store.prune_messages(END - timedelta(days=30 * 11)))
+        if wanted("lifecycle"):
+            async def forget_in_transaction() -> dict[str, int]:
+                async with store.transaction() as tx:
+                    counts: dict[str, int] = await tx.forget_guild(data.guild(3))
+                return counts
+
+            await watch("export_user", lambda: store.export_user(data.user(0, 5)))
+            await watch("forget_user", lambda: store.forget_user(data.user(0, 5)))
+            await watch(f"transaction: forget_guild ({data.per_guild:,} members)", forget_in_transaction)
+            await watch(f"forget_guild ({data.per_guild:,} members)", lambda: store.forget_guild(data.guild(2)))
         await watch("close", store.close)
 
         if wanted("status"):
@@ -304,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: 100k members + 1M messages")
     parser.add_argument("--backends", default="json,postgres", help="comma-separated (default %(default)s)")
-    parser.add_argument("--only", default="", help="skip optional groups not listed: put_many,backup,status")
+    parser.add_argument("--only", default="", help="skip optional groups not listed: put_many,backup,lifecycle,status")
     parser.add_argument("--pg-admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="a server where scratch databases may be created (default %(default)s)")
     parser.add_argument("--dir", default=None, help="where JSON stores and backups go (default: system temp)")
     parser.add_argument("--where", action="store_true",
                         help="sample the loop thread's stack during long steps; print where the longest went")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="after the open, gc.collect() + gc.freeze() (a bot's own choice: full collections then "
+                             "walk only what was made since; the library never calls it)")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -331,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
         admin = args.pg_admin_dsn if backend == "postgres" else None
-        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where])],
+        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where,
+                                                         args.gc_freeze])],
                                   timeout=3600)
     names: list[str] = []
     for result in out.values():
@@ -376,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
                 if full:
                     print(f"{backend}: {name}: full collections (count, longest ms): {full}; objects tracked "
-                          f"before the call: {got.get('tracked_before')}")
+                          f"before the call: {got.get('tracked_before')}; at the largest full collection during "
+                          f"it: {got.get('tracked_at_full_gc')}")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sized
 from datetime import datetime
 from operator import itemgetter
@@ -23,6 +24,7 @@ import orjson
 from .codec import check_collection, check_key, decode_doc, encode_doc, shown
 from .errors import ValidationError
 from .expiry import expiry_of, utc_now
+from .offload import off_loop
 from .protocol import Document, Items, Key, UpdateFn
 from .query.ops import QueryOps
 from .rules import FAST_COLUMNS, FAST_RULES, RULES, encode_for
@@ -147,9 +149,16 @@ class OpsBase(QueryOps, abc.ABC):
 
     async def _put_stored(self, collection: str, items: Items, expires: datetime | None = None) -> int:
         """Write documents that were already stored (a restore, a copy, the statistics refresh of stored members)
-        as they are: checked as JSON but not by the collection's rule (see :mod:`storage.rules` for why)."""
+        as they are: checked as JSON but not by the collection's rule (see :mod:`storage.rules` for why).
+
+        More than ENCODE_TURN are checked and encoded in a worker thread (the items are not the caller's to change
+        meanwhile): a copy's batch of 5,000 documents encoded on the loop held it 25-55 ms."""
         self._guard_write()
-        pairs = normalize_items(items, check_collection(collection), rule=False)
+        check_collection(collection)
+        if isinstance(items, Sized) and len(items) > ENCODE_TURN:
+            pairs = await off_loop(functools.partial(normalize_items, items, collection, rule=False))
+        else:
+            pairs = normalize_items(items, collection, rule=False)
         if pairs:
             await self._put_encoded(collection, pairs, expires)
         return len(pairs)

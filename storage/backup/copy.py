@@ -38,7 +38,7 @@ from ..protocol import Document
 from .expiring import put_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .indexes import carry_indexes, index_difference
-from .messages import MESSAGE_BATCH, MessageOps, digest_records
+from .messages import STREAM_BATCH, MessageOps, digest_records
 from .operations import snapshot_collections
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
@@ -205,7 +205,7 @@ async def _copy_messages(source: MessageOps, target: MessageOps, digest: Content
     batch: list[dict[str, Any]] = []
     async for record in source.scan():
         batch.append(record)
-        if len(batch) >= MESSAGE_BATCH:
+        if len(batch) >= STREAM_BATCH:
             await off_loop(digest_records, digest, batch)
             await target.insert(batch)
             n += len(batch)

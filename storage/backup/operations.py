@@ -86,7 +86,7 @@ from .format import (
     write_manifest,
 )
 from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
-from .messages import MessageOps
+from .messages import MESSAGE_BATCH, STREAM_BATCH, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -350,7 +350,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
         # (the slow part, before the lock), then swapped in inside the documents' transaction, all or nothing
         # across a crash too (storage.interfaces.MessageSwap).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
-        staged_count = await swap.stage(_batches(root, message_entry, progress))
+        staged_count = await swap.stage(_batches(root, message_entry, progress, STREAM_BATCH))
         if staged_count != message_entry["count"]:
             await swap.finish()
             raise BackupError(f"staging the messages of {root.name} gave {staged_count} records instead of "
@@ -424,9 +424,10 @@ async def _restore_indexes(store: Backend, indexes: IndexMap, backup_id: str, pr
                           f"same answers, slower; call ensure_index again): {exc}") from exc
 
 
-def _batches(root: Path, entry: dict[str, Any], progress: Progress) -> Iterator[list[dict[str, Any]]]:
+def _batches(root: Path, entry: dict[str, Any], progress: Progress,
+             size: int = MESSAGE_BATCH) -> Iterator[list[dict[str, Any]]]:
     """The backed-up records in batches (already checked by ``MessageOps.check_backup``), counted as they go."""
-    for batch in MessageOps.backup_batches(root, entry):
+    for batch in MessageOps.backup_batches(root, entry, size):
         yield batch
         progress.advance(len(batch))
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from ...documents import normalize_items
 from ...errors import ValidationError
 from ...interfaces import BackendTransaction, Grouping, TopColumn
 from ...messages.columns import DAY_MICROS, NEVER, MessageColumns, day_text, micros_text
@@ -104,17 +105,33 @@ def _tally(block: MessageColumns, counts: Counter[str], latest: dict[str, int]) 
 
 
 def _member_writes(collection: str, guild: str, members: list[tuple[str, Any]], counts: Counter[str],
-                   latest: dict[str, int]) -> list[tuple[str, Document]]:
-    """The member documents to write: ``members`` are the guild's ``(key, encoded or decoded doc)`` in key order.
+                   latest: dict[str, int]) -> tuple[list[str], list[bytes]]:
+    """The member documents to write, encoded as stored (``_put_stored``'s check and encoding, no collection
+    rule): ``members`` are the guild's ``(key, encoded or decoded doc)`` in key order.
 
     Runs in a worker thread: at 20k members the decoding and comparing would hold the event loop for a long time.
+    Each new document is encoded as soon as it is made, so its dicts die young: 25k decoded documents held until
+    the writes (a dict and a list each) were walked by every full collection meanwhile (2 x 40-50 ms holding the
+    GIL at 100k members), and their encoding was the loop's work. Keys and documents come back as two lists: a
+    list of pairs is as many tuples, which the collector tracks until it has walked them once.
     """
+    keys: list[str] = []
+    raws: list[bytes] = []
+    for key, doc in _decoded_writes(collection, guild, members, counts, latest):
+        key, raw = normalize_items([(key, doc)], collection, rule=False)[0]
+        keys.append(key)
+        raws.append(raw)
+    return keys, raws
+
+
+def _decoded_writes(collection: str, guild: str, members: list[tuple[str, Any]], counts: Counter[str],
+                    latest: dict[str, int]) -> Iterable[tuple[str, Document]]:
+    """The member documents to write, one at a time (see :func:`_member_writes`)."""
     def fresh(user: str) -> dict[str, Any]:
         last_time = micros_text(latest[user]) if user in latest else None
         return {"message_count": counts.get(user, 0), "last_active": last_time}
 
     prefix = f"{guild}_"
-    writes: list[tuple[str, Document]] = []
     seen: set[str] = set()
     loads = orjson.loads
     for key, stored in members:
@@ -134,10 +151,9 @@ def _member_writes(collection: str, guild: str, members: list[tuple[str, Any]], 
         new = fresh(user)
         if "statistics" in doc and all(old.get(name) == value for name, value in new.items()):
             continue
-        writes.append((key, {**doc, "statistics": {**old, **new}}))
+        yield key, {**doc, "statistics": {**old, **new}}
     for user in sorted(counts.keys() - seen):
-        writes.append((f"{prefix}{user}", {"user_id": user, "guild_id": guild, "statistics": fresh(user)}))
-    return writes
+        yield f"{prefix}{user}", {"user_id": user, "guild_id": guild, "statistics": fresh(user)}
 
 
 def _guild_members(view: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
@@ -167,19 +183,21 @@ async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManag
             members: list[tuple[str, Any]] = await off_loop(_guild_members, view, prefix)
         else:
             members = [pair async for pair in tx.items(collection, prefix=prefix)]
-        writes = await off_loop(_member_writes, collection, guild, members, counts, latest)
+        # as stored, like the SQL version: only statistics change, and an odd member stored by an older version
+        # (storage/rules.py) must not stop the refresh of the others (encoded in the thread: see _member_writes)
+        keys, raws = await off_loop(_member_writes, collection, guild, members, counts, latest)
+        del members
         expiring = await tx._expiries(collection, None)  # a member that expires keeps its expiry (storage/expiry.py)
-        for start in range(0, len(writes), WRITE_SLICE):
+        tx._guard_write()
+        for start in range(0, len(keys), WRITE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            # as stored, like the SQL version: only statistics change, and an odd member stored by an older
-            # version (storage/rules.py) must not stop the refresh of the others
-            groups: dict[datetime | None, list[tuple[str, Document]]] = {}
-            for key, doc in writes[start:start + WRITE_SLICE]:
-                groups.setdefault(expiring.get(key), []).append((key, doc))
+            groups: dict[datetime | None, list[tuple[str, bytes]]] = {}
+            for key, raw in zip(keys[start:start + WRITE_SLICE], raws[start:start + WRITE_SLICE]):
+                groups.setdefault(expiring.get(key), []).append((key, raw))
             for when, group in groups.items():
-                await tx._put_stored(collection, group, when)
-    return len(writes)
+                await tx._put_encoded(collection, group, when)
+    return len(keys)
 
 
 class JsonMessageQueries(abc.ABC):

@@ -637,6 +637,13 @@ class Staged:
         #: the expiry each staged change leaves (None: permanent or deleted)
         self.expiring: dict[tuple[str, str], int | None] = {}
 
+    def frozen(self) -> Staged:
+        """A copy whose changes no later :meth:`apply` touches (for a worker thread to read while the loop stages
+        more); the committed data is shared: it cannot change while the transaction holds the lock."""
+        copy = Staged(self.base, self.base_expires)
+        copy.changes, copy.expiring = dict(self.changes), dict(self.expiring)
+        return copy
+
     def get(self, collection: str, key: str) -> bytes | None:
         """The document as staged, visible or not: see :meth:`live`."""
         if (collection, key) in self.changes:

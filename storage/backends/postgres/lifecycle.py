@@ -137,7 +137,7 @@ async def forget_owned(conn: Any, owner: Owner, now: datetime,
     the caller's transaction: watchers and other processes' caches hear of them on commit only)."""
     keys, visible, messages = await delete_owned(conn, owner, now)
     for collection, removed in keys.items():
-        await notify.send(conn, channel, notify.payloads(collection, [(k, None) for k in removed], delete=True))
+        await notify.send(conn, channel, await notify.framed(collection, [(k, None) for k in removed], delete=True))
     return keys, visible, messages
 
 

@@ -70,6 +70,9 @@ __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
 log = logging.getLogger("storage.postgres")
 #: ``_scan_messages`` gives the event loop a turn every this many records (see json/messages.py's SCAN_TURN).
 SCAN_TURN = 500
+#: Rows per ``FETCH`` of ``_scan_messages``: asyncpg decodes a fetch's rows (their ``analysis`` jsonb through a
+#: Python decoder) in the loop's socket reads, as many as one read brings, and their records are alive at once.
+SCAN_BLOCK = 500
 
 Record = dict[str, Any]
 COLUMNS = ("message_id", "guild_id", "channel_id", "author_id", "created_at", "content_length", "attachments",
@@ -395,7 +398,7 @@ class PgMessagesMixin:
                 conn, readonly=True, isolation="repeatable_read" if snapshot else None):
             if snapshot is not None:  # a utility statement: no parameters, hence the check of the id above
                 await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            async for rows in _cursor_blocks(conn, query, args, 2000):
+            async for rows in _cursor_blocks(conn, query, args, SCAN_BLOCK):
                 for index, row in enumerate(rows):
                     if index and not index % SCAN_TURN:
                         await asyncio.sleep(0)  # what the consumer does per record (a backup hashes it) runs here

@@ -361,8 +361,10 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         return _Borrowed(self, what, lane)
 
     async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]]) -> None:
-        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document)."""
-        await notify.send(conn, self._channel, notify.payloads(collection, items))
+        """Inside the writing transaction: tell every listener these keys were put (``None``: read the document);
+        many keys are framed off the loop (notify.framed)."""
+        texts = await notify.framed(collection, items)
+        await notify.send(conn, self._channel, texts)
 
     def _invalidate(self, collection: str, keys: Any) -> None:
         self._writes += 1
