@@ -11,6 +11,7 @@ behind), and a writer cancelled while it waits for the lock writes nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import storage
-from storage import StoreConfig
+from storage import StorageIOError, StoreConfig
 from storage.backends.json import lease
 from storage.backends.json.lock import SidecarLock
 from storage.backends.json.store import LOCK_NAME
@@ -179,6 +180,61 @@ async def test_a_writer_cancelled_while_it_steps_back_writes_nothing(tmp_path: P
         await stepper.close()
     async with storage.open_store(config=cfg(tmp_path, lock_timeout=2)) as again:  # nothing holds the lock
         assert await again.count("c") == 3 + written
+
+
+@pytest.mark.parametrize("turn", [None, 0, 1, 2, 3, 5])
+async def test_a_failed_fsync_on_the_leased_path_is_never_seen_and_the_store_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turn: int | None) -> None:
+    """A lone put while the lease is on commits synchronously (store._submit); its fsync fails: the put raises
+    StorageIOError (or, cancelled while the store rewrites its files after the failure, CancelledError once the
+    rewrite is done), nobody sees the failed document, the lock is let go, later puts work, and a fresh open has
+    exactly what was acknowledged."""
+    monkeypatch.setattr(lease, "BUDGET", 30.0)
+    store = await JsonStore.open(cfg(tmp_path))
+    reader = await JsonStore.open(cfg(tmp_path))
+    real_sync = os.fdatasync
+    fail = [False]
+
+    def failing_sync(fd: int) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    leased: list[bool] = []
+
+    async def scenario() -> None:  # one task: a put by another task within the same loop turn would queue
+        await store.put("c", "a", {"n": 1})
+        await store.put("c", "b", {"n": 2})
+        leased.append(store._lease.held)
+        fail[0] = True
+        await store.put("c", "lost", {"n": 3})
+
+    try:
+        task = asyncio.create_task(scenario())
+        if turn is not None:
+            await turns(turn)
+            task.cancel()
+        with pytest.raises((StorageIOError, asyncio.CancelledError)):
+            await task
+        expected = {}
+        if leased:
+            assert leased == [True], "the failing put did not take the leased path"
+            expected = {"a": {"n": 1}, "b": {"n": 2}}
+        assert await store.get("c", "lost") is None
+        assert await reader.get("c", "lost") is None
+        assert not store._lease.held
+        await reader.put("c", "other", {"n": 5})  # the lock was let go
+        await store.put("c", "after", {"n": 4})
+        expected.update({"other": {"n": 5}, "after": {"n": 4}})
+        assert {k: d async for k, d in store.items("c")} == expected
+    finally:
+        monkeypatch.undo()
+        await store.close()
+        await reader.close()
+    async with storage.open_store(config=cfg(tmp_path, lock_timeout=2)) as again:
+        assert {k: d async for k, d in again.items("c")} == expected
 
 
 async def test_compaction_comes_at_the_first_commit_past_its_threshold(tmp_path: Path) -> None:

@@ -111,12 +111,7 @@ class GroupCommit(Generic[T, R]):
                 async with self._locked():
                     await self._write([item], outcomes)
             finally:
-                self._solo_running = False
-                if self._idle:
-                    idle, self._idle = self._idle, []
-                    for future in idle:
-                        if not future.done():
-                            future.set_result(None)
+                self.alone_done()
             if len(outcomes) != 1:
                 raise RuntimeError(f"group commit: 1 write, {len(outcomes)} outcomes")
             outcome = outcomes[0]
@@ -126,6 +121,31 @@ class GroupCommit(Generic[T, R]):
                 await self._after()
             return outcome
         return await self._queued(item)
+
+    def alone_now(self) -> bool:
+        """For a caller that commits a lone write itself, synchronously (no ``await`` in it: the JSON store's put
+        while its lease is on, json/store.py): True when the current task may commit alone right now (the
+        conditions of :meth:`submit`'s lone path, the turn budget not spent); the caller then commits under the
+        lock and calls :meth:`alone_done` after, whatever happened. False: :meth:`submit` instead."""
+        if not self._solo or self._leader is not None or self._solo_running or self._crowded:
+            return False
+        task = asyncio.current_task()
+        if self._turn_task is None:
+            self._turn_task, self._turn_since = task, time.perf_counter()
+            asyncio.get_running_loop().call_soon(self._turned)
+        elif self._turn_task is not task or time.perf_counter() - self._turn_since > SOLO_TURN_BUDGET:
+            return False  # another task committed this turn, or the loop is due a turn: submit() sees to both
+        self._solo_running = True
+        return True
+
+    def alone_done(self) -> None:
+        """The lone commit that :meth:`alone_now` allowed has ended."""
+        self._solo_running = False
+        if self._idle:
+            idle, self._idle = self._idle, []
+            for future in idle:
+                if not future.done():
+                    future.set_result(None)
 
     async def _queued(self, item: T) -> R:
         """Queue ``item`` for the leader's next round (starting a leader if none runs) and wait for its outcome."""

@@ -78,6 +78,7 @@ from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
+from .mutex import Mutex
 from .presence import Presence
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
@@ -129,7 +130,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._presence = Presence(self.path / LOCK_NAME)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
-        self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
+        self._mutex = Mutex()  # one holder of the file lock per store, across coroutines (json/mutex.py)
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
         #: commits back to back keep the file lock between them (json/lease.py)
         self._lease = Lease(self._flock)
@@ -467,9 +468,44 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _submit(self, prepare: _Prepare | list[Op]) -> Any:
         """Queue a write for the next group commit (group_commit.py) and wait until it is durable. A write is its
-        ops when they do not depend on the documents (a put), else a function of the view so far."""
+        ops when they do not depend on the documents (a put), else a function of the view so far.
+
+        A put by a lone writer while the lease is still on (json/lease.py) and appends run inline commits right
+        here, synchronously (:meth:`_commit_now`): nothing in it can suspend, so nothing can interrupt it half-way,
+        and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a save)."""
         self._check_usable()
+        if (type(prepare) is list and self._lease.held and self._suspect is None
+                and self._sync_estimate < INLINE_SYNC_BUDGET and len(prepare) <= LARGE_COMMIT
+                and self._resume_alone()):
+            failed = True
+            try:
+                try:
+                    self._commit_now(prepare)
+                except OSError as exc:
+                    await self._after_failed_append(exc)  # under the lock, as _commit does
+                    raise self._write_failed(exc) from exc
+                failed = False
+            finally:
+                self._exit_commit(failed)
+                self._commits.alone_done()
+            if self._compaction_may_be_due():
+                await self._maybe_compact()
+            return None
         return await self._commits.submit(prepare)
+
+    def _resume_alone(self) -> bool:
+        """For :meth:`_submit`'s synchronous commit: the current task may commit alone now (group_commit.py), the
+        mutex is free and the lease still on: all three taken (True), or none (False)."""
+        commits = self._commits
+        if not commits.alone_now():
+            return False
+        if self._mutex.try_acquire():
+            if self._lease.resume():
+                self._holding = True
+                return True
+            self._mutex.release()
+        commits.alone_done()
+        return False
 
     async def _commit_group(self, batch: list[_Prepare | list[Op]], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
@@ -516,20 +552,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         large = len(ops) > LARGE_COMMIT
         if large:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
-        elif record is None:
-            record = encode_record(ops)
-        assert record is not None
         journal = self._journal
-        start = journal.offset
-        spent = 0.0
         try:
+            if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
+                self._commit_now(ops, record)
+                return
+            if record is None:
+                record = encode_record(ops)
+            start = journal.offset
             try:
-                if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
-                    began = time.perf_counter()
-                    journal.append(record)
-                    spent = time.perf_counter() - began
-                else:
-                    spent = await cancellation.run_in_thread(_timed_append, journal, record)
+                spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
@@ -540,8 +572,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                         self._tables.apply_plan(plan, ops)  # C-level dict updates: visible all at once
         except OSError as exc:
             await self._after_failed_append(exc)
-            raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
-                                 errno=exc.errno, path=str(journal.path)) from exc
+            raise self._write_failed(exc) from exc
         except asyncio.CancelledError as exc:
             if isinstance(exc.__cause__, OSError):  # the write failed while we were cancelled (see cancellation.py)
                 log.error("%s: a journal write failed (%s): rewriting the store's files before the next commit",
@@ -551,6 +582,24 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         # The append's own time, not the thread hop's: a hop costs 0.3-1 ms on a busy host, and counting it kept
         # the store threading appends that take 0.1 ms (see benchmarks/README.md, Design measurements).
         self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+
+    def _commit_now(self, ops: list[Op], record: bytes | None = None) -> None:
+        """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
+        suspends. An OSError leaves the record unpublished and unapplied (the caller's recovery rewrites the files
+        from memory without it)."""
+        if record is None:
+            record = encode_record(ops)
+        began = time.perf_counter()
+        self._journal.append(record)  # the offset moves only once the fsync succeeded
+        spent = time.perf_counter() - began
+        self._tables.publish()
+        self._tables.apply(ops)
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+
+    def _write_failed(self, exc: OSError) -> StorageIOError:
+        path = self._journal.path
+        return StorageIOError(f"{path}: write failed, nothing was committed: {exc.strerror or exc}",
+                              errno=exc.errno, path=str(path))
 
     async def _after_failed_append(self, exc: OSError) -> None:
         """A failed write or fsync. After a failed fsync the file's cached pages no longer say what is on disk
