@@ -210,7 +210,7 @@ class SidecarLock:
         """Whether :meth:`wait_free` / :meth:`adopt` work here (POSIX ``flock``; not the Windows fallback)."""
         return fcntl is not None and self._fallback is None and not self.read_only
 
-    def wait_free(self, abandoned: threading.Event) -> int:
+    def wait_free(self, abandoned: threading.Event, behind: float = 0.0) -> int:
         """In a dedicated thread: block in ``flock`` on a fresh descriptor of the sidecar until it is ours.
 
         Why: a poll with a growing sleep (:meth:`acquire`) lost the lock, again and again, to a process saving in
@@ -219,12 +219,21 @@ class SidecarLock:
         setting ``abandoned`` and leaving the thread: if the lock comes later, the thread lets go at once (closing
         the descriptor releases it). Returns the descriptor, holding the sidecar's lock, for :meth:`adopt` on
         the caller's thread (the descriptor in use is never swapped from here), or -1 when abandoned.
+
+        ``behind`` > 0: we just let go because others waited (json/lease.py), so do not take the lock back before
+        one of them could: ``flock`` wakes the waiters when the lock is let go but does not hand it over, and a
+        waiter woken on a loaded machine could take over a millisecond to run, while our own next ``flock`` came
+        first (a writer here waited two of the holder's leases instead of one, about every third time). For up
+        to ``behind`` seconds, while the lock is free and another writer still gives the wait sign, it is left
+        to them (checked every 0.1 ms); once another holds it, we wait in the kernel's queue behind it.
         """
         while not abandoned.is_set():
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if self.can_sign:
                     _sign(fd, _WANT)  # "a writer waits" (see the module doc), dropped by adopt() or the close
+                    if behind > 0:
+                        _leave_to_others(fd, time.monotonic() + behind, abandoned)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 mine = os.fstat(fd)
                 try:
@@ -348,6 +357,31 @@ class SidecarLock:
                 setattr(self, name, -1)
         self._ident = None
         self.published = None
+
+
+def _others_wait(fd: int) -> bool:
+    """Whether a writer other than ``fd``'s gives the wait sign (``fd``'s own sign does not count)."""
+    try:
+        found = fcntl.fcntl(fd, _OFD_GETLK, _ASK)  # type: ignore[arg-type]
+    except OSError:
+        return False
+    kind: int = struct.unpack_from("h", found)[0]
+    return kind != fcntl.F_UNLCK
+
+
+def _leave_to_others(fd: int, deadline: float, abandoned: threading.Event) -> None:
+    """:meth:`SidecarLock.wait_free`'s ``behind``: return once another writer holds the lock, nobody else waits
+    for it, or ``deadline`` (monotonic) has passed."""
+    while time.monotonic() < deadline and not abandoned.is_set():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another writer has it: wait behind it
+        waiting = _others_wait(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if not waiting:
+            return
+        time.sleep(0.0001)
 
 
 def _sign(fd: int, request: bytes) -> None:

@@ -101,6 +101,9 @@ ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
 #: A writer waiting for another process's lock applies what that one committed meanwhile this often (seconds).
 FOLLOW_WHILE_WAITING = 0.001
+#: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
+#: (json/lock.py ``wait_free``'s ``behind``).
+STEP_BACK = 0.005
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
@@ -366,10 +369,10 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _acquire_file_lock(self) -> None:
         lease = self._lease
-        if lease.yielded:  # our last lease ended with a writer waiting: wait in the kernel's queue behind it
+        if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
             lease.yielded = False
             if self._flock.can_wait:
-                await self._wait_for_file_lock()
+                await self._wait_for_file_lock(behind=STEP_BACK)
                 return
         try:
             if self._flock.try_acquire():  # uncontended: no thread hop
@@ -398,15 +401,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._flock.release()
             raise
 
-    async def _wait_for_file_lock(self) -> None:
+    async def _wait_for_file_lock(self, behind: float = 0.0) -> None:
         """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
         moment the lock is free; see :meth:`SidecarLock.wait_free`). On a timeout or a cancellation the wait is
-        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused."""
+        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused.
+        ``behind``: see :meth:`SidecarLock.wait_free`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_timeout
         while True:
             abandoned = threading.Event()
-            waiter = in_own_thread(self._flock.wait_free, abandoned)
+            waiter = in_own_thread(self._flock.wait_free, abandoned, behind)
             try:
                 fd = await self._await_lock(waiter, deadline)
             except BaseException as exc:
