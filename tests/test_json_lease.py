@@ -264,8 +264,7 @@ async def test_compaction_comes_at_the_first_commit_past_its_threshold(tmp_path:
 async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: Path) -> None:
     """Another process saves in a tight loop with long leases (1 s here): a writer here gets the lock each time
     within that budget, because the holder sees it waiting and steps back (without that, the holder took the
-    lock back before the woken waiter ran about every other time: 2 s waits), and meanwhile applies what the
-    holder commits (its wait follows the journal), as the lock's catch-up would only have done later."""
+    lock back before the woken waiter ran about every other time: 2 s waits)."""
     config = cfg(tmp_path, lock_timeout=20)
     child = spawn("lease-writer", config, 0, 1.0, 0)
     store = await JsonStore.open(config)
@@ -274,21 +273,12 @@ async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: 
         while await store.count("lease") < 20:  # the child is writing
             await asyncio.sleep(0.01)
         waits = []
-        followed = 0
         for n in range(6):
             began = time.monotonic()
-            start = store._journal.offset
-            task = asyncio.create_task(store.put("mine", f"k{n}", {"n": n}))
-            while not task.done():
-                await asyncio.sleep(0.002)
-                if not task.done() and store._journal.offset > start:
-                    followed += 1  # the wait applied the holder's records before it had the lock
-                    break
-            await task
+            await store.put("mine", f"k{n}", {"n": n})
             waits.append(time.monotonic() - began)
             await asyncio.sleep(0.05)  # let the child lease again
         assert max(waits) < 1.8, waits  # one budget, and slack for a loaded machine; not two budgets (1.95 s)
-        assert followed >= 3, f"the waits followed the holder's commits {followed} times in 6"
         assert await store.count("mine") == 6
         assert child.poll() is None, "the child kept writing"
     finally:

@@ -99,8 +99,6 @@ INLINE_SYNC_BUDGET = 0.0005
 #: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
-#: A writer waiting for another process's lock applies what that one committed meanwhile this often (seconds).
-FOLLOW_WHILE_WAITING = 0.001
 #: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
 #: (json/lock.py ``wait_free``'s ``behind``).
 STEP_BACK = 0.005
@@ -412,7 +410,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             abandoned = threading.Event()
             waiter = in_own_thread(self._flock.wait_free, abandoned, behind)
             try:
-                fd = await self._await_lock(waiter, deadline)
+                fd = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
             except BaseException as exc:
                 abandoned.set()
                 waiter.add_done_callback(_close_unused)
@@ -431,38 +429,6 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
                                        f"{self.lock_timeout}s")
             await asyncio.sleep(0.001)
-
-    async def _await_lock(self, waiter: asyncio.Future[int], deadline: float) -> int:
-        """The descriptor ``waiter`` (a :meth:`SidecarLock.wait_free` thread) yields, or TimeoutError at
-        ``deadline`` (loop time); ``waiter`` itself is never cancelled (the caller abandons it).
-
-        Meanwhile, every FOLLOW_WHILE_WAITING seconds, what the holder committed and published is applied, as a
-        reader would (json/tables.py ``follow``): with several writer processes a holder commits a run of
-        records under its lease (json/lease.py), and the next holder applied all of them only once it had the
-        lock, while every other writer waited (4 writer processes: 0.4-0.7 ms of each 1.6 ms hand-off). Waiting,
-        that work runs beside the holder's, on another core, and the catch-up under the lock finds almost
-        nothing left."""
-        loop = asyncio.get_running_loop()
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TimeoutError
-            done, _pending = await asyncio.wait((waiter,), timeout=min(left, FOLLOW_WHILE_WAITING))
-            if done:
-                return waiter.result()
-            self._follow_quietly()
-
-    def _follow_quietly(self) -> None:
-        """Apply what other processes committed, if anything (no lock; errors are left to the catch-up under the
-        lock, which reports them with context)."""
-        tables, journal = self._tables, self._journal
-        if tables.need_reload or tables.need_lock or journal.fd < 0:
-            return
-        try:
-            if journal.changed():
-                tables.follow(locked=False)
-        except Exception as exc:  # the catch-up under the lock meets it again and reports it
-            log.debug("%s: following the journal while waiting for the lock: %s", self.path, exc)
 
     # ---------------------------------------------------------------------------------------------------------------
     # committing
