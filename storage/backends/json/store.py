@@ -12,7 +12,9 @@ How it stays correct:
 * **Durable.** A write returns only after its journal line is fsynced. Snapshots are rewritten with temp file +
   fsync + ``os.replace`` + directory fsync, so a file is always either the old or the new version.
 * **Process-safe.** Every commit happens under the file lock, after catching up with the journal, so two processes
-  never both write from a stale view, and ``update()`` runs its function on the latest document.
+  never both write from a stale view, and ``update()`` runs its function on the latest document. Commits back to
+  back keep the lock between them (json/lease.py: nobody else can write meanwhile, so there is nothing to catch
+  up with), for at most a couple of milliseconds while another writer waits.
   Readers ``stat`` the journal before each read and apply what other processes appended.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
