@@ -135,8 +135,8 @@ class BackendTransaction(MembersMixin, TransactionLifecycle, OpsBase):
 
 class Backend(LifecyclePrimitives, OpsBase, IndexOps):
     """What a backend provides to the features written once. See the module doc. (The index calls come from
-    :class:`storage.query.ops.IndexOps`: a backend implements ``_ensure_index`` / ``_drop_index`` / ``_indexes``;
-    the data lifecycle's primitives, ``_forget`` and the ``_owned_*`` reads, are declared in
+    :class:`storage.query.ops.IndexOps`: a backend implements ``_ensure_index`` / ``_drop_index`` / ``_indexes`` /
+    ``_all_indexes``; the data lifecycle's primitives, ``_forget`` and the ``_owned_*`` reads, are declared in
     :class:`storage.lifecycle_calls.LifecyclePrimitives`.)"""
 
     config: StoreConfig

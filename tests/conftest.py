@@ -12,6 +12,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
+from storage.backends.json import offsets
 from storage.stores import PostgresStore
 from tests._pg import TestServer
 
@@ -83,3 +84,10 @@ def reopen(store_config: StoreConfig) -> Callable[[], Awaitable[storage.Store]]:
         return await storage.open_store(config=store_config)
 
     return _open
+
+
+@pytest.fixture
+def sidecar_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JSON: every snapshot gets its key -> offset sidecar however small it is (``offsets.MIN_SNAPSHOT_BYTES`` = 0
+    in this process), so that the lazy open is tested on small stores. A child process sets it itself."""
+    monkeypatch.setattr(offsets, "MIN_SNAPSHOT_BYTES", 0)

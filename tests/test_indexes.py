@@ -77,6 +77,51 @@ async def test_json_index_follows_another_process(tmp_path):
         await second.close()
 
 
+async def test_json_declarations_of_two_processes_never_undo_each_other(tmp_path):
+    """Two stores on one folder (shards, or a bot and a CLI), each opened before the other declared: a declaration
+    or a drop starts from what ``storage.indexes`` holds, so both keep theirs, and the store that changes the
+    declarations takes up (and builds) the other's. Before, the second write left only its own view in the file."""
+    path = tmp_path / "data"
+    first = await storage.open_store(backend="json", path=str(path))
+    await first.put_many("m", {f"k{i}": {"x": i, "y": i % 3, "z": -i} for i in range(20)})
+    second = await storage.open_store(backend="json", path=str(path))
+    try:
+        assert await first.ensure_index("m", "x") is True
+        assert await second.ensure_index("m", "y") is True
+        assert json.loads((path / "storage.indexes").read_text()) == {"m": ["x", "y"]}
+        assert await second.indexes("m") == ["x", "y"]
+        assert sorted(second._tables.indexes.of("m").paths) == ["x", "y"]  # built here too, not only declared
+        assert await second.ensure_index("m", "x") is False  # the other's declaration counts as existing
+        assert [k for k, _ in await second.find("m", {"x": {"$gte": 18}})] == ["k18", "k19"]
+        assert await first.drop_index("m", "x") is True  # takes up "y" before dropping "x"
+        assert json.loads((path / "storage.indexes").read_text()) == {"m": ["y"]}
+        assert await second.ensure_index("m", "z") is True  # and "x", dropped by the other, stays dropped
+        assert json.loads((path / "storage.indexes").read_text()) == {"m": ["y", "z"]}
+        assert sorted(second._tables.indexes.of("m").paths) == ["y", "z"]
+        assert await second.count("m", {"x": {"$gte": 18}}) == 2  # answers unchanged without the index
+    finally:
+        await first.close()
+        await second.close()
+    again = await storage.open_store(backend="json", path=str(path))
+    try:
+        assert await again.indexes("m") == ["y", "z"]
+    finally:
+        await again.close()
+
+
+async def test_json_a_damaged_declaration_file_is_rewritten_from_the_stores_own(tmp_path):
+    """A ``storage.indexes`` that is not a declaration file is not taken up (it would drop every index): the store
+    keeps its own declarations and its next change writes them back, with the new one."""
+    path = tmp_path / "data"
+    async with storage.open_store(backend="json", path=str(path)) as store:
+        await store.put_many("m", {f"k{i}": {"x": i, "y": i} for i in range(5)})
+        await store.ensure_index("m", "x")
+        (path / "storage.indexes").write_text("{not json")
+        assert await store.ensure_index("m", "y") is True
+        assert json.loads((path / "storage.indexes").read_text()) == {"m": ["x", "y"]}
+        assert sorted(store._tables.indexes.of("m").paths) == ["x", "y"]
+
+
 async def test_json_index_survives_compaction_backup_and_restore(tmp_path):
     rng = random.Random(1410)
     store = await storage.open_store(backend="json", path=str(tmp_path / "data"),

@@ -31,6 +31,8 @@ from storage.stores import JsonStore
 
 ROOT = Path(__file__).resolve().parent.parent
 COLL = "things"  # a collection without the members rule: any key, any document
+# These stores are small (300 documents, ~40 KB): below offsets.MIN_SNAPSHOT_BYTES they would get no sidecar.
+pytestmark = pytest.mark.usefixtures("sidecar_always")
 SIDECAR = f"storage.{COLL}.offsets"
 
 
@@ -320,6 +322,8 @@ CRASH_CHILD = textwrap.dedent("""
     from storage.backends.json import offsets, tables
     from storage.fsutil import temp_name
 
+    offsets.MIN_SNAPSHOT_BYTES = 0  # a sidecar however small the snapshot (the parent's sidecar_always)
+
     mode, path = sys.argv[1], sys.argv[2]
 
     def stuck(target, table, *, sync_dir):
@@ -374,6 +378,9 @@ async def test_kill_9_while_writing_the_sidecar(tmp_path: Path, mode: str) -> No
 OTHER_WRITER = textwrap.dedent("""
     import asyncio, sys
     import storage
+    from storage.backends.json import offsets
+
+    offsets.MIN_SNAPSHOT_BYTES = 0  # a sidecar however small the snapshot (the parent's sidecar_always)
 
     async def main():
         async with storage.open_store(backend="json", path=sys.argv[1]) as store:

@@ -655,7 +655,8 @@ async def test_index_declarations_follow_what_is_stored_under_cancellation(store
             pytest.fail("the index call never finished")
 
 
-async def test_a_transaction_forget_on_a_lazily_opened_store_equals_the_eager_one(tmp_path: Path):
+async def test_a_transaction_forget_on_a_lazily_opened_store_equals_the_eager_one(tmp_path: Path,
+                                                                                  sidecar_always: None):
     """JSON lazy open (json/lazy.py): a transaction's forget reads the collections whole off the loop, and its
     counts, export and result are those of an eagerly opened copy of the same folder."""
     from tests.test_json_lazy import COLL, cfg, eager_copy, is_lazy, seeded

@@ -16,6 +16,11 @@ What it guarantees, and what it does not:
 * A target that holds any document or message is refused (:class:`TargetNotEmptyError`) unless ``overwrite`` is
   true; with it, the target ends as an exact replica: its documents and messages that are not in the source are
   deleted.
+* The source's declared indexes (``ensure_index``) are declared on the target too, after the documents are in
+  (one build over the final data, not an update per document; and on PostgreSQL after the source's transaction
+  ended, since ``CREATE INDEX CONCURRENTLY`` waits for every older transaction of the database). With
+  ``overwrite`` the target's other indexes are dropped. The verification checks them as well: without them a
+  query that was an index lookup on the source would be a scan of the whole collection on the target.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..progress import NullProgress, Progress
 from ..protocol import Document
 from .expiring import put_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
+from .indexes import carry_indexes, index_difference
 from .messages import MESSAGE_BATCH, MessageOps, digest_records
 from .operations import snapshot_collections
 
@@ -62,6 +68,10 @@ class CopyReport:
     seconds: float
     #: Messages of the target deleted by ``overwrite`` before the source's were copied in.
     deleted_messages: int = 0
+    #: The source's declared indexes, ``{collection: [path, ...]}``, declared on the target (and verified there).
+    indexes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: Indexes of the target the source does not have, dropped by ``overwrite``.
+    dropped_indexes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -129,7 +139,9 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
     keys: dict[str, set[str]] = {}
     message_count: int | None = None
     deleted_messages = 0
+    dropped: dict[str, list[str]] = {}
     try:
+        indexes = await source._all_indexes()  # the store's, not the transaction's (and a call outside it)
         seen_before = await source.collections()
         async with source.transaction() as tx:
             names, total = await _pinned(tx, seen_before)
@@ -141,6 +153,7 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
                 deleted_messages = await target_messages.delete_all()
             message_count = await _copy_messages(source_messages, target_messages, digest, progress)
         deleted = await _delete_extras(target, keys, batch_size, progress) if overwrite else 0
+        dropped = await carry_indexes(target, indexes, exact=overwrite, progress=progress)
     finally:
         progress.done()
     expected = digest.hexdigests()
@@ -150,8 +163,14 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
         differ = sorted(name for name in set(got) | set(expected) if got.get(name) != expected.get(name))
         raise BackupError(f"copy verification failed: the target's content differs from the source in {differ} "
                           "(was something writing to either store?); rerun with overwrite=True")
+    missing, extra = index_difference(indexes, await target._all_indexes())
+    if missing or (overwrite and extra):
+        raise BackupError(f"copy verification failed: the target's indexes differ from the source's (missing "
+                          f"{missing or 'none'}, not in the source {extra if overwrite else 'none'}); rerun with "
+                          "overwrite=True")
     counts = {name: n for name, n in digest.counts.items() if name != MESSAGES_DIGEST_NAME}
-    return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started, deleted_messages)
+    return CopyReport(counts, message_count, expected, deleted, time.monotonic() - started, deleted_messages,
+                      indexes, dropped)
 
 
 async def _copy_collection(tx: BackendTransaction, target: Backend, name: str, digest: ContentDigest, batch_size: int,

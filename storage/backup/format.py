@@ -3,7 +3,7 @@
 Layout of ``<backup_dir>/<id>/`` (``id`` is the UTC time ``YYYYmmdd_HHMMSS``, ``_2``, ``_3``... when taken in the
 same second)::
 
-    manifest.json                  what the backup holds; written last (plain JSON)
+    manifest.json                  what the backup holds (and the declared indexes); written last (plain JSON)
     collections/<name>.jsonl.gz    one line per document: {"key":"<key>","doc":{...}}, in key order
     messages.jsonl.gz              one message-analytics record per line (when the store has messages)
     files/data/<path>.gz           every file of a JSON store's data folder that the store does not own
@@ -54,6 +54,7 @@ from ..codec import check_collection, dumps_canonical
 from ..errors import BackupError, ValidationError
 from ..fsutil import TEMP_MARK, fsync_dir, make_dirs, pid_alive, sync_fd, write_all
 from ..progress import NullProgress, Progress
+from .indexes import manifest_indexes
 from .source import manifest_source
 
 __all__ = [
@@ -477,6 +478,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
                                                                        collection_file(name, False)):
                 raise BackupError(f"collection {name!r} points at {entry['file']!r}")
         loose_files(manifest)
+        manifest_indexes(manifest)
     except (KeyError, TypeError, AttributeError, ValidationError) as exc:
         raise BackupError(f"{MANIFEST_NAME} is malformed: {exc!r}") from exc
     return manifest

@@ -30,6 +30,9 @@ Message-analytics records are stored beside the documents in ``messages.jsonl`` 
   and a crash at any point is finished or undone by the next lock or open of the store
   (:mod:`storage.backends.json.restore`). Messages whose content digest already equals the backup's are not
   touched.
+
+The declared indexes are in the manifest, and a restore declares those the store lacks after the data is in
+(:mod:`storage.backup.indexes`: why, and why none is dropped).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ from .format import (
     verify_backup_dir,
     write_manifest,
 )
+from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
 from .messages import MessageOps
 from .source import Source, describe_source, same_store, store_source
 
@@ -127,6 +131,9 @@ class RestoreReport:
     messages: tuple[int, int] | None = None
     #: loose files (``origin:path``, see :mod:`storage.backup.files`) -> restored / unchanged / why not
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the backup's declared indexes the store did not have, ``{collection: [path, ...]}``: declared by the restore
+    #: (in a dry run: would be); none is dropped (see storage/backup/indexes.py)
+    indexes: IndexMap = dataclasses.field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -146,8 +153,11 @@ async def snapshot_collections(tx: BackendTransaction, seen_before: Iterable[str
 
 async def write_backup(store: Backend, tx: BackendTransaction, backup_dir: Path, *, label: str | None = None,
                        seen_before: Iterable[str] = (), progress: Progress | None = None,
-                       extra: Iterable[str] | None = None, snapshot: str | None = None) -> str:
+                       extra: Iterable[str] | None = None, snapshot: str | None = None,
+                       indexes: IndexMap | None = None) -> str:
     """Write a complete backup of what ``tx`` sees into ``backup_dir``; returns its id once it is published.
+
+    ``indexes``: the store's declared indexes, read before ``tx`` began (storage/backup/indexes.py).
 
     A crash or an exception at any point leaves only a hidden temp folder (removed here on an exception, or by
     a later backup after a crash), never a folder under a backup id.
@@ -183,6 +193,7 @@ async def write_backup(store: Backend, tx: BackendTransaction, backup_dir: Path,
         message_entry["digest"] = digests.get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
         message_entry["same_snapshot"] = store.messages_in_snapshot(snapshot)
         manifest = _manifest(store, started, label, migration_version(ledger), entries, message_entry)
+        manifest["indexes"] = indexes or {}
         manifest["files"], manifest["skipped_files"] = file_entries, skipped
         await off_loop(write_manifest, tmp, manifest)
         backup_id = await off_loop(publish, tmp, backup_dir, started)
@@ -315,6 +326,8 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
     progress = progress or NullProgress()
     backup_dir = Path(store.config.backup_dir)
     wanted_names = set(manifest["collections"])
+    wanted_indexes = manifest_indexes(manifest)
+    current_indexes = await store._all_indexes()  # before the transaction: the store's, for the safety backup too
     seen_before = await store.collections()
     messages = MessageOps(store)
     message_entry = manifest.get("messages")
@@ -348,7 +361,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
             if not dry_run:
                 safety = await write_backup(store, tx, backup_dir, seen_before=seen_before, progress=progress,
                                             label=f"automatic: the state before restoring {backup_id}",
-                                            snapshot=snapshot)
+                                            snapshot=snapshot, indexes=current_indexes)
             names = sorted(wanted_names | set(await snapshot_collections(tx, seen_before)))
             progress.phase("restore: documents" if not dry_run else "restore (dry run): documents",
                            sum(int(e["count"]) for e in manifest["collections"].values()))
@@ -390,13 +403,25 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
                                   f"{exc}") from exc
         if message_entry is not None and not dry_run:
             await _restore_messages(messages, root, message_entry, progress, backup_id, safety)
+        added_indexes = index_difference(wanted_indexes, current_indexes)[0]
+        if added_indexes and not dry_run:
+            await _restore_indexes(store, wanted_indexes, backup_id, progress)
         # Loose files last: they are beside the store, not in it (see storage/backup/files.py).
         files = await asyncio.to_thread(restore_files, root, loose_files(manifest), store.data_folder(),
                                         store.owns_entry, dry_run)
     finally:
         progress.done()
     changes = {name: change for name, change in changes.items() if change.backup or change.current}
-    return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files)
+    return RestoreReport(backup_id, dry_run, safety, changes, message_counts, files, added_indexes)
+
+
+async def _restore_indexes(store: Backend, indexes: IndexMap, backup_id: str, progress: Progress) -> None:
+    """Declare the backup's indexes the store lacks, after its data committed (one build over the final data)."""
+    try:
+        await carry_indexes(store, indexes, exact=False, progress=progress)
+    except DatabaseError as exc:
+        raise BackupError(f"backup {backup_id} was restored, but declaring its indexes failed (queries give the "
+                          f"same answers, slower; call ensure_index again): {exc}") from exc
 
 
 def _batches(root: Path, entry: dict[str, Any], progress: Progress) -> Iterator[list[dict[str, Any]]]:
@@ -603,12 +628,13 @@ class BackupMixin(Backend):
         if keep is None:
             keep = self.config.backup_keep
         select_expired([], keep, keep_days)  # reject bad retention arguments before doing any work
+        indexes = await store._all_indexes()  # the store's, not the transaction's: read before it
         seen_before = await store.collections()
         async with store.transaction() as tx:
             snapshot = await tx.pin_snapshot()
             backup_id = await write_backup(store, tx, self._backup_root(), label=label, seen_before=seen_before,
                                            progress=progress, extra=None if extra is None else list(extra),
-                                           snapshot=snapshot)
+                                           snapshot=snapshot, indexes=indexes)
         report = await asyncio.to_thread(verify_backup_dir, self._backup_root(), backup_id)
         if not report.ok or report.info is None:
             raise BackupError(f"the new backup {backup_id} failed verification right after it was written (kept "

@@ -249,6 +249,8 @@ async def run_restore(args: argparse.Namespace) -> int:
         current, backup = report.messages
         print(f"  messages: {current} now, {backup} in the backup" + (" (all replaced)" if not args.dry_run else ""))
     print(f"  {report.changed} document(s) " + ("would change" if report.dry_run else "changed"))
+    for name, paths in sorted(report.indexes.items()):
+        print(f"  index {'to declare' if report.dry_run else 'declared'} on {name}: {', '.join(paths)}")
     for name, what in sorted(report.files.items()):
         print(f"  file {name}: {what}")
     return 0
@@ -280,4 +282,9 @@ async def run_copy(args: argparse.Namespace) -> int:
     if report.deleted_messages:
         print(f"  {report.deleted_messages} message(s) of the target were deleted before the source's were copied "
               "(--overwrite)")
+    for name, paths in sorted(report.indexes.items()):
+        print(f"  indexes on {name}: {', '.join(paths)} (declared on the target and verified)")
+    for name, paths in sorted(report.dropped_indexes.items()):
+        print(f"  indexes on {name} the source does not have were dropped from the target (--overwrite): "
+              f"{', '.join(paths)}")
     return 0

@@ -228,15 +228,24 @@ async def _migration_version(store: Any) -> str:
     return f"{current.version} ({len(applied)} applied)"
 
 
+async def _declared_indexes(store: Any) -> dict[str, list[str]]:
+    """Every collection's declared indexes (``ensure_index``), also a collection that holds no document yet."""
+    indexes: dict[str, list[str]] = await store._all_indexes()
+    return indexes
+
+
 async def run_status(args: argparse.Namespace) -> int:
     config = existing_store_config(args)
     print(f"backend: {config.describe()}")
     async with open_store(config=config) as store:
-        names = await store.collections()
+        indexes = await _declared_indexes(store)
+        names = sorted({*await store.collections(), *indexes})  # a collection indexed but still empty too
         shown = [name for name in names if not name.startswith("_")]  # _migrations, _demo...: internals
         print(f"collections: {len(shown)}")
         for name in shown:
             print(f"  {name:<32}{await store.count(name):>10} documents")
+            if indexes.get(name):
+                print(f"    indexes: {', '.join(indexes[name])}")
         messages = await _message_summary(store)
         if messages is not None:
             print(f"messages: {messages}")

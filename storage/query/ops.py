@@ -91,6 +91,12 @@ class IndexOps(abc.ABC):
     @abc.abstractmethod
     async def _indexes(self, collection: str) -> list[str]: ...
 
+    @abc.abstractmethod
+    async def _all_indexes(self) -> dict[str, list[str]]:
+        """``{collection: [path, ...]}`` of every declared index, paths sorted (an empty collection's too; one
+        without an index is left out). What ``copy``, backups and ``status`` carry and show: ``collections()`` lists
+        only collections holding documents, and a bot declares its indexes at start, often before any document."""
+
     async def ensure_index(self, collection: str, path: str) -> bool:
         """Index ``path`` (dotted) of ``collection``: equality, ranges and ``order_by`` on it use the index. True
         if it was created, False if it existed. Safe to call at every start."""

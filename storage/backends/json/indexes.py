@@ -16,12 +16,15 @@ always exactly the committed data. Compaction does not change documents, so it d
 
 Declarations: ``storage.indexes`` in the data folder, ``{"<collection>": ["<path>", ...]}``, written atomically
 under the store lock by ``ensure_index`` / ``drop_index`` and read at every (re)load (so another process's new index
-is built by this one at its next open). ``ensure_index`` builds under the store lock, in a worker thread: writers
+is built by this one at its next open), and again under the lock before ``ensure_index`` / ``drop_index`` change
+them: each starts from what the file holds, so one process's declaration never undoes another's (two shards
+declaring different indexes both keep theirs). ``ensure_index`` builds under the store lock, in a worker thread: writers
 wait for it (about 0.3 s per index at 100k members on an idle machine), readers do not. Its ``storage.`` name makes
-it the store's own file: it is never loaded as a collection nor reported as foreign, and a backup (which takes the
-data, not the store's files) leaves it out; a restore keeps the current store's indexes and they index the restored
-documents. A declaration file that cannot be read is logged and ignored (indexes are only an optimization: every
-query gives the same answer without them).
+it the store's own file: it is never loaded as a collection nor reported as foreign, and a backup leaves the file
+out but records the declarations in its manifest; a restore keeps the current store's indexes, declares the
+backup's it lacks, and they index the restored documents (storage/backup/indexes.py). A declaration file that
+cannot be read is logged and ignored (indexes are only an optimization: every query gives the same answer without
+them).
 """
 
 from __future__ import annotations
@@ -271,15 +274,18 @@ class JsonIndexes:
 
     def read(self) -> None:
         """(Re)read the declarations (at every load)."""
+        self.declared = self.on_file() or {}
+
+    def on_file(self) -> dict[str, list[str]] | None:
+        """The declarations ``storage.indexes`` holds now (none when it is missing); None when it cannot be read or
+        is not a declaration file (logged)."""
         try:
             raw = self.file.read_bytes()
         except FileNotFoundError:
-            self.declared = {}
-            return
+            return {}
         except OSError as exc:
             log.warning("%s: cannot read the index declarations (%s); queries run without indexes", self.file, exc)
-            self.declared = {}
-            return
+            return None
         try:
             obj = orjson.loads(raw)
             declared = {str(c): sorted({str(p) for p in paths}) for c, paths in obj.items()
@@ -287,8 +293,26 @@ class JsonIndexes:
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             log.warning("%s is not a valid index declaration file (%s); queries run without indexes", self.file,
                         exc)
-            declared = {}
-        self.declared = {c: paths for c, paths in declared.items() if paths}
+            return None
+        return {c: paths for c, paths in declared.items() if paths}
+
+    def adopt(self, declared: dict[str, list[str]], built: Mapping[str, CollectionIndexes]) -> None:
+        """Make ``declared`` the declarations and the live indexes match it: ``built`` holds the indexes of the
+        paths newly declared (by :func:`build_indexes`), the live ones no longer declared are dropped."""
+        for collection in list(self.live):
+            live = self.live[collection]
+            keep = set(declared.get(collection, ()))
+            for path in [p for p in live.paths if p not in keep]:
+                del live.paths[path]
+            if not live.paths:
+                del self.live[collection]
+        for collection, fresh in built.items():
+            current = self.live.get(collection)
+            if current is None:
+                self.live[collection] = fresh
+            else:
+                current.paths.update(fresh.paths)
+        self.declared = declared
 
     def write(self, replaced: Callable[[], None] = lambda: None) -> None:
         """Persist the declarations (atomically; under the store lock). ``replaced`` is called the moment the

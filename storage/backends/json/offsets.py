@@ -32,7 +32,8 @@ It is only a cache, never the truth, so it can never make a wrong answer possibl
 Written atomically (temp file, fsync, rename): a crash while writing leaves the old sidecar (stale: rebuilt) or a
 temp file (removed at the next open), never a torn file that passes the checks. A person reading ``config/`` sees
 the same JSON files as before; this file is the store's own (every ``storage.*`` entry is), not data: backups skip
-it and deleting it only makes the next open slower.
+it and deleting it only makes the next open slower. Only a snapshot of :data:`MIN_SNAPSHOT_BYTES` or more gets one
+(:func:`wants_sidecar`): a small bot's folder holds none.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ from typing import BinaryIO
 from ...fsutil import atomic_write
 
 __all__ = ["Offsets", "Spans", "new_spans", "offsets_name", "build_offsets", "render_offsets", "read_offsets",
-           "write_offsets"]
+           "write_offsets", "MIN_SNAPSHOT_BYTES", "wants_sidecar"]
+
+#: A snapshot smaller than this gets no sidecar (see :func:`wants_sidecar` for the figures).
+MIN_SNAPSHOT_BYTES = 256 * 1024
 
 MAGIC = b"storage offsets 2\n"
 #: snapshot size, snapshot crc32, documents, slots, approximate collection size (snapshot.py's accounting), bytes of
@@ -98,6 +102,35 @@ class Offsets:
 def offsets_name(collection: str) -> str:
     """``storage.<collection>.offsets``: ``storage.`` marks the store's own files; no collection file ends so."""
     return f"storage.{collection}.offsets"
+
+
+def wants_sidecar(snapshot_size: int) -> bool:
+    """Whether a snapshot of ``snapshot_size`` bytes gets a sidecar. Below :data:`MIN_SNAPSHOT_BYTES` (256 KiB,
+    about 870 seed-shaped members) it is read whole at open, no sidecar is written, and one left from when it was
+    larger (or by an older version, which wrote one beside every snapshot) is removed by the next writable open
+    or compaction (tables.py).
+
+    Why there: a lazy open is faster than a whole read from about 60 KiB on, but by under 2 ms up to 256 KiB, while
+    the sidecar is one more file in the folder a person reads and one more fsynced write at every compaction. From
+    256 KiB up the gap grows with the size, and so does the memory a whole read holds. Measured with
+    ``benchmarks/bench_offsets_threshold.py --reps 31`` (one store per size, the two ways alternated in one process,
+    medians; load 1.9; 2-core VM), open + first get, then one save + ``compact()``, sidecar -> whole:
+
+    ==========  ========  ===================  ===============
+    members     snapshot  open + get, ms       compact, ms
+    ==========  ========  ===================  ===============
+    10          2.9 KiB   0.86 -> 0.59         1.58 -> 1.19
+    100         29 KiB    0.76 -> 0.70         1.86 -> 1.36
+    200         59 KiB    0.76 -> 0.89         2.63 -> 1.50
+    600         177 KiB   0.97 -> 2.26         5.43 -> 3.20
+    900         265 KiB   1.05 -> 2.86         6.53 -> 3.49
+    3,000       887 KiB   1.82 -> 8.79         19.9 -> 9.57
+    10,000      2.9 MiB   3.54 -> 31.8         66.6 -> 29.8
+    ==========  ========  ===================  ===============
+
+    (A lazy collection's compaction also reads it whole first, hence the right column; at 100k members the lazy
+    open is 18 ms against 184 ms, and 48 against 112 MiB of RSS: ``bench_peers.py``, the issue 15 note.)"""
+    return snapshot_size >= MIN_SNAPSHOT_BYTES
 
 
 def build_offsets(spans: Spans, snapshot_size: int, snapshot_crc: int, approx_size: int) -> Offsets:

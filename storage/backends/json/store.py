@@ -813,6 +813,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         in ``storage.indexes``, then install it."""
         self._check_writable(collection)
         async with self._locked():
+            await self._follow_declarations()
             indexes = self._tables.indexes
             paths = indexes.declared.get(collection, [])
             if path in paths:
@@ -830,6 +831,23 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             await self._declare_indexes({**indexes.declared, collection: sorted([*paths, path])},
                                         "declaring the index", install)
         return True
+
+    async def _follow_declarations(self) -> None:
+        """Under the lock, before changing the declarations: take up what other processes declared or dropped since
+        this store read ``storage.indexes`` (its write would otherwise undo theirs), the new indexes built in a
+        worker thread. Cancelled or failed before the end, nothing changed. A file that cannot be read is left to
+        this store's own declarations (which its write then puts back)."""
+        indexes = self._tables.indexes
+        declared = await cancellation.run_in_thread(indexes.on_file)
+        if declared is None or declared == indexes.declared:
+            return
+        built = {}
+        for name, paths in declared.items():
+            live = indexes.of(name)
+            new = [p for p in paths if live is None or p not in live.paths]
+            if new:
+                built[name] = await cancellation.run_in_thread(build_indexes, self._tables.data.get(name) or {}, new)
+        indexes.adopt(declared, built)
 
     async def _declare_indexes(self, declared: dict[str, list[str]], doing: str, install: Callable[[], None]) -> None:
         """Persist ``declared`` as the index declarations (under the lock), then ``install`` the live indexes to
@@ -854,6 +872,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _drop_index(self, collection: str, path: str) -> bool:
         self._check_usable()
         async with self._locked():
+            await self._follow_declarations()
             indexes = self._tables.indexes
             paths = indexes.declared.get(collection, [])
             if path not in paths:
@@ -873,6 +892,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _indexes(self, collection: str) -> list[str]:
         return list(self._tables.indexes.declared.get(collection, []))
+
+    async def _all_indexes(self) -> dict[str, list[str]]:
+        return {name: list(paths) for name, paths in sorted(self._tables.indexes.declared.items()) if paths}
 
     # where the data is (storage.interfaces)
     def location(self) -> str:

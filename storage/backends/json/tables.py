@@ -7,7 +7,7 @@ bytes), with what the rest of the store needs to keep that view equal to the dis
   aside as *foreign*, never written), then the journal is replayed over them. A snapshot whose key -> offset
   sidecar (offsets.py) matches it is not parsed: its collection is a :class:`~storage.backends.json.lazy.Lazy`
   that reads documents on first use; any other is read whole and its sidecar (re)written, when the store may
-  write.
+  write and the snapshot is large enough to be worth one (offsets.wants_sidecar; a small one's is removed).
 * **Applying**: a committed record's operations change the collections, their approximate snapshot sizes and the
   set of collections changed in this journal generation (the *dirty* set, which compaction rewrites).
 * **Following**: records that other processes committed are read from the journal up to the committed end they
@@ -45,7 +45,7 @@ from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lazy import Lazy, SnapshotFile
 from .lock import Committed, SidecarLock
-from .offsets import Offsets, build_offsets, new_spans, offsets_name, read_offsets, write_offsets
+from .offsets import Offsets, build_offsets, new_spans, offsets_name, read_offsets, wants_sidecar, write_offsets
 from .snapshot import OVERHEAD, Documents, read_snapshot, render_parts, render_with_spans
 
 __all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
@@ -134,13 +134,16 @@ class Tables:
             if not entry.is_file():  # follows symlinks: a link to a file is that file (see _snapshot_target)
                 foreign[name] = "it is not a regular file" + (" (a directory)" if entry.is_dir() else "")
                 continue
-            lazy = self._open_lazy(name, path) if self.lazy else None
+            st = os.stat(path)
+            sidecar = self.lazy and wants_sidecar(st.st_size)  # a small snapshot is read whole (offsets.py)
+            lazy = self._open_lazy(name, path) if sidecar else None
             if lazy is not None:
                 data[name], sizes[name], crc = lazy, lazy.file.table.approx_size, lazy.file.crc
                 files[name] = (lazy.file.signature, crc)
             else:
-                st = os.stat(path)
-                spans = None if self.read_only or not self.lazy else new_spans()
+                if self.lazy and not sidecar and not self.read_only:
+                    self._drop_offsets(name)  # left from when it was larger, or by an older version
+                spans = None if self.read_only or not sidecar else new_spans()
                 loaded = read_snapshot(path, trusted.get(name), spans)
                 if isinstance(loaded, str):
                     foreign[name] = loaded
@@ -480,8 +483,9 @@ class Tables:
             checksums[name] = crc
             st = os.stat(target)
             self.files[name] = (_signature(st), crc)
-            if spans is not None:
-                table = build_offsets(spans, sum(map(len, rendered)), crc, self.sizes.get(name, 2))
+            size = sum(map(len, rendered))
+            if spans is not None and wants_sidecar(size):
+                table = build_offsets(spans, size, crc, self.sizes.get(name, 2))
                 self._write_offsets(name, table)
                 if was_lazy:  # read whole only to be rendered: lazy again, over the new file (json/lazy.py)
                     self.data[name] = Lazy(SnapshotFile.adopt(target, table))
@@ -506,7 +510,8 @@ class Tables:
         self.settle()
 
     def _drop_offsets(self, name: str) -> None:
-        """No sidecar for a snapshot whose keys need escapes (read whole at open): remove a stale one."""
+        """No sidecar for a snapshot whose keys need escapes or that is small (read whole at open): remove a stale
+        one."""
         try:
             os.unlink(self.path / offsets_name(name))
         except FileNotFoundError:

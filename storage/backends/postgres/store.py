@@ -512,6 +512,10 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         async with self._connection("indexes") as conn:
             return (await pg_indexes.indexed_paths(conn, collection)).get(collection, [])
 
+    async def _all_indexes(self) -> dict[str, list[str]]:
+        async with self._connection("indexes") as conn:
+            return dict(sorted((await pg_indexes.indexed_paths(conn)).items()))
+
     # ---------------------------------------------------------------------------------------------------------------
     # transactions
     @asynccontextmanager
