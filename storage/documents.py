@@ -25,7 +25,7 @@ from .errors import ValidationError
 from .expiry import expiry_of, utc_now
 from .protocol import Document, Items, Key, UpdateFn
 from .query.ops import QueryOps
-from .rules import FAST_RULES, RULES, encode_for
+from .rules import FAST_COLUMNS, FAST_RULES, RULES, encode_for
 
 __all__ = ["OpsBase", "normalize_items", "apply_update"]
 
@@ -55,8 +55,15 @@ def normalize_items(items: Items, collection: str | None = None, *, rule: bool =
     fast = FAST_RULES.get(collection) if collection is not None and rule else None
     encoded: list[bytes | None] | None = None
     if fast is not None:
+        columns = FAST_COLUMNS.get(collection) if isinstance(items, Mapping) else None  # type: ignore[arg-type]
+        if columns is not None:  # a mapping: its keys and documents as they are, no pairs built (0.1 ms a 1,000)
+            keys = list(items)
+            encoded = columns(keys, list(items.values()))  # type: ignore[union-attr]
+            if encoded is not None and None not in encoded:
+                return list(zip(keys, encoded))  # type: ignore[arg-type]
         pairs = list(pairs)
-        encoded = fast(pairs)
+        if encoded is None:
+            encoded = fast(pairs)
         if None not in encoded:  # the usual batch: every item taken by the fast path (each a (str, doc) tuple)
             return list(zip(map(_first, pairs), encoded))  # type: ignore[arg-type]
     out: list[tuple[str, bytes]] = []

@@ -28,10 +28,10 @@ from typing import Any
 
 from .codec import encode_doc, shown
 from .errors import ValidationError
-from .member_fast import encode_member, encode_members, time_text
+from .member_fast import encode_member, encode_member_columns, encode_members, time_text
 from .models import MEMBERS, check_member, snowflake
 
-__all__ = ["Rule", "RULES", "FAST_RULES", "encode_for", "member_rule", "time_text"]
+__all__ = ["Rule", "RULES", "FAST_RULES", "FAST_COLUMNS", "encode_for", "member_rule", "time_text"]
 
 #: ``rule(key, doc, what) -> encoded bytes``; raises :class:`ValidationError` naming the field.
 Rule = Callable[[str, Any, str], bytes]
@@ -39,6 +39,9 @@ Rule = Callable[[str, Any, str], bytes]
 #: usual document (its key included: it also passes :func:`storage.codec.check_key`); None means "run the rule",
 #: never "invalid" (see storage.member_fast).
 FastRule = Callable[[list[Any]], "list[bytes | None]"]
+#: ``columns(keys, docs) -> [encoded bytes | None] | None``: the same over a batch given as its keys and documents
+#: (a mapping's), None when it does not take the batch as a whole (then the pairs go to the FastRule).
+FastColumns = Callable[[list[Any], list[Any]], "list[bytes | None] | None"]
 
 
 def member_rule(key: str, doc: Any, what: str) -> bytes:
@@ -69,6 +72,7 @@ def member_rule_checked(key: str, doc: Any, what: str) -> bytes:
 RULES: Mapping[str, Rule] = MappingProxyType({MEMBERS: member_rule})
 #: The rules' fast paths by collection (a collection may have a rule without one).
 FAST_RULES: Mapping[str, FastRule] = MappingProxyType({MEMBERS: encode_members})
+FAST_COLUMNS: Mapping[str, FastColumns] = MappingProxyType({MEMBERS: encode_member_columns})
 
 
 def encode_for(collection: str, key: str, doc: Any, what: str = "document") -> bytes:

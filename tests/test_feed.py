@@ -501,9 +501,13 @@ async def test_forgetting_is_watched_and_invalidates(store, reopen):
         await store.save_member_data(11, 1, {"statistics": {"message_count": 1}})
         await store.save_member_data(12, 1, {"statistics": {"message_count": 2}})
         await store.save_member_data(11, 2, {"statistics": {"message_count": 3}})
-        await store.put("settings", "1", {"prefix": "?"})
         assert (await other.get_member_data(11, 1))["statistics"]["message_count"] == 1  # cached there
         async with other.watch() as watch:
+            # A sync point: on PostgreSQL the notifications of the puts above may still be on their way (they came
+            # after the watch opened under load); the watch sees them in commit order, so after this one, only the
+            # forget's deletes follow.
+            await store.put("settings", "1", {"prefix": "?"})
+            await wait_for_change(watch, "settings", "1")
             assert await store.forget_guild(1) == {"members": 2, "settings": 1}
             got = sorted([tuple(await next_change(watch))[:3] for _ in range(3)])
             assert got == [("members", "1_11", "delete"), ("members", "1_12", "delete"), ("settings", "1", "delete")]

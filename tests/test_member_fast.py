@@ -357,3 +357,76 @@ def test_tables_apply_equals_the_previous_per_operation_loop(seed: int) -> None:
             previous_apply(reference, ops)
             assert (mine.data, mine.sizes, mine.expires, mine.dirty, mine.feed.seen) == \
                 (reference.data, reference.sizes, reference.expires, reference.dirty, reference.feed.seen)
+
+
+def varied_usual_member(rnd: random.Random) -> tuple[str, dict[str, Any]]:
+    """A member the fast path takes, in its several usual forms (fields absent or null, the microsecond timestamp,
+    empty roles, the key's ids left out of the record)."""
+    guild, user = str(rnd.randrange(0, 10**18)), str(rnd.randrange(0, 10**18))
+    doc: dict[str, Any] = {"user_id": user, "guild_id": guild,
+                           "join_date": rnd.choice(["2024-01-31T12:00:00Z", "2024-02-29T23:59:59.123456Z"]),
+                           "roles": rnd.choice([[], ["a"], ["mod", "vip", Str("sub")]]),
+                           "preferences": rnd.choice([{}, {"lang": "en"}, {"deep": {"x": [1, "2"]}}]),
+                           "statistics": {"message_count": rnd.randrange(100), "last_active": "2024-06-01T10:00:00Z"}}
+    for field in ("user_id", "guild_id", "join_date", "roles", "preferences", "statistics"):
+        if rnd.random() < 0.05:
+            del doc[field]
+    if rnd.random() < 0.05 and "statistics" in doc:
+        doc["statistics"] = rnd.choice([{}, {"message_count": 0}, {"last_active": "2023-12-31T23:59:59Z"}])
+    return f"{guild}_{user}", doc
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_batch_checked_a_field_at_a_time_decides_each_member_like_alone(seed: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_members / encode_members_ids first check a whole batch a field at a time (member_fast._all_usual,
+    C-level passes): batches of usual members with one random member among them (usual, or with one thing wrong
+    or unusual, or not even a pair) decide every member exactly as encode_member alone, taken by the column check
+    or not."""
+    from storage import member_fast
+
+    rnd = random.Random(400 + seed)
+    outcomes: list[bool] = []
+    real = member_fast._all_usual
+
+    def spy(guilds: list[str], users: list[str], docs: list[Any]) -> bool:
+        outcomes.append(real(guilds, users, docs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(member_fast, "_all_usual", spy)
+    for _ in range(150):
+        pairs: list[Any] = [varied_usual_member(rnd) for _ in range(rnd.randrange(member_fast.COLUMNS_FROM, 30))]
+        if rnd.random() < 0.7:
+            key, doc, _g, _u = random_member(rnd)
+            pairs[rnd.randrange(len(pairs))] = (key, doc) if rnd.random() < 0.95 else rnd.choice([None, ("1_2",)])
+        if rnd.random() < 0.05:  # two usual keys in one: the batch's keys are joined by newlines for one regex run
+            at = rnd.randrange(len(pairs))
+            if type(pairs[at]) is tuple and len(pairs[at]) == 2 and isinstance(pairs[at][1], dict):
+                no_ids = {k: v for k, v in pairs[at][1].items() if k not in ("user_id", "guild_id")}
+                pairs[at] = (f"1_2\n{pairs[at][0]}", no_ids)  # (with the ids in the record, those differ)
+        expected = [encode_member(*pair) if type(pair) is tuple and len(pair) == 2 else None for pair in pairs]
+        assert encode_members(pairs) == expected
+        rows = [(k.partition("_")[0], k.partition("_")[2], d) for k, d in (p for p in pairs if type(p) is tuple
+                                                                           and len(p) == 2)
+                if type(k) is str and "_" in k and _canonical_ids(k.partition("_")[0], k.partition("_")[2])]
+        assert encode_members_ids(rows) == [encode_member_ids(*row) for row in rows]
+        for pair, out in zip(pairs, expected):
+            if out is not None:
+                assert outcome(previous_rule, *pair) == ("ok", out, None)
+    assert outcomes.count(True) > 50 and outcomes.count(False) > 50  # both ways, many times
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_put_many_of_a_mapping_encodes_like_the_previous_loop(seed: int) -> None:
+    """``put_many`` of a dict hands its keys and documents to the column check as they are (rules.FAST_COLUMNS);
+    the pairs, or the error, are those of the previous loop, usual batches and batches with one odd member."""
+    rnd = random.Random(500 + seed)
+    for _ in range(120):
+        items: dict[Any, Any] = dict(varied_usual_member(rnd) for _ in range(rnd.randrange(0, 30)))
+        if rnd.random() < 0.5:
+            key, doc, _g, _u = random_member(rnd)
+            items[key] = doc
+        if rnd.random() < 0.05:
+            items[12345] = {"user_id": "1"}  # an int key: its text, then the rule (the key and the record differ)
+        expected = outcome(previous_normalize, items, "members")
+        assert outcome(normalize_items, items, "members") == expected

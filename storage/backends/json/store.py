@@ -72,7 +72,7 @@ from .feed import JsonFeed
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
-from .lazy import Lazy
+from .lazy import SIZES_AFTER, Lazy
 from .lease import Lease
 from .lifecycle import JsonLifecycle, JsonTxLifecycle
 from .lock import LockBusy, SidecarLock
@@ -738,6 +738,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 if start:
                     await asyncio.sleep(0)
                 ops.extend(_put_ops(collection, items[start:start + ITEMS_TURN], expires))
+        coll = self._tables.data.get(collection)
+        if type(coll) is Lazy and len(items) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
+            await cancellation.run_in_thread(coll.build_sizes)
         await self._submit(ops)
 
     async def _delete(self, collection: str, key: str) -> bool:

@@ -1,0 +1,226 @@
+"""A batch of puts applied to memory in C-level passes, and the snapshot's sizes dict behind it (issue 15).
+
+* ``offsets.document_sizes`` (the snapshot's ``{key: document length}``, built once a batch writes to a lazy
+  collection) against the table's own probe, key by key, for ASCII and non-ASCII keys;
+* ``Tables.apply`` of batches (``_apply_puts``: at least ``BULK_APPLY`` puts without expiry into one collection)
+  against the previous per-operation loop, on plain and lazy collections, with and without the sizes dict, with
+  repeated keys, new collections, expiring documents and a change feed listening (the last two take the loop);
+* through the store: a batch builds the sizes dict once (a smaller write does not), writes sized from it read
+  nothing from the snapshot and probe nothing, every point read, the count and the size accounting equal an eager
+  reference, and reading the collection whole drops the dict.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import storage
+from storage.backends.json.lazy import SIZES_AFTER, Lazy, SnapshotFile
+from storage.backends.json.offsets import document_sizes, offsets_name, read_offsets
+from storage.backends.json.snapshot import OVERHEAD
+from storage.backends.json.tables import BULK_APPLY, Tables
+from tests.test_json_lazy import cfg, eager_copy, is_lazy, point_answers
+from tests.test_member_fast import previous_apply
+
+COLL = "things"
+# These stores are small (~50 KB): below offsets.MIN_SNAPSHOT_BYTES they would get no sidecar.
+pytestmark = pytest.mark.usefixtures("sidecar_always")
+#: ASCII keys and keys whose UTF-8 is longer than their text (a character is not a byte in the table's blob)
+KEYS = [f"{g}_{u}" for g in range(3) for u in range(120)] + [f"é{i}" for i in range(40)] + [f"ключ{i}" for i in
+                                                                                           range(40)]
+
+
+def doc(rng: random.Random, key: str) -> dict[str, Any]:
+    return {"k": key, "n": rng.randrange(10**6), "pad": "x" * rng.randrange(0, 60), "t": rng.choice(["a", "ü"])}
+
+
+async def seeded(path: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A compacted store (snapshot + sidecar) holding a document under every key of KEYS."""
+    rng = random.Random(seed)
+    docs = {key: doc(rng, key) for key in KEYS}
+    async with storage.open_store(config=cfg(path)) as store:
+        await store.put_many(COLL, docs)
+    assert (path / offsets_name(COLL)).is_file()
+    return docs
+
+
+def open_lazy(path: Path) -> Lazy:
+    file, why = SnapshotFile.open(path / f"{COLL}.json",
+                                  lambda size: read_offsets(path / offsets_name(COLL), size))
+    assert file is not None, why
+    return Lazy(file)
+
+
+async def test_document_sizes_equal_the_tables_probe_for_every_key(tmp_path: Path) -> None:
+    docs = await seeded(tmp_path / "s")
+    lazy = open_lazy(tmp_path / "s")
+    try:
+        sizes = document_sizes(lazy.file.table)
+        assert sizes is not None and set(sizes) == set(docs)
+        assert all(sizes[key] == lazy.file.size_of(key) for key in KEYS)
+        assert all(sizes[key] == len(orjson.dumps(value)) for key, value in docs.items())
+        assert document_sizes(lazy.file.table, lambda: False) is None  # asked to stop after the first step
+    finally:
+        lazy.file.close()
+
+
+class _NoIndexes:
+    live = False
+
+
+class _Feed:
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.seen: list[tuple[str, str, str, bytes | None]] = []
+
+    def publish(self, collection: str, key: str, kind: str, raw: bytes | None) -> None:
+        self.seen.append((collection, key, kind, raw))
+
+
+def _tables(data: dict[str, Any], expires: dict[str, dict[str, int]], feed: _Feed,
+            sizes: dict[str, int] | None = None) -> Tables:
+    tables = Tables.__new__(Tables)  # only what apply() touches
+    tables.data, tables.expires, tables.dirty, tables.feed = data, expires, set(), feed  # type: ignore[assignment]
+    tables.sizes = sizes if sizes is not None else {
+        name: 2 + sum(len(k) + len(v) + OVERHEAD for k, v in coll.items()) for name, coll in data.items()}
+    tables.indexes = _NoIndexes()  # type: ignore[assignment]
+    return tables
+
+
+def batch(rng: random.Random, names: list[str]) -> list[Any]:
+    """At least BULK_APPLY puts into one collection, keys old and new, some repeated; now and then a record that
+    is not a batch (a delete, an expiry, a second collection) to check that those still go the long way."""
+    name = rng.choice(names)
+    pool = KEYS + [f"new{i}" for i in range(60)]
+    ops: list[Any] = []
+    for _ in range(rng.randrange(BULK_APPLY, 3 * BULK_APPLY)):
+        key = rng.choice(pool)
+        ops.append(("p", name, key, orjson.dumps({"v": rng.random(), "pad": "y" * rng.randrange(40)})))
+    spoil = rng.random()
+    if spoil < 0.1:
+        ops[rng.randrange(len(ops))] = ("d", name, rng.choice(pool))
+    elif spoil < 0.2:
+        ops[rng.randrange(len(ops))] = ("p", rng.choice(names), "x", b"{}")
+    elif spoil < 0.3:
+        ops[rng.randrange(len(ops))] = ("p", name, rng.choice(pool), b"{}", rng.randrange(2**40))
+    return ops
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_batches_apply_like_the_per_operation_loop(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    docs = await seeded(tmp_path / "s", seed)
+    encoded = {key: orjson.dumps(value) for key, value in docs.items()}
+    lazy = open_lazy(tmp_path / "s")
+    if seed % 2:
+        lazy.build_sizes()
+        assert lazy.has_sizes
+    feed = _Feed(active=seed % 3 == 2)
+    reference = _tables({COLL: dict(encoded), "plain": {"k": b'{"old":1}'}}, {"plain": {"k": 1, "other": 2}},
+                        _Feed(active=True))
+    mine = _tables({COLL: lazy, "plain": {"k": b'{"old":1}'}}, {"plain": {"k": 1, "other": 2}}, feed,
+                   dict(reference.sizes))  # (the lazy collection's sizes without reading it whole)
+    names = [COLL, "plain", "fresh"]
+    try:
+        for _ in range(40):
+            ops = batch(rng, names)
+            mine.apply(ops)
+            previous_apply(reference, ops)
+            assert mine.sizes == reference.sizes and mine.expires == reference.expires
+            assert mine.dirty == reference.dirty
+            assert len(lazy) == len(reference.data[COLL])  # the count, with no walk
+            assert {key: lazy.get(key) for key in KEYS} == {key: reference.data[COLL].get(key) for key in KEYS}
+        if feed.active:
+            assert feed.seen == reference.feed.seen  # type: ignore[union-attr]
+        assert lazy.has_sizes == bool(seed % 2)  # apply never builds it (the store does, before a batch)
+        assert not lazy.is_whole
+        assert lazy.whole() == reference.data[COLL]
+        assert not lazy.has_sizes  # read whole: the dict answers everything, the sizes are dropped
+        for name in ("plain", "fresh"):
+            assert mine.data.get(name) == reference.data.get(name)
+    finally:
+        lazy.file.close()
+
+
+def test_only_a_batch_takes_the_bulk_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop handles everything else: fewer operations, a delete, an expiry, two collections, a listening feed,
+    or a put over an expiring document; a batch does not enter it."""
+    entered: list[int] = []
+    real = Tables._plan_puts
+
+    def spy(self: Tables, name: str, puts: dict[str, bytes]) -> Any:
+        entered.append(len(puts))
+        return real(self, name, puts)
+
+    monkeypatch.setattr(Tables, "_plan_puts", spy)
+    puts = [("p", "a", f"k{i}", b"{}") for i in range(BULK_APPLY)]
+    cases = {
+        "batch": (puts, {}, False, True),
+        "short": (puts[1:], {}, False, False),
+        "delete": ([*puts, ("d", "a", "k0")], {}, False, False),
+        "expiry": ([*puts[:-1], ("p", "a", "z", b"{}", 5)], {}, False, False),
+        "two collections": ([*puts[:-1], ("p", "b", "z", b"{}")], {}, False, False),
+        "feed": (puts, {}, True, False),
+        "over an expiry": (puts, {"a": {"k3": 9}}, False, False),
+        "expiries elsewhere in the collection": (puts, {"a": {"zz": 9}}, False, True),
+    }
+    for what, (ops, expires, active, bulk) in cases.items():
+        entered.clear()
+        tables = _tables({}, {name: dict(e) for name, e in expires.items()}, _Feed(active))
+        tables.apply(ops)
+        assert bool(entered) == bulk, what
+        assert tables.data["a"]["k1"] == b"{}"
+
+
+async def test_a_batch_builds_the_sizes_once_and_writes_are_sized_from_them(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s"
+    docs = await seeded(path)
+    eager_copy(path, tmp_path / "ref")
+    lazy_store = await storage.open_store(config=cfg(path))
+    ref = await storage.open_store(config=cfg(tmp_path / "ref"))
+    rng = random.Random(5)
+    try:
+        lazy = lazy_store._tables.data[COLL]
+        assert isinstance(lazy, Lazy) and not is_lazy(ref)
+        small = {key: {"small": i} for i, key in enumerate(KEYS[: SIZES_AFTER - 1])}
+        for store in (lazy_store, ref):
+            await store.put_many(COLL, small)
+        assert not lazy.has_sizes  # fewer than SIZES_AFTER: the probes size them
+        probes: list[str] = []
+        real_size_of = SnapshotFile.size_of
+
+        def counting(self: SnapshotFile, key: str) -> int | None:
+            probes.append(key)
+            return real_size_of(self, key)
+
+        monkeypatch.setattr(SnapshotFile, "size_of", counting)
+        big = {key: {"big": rng.random()} for key in KEYS[SIZES_AFTER - 60:]} | {f"new{i}": {"i": i} for i in
+                                                                                   range(30)}
+        assert len(big) >= SIZES_AFTER
+        for store in (lazy_store, ref):
+            await store.put_many(COLL, big)
+        assert lazy.has_sizes and is_lazy(lazy_store) and probes == []  # built first, then used: no probe
+        again = {key: {"again": rng.random()} for key in rng.sample(KEYS, SIZES_AFTER)}
+        for store in (lazy_store, ref):
+            await store.put_many(COLL, again)
+            await store.put(COLL, KEYS[-1], {"one": 1})  # a single write of a key not read yet: sized too
+            await store.delete(COLL, KEYS[-2])
+        assert probes == [] and is_lazy(lazy_store)
+        keys = [*KEYS, "new0", "new29", "absent"]
+        assert await point_answers(lazy_store, keys) == await point_answers(ref, keys)  # count and size included
+        assert await lazy_store.count(COLL) == len(docs) + 30 - 1
+        assert [pair async for pair in lazy_store.items(COLL)] == [pair async for pair in ref.items(COLL)]
+        assert not is_lazy(lazy_store) and not lazy.has_sizes  # read whole: the dict is dropped
+    finally:
+        await lazy_store.close()
+        await ref.close()
+    async with storage.open_store(config=cfg(path)) as store:  # compacted: lazy again, no sizes until a batch
+        lazy = store._tables.data[COLL]
+        assert isinstance(lazy, Lazy) and not lazy.has_sizes
+        assert lazy.wants_sizes
