@@ -68,6 +68,26 @@ async def watch_counter(config: StoreConfig, target: int) -> None:
         await store.close()
 
 
+async def lease_writer(config: StoreConfig, start: int, budget: float, acks: int) -> None:
+    """Save one document after another, forever (the parent kills us): the lone writer in a tight loop that keeps
+    the store lock leased between its saves (json/lease.py). ``budget`` > 0 replaces the lease's budget and the
+    lone writer's loop-turn budget (so that a lease lasts that long while nobody waits); ``acks`` 1 prints
+    ``ACK n`` after each save returns."""
+    if budget > 0:
+        from storage.backends.json import group_commit, lease
+
+        lease.BUDGET = budget
+        group_commit.SOLO_TURN_BUDGET = budget
+    store = await storage.open_store(config=config)
+    print("READY", flush=True)
+    n = start
+    while True:
+        await store.put("lease", f"k{n}", {"n": n})
+        if acks:
+            print(f"ACK {n}", flush=True)
+        n += 1
+
+
 def main() -> None:
     mode, raw = sys.argv[1], sys.argv[2]
     config = _config(raw)
@@ -77,6 +97,8 @@ def main() -> None:
         asyncio.run(incrementer(config, int(sys.argv[3]), int(sys.argv[4])))
     elif mode == "watch-counter":
         asyncio.run(watch_counter(config, int(sys.argv[3])))
+    elif mode == "lease-writer":
+        asyncio.run(lease_writer(config, int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -69,15 +69,19 @@ class GroupCommit(Generic[T, R]):
     after each round that did not fail, outside the lock (housekeeping such as compaction).
     """
 
-    __slots__ = ("_after", "_crowded", "_idle", "_leader", "_locked", "_queue", "_solo", "_solo_running",
-                 "_turn_since", "_turn_task", "_write")
+    __slots__ = ("_after", "_after_due", "_crowded", "_idle", "_leader", "_locked", "_queue", "_solo",
+                 "_solo_running", "_turn_since", "_turn_task", "_write")
 
     def __init__(self, locked: Callable[[], AbstractAsyncContextManager[None]],
                  write: Callable[[list[T], list[R | Failed]], Awaitable[None]],
-                 after: Callable[[], Awaitable[None]] | None = None, *, solo: bool = False) -> None:
+                 after: Callable[[], Awaitable[None]] | None = None, *, solo: bool = False,
+                 after_due: Callable[[], bool] | None = None) -> None:
         self._locked = locked
         self._write = write
         self._after = after
+        #: ``after`` runs only when this says it has something to do (a lone save's ``await`` of a coroutine
+        #: that found nothing to do cost about 1 us of it); None: always
+        self._after_due = after_due
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._leader: asyncio.Task[None] | None = None
         self._solo = solo  # lone writers commit in their own task (see the module doc)
@@ -91,8 +95,60 @@ class GroupCommit(Generic[T, R]):
         """Commit ``item`` (alone, or in the next round) and wait until it is durable; returns its outcome."""
         if self._solo and self._leader is None and not self._solo_running and not self._crowded:
             task = asyncio.current_task()
-            if self._turn_task is None or self._turn_task is task:
-                return await self._commit_alone(item, task)
+            if self._turn_task is None:
+                self._turn_task, self._turn_since = task, time.perf_counter()
+                asyncio.get_running_loop().call_soon(self._turned)
+            elif self._turn_task is not task:
+                return await self._queued(item)  # another task committed within this loop turn
+            elif time.perf_counter() - self._turn_since > SOLO_TURN_BUDGET:
+                await asyncio.sleep(0)  # committing back to back without a loop turn: let the loop run first
+                return await self.submit(item)  # others may have started writing meanwhile
+            # The lone writer's commit, in the caller's task (see the module doc); written out here rather than
+            # in a method of its own: a coroutine less per lone save.
+            self._solo_running = True
+            outcomes: list[R | Failed] = []
+            try:
+                async with self._locked():
+                    await self._write([item], outcomes)
+            finally:
+                self.alone_done()
+            if len(outcomes) != 1:
+                raise RuntimeError(f"group commit: 1 write, {len(outcomes)} outcomes")
+            outcome = outcomes[0]
+            if isinstance(outcome, Failed):
+                raise outcome.error
+            if self._after is not None and (self._after_due is None or self._after_due()):
+                await self._after()
+            return outcome
+        return await self._queued(item)
+
+    def alone_now(self) -> bool:
+        """For a caller that commits a lone write itself, synchronously (no ``await`` in it: the JSON store's put
+        while its lease is on, json/store.py): True when the current task may commit alone right now (the
+        conditions of :meth:`submit`'s lone path, the turn budget not spent); the caller then commits under the
+        lock and calls :meth:`alone_done` after, whatever happened. False: :meth:`submit` instead."""
+        if not self._solo or self._leader is not None or self._solo_running or self._crowded:
+            return False
+        task = asyncio.current_task()
+        if self._turn_task is None:
+            self._turn_task, self._turn_since = task, time.perf_counter()
+            asyncio.get_running_loop().call_soon(self._turned)
+        elif self._turn_task is not task or time.perf_counter() - self._turn_since > SOLO_TURN_BUDGET:
+            return False  # another task committed this turn, or the loop is due a turn: submit() sees to both
+        self._solo_running = True
+        return True
+
+    def alone_done(self) -> None:
+        """The lone commit that :meth:`alone_now` allowed has ended."""
+        self._solo_running = False
+        if self._idle:
+            idle, self._idle = self._idle, []
+            for future in idle:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _queued(self, item: T) -> R:
+        """Queue ``item`` for the leader's next round (starting a leader if none runs) and wait for its outcome."""
         if self._solo:
             self._crowded = True  # a commit is running, or another task committed within this loop turn
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -100,34 +156,6 @@ class GroupCommit(Generic[T, R]):
         if self._leader is None:
             self._leader = asyncio.create_task(self._lead())
         return await future
-
-    async def _commit_alone(self, item: T, task: asyncio.Task[Any] | None) -> R:
-        """The lone writer's commit, in the caller's task (see the module doc)."""
-        if self._turn_task is None:
-            self._turn_task, self._turn_since = task, time.perf_counter()
-            asyncio.get_running_loop().call_soon(self._turned)
-        elif time.perf_counter() - self._turn_since > SOLO_TURN_BUDGET:
-            await asyncio.sleep(0)  # committing back to back without a loop turn: let the loop run first
-            return await self.submit(item)  # others may have started writing meanwhile
-        self._solo_running = True
-        outcomes: list[R | Failed] = []
-        try:
-            async with self._locked():
-                await self._write([item], outcomes)
-        finally:
-            self._solo_running = False
-            idle, self._idle = self._idle, []
-            for future in idle:
-                if not future.done():
-                    future.set_result(None)
-        if len(outcomes) != 1:
-            raise RuntimeError(f"group commit: 1 write, {len(outcomes)} outcomes")
-        outcome = outcomes[0]
-        if isinstance(outcome, Failed):
-            raise outcome.error
-        if self._after is not None:
-            await self._after()
-        return outcome
 
     def _turned(self) -> None:
         self._turn_task = None
@@ -168,7 +196,7 @@ class GroupCommit(Generic[T, R]):
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                if self._after is not None:
+                if self._after is not None and (self._after_due is None or self._after_due()):
                     await self._after()
         finally:
             self._leader = None

@@ -522,7 +522,9 @@ class Journal:
         stop = start + len(data)
         try:
             if stop <= self.allocated:
-                pwrite_all(self.fd, data, start)
+                written = os.pwrite(self.fd, data, start)  # whole, but for a short write near a full disk
+                if written != len(data):
+                    pwrite_all(self.fd, memoryview(data)[written:], start + written)
             else:
                 self._extend(data)
             sync_fd(self.fd)

@@ -27,6 +27,15 @@ The committed end
     process that maps it with SIGBUS) and carries a crc, so a torn, truncated or zeroed lock file only reads as
     "unknown", never as a wrong end. It also carries the boot id: what a previous boot published may not have
     reached the disk, so it is never used to decide which journal bytes were committed.
+
+Who waits
+    A writer of another process that waits for the lock (:meth:`SidecarLock.wait_free`) says so with a *shared*
+    open-file-description lock on one byte of ``storage.lock`` (Linux ``F_OFD_SETLK``, the byte after the one
+    json/presence.py uses), held while it waits and dropped once it has the lock (or by the kernel, if it dies).
+    The holder asks with one ``F_OFD_GETLK`` (:meth:`SidecarLock.waited_for`, about 0.5 us): a store that keeps the
+    lock across back-to-back commits (json/lease.py) gives it up when someone waits. Byte-range locks and ``flock``
+    do not interact on Linux; the sign is only given where the folder can be locked too (so not where ``flock`` is
+    emulated with byte-range locks, as on NFS), and where it cannot be given no lock is ever kept between commits.
 """
 
 from __future__ import annotations
@@ -51,8 +60,24 @@ __all__ = ["SidecarLock", "LockBusy", "Committed", "boot_id"]
 
 _MAGIC = b"SLK2"
 _STATE = struct.Struct("<4sIQQQ")  # magic, crc32 of the rest, boot id, journal inode, committed end
+_HEAD, _BODY = struct.Struct("<4sI"), struct.Struct("<QQQ")  # its two parts, packed apart by publish()
 #: errnos that say "this file system cannot flock a directory": the sidecar alone is used there.
 _NO_DIR_LOCK = frozenset({errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EISDIR})
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
+_OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
+#: The byte whose shared locks say "a writer waits for the lock" (json/presence.py uses the one before it).
+_WANT_BYTE = (1 << 40) + 1
+
+
+def _want_struct(kind: int) -> bytes:
+    """A ``struct flock`` for the wait sign's byte (l_type, l_whence, l_start, l_len, l_pid=0 as OFD locks need)."""
+    return struct.pack("hhqqi", kind, os.SEEK_SET, _WANT_BYTE, 1, 0)
+
+
+if fcntl is not None and _OFD_SETLK is not None:  # pragma: no branch - platform switch
+    _WANT = _want_struct(fcntl.F_RDLCK)
+    _UNWANT = _want_struct(fcntl.F_UNLCK)
+    _ASK = _want_struct(fcntl.F_WRLCK)
 
 
 class LockBusy(Exception):
@@ -185,7 +210,7 @@ class SidecarLock:
         """Whether :meth:`wait_free` / :meth:`adopt` work here (POSIX ``flock``; not the Windows fallback)."""
         return fcntl is not None and self._fallback is None and not self.read_only
 
-    def wait_free(self, abandoned: threading.Event) -> int:
+    def wait_free(self, abandoned: threading.Event, behind: float = 0.0) -> int:
         """In a dedicated thread: block in ``flock`` on a fresh descriptor of the sidecar until it is ours.
 
         Why: a poll with a growing sleep (:meth:`acquire`) lost the lock, again and again, to a process saving in
@@ -194,10 +219,21 @@ class SidecarLock:
         setting ``abandoned`` and leaving the thread: if the lock comes later, the thread lets go at once (closing
         the descriptor releases it). Returns the descriptor, holding the sidecar's lock, for :meth:`adopt` on
         the caller's thread (the descriptor in use is never swapped from here), or -1 when abandoned.
+
+        ``behind`` > 0: we just let go because others waited (json/lease.py), so do not take the lock back before
+        one of them could: ``flock`` wakes the waiters when the lock is let go but does not hand it over, and a
+        waiter woken on a loaded machine could take over a millisecond to run, while our own next ``flock`` came
+        first (a writer here waited two of the holder's leases instead of one, about every third time). For up
+        to ``behind`` seconds, while the lock is free and another writer still gives the wait sign, it is left
+        to them (checked every 0.1 ms); once another holds it, we wait in the kernel's queue behind it.
         """
         while not abandoned.is_set():
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
+                if self.can_sign:
+                    _sign(fd, _WANT)  # "a writer waits" (see the module doc), dropped by adopt() or the close
+                    if behind > 0:
+                        _leave_to_others(fd, time.monotonic() + behind, abandoned)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 mine = os.fstat(fd)
                 try:
@@ -217,6 +253,8 @@ class SidecarLock:
         folder lock; False, holding nothing, when another holds the folder (its sidecar was deleted)."""
         old, self._fd = self._fd, fd
         try:
+            if self.can_sign:
+                _sign(fd, _UNWANT)  # we no longer wait (a holder that kept a wait sign would look waited for)
             mine = os.fstat(fd)
             self._ident = (mine.st_dev, mine.st_ino)
             self.published = None  # another description of the file: read it again once
@@ -230,6 +268,25 @@ class SidecarLock:
             raise
         self._held = True
         return True
+
+    @property
+    def can_sign(self) -> bool:
+        """Whether waiting writers give the wait sign here and a holder can see it (see the module doc): Linux OFD
+        locks, and the folder lockable (so ``flock`` is the kernel's own, not emulated with byte-range locks)."""
+        return _OFD_GETLK is not None and self._fallback is None and self._dir_lockable and not self.read_only
+
+    def waited_for(self) -> bool:
+        """Whether a writer (of this or another process, through another descriptor) waits for the lock. Call
+        holding it. Where nobody can tell, or the question fails: True (the caller then lets go, as it would
+        without this)."""
+        if _OFD_GETLK is None or not self.can_sign or self._fd < 0:
+            return True
+        try:
+            found = fcntl.fcntl(self._fd, _OFD_GETLK, _ASK)
+        except OSError:
+            return True
+        kind: int = struct.unpack_from("h", found)[0]
+        return kind != fcntl.F_UNLCK
 
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> None:
         """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep), or raise LockBusy.
@@ -260,9 +317,9 @@ class SidecarLock:
     # -- the published committed end -------------------------------------------------------------------------------
     def publish(self, ino: int, end: int) -> None:
         """Tell readers that journal ``ino`` is committed up to byte ``end``. Call holding the lock, after fsync."""
-        body = _STATE.pack(_MAGIC, 0, self._boot, ino, end)[8:]
+        body = _BODY.pack(self._boot, ino, end)
         self.published = None  # unknown until the write is done
-        os.pwrite(self._descriptor(), _STATE.pack(_MAGIC, zlib.crc32(body), self._boot, ino, end), 0)
+        os.pwrite(self._fd if self._fd >= 0 else self._descriptor(), _HEAD.pack(_MAGIC, zlib.crc32(body)) + body, 0)
         self.published = (ino, end)
 
     def committed(self, *, trusted_only: bool = False) -> Committed | None:
@@ -273,7 +330,10 @@ class SidecarLock:
         """
         try:
             fd = self._descriptor()
-            if not self._same_file():  # deleted or replaced: what we would read is someone's old state
+            # Deleted or replaced: what we would read is someone's old state. Not while we hold the lock: taking it
+            # checked the path names our file, and nobody else can publish meanwhile (nor may the descriptor that
+            # holds the lock be closed: json/lease.py may let go of it from its keeper thread).
+            if not self._held and not self._same_file():
                 self._reopen()
                 fd = self._descriptor()
             raw = os.pread(fd, _STATE.size, 0)
@@ -297,3 +357,36 @@ class SidecarLock:
                 setattr(self, name, -1)
         self._ident = None
         self.published = None
+
+
+def _others_wait(fd: int) -> bool:
+    """Whether a writer other than ``fd``'s gives the wait sign (``fd``'s own sign does not count)."""
+    try:
+        found = fcntl.fcntl(fd, _OFD_GETLK, _ASK)  # type: ignore[arg-type]
+    except OSError:
+        return False
+    kind: int = struct.unpack_from("h", found)[0]
+    return kind != fcntl.F_UNLCK
+
+
+def _leave_to_others(fd: int, deadline: float, abandoned: threading.Event) -> None:
+    """:meth:`SidecarLock.wait_free`'s ``behind``: return once another writer holds the lock, nobody else waits
+    for it, or ``deadline`` (monotonic) has passed."""
+    while time.monotonic() < deadline and not abandoned.is_set():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another writer has it: wait behind it
+        waiting = _others_wait(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if not waiting:
+            return
+        time.sleep(0.0001)
+
+
+def _sign(fd: int, request: bytes) -> None:
+    """Give or drop the wait sign on ``fd`` (best effort: without it a holder only lets go later)."""
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, request)  # type: ignore[arg-type]
+    except OSError:
+        pass

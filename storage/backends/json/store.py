@@ -12,7 +12,9 @@ How it stays correct:
 * **Durable.** A write returns only after its journal line is fsynced. Snapshots are rewritten with temp file +
   fsync + ``os.replace`` + directory fsync, so a file is always either the old or the new version.
 * **Process-safe.** Every commit happens under the file lock, after catching up with the journal, so two processes
-  never both write from a stale view, and ``update()`` runs its function on the latest document.
+  never both write from a stale view, and ``update()`` runs its function on the latest document. Commits back to
+  back keep the lock between them (json/lease.py: nobody else can write meanwhile, so there is nothing to catch
+  up with), for at most a couple of milliseconds while another writer waits.
   Readers ``stat`` the journal before each read and apply what other processes appended.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
@@ -35,7 +37,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -71,12 +73,14 @@ from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
 from .lazy import SIZES_AFTER, Lazy
+from .lease import Lease
 from .lifecycle import JsonLifecycle, JsonTxLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
 from .messages import MESSAGES_DIR, MessageLog
 from .migration_lock import FileMigrationLock
+from .mutex import Mutex
 from .presence import Presence
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
@@ -97,6 +101,9 @@ INLINE_SYNC_BUDGET = 0.0005
 #: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
+#: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
+#: (json/lock.py ``wait_free``'s ``behind``).
+STEP_BACK = 0.005
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
@@ -126,10 +133,17 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._presence = Presence(self.path / LOCK_NAME)
         #: the committed documents, their snapshot files, catch-up and compaction (tables.py)
         self._tables = Tables(self.path, self._journal, self._flock, read_only=self.read_only)
-        self._mutex = asyncio.Lock()  # one holder of the file lock per store, across coroutines
+        self._mutex = Mutex()  # one holder of the file lock per store, across coroutines (json/mutex.py)
         self._holding = False  # this store holds the file lock: nobody else can append, skip read refreshes
-        self._commits: GroupCommit[_Prepare, Any] = GroupCommit(self._locked, self._commit_group,
-                                                                after=self._maybe_compact, solo=True)
+        #: commits back to back keep the file lock between them (json/lease.py)
+        self._lease = Lease(self._flock)
+        self._lease_turn = False  # the lease's end is scheduled for the loop's next turn
+        self._commits: GroupCommit[_Prepare | list[Op], Any] = GroupCommit(
+            self._commit_locked, self._commit_group, after=self._maybe_compact, solo=True,
+            after_due=self._compaction_may_be_due)
+        #: Tables.compaction_due is asked again only once the journal (of inode _compact_ino) reaches this offset
+        self._compact_ino: int | None = None
+        self._compact_next = 0
         #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
@@ -150,6 +164,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     @min_compact_bytes.setter
     def min_compact_bytes(self, value: int) -> None:
         self._tables.min_compact_bytes = value
+        self._compact_next = 0  # ask again at the next commit
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -186,6 +201,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             await cancellation.run_in_thread(store._open_sync)
         except asyncio.CancelledError:
             store._journal.close()  # opened all the same: give the files back before the cancellation goes on
+            store._lease.close()
             store._flock.close()
             store._presence.close()
             raise
@@ -279,8 +295,29 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         """
         return _Held(self)
 
+    def _commit_locked(self) -> AbstractAsyncContextManager[None]:
+        """:meth:`_locked` for group commit's rounds: those may keep the file lock between them (json/lease.py)."""
+        return _CommitHeld(self)
+
     async def _enter_locked(self) -> None:
         await self._mutex.acquire()
+        self._lease.end()  # only commits lease: every other holder takes the lock with every check
+        await self._take_lock()
+
+    async def _enter_commit(self) -> None:
+        """:meth:`_enter_locked` for a commit: a lease still on (json/lease.py) is resumed with nothing to check
+        (nobody else could commit, nor leave a restore's or a forget's intent, while this store held the lock)."""
+        asked = time.monotonic()  # a run of commits is one that asked for the lock soon after the last one ended
+        await self._mutex.acquire()
+        if self._lease.resume():
+            self._holding = True
+            return
+        await self._take_lock()
+        if not self.read_only:
+            self._lease.begin(asked)
+
+    async def _take_lock(self) -> None:
+        """Holding the mutex: take the file lock and catch up (releases the mutex if that fails)."""
         try:
             if self.read_only:
                 with self._io("reading the journal"):
@@ -315,7 +352,30 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         finally:
             self._mutex.release()
 
+    def _exit_commit(self, failed: bool) -> None:
+        """:meth:`_exit_locked` for a commit: the lock stays leased after a good commit in a run of them."""
+        try:
+            if not self.read_only:
+                self._holding = False
+                if not self._lease.finish(keep=not failed):
+                    self._flock.release()
+                elif not self._lease_turn:  # the lease ends at the loop's next turn at the latest
+                    self._lease_turn = True
+                    asyncio.get_running_loop().call_soon(self._lease_turned)
+        finally:
+            self._mutex.release()
+
+    def _lease_turned(self) -> None:
+        self._lease_turn = False
+        self._lease.end()
+
     async def _acquire_file_lock(self) -> None:
+        lease = self._lease
+        if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
+            lease.yielded = False
+            if self._flock.can_wait:
+                await self._wait_for_file_lock(behind=STEP_BACK)
+                return
         try:
             if self._flock.try_acquire():  # uncontended: no thread hop
                 return
@@ -343,15 +403,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._flock.release()
             raise
 
-    async def _wait_for_file_lock(self) -> None:
+    async def _wait_for_file_lock(self, behind: float = 0.0) -> None:
         """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
         moment the lock is free; see :meth:`SidecarLock.wait_free`). On a timeout or a cancellation the wait is
-        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused."""
+        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused.
+        ``behind``: see :meth:`SidecarLock.wait_free`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_timeout
         while True:
             abandoned = threading.Event()
-            waiter = in_own_thread(self._flock.wait_free, abandoned)
+            waiter = in_own_thread(self._flock.wait_free, abandoned, behind)
             try:
                 fd = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
             except BaseException as exc:
@@ -379,20 +440,68 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: the store was opened read-only")
 
-    async def _submit(self, prepare: _Prepare) -> Any:
-        """Queue a write for the next group commit (group_commit.py) and wait until it is durable."""
+    async def _submit(self, prepare: _Prepare | list[Op]) -> Any:
+        """Queue a write for the next group commit (group_commit.py) and wait until it is durable. A write is its
+        ops when they do not depend on the documents (a put), else a function of the view so far.
+
+        A put by a lone writer while the lease is still on (json/lease.py) and appends run inline commits right
+        here, synchronously (:meth:`_commit_now`): nothing in it can suspend, so nothing can interrupt it half-way,
+        and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a save)."""
         self._check_usable()
+        if (type(prepare) is list and self._lease.held and self._suspect is None
+                and self._sync_estimate < INLINE_SYNC_BUDGET and len(prepare) <= LARGE_COMMIT
+                and self._resume_alone()):
+            failed = True
+            try:
+                try:
+                    self._commit_now(prepare)
+                except OSError as exc:
+                    await self._after_failed_append(exc)  # under the lock, as _commit does
+                    raise self._write_failed(exc) from exc
+                failed = False
+            finally:
+                self._exit_commit(failed)
+                self._commits.alone_done()
+            if self._compaction_may_be_due():
+                await self._maybe_compact()
+            return None
         return await self._commits.submit(prepare)
 
-    async def _commit_group(self, batch: list[_Prepare], outcomes: list[Any]) -> None:
+    def _resume_alone(self) -> bool:
+        """For :meth:`_submit`'s synchronous commit: the current task may commit alone now (group_commit.py), the
+        mutex is free and the lease still on: all three taken (True), or none (False)."""
+        commits = self._commits
+        if not commits.alone_now():
+            return False
+        if self._mutex.try_acquire():
+            if self._lease.resume():
+                self._holding = True
+                return True
+            self._mutex.release()
+        commits.alone_done()
+        return False
+
+    async def _commit_group(self, batch: list[_Prepare | list[Op]], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
-        await self._trust_journal()
+        if self._suspect is not None:
+            await self._trust_journal()
+        if len(batch) == 1 and type(batch[0]) is list:  # a lone put: no view to stage
+            outcomes.append(None)
+            await self._commit(batch[0])
+            return
         staged = Staged(self._tables.data, self._tables.expires)
         ops: list[Op] = []
         last = len(batch) - 1
         for index, prepare in enumerate(batch):
+            if type(prepare) is list:
+                item_ops, result = prepare, None
+                if index != last:
+                    staged.apply(item_ops)
+                ops.extend(item_ops)
+                outcomes.append(result)
+                continue
             try:
-                item_ops, result = prepare(staged)
+                item_ops, result = prepare(staged)  # type: ignore[operator]
             except Exception as exc:  # this writer's own failure (its update fn raised, bad result)
                 outcomes.append(Failed(exc))
                 continue
@@ -417,20 +526,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         large = len(ops) > LARGE_COMMIT
         if large:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
-        elif record is None:
-            record = encode_record(ops)
-        assert record is not None
         journal = self._journal
-        start = journal.offset
-        spent = 0.0
         try:
+            if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
+                self._commit_now(ops, record)
+                return
+            if record is None:
+                record = encode_record(ops)
+            start = journal.offset
             try:
-                if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
-                    began = time.perf_counter()
-                    journal.append(record)
-                    spent = time.perf_counter() - began
-                else:
-                    spent = await cancellation.run_in_thread(_timed_append, journal, record)
+                spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
@@ -441,8 +546,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                         self._tables.apply_plan(plan, ops)  # C-level dict updates: visible all at once
         except OSError as exc:
             await self._after_failed_append(exc)
-            raise StorageIOError(f"{journal.path}: write failed, nothing was committed: {exc.strerror or exc}",
-                                 errno=exc.errno, path=str(journal.path)) from exc
+            raise self._write_failed(exc) from exc
         except asyncio.CancelledError as exc:
             if isinstance(exc.__cause__, OSError):  # the write failed while we were cancelled (see cancellation.py)
                 log.error("%s: a journal write failed (%s): rewriting the store's files before the next commit",
@@ -452,6 +556,24 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         # The append's own time, not the thread hop's: a hop costs 0.3-1 ms on a busy host, and counting it kept
         # the store threading appends that take 0.1 ms (see benchmarks/README.md, Design measurements).
         self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+
+    def _commit_now(self, ops: list[Op], record: bytes | None = None) -> None:
+        """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
+        suspends. An OSError leaves the record unpublished and unapplied (the caller's recovery rewrites the files
+        from memory without it)."""
+        if record is None:
+            record = encode_record(ops)
+        began = time.perf_counter()
+        self._journal.append(record)  # the offset moves only once the fsync succeeded
+        spent = time.perf_counter() - began
+        self._tables.publish()
+        self._tables.apply(ops)
+        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+
+    def _write_failed(self, exc: OSError) -> StorageIOError:
+        path = self._journal.path
+        return StorageIOError(f"{path}: write failed, nothing was committed: {exc.strerror or exc}",
+                              errno=exc.errno, path=str(path))
 
     async def _after_failed_append(self, exc: OSError) -> None:
         """A failed write or fsync. After a failed fsync the file's cached pages no longer say what is on disk
@@ -482,6 +604,22 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # compaction
+    def _compaction_may_be_due(self) -> bool:
+        """After a commit: whether :meth:`_maybe_compact` has anything to do. Summing the changed collections'
+        sizes after every commit cost a lone save about 2 us: it is asked again only once the journal has grown by
+        an eighth of what was left to the threshold (exact when the threshold stays; when deletes lower it, the
+        compaction comes at most that eighth later), or after a compaction started another journal file."""
+        journal = self._journal
+        if journal.offset < self._compact_next and journal.ino == self._compact_ino:
+            return False
+        threshold = self._tables.compaction_threshold()
+        if threshold is not None and journal.offset > threshold:
+            return True
+        self._compact_ino = journal.ino
+        self._compact_next = journal.offset + 1 if threshold is None else journal.offset + int(
+            threshold - journal.offset) // 8
+        return False
+
     async def _maybe_compact(self) -> None:
         """Compaction is an optimization: if it fails (disk full), the journal still holds every write."""
         if not self._tables.compaction_due():
@@ -605,7 +743,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         coll = self._tables.data.get(collection)
         if type(coll) is Lazy and len(items) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
             await cancellation.run_in_thread(coll.build_sizes)
-        await self._submit(lambda staged: (ops, None))
+        await self._submit(ops)
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._check_writable(collection)
@@ -868,6 +1006,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._closed = True
             self._presence.close()
             self._journal.close()
+            self._lease.close()
             self._flock.close()
             self._messages.close()
             self._tables.release()
@@ -882,6 +1021,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _close(self) -> None:
         try:
             await self._commits.wait()
+            self._lease.close()  # no commit can start any more: let go of the lock now
             await self._messages.wait()
             await self._feed.close()  # watchers end after the last commits' changes
             # The last writable store to close folds the journal; the others leave it to the stores still open
@@ -899,6 +1039,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._feed.feed.close()  # already closed unless something above failed; its task then ends by itself
             self._presence.close()
             self._journal.close()
+            self._lease.close()
             self._flock.close()
             self._messages.close()
             self._tables.release()
@@ -929,6 +1070,21 @@ class _Held:
 
     async def __aexit__(self, *exc: object) -> None:
         self._store._exit_locked()
+
+
+class _CommitHeld:
+    """``async with store._commit_locked()`` (see :meth:`JsonBackend._enter_commit`)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: JsonBackend) -> None:
+        self._store = store
+
+    def __aenter__(self) -> Coroutine[Any, Any, None]:
+        return self._store._enter_commit()  # awaited by ``async with`` itself: no coroutine of our own around it
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._store._exit_commit(exc_type is not None)
 
 
 class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):

@@ -505,10 +505,15 @@ class Tables:
     # ---------------------------------------------------------------------------------------------------------------
     # compaction
     def compaction_due(self) -> bool:
+        threshold = self.compaction_threshold()
+        return threshold is not None and self.journal.offset > threshold
+
+    def compaction_threshold(self) -> float | None:
+        """The journal size past which a compaction is due (None: nothing changed in this generation)."""
         if not self.dirty:
-            return False
+            return None
         rewrite = sum(self.sizes.get(c, 0) for c in self.dirty)
-        return self.journal.offset > max(self.min_compact_bytes, COMPACT_RATIO * rewrite)
+        return max(self.min_compact_bytes, COMPACT_RATIO * rewrite)
 
     def compact(self, also: AbstractSet[str] = frozenset()) -> None:
         """Under the lock: rewrite each changed collection's snapshot (and those in ``also``), then start the next

@@ -1,0 +1,176 @@
+"""Keeping the store lock across back-to-back commits (a *lease*), and giving it up in time.
+
+Why: taking the cross-process lock for a commit costs two ``flock`` calls, a ``stat`` (is ``storage.lock`` still the
+file we locked), a catch-up with the journal (a ``pread``), two ``lstat`` (a restore's or a forget's intent) and,
+after the commit, two more ``flock``: about 15 us of a lone save that costs 60-70 us in all with its fsync (issue
+15: SQLite WAL FULL takes 72 us here). A writer saving in a loop pays it for every save. While a store holds the
+lock nobody else can commit, so none of that can change between two of its commits: a commit that finds the lock
+still leased to its store skips all of it. Several writer processes gain too: each keeps the lock for a run of
+commits, and the next holder catches up with a run of records at once, instead of the lock (and the catch-up)
+passing on at every commit.
+
+What a lease is: after a commit (group_commit.py's lone commit or a leader's round) that followed the previous one
+within :data:`BUDGET`, the lock is not let go; the next commit *resumes* it. Only commits lease: any other use of
+the lock (a transaction, a compaction, a restore, a message write) ends the lease first and takes the lock the
+usual way, with every check (a restore's intent is only ever written by such a user).
+
+It ends, and the lock is let go:
+
+* at the next turn of the event loop (the store schedules :meth:`Lease.end`): a bot's handler that saves once lets
+  go as soon as it awaits anything else, as without a lease;
+* at the end of a commit, once the lease is older than :data:`BUDGET` and another writer waits (json/lock.py: the
+  waiter's sign, one ``F_OFD_GETLK``), and then the store *steps back*: its next commit waits for the lock in the
+  kernel's queue like any other writer, instead of taking it back before the woken waiter runs;
+* :data:`BUDGET` after the last commit, by a keeper thread, when the event loop did not turn meanwhile (the bot's
+  own code blocks it right after a save: another process's writer still waits no longer than that);
+* before any other use of the lock, and at close.
+
+Nothing else changes: every commit is still fsynced before it is acknowledged and published (readers in other
+processes follow the published committed end, json/lock.py); a process killed while it holds a lease loses only
+what it never acknowledged, and the kernel releases its locks. Where a waiter cannot be seen (no OFD locks, or a
+folder that cannot be locked: there the sidecar's ``flock`` alone excludes writers, and a deleted ``storage.lock``
+must be noticed at every acquisition), no lease is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .lock import SidecarLock
+
+__all__ = ["Lease", "BUDGET"]
+
+log = logging.getLogger("storage.json")
+
+#: How long a lease may last while another writer waits, and how long an idle one lasts when the loop does not turn
+#: (group_commit.SOLO_TURN_BUDGET: a lone writer gives the loop a turn that often anyway).
+BUDGET = 0.002
+#: The keeper thread ends after this long without a lease (the next lease starts it again).
+KEEPER_IDLE = 5.0
+
+_IDLE, _LEASED, _BUSY = 0, 1, 2
+
+
+class Lease:
+    """The lease of one store's lock (see the module doc). The store's event loop calls :meth:`resume`,
+    :meth:`begin`, :meth:`finish` and :meth:`end`, always holding its own mutex (so at most one commit runs);
+    the keeper thread only ever lets go of an idle lease. Every change of state happens under ``_guard``."""
+
+    __slots__ = ("_guard", "_keeper", "_keeper_waits", "_lock", "_since", "_state", "_until", "closed",
+                 "last_end", "yielded")
+
+    def __init__(self, lock: SidecarLock) -> None:
+        self._lock = lock
+        self._guard = threading.Condition(threading.Lock())
+        self._state = _IDLE
+        self._since = 0.0  # when the current lease started (or was renewed: nobody waited at the budget)
+        self._until = 0.0  # when an idle lease ends if the loop does not turn
+        self._keeper: threading.Thread | None = None
+        self._keeper_waits = False  # the keeper waits without a deadline: tell it of a new lease
+        #: When the last commit ended (monotonic): a commit that starts within BUDGET of it may lease.
+        self.last_end = -BUDGET
+        #: The last lease ended with a writer waiting: the next acquisition waits its turn (see the module doc).
+        self.yielded = False
+        self.closed = False
+
+    @property
+    def held(self) -> bool:
+        """Whether the lock is leased and idle (no commit running)."""
+        return self._state == _LEASED
+
+    def resume(self) -> bool:
+        """A commit starts: True, and it holds the lock, when a lease was still on (no acquisition, no checks)."""
+        if self._state != _LEASED:
+            return False
+        with self._guard:
+            if self._state != _LEASED:  # the keeper let go just now
+                return False
+            self._state = _BUSY
+            return True
+
+    def begin(self, asked: float) -> None:
+        """A commit took the lock the usual way, having asked for it at ``asked`` (monotonic): if that was within
+        BUDGET of the previous commit's end (a run of commits, however long it then waited for the lock), the
+        lock may stay leased when it ends (see :meth:`finish`)."""
+        if asked - self.last_end < BUDGET:
+            self._state = _BUSY
+            self._since = time.monotonic()
+
+    def finish(self, keep: bool) -> bool:
+        """A commit ends (the caller still holds the lock): keep it leased, and True (the caller then schedules
+        :meth:`end` for the loop's next turn), or let go. ``keep``: the commit succeeded."""
+        now = time.monotonic()
+        self.last_end = now
+        if self._state != _BUSY:
+            return False  # not a run of commits: let go as without a lease (the caller does)
+        with self._guard:
+            if keep and not self.closed and self._lock.can_sign and (
+                    now - self._since < BUDGET or not self._waited_for()):
+                if now - self._since >= BUDGET:
+                    self._since = now  # nobody waited: a new budget
+                self._state = _LEASED
+                self._until = now + BUDGET
+                if self._keeper is None:
+                    self._keeper = threading.Thread(target=self._keep, name="storage-lease", daemon=True)
+                    self._keeper.start()
+                elif self._keeper_waits:
+                    self._guard.notify()
+                return True
+            self._state = _IDLE
+        return False
+
+    def _waited_for(self) -> bool:
+        waited = self._lock.waited_for()
+        if waited:
+            self.yielded = True
+        return waited
+
+    def end(self) -> None:
+        """Let go of an idle lease now (the loop turned, another use of the lock, close)."""
+        if self._state != _LEASED:
+            return
+        with self._guard:
+            if self._state == _LEASED:
+                self._let_go()
+
+    def close(self) -> None:
+        """At close: let go and stop the keeper. Thread-safe (a store may be closed from another loop)."""
+        with self._guard:
+            self.closed = True
+            if self._state == _LEASED:
+                self._let_go()
+            self._guard.notify()
+
+    def _let_go(self) -> None:
+        """Under ``_guard``, the lease idle: release the lock."""
+        self._state = _IDLE
+        self._waited_for()
+        try:
+            self._lock.release()
+        except OSError as exc:  # an unlock refused: nothing to undo (closing the descriptor releases it at the end)
+            log.error("%s: letting go of the store lock failed: %s", self._lock.path, exc)
+
+    def _keep(self) -> None:
+        """The keeper thread: lets go of a lease idle for BUDGET (the loop did not turn to end it)."""
+        guard = self._guard
+        with guard:
+            try:
+                while not self.closed:
+                    if self._state == _LEASED:
+                        left = self._until - time.monotonic()
+                        if left <= 0:
+                            self._let_go()
+                        else:
+                            guard.wait(left)
+                    elif self._state == _BUSY:
+                        guard.wait(BUDGET)  # a commit runs: look again after it (no notify per commit)
+                    else:
+                        self._keeper_waits = True
+                        woken = guard.wait(KEEPER_IDLE)
+                        self._keeper_waits = False
+                        if not woken and self._state == _IDLE:
+                            break  # no lease for a while: end; the next lease starts a keeper again
+            finally:
+                self._keeper = None

@@ -1,0 +1,335 @@
+"""The JSON store's lease (json/lease.py): commits back to back keep the file lock between them, and give it up in time.
+
+A lone writer saving in a loop keeps the cross-process lock from one save to the next (no ``flock``, ``stat`` or
+catch-up per save), until the event loop turns, another writer waits and the lease is older than its budget, or
+the lease sat idle for its budget while the loop was blocked (a keeper thread). These tests pin down each of those
+ends with real files, real threads and real processes, and that nothing else changes: a reader in another process
+sees every acknowledged save, a ``kill -9`` while the lease is held loses nothing acknowledged (and leaves no lock
+behind), and a writer cancelled while it waits for the lock writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import storage
+from storage import StorageIOError, StoreConfig
+from storage.backends.json import group_commit, lease
+from storage.backends.json import store as json_store
+from storage.backends.json.lock import SidecarLock
+from storage.backends.json.store import LOCK_NAME
+from storage.stores import JsonStore
+from tests._proc import read_until, spawn
+
+
+def cfg(folder: Path, lock_timeout: float = 30) -> StoreConfig:
+    return StoreConfig(backend="json", path=str(folder), lock_timeout=lock_timeout, source="tests")
+
+
+def probe(folder: Path) -> SidecarLock:
+    """Another holder of the store lock (its own descriptors: flock locks belong to the open file description)."""
+    lock = SidecarLock(folder / LOCK_NAME)
+    lock.acquire(5)  # learns that the folder can be locked, as a store's open does
+    lock.release()
+    return lock
+
+
+async def turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+# -- in one process ---------------------------------------------------------------------------------------------------
+async def test_saves_back_to_back_keep_the_lock_until_the_loop_turns(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lease, "BUDGET", 30.0)  # a loaded machine must not end the lease by the clock here
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        await store.put("c", "a", {"n": 1})  # the first since the store opened: not back to back with another
+        assert other.try_acquire(), "a save on its own lets go of the lock as it returns"
+        other.release()
+        await store.put("c", "b", {"n": 2})
+        await store.put("c", "c", {"n": 3})
+        await store.put("c", "d", {"n": 4})
+        await store.put("c", "e", {"n": 5})
+        assert not other.try_acquire(), "saves back to back keep the lock between them"
+        assert await store.get("c", "e") == {"n": 5}  # reads go on meanwhile
+        await turns(1)
+        assert other.try_acquire(), "the loop's next turn ends the lease"
+        other.release()
+        assert await store.count("c") == 5
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_another_use_of_the_lock_ends_the_lease_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction (any holder but a commit) takes the lock with every check: it ends the lease first, and its
+    own exit lets go."""
+    monkeypatch.setattr(lease, "BUDGET", 30.0)
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        await store.put("c", "a", {"n": 1})
+        await store.put("c", "b", {"n": 2})
+        assert store._lease.held
+        async with store.transaction() as tx:
+            assert not store._lease.held
+            await tx.put("c", "t", {"n": 3})
+        assert other.try_acquire(), "the transaction let go as it ended"
+        other.release()
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_lease_ends_within_its_budget_while_the_loop_is_blocked(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bot's own code blocks the loop right after a save: the keeper thread lets go after the budget, so
+    another writer does not wait for the loop."""
+    monkeypatch.setattr(lease, "BUDGET", 0.2)
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    got: list[float] = []
+    try:
+        for n in range(5):
+            await store.put("c", f"k{n}", {"n": n})
+        assert not other.try_acquire(), "leased"
+        blocked = time.monotonic()
+        taker = threading.Thread(target=lambda: (other.acquire(10), got.append(time.monotonic())))
+        taker.start()
+        time.sleep(1.5)  # the loop is blocked: only the keeper can end the lease
+        assert got, "another writer still waited after 1.5 s of a blocked loop (budget 0.2 s)"
+        assert got[0] - blocked < 1.4
+        taker.join()
+        other.release()
+        await store.put("c", "after", {"n": 9})  # and the store takes the lock again as usual
+        assert await store.count("c") == 6
+    finally:
+        other.close()
+        await store.close()
+
+
+def test_a_waiting_writer_gives_a_sign_the_holder_sees(tmp_path: Path) -> None:
+    """json/lock.py's wait sign: held while a writer waits in ``flock``, dropped once it has the lock."""
+    holder = probe(tmp_path)
+    waiter = probe(tmp_path)
+    assert holder.can_sign
+    assert holder.try_acquire()
+    try:
+        assert not holder.waited_for()
+        abandoned = threading.Event()
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(waiter.wait_free(abandoned)))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not holder.waited_for():
+            assert time.monotonic() < deadline, "the waiting writer's sign never showed"
+            time.sleep(0.001)
+    finally:
+        holder.release()
+    thread.join(10)
+    assert result and result[0] >= 0 and waiter.adopt(result[0])
+    assert not waiter.waited_for(), "nobody else waits (and a holder's own sign was dropped)"
+    waiter.release()
+    assert holder.try_acquire()
+    assert not holder.waited_for(), "the sign went with the wait"
+    holder.release()
+    holder.close()
+    waiter.close()
+
+
+@pytest.mark.parametrize("point", range(0, 8))
+async def test_a_writer_cancelled_while_it_steps_back_writes_nothing(tmp_path: Path, point: int) -> None:
+    """A store whose lease ended with a writer waiting waits its turn (in the kernel's queue) for its next commit:
+    cancelled at any loop turn of that wait, or as the lock is handed over, its write is not made, the lock is
+    not kept, and both stores go on writing."""
+    holder = await JsonStore.open(cfg(tmp_path))
+    stepper = await JsonStore.open(cfg(tmp_path))
+    try:
+        async with holder.transaction() as tx:
+            await tx.put("c", "holder", {"n": 1})
+            stepper._lease.yielded = True  # what a lease that ended with a waiter leaves (see the sign test)
+            doomed = asyncio.create_task(stepper.put("c", "doomed", {"n": 2}))
+            await turns(point)
+            if point % 2:
+                doomed.cancel()
+        if not point % 2:  # the holder let go first: the handover and the cancellation race
+            await turns(point // 2)
+            doomed.cancel()
+        try:
+            await doomed
+            written = True
+        except asyncio.CancelledError:
+            written = False
+        assert not stepper._lease.yielded
+        assert (await holder.get("c", "doomed") is not None) == written
+        await holder.put("c", "after", {"n": 3})
+        await stepper.put("c", "after2", {"n": 4})
+        assert await stepper.count("c") == 3 + written
+    finally:
+        await holder.close()
+        await stepper.close()
+    async with storage.open_store(config=cfg(tmp_path, lock_timeout=2)) as again:  # nothing holds the lock
+        assert await again.count("c") == 3 + written
+
+
+@pytest.mark.parametrize("turn", [None, 0, 1, 2, 3, 5])
+async def test_a_failed_fsync_on_the_leased_path_is_never_seen_and_the_store_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turn: int | None) -> None:
+    """A lone put while the lease is on commits synchronously (store._submit); its fsync fails: the put raises
+    StorageIOError (or, cancelled while the store rewrites its files after the failure, CancelledError once the
+    rewrite is done), nobody sees the failed document, the lock is let go, later puts work, and a fresh open has
+    exactly what was acknowledged."""
+    monkeypatch.setattr(lease, "BUDGET", 30.0)
+    monkeypatch.setattr(json_store, "INLINE_SYNC_BUDGET", 60.0)  # a slow disk must not move appends to a thread,
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 60.0)  # nor make the lone writer yield a loop turn
+    store = await JsonStore.open(cfg(tmp_path))
+    reader = await JsonStore.open(cfg(tmp_path))
+    real_sync = os.fdatasync
+    fail = [False]
+
+    def failing_sync(fd: int) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    leased: list[bool] = []
+
+    async def scenario() -> None:  # one task: a put by another task within the same loop turn would queue
+        await store.put("c", "a", {"n": 1})
+        await store.put("c", "b", {"n": 2})
+        leased.append(store._lease.held)
+        fail[0] = True
+        await store.put("c", "lost", {"n": 3})
+
+    try:
+        task = asyncio.create_task(scenario())
+        if turn is not None:
+            await turns(turn)
+            task.cancel()
+        with pytest.raises((StorageIOError, asyncio.CancelledError)):
+            await task
+        assert not fail[0] or turn == 0, "the failing put stopped before its fsync"
+        expected = {}
+        if turn != 0:  # the task ran: nothing suspends before the failing put's rewrite
+            assert leased == [True], "the failing put did not take the leased path"
+            expected = {"a": {"n": 1}, "b": {"n": 2}}
+        assert await store.get("c", "lost") is None
+        assert await reader.get("c", "lost") is None
+        assert not store._lease.held
+        await reader.put("c", "other", {"n": 5})  # the lock was let go
+        await store.put("c", "after", {"n": 4})
+        expected.update({"other": {"n": 5}, "after": {"n": 4}})
+        assert {k: d async for k, d in store.items("c")} == expected
+    finally:
+        monkeypatch.undo()
+        await store.close()
+        await reader.close()
+    async with storage.open_store(config=cfg(tmp_path, lock_timeout=2)) as again:
+        assert {k: d async for k, d in again.items("c")} == expected
+
+
+async def test_compaction_comes_at_the_first_commit_past_its_threshold(tmp_path: Path) -> None:
+    """The compaction check after a commit is asked only now and then (store._compaction_may_be_due): with puts
+    only (the threshold never goes down), the compaction still comes with the first commit past it."""
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store.min_compact_bytes = 20_000
+        generation = store._journal.generation
+        for n in range(3000):
+            await store.put("c", f"k{n % 50}", {"n": n, "pad": "x" * (n % 97)})
+            if store._journal.generation != generation:
+                break
+            assert not store._tables.compaction_due(), f"put {n}: due, and no compaction after it"
+        else:
+            raise AssertionError("no compaction in 3000 puts")
+    finally:
+        await store.close()
+
+
+# -- several processes ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: Path) -> None:
+    """Another process saves in a tight loop with long leases (1 s here): a writer here gets the lock each time
+    within that budget, because the holder sees it waiting and steps back (without that, the holder took the
+    lock back before the woken waiter ran about every other time: 2 s waits)."""
+    config = cfg(tmp_path, lock_timeout=20)
+    child = spawn("lease-writer", config, 0, 1.0, 0)
+    store = await JsonStore.open(config)
+    try:
+        await asyncio.wait_for(read_until(child, "READY"), 60)
+        while await store.count("lease") < 20:  # the child is writing
+            await asyncio.sleep(0.01)
+        waits = []
+        for n in range(6):
+            began = time.monotonic()
+            await store.put("mine", f"k{n}", {"n": n})
+            waits.append(time.monotonic() - began)
+            await asyncio.sleep(0.05)  # let the child lease again
+        assert max(waits) < 1.8, waits  # one budget, and slack for a loaded machine; not two budgets (1.95 s)
+        assert await store.count("mine") == 6
+        assert child.poll() is None, "the child kept writing"
+    finally:
+        child.kill()
+        child.communicate(timeout=30)
+        await store.close()
+
+
+async def test_a_reader_process_sees_each_acknowledged_save_of_a_leasing_writer(tmp_path: Path) -> None:
+    """The child keeps the lock leased between its saves; a reader here (never taking the lock) finds each save
+    the child acknowledged as soon as it is acknowledged: every commit is still published after its fsync."""
+    config = cfg(tmp_path)
+    async with storage.open_store(config=config) as reader:
+        child = spawn("lease-writer", config, 0, 0, 1)
+        try:
+            assert child.stdout is not None
+            await asyncio.wait_for(read_until(child, "READY"), 60)
+            checked = 0
+            while checked < 300:
+                line = await asyncio.to_thread(child.stdout.readline)
+                assert line.startswith("ACK "), line
+                n = int(line.split()[1])
+                assert await reader.get("lease", f"k{n}") == {"n": n}, f"acknowledged save {n} not visible"
+                checked += 1
+        finally:
+            child.kill()
+            child.communicate(timeout=30)
+
+
+@pytest.mark.slow
+async def test_kill_9_while_holding_the_lease_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """A process killed in the middle of a run of leased saves: the kernel releases its locks (the next open
+    takes the lock at once) and every save it acknowledged is there."""
+    config = cfg(tmp_path, lock_timeout=5)
+    start = 0
+    total = 0
+    for window in (0.15, 0.4, 0.05, 0.7, 0.25):
+        child = spawn("lease-writer", config, start, 0, 1)
+        assert child.stdout is not None
+        await asyncio.wait_for(read_until(child, "READY"), 60)
+        first = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
+        await asyncio.sleep(window)
+        os.kill(child.pid, signal.SIGKILL)
+        out, _err = child.communicate(timeout=30)
+        acks = [int(line.split()[1]) for line in (first + out).splitlines()
+                if line.startswith("ACK ") and line.count(" ") == 1]
+        assert acks
+        async with storage.open_store(config=config) as store:  # lock_timeout 5: no lock was left behind
+            docs = {k: d async for k, d in store.items("lease")}
+            for n in acks:
+                assert docs[f"k{n}"] == {"n": n}
+        total += len(acks)
+        start = max(acks) + 1000
+    assert total > 50
