@@ -86,9 +86,10 @@ class MessageSwap(abc.ABC):
     all or nothing together with the documents, also across a crash (the JSON backend: a staged folder and an
     intent file, see :mod:`storage.backends.json.restore`).
 
-    ``stage`` runs before the restore's transaction, ``begin`` inside it as its last step, ``finish`` after it
-    (committed or not): whatever happens, the next lock or open of the store leaves the messages matching the
-    documents' outcome.
+    ``stage`` runs before the restore's transaction, ``begin`` inside it as its last step (handing the swap to the
+    transaction, whose commit decides the documents and the messages together, with a commit of its own even when
+    no document changes), ``finish`` after it (committed or not): whatever happens, the next lock or open of the
+    store leaves the messages matching the transaction's outcome.
     """
 
     @abc.abstractmethod
@@ -96,7 +97,7 @@ class MessageSwap(abc.ABC):
         """Write the (checked) records somewhere private; returns how many were staged."""
 
     @abc.abstractmethod
-    async def begin(self, backup_id: str) -> None: ...
+    async def begin(self, tx: BackendTransaction, backup_id: str) -> None: ...
 
     @abc.abstractmethod
     async def finish(self) -> None: ...

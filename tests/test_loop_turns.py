@@ -522,8 +522,8 @@ async def test_copies_and_staged_restores_hold_few_message_records_at_once(store
         info = await store.create_backup()
         extra = [{**r, "message_id": str(900_000 + i)} for i, r in enumerate(_records(3, guild="8"))]
         await target.record_messages(extra)  # differs: the restore replaces the messages
-        await target.put("c", "x", {"differs": True})  # and a document (a JSON restore that changes no document
-        await target.restore_backup(info.id)            # keeps the messages it had: see restore.resolve)
+        await target.put("c", "x", {"differs": True})  # and a document
+        await target.restore_backup(info.id)
         assert len(staged) >= 2 and max(staged) <= STREAM_BATCH and sum(staged) == len(records)
         assert await target.message_counts(7) == len(records) and await target.message_counts(8) == 0
 

@@ -372,7 +372,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
                 await _restore_messages_in(tx, root, message_entry, progress, backup_id)
                 message_entry = None  # done
             if swap is not None:
-                await swap.begin(backup_id)  # the intent, then the swap: the commit below decides both
+                await swap.begin(tx, backup_id)  # the transaction's commit writes the intent, swaps, decides both
                 message_entry = None
             staged = True
     except BaseException as exc:

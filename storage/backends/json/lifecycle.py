@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -28,6 +29,7 @@ from ...messages.records import bound_key
 from ...ownership import Owner
 from ...protocol import Document
 from . import forget_files
+from . import restore as json_restore
 from .expiry import dead_keys
 from .journal import Journal, Op, encode_record, record_digest
 from .message_files import MESSAGES_DIR, corrupt, list_files, order, parse_line, run_in_thread
@@ -36,6 +38,8 @@ from .tables import Staged, Tables
 from .tx_messages import Step, TxMessages, View, forget_step, prune_step
 
 __all__ = ["JsonLifecycle", "JsonTxLifecycle", "owned_records", "count_owned", "records_in", "count_in"]
+
+log = logging.getLogger("storage.json.restore")
 
 Record = dict[str, Any]
 
@@ -269,6 +273,46 @@ class JsonLifecycle:
         finally:
             await self._settle(roll_back=False)  # decided by the journal: forward if the record is there, else back
             await self._discard_unless_pending(messages.discard)  # resolved: the work folder is garbage
+
+
+    async def _commit_restore(self, ops: list[Op], swap: json_restore.RestoreSwap) -> None:
+        """Commit a restore's transaction (json/restore.py), under its lock: the intent naming the journal record
+        that decides (a record is written even when ``ops`` is empty: the messages still change), the swap of the
+        message folders, the record, the resolution.
+
+        Before the intent, a failure or cancellation leaves nothing to undo (the restorer's ``finish`` deletes the
+        staged folder); from the intent on, the commit runs to its end even if the caller is cancelled, and the
+        journal record decides."""
+        record, digest = await cancellation.run_in_thread(_encoded, ops) if len(ops) > LARGE_RECORD \
+            else _encoded(ops)
+        journal = self._journal
+        commit = {"generation": journal.generation, "offset": journal.offset, "length": len(record),
+                  "digest": digest}
+        try:
+            await run_in_thread(swap.write_intent, commit)
+        except BaseException:
+            await cancellation.run_to_completion(self._settle_restore(roll_back=True))
+            raise
+        await cancellation.run_to_completion(self._commit_restore_record(ops, record))
+
+    async def _commit_restore_record(self, ops: list[Op], record: bytes) -> None:
+        try:
+            await self._commit(ops, record=record)
+        finally:
+            await self._settle_restore(roll_back=False)  # the journal decides: forward if the record is there
+
+    async def _settle_restore(self, *, roll_back: bool) -> None:
+        """Resolve the restore's intent now; if that fails, it stays pending (the restorer's ``finish``, and every
+        later lock or open, resolve it the same way, by the journal) and the first error is the one reported."""
+        if not json_restore.pending(self.path):
+            return
+        data: Mapping[str, Mapping[str, bytes]] = self._tables.data
+        try:
+            await cancellation.run_in_thread(functools.partial(json_restore.resolve, roll_back=roll_back),
+                                              self.path, data, self._journal.holds)
+        except OSError as exc:
+            log.warning("%s: could not resolve the restore's intent yet (%s): the next lock or open does", self.path,
+                        exc)
 
 
 class JsonTxLifecycle:

@@ -226,7 +226,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             with self._io("opening the store"):
                 self._remove_temp_files()
                 self._tables.load()
-                json_restore.recover(self.path, self._tables.data, at_open=True)  # finish or undo a crashed restore
+                # finish or undo a crashed restore
+                json_restore.recover(self.path, self._tables.data, self._journal.holds, at_open=True)
                 # ... and a crashed forget
                 json_forget.recover(self.path, self._tables.data, self._journal.holds, at_open=True)
                 self._tables.record_checksums()  # e.g. the seed's own members.json (see Tables._check_edit)
@@ -327,8 +328,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             try:
                 self._tables.catch_up()
                 if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
-                    # in a thread: resolving digests every document (about a second of CPU at 100k members)
-                    await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data)
+                    # in a thread: an intent of an earlier version digests every document (0.22 s at 100k members)
+                    await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data,
+                                                     self._journal.holds)
                 if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
                     await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data,
                                                      self._journal.holds)
@@ -926,10 +928,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         return True
 
     def message_swap(self) -> MessageSwap | None:
-        return RestoreSwap(self.path, self._messages_digest, self._locked)
-
-    def _messages_digest(self) -> str:
-        return json_restore.documents_digest(self._tables.data)
+        return RestoreSwap(self.path, self._locked)
 
     def foreign_files(self) -> dict[str, str]:
         """``*.json`` files in the folder that are not collections, and why (shown by ``storage check``)."""
@@ -981,7 +980,12 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     await tx._discard_messages()
                     raise
                 ops = tx._finish()
-                if not tx._tx_messages.empty:  # forgets or prunes: their message side commits with the record
+                if tx._restore is not None:  # a restore: its message swap commits with the record (json/restore.py)
+                    if not tx._tx_messages.empty:
+                        await tx._discard_messages()
+                        raise ValueError("a restore's transaction cannot also forget or prune messages")
+                    await self._commit_restore(ops, tx._restore)
+                elif not tx._tx_messages.empty:  # forgets or prunes: their message side commits with the record
                     await self._commit_transaction(ops, tx._tx_messages)
                 else:
                     await tx._discard_messages()
@@ -1095,7 +1099,14 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         self._ops: list[Op] = []
         self._next_turn = ITEMS_TURN  # staged operations after which the loop gets its next turn
         self._tx_messages = TxMessages(store.path)  # forgets' and prunes' message side (json/tx_messages.py)
+        self._restore: RestoreSwap | None = None  # a restore's message swap (json/restore.py)
         self._steps = asyncio.Lock()
+
+    def commit_restore(self, swap: RestoreSwap) -> None:
+        """A restore's last step (:class:`RestoreSwap`): the commit swaps its messages, decided by the record."""
+        if self._restore is not None:
+            raise ValueError("one restore per transaction")
+        self._restore = swap
 
     async def _discard_messages(self) -> None:
         """The transaction ends without message work to commit: remove what its steps staged (if any)."""
