@@ -65,8 +65,8 @@ async def test_query_answers_do_not_depend_on_the_block_cut(store: storage.Store
         assert cuts and max(cuts) > 1
 
 
-async def _turns_during(aiter: Any) -> tuple[int, list[Any]]:
-    """How many times a concurrent task ran while ``aiter`` was consumed (without awaiting anything else)."""
+async def _turns_while(work: Any) -> tuple[int, Any]:
+    """How many times a concurrent task ran while ``work`` (an awaitable) was awaited, and its result."""
     ticks = 0
     running = True
 
@@ -80,11 +80,20 @@ async def _turns_during(aiter: Any) -> tuple[int, list[Any]]:
     await asyncio.sleep(0)
     start = ticks
     try:
-        got = [item async for item in aiter]
+        got = await work
     finally:
         running = False
         await task
     return ticks - start, got
+
+
+async def _turns_during(aiter: Any) -> tuple[int, list[Any]]:
+    """How many times a concurrent task ran while ``aiter`` was consumed (without awaiting anything else)."""
+
+    async def collect() -> list[Any]:
+        return [item async for item in aiter]
+
+    return await _turns_while(collect())
 
 
 async def test_json_scan_and_columns_give_the_loop_turns(store: storage.Store, monkeypatch: pytest.MonkeyPatch):
@@ -227,28 +236,6 @@ async def test_items_of_a_large_collection(store: storage.Store):
             await store.delete("big", "1_00003")
         seen.append((key, doc))
     assert seen == sorted((k, d) for k, d in docs.items() if k.startswith("1_"))
-
-
-async def _turns_while(work: Any) -> tuple[int, Any]:
-    """How many times a concurrent task ran while ``work`` (an awaitable) was awaited, and its result."""
-    ticks = 0
-    running = True
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while running:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    start = ticks
-    try:
-        got = await work
-    finally:
-        running = False
-        await task
-    return ticks - start, got
 
 
 async def test_json_transaction_counts_many_staged_changes_off_the_loop(store: storage.Store):
