@@ -119,6 +119,44 @@ async def test_a_lease_ends_within_its_budget_while_the_loop_is_blocked(tmp_path
         await store.close()
 
 
+def test_a_commit_that_finds_the_lease_ended_finds_the_lock_released(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keeper lets go of an idle lease on its own thread while the loop may start a commit. A commit that finds
+    the lease over (``resume`` False) then takes the lock with ``flock`` on the same descriptor, which succeeds at
+    once while that descriptor still holds it; if the keeper's unlock came after that, the commit would run
+    without the lock. So once ``resume`` says the lease is over, the lock must already be released. Here the
+    keeper is held inside its let-go (in the wait-sign query, a syscall that lets the loop's thread run)."""
+    monkeypatch.setattr(lease, "BUDGET", 0.05)
+    lock = probe(tmp_path)
+    other = probe(tmp_path)
+    held = lease.Lease(lock)
+    in_let_go, proceed = threading.Event(), threading.Event()
+    real_waited_for = lock.waited_for
+
+    def slow_waited_for() -> bool:
+        if threading.current_thread().name == "storage-lease":
+            in_let_go.set()
+            proceed.wait(10)
+        return real_waited_for()
+
+    monkeypatch.setattr(lock, "waited_for", slow_waited_for)
+    try:
+        assert lock.try_acquire()
+        held.last_end = time.monotonic()
+        held.begin(time.monotonic())  # a commit in a run of them...
+        assert held.finish(keep=True)  # ...ends with the lock leased; the keeper lets go after BUDGET
+        assert in_let_go.wait(10), "the keeper never let go of the idle lease"
+        threading.Timer(0.2, proceed.set).start()  # the keeper's unlock comes 0.2 s later
+        assert not held.resume()
+        assert other.try_acquire(), "the lease was reported over while its lock was still held"
+        other.release()
+    finally:
+        proceed.set()
+        held.close()
+        lock.close()
+        other.close()
+
+
 def test_a_waiting_writer_gives_a_sign_the_holder_sees(tmp_path: Path) -> None:
     """json/lock.py's wait sign: held while a writer waits in ``flock``, dropped once it has the lock."""
     holder = probe(tmp_path)

@@ -144,13 +144,20 @@ class Lease:
             self._guard.notify()
 
     def _let_go(self) -> None:
-        """Under ``_guard``, the lease idle: release the lock."""
-        self._state = _IDLE
-        self._waited_for()
+        """Under ``_guard``, the lease idle: release the lock, and only then say so.
+
+        The order matters: :meth:`resume` reads the state without the guard, and a commit that finds the lease
+        over takes the lock with ``flock`` on the same descriptor, which succeeds at once while the descriptor still
+        holds it. Were the state idle before the unlock (the keeper thread here, between the two, in a syscall that
+        lets the loop's thread run), the keeper's unlock would then take the lock from under that commit. While the
+        state still says leased, :meth:`resume` waits for the guard instead."""
         try:
+            self._waited_for()
             self._lock.release()
         except OSError as exc:  # an unlock refused: nothing to undo (closing the descriptor releases it at the end)
             log.error("%s: letting go of the store lock failed: %s", self._lock.path, exc)
+        finally:
+            self._state = _IDLE
 
     def _keep(self) -> None:
         """The keeper thread: lets go of a lease idle for BUDGET (the loop did not turn to end it)."""
