@@ -69,6 +69,7 @@ from . import forget_files as json_forget
 from . import restore as json_restore
 from .expiry import dead_keys, live_mapping, visible
 from .feed import JsonFeed
+from .filler import MIN_CHUNK
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_record
@@ -97,6 +98,15 @@ JOURNAL_NAME = "storage.journal"
 LOCK_NAME = "storage.lock"
 #: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _commit).
 INLINE_SYNC_BUDGET = 0.0005
+#: The same for a record larger than a filler chunk (a batch: json/filler.py MIN_CHUNK), measured apart. Why: a
+#: 1,000-member batch's append + fdatasync takes 0.4-0.55 ms here, at the edge of INLINE_SYNC_BUDGET, so about
+#: half the batches of a run paid a thread hop (~0.3 ms, and the loop turns it costs) and the batch row of
+#: benchmarks/bench_peers.py swung between 0.8x and 1.4x SQLite FULL from run to run; held on the loop, such an
+#: append is a tenth of the 20 ms stall budget. A batch goes inline only while small records do too (a slow disk
+#: shows there first), and never past INLINE_MAX_BYTES.
+INLINE_BATCH_BUDGET = 0.002
+#: A record of more bytes than this always has its append + fsync in a worker thread, whatever the estimates say.
+INLINE_MAX_BYTES = 1 << 20
 #: ``items()``: collections larger than this are filtered and sorted in a worker thread, and the event loop gets a
 #: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
 ITEMS_INLINE = 5000
@@ -147,6 +157,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
+        self._batch_sync_estimate = 0.0  # the same for records larger than a filler chunk (INLINE_BATCH_BUDGET)
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
         self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
@@ -528,11 +539,11 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
         journal = self._journal
         try:
-            if self._sync_estimate < INLINE_SYNC_BUDGET and not large:
-                self._commit_now(ops, record)
-                return
             if record is None:
                 record = encode_record(ops)
+            if not large and self._may_inline(len(record)):
+                self._commit_now(ops, record)
+                return
             start = journal.offset
             try:
                 spent = await cancellation.run_in_thread(_timed_append, journal, record)
@@ -555,7 +566,21 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             raise
         # The append's own time, not the thread hop's: a hop costs 0.3-1 ms on a busy host, and counting it kept
         # the store threading appends that take 0.1 ms (see benchmarks/README.md, Design measurements).
-        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+        self._learn_sync(len(record), spent)
+
+    def _may_inline(self, size: int) -> bool:
+        """Whether an append of a ``size``-byte record runs on the loop, from how long recent ones took (see
+        INLINE_SYNC_BUDGET and INLINE_BATCH_BUDGET)."""
+        if self._sync_estimate >= INLINE_SYNC_BUDGET:
+            return False
+        return size <= MIN_CHUNK or (size <= INLINE_MAX_BYTES and self._batch_sync_estimate < INLINE_BATCH_BUDGET)
+
+    def _learn_sync(self, size: int, spent: float) -> None:
+        """Fold an append's time into the moving average of its size class (the one :meth:`_may_inline` reads)."""
+        if size <= MIN_CHUNK:
+            self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+        else:
+            self._batch_sync_estimate = 0.8 * self._batch_sync_estimate + 0.2 * spent
 
     def _commit_now(self, ops: list[Op], record: bytes | None = None) -> None:
         """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
@@ -568,7 +593,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         spent = time.perf_counter() - began
         self._tables.publish()
         self._tables.apply(ops)
-        self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+        self._learn_sync(len(record), spent)
 
     def _write_failed(self, exc: OSError) -> StorageIOError:
         path = self._journal.path

@@ -1,0 +1,86 @@
+"""Where a JSON commit's append + fsync runs: on the event loop while recent appends of its size class were quick,
+else in a worker thread (json/store.py INLINE_SYNC_BUDGET, INLINE_BATCH_BUDGET, INLINE_MAX_BYTES).
+
+Small records (a save) and records larger than a filler chunk (a batch) keep separate moving averages: a run of
+batches whose appends take 0.4-0.55 ms must not send them, nor the saves after them, through a thread hop, while a
+slow disk (seen first on small records) and very large records still keep the fsync off the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import StoreConfig
+from storage.backends.json import store as json_store
+from storage.backends.json.filler import MIN_CHUNK
+from storage.stores import JsonStore
+
+
+def cfg(folder: Path) -> StoreConfig:
+    return StoreConfig(backend="json", path=str(folder), source="tests")
+
+
+@pytest.fixture
+def threaded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every record whose append ran in a worker thread."""
+    sizes: list[int] = []
+    real = json_store._timed_append
+
+    def spy(journal: Any, record: bytes) -> float:
+        sizes.append(len(record))
+        return real(journal, record)
+
+    monkeypatch.setattr(json_store, "_timed_append", spy)
+    return sizes
+
+
+def batch(n: int, tag: int) -> dict[str, dict[str, Any]]:
+    """``n`` documents of about 300 bytes: over MIN_CHUNK for n >= 250."""
+    return {f"k{i}": {"tag": tag, "pad": "x" * 280} for i in range(n)}
+
+
+async def test_batches_slower_than_the_small_budget_stay_on_the_loop(tmp_path: Path, threaded: list[int]) -> None:
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store._batch_sync_estimate = 0.001  # batches have been taking 1 ms: over the small budget, under theirs
+        for tag in range(3):
+            await store.put_many("c", batch(400, tag))
+        assert threaded == []
+        assert store._sync_estimate == 0.0, "batches do not move the small records' estimate"
+        await store.put("c", "one", {"n": 1})
+        assert threaded == []
+        assert (await store.get("c", "k399"))["tag"] == 2
+    finally:
+        await store.close()
+
+
+async def test_a_slow_disk_seen_on_small_records_sends_batches_to_a_thread(tmp_path: Path,
+                                                                           threaded: list[int]) -> None:
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store._sync_estimate = 0.01  # saves have been taking 10 ms
+        await store.put_many("c", batch(400, 0))
+        assert len(threaded) == 1 and threaded[0] > MIN_CHUNK
+    finally:
+        await store.close()
+
+
+async def test_batches_over_their_budget_and_huge_records_go_to_a_thread(tmp_path: Path, threaded: list[int],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store._batch_sync_estimate = 0.005
+        await store.put_many("c", batch(400, 0))
+        assert len(threaded) == 1
+        store._batch_sync_estimate = 0.0
+        monkeypatch.setattr(json_store, "INLINE_MAX_BYTES", 100_000)
+        await store.put_many("c", batch(400, 1))  # about 130 KB: over the cap, whatever the estimates say
+        assert len(threaded) == 2 and threaded[1] > 100_000
+        await store.put_many("c", batch(250, 2))  # about 80 KB: under it, on the loop
+        assert len(threaded) == 2
+        assert (await store.get("c", "k0"))["tag"] == 2 and (await store.get("c", "k300"))["tag"] == 1
+    finally:
+        await store.close()
