@@ -84,3 +84,25 @@ async def test_batches_over_their_budget_and_huge_records_go_to_a_thread(tmp_pat
         assert (await store.get("c", "k0"))["tag"] == 2 and (await store.get("c", "k300"))["tag"] == 1
     finally:
         await store.close()
+
+
+async def test_a_huge_document_on_the_leased_path_syncs_in_a_thread(tmp_path: Path, threaded: list[int],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves back to back hold the lease and commit synchronously (json/lease.py): a document over
+    INLINE_MAX_BYTES among them still has its fsync in a worker thread, not on the loop."""
+    from storage.backends.json import lease
+
+    monkeypatch.setattr(lease, "BUDGET", 30.0)  # a loaded machine must not end the lease by the clock here
+    monkeypatch.setattr(json_store, "INLINE_MAX_BYTES", 100_000)
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put("c", "a", {"n": 1})
+        await store.put("c", "b", {"n": 2})  # back to back: the lease is on
+        assert store._lease.held
+        await store.put("c", "huge", {"pad": "x" * 200_000})
+        assert len(threaded) == 1 and threaded[0] > 200_000
+        await store.put("c", "small", {"n": 3})
+        assert len(threaded) == 1
+        assert len((await store.get("c", "huge"))["pad"]) == 200_000
+    finally:
+        await store.close()

@@ -455,12 +455,14 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         """Queue a write for the next group commit (group_commit.py) and wait until it is durable. A write is its
         ops when they do not depend on the documents (a put), else a function of the view so far.
 
-        A put by a lone writer while the lease is still on (json/lease.py) and appends run inline commits right
-        here, synchronously (:meth:`_commit_now`): nothing in it can suspend, so nothing can interrupt it half-way,
-        and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a save)."""
+        A put of one document by a lone writer while the lease is still on (json/lease.py) and appends run inline
+        commits right here, synchronously (:meth:`_commit_now`): nothing in it can suspend, so nothing can interrupt
+        it half-way, and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a
+        save). A batch, or a document too large for an fsync on the loop (:meth:`_may_inline`), commits the usual
+        way."""
         self._check_usable()
         if (type(prepare) is list and self._lease.held and self._suspect is None
-                and self._sync_estimate < INLINE_SYNC_BUDGET and len(prepare) <= LARGE_COMMIT
+                and len(prepare) == 1 and self._may_inline(len(prepare[0][3]))  # type: ignore[misc]
                 and self._resume_alone()):
             failed = True
             try:
