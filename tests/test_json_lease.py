@@ -311,13 +311,16 @@ async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: 
         while await store.count("lease") < 20:  # the child is writing
             await asyncio.sleep(0.01)
         waits = []
-        for n in range(6):
+        for n in range(8):
             began = time.monotonic()
             await store.put("mine", f"k{n}", {"n": n})
             waits.append(time.monotonic() - began)
             await asyncio.sleep(0.05)  # let the child lease again
-        assert max(waits) < 1.8, waits  # one budget, and slack for a loaded machine; not two budgets (1.95 s)
-        assert await store.count("mine") == 6
+        # One budget each, not two (1.95 s): without the step-back about every other wait took two. One long wait
+        # is tolerated: on a loaded machine this process may not run within the step-back's 5 ms (seen once while
+        # the full suite ran beside it).
+        assert len([wait for wait in waits if wait >= 1.5]) <= 1, waits
+        assert await store.count("mine") == 8
         assert child.poll() is None, "the child kept writing"
     finally:
         child.kill()
