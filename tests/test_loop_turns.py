@@ -65,26 +65,36 @@ async def test_query_answers_do_not_depend_on_the_block_cut(store: storage.Store
         assert cuts and max(cuts) > 1
 
 
-async def _turns_while(work: Any) -> tuple[int, Any]:
-    """How many times a concurrent task ran while ``work`` (an awaitable) was awaited, and its result."""
-    ticks = 0
-    running = True
+class _Ticks:
+    """``async with _Ticks() as ticks``: a concurrent task counts its loop turns in ``ticks.count`` meanwhile."""
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while running:
-            ticks += 1
+    def __init__(self) -> None:
+        self.count = 0
+        self._running = True
+        self._task: asyncio.Future[None] | None = None
+
+    async def _tick(self) -> None:
+        while self._running:
+            self.count += 1
             await asyncio.sleep(0)
 
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    start = ticks
-    try:
+    async def __aenter__(self) -> _Ticks:
+        self._task = asyncio.ensure_future(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running = False
+        assert self._task is not None
+        await self._task
+
+
+async def _turns_while(work: Any) -> tuple[int, Any]:
+    """How many times a concurrent task ran while ``work`` (an awaitable) was awaited, and its result."""
+    async with _Ticks() as ticks:
+        start = ticks.count
         got = await work
-    finally:
-        running = False
-        await task
-    return ticks - start, got
+        return ticks.count - start, got
 
 
 async def _turns_during(aiter: Any) -> tuple[int, list[Any]]:
@@ -270,25 +280,12 @@ async def test_json_scan_frees_each_month_with_loop_turns(store: storage.Store, 
         pytest.skip("the JSON message log's scan")
     await store.record_messages(_records(1_200))  # one month
     monkeypatch.setattr(json_messages, "SCAN_TURN", 100)
-    ticks = 0
-    running = True
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while running:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
     seen, at_last = 0, 0
-    try:
+    async with _Ticks() as ticks:
         async for _record in store.scan_messages(7):
             seen += 1
-            at_last = ticks
-        after_last = ticks - at_last
-    finally:
-        running = False
-        await task
+            at_last = ticks.count
+        after_last = ticks.count - at_last
     assert seen == 1_200 and after_last >= 1_200 // 100 - 1
 
 
