@@ -57,16 +57,39 @@ async def test_saves_back_to_back_keep_the_lock_until_the_loop_turns(tmp_path: P
         await store.put("c", "a", {"n": 1})  # the first since the store opened: not back to back with another
         assert other.try_acquire(), "a save on its own lets go of the lock as it returns"
         other.release()
-        await store.put("c", "b", {"n": 2})
-        await store.put("c", "c", {"n": 3})
-        await store.put("c", "d", {"n": 4})
-        await store.put("c", "e", {"n": 5})
+        for n in range(2, lease.RUN):  # back to back: with "a", a run of RUN - 1 commits, not hot yet
+            await store.put("c", f"k{n}", {"n": n})
         assert not other.try_acquire(), "saves back to back keep the lock between them"
-        assert await store.get("c", "e") == {"n": 5}  # reads go on meanwhile
+        assert await store.get("c", "a") == {"n": 1}  # reads go on meanwhile
         await turns(1)
-        assert other.try_acquire(), "the loop's next turn ends the lease"
+        assert other.try_acquire(), "the loop's next turn ends a lease whose run is shorter than RUN commits"
         other.release()
-        assert await store.count("c") == 5
+        assert await store.count("c") == lease.RUN - 1
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_hot_lease_outlives_the_loop_turn_and_the_keeper_ends_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer saving in a loop (RUN commits or more in the lease) keeps the lock across the loop's turns (the lone
+    writer's turn every SOLO_TURN_BUDGET used to end every lease after 2 ms); once it stops saving, the keeper lets
+    go BUDGET after the last commit, however often the loop turns meanwhile."""
+    monkeypatch.setattr(lease, "BUDGET", 0.3)
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        for n in range(lease.RUN + 2):
+            await store.put("c", f"k{n}", {"n": n})
+            await turns(1)  # a bot's handler awaiting something else between its saves
+        assert not other.try_acquire(), "a hot lease outlives the loop's turns"
+        stopped = time.monotonic()
+        while not other.try_acquire():
+            assert time.monotonic() - stopped < 20, "the idle hot lease was never let go"
+            await asyncio.sleep(0.01)
+        other.release()
+        await store.put("c", "after", {"n": 9})  # and the store takes the lock again as usual
+        assert await store.count("c") == lease.RUN + 3
     finally:
         other.close()
         await store.close()
