@@ -29,7 +29,8 @@ The committed end
     reached the disk, so it is never used to decide which journal bytes were committed.
 
 Who waits
-    A writer of another process that waits for the lock (:meth:`SidecarLock.wait_free`) says so with a *shared*
+    A writer of another process that waits for the lock (:meth:`SidecarLock.wait_free`, or an open polling in
+    :meth:`SidecarLock.acquire`) says so with a *shared*
     open-file-description lock on one byte of ``storage.lock`` (Linux ``F_OFD_SETLK``, the byte after the one
     json/presence.py uses), held while it waits and dropped once it has the lock (or by the kernel, if it dies).
     The holder asks with one ``F_OFD_GETLK`` (:meth:`SidecarLock.waited_for`, about 0.5 us): a store that keeps the
@@ -289,17 +290,28 @@ class SidecarLock:
         return kind != fcntl.F_UNLCK
 
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> None:
-        """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep), or raise LockBusy.
+        """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep, giving the wait sign
+        meanwhile), or raise LockBusy.
 
         ``cancel`` lets the event loop abandon a wait running in a worker thread: the thread stops within one poll.
         """
         deadline = time.monotonic() + timeout
         pause = 0.0001
-        while not self.try_acquire():
-            if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
-                raise LockBusy(str(self.path))
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        signed = -1  # the descriptor that gives the wait sign while we poll (see below)
+        try:
+            while not self.try_acquire():
+                if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
+                    raise LockBusy(str(self.path))
+                if signed != self._fd and self._fd >= 0 and self.can_sign:
+                    # Say we wait, as wait_free() does: a store saving in a loop keeps the lock leased for as
+                    # long as nobody seems to wait (json/lease.py), and an open polling here would wait forever.
+                    _sign(self._fd, _WANT)
+                    signed = self._fd
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+        finally:
+            if signed >= 0 and signed == self._fd:
+                _sign(signed, _UNWANT)  # (a descriptor closed meanwhile took its sign with it)
 
     def release(self) -> None:
         if not self._held:
