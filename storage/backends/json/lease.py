@@ -78,8 +78,8 @@ class Lease:
     :meth:`begin`, :meth:`finish` and :meth:`end`, always holding its own mutex (so at most one commit runs);
     the keeper thread only ever lets go of an idle lease. Every change of state happens under ``_guard``."""
 
-    __slots__ = ("_guard", "_keeper", "_keeper_waits", "_lock", "_since", "_state", "_until", "closed",
-                 "contended", "last_end", "yielded", "_runs")
+    __slots__ = ("_guard", "_keeper", "_keeper_waits", "_lock", "_runs", "_since", "_state", "_until", "closed",
+                 "contended", "last_end", "yielded")
 
     def __init__(self, lock: SidecarLock) -> None:
         self._lock = lock
