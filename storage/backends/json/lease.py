@@ -10,7 +10,8 @@ commits, and the next holder catches up with a run of records at once, instead o
 passing on at every commit.
 
 What a lease is: after a commit (group_commit.py's lone commit or a leader's round) that followed the previous one
-within :data:`BUDGET`, the lock is not let go; the next commit *resumes* it. Only commits lease: any other use of
+within :data:`BUDGET`, or that had to wait for another process's lease first (:meth:`Lease.begin`), the lock is
+not let go; the next commit *resumes* it. Only commits lease: any other use of
 the lock (a transaction, a compaction, a restore, a message write) ends the lease first and takes the lock the
 usual way, with every check (a restore's intent is only ever written by such a user).
 
@@ -40,6 +41,8 @@ The price is the wait: a writer that finds the lock leased waits for the holder'
 wins the lock before it: with ``N`` processes saving without pause, up to about ``(N - 1) x HOLD`` (30 ms with
 four). ``flock`` is not fair, so that is a typical bound, not a guarantee; a holder that sees a waiter always
 lets go within :data:`HOLD` of taking the lock, and steps back after, so no writer keeps the lock from the others.
+Every waiter gives the sign, an open polling for the lock included (json/lock.py): a hot lease that saw none
+would last as long as its writer keeps saving.
 
 Nothing else changes: every commit is still fsynced before it is acknowledged and published (readers in other
 processes follow the published committed end, json/lock.py); a process killed while it holds a lease loses only
@@ -56,7 +59,7 @@ import time
 
 from .lock import SidecarLock
 
-__all__ = ["Lease", "BUDGET"]
+__all__ = ["Lease", "BUDGET", "HOLD", "RUN"]
 
 log = logging.getLogger("storage.json")
 
