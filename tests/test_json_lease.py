@@ -95,6 +95,39 @@ async def test_a_hot_lease_outlives_the_loop_turn_and_the_keeper_ends_it(tmp_pat
         await store.close()
 
 
+async def test_a_commit_that_waited_for_another_process_leases(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that had to wait for the lock (another process held it) keeps it leased, however long since this
+    store's previous commit: on a loaded machine a writer saving in a loop is now and then descheduled between two
+    saves, and letting go after one save sent it behind every other writer again (json/lease.py, Lease.begin).
+    The loop's next turn still ends such a lease (its run is one commit: not hot)."""
+    monkeypatch.setattr(lease, "BUDGET", 0.2)  # the put below comes long after the store's last commit
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        await store.put("c", "a", {"n": 1})
+        await asyncio.sleep(0.5)
+        assert other.try_acquire()
+
+        async def put_and_look() -> bool:
+            await store.put("c", "b", {"n": 2})
+            return store._lease.held  # before the loop turns
+
+        put = asyncio.create_task(put_and_look())
+        deadline = time.monotonic() + 20
+        while not other.waited_for():  # the store waits for the lock (its sign shows)
+            assert time.monotonic() < deadline, "the store never waited for the lock"
+            await asyncio.sleep(0.005)
+        other.release()
+        assert await put or not store._flock.can_sign, "a commit that waited for the lock leases it"
+        assert not store._lease.held, "the loop's turn ended the one-commit lease"
+        assert other.try_acquire()
+        other.release()
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_another_use_of_the_lock_ends_the_lease_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transaction (any holder but a commit) takes the lock with every check: it ends the lease first, and its
     own exit lets go."""
