@@ -373,8 +373,8 @@ async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: 
             waits.append(time.monotonic() - began)
             await asyncio.sleep(0.05)  # let the child lease again
         # One budget each, not two (1.95 s): without the step-back about every other wait took two. One long wait
-        # is tolerated: on a loaded machine this process may not run within the step-back's 5 ms (seen once while
-        # the full suite ran beside it).
+        # is tolerated: on a loaded machine this process may not run within the step-back's 20 ms (with 5 ms: seen
+        # once, then twice in eight, while the full suite ran beside it).
         assert len([wait for wait in waits if wait >= 1.5]) <= 1, waits
         assert await store.count("mine") == 8
         assert child.poll() is None, "the child kept writing"

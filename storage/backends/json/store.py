@@ -112,8 +112,10 @@ INLINE_MAX_BYTES = 1 << 20
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
 #: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
-#: (json/lock.py ``wait_free``'s ``behind``).
-STEP_BACK = 0.005
+#: (json/lock.py ``wait_free``'s ``behind``; it returns as soon as another has taken it, within 0.1-0.3 ms
+#: usually). 5 ms was too short beside a full test suite (load ~5 on 2 cores): a woken waiter's thread may wait
+#: longer than that for a CPU, and the holder took the lock back for another whole lease (two of eight waits).
+STEP_BACK = 0.02
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
