@@ -88,10 +88,13 @@ def encode_member_save(user_id: Any, guild_id: Any, doc: Any) -> tuple[str, byte
     if type(user_id) is not int or type(guild_id) is not int or (user_id | guild_id) >> 64:
         return None
     user, guild = str(user_id), str(guild_id)
-    out = _dump_one(doc) if _usual(guild, user, doc) else None
-    if out is None or _needs_a_look(out):
+    if not _usual(guild, user, doc):
         return None
-    return f"{guild}_{user}", out
+    try:  # _dump_one, inlined
+        out = memoryview(_dumps(doc, time_text, _DUMPS_OPTS)).tobytes()
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    return None if _needs_a_look(out) else (f"{guild}_{user}", out)
 
 
 def encode_member_ids(guild: str, user: str, doc: Any) -> bytes | None:

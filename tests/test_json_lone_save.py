@@ -21,6 +21,8 @@ import orjson
 import pytest
 
 from storage import ReadOnlyError, StoreClosedError, StoreConfig, TransactionError, ValidationError
+from storage.backends.json import group_commit, lease
+from storage.backends.json import store as json_store
 from storage.backends.json.journal import encode_record
 from storage.member_calls import MembersMixin
 from storage.member_fast import encode_member_save
@@ -78,10 +80,15 @@ def journal_lines(folder: Path) -> list[bytes]:
     return [line + b"\n" for line in raw.split(b"\n")[1:] if line.startswith(b"[")]
 
 
-async def test_the_fast_save_writes_what_the_generic_save_writes(tmp_path: Path) -> None:
+async def test_the_fast_save_writes_what_the_generic_save_writes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Random members saved by the JSON store's ``save_member_data`` and by ``MembersMixin``'s (through ``put``)
     in two stores: the same journal lines (each equal to ``encode_record`` of its put), the same documents, the
     same errors, and a refused save changes nothing on disk."""
+    # a loaded machine must not end the lease, nor send the appends to a thread, by the clock here
+    monkeypatch.setattr(lease, "BUDGET", 30.0)
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 30.0)
+    monkeypatch.setattr(json_store, "INLINE_SYNC_BUDGET", 30.0)
     rnd = random.Random(77)
     fast_dir, generic_dir = tmp_path / "fast", tmp_path / "generic"
     fast, generic = await JsonStore.open(cfg(fast_dir)), await JsonStore.open(cfg(generic_dir))
@@ -118,7 +125,9 @@ async def test_the_fast_save_writes_what_the_generic_save_writes(tmp_path: Path)
         assert outcomes["fast"] == outcomes["generic"]
         saved = sum(1 for outcome in outcomes["fast"] if outcome[0] == "ok")
         errors = len(cases) - saved
-        assert saved > 100 and errors > 50 and len(spliced) > 10  # the synchronous commit was taken
+        usual = sum(1 for case in cases if encode_member_save(*case) is not None)
+        assert saved > 100 and errors > 50 and usual > 50
+        assert len(spliced) >= usual - 2  # every usual save but the first ones (no lease yet) committed at once
         lines = journal_lines(fast_dir)
         assert lines == journal_lines(generic_dir) and len(lines) == saved
         for line in lines:
