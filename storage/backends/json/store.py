@@ -789,7 +789,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             return await MembersMixin.save_member_data(self, user_id, guild_id, data)
         key, encoded = usual
         # the journal line of this one put (json/journal.py encode_record's bytes: a member key needs no escape)
-        record = b"".join((f'[["p","members","{key}",'.encode(), encoded, b"]]\n"))
+        record = b"".join((f'[["p","{MEMBERS}","{key}",'.encode(), encoded, b"]]\n"))
         await self._submit([("p", MEMBERS, key, encoded)], record)
         return True
 
