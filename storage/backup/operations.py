@@ -86,7 +86,7 @@ from .format import (
     write_manifest,
 )
 from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
-from .messages import MESSAGE_BATCH, STREAM_BATCH, MessageOps
+from .messages import DECODE_GROUP, MESSAGE_BATCH, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -350,7 +350,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
         # (the slow part, before the lock), then swapped in inside the documents' transaction, all or nothing
         # across a crash too (storage.interfaces.MessageSwap).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
-        staged_count = await swap.stage(_batches(root, message_entry, progress, STREAM_BATCH))
+        staged_count = await swap.stage(_batches(root, message_entry, progress, DECODE_GROUP))
         if staged_count != message_entry["count"]:
             await swap.finish()
             raise BackupError(f"staging the messages of {root.name} gave {staged_count} records instead of "
@@ -437,7 +437,7 @@ async def _restore_messages_in(tx: BackendTransaction, root: Path, entry: dict[s
     """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
     whose transactions replace messages themselves): any failure rolls back the documents too."""
     progress.phase("restore: messages", int(entry["count"]))
-    final = await tx._replace_messages(_batches(root, entry, progress))
+    final = await tx._replace_messages(_batches(root, entry, progress, DECODE_GROUP))
     if final != entry["count"]:
         raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
                           f"{entry['count']}: nothing was restored")
