@@ -85,11 +85,17 @@ class MessageOps:
     async def digest(self) -> tuple[int, str]:
         """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
+        await self.add_to(digest)
+        return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+
+    async def add_to(self, digest: ContentDigest) -> None:
+        """Add every record to ``digest`` (under ``#messages``), hashed off the loop: through the backend's export
+        where it has one (the JSON files read as bytes in a worker thread, each record's dicts freed as soon as
+        it is encoded), else the scan in chunks (decoded records on the loop, 2,000 held at a time)."""
         if not await self.store._export_messages(lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
                                                  lambda n: None):
             async for chunk in chunks(self.scan()):
                 await off_loop(digest_records, digest, chunk)
-        return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
         return await self.store._insert_messages(records)
