@@ -50,12 +50,13 @@ from typing import Any
 
 import orjson
 
+from ..documents import normalize_items
 from ..errors import BackupError, DatabaseError, ValidationError
 from ..interfaces import Backend, BackendTransaction
 from ..offload import chunks, off_loop
 from ..progress import NullProgress, Progress
 from ..version import __version__
-from .expiring import backup_expiries, manifest_expiries, put_with_expiries
+from .expiring import backup_expiries, manifest_expiries, put_encoded_with_expiries
 from .files import collect as collect_files
 from .files import restore_files, write_files
 from .format import (
@@ -484,9 +485,17 @@ def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[list[str
     return removed, puts, sum(1 for key in puts if key not in current)
 
 
-def _decoded(keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, Any]]:
+def _stored_pairs(name: str, keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """``keys``' backed-up documents encoded as ``_put_stored`` encodes them (no collection rule: see
+    storage/rules.py), decoded DECODE_GROUP at a time (in a worker thread). Decoded whole batches (2,000 members,
+    ~10k containers) were handed to the loop and back to a thread to be encoded: they lived long enough to reach
+    the collector's oldest generation and set off full collections."""
     loads = orjson.loads
-    return [(key, loads(raws[key])) for key in keys]
+    out: list[tuple[str, bytes]] = []
+    for start in range(0, len(keys), DECODE_GROUP):
+        out += normalize_items([(key, loads(raws[key])) for key in keys[start:start + DECODE_GROUP]], name,
+                               rule=False)
+    return out
 
 
 async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path, name: str,
@@ -514,8 +523,8 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
         for key in removed:
             await tx.delete(name, key)
         for start in range(0, len(puts), RESTORE_BATCH):
-            docs = await off_loop(_decoded, puts[start:start + RESTORE_BATCH], raws)
-            await put_with_expiries(tx, name, docs, expiries)
+            pairs = await off_loop(_stored_pairs, name, puts[start:start + RESTORE_BATCH], raws)
+            await put_encoded_with_expiries(tx, name, pairs, expiries)
         final = await tx.count(name)
         if final != len(wanted):
             raise BackupError(f"restoring {name!r} would leave {final} documents instead of {len(wanted)}; "
