@@ -222,3 +222,20 @@ async def test_a_restore_encodes_its_documents_in_the_thread_that_decodes_them(s
     assert {k: d async for k, d in store.items("people")} == {**docs, "brief": {"short": True}}
     assert await store._expiries("people", ["brief"]) == expiry != {}
     assert promoted < 3000, promoted
+
+
+def test_staged_views_of_untouched_collections_are_the_committed_data() -> None:
+    """A JSON transaction's view of a collection it staged nothing in is the committed mapping itself, found
+    without a pass over the changes (a restore's later collections after 100k staged members: 5-10 ms on the
+    loop each); views and keys of the touched ones still layer the changes, frozen copies included."""
+    from storage.backends.json.tables import Staged
+
+    base = {"a": {"x": b"1", "y": b"2"}, "b": {"z": b"3"}}
+    staged = Staged(base)  # type: ignore[arg-type]
+    staged.apply([("p", "a", "w", b"4"), ("d", "a", "x")])
+    assert staged.view("b") is base["b"] and staged.keys("b") == {"z"} and staged.names == {"a"}
+    assert dict(staged.view("a")) == {"y": b"2", "w": b"4"} and staged.keys("a") == {"y", "w"}
+    frozen = staged.frozen()
+    staged.apply([("p", "b", "v", b"5"), ("p", "c", "u", b"6")])
+    assert dict(staged.view("b")) == {"z": b"3", "v": b"5"} and dict(staged.view("c")) == {"u": b"6"}
+    assert frozen.view("b") is base["b"] and frozen.names == {"a"} and staged.names == {"a", "b", "c"}

@@ -1215,7 +1215,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
             await self.whole(collection)
             frozen, now = staged.frozen(), self._json._now_micros()
             return await off_loop(_live_count, frozen, collection, now)
-        if staged.expiring_in(collection) or any(name == collection for name, _key in staged.changes):
+        if staged.expiring_in(collection) or collection in staged.names:
             await self.whole(collection)  # the view is then a copy with the changes over it
         return len(self._staged.live_view(collection, self._json._now_micros()))
 
@@ -1252,7 +1252,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         or copy lists them here, since the store itself refuses calls inside its own transaction)."""
         self._guard_read()
         staged = self._staged
-        changed = {collection for collection, _ in staged.changes}
+        changed = set(staged.names)
         for name in changed:
             await self._json._whole(name)
         now = self._json._now_micros()
