@@ -531,7 +531,22 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
             raise BackupError(f"restoring {name!r} would leave {final} documents instead of {len(wanted)}; "
                               "nothing was restored")
     progress.advance(len(wanted))
-    return CollectionChange(len(wanted), len(current), added, len(puts) - added, len(removed))
+    change = CollectionChange(len(wanted), len(current), added, len(puts) - added, len(removed))
+    await off_loop(_free, wanted, raws, current, puts)  # dropped with this frame, 100k members took 4-7 ms
+    return change
+
+
+def _free(*held: dict[str, bytes] | list[str]) -> None:
+    """Empty each of ``held`` a slice at a time (in a worker thread, which can give the GIL back between two
+    slices; the last reference dropped on the loop frees a whole collection's bytes in one step)."""
+    for items in held:
+        if isinstance(items, dict):
+            while items:
+                for _ in range(min(len(items), 1000)):
+                    items.popitem()
+        else:
+            while items:
+                del items[-1000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

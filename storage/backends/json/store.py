@@ -1018,6 +1018,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     await tx._discard_messages()
                     if ops:
                         await self._commit(ops)
+                _release_staged(tx)  # committed: nothing reads the staged operations any more
         finally:
             self._leave_transaction(token)
 
@@ -1336,6 +1337,31 @@ def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime 
         return [("p", collection, key, raw) for key, raw in items]
     when = to_micros(expires)
     return [("p", collection, key, raw, when) for key, raw in items]
+
+
+#: Staged operations freed at a time by :func:`_free_staged`.
+FREE_SLICE = 1000
+
+
+def _release_staged(tx: JsonTransaction) -> None:
+    """Hand a large committed transaction's staged operations to a worker thread to free, piecewise, without
+    waiting for it (no await: the transaction is committed and must be reported so). Dropped with the transaction
+    on the loop, 100k operations and their staged view took 8-11 ms in one step (a restore's last)."""
+    ops, staged = tx._ops, tx._staged
+    if len(ops) + len(staged.changes) <= ITEMS_INLINE:
+        return
+    tx._ops, changes, staged.changes = [], staged.changes, {}
+    asyncio.get_running_loop().run_in_executor(None, _free_staged, ops, changes)
+
+
+def _free_staged(ops: list[Op], changes: dict[tuple[str, str], bytes | None]) -> None:
+    """Empty ``ops`` and ``changes`` FREE_SLICE at a time (in a worker thread, which can give the GIL back between
+    two slices; freeing them whole is one C call that holds it throughout)."""
+    while ops:
+        del ops[-FREE_SLICE:]
+    while changes:
+        for _ in range(min(len(changes), FREE_SLICE)):
+            changes.popitem()
 
 
 def _live_count(staged: Staged, collection: str, now: int) -> int:
