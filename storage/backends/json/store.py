@@ -1049,6 +1049,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     await tx._discard_messages()
                     if ops:
                         await self._commit(ops)
+                _release_staged(tx)  # committed: nothing reads the staged operations any more
         finally:
             self._leave_transaction(token)
 
@@ -1246,7 +1247,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
             await self.whole(collection)
             frozen, now = staged.frozen(), self._json._now_micros()
             return await off_loop(_live_count, frozen, collection, now)
-        if staged.expiring_in(collection) or any(name == collection for name, _key in staged.changes):
+        if staged.expiring_in(collection) or collection in staged.names:
             await self.whole(collection)  # the view is then a copy with the changes over it
         return len(self._staged.live_view(collection, self._json._now_micros()))
 
@@ -1283,7 +1284,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         or copy lists them here, since the store itself refuses calls inside its own transaction)."""
         self._guard_read()
         staged = self._staged
-        changed = {collection for collection, _ in staged.changes}
+        changed = set(staged.names)
         for name in changed:
             await self._json._whole(name)
         now = self._json._now_micros()
@@ -1367,6 +1368,31 @@ def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime 
         return [("p", collection, key, raw) for key, raw in items]
     when = to_micros(expires)
     return [("p", collection, key, raw, when) for key, raw in items]
+
+
+#: Staged operations freed at a time by :func:`_free_staged`.
+FREE_SLICE = 1000
+
+
+def _release_staged(tx: JsonTransaction) -> None:
+    """Hand a large committed transaction's staged operations to a worker thread to free, piecewise, without
+    waiting for it (no await: the transaction is committed and must be reported so). Dropped with the transaction
+    on the loop, 100k operations and their staged view took 8-11 ms in one step (a restore's last)."""
+    ops, staged = tx._ops, tx._staged
+    if len(ops) + len(staged.changes) <= ITEMS_INLINE:
+        return
+    tx._ops, changes, staged.changes = [], staged.changes, {}
+    asyncio.get_running_loop().run_in_executor(None, _free_staged, ops, changes)
+
+
+def _free_staged(ops: list[Op], changes: dict[tuple[str, str], bytes | None]) -> None:
+    """Empty ``ops`` and ``changes`` FREE_SLICE at a time (in a worker thread, which can give the GIL back between
+    two slices; freeing them whole is one C call that holds it throughout)."""
+    while ops:
+        del ops[-FREE_SLICE:]
+    while changes:
+        for _ in range(min(len(changes), FREE_SLICE)):
+            changes.popitem()
 
 
 def _live_count(staged: Staged, collection: str, now: int) -> int:
