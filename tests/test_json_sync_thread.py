@@ -1,8 +1,10 @@
-"""A batch's inline commit plans its apply while its fsync runs in the store's worker thread (json/sync_thread.py).
+"""A batch's inline commit offers the planning of its apply to the store's worker thread while it waits for its
+fsync (json/sync_thread.py).
 
 The promise is the inline commit's: the batch is visible only once durable, a failed fsync raises
-:class:`StorageIOError` with nothing visible (now or after a reopen), and the store keeps working; a planning that
-fails costs only speed (the batch is applied the plain way).
+:class:`StorageIOError` with nothing visible (now or after a reopen), and the store keeps working; a worker that
+does not get to the planning in time, or a planning that fails, costs only speed (the batch is applied the plain
+way after the fsync).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +34,17 @@ def batch(n: int, tag: int) -> dict[str, dict[str, Any]]:
 
 
 class SyncSpy:
-    """``os.fdatasync`` recording which thread ran it; fails with EIO while ``fail`` is set."""
+    """``os.fdatasync`` taking ``delay`` seconds (a slow disk: the worker surely gets to the planning), failing
+    with EIO while ``fail`` is set; and the threads ``Tables.plan`` ran in."""
 
     def __init__(self) -> None:
         self.real = os.fdatasync
-        self.threads: list[str] = []
+        self.delay = 0.0
         self.fail = False
+        self.planned_in: list[str] = []
 
     def __call__(self, fd: int) -> None:
-        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
         if self.fail:
             raise OSError(errno.EIO, "Input/output error (injected)")
         self.real(fd)
@@ -49,10 +54,21 @@ class SyncSpy:
 def spy(monkeypatch: pytest.MonkeyPatch) -> SyncSpy:
     spy = SyncSpy()
     monkeypatch.setattr(os, "fdatasync", spy)
+    real_plan = Tables.plan
+
+    def plan(self: Tables, ops: Any) -> Any:
+        spy.planned_in.append(threading.current_thread().name)
+        return real_plan(self, ops)
+
+    monkeypatch.setattr(Tables, "plan", plan)
     return spy
 
 
-async def test_a_batch_fsyncs_in_the_worker_and_is_applied_by_plan(tmp_path: Path, spy: SyncSpy) -> None:
+def in_worker(names: list[str]) -> bool:
+    return any(name.startswith("storage-fsync") for name in names)
+
+
+async def test_the_worker_plans_a_batch_during_its_fsync(tmp_path: Path, spy: SyncSpy) -> None:
     n = json_store.PLAN_DURING_SYNC
     store = await JsonStore.open(cfg(tmp_path))
     try:
@@ -62,14 +78,16 @@ async def test_a_batch_fsyncs_in_the_worker_and_is_applied_by_plan(tmp_path: Pat
         await store.close()
     store = await JsonStore.open(cfg(tmp_path))  # a lazily opened snapshot (json/lazy.py) under the batch
     try:
-        spy.threads.clear()
+        spy.delay = 0.05
+        spy.planned_in.clear()
         store._batch_sync_estimate = store._sync_estimate = 0.0  # inline, whatever this machine's disk took
         await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
-        assert any(name.startswith("storage-fsync") for name in spy.threads), spy.threads
+        assert in_worker(spy.planned_in), spy.planned_in
         assert await store.count("c") == n + 1
         assert (await store.get("c", f"k{n - 1:04d}"))["tag"] == 1
-        await store.put("c", "one", {"tag": 2})  # a lone save: no worker
-        assert not spy.threads[-1].startswith("storage-fsync")
+        spy.planned_in.clear()
+        await store.put("c", "one", {"tag": 2})  # a lone save: nothing offered
+        assert not in_worker(spy.planned_in)
     finally:
         await store.close()
     store = await JsonStore.open(cfg(tmp_path))
@@ -86,11 +104,12 @@ async def test_a_failed_fsync_in_the_worker_is_never_seen(tmp_path: Path, spy: S
     try:
         await store.put_many("c", batch(n, 0))
         store._batch_sync_estimate = store._sync_estimate = 0.0
-        spy.fail = True
+        spy.fail, spy.delay = True, 0.05
+        spy.planned_in.clear()
         with pytest.raises(StorageIOError):
             await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
-        assert any(name.startswith("storage-fsync") for name in spy.threads), spy.threads
-        spy.fail = False
+        assert in_worker(spy.planned_in), spy.planned_in  # planned, then the fsync failed: never applied
+        spy.fail, spy.delay = False, 0.0
         assert await store.get("c", "new") is None
         assert (await store.get("c", "k0000"))["tag"] == 0
         await store.put_many("c", batch(n, 2))  # the store rewrites its files, then goes on
@@ -116,6 +135,7 @@ async def test_a_planning_that_fails_costs_only_speed(tmp_path: Path, spy: SyncS
     store = await JsonStore.open(cfg(tmp_path))
     try:
         store._batch_sync_estimate = store._sync_estimate = 0.0
+        spy.delay = 0.05
         monkeypatch.setattr(Tables, "plan", broken)
         with caplog.at_level(logging.ERROR, logger="storage.json"):
             await store.put_many("c", batch(n, 3))
@@ -126,5 +146,36 @@ async def test_a_planning_that_fails_costs_only_speed(tmp_path: Path, spy: SyncS
     store = await JsonStore.open(cfg(tmp_path))
     try:
         assert await store.count("c") == n and (await store.get("c", "k0001"))["tag"] == 3
+    finally:
+        await store.close()
+
+
+async def test_a_worker_that_does_not_get_to_the_planning_leaves_it_to_the_commit(tmp_path: Path,
+                                                                                 spy: SyncSpy) -> None:
+    """A busy worker (on a loaded machine: not scheduled yet) does not hold the commit up: the offer is
+    withdrawn once the fsync is done, the batch applied the plain way, and the worker skips the offer later."""
+    n = json_store.PLAN_DURING_SYNC
+    store = await JsonStore.open(cfg(tmp_path))
+    release = threading.Event()
+    try:
+        await store.put_many("c", batch(n, 0))
+        store._batch_sync_estimate = store._sync_estimate = 0.0
+        pool = store._sync_thread._pool
+        assert pool is not None
+        busy = pool.submit(release.wait, 30)  # the one worker is busy until released
+        spy.planned_in.clear()
+        await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
+        assert not in_worker(spy.planned_in)
+        assert await store.count("c") == n + 1 and (await store.get("c", "k0000"))["tag"] == 1
+        release.set()
+        busy.result(timeout=30)
+        pool.submit(lambda: None).result(timeout=30)  # the withdrawn offer has been skipped by now
+        assert not in_worker(spy.planned_in)
+    finally:
+        release.set()
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert await store.count("c") == n + 1 and (await store.get("c", "new"))["tag"] == 1
     finally:
         await store.close()

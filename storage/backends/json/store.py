@@ -118,8 +118,8 @@ STEP_BACK = 0.005
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
-#: An inline commit of at least this many operations (a batch) works out its apply while its record's fsync runs in
-#: a worker thread (json/sync_thread.py); fewer: the thread hand-over (about 50 us) would cost more than it saves.
+#: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
+#: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
 PLAN_DURING_SYNC = max(BULK_APPLY, 256)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
@@ -598,7 +598,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         tables = self._tables
         plan: Plan | None = None
         began = time.perf_counter()
-        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply worked out during the fsync (json/sync_thread.py)
+        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
             written = began
 
             def sync(fd: int) -> None:
@@ -607,7 +607,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 plan = self._sync_thread.sync_during(fd, lambda: tables.plan(ops))
 
             self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
-            spent = written - began + self._sync_thread.last_sync  # the write's and the fsync's own time
+            spent = written - began + self._sync_thread.last_sync  # the write's and the fsync's own time, no waits
         else:
             self._journal.append(record)
             spent = time.perf_counter() - began

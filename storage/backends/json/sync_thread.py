@@ -1,18 +1,18 @@
-"""A journal fsync in a worker thread while the event loop's thread works out the rest of the same commit.
+"""A worker thread that works out the rest of a commit while the event loop's thread waits for its fsync.
 
 Why: a batch's inline commit (a 1,000-member ``put_many`` or ``batch_update_members`` at 100k members) was
 append + fdatasync (about 1 ms here) and *then* the apply, whose planning (which puts replace what, the size
-change: Tables.plan, 0.3-0.4 ms) only reads. The fdatasync releases the GIL, so that planning can run during it:
+change: Tables.plan, 0.3-0.4 ms) only reads. The fdatasync releases the GIL, so that planning can run meanwhile:
 the commit is as durable as before and visible at the same point (nothing is published or applied before the
 fsync returned), just shorter (benchmarks/bench_batch.py, benchmarks/README.md).
 
-The GIL decides the shape. A worker that ran ``pwrite`` + ``fdatasync`` would need the GIL between the two calls
-while the loop's thread holds it for the planning (up to the 5 ms switch interval): its fsync would start only
-after the planning. So the caller writes, and the worker runs the fdatasync alone; the caller waits until the
-worker is about to call it (an :class:`threading.Event`, which releases the GIL) before it takes the GIL back.
-
-The commit stays synchronous, as the inline commit it shortens: the caller blocks until the fsync is done, its
-``OSError`` raised in the caller, exactly as an inline ``fdatasync`` would raise it.
+The fsync stays on the caller's thread, and the planning is only *offered* to the worker: on a loaded machine a
+woken thread may wait milliseconds for a CPU, and a commit must not wait for it. Whoever gets to the planning
+first takes it (a lock): the worker, while the fsync runs, or nobody, and the caller then plans after the fsync as
+it always did. (A worker running the fsync instead, the caller planning, was slower under load: the caller waited
+for the worker to be scheduled before the fsync even started.) The offer is made between the write and the
+fsync: made before the write, the worker would take the GIL during the ``pwrite`` and the fsync would start only
+after the planning.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from ...fsutil import sync_fd
 
@@ -32,52 +32,73 @@ log = logging.getLogger("storage.json")
 
 T = TypeVar("T")
 
+_OFFERED, _TAKEN, _WITHDRAWN = 0, 1, 2
+
 
 class SyncThread:
-    """One store's fsync worker (a thread started on first use, ended by :meth:`close`)."""
+    """One store's worker (a thread started on first use, ended by :meth:`close`)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        #: seconds the last :meth:`sync_during`'s fsync itself took (not the hand-over: starting the thread on
-        #: first use took milliseconds on a loaded machine, which the store's inline estimates must not learn)
+        #: seconds the last :meth:`sync_during`'s fsync took (what the store's inline estimates learn)
         self.last_sync = 0.0
 
     def sync_during(self, fd: int, work: Callable[[], T]) -> T | None:
-        """``fdatasync(fd)`` in the worker while this thread runs ``work`` (which must only read what the fsync
-        does not change); ``work``'s result once both are done. None when ``work`` raised (logged: the record is
-        durable, and the caller then does the work the plain way), or when there is no worker (then the fsync ran
-        here, first)."""
+        """``fdatasync(fd)`` on this thread, ``work`` offered to the worker meanwhile (it must only read what the
+        commit does not change before it returns). ``work``'s result when the worker did it; None when it did
+        not get to it before the fsync was done, or ``work`` raised (logged): the caller then does that work
+        itself. Raises the fsync's ``OSError``; either way the worker is no longer running ``work`` on return."""
+        offer = _Offer(work)
+        offered = True
         try:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-fsync")
-            started = threading.Event()
-            future = self._pool.submit(_sync_started, started, fd)
-        except RuntimeError:  # no thread can be started (or the store is closing): the fsync the usual way
-            began = time.perf_counter()
-            sync_fd(fd)
-            self.last_sync = time.perf_counter() - began
-            return None
-        result: T | None = None
+            self._pool.submit(offer.run)
+        except RuntimeError:  # no thread can be started (or the store is closing): no offer
+            offered = False
+        began = time.perf_counter()
         try:
-            started.wait()
-            result = work()
-        except Exception:
-            log.exception("planning a commit during its fsync failed; it is applied the usual way")
+            sync_fd(fd)
         finally:
-            self.last_sync = future.result()  # the fsync's OSError, if any; never leave before the fsync is done
-        return result
+            self.last_sync = time.perf_counter() - began
+            if offered:
+                offer.withdraw()
+        return offer.result
 
     def close(self) -> None:
-        """End the worker (idle: every :meth:`sync_during` waits for its fsync)."""
+        """End the worker (idle: :meth:`sync_during` returns only once it is done with its offer)."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False)
 
 
-def _sync_started(started: threading.Event, fd: int) -> float:
-    """In the worker: say it is running, then fsync (the GIL is released for the caller from here); how long the
-    fsync took."""
-    started.set()
-    began = time.perf_counter()
-    sync_fd(fd)
-    return time.perf_counter() - began
+class _Offer(Generic[T]):
+    """Work that the worker runs if it starts before the offer is withdrawn."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._state = _OFFERED
+        self._done = threading.Event()
+        self.result: T | None = None
+
+    def run(self) -> None:
+        """In the worker."""
+        with self._lock:
+            if self._state != _OFFERED:
+                return
+            self._state = _TAKEN
+        try:
+            self.result = self._work()
+        except Exception:
+            log.exception("planning a commit during its fsync failed; it is applied the usual way")
+        finally:
+            self._done.set()
+
+    def withdraw(self) -> None:
+        """No start from now on; if the worker started, wait until it is done."""
+        with self._lock:
+            if self._state == _OFFERED:
+                self._state = _WITHDRAWN
+                return
+        self._done.wait()
