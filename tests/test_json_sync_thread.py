@@ -179,3 +179,53 @@ async def test_a_worker_that_does_not_get_to_the_planning_leaves_it_to_the_commi
         assert await store.count("c") == n + 1 and (await store.get("c", "new"))["tag"] == 1
     finally:
         await store.close()
+
+
+async def test_a_transaction_of_puts_and_deletes_planned_by_the_worker_applies_like_the_plain_way(
+        tmp_path: Path, spy: SyncSpy) -> None:
+    """Puts that replace and add, deletes of present and absent keys, a lazily opened collection and a watcher:
+    what the store shows, what the watcher hears (in order) and what a reopen reads are the operations applied
+    one by one."""
+    import asyncio
+
+    start = {f"k{i:04d}": {"v": i} for i in range(600)}
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put_many("c", start)
+        await store.compact()
+    finally:
+        await store.close()
+    expected = dict(start)
+    changes: list[tuple[str, str, Any]] = []
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        async with store.watch("c") as watch:
+            await watch.ready()
+            store._batch_sync_estimate = store._sync_estimate = 0.0
+            spy.delay, spy.planned_in[:] = 0.05, []
+            async with store.transaction() as tx:
+                for i in range(400, 700):  # 300 puts: 200 replace, 100 new
+                    await tx.put("c", f"k{i:04d}", {"v": -i})
+                    expected[f"k{i:04d}"] = {"v": -i}
+                    changes.append((f"k{i:04d}", "put", {"v": -i}))
+                for i in range(0, 100):
+                    await tx.delete("c", f"k{i:04d}")
+                    del expected[f"k{i:04d}"]
+                    changes.append((f"k{i:04d}", "delete", None))
+                for i in range(800, 850):
+                    await tx.delete("c", f"k{i:04d}")  # absent: nothing to hear
+            assert in_worker(spy.planned_in), spy.planned_in
+            got = []
+            for _ in changes:
+                change = await asyncio.wait_for(watch.__anext__(), 30)
+                got.append((change.key, change.op, change.doc))
+            assert got == changes
+        assert await store.count("c") == len(expected)
+        assert {key: doc async for key, doc in store.items("c")} == expected
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert {key: doc async for key, doc in store.items("c")} == expected
+    finally:
+        await store.close()
