@@ -229,3 +229,40 @@ async def test_a_transaction_of_puts_and_deletes_planned_by_the_worker_applies_l
         assert {key: doc async for key, doc in store.items("c")} == expected
     finally:
         await store.close()
+
+
+def test_a_commit_that_waited_for_the_worker_pauses_the_offers(tmp_path: Path, spy: SyncSpy) -> None:
+    """A worker that holds the caller up longer than its work saves (a worker descheduled while it held the GIL,
+    modelled by work that sleeps: no CPU spent, while the caller waits) stops the offers for PAUSE_AFTER_LOSS
+    commits, which then do the work themselves; then the offers resume."""
+    from storage.backends.json import sync_thread
+
+    syncer = sync_thread.SyncThread()
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    ran_in: list[str] = []
+
+    def work() -> str:
+        ran_in.append(threading.current_thread().name)
+        return "planned"
+
+    def descheduled() -> str:
+        ran_in.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return "planned"
+
+    try:
+        spy.delay = 0.1  # a fsync long enough for the worker to start on a loaded machine
+        assert syncer.sync_during(fd, work) == "planned"  # the first offer (it starts the thread): not judged
+        ran_in.clear()
+        assert syncer.sync_during(fd, descheduled) == "planned"  # the caller waits ~0.2 s after its fsync
+        assert in_worker(ran_in)
+        ran_in.clear()
+        for _ in range(sync_thread.PAUSE_AFTER_LOSS):
+            spy.delay = 0.0
+            assert syncer.sync_during(fd, work) is None
+        assert ran_in == []  # no offer made while paused
+        spy.delay = 0.1
+        assert syncer.sync_during(fd, work) == "planned" and in_worker(ran_in)  # offered again
+    finally:
+        syncer.close()
+        os.close(fd)
