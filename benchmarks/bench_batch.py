@@ -178,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
                 got = run_worker(__file__, [path, phases, "1" if args.cold else "0"])
                 runs[name].append({k: v for k, v in got.items() if (" | " in k) == (phases == "1")})
     keys = sorted({k for rs in runs.values() for r in rs for k in r}, key=lambda k: (" | " in k, k))
-    summary = {name: {k: statistics.median([r[k] for r in rs if k in r]) for k in keys} for name, rs in runs.items()}
+    # a phase only one checkout has (plan / apply_plan) is left out of the other's summary
+    summary = {name: {k: statistics.median(v) for k in keys if (v := [r[k] for r in rs if k in r])}
+               for name, rs in runs.items()}
     headers = ["figure", *systems] + (["this / base"] if "base" in systems else [])
     rows = []
     for k in keys:
         row: list[object] = [k, *(f"{summary[n].get(k, float('nan')):.3f}" for n in systems)]
         if "base" in systems:
-            row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x" if summary["base"].get(k) else "")
+            row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x"
+                       if summary["base"].get(k) and k in summary["this"] else "")
         rows.append(row)
     print_table(headers, rows, title=f"member writes, JSON backend, {MEMBERS:,} members"
                                      f"{' (reopened: cold)' if args.cold else ''}, medians of {args.reps} "
