@@ -27,8 +27,8 @@ import orjson
 from .codec import _DUMPS_OPTS, _NEGATIVE_ZERO, _NULL, dumps_each
 from .models import iso_utc
 
-__all__ = ["encode_member", "encode_member_ids", "encode_member_columns", "encode_members", "encode_members_ids",
-           "time_text"]
+__all__ = ["encode_member", "encode_member_ids", "encode_member_columns", "encode_member_save", "encode_members",
+           "encode_members_ids", "time_text"]
 
 #: A members key whose two ids are canonical snowflakes below 2**63 (1-19 ASCII digits, no leading zero): such a
 #: key also passes :func:`storage.codec.check_key` (short, ASCII, no NUL), so neither check needs running.
@@ -76,6 +76,25 @@ def encode_member(key: Any, doc: Any) -> bytes | None:
         return None
     guild, _, user = key.partition("_")
     return encode_member_ids(guild, user, doc)
+
+
+def encode_member_save(user_id: Any, guild_id: Any, doc: Any) -> tuple[str, bytes] | None:
+    """``save_member_data``'s key and stored bytes when the ids are two ints in 0..2**64-1 (discord.py's, the usual
+    call) and ``doc`` is of the usual shape; else None (then ``put`` and the full rule decide).
+
+    Why: the usual save went ``member_key``, ``check_key``, the rule's key regex and ``partition`` before the
+    document was looked at (about 0.8 us of a save that costs 10 us of Python with the fsync made free); two ints
+    formatted here are canonical ids, so the key needs no check (:func:`storage.models.member_key` does the same)."""
+    if type(user_id) is not int or type(guild_id) is not int or (user_id | guild_id) >> 64:
+        return None
+    user, guild = str(user_id), str(guild_id)
+    if not _usual(guild, user, doc):
+        return None
+    try:  # _dump_one, inlined
+        out = memoryview(_dumps(doc, time_text, _DUMPS_OPTS)).tobytes()
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    return None if _needs_a_look(out) else (f"{guild}_{user}", out)
 
 
 def encode_member_ids(guild: str, user: str, doc: Any) -> bytes | None:

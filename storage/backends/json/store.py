@@ -60,10 +60,14 @@ from ...expiry import from_micros, to_micros
 from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSummary, MessageSwap, MigrationLock
+from ...member_calls import MembersMixin
+from ...member_fast import encode_member_save
 from ...messages.columns import MessageColumns
+from ...models import MEMBERS, member_key
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ...query.plan import Query
+from ...types import Member
 from ..base import BackendBase, TransactionBase
 from . import forget_files as json_forget
 from . import restore as json_restore
@@ -456,7 +460,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: the store was opened read-only")
 
-    async def _submit(self, prepare: _Prepare | list[Op]) -> Any:
+    async def _submit(self, prepare: _Prepare | list[Op], record: bytes | None = None) -> Any:
         """Queue a write for the next group commit (group_commit.py) and wait until it is durable. A write is its
         ops when they do not depend on the documents (a put), else a function of the view so far.
 
@@ -464,7 +468,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         commits right here, synchronously (:meth:`_commit_now`): nothing in it can suspend, so nothing can interrupt
         it half-way, and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a
         save). A batch, or a document too large for an fsync on the loop (:meth:`_may_inline`), commits the usual
-        way."""
+        way. ``record``: the lone put's journal line when the caller has it (:func:`encode_record`'s bytes), for
+        that synchronous commit."""
         self._check_usable()
         if (type(prepare) is list and self._lease.held and self._suspect is None
                 and len(prepare) == 1 and self._may_inline(len(prepare[0][3]))  # type: ignore[misc]
@@ -472,7 +477,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             failed = True
             try:
                 try:
-                    self._commit_now(prepare)
+                    self._commit_now(prepare, record)
                 except OSError as exc:
                     await self._after_failed_append(exc)  # under the lock, as _commit does
                     raise self._write_failed(exc) from exc
@@ -792,6 +797,32 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if type(coll) is Lazy and len(items) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
             await cancellation.run_in_thread(coll.build_sizes)
         await self._submit(ops)
+
+    async def save_member_data(self, user_id: int | str, guild_id: int | str, data: Member | Document) -> bool:
+        """:meth:`storage.members.MembersMixin.save_member_data`, the usual call one coroutine deep: two int ids and
+        a member of the usual shape (storage.member_fast) go straight to :meth:`_submit` (whose synchronous commit
+        takes it while the lease is on), without ``put`` and ``_put_encoded`` and their checks of a key and a
+        collection that are known good. Why: with the fsync made free a save was about 10 us of Python, at the
+        edge of SQLite FULL and of the append+fdatasync floor (issue 15). Anything else goes the usual way."""
+        self._guard_write()
+        usual = encode_member_save(user_id, guild_id, data)
+        if usual is None or MEMBERS in self._tables.foreign:
+            return await MembersMixin.save_member_data(self, user_id, guild_id, data)
+        key, encoded = usual
+        # the journal line of this one put (json/journal.py encode_record's bytes: a member key needs no escape)
+        record = b"".join((f'[["p","{MEMBERS}","{key}",'.encode(), encoded, b"]]\n"))
+        await self._submit([("p", MEMBERS, key, encoded)], record)
+        return True
+
+    async def get_member_data(self, user_id: int | str, guild_id: int | str,
+                              default: Mapping[str, Any] | None = None) -> Member:
+        """:meth:`storage.members.MembersMixin.get_member_data`, the usual call (no ``default``) one coroutine
+        deep: ``member_key``'s key is canonical, so ``get``'s checks of it and of the collection are skipped."""
+        if default is not None:
+            return await MembersMixin.get_member_data(self, user_id, guild_id, default)
+        self._guard_read()
+        doc: Any = await self._get(MEMBERS, member_key(user_id, guild_id))
+        return doc if doc is not None else {}  # type: ignore[no-any-return]
 
     async def _delete(self, collection: str, key: str) -> bool:
         self._check_writable(collection)

@@ -259,6 +259,11 @@ class Tables:
         Per run of operations on one collection its dict, size change and expiries are looked up once (a batch of
         1,000 member puts: 0.79 -> 0.44 ms, benchmarks/README.md), not once per operation; a batch of plain puts
         into one collection takes :meth:`_apply_puts`."""
+        if len(ops) == 1 and len(op := ops[0]) == 4 and op[0] == "p" and op[1] in self.data:
+            self._apply_put(op[1], op[2], op[3])  # type: ignore[misc]
+            if self.indexes.live:
+                self.indexes.apply(ops)
+            return
         if len(ops) >= BULK_APPLY and self._apply_puts(ops):
             return
         data, sizes, expires, dirty = self.data, self.sizes, self.expires, self.dirty
@@ -316,6 +321,26 @@ class Tables:
             sizes[name] += delta
         if self.indexes.live:
             self.indexes.apply(ops)
+
+    def _apply_put(self, name: str, key: str, new: bytes) -> None:
+        """:meth:`apply` of a lone put without expiry into an existing collection (a save): the loop's per-run
+        bookkeeping skipped, 1.3 -> 0.6 us (issue 15). The same steps: the document, the size, the change feed, and
+        any expiry the key held is cleared (the put makes it permanent)."""
+        coll = self.data[name]
+        if type(coll) is Lazy:
+            old_size = coll.swap(key, new)
+        else:
+            old = coll.get(key)
+            coll[key] = new
+            old_size = None if old is None else len(old)
+        self.sizes[name] += len(new) - old_size if old_size is not None else len(key) + len(new) + OVERHEAD
+        self.dirty.add(name)
+        feed = self.feed
+        if feed is not None and feed.active:
+            feed.publish(name, key, "put", new)
+        expiring = self.expires.get(name)
+        if expiring is not None and expiring.pop(key, None) is not None and not expiring:
+            del self.expires[name]
 
     def _apply_puts(self, ops: list[Op]) -> bool:
         """:meth:`apply` of a batch (:meth:`_batch_puts`) as :meth:`plan` and :meth:`apply_plan` do it, in C-level
