@@ -89,7 +89,8 @@ from .mutex import Mutex
 from .presence import Presence
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
-from .tables import Plan, Staged, Tables
+from .sync_thread import SyncThread
+from .tables import BULK_APPLY, Plan, Staged, Tables
 from .tx_messages import TxMessages
 
 __all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
@@ -121,6 +122,9 @@ STEP_BACK = 0.005
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
+#: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
+#: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
+PLAN_DURING_SYNC = max(BULK_APPLY, 256)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -162,6 +166,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._batch_sync_estimate = 0.0  # the same for records larger than a filler chunk (INLINE_BATCH_BUDGET)
+        self._sync_thread = SyncThread()  # a batch's fsync while the loop plans its apply (_commit_now)
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
         self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
@@ -595,11 +600,27 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         from memory without it)."""
         if record is None:
             record = encode_record(ops)
+        tables = self._tables
+        plan: Plan | None = None
         began = time.perf_counter()
-        self._journal.append(record)  # the offset moves only once the fsync succeeded
-        spent = time.perf_counter() - began
-        self._tables.publish()
-        self._tables.apply(ops)
+        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
+            written = began
+
+            def sync(fd: int) -> None:
+                nonlocal plan, written
+                written = time.perf_counter()
+                plan = self._sync_thread.sync_during(fd, lambda: tables.plan(ops))
+
+            self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
+            spent = written - began + self._sync_thread.last_sync  # the write's and the fsync's own time, no waits
+        else:
+            self._journal.append(record)
+            spent = time.perf_counter() - began
+        tables.publish()
+        if plan is None:
+            tables.apply(ops)
+        else:
+            tables.apply_plan(plan, ops)
         self._learn_sync(len(record), spent)
 
     def _write_failed(self, exc: OSError) -> StorageIOError:
@@ -1068,6 +1089,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._lease.close()
             self._flock.close()
             self._messages.close()
+            self._sync_thread.close()
             self._tables.release()
             return
         self._closed = True
@@ -1101,6 +1123,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._lease.close()
             self._flock.close()
             self._messages.close()
+            self._sync_thread.close()
             self._tables.release()
 
     def stats(self) -> dict[str, Any]:
