@@ -9,7 +9,8 @@ Each repetition runs each checkout in a fresh process on a fresh 10k-member stor
 first 5 not counted) and 2,000 saves, every one writing different bytes: wall time, and the process's CPU time
 (steadier on a shared, loaded machine: waiting for a CPU or for the disk is not counted). A second pass in a fresh
 process times the phases of a commit by wrapping them (perf_counter_ns; the wrappers add a little): the rule and
-encoding (``normalize_items``), the journal record, the append + fdatasync, publish and apply. Medians over
+encoding (``normalize_items``), the journal record, the append + fdatasync, publish and apply (or, where the
+checkout plans a batch's apply during its fsync, plan + apply_plan; the plan then inside the fsync's time). Medians over
 repetitions. ``--cold``: the store is closed and opened again after it is seeded, as after a bot's restart, so the
 batches write members never read since the open (a lazily opened snapshot, json/lazy.py, where the checkout has it).
 Results: benchmarks/results/batch.json (``batch-cold.json`` with ``--cold``).
@@ -87,6 +88,10 @@ def wrap_phases(acc: dict[str, int], current: list[str]) -> None:
     wrap(journal.Journal, "append", "append+fdatasync")
     wrap(tables.Tables, "publish", "publish")
     wrap(tables.Tables, "apply", "apply")
+    # A batch's inline commit may have its apply planned by a worker thread during the fsync (json/sync_thread.py):
+    # then "plan" runs inside "append+fdatasync", and "apply_plan" replaces "apply".
+    wrap(tables.Tables, "plan", "plan")
+    wrap(tables.Tables, "apply_plan", "apply_plan")
 
 
 async def measure(phases: bool, cold: bool = False) -> dict[str, float]:
@@ -173,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
                 got = run_worker(__file__, [path, phases, "1" if args.cold else "0"])
                 runs[name].append({k: v for k, v in got.items() if (" | " in k) == (phases == "1")})
     keys = sorted({k for rs in runs.values() for r in rs for k in r}, key=lambda k: (" | " in k, k))
-    summary = {name: {k: statistics.median([r[k] for r in rs if k in r]) for k in keys} for name, rs in runs.items()}
+    # a phase only one checkout has (plan / apply_plan) is left out of the other's summary
+    summary = {name: {k: statistics.median(v) for k in keys if (v := [r[k] for r in rs if k in r])}
+               for name, rs in runs.items()}
     headers = ["figure", *systems] + (["this / base"] if "base" in systems else [])
     rows = []
     for k in keys:
         row: list[object] = [k, *(f"{summary[n].get(k, float('nan')):.3f}" for n in systems)]
         if "base" in systems:
-            row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x" if summary["base"].get(k) else "")
+            row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x"
+                       if summary["base"].get(k) and k in summary["this"] else "")
         rows.append(row)
     print_table(headers, rows, title=f"member writes, JSON backend, {MEMBERS:,} members"
                                      f"{' (reopened: cold)' if args.cold else ''}, medians of {args.reps} "

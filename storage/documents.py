@@ -163,6 +163,17 @@ class OpsBase(QueryOps, abc.ABC):
             await self._put_encoded(collection, pairs, expires)
         return len(pairs)
 
+    async def _put_stored_encoded(self, collection: str, pairs: list[tuple[str, bytes]],
+                                  expires: datetime | None = None) -> int:
+        """:meth:`_put_stored` of documents the caller already checked and encoded the way it does
+        (``normalize_items(..., rule=False)``, in a worker thread: a copy from a store that holds its documents
+        encoded)."""
+        self._guard_write()
+        check_collection(collection)
+        if pairs:
+            await self._put_encoded(collection, pairs, expires)
+        return len(pairs)
+
     @abc.abstractmethod
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]: ...
 

@@ -286,6 +286,14 @@ def _needs_a_look(out: bytes) -> bool:
             or (out.find(_DOT) != -1 and _NEGATIVE_ZERO.search(out) is not None))
 
 
+def _batch_needs_a_look(whole: bytes) -> bool:
+    """:func:`_needs_a_look` over a batch's whole output, its ``null`` found with ``rfind`` (same answer): over the
+    250 KB of 1,000 members 65 us against 110 for the compiled pattern (CPython 3.11's reverse search skips further
+    in this text; on one 250-byte output both take 0.2 us, so :func:`_needs_a_look` keeps the pattern)."""
+    return (whole.rfind(b"null") != -1 or (whole.find(_BACKSLASH) != -1 and b"\\u0000" in whole)
+            or whole.find(_PLUS) != -1 or (whole.find(_DOT) != -1 and _NEGATIVE_ZERO.search(whole) is not None))
+
+
 def encode_members(pairs: list[Any]) -> list[bytes | None]:
     """:func:`encode_member` of each ``(key, doc)`` pair (anything else: None), the usual members encoded together
     (see :func:`_encode_usual`); a batch whose every member is usual is recognized a field at a time
@@ -348,7 +356,7 @@ def _encode_usual(usual: list[bool] | None, docs: list[Any]) -> list[bytes | Non
     else:
         outs = [_dump_one(doc) for doc in docs]
         whole = b"".join([out for out in outs if out is not None])
-    if _needs_a_look(whole):
+    if _batch_needs_a_look(whole):
         outs = [None if out is None or _needs_a_look(out) else out for out in outs]
     if usual is None or len(outs) == len(usual):
         return outs

@@ -50,3 +50,16 @@ async def put_with_expiries(ops: OpsBase, name: str, docs: list[tuple[str, Docum
         groups.setdefault(expiries.get(key), []).append((key, doc))
     for when, group in groups.items():
         await ops._put_stored(name, group, when)
+
+
+async def put_encoded_with_expiries(ops: OpsBase, name: str, pairs: list[tuple[str, bytes]],
+                                    expiries: Mapping[str, datetime]) -> None:
+    """:func:`put_with_expiries` of documents already encoded as ``_put_stored`` encodes them."""
+    if not expiries:  # the usual case: one write, without a pass over the keys on the loop
+        await ops._put_stored_encoded(name, pairs)
+        return
+    groups: dict[datetime | None, list[tuple[str, bytes]]] = {}
+    for key, raw in pairs:
+        groups.setdefault(expiries.get(key), []).append((key, raw))
+    for when, group in groups.items():
+        await ops._put_stored_encoded(name, group, when)

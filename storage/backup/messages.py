@@ -31,7 +31,7 @@ from .format import (
     iter_lines,
 )
 
-__all__ = ["MessageOps", "MESSAGE_BATCH", "STREAM_BATCH", "digest_records"]
+__all__ = ["MessageOps", "MESSAGE_BATCH", "STREAM_BATCH", "DECODE_GROUP", "digest_records"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -39,9 +39,15 @@ MESSAGE_BATCH = 10_000
 #: restore's staging): every full garbage collection meanwhile walks them (a record is three containers: 10k
 #: were ~30k of the ~60k objects such a collection walked, 40-85 ms holding the GIL on a loaded 2-core host).
 STREAM_BATCH = 2000
-#: Records validated at a time by ``check_backup`` (in a worker thread): small enough that a batch's dicts die
-#: young, so full garbage collections, which run holding the GIL the event loop needs, stay short.
-CHECK_BATCH = 2000
+#: Records decoded at a time where they only pass through (``check_backup``'s validation, a JSON restore's
+#: staging and a PostgreSQL restore's COPY encoding: what they keep is bytes). Under the collector's youngest
+#: threshold (700 new containers; a record is three): such a group is freed before a collection finds it alive,
+#: so nothing reaches the oldest generation and no full collection is set off. At 2,000 a group, a check of 1M
+#: records ran 38 full collections (18 ms each with the group alive, holding the GIL the event loop needs); at
+#: 100 or fewer, none (and the pass itself took half the time: the collections were most of it).
+DECODE_GROUP = 64
+#: Records validated at a time by ``check_backup`` (in a worker thread): see DECODE_GROUP.
+CHECK_BATCH = DECODE_GROUP
 #: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
 
@@ -51,11 +57,31 @@ def digest_records(digest: ContentDigest, records: list[dict[str, Any]]) -> None
         digest.add(MESSAGES_DIGEST_NAME, str(record.get("message_id")), canonical(record))
 
 
-def _write_records(writer: JsonlWriter, digest: ContentDigest, records: list[dict[str, Any]]) -> None:
+#: A record as the backup and the digests need it: ``(message_id, its line, its canonical bytes)``.
+Encoded = tuple[str, bytes, bytes]
+
+
+async def encoded(records: AsyncIterator[dict[str, Any]]) -> AsyncIterator[Encoded]:
+    """Each record encoded as it comes (a few us on the loop, in the step that produced it).
+
+    Why not the decoded records, chunked for a worker thread: 2,000 of them held at a time are ~6k containers,
+    which reach the collector's oldest generation and set off full collections on the loop (a PostgreSQL backup
+    of 1M messages: 36, up to 27 ms each). A tuple of atoms is dropped by the collector at its first look.
+    """
     dumps = orjson.dumps
-    for record in records:
-        writer.write(dumps(record) + b"\n")
-    digest_records(digest, records)
+    async for record in records:
+        yield str(record.get("message_id")), dumps(record), canonical(record)
+
+
+def _write_encoded(writer: JsonlWriter, digest: ContentDigest, chunk: list[Encoded]) -> None:
+    for mid, line, canon in chunk:
+        writer.write(line + b"\n")
+        digest.add(MESSAGES_DIGEST_NAME, mid, canon)
+
+
+def _digest_encoded(digest: ContentDigest, chunk: list[Encoded]) -> None:
+    for mid, _line, canon in chunk:
+        digest.add(MESSAGES_DIGEST_NAME, mid, canon)
 
 
 class MessageOps:
@@ -79,11 +105,17 @@ class MessageOps:
     async def digest(self) -> tuple[int, str]:
         """How many records there are and their content digest (as in a backup manifest); hashed off the loop."""
         digest = ContentDigest()
+        await self.add_to(digest)
+        return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+
+    async def add_to(self, digest: ContentDigest) -> None:
+        """Add every record to ``digest`` (under ``#messages``), hashed off the loop: through the backend's export
+        where it has one (the JSON files read as bytes in a worker thread, each record's dicts freed as soon as
+        it is encoded), else the scan, each record encoded as it comes (:func:`encoded`)."""
         if not await self.store._export_messages(lambda mid, _line, canon: digest.add(MESSAGES_DIGEST_NAME, mid, canon),
                                                  lambda n: None):
-            async for chunk in chunks(self.scan()):
-                await off_loop(digest_records, digest, chunk)
-        return digest.counts.get(MESSAGES_DIGEST_NAME, 0), digest.hexdigests().get(MESSAGES_DIGEST_NAME, EMPTY_DIGEST)
+            async for chunk in chunks(encoded(self.scan())):
+                await off_loop(_digest_encoded, digest, chunk)
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
         return await self.store._insert_messages(records)
@@ -102,8 +134,8 @@ class MessageOps:
                 digest.add(MESSAGES_DIGEST_NAME, mid, canon)
 
             if not await self.store._export_messages(emit, progress.advance):  # the backend's faster way, or:
-                async for chunk in chunks(self.scan(snapshot)):  # encoded, hashed and gzipped off the loop
-                    await off_loop(_write_records, writer, digest, chunk)
+                async for chunk in chunks(encoded(self.scan(snapshot))):  # hashed and gzipped off the loop
+                    await off_loop(_write_encoded, writer, digest, chunk)
                     progress.advance(len(chunk))
             return await off_loop(writer.close)
         finally:

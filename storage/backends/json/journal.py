@@ -508,9 +508,11 @@ class Journal:
         return record_digest(os.pread(self.fd, length, offset)) == digest
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, sync: Callable[[int], None] | None = None) -> None:
         """Write records at the end of the committed ones and fsync them. Call under the lock, caught up
-        (``offset`` at the end of the records; past it there is nothing, or filler).
+        (``offset`` at the end of the records; past it there is nothing, or filler). ``sync``: the fsync of the
+        file descriptor, :func:`sync_fd` by default (a batch's offers the planning of its apply to a worker thread
+        meanwhile: json/sync_thread.py).
 
         Within the preallocated room the record overwrites filler; otherwise it is written with a new chunk of
         filler after it (json/filler.py), or alone when there is no room for that. On failure the file is cut back
@@ -527,7 +529,7 @@ class Journal:
                     pwrite_all(self.fd, memoryview(data)[written:], start + written)
             else:
                 self._extend(data)
-            sync_fd(self.fd)
+            (sync or sync_fd)(self.fd)
         except OSError:
             self.allocated = start
             try:

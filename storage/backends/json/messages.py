@@ -44,7 +44,7 @@ import concurrent.futures
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -269,16 +269,22 @@ class MessageLog:
         """One group commit, under the lock: every caller's batch in one write and fsync per file."""
         counts += await run_in_thread(self._insert_locked, batches)
 
-    def _insert_locked(self, batches: list[list[Record]]) -> list[int]:
-        """Append every batch's new records (in order: an id in two batches is new for the first one only)."""
+    def _insert_locked(self, batches: Iterable[list[Record]]) -> list[int]:
+        """Append every batch's new records (in order: an id in two batches is new for the first one only).
+
+        Each batch is encoded as soon as it is grouped, and only its lines and ids are kept: ``batches`` may be a
+        generator decoding small groups (a restore's staging, :func:`restore.stage_messages`), whose records are
+        then garbage before the collector finds them alive (see ``backup.messages.DECODE_GROUP``).
+        """
         index = self._sync_locked()
         files, slots = self._files, self._slots
         groups: dict[FileKey, _Group] = {}
         counts: list[int] = []
-        fresh: list[Record] = []  # the new records, in order
+        ids: list[int] = []  # the new records' ids, in order (to forget them if nothing is written)
+        bodies: list[bytes] = []  # their encoded lines, see encode_bodies
         try:
             for records in batches:
-                before = len(fresh)
+                fresh: list[Record] = []  # this batch's new records
                 for rec in records:
                     mid = int(rec["message_id"])
                     if mid in index:
@@ -291,11 +297,16 @@ class MessageLog:
                             slots.append(None)
                         group = groups[key] = _Group(len(slots) - 1 if state is None else state.slot)
                     index[mid] = group.slot  # also marks it seen for the rest of the batch
-                    group.rows.append(len(fresh))
+                    group.rows.append(len(ids))
+                    ids.append(mid)
                     fresh.append(rec)
-                counts.append(len(fresh) - before)
-            if fresh:
-                bodies = encode_bodies(fresh)
+                counts.append(len(fresh))
+                if fresh:
+                    if bodies:
+                        bodies += encode_bodies(fresh)
+                    else:
+                        bodies = encode_bodies(fresh)
+            if ids:
                 if len(groups) == 1:
                     next(iter(groups.values())).bodies = bodies
                 else:
@@ -304,8 +315,8 @@ class MessageLog:
                         group.bodies = itemgetter(*rows)(bodies) if len(rows) > 1 else [bodies[rows[0]]]
                 self._append(groups)
         except BaseException:
-            for rec in fresh:  # nothing was written: forget the ids (reserved slots stay unused)
-                index.pop(int(rec["message_id"]), None)
+            for mid in ids:  # nothing was written: forget the ids (reserved slots stay unused)
+                index.pop(mid, None)
             raise
         return counts
 

@@ -53,7 +53,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -114,10 +114,34 @@ async def _unlocked() -> AsyncIterator[None]:
     yield
 
 
+#: Records per append (one write and fsync per file) when staging: the batches that come in are small (decoded
+#: a few dozen at a time, so that they die young: ``backup.messages.DECODE_GROUP``), so several make one append;
+#: only their encoded lines are held meanwhile.
+STAGE_COMMIT = 2000
+
+
+def commit_groups(batches: Iterable[list[Any]], records: int) -> Iterator[Iterator[list[Any]]]:
+    """``batches`` in consecutive runs of at least ``records`` records (the last one shorter), each run a lazy
+    iterator over the batches themselves; each run must be consumed before the next is asked for."""
+    it = iter(batches)
+    for first in it:
+        def run(first: list[Any] = first) -> Iterator[list[Any]]:
+            n = len(first)
+            yield first
+            while n < records:
+                batch = next(it, None)
+                if batch is None:
+                    return
+                n += len(batch)
+                yield batch
+        yield run()
+
+
 def stage_messages(data_path: Path, batches: Iterable[list[dict[str, Any]]]) -> tuple[Path, int]:
     """Write the (already checked) records into a new staged folder; returns it and how many records it holds.
 
     Runs in a thread, no lock needed: nobody else knows the folder. On an error it is removed and the error raised.
+    The batches are appended STAGE_COMMIT records at a time, each decoded batch encoded as soon as it comes.
     """
     from .messages import MessageLog  # here: json_messages imports nothing from this module, keep it so
 
@@ -127,8 +151,8 @@ def stage_messages(data_path: Path, batches: Iterable[list[dict[str, Any]]]) -> 
         log_ = MessageLog(staged, contextlib.asynccontextmanager(_unlocked))
         count = 0
         try:
-            for batch in batches:
-                count += log_._insert_locked([batch])[0]  # the private folder is ours alone: no lock to take
+            for run in commit_groups(batches, STAGE_COMMIT):
+                count += sum(log_._insert_locked(run))  # the private folder is ours alone: no lock to take
         finally:
             log_.close()
         atomic_write(staged / GENERATION_NAME, secrets.token_hex(8).encode() + b"\n")

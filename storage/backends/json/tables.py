@@ -675,11 +675,14 @@ class Tables:
 class Staged:
     """Changes being prepared under the lock, layered over the committed data (read-your-writes)."""
 
-    __slots__ = ("base", "base_expires", "changes", "expiring")
+    __slots__ = ("base", "base_expires", "changes", "expiring", "names")
 
     def __init__(self, base: dict[str, Documents], base_expires: Expiries | None = None) -> None:
         self.base = base
         self.changes: dict[tuple[str, str], bytes | None] = {}
+        #: the collections ``changes`` touches: a view of any other one is its committed data, found without a
+        #: pass over every change (a restore's later collections, after 100k staged members: 5-10 ms on the loop)
+        self.names: set[str] = set()
         self.base_expires: Expiries = base_expires if base_expires is not None else {}
         #: the expiry each staged change leaves (None: permanent or deleted)
         self.expiring: dict[tuple[str, str], int | None] = {}
@@ -688,7 +691,7 @@ class Staged:
         """A copy whose changes no later :meth:`apply` touches (for a worker thread to read while the loop stages
         more); the committed data is shared: it cannot change while the transaction holds the lock."""
         copy = Staged(self.base, self.base_expires)
-        copy.changes, copy.expiring = dict(self.changes), dict(self.expiring)
+        copy.changes, copy.expiring, copy.names = dict(self.changes), dict(self.expiring), set(self.names)
         return copy
 
     def get(self, collection: str, key: str) -> bytes | None:
@@ -742,8 +745,9 @@ class Staged:
         return {key: raw for key, raw in view.items() if key not in dead}
 
     def apply(self, ops: list[Op]) -> None:
-        changes, expiring, base_expires = self.changes, self.expiring, self.base_expires
+        changes, expiring, base_expires, names = self.changes, self.expiring, self.base_expires, self.names
         for op in ops:
+            names.add(op[1])
             where = (op[1], op[2])
             changes[where] = op[3] if op[0] == "p" else None  # type: ignore[misc]
             if len(op) == 5:
@@ -754,6 +758,8 @@ class Staged:
     def view(self, collection: str) -> Mapping[str, bytes]:
         """The collection as committed plus the changes staged here (a copy only when there are changes)."""
         base = self.base.get(collection, {})
+        if collection not in self.names:
+            return base
         mine = {key: value for (coll, key), value in self.changes.items() if coll == collection}
         if not mine:
             return base
@@ -767,6 +773,8 @@ class Staged:
 
     def keys(self, collection: str) -> set[str]:
         keys = set(self.base.get(collection, ()))
+        if collection not in self.names:
+            return keys
         for (coll, key), value in self.changes.items():
             if coll == collection:
                 if value is None:

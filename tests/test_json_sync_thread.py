@@ -1,0 +1,268 @@
+"""A batch's inline commit offers the planning of its apply to the store's worker thread while it waits for its
+fsync (json/sync_thread.py).
+
+The promise is the inline commit's: the batch is visible only once durable, a failed fsync raises
+:class:`StorageIOError` with nothing visible (now or after a reopen), and the store keeps working; a worker that
+does not get to the planning in time, or a planning that fails, costs only speed (the batch is applied the plain
+way after the fsync).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import StorageIOError, StoreConfig
+from storage.backends.json import store as json_store
+from storage.backends.json.tables import Tables
+from storage.stores import JsonStore
+
+
+def cfg(folder: Path) -> StoreConfig:
+    return StoreConfig(backend="json", path=str(folder), source="tests")
+
+
+def batch(n: int, tag: int) -> dict[str, dict[str, Any]]:
+    return {f"k{i:04d}": {"tag": tag, "pad": "x" * 280} for i in range(n)}
+
+
+class SyncSpy:
+    """``os.fdatasync`` taking ``delay`` seconds (a slow disk: the worker surely gets to the planning), failing
+    with EIO while ``fail`` is set; and the threads ``Tables.plan`` ran in."""
+
+    def __init__(self) -> None:
+        self.real = os.fdatasync
+        self.delay = 0.0
+        self.fail = False
+        self.planned_in: list[str] = []
+
+    def __call__(self, fd: int) -> None:
+        time.sleep(self.delay)
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        self.real(fd)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> SyncSpy:
+    spy = SyncSpy()
+    monkeypatch.setattr(os, "fdatasync", spy)
+    real_plan = Tables.plan
+
+    def plan(self: Tables, ops: Any) -> Any:
+        spy.planned_in.append(threading.current_thread().name)
+        return real_plan(self, ops)
+
+    monkeypatch.setattr(Tables, "plan", plan)
+    return spy
+
+
+def in_worker(names: list[str]) -> bool:
+    return any(name.startswith("storage-fsync") for name in names)
+
+
+async def test_the_worker_plans_a_batch_during_its_fsync(tmp_path: Path, spy: SyncSpy) -> None:
+    n = json_store.PLAN_DURING_SYNC
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put_many("c", batch(n, 0))
+        await store.compact()
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))  # a lazily opened snapshot (json/lazy.py) under the batch
+    try:
+        spy.delay = 0.05
+        spy.planned_in.clear()
+        store._batch_sync_estimate = store._sync_estimate = 0.0  # inline, whatever this machine's disk took
+        await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
+        assert in_worker(spy.planned_in), spy.planned_in
+        assert await store.count("c") == n + 1
+        assert (await store.get("c", f"k{n - 1:04d}"))["tag"] == 1
+        spy.planned_in.clear()
+        await store.put("c", "one", {"tag": 2})  # a lone save: nothing offered
+        assert not in_worker(spy.planned_in)
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert await store.count("c") == n + 2
+        assert (await store.get("c", "k0000"))["tag"] == 1
+    finally:
+        await store.close()
+
+
+async def test_a_failed_fsync_in_the_worker_is_never_seen(tmp_path: Path, spy: SyncSpy) -> None:
+    n = json_store.PLAN_DURING_SYNC
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put_many("c", batch(n, 0))
+        store._batch_sync_estimate = store._sync_estimate = 0.0
+        spy.fail, spy.delay = True, 0.05
+        spy.planned_in.clear()
+        with pytest.raises(StorageIOError):
+            await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
+        assert in_worker(spy.planned_in), spy.planned_in  # planned, then the fsync failed: never applied
+        spy.fail, spy.delay = False, 0.0
+        assert await store.get("c", "new") is None
+        assert (await store.get("c", "k0000"))["tag"] == 0
+        await store.put_many("c", batch(n, 2))  # the store rewrites its files, then goes on
+        assert (await store.get("c", "k0000"))["tag"] == 2
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert await store.get("c", "new") is None
+        assert (await store.get("c", "k0000"))["tag"] == 2 and await store.count("c") == n
+    finally:
+        await store.close()
+
+
+async def test_a_planning_that_fails_costs_only_speed(tmp_path: Path, spy: SyncSpy,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    n = json_store.PLAN_DURING_SYNC
+
+    def broken(self: Tables, ops: Any) -> Any:
+        raise RuntimeError("planning failed (injected)")
+
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store._batch_sync_estimate = store._sync_estimate = 0.0
+        spy.delay = 0.05
+        monkeypatch.setattr(Tables, "plan", broken)
+        with caplog.at_level(logging.ERROR, logger="storage.json"):
+            await store.put_many("c", batch(n, 3))
+        assert "planning a commit during its fsync failed" in caplog.text
+        assert await store.count("c") == n and (await store.get("c", "k0000"))["tag"] == 3
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert await store.count("c") == n and (await store.get("c", "k0001"))["tag"] == 3
+    finally:
+        await store.close()
+
+
+async def test_a_worker_that_does_not_get_to_the_planning_leaves_it_to_the_commit(tmp_path: Path,
+                                                                                 spy: SyncSpy) -> None:
+    """A busy worker (on a loaded machine: not scheduled yet) does not hold the commit up: the offer is
+    withdrawn once the fsync is done, the batch applied the plain way, and the worker skips the offer later."""
+    n = json_store.PLAN_DURING_SYNC
+    store = await JsonStore.open(cfg(tmp_path))
+    release = threading.Event()
+    try:
+        await store.put_many("c", batch(n, 0))
+        store._batch_sync_estimate = store._sync_estimate = 0.0
+        pool = store._sync_thread._pool
+        assert pool is not None
+        busy = pool.submit(release.wait, 30)  # the one worker is busy until released
+        spy.planned_in.clear()
+        await store.put_many("c", {**batch(n, 1), "new": {"tag": 1}})
+        assert not in_worker(spy.planned_in)
+        assert await store.count("c") == n + 1 and (await store.get("c", "k0000"))["tag"] == 1
+        release.set()
+        busy.result(timeout=30)
+        pool.submit(lambda: None).result(timeout=30)  # the withdrawn offer has been skipped by now
+        assert not in_worker(spy.planned_in)
+    finally:
+        release.set()
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert await store.count("c") == n + 1 and (await store.get("c", "new"))["tag"] == 1
+    finally:
+        await store.close()
+
+
+async def test_a_transaction_of_puts_and_deletes_planned_by_the_worker_applies_like_the_plain_way(
+        tmp_path: Path, spy: SyncSpy) -> None:
+    """Puts that replace and add, deletes of present and absent keys, a lazily opened collection and a watcher:
+    what the store shows, what the watcher hears (in order) and what a reopen reads are the operations applied
+    one by one."""
+    import asyncio
+
+    start = {f"k{i:04d}": {"v": i} for i in range(600)}
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put_many("c", start)
+        await store.compact()
+    finally:
+        await store.close()
+    expected = dict(start)
+    changes: list[tuple[str, str, Any]] = []
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        async with store.watch("c") as watch:
+            await watch.ready()
+            store._batch_sync_estimate = store._sync_estimate = 0.0
+            spy.delay, spy.planned_in[:] = 0.05, []
+            async with store.transaction() as tx:
+                for i in range(400, 700):  # 300 puts: 200 replace, 100 new
+                    await tx.put("c", f"k{i:04d}", {"v": -i})
+                    expected[f"k{i:04d}"] = {"v": -i}
+                    changes.append((f"k{i:04d}", "put", {"v": -i}))
+                for i in range(0, 100):
+                    await tx.delete("c", f"k{i:04d}")
+                    del expected[f"k{i:04d}"]
+                    changes.append((f"k{i:04d}", "delete", None))
+                for i in range(800, 850):
+                    await tx.delete("c", f"k{i:04d}")  # absent: nothing to hear
+            assert in_worker(spy.planned_in), spy.planned_in
+            got = []
+            for _ in changes:
+                change = await asyncio.wait_for(watch.__anext__(), 30)
+                got.append((change.key, change.op, change.doc))
+            assert got == changes
+        assert await store.count("c") == len(expected)
+        assert {key: doc async for key, doc in store.items("c")} == expected
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert {key: doc async for key, doc in store.items("c")} == expected
+    finally:
+        await store.close()
+
+
+def test_a_commit_that_waited_for_the_worker_pauses_the_offers(tmp_path: Path, spy: SyncSpy) -> None:
+    """A worker that holds the caller up longer than its work saves (a worker descheduled while it held the GIL,
+    modelled by work that sleeps: no CPU spent, while the caller waits) stops the offers for PAUSE_AFTER_LOSS
+    commits, which then do the work themselves; then the offers resume."""
+    from storage.backends.json import sync_thread
+
+    syncer = sync_thread.SyncThread()
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    ran_in: list[str] = []
+
+    def work() -> str:
+        ran_in.append(threading.current_thread().name)
+        return "planned"
+
+    def descheduled() -> str:
+        ran_in.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return "planned"
+
+    try:
+        spy.delay = 0.1  # a fsync long enough for the worker to start on a loaded machine
+        assert syncer.sync_during(fd, work) == "planned"  # the first offer (it starts the thread): not judged
+        ran_in.clear()
+        assert syncer.sync_during(fd, descheduled) == "planned"  # the caller waits ~0.2 s after its fsync
+        assert in_worker(ran_in)
+        ran_in.clear()
+        for _ in range(sync_thread.PAUSE_AFTER_LOSS):
+            spy.delay = 0.0
+            assert syncer.sync_during(fd, work) is None
+        assert ran_in == []  # no offer made while paused
+        spy.delay = 0.1
+        assert syncer.sync_during(fd, work) == "planned" and in_worker(ran_in)  # offered again
+    finally:
+        syncer.close()
+        os.close(fd)
