@@ -77,6 +77,7 @@ async def lease_writer(config: StoreConfig, start: int, budget: float, acks: int
         from storage.backends.json import group_commit, lease
 
         lease.BUDGET = budget
+        lease.HOLD = budget
         group_commit.SOLO_TURN_BUDGET = budget
     store = await storage.open_store(config=config)
     print("READY", flush=True)

@@ -57,16 +57,72 @@ async def test_saves_back_to_back_keep_the_lock_until_the_loop_turns(tmp_path: P
         await store.put("c", "a", {"n": 1})  # the first since the store opened: not back to back with another
         assert other.try_acquire(), "a save on its own lets go of the lock as it returns"
         other.release()
-        await store.put("c", "b", {"n": 2})
-        await store.put("c", "c", {"n": 3})
-        await store.put("c", "d", {"n": 4})
-        await store.put("c", "e", {"n": 5})
+        for n in range(2, lease.RUN):  # back to back: with "a", a run of RUN - 1 commits, not hot yet
+            await store.put("c", f"k{n}", {"n": n})
         assert not other.try_acquire(), "saves back to back keep the lock between them"
-        assert await store.get("c", "e") == {"n": 5}  # reads go on meanwhile
+        assert await store.get("c", "a") == {"n": 1}  # reads go on meanwhile
         await turns(1)
-        assert other.try_acquire(), "the loop's next turn ends the lease"
+        assert other.try_acquire(), "the loop's next turn ends a lease whose run is shorter than RUN commits"
         other.release()
-        assert await store.count("c") == 5
+        assert await store.count("c") == lease.RUN - 1
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_hot_lease_outlives_the_loop_turn_and_the_keeper_ends_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer saving in a loop (RUN commits or more in the lease) keeps the lock across the loop's turns (the lone
+    writer's turn every SOLO_TURN_BUDGET used to end every lease after 2 ms); once it stops saving, the keeper lets
+    go BUDGET after the last commit, however often the loop turns meanwhile."""
+    monkeypatch.setattr(lease, "BUDGET", 0.3)
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        for n in range(lease.RUN + 2):
+            await store.put("c", f"k{n}", {"n": n})
+            await turns(1)  # a bot's handler awaiting something else between its saves
+        assert not other.try_acquire(), "a hot lease outlives the loop's turns"
+        stopped = time.monotonic()
+        while not other.try_acquire():
+            assert time.monotonic() - stopped < 20, "the idle hot lease was never let go"
+            await asyncio.sleep(0.01)
+        other.release()
+        await store.put("c", "after", {"n": 9})  # and the store takes the lock again as usual
+        assert await store.count("c") == lease.RUN + 3
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_commit_that_waited_for_another_process_leases(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that had to wait for the lock (another process held it) keeps it leased, however long since this
+    store's previous commit: on a loaded machine a writer saving in a loop is now and then descheduled between two
+    saves, and letting go after one save sent it behind every other writer again (json/lease.py, Lease.begin).
+    The loop's next turn still ends such a lease (its run is one commit: not hot)."""
+    monkeypatch.setattr(lease, "BUDGET", 0.2)  # the put below comes long after the store's last commit
+    store = await JsonStore.open(cfg(tmp_path))
+    other = probe(tmp_path)
+    try:
+        await store.put("c", "a", {"n": 1})
+        await asyncio.sleep(0.5)
+        assert other.try_acquire()
+
+        async def put_and_look() -> bool:
+            await store.put("c", "b", {"n": 2})
+            return store._lease.held  # before the loop turns
+
+        put = asyncio.create_task(put_and_look())
+        deadline = time.monotonic() + 20
+        while not other.waited_for():  # the store waits for the lock (its sign shows)
+            assert time.monotonic() < deadline, "the store never waited for the lock"
+            await asyncio.sleep(0.005)
+        other.release()
+        assert await put or not store._flock.can_sign, "a commit that waited for the lock leases it"
+        assert not store._lease.held, "the loop's turn ended the one-commit lease"
+        assert other.try_acquire()
+        other.release()
     finally:
         other.close()
         await store.close()
@@ -317,8 +373,8 @@ async def test_a_writer_gets_the_lock_from_a_process_saving_in_a_loop(tmp_path: 
             waits.append(time.monotonic() - began)
             await asyncio.sleep(0.05)  # let the child lease again
         # One budget each, not two (1.95 s): without the step-back about every other wait took two. One long wait
-        # is tolerated: on a loaded machine this process may not run within the step-back's 5 ms (seen once while
-        # the full suite ran beside it).
+        # is tolerated: on a loaded machine this process may not run within the step-back's 20 ms (with 5 ms: seen
+        # once, then twice in eight, while the full suite ran beside it).
         assert len([wait for wait in waits if wait >= 1.5]) <= 1, waits
         assert await store.count("mine") == 8
         assert child.poll() is None, "the child kept writing"
@@ -374,3 +430,50 @@ async def test_kill_9_while_holding_the_lease_loses_nothing_acknowledged(tmp_pat
         total += len(acks)
         start = max(acks) + 1000
     assert total > 50
+
+
+@pytest.mark.slow
+async def test_writers_in_four_processes_each_get_the_lock_within_a_bounded_wait(tmp_path: Path) -> None:
+    """Three processes save in tight loops with the default leases (HOLD while others wait: json/lease.py) and a
+    writer here saves now and then: each of its saves gets the lock within a few of the others' leases (about
+    30 ms expected; 2 s allowed for a loaded machine, once more than that), and every child keeps writing while
+    it does (nobody keeps the lock from the others). The children open the store while the others write: an
+    open polls for the lock and gives the wait sign too (json/lock.py), or a hot lease would never end."""
+    config = cfg(tmp_path, lock_timeout=60)
+    starts = (0, 1_000_000, 2_000_000)
+    children = [spawn("lease-writer", config, start, 0, 0) for start in starts]
+    store = await JsonStore.open(config)
+
+    async def progress() -> list[int]:
+        """How many saves each child has made so far (each writes k<start>, k<start + 1>, ...)."""
+        made = [0, 0, 0]
+        async for key, _doc in store.items("lease"):
+            made[int(key[1:]) // 1_000_000] += 1
+        return made
+
+    try:
+        for child in children:
+            await asyncio.wait_for(read_until(child, "READY"), 60)
+        deadline = time.monotonic() + 60
+        while min(await progress()) < 20:  # every child is writing
+            assert time.monotonic() < deadline, f"the children did not all start writing: {await progress()}"
+            await asyncio.sleep(0.02)
+        before = await progress()
+        waits = []
+        for n in range(20):
+            began = time.monotonic()
+            await store.put("mine", f"k{n}", {"n": n})
+            waits.append(time.monotonic() - began)
+            await asyncio.sleep(0.02)
+        after = await progress()
+        waits.sort()
+        assert waits[-2] < 2.0 and waits[-1] < 20, waits
+        assert all(a > b for a, b in zip(after, before)), f"a child stopped writing: {before} -> {after}"
+        assert await store.count("mine") == 20
+        assert all(child.poll() is None for child in children), "the children kept writing"
+    finally:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.communicate(timeout=30)
+        await store.close()

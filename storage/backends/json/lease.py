@@ -10,20 +10,39 @@ commits, and the next holder catches up with a run of records at once, instead o
 passing on at every commit.
 
 What a lease is: after a commit (group_commit.py's lone commit or a leader's round) that followed the previous one
-within :data:`BUDGET`, the lock is not let go; the next commit *resumes* it. Only commits lease: any other use of
+within :data:`BUDGET`, or that had to wait for another process's lease first (:meth:`Lease.begin`), the lock is
+not let go; the next commit *resumes* it. Only commits lease: any other use of
 the lock (a transaction, a compaction, a restore, a message write) ends the lease first and takes the lock the
 usual way, with every check (a restore's intent is only ever written by such a user).
 
 It ends, and the lock is let go:
 
-* at the next turn of the event loop (the store schedules :meth:`Lease.end`): a bot's handler that saves once lets
-  go as soon as it awaits anything else, as without a lease;
-* at the end of a commit, once the lease is older than :data:`BUDGET` and another writer waits (json/lock.py: the
+* at the next turn of the event loop (the store schedules :meth:`Lease.turned`), unless the lease is *hot*: its
+  run (commits that each asked for the lock within :data:`BUDGET` of the previous one's end, across leases) has
+  reached :data:`RUN` commits, the last one less than :data:`BUDGET` ago. A bot's handler that saves
+  once or twice lets go as soon as it awaits anything else, as without a lease; a writer saving in a loop keeps
+  it across the turns that group_commit.py's lone writer gives the loop every SOLO_TURN_BUDGET (2 ms), which used
+  to end every lease after 2 ms;
+* at the end of a commit, once the lease is older than :data:`HOLD` and another writer waits (json/lock.py: the
   waiter's sign, one ``F_OFD_GETLK``), and then the store *steps back*: its next commit waits for the lock in the
   kernel's queue like any other writer, instead of taking it back before the woken waiter runs;
-* :data:`BUDGET` after the last commit, by a keeper thread, when the event loop did not turn meanwhile (the bot's
-  own code blocks it right after a save: another process's writer still waits no longer than that);
+* :data:`BUDGET` after the last commit, by a keeper thread, when the lease is idle (the loop did not turn, or the
+  lease was hot when it did: another process's writer waits no longer than that for an idle lease);
 * before any other use of the lock, and at close.
+
+Why :data:`HOLD` is 10 ms (issue 15, benchmarks/bench_peers.py's 4-writer row): each hand-over costs the next
+holder far more than the lock itself: its waiting thread and then its event loop must be woken and scheduled,
+it catches up with the records the others wrote, and its first saves run on cold caches (measured with four
+writers on 2 loaded cores: 1-1.5 ms from getting the lock to the end of the first save, saves at 0.1-0.5 ms until
+they are back at 0.06 ms). With 2 ms leases a lease carried about 5 commits where a lone writer makes 35 in that
+time, and four writers together made half of one writer's rate; with 10 ms the hand-over is a tenth of a lease.
+The price is the wait: a writer that finds the lock leased waits for the holder's lease to end, at most
+:data:`HOLD` plus one commit (and the step-back of one holder, json/lock.py), and behind each other writer that
+wins the lock before it: with ``N`` processes saving without pause, up to about ``(N - 1) x HOLD`` (30 ms with
+four). ``flock`` is not fair, so that is a typical bound, not a guarantee; a holder that sees a waiter always
+lets go within :data:`HOLD` of taking the lock, and steps back after, so no writer keeps the lock from the others.
+Every waiter gives the sign, an open polling for the lock included (json/lock.py): a hot lease that saw none
+would last as long as its writer keeps saving.
 
 Nothing else changes: every commit is still fsynced before it is acknowledged and published (readers in other
 processes follow the published committed end, json/lock.py); a process killed while it holds a lease loses only
@@ -40,13 +59,17 @@ import time
 
 from .lock import SidecarLock
 
-__all__ = ["Lease", "BUDGET"]
+__all__ = ["Lease", "BUDGET", "HOLD", "RUN"]
 
 log = logging.getLogger("storage.json")
 
-#: How long a lease may last while another writer waits, and how long an idle one lasts when the loop does not turn
-#: (group_commit.SOLO_TURN_BUDGET: a lone writer gives the loop a turn that often anyway).
+#: How long an idle lease lasts when the loop does not turn (or a hot lease lasts after its last commit), and how
+#: soon after the previous commit's end a commit must ask for the lock to be part of a run of them.
 BUDGET = 0.002
+#: How long a lease may last while another writer waits (see the module doc: about ten hand-overs' cost).
+HOLD = 0.010
+#: A lease whose run reached this many commits is *hot*: the loop's turn no longer ends it (see the module doc).
+RUN = 3
 #: The keeper thread ends after this long without a lease (the next lease starts it again).
 KEEPER_IDLE = 5.0
 
@@ -58,8 +81,8 @@ class Lease:
     :meth:`begin`, :meth:`finish` and :meth:`end`, always holding its own mutex (so at most one commit runs);
     the keeper thread only ever lets go of an idle lease. Every change of state happens under ``_guard``."""
 
-    __slots__ = ("_guard", "_guard_lock", "_keeper", "_keeper_waits", "_lock", "_since", "_state", "_until", "closed",
-                 "last_end", "yielded")
+    __slots__ = ("_guard", "_guard_lock", "_keeper", "_keeper_waits", "_lock", "_runs", "_since", "_state", "_until",
+                 "closed", "contended", "last_end", "yielded")
 
     def __init__(self, lock: SidecarLock) -> None:
         self._lock = lock
@@ -76,7 +99,10 @@ class Lease:
         self.last_end = -BUDGET
         #: The last lease ended with a writer waiting: the next acquisition waits its turn (see the module doc).
         self.yielded = False
+        #: The last acquisition had to wait for another process: its commit leases whatever the gap since ours.
+        self.contended = False
         self.closed = False
+        self._runs = 0  # commits of the current run (each asked for the lock within BUDGET of the last one's end)
 
     @property
     def held(self) -> bool:
@@ -95,23 +121,33 @@ class Lease:
 
     def begin(self, asked: float) -> None:
         """A commit took the lock the usual way, having asked for it at ``asked`` (monotonic): if that was within
-        BUDGET of the previous commit's end (a run of commits, however long it then waited for the lock), the
-        lock may stay leased when it ends (see :meth:`finish`)."""
-        if asked - self.last_end < BUDGET:
-            self._state = _BUSY
-            self._since = time.monotonic()
+        BUDGET of the previous commit's end (a run of commits, however long it then waited for the lock), or it
+        had to wait for another process's lease (:attr:`contended`), the lock may stay leased when it ends (see
+        :meth:`finish`), for up to HOLD while others wait.
+
+        Why the second: on a loaded machine a writer saving in a loop is now and then descheduled for longer than
+        BUDGET between two saves; its next commit then counted as a lone one and let go at once, and the writer
+        waited behind the three other writers' leases again for one save (measured: half of all leases carried
+        one or two commits). Leasing costs a lone save little: its lease ends at the loop's next turn."""
+        if asked - self.last_end >= BUDGET:
+            self._runs = 0  # not a run: it starts afresh with this commit
+            if not self.contended:
+                return
+        self._state = _BUSY
+        self._since = time.monotonic()
 
     def finish(self, keep: bool) -> bool:
         """A commit ends (the caller still holds the lock): keep it leased, and True (the caller then schedules
-        :meth:`end` for the loop's next turn), or let go. ``keep``: the commit succeeded."""
+        :meth:`turned` for the loop's next turn), or let go. ``keep``: the commit succeeded."""
         now = time.monotonic()
         self.last_end = now
+        self._runs += 1
         if self._state != _BUSY:
             return False  # not a run of commits: let go as without a lease (the caller does)
         with self._guard_lock:
             if keep and not self.closed and self._lock.can_sign and (
-                    now - self._since < BUDGET or not self._waited_for()):
-                if now - self._since >= BUDGET:
+                    now - self._since < HOLD or not self._waited_for()):
+                if now - self._since >= HOLD:
                     self._since = now  # nobody waited: a new budget
                 self._state = _LEASED
                 self._until = now + BUDGET
@@ -132,6 +168,12 @@ class Lease:
         if waited:
             self.yielded = True
         return waited
+
+    def turned(self) -> None:
+        """The event loop turned (the store scheduled this at the end of a leased commit): let go, unless the lease
+        is hot (see the module doc); the keeper ends a hot lease that then sits idle for BUDGET."""
+        if self._state == _LEASED and not (self._runs >= RUN and time.monotonic() - self.last_end < BUDGET):
+            self.end()
 
     def end(self) -> None:
         """Let go of an idle lease now (the loop turned, another use of the lock, close)."""

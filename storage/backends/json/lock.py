@@ -29,7 +29,8 @@ The committed end
     reached the disk, so it is never used to decide which journal bytes were committed.
 
 Who waits
-    A writer of another process that waits for the lock (:meth:`SidecarLock.wait_free`) says so with a *shared*
+    A writer of another process that waits for the lock (:meth:`SidecarLock.wait_free`, or an open polling in
+    :meth:`SidecarLock.acquire`) says so with a *shared*
     open-file-description lock on one byte of ``storage.lock`` (Linux ``F_OFD_SETLK``, the byte after the one
     json/presence.py uses), held while it waits and dropped once it has the lock (or by the kernel, if it dies).
     The holder asks with one ``F_OFD_GETLK`` (:meth:`SidecarLock.waited_for`, about 0.5 us): a store that keeps the
@@ -225,7 +226,8 @@ class SidecarLock:
         waiter woken on a loaded machine could take over a millisecond to run, while our own next ``flock`` came
         first (a writer here waited two of the holder's leases instead of one, about every third time). For up
         to ``behind`` seconds, while the lock is free and another writer still gives the wait sign, it is left
-        to them (checked every 0.1 ms); once another holds it, we wait in the kernel's queue behind it.
+        to them (checked after 0.1 ms, then less and less often, up to every 1 ms); once another holds it, we
+        wait in the kernel's queue behind it.
         """
         while not abandoned.is_set():
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -289,17 +291,28 @@ class SidecarLock:
         return kind != fcntl.F_UNLCK
 
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> None:
-        """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep), or raise LockBusy.
+        """Wait up to ``timeout`` seconds for the lock (polling with a short, growing sleep, giving the wait sign
+        meanwhile), or raise LockBusy.
 
         ``cancel`` lets the event loop abandon a wait running in a worker thread: the thread stops within one poll.
         """
         deadline = time.monotonic() + timeout
         pause = 0.0001
-        while not self.try_acquire():
-            if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
-                raise LockBusy(str(self.path))
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        signed = -1  # the descriptor that gives the wait sign while we poll (see below)
+        try:
+            while not self.try_acquire():
+                if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
+                    raise LockBusy(str(self.path))
+                if signed != self._fd and self._fd >= 0 and self.can_sign:
+                    # Say we wait, as wait_free() does: a store saving in a loop keeps the lock leased for as
+                    # long as nobody seems to wait (json/lease.py), and an open polling here would wait forever.
+                    _sign(self._fd, _WANT)
+                    signed = self._fd
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+        finally:
+            if signed >= 0 and signed == self._fd:
+                _sign(signed, _UNWANT)  # (a descriptor closed meanwhile took its sign with it)
 
     def release(self) -> None:
         if not self._held:
@@ -372,7 +385,8 @@ def _others_wait(fd: int) -> bool:
 def _leave_to_others(fd: int, deadline: float, abandoned: threading.Event) -> None:
     """:meth:`SidecarLock.wait_free`'s ``behind``: return once another writer holds the lock, nobody else waits
     for it, or ``deadline`` (monotonic) has passed."""
-    while time.monotonic() < deadline and not abandoned.is_set():
+    pause = 0.0001  # growing to 1 ms: each look takes the lock for a moment, and a woken waiter that finds it
+    while time.monotonic() < deadline and not abandoned.is_set():  # taken then goes back to sleep
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -381,7 +395,8 @@ def _leave_to_others(fd: int, deadline: float, abandoned: threading.Event) -> No
         fcntl.flock(fd, fcntl.LOCK_UN)
         if not waiting:
             return
-        time.sleep(0.0001)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
 
 
 def _sign(fd: int, request: bytes) -> None:

@@ -14,7 +14,7 @@ How it stays correct:
 * **Process-safe.** Every commit happens under the file lock, after catching up with the journal, so two processes
   never both write from a stale view, and ``update()`` runs its function on the latest document. Commits back to
   back keep the lock between them (json/lease.py: nobody else can write meanwhile, so there is nothing to catch
-  up with), for at most a couple of milliseconds while another writer waits.
+  up with), for at most about 10 ms while another writer waits.
   Readers ``stat`` the journal before each read and apply what other processes appended.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
@@ -117,8 +117,10 @@ INLINE_MAX_BYTES = 1 << 20
 ITEMS_INLINE = 5000
 ITEMS_TURN = 1000
 #: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
-#: (json/lock.py ``wait_free``'s ``behind``).
-STEP_BACK = 0.005
+#: (json/lock.py ``wait_free``'s ``behind``; it returns as soon as another has taken it, within 0.1-0.3 ms
+#: usually). 5 ms was too short beside a full test suite (load ~5 on 2 cores): a woken waiter's thread may wait
+#: longer than that for a CPU, and the holder took the lock back for another whole lease (two of eight waits).
+STEP_BACK = 0.02
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
@@ -379,7 +381,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 self._holding = False
                 if not self._lease.finish(keep=not failed):
                     self._flock.release()
-                elif not self._lease_turn:  # the lease ends at the loop's next turn at the latest
+                elif not self._lease_turn:  # the loop's next turn ends the lease unless it is hot (json/lease.py)
                     self._lease_turn = True
                     asyncio.get_running_loop().call_soon(self._lease_turned)
         finally:
@@ -387,10 +389,11 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     def _lease_turned(self) -> None:
         self._lease_turn = False
-        self._lease.end()
+        self._lease.turned()
 
     async def _acquire_file_lock(self) -> None:
         lease = self._lease
+        lease.contended = True  # unless the lock is free at once (json/lease.py: Lease.begin)
         if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
             lease.yielded = False
             if self._flock.can_wait:
@@ -398,6 +401,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 return
         try:
             if self._flock.try_acquire():  # uncontended: no thread hop
+                lease.contended = False
                 return
         except OSError as exc:
             raise self._io_error(exc, "taking the store lock") from exc
