@@ -42,6 +42,7 @@ __all__ = [
     "Rate",
     "Target",
     "atimed",
+    "checkouts",
     "fmt",
     "machine_info",
     "median_rate",
@@ -234,6 +235,18 @@ def run_worker(script: str | os.PathLike[str], args: Sequence[str], *, timeout: 
     if not lines:
         raise RuntimeError(f"worker {' '.join(args)} printed nothing")
     return json.loads(lines[-1])
+
+
+def checkouts(script: str | os.PathLike[str], baseline: str | None) -> dict[str, str]:
+    """The checkouts a ``--baseline`` benchmark runs, in order: ``{"base": <baseline>, "this": <this one>}``, or
+    only ``"this"`` without a baseline (the repository ``script`` sits in). Raises ``ValueError`` when
+    ``baseline`` is not a checkout of this repository (the caller reports it as a usage error)."""
+    here = str(Path(script).resolve().parent.parent)
+    if not baseline:
+        return {"this": here}
+    if not (Path(baseline) / "storage" / "__init__.py").is_file():
+        raise ValueError("--baseline: not a checkout of this repository (no storage/__init__.py)")
+    return {"base": str(Path(baseline).resolve()), "this": here}
 
 
 # -- the member documents every benchmark writes --------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import member_doc, member_ids, print_table, run_worker, write_results
+from _common import checkouts, member_doc, member_ids, print_table, run_worker, write_results
 
 MEMBERS = 10_000
 BATCH = 1000
@@ -163,12 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, args.worker[0])
         print(json.dumps(asyncio.run(measure(args.worker[1] == "1", args.worker[2] == "1"))))
         return 0
-    here = str(Path(__file__).resolve().parent.parent)
-    systems = {"this": here}
-    if args.baseline:
-        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
-            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
-        systems = {"base": str(Path(args.baseline).resolve()), "this": here}
+    try:
+        systems = checkouts(__file__, args.baseline)
+    except ValueError as exc:
+        parser.error(str(exc))
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for rep in range(args.reps):
         for name, path in systems.items():

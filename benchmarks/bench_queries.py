@@ -42,7 +42,18 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script from anywhere
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when not installed
 
-from _common import Target, fmt, machine_info, member_doc, member_ids, print_table, rss_mib, run_worker, write_results
+from _common import (
+    Target,
+    checkouts,
+    fmt,
+    machine_info,
+    member_doc,
+    member_ids,
+    print_table,
+    rss_mib,
+    run_worker,
+    write_results,
+)
 
 INDEXED = ("user_id", "statistics.message_count", "roles")
 
@@ -332,19 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else ["json"] + (["postgres"] if args.dsn else [])
     if "postgres" in backends and not args.dsn:
         parser.error("--backends postgres needs --dsn or STORAGE_BENCH_DSN")
-    checkouts = {"this": str(Path(__file__).resolve().parent.parent)}
-    if args.baseline:
-        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
-            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
-        checkouts = {"base": str(Path(args.baseline).resolve()), **checkouts}
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {b: [] for b in backends} for name in checkouts}
+    try:
+        checked_out = checkouts(__file__, args.baseline)
+    except ValueError as exc:
+        parser.error(str(exc))
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {b: [] for b in backends} for name in checked_out}
     for round_ in range(args.rounds):
         for backend in backends:
-            order = list(checkouts) if round_ % 2 == 0 else list(reversed(checkouts))
+            order = list(checked_out) if round_ % 2 == 0 else list(reversed(checked_out))
             for name in order:
                 log(f"round {round_ + 1}/{args.rounds}: {backend} on {name}")
                 common = ["--members", str(args.members), "--repeats", str(args.repeats),
-                          "--checkout", checkouts[name]]
+                          "--checkout", checked_out[name]]
                 if backend == "json":
                     folder = Path(tempfile.mkdtemp(prefix="bench-queries-", dir=args.dir))
                     try:
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name][backend].append(run_worker(__file__, ["postgres", "-", *common], timeout=3600))
     systems = {name: {b: summarize(rs) for b, rs in by_backend.items()} for name, by_backend in runs.items()}
     targets = report(systems, args.members)
-    path = write_results("queries", {"machine": machine_info(args.dir), "checkouts": checkouts,
+    path = write_results("queries", {"machine": machine_info(args.dir), "checkouts": checked_out,
                                      "rounds": args.rounds, "results": systems["this"],
                                      "baseline": systems.get("base"), "runs": runs,
                                      "targets": [t.as_dict() for t in targets]})

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import member_doc, member_ids, print_table, run_worker, write_results
+from _common import checkouts, member_doc, member_ids, print_table, run_worker, write_results
 
 MEMBERS = 100_000
 SAVES = 20_000
@@ -125,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, here)
         print(json.dumps(asyncio.run(measure(args.members, True))))
         return 0
-    systems = {"this": here}
-    if args.baseline:
-        if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
-            parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
-        systems = {"base": str(Path(args.baseline).resolve()), "this": here}
+    try:
+        systems = checkouts(__file__, args.baseline)
+    except ValueError as exc:
+        parser.error(str(exc))
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for rep in range(args.reps):
         for name, path in systems.items():
