@@ -17,6 +17,7 @@ API (small on purpose):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -237,15 +238,15 @@ def run_worker(script: str | os.PathLike[str], args: Sequence[str], *, timeout: 
     return json.loads(lines[-1])
 
 
-def checkouts(script: str | os.PathLike[str], baseline: str | None) -> dict[str, str]:
+def checkouts(parser: argparse.ArgumentParser, script: str | os.PathLike[str], baseline: str | None) -> dict[str, str]:
     """The checkouts a ``--baseline`` benchmark runs, in order: ``{"base": <baseline>, "this": <this one>}``, or
-    only ``"this"`` without a baseline (the repository ``script`` sits in). Raises ``ValueError`` when
-    ``baseline`` is not a checkout of this repository (the caller reports it as a usage error)."""
+    only ``"this"`` without a baseline (the repository ``script`` sits in). A ``baseline`` that is not a checkout
+    of this repository is a usage error (``parser.error``)."""
     here = str(Path(script).resolve().parent.parent)
     if not baseline:
         return {"this": here}
     if not (Path(baseline) / "storage" / "__init__.py").is_file():
-        raise ValueError("--baseline: not a checkout of this repository (no storage/__init__.py)")
+        parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
     return {"base": str(Path(baseline).resolve()), "this": here}
 
 

@@ -343,10 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else ["json"] + (["postgres"] if args.dsn else [])
     if "postgres" in backends and not args.dsn:
         parser.error("--backends postgres needs --dsn or STORAGE_BENCH_DSN")
-    try:
-        checked_out = checkouts(__file__, args.baseline)
-    except ValueError as exc:
-        parser.error(str(exc))
+    checked_out = checkouts(parser, __file__, args.baseline)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {b: [] for b in backends} for name in checked_out}
     for round_ in range(args.rounds):
         for backend in backends:

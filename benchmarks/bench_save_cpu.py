@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, here)
         print(json.dumps(asyncio.run(measure(args.members, True))))
         return 0
-    try:
-        systems = checkouts(__file__, args.baseline)
-    except ValueError as exc:
-        parser.error(str(exc))
+    systems = checkouts(parser, __file__, args.baseline)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for rep in range(args.reps):
         for name, path in systems.items():
