@@ -235,6 +235,47 @@ async def test_round_trip_restores_exactly_and_saves_the_replaced_state(store):
     assert await snapshot(store) == changed
 
 
+async def test_a_restore_cancelled_at_any_point_leaves_all_or_nothing(store, reopen):
+    """A restore is all or nothing under cancellation too: cancelled after any number of loop turns (then, as its
+    worker threads take time, after growing sleeps), the store holds either what it held or the backup, never a
+    mix, and another store opened on the same data sees the same. Covers the await points the restore's passes
+    added (decoding in groups, freeing each collection's bytes in a worker thread inside the transaction)."""
+    await populate(store)
+    original = await snapshot(store)
+    info = await store.create_backup()
+    await store.save_member_data(1003, GUILD, {"roles": ["changed"]})
+    await store.delete("members", f"{GUILD}_1004")
+    await store.put("new_collection", "k", {"v": 1})
+    if has_messages(store):
+        await store.record_message({"message_id": "999999", "guild_id": GUILD, "channel_id": "1",
+                                    "author_id": "2", "timestamp": "2024-06-01T00:00:00Z"})
+    changed = await snapshot(store)
+    assert changed != original
+    for turns in range(0, 600):
+        task = asyncio.ensure_future(store.restore_backup(info.id))
+        for _ in range(min(turns, 40)):
+            await asyncio.sleep(0)
+        if turns > 40:
+            await asyncio.sleep((turns - 40) * 0.0005)
+        cancelled = task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        now = await snapshot(store)
+        assert now in (changed, original), f"a partial restore after {turns} loop turns"
+        if now == original:
+            break
+        assert cancelled
+    else:
+        pytest.fail("the restore never finished")
+    other = await reopen()
+    try:
+        assert await snapshot(other) == original
+    finally:
+        await other.close()
+
+
 async def test_restore_keeps_key_order_on_json(store):
     if store.backend_name != "json":
         pytest.skip("only JSON files keep a document's key order (jsonb sorts keys)")
