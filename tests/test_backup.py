@@ -39,6 +39,7 @@ from storage.backup.format import (
 )
 from storage.backup.operations import prune_backup_dir, restore_from, select_expired
 from storage.backup.source import describe_source, store_source
+from tests._cancel import cancel_after
 
 ROOT = Path(__file__).resolve().parent.parent
 GUILD = "987654321"
@@ -252,16 +253,7 @@ async def test_a_restore_cancelled_at_any_point_leaves_all_or_nothing(store, reo
     changed = await snapshot(store)
     assert changed != original
     for turns in range(0, 600):
-        task = asyncio.ensure_future(store.restore_backup(info.id))
-        for _ in range(min(turns, 40)):
-            await asyncio.sleep(0)
-        if turns > 40:
-            await asyncio.sleep((turns - 40) * 0.0005)
-        cancelled = task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        cancelled = await cancel_after(lambda: store.restore_backup(info.id), turns)
         now = await snapshot(store)
         assert now in (changed, original), f"a partial restore after {turns} loop turns"
         if now == original:

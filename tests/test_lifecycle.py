@@ -32,6 +32,7 @@ from storage import ValidationError
 from storage.backends.json import forget_files
 from storage.backends.postgres import lifecycle as pg_lifecycle
 from storage.ownership import Owner
+from tests._cancel import cancel_after
 
 GUILDS = ["1", "12", "112", "2", "21", "9007199254740993"]
 USERS = ["12", "2", "112", "3", "1", "18446744073709551615"]
@@ -245,16 +246,7 @@ async def test_a_cancellation_at_any_point_leaves_all_or_nothing(store: storage.
     gone = owned(before, Owner(user="12"))
     after = minus(before, gone)
     for turns in range(0, 400):
-        task = asyncio.ensure_future(store.forget_user("12"))
-        for _ in range(min(turns, 30)):  # every loop turn, then (worker threads take time) every 0.5 ms
-            await asyncio.sleep(0)
-        if turns > 30:
-            await asyncio.sleep((turns - 30) * 0.0005)
-        cancelled = task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        cancelled = await cancel_after(lambda: store.forget_user("12"), turns, spin=30)
         now = await everything(store)
         assert now in (before, after), f"a partial forget after {turns} loop turns"
         if now == after:

@@ -32,6 +32,7 @@ import pytest
 import storage
 from storage.backends.json import forget_files, tx_messages
 from storage.ownership import Owner
+from tests._cancel import cancel_after
 from tests._proc import read_until
 from tests.test_feed import next_change
 from tests.test_json_disk_faults import PAD, SmallDisk, assert_io_error, small_disk  # noqa: F401 (a fixture)
@@ -217,16 +218,7 @@ async def test_a_cancellation_at_any_loop_turn_forgets_all_or_nothing(store: sto
             await tx.prune_messages("2024-02-10T00:00:00Z", guild_id="2")
 
     for turns in range(0, 600):
-        task = asyncio.ensure_future(work())
-        for _ in range(min(turns, 40)):  # every loop turn, then (worker threads take time) every 0.5 ms
-            await asyncio.sleep(0)
-        if turns > 40:
-            await asyncio.sleep((turns - 40) * 0.0005)
-        cancelled = task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        cancelled = await cancel_after(work, turns)
         now = await consistent(store)
         assert now in (before, after), f"a partial transaction after {turns} loop turns"
         no_leftovers(store)
