@@ -55,22 +55,33 @@ asyncio.run(main())
 """
 
 
-async def _prepare(base: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A template store with a backup of one state (``backup``) and a different current state (``before``)."""
+async def _prepare(base: Path, *, members: int = 300, messages: int = 6000, new_messages: int = 2000,
+                   documents: str = "changed", extra: int = 0, prune: bool = False,
+                   ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A template store with a backup of one state (``backup``) and a different current state (``before``): since
+    the backup, ``new_messages`` messages were added (and, with ``prune``, the oldest month pruned), and unless
+    ``documents`` is ``"unchanged"`` a third of the members changed, ``extra`` documents were added to a new
+    collection and one was deleted."""
     config = _config(base)
     async with storage.open_store(config=config) as store:
-        await populate(store, members=300, messages=6000)
+        await populate(store, members=members, messages=messages)
         info = await store.create_backup()  # type: ignore[attr-defined]
         backup_state = await snapshot(store)
-        # move on: documents changed, added and deleted; messages added and pruned
-        await store.put_many("members", {f"{GUILD}_{1000 + i}": {"changed": i} for i in range(0, 300, 3)})
-        await store.put_many("extra", {f"e{i}": {"i": i} for i in range(50)})
-        await store.delete("spam_blocker", "z-last")
+        if documents == "changed":
+            await store.put_many("members", {f"{GUILD}_{1000 + i}": {"changed": i} for i in range(0, members, 3)})
+            if extra:
+                await store.put_many("extra", {f"e{i}": {"i": i} for i in range(extra)})
+            await store.delete("spam_blocker", "z-last")
         await store.record_messages([{
             "message_id": str(90_000 + i), "guild_id": GUILD, "channel_id": "7", "author_id": "1",
-            "timestamp": f"2024-05-0{1 + i % 9}T00:00:00Z", "content_length": i} for i in range(2000)])
+            "timestamp": f"2024-05-0{1 + i % 9}T00:00:00Z", "content_length": i} for i in range(new_messages)])
+        if prune:
+            await store.prune_messages(datetime(2024, 2, 1, tzinfo=timezone.utc))  # type: ignore[attr-defined]
         before_state = await snapshot(store)
     assert before_state != backup_state
+    if documents == "unchanged":
+        assert {k: v for k, v in before_state.items() if k != "#messages"} == \
+            {k: v for k, v in backup_state.items() if k != "#messages"}
     return info.id, backup_state, before_state
 
 
@@ -88,7 +99,7 @@ def _spawn(config: StoreConfig, backup_id: str) -> subprocess.Popen[str]:
 @pytest.mark.slow
 async def test_kill_9_during_a_json_restore_leaves_one_state_or_the_other(tmp_path: Path) -> None:
     template = tmp_path / "template"
-    backup_id, backup_state, before_state = await _prepare(template)
+    backup_id, backup_state, before_state = await _prepare(template, extra=50)
 
     # One undisturbed run: how long the restore takes from the moment the store is open.
     run = tmp_path / "run"
@@ -327,40 +338,6 @@ asyncio.run(main())
 """
 
 
-async def _prepare_unchanged(base: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A template store whose backup holds its current documents: only the messages moved on since."""
-    config = _config(base)
-    async with storage.open_store(config=config) as store:
-        await populate(store, members=30, messages=400)
-        info = await store.create_backup()  # type: ignore[attr-defined]
-        backup_state = await snapshot(store)
-        await store.record_messages([{
-            "message_id": str(90_000 + i), "guild_id": GUILD, "channel_id": "7", "author_id": "1",
-            "timestamp": f"2024-05-0{1 + i % 9}T00:00:00Z", "content_length": i} for i in range(300)])
-        await store.prune_messages(datetime(2024, 2, 1, tzinfo=timezone.utc))  # type: ignore[attr-defined]
-        before_state = await snapshot(store)
-    assert before_state != backup_state
-    assert {k: v for k, v in before_state.items() if k != "#messages"} == \
-        {k: v for k, v in backup_state.items() if k != "#messages"}
-    return info.id, backup_state, before_state
-
-
-async def _prepare_changed(base: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    config = _config(base)
-    async with storage.open_store(config=config) as store:
-        await populate(store, members=30, messages=400)
-        info = await store.create_backup()  # type: ignore[attr-defined]
-        backup_state = await snapshot(store)
-        await store.put_many("members", {f"{GUILD}_{1000 + i}": {"changed": i} for i in range(0, 30, 3)})
-        await store.delete("spam_blocker", "z-last")
-        await store.record_messages([{
-            "message_id": str(90_000 + i), "guild_id": GUILD, "channel_id": "7", "author_id": "1",
-            "timestamp": f"2024-05-0{1 + i % 9}T00:00:00Z", "content_length": i} for i in range(300)])
-        before_state = await snapshot(store)
-    assert before_state != backup_state
-    return info.id, backup_state, before_state
-
-
 def _step_child(config: StoreConfig, backup_id: str, kill_at: int) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", STEP_CHILD, json.dumps(dataclasses.asdict(config)), backup_id,
                              str(kill_at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -376,8 +353,8 @@ async def test_kill_9_before_every_step_of_a_restore_commit(tmp_path: Path, docu
     backup's, documents and messages alike, never a mix: the pre-restore state up to the commit, the backup's from
     it on (one switch), and the backup's after an undisturbed run."""
     template = tmp_path / "template"
-    prepare = _prepare_unchanged if documents == "unchanged" else _prepare_changed
-    backup_id, backup_state, before_state = await prepare(template)
+    backup_id, backup_state, before_state = await _prepare(template, members=30, messages=400, new_messages=300,
+                                                            documents=documents, prune=documents == "unchanged")
 
     run = tmp_path / "run"
     shutil.copytree(template, run)
