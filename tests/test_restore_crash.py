@@ -85,6 +85,16 @@ async def _prepare(base: Path, *, members: int = 300, messages: int = 6000, new_
     return info.id, backup_state, before_state
 
 
+async def _reopened(run: Path) -> dict[str, Any]:
+    """What a store opened after a killed restore holds; the open resolved the restore and left nothing of it."""
+    async with storage.open_store(config=_config(run)) as store:
+        state = await snapshot(store)
+    assert not json_restore.pending(run / "data"), "opening the store resolves an interrupted restore"
+    leftovers = [n for n in os.listdir(run / "data") if json_restore.is_restore_entry(n)]
+    assert leftovers == [], leftovers
+    return state
+
+
 def _config(base: Path) -> StoreConfig:
     return StoreConfig(backend="json", path=str(base / "data"), backup_dir=str(base / "backups"), lock_timeout=30,
                        source="tests")
@@ -129,11 +139,7 @@ async def test_kill_9_during_a_json_restore_leaves_one_state_or_the_other(tmp_pa
             killed_running += 1
             os.kill(child.pid, signal.SIGKILL)
         child.wait()
-        async with storage.open_store(config=_config(run)) as store:
-            state = await snapshot(store)
-        assert not json_restore.pending(run / "data"), "opening the store resolves an interrupted restore"
-        leftovers = [n for n in os.listdir(run / "data") if json_restore.is_restore_entry(n)]
-        assert leftovers == [], leftovers
+        state = await _reopened(run)
         if state == before_state:
             outcomes["before"] += 1
         elif state == backup_state:
@@ -373,11 +379,7 @@ async def test_kill_9_before_every_step_of_a_restore_commit(tmp_path: Path, docu
         child = _step_child(_config(run), backup_id, kill_at)
         _out, err = child.communicate()
         assert child.returncode == -signal.SIGKILL, f"step {kill_at} of {total}: {err}"
-        async with storage.open_store(config=_config(run)) as store:
-            state = await snapshot(store)
-        assert not json_restore.pending(run / "data"), "opening the store resolves an interrupted restore"
-        leftovers = [n for n in os.listdir(run / "data") if json_restore.is_restore_entry(n)]
-        assert leftovers == [], leftovers
+        state = await _reopened(run)
         if state == before_state:
             outcomes.append("before")
         elif state == backup_state:
