@@ -28,7 +28,7 @@ from ...errors import ValidationError
 from ...interfaces import BackendTransaction, Grouping, TopColumn
 from ...messages.columns import DAY_MICROS, NEVER, MessageColumns, day_text, micros_text
 from ...models import snowflake
-from ...offload import off_loop
+from ...offload import off_loop, sorted_in_pieces
 from ...protocol import Document
 
 __all__ = ["JsonMessageQueries", "count", "group", "top", "last", "refresh_statistics"]
@@ -152,13 +152,14 @@ def _decoded_writes(collection: str, guild: str, members: list[tuple[str, Any]],
         if "statistics" in doc and all(old.get(name) == value for name, value in new.items()):
             continue
         yield key, {**doc, "statistics": {**old, **new}}
-    for user in sorted(counts.keys() - seen):
+    for user in sorted_in_pieces(list(counts.keys() - seen)):
         yield f"{prefix}{user}", {"user_id": user, "guild_id": guild, "statistics": fresh(user)}
 
 
 def _guild_members(view: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    """The ``(key, stored)`` of ``view`` whose key starts with ``prefix``, in key order (in a worker thread)."""
-    return [(key, view[key]) for key in sorted(key for key in view if key.startswith(prefix))]
+    """The ``(key, stored)`` of ``view`` whose key starts with ``prefix``, in key order (in a worker thread: sorted
+    in pieces, see :func:`~storage.offload.sorted_in_pieces`)."""
+    return [(key, view[key]) for key in sorted_in_pieces([key for key in view if key.startswith(prefix)])]
 
 
 async def refresh_statistics(transaction: Callable[[], AbstractAsyncContextManager[BackendTransaction]],

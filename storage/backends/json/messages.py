@@ -44,7 +44,7 @@ import concurrent.futures
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,12 +58,15 @@ from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
 from ...interfaces import MessageSummary
 from ...messages.columns import MessageColumns, micros
-from ...messages.records import bound_key, timestamp_key
+from ...messages.records import bound_key, normalized_chunks, timestamp_key
 from .group_commit import Failed, GroupCommit
+from .id_index import IdIndex
 from .message_cache import ColumnCache
 from .message_files import (
+    ENCODE_SLICE,
     GENERATION_NAME,
     MESSAGES_DIR,
+    PIECE,
     FileKey,
     Record,
     block_line_ids,
@@ -86,7 +89,7 @@ from .message_files import (
     run_in_thread,
 )
 
-__all__ = ["MessageLog", "MESSAGES_DIR", "GENERATION_NAME"]
+__all__ = ["MessageLog", "MESSAGES_DIR", "GENERATION_NAME", "Encoded", "encode_batch", "ENCODE_GROUP"]
 
 log = logging.getLogger("storage.json.messages")
 
@@ -104,6 +107,42 @@ class _FileState:
     slot: int
     ino: int
     size: int
+
+
+@dataclass
+class Encoded:
+    """A ``record_messages`` batch checked and encoded (:func:`encode_batch`): its unique records' ids, guilds,
+    months (``YYYY-MM``) and lines (see ``encode_bodies``), in order. Ints, texts and bytes only: nothing here is
+    tracked by the garbage collector, where the batch's 10,000 normalized record dicts, held until the write,
+    set off full collections inside the call (issue 15)."""
+
+    ids: list[int] = field(default_factory=list)
+    guilds: list[str] = field(default_factory=list)
+    months: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+#: Records normalized, then encoded, at a time by :func:`encode_batch`: fewer than the youngest generation's
+#: threshold (700 new containers), so that a group is usually gone before a collection finds it alive.
+ENCODE_GROUP = 256
+
+
+def encode_batch(records: Iterator[Any]) -> Encoded:
+    """The caller's records checked, deduplicated and normalized (:func:`~storage.messages.records.normalized_chunks`:
+    a bad record raises ValidationError, and nothing is written), then encoded :data:`ENCODE_GROUP` at a time,
+    keeping only what the write needs (in a worker thread for a large batch)."""
+    batch = Encoded()
+    ids, guilds, months = batch.ids, batch.guilds, batch.months
+    for chunk in normalized_chunks(records, ENCODE_GROUP):
+        for rec in chunk:
+            ids.append(int(rec["message_id"]))
+            guilds.append(rec["guild_id"])
+            months.append(rec["timestamp"][:7])
+        batch.bodies += encode_bodies(chunk)
+    return batch
 
 
 @dataclass
@@ -125,13 +164,13 @@ class MessageLog:
     def __init__(self, root: Path, locked: Callable[[], AbstractAsyncContextManager[None]]) -> None:
         self.root = root
         self._locked = locked
-        self._index: dict[int, int] | None = None  # message id -> slot of the file holding it
+        self._index: IdIndex | None = None  # message id -> slot of the file holding it
         self._files: dict[FileKey, _FileState] = {}
         self._slots: list[FileKey | None] = []
         self._generation = b""
         self._rewriting = False  # a prune has changed the generation already
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # parallel fsyncs, made on first need
-        self._inserts: GroupCommit[list[Record], int] = GroupCommit(locked, self._commit_inserts)
+        self._inserts: GroupCommit[list[Record] | Encoded, int] = GroupCommit(locked, self._commit_inserts)
         self._cache = ColumnCache(root)
 
     def __repr__(self) -> str:
@@ -174,13 +213,13 @@ class MessageLog:
         self._generation = token
         self._rewriting = True
 
-    def _sync_locked(self) -> dict[int, int]:
+    def _sync_locked(self) -> IdIndex:
         """Bring the index up to date with the files (load it on first use). Needs the lock."""
         generation = read_generation(self.root)
         if self._index is None or generation != self._generation:
             if self._index is not None:
                 log.info("%s: another process rewrote message files: rebuilding the id index", self.root)
-            self._index, self._files, self._slots = {}, {}, []
+            self._index, self._files, self._slots = IdIndex(), {}, []
             self._generation = generation
             self._remove_temp_files()
         index = self._index
@@ -219,26 +258,24 @@ class MessageLog:
         state = self._files.pop(key)
         self._slots[state.slot] = None
         assert self._index is not None
-        index, slot = self._index, state.slot
-        for mid in [m for m, s in index.items() if s == slot]:
-            del index[mid]
+        self._index.remove_slot(state.slot)
 
-    def _read_tail(self, path: Path, state: _FileState, size: int, index: dict[int, int]) -> None:
+    def _read_tail(self, path: Path, state: _FileState, size: int, index: IdIndex) -> None:
         """Index the lines appended to a file since we last read it; truncate a torn last line."""
         slot = state.slot
         fd = os.open(path, os.O_RDWR)
         try:
             end = state.size
             previous: tuple[int, bytes] | None = None
-            for block in iter_blocks(fd, state.size, size):
+            for block in iter_blocks(fd, state.size, size, PIECE):
                 if previous is not None:
-                    index.update(dict.fromkeys(block_line_ids(path, *previous), slot))
+                    index.add_all(block_line_ids(path, *previous), slot)
                 previous = block
             if previous is not None:
                 offset, data = previous
                 cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
                 if cut:
-                    index.update(dict.fromkeys(block_line_ids(path, offset, data[:cut]), slot))
+                    index.add_all(block_line_ids(path, offset, data[:cut]), slot)
                 end = offset + cut
                 try:
                     last = parse_record(data[cut:-1])  # checked in full: a torn write may end in a newline
@@ -258,18 +295,18 @@ class MessageLog:
 
     # ---------------------------------------------------------------------------------------------------------------
     # inserts, group-committed
-    async def insert(self, records: list[Record]) -> int:
+    async def insert(self, records: list[Record] | Encoded) -> int:
         """Append the records whose ids are not stored yet; returns how many were appended.
 
         Callers that arrive while a commit is running are written together by the next one.
         """
         return await self._inserts.submit(records)
 
-    async def _commit_inserts(self, batches: list[list[Record]], counts: list[int | Failed]) -> None:
+    async def _commit_inserts(self, batches: list[list[Record] | Encoded], counts: list[int | Failed]) -> None:
         """One group commit, under the lock: every caller's batch in one write and fsync per file."""
         counts += await run_in_thread(self._insert_locked, batches)
 
-    def _insert_locked(self, batches: Iterable[list[Record]]) -> list[int]:
+    def _insert_locked(self, batches: Iterable[list[Record] | Encoded]) -> list[int]:
         """Append every batch's new records (in order: an id in two batches is new for the first one only).
 
         Each batch is encoded as soon as it is grouped, and only its lines and ids are kept: ``batches`` may be a
@@ -282,30 +319,34 @@ class MessageLog:
         counts: list[int] = []
         ids: list[int] = []  # the new records' ids, in order (to forget them if nothing is written)
         bodies: list[bytes] = []  # their encoded lines, see encode_bodies
+
+        def place(mid: int, key: FileKey) -> bool:
+            """Give a record its file's group (True), unless its id is stored already or earlier in the commit."""
+            if mid in index:
+                return False
+            group = groups.get(key)
+            if group is None:
+                state = files.get(key)
+                if state is None:  # a new file: reserve its slot now, so ids can point to it
+                    slots.append(None)
+                group = groups[key] = _Group(len(slots) - 1 if state is None else state.slot)
+            index[mid] = group.slot  # also marks it seen for the rest of the commit
+            group.rows.append(len(ids))
+            ids.append(mid)
+            return True
+
         try:
-            for records in batches:
-                fresh: list[Record] = []  # this batch's new records
-                for rec in records:
-                    mid = int(rec["message_id"])
-                    if mid in index:
-                        continue
-                    key = (rec["guild_id"], rec["timestamp"][:7])
-                    group = groups.get(key)
-                    if group is None:
-                        state = files.get(key)
-                        if state is None:  # a new file: reserve its slot now, so ids can point to it
-                            slots.append(None)
-                        group = groups[key] = _Group(len(slots) - 1 if state is None else state.slot)
-                    index[mid] = group.slot  # also marks it seen for the rest of the batch
-                    group.rows.append(len(ids))
-                    ids.append(mid)
-                    fresh.append(rec)
+            for batch in batches:
+                if isinstance(batch, Encoded):
+                    rows = [i for i, (mid, guild, month) in enumerate(zip(batch.ids, batch.guilds, batch.months))
+                            if place(mid, (guild, month))]
+                    counts.append(len(rows))
+                    bodies += batch.bodies if len(rows) == len(batch) else [batch.bodies[i] for i in rows]
+                    continue
+                fresh = [rec for rec in batch if place(int(rec["message_id"]), (rec["guild_id"], rec["timestamp"][:7]))]
                 counts.append(len(fresh))
-                if fresh:
-                    if bodies:
-                        bodies += encode_bodies(fresh)
-                    else:
-                        bodies = encode_bodies(fresh)
+                for start in range(0, len(fresh), ENCODE_SLICE):  # each dumps, count and split kept short
+                    bodies += encode_bodies(fresh[start:start + ENCODE_SLICE])
             if ids:
                 if len(groups) == 1:
                     next(iter(groups.values())).bodies = bodies
@@ -316,7 +357,7 @@ class MessageLog:
                 self._append(groups)
         except BaseException:
             for mid in ids:  # nothing was written: forget the ids (reserved slots stay unused)
-                index.pop(mid, None)
+                index.pop(mid)
             raise
         return counts
 
@@ -496,13 +537,13 @@ class MessageLog:
         finally:
             self._rewriting = False
 
-    def _drop_file(self, key: FileKey, path: Path, index: dict[int, int]) -> int:
+    def _drop_file(self, key: FileKey, path: Path, index: IdIndex) -> int:
         """Remove a month that is entirely before the bound; returns how many records it held."""
         state = self._files[key]
         ids: set[int] = set()
         fd = os.open(path, os.O_RDONLY)
         try:
-            for offset, block in iter_blocks(fd, 0, state.size):
+            for offset, block in iter_blocks(fd, 0, state.size, PIECE):
                 ids.update(block_line_ids(path, offset, block))
         finally:
             os.close(fd)
@@ -510,12 +551,10 @@ class MessageLog:
         os.unlink(path)
         self._files.pop(key)
         self._slots[state.slot] = None
-        for mid in ids:
-            if index.get(mid) == state.slot:
-                del index[mid]
+        index.remove_all(ids, state.slot)
         return len(ids)
 
-    def _rewrite_file(self, key: FileKey, path: Path, before: str, index: dict[int, int]) -> int:
+    def _rewrite_file(self, key: FileKey, path: Path, before: str, index: IdIndex) -> int:
         """Stream the boundary month into a temp file without the old lines, then swap it in atomically."""
         state = self._files[key]
         dropped: set[int] = set()
@@ -526,7 +565,7 @@ class MessageLog:
         try:
             out: list[bytes] = []
             size = pending = 0
-            for offset, line in iter_lines(src, 0, state.size):
+            for offset, line in iter_lines(src, 0, state.size, PIECE):
                 try:
                     rec = parse_record(line)
                 except ValueError as exc:
@@ -539,7 +578,7 @@ class MessageLog:
                 out.append(line + b"\n")
                 size += len(line) + 1
                 pending += len(line) + 1
-                if pending >= 8 << 20:
+                if pending >= PIECE:
                     write_all(dst, b"".join(out))
                     out, pending = [], 0
             write_all(dst, b"".join(out))
@@ -565,9 +604,7 @@ class MessageLog:
             self._files.pop(key)
             self._slots[state.slot] = None
         gone = dropped - kept  # all lines of an id share its timestamp: normally all of ``dropped``
-        for mid in gone:
-            if index.get(mid) == state.slot:
-                del index[mid]
+        index.remove_all(gone, state.slot)
         return len(gone)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -627,12 +664,11 @@ async def _release(lines: list[bytes]) -> None:
         await asyncio.sleep(0)
 
 
-def _free(index: dict[int, int] | None, files: dict[FileKey, Any], pool: concurrent.futures.Executor | None) -> None:
-    """Drop ``index`` and ``files`` item by item (in a worker thread, which gives the GIL back between Python
+def _free(index: IdIndex | None, files: dict[FileKey, Any], pool: concurrent.futures.Executor | None) -> None:
+    """Drop ``index`` and ``files`` a piece at a time (in a worker thread, which gives the GIL back between Python
     steps), and shut ``pool`` down (joining its threads blocks)."""
-    while index:
-        for _ in range(min(len(index), 10_000)):
-            index.popitem()
+    if index is not None:
+        index.free()
     while files:
         files.popitem()
     if pool is not None:
