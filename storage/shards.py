@@ -70,7 +70,8 @@ class ShardedKeys:
 
 class ShardedDict(Generic[K, V]):
     """A dict kept in :data:`SHARDS` dicts, with the methods a message id index uses (``in``, ``[]``, ``get``,
-    ``pop``, ``del``, ``update``, iteration, ``items``, ``popitem``, ``len``). Iteration order is by shard, not insertion."""
+    ``pop``, ``del``, ``update``, iteration, ``items``, ``popitem``, ``len``). Iterated by shard, not insertion
+    order."""
 
     __slots__ = ("_mask", "_shards")
 

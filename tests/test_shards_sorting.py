@@ -97,3 +97,25 @@ def test_sorted_in_runs_is_a_stable_sort(seed: int) -> None:
     items = [((rng.choice("abc"), rng.randrange(5)), i) for i in range(n)]
     assert list(sorted_in_runs(items, itemgetter(0), run)) == sorted(items, key=itemgetter(0))
 
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_record_encoded_in_slices_is_the_record_encoded_whole(seed: int) -> None:
+    """A large transaction's journal record encoded a slice at a time (json/lifecycle.encode_in_slices) is
+    byte for byte ``encode_record`` of all its operations: puts, puts that expire, deletes, odd keys."""
+    from storage.backends.json.journal import encode_record
+    from storage.backends.json.lifecycle import encode_in_slices
+
+    rng = random.Random(seed)
+    ops: list = []
+    for i in range(rng.choice([0, 1, 5, 50, 300])):
+        key = rng.choice([f"k{i}", f'q"{i}\\', f"é{i}\u2028"])
+        kind = rng.randrange(3)
+        if kind == 0:
+            ops.append(("p", "members", key, b'{"n":%d,"s":"x"}' % i))
+        elif kind == 1:
+            ops.append(("p", "bulk", key, b"[%d]" % i, 1_700_000_000_000_000 + i))
+        else:
+            ops.append(("d", "members", key))
+    size = rng.choice([1, 2, 7, 64, 1000])
+    assert encode_in_slices(ops, size) == encode_record(ops)
