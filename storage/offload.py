@@ -8,19 +8,16 @@ so the loop keeps ticking (the stalls are measured by benchmarks/bench_backup.py
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from .cancellation import run_in_thread
 
-__all__ = ["off_loop", "chunks", "sorted_in_pieces", "CHUNK_RECORDS", "SORT_PIECE"]
+__all__ = ["off_loop", "chunks", "CHUNK_RECORDS"]
 
 T = TypeVar("T")
 #: Records handed to a worker thread at a time: collecting them on the loop costs a few ms at most.
 CHUNK_RECORDS = 2000
-#: Items one ``sorted`` call of :func:`sorted_in_pieces` takes (4096 keys: about half a ms).
-SORT_PIECE = 4096
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
@@ -39,17 +36,3 @@ async def chunks(items: AsyncIterable[T], size: int = CHUNK_RECORDS) -> AsyncIte
             chunk = []
     if chunk:
         yield chunk
-
-
-def sorted_in_pieces(items: Sequence[Any], piece: int = SORT_PIECE) -> list[Any]:
-    """``sorted(items)``, for a worker thread: pieces of ``piece`` items sorted, then merged.
-
-    A thread running Python gives the GIL back every switch interval, but one ``sorted`` is a single C call that
-    keeps it to the end, and the event loop waits for all of it: 100k member keys took 30-60 ms. Each piece's sort
-    is short, and the merge (``heapq.merge``, a Python generator) lets the loop in between. Stable like ``sorted``:
-    equal items keep their order (``heapq.merge`` takes equal items from the earlier piece first).
-    """
-    if len(items) <= piece:
-        return sorted(items)
-    runs = [sorted(items[start:start + piece]) for start in range(0, len(items), piece)]
-    return list(heapq.merge(*runs))

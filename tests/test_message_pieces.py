@@ -1,8 +1,8 @@
 """The message code's work cut into pieces for worker threads (issue 15), each against the plain version it replaces.
 
-A worker thread's single C call keeps the GIL, and with it the event loop, to its end; so the message log's id
-index is many small dicts (a dict's growth copies it whole in one call), files are split, joined and searched a
-piece at a time, sorts run in pieces and are merged, a ``record_messages`` batch is encoded a small group at a time,
+A worker thread's single C call keeps the GIL, and with it the event loop, to its end; so message files are split,
+joined and searched a piece at a time, sorts run in pieces and are merged (here without a key: member keys), a
+``record_messages`` batch is encoded a small group at a time,
 and PostgreSQL's ``COPY`` rows are bytes keyed by id instead of ``(id, row)`` tuples. Timing is measured in
 benchmarks/bench_stalls.py; here each is held to a plain-Python reference on random inputs.
 """
@@ -19,7 +19,6 @@ import orjson
 import pytest
 
 from storage.backends.json import message_files
-from storage.backends.json.id_index import SHARDS, IdIndex
 from storage.backends.json.message_files import (
     ENCODE_SLICE,
     block_ids,
@@ -34,7 +33,7 @@ from storage.backends.json.messages import ENCODE_GROUP, encode_batch
 from storage.backends.postgres.ingest import Ingest, RowEncoder, checked_rows
 from storage.errors import CorruptDataError, ValidationError
 from storage.messages.records import message_records, normalized_chunks
-from storage.offload import sorted_in_pieces
+from storage.sorting import sorted_in_runs
 
 
 def _record(rnd: random.Random, mid: int) -> dict[str, Any]:
@@ -53,60 +52,16 @@ def _record(rnd: random.Random, mid: int) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-# the id index
+# sorting in runs, without a key (refresh_member_statistics' member keys)
 @pytest.mark.parametrize("seed", range(5))
-def test_the_id_index_behaves_as_one_dict(seed: int) -> None:
-    rnd = random.Random(seed)
-    index, reference = IdIndex(), {}
-    ids = [rnd.choice([rnd.randrange(1, 50), rnd.randrange(1, 2**64), rnd.randrange(2**22) << 22]) for _ in range(600)]
-    for _ in range(3000):
-        op = rnd.random()
-        mid, slot = rnd.choice(ids), rnd.randrange(4)
-        if op < 0.4:
-            index[mid] = slot
-            reference[mid] = slot
-        elif op < 0.5:
-            assert index.pop(mid) == reference.pop(mid, None)
-        elif op < 0.6:
-            some = rnd.sample(ids, 30)
-            index.add_all(some, slot)
-            reference.update(dict.fromkeys(some, slot))
-        elif op < 0.7:
-            some = rnd.sample(ids, 30)
-            index.remove_all(some, slot)
-            for m in some:
-                if reference.get(m) == slot:
-                    del reference[m]
-        elif op < 0.72:
-            index.remove_slot(slot)
-            reference = {m: s for m, s in reference.items() if s != slot}
-        assert (mid in index) == (mid in reference) and index.get(mid) == reference.get(mid)
-    assert len(index) == len(reference)
-    assert sorted(index) == sorted(reference) and sorted(index.items()) == sorted(reference.items())
-    index.free()
-    assert len(index) == 0
-
-
-def test_snowflakes_spread_over_the_shards() -> None:
-    """Discord-like ids whose increment bits are all zero (one message per millisecond) use every shard."""
-    index = IdIndex()
-    base = 1_300_000_000_000 << 22
-    index.add_all((base + (ms << 22) for ms in range(SHARDS * 40)), 1)
-    sizes = [len(shard) for shard in index._shards]
-    assert min(sizes) > 0 and max(sizes) < 4 * 40
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# sorting in pieces
-@pytest.mark.parametrize("seed", range(5))
-def test_sorted_in_pieces_is_sorted(seed: int) -> None:
+def test_sorted_in_runs_without_a_key_is_sorted(seed: int) -> None:
     rnd = random.Random(seed)
     for n in (0, 1, 5, 63, 64, 65, 500):
         items = [f"{rnd.randrange(100)}_{rnd.randrange(10**rnd.randrange(1, 6))}" for _ in range(n)]
-        assert sorted_in_pieces(items, piece=rnd.choice([1, 2, 7, 64])) == sorted(items)
+        assert list(sorted_in_runs(items, run=rnd.choice([1, 2, 7, 64]))) == sorted(items)
 
 
-def test_sorted_in_pieces_is_stable() -> None:
+def test_sorted_in_runs_without_a_key_is_stable() -> None:
     class Item:
         def __init__(self, key: int, tag: int) -> None:
             self.key, self.tag = key, tag
@@ -121,7 +76,7 @@ def test_sorted_in_pieces_is_stable() -> None:
 
     rnd = random.Random(7)
     items = [Item(rnd.randrange(10), i) for i in range(300)]
-    got = sorted_in_pieces(items, piece=16)
+    got = list(sorted_in_runs(items, run=16))
     expected = sorted(items, key=lambda item: item.key)
     assert [(i.key, i.tag) for i in got] == [(i.key, i.tag) for i in expected]
 

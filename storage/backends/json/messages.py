@@ -59,8 +59,9 @@ from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
 from ...interfaces import MessageSummary
 from ...messages.columns import MessageColumns, micros
 from ...messages.records import bound_key, normalized_chunks, timestamp_key
+from ...shards import ShardedDict
+from ...sorting import sorted_in_runs
 from .group_commit import Failed, GroupCommit
-from .id_index import IdIndex
 from .message_cache import ColumnCache
 from .message_files import (
     ENCODE_SLICE,
@@ -164,7 +165,9 @@ class MessageLog:
     def __init__(self, root: Path, locked: Callable[[], AbstractAsyncContextManager[None]]) -> None:
         self.root = root
         self._locked = locked
-        self._index: IdIndex | None = None  # message id -> slot of the file holding it
+        #: message id -> slot of the file holding it; sharded: one dict of 1M ids grew in 27-58 ms steps holding
+        #: the GIL (storage/shards.py)
+        self._index: ShardedDict[int, int] | None = None
         self._files: dict[FileKey, _FileState] = {}
         self._slots: list[FileKey | None] = []
         self._generation = b""
@@ -213,13 +216,13 @@ class MessageLog:
         self._generation = token
         self._rewriting = True
 
-    def _sync_locked(self) -> IdIndex:
+    def _sync_locked(self) -> ShardedDict[int, int]:
         """Bring the index up to date with the files (load it on first use). Needs the lock."""
         generation = read_generation(self.root)
         if self._index is None or generation != self._generation:
             if self._index is not None:
                 log.info("%s: another process rewrote message files: rebuilding the id index", self.root)
-            self._index, self._files, self._slots = IdIndex(), {}, []
+            self._index, self._files, self._slots = ShardedDict(), {}, []
             self._generation = generation
             self._remove_temp_files()
         index = self._index
@@ -258,9 +261,11 @@ class MessageLog:
         state = self._files.pop(key)
         self._slots[state.slot] = None
         assert self._index is not None
-        self._index.remove_slot(state.slot)
+        index, slot = self._index, state.slot
+        for mid in [m for m, s in index.items() if s == slot]:
+            del index[mid]
 
-    def _read_tail(self, path: Path, state: _FileState, size: int, index: IdIndex) -> None:
+    def _read_tail(self, path: Path, state: _FileState, size: int, index: ShardedDict[int, int]) -> None:
         """Index the lines appended to a file since we last read it; truncate a torn last line."""
         slot = state.slot
         fd = os.open(path, os.O_RDWR)
@@ -269,13 +274,13 @@ class MessageLog:
             previous: tuple[int, bytes] | None = None
             for block in iter_blocks(fd, state.size, size, PIECE):
                 if previous is not None:
-                    index.add_all(block_line_ids(path, *previous), slot)
+                    index.update(dict.fromkeys(block_line_ids(path, *previous), slot))
                 previous = block
             if previous is not None:
                 offset, data = previous
                 cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
                 if cut:
-                    index.add_all(block_line_ids(path, offset, data[:cut]), slot)
+                    index.update(dict.fromkeys(block_line_ids(path, offset, data[:cut]), slot))
                 end = offset + cut
                 try:
                     last = parse_record(data[cut:-1])  # checked in full: a torn write may end in a newline
@@ -301,6 +306,11 @@ class MessageLog:
         Callers that arrive while a commit is running are written together by the next one.
         """
         return await self._inserts.submit(records)
+
+    async def insert_groups(self, groups: Iterable[list[Record]]) -> int:
+        """:meth:`insert` of every record of ``groups`` (ids distinct), consumed under the lock in a worker thread
+        and encoded a group at a time (see ``_insert_locked``); one write and fsync per file for all of them."""
+        return sum(await run_holding(self._locked(), self._insert_locked, groups))
 
     async def _commit_inserts(self, batches: list[list[Record] | Encoded], counts: list[int | Failed]) -> None:
         """One group commit, under the lock: every caller's batch in one write and fsync per file."""
@@ -357,7 +367,7 @@ class MessageLog:
                 self._append(groups)
         except BaseException:
             for mid in ids:  # nothing was written: forget the ids (reserved slots stay unused)
-                index.pop(mid)
+                index.pop(mid, None)
             raise
         return counts
 
@@ -537,7 +547,7 @@ class MessageLog:
         finally:
             self._rewriting = False
 
-    def _drop_file(self, key: FileKey, path: Path, index: IdIndex) -> int:
+    def _drop_file(self, key: FileKey, path: Path, index: ShardedDict[int, int]) -> int:
         """Remove a month that is entirely before the bound; returns how many records it held."""
         state = self._files[key]
         ids: set[int] = set()
@@ -551,10 +561,12 @@ class MessageLog:
         os.unlink(path)
         self._files.pop(key)
         self._slots[state.slot] = None
-        index.remove_all(ids, state.slot)
+        for mid in ids:
+            if index.get(mid) == state.slot:
+                del index[mid]
         return len(ids)
 
-    def _rewrite_file(self, key: FileKey, path: Path, before: str, index: IdIndex) -> int:
+    def _rewrite_file(self, key: FileKey, path: Path, before: str, index: ShardedDict[int, int]) -> int:
         """Stream the boundary month into a temp file without the old lines, then swap it in atomically."""
         state = self._files[key]
         dropped: set[int] = set()
@@ -604,7 +616,9 @@ class MessageLog:
             self._files.pop(key)
             self._slots[state.slot] = None
         gone = dropped - kept  # all lines of an id share its timestamp: normally all of ``dropped``
-        index.remove_all(gone, state.slot)
+        for mid in gone:
+            if index.get(mid) == state.slot:
+                del index[mid]
         return len(gone)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -664,11 +678,12 @@ async def _release(lines: list[bytes]) -> None:
         await asyncio.sleep(0)
 
 
-def _free(index: IdIndex | None, files: dict[FileKey, Any], pool: concurrent.futures.Executor | None) -> None:
-    """Drop ``index`` and ``files`` a piece at a time (in a worker thread, which gives the GIL back between Python
+def _free(index: ShardedDict[int, int] | None, files: dict[FileKey, Any],
+          pool: concurrent.futures.Executor | None) -> None:
+    """Drop ``index`` and ``files`` item by item (in a worker thread, which gives the GIL back between Python
     steps), and shut ``pool`` down (joining its threads blocks)."""
-    if index is not None:
-        index.free()
+    while index:
+        index.drop_some(10_000)
     while files:
         files.popitem()
     if pool is not None:
@@ -767,8 +782,9 @@ def _load_month(paths: list[Path], lo: str | None, hi: str | None) -> list[bytes
     keyed: list[tuple[tuple[str, int, str], bytes]] = []
     for path in paths:
         keyed += _keyed(path, lo, hi)
-    keyed.sort(key=itemgetter(0))  # each file's lines are mostly in order already: runs that timsort merges
-    lines = [line for _key, line in keyed]
+    # Each file's lines are mostly in order already; sorted a run at a time (storage/sorting.py: one sort of the
+    # month held the GIL 28 ms)
+    lines = [line for _key, line in sorted_in_runs(keyed, itemgetter(0))]
     while keyed:  # freed a slice at a time: the GIL can go back to the loop between two slices
         del keyed[-10_000:]
     return lines
