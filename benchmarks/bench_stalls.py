@@ -190,8 +190,50 @@ class StepProbe:
         self.since = time.thread_time()
 
 
+class GilWatch:
+    """``--holders``: a thread that sleeps 1 ms at a time; when it wakes more than HOLD_MS late, it notes where
+    every other busy thread stands. The GIL is handed over between bytecodes, so a thread that kept it through one
+    long C call (a big ``orjson.loads``, ``sorted``, a dict resize...) is found just after that call: its innermost
+    frame's line is the call. Where the loop thread shows a step instead, the stall was the loop's own work."""
+
+    HOLD_MS = 8.0
+    _IDLE = ("threading.py", "queue.py", "selectors.py", "thread.py")
+
+    def __init__(self) -> None:
+        self.found: list[tuple[float, list[str]]] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while True:
+            began = time.perf_counter()
+            time.sleep(0.001)
+            late = (time.perf_counter() - began) * 1000 - 1
+            if late < self.HOLD_MS:
+                continue
+            names = {t.ident: t.name for t in threading.enumerate()}
+            stacks = []
+            for ident, frame in sys._current_frames().items():
+                if ident == me or Path(frame.f_code.co_filename).name in self._IDLE:
+                    continue
+                parts: list[str] = []
+                f: Any = frame
+                while f is not None and len(parts) < 5:
+                    parts.append(f"{Path(f.f_code.co_filename).name}:{f.f_lineno} {f.f_code.co_name}")
+                    f = f.f_back
+                stacks.append(f"[{names.get(ident, ident)}] " + " < ".join(parts))
+            self.found.append((late, stacks))
+
+    def reset(self) -> None:
+        self.found = []
+
+    def top(self, n: int = 6) -> list[tuple[float, list[str]]]:
+        return sorted(self.found, key=lambda item: -item[0])[:n]
+
+
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
-                 only: list[str], sample: bool = False, freeze: bool = False) -> dict[str, Any]:
+                 only: list[str], sample: bool = False, freeze: bool = False,
+                 holders: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -206,12 +248,15 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
 
     probe = StepProbe(sample)
     probe.install()
+    gil = GilWatch() if holders else None
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
         heap = Counter(type(o).__name__ for o in gc.get_objects()) if sample else None  # what a full GC visits
         watcher = StallWatch()
         started = time.perf_counter()
         probe.reset()
+        if gil is not None:
+            gil.reset()
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
                          "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where,
@@ -221,6 +266,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                                                    default=0.0)}
         if probe.stacks:
             results[name]["stacks"] = probe.stacks
+        if gil is not None:
+            results[name]["holders"] = gil.top()
         if probe.gcs:
             results[name]["gc"] = probe.gcs
         if heap is not None:
@@ -343,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="after the open, gc.collect() + gc.freeze() (a bot's own choice: full collections then "
                              "walk only what was made since; the library never calls it)")
+    parser.add_argument("--holders", action="store_true",
+                        help="a 1 ms sleeper thread notes where every busy thread stands when it wakes over 8 ms "
+                             "late: which worker-thread call held the GIL (perturbs the figures: diagnosis only)")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -365,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
         admin = args.pg_admin_dsn if backend == "postgres" else None
         out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where,
-                                                         args.gc_freeze])],
+                                                         args.gc_freeze, args.holders])],
                                   timeout=3600)
     names: list[str] = []
     for result in out.values():
@@ -400,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": out,
                                     "notes": notes})
     print(f"wrote {path} in {info['wall_s']:.0f} s")
+    if args.holders:
+        for backend in backends:
+            for name, got in out[backend]["results"].items():
+                for late, stacks in got.get("holders", []):
+                    print(f"{backend}: {name}: the sleeper woke {late:.1f} ms late; busy threads:")
+                    for stack in stacks:
+                        print(f"    {stack}")
     if args.where:
         for backend in backends:
             for name, got in out[backend]["results"].items():

@@ -14,6 +14,7 @@ Everything a backend receives here is already checked and encoded by the written
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -188,6 +189,14 @@ class Backend(LifecyclePrimitives, OpsBase, IndexOps):
         All of them durably, or none (a crash may leave a prefix, which re-sending the batch completes).
         """
 
+    async def _insert_message_groups(self, groups: Iterable[list[Record]]) -> int:
+        """:meth:`_insert_messages` of every record of ``groups``, which a worker thread consumes: a caller that
+        holds many records as bytes (a copy) decodes them a few dozen at a time inside ``groups``, and a backend
+        that encodes each group as it comes never holds them decoded (decoded records held by the thousand reach
+        the garbage collector's oldest generation and set off full collections, which hold the GIL the event
+        loop needs: see ``backup.messages.DECODE_GROUP``). This default gathers them first."""
+        return await self._insert_messages(await asyncio.to_thread(_gathered, groups))
+
     @abc.abstractmethod
     async def _modify_message(self, message_id: str, fn: Callable[[Record], Record]) -> bool:
         """Replace the record with ``fn(record)`` atomically (no lost update); False if it does not exist.
@@ -268,3 +277,10 @@ class Backend(LifecyclePrimitives, OpsBase, IndexOps):
         if prefix is not None and not isinstance(prefix, str):
             raise ValidationError("prefix must be a str", field="prefix")
         return self._change_feed().watch(collection, prefix or None)
+
+
+def _gathered(groups: Iterable[list[Record]]) -> list[Record]:
+    out: list[Record] = []
+    for group in groups:
+        out += group
+    return out

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
 
 import orjson
 
@@ -42,7 +41,7 @@ from ..protocol import Document
 from .expiring import put_encoded_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .indexes import carry_indexes, index_difference
-from .messages import DECODE_GROUP, STREAM_BATCH, MessageOps, digest_records
+from .messages import DECODE_GROUP, MESSAGE_BATCH, MessageOps
 from .operations import snapshot_collections
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
@@ -262,22 +261,28 @@ def _stored_pairs(digest: ContentDigest, name: str, view: Mapping[str, bytes],
 
 async def _copy_messages(source: MessageOps, target: MessageOps, digest: ContentDigest,
                          progress: Progress) -> int:
+    """Every record of ``source`` inserted into ``target`` and added to ``digest``, MESSAGE_BATCH at a time.
+
+    Each record is encoded as the scan yields it and the batch held as lines (bytes, which the garbage collector
+    does not track); the target's worker thread decodes them DECODE_GROUP at a time as it encodes them for its
+    storage, and hashes them on the way. Held as 2,000 decoded records, every batch reached the collector's oldest
+    generation: 38-48 full collections in a copy of 1M messages, 27-33 ms each, most of them on the loop.
+    """
     progress.phase("copy: messages", None)
     n = 0
-    batch: list[dict[str, Any]] = []
+    dumps = orjson.dumps
+    lines: list[bytes] = []
     async for record in source.scan():
-        batch.append(record)
-        if len(batch) >= STREAM_BATCH:
-            await off_loop(digest_records, digest, batch)
-            await target.insert(batch)
-            n += len(batch)
-            progress.advance(len(batch))
-            batch = []
-    if batch:
-        await off_loop(digest_records, digest, batch)
-        await target.insert(batch)
-        n += len(batch)
-        progress.advance(len(batch))
+        lines.append(dumps(record))
+        if len(lines) >= MESSAGE_BATCH:
+            await target.insert_lines(lines, digest)
+            n += len(lines)
+            progress.advance(len(lines))
+            lines = []
+    if lines:
+        await target.insert_lines(lines, digest)
+        n += len(lines)
+        progress.advance(len(lines))
     return n
 
 

@@ -39,7 +39,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -1133,6 +1133,10 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
         self._check_usable()
         return await self._messages.insert(records)
+
+    async def _insert_message_groups(self, groups: Iterable[list[dict[str, Any]]]) -> int:
+        self._check_usable()
+        return await self._messages.insert_groups(groups)
 
     async def _modify_message(self, message_id: str, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
         self._check_usable()

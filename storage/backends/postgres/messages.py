@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -62,7 +62,7 @@ from . import conn as pg_conn
 from . import member_stats as pg_member_stats
 from .analyze import LoadStatistics
 from .errors import DRIVER_ERRORS
-from .ingest import Ingest, RowEncoder, checked_rows, record_rows, replay, typed_columns
+from .ingest import Ingest, Row, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .schema import ID_SHIFT
 
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
@@ -181,6 +181,18 @@ def _encoded_in_order(records: list[Record]) -> list[list[Any]]:
     return list(record_rows(sorted(records, key=_id_order), INGEST_CHUNK, RowEncoder()))
 
 
+def _encoded_groups_in_order(groups: Iterable[list[Record]]) -> list[list[Row]]:
+    """The rows of every record of ``groups`` in id order, INGEST_CHUNK a chunk (in a worker thread). Each group is
+    encoded as it comes: rows are ``(id, bytes)`` tuples, which the garbage collector drops at its first look,
+    where a copy's 10k decoded records held at once were ~40k containers that reached its oldest generation."""
+    encoder = RowEncoder()
+    keyed: list[Row] = []
+    for group in groups:
+        keyed += map(encoder.record, group)
+    keyed.sort()  # ids are distinct: the bytes are never compared
+    return [keyed[start:start + INGEST_CHUNK] for start in range(0, len(keyed), INGEST_CHUNK)]
+
+
 def _id_order(rec: Record) -> tuple[int, str]:
     mid: str = rec["message_id"]
     return len(mid), mid  # canonical ids have no leading zeros: this is numeric order
@@ -294,6 +306,13 @@ class PgMessagesMixin:
         # A copy's or restore's 10k records sorted and encoded on the loop held it ~80 ms: a worker thread does it
         # (they are the caller's, already normalized: nothing else touches them meanwhile).
         chunks = await off_loop(_encoded_in_order, records)
+        return await self._copy_messages(Ingest(iter(chunks)))
+
+    async def _insert_message_groups(self, groups: Iterable[list[Record]]) -> int:
+        # encoded a group at a time in a worker thread, so that only rows are held (see _encoded_groups_in_order)
+        chunks = await off_loop(_encoded_groups_in_order, groups)
+        if not chunks:
+            return 0
         return await self._copy_messages(Ingest(iter(chunks)))
 
     async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:

@@ -553,6 +553,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
                     else:
                         await self._rollback(xact)
                     raise
+                await tx._send_before_commit()
                 with contextlib.suppress(TransactionError):
                     await tx._check_not_aborted()  # records the failure in tx._failed
                 if tx._hatch_used and tx._failed is None:  # SQL we cannot describe: every watcher resyncs
@@ -714,6 +715,8 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
         self._written: dict[str, set[str]] = {}
+        #: ``(collection, key)`` of deletes whose notifications are not sent yet, in order (see :meth:`_delete`)
+        self._unsent: list[tuple[str, str]] = []
         self._loaded: dict[str, int] = {}  # bulk rows per table, ANALYZEd after the commit (postgres/analyze.py)
         self._abandoned = False  # a statement was cancelled or timed out: the connection was terminated
         self._used = False  # a statement ran: too late to change the isolation level
@@ -750,6 +753,8 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
                                        "leave the block to roll it back") from self._failed
             self._used = True
             try:
+                if self._unsent and what != "delete":  # the deletes' notifications go before anything else's
+                    await self._send_unsent()
                 yield self._connection
             except BaseException as exc:
                 if pg_conn.abandons(exc):
@@ -844,9 +849,38 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         self._note_load("storage_documents", len(items))
 
     async def _delete(self, collection: str, key: str) -> bool:
+        """Deletes notify together: their notifications wait in ``_unsent`` until the transaction's next other
+        statement or its commit (:meth:`_use`), then go framed, ~170 keys a notification. Sent one per delete, a
+        transaction deleting a 20k-member guild delivered 20k notifications at its commit, and the listener's
+        connection queued a callback per notification: loop iterations of thousands of callbacks (stalls of
+        40-52 ms). Delivery is unchanged: PostgreSQL delivers a transaction's notifications at its commit, in
+        the order sent, and nothing else is sent between them and the deletes they follow."""
         self._wrote(collection, (key,))
         async with self._use("delete") as conn:
-            return await notify.delete(conn, self._store._channel, collection, key, self._now())
+            deleted = await sql.delete(conn, collection, key, self._now())
+        if deleted:
+            self._unsent.append((collection, key))
+        return deleted
+
+    async def _send_unsent(self) -> None:
+        """Send the deletes' pending notifications (under ``_use``'s lock, on the transaction's connection)."""
+        unsent, self._unsent = self._unsent, []
+        start = 0
+        while start < len(unsent):
+            collection = unsent[start][0]
+            end = start
+            while end < len(unsent) and unsent[end][0] == collection:
+                end += 1
+            notes = await notify.framed(collection, [(key, None) for _, key in unsent[start:end]], delete=True)
+            await notify.send(self._connection, self._store._channel, notes)
+            start = end
+
+    async def _send_before_commit(self) -> None:
+        """The deletes' notifications not sent yet, before the commit (a failure is recorded: rolled back)."""
+        if self._unsent and self._failed is None:
+            with contextlib.suppress(DatabaseError, TransactionError):
+                async with self._use("commit"):
+                    pass
 
     async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
                       expires: datetime | None = None) -> Document:
