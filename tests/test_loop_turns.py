@@ -469,29 +469,40 @@ async def test_postgres_frames_a_large_notification_off_the_loop(store: storage.
 
 async def test_copies_and_staged_restores_hold_few_message_records_at_once(store: storage.Store, tmp_path: Any,
                                                                           monkeypatch: pytest.MonkeyPatch):
-    """A copy inserts the messages STREAM_BATCH at a time, and a JSON restore stages them STREAM_BATCH at a time:
-    decoded records are three containers each, walked by every full garbage collection while they are held
-    (10k at a time were half of what such a collection walked). Everything arrives."""
+    """A copy holds the messages as lines, MESSAGE_BATCH at a time, and the target decodes them DECODE_GROUP at a
+    time; a JSON restore stages them STREAM_BATCH at a time: decoded records are three containers each, walked by
+    every full garbage collection while they are held (10k at a time were half of what such a collection walked).
+    Everything arrives."""
     from storage.backends.json import restore as json_restore
+    from storage.backup import messages as backup_messages
     from storage.backup.copy import copy
-    from storage.backup.messages import STREAM_BATCH, MessageOps
+    from storage.backup.messages import DECODE_GROUP, MESSAGE_BATCH, STREAM_BATCH, MessageOps
 
     assert STREAM_BATCH <= 2000
     records = _records(STREAM_BATCH + 700)
     await store.record_messages(records)
     inserted: list[int] = []
-    real_insert = MessageOps.insert
+    groups: list[int] = []
+    real_insert_lines, real_groups = MessageOps.insert_lines, backup_messages.decoded_groups
 
-    async def insert(self: MessageOps, batch: list[dict[str, Any]]) -> int:
-        inserted.append(len(batch))
-        return await real_insert(self, batch)
+    async def insert_lines(self: MessageOps, lines: list[bytes], digest: Any = None) -> int:
+        assert all(type(line) is bytes for line in lines)
+        inserted.append(len(lines))
+        return await real_insert_lines(self, lines, digest)
 
-    monkeypatch.setattr(MessageOps, "insert", insert)
+    def decoded_groups(lines: list[bytes], digest: Any = None) -> Any:
+        for group in real_groups(lines, digest):
+            groups.append(len(group))
+            yield group
+
+    monkeypatch.setattr(MessageOps, "insert_lines", insert_lines)
+    monkeypatch.setattr(backup_messages, "decoded_groups", decoded_groups)
     async with storage.open_store(backend="json", path=str(tmp_path / "copy"),
                                   backup_dir=str(store.config.backup_dir)) as target:  # type: ignore[attr-defined]
         report = await copy(store, target)
         assert report.messages == len(records) and await target.message_counts(7) == len(records)
-        assert len(inserted) >= 2 and max(inserted) <= STREAM_BATCH and sum(inserted) == len(records)
+        assert max(inserted) <= MESSAGE_BATCH and sum(inserted) == len(records)
+        assert len(groups) >= 2 and max(groups) <= DECODE_GROUP and sum(groups) == len(records)
         staged: list[int] = []
         real_stage = json_restore.stage_messages
 
