@@ -11,7 +11,10 @@ for half a second freezes the whole bot. So a 1 ms ticker task runs beside each 
 between two of its ticks (work done on the loop, a worker thread holding the GIL and a full garbage collection all
 count: a heartbeat would wait just the same). Target: no call over 20 ms. On a loaded shared host the ticker
 also counts the time the OS did not run the process at all (the idle-loop baseline row shows how much), so the
-longest single loop step in CPU time is reported beside it (see :class:`StepProbe`).
+same gaps counted in the process's CPU time are reported beside it (``stall CPU``, see :class:`Ticker`: what this
+process's own threads held the loop for, a worker thread holding the GIL included), and the longest single loop
+step in CPU time (see :class:`StepProbe`). ``--baseline OTHER_CHECKOUT --reps N`` runs both checkouts alternately
+and prints medians (before/after in one run).
 
 Data: members in 5 guilds (``--members`` / 5 each, seed-shaped documents), messages (bench_analytics's
 ``Stream``: Discord-like ids, 12 months) spread over the same guilds, authored by 25% more users than each guild
@@ -26,10 +29,12 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import io
 import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -42,11 +47,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script from anywhere
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # storage, when not installed
-
-from _common import fmt, machine_info, peak_rss_mib, print_table, run_worker, write_results
-from bench_analytics import END, Stream
-from bench_backup import Places, StallWatch, busy_python, postgres_reachable
+# storage, when not installed; a --worker imports its checkout's (first parameter, see --baseline), decided here
+# because the imports below import storage themselves
+sys.path.insert(1, str(json.loads(sys.argv[2])[0]) if sys.argv[1:2] == ["--worker"] and len(sys.argv) > 2
+                else str(Path(__file__).resolve().parent.parent))
+importlib.import_module("storage")  # that checkout's, before bench_backup puts this one's first on the path
+from _common import checkouts, fmt, machine_info, peak_rss_mib, print_table, run_worker, write_results  # noqa: E402
+from bench_analytics import END, Stream  # noqa: E402
+from bench_backup import Places, StallWatch, busy_python, postgres_reachable  # noqa: E402
 
 STALL_TARGET_MS = 20.0
 GUILDS = 5
@@ -84,6 +92,47 @@ class Data:
 
 def log(message: str) -> None:
     print(f"[stalls] {message}", file=sys.stderr, flush=True)
+
+
+class Ticker(StallWatch):
+    """:class:`StallWatch` that also counts each gap between two ticks in the process's CPU time (the smaller of
+    the gap and the CPU all its threads used meanwhile): ``longest_cpu``.
+
+    Why: on a shared host the OS also leaves the whole process waiting while other processes run (an idle loop
+    showed 12-22 ms gaps at load average 3-7, a thread running Python 18-73 ms), which no change here can help.
+    While a worker thread holds the GIL the loop thread waits without using CPU, so the process's CPU over a gap
+    is what its own threads held the loop for; time the process was not running at all does not count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.longest_cpu = 0.0
+
+    async def _tick(self) -> None:
+        last, last_cpu = time.perf_counter(), time.process_time()
+        while self._running:
+            await asyncio.sleep(0.001)
+            now, cpu = time.perf_counter(), time.process_time()
+            self.longest = max(self.longest, now - last)
+            self.longest_cpu = max(self.longest_cpu, min(now - last, cpu - last_cpu))
+            last, last_cpu = now, cpu
+
+
+def describe(handle: asyncio.events.Handle) -> str:
+    """Which callback a loop step ran (for a task: its coroutine and the line it stood at), without its arguments.
+
+    Not ``repr(handle)``: that formats the arguments with ``reprlib``, which calls ``repr`` of an unknown object in
+    full before cutting it short. A worker thread's result handed back to the loop (say 12 column blocks of 16k
+    messages) took 40-55 ms to format there: the probe itself stalled the loop it measures."""
+    callback = handle._callback  # type: ignore[attr-defined]
+    owner = getattr(callback, "__self__", None)
+    name = getattr(callback, "__qualname__", type(callback).__name__)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        where = f" at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame is not None else ""
+        return f"{name} of {getattr(coro, '__qualname__', type(coro).__name__)}{where}"
+    return name
 
 
 class StepProbe:
@@ -131,7 +180,7 @@ class StepProbe:
             probe.longest_no_gc = max(probe.longest_no_gc, spent - probe._gc_in_step)
             if spent > probe.longest:
                 probe.longest = spent
-                probe.where = repr(handle)[:300]  # the callback (a task's coroutine and where it stood)
+                probe.where = describe(handle)  # the callback (a task's coroutine and where it stood)
                 probe.stacks = Counter(probe._samples).most_common(4)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
@@ -252,13 +301,14 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
         heap = Counter(type(o).__name__ for o in gc.get_objects()) if sample else None  # what a full GC visits
-        watcher = StallWatch()
+        watcher = Ticker()
         started = time.perf_counter()
         probe.reset()
         if gil is not None:
             gil.reset()
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
+                         "stall_cpu_ms": watcher.longest_cpu * 1000,
                          "step_cpu_ms": probe.longest * 1000, "longest_step": probe.where,
                          "step_no_gc_ms": probe.longest_no_gc * 1000,
                          "full_gcs": sum(v[0] for k, v in probe.gcs.items() if k.startswith("gen2")),
@@ -290,15 +340,16 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                 await store.batch_update_members(
                     [{"user_id": data.user(g, j), "guild_id": data.guild(g), "data": data.member(g, j)}
                      for j in range(start, min(data.per_guild, start + BATCH))])
-        longest = longest_step = no_gc = longest_gc = 0.0
+        longest = longest_cpu = longest_step = no_gc = longest_gc = 0.0
         full_gcs = 0
         stacks: list[tuple[int, str]] = []
         for start in range(0, messages, BATCH):
             batch = [data.message(i) for i in range(start, min(messages, start + BATCH))]
-            watcher = StallWatch()
+            watcher = Ticker()
             probe.reset()
             await watcher.watch(lambda batch=batch: store.record_messages(batch))
             longest, no_gc = max(longest, watcher.longest), max(no_gc, probe.longest_no_gc)
+            longest_cpu = max(longest_cpu, watcher.longest_cpu)
             fulls = [v for k, v in probe.gcs.items() if k.startswith("gen2")]
             full_gcs += sum(v[0] for v in fulls)
             longest_gc = max([longest_gc, *(v[1] for v in fulls)])
@@ -306,7 +357,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
                 longest_step, stacks = probe.longest, probe.stacks
             del batch  # the caller's records are garbage once recorded (kept, every full collection visits them)
         results[f"record_messages ({BATCH:,} a call)"] = {
-            "seconds": 0.0, "stall_ms": longest * 1000, "step_cpu_ms": longest_step * 1000, "stacks": stacks,
+            "seconds": 0.0, "stall_ms": longest * 1000, "stall_cpu_ms": longest_cpu * 1000,
+            "step_cpu_ms": longest_step * 1000, "stacks": stacks,
             "step_no_gc_ms": no_gc * 1000, "full_gcs": full_gcs, "longest_full_gc_ms": longest_gc}
         await watch("close (after the fill)", store.close)
 
@@ -390,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="after the open, gc.collect() + gc.freeze() (a bot's own choice: full collections then "
                              "walk only what was made since; the library never calls it)")
+    parser.add_argument("--baseline", help="another checkout of this repository, run alternately with this one "
+                                           "(before/after in one run)")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="runs of each checkout and backend, interleaved; the table shows medians (default 1)")
     parser.add_argument("--holders", action="store_true",
                         help="a 1 ms sleeper thread notes where every busy thread stands when it wakes over 8 ms "
                              "late: which worker-thread call held the GIL (perturbs the figures: diagnosis only)")
@@ -397,12 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         params = json.loads(args.worker[0])
-        print(json.dumps(asyncio.run(worker(*params))))
+        print(json.dumps(asyncio.run(worker(*params[1:]))))
         return 0
 
     members, messages = int(100_000 * args.scale), int(1_000_000 * args.scale)
     only = [o for o in args.only.split(",") if o]
     backends = [b for b in args.backends.split(",") if b]
+    systems = checkouts(parser, __file__, args.baseline)
     notes = []
     if "postgres" in backends:
         why = asyncio.run(postgres_reachable(args.pg_admin_dsn))
@@ -410,65 +467,88 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"postgres skipped: {why}")
             backends.remove("postgres")
     started = time.perf_counter()
-    out = {}
-    for backend in backends:
-        root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
-        admin = args.pg_admin_dsn if backend == "postgres" else None
-        out[backend] = run_worker(__file__, [json.dumps([backend, members, messages, root, admin, only, args.where,
-                                                         args.gc_freeze, args.holders])],
-                                  timeout=3600)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {b: [] for b in backends} for s in systems}
+    for rep in range(args.reps):
+        for system, checkout in systems.items():
+            for backend in backends:
+                if len(systems) > 1 or args.reps > 1:
+                    log(f"rep {rep + 1}/{args.reps}: {system} {backend}")
+                root = tempfile.mkdtemp(prefix=f"bench_stalls_{backend}_", dir=args.dir)
+                admin = args.pg_admin_dsn if backend == "postgres" else None
+                runs[system][backend].append(run_worker(__file__, [json.dumps(
+                    [checkout, backend, members, messages, root, admin, only, args.where, args.gc_freeze,
+                     args.holders])],
+                    timeout=3600))
+    columns = [(s, b) for b in backends for s in systems]
     names: list[str] = []
-    for result in out.values():
-        names += [n for n in result["results"] if n not in names]
+    for per_backend in runs.values():
+        for results in per_backend.values():
+            for result in results:
+                names += [n for n in result["results"] if n not in names]
     rows = []
     for name in names:
         row: list[object] = [name]
-        for backend in backends:
-            got = out[backend]["results"].get(name)
-            if got is None:
-                row += ["-", "-"]
+        for system, backend in columns:
+            got = [r["results"][name] for r in runs[system][backend] if name in r["results"]]
+            if not got:
+                row += ["-"] * 6
                 continue
-            stall, step, no_gc = got["stall_ms"], got.get("step_cpu_ms"), got.get("step_no_gc_ms")
-            fulls = got.get("full_gcs")
-            row += [fmt(got["seconds"]) if got["seconds"] else "-",
+
+            def median(key: str, got: list[dict[str, Any]] = got) -> float:
+                return statistics.median(g.get(key) or 0.0 for g in got)
+
+            stall, step, no_gc = median("stall_ms"), median("step_cpu_ms"), median("step_no_gc_ms")
+            fulls = median("full_gcs")
+            stall_cpu = median("stall_cpu_ms")
+            row += [fmt(median("seconds")) if median("seconds") else "-",
                     fmt(stall) + (" MISS" if stall > STALL_TARGET_MS else ""),
-                    "-" if step is None else fmt(step) + (" MISS" if step > STALL_TARGET_MS else ""),
-                    "-" if no_gc is None else fmt(no_gc) + (" MISS" if no_gc > STALL_TARGET_MS else ""),
-                    "-" if not fulls else f"{fulls} ({fmt(got['longest_full_gc_ms'])})"]
+                    fmt(stall_cpu) + (" MISS" if stall_cpu > STALL_TARGET_MS else ""),
+                    fmt(step) + (" MISS" if step > STALL_TARGET_MS else ""),
+                    fmt(no_gc) + (" MISS" if no_gc > STALL_TARGET_MS else ""),
+                    "-" if not fulls else f"{fmt(fulls)} ({fmt(median('longest_full_gc_ms'))})"]
         rows.append(row)
-    heads = ["call"] + [f"{b} {what}" for b in backends
-                        for what in ("s", "stall ms", "step CPU ms", "step w/o GC ms", "full GCs (longest ms)")]
-    print_table(heads, rows, title=f"longest event-loop stall per call (1 ms ticker: 'stall'; the longest single loop "
+    heads = ["call"] + [f"{b}{'' if len(systems) == 1 else ' ' + s} {what}" for s, b in columns
+                        for what in ("s", "stall ms", "stall CPU ms", "step CPU ms", "step w/o GC ms",
+                                     "full GCs (longest ms)")]
+    reps = "" if args.reps == 1 else f", medians of {args.reps} interleaved runs"
+    print_table(heads, rows, title=f"longest event-loop stall per call (1 ms ticker: 'stall'; the same gap counted "
+                                   f"in the process's CPU time, without the time the OS ran other processes: "
+                                   f"'stall CPU'; the longest single loop "
                                    f"step in the loop thread's CPU time: 'step CPU'; the same without the garbage "
                                    f"collections that ran inside it: 'w/o GC'; full collections during the call, "
                                    f"any thread), {members:,} members + "
-                                   f"{messages:,} messages; target <= {STALL_TARGET_MS:.0f} ms")
+                                   f"{messages:,} messages; target <= {STALL_TARGET_MS:.0f} ms{reps}")
     for note in notes:
         print(note)
     info = machine_info(args.dir)
     info["wall_s"] = time.perf_counter() - started
-    path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": out,
-                                    "notes": notes})
+    last = {b: runs[next(reversed(systems))][b][-1] for b in backends}  # this checkout's last run, as before
+    path = write_results("stalls", {"machine": info, "members": members, "messages": messages, "backends": last,
+                                    "systems": systems, "runs": runs, "notes": notes})
     print(f"wrote {path} in {info['wall_s']:.0f} s")
     if args.holders:
-        for backend in backends:
-            for name, got in out[backend]["results"].items():
-                for late, stacks in got.get("holders", []):
-                    print(f"{backend}: {name}: the sleeper woke {late:.1f} ms late; busy threads:")
-                    for stack in stacks:
-                        print(f"    {stack}")
+        for system in systems:
+            for backend in backends:
+                label = backend if len(systems) == 1 else f"{system} {backend}"
+                for name, got in runs[system][backend][-1]["results"].items():
+                    for late, stacks in got.get("holders", []):
+                        print(f"{label}: {name}: the sleeper woke {late:.1f} ms late; busy threads:")
+                        for stack in stacks:
+                            print(f"    {stack}")
     if args.where:
-        for backend in backends:
-            for name, got in out[backend]["results"].items():
-                if got.get("step_cpu_ms", 0) > STALL_TARGET_MS / 2 and got.get("stacks"):
-                    print(f"\n{backend}: {name}: longest step {got['step_cpu_ms']:.1f} ms CPU, sampled stacks:")
-                    for stack, count in got["stacks"]:
-                        print(f"  {count:3d}x {stack}")
-                full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
-                if full:
-                    print(f"{backend}: {name}: full collections (count, longest ms): {full}; objects tracked "
-                          f"before the call: {got.get('tracked_before')}; at the largest full collection during "
-                          f"it: {got.get('tracked_at_full_gc')}")
+        for system in systems:
+            for backend in backends:
+                for name, got in runs[system][backend][-1]["results"].items():
+                    label = backend if len(systems) == 1 else f"{system} {backend}"
+                    if got.get("step_cpu_ms", 0) > STALL_TARGET_MS / 2 and got.get("stacks"):
+                        print(f"\n{label}: {name}: longest step {got['step_cpu_ms']:.1f} ms CPU, sampled stacks:")
+                        for stack, count in got["stacks"]:
+                            print(f"  {count:3d}x {stack}")
+                    full = {k: v for k, v in got.get("gc", {}).items() if k.startswith("gen2")}
+                    if full:
+                        print(f"{label}: {name}: full collections (count, longest ms): {full}; objects tracked "
+                              f"before the call: {got.get('tracked_before')}; at the largest full collection "
+                              f"during it: {got.get('tracked_at_full_gc')}")
     return 0
 
 

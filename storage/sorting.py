@@ -19,8 +19,10 @@ T = TypeVar("T")
 SORT_RUN = 16384
 
 
-def sorted_in_runs(items: Sequence[T], key: Callable[[T], Any], run: int = SORT_RUN) -> Iterator[T]:
-    """``iter(sorted(items, key=key))``, stable as it is, with no single C call over more than ``run`` items."""
+def sorted_in_runs(items: Sequence[T], key: Callable[[T], Any] | None = None, run: int = SORT_RUN) -> Iterator[T]:
+    """``iter(sorted(items, key=key))``, stable as it is, with no single C call over more than ``run`` items (no
+    ``key``: the items are compared themselves)."""
+    order: Any = key  # sorted and heapq.merge take None as "no key"
     if len(items) <= run:
-        return iter(sorted(items, key=key))
-    return heapq.merge(*(sorted(items[i:i + run], key=key) for i in range(0, len(items), run)), key=key)
+        return iter(sorted(items, key=order))
+    return heapq.merge(*(sorted(items[i:i + run], key=order) for i in range(0, len(items), run)), key=order)

@@ -41,6 +41,7 @@ from ..protocol import TimeBound
 from ..types import MessageRecord as TypedRecord
 from .records import (
     INGEST_CHUNK,
+    VALIDATE_IN_THREAD,
     checked_changes,
     checked_record,
     joined,
@@ -54,7 +55,6 @@ __all__ = ["AnalyticsMixin", "UNKNOWN_SENTIMENT", "BY_CHOICES", "time_bound", "c
 #: The ``sentiment_breakdown`` key of messages without ``analysis.sentiment``.
 UNKNOWN_SENTIMENT = "unknown"
 BY_CHOICES = (None, "channel", "author", "day")
-VALIDATE_IN_THREAD = 2000  # records: bigger batches are validated in a worker thread
 
 
 def check_limit(limit: Any) -> int:

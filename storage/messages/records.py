@@ -29,6 +29,7 @@ from ..models import MESSAGE_FIELDS, canonical_time, iso_utc, snowflake, validat
 __all__ = [
     "IMMUTABLE_FIELDS",
     "INGEST_CHUNK",
+    "VALIDATE_IN_THREAD",
     "MessageRecord",
     "UsualFields",
     "timestamp_key",
@@ -50,6 +51,7 @@ __all__ = [
 IMMUTABLE_FIELDS = ("message_id", "guild_id", "channel_id", "author_id", "timestamp")
 _TS_CANONICAL_LENGTHS = (20, 27)  # YYYY-MM-DDTHH:MM:SSZ and YYYY-MM-DDTHH:MM:SS.ffffffZ
 INGEST_CHUNK = 1000  # records per chunk of message_chunks: the event loop gets a turn between two chunks
+VALIDATE_IN_THREAD = 2000  # records: bigger batches are checked in a worker thread (the checks cost per record)
 _PLAIN_FIELDS = frozenset((*MESSAGE_FIELDS, "guild_id"))
 _PLAIN_ANALYSIS = frozenset(("sentiment", "topics"))
 _U64 = 2**64 - 1

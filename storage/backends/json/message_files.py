@@ -36,7 +36,7 @@ from ...fsutil import TEMP_MARK
 __all__ = [
     "MESSAGES_DIR", "GENERATION_NAME", "FileKey", "Record", "encode_line", "encode_bodies", "join_lines",
     "encode_update", "parse_line", "parse_record", "parse_block", "block_ids", "block_line_ids", "line_id", "corrupt",
-    "iter_blocks",
+    "iter_blocks", "split_lines", "PIECE", "ENCODE_SLICE",
     "iter_lines", "order", "month_range", "file_path", "list_files", "list_months", "read_generation",
     "is_temp_file", "run_in_thread", "run_holding",
 ]
@@ -46,6 +46,13 @@ log = logging.getLogger("storage.json.messages")
 MESSAGES_DIR = "messages"
 GENERATION_NAME = "rewrites.generation"
 BLOCK = 8 << 20  # read files in blocks of this size (plus one line)
+#: Bytes of lines one C call takes at a time in a worker thread (a regular expression over them, a split, a join):
+#: such a call keeps the GIL, so the event loop waits for all of it. A 4 MB month file at once held it 5-9 ms per
+#: call (benchmarks/README.md, "Design measurements"); this much, under half a ms.
+PIECE = 256 << 10
+#: Records encoded by one :func:`encode_bodies` call, and lines joined by one ``join`` (see :func:`join_lines`):
+#: about 300 KB, under half a ms of GIL each, where 10,000 records at once held it 3 ms per call.
+ENCODE_SLICE = 1000
 
 Record = dict[str, Any]
 FileKey = tuple[str, str]  # (guild_id, "YYYY-MM")
@@ -99,9 +106,12 @@ def encode_bodies(records: list[Record]) -> list[bytes]:
 
 
 def join_lines(bodies: Sequence[bytes]) -> bytes:
-    """The lines (each with its newline) of some bodies from :func:`encode_bodies`, in one copy."""
+    """The lines (each with its newline) of some bodies from :func:`encode_bodies`: joined :data:`ENCODE_SLICE`
+    at a time, then the parts in one copy (a ``join`` of 10,000 small pieces holds the GIL for milliseconds)."""
     if len(bodies) == 1:
         return _RECORD_PREFIX + bodies[0] + b"}\n"
+    if len(bodies) > ENCODE_SLICE:
+        return b"".join([join_lines(bodies[i:i + ENCODE_SLICE]) for i in range(0, len(bodies), ENCODE_SLICE)])
     return _JOINER.join([_RECORD_PREFIX + bodies[0], *bodies[1:-1], bodies[-1] + b"}\n"])
 
 
@@ -202,14 +212,12 @@ def parse_block(path: Path, data: bytes, base: int, sink: Callable[[Record, bool
     only a few fields never holds a whole file of dicts (the garbage collector would walk them all, repeatedly).
     """
     end = data.rfind(b"\n") + 1
-    lines = data[:end - 1].split(b"\n") if end else []
     offset = 0
-    last = len(lines) - 1
-    for number, line in enumerate(lines):
+    for line in split_lines(data, end):
         try:
             rec, update = parse_line(line)
         except ValueError as exc:
-            if number == last:
+            if offset + len(line) + 1 == end:  # the last line
                 log.debug("%s: leaving an incomplete last line at byte %d for later", path, base + offset)
                 return offset
             raise corrupt(path, base + offset, exc) from None
@@ -218,19 +226,32 @@ def parse_block(path: Path, data: bytes, base: int, sink: Callable[[Record, bool
     return offset
 
 
-def iter_blocks(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """``(offset, block)`` for the complete lines in ``[start, end)``, in blocks of ~8 MB ending in a newline.
+def split_lines(data: bytes, end: int) -> Iterator[bytes]:
+    """The lines of ``data[:end]`` (``end`` just after a newline), newlines stripped, split :data:`PIECE` bytes
+    at a time (one ``split`` of a whole file kept the GIL for milliseconds)."""
+    start = 0
+    while start < end:
+        stop = data.rfind(b"\n", start, min(end, start + PIECE)) + 1
+        if stop <= start:  # a line longer than a piece
+            stop = data.find(b"\n", start) + 1
+        yield from data[start:stop - 1].split(b"\n")
+        start = stop
+
+
+def iter_blocks(fd: int, start: int, end: int, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
+    """``(offset, block)`` for the complete lines in ``[start, end)``, in blocks of about ``size`` bytes (more for
+    a longer line) ending in a newline.
 
     An incomplete last line is not included: the caller sees where the complete lines stop from the offsets.
     """
     pos = start
     while pos < end:
-        block = os.pread(fd, min(BLOCK, end - pos), pos)
+        block = os.pread(fd, min(size, end - pos), pos)
         if not block:
             return
         cut = block.rfind(b"\n") + 1
         while cut == 0 and pos + len(block) < end:  # a single line longer than the block
-            more = os.pread(fd, min(BLOCK, end - pos - len(block)), pos + len(block))
+            more = os.pread(fd, min(size, end - pos - len(block)), pos + len(block))
             if not more:
                 return
             block += more
@@ -241,9 +262,10 @@ def iter_blocks(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         pos += cut
 
 
-def iter_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """``(offset, line)`` for the complete lines in ``[start, end)``, newline stripped."""
-    for offset, block in iter_blocks(fd, start, end):
+def iter_lines(fd: int, start: int, end: int, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` for the complete lines in ``[start, end)``, newline stripped (read ``size`` bytes at a
+    time, see :func:`iter_blocks`)."""
+    for offset, block in iter_blocks(fd, start, end, size):
         for line in block[:-1].split(b"\n"):
             yield offset, line
             offset += len(line) + 1

@@ -44,7 +44,7 @@ import concurrent.futures
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,14 +58,16 @@ from ...errors import CorruptDataError, StorageIOError, ValidationError
 from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
 from ...interfaces import MessageSummary
 from ...messages.columns import MessageColumns, micros
-from ...messages.records import bound_key, timestamp_key
+from ...messages.records import bound_key, normalized_chunks, timestamp_key
 from ...shards import ShardedDict
 from ...sorting import sorted_in_runs
 from .group_commit import Failed, GroupCommit
 from .message_cache import ColumnCache
 from .message_files import (
+    ENCODE_SLICE,
     GENERATION_NAME,
     MESSAGES_DIR,
+    PIECE,
     FileKey,
     Record,
     block_line_ids,
@@ -88,7 +90,7 @@ from .message_files import (
     run_in_thread,
 )
 
-__all__ = ["MessageLog", "MESSAGES_DIR", "GENERATION_NAME"]
+__all__ = ["MessageLog", "MESSAGES_DIR", "GENERATION_NAME", "Encoded", "encode_batch", "ENCODE_GROUP"]
 
 log = logging.getLogger("storage.json.messages")
 
@@ -106,6 +108,42 @@ class _FileState:
     slot: int
     ino: int
     size: int
+
+
+@dataclass
+class Encoded:
+    """A ``record_messages`` batch checked and encoded (:func:`encode_batch`): its unique records' ids, guilds,
+    months (``YYYY-MM``) and lines (see ``encode_bodies``), in order. Ints, texts and bytes only: nothing here is
+    tracked by the garbage collector, where the batch's 10,000 normalized record dicts, held until the write,
+    set off full collections inside the call (issue 15)."""
+
+    ids: list[int] = field(default_factory=list)
+    guilds: list[str] = field(default_factory=list)
+    months: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+#: Records normalized, then encoded, at a time by :func:`encode_batch`: fewer than the youngest generation's
+#: threshold (700 new containers), so that a group is usually gone before a collection finds it alive.
+ENCODE_GROUP = 256
+
+
+def encode_batch(records: Iterator[Any]) -> Encoded:
+    """The caller's records checked, deduplicated and normalized (:func:`~storage.messages.records.normalized_chunks`:
+    a bad record raises ValidationError, and nothing is written), then encoded :data:`ENCODE_GROUP` at a time,
+    keeping only what the write needs (in a worker thread for a large batch)."""
+    batch = Encoded()
+    ids, guilds, months = batch.ids, batch.guilds, batch.months
+    for chunk in normalized_chunks(records, ENCODE_GROUP):
+        for rec in chunk:
+            ids.append(int(rec["message_id"]))
+            guilds.append(rec["guild_id"])
+            months.append(rec["timestamp"][:7])
+        batch.bodies += encode_bodies(chunk)
+    return batch
 
 
 @dataclass
@@ -135,7 +173,7 @@ class MessageLog:
         self._generation = b""
         self._rewriting = False  # a prune has changed the generation already
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # parallel fsyncs, made on first need
-        self._inserts: GroupCommit[list[Record], int] = GroupCommit(locked, self._commit_inserts)
+        self._inserts: GroupCommit[list[Record] | Encoded, int] = GroupCommit(locked, self._commit_inserts)
         self._cache = ColumnCache(root)
 
     def __repr__(self) -> str:
@@ -234,7 +272,7 @@ class MessageLog:
         try:
             end = state.size
             previous: tuple[int, bytes] | None = None
-            for block in iter_blocks(fd, state.size, size):
+            for block in iter_blocks(fd, state.size, size, PIECE):
                 if previous is not None:
                     index.update(dict.fromkeys(block_line_ids(path, *previous), slot))
                 previous = block
@@ -262,7 +300,7 @@ class MessageLog:
 
     # ---------------------------------------------------------------------------------------------------------------
     # inserts, group-committed
-    async def insert(self, records: list[Record]) -> int:
+    async def insert(self, records: list[Record] | Encoded) -> int:
         """Append the records whose ids are not stored yet; returns how many were appended.
 
         Callers that arrive while a commit is running are written together by the next one.
@@ -274,11 +312,11 @@ class MessageLog:
         and encoded a group at a time (see ``_insert_locked``); one write and fsync per file for all of them."""
         return sum(await run_holding(self._locked(), self._insert_locked, groups))
 
-    async def _commit_inserts(self, batches: list[list[Record]], counts: list[int | Failed]) -> None:
+    async def _commit_inserts(self, batches: list[list[Record] | Encoded], counts: list[int | Failed]) -> None:
         """One group commit, under the lock: every caller's batch in one write and fsync per file."""
         counts += await run_in_thread(self._insert_locked, batches)
 
-    def _insert_locked(self, batches: Iterable[list[Record]]) -> list[int]:
+    def _insert_locked(self, batches: Iterable[list[Record] | Encoded]) -> list[int]:
         """Append every batch's new records (in order: an id in two batches is new for the first one only).
 
         Each batch is encoded as soon as it is grouped, and only its lines and ids are kept: ``batches`` may be a
@@ -291,30 +329,34 @@ class MessageLog:
         counts: list[int] = []
         ids: list[int] = []  # the new records' ids, in order (to forget them if nothing is written)
         bodies: list[bytes] = []  # their encoded lines, see encode_bodies
+
+        def place(mid: int, key: FileKey) -> bool:
+            """Give a record its file's group (True), unless its id is stored already or earlier in the commit."""
+            if mid in index:
+                return False
+            group = groups.get(key)
+            if group is None:
+                state = files.get(key)
+                if state is None:  # a new file: reserve its slot now, so ids can point to it
+                    slots.append(None)
+                group = groups[key] = _Group(len(slots) - 1 if state is None else state.slot)
+            index[mid] = group.slot  # also marks it seen for the rest of the commit
+            group.rows.append(len(ids))
+            ids.append(mid)
+            return True
+
         try:
-            for records in batches:
-                fresh: list[Record] = []  # this batch's new records
-                for rec in records:
-                    mid = int(rec["message_id"])
-                    if mid in index:
-                        continue
-                    key = (rec["guild_id"], rec["timestamp"][:7])
-                    group = groups.get(key)
-                    if group is None:
-                        state = files.get(key)
-                        if state is None:  # a new file: reserve its slot now, so ids can point to it
-                            slots.append(None)
-                        group = groups[key] = _Group(len(slots) - 1 if state is None else state.slot)
-                    index[mid] = group.slot  # also marks it seen for the rest of the batch
-                    group.rows.append(len(ids))
-                    ids.append(mid)
-                    fresh.append(rec)
+            for batch in batches:
+                if isinstance(batch, Encoded):
+                    rows = [i for i, (mid, guild, month) in enumerate(zip(batch.ids, batch.guilds, batch.months))
+                            if place(mid, (guild, month))]
+                    counts.append(len(rows))
+                    bodies += batch.bodies if len(rows) == len(batch) else [batch.bodies[i] for i in rows]
+                    continue
+                fresh = [rec for rec in batch if place(int(rec["message_id"]), (rec["guild_id"], rec["timestamp"][:7]))]
                 counts.append(len(fresh))
-                if fresh:
-                    if bodies:
-                        bodies += encode_bodies(fresh)
-                    else:
-                        bodies = encode_bodies(fresh)
+                for start in range(0, len(fresh), ENCODE_SLICE):  # each dumps, count and split kept short
+                    bodies += encode_bodies(fresh[start:start + ENCODE_SLICE])
             if ids:
                 if len(groups) == 1:
                     next(iter(groups.values())).bodies = bodies
@@ -511,7 +553,7 @@ class MessageLog:
         ids: set[int] = set()
         fd = os.open(path, os.O_RDONLY)
         try:
-            for offset, block in iter_blocks(fd, 0, state.size):
+            for offset, block in iter_blocks(fd, 0, state.size, PIECE):
                 ids.update(block_line_ids(path, offset, block))
         finally:
             os.close(fd)
@@ -535,7 +577,7 @@ class MessageLog:
         try:
             out: list[bytes] = []
             size = pending = 0
-            for offset, line in iter_lines(src, 0, state.size):
+            for offset, line in iter_lines(src, 0, state.size, PIECE):
                 try:
                     rec = parse_record(line)
                 except ValueError as exc:
@@ -548,7 +590,7 @@ class MessageLog:
                 out.append(line + b"\n")
                 size += len(line) + 1
                 pending += len(line) + 1
-                if pending >= 8 << 20:
+                if pending >= PIECE:
                     write_all(dst, b"".join(out))
                     out, pending = [], 0
             write_all(dst, b"".join(out))

@@ -65,6 +65,7 @@ from ...interfaces import BackendTransaction, ExportSink, MessageSummary, Messag
 from ...member_calls import MembersMixin
 from ...member_fast import encode_member_save
 from ...messages.columns import MessageColumns
+from ...messages.records import VALIDATE_IN_THREAD
 from ...models import MEMBERS, member_key
 from ...offload import off_loop
 from ...protocol import Document, UpdateFn
@@ -85,7 +86,7 @@ from .lifecycle import JsonLifecycle, JsonTxLifecycle
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
-from .messages import MESSAGES_DIR, MessageLog
+from .messages import MESSAGES_DIR, MessageLog, encode_batch
 from .migration_lock import FileMigrationLock
 from .mutex import Mutex
 from .presence import Presence
@@ -1130,6 +1131,16 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         return dict(self._tables.foreign)
 
     # message analytics: the append-only log in json/messages.py
+    async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
+        """``record_messages``: checked and encoded a small group at a time (in a worker thread for a large batch),
+        keeping lines and ids, not the batch's normalized dicts (see ``messages.Encoded``); then one insert."""
+        batch = await cancellation.run_in_thread(encode_batch, records) if size_hint > VALIDATE_IN_THREAD \
+            else encode_batch(records)
+        if not batch:
+            return 0
+        self._check_usable()
+        return await self._messages.insert(batch)
+
     async def _insert_messages(self, records: list[dict[str, Any]]) -> int:
         self._check_usable()
         return await self._messages.insert(records)

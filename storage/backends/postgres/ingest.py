@@ -4,9 +4,12 @@ Ingest is bound by the client's work on a machine whose cores the server shares:
 its row cost about as much as the server spends inserting it. So the usual record (see
 :func:`storage.messages.records.usual_fields`) is never made into a normalized dict at all: its checked fields go
 straight into the row, the datetime the check parsed becomes the ``timestamptz`` (no second parse), and the row is
-kept with its id as an ``int`` so a chunk sorts by plain integer comparison. Anything else goes through the full
-checks (:func:`storage.messages.records.checked_message`, which names what is wrong) and the general encoding. Both
-give the same bytes for the same record: tests/test_message_fast_path.py holds them to it.
+kept behind its id as 8 big-endian bytes (a *keyed row*: a chunk sorts in id order by plain bytes comparison,
+and a chunk is a list of ``bytes``, which the garbage collector does not track: ``(id, row)`` tuples were 10k
+tracked objects per call, enough to set off full collections inside ``record_messages``, issue 15). Anything else
+goes through the full checks (:func:`storage.messages.records.checked_message`, which names what is wrong) and
+the general encoding. Both give the same bytes for the same record: tests/test_message_fast_path.py holds them to
+it.
 
 :class:`Ingest` then sends the rows a chunk at a time inside one transaction (see its doc), so that checking and
 encoding the next chunk overlaps with the server inserting the previous one.
@@ -26,11 +29,17 @@ from ...messages.records import UsualFields, checked_chunks
 from .copy_rows import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
 from .schema import ID_SHIFT
 
-__all__ = ["Row", "RowEncoder", "Ingest", "checked_rows", "record_rows", "typed_columns", "TYPED"]
+__all__ = ["Row", "KeyedRow", "RowEncoder", "Ingest", "checked_rows", "record_rows", "typed_columns", "TYPED"]
 
 Record = dict[str, Any]
 #: A message as ``COPY`` data: its id (an ``int``, for ordering) and the row's bytes.
 Row = tuple[int, bytes]
+#: A message as ``COPY`` data behind its id as 8 big-endian bytes (:data:`KEY_SIZE`): keyed rows sort in id order.
+KeyedRow = bytes
+KEY_SIZE = 8
+_KEY = struct.Struct(">Q")
+#: :data:`~.copy_rows.FIXED` behind the key: ``_KEYED.pack(message_id, 11, 8, message_id - ID_SHIFT, ...)``.
+_KEYED = struct.Struct(">Q" + FIXED.format.lstrip(">"))
 #: The fields of a normalized record that have typed columns (everything else goes to ``extra``).
 TYPED = frozenset(("message_id", "guild_id", "channel_id", "author_id", "timestamp", "content_length",
                    "attachments", "reactions", "analysis"))
@@ -76,11 +85,19 @@ class RowEncoder:
 
     def usual(self, fields: UsualFields) -> Row:
         """The row of a record :func:`storage.messages.records.usual_fields` accepted."""
+        return _unkeyed(self.usual_keyed(fields))
+
+    def record(self, rec: Record) -> Row:
+        """The row of a normalized record (any record ``record_messages`` accepts)."""
+        return _unkeyed(self.record_keyed(rec))
+
+    def usual_keyed(self, fields: UsualFields) -> KeyedRow:
+        """:meth:`usual` as a keyed row."""
         mid, cid, aid, gid, _ts, content_length, attachments, reactions, analysis, when = fields
         sentiment = analysis.get("sentiment")
         topics = analysis.get("topics")
         if len(analysis) != (sentiment is not None) + (topics is not None):  # a null sentiment or topics: extra
-            return self.record(_record(fields))
+            return self.record_keyed(_record(fields))
         key = (sentiment, None if topics is None else tuple(topics))
         tail = self._tails.get(key)
         if tail is None:
@@ -89,19 +106,19 @@ class RowEncoder:
         shift = ID_SHIFT
         message_id = int(mid)
         try:
-            head = FIXED.pack(
-                11, 8, message_id - shift,
+            head = _KEYED.pack(
+                message_id, 11, 8, message_id - shift,
                 8, ids.get(gid) or ids.setdefault(gid, int(gid) - shift),
                 8, ids.get(cid) or ids.setdefault(cid, int(cid) - shift),
                 8, int(aid) - shift,  # too many distinct authors in a batch for a cache to pay
                 8, (when - _PG_EPOCH) // _MICROSECOND,
                 8, content_length, 8, attachments, 8, reactions)
         except struct.error:  # a counter beyond bigint: the general path names it
-            return self.record(_record(fields))
-        return message_id, head + tail
+            return self.record_keyed(_record(fields))
+        return head + tail
 
-    def record(self, rec: Record) -> Row:
-        """The row of a normalized record (any record ``record_messages`` accepts)."""
+    def record_keyed(self, rec: Record) -> KeyedRow:
+        """:meth:`record` as a keyed row."""
         sentiment, topics, extra = typed_columns(rec)
         ids = self._ids
         shift = ID_SHIFT
@@ -109,8 +126,8 @@ class RowEncoder:
         message_id = int(rec["message_id"])
         when = datetime.fromisoformat(rec["timestamp"])  # canonical: ends in Z, which 3.11 reads as UTC
         try:
-            head = FIXED.pack(
-                11, 8, message_id - shift,
+            head = _KEYED.pack(
+                message_id, 11, 8, message_id - shift,
                 8, ids.get(guild) or ids.setdefault(guild, int(guild) - shift),
                 8, ids.get(channel) or ids.setdefault(channel, int(channel) - shift),
                 8, int(rec["author_id"]) - shift,
@@ -118,7 +135,11 @@ class RowEncoder:
                 8, rec["content_length"], 8, rec["attachments"], 8, rec["reactions"])
         except struct.error as exc:  # typed_columns has refused counters beyond bigint: nothing else is left
             raise ValidationError(f"message {rec['message_id']}: {exc}") from exc
-        return message_id, head + text_field(sentiment) + text_array_field(topics) + jsonb_field(extra)
+        return head + text_field(sentiment) + text_array_field(topics) + jsonb_field(extra)
+
+
+def _unkeyed(row: KeyedRow) -> Row:
+    return _KEY.unpack_from(row)[0], row[KEY_SIZE:]
 
 
 def _record(fields: UsualFields) -> Record:
@@ -128,18 +149,19 @@ def _record(fields: UsualFields) -> Record:
             "analysis": analysis}
 
 
-def checked_rows(records: Iterator[Any], size: int, encoder: RowEncoder) -> Iterator[list[Row]]:
-    """The caller's records checked, deduplicated (the first of an id wins) and encoded, ``size`` rows a chunk.
+def checked_rows(records: Iterator[Any], size: int, encoder: RowEncoder) -> Iterator[list[KeyedRow]]:
+    """The caller's records checked, deduplicated (the first of an id wins) and encoded as keyed rows, ``size``
+    rows a chunk.
 
     A bad record raises ValidationError (naming its index) when the chunk holding it is asked for.
     """
-    return checked_chunks(records, size, encoder.usual, encoder.record)
+    return checked_chunks(records, size, encoder.usual_keyed, encoder.record_keyed)
 
 
-def record_rows(records: list[Record], size: int, encoder: RowEncoder) -> Iterator[list[Row]]:
-    """Rows of records already normalized and unique (``_insert_messages``), ``size`` a chunk."""
+def record_rows(records: list[Record], size: int, encoder: RowEncoder) -> Iterator[list[KeyedRow]]:
+    """Keyed rows of records already normalized and unique (``_insert_messages``), ``size`` a chunk."""
     for start in range(0, len(records), size):
-        yield [encoder.record(rec) for rec in records[start:start + size]]
+        yield [encoder.record_keyed(rec) for rec in records[start:start + size]]
 
 
 class Ingest:
@@ -155,14 +177,14 @@ class Ingest:
     Each chunk is sent in id order (see ``_insert_messages`` in postgres/messages.py for why order matters).
     """
 
-    def __init__(self, chunks: Iterator[list[Row]]) -> None:
-        self._chunks: Iterator[list[Row]] | None = chunks
+    def __init__(self, chunks: Iterator[list[KeyedRow]]) -> None:
+        self._chunks: Iterator[list[KeyedRow]] | None = chunks
         self.encoded: list[bytes] = []
         self.rows = 0
         self.error: ValidationError | None = None
         first = next(chunks, None)  # checked now: a bad first chunk raises here, before any connection is taken
         if first is not None:
-            first.sort()  # ids are unique: rows compare by id alone
+            first.sort()  # keyed rows: in id order (ids are unique: rows compare by their key alone)
         else:
             self._chunks = None
         self.first = self._next = first
@@ -171,7 +193,7 @@ class Ingest:
     def first_ids(self) -> tuple[int, int]:
         """The lowest and highest id of the first chunk."""
         assert self.first
-        return self.first[0][0], self.first[-1][0]
+        return _KEY.unpack_from(self.first[0])[0], _KEY.unpack_from(self.first[-1])[0]
 
     def step(self) -> bytes | None:
         """The next chunk's rows, or None at the end (or at a bad record: see :attr:`error`)."""
@@ -188,7 +210,7 @@ class Ingest:
                 self._chunks = None
                 return None
             chunk.sort()
-        data = b"".join([row for _, row in chunk])
+        data = b"".join([row[KEY_SIZE:] for row in chunk])
         self.encoded.append(data)
         self.rows += len(chunk)
         return data

@@ -62,7 +62,7 @@ from . import conn as pg_conn
 from . import member_stats as pg_member_stats
 from .analyze import LoadStatistics
 from .errors import DRIVER_ERRORS
-from .ingest import Ingest, Row, RowEncoder, checked_rows, record_rows, replay, typed_columns
+from .ingest import Ingest, KeyedRow, RowEncoder, checked_rows, record_rows, replay, typed_columns
 from .schema import ID_SHIFT
 
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
@@ -181,15 +181,15 @@ def _encoded_in_order(records: list[Record]) -> list[list[Any]]:
     return list(record_rows(sorted(records, key=_id_order), INGEST_CHUNK, RowEncoder()))
 
 
-def _encoded_groups_in_order(groups: Iterable[list[Record]]) -> list[list[Row]]:
+def _encoded_groups_in_order(groups: Iterable[list[Record]]) -> list[list[KeyedRow]]:
     """The rows of every record of ``groups`` in id order, INGEST_CHUNK a chunk (in a worker thread). Each group is
-    encoded as it comes: rows are ``(id, bytes)`` tuples, which the garbage collector drops at its first look,
+    encoded as it comes: rows are keyed bytes (postgres/ingest.py), which the garbage collector does not track,
     where a copy's 10k decoded records held at once were ~40k containers that reached its oldest generation."""
     encoder = RowEncoder()
-    keyed: list[Row] = []
+    keyed: list[KeyedRow] = []
     for group in groups:
-        keyed += map(encoder.record, group)
-    keyed.sort()  # ids are distinct: the bytes are never compared
+        keyed += map(encoder.record_keyed, group)
+    keyed.sort()  # in id order (ids are distinct: only the keys are ever compared)
     return [keyed[start:start + INGEST_CHUNK] for start in range(0, len(keyed), INGEST_CHUNK)]
 
 
