@@ -307,6 +307,21 @@ ROWS = (  # (label, key)
 )
 
 
+def per_rep(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """The writer row's ratios repetition by repetition (the same repetition of each system ran back to back): how
+    much the median hides."""
+    full = runs.get("sqlite-full", [])
+    for system in ("json", "json-base"):
+        mine = runs.get(system, [])
+        pairs = [(a.get("writers_per_s"), b.get("writers_per_s")) for a, b in zip(mine, full, strict=False)]
+        if pairs and all(a and b for a, b in pairs):
+            log(f"{system} writers / SQLite FULL per repetition: " + ", ".join(f"{a / b:.3f}" for a, b in pairs))
+    base = runs.get("json-base", [])
+    pairs = [(a.get("writers_per_s"), b.get("writers_per_s")) for a, b in zip(runs.get("json", []), base, strict=False)]
+    if pairs and all(a and b for a, b in pairs):
+        log("json / json-base writers per repetition: " + ", ".join(f"{a / b:.3f}" for a, b in pairs))
+
+
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = {k for run in runs for k in run}
     return {k: statistics.median(run[k] for run in runs if k in run) for k in keys}
@@ -376,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="length of each timed round (default 1.0, --quick 0.5)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--no-writers", action="store_true", help="skip the multi-process writer row")
+    parser.add_argument("--only-writers", action="store_true",
+                        help="only the multi-process writer row (no single-process rows, no floor)")
     parser.add_argument("--dir", help="where to put the data (default: the system temp dir); the disk matters")
     parser.add_argument("--baseline", help="a checkout of this repository whose JSON backend runs as one more "
                                            "system, json-base, interleaved with the others (before/after)")
@@ -399,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     if not systems or set(systems) - set(SYSTEMS):
         parser.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    if args.only_writers:
+        if args.no_writers:
+            parser.error("--only-writers and --no-writers exclude each other")
+        systems = [s for s in systems if s != "floor"]  # the floor has no writer row
     if args.baseline:
         if not (Path(args.baseline) / "storage" / "__init__.py").is_file():
             parser.error("--baseline: not a checkout of this repository (no storage/__init__.py)")
@@ -428,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                     place.mkdir()
                 else:
                     shutil.copytree(template, place)
-                got = run_worker(__file__, ["ops", system, str(place), json.dumps([args.members, args.seconds])])
+                got = {} if args.only_writers else run_worker(
+                    __file__, ["ops", system, str(place), json.dumps([args.members, args.seconds])])
                 if system != "floor" and not args.no_writers:
-                    shutil.rmtree(place)
-                    shutil.copytree(template, place)
+                    if not args.only_writers:
+                        shutil.rmtree(place)
+                        shutil.copytree(template, place)
                     got["writers_per_s"] = run_writers(system, place, 2 * args.seconds)
                 if template.name[len("template-"):] in sizes:
                     got["disk_mb"] = sizes[template.name[len("template-"):]] / 1e6
@@ -441,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"rep {rep + 1}/{args.reps} {system}: {shown}")
     summary = {system: medians(r) for system, r in runs.items() if r}
     print(file=sys.stderr)
+    per_rep(runs)
     targets = report(summary, args, info)
     info["wall_s"] = time.perf_counter() - started
     path = write_results("peers", {"machine": info, "members": args.members, "reps": args.reps,

@@ -520,7 +520,14 @@ class Journal:
         JsonStore), so a later record never follows a half-written one. :attr:`offset` moves only once the fsync
         succeeded: callers use that to know whether the record is durable.
         """
-        start = self.offset
+        self.write_at(data, self.offset, sync)
+        self.offset += len(data)
+
+    def write_at(self, data: bytes, start: int, sync: Callable[[int], None] | None = None) -> None:
+        """:meth:`append` at ``start`` without moving :attr:`offset`: ``start`` is the committed end, which lies
+        past :attr:`offset` when the commit applies the records before it only after its own is durable
+        (:meth:`may_write_at`, json/store.py). Returns once the record is durable; on failure the file is cut back
+        to ``start``."""
         stop = start + len(data)
         try:
             if stop <= self.allocated:
@@ -528,7 +535,7 @@ class Journal:
                 if written != len(data):
                     pwrite_all(self.fd, memoryview(data)[written:], start + written)
             else:
-                self._extend(data)
+                self._extend(data, start)
             (sync or sync_fd)(self.fd)
         except OSError:
             self.allocated = start
@@ -538,12 +545,24 @@ class Journal:
             except OSError:
                 log.exception("%s: could not cut back a failed append", self.path)
             raise
-        self.offset = stop
 
-    def _extend(self, data: bytes) -> None:
-        """Write ``data`` at :attr:`offset` followed by a chunk of filler, in one ``pwrite`` (the caller's fsync
-        then commits the file's new size once for the whole chunk); without filler when it does not fit."""
-        start = self.offset
+    def may_write_at(self, end: int) -> bool:
+        """Under the lock, before a commit that applies the records it follows only after its own is durable
+        (json/store.py): whether its record may go at ``end``, the committed end published for this very file,
+        without reading what lies before it first. It must not lie before what this process read; the file must
+        reach it; what follows it must be filler or nothing (not the prefix of a write that was never
+        acknowledged: a catch-up under the lock cuts that away first); and the records in between must not
+        repeat earlier ones (a rebase's copies, whose change feed resyncs: only :meth:`follow` does that). Sets
+        :attr:`allocated` to the file's size."""
+        if end < self.offset or self.repeats_until > self.offset:
+            return False
+        size = self.size()
+        self.allocated = size
+        return end <= size and (end == size or is_blank(os.pread(self.fd, 1, end)))
+
+    def _extend(self, data: bytes, start: int) -> None:
+        """Write ``data`` at ``start`` followed by a chunk of filler, in one ``pwrite`` (the caller's fsync then
+        commits the file's new size once for the whole chunk); without filler when it does not fit."""
         chunk = 0 if len(data) > MIN_CHUNK else chunk_for(self.fd, start)
         if chunk:
             try:

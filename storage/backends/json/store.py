@@ -14,7 +14,9 @@ How it stays correct:
 * **Process-safe.** Every commit happens under the file lock, after catching up with the journal, so two processes
   never both write from a stale view, and ``update()`` runs its function on the latest document. Commits back to
   back keep the lock between them (json/lease.py: nobody else can write meanwhile, so there is nothing to catch
-  up with), for at most about 10 ms while another writer waits.
+  up with), for at most about 10 ms while another writer waits. A commit of puts that takes the lock far behind
+  while others wait for it writes its record at the committed end first, lets go, and only then applies what the
+  others committed before it, then its own, before it returns (``_commit_deferred``: puts do not read the view).
   Readers ``stat`` the journal before each read and apply what other processes appended.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
@@ -127,6 +129,11 @@ LARGE_COMMIT = 2000
 #: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
 #: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
 PLAN_DURING_SYNC = max(BULK_APPLY, 256)
+#: A commit of puts that takes the store lock this many journal bytes behind (what other processes committed
+#: since it last read), while another writer waits for the lock, writes its record first and applies those records
+#: after letting go (:meth:`JsonBackend._commit_deferred`): the catch-up leaves the serialized section. Below it the
+#: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
+DEFER_BYTES = 1 << 15
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -158,6 +165,10 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         #: commits back to back keep the file lock between them (json/lease.py)
         self._lease = Lease(self._flock)
         self._lease_turn = False  # the lease's end is scheduled for the loop's next turn
+        #: The committed end the lock file said when this commit took the lock and deferred its catch-up (see
+        #: _commit_deferred); None: caught up, as after every other acquisition. Cleared when the lock is let go.
+        self._behind: int | None = None
+        self._let_go_early = False  # _commit_deferred let go of the lock already: no lease
         self._commits: GroupCommit[_Prepare | list[Op], Any] = GroupCommit(
             self._commit_locked, self._commit_group, after=self._maybe_compact, solo=True,
             after_due=self._compaction_may_be_due)
@@ -334,12 +345,13 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if self._lease.resume():
             self._holding = True
             return
-        await self._take_lock()
+        await self._take_lock(commit=True)
         if not self.read_only:
             self._lease.begin(asked)
 
-    async def _take_lock(self) -> None:
-        """Holding the mutex: take the file lock and catch up (releases the mutex if that fails)."""
+    async def _take_lock(self, *, commit: bool = False) -> None:
+        """Holding the mutex: take the file lock and catch up (releases the mutex if that fails). ``commit``: for a
+        group commit's round, which may defer the catch-up (:meth:`_defer_catch_up`)."""
         try:
             if self.read_only:
                 with self._io("reading the journal"):
@@ -348,16 +360,20 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             await self._acquire_file_lock()
             self._holding = True
             try:
-                self._tables.catch_up()
+                if not (commit and self._defer_catch_up()):
+                    self._tables.catch_up()
                 if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
+                    self._catch_up_behind()  # the recovery reads the documents
                     # in a thread: an intent of an earlier version digests every document (0.22 s at 100k members)
                     await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data,
                                                      self._journal.holds)
                 if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
+                    self._catch_up_behind()
                     await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data,
                                                      self._journal.holds)
             except BaseException as exc:
                 self._holding = False
+                self._behind = None
                 self._flock.release()
                 if isinstance(exc, OSError):
                     raise self._io_error(exc, "catching up with the journal") from exc
@@ -365,6 +381,41 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         except BaseException:
             self._mutex.release()
             raise
+
+    def _defer_catch_up(self) -> bool:
+        """Just after a commit took the lock (not leased): whether it may leave the catch-up with what other
+        processes committed until after its own record is durable (:meth:`_commit_deferred`); if so, the committed
+        end is kept in :attr:`_behind` and True returned.
+
+        Why (issue 15, 4 writer processes): a writer that takes the lock after the others' leases used to read
+        and apply their records (hundreds, ~4 us each) under the lock first, while everybody else waited and one
+        of the two cores sat idle. Only a put needs no view: a round with anything else catches up before it
+        stages (:meth:`_commit_group`), and so does a restore's or a forget's recovery. Only when it pays: far
+        enough behind (DEFER_BYTES), and another writer waiting (the lock is let go early, see
+        :meth:`_commit_deferred`). Never while the journal is suspect, a reload or locked catch-up is pending,
+        the journal file was replaced (another process's compaction), the lock file does not name this file's
+        committed end, or what follows that end is not filler (:meth:`Journal.may_write_at`)."""
+        tables, journal, flock = self._tables, self._journal, self._flock
+        if self._suspect is not None or journal.fd < 0 or tables.need_reload or tables.need_lock or not flock.can_sign:
+            return False
+        committed = tables.committed()
+        if committed is None or committed.ino != journal.ino or committed.end - journal.offset < DEFER_BYTES:
+            return False
+        if not flock.waited_for() or journal.replaced() or not journal.may_write_at(committed.end):
+            return False
+        self._behind = committed.end
+        return True
+
+    def _catch_up_behind(self) -> None:
+        """Under the lock: the catch-up :meth:`_defer_catch_up` left, now after all (a round that reads the view,
+        a commit that does not go inline, a recovery)."""
+        if self._behind is None:
+            return
+        self._behind = None
+        try:
+            self._tables.catch_up()
+        except OSError as exc:
+            raise self._io_error(exc, "catching up with the journal") from exc
 
     def _exit_locked(self) -> None:
         try:
@@ -379,8 +430,10 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         try:
             if not self.read_only:
                 self._holding = False
-                if not self._lease.finish(keep=not failed):
-                    self._flock.release()
+                self._behind = None  # a deferred catch-up never done: the view is behind, as any non-holder's
+                early, self._let_go_early = self._let_go_early, False
+                if not self._lease.finish(keep=not (failed or early)):
+                    self._flock.release()  # (nothing to do when _commit_deferred let go already)
                 elif not self._lease_turn:  # the loop's next turn ends the lease unless it is hot (json/lease.py)
                     self._lease_turn = True
                     asyncio.get_running_loop().call_soon(self._lease_turned)
@@ -510,6 +563,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _commit_group(self, batch: list[_Prepare | list[Op]], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
+        if self._behind is not None and not all(type(prepare) is list for prepare in batch):
+            self._catch_up_behind()  # the round reads the view: caught up first (see _defer_catch_up)
         if self._suspect is not None:
             await self._trust_journal()
         if len(batch) == 1 and type(batch[0]) is list:  # a lone put: no view to stage
@@ -549,6 +604,17 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
         ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
         """
+        if self._behind is not None:  # the catch-up was deferred (_defer_catch_up): puts only
+            if len(ops) <= LARGE_COMMIT:
+                record = encode_record(ops) if record is None else record
+                if self._may_inline(len(record)):
+                    try:
+                        self._commit_deferred(ops, record)
+                    except OSError as exc:  # the write or its fsync (caught up by now): as below
+                        await self._after_failed_append(exc)
+                        raise self._write_failed(exc) from exc
+                    return
+            self._catch_up_behind()  # a commit that awaits a thread: caught up before, as usual
         plan: Plan | None = None
         large = len(ops) > LARGE_COMMIT
         if large:  # encoding and sorting out 25k documents held the loop ~50 ms: a thread does it
@@ -626,6 +692,52 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         else:
             tables.apply_plan(plan, ops)
         self._learn_sync(len(record), spent)
+
+    def _commit_deferred(self, ops: list[Op], record: bytes) -> None:
+        """:meth:`_commit_now` for a commit that took the lock without catching up (:meth:`_defer_catch_up`): its
+        record goes at the committed end the lock file said (past what this process read), is made durable and its
+        end published; then the lock is let go (others wait: no lease), and only then are the records other
+        processes committed before it applied, followed by its own ``ops``, in journal order, before the caller
+        acknowledges anything. Nothing here suspends: no other coroutine of this process sees the view between
+        the publish and the apply, and a cancellation cannot split them.
+
+        A failed write or fsync leaves the record unpublished and cut back, and the commit catches up under the
+        lock as usual before the caller's recovery rewrites the files from memory (:meth:`_after_failed_append`);
+        if that catch-up fails too, memory cannot be trusted for the rewrite: the journal stays suspect and the
+        view is reloaded under the lock first (:meth:`Tables.catch_up`), then rewritten, at the next commit. A
+        failure to read the records before it (their apply) comes after the record is durable: the call raises,
+        and the view is reloaded at its next use (:meth:`Tables.apply_after`)."""
+        journal, tables = self._journal, self._tables
+        start = self._behind
+        assert start is not None
+        self._behind = None
+        began = time.perf_counter()
+        stop = start + len(record)
+        try:
+            journal.write_at(record, start)  # cut back to start on failure; journal.offset stays where we read to
+            spent = time.perf_counter() - began
+            self._flock.publish(journal.ino or 0, stop)
+        except OSError as exc:
+            # As a failed append: the catch-up (under the lock, the committed end unchanged) cuts away whatever of
+            # the record is left past it, then the caller rewrites the files from memory.
+            try:
+                tables.catch_up()
+            except BaseException:
+                tables.need_reload = True  # memory is behind: reload before the rewrite (see the docstring)
+                self._suspect = exc
+                raise self._write_failed(exc) from exc
+            raise
+        self._learn_sync(len(record), spent)
+        self._holding = False  # others wait (_defer_catch_up): let go now, the apply needs no lock
+        self._let_go_early = True
+        try:
+            self._flock.release()
+        except OSError as exc:  # nothing to undo: the record is durable and published (closing lets go at the end)
+            log.error("%s: letting go of the store lock failed: %s", self.path, exc)
+        try:
+            tables.apply_after(start, stop, ops)
+        except OSError as exc:
+            raise self._io_error(exc, "catching up with the journal") from exc
 
     def _write_failed(self, exc: OSError) -> StorageIOError:
         path = self._journal.path

@@ -512,6 +512,28 @@ class Tables:
         elif records:
             self.apply([op for ops in records for op in ops])
 
+    def apply_after(self, start: int, stop: int, ops: list[Op]) -> None:
+        """After a commit that wrote ``ops`` as the record at ``start``..``stop`` of the journal without catching
+        up first (json/store.py, ``_commit_deferred``: ``start`` was the committed end, past what this process had
+        read) and published its end: apply the records that other processes committed before it, then ``ops``, in
+        journal order (what the change feed hears too). Needs no lock: what lies before ``start`` is committed,
+        and another process's compaction leaves the bytes this descriptor reads as they are (as for
+        :meth:`follow` unlocked). When those bytes are not whole records up to ``start`` (damage:
+        CorruptDataError) or cannot be read (OSError), the view is reloaded at its next use."""
+        journal = self.journal
+        try:
+            records = journal.read_new(end=start, locked=False)
+            if journal.offset != start:
+                raise CorruptDataError(f"{journal.path}: the journal's committed records do not end where the lock "
+                                       f"file says (byte {start}; they end at {journal.offset})",
+                                       path=str(journal.path), position=journal.offset)
+            journal.offset = stop
+            records.append(ops)
+            self._apply_run(records)  # one list of operations: see follow()
+        except BaseException:
+            self.need_reload = True
+            raise
+
     def refresh_read_only(self) -> None:
         """A read-only store never takes the lock: when the committed end is unknown it reads every complete
         record (a record whose fsync is still running may then be seen), and reloads after a generation jump."""
