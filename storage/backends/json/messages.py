@@ -680,10 +680,10 @@ async def _release(lines: list[bytes]) -> None:
 
 def _free(index: ShardedDict[int, int] | None, files: dict[FileKey, Any],
           pool: concurrent.futures.Executor | None) -> None:
-    """Drop ``index`` and ``files`` item by item (in a worker thread, which gives the GIL back between Python
-    steps), and shut ``pool`` down (joining its threads blocks)."""
-    while index:
-        index.drop_some(10_000)
+    """Drop ``index`` a shard at a time and ``files`` item by item (in a worker thread, which gives the GIL back
+    between Python steps), and shut ``pool`` down (joining its threads blocks)."""
+    if index is not None:
+        index.clear()  # a shard at a time
     while files:
         files.popitem()
     if pool is not None:
