@@ -102,10 +102,9 @@ def test_sorted_in_runs_is_a_stable_sort(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_a_record_encoded_in_slices_is_the_record_encoded_whole(seed: int) -> None:
-    """A large transaction's journal record encoded a slice at a time (json/lifecycle.encode_in_slices) is
+    """A large transaction's journal record encoded a slice at a time (json/journal.encode_in_slices) is
     byte for byte ``encode_record`` of all its operations: puts, puts that expire, deletes, odd keys."""
-    from storage.backends.json.journal import encode_record
-    from storage.backends.json.lifecycle import encode_in_slices
+    from storage.backends.json.journal import encode_in_slices, encode_record
 
     rng = random.Random(seed)
     ops: list = []

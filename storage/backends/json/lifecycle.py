@@ -31,7 +31,7 @@ from ...protocol import Document
 from . import forget_files
 from . import restore as json_restore
 from .expiry import dead_keys
-from .journal import Journal, Op, encode_record, record_digest
+from .journal import Journal, Op, encode_in_slices, record_digest
 from .message_files import MESSAGES_DIR, corrupt, list_files, order, parse_line, run_in_thread
 from .messages import MessageLog
 from .tables import Staged, Tables
@@ -134,24 +134,9 @@ LARGE_RECORD = 2000
 STAGE_TURN = 1000
 
 
-#: Operations per ``orjson.dumps`` when a large record is encoded (in a worker thread, :func:`encode_in_slices`).
-ENCODE_SLICE = 2000
-
-
 def _encoded(ops: list[Op]) -> tuple[bytes, str]:
     record = encode_in_slices(ops)
     return record, record_digest(record)
-
-
-def encode_in_slices(ops: list[Op], size: int = ENCODE_SLICE) -> bytes:
-    """``encode_record(ops)``, byte for byte, one ``dumps`` per ``size`` operations. A JSON array's elements are
-    encoded independently, so the record is each slice's record without its brackets, joined. Why: one ``dumps``
-    of a restore's 150k operations (a ~45 MB record) held the GIL, and the event loop with it, ~39 ms in its worker
-    thread; a slice takes a fraction of a ms, and what stays one C call is the final join (a memcpy)."""
-    if len(ops) <= size:
-        return encode_record(ops)
-    inner = [encode_record(ops[start:start + size])[1:-2] for start in range(0, len(ops), size)]
-    return b"[" + b",".join(inner) + b"]\n"
 
 
 class JsonLifecycle:

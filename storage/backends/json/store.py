@@ -79,7 +79,7 @@ from .feed import JsonFeed
 from .filler import MIN_CHUNK
 from .group_commit import Failed, GroupCommit
 from .indexes import build_indexes
-from .journal import Journal, Op, encode_record
+from .journal import Journal, Op, encode_in_slices, encode_record
 from .lazy import SIZES_AFTER, Lazy
 from .lease import Lease
 from .lifecycle import JsonLifecycle, JsonTxLifecycle
@@ -1499,7 +1499,7 @@ def _close_unused(waiter: asyncio.Future[int]) -> None:
 def _prepare_large(tables: Tables, ops: list[Op], record: bytes | None) -> tuple[bytes, Plan | None]:
     """In a worker thread, under the lock (nobody changes the documents meanwhile): the record (unless given) and
     the plan."""
-    return encode_record(ops) if record is None else record, tables.plan(ops)
+    return encode_in_slices(ops) if record is None else record, tables.plan(ops)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
