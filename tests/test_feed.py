@@ -650,3 +650,28 @@ async def test_forgetting_is_watched_and_invalidates(store, reopen):
         assert await other.get_member_data(11, 2) == {}
     finally:
         await other.close()
+
+
+async def test_forgetting_twice_in_one_transaction_is_watched(store, reopen):
+    """A transaction forgets a guild, a member of it comes back, the guild is forgotten again: the two forgets'
+    deletes are the same notification (PostgreSQL would deliver it once); watchers in another store see both, and
+    that store's reads end with the member gone."""
+    other = await reopen()
+    try:
+        member = {"statistics": {"message_count": 1}}
+        await store.save_member_data(11, 1, member)
+        assert await other.get_member_data(11, 1) == member  # cached there
+        async with other.watch() as watch:
+            await store.put("feed", "start", {})
+            await wait_for_change(watch, "feed", "start")
+            async with store.transaction() as tx:
+                assert await tx.forget_guild(1) == {"members": 1}
+                await tx.save_member_data(11, 1, member)
+                assert await tx.forget_guild(1) == {"members": 1}
+                await tx.put("feed", "end", {})
+            want = [("members", "1_11", "delete", None), ("members", "1_11", "put", member),
+                    ("members", "1_11", "delete", None), ("feed", "end", "put", {})]
+            assert await _changes_of(watch, len(want)) == want
+        assert await other.get_member_data(11, 1) == {}
+    finally:
+        await other.close()
