@@ -29,8 +29,9 @@ believing K exists); put doc1, doc2, doc1 as doc1, doc2; two keys put with the s
 whose pieces are alike, would lose pieces. So a payload that would repeat one its transaction already sent gets one
 more operation, ``["n", serial]`` (the transaction's count of such repeats), last; the listener drops it. Only
 repeats are stamped: the usual payload is unchanged, and a single-statement write that sends one notification
-needs no bookkeeping at all (see benchmarks/README.md for the cost). The stamp adds at most ~25 bytes: the 100
-bytes between MAX_PAYLOAD and PostgreSQL's limit leave room.
+needs no bookkeeping at all (see benchmarks/README.md for the cost); and a listener of an older version, which
+cannot read the stamp, loses only the repeats PostgreSQL dropped before anyway. The stamp adds at most 27 bytes
+(a 20-digit serial): the 100 bytes between MAX_PAYLOAD and PostgreSQL's limit leave room.
 
 Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
 the schema name (channel names are identifiers of at most 63 bytes).
