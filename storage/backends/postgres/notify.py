@@ -31,8 +31,8 @@ more operation, ``["n", serial]`` (the transaction's count of such repeats), las
 repeats are stamped: the usual payload is unchanged, and a single-statement write that sends one notification
 needs no bookkeeping at all (see benchmarks/README.md for the cost); and a listener of an older version, which
 cannot read the stamp, loses only the repeats PostgreSQL dropped before anyway (the event loop logs an error for
-each). The stamp adds at most 27 bytes
-(a 20-digit serial): the 100 bytes between MAX_PAYLOAD and PostgreSQL's limit leave room.
+each). The stamp adds at most 27 bytes (a 20-digit serial): the 100 bytes between MAX_PAYLOAD and PostgreSQL's
+limit leave room.
 
 Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
 the schema name (channel names are identifiers of at most 63 bytes).
