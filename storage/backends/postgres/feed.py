@@ -7,6 +7,8 @@ exactly the version committed. Only a put whose document the writer did not have
 ``refresh_member_statistics`` writes documents in SQL) is read from the table before it is published, so
 notifications behind it wait in a backlog until it is (order is kept); that document is read after the commit, so
 it is that version *or a later one*, and if the key was deleted meanwhile the put is skipped (its delete follows).
+A trailing ``["n", serial]`` only makes a payload unlike the others of its transaction (which PostgreSQL would
+otherwise deliver once, see postgres/notify.py): it is dropped before anything else looks at the operations.
 
 Resync: when the listening connection comes back after a loss (whatever was committed meanwhile is unknown), when
 a writer could not list what it changed (SQL through ``tx.connection``), and when reading a large document fails.
@@ -83,6 +85,8 @@ class PgFeed:
         except orjson.JSONDecodeError:
             log.error("%s: an unreadable change notification (%d bytes): watchers resync", self._target, len(payload))
             ops = [["r"]]
+        if ops and ops[-1][0] == "n":  # a serial that only makes the payload distinct (postgres/notify.py)
+            ops.pop()
         if ops and ops[0][0] in "cs":
             for op in ops:
                 if op[0] == "c":

@@ -131,13 +131,15 @@ async def delete_owned(conn: Any, owner: Owner, now: datetime) -> tuple[dict[str
     return keys, visible, int(status.rsplit(" ", 1)[1])
 
 
-async def forget_owned(conn: Any, owner: Owner, now: datetime,
-                       channel: str) -> tuple[dict[str, list[str]], dict[str, int], int]:
+async def forget_owned(conn: Any, owner: Owner, now: datetime, channel: str,
+                       sent: notify.Distinct) -> tuple[dict[str, list[str]], dict[str, int], int]:
     """:func:`delete_owned`, and the change-feed notifications of the deleted documents sent on ``conn`` (inside
-    the caller's transaction: watchers and other processes' caches hear of them on commit only)."""
+    the caller's transaction, whose notifications so far are ``sent``: watchers and other processes' caches hear
+    of them on commit only)."""
     keys, visible, messages = await delete_owned(conn, owner, now)
     for collection, removed in keys.items():
-        await notify.send(conn, channel, await notify.framed(collection, [(k, None) for k in removed], delete=True))
+        await notify.send(conn, channel, await notify.framed(collection, [(k, None) for k in removed], delete=True),
+                          sent)
     return keys, visible, messages
 
 
@@ -188,7 +190,8 @@ class PgLifecycle:
         keys: dict[str, list[str]] = {}
         try:
             async with self._connection("forget") as conn, pg_conn.transaction(conn):
-                keys, visible, messages = await forget_owned(conn, owner, self._now(), self._channel)
+                keys, visible, messages = await forget_owned(conn, owner, self._now(), self._channel,
+                                                             notify.Distinct())
         finally:
             for collection, removed in keys.items():
                 self._invalidate(collection, removed)
@@ -203,6 +206,7 @@ class PgTxLifecycle:
     _wrote: Callable[[str, Any], None]
     _now: Callable[[], datetime]
     _feed_channel: Callable[[], str]  # the store's change-feed channel
+    _sent: notify.Distinct  # the transaction's notifications so far (postgres/notify.py)
     #: A prune deleted rows: the store vacuums the messages table once the transaction committed.
     _pruned = False
 
@@ -222,7 +226,7 @@ class PgTxLifecycle:
 
     async def _forget(self, owner: Owner) -> tuple[dict[str, int], int]:
         async with self._use("forget") as conn:
-            keys, visible, messages = await forget_owned(conn, owner, self._now(), self._feed_channel())
+            keys, visible, messages = await forget_owned(conn, owner, self._now(), self._feed_channel(), self._sent)
         for collection, removed in keys.items():
             self._wrote(collection, removed)  # the caches drop them after the commit
         return dict(sorted(visible.items())), messages

@@ -22,6 +22,18 @@ transaction's notifications are delivered together and in order, never interleav
 gets the exact version committed (reading it from the table later could give a newer one). ``["s", token]`` is
 a marker the store sends itself (see PgFeed.sync).
 
+Every notification of a transaction is distinct (:class:`Distinct`): PostgreSQL delivers identical notifications
+(same channel, same payload) sent within one transaction only once. Ours describe operations, so a repeat is not
+redundant: delete K, put K, delete K in one transaction would reach listeners as delete, put (they would end
+believing K exists); put doc1, doc2, doc1 as doc1, doc2; two keys put with the same large document, or a document
+whose pieces are alike, would lose pieces. So a payload that would repeat one its transaction already sent gets one
+more operation, ``["n", serial]`` (the transaction's count of such repeats), last; the listener drops it. Only
+repeats are stamped: the usual payload is unchanged, and a single-statement write that sends one notification
+needs no bookkeeping at all (see benchmarks/README.md for the cost); and a listener of an older version, which
+cannot read the stamp, loses only the repeats PostgreSQL dropped before anyway (the event loop logs an error for
+each). The stamp adds at most 27 bytes (a 20-digit serial): the 100 bytes between MAX_PAYLOAD and PostgreSQL's
+limit leave room.
+
 Channel: one per schema (a test database holds many stores, one per schema): ``storage_changes_`` and a hash of
 the schema name (channel names are identifiers of at most 63 bytes).
 """
@@ -40,8 +52,8 @@ from ...offload import off_loop
 from . import conn as pg_conn
 from . import documents as sql
 
-__all__ = ["channel_for", "payloads", "framed", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC", "NOTIFY_INLINE", "put",
-           "delete", "send"]
+__all__ = ["channel_for", "payloads", "framed", "Distinct", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC",
+           "NOTIFY_INLINE", "put", "delete", "send"]
 
 #: Bytes per notification, under PostgreSQL's limit of 8000.
 MAX_PAYLOAD = 7900
@@ -62,6 +74,46 @@ _PUT_MANY = (f"WITH w AS ({sql._PUT_MANY}) "
              "SELECT pg_notify($5, p) FROM unnest($6::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i")
 _DELETE = f"WITH w AS ({sql._DELETE} RETURNING 1) SELECT count(*) FROM (SELECT pg_notify($4, $5) FROM w) AS n"
 _SEND = "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i"
+
+
+class Distinct:
+    """What one transaction has notified so far, so that none of its notifications repeats another (see the
+    module doc): one per transaction, passed to every call that notifies in it.
+
+    It keeps the payloads' ``hash()``, not the payloads (a transaction can notify megabytes): two equal payloads
+    always have equal hashes, so every repeat is caught; a collision only stamps a payload that did not need it.
+    A stamped payload is never kept: its serial makes it unlike any other."""
+
+    __slots__ = ("_seen", "_serial")
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self._serial = 0
+
+    def one(self, note: str) -> str:
+        """``note``, stamped if this transaction sent it already."""
+        seen = self._seen
+        digest = hash(note)
+        if digest in seen:
+            self._serial += 1
+            return note[:-1] + ',["n",' + str(self._serial) + "]]"
+        seen.add(digest)
+        return note
+
+    def all(self, notes: list[str]) -> list[str]:
+        """:meth:`one` of each note, in order (a new list only when one is stamped)."""
+        seen = self._seen
+        out = notes
+        for index, note in enumerate(notes):
+            digest = hash(note)
+            if digest in seen:
+                if out is notes:
+                    out = list(notes)
+                self._serial += 1
+                out[index] = note[:-1] + ',["n",' + str(self._serial) + "]]"
+            else:
+                seen.add(digest)
+        return out
 
 
 def channel_for(schema: str) -> str:
@@ -113,20 +165,25 @@ async def framed(collection: str, items: list[tuple[str, bytes | None]], *, dele
 
 
 async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[str, bytes]],
-              expires: datetime | None = None) -> None:
-    """``documents.put`` that notifies in the same statement (so in the same transaction)."""
+              expires: datetime | None = None, *, sent: Distinct | None) -> None:
+    """``documents.put`` that notifies in the same statement (so in the same transaction). ``sent``: the caller's
+    transaction's (None: this call is its own transaction)."""
     if len(items) == 1 and len(items[0][1]) <= INLINE_DOC:
         key, raw = items[0]
         # the one-put payload of payloads(), built directly: this runs on every save
         note = '[["p",' + _dumps(collection).decode() + "," + _dumps(key).decode() + "," + raw.decode() + "]]"
+        if sent is not None:  # else one notification: its own transaction's only one
+            note = sent.one(note)
         await conn.execute(_PUT_ONE, collection, key, raw, expires, channel, note)
         return
+    if sent is None:  # one transaction still, but pieces can repeat (two keys, one large document)
+        sent = Distinct()
     latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
     keys = sorted(latest)
     docs = [latest[k] for k in keys]
     if len(keys) <= PUT_SLICE:
         await conn.execute(_PUT_MANY, collection, keys, docs, expires, channel,
-                           payloads(collection, zip(keys, docs)))
+                           sent.all(payloads(collection, zip(keys, docs))))
         return
     # asyncpg encodes a statement's arguments on the event loop, element by element: 25k documents held it ~40 ms.
     # Slices of PUT_SLICE, one statement each, in one transaction (a savepoint inside the caller's): all or nothing
@@ -135,17 +192,21 @@ async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[st
         for start in range(0, len(keys), PUT_SLICE):
             some_keys, some_docs = keys[start:start + PUT_SLICE], docs[start:start + PUT_SLICE]
             await conn.execute(_PUT_MANY, collection, some_keys, some_docs, expires, channel,
-                               payloads(collection, zip(some_keys, some_docs)))
+                               sent.all(payloads(collection, zip(some_keys, some_docs))))
 
 
 async def delete(conn: Any, channel: str, collection: str, key: str, now: datetime) -> bool:
-    """``documents.delete`` that notifies in the same statement when a (visible) document was deleted."""
+    """``documents.delete`` that notifies in the same statement when a (visible) document was deleted: a
+    single-statement write, its own transaction (a transaction's deletes notify through :func:`send`)."""
     deleted: int = await conn.fetchval(_DELETE, collection, key, now, channel,
                                        payloads(collection, [(key, None)], delete=True)[0])
     return deleted > 0
 
 
-async def send(conn: Any, channel: str, notes: list[str]) -> None:
-    """Send notifications built by :func:`payloads` (inside the caller's transaction)."""
+async def send(conn: Any, channel: str, notes: list[str], sent: Distinct | None) -> None:
+    """Send notifications built by :func:`payloads` (inside the caller's transaction, whose :class:`Distinct` is
+    ``sent``; None: nothing else is sent in this transaction)."""
     if notes:
+        if len(notes) > 1 or sent is not None:
+            notes = (sent or Distinct()).all(notes)
         await conn.execute(_SEND, channel, notes)

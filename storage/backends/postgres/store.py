@@ -274,7 +274,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
 
     async def _send_marker(self, payload: str) -> None:
         async with self._connection("close") as conn:
-            await notify.send(conn, self._channel, [payload])
+            await notify.send(conn, self._channel, [payload], None)
 
     async def _fetch_encoded(self, collection: str, keys: list[str]) -> dict[str, bytes]:
         """The current documents of ``keys``, encoded: what the feed publishes for a large document."""
@@ -360,11 +360,12 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         """``async with`` a pooled connection; driver errors raised while using it come out translated."""
         return _Borrowed(self, what, lane)
 
-    async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]]) -> None:
+    async def _notify_written(self, conn: Any, collection: str, items: list[tuple[str, bytes | None]],
+                              sent: notify.Distinct | None = None) -> None:
         """Inside the writing transaction: tell every listener these keys were put (``None``: read the document);
-        many keys are framed off the loop (notify.framed)."""
+        many keys are framed off the loop (notify.framed). ``sent``: the transaction's, if it notifies more."""
         texts = await notify.framed(collection, items)
-        await notify.send(conn, self._channel, texts)
+        await notify.send(conn, self._channel, texts, sent)
 
     def _invalidate(self, collection: str, keys: Any) -> None:
         self._writes += 1
@@ -417,7 +418,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
                            expires: datetime | None = None) -> None:
         try:
             async with self._connection("put") as conn:
-                await notify.put(conn, self._channel, collection, items, expires)
+                await notify.put(conn, self._channel, collection, items, expires, sent=None)
                 await self._load_stats.after_load(conn, "storage_documents", len(items))
         finally:
             self._invalidate(collection, (key for key, _ in items))
@@ -492,7 +493,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
             async with self._connection("delete_many") as conn, pg_conn.transaction(conn):
                 deleted, keys = await pg_query.delete_rows(conn, text, params, returning=True)
                 await notify.send(conn, self._channel, notify.payloads(collection, [(k, None) for k in keys],
-                                                                       delete=True))
+                                                                       delete=True), None)
         except BaseException:
             await self._cache.clear()  # it may have committed: forget everything rather than risk a stale read
             raise
@@ -559,7 +560,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
                 if tx._hatch_used and tx._failed is None:  # SQL we cannot describe: every watcher resyncs
                     with contextlib.suppress(DatabaseError):  # a failure is recorded in tx._failed: rolled back
                         async with tx._use("commit") as used:
-                            await notify.send(used, self._channel, [notify.RESYNC_PAYLOAD])
+                            await notify.send(used, self._channel, [notify.RESYNC_PAYLOAD], tx._sent)
                 tx._finish()
                 self._reset_after(conn, tx)
                 if tx._failed is not None:
@@ -717,6 +718,8 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         self._written: dict[str, set[str]] = {}
         #: ``(collection, key)`` of deletes whose notifications are not sent yet, in order (see :meth:`_delete`)
         self._unsent: list[tuple[str, str]] = []
+        #: every notification this transaction sent, so that none repeats another (postgres/notify.py)
+        self._sent = notify.Distinct()
         self._loaded: dict[str, int] = {}  # bulk rows per table, ANALYZEd after the commit (postgres/analyze.py)
         self._abandoned = False  # a statement was cancelled or timed out: the connection was terminated
         self._used = False  # a statement ran: too late to change the isolation level
@@ -845,7 +848,7 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
                            expires: datetime | None = None) -> None:
         self._wrote(collection, (key for key, _ in items))
         async with self._use("put") as conn:
-            await notify.put(conn, self._store._channel, collection, items, expires)
+            await notify.put(conn, self._store._channel, collection, items, expires, sent=self._sent)
         self._note_load("storage_documents", len(items))
 
     async def _delete(self, collection: str, key: str) -> bool:
@@ -872,7 +875,7 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
             while end < len(unsent) and unsent[end][0] == collection:
                 end += 1
             notes = await notify.framed(collection, [(key, None) for _, key in unsent[start:end]], delete=True)
-            await notify.send(self._connection, self._store._channel, notes)
+            await notify.send(self._connection, self._store._channel, notes, self._sent)
             start = end
 
     async def _send_before_commit(self) -> None:
@@ -888,7 +891,7 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         async with self._use("update") as conn:
             doc = await sql.update(conn, collection, key, fn, default, in_transaction=True, now=self._now(),
                                    expires=expires)
-            await self._store._notify_written(conn, collection, [(key, orjson.dumps(doc))])
+            await self._store._notify_written(conn, collection, [(key, orjson.dumps(doc))], self._sent)
             return doc
 
     def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
@@ -916,7 +919,7 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         async with self._use("delete_many") as conn:
             deleted, keys = await pg_query.delete_rows(conn, text, params, returning=True)
             await notify.send(conn, self._store._channel, notify.payloads(collection, [(k, None) for k in keys],
-                                                                          delete=True))
+                                                                          delete=True), self._sent)
         self._wrote(collection, keys)
         return deleted
 
