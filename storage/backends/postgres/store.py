@@ -715,7 +715,9 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         self._hatch_used = False
         self._failed: BaseException | None = None
         self._lock = asyncio.Lock()
-        self._written: dict[str, set[str]] = {}
+        #: keys written, per collection, for the cache after the commit: dicts of ``None`` rather than sets, which
+        #: the garbage collector does not track (a restore's 100k keys were 100k referents every full collection walked)
+        self._written: dict[str, dict[str, None]] = {}
         #: ``(collection, key)`` of deletes whose notifications are not sent yet, in order (see :meth:`_delete`)
         self._unsent: list[tuple[str, str]] = []
         #: every notification this transaction sent, so that none repeats another (postgres/notify.py)
@@ -823,7 +825,7 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
             return await sql.collections(conn, self._now())
 
     def _wrote(self, collection: str, keys: Any) -> None:
-        self._written.setdefault(collection, set()).update(keys)
+        self._written.setdefault(collection, {}).update(dict.fromkeys(keys))
 
     def _feed_channel(self) -> str:
         return self._store._channel
@@ -933,8 +935,9 @@ async def _paged_items(use: Callable[[str], AbstractAsyncContextManager[Any]], c
     while True:
         async with use("items") as conn:
             page = await sql.items_page(conn, collection, prefix, after, instant)
-        for pair in page:
-            yield pair
+        loads = orjson.loads
+        for key, text in page:
+            yield key, loads(text)  # decoded as it is handed on (see sql.items_page)
         if len(page) < sql.PAGE_SIZE:
             return
         after = page[-1][0]
