@@ -87,7 +87,7 @@ from .format import (
     write_manifest,
 )
 from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
-from .messages import DECODE_GROUP, MESSAGE_BATCH, MessageOps
+from .messages import DECODE_GROUP, MESSAGE_BATCH, ROW_GROUP, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -459,7 +459,7 @@ async def _restore_messages_in(tx: BackendTransaction, root: Path, entry: dict[s
     """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
     whose transactions replace messages themselves): any failure rolls back the documents too."""
     progress.phase("restore: messages", int(entry["count"]))
-    final = await tx._replace_messages(_batches(root, entry, progress, DECODE_GROUP))
+    final = await tx._replace_messages(_batches(root, entry, progress, ROW_GROUP))
     if final != entry["count"]:
         raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
                           f"{entry['count']}: nothing was restored")
