@@ -910,8 +910,25 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 if start:
                     await asyncio.sleep(0)
                 ops.extend(_put_ops(collection, items[start:start + ITEMS_TURN], expires))
+        await self._submit_puts(collection, ops)
+
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        """A large ``put_many``'s puts straight from its two lists (documents.normalize_columns), ITEMS_TURN at a
+        time with a loop turn between: no ``(key, bytes)`` pair per document on the way."""
+        self._check_writable(collection)
+        ops: list[Op] = []
+        for start in range(0, len(keys), ITEMS_TURN):
+            if start:
+                await asyncio.sleep(0)
+            ops += _column_ops(collection, keys[start:start + ITEMS_TURN], encoded[start:start + ITEMS_TURN],
+                               expires)
+        await self._submit_puts(collection, ops)
+
+    async def _submit_puts(self, collection: str, ops: list[Op]) -> None:
+        """Commit a put's operations (a batch into a lazy collection first builds its snapshot's sizes)."""
         coll = self._tables.data.get(collection)
-        if type(coll) is Lazy and len(items) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
+        if type(coll) is Lazy and len(ops) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
             await cancellation.run_in_thread(coll.build_sizes)
         await self._submit(ops)
 
@@ -1362,6 +1379,11 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         self._json._check_writable(collection)
         await self._stage(_put_ops(collection, items, expires))
 
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        self._json._check_writable(collection)
+        await self._stage(_column_ops(collection, keys, encoded, expires))
+
     async def _delete(self, collection: str, key: str) -> bool:
         self._json._check_writable(collection)
         if self._staged.live(collection, key, self._json._now_micros()) is None:
@@ -1522,6 +1544,14 @@ def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime 
         return [("p", collection, key, raw) for key, raw in items]
     when = to_micros(expires)
     return [("p", collection, key, raw, when) for key, raw in items]
+
+
+def _column_ops(collection: str, keys: list[str], encoded: list[bytes], expires: datetime | None) -> list[Op]:
+    """:func:`_put_ops` of ``zip(keys, encoded)``."""
+    if expires is None:
+        return [("p", collection, key, raw) for key, raw in zip(keys, encoded)]
+    when = to_micros(expires)
+    return [("p", collection, key, raw, when) for key, raw in zip(keys, encoded)]
 
 
 #: Staged operations freed at a time by :func:`_free_staged`.
