@@ -310,3 +310,19 @@ async def test_large_put_manys_beside_other_writers_match_a_reference(store, reo
         assert {k: d async for k, d in again.items("g")} == stored
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "repeats"])
+async def test_a_large_put_many_keeps_the_last_put_of_each_key(store, order: str) -> None:
+    """Pairs in key order (PostgreSQL sends them as they are), shuffled, or with keys repeated (the last put
+    wins, as put one by one): what is stored is ``dict(pairs)``, and the count returned is the number of items."""
+    rng = random.Random(len(order))
+    pairs = [(f"k{i:05d}", doc(i)) for i in range(BIG)]
+    if order == "shuffled":
+        rng.shuffle(pairs)
+    elif order == "repeats":
+        pairs += [(f"k{i:05d}", doc(i, 5)) for i in rng.sample(range(BIG), 300)]
+        pairs.insert(10, (f"k{BIG - 1:05d}", doc(0, 6)))  # an early put of a key put again later
+    await store.put_many("last", {"k00001": {"old": True}, "other": {"kept": True}})
+    assert await store.put_many("last", pairs) == len(pairs)
+    assert {k: d async for k, d in store.items("last")} == {"other": {"kept": True}, **dict(pairs)}
