@@ -30,7 +30,7 @@ them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +333,7 @@ class JsonIndexes:
             live[collection] = build_indexes(data.get(collection, {}), paths)
         self.live = live
 
-    def apply(self, ops: list[Op]) -> None:
+    def apply(self, ops: Sequence[Op]) -> None:
         """A committed record's operations, for the indexed collections (see the module doc)."""
         live = self.live
         changes: dict[str, dict[str, Any]] = {}

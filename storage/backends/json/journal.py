@@ -114,7 +114,7 @@ def encode_record(ops: Sequence[Op]) -> bytes:
 ENCODE_SLICE = 2000
 
 
-def encode_in_slices(ops: list[Op], size: int = ENCODE_SLICE) -> bytes:
+def encode_in_slices(ops: Sequence[Op], size: int = ENCODE_SLICE) -> bytes:
     """``encode_record(ops)``, byte for byte, one ``dumps`` per ``size`` operations. A JSON array's elements are
     encoded independently, so the record is each slice's record without its brackets, joined. Why: one ``dumps``
     of a restore's 150k operations (a ~45 MB record) held the GIL, and the event loop with it, ~39 ms in its worker

@@ -90,6 +90,7 @@ from .messages import MESSAGES_DIR, MessageLog, encode_batch
 from .migration_lock import FileMigrationLock
 from .mutex import Mutex
 from .presence import Presence
+from .put_run import PutRun
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
 from .sync_thread import SyncThread
@@ -140,6 +141,8 @@ _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 #: A write waiting for the next group commit: turns the view so far into its ops and the caller's result.
 _Prepare = Callable[[Staged], tuple[list[Op], Any]]
+#: What a group commit takes as operations rather than as a prepare (puts: no view to read).
+_PUTS = (list, PutRun)
 
 
 class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
@@ -170,7 +173,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         #: _commit_deferred); None: caught up, as after every other acquisition. Cleared when the lock is let go.
         self._behind: int | None = None
         self._let_go_early = False  # _commit_deferred let go of the lock already: no lease
-        self._commits: GroupCommit[_Prepare | list[Op], Any] = GroupCommit(
+        self._commits: GroupCommit[_Prepare | list[Op] | PutRun, Any] = GroupCommit(
             self._commit_locked, self._commit_group, after=self._maybe_compact, solo=True,
             after_due=self._compaction_may_be_due)
         #: Tables.compaction_due is asked again only once the journal (of inode _compact_ino) reaches this offset
@@ -518,7 +521,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if self.read_only:
             raise ReadOnlyError(f"{self.path}: the store was opened read-only")
 
-    async def _submit(self, prepare: _Prepare | list[Op], record: bytes | None = None) -> Any:
+    async def _submit(self, prepare: _Prepare | list[Op] | PutRun, record: bytes | None = None) -> Any:
         """Queue a write for the next group commit (group_commit.py) and wait until it is durable. A write is its
         ops when they do not depend on the documents (a put), else a function of the view so far.
 
@@ -527,7 +530,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         it half-way, and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a
         save). A batch, or a document too large for an fsync on the loop (:meth:`_may_inline`), commits the usual
         way. ``record``: the lone put's journal line when the caller has it (:func:`encode_record`'s bytes), for
-        that synchronous commit."""
+        that synchronous commit. A :class:`~.put_run.PutRun` (a large put) commits as its operations do; alone in
+        its round, as it is (json/put_run.py)."""
         self._check_usable()
         if (type(prepare) is list and self._lease.held and self._suspect is None
                 and len(prepare) == 1 and self._may_inline(len(prepare[0][3]))  # type: ignore[misc]
@@ -562,15 +566,15 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         commits.alone_done()
         return False
 
-    async def _commit_group(self, batch: list[_Prepare | list[Op]], outcomes: list[Any]) -> None:
+    async def _commit_group(self, batch: list[_Prepare | list[Op] | PutRun], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
-        if self._behind is not None and not all(type(prepare) is list for prepare in batch):
+        if self._behind is not None and not all(type(prepare) in _PUTS for prepare in batch):
             self._catch_up_behind()  # the round reads the view: caught up first (see _defer_catch_up)
         if self._suspect is not None:
             await self._trust_journal()
-        if len(batch) == 1 and type(batch[0]) is list:  # a lone put: no view to stage
+        if len(batch) == 1 and type(batch[0]) in _PUTS:  # a lone put: no view to stage
             outcomes.append(None)
-            await self._commit(batch[0])
+            await self._commit(batch[0])  # type: ignore[arg-type]
             return
         staged = Staged(self._tables.data, self._tables.expires)
         ops: list[Op] = []
@@ -595,7 +599,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         if ops:
             await self._commit(ops)
 
-    async def _commit(self, ops: list[Op], *, record: bytes | None = None) -> None:
+    async def _commit(self, ops: list[Op] | PutRun, *, record: bytes | None = None) -> None:
         """Make ``ops`` durable, then visible: append + fsync, publish the committed end, apply to memory.
 
         Under the lock. The three steps happen together or not at all, whatever interrupts them: if the task is
@@ -606,7 +610,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
         """
         if self._behind is not None:  # the catch-up was deferred (_defer_catch_up): puts only
-            if len(ops) <= LARGE_COMMIT:
+            if type(ops) is list and len(ops) <= LARGE_COMMIT:
                 record = encode_record(ops) if record is None else record
                 if self._may_inline(len(record)):
                     try:
@@ -622,9 +626,11 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
         journal = self._journal
         try:
-            if record is None:
+            if type(ops) is not list:  # a PutRun: always large (encoded and planned above)
+                assert record is not None
+            elif record is None:
                 record = encode_record(ops)
-            if not large and self._may_inline(len(record)):
+            if type(ops) is list and not large and self._may_inline(len(record)):
                 self._commit_now(ops, record)
                 return
             start = journal.offset
@@ -634,8 +640,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
-                    if plan is None:
-                        self._tables.apply(ops)
+                    if plan is None:  # expiries to clear: operation by operation
+                        self._tables.apply(ops if type(ops) is list else list(ops))
                     else:
                         self._tables.apply_plan(plan, ops)  # C-level dict updates: visible all at once
         except OSError as exc:
@@ -910,8 +916,29 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 if start:
                     await asyncio.sleep(0)
                 ops.extend(_put_ops(collection, items[start:start + ITEMS_TURN], expires))
+        await self._submit_puts(collection, ops)
+
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        """A large ``put_many``'s puts straight from its two lists (documents.normalize_columns): without an
+        expiry, as one :class:`~.put_run.PutRun` (no operation tuple kept per document: json/put_run.py); with
+        one, ITEMS_TURN operations at a time with a loop turn between."""
+        self._check_writable(collection)
+        if expires is None and len(keys) > LARGE_COMMIT:
+            await self._submit_puts(collection, PutRun(collection, keys, encoded))
+            return
+        ops: list[Op] = []
+        for start in range(0, len(keys), ITEMS_TURN):
+            if start:
+                await asyncio.sleep(0)
+            ops += _column_ops(collection, keys[start:start + ITEMS_TURN], encoded[start:start + ITEMS_TURN],
+                               expires)
+        await self._submit_puts(collection, ops)
+
+    async def _submit_puts(self, collection: str, ops: list[Op] | PutRun) -> None:
+        """Commit a put's operations (a batch into a lazy collection first builds its snapshot's sizes)."""
         coll = self._tables.data.get(collection)
-        if type(coll) is Lazy and len(items) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
+        if type(coll) is Lazy and len(ops) >= SIZES_AFTER and coll.wants_sizes:  # a batch: once (json/lazy.py)
             await cancellation.run_in_thread(coll.build_sizes)
         await self._submit(ops)
 
@@ -1362,6 +1389,11 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
         self._json._check_writable(collection)
         await self._stage(_put_ops(collection, items, expires))
 
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        self._json._check_writable(collection)
+        await self._stage(_column_ops(collection, keys, encoded, expires))
+
     async def _delete(self, collection: str, key: str) -> bool:
         self._json._check_writable(collection)
         if self._staged.live(collection, key, self._json._now_micros()) is None:
@@ -1496,10 +1528,12 @@ def _close_unused(waiter: asyncio.Future[int]) -> None:
         os.close(fd)
 
 
-def _prepare_large(tables: Tables, ops: list[Op], record: bytes | None) -> tuple[bytes, Plan | None]:
+def _prepare_large(tables: Tables, ops: list[Op] | PutRun, record: bytes | None) -> tuple[bytes, Plan | None]:
     """In a worker thread, under the lock (nobody changes the documents meanwhile): the record (unless given) and
-    the plan."""
-    return encode_in_slices(ops) if record is None else record, tables.plan(ops)
+    the plan (a PutRun's from its two lists, json/put_run.py)."""
+    if type(ops) is PutRun:
+        return ops.record() if record is None else record, ops.plan(tables)
+    return encode_in_slices(ops) if record is None else record, tables.plan(ops)  # type: ignore[arg-type]
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
@@ -1522,6 +1556,14 @@ def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime 
         return [("p", collection, key, raw) for key, raw in items]
     when = to_micros(expires)
     return [("p", collection, key, raw, when) for key, raw in items]
+
+
+def _column_ops(collection: str, keys: list[str], encoded: list[bytes], expires: datetime | None) -> list[Op]:
+    """:func:`_put_ops` of ``zip(keys, encoded)``."""
+    if expires is None:
+        return [("p", collection, key, raw) for key, raw in zip(keys, encoded)]
+    when = to_micros(expires)
+    return [("p", collection, key, raw, when) for key, raw in zip(keys, encoded)]
 
 
 #: Staged operations freed at a time by :func:`_free_staged`.

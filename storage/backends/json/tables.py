@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from operator import itemgetter
 from pathlib import Path
@@ -396,7 +396,7 @@ class Tables:
         does those."""
         expires = self.expires
         if len(ops) >= BULK_APPLY and (batch := self._batch_puts(ops)) is not None:
-            return None if batch[0] in expires else [self._plan_puts(*batch)]
+            return self.plan_batch(*batch)
         final: dict[str, dict[str, bytes | None]] = {}
         for op in ops:
             if len(op) == 5 or op[1] in expires:
@@ -432,7 +432,12 @@ class Tables:
             plan.append((name, puts, deletes, delta, added))
         return plan
 
-    def apply_plan(self, plan: Plan, ops: list[Op]) -> None:
+    def plan_batch(self, name: str, puts: dict[str, bytes]) -> Plan | None:
+        """:meth:`plan` of a batch of puts without expiry into ``name``, given as its final puts (json/put_run.py):
+        None when the collection holds expiring documents (the puts clear those expiries: :meth:`apply` does)."""
+        return None if name in self.expires else [self._plan_puts(name, puts)]
+
+    def apply_plan(self, plan: Plan, ops: Sequence[Op]) -> None:
         """:meth:`apply` of ``ops``, which :meth:`plan` was given (under the same lock, nothing changed between)."""
         feed = self.feed
         if feed is not None and feed.active:
@@ -454,7 +459,7 @@ class Tables:
         if self.indexes.live:
             self.indexes.apply(ops)
 
-    def _publish(self, feed: ChangeFeed, ops: list[Op]) -> None:
+    def _publish(self, feed: ChangeFeed, ops: Sequence[Op]) -> None:
         """Tell the change feed of ``ops``, in order, as :meth:`apply` does, before they are applied."""
         present: dict[tuple[str, str], bool] = {}
         data = self.data

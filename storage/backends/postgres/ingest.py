@@ -25,7 +25,7 @@ from typing import Any
 
 from ...codec import encode_doc
 from ...errors import ValidationError
-from ...messages.records import UsualFields, checked_chunks
+from ...messages.records import INGEST_CHUNK, UsualFields, checked_chunks
 from .copy_rows import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
 from .schema import ID_SHIFT
 
@@ -177,7 +177,8 @@ class Ingest:
     Each chunk is sent in id order (see ``_insert_messages`` in postgres/messages.py for why order matters).
     """
 
-    def __init__(self, chunks: Iterator[list[KeyedRow]]) -> None:
+    def __init__(self, chunks: Iterator[list[KeyedRow]], size: int = INGEST_CHUNK) -> None:
+        """``chunks``: of ``size`` rows each but the last."""
         self._chunks: Iterator[list[KeyedRow]] | None = chunks
         self.encoded: list[bytes] = []
         self.rows = 0
@@ -188,6 +189,8 @@ class Ingest:
         else:
             self._chunks = None
         self.first = self._next = first
+        #: whether the first chunk is the whole batch (chunks are full but the last)
+        self.whole = first is None or len(first) < size
 
     @property
     def first_ids(self) -> tuple[int, int]:

@@ -94,6 +94,13 @@ _UPDATE = (f"UPDATE storage_messages SET guild_id = $2, channel_id = $3, author_
 _ANY_STORED = "SELECT EXISTS (SELECT FROM storage_messages WHERE message_id IN ($1, $2))"
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+(?:-[0-9A-F]+)+\Z")  # what pg_export_snapshot() returns
 _PROBE_FROM = 1000  # records: below this, a failed COPY costs less than the probe's round trip usually saves
+#: Records checked and encoded on the event loop per ``COPY`` chunk (``record_messages``; a write of up to
+#: INGEST_CHUNK normalized records): one chunk per loop step. A loop step with 1,000 records took 4-6 ms of CPU,
+#: and a timer's waiter (a bot's heartbeat, a 1 ms ticker) waited through three such steps: the ingest's task runs
+#: first in every loop iteration, and a timer wakes its task only in the iteration after it fired (gaps of 14-17
+#: ms of CPU at 10k records a call). 250 records a step: 1-1.5 ms, gaps ~4.5 ms, the same ingest time
+#: (benchmarks/README.md).
+COPY_CHUNK = 250
 _STAGE = "storage_messages_stage"
 _STAGE_CREATE = f"CREATE TEMPORARY TABLE {_STAGE} (LIKE storage_messages) ON COMMIT DROP"
 _STAGE_MERGE = (f"INSERT INTO storage_messages SELECT * FROM {_STAGE} ORDER BY message_id "
@@ -301,8 +308,8 @@ class PgMessagesMixin:
         # In id order: two batches that share ids then wait for each other in the same order, never in a cycle
         # (inserting into the unique index waits for the other uncommitted insert of the same id).
         if len(records) <= INGEST_CHUNK:
-            return await self._copy_messages(Ingest(record_rows(sorted(records, key=_id_order), INGEST_CHUNK,
-                                                                RowEncoder())))
+            return await self._copy_messages(Ingest(record_rows(sorted(records, key=_id_order), COPY_CHUNK,
+                                                                RowEncoder()), COPY_CHUNK), len(records))
         # A copy's or restore's 10k records sorted and encoded on the loop held it ~80 ms: a worker thread does it
         # (they are the caller's, already normalized: nothing else touches them meanwhile).
         chunks = await off_loop(_encoded_in_order, records)
@@ -317,13 +324,15 @@ class PgMessagesMixin:
 
     async def _ingest(self, records: Iterator[Any], size_hint: int) -> int:
         """``record_messages``: checked, encoded and sent a chunk at a time (see postgres/ingest.py)."""
-        ingest = Ingest(checked_rows(records, INGEST_CHUNK, RowEncoder()))
+        ingest = Ingest(checked_rows(records, COPY_CHUNK, RowEncoder()), COPY_CHUNK)
         if ingest.first is None:
             return 0
-        return await self._copy_messages(ingest)
+        # an iterator's count is unknown: a batch of more than one chunk is probed
+        return await self._copy_messages(ingest, size_hint or (len(ingest.first) if ingest.whole else _PROBE_FROM))
 
-    async def _copy_messages(self, ingest: Ingest) -> int:
+    async def _copy_messages(self, ingest: Ingest, size: int = 0) -> int:
         """Write an ingest: one ``COPY`` (the usual case), or the staging-table merge when ids are stored already.
+        ``size``: how many records the batch has, when known (whether to probe for a resent batch).
 
         A batch of one chunk (already checked whole) is one ``COPY``; a longer one runs in a transaction, rolled
         back if a later chunk holds a bad record. Chunks are in id order one at a time, so two big batches that
@@ -332,12 +341,14 @@ class PgMessagesMixin:
         """
         first = ingest.first
         assert first is not None
-        whole = len(first) < INGEST_CHUNK  # chunks are full but the last: this one was all of it
+        whole = ingest.whole
         async with self._connection("record_messages") as conn:
             # A resent batch (a retry, a replayed backup) would fail its COPY only after all of it was sent: when
-            # the first or last id of the first chunk is stored already, go straight to the merge.
+            # the first or last id of the first chunk is stored already, go straight to the merge. ``size``: the
+            # batch's records when known (else the first chunk's).
             low, high = ingest.first_ids
-            resent = len(first) >= _PROBE_FROM and await conn.fetchval(_ANY_STORED, low - ID_SHIFT, high - ID_SHIFT)
+            resent = max(size, len(first)) >= _PROBE_FROM and await conn.fetchval(
+                _ANY_STORED, low - ID_SHIFT, high - ID_SHIFT)
             new: int | None = None
             if not resent:
                 try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -53,7 +54,7 @@ from . import conn as pg_conn
 from . import documents as sql
 
 __all__ = ["channel_for", "payloads", "framed", "Distinct", "RESYNC_PAYLOAD", "MAX_PAYLOAD", "INLINE_DOC",
-           "NOTIFY_INLINE", "put", "delete", "send"]
+           "NOTIFY_INLINE", "put", "put_columns", "delete", "send"]
 
 #: Bytes per notification, under PostgreSQL's limit of 8000.
 MAX_PAYLOAD = 7900
@@ -165,11 +166,33 @@ async def put(conn: Any, channel: str, collection: str, items: Sequence[tuple[st
             note = sent.one(note)
         await conn.execute(_PUT_ONE, collection, key, raw, expires, channel, note)
         return
+    # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
+    await _put_latest(conn, channel, collection, dict(items), expires, sent)
+
+
+async def put_columns(conn: Any, channel: str, collection: str, keys: list[str], docs: list[bytes],
+                      expires: datetime | None = None, *, sent: Distinct | None) -> None:
+    """:func:`put` of ``zip(keys, docs)`` (a large ``put_many``'s two lists: no pair per document). Keys already
+    in order, each once (a bulk load's, usually), go as they are: the dict of the last put of each key and the
+    sorted lists held the loop 10-14 ms for 25k documents, the check takes ~1.6 ms."""
+    if all(map(operator.lt, keys, keys[1:])):
+        await _put_sorted(conn, channel, collection, keys, docs, expires, sent)
+    else:
+        await _put_latest(conn, channel, collection, dict(zip(keys, docs)), expires, sent)
+
+
+async def _put_latest(conn: Any, channel: str, collection: str, latest: dict[str, bytes],
+                      expires: datetime | None, sent: Distinct | None) -> None:
+    """:func:`put` of ``latest`` ({key: encoded doc}, each key's last put), in key order."""
+    keys = sorted(latest)
+    await _put_sorted(conn, channel, collection, keys, [latest[k] for k in keys], expires, sent)
+
+
+async def _put_sorted(conn: Any, channel: str, collection: str, keys: list[str], docs: list[bytes],
+                      expires: datetime | None, sent: Distinct | None) -> None:
+    """:func:`put` of ``zip(keys, docs)``, the keys in order and each once."""
     if sent is None:  # one transaction still, but pieces can repeat (two keys, one large document)
         sent = Distinct()
-    latest = dict(items)  # as documents.put: ON CONFLICT DO UPDATE cannot touch one row twice in a statement
-    keys = sorted(latest)
-    docs = [latest[k] for k in keys]
     if len(keys) <= PUT_SLICE:
         await conn.execute(_PUT_MANY, collection, keys, docs, expires, channel,
                            sent.all(payloads(collection, zip(keys, docs))))

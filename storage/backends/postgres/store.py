@@ -426,6 +426,15 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
         finally:
             self._invalidate(collection, (key for key, _ in items))
 
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        try:
+            async with self._connection("put") as conn:
+                await notify.put_columns(conn, self._channel, collection, keys, encoded, expires, sent=None)
+                await self._load_stats.after_load(conn, "storage_documents", len(keys))
+        finally:
+            self._invalidate(collection, keys)
+
     async def _delete(self, collection: str, key: str) -> bool:
         try:
             async with self._connection("delete") as conn:
@@ -855,6 +864,14 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         async with self._use("put") as conn:
             await notify.put(conn, self._store._channel, collection, items, expires, sent=self._sent)
         self._note_load("storage_documents", len(items))
+
+    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
+                           expires: datetime | None = None) -> None:
+        self._wrote(collection, keys)
+        async with self._use("put") as conn:
+            await notify.put_columns(conn, self._store._channel, collection, keys, encoded, expires,
+                                     sent=self._sent)
+        self._note_load("storage_documents", len(keys))
 
     async def _delete(self, collection: str, key: str) -> bool:
         """Deletes notify together: their notifications wait in ``_unsent`` until the transaction's next other
