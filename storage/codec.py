@@ -160,9 +160,14 @@ def dumps_each(docs: list[Any], option: int | None = None,
     except (orjson.JSONEncodeError, TypeError):
         return None
     # rsplit, not split: the same separators (two cannot overlap, no document's output being empty), found faster
-    # in JSON text (1,000 members: 0.11 ms against 0.18 with CPython 3.11)
-    pieces = out[1:-1].rsplit(_SPLIT)
-    return (pieces, out) if len(pieces) == len(docs) else None
+    # in JSON text (1,000 members: 0.11 ms against 0.18 with CPython 3.11). Split the output itself and trim the
+    # list's brackets off the first and last pieces: out[1:-1] copied the whole output first (250 KB a 1,000).
+    pieces = out.rsplit(_SPLIT)
+    if len(pieces) != len(docs):
+        return None
+    pieces[0] = pieces[0][1:]
+    pieces[-1] = pieces[-1][:-1]
+    return pieces, out
 
 
 def check_collection(name: object) -> str:
