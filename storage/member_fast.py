@@ -352,7 +352,7 @@ def _encode_usual(usual: list[bool] | None, docs: list[Any]) -> list[bytes | Non
     dumps and its exact-size copy were a third of the fast path), and the output checks of :func:`_needs_a_look`
     run once over that whole output (four searches of 250 bytes per document were a quarter of it: 1.4 ms per
     1,000 members, once over the batch about 0.1 ms); only when the batch has a hit is each output searched
-    again. A pattern cannot span two outputs (each is a ``{...}`` object, the separator a NUL byte, and no pattern
+    again. A pattern cannot span two outputs (each is a ``{...}`` object, the separator NUL bytes, and no pattern
     has a brace or a NUL). When the one dumps fails, each document is dumped alone (None where that fails)."""
     dumped = dumps_each(docs, _DUMPS_OPTS, time_text)
     outs: list[bytes | None]
