@@ -238,6 +238,34 @@ def run_worker(script: str | os.PathLike[str], args: Sequence[str], *, timeout: 
     return json.loads(lines[-1])
 
 
+#: The environment variables through which a benchmark tells its workers where to put their data and how long a
+#: modelled fsync takes (see :func:`apply_worker_env`).
+DIR_ENV, FSYNC_SLEEP_ENV = "STORAGE_BENCH_DIR", "STORAGE_BENCH_FSYNC_SLEEP_US"
+
+
+def model_fsync(seconds: float) -> None:
+    """In this (worker) process only: ``os.fdatasync`` and ``os.fsync`` become a sleep of ``seconds``, which, like a
+    real fsync, releases the GIL. Why: on a night when the shared disk's fsync takes 0.2-4 ms and moves from one
+    second to the next, it decides every durable figure; with the data on a tmpfs and the fsync modelled as a fixed
+    sleep, what is left to compare between two checkouts is their CPU (and their use of the time the fsync waits)."""
+    import time as _time
+
+    def sleep(fd: int) -> None:
+        _time.sleep(seconds)
+
+    os.fdatasync = sleep  # type: ignore[assignment]
+    os.fsync = sleep  # type: ignore[assignment]
+
+
+def apply_worker_env() -> str | None:
+    """In a worker: model the fsync if its benchmark was asked to (:data:`FSYNC_SLEEP_ENV`, microseconds), and
+    return the folder to put the data in (:data:`DIR_ENV`; None: the system temp dir)."""
+    sleep_us = os.environ.get(FSYNC_SLEEP_ENV)
+    if sleep_us:
+        model_fsync(float(sleep_us) / 1e6)
+    return os.environ.get(DIR_ENV) or None
+
+
 def checkouts(parser: argparse.ArgumentParser, script: str | os.PathLike[str], baseline: str | None) -> dict[str, str]:
     """The checkouts a ``--baseline`` benchmark runs, in order: ``{"base": <baseline>, "this": <this one>}``, or
     only ``"this"`` without a baseline (the repository ``script`` sits in). A ``baseline`` that is not a checkout

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkouts, member_doc, member_ids, print_table, run_worker, write_results
+from _common import (
+    DIR_ENV,
+    FSYNC_SLEEP_ENV,
+    apply_worker_env,
+    checkouts,
+    member_doc,
+    member_ids,
+    print_table,
+    run_worker,
+    write_results,
+)
 
 MEMBERS = 10_000
 BATCH = 1000
@@ -101,7 +111,7 @@ async def measure(phases: bool, cold: bool = False) -> dict[str, float]:
     current = ["warm-up"]
     if phases:
         wrap_phases(acc, current)
-    with tempfile.TemporaryDirectory(prefix="bench-batch-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench-batch-", dir=apply_worker_env()) as folder:
         store = await storage.JsonStore.open(folder)
         try:
             for start in range(0, MEMBERS, BATCH):
@@ -157,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="another checkout of this repository, run interleaved (before/after)")
     parser.add_argument("--cold", action="store_true", help="reopen the store after seeding it (writes of members "
                         "not read since the open)")
+    parser.add_argument("--dir", help="where to put the data (default: the system temp dir); a tmpfs such as /dev/shm "
+                        "leaves out the disk")
+    parser.add_argument("--fsync-sleep-us", type=float, help="model every fsync as a sleep of this many microseconds "
+                        "(GIL-free, like the real one), in both checkouts: with --dir on a tmpfs, a fixed fsync")
     parser.add_argument("--worker", nargs=3, metavar=("CHECKOUT", "PHASES", "COLD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -164,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(measure(args.worker[1] == "1", args.worker[2] == "1"))))
         return 0
     systems = checkouts(parser, __file__, args.baseline)
+    if args.dir:
+        os.environ[DIR_ENV] = str(Path(args.dir).resolve())  # the workers inherit it
+    if args.fsync_sleep_us is not None:
+        os.environ[FSYNC_SLEEP_ENV] = str(args.fsync_sleep_us)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for rep in range(args.reps):
         for name, path in systems.items():
@@ -184,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f"{summary['this'][k] / summary['base'][k]:.2f}x"
                        if summary["base"].get(k) and k in summary["this"] else "")
         rows.append(row)
+    modelled = f", fsync modelled as {args.fsync_sleep_us:g} us" if args.fsync_sleep_us is not None else ""
     print_table(headers, rows, title=f"member writes, JSON backend, {MEMBERS:,} members"
-                                     f"{' (reopened: cold)' if args.cold else ''}, medians of {args.reps} "
+                                     f"{' (reopened: cold)' if args.cold else ''}"
+                                     f"{f', in {args.dir}' if args.dir else ''}{modelled}"
+                                     f", medians of {args.reps} "
                                      f"interleaved repetitions (ms; save in us; phases wrapped, per call)")
     path = write_results("batch-cold" if args.cold else "batch",
                          {"reps": args.reps, "systems": systems, "summary": summary, "runs": runs, "cold": args.cold,
+                          "dir": args.dir, "fsync_sleep_us": args.fsync_sleep_us,
                           "cpu_count": os.cpu_count()})
     print(f"results: {path}")
     return 0

@@ -34,8 +34,14 @@ __all__ = ["encode_member", "encode_member_ids", "encode_member_columns", "encod
 #: key also passes :func:`storage.codec.check_key` (short, ASCII, no NUL), so neither check needs running.
 _MEMBER_KEY = re.compile(r"(?:0|[1-9][0-9]{0,18})_(?:0|[1-9][0-9]{0,18})\Z")
 #: :data:`_MEMBER_KEY` of every line of a text (keys joined by newlines, one after the last): one regex run over a
-#: batch's keys instead of one per key (1,000 keys: 0.13 against 0.21 ms).
-_MEMBER_KEYS = re.compile(r"(?:(?:0|[1-9][0-9]{0,18})_(?:0|[1-9][0-9]{0,18})\n)*\Z")
+#: batch's keys instead of one per key (1,000 keys: 0.13 against 0.21 ms). Where the ``re`` module has possessive
+#: quantifiers (Python 3.11), the runs are possessive: the same language (a run is always followed by ``_`` or a
+#: newline, never a digit, so giving a digit back could never let the pattern match), without the bookkeeping for
+#: backtracking: 1,000 keys 0.110 -> 0.090 ms.
+try:
+    _MEMBER_KEYS = re.compile(r"(?:(?:0|[1-9][0-9]{0,18}+)_(?:0|[1-9][0-9]{0,18}+)\n)*+\Z")
+except re.error:  # pragma: no cover - Python 3.10
+    _MEMBER_KEYS = re.compile(r"(?:(?:0|[1-9][0-9]{0,18})_(?:0|[1-9][0-9]{0,18})\n)*\Z")
 _UTC = timezone.utc
 _from_iso = datetime.fromisoformat
 _dumps = orjson.dumps
@@ -346,7 +352,7 @@ def _encode_usual(usual: list[bool] | None, docs: list[Any]) -> list[bytes | Non
     dumps and its exact-size copy were a third of the fast path), and the output checks of :func:`_needs_a_look`
     run once over that whole output (four searches of 250 bytes per document were a quarter of it: 1.4 ms per
     1,000 members, once over the batch about 0.1 ms); only when the batch has a hit is each output searched
-    again. A pattern cannot span two outputs (each is a ``{...}`` object, the separator a NUL byte, and no pattern
+    again. A pattern cannot span two outputs (each is a ``{...}`` object, the separator NUL bytes, and no pattern
     has a brace or a NUL). When the one dumps fails, each document is dumped alone (None where that fails)."""
     dumped = dumps_each(docs, _DUMPS_OPTS, time_text)
     outs: list[bytes | None]

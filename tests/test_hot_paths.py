@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 import storage
-from storage import StoreClosedError, TransactionError, ValidationError
+from storage import StoreClosedError, TransactionError, ValidationError, codec
 from storage.backends.json.journal import Journal
 from storage.codec import _DUMPS_OPTS, MAX_DEPTH, MAX_KEY_LENGTH, check_key, dumps_each, dumps_kept, shown
 from storage.member_fast import encode_member, encode_members, encode_members_ids, time_text
@@ -118,7 +118,7 @@ def random_value(rnd: random.Random, depth: int = 0) -> Any:
     if kind == 3:
         return rnd.choice([{1, 2}, b"bytes", object(), Str("s"), Int(3)])
     if kind == 4:
-        return orjson.Fragment(rnd.choice([b"1", b'"x"', b",\x00,", b"\x00"]))
+        return orjson.Fragment(rnd.choice([b"1", b'"x"', b",\x00,", b"\x00", codec._SPLIT]))
     if kind in (5, 6, 7, 8):
         return "".join(rnd.choice(string.ascii_letters + ',"{}[]:') for _ in range(rnd.randrange(8)))
     if kind in (9, 10, 11):
@@ -161,7 +161,7 @@ def test_dumps_each_equals_dumps_per_document_or_declines(seed: int) -> None:
         split += 1
         pieces, whole = got
         assert pieces == each
-        separated = [x for doc in docs for x in (doc, orjson.Fragment(b"\x00"))][:-1]
+        separated = [x for doc in docs for x in (doc, codec._SEPARATOR)][:-1]
         assert whole == (orjson.dumps(separated, time_text, _DUMPS_OPTS) if docs else b"")
         for piece in pieces:
             assert type(piece) is bytes and sys.getsizeof(piece) < len(piece) + 64  # an exact-size copy
@@ -192,7 +192,7 @@ def test_a_spoiler_in_a_batch_leaves_every_member_decided_like_the_rule(seed: in
     """Usual members with one that makes the shared ``dumps`` fail or split wrongly: the batch falls back to one
     ``dumps`` per member, and each member is still taken (the rule's bytes) or declined, as alone."""
     rnd = random.Random(300 + seed)
-    spoilers = [{1, 2}, 2**64, orjson.Fragment(b",\x00,"), nested(MAX_DEPTH - 1), float("nan"), None, -0.0, 1e16]
+    spoilers = [{1, 2}, 2**64, orjson.Fragment(codec._SPLIT), nested(MAX_DEPTH - 1), float("nan"), None, -0.0, 1e16]
     for _ in range(60):
         pairs: list[Any] = [usual_member(rnd) for _ in range(rnd.randrange(1, 15))]
         at = rnd.randrange(len(pairs))

@@ -224,3 +224,19 @@ async def test_a_batch_builds_the_sizes_once_and_writes_are_sized_from_them(tmp_
         lazy = store._tables.data[COLL]
         assert isinstance(lazy, Lazy) and not lazy.has_sizes
         assert lazy.wants_sizes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replaced_in_equals_a_loop(seed: int) -> None:
+    """lazy.replaced_in (the olds selecting themselves: a document is never empty) against a plain loop over the
+    keys, with absent keys, deleted ones (None) and repeated ones."""
+    from storage.backends.json.lazy import replaced_in
+
+    rnd = random.Random(700 + seed)
+    for _ in range(300):
+        docs: dict[str, bytes | None] = {f"k{i}": (None if rnd.random() < 0.2 else b"{" + b"x" * rnd.randrange(0, 9)
+                                                   + b"}") for i in range(rnd.randrange(0, 20))}
+        keys = [f"k{rnd.randrange(0, 30)}" for _ in range(rnd.randrange(0, 25))]
+        total = sum(len(key) + len(docs[key]) for key in keys if docs.get(key) is not None)  # type: ignore[arg-type]
+        present = sum(1 for key in keys if docs.get(key) is not None)
+        assert replaced_in(docs, keys) == (total, present)

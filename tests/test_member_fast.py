@@ -430,3 +430,29 @@ def test_put_many_of_a_mapping_encodes_like_the_previous_loop(seed: int) -> None
             items[12345] = {"user_id": "1"}  # an int key: its text, then the rule (the key and the record differ)
         expected = outcome(previous_normalize, items, "members")
         assert outcome(normalize_items, items, "members") == expected
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_batch_key_pattern_is_the_per_key_pattern_on_every_line(seed: int) -> None:
+    """member_fast._MEMBER_KEYS (possessive digit runs where Python has them) matches a text of keys, each followed
+    by a newline, exactly when the per-key pattern matches every key: same language as the backtracking form."""
+    import re
+
+    from storage import member_fast
+
+    plain = re.compile(r"(?:(?:0|[1-9][0-9]{0,18})_(?:0|[1-9][0-9]{0,18})\n)*\Z")
+    rnd = random.Random(600 + seed)
+    pieces = ["0", "1", "7", "00", "01", "10", "1" * 18, "9" * 19, "1" + "0" * 19, "", "_", "\n", "a", "12_", "_3"]
+    taken = declined = 0
+    for _ in range(800):
+        keys = [rnd.choice(pieces) + rnd.choice(["_", "__", "", "\n", "_\n"]) + rnd.choice(pieces)
+                for _ in range(rnd.randrange(0, 6))]
+        if rnd.random() < 0.5:  # mostly usual keys, so that matches happen
+            keys = [f"{rnd.randrange(1, 10**18)}_{rnd.randrange(1, 10**18)}" for _ in range(rnd.randrange(1, 6))] + \
+                keys[:1]
+        text = "".join(key + "\n" for key in keys)
+        alone = all(member_fast._MEMBER_KEY.match(key) is not None and "\n" not in key for key in keys)
+        assert (member_fast._MEMBER_KEYS.match(text) is not None) == (plain.match(text) is not None) == alone, keys
+        taken += alone
+        declined += not alone
+    assert taken > 100 and declined > 100
