@@ -29,10 +29,11 @@ from typing import Any
 
 import asyncpg
 
+from ...cancellation import run_to_completion
 from ...errors import DatabaseError
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "abandon", "abandons", "configure_socket",
-           "transaction", "unsafe_after"]
+           "settle_commit", "transaction", "unsafe_after"]
 
 log = logging.getLogger("storage.postgres")
 
@@ -89,7 +90,9 @@ def abandon(conn: Any) -> None:
 @asynccontextmanager
 async def transaction(conn: Any, **options: Any) -> AsyncIterator[None]:
     """``conn.transaction(**options)`` (a savepoint when one is open already) that, when the block is cancelled or
-    times out, terminates the connection instead of sending a ``ROLLBACK`` that would wait for the server."""
+    times out, terminates the connection instead of sending a ``ROLLBACK`` that would wait for the server.
+
+    Once the ``COMMIT`` is sent, a cancellation waits for its answer (:func:`settle_commit`)."""
     xact = conn.transaction(**options)
     await xact.start()
     try:
@@ -104,4 +107,17 @@ async def transaction(conn: Any, **options: Any) -> AsyncIterator[None]:
                 log.debug("rollback failed (%s): terminating the connection", rollback_exc)
                 abandon(conn)
         raise
-    await xact.commit()
+    await settle_commit(xact)
+
+
+async def settle_commit(xact: Any) -> None:
+    """``await xact.commit()``, which a cancellation does not cut short: it waits for the server's answer, then is
+    delivered (storage/cancellation.py).
+
+    Why: a ``COMMIT`` cancelled after it was sent was abandoned with its connection, and the server went on to
+    commit it moments later: the cancelled call's changes appeared after the caller had been told it was cancelled,
+    so a read made just after could see part of them (one table read before they landed, the next after), and a
+    restore started at once met the late commit (a serialization failure). Waiting settles the outcome before the
+    caller resumes: the transaction committed (the cancellation is still raised) or it did not. The wait is
+    bounded by the command timeout, which ends a commit on a frozen server (the connection is then abandoned)."""
+    await run_to_completion(xact.commit())

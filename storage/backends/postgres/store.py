@@ -580,7 +580,7 @@ class PostgresBackend(PgLifecycle, PgMessagesMixin, BackendBase):
                     raise TransactionError("the transaction was rolled back: a statement in it failed "
                                            f"({_describe(tx._failed)})") from tx._failed
                 try:
-                    await xact.commit()
+                    await pg_conn.settle_commit(xact)  # a cancellation waits for the answer (see there)
                 finally:
                     for collection, keys in tx._written.items():
                         self._invalidate(collection, keys)
