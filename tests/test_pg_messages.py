@@ -169,6 +169,9 @@ async def test_a_copy_that_deadlocks_goes_through_the_merge(pg_store: PostgresSt
     first, stuck = normalize_messages([message(3500), message(10)])
     other = await asyncpg.connect(pg_dsn)
     try:
+        # The COPY's deadlock check must be the one that runs (1 s after its wait began, the server's default):
+        # this session checks only after 60 s (under load, its own check had sometimes run first and failed it).
+        await other.execute("SET deadlock_timeout = '60s'")
         tx = other.transaction()
         await tx.start()
         await other.execute(pm._INSERT_ONE, *pm.to_row(first))
