@@ -316,6 +316,9 @@ def _instrument(system: str) -> dict[str, Any]:
         wrap(lock.SidecarLock, "adopt", "locked_after_wait", when_true=True)
         spans: list[float] = []  # (taken, let go) pairs, wall clock: the parent finds the gaps between holders
         counts["spans"] = spans
+        kinds: list[str] = []  # who let go, one per span (the caller's and its caller's function)
+        counts["kinds"] = kinds
+        releases: dict[str, int] = {}
         for name in ("try_acquire", "adopt"):
             took = getattr(lock.SidecarLock, name)
 
@@ -331,6 +334,9 @@ def _instrument(system: str) -> dict[str, Any]:
         def releasing(self: Any) -> None:  # the time noted while still held: recorded holds never overlap
             if self.held and len(spans) % 2:
                 spans.append(time.time())
+                why = f"{sys._getframe(1).f_code.co_name}<{sys._getframe(2).f_code.co_name}"
+                releases[why] = releases.get(why, 0) + 1
+                kinds.append(why)
             release(self)
 
         lock.SidecarLock.release = releasing  # type: ignore[method-assign]
@@ -364,19 +370,25 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
     late = [r for r in results if r["seconds"] > seconds * 1.5]
     if late:
         log(f"  warning: {system} writers ran {max(r['seconds'] for r in late):.2f} s for a {seconds} s window")
-    held: list[tuple[float, float]] = []
+    held: list[tuple[float, float, str]] = []
     for r in results:
         if "counts" in r:
             spans = r["counts"].pop("spans", [])
-            held.extend(zip(spans[::2], spans[1::2], strict=False))
+            held.extend(zip(spans[::2], spans[1::2], r["counts"].pop("kinds", []), strict=False))
             shown = ", ".join(f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}"
                               for k, v in sorted(r["counts"].items()))
             log(f"    {system} writer: saves {r['saves']}, {shown}")
     if held:
         held.sort()
-        window = [(a, b) for a, b in held if start_at <= a and b <= start_at + seconds]
+        window = [(a, b, why) for a, b, why in held if start_at <= a and b <= start_at + seconds]
         gaps = [b[0] - a[1] for a, b in itertools.pairwise(window)]
-        busy = sum(b - a for a, b in window)
+        busy = sum(b - a for a, b, _ in window)
+        after: dict[str, list[float]] = {}  # the gaps by who let go before them
+        for (_, _, why), gap in zip(window, gaps, strict=False):
+            after.setdefault(why, []).append(gap)
+        for why, some in sorted(after.items()):
+            log(f"    after {why}: {len(some)} gaps, sum {sum(some):.3f} s, median {1e3 * statistics.median(some):.3f}"
+                f" ms, over 2 ms: {sum(g > 0.002 for g in some)}")
         log(f"    {system}: {len(window)} holds in the window, lock held {busy:.3f} s, gaps between holders: "
             f"sum {sum(gaps):.3f} s, median {1e3 * statistics.median(gaps) if gaps else 0:.3f} ms, "
             f"max {1e3 * max(gaps, default=0):.3f} ms, over 2 ms: {sum(g > 0.002 for g in gaps)} "
