@@ -4,6 +4,8 @@
 ...     await store.save_member_data(user_id, guild_id, {"roles": []})
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .api import StoreOpener, open_store
 from .backup.copy import CopyReport, TargetNotEmptyError, copy
 from .backup.format import BackupInfo, BackupReport
@@ -29,9 +31,12 @@ from .errors import (
 from .feed import Change, Watch
 from .protocol import Store, Transaction
 from .retry import safe_database_operation
-from .stores import JsonStore, PostgresStore
+from .stores import JsonStore
 from .types import Member, MemberStatistics, MessageAnalysis, MessageRecord
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .stores.postgres import PostgresStore
 
 __all__ = [
     "__version__",
@@ -71,3 +76,12 @@ __all__ = [
     "open_store",
     "safe_database_operation",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``PostgresStore`` on first use: importing it loads asyncpg, which a bot on the JSON default never needs."""
+    if name == "PostgresStore":
+        from .stores.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

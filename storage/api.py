@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import StoreConfig
 from .errors import ValidationError
-from .stores import AnyStore, store_class
+from .stores import store_class
+
+if TYPE_CHECKING:
+    from .stores import AnyStore
 
 __all__ = ["open_store", "StoreOpener"]
 
 
-class StoreOpener(Coroutine[Any, Any, AnyStore]):
+class StoreOpener(Coroutine[Any, Any, "AnyStore"]):
     """What :func:`open_store` returns: ``await`` it for a store, or ``async with`` it to close the store after.
 
     It is also a coroutine object (``collections.abc.Coroutine``), because ``asyncio.run`` and

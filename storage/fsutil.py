@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["fsync_dir", "atomic_write", "temp_name", "TEMP_MARK", "write_all", "pwrite_all", "sync_fd", "make_dirs",
@@ -59,9 +59,10 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def atomic_write(path: Path, data: bytes | Sequence[bytes], *, mode: int = 0o644, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` (bytes, or parts written one after the other) so that a crash leaves either
-    the old or the new file, never a mix."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` (bytes, or parts written one after the other: an iterator may produce them as
+    they are written, and raise to abandon the file) so that a crash leaves either the old or the new file, never a
+    mix."""
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:

@@ -39,7 +39,7 @@ from storage.backup.format import (
 )
 from storage.backup.operations import prune_backup_dir, restore_from, select_expired
 from storage.backup.source import describe_source, store_source
-from tests._cancel import cancel_after
+from tests._cancel import all_or_nothing_at_every_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 GUILD = "987654321"
@@ -252,15 +252,8 @@ async def test_a_restore_cancelled_at_any_point_leaves_all_or_nothing(store, reo
                                     "author_id": "2", "timestamp": "2024-06-01T00:00:00Z"})
     changed = await snapshot(store)
     assert changed != original
-    for turns in range(0, 600):
-        cancelled = await cancel_after(lambda: store.restore_backup(info.id), turns)
-        now = await snapshot(store)
-        assert now in (changed, original), f"a partial restore after {turns} loop turns"
-        if now == original:
-            break
-        assert cancelled
-    else:
-        pytest.fail("the restore never finished")
+    await all_or_nothing_at_every_turn(lambda: store.restore_backup(info.id), lambda: snapshot(store),
+                                       changed, original)
     other = await reopen()
     try:
         assert await snapshot(other) == original

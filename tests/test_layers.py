@@ -11,6 +11,8 @@ are not counted. Every import is read with :mod:`ast`, wherever it stands (also 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,33 @@ def test_the_rule_sees_a_violation(tmp_path: Path):
         bad.unlink()
     assert any("_layer_probe.py:1:" in v and "storage.members" in v for v in found)
     assert any("_layer_probe.py:4:" in v and "storage.backup.copy" in v for v in found)
+
+
+def test_a_json_bot_never_loads_the_postgresql_backend(tmp_path: Path):
+    """``import storage``, ``python -m storage``'s modules and a JSON store's whole life leave asyncpg and the
+    PostgreSQL backend unimported (they cost a JSON-only bot memory for nothing); the name
+    ``storage.PostgresStore`` still works, and loads them then."""
+    script = f"""
+import asyncio, sys
+import storage, storage.cli
+
+async def main():
+    async with storage.open_store(backend="json", path={str(tmp_path / "config")!r}) as store:
+        await store.save_member_data(1, 2, {{"roles": []}})
+        assert (await store.get_member_data(1, 2))["roles"] == []
+
+asyncio.run(main())
+loaded = sorted(m for m in sys.modules if m == "asyncpg" or m.startswith(("asyncpg.", "storage.backends.postgres",
+                                                                          "storage.stores.postgres")))
+assert loaded == [], loaded
+from storage import PostgresStore
+from storage.stores import AnyStore, store_class
+assert PostgresStore.__name__ == "PostgresStore" and "asyncpg" in sys.modules
+assert AnyStore == storage.JsonStore | PostgresStore
+assert store_class(storage.StoreConfig(backend="postgres", dsn="postgresql://u@h/db")) is PostgresStore
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -32,7 +32,7 @@ from storage import ValidationError
 from storage.backends.json import forget_files
 from storage.backends.postgres import lifecycle as pg_lifecycle
 from storage.ownership import Owner
-from tests._cancel import cancel_after
+from tests._cancel import all_or_nothing_at_every_turn
 
 GUILDS = ["1", "12", "112", "2", "21", "9007199254740993"]
 USERS = ["12", "2", "112", "3", "1", "18446744073709551615"]
@@ -245,15 +245,8 @@ async def test_a_cancellation_at_any_point_leaves_all_or_nothing(store: storage.
     before = await everything(store)
     gone = owned(before, Owner(user="12"))
     after = minus(before, gone)
-    for turns in range(0, 400):
-        cancelled = await cancel_after(lambda: store.forget_user("12"), turns, spin=30)
-        now = await everything(store)
-        assert now in (before, after), f"a partial forget after {turns} loop turns"
-        if now == after:
-            break
-        assert cancelled
-    else:
-        pytest.fail("the forget never finished")
+    await all_or_nothing_at_every_turn(lambda: store.forget_user("12"), lambda: everything(store), before, after,
+                                       limit=400, spin=30)
     assert await store.forget_user("12") == {}
 
 

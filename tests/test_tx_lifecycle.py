@@ -32,7 +32,7 @@ import pytest
 import storage
 from storage.backends.json import forget_files, tx_messages
 from storage.ownership import Owner
-from tests._cancel import cancel_after
+from tests._cancel import all_or_nothing_at_every_turn
 from tests._proc import read_until
 from tests.test_feed import next_change
 from tests.test_json_disk_faults import PAD, SmallDisk, assert_io_error, small_disk  # noqa: F401 (a fixture)
@@ -217,16 +217,8 @@ async def test_a_cancellation_at_any_loop_turn_forgets_all_or_nothing(store: sto
             await tx.forget_guild("112")
             await tx.prune_messages("2024-02-10T00:00:00Z", guild_id="2")
 
-    for turns in range(0, 600):
-        cancelled = await cancel_after(work, turns)
-        now = await consistent(store)
-        assert now in (before, after), f"a partial transaction after {turns} loop turns"
-        no_leftovers(store)
-        if now == after:
-            break
-        assert cancelled
-    else:
-        pytest.fail("the transaction never committed")
+    await all_or_nothing_at_every_turn(work, lambda: consistent(store), before, after,
+                                       check=lambda: no_leftovers(store))
 
 
 async def test_watchers_and_caches_hear_of_a_forget_only_when_it_commits(

@@ -16,8 +16,10 @@ then answers the store exactly as the ``{key: encoded document}`` dict of an eag
   in a worker thread; 15 MiB at 100k members) and a batch then sizes its keys with a few C-level passes
   (:meth:`Lazy.replaced`);
 * **writes** (the journal's records applied in memory) go into the same dict of known documents, a delete as None;
+* **compaction** merges the file with what changed (:meth:`Lazy.changes`, json/merged.py): the unchanged lines are
+  copied as bytes, nothing is read whole;
 * **everything that walks the collection** (``items``/``keys``/``values``/iteration: scans, queries, indexes,
-  compaction, backups, forget, digests) first reads the whole file once into a plain dict (:meth:`Lazy.whole`), the
+  backups, forget, digests) first reads the whole file once into a plain dict (:meth:`Lazy.whole`), the
   changes laid over it; from then on the collection is that dict. The store does this in a worker thread before
   any walk on the event loop (JsonStore._whole) and then swaps the dict in (Tables.settle), so the loop never
   parses a snapshot and reads are back to a bare dict lookup.
@@ -145,7 +147,7 @@ class SnapshotFile:
     def crc(self) -> int:
         return self.table.snapshot_crc
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
         st = os.fstat(self.fd)
         if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stat:
             raise ExternalChangeError(
@@ -197,7 +199,7 @@ class SnapshotFile:
         if index < 0:
             return None
         line = os.pread(self.fd, self._lengths[index], self._offsets[index])
-        self._check_unchanged()  # after the read: what it returned is what the file held at the open
+        self.check_unchanged()  # after the read: what it returned is what the file held at the open
         return self._document(key, line)
 
     def lookup_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -211,7 +213,7 @@ class SnapshotFile:
             if index >= 0:
                 lines.append((key, pread(fd, lengths[index], offsets[index])))
         if lines:
-            self._check_unchanged()
+            self.check_unchanged()
             for key, line in lines:
                 found[key] = self._document(key, line)
         return found
@@ -241,7 +243,7 @@ class SnapshotFile:
             at += len(chunk)
         raw = b"".join(parts) if len(parts) != 1 else parts[0]
         del parts
-        self._check_unchanged()
+        self.check_unchanged()
         if zlib.crc32(raw) != self.table.snapshot_crc:
             raise ExternalChangeError(f"{self.path} was changed in place while the store had it open; reopen the "
                                       "store to read the edit", path=str(self.path))
@@ -297,6 +299,14 @@ class Lazy(MutableMapping[str, bytes]):
                 self._whole = docs
                 self._known = {}
             return self._whole
+
+    def changes(self) -> dict[str, bytes | None] | None:
+        """A copy of what was read or written since the open (None: deleted), or None once the collection is
+        whole: what a compaction merges with the file (json/merged.py). The copy is taken under the mutex, so a
+        read on the loop adding a document meanwhile cannot disturb the worker thread that walks it (those are
+        the file's own bytes, which the merge would write the same either way)."""
+        with self._mutex:
+            return None if self._whole is not None else dict(self._known)
 
     # the snapshot's document sizes --------------------------------------------------------------------------------
     def _snapshot_size(self, key: str) -> int | None:

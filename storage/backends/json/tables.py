@@ -46,7 +46,8 @@ from .indexes import JsonIndexes
 from .journal import Journal, Op
 from .lazy import Lazy, SnapshotFile, replaced_in
 from .lock import Committed, SidecarLock
-from .offsets import Offsets, build_offsets, new_spans, offsets_name, read_offsets, wants_sidecar, write_offsets
+from .merged import MergedSnapshot
+from .offsets import Offsets, Spans, build_offsets, new_spans, offsets_name, read_offsets, wants_sidecar, write_offsets
 from .snapshot import OVERHEAD, Documents, read_snapshot, render_parts, render_with_spans
 
 __all__ = ["Tables", "Staged", "Plan", "COMPACT_RATIO", "MIN_COMPACT_BYTES"]
@@ -595,18 +596,32 @@ class Tables:
             path = self.path / f"{name}.json"
             self._check_not_edited(name, path)
             coll = self.data.get(name, {})
-            was_lazy = type(coll) is Lazy and not coll.is_whole
-            # in parts: joining a 30 MB snapshot is one C call holding the GIL (and the loop) 20-40 ms
-            rendered, spans = render_with_spans(coll) if self.lazy else (render_parts(coll), None)
             target = _snapshot_target(path)
-            atomic_write(target, rendered, sync_dir=target.parent != self.path)
-            crc = 0
-            for part in rendered:
-                crc = zlib.crc32(part, crc)
+            lazy = coll if isinstance(coll, Lazy) and self.lazy else None
+            changes = lazy.changes() if lazy is not None else None
+            spans: Spans | None
+            if lazy is not None and changes is not None and MergedSnapshot.possible(changes):
+                # the unchanged lines copied from the file, a chunk at a time (json/merged.py): memory is what
+                # changed, not the collection
+                merged = MergedSnapshot(lazy.file, changes)
+                atomic_write(target, merged, sync_dir=target.parent != self.path)
+                was_lazy, crc, size, spans = True, merged.crc, merged.size, merged.spans
+                del merged
+                if not wants_sidecar(size):
+                    lazy.whole()  # small now: held whole, like any small snapshot (the old file's bytes, checked)
+            else:
+                was_lazy = type(coll) is Lazy and not coll.is_whole
+                # in parts: joining a 30 MB snapshot is one C call holding the GIL (and the loop) 20-40 ms
+                rendered, spans = render_with_spans(coll) if self.lazy else (render_parts(coll), None)
+                atomic_write(target, rendered, sync_dir=target.parent != self.path)
+                crc = 0
+                for part in rendered:
+                    crc = zlib.crc32(part, crc)
+                size = sum(map(len, rendered))
+                del rendered
             checksums[name] = crc
             st = os.stat(target)
             self.files[name] = (_signature(st), crc)
-            size = sum(map(len, rendered))
             if spans is not None and wants_sidecar(size):
                 table = build_offsets(spans, size, crc, self.sizes.get(name, 2))
                 self._write_offsets(name, table)
@@ -614,7 +629,6 @@ class Tables:
                     self.data[name] = Lazy(SnapshotFile.adopt(target, table))
             elif self.lazy:
                 self._drop_offsets(name)
-            del rendered
         sidecar = self.path / EXPIRES_NAME
         if self.expires or sidecar.exists():  # after the snapshots, before the journal (see json/expiry.py)
             atomic_write(sidecar, render_sidecar(self.expires))
