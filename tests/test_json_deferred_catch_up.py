@@ -105,9 +105,6 @@ class Deferring:
 @pytest.fixture
 async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(json_store, "DEFER_BYTES", 1)
-    # Only a commit whose append goes inline defers (_commit): on a slow disk (fsyncs over INLINE_SYNC_BUDGET, as
-    # on a loaded host) the store sends its appends to a thread, and these tests' puts would not defer.
-    monkeypatch.setattr(json_store, "INLINE_SYNC_BUDGET", 60.0)
     ahead = await JsonStore.open(cfg(tmp_path))
     behind = await JsonStore.open(cfg(tmp_path))
     try:
