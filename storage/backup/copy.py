@@ -157,7 +157,7 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
                                   "overwrite=True to replace it with the source's data)", contents=contents)
     source_messages, target_messages = MessageOps(source), MessageOps(target)
     digest = ContentDigest()
-    keys: dict[str, set[str]] = {}
+    keys: dict[str, dict[str, None]] = {}
     message_count: int | None = None
     deleted_messages = 0
     dropped: dict[str, list[str]] = {}
@@ -195,17 +195,20 @@ async def copy(source: Backend, target: Backend, *, overwrite: bool = False, bat
 
 
 async def _copy_collection(tx: BackendTransaction, target: Backend, name: str, digest: ContentDigest, batch_size: int,
-                           progress: Progress) -> set[str]:
+                           progress: Progress) -> dict[str, None]:
+    """The collection's documents put into ``target``; returns their keys (for ``overwrite``), as a dict of
+    ``None``: a dict of strings is not tracked by the garbage collector, where a set of 100k keys was 100k more
+    referents every full collection during the rest of the copy walked (a set is always tracked)."""
     view = tx.encoded_documents(name)
     if view is not None:
         return await _copy_view(tx, target, name, view, digest, batch_size, progress)
     # Each document is encoded as it comes (as ``_put_stored`` encodes it, a few us): a batch of 5,000 decoded
     # members held on the loop while it filled reached the collector's oldest generation (full collections on
     # the loop, 1-2 a batch); its bytes are not tracked at all. Hashed off the loop (40-80 ms a 1,000 on it).
-    keys: set[str] = set()
+    keys: dict[str, None] = {}
     batch: list[tuple[str, bytes]] = []
     async for key, doc in tx.items(name):
-        keys.add(key)
+        keys[key] = None
         batch.append((key, encode_doc(doc)))
         if len(batch) >= batch_size:
             await _put_raws(tx, target, name, digest, batch)
@@ -230,19 +233,19 @@ def _digest_raws(digest: ContentDigest, name: str, batch: list[tuple[str, bytes]
 
 
 async def _copy_view(tx: BackendTransaction, target: Backend, name: str, view: Mapping[str, bytes],
-                     digest: ContentDigest, batch_size: int, progress: Progress) -> set[str]:
+                     digest: ContentDigest, batch_size: int, progress: Progress) -> dict[str, None]:
     """A collection the source holds encoded (JSON): each batch decoded, hashed and encoded for the target in a
     worker thread, DECODE_GROUP documents at a time, so that neither the loop nor the thread holds a batch of
     decoded documents. (Read through ``items``, a batch of 5,000 members was ~25k containers held on the loop
     while it filled: they reached the collector's oldest generation, and the full collections that set off, 13-14
     in a copy of 100k members, 10-40 ms each, ran on the loop.)"""
-    keys: list[str] = await off_loop(list, view)
+    keys: tuple[str, ...] = await off_loop(tuple, view)  # a tuple of strings: untracked at the first collection
     for start in range(0, len(keys), batch_size):
-        chunk = keys[start:start + batch_size]
+        chunk = list(keys[start:start + batch_size])
         pairs = await off_loop(_stored_pairs, digest, name, view, chunk)
         await put_encoded_with_expiries(target, name, pairs, await tx._expiries(name, chunk))
         progress.advance(len(chunk))
-    return set(keys)
+    return await off_loop(dict.fromkeys, keys)
 
 
 def _stored_pairs(digest: ContentDigest, name: str, view: Mapping[str, bytes],
@@ -286,12 +289,13 @@ async def _copy_messages(source: MessageOps, target: MessageOps, digest: Content
     return n
 
 
-async def _delete_extras(target: Backend, keys: dict[str, set[str]], batch_size: int, progress: Progress) -> int:
+async def _delete_extras(target: Backend, keys: dict[str, dict[str, None]], batch_size: int,
+                         progress: Progress) -> int:
     """With ``overwrite``: delete the target's documents that the source does not have, a batch per transaction,
     advancing ``progress`` per batch (on a large target this is minutes of work that must not look hung)."""
     extras: dict[str, list[str]] = {}
     for name in await target.collections():
-        wanted = keys.get(name, set())
+        wanted = keys.get(name, {})
         found = [key async for key, _ in target.items(name) if key not in wanted]
         if found:
             extras[name] = found

@@ -43,7 +43,7 @@ import heapq
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ from .format import (
     write_manifest,
 )
 from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
-from .messages import DECODE_GROUP, MESSAGE_BATCH, MessageOps
+from .messages import DECODE_GROUP, MESSAGE_BATCH, ROW_GROUP, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -226,11 +226,31 @@ def _write_docs(writer: JsonlWriter, name: str, docs: Iterable[tuple[str, Any]],
     return n
 
 
-def _write_ticking(writer: JsonlWriter, name: str, items: list[tuple[str, Any]], digest: ContentDigest,
+async def _encoded_items(items: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, bytes, bytes]]:
+    """``(key, document as JSON, its canonical bytes)`` of each document as it comes (a few us on the loop).
+
+    Not the decoded documents, chunked for a worker thread: 2,000 members held while a chunk filled (~10k
+    containers) reached the garbage collector's oldest generation and set off full collections on the loop (a
+    PostgreSQL backup of 100k members: 5); a tuple of bytes is untracked at the collector's first look."""
+    dumps = orjson.dumps
+    async for key, doc in items:
+        yield key, dumps(doc), canonical(doc)
+
+
+def _write_encoded(writer: JsonlWriter, name: str, items: list[tuple[str, bytes, bytes]], digest: ContentDigest,
                    ledger: list[str] | None, progress: Progress) -> None:
-    """:func:`_write_docs` reporting progress every ``_TICK`` documents (a chunk from ``tx.items``)."""
-    for start in range(0, len(items), _TICK):
-        progress.advance(_write_docs(writer, name, items[start:start + _TICK], digest, ledger))
+    """Write a chunk of :func:`_encoded_items` (in a worker thread), reporting progress every ``_TICK``."""
+    dumps, n = orjson.dumps, 0
+    for key, raw, canon in items:
+        writer.write(b'{"key":%s,"doc":%s}\n' % (dumps(key), raw))
+        digest.add(name, key, canon)
+        if ledger is not None:
+            ledger.append(key)
+        n += 1
+        if n == _TICK:
+            progress.advance(n)
+            n = 0
+    progress.advance(n)
 
 
 def _sorted_keys(keys: Iterable[str], run: int = 8192) -> list[str]:
@@ -259,8 +279,8 @@ async def _write_collection(store: Backend, tx: BackendTransaction, root: Path, 
         if view is not None:
             await off_loop(_write_view, writer, name, view, digest, ledger, progress)
         else:
-            async for chunk in chunks(tx.items(name)):
-                await off_loop(_write_ticking, writer, name, chunk, digest, ledger, progress)
+            async for chunk in chunks(_encoded_items(tx.items(name))):
+                await off_loop(_write_encoded, writer, name, chunk, digest, ledger, progress)
         entry: dict[str, Any] = await off_loop(writer.close)
         expires = await manifest_expiries(tx, name)
         if expires:
@@ -439,7 +459,7 @@ async def _restore_messages_in(tx: BackendTransaction, root: Path, entry: dict[s
     """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
     whose transactions replace messages themselves): any failure rolls back the documents too."""
     progress.phase("restore: messages", int(entry["count"]))
-    final = await tx._replace_messages(_batches(root, entry, progress, DECODE_GROUP))
+    final = await tx._replace_messages(_batches(root, entry, progress, ROW_GROUP))
     if final != entry["count"]:
         raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
                           f"{entry['count']}: nothing was restored")
@@ -475,14 +495,13 @@ def _canonical_view(view: Mapping[str, bytes]) -> dict[str, bytes]:
     return out
 
 
-def _canonical_docs(docs: list[tuple[str, Any]]) -> dict[str, bytes]:
-    return {key: trimmed(canonical(doc)) for key, doc in docs}
+def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """``(keys to delete, keys to write, how many of those are new)`` (canonical bytes compared).
 
-
-def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[list[str], list[str], int]:
-    """``(keys to delete, keys to write, how many of those are new)`` (canonical bytes compared)."""
-    removed = sorted(current.keys() - wanted.keys())
-    puts = [key for key, canon in wanted.items() if current.get(key) != canon]
+    Tuples of strings, which the garbage collector stops tracking at its first look: as lists, a restore's 100k
+    keys were 100k more referents for every full collection during the rest of the restore to walk."""
+    removed = tuple(_sorted_keys(current.keys() - wanted.keys()))
+    puts = tuple([key for key, canon in wanted.items() if current.get(key) != canon])
     return removed, puts, sum(1 for key in puts if key not in current)
 
 
@@ -514,17 +533,18 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
         current = await off_loop(_canonical_view, view)
     else:
         current = {}
-        async for chunk in chunks(tx.items(name)):
-            current.update(await off_loop(_canonical_docs, chunk))
+        async for key, doc in tx.items(name):  # each document's canonical bytes made as it comes (held decoded,
+            current[key] = trimmed(canonical(doc))  # a chunk reached the collector's oldest generation)
     removed, puts, added = await off_loop(_diff, current, wanted)
     if expiries or current_expiries:  # same content but another expiry: written again, with the backup's
         writing = set(puts)
-        puts += [key for key in wanted if key not in writing and expiries.get(key) != current_expiries.get(key)]
+        puts += tuple([key for key in wanted if key not in writing
+                       and expiries.get(key) != current_expiries.get(key)])
     if not dry_run:
         for key in removed:
             await tx.delete(name, key)
         for start in range(0, len(puts), RESTORE_BATCH):
-            pairs = await off_loop(_stored_pairs, name, puts[start:start + RESTORE_BATCH], raws)
+            pairs = await off_loop(_stored_pairs, name, list(puts[start:start + RESTORE_BATCH]), raws)
             await put_encoded_with_expiries(tx, name, pairs, expiries)
         final = await tx.count(name)
         if final != len(wanted):
@@ -532,21 +552,23 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
                               "nothing was restored")
     progress.advance(len(wanted))
     change = CollectionChange(len(wanted), len(current), added, len(puts) - added, len(removed))
-    await off_loop(_free, wanted, raws, current, puts)  # dropped with this frame, 100k members took 4-7 ms
+    held: list[dict[str, bytes] | tuple[str, ...]] = [puts, removed, wanted, raws, current]
+    del puts, removed, wanted, raws, current
+    await off_loop(_free, held)  # dropped with this frame, 100k members took 4-7 ms
     return change
 
 
-def _free(*held: dict[str, bytes] | list[str]) -> None:
-    """Empty each of ``held`` a slice at a time (in a worker thread, which can give the GIL back between two
-    slices; the last reference dropped on the loop frees a whole collection's bytes in one step)."""
-    for items in held:
+def _free(held: list[dict[str, bytes] | tuple[str, ...]]) -> None:
+    """Free what ``held`` holds, its only reference (in a worker thread, which can give the GIL back between two
+    steps; the last reference dropped on the loop frees a whole collection's bytes in one step): dicts a slice at a
+    time, the tuples of keys whole once the dicts no longer hold the keys (~100k small strings, a few ms)."""
+    while held:
+        items = held.pop()
         if isinstance(items, dict):
             while items:
                 for _ in range(min(len(items), 1000)):
                     items.popitem()
-        else:
-            while items:
-                del items[-1000:]
+        del items
 
 
 # ---------------------------------------------------------------------------------------------------------------

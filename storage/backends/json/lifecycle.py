@@ -348,12 +348,13 @@ class JsonTxLifecycle:
     def _with_changes(self, base: dict[str, list[str]], owner: Owner) -> dict[str, set[str]]:
         keys = {name: set(found) for name, found in base.items()}
         owns = owner.owns_key
-        for (collection, key), value in self._staged.changes.items():
-            if owns(key):
-                if value is None:
-                    keys.get(collection, set()).discard(key)
-                else:
-                    keys.setdefault(collection, set()).add(key)
+        for collection, mine in self._staged.changes.items():
+            for key, value in mine.items():
+                if owns(key):
+                    if value is None:
+                        keys.get(collection, set()).discard(key)
+                    else:
+                        keys.setdefault(collection, set()).add(key)
         return {name: found for name, found in keys.items() if found}
 
     def _sorted_with_changes(self, base: dict[str, list[str]], owner: Owner) -> dict[str, list[str]]:
@@ -361,9 +362,10 @@ class JsonTxLifecycle:
         list ``base`` holds (sorted in the worker thread already; the usual forget re-sorts nothing on the loop)."""
         touched: dict[str, dict[str, bool]] = {}  # collection -> {owned key this transaction changed: now present}
         owns = owner.owns_key
-        for (collection, key), value in self._staged.changes.items():
-            if owns(key):
-                touched.setdefault(collection, {})[key] = value is not None
+        for collection, mine in self._staged.changes.items():
+            for key, value in mine.items():
+                if owns(key):
+                    touched.setdefault(collection, {})[key] = value is not None
         out = {name: found for name, found in base.items() if name not in touched}
         for name, changed in touched.items():
             merged = set(base.get(name, ()))

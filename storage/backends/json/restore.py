@@ -154,7 +154,7 @@ def stage_messages(data_path: Path, batches: Iterable[list[dict[str, Any]]]) -> 
             for run in commit_groups(batches, STAGE_COMMIT):
                 count += sum(log_._insert_locked(run))  # the private folder is ours alone: no lock to take
         finally:
-            log_.close()
+            log_.free()  # in this worker thread, a piece at a time
         atomic_write(staged / GENERATION_NAME, secrets.token_hex(8).encode() + b"\n")
         fsync_dir(staged)
         fsync_dir(data_path)

@@ -1395,7 +1395,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
 
     async def _count(self, collection: str) -> int:
         staged = self._staged
-        if len(staged.changes) + len(staged.expiring) > ITEMS_INLINE:
+        if staged.size() > ITEMS_INLINE:
             # Counted in a worker thread over a copy of the staged changes (two C-level dict copies; the loop may
             # stage more meanwhile): a restore's count after staging 100k puts rebuilt the view on the loop, 43 ms.
             await self.whole(collection)
@@ -1533,20 +1533,22 @@ def _release_staged(tx: JsonTransaction) -> None:
     waiting for it (no await: the transaction is committed and must be reported so). Dropped with the transaction
     on the loop, 100k operations and their staged view took 8-11 ms in one step (a restore's last)."""
     ops, staged = tx._ops, tx._staged
-    if len(ops) + len(staged.changes) <= ITEMS_INLINE:
+    if len(ops) + staged.size() <= ITEMS_INLINE:
         return
     tx._ops, changes, staged.changes = [], staged.changes, {}
     asyncio.get_running_loop().run_in_executor(None, _free_staged, ops, changes)
 
 
-def _free_staged(ops: list[Op], changes: dict[tuple[str, str], bytes | None]) -> None:
+def _free_staged(ops: list[Op], changes: dict[str, dict[str, bytes | None]]) -> None:
     """Empty ``ops`` and ``changes`` FREE_SLICE at a time (in a worker thread, which can give the GIL back between
     two slices; freeing them whole is one C call that holds it throughout)."""
     while ops:
         del ops[-FREE_SLICE:]
     while changes:
-        for _ in range(min(len(changes), FREE_SLICE)):
-            changes.popitem()
+        _name, mine = changes.popitem()
+        while mine:
+            for _ in range(min(len(mine), FREE_SLICE)):
+                mine.popitem()
 
 
 def _live_count(staged: Staged, collection: str, now: int) -> int:
