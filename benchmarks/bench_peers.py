@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import itertools
 import json
 import os
 import random
@@ -248,6 +249,7 @@ async def ops(system: str, path: Path, members: int, seconds: float) -> dict[str
 async def writer(system: str, path: Path, index: int, seconds: float) -> dict[str, Any]:
     """One of the concurrent writer processes: its own members. It opens the store, says READY, reads the start
     time from stdin (sent once every writer has opened: an open holds the lock while it loads), then saves."""
+    counts = _instrument(system)
     target = make(system, path)
     await target.open()
     docs = [member_doc(index * 1000 + j) for j in range(1000)]
@@ -257,6 +259,7 @@ async def writer(system: str, path: Path, index: int, seconds: float) -> dict[st
     if delay > 0:
         await asyncio.sleep(delay)
     deadline = start_at + seconds
+    cpu = time.process_time()
     n = 0
     while time.time() < deadline:
         doc = docs[n % 1000]
@@ -264,8 +267,84 @@ async def writer(system: str, path: Path, index: int, seconds: float) -> dict[st
         await target.save(index * 1000 + n % 1000, doc)
         n += 1
     elapsed = time.time() - start_at
+    if counts:
+        counts["cpu_s"] = time.process_time() - cpu
     await target.close()
-    return {"saves": n, "seconds": elapsed}
+    return {"saves": n, "seconds": elapsed, **({"counts": counts} if counts else {})}
+
+
+def _instrument(system: str) -> dict[str, Any]:
+    """``--fsync-model US``: the JSON journal's fsync becomes a GIL-free sleep of US microseconds (timer slack 1 us;
+    a disk of a known, steady fsync time on tmpfs). ``--counters``: count, per writer process, the store lock's
+    acquisitions, the deferred and inline commits and the time each took, the catch-ups and their time, the CPU
+    time, and when it took and let go of the lock (``spans``: the parent finds the gaps between holders). Wrapped
+    methods: they cost a little."""
+    counts: dict[str, Any] = {}
+    if not system.startswith("json"):
+        return counts
+    model = float(os.environ.get("STORAGE_BENCH_FSYNC_US") or 0)
+    if model:
+        import ctypes
+
+        from storage.backends.json import journal
+
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, in ns
+        journal.sync_fd = lambda fd: time.sleep(model / 1e6)  # type: ignore[assignment]
+    defer = os.environ.get("STORAGE_BENCH_DEFER_BYTES")
+    if defer and system == "json":  # json-base keeps its own (the variant against the baseline)
+        from storage.backends.json import store as json_store
+
+        json_store.DEFER_BYTES = int(defer)
+    if os.environ.get("STORAGE_BENCH_COUNTERS"):
+        from storage.backends.json import lock, store, tables
+
+        def wrap(cls: Any, name: str, key: str, timed: bool = False, when_true: bool = False) -> None:
+            inner = getattr(cls, name)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                got = inner(*args, **kwargs)
+                if not when_true or got:
+                    counts[key] = counts.get(key, 0) + 1
+                if timed:
+                    counts[key + "_s"] = counts.get(key + "_s", 0.0) + time.perf_counter() - t0
+                return got
+
+            setattr(cls, name, wrapper)
+
+        wrap(lock.SidecarLock, "try_acquire", "locked_at_once", when_true=True)
+        wrap(lock.SidecarLock, "adopt", "locked_after_wait", when_true=True)
+        spans: list[float] = []  # (taken, let go) pairs, wall clock: the parent finds the gaps between holders
+        counts["spans"] = spans
+        kinds: list[str] = []  # who let go, one per span (the caller's and its caller's function)
+        counts["kinds"] = kinds
+        releases: dict[str, int] = {}
+        for name in ("try_acquire", "adopt"):
+            took = getattr(lock.SidecarLock, name)
+
+            def taking(*args: Any, _took: Any = took) -> Any:
+                got = _took(*args)
+                if got:
+                    spans.append(time.time())
+                return got
+
+            setattr(lock.SidecarLock, name, taking)
+        release = lock.SidecarLock.release
+
+        def releasing(self: Any) -> None:  # the time noted while still held: recorded holds never overlap
+            if self.held and len(spans) % 2:
+                spans.append(time.time())
+                why = f"{sys._getframe(1).f_code.co_name}<{sys._getframe(2).f_code.co_name}"
+                releases[why] = releases.get(why, 0) + 1
+                kinds.append(why)
+            release(self)
+
+        lock.SidecarLock.release = releasing  # type: ignore[method-assign]
+        wrap(store.JsonBackend, "_commit_deferred", "deferred", timed=True)
+        wrap(store.JsonBackend, "_commit_now", "commit_now", timed=True)
+        wrap(tables.Tables, "catch_up", "catch_up", timed=True)
+        wrap(tables.Tables, "apply_after", "apply_after", timed=True)
+    return counts
 
 
 def run_writers(system: str, path: Path, seconds: float) -> float:
@@ -291,6 +370,29 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
     late = [r for r in results if r["seconds"] > seconds * 1.5]
     if late:
         log(f"  warning: {system} writers ran {max(r['seconds'] for r in late):.2f} s for a {seconds} s window")
+    held: list[tuple[float, float, str]] = []
+    for r in results:
+        if "counts" in r:
+            spans = r["counts"].pop("spans", [])
+            held.extend(zip(spans[::2], spans[1::2], r["counts"].pop("kinds", []), strict=False))
+            shown = ", ".join(f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}"
+                              for k, v in sorted(r["counts"].items()))
+            log(f"    {system} writer: saves {r['saves']}, {shown}")
+    if held:
+        held.sort()
+        window = [(a, b, why) for a, b, why in held if start_at <= a and b <= start_at + seconds]
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(window)]
+        busy = sum(b - a for a, b, _ in window)
+        after: dict[str, list[float]] = {}  # the gaps by who let go before them
+        for (_, _, why), gap in zip(window, gaps, strict=False):
+            after.setdefault(why, []).append(gap)
+        for why, some in sorted(after.items()):
+            log(f"    after {why}: {len(some)} gaps, sum {sum(some):.3f} s, median {1e3 * statistics.median(some):.3f}"
+                f" ms, over 2 ms: {sum(g > 0.002 for g in some)}")
+        log(f"    {system}: {len(window)} holds in the window, lock held {busy:.3f} s, gaps between holders: "
+            f"sum {sum(gaps):.3f} s, median {1e3 * statistics.median(gaps) if gaps else 0:.3f} ms, "
+            f"max {1e3 * max(gaps, default=0):.3f} ms, over 2 ms: {sum(g > 0.002 for g in gaps)} "
+            f"({sum(g for g in gaps if g > 0.002):.3f} s)")
     return sum(r["saves"] for r in results) / max(r["seconds"] for r in results)
 
 
@@ -396,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="where to put the data (default: the system temp dir); the disk matters")
     parser.add_argument("--baseline", help="a checkout of this repository whose JSON backend runs as one more "
                                            "system, json-base, interleaved with the others (before/after)")
+    parser.add_argument("--fsync-model", type=float, metavar="US",
+                        help="writer row: the JSON journal's fsync is a sleep of US microseconds (use on tmpfs)")
+    parser.add_argument("--counters", action="store_true",
+                        help="writer row: print each JSON writer's lock acquisitions, deferred commits, catch-up time")
+    parser.add_argument("--defer-bytes", type=int, metavar="N",
+                        help="writer row: json (not json-base) runs with json/store.py's DEFER_BYTES = N")
     parser.add_argument("--worker", nargs=4, metavar=("STEP", "SYSTEM", "PATH", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -410,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(steps[step]())))
         return 0
 
+    if args.fsync_model:
+        os.environ["STORAGE_BENCH_FSYNC_US"] = str(args.fsync_model)
+    if args.counters:
+        os.environ["STORAGE_BENCH_COUNTERS"] = "1"
+    if args.defer_bytes is not None:
+        os.environ["STORAGE_BENCH_DEFER_BYTES"] = str(args.defer_bytes)
     args.members = args.members or (10_000 if args.quick else 100_000)
     args.reps = args.reps or (3 if args.quick else 5)
     args.seconds = args.seconds or (0.5 if args.quick else 1.0)

@@ -25,7 +25,8 @@ import pytest
 
 from storage import StorageIOError, StoreConfig
 from storage.backends.json import store as json_store
-from storage.backends.json.store import JOURNAL_NAME
+from storage.backends.json.lock import SidecarLock
+from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME
 from storage.stores import JsonStore
 from tests._cancel import cancel_after
 from tests._proc import ROOT
@@ -141,6 +142,52 @@ async def test_a_deferred_commit_applies_the_others_then_its_own_before_it_retur
     assert heard == expected
     async with await JsonStore.open(cfg(tmp_path)) as fresh:
         assert await view(fresh) == journal_state(tmp_path) == await view(pair.ahead)
+
+
+async def test_the_lock_is_handed_over_before_the_apply(pair: Deferring, tmp_path: Path) -> None:
+    """A deferred commit lets go (SidecarLock.hand_over: the unlock, then one sched_yield) before it applies the
+    others' records: another holder can take the lock while the apply runs, and the view is right after it."""
+    other = SidecarLock(tmp_path / LOCK_NAME)
+    taken: list[bool] = []
+    tables = pair.behind._tables
+    apply_after = tables.apply_after
+
+    def apply_while_another_holds(start: int, stop: int, ops: Any) -> None:
+        got = other.try_acquire()
+        taken.append(got)
+        try:
+            apply_after(start, stop, ops)
+        finally:
+            if got:
+                other.release()
+
+    tables.apply_after = apply_while_another_holds  # type: ignore[method-assign]
+    try:
+        for round_ in range(2):
+            await pair.backlog(10, f"h{round_}-")
+            await pair.behind.put("c", f"mine{round_}", {"round": round_})
+        assert pair.deferred == 2 and taken == [True, True]
+        assert not pair.behind._flock.held
+        assert await view(pair.behind) == journal_state(tmp_path) == await view(pair.ahead)
+    finally:
+        other.close()
+
+
+def test_hand_over_lets_go_once(tmp_path: Path) -> None:
+    """hand_over is release (and a yield): the lock is free after it, and a second call, not holding, does nothing."""
+    lock, other = SidecarLock(tmp_path / LOCK_NAME), SidecarLock(tmp_path / LOCK_NAME)
+    try:
+        assert lock.try_acquire()
+        assert not other.try_acquire()
+        lock.hand_over()
+        assert not lock.held
+        lock.hand_over()  # not held: nothing (as release)
+        assert other.try_acquire()
+        assert not lock.try_acquire()
+        other.release()
+    finally:
+        lock.close()
+        other.close()
 
 
 async def test_an_update_catches_up_under_the_lock_first(pair: Deferring, tmp_path: Path) -> None:

@@ -738,7 +738,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         self._holding = False  # others wait (_defer_catch_up): let go now, the apply needs no lock
         self._let_go_early = True
         try:
-            self._flock.release()
+            self._flock.hand_over()  # a writer waits (_defer_catch_up): it runs before our apply (json/lock.py)
         except OSError as exc:  # nothing to undo: the record is durable and published (closing lets go at the end)
             log.error("%s: letting go of the store lock failed: %s", self.path, exc)
         try:
