@@ -16,6 +16,7 @@ import pytest
 
 from storage.backends.json import group_commit
 from storage.backends.json.group_commit import Failed, GroupCommit
+from tests._turns import turns_during
 
 
 class Disk:
@@ -299,21 +300,13 @@ async def test_a_lone_writer_in_a_tight_loop_gives_the_loop_turns(monkeypatch: p
     monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 0.0)  # over budget at once: every second commit yields
     disk = Disk()
     gc = disk.commit(solo=True)
-    turns = 0
 
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
+    async def ten() -> None:
+        for i in range(10):
+            await gc.submit(i)  # nothing here suspends but the fast path's own turn
 
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    before = turns
-    for i in range(10):
-        await gc.submit(i)  # nothing here suspends but the fast path's own turn
-    tick.cancel()
-    assert turns - before >= 5
+    _, turns = await turns_during(ten())
+    assert turns >= 5
     assert disk.rounds == [[i] for i in range(10)]  # still alone: the yield found nobody else writing
 
 

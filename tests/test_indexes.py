@@ -17,6 +17,7 @@ import storage
 from storage.backends.json import query as json_query
 from storage.backends.postgres import query as pg_query
 from storage.query import parse_query
+from tests._turns import turns_during
 from tests.test_queries import PATHS, check_random_queries, load, rand_doc, rand_key, ref_find
 
 
@@ -172,24 +173,13 @@ async def test_json_large_find_is_a_snapshot_and_lets_the_loop_run(tmp_path, mon
     store = await storage.open_store(backend="json", path=str(tmp_path / "data"))
     try:
         await store.put_many("m", {f"k{i:05d}": {"n": i % 10, "pad": "x" * 50} for i in range(20_000)})
-        turns = 0
-
-        async def ticker() -> None:
-            nonlocal turns
-            while True:
-                turns += 1
-                await asyncio.sleep(0)
 
         async def writer() -> None:
             await store.put("m", "k99999", {"n": 3})
             await store.delete("m", "k00003")
 
-        tick = asyncio.create_task(ticker())
         write = asyncio.create_task(writer())
-        try:
-            found = await store.find("m", {"n": 3})  # its snapshot is taken before the other tasks first run
-        finally:
-            tick.cancel()
+        found, turns = await turns_during(store.find("m", {"n": 3}))  # its snapshot is taken at the call's start
         await write
         assert turns > 3
         keys = [k for k, _ in found]

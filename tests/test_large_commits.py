@@ -22,6 +22,7 @@ from storage.backends.json.put_run import PutRun
 from storage.backends.json.snapshot import OVERHEAD
 from storage.backends.json.store import LARGE_COMMIT
 from storage.documents import ENCODE_TURN, normalize_items
+from tests._turns import turns_during
 from tests.test_feed import next_change
 
 BIG = max(ENCODE_TURN, LARGE_COMMIT) + 500
@@ -36,20 +37,9 @@ async def test_a_large_put_many_writes_everything_and_gives_the_loop_turns(store
     expected = {f"k{i:05d}": doc(i) for i in range(0, BIG, 3)}
     update = {f"k{i:05d}": doc(i, 1) for i in range(BIG)}
     expected.update(update)
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    before = turns
-    assert await store.put_many("big", update) == BIG
-    tick.cancel()
-    assert turns - before >= BIG // ENCODE_TURN - 1  # at least one turn per encoded slice
+    written, turns = await turns_during(store.put_many("big", update))
+    assert written == BIG
+    assert turns >= BIG // ENCODE_TURN - 1  # at least one turn per encoded slice
     assert {k: d async for k, d in store.items("big")} == expected
     await store.close()
     again = await reopen()

@@ -29,6 +29,7 @@ from storage.messages.columns import columns_of
 from storage.messages.records import normalize_messages
 from storage.models import snowflake
 from storage.stores import PostgresStore
+from tests._turns import turns_during
 from tests.test_analytics import (
     AUTHORS,
     GUILDS,
@@ -233,19 +234,9 @@ async def test_record_messages_encodes_small_chunks_a_loop_step_each(pg_store: P
             yield chunk
 
     monkeypatch.setattr(pm, "checked_rows", counted)
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     batch = [message(i) for i in range(1, 3001)]
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    assert await pg_store.record_messages(batch) == 3000
-    tick.cancel()
+    recorded, turns = await turns_during(pg_store.record_messages(batch))
+    assert recorded == 3000
     assert max(chunks) == pm.COPY_CHUNK and sum(chunks) == 3000
     assert turns >= 3000 // pm.COPY_CHUNK - 1
     assert await pg_store.record_messages(iter(batch)) == 0  # type: ignore[arg-type]
