@@ -63,9 +63,9 @@ class MergedSnapshot:
     def __iter__(self) -> Iterator[bytes]:
         table = self.file.table
         changes = self.changes
-        find = self.file.find
-        touched = sorted(i for i in map(find, changes) if i >= 0)
-        appended = [key for key in changes if changes[key] is not None and find(key) < 0]
+        found = list(map(self.file.find, changes))  # each changed key's line in the old file, -1: a new key
+        touched = sorted(i for i in found if i >= 0)
+        appended = [key for key, at in zip(changes, found) if at < 0 and changes[key] is not None]
         count = table.count
         self._pos = 2
         self._first = True
