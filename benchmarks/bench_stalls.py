@@ -239,6 +239,50 @@ class StepProbe:
         self.since = time.thread_time()
 
 
+class Promotions:
+    """``--promoted``: the objects each middle-generation collection moved to the oldest generation during a call,
+    by kind (what, once their count passes a quarter of the oldest generation, sets off a full collection, whose
+    cost is the whole heap's). Deterministic where the stall figures are not: the lever for the full collections
+    a call sets off is here. Diagnosis only (its counting allocates, so it moves the collections it counts)."""
+
+    def __init__(self) -> None:
+        self.promoted = 0
+        self.kinds: Counter[str] = Counter()
+        self._before: set[int] = set()
+        gc.callbacks.append(self._seen)
+
+    @staticmethod
+    def kind(o: object) -> str:
+        name = type(o).__name__
+        if isinstance(o, tuple):
+            return f"tuple[{len(o)}]({','.join(type(x).__name__ for x in o[:4])})"
+        if isinstance(o, list):
+            return f"list[{'0' if not o else '1' if len(o) == 1 else 'n'}]({type(o[0]).__name__ if o else ''})"
+        if isinstance(o, dict):
+            return f"dict({','.join(str(k)[:12] for k in list(o)[:4])})"
+        if name in ("function", "cell", "frame", "coroutine", "generator"):
+            code = getattr(o, "__code__", None) or getattr(o, "gi_code", None) or getattr(o, "cr_code", None)
+            if code is not None:
+                return f"{name}({Path(code.co_filename).name}:{code.co_name})"
+        return name
+
+    def _seen(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 1:
+            return
+        if phase == "start":
+            self._before = {id(o) for o in gc.get_objects(generation=2)}
+            return
+        new = [o for o in gc.get_objects(generation=2) if id(o) not in self._before]
+        self.promoted += len(new)
+        self.kinds.update(self.kind(o) for o in new)
+        del new
+        self._before = set()
+
+    def reset(self) -> None:
+        self.promoted = 0
+        self.kinds = Counter()
+
+
 class GilWatch:
     """``--holders``: a thread that sleeps 1 ms at a time; when it wakes more than HOLD_MS late, it notes where
     every other busy thread stands. The GIL is handed over between bytecodes, so a thread that kept it through one
@@ -282,7 +326,7 @@ class GilWatch:
 
 async def worker(backend: str, members: int, messages: int, root: str, admin_dsn: str | None,
                  only: list[str], sample: bool = False, freeze: bool = False,
-                 holders: bool = False) -> dict[str, Any]:
+                 holders: bool = False, promoted: bool = False) -> dict[str, Any]:
     import storage
     from storage.backup.copy import copy
     from storage.cli import build_parser
@@ -298,6 +342,7 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
     probe = StepProbe(sample)
     probe.install()
     gil = GilWatch() if holders else None
+    promotions = Promotions() if promoted else None
 
     async def watch(name: str, op: Callable[[], Awaitable[Any]]) -> Any:
         heap = Counter(type(o).__name__ for o in gc.get_objects()) if sample else None  # what a full GC visits
@@ -306,6 +351,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
         probe.reset()
         if gil is not None:
             gil.reset()
+        if promotions is not None:
+            promotions.reset()
         result = await watcher.watch(op)
         results[name] = {"seconds": time.perf_counter() - started, "stall_ms": watcher.longest * 1000,
                          "stall_cpu_ms": watcher.longest_cpu * 1000,
@@ -318,6 +365,8 @@ async def worker(backend: str, members: int, messages: int, root: str, admin_dsn
             results[name]["stacks"] = probe.stacks
         if gil is not None:
             results[name]["holders"] = gil.top()
+        if promotions is not None:
+            results[name]["promoted"] = [promotions.promoted, promotions.kinds.most_common(12)]
         if probe.gcs:
             results[name]["gc"] = probe.gcs
         if heap is not None:
@@ -449,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holders", action="store_true",
                         help="a 1 ms sleeper thread notes where every busy thread stands when it wakes over 8 ms "
                              "late: which worker-thread call held the GIL (perturbs the figures: diagnosis only)")
+    parser.add_argument("--promoted", action="store_true",
+                        help="per call, the objects the middle-generation collections moved to the oldest one (what "
+                             "sets off full collections), by kind (diagnosis only)")
     parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -477,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 admin = args.pg_admin_dsn if backend == "postgres" else None
                 runs[system][backend].append(run_worker(__file__, [json.dumps(
                     [checkout, backend, members, messages, root, admin, only, args.where, args.gc_freeze,
-                     args.holders])],
+                     args.holders, args.promoted])],
                     timeout=3600))
     columns = [(s, b) for b in backends for s in systems]
     names: list[str] = []
@@ -535,6 +587,16 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{label}: {name}: the sleeper woke {late:.1f} ms late; busy threads:")
                         for stack in stacks:
                             print(f"    {stack}")
+    if args.promoted:
+        for system in systems:
+            for backend in backends:
+                label = backend if len(systems) == 1 else f"{system} {backend}"
+                for name, got in runs[system][backend][-1]["results"].items():
+                    if "promoted" in got and got["promoted"][0]:
+                        print(f"{label}: {name}: {got['promoted'][0]} objects promoted to the oldest generation; "
+                              f"full collections {got.get('full_gcs', 0)}; by kind:")
+                        for kind, count in got["promoted"][1]:
+                            print(f"    {count:7d} {kind}")
     if args.where:
         for system in systems:
             for backend in backends:

@@ -216,3 +216,21 @@ async def test_encoded_and_plain_batches_commit_together(tmp_path: Path) -> None
         assert sorted(map(int, stored)) == list(range(1, 3000))
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_order_key_sorts_as_order_and_holds_its_parts(seed: int) -> None:
+    """A month's scan sorts by ``order_key`` strings (no tuple per record: see its docstring); they must sort
+    exactly as the ``order`` tuples, with ids of every length and timestamps with and without microseconds."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(3000):
+        mid = str(rng.choice([rng.randrange(1, 10**4), rng.randrange(10**16, 10**19), 2**64 - 1 - rng.randrange(9)]))
+        second = f"2024-05-0{rng.randrange(1, 4)}T10:00:{rng.randrange(3):02d}"
+        ts = second + "Z" if rng.random() < 0.5 else f"{second}.{rng.randrange(10**6):06d}Z"
+        records.append({"timestamp": ts, "message_id": mid})
+    assert sorted(records, key=message_files.order_key) == sorted(records, key=message_files.order)
+    for rec in records:
+        key = message_files.order_key(rec)
+        assert key[:message_files.ORDER_TS] == message_files.order(rec)[0]
+        assert key[message_files.ORDER_ID:] == rec["message_id"]

@@ -156,14 +156,17 @@ def test_a_restores_message_passes_set_off_no_full_collection(tmp_path: Path, wh
     assert promoted < 3000 and full == 0, f"{what}: {promoted} objects promoted, {full} full collections"
 
 
-def test_copy_rows_decoded_a_few_at_a_time_promote_fewer_objects(tmp_path: Path) -> None:
-    """PostgreSQL's restore encodes its ``COPY`` rows from ROW_GROUP records at a time: what is alive when a
-    middle-generation collection runs reaches the oldest generation, and DECODE_GROUP records a group moved several
-    times more there (100k records: 2,151 against 293; at 1M messages, 3 full collections in a restore)."""
+def test_copy_rows_held_as_bytes_promote_nothing(tmp_path: Path) -> None:
+    """PostgreSQL's restore encodes its ``COPY`` rows from ROW_GROUP records at a time and holds them as keyed
+    bytes. The collector runs when the count of live tracked containers grows (allocations minus frees): with
+    ``(id, row)`` tuples held, 10k more a ``COPY`` ran young collections, each moving what was alive then (the
+    group being decoded; in a store, the loop's handles and futures) to the oldest generation (100k records:
+    293 objects at ROW_GROUP, 2,151 at DECODE_GROUP; 10k in a restore at 1M messages). Held as bytes, decoded
+    records are freed as fast as they are made, whatever the group: nothing is promoted."""
     entry = _backup_file(tmp_path, _records(30_000))
     small = _promoted(lambda: _copy_rows(MessageOps.backup_batches(tmp_path, entry, ROW_GROUP)))[0]
     large = _promoted(lambda: _copy_rows(MessageOps.backup_batches(tmp_path, entry, DECODE_GROUP)))[0]
-    assert ROW_GROUP < DECODE_GROUP and small * 2 < large, (small, large)
+    assert ROW_GROUP < DECODE_GROUP and small < 50 and large < 50, (small, large)
 
 
 def _copy_rows(batches: Iterator[list[dict[str, Any]]]) -> int:

@@ -41,7 +41,7 @@ from ..protocol import Document
 from .expiring import put_encoded_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .indexes import carry_indexes, index_difference
-from .messages import DECODE_GROUP, MESSAGE_BATCH, MessageOps
+from .messages import MESSAGE_BATCH, MessageOps
 from .operations import snapshot_collections
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
@@ -235,7 +235,7 @@ def _digest_raws(digest: ContentDigest, name: str, batch: list[tuple[str, bytes]
 async def _copy_view(tx: BackendTransaction, target: Backend, name: str, view: Mapping[str, bytes],
                      digest: ContentDigest, batch_size: int, progress: Progress) -> dict[str, None]:
     """A collection the source holds encoded (JSON): each batch decoded, hashed and encoded for the target in a
-    worker thread, DECODE_GROUP documents at a time, so that neither the loop nor the thread holds a batch of
+    worker thread, a document at a time, so that neither the loop nor the thread holds a batch of
     decoded documents. (Read through ``items``, a batch of 5,000 members was ~25k containers held on the loop
     while it filled: they reached the collector's oldest generation, and the full collections that set off, 13-14
     in a copy of 100k members, 10-40 ms each, ran on the loop.)"""
@@ -251,14 +251,18 @@ async def _copy_view(tx: BackendTransaction, target: Backend, name: str, view: M
 def _stored_pairs(digest: ContentDigest, name: str, view: Mapping[str, bytes],
                   keys: list[str]) -> list[tuple[str, bytes]]:
     """``keys``' documents hashed into ``digest`` and encoded as ``_put_stored`` encodes them (no collection rule:
-    see storage/rules.py), decoded DECODE_GROUP at a time (in a worker thread)."""
+    see storage/rules.py), one decoded document alive at a time (in a worker thread).
+
+    Why one: what is alive when a middle-generation collection runs moves to the oldest generation, and a member
+    is three tracked containers (with its ``(key, doc)`` pair). Decoded 64 at a time, ~1,200 members (3,600
+    objects) of a 100k-member copy were promoted, half of what set off its full collection (benchmarks/README.md);
+    the group of one costs ~1 us a document more, in this thread."""
     loads = orjson.loads
     out: list[tuple[str, bytes]] = []
-    for start in range(0, len(keys), DECODE_GROUP):
-        docs = [(key, loads(view[key])) for key in keys[start:start + DECODE_GROUP]]
-        for key, doc in docs:
-            digest.add(name, key, canonical(doc))
-        out += normalize_items(docs, name, rule=False)
+    for key in keys:
+        doc = loads(view[key])
+        digest.add(name, key, canonical(doc))
+        out += normalize_items(((key, doc),), name, rule=False)
     return out
 
 

@@ -507,14 +507,14 @@ def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[tuple[st
 
 def _stored_pairs(name: str, keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, bytes]]:
     """``keys``' backed-up documents encoded as ``_put_stored`` encodes them (no collection rule: see
-    storage/rules.py), decoded DECODE_GROUP at a time (in a worker thread). Decoded whole batches (2,000 members,
-    ~10k containers) were handed to the loop and back to a thread to be encoded: they lived long enough to reach
-    the collector's oldest generation and set off full collections."""
+    storage/rules.py), one decoded document alive at a time (in a worker thread). Decoded whole batches (2,000
+    members, ~10k containers) were handed to the loop and back to a thread to be encoded: they lived long enough to
+    reach the collector's oldest generation and set off full collections; 64 at a time, a few dozen of them still
+    did at each middle-generation collection (see ``backup.copy._stored_pairs``)."""
     loads = orjson.loads
     out: list[tuple[str, bytes]] = []
-    for start in range(0, len(keys), DECODE_GROUP):
-        out += normalize_items([(key, loads(raws[key])) for key in keys[start:start + DECODE_GROUP]], name,
-                               rule=False)
+    for key in keys:
+        out += normalize_items(((key, loads(raws[key])),), name, rule=False)
     return out
 
 

@@ -353,8 +353,10 @@ def sync_all(paths: list[Path]) -> None:
 
 def begin(plan: ForgetPlan) -> None:
     """Steps 2 and 3, under the store lock: the intent, then the swap of the message files."""
-    intent: dict[str, Any] = {"token": plan.token, "keys": [[c, k] for c, keys in plan.keys.items() for k in keys],
-                              "files": [list(f) for f in plan.files], "guilds": plan.guilds}
+    # the pairs as tuples (the same JSON arrays): a list each, a 20k-member guild's 20k lists reached the
+    # collector's oldest generation while the others were built (half of what set off a full collection there)
+    intent: dict[str, Any] = {"token": plan.token, "keys": [(c, k) for c, keys in plan.keys.items() for k in keys],
+                              "files": plan.files, "guilds": plan.guilds}
     if plan.commit is not None:
         # decided by the record, not the keys; and ``"keys": null`` makes a version from before transactions could
         # forget (which would decide by the keys, and find none) refuse the intent instead of guessing

@@ -67,6 +67,8 @@ from .message_files import (
     ENCODE_SLICE,
     GENERATION_NAME,
     MESSAGES_DIR,
+    ORDER_ID,
+    ORDER_TS,
     PIECE,
     FileKey,
     Record,
@@ -82,7 +84,7 @@ from .message_files import (
     list_files,
     list_months,
     month_range,
-    order,
+    order_key,
     parse_line,
     parse_record,
     read_generation,
@@ -750,7 +752,7 @@ def _read_line(path: Path, fd: int, offset: int, size: int) -> Record:
         raise corrupt(path, offset, exc) from None
 
 
-def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[tuple[str, int, str]], lines: list[bytes]) -> None:
+def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: list[bytes]) -> None:
     """Append one file's current records in ``[lo, hi)`` to ``keys`` (their order keys) and ``lines`` (the lines,
     each validated; a bad line: see :func:`parse_block`; the last line of an id is its current version)."""
     try:
@@ -770,13 +772,14 @@ def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[tuple[str, int
                 break  # being written right now, or torn by a crash: left for later (as parse_block does)
             raise corrupt(path, offset, exc) from None
         updates = updates or update
-        key = order(rec)
-        if (lo is None or key[0] >= lo) and (hi is None or key[0] < hi):
+        key = order_key(rec)
+        ts = key[:ORDER_TS]
+        if (lo is None or ts >= lo) and (hi is None or ts < hi):
             keys.append(key)
             lines.append(line)
         offset += len(line) + 1
     if updates:  # the last line of an id is its current version (an update keeps the id and the timestamp)
-        latest = {keys[i][2]: i for i in range(first, len(keys))}  # str -> int: not tracked by the collector
+        latest = {keys[i][ORDER_ID:]: i for i in range(first, len(keys))}  # str -> int: not tracked by the collector
         kept = list(latest.values())
         keys[first:] = [keys[i] for i in kept]
         lines[first:] = [lines[i] for i in kept]
@@ -795,7 +798,7 @@ def _load_month(paths: list[Path], lo: str | None, hi: str | None) -> list[bytes
     tracked when it checks the outer), so a month's pairs lived long enough to reach its oldest generation and
     set off most of a JSON-to-anything copy's full collections (1-7k promoted pairs each, at 1M messages).
     """
-    keys: list[tuple[str, int, str]] = []
+    keys: list[str] = []  # order_key's strings: a tuple each grew the collector's count (see order_key)
     lines: list[bytes] = []
     for path in paths:
         _keyed(path, lo, hi, keys, lines)

@@ -29,7 +29,8 @@ from ...messages.records import INGEST_CHUNK, UsualFields, checked_chunks
 from .copy_rows import COPY_HEADER, COPY_TRAILER, FIXED, NULL, jsonb_field, text_array_field, text_field
 from .schema import ID_SHIFT
 
-__all__ = ["Row", "KeyedRow", "RowEncoder", "Ingest", "checked_rows", "record_rows", "typed_columns", "TYPED"]
+__all__ = ["Row", "KeyedRow", "KEY_SIZE", "RowEncoder", "Ingest", "checked_rows", "record_rows", "typed_columns",
+           "TYPED"]
 
 Record = dict[str, Any]
 #: A message as ``COPY`` data: its id (an ``int``, for ordering) and the row's bytes.

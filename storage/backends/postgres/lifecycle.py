@@ -58,19 +58,24 @@ _GUILD_ROWS = ("c CROSS JOIN LATERAL (SELECT d.collection, d.key, d.doc, d.expir
                "WHERE " + _GUILD_MATCH + " OFFSET 0) AS o")
 GUILD_SELECT = (_COLLECTIONS_CTE + " SELECT o.collection, o.key, o.doc FROM " + _GUILD_ROWS + " WHERE "
                 + sql.live("$4", "o."))
-GUILD_DELETE = (_COLLECTIONS_CTE + " DELETE FROM storage_documents t USING (SELECT o.collection, o.key FROM "
-                + _GUILD_ROWS + ") AS m WHERE t.collection = m.collection AND t.key = m.key "
-                "RETURNING t.collection, t.key, " + sql.live("$4", "t."))
+# The DELETEs answer one row of three arrays (collection, key, visible), not a row per document: a forget of a
+# 20k-member guild received 20k asyncpg Records, containers the collector tracks, alive while they arrived over
+# several socket reads; 12-14k of them reached its oldest generation and set off a full collection (of the whole
+# process heap, holding the GIL) inside the call. Arrays of text and booleans are three lists of atoms.
+_ARRAYS = " SELECT array_agg(collection), array_agg(key), array_agg(visible) FROM gone"
+GUILD_DELETE = (_COLLECTIONS_CTE + ", gone AS (DELETE FROM storage_documents t USING (SELECT o.collection, o.key "
+                "FROM " + _GUILD_ROWS + ") AS m WHERE t.collection = m.collection AND t.key = m.key "
+                "RETURNING t.collection, t.key, " + sql.live("$4", "t.") + " AS visible)" + _ARRAYS)
 _USER_MATCH = "(reverse(d.key) = $1 OR (reverse(d.key) >= $2 AND reverse(d.key) < $3))"
 _USER_GUILD_MATCH = "reverse(d.key) >= $1 AND reverse(d.key) < $2 AND d.key >= $3 AND d.key < $4"
 USER_SELECT = ("SELECT d.collection, d.key, d.doc FROM storage_documents d WHERE " + _USER_MATCH + " AND "
                + sql.live("$4", "d."))
-USER_DELETE = ("DELETE FROM storage_documents d WHERE " + _USER_MATCH + " RETURNING d.collection, d.key, "
-               + sql.live("$4", "d."))
+USER_DELETE = ("WITH gone AS (DELETE FROM storage_documents d WHERE " + _USER_MATCH + " RETURNING d.collection, "
+               "d.key, " + sql.live("$4", "d.") + " AS visible)" + _ARRAYS)
 USER_GUILD_SELECT = ("SELECT d.collection, d.key, d.doc FROM storage_documents d WHERE " + _USER_GUILD_MATCH
                      + " AND " + sql.live("$5", "d."))
-USER_GUILD_DELETE = ("DELETE FROM storage_documents d WHERE " + _USER_GUILD_MATCH + " RETURNING d.collection, "
-                     "d.key, " + sql.live("$5", "d."))
+USER_GUILD_DELETE = ("WITH gone AS (DELETE FROM storage_documents d WHERE " + _USER_GUILD_MATCH + " RETURNING "
+                     "d.collection, d.key, " + sql.live("$5", "d.") + " AS visible)" + _ARRAYS)
 
 
 def _after(prefix: str) -> str:
@@ -119,10 +124,10 @@ async def delete_owned(conn: Any, owner: Owner, now: datetime) -> tuple[dict[str
     """Delete the owner's documents (expired ones too) and records on ``conn`` (inside the caller's transaction).
     Returns the keys deleted per collection, the visible documents deleted per collection, the records deleted."""
     _select, delete, args = documents_where(owner, now)
-    rows = await conn.fetch(delete, *args)
+    collections, deleted, visibles = await conn.fetchrow(delete, *args)  # arrays (see _ARRAYS), NULL when none
     keys: dict[str, list[str]] = {}
     visible: dict[str, int] = {}
-    for collection, key, was_visible in rows:
+    for collection, key, was_visible in zip(collections or (), deleted or (), visibles or ()):
         keys.setdefault(collection, []).append(key)
         if was_visible:
             visible[collection] = visible.get(collection, 0) + 1

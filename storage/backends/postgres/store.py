@@ -96,7 +96,7 @@ from .analyze import BULK_ROWS, LoadStatistics
 from .coherent_cache import CoherentCache
 from .errors import DRIVER_ERRORS, describe_target, is_connection_error, is_driver_error, scrub_exception, translate
 from .feed import PgFeed
-from .ingest import RowEncoder, replay
+from .ingest import KEY_SIZE, RowEncoder, replay
 from .lane import Lane
 from .lifecycle import PgLifecycle, PgTxLifecycle
 from .messages import COLUMNS, PgMessagesMixin
@@ -688,19 +688,22 @@ def _next_copy_data(batches: Iterator[list[dict[str, Any]]], encoder: RowEncoder
     """The next ``rows`` or more records' ``COPY`` rows, in id order, or None at the end (in a worker thread).
 
     The batches come small (decoded a few dozen at a time: ``backup.messages.DECODE_GROUP``) and each is encoded
-    as it comes, so only rows, ``(id, bytes)`` tuples the garbage collector drops at its first look, are held:
-    10k decoded records held at once were ~40k containers, and the full collections they set off in this thread
-    (85 in a restore of 1M, up to 48 ms each) held the GIL the event loop needs.
+    as it comes, so only rows are held: 10k decoded records held at once were ~40k containers, and the full
+    collections they set off in this thread (85 in a restore of 1M, up to 48 ms each) held the GIL the event loop
+    needs. The rows are keyed bytes (the id in 8 big-endian bytes first: they sort in id order), not ``(id, row)``
+    tuples: a tuple is one more container allocation per record, and every 700 of those run a young collection,
+    which moves whatever else is alive then (the loop's handles and futures, the group being decoded) on towards
+    the oldest generation.
     """
-    keyed: list[tuple[int, bytes]] = []
+    keyed: list[bytes] = []
     for batch in batches:
-        keyed += map(encoder.record, batch)
+        keyed += map(encoder.record_keyed, batch)
         if len(keyed) >= rows:
             break
     if not keyed:
         return None
     keyed.sort()
-    return b"".join([row for _, row in keyed])
+    return b"".join([row[KEY_SIZE:] for row in keyed])
 
 
 def _describe(exc: BaseException) -> str:
