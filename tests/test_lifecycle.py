@@ -295,6 +295,32 @@ async def test_a_failed_swap_is_rolled_back(json_store: Any, monkeypatch: pytest
     assert not forget_files.pending(json_store.path)
 
 
+async def test_the_forgetting_process_settles_its_intent_from_its_plan(json_store: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """The process that wrote the intent and still holds the lock resolves it from its plan, without reading it
+    back (a guild's keys decoded as one list each reached the collector's oldest generation); the intent's bytes
+    are still what another process reads after a crash (the killed-process test below)."""
+    await fill(json_store)
+    before = await everything(json_store)
+    written: list[dict[str, Any]] = []
+    real_begin = forget_files.begin
+
+    def begin(plan: Any) -> None:
+        real_begin(plan)
+        written.append(orjson.loads((plan.data_path / forget_files.INTENT_NAME).read_bytes()))
+
+    def unread(*args: Any) -> Any:
+        raise AssertionError("the forgetting process read its own intent back")
+
+    monkeypatch.setattr(forget_files, "begin", begin)
+    monkeypatch.setattr(forget_files, "_read_intent", unread)
+    await json_store.forget_guild("12")
+    assert await everything(json_store) == minus(before, owned(before, Owner(guild="12")))
+    assert not forget_files.pending(json_store.path)
+    (intent,) = written
+    assert intent["keys"] and all(type(pair) is list and len(pair) == 2 for pair in intent["keys"])
+
+
 async def test_a_failed_journal_commit_rolls_the_messages_back(json_store: Any, monkeypatch: pytest.MonkeyPatch):
     await fill(json_store)
     before = await everything(json_store)
@@ -433,7 +459,7 @@ def begin(plan):
     if point == "swapped":
         os._exit(9)  # the intent written and the files swapped, the journal not written
 
-async def settle(self, *, roll_back):
+async def settle(self, *, roll_back, known=None):
     os._exit(9)  # the journal record written, the intent not resolved
 
 forget_files.begin = begin

@@ -52,7 +52,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,7 +466,7 @@ def _read_intent(data_path: Path) -> _Intent:
 
 
 def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: JournalHolds, *,
-            roll_back: bool = False, remove_work: bool = True) -> bool | None:
+            roll_back: bool = False, remove_work: bool = True, known: ForgetPlan | None = None) -> bool | None:
     """Finish or undo a pending forget (see the module doc); needs the store lock and ``data`` and the journal
     (``holds``, for a transaction's forget) caught up.
 
@@ -474,10 +474,20 @@ def resolve(data_path: Path, data: Mapping[str, Mapping[str, bytes]], holds: Jou
     whether the forget happened, or None when there was no intent. ``remove_work=False`` leaves the work folder
     (garbage once the intent is gone: the forgetting process deletes it after releasing the lock, since it holds
     the old message files, and an open sweeps it if that process dies first).
+
+    ``known``: the plan whose intent (:func:`begin`) this process wrote and has held the store lock since, so the
+    intent says what the plan says: taken from the plan, not read back. Read back, a 20k-member guild's keys were
+    decoded as 20k two-item lists, which reached the collector's oldest generation while they were made and set off
+    a full collection of the whole process heap (holding the GIL) in the forget (benchmarks/README.md).
     """
     if not pending(data_path):
         return None
-    token, keys, files, guilds, commit = _read_intent(data_path)
+    if known is not None:
+        token, files, guilds, raw = known.token, known.files, known.guilds, known.commit
+        commit = None if raw is None else (raw["generation"], raw["offset"], raw["length"], raw["digest"])
+        keys: Iterable[tuple[str, str]] = ((c, k) for c, ks in known.keys.items() for k in ks)
+    else:
+        token, keys, files, guilds, commit = _read_intent(data_path)
     if commit is not None:  # a transaction's: its journal record decides
         happened = not roll_back and holds(*commit)
     else:

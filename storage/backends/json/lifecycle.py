@@ -219,8 +219,8 @@ class JsonLifecycle:
             if ops:
                 await self._commit(ops)
         finally:
-            # decided by the documents: forward if committed, else back
-            plan.settled = bool(await self._settle(roll_back=False))
+            # decided by the documents: forward if committed, else back (the intent written in this lock hold)
+            plan.settled = bool(await self._settle(roll_back=False, known=plan))
 
     async def _undo_begin(self, discard: Callable[[], None]) -> None:
         """:func:`forget_files.begin` failed, nothing committed: roll back its intent if it was written, then
@@ -235,12 +235,13 @@ class JsonLifecycle:
         if not forget_files.pending(self.path):
             await cancellation.run_in_thread(discard)
 
-    async def _settle(self, *, roll_back: bool) -> bool:
+    async def _settle(self, *, roll_back: bool, known: forget_files.ForgetPlan | None = None) -> bool:
         """Resolve this forget's intent (see :func:`forget_files.resolve`; True once resolved); an error there
-        leaves it pending. The work folder is left for the caller to delete after the lock."""
+        leaves it pending. The work folder is left for the caller to delete after the lock. ``known``: the plan
+        whose intent this process wrote under the lock it still holds (see ``resolve``)."""
         data: Mapping[str, Mapping[str, bytes]] = self._tables.data
-        await run_in_thread(functools.partial(forget_files.resolve, roll_back=roll_back, remove_work=False),
-                            self.path, data, self._journal.holds)
+        await run_in_thread(functools.partial(forget_files.resolve, roll_back=roll_back, remove_work=False,
+                                              known=known), self.path, data, self._journal.holds)
         return True
 
     async def _commit_transaction(self, ops: list[Op], messages: TxMessages) -> None:
