@@ -610,6 +610,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
         """
         if self._behind is not None:  # the catch-up was deferred (_defer_catch_up): puts only
+            if type(ops) is PutRun and len(ops) <= LARGE_COMMIT:
+                ops = list(ops)
             if type(ops) is list and len(ops) <= LARGE_COMMIT:
                 record = encode_record(ops) if record is None else record
                 if self._may_inline(len(record)):
@@ -626,16 +628,14 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
         journal = self._journal
         try:
-            if type(ops) is not list:  # a PutRun: always large (encoded and planned above)
-                assert record is not None
-            elif record is None:
-                record = encode_record(ops)
-            if type(ops) is list and not large and self._may_inline(len(record)):
+            if record is None:
+                record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
+            if not large and self._may_inline(len(record)):
                 self._commit_now(ops, record)
                 return
             start = journal.offset
             try:
-                if plan is None and type(ops) is list and len(ops) >= PLAN_DURING_SYNC:  # a batch: planned meanwhile
+                if not large and len(ops) >= PLAN_DURING_SYNC:  # a batch: planned meanwhile (_timed_sync)
                     spent, plan = await cancellation.run_in_thread(self._timed_sync, ops, record)
                 else:
                     spent = await cancellation.run_in_thread(_timed_append, journal, record)
@@ -674,12 +674,12 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         else:
             self._batch_sync_estimate = 0.8 * self._batch_sync_estimate + 0.2 * spent
 
-    def _commit_now(self, ops: list[Op], record: bytes | None = None) -> None:
+    def _commit_now(self, ops: list[Op] | PutRun, record: bytes | None = None) -> None:
         """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
         suspends. An OSError leaves the record unpublished and unapplied (the caller's recovery rewrites the files
         from memory without it)."""
         if record is None:
-            record = encode_record(ops)
+            record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
         tables = self._tables
         plan: Plan | None = None
         if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
@@ -690,12 +690,12 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             spent = time.perf_counter() - began
         tables.publish()
         if plan is None:
-            tables.apply(ops)
+            tables.apply(ops if type(ops) is list else list(ops))
         else:
             tables.apply_plan(plan, ops)
         self._learn_sync(len(record), spent)
 
-    def _timed_sync(self, ops: list[Op], record: bytes) -> tuple[float, Plan | None]:
+    def _timed_sync(self, ops: list[Op] | PutRun, record: bytes) -> tuple[float, Plan | None]:
         """``journal.append(record)``, the planning of ``ops``' apply offered to the sync thread during its fsync
         (json/sync_thread.py); returns the write's and the fsync's own time (no waits) and the plan (None: the
         worker did not get to it). Under the lock; nothing is published or applied here.
@@ -713,7 +713,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         def sync(fd: int) -> None:
             nonlocal plan, written
             written = time.perf_counter()
-            plan = self._sync_thread.sync_during(fd, lambda: tables.plan(ops))
+            plan = self._sync_thread.sync_during(fd, lambda: _plan(tables, ops))
 
         self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
         return written - began + self._sync_thread.last_sync, plan
@@ -938,11 +938,12 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
                            expires: datetime | None = None) -> None:
-        """A large ``put_many``'s puts straight from its two lists (documents.normalize_columns): without an
-        expiry, as one :class:`~.put_run.PutRun` (no operation tuple kept per document: json/put_run.py); with
-        one, ITEMS_TURN operations at a time with a loop turn between."""
+        """A batch ``put_many``'s puts straight from its two lists (documents.normalize_columns): without an
+        expiry, a batch (PLAN_DURING_SYNC or more) as one :class:`~.put_run.PutRun` (no operation tuple kept per
+        document, and a plan from one ``dict`` of the lists: json/put_run.py); else ITEMS_TURN operations at a
+        time with a loop turn between."""
         self._check_writable(collection)
-        if expires is None and len(keys) > LARGE_COMMIT:
+        if expires is None and len(keys) >= PLAN_DURING_SYNC:
             await self._submit_puts(collection, PutRun(collection, keys, encoded))
             return
         ops: list[Op] = []
@@ -1552,6 +1553,11 @@ def _prepare_large(tables: Tables, ops: list[Op] | PutRun, record: bytes | None)
     if type(ops) is PutRun:
         return ops.record() if record is None else record, ops.plan(tables)
     return encode_in_slices(ops) if record is None else record, tables.plan(ops)  # type: ignore[arg-type]
+
+
+def _plan(tables: Tables, ops: list[Op] | PutRun) -> Plan | None:
+    """``tables.plan(ops)``; a PutRun's from its two lists (json/put_run.py)."""
+    return ops.plan(tables) if isinstance(ops, PutRun) else tables.plan(ops)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
