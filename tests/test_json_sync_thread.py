@@ -132,17 +132,23 @@ async def test_a_failed_fsync_in_the_worker_is_never_seen(tmp_path: Path, spy: S
 async def test_a_planning_that_fails_costs_only_speed(tmp_path: Path, spy: SyncSpy,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The planning fails in the worker (a bug there): logged, and the commit plans and applies the batch itself."""
     n = json_store.PLAN_DURING_SYNC
+    real_plan, real_plan_batch = Tables.plan, Tables.plan_batch
 
-    def broken(self: Tables, *args: Any) -> Any:
-        raise RuntimeError("planning failed (injected)")
+    def broken(real: Any) -> Any:
+        def planning(self: Tables, *args: Any) -> Any:
+            if in_worker([threading.current_thread().name]):
+                raise RuntimeError("planning failed (injected)")
+            return real(self, *args)
+        return planning
 
     store = await JsonStore.open(cfg(tmp_path))
     try:
         store._batch_sync_estimate = store._sync_estimate = 0.0
         spy.delay = 0.05
-        monkeypatch.setattr(Tables, "plan", broken)
-        monkeypatch.setattr(Tables, "plan_batch", broken)
+        monkeypatch.setattr(Tables, "plan", broken(real_plan))
+        monkeypatch.setattr(Tables, "plan_batch", broken(real_plan_batch))
         with caplog.at_level(logging.ERROR, logger="storage.json"):
             await store.put_many("c", batch(n, 3))
         assert "planning a commit during its fsync failed" in caplog.text

@@ -42,6 +42,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -136,6 +137,7 @@ PLAN_DURING_SYNC = max(BULK_APPLY, 256)
 #: after letting go (:meth:`JsonBackend._commit_deferred`): the catch-up leaves the serialized section. Below it the
 #: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
 DEFER_BYTES = 1 << 15
+_first, _second = itemgetter(0), itemgetter(1)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -643,6 +645,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
+                    if plan is None and type(ops) is PutRun:  # not planned meanwhile: from its one dict
+                        plan = ops.plan(self._tables)
                     if plan is None:  # expiries to clear: operation by operation
                         self._tables.apply(ops if type(ops) is list else list(ops))
                     else:
@@ -689,6 +693,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             self._journal.append(record)
             spent = time.perf_counter() - began
         tables.publish()
+        if plan is None and type(ops) is PutRun:  # the worker did not plan it: its plan from one dict, here
+            plan = ops.plan(tables)
         if plan is None:
             tables.apply(ops if type(ops) is list else list(ops))
         else:
@@ -926,6 +932,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
                            expires: datetime | None = None) -> None:
         self._check_writable(collection)
+        if expires is None and PLAN_DURING_SYNC <= len(items) <= LARGE_COMMIT:  # a batch (batch_update_members)
+            await self._submit_puts(collection, PutRun(collection, list(map(_first, items)), list(map(_second, items))))
+            return
         if len(items) <= LARGE_COMMIT:
             ops = _put_ops(collection, items, expires)
         else:  # 25k operations built in one go held the loop ~10 ms: ITEMS_TURN at a time, a loop turn between
