@@ -529,7 +529,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         it half-way, and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a
         save). A batch, or a document too large for an fsync on the loop (:meth:`_may_inline`), commits the usual
         way. ``record``: the lone put's journal line when the caller has it (:func:`encode_record`'s bytes), for
-        that synchronous commit. A :class:`~.put_run.PutRun` (a large put) commits as its operations do; alone in
+        that synchronous commit. A :class:`~.put_run.PutRun` (a batch put) commits as its operations do; alone in
         its round, as it is (json/put_run.py)."""
         self._check_usable()
         if (type(prepare) is list and self._lease.held and self._suspect is None
