@@ -44,6 +44,11 @@ def worker(part: str) -> None:
 
     from storage.backends.json import store as json_store
     from storage.backends.json.journal import encode_record
+
+    try:  # json/puts.py since the store's module was split; a baseline checkout may predate it
+        from storage.backends.json.puts import put_ops
+    except ImportError:
+        put_ops = json_store._put_ops
     from storage.backends.json.tables import Tables
     from storage.documents import normalize_items
 
@@ -59,7 +64,7 @@ def worker(part: str) -> None:
             self.indexes = type("NoIndexes", (), {"live": False})()
 
     tables = MemoryTables()
-    seed = json_store._put_ops("members", normalize_items({key_of(i): member_doc(i) for i in range(MEMBERS)},
+    seed = put_ops("members", normalize_items({key_of(i): member_doc(i) for i in range(MEMBERS)},
                                                           "members"), None)
     tables.apply_plan(tables.plan(seed), seed)
     batches = [batch_items(b) for b in range(BATCHES)]
@@ -67,17 +72,17 @@ def worker(part: str) -> None:
     if part not in ("all", "normalize"):
         for items in batches:
             pairs = normalize_items(items, "members")
-            prepared.append((items, json_store._put_ops("members", pairs, None), pairs))
+            prepared.append((items, put_ops("members", pairs, None), pairs))
 
     def one(_: Any, batch: Any) -> None:
         if part == "all":
-            ops = json_store._put_ops("members", normalize_items(batch, "members"), None)
+            ops = put_ops("members", normalize_items(batch, "members"), None)
             encode_record(ops)
             tables.apply_plan(tables.plan(ops), ops)
         elif part == "normalize":
             normalize_items(batch, "members")
         elif part == "put_ops":
-            json_store._put_ops("members", batch[2], None)
+            put_ops("members", batch[2], None)
         elif part == "record":
             encode_record(batch[1])
         elif part == "plan":

@@ -227,7 +227,7 @@ async def test_items_of_a_large_collection(store: storage.Store):
     """Over ``ITEMS_INLINE`` documents the JSON store copies the collection (one C call) and picks and sorts the
     pairs in a worker thread: the same answer as a small one's, prefix and expiry included, on both backends; on
     JSON, writes made after the first item do not show (the iteration is the collection when it began)."""
-    from storage.backends.json.store import ITEMS_INLINE
+    from storage.backends.json.listing import ITEMS_INLINE
 
     n = ITEMS_INLINE + 700
     docs = {f"{1 + i % 3}_{i:05d}": {"i": i} for i in range(n)}
@@ -252,7 +252,7 @@ async def test_json_transaction_counts_many_staged_changes_off_the_loop(store: s
     """A transaction's ``count`` over more than ITEMS_INLINE staged changes runs in a worker thread over a copy of
     them (a restore counts each collection after staging it: the view rebuilt on the loop took 43 ms at 100k), and
     gives the answer the view gives: puts, overwrites, deletes and expiries of the transaction counted."""
-    from storage.backends.json.store import ITEMS_INLINE
+    from storage.backends.json.listing import ITEMS_INLINE
 
     await store.put_many("c", {f"k{i:05d}": {"i": i} for i in range(300)})
     await store.put("c", "soon", {"gone": True}, ttl=0.05)
@@ -369,7 +369,7 @@ async def test_json_refresh_statistics_holds_its_writes_encoded(store: storage.S
         pytest.skip("the JSON backend's Python refresh (PostgreSQL runs it in SQL)")
     import gc
 
-    from storage.backends.json.store import JsonTransaction
+    from storage.backends.json.transaction import JsonTransaction
 
     n = 3000
     await store.batch_update_members([{"user_id": 1000 + i, "guild_id": 7, "data": {"roles": ["a", str(i)],

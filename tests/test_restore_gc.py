@@ -193,7 +193,7 @@ async def test_a_copy_holds_no_batch_of_decoded_documents(tmp_path: Path, throug
     collector's oldest generation: ~128k objects moved there in this test, under 3k now either way. Same copy,
     expiries included."""
     import storage
-    from storage.backends.json.store import JsonTransaction
+    from storage.backends.json.transaction import JsonTransaction
     from storage.backup.copy import copy
 
     if through == "items":
@@ -258,10 +258,10 @@ async def test_a_large_committed_transaction_is_freed_off_the_loop(tmp_path: Pat
     import asyncio
 
     import storage
-    from storage.backends.json import store as json_store
+    from storage.backends.json.listing import ITEMS_INLINE
 
     async with storage.open_store(backend="json", path=str(tmp_path / "s")) as store:
-        big = {f"k{i:05d}": {"n": i, "tags": [i]} for i in range(json_store.ITEMS_INLINE + 10)}
+        big = {f"k{i:05d}": {"n": i, "tags": [i]} for i in range(ITEMS_INLINE + 10)}
         async with store.transaction() as tx:
             await tx.put_many("c", big)
             await tx.put("c", "one", {"n": -1})
@@ -280,12 +280,12 @@ async def test_a_large_committed_transaction_is_freed_off_the_loop(tmp_path: Pat
 
 
 def test_free_staged_empties_in_slices() -> None:
-    from storage.backends.json import store as json_store
+    from storage.backends.json.transaction import free_staged
 
     ops: list[Any] = [("p", "c", str(i), b"{}") for i in range(2500)]
     inner: dict[str, bytes | None] = {str(i): b"{}" for i in range(2500)}
     changes: dict[str, dict[str, bytes | None]] = {"c": inner, "d": {"k": None}}
-    json_store._free_staged(ops, changes)
+    free_staged(ops, changes)
     assert ops == [] and changes == {} and inner == {}
 
 

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 
 from ...codec import check_collection, check_key
 from ...errors import CorruptDataError, ValidationError
+from ...expiry import from_micros
 from .journal import expiry_text, parse_expiry
 
-__all__ = ["EXPIRES_NAME", "Expiries", "visible", "dead_keys", "live_mapping", "LiveView", "read_sidecar",
-           "render_sidecar"]
+__all__ = ["EXPIRES_NAME", "Expiries", "visible", "dead_keys", "live_mapping", "live_expiries", "LiveView",
+           "read_sidecar", "render_sidecar"]
 
 EXPIRES_NAME = "storage.expires.json"
 #: ``{collection: {key: expires_micros}}``
@@ -119,3 +121,11 @@ def render_sidecar(expires: Expiries) -> bytes:
     if not lines:
         return b"{}\n"
     return b"{\n" + b",\n".join(lines) + b"\n}\n"
+
+
+def live_expiries(expiring: Mapping[str, int], keys: list[str] | None, now: int) -> dict[str, datetime]:
+    """A backend's or transaction's ``_expiries`` over ``expiring`` ({key: expires} of documents present): the
+    visible ones among ``keys`` (all of them without ``keys``)."""
+    if keys is None:
+        return {k: from_micros(when) for k, when in expiring.items() if visible(when, now)}
+    return {k: from_micros(expiring[k]) for k in keys if k in expiring and visible(expiring[k], now)}

@@ -316,7 +316,7 @@ class JsonLifecycle:
 
 
 class JsonTxLifecycle:
-    """The lifecycle primitives of a :class:`storage.backends.json.store.JsonTransaction` (whose attributes are
+    """The lifecycle primitives of a :class:`storage.backends.json.transaction.JsonTransaction` (whose attributes are
     declared below): documents from the transaction's staged view, message records from its staged message work
     (:mod:`.tx_messages`), both read-your-writes; a forget stages the deletions of the owner's documents with the
     rest of the transaction."""

@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 import orjson
 
 from ... import cancellation
-from ...codec import decode_doc
 from ...config import StoreConfig
 from ...documents import apply_update
 from ...errors import (
@@ -58,7 +57,7 @@ from ...errors import (
     StorageIOError,
     ValidationError,
 )
-from ...expiry import from_micros, to_micros
+from ...expiry import to_micros
 from ...feed import ChangeFeed
 from ...fsutil import TEMP_MARK, make_dirs
 from ...interfaces import BackendTransaction, ExportSink, MessageSummary, MessageSwap, MigrationLock
@@ -71,10 +70,10 @@ from ...offload import off_loop
 from ...protocol import Document, UpdateFn
 from ...query.plan import Query
 from ...types import Member
-from ..base import BackendBase, TransactionBase
+from ..base import BackendBase
 from . import forget_files as json_forget
 from . import restore as json_restore
-from .expiry import dead_keys, live_mapping, visible
+from .expiry import dead_keys, live_expiries, live_mapping, visible
 from .feed import JsonFeed
 from .filler import MIN_CHUNK
 from .group_commit import Failed, GroupCommit
@@ -82,7 +81,8 @@ from .indexes import build_indexes
 from .journal import Journal, Op, encode_in_slices, encode_record
 from .lazy import SIZES_AFTER, Lazy
 from .lease import Lease
-from .lifecycle import JsonLifecycle, JsonTxLifecycle
+from .lifecycle import JsonLifecycle
+from .listing import ITEMS_INLINE, ITEMS_TURN, select, select_from
 from .lock import LockBusy, SidecarLock
 from .message_export import export_records
 from .message_queries import JsonMessageQueries
@@ -91,13 +91,14 @@ from .migration_lock import FileMigrationLock
 from .mutex import Mutex
 from .presence import Presence
 from .put_run import PutRun
+from .puts import column_ops, put_ops
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
 from .sync_thread import SyncThread
 from .tables import BULK_APPLY, Plan, Staged, Tables
-from .tx_messages import TxMessages
+from .transaction import JsonTransaction, release_staged
 
-__all__ = ["JsonBackend", "JOURNAL_NAME", "LOCK_NAME"]
+__all__ = ["JsonBackend", "JsonTransaction", "JOURNAL_NAME", "LOCK_NAME"]
 
 _B = TypeVar("_B", bound="JsonBackend")
 
@@ -116,10 +117,6 @@ INLINE_SYNC_BUDGET = 0.0005
 INLINE_BATCH_BUDGET = 0.002
 #: A record of more bytes than this always has its append + fsync in a worker thread, whatever the estimates say.
 INLINE_MAX_BYTES = 1 << 20
-#: ``items()``: collections larger than this are filtered and sorted in a worker thread, and the event loop gets a
-#: turn every ITEMS_TURN documents decoded (what a bot's heartbeat needs; see benchmarks/README.md).
-ITEMS_INLINE = 5000
-ITEMS_TURN = 1000
 #: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
 #: (json/lock.py ``wait_free``'s ``behind``; it returns as soon as another has taken it, within 0.1-0.3 ms
 #: usually). 5 ms was too short beside a full test suite (load ~5 on 2 cores): a woken waiter's thread may wait
@@ -895,7 +892,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
         await self._refresh()
-        return _live_expiries(self._tables.expires.get(collection) or {}, keys, self._now_micros())
+        return live_expiries(self._tables.expires.get(collection) or {}, keys, self._now_micros())
 
     def _check_writable(self, collection: str) -> None:
         self._check_usable()
@@ -909,13 +906,13 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                            expires: datetime | None = None) -> None:
         self._check_writable(collection)
         if len(items) <= LARGE_COMMIT:
-            ops = _put_ops(collection, items, expires)
+            ops = put_ops(collection, items, expires)
         else:  # 25k operations built in one go held the loop ~10 ms: ITEMS_TURN at a time, a loop turn between
             ops = []
             for start in range(0, len(items), ITEMS_TURN):
                 if start:
                     await asyncio.sleep(0)
-                ops.extend(_put_ops(collection, items[start:start + ITEMS_TURN], expires))
+                ops.extend(put_ops(collection, items[start:start + ITEMS_TURN], expires))
         await self._submit_puts(collection, ops)
 
     async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
@@ -931,7 +928,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         for start in range(0, len(keys), ITEMS_TURN):
             if start:
                 await asyncio.sleep(0)
-            ops += _column_ops(collection, keys[start:start + ITEMS_TURN], encoded[start:start + ITEMS_TURN],
+            ops += column_ops(collection, keys[start:start + ITEMS_TURN], encoded[start:start + ITEMS_TURN],
                                expires)
         await self._submit_puts(collection, ops)
 
@@ -986,7 +983,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         def prepare(staged: Staged) -> tuple[list[Op], Document]:
             raw = staged.live(collection, key, self._now_micros())
             _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
-            return _put_ops(collection, [(key, encoded)], expires), orjson.loads(encoded)
+            return put_ops(collection, [(key, encoded)], expires), orjson.loads(encoded)
 
         result: Document = await self._submit(prepare)
         return result
@@ -1003,10 +1000,10 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             # The snapshot is one C-level dict copy (0.5 ms at 100k; a list of pairs built on the loop took 9-15
             # ms); the pairs are picked and sorted from it in a worker thread.
             plain = coll.whole() if type(coll) is Lazy else coll  # settled to a dict by _whole: this is a guard
-            selected = await off_loop(_select_from, dict(plain), dead, prefix)
+            selected = await off_loop(select_from, dict(plain), dead, prefix)
         else:
             pairs = [pair for pair in coll.items() if pair[0] not in dead] if dead else list(coll.items())
-            selected = _select(pairs, prefix)
+            selected = select(pairs, prefix)
         loads = orjson.loads
         for index, (key, raw) in enumerate(selected):
             if index and not index % ITEMS_TURN:
@@ -1228,7 +1225,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
                     await tx._discard_messages()
                     if ops:
                         await self._commit(ops)
-                _release_staged(tx)  # committed: nothing reads the staged operations any more
+                release_staged(tx)  # committed: nothing reads the staged operations any more
         finally:
             self._leave_transaction(token)
 
@@ -1327,161 +1324,6 @@ class _CommitHeld:
         self._store._exit_commit(exc_type is not None)
 
 
-class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
-    """A transaction on a :class:`JsonBackend`: changes are staged in memory and committed as one journal line;
-    forgets and prunes stage their message side beside the message files (json/tx_messages.py), and the same
-    journal line decides it."""
-
-    def __init__(self, store: JsonBackend) -> None:
-        super().__init__(store)
-        self._json = store
-        self._staged = Staged(store._tables.data, store._tables.expires)
-        self._ops: list[Op] = []
-        self._next_turn = ITEMS_TURN  # staged operations after which the loop gets its next turn
-        self._tx_messages = TxMessages(store.path)  # forgets' and prunes' message side (json/tx_messages.py)
-        self._restore: RestoreSwap | None = None  # a restore's message swap (json/restore.py)
-        self._steps = asyncio.Lock()
-
-    def commit_restore(self, swap: RestoreSwap) -> None:
-        """A restore's last step (:class:`RestoreSwap`): the commit swaps its messages, decided by the record."""
-        if self._restore is not None:
-            raise ValueError("one restore per transaction")
-        self._restore = swap
-
-    async def _discard_messages(self) -> None:
-        """The transaction ends without message work to commit: remove what its steps staged (if any)."""
-        try:
-            await cancellation.run_in_thread(self._tx_messages.discard)
-        except Exception as exc:  # only disk space: the next open removes a work folder without an intent
-            log.warning("%s: could not remove a transaction's staged message files: %s", self._json.path, exc)
-
-    def _finish(self) -> list[Op]:
-        self._end()
-        return self._ops
-
-    async def _stage(self, ops: list[Op]) -> None:
-        """Stage ``ops``; every ITEMS_TURN operations the event loop gets a turn, so a transaction that writes
-        thousands of documents one call at a time (none of which waits) does not hold a bot's heartbeat."""
-        self._staged.apply(ops)
-        self._ops.extend(ops)
-        if len(self._ops) >= self._next_turn:
-            self._next_turn = len(self._ops) + ITEMS_TURN
-            await asyncio.sleep(0)
-
-    async def _get(self, collection: str, key: str) -> Document | None:
-        raw = self._staged.live(collection, key, self._json._now_micros())
-        return orjson.loads(raw) if raw is not None else None
-
-    async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Document]:
-        out = {}
-        now = self._json._now_micros()
-        for key in keys:
-            raw = self._staged.live(collection, key, now)
-            if raw is not None:
-                out[key] = orjson.loads(raw)
-        return out
-
-    async def _expiries(self, collection: str, keys: list[str] | None) -> dict[str, datetime]:
-        return _live_expiries(self._staged.expiring_in(collection), keys, self._json._now_micros())
-
-    async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
-                           expires: datetime | None = None) -> None:
-        self._json._check_writable(collection)
-        await self._stage(_put_ops(collection, items, expires))
-
-    async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
-                           expires: datetime | None = None) -> None:
-        self._json._check_writable(collection)
-        await self._stage(_column_ops(collection, keys, encoded, expires))
-
-    async def _delete(self, collection: str, key: str) -> bool:
-        self._json._check_writable(collection)
-        if self._staged.live(collection, key, self._json._now_micros()) is None:
-            return False
-        await self._stage([("d", collection, key)])
-        return True
-
-    async def _update(self, collection: str, key: str, fn: UpdateFn, default: Document | None,
-                      expires: datetime | None = None) -> Document:
-        self._json._check_writable(collection)
-        raw = self._staged.live(collection, key, self._json._now_micros())
-        _doc, encoded = apply_update(fn, orjson.loads(raw) if raw is not None else None, default)
-        await self._stage(_put_ops(collection, [(key, encoded)], expires))
-        return decode_doc(encoded)
-
-    async def _items(self, collection: str, prefix: str | None) -> AsyncIterator[tuple[str, Document]]:
-        """The keys as they are when the iteration starts, in order (a large collection sorted in a worker thread);
-        each document as it is when it is reached (one this transaction deleted meanwhile is skipped)."""
-        await self._json._whole(collection)
-        view = self._staged.live_view(collection, self._json._now_micros())
-        keys = list(view)
-        selected = await off_loop(_select_keys, keys, prefix) if len(keys) > ITEMS_INLINE \
-            else _select_keys(keys, prefix)
-        staged, loads, now = self._staged, orjson.loads, self._json._now_micros()
-        for index, key in enumerate(selected):
-            if index and not index % ITEMS_TURN:
-                await asyncio.sleep(0)
-            raw = staged.live(collection, key, now)
-            if raw is not None:
-                yield key, loads(raw)
-
-    async def _count(self, collection: str) -> int:
-        staged = self._staged
-        if staged.size() > ITEMS_INLINE:
-            # Counted in a worker thread over a copy of the staged changes (two C-level dict copies; the loop may
-            # stage more meanwhile): a restore's count after staging 100k puts rebuilt the view on the loop, 43 ms.
-            await self.whole(collection)
-            frozen, now = staged.frozen(), self._json._now_micros()
-            return await off_loop(_live_count, frozen, collection, now)
-        if staged.expiring_in(collection) or collection in staged.names:
-            await self.whole(collection)  # the view is then a copy with the changes over it
-        return len(self._staged.live_view(collection, self._json._now_micros()))
-
-    async def whole(self, collection: str) -> None:
-        """Read a lazy committed collection whole off the loop (JsonStore._whole) before this transaction's view
-        of it is walked or copied: :meth:`encoded_documents` callers that walk it on the loop call this first."""
-        await self._json._whole(collection)
-
-    async def _query(self, collection: str, query: Query, mode: Mode) -> Any:
-        """Over this transaction's view; the committed indexes serve it while it changed nothing in the
-        collection (the committed data cannot change while the transaction holds the lock)."""
-        await self._json._whole(collection)
-        view = self._staged.view(collection)
-        committed = self._staged.base.get(collection)
-        indexes = self._json._tables.indexes.of(collection) if view is committed else None
-        dead = dead_keys(self._staged.expiring_in(collection), self._json._now_micros())  # json/expiry.py
-        return await run_query(live_mapping(view, dead), indexes, query, mode)
-
-    async def _delete_where(self, collection: str, query: Query) -> int:
-        self._json._check_writable(collection)
-        keys: list[str] = await self._query(collection, query, "keys")
-        for start in range(0, len(keys), ITEMS_TURN):
-            await self._stage([("d", collection, key) for key in keys[start:start + ITEMS_TURN]])
-        return len(keys)
-
-    def encoded_documents(self, collection: str) -> Mapping[str, bytes] | None:
-        """The documents as this transaction sees them, as stored (encoded): what a backup writes, without a
-        decode and re-encode of each (the committed collection, with this transaction's changes over it)."""
-        self._guard_read()
-        return self._staged.live_view(collection, self._json._now_micros())
-
-    async def collections(self) -> list[str]:
-        """The collections that hold documents, as this transaction sees them (like ``PgTransaction``'s: a backup
-        or copy lists them here, since the store itself refuses calls inside its own transaction)."""
-        self._guard_read()
-        staged = self._staged
-        changed = set(staged.names)
-        for name in changed:
-            await self._json._whole(name)
-        now = self._json._now_micros()
-        names = {name for name, coll in staged.base.items() if coll and name not in changed}
-        names.update(name for name in changed if staged.keys(name))
-        return sorted(name for name in names if staged.live_view(name, now))
-
-
-__all__ += ["JsonTransaction"]
-
-
 def in_own_thread(fn: Callable[..., int], *args: Any) -> asyncio.Future[int]:
     """Run ``fn`` in a new daemon thread (not the default executor: a wait that is abandoned may block there for
     as long as another process holds the lock, and must not take an executor slot meanwhile)."""
@@ -1541,86 +1383,3 @@ def _timed_append(journal: Journal, record: bytes) -> float:
     began = time.perf_counter()
     journal.append(record)
     return time.perf_counter() - began
-
-
-def _live_expiries(expiring: Mapping[str, int], keys: list[str] | None, now: int) -> dict[str, datetime]:
-    """``_expiries`` over ``expiring`` ({key: expires} of documents present): the visible ones among ``keys``."""
-    if keys is None:
-        return {k: from_micros(when) for k, when in expiring.items() if visible(when, now)}
-    return {k: from_micros(expiring[k]) for k in keys if k in expiring and visible(expiring[k], now)}
-
-
-def _put_ops(collection: str, items: list[tuple[str, bytes]], expires: datetime | None) -> list[Op]:
-    """Put operations; with an expiry each carries it (as microseconds, json/expiry.py)."""
-    if expires is None:
-        return [("p", collection, key, raw) for key, raw in items]
-    when = to_micros(expires)
-    return [("p", collection, key, raw, when) for key, raw in items]
-
-
-def _column_ops(collection: str, keys: list[str], encoded: list[bytes], expires: datetime | None) -> list[Op]:
-    """:func:`_put_ops` of ``zip(keys, encoded)``."""
-    if expires is None:
-        return [("p", collection, key, raw) for key, raw in zip(keys, encoded)]
-    when = to_micros(expires)
-    return [("p", collection, key, raw, when) for key, raw in zip(keys, encoded)]
-
-
-#: Staged operations freed at a time by :func:`_free_staged`.
-FREE_SLICE = 1000
-
-
-def _release_staged(tx: JsonTransaction) -> None:
-    """Hand a large committed transaction's staged operations to a worker thread to free, piecewise, without
-    waiting for it (no await: the transaction is committed and must be reported so). Dropped with the transaction
-    on the loop, 100k operations and their staged view took 8-11 ms in one step (a restore's last)."""
-    ops, staged = tx._ops, tx._staged
-    if len(ops) + staged.size() <= ITEMS_INLINE:
-        return
-    tx._ops, changes, staged.changes = [], staged.changes, {}
-    asyncio.get_running_loop().run_in_executor(None, _free_staged, ops, changes)
-
-
-def _free_staged(ops: list[Op], changes: dict[str, dict[str, bytes | None]]) -> None:
-    """Empty ``ops`` and ``changes`` FREE_SLICE at a time (in a worker thread, which can give the GIL back between
-    two slices; freeing them whole is one C call that holds it throughout)."""
-    while ops:
-        del ops[-FREE_SLICE:]
-    while changes:
-        _name, mine = changes.popitem()
-        while mine:
-            for _ in range(min(len(mine), FREE_SLICE)):
-                mine.popitem()
-
-
-def _live_count(staged: Staged, collection: str, now: int) -> int:
-    """How many documents of ``collection`` ``staged`` shows at ``now`` (in a worker thread, over a frozen copy)."""
-    return len(staged.live_view(collection, now))
-
-
-def _select_keys(keys: list[str], prefix: str | None) -> list[str]:
-    """The keys that start with ``prefix`` (all without one), sorted."""
-    if prefix is not None:
-        keys = [key for key in keys if key.startswith(prefix)]
-    keys.sort()
-    return keys
-
-
-def _select_from(coll: dict[str, bytes], dead: set[str], prefix: str | None) -> list[tuple[str, bytes]]:
-    """The pairs of ``coll`` (a private copy) whose key starts with ``prefix`` and is not ``dead``, sorted by key."""
-    if prefix is not None:
-        pairs = [pair for pair in coll.items() if pair[0].startswith(prefix)]
-    else:
-        pairs = list(coll.items())
-    if dead:
-        pairs = [pair for pair in pairs if pair[0] not in dead]
-    pairs.sort()
-    return pairs
-
-
-def _select(pairs: list[tuple[str, bytes]], prefix: str | None) -> list[tuple[str, bytes]]:
-    """The pairs whose key starts with ``prefix`` (all without one), sorted by key."""
-    if prefix is not None:
-        pairs = [pair for pair in pairs if pair[0].startswith(prefix)]
-    pairs.sort()  # keys are unique: tuples compare by key only
-    return pairs
