@@ -292,9 +292,11 @@ def _instrument(system: str) -> dict[str, Any]:
         journal.sync_fd = lambda fd: time.sleep(model / 1e6)  # type: ignore[assignment]
     defer = os.environ.get("STORAGE_BENCH_DEFER_BYTES")
     if defer and system == "json":  # json-base keeps its own (the variant against the baseline)
-        from storage.backends.json import store as json_store
-
-        json_store.DEFER_BYTES = int(defer)
+        try:  # json/holding.py since the lock discipline left json/store.py
+            from storage.backends.json import holding as defer_home
+        except ImportError:
+            from storage.backends.json import store as defer_home  # type: ignore[no-redef]
+        defer_home.DEFER_BYTES = int(defer)
     if os.environ.get("STORAGE_BENCH_COUNTERS"):
         from storage.backends.json import lock, store, tables
 
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counters", action="store_true",
                         help="writer row: print each JSON writer's lock acquisitions, deferred commits, catch-up time")
     parser.add_argument("--defer-bytes", type=int, metavar="N",
-                        help="writer row: json (not json-base) runs with json/store.py's DEFER_BYTES = N")
+                        help="writer row: json (not json-base) runs with json/holding.py's DEFER_BYTES = N")
     parser.add_argument("--worker", nargs=4, metavar=("STEP", "SYSTEM", "PATH", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

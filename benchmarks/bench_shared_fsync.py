@@ -10,7 +10,23 @@ and to write its record there. Two ways, interleaved repetitions, medians:
   writers' fsyncs overlap, and the file system may commit them together (ext4's journal batches concurrent
   fsyncs): the most a cross-process group commit could reach on this disk, with none of what it must pay to
   keep every guarantee (see benchmarks/README.md, "Design measurements", issue 15);
+* ``group``: the cross-process group commit benchmarks/README.md proposes (issue 15), PostgreSQL ``XLogFlush``
+  style, with what it must pay: the ``pwrite`` under the append lock at the *written end* (the counter), which it
+  moves; the lock let go; then a second lock, the *flush lock*: a writer whose record the *committed end* (a
+  counter in a third file, published after each fsync) already covers is done without an fsync of its own; else it
+  reads the written end, ``fdatasync``s once for every record before it and publishes that as the committed end.
+  A record that would cross a 4 KiB page starts at the next one instead (filler in between): with several
+  records in flight a power loss could otherwise leave a torn record before a whole one, which the journal's
+  reader takes for corruption. Also counts the fsyncs (records per fsync);
+* ``ordered``: the other way to keep the rule that a record becomes committed only once its own fsync succeeded:
+  each writer registers its record's span in its slot (under the append lock), lets go, runs its own
+  ``fdatasync`` (overlapping the others', as ``outside``), then under the second lock marks its slot synced and
+  moves the committed end over every record from it on whose slot says synced, in order; then waits (polling the
+  committed end every 20 us) until the committed end covers its record;
 * ``single``: one process, ``inside`` (the floor of bench_peers.py, for scale).
+
+``--work-us N``: each writer spins N microseconds of CPU per record before taking the lock (what a save costs
+its process outside the serialized part: with 4 writers on 2 cores the CPU, not the disk, then bounds ``group``).
 
 Run: ``python benchmarks/bench_shared_fsync.py [--dir DIR] [--writers 4] [--seconds 2] [--reps 5]``; the disk
 matters (the default is the system temp dir). Results go to ``benchmarks/results/shared_fsync.json``.
@@ -23,6 +39,7 @@ import fcntl
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,8 +49,10 @@ from pathlib import Path
 from _common import fmt, machine_info, print_table, write_results
 
 RECORD = b'[["p","members","42_%08d",{"user_id":"1","guild_id":"42","statistics":{"message_count":7}}]]\n'
+_SLOT = struct.Struct("<QQQ")  # ordered: a writer's record in flight: start, end, synced (at 8 + index * size)
+PAGE = 4096
 ROOM = 64 << 20  # preallocated newlines: no size change to commit, as in the journal's filler
-MODES = ("single", "inside", "outside")
+MODES = ("single", "inside", "outside", "group", "ordered")
 
 
 def prepare(folder: Path) -> None:
@@ -44,48 +63,91 @@ def prepare(folder: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     (folder / "end").write_bytes((0).to_bytes(8, "little"))
+    (folder / "flush").write_bytes(bytes(8 + _SLOT.size * 64))
 
 
-def writer(folder: Path, index: int, mode: str, start_at: float, seconds: float) -> dict[str, float]:
-    """One writer process: records until the window ends; how many, and the window's length."""
+def writer(folder: Path, index: int, mode: str, start_at: float, seconds: float,
+           work_us: float = 0.0) -> dict[str, float]:
+    """One writer process: records until the window ends; how many, the window's length and its fsyncs."""
     fd = os.open(folder / "journal", os.O_RDWR)
     lock = os.open(folder / "end", os.O_RDWR)
+    flush = os.open(folder / "flush", os.O_RDWR)
     time.sleep(max(0.0, start_at - time.time()))
     deadline = start_at + seconds
-    n = 0
+    n = syncs = 0
     while time.time() < deadline:
+        if work_us:
+            spin_until = time.thread_time() + work_us / 1e6
+            while time.thread_time() < spin_until:
+                pass
         line = RECORD % (index * 10_000_000 + n)
         fcntl.flock(lock, fcntl.LOCK_EX)
         end = int.from_bytes(os.pread(lock, 8, 0), "little")
         if end + len(line) > ROOM:
             fcntl.flock(lock, fcntl.LOCK_UN)
             break
+        if mode == "group" and end // PAGE != (end + len(line) - 1) // PAGE:
+            end = -(-end // PAGE) * PAGE  # never across a page: a power loss leaves it whole or absent (README)
         os.pwrite(fd, line, end)
-        if mode == "outside":
+        if mode == "ordered":
+            mine = end + len(line)
+            os.pwrite(lock, mine.to_bytes(8, "little"), 0)
+            os.pwrite(flush, _SLOT.pack(end, mine, 0), 8 + _SLOT.size * index)  # in flight
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.fdatasync(fd)
+            syncs += 1
+            fcntl.flock(flush, fcntl.LOCK_EX)
+            os.pwrite(flush, _SLOT.pack(end, mine, 1), 8 + _SLOT.size * index)
+            state = os.pread(flush, 8 + _SLOT.size * 64, 0)
+            committed = int.from_bytes(state[:8], "little")
+            spans = {start: (stop, synced) for start, stop, synced in _SLOT.iter_unpack(state[8:]) if stop}
+            while committed in spans and spans[committed][1]:  # over the synced records in order
+                committed = spans[committed][0]
+            os.pwrite(flush, committed.to_bytes(8, "little"), 0)
+            fcntl.flock(flush, fcntl.LOCK_UN)
+            while committed < mine:
+                time.sleep(0.00002)
+                committed = int.from_bytes(os.pread(flush, 8, 0), "little")
+        elif mode == "group":
+            mine = end + len(line)
+            os.pwrite(lock, mine.to_bytes(8, "little"), 0)  # the written end
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(flush, fcntl.LOCK_EX)
+            if int.from_bytes(os.pread(flush, 8, 0), "little") < mine:  # not covered by another's fsync yet
+                written = int.from_bytes(os.pread(lock, 8, 0), "little")  # every record before it: one fsync
+                os.fdatasync(fd)
+                syncs += 1
+                os.pwrite(flush, written.to_bytes(8, "little"), 0)  # the committed end
+            fcntl.flock(flush, fcntl.LOCK_UN)
+        elif mode == "outside":
             os.pwrite(lock, (end + len(line)).to_bytes(8, "little"), 0)
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.fdatasync(fd)
+            syncs += 1
         else:
             os.fdatasync(fd)
+            syncs += 1
             os.pwrite(lock, (end + len(line)).to_bytes(8, "little"), 0)
             fcntl.flock(lock, fcntl.LOCK_UN)
         n += 1
-    return {"records": n, "seconds": time.time() - start_at}
+    return {"records": n, "seconds": time.time() - start_at, "syncs": syncs}
 
 
-def run(folder: Path, mode: str, writers: int, seconds: float) -> float:
+def run(folder: Path, mode: str, writers: int, seconds: float, work_us: float) -> tuple[float, float]:
+    """records/s in all, and records per fsync."""
     prepare(folder)
     count = 1 if mode == "single" else writers
-    start_at = time.time() + 0.3
+    start_at = time.time() + 1.0  # python starts in 0.3-0.6 s on a loaded host: every writer starts together
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(folder), str(i), mode, str(start_at),
-                               str(seconds)], stdout=subprocess.PIPE, text=True) for i in range(count)]
+                               str(seconds), str(work_us)], stdout=subprocess.PIPE, text=True) for i in range(count)]
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         if proc.returncode:
             raise RuntimeError(f"writer exited with {proc.returncode}")
         results.append(json.loads(out))
-    return sum(r["records"] for r in results) / max(r["seconds"] for r in results)
+    records = sum(r["records"] for r in results)
+    return records / max(r["seconds"] for r in results), records / max(1, sum(r["syncs"] for r in results))
 
 
 def main() -> int:
@@ -94,26 +156,34 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--work-us", type=float, default=0.0,
+                        help="CPU microseconds each writer spins per record, outside the locks")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        folder, index, mode, start_at, seconds = args.worker
-        print(json.dumps(writer(Path(folder), int(index), mode, float(start_at), float(seconds))))
+        folder, index, mode, start_at, seconds, work_us = args.worker
+        print(json.dumps(writer(Path(folder), int(index), mode, float(start_at), float(seconds), float(work_us))))
         return 0
     runs: dict[str, list[float]] = {mode: [] for mode in MODES}
+    per_sync: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="bench_shared_fsync-", dir=args.dir) as tmp:
         info = machine_info(tmp)
         for rep in range(args.reps):
             order = MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]
             for mode in order:
-                runs[mode].append(run(Path(tmp), mode, args.writers, args.seconds))
-                print(f"rep {rep + 1}/{args.reps} {mode}: {runs[mode][-1]:,.0f} records/s", file=sys.stderr)
+                rate, batch = run(Path(tmp), mode, args.writers, args.seconds, args.work_us)
+                runs[mode].append(rate)
+                per_sync[mode].append(batch)
+                print(f"rep {rep + 1}/{args.reps} {mode}: {rate:,.0f} records/s, {batch:.2f} records per fsync",
+                      file=sys.stderr)
     medians = {mode: statistics.median(values) for mode, values in runs.items()}
-    print_table(["way", "records/s (median)", "per repetition", "/ single"],
+    print_table(["way", "records/s (median)", "per repetition", "/ single", "/ inside", "records per fsync"],
                 [[mode, fmt(medians[mode]), " ".join(f"{v:,.0f}" for v in runs[mode]),
-                  f"{medians[mode] / medians['single']:.2f}x"] for mode in MODES])
+                  f"{medians[mode] / medians['single']:.2f}x", f"{medians[mode] / medians['inside']:.2f}x",
+                  f"{statistics.median(per_sync[mode]):.2f}"] for mode in MODES])
     path = write_results("shared_fsync", {"machine": info, "writers": args.writers, "seconds": args.seconds,
-                                          "runs": runs, "medians": medians})
+                                          "work_us": args.work_us, "runs": runs, "medians": medians,
+                                          "records_per_fsync": per_sync})
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,11 @@ _first = itemgetter(0)
 #: ``put_many`` of more items than this encodes them in slices of ENCODE_TURN with an event-loop turn between
 #: (25k documents encoded in one go held a bot's loop 100-300 ms; see benchmarks/bench_stalls.py).
 ENCODE_TURN = 1000
+#: ``put_many`` of a mapping of at least this many items (a batch) hands the backend its two columns too
+#: (:meth:`OpsBase._put_columns`): no ``(key, bytes)`` pair per item, and on the JSON backend no operation tuple
+#: kept from the call to the apply (json/put_run.py; a 1,000-member batch, benchmarks/README.md). A sequence of
+#: pairs takes the pairs' way up to ENCODE_TURN (splitting them is a Python loop).
+COLUMNS_FROM = 256
 
 
 def normalize_items(items: Items, collection: str | None = None, *, rule: bool = True,
@@ -143,6 +148,8 @@ async def _normalize_in_turns(items: Items, collection: str) -> tuple[list[str],
     bad: ValidationError | None = None
     if isinstance(items, Mapping):
         keys_in, docs_in = list(items), list(items.values())
+        if len(keys_in) <= ENCODE_TURN:  # one slice: no copies
+            return normalize_columns(keys_in, docs_in, collection)
     else:
         keys_in, docs_in, bad = _split_pairs(list(items), 0)
     keys: list[str] = []
@@ -283,7 +290,8 @@ class OpsBase(QueryOps, abc.ABC):
         self._guard_write()
         expires = self._expiry(ttl, expires_at)
         check_collection(collection)
-        if isinstance(items, Sized) and len(items) > ENCODE_TURN:
+        if isinstance(items, Sized) and (len(items) > ENCODE_TURN
+                                         or (len(items) >= COLUMNS_FROM and isinstance(items, Mapping))):
             keys, encoded = await _normalize_in_turns(items, collection)
             if keys:
                 await self._put_columns(collection, keys, encoded, expires)

@@ -1,5 +1,5 @@
 """A commit of puts that takes the store lock far behind the journal writes first and catches up after letting go
-(json/store.py ``_defer_catch_up`` / ``_commit_deferred``, issue 15).
+(json/holding.py ``_defer_catch_up``, json/store.py ``_commit_deferred``, issue 15).
 
 What must hold, with real files, real locks and real processes: the record goes exactly where the committed records
 end; the others' records and then its own are applied before the save returns (the view equals the disk at every
@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from storage import StorageIOError, StoreConfig
-from storage.backends.json import store as json_store
+from storage.backends.json import holding
 from storage.backends.json.lock import SidecarLock
 from storage.backends.json.store import JOURNAL_NAME, LOCK_NAME
 from storage.stores import JsonStore
@@ -104,7 +104,7 @@ class Deferring:
 
 @pytest.fixture
 async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(json_store, "DEFER_BYTES", 1)
+    monkeypatch.setattr(holding, "DEFER_BYTES", 1)
     ahead = await JsonStore.open(cfg(tmp_path))
     behind = await JsonStore.open(cfg(tmp_path))
     try:
@@ -300,9 +300,10 @@ async def test_a_save_cancelled_at_any_point_is_all_there_or_not_at_all(pair: De
 WRITER = r'''
 import asyncio, json, random, sys
 import storage
+from storage.backends.json import holding
 from storage.backends.json import store as json_store
 
-json_store.DEFER_BYTES = 1  # any backlog
+holding.DEFER_BYTES = 1  # any backlog
 deferred = 0
 original = json_store.JsonBackend._commit_deferred
 def counted(self, ops, record):

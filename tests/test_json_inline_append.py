@@ -8,6 +8,7 @@ slow disk (seen first on small records) and very large records still keep the fs
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,22 @@ def cfg(folder: Path) -> StoreConfig:
 
 @pytest.fixture
 def threaded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every record whose append ran in a worker thread."""
+    """The size of every record whose append ran in a worker thread (a batch's, which plans its apply meanwhile,
+    through ``JsonBackend._timed_sync``; on the loop that one runs the inline commit's append)."""
     sizes: list[int] = []
-    real = json_store._timed_append
+    real, real_sync = json_store._timed_append, json_store.JsonBackend._timed_sync
 
     def spy(journal: Any, record: bytes) -> float:
         sizes.append(len(record))
         return real(journal, record)
 
+    def spy_sync(self: Any, ops: Any, record: bytes) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            sizes.append(len(record))
+        return real_sync(self, ops, record)
+
     monkeypatch.setattr(json_store, "_timed_append", spy)
+    monkeypatch.setattr(json_store.JsonBackend, "_timed_sync", spy_sync)
     return sizes
 
 

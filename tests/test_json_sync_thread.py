@@ -54,13 +54,18 @@ class SyncSpy:
 def spy(monkeypatch: pytest.MonkeyPatch) -> SyncSpy:
     spy = SyncSpy()
     monkeypatch.setattr(os, "fdatasync", spy)
-    real_plan = Tables.plan
+    real_plan, real_plan_batch = Tables.plan, Tables.plan_batch
 
     def plan(self: Tables, ops: Any) -> Any:
         spy.planned_in.append(threading.current_thread().name)
         return real_plan(self, ops)
 
+    def plan_batch(self: Tables, name: str, puts: Any) -> Any:  # a put_many's batch (json/put_run.py)
+        spy.planned_in.append(threading.current_thread().name)
+        return real_plan_batch(self, name, puts)
+
     monkeypatch.setattr(Tables, "plan", plan)
+    monkeypatch.setattr(Tables, "plan_batch", plan_batch)
     return spy
 
 
@@ -127,16 +132,23 @@ async def test_a_failed_fsync_in_the_worker_is_never_seen(tmp_path: Path, spy: S
 async def test_a_planning_that_fails_costs_only_speed(tmp_path: Path, spy: SyncSpy,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The planning fails in the worker (a bug there): logged, and the commit plans and applies the batch itself."""
     n = json_store.PLAN_DURING_SYNC
+    real_plan, real_plan_batch = Tables.plan, Tables.plan_batch
 
-    def broken(self: Tables, ops: Any) -> Any:
-        raise RuntimeError("planning failed (injected)")
+    def broken(real: Any) -> Any:
+        def planning(self: Tables, *args: Any) -> Any:
+            if in_worker([threading.current_thread().name]):
+                raise RuntimeError("planning failed (injected)")
+            return real(self, *args)
+        return planning
 
     store = await JsonStore.open(cfg(tmp_path))
     try:
         store._batch_sync_estimate = store._sync_estimate = 0.0
         spy.delay = 0.05
-        monkeypatch.setattr(Tables, "plan", broken)
+        monkeypatch.setattr(Tables, "plan", broken(real_plan))
+        monkeypatch.setattr(Tables, "plan_batch", broken(real_plan_batch))
         with caplog.at_level(logging.ERROR, logger="storage.json"):
             await store.put_many("c", batch(n, 3))
         assert "planning a commit during its fsync failed" in caplog.text
@@ -266,3 +278,49 @@ def test_a_commit_that_waited_for_the_worker_pauses_the_offers(tmp_path: Path, s
     finally:
         syncer.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("shape", ["mapping", "pairs"])
+async def test_a_threaded_batch_append_is_planned_during_its_fsync_and_a_failed_one_is_never_seen(
+        tmp_path: Path, spy: SyncSpy, shape: str) -> None:
+    """A batch whose append goes to a worker thread (a slow disk: the inline estimates over budget) offers its
+    planning to the sync thread during that thread's fsync, as the inline commit does (a put_many of a mapping
+    commits its two columns as one PutRun, a list of pairs its operation list): visible only once durable, and a
+    failed fsync raises StorageIOError with nothing visible, now or after a reopen."""
+    n = json_store.PLAN_DURING_SYNC
+
+    def items(tag: int) -> Any:
+        docs = {**batch(n, tag), "new": {"tag": tag}}
+        return docs if shape == "mapping" else list(docs.items())
+
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        await store.put_many("c", batch(n, 0))
+        await store.compact()
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))  # lazy under the batches
+    try:
+        spy.delay = 0.05
+        store._sync_estimate = 1.0  # appends go to a thread, whatever this machine's disk took
+        spy.planned_in.clear()
+        await store.put_many("c", items(1))
+        assert in_worker(spy.planned_in), spy.planned_in
+        assert await store.count("c") == n + 1 and (await store.get("c", "k0000"))["tag"] == 1
+        store._sync_estimate, spy.fail = 1.0, True
+        spy.planned_in.clear()
+        with pytest.raises(StorageIOError):
+            await store.put_many("c", items(2))
+        assert in_worker(spy.planned_in), spy.planned_in  # planned, then the fsync failed: never applied
+        spy.fail = False
+        assert (await store.get("c", "k0000"))["tag"] == 1 and (await store.get("c", "new"))["tag"] == 1
+        assert await store.count("c") == n + 1
+        await store.put("c", "after", {"tag": 3})  # the store rewrites its files, then goes on
+    finally:
+        await store.close()
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert (await store.get("c", "k0000"))["tag"] == 1 and (await store.get("c", "new"))["tag"] == 1
+        assert await store.count("c") == n + 2
+    finally:
+        await store.close()

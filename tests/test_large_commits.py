@@ -18,9 +18,9 @@ import pytest
 import storage
 from storage import ValidationError
 from storage.backends.json.journal import encode_record
-from storage.backends.json.put_run import PutRun
+from storage.backends.json.put_run import RECORD_SLICE, PutRun
 from storage.backends.json.snapshot import OVERHEAD
-from storage.backends.json.store import LARGE_COMMIT
+from storage.backends.json.store import LARGE_COMMIT, PLAN_DURING_SYNC
 from storage.documents import ENCODE_TURN, normalize_items
 from tests._turns import turns_during
 from tests.test_feed import next_change
@@ -248,6 +248,10 @@ async def test_a_put_run_reads_as_its_operations(tmp_path) -> None:
             assert run.plan(tables) == tables.plan(ops)
             assert (run.plan(tables) is None) == (name == "ttl")
             assert run(None) == (ops, None)  # type: ignore[arg-type]
+            for n in (PLAN_DURING_SYNC, 2 * RECORD_SLICE, 2 * RECORD_SLICE + 1):  # a batch's run: one dumps or two
+                part = PutRun(name, keys[-n:], encoded[-n:])
+                assert part.record() == encode_record(ops[-n:])
+                assert part.plan(tables) == tables.plan(ops[-n:])
     with pytest.raises(ValueError):
         PutRun("x", ["a"], [])
 

@@ -53,7 +53,8 @@ from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
 from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
 
-__all__ = ["Journal", "Follow", "Op", "encode_record", "encode_in_slices", "record_digest", "JOURNAL_FORMAT"]
+__all__ = ["Journal", "Follow", "Op", "encode_record", "encode_puts", "encode_in_slices", "record_digest",
+           "JOURNAL_FORMAT"]
 
 log = logging.getLogger("storage.journal")
 
@@ -108,6 +109,15 @@ def encode_record(ops: Sequence[Op]) -> bytes:
         else:
             parts.append(head + b"," + op[3] + b"]")  # type: ignore[misc]
     return b"[" + b",".join(parts) + b"]\n"
+
+
+def encode_puts(ops: list[Op]) -> bytes:
+    """:func:`encode_record` of puts without expiry (4-tuples: a :class:`~.put_run.PutRun`'s), without its check
+    that every operation is one."""
+    fragment = _FRAGMENT
+    if fragment is not None:
+        return orjson.dumps(ops, fragment, orjson.OPT_APPEND_NEWLINE)
+    return encode_record(ops)
 
 
 #: Operations per ``orjson.dumps`` when a large record is encoded (in a worker thread, :func:`encode_in_slices`).

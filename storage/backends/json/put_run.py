@@ -1,4 +1,4 @@
-"""A large ``put_many``'s operations held as its two lists, each operation tuple made only when it is read.
+"""A batch ``put_many``'s operations held as its two lists, each operation tuple made only when it is read.
 
 Why (issue 15): a put operation is a tuple ``("p", collection, key, bytes)``, a container the garbage collector
 tracks; a commit of 25k of them kept 25k alive from the call's start to the apply, which made ~35 young
@@ -11,6 +11,12 @@ operations takes it too; what a commit needs in bulk it gets without any tuple: 
 
 A run is only ever puts without expiry into one collection, which is what ``Tables.plan`` and
 ``Tables.apply_plan`` take as a batch: the same record bytes and the same plan as the list of its operations.
+
+A batch (``put_many`` of a mapping of 256 items or more, ``batch_update_members``) commits as a run too: its plan
+is one ``dict(zip(keys, encoded))``, not ``Tables.plan``'s three passes over the operations to learn that they are
+puts into one collection plus a dict built from them (1,000 members: ~90 -> ~30-50 us of the plan, which the sync
+thread runs during the fsync, json/sync_thread.py), and no ``(key, bytes)`` pair or operation tuple is kept from
+the call to the apply (benchmarks/README.md, issue 15's batch row).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
-from .journal import Op, encode_in_slices
+from .journal import Op, encode_in_slices, encode_puts
 
 if TYPE_CHECKING:
     from .tables import Plan, Staged, Tables
@@ -67,7 +73,11 @@ class PutRun(Sequence[Op]):
         return list(self), None
 
     def record(self) -> bytes:
-        """``encode_record(list(self))``, byte for byte (``encode_in_slices`` over slices of RECORD_SLICE)."""
+        """``encode_record(list(self))``, byte for byte (``encode_in_slices`` over slices of RECORD_SLICE; a run of
+        a batch's size, at most two slices, in one: a join of the slices' records copied the 250 KB of a
+        1,000-member batch twice more)."""
+        if len(self) <= 2 * RECORD_SLICE:
+            return encode_puts(self[:])
         return encode_in_slices(self, RECORD_SLICE)
 
     def plan(self, tables: Tables) -> Plan | None:

@@ -27,8 +27,10 @@ How it stays correct:
 Every document is held in memory in its encoded form (bytes): compact, and a ``get`` returns a fresh ``dict``.
 
 Who does what: :class:`~storage.backends.json.tables.Tables` (tables.py) owns the documents in memory, the snapshot
-files, loading, following other processes' commits and compaction; :class:`JsonStore` owns the lock, group commit
-and the one commit path (append + fsync, publish the committed end, apply), and decides when the journal is trusted.
+files, loading, following other processes' commits and compaction; :class:`~.holding.LockHolding` (holding.py)
+how the store takes and keeps the lock and catches up on taking it; :class:`JsonBackend` owns group commit and the
+one commit path (append + fsync, publish the committed end, apply), and decides when the journal is trusted;
+:class:`~.transaction.JsonTransaction` (transaction.py) stages a transaction's changes for that path.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +80,7 @@ from .expiry import dead_keys, live_expiries, live_mapping, visible
 from .feed import JsonFeed
 from .filler import MIN_CHUNK
 from .group_commit import Failed, GroupCommit
+from .holding import LockHolding
 from .indexes import build_indexes
 from .journal import Journal, Op, encode_in_slices, encode_record
 from .lazy import SIZES_AFTER, Lazy
@@ -117,22 +121,13 @@ INLINE_SYNC_BUDGET = 0.0005
 INLINE_BATCH_BUDGET = 0.002
 #: A record of more bytes than this always has its append + fsync in a worker thread, whatever the estimates say.
 INLINE_MAX_BYTES = 1 << 20
-#: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
-#: (json/lock.py ``wait_free``'s ``behind``; it returns as soon as another has taken it, within 0.1-0.3 ms
-#: usually). 5 ms was too short beside a full test suite (load ~5 on 2 cores): a woken waiter's thread may wait
-#: longer than that for a CPU, and the holder took the lock back for another whole lease (two of eight waits).
-STEP_BACK = 0.02
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
 #: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
 #: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
 PLAN_DURING_SYNC = max(BULK_APPLY, 256)
-#: A commit of puts that takes the store lock this many journal bytes behind (what other processes committed
-#: since it last read), while another writer waits for the lock, writes its record first and applies those records
-#: after letting go (:meth:`JsonBackend._commit_deferred`): the catch-up leaves the serialized section. Below it the
-#: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
-DEFER_BYTES = 1 << 15
+_first, _second = itemgetter(0), itemgetter(1)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
 
 
@@ -142,7 +137,7 @@ _Prepare = Callable[[Staged], tuple[list[Op], Any]]
 _PUTS = (list, PutRun)
 
 
-class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
+class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     """The JSON-files backend. Open it with :func:`storage.open_store` (or ``await storage.JsonStore.open(path)``,
     this backend with the features of :mod:`storage.stores`)."""
 
@@ -199,19 +194,6 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     def min_compact_bytes(self, value: int) -> None:
         self._tables.min_compact_bytes = value
         self._compact_next = 0  # ask again at the next commit
-
-    @contextmanager
-    def _io(self, what: str) -> Iterator[None]:
-        """Translate the operating system's refusals into :class:`StorageIOError` (with the OSError chained)."""
-        try:
-            yield
-        except OSError as exc:
-            raise self._io_error(exc, what) from exc
-
-    def _io_error(self, exc: OSError, what: str) -> StorageIOError:
-        """:meth:`_io`'s error, for the per-commit path (a ``try`` there costs less than a context manager)."""
-        where = exc.filename or self.path
-        return StorageIOError(f"{where}: {what} failed: {exc.strerror or exc}", errno=exc.errno, path=str(where))
 
     # ---------------------------------------------------------------------------------------------------------------
     # opening and loading
@@ -322,196 +304,6 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     # ---------------------------------------------------------------------------------------------------------------
     # the lock
-    def _locked(self) -> AbstractAsyncContextManager[None]:
-        """Hold this store's mutex and the cross-process file lock, caught up with the journal (see _Held).
-
-        A read-only store takes only its mutex (and catches up the read-only way): it never writes.
-        """
-        return _Held(self)
-
-    def _commit_locked(self) -> AbstractAsyncContextManager[None]:
-        """:meth:`_locked` for group commit's rounds: those may keep the file lock between them (json/lease.py)."""
-        return _CommitHeld(self)
-
-    async def _enter_locked(self) -> None:
-        await self._mutex.acquire()
-        self._lease.end()  # only commits lease: every other holder takes the lock with every check
-        await self._take_lock()
-
-    async def _enter_commit(self) -> None:
-        """:meth:`_enter_locked` for a commit: a lease still on (json/lease.py) is resumed with nothing to check
-        (nobody else could commit, nor leave a restore's or a forget's intent, while this store held the lock)."""
-        asked = time.monotonic()  # a run of commits is one that asked for the lock soon after the last one ended
-        await self._mutex.acquire()
-        if self._lease.resume():
-            self._holding = True
-            return
-        await self._take_lock(commit=True)
-        if not self.read_only:
-            self._lease.begin(asked)
-
-    async def _take_lock(self, *, commit: bool = False) -> None:
-        """Holding the mutex: take the file lock and catch up (releases the mutex if that fails). ``commit``: for a
-        group commit's round, which may defer the catch-up (:meth:`_defer_catch_up`)."""
-        try:
-            if self.read_only:
-                with self._io("reading the journal"):
-                    self._tables.refresh_read_only()
-                return
-            await self._acquire_file_lock()
-            self._holding = True
-            try:
-                if not (commit and self._defer_catch_up()):
-                    self._tables.catch_up()
-                if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
-                    self._catch_up_behind()  # the recovery reads the documents
-                    # in a thread: an intent of an earlier version digests every document (0.22 s at 100k members)
-                    await cancellation.run_in_thread(json_restore.recover, self.path, self._tables.data,
-                                                     self._journal.holds)
-                if json_forget.intent_pending(self._forget_intent):  # the same for a forget (storage.lifecycle)
-                    self._catch_up_behind()
-                    await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data,
-                                                     self._journal.holds)
-            except BaseException as exc:
-                self._holding = False
-                self._behind = None
-                self._flock.release()
-                if isinstance(exc, OSError):
-                    raise self._io_error(exc, "catching up with the journal") from exc
-                raise
-        except BaseException:
-            self._mutex.release()
-            raise
-
-    def _defer_catch_up(self) -> bool:
-        """Just after a commit took the lock (not leased): whether it may leave the catch-up with what other
-        processes committed until after its own record is durable (:meth:`_commit_deferred`); if so, the committed
-        end is kept in :attr:`_behind` and True returned.
-
-        Why (issue 15, 4 writer processes): a writer that takes the lock after the others' leases used to read
-        and apply their records (hundreds, ~4 us each) under the lock first, while everybody else waited and one
-        of the two cores sat idle. Only a put needs no view: a round with anything else catches up before it
-        stages (:meth:`_commit_group`), and so does a restore's or a forget's recovery. Only when it pays: far
-        enough behind (DEFER_BYTES), and another writer waiting (the lock is let go early, see
-        :meth:`_commit_deferred`). Never while the journal is suspect, a reload or locked catch-up is pending,
-        the journal file was replaced (another process's compaction), the lock file does not name this file's
-        committed end, or what follows that end is not filler (:meth:`Journal.may_write_at`)."""
-        tables, journal, flock = self._tables, self._journal, self._flock
-        if self._suspect is not None or journal.fd < 0 or tables.need_reload or tables.need_lock or not flock.can_sign:
-            return False
-        committed = tables.committed()
-        if committed is None or committed.ino != journal.ino or committed.end - journal.offset < DEFER_BYTES:
-            return False
-        if not flock.waited_for() or journal.replaced() or not journal.may_write_at(committed.end):
-            return False
-        self._behind = committed.end
-        return True
-
-    def _catch_up_behind(self) -> None:
-        """Under the lock: the catch-up :meth:`_defer_catch_up` left, now after all (a round that reads the view,
-        a commit that does not go inline, a recovery)."""
-        if self._behind is None:
-            return
-        self._behind = None
-        try:
-            self._tables.catch_up()
-        except OSError as exc:
-            raise self._io_error(exc, "catching up with the journal") from exc
-
-    def _exit_locked(self) -> None:
-        try:
-            if not self.read_only:
-                self._holding = False
-                self._flock.release()
-        finally:
-            self._mutex.release()
-
-    def _exit_commit(self, failed: bool) -> None:
-        """:meth:`_exit_locked` for a commit: the lock stays leased after a good commit in a run of them."""
-        try:
-            if not self.read_only:
-                self._holding = False
-                self._behind = None  # a deferred catch-up never done: the view is behind, as any non-holder's
-                early, self._let_go_early = self._let_go_early, False
-                if not self._lease.finish(keep=not (failed or early)):
-                    self._flock.release()  # (nothing to do when _commit_deferred let go already)
-                elif not self._lease_turn:  # the loop's next turn ends the lease unless it is hot (json/lease.py)
-                    self._lease_turn = True
-                    asyncio.get_running_loop().call_soon(self._lease_turned)
-        finally:
-            self._mutex.release()
-
-    def _lease_turned(self) -> None:
-        self._lease_turn = False
-        self._lease.turned()
-
-    async def _acquire_file_lock(self) -> None:
-        lease = self._lease
-        lease.contended = True  # unless the lock is free at once (json/lease.py: Lease.begin)
-        if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
-            lease.yielded = False
-            if self._flock.can_wait:
-                await self._wait_for_file_lock(behind=STEP_BACK)
-                return
-        try:
-            if self._flock.try_acquire():  # uncontended: no thread hop
-                lease.contended = False
-                return
-        except OSError as exc:
-            raise self._io_error(exc, "taking the store lock") from exc
-        if self._flock.can_wait:
-            await self._wait_for_file_lock()
-            return
-        cancel = threading.Event()
-        waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
-        try:
-            with self._io("taking the store lock"):
-                await asyncio.shield(waiter)
-        except LockBusy:
-            raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
-                                   f"{self.lock_timeout}s") from None
-        except asyncio.CancelledError:
-            # Stop the waiting thread and give the lock back if it got it meanwhile, before anyone else (who would
-            # share our descriptor) can take it.
-            cancel.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), timeout=None)
-            except (LockBusy, OSError, asyncio.CancelledError):
-                pass
-            self._flock.release()
-            raise
-
-    async def _wait_for_file_lock(self, behind: float = 0.0) -> None:
-        """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
-        moment the lock is free; see :meth:`SidecarLock.wait_free`). On a timeout or a cancellation the wait is
-        abandoned; if the thread gets the lock after all, the descriptor is closed (released) unused.
-        ``behind``: see :meth:`SidecarLock.wait_free`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lock_timeout
-        while True:
-            abandoned = threading.Event()
-            waiter = in_own_thread(self._flock.wait_free, abandoned, behind)
-            try:
-                fd = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
-            except BaseException as exc:
-                abandoned.set()
-                waiter.add_done_callback(_close_unused)
-                if isinstance(exc, TimeoutError):
-                    raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
-                                           f"{self.lock_timeout}s") from None
-                if isinstance(exc, OSError):
-                    raise self._io_error(exc, "taking the store lock") from exc
-                raise
-            try:
-                if self._flock.adopt(fd):
-                    return
-            except OSError as exc:
-                raise self._io_error(exc, "taking the store lock") from exc
-            if loop.time() >= deadline:  # the folder stays locked by a process whose sidecar was deleted
-                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
-                                       f"{self.lock_timeout}s")
-            await asyncio.sleep(0.001)
-
     # ---------------------------------------------------------------------------------------------------------------
     # committing
     def _check_usable(self) -> None:
@@ -527,7 +319,7 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         it half-way, and the coroutines and ``async with`` of a group-commit round are skipped (about 3 us of a
         save). A batch, or a document too large for an fsync on the loop (:meth:`_may_inline`), commits the usual
         way. ``record``: the lone put's journal line when the caller has it (:func:`encode_record`'s bytes), for
-        that synchronous commit. A :class:`~.put_run.PutRun` (a large put) commits as its operations do; alone in
+        that synchronous commit. A :class:`~.put_run.PutRun` (a batch put) commits as its operations do; alone in
         its round, as it is (json/put_run.py)."""
         self._check_usable()
         if (type(prepare) is list and self._lease.held and self._suspect is None
@@ -607,6 +399,8 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
         """
         if self._behind is not None:  # the catch-up was deferred (_defer_catch_up): puts only
+            if type(ops) is PutRun and len(ops) <= LARGE_COMMIT:
+                ops = list(ops)
             if type(ops) is list and len(ops) <= LARGE_COMMIT:
                 record = encode_record(ops) if record is None else record
                 if self._may_inline(len(record)):
@@ -623,20 +417,23 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
             record, plan = await cancellation.run_in_thread(_prepare_large, self._tables, ops, record)
         journal = self._journal
         try:
-            if type(ops) is not list:  # a PutRun: always large (encoded and planned above)
-                assert record is not None
-            elif record is None:
-                record = encode_record(ops)
-            if type(ops) is list and not large and self._may_inline(len(record)):
+            if record is None:
+                record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
+            if not large and self._may_inline(len(record)):
                 self._commit_now(ops, record)
                 return
             start = journal.offset
             try:
-                spent = await cancellation.run_in_thread(_timed_append, journal, record)
+                if not large and len(ops) >= PLAN_DURING_SYNC:  # a batch: planned meanwhile (_timed_sync)
+                    spent, plan = await cancellation.run_in_thread(self._timed_sync, ops, record)
+                else:
+                    spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
                 if journal.offset != start:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
+                    if plan is None and type(ops) is PutRun:  # not planned meanwhile: from its one dict
+                        plan = ops.plan(self._tables)
                     if plan is None:  # expiries to clear: operation by operation
                         self._tables.apply(ops if type(ops) is list else list(ops))
                     else:
@@ -668,34 +465,51 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         else:
             self._batch_sync_estimate = 0.8 * self._batch_sync_estimate + 0.2 * spent
 
-    def _commit_now(self, ops: list[Op], record: bytes | None = None) -> None:
+    def _commit_now(self, ops: list[Op] | PutRun, record: bytes | None = None) -> None:
         """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
         suspends. An OSError leaves the record unpublished and unapplied (the caller's recovery rewrites the files
         from memory without it)."""
         if record is None:
-            record = encode_record(ops)
+            record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
         tables = self._tables
         plan: Plan | None = None
-        began = time.perf_counter()
         if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
-            written = began
-
-            def sync(fd: int) -> None:
-                nonlocal plan, written
-                written = time.perf_counter()
-                plan = self._sync_thread.sync_during(fd, lambda: tables.plan(ops))
-
-            self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
-            spent = written - began + self._sync_thread.last_sync  # the write's and the fsync's own time, no waits
+            spent, plan = self._timed_sync(ops, record)
         else:
+            began = time.perf_counter()
             self._journal.append(record)
             spent = time.perf_counter() - began
         tables.publish()
+        if plan is None and type(ops) is PutRun:  # the worker did not plan it: its plan from one dict, here
+            plan = ops.plan(tables)
         if plan is None:
-            tables.apply(ops)
+            tables.apply(ops if type(ops) is list else list(ops))
         else:
             tables.apply_plan(plan, ops)
         self._learn_sync(len(record), spent)
+
+    def _timed_sync(self, ops: list[Op] | PutRun, record: bytes) -> tuple[float, Plan | None]:
+        """``journal.append(record)``, the planning of ``ops``' apply offered to the sync thread during its fsync
+        (json/sync_thread.py); returns the write's and the fsync's own time (no waits) and the plan (None: the
+        worker did not get to it). Under the lock; nothing is published or applied here.
+
+        On the loop (:meth:`_commit_now`), or in the worker thread of :meth:`_commit`'s threaded append (a slow
+        disk, a loaded machine): that caller used to apply the batch, or plan it, on the loop *after* the fsync
+        (1.1-1.9 ms of a 1,000-member batch at 100k members, benchmarks/README.md) while the loop sat idle during
+        it. The loop may run other tasks meanwhile: the plan reads only what the lock keeps still (the documents,
+        their sizes and expiries; a read that caches a document the plan looks at caches the same bytes, which
+        :func:`_prepare_large`'s plan in a thread already relies on)."""
+        tables = self._tables
+        plan: Plan | None = None
+        began = written = time.perf_counter()
+
+        def sync(fd: int) -> None:
+            nonlocal plan, written
+            written = time.perf_counter()
+            plan = self._sync_thread.sync_during(fd, lambda: _plan(tables, ops))
+
+        self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
+        return written - began + self._sync_thread.last_sync, plan
 
     def _commit_deferred(self, ops: list[Op], record: bytes) -> None:
         """:meth:`_commit_now` for a commit that took the lock without catching up (:meth:`_defer_catch_up`): its
@@ -905,6 +719,9 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
     async def _put_encoded(self, collection: str, items: list[tuple[str, bytes]],
                            expires: datetime | None = None) -> None:
         self._check_writable(collection)
+        if expires is None and PLAN_DURING_SYNC <= len(items) <= LARGE_COMMIT:  # a batch (batch_update_members)
+            await self._submit_puts(collection, PutRun(collection, list(map(_first, items)), list(map(_second, items))))
+            return
         if len(items) <= LARGE_COMMIT:
             ops = put_ops(collection, items, expires)
         else:  # 25k operations built in one go held the loop ~10 ms: ITEMS_TURN at a time, a loop turn between
@@ -917,11 +734,12 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
 
     async def _put_columns(self, collection: str, keys: list[str], encoded: list[bytes],
                            expires: datetime | None = None) -> None:
-        """A large ``put_many``'s puts straight from its two lists (documents.normalize_columns): without an
-        expiry, as one :class:`~.put_run.PutRun` (no operation tuple kept per document: json/put_run.py); with
-        one, ITEMS_TURN operations at a time with a loop turn between."""
+        """A batch ``put_many``'s puts straight from its two lists (documents.normalize_columns): without an
+        expiry, a batch (PLAN_DURING_SYNC or more) as one :class:`~.put_run.PutRun` (no operation tuple kept per
+        document, and a plan from one ``dict`` of the lists: json/put_run.py); else ITEMS_TURN operations at a
+        time with a loop turn between."""
         self._check_writable(collection)
-        if expires is None and len(keys) > LARGE_COMMIT:
+        if expires is None and len(keys) >= PLAN_DURING_SYNC:
             await self._submit_puts(collection, PutRun(collection, keys, encoded))
             return
         ops: list[Op] = []
@@ -1293,82 +1111,6 @@ class JsonBackend(QueryAnswers, JsonLifecycle, JsonMessageQueries, BackendBase):
         }
 
 
-class _Held:
-    """``async with store._locked()``: a plain class, not an ``asynccontextmanager`` (every commit takes it, and
-    an async generator per use, registered with the loop, cost several microseconds of a lone save)."""
-
-    __slots__ = ("_store",)
-
-    def __init__(self, store: JsonBackend) -> None:
-        self._store = store
-
-    async def __aenter__(self) -> None:
-        await self._store._enter_locked()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._store._exit_locked()
-
-
-class _CommitHeld:
-    """``async with store._commit_locked()`` (see :meth:`JsonBackend._enter_commit`)."""
-
-    __slots__ = ("_store",)
-
-    def __init__(self, store: JsonBackend) -> None:
-        self._store = store
-
-    def __aenter__(self) -> Coroutine[Any, Any, None]:
-        return self._store._enter_commit()  # awaited by ``async with`` itself: no coroutine of our own around it
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        self._store._exit_commit(exc_type is not None)
-
-
-def in_own_thread(fn: Callable[..., int], *args: Any) -> asyncio.Future[int]:
-    """Run ``fn`` in a new daemon thread (not the default executor: a wait that is abandoned may block there for
-    as long as another process holds the lock, and must not take an executor slot meanwhile)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[int] = loop.create_future()
-
-    def settle(result: int | None, error: BaseException | None) -> None:
-        if future.cancelled():
-            if result is not None and result >= 0:
-                os.close(result)  # nobody will adopt it: let go of the lock
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result if result is not None else -1)
-
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # delivered to the awaiting task
-            _deliver(loop, settle, None, exc)
-            return
-        _deliver(loop, settle, result, None)
-
-    threading.Thread(target=run, name="storage-lock-wait", daemon=True).start()
-    return future
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, settle: Callable[[int | None, BaseException | None], None],
-             result: int | None, error: BaseException | None) -> None:
-    try:
-        loop.call_soon_threadsafe(settle, result, error)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        if result is not None and result >= 0:
-            os.close(result)
-
-
-def _close_unused(waiter: asyncio.Future[int]) -> None:
-    """A lock wait was abandoned: if the thread got the lock after all, let go of it."""
-    if waiter.cancelled() or waiter.exception() is not None:
-        return
-    fd = waiter.result()
-    if fd >= 0:
-        os.close(fd)
-
 
 def _prepare_large(tables: Tables, ops: list[Op] | PutRun, record: bytes | None) -> tuple[bytes, Plan | None]:
     """In a worker thread, under the lock (nobody changes the documents meanwhile): the record (unless given) and
@@ -1376,6 +1118,11 @@ def _prepare_large(tables: Tables, ops: list[Op] | PutRun, record: bytes | None)
     if type(ops) is PutRun:
         return ops.record() if record is None else record, ops.plan(tables)
     return encode_in_slices(ops) if record is None else record, tables.plan(ops)  # type: ignore[arg-type]
+
+
+def _plan(tables: Tables, ops: list[Op] | PutRun) -> Plan | None:
+    """``tables.plan(ops)``; a PutRun's from its two lists (json/put_run.py)."""
+    return ops.plan(tables) if isinstance(ops, PutRun) else tables.plan(ops)
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:
