@@ -73,15 +73,21 @@ def in_worker(names: list[str]) -> bool:
     return any(name.startswith("storage-fsync") for name in names)
 
 
-async def test_the_worker_plans_a_batch_during_its_fsync(tmp_path: Path, spy: SyncSpy) -> None:
-    n = json_store.PLAN_DURING_SYNC
-    store = await JsonStore.open(cfg(tmp_path))
+async def lazy_with_batch(folder: Path, n: int) -> JsonStore:
+    """A store whose collection ``c`` holds ``batch(n, 0)`` in a compacted snapshot, reopened so that the snapshot
+    is read lazily (json/lazy.py): what the batches of these tests are planned against."""
+    store = await JsonStore.open(cfg(folder))
     try:
         await store.put_many("c", batch(n, 0))
         await store.compact()
     finally:
         await store.close()
-    store = await JsonStore.open(cfg(tmp_path))  # a lazily opened snapshot (json/lazy.py) under the batch
+    return await JsonStore.open(cfg(folder))
+
+
+async def test_the_worker_plans_a_batch_during_its_fsync(tmp_path: Path, spy: SyncSpy) -> None:
+    n = json_store.PLAN_DURING_SYNC
+    store = await lazy_with_batch(tmp_path, n)
     try:
         spy.delay = 0.05
         spy.planned_in.clear()
@@ -293,13 +299,7 @@ async def test_a_threaded_batch_append_is_planned_during_its_fsync_and_a_failed_
         docs = {**batch(n, tag), "new": {"tag": tag}}
         return docs if shape == "mapping" else list(docs.items())
 
-    store = await JsonStore.open(cfg(tmp_path))
-    try:
-        await store.put_many("c", batch(n, 0))
-        await store.compact()
-    finally:
-        await store.close()
-    store = await JsonStore.open(cfg(tmp_path))  # lazy under the batches
+    store = await lazy_with_batch(tmp_path, n)
     try:
         spy.delay = 0.05
         store._sync_estimate = 1.0  # appends go to a thread, whatever this machine's disk took
