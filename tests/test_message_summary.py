@@ -1,6 +1,7 @@
 """``_message_summary`` (what ``status`` prints about messages) against a reference computed from a full scan, on
 both backends: counts, distinct guilds, and the oldest / newest record by time (timestamps with and without a
-fraction, where text order and time order differ), after inserts, updates and a prune; on JSON, with its cache's first parse in this process and in a child."""
+fraction, where text order and time order differ), after inserts, updates and a prune; on JSON, with its cache's
+first parse in this process and in a child."""
 
 from __future__ import annotations
 
