@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from ..child import ChildLost, child_items
 from ..errors import BackupError, ValidationError
 from ..interfaces import Backend
 from ..messages.records import normalize_messages
@@ -32,8 +33,8 @@ from .format import (
     iter_lines,
 )
 
-__all__ = ["MessageOps", "MESSAGE_BATCH", "STREAM_BATCH", "DECODE_GROUP", "ROW_GROUP", "digest_records",
-           "decoded_groups"]
+__all__ = ["MessageOps", "MESSAGE_BATCH", "STREAM_BATCH", "DECODE_GROUP", "ROW_GROUP", "CHILD_CHECK_RECORDS",
+           "digest_records", "decoded_groups", "checked_count"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -56,6 +57,10 @@ CHECK_BATCH = DECODE_GROUP
 #: 2,151 at 64 a group, 509 at 16, 293 at 8, in the same CPU time; at 1M messages, 28k promoted set off 3 full
 #: collections during a restore.
 ROW_GROUP = 8
+#: Backed-up records from which ``check_backup_anywhere`` checks them in a child process (storage/child.py): a
+#: thread checking 1M records (Python, ~10 s) kept the event loop waiting 20-30 ms at a time on a busy 2-core host;
+#: starting the child costs ~0.3 s of another core, more than checking this many here.
+CHILD_CHECK_RECORDS = 50_000
 #: Later than any message: ``_delete_messages_before(END_OF_TIME)`` removes them all.
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
 
@@ -201,6 +206,19 @@ class MessageOps:
             seen.clear()  # a shard at a time: freed whole when dropped, 1M ids held the GIL ~50 ms
 
     @classmethod
+    def check_backup_anywhere(cls, root: Path, entry: dict[str, Any]) -> int:
+        """:meth:`check_backup`, in a child process when the file is large (:data:`CHILD_CHECK_RECORDS`; the same
+        checks, off this process's GIL); here when the child cannot be had or finds something wrong, which then
+        raises the error as before (in a worker thread)."""
+        if int(entry.get("count", 0)) >= CHILD_CHECK_RECORDS:
+            try:
+                (count,) = child_items("storage.backup.messages:checked_count", str(root), entry)
+                return int(count)
+            except ChildLost:
+                pass
+        return cls.check_backup(root, entry)
+
+    @classmethod
     def _check_records(cls, root: Path, entry: dict[str, Any], seen: ShardedKeys) -> int:
         first = 1
         for batch in cls.backup_batches(root, entry, CHECK_BATCH):
@@ -219,3 +237,8 @@ class MessageOps:
                     raise BackupError(f"{where}: message_id {record['message_id']} appears twice")
             first += len(batch)
         return first - 1
+
+
+def checked_count(root: str, entry: dict[str, Any]) -> Iterator[int]:
+    """:meth:`MessageOps.check_backup` as a child process's one item (see ``check_backup_anywhere``)."""
+    yield MessageOps.check_backup(Path(root), entry)

@@ -362,7 +362,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
         if current == message_entry["count"] and digest == message_entry.get("digest"):
             message_entry = None
         else:
-            await asyncio.to_thread(messages.check_backup, root, message_entry)
+            await asyncio.to_thread(messages.check_backup_anywhere, root, message_entry)
     changes: dict[str, CollectionChange] = {}
     safety: str | None = None
     staged = False  # the whole swap was staged: an error after this point came from the commit itself
