@@ -25,13 +25,13 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import orjson
 
-__all__ = ["ChildLost", "child_items", "NICE", "serve"]
+__all__ = ["ChildLost", "child_items", "NICE", "serve", "Recipe"]
 
 #: The child's niceness above the parent's: on a host whose cores are all busy, a child competing with the process
 #: it works for made the event loop's wake-ups late though no thread of ours held the GIL meanwhile.
@@ -46,7 +46,24 @@ class ChildLost(Exception):
     """The child did not start, failed or died: the caller does the remaining work itself."""
 
 
-def child_items(target: str, *args: Any) -> Iterator[Any]:
+@runtime_checkable
+class Recipe(Protocol):
+    """Record batches that a child process can read again by itself (a restore's backed-up messages), for a
+    consumer that would rather have the child read and encode them: ``recipe()`` names a generator of this package
+    and its JSON-able arguments that yields the same batches, ``count`` how many records they hold, ``done(n)``
+    counts ``n`` records the child delivered (progress), and iterating ``after(n)`` gives the batches from record
+    ``n`` on (where a lost child stopped)."""
+
+    count: int
+
+    def recipe(self) -> tuple[str, list[Any]]: ...
+
+    def done(self, records: int) -> None: ...
+
+    def after(self, records: int) -> Iterator[list[dict[str, Any]]]: ...
+
+
+def child_items(target: str, *args: Any) -> Generator[Any, None, None]:
     """The items of the generator ``target`` (``"storage.module:function"``) called with ``args``, computed in a
     child process; :class:`ChildLost` where they stop early (module doc). Call it in a worker thread."""
     try:

@@ -1,6 +1,7 @@
 """Read-only work in a child process (storage/child.py): a backup's message check there gives what the check in this
-process gives, on both backends; a child that fails, cannot start or is asked for something outside the package
-raises ChildLost where its items stop, and the caller's own check then raises the real error."""
+process gives, on both backends, and so do a PostgreSQL restore's ``COPY`` rows encoded there; a child that fails,
+cannot start, dies midway or is asked for something outside the package raises ChildLost where its items stop, and
+the caller does the rest itself, which raises the real error."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import orjson
 import pytest
 
 import storage
+from storage.backends.postgres import store as pg_store
 from storage.backup import messages as backup_messages
 from storage.backup.messages import MessageOps
 from storage.child import ChildLost, child_items
 from storage.errors import BackupError
-from tests.test_backup import has_messages, populate, snapshot
+from tests.test_backup import has_messages, other_backend, other_config, populate, snapshot
+
+__all__ = ["other_backend", "other_config"]  # fixtures
 
 
 def _messages_entry(store: Any, backup_id: str) -> tuple[Path, dict[str, Any]]:
@@ -101,3 +105,73 @@ def test_items_come_as_they_are_made(tmp_path: Path) -> None:
     assert len(got) == 2 and got[1] is None
     ino, consumed, micros, *_rest = got[0]
     assert (ino, consumed) == (good.stat().st_ino, good.stat().st_size) and isinstance(micros, bytes)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# a PostgreSQL restore's COPY rows, read and encoded in a child
+def _counting_copy_data(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """This process's ``_next_copy_data``, counting the records it encodes."""
+    encoded = [0]
+    real = pg_store._next_copy_data
+
+    def counted(batches: Any, encoder: Any, rows: int = pg_store.RESTORE_COPY_ROWS) -> bytes | None:
+        def each() -> Any:
+            for batch in batches:
+                encoded[0] += len(batch)
+                yield batch
+        return real(each(), encoder, rows)
+
+    monkeypatch.setattr(pg_store, "_next_copy_data", counted)
+    return encoded
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["whole", "lost-after-one-copy"])
+async def test_a_postgres_restore_encodes_its_rows_in_a_child(store: Any, other_backend: Any, lost: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restoring a backup of either backend into PostgreSQL, the child encodes every row (none here); a child lost
+    after its first ``COPY`` leaves the rest to this process, from where it stopped: the messages are exactly the
+    backup's either way."""
+    pg = store if store.backend_name == "postgres" else other_backend
+    await populate(store, members=5, messages=25_000)
+    original = await snapshot(store)
+    info = await store.create_backup()
+    await pg.record_message({"message_id": "999999", "guild_id": "1", "channel_id": "1", "author_id": "2",
+                             "timestamp": "2024-06-01T00:00:00Z"})  # messages to replace, on either side
+    monkeypatch.setattr(pg_store, "CHILD_COPY_RECORDS", 0)
+    encoded = _counting_copy_data(monkeypatch)
+    if lost:
+        real = pg_store.child_items
+
+        def first_only(*args: Any) -> Any:
+            items = real(*args)
+            try:
+                yield next(items)
+            finally:
+                items.close()
+            raise ChildLost("gone")
+
+        monkeypatch.setattr(pg_store, "child_items", first_only)
+    await pg.restore_backup(info.id)
+    assert await snapshot(pg) == original
+    assert encoded[0] == (25_000 - pg_store.RESTORE_COPY_ROWS if lost else 0)
+
+
+async def test_a_row_postgres_refuses_is_refused_as_before(store: Any, other_backend: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON backup holding a counter beyond bigint: the child fails on it, this process then encodes the rows
+    and refuses the same record with the same error; nothing is restored."""
+    if store.backend_name != "json":
+        pytest.skip("a JSON store holds what PostgreSQL refuses")
+    await populate(store, members=5, messages=300)
+    await store.record_message({"message_id": "9999999", "guild_id": "1", "channel_id": "1", "author_id": "2",
+                                "timestamp": "2024-06-01T00:00:00Z", "content_length": 2**63 + 5})
+    info = await store.create_backup()
+    before = await snapshot(other_backend)
+    errors = []
+    for threshold in (0, 1 << 40):
+        monkeypatch.setattr(pg_store, "CHILD_COPY_RECORDS", threshold)
+        with pytest.raises(BackupError) as caught:
+            await other_backend.restore_backup(info.id)
+        errors.append(str(caught.value))
+        assert await snapshot(other_backend) == before
+    assert errors[0] == errors[1] and "9999999" in errors[0]

@@ -34,7 +34,7 @@ from .format import (
 )
 
 __all__ = ["MessageOps", "MESSAGE_BATCH", "STREAM_BATCH", "DECODE_GROUP", "ROW_GROUP", "CHILD_CHECK_RECORDS",
-           "digest_records", "decoded_groups", "checked_count"]
+           "digest_records", "decoded_groups", "checked_count", "BackupBatches", "backup_batches"]
 
 #: Records per ``_insert_messages`` call when restoring or copying.
 MESSAGE_BATCH = 10_000
@@ -107,6 +107,40 @@ def decoded_groups(lines: list[bytes], digest: ContentDigest | None = None) -> I
         if digest is not None:
             digest_records(digest, group)
         yield group
+
+
+class BackupBatches:
+    """The backed-up records of ``entry`` in batches of ``size``, counted into ``progress`` as they go; a
+    :class:`storage.child.Recipe`, so that a backend can have a child process read them (a PostgreSQL restore's
+    ``COPY`` rows, see postgres/store.py)."""
+
+    def __init__(self, root: Path, entry: dict[str, Any], progress: Progress, size: int) -> None:
+        self.root, self.entry, self.progress, self.size = root, entry, progress, size
+        self.count = int(entry["count"])
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return self.after(0)
+
+    def after(self, records: int) -> Iterator[list[dict[str, Any]]]:
+        for batch in MessageOps.backup_batches(self.root, self.entry, self.size):
+            if records >= len(batch):
+                records -= len(batch)
+                continue
+            batch = batch[records:]
+            records = 0
+            yield batch
+            self.progress.advance(len(batch))
+
+    def recipe(self) -> tuple[str, list[Any]]:
+        return "storage.backup.messages:backup_batches", [str(self.root), self.entry, self.size]
+
+    def done(self, records: int) -> None:
+        self.progress.advance(records)
+
+
+def backup_batches(root: str, entry: dict[str, Any], size: int) -> Iterator[list[dict[str, Any]]]:
+    """:meth:`MessageOps.backup_batches` by name, for a child process (:meth:`BackupBatches.recipe`)."""
+    return MessageOps.backup_batches(Path(root), entry, size)
 
 
 class MessageOps:

@@ -43,7 +43,7 @@ import heapq
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ from .format import (
     write_manifest,
 )
 from .indexes import IndexMap, carry_indexes, index_difference, manifest_indexes
-from .messages import DECODE_GROUP, MESSAGE_BATCH, ROW_GROUP, MessageOps
+from .messages import DECODE_GROUP, ROW_GROUP, BackupBatches, MessageOps
 from .source import Source, describe_source, same_store, store_source
 
 __all__ = [
@@ -372,7 +372,7 @@ async def restore_from(store: Backend, root: Path, manifest: dict[str, Any], *, 
         # (the slow part, before the lock), then swapped in inside the documents' transaction, all or nothing
         # across a crash too (storage.interfaces.MessageSwap).
         progress.phase("restore: messages (staged)", int(message_entry["count"]))
-        staged_count = await swap.stage(_batches(root, message_entry, progress, DECODE_GROUP))
+        staged_count = await swap.stage(BackupBatches(root, message_entry, progress, DECODE_GROUP))
         if staged_count != message_entry["count"]:
             await swap.finish()
             raise BackupError(f"staging the messages of {root.name} gave {staged_count} records instead of "
@@ -446,20 +446,12 @@ async def _restore_indexes(store: Backend, indexes: IndexMap, backup_id: str, pr
                           f"same answers, slower; call ensure_index again): {exc}") from exc
 
 
-def _batches(root: Path, entry: dict[str, Any], progress: Progress,
-             size: int = MESSAGE_BATCH) -> Iterator[list[dict[str, Any]]]:
-    """The backed-up records in batches (already checked by ``MessageOps.check_backup``), counted as they go."""
-    for batch in MessageOps.backup_batches(root, entry, size):
-        yield batch
-        progress.advance(len(batch))
-
-
 async def _restore_messages_in(tx: BackendTransaction, root: Path, entry: dict[str, Any], progress: Progress,
                                backup_id: str) -> None:
     """Replace every message with the backup's (already checked) inside the documents' transaction (a backend
     whose transactions replace messages themselves): any failure rolls back the documents too."""
     progress.phase("restore: messages", int(entry["count"]))
-    final = await tx._replace_messages(_batches(root, entry, progress, ROW_GROUP))
+    final = await tx._replace_messages(BackupBatches(root, entry, progress, ROW_GROUP))
     if final != entry["count"]:
         raise BackupError(f"restoring the messages of backup {backup_id} would leave {final} records instead of "
                           f"{entry['count']}: nothing was restored")

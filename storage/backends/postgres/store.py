@@ -70,6 +70,7 @@ import asyncpg
 import orjson
 
 from ...cache import DatabaseCache
+from ...child import ChildLost, Recipe, child_items
 from ...config import StoreConfig
 from ...dsn import mask_secrets
 from ...errors import (
@@ -681,6 +682,10 @@ class _Borrowed:
 
 #: Records per ``COPY`` when a restore replaces the messages.
 RESTORE_COPY_ROWS = 10_000
+#: Backed-up records from which a restore's ``COPY`` rows are read and encoded in a child process (storage/child.py,
+#: postgres/copy_child.py): a thread encoding 1M records (Python, seconds) kept the event loop waiting 20-30 ms at a
+#: time on a busy 2-core host; starting the child costs ~0.3 s of another core.
+CHILD_COPY_RECORDS = 50_000
 
 
 def _next_copy_data(batches: Iterator[list[dict[str, Any]]], encoder: RowEncoder,
@@ -816,16 +821,36 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
         many were inserted. (The old rows are dead until autovacuum, which a whole-table delete wakes up soon.)"""
         self._guard_write()
         encoder = RowEncoder()
-        inserted = 0
-        batches = iter(batches)
+        inserted = sent = 0
         async with self._use("restoring messages") as conn:
             await conn.execute("DELETE FROM storage_messages")
-            # Reading a batch from the backup file and encoding it (10k records) held the loop ~130 ms: a worker
-            # thread does both, one batch at a time (nothing else uses the iterator or the encoder meanwhile).
-            while (data := await off_loop(_next_copy_data, batches, encoder)) is not None:
+
+            async def copy(data: bytes) -> None:
+                nonlocal inserted
                 status: str = await conn.copy_to_table("storage_messages", source=replay([data]), columns=COLUMNS,
                                                        format="binary")
                 inserted += int(status.rsplit(" ", 1)[1])
+
+            rest: Iterator[list[dict[str, Any]]]
+            if isinstance(batches, Recipe) and batches.count >= CHILD_COPY_RECORDS:
+                # read and encoded in a child process (storage/child.py): this thread only passes the rows on
+                chunks = child_items("storage.backends.postgres.copy_child:copy_chunks", *batches.recipe())
+                try:
+                    while (item := await off_loop(next, chunks, None)) is not None:
+                        await copy(item[1])
+                        sent += item[0]
+                        batches.done(item[0])
+                except ChildLost:  # the rest here (its errors too), from where the child stopped
+                    pass
+                finally:
+                    await off_loop(chunks.close)
+                rest = batches.after(sent)
+            else:
+                rest = iter(batches)
+            # Reading a batch from the backup file and encoding it (10k records) held the loop ~130 ms: a worker
+            # thread does both, one batch at a time (nothing else uses the iterator or the encoder meanwhile).
+            while (data := await off_loop(_next_copy_data, rest, encoder)) is not None:
+                await copy(data)
         self._note_load("storage_messages", inserted)
         return inserted
 
