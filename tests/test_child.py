@@ -138,7 +138,16 @@ async def test_a_postgres_restore_encodes_its_rows_in_a_child(store: Any, other_
     await pg.record_message({"message_id": "999999", "guild_id": "1", "channel_id": "1", "author_id": "2",
                              "timestamp": "2024-06-01T00:00:00Z"})  # messages to replace, on either side
     monkeypatch.setattr(pg_store, "CHILD_COPY_RECORDS", 0)
+    monkeypatch.setattr(backup_messages, "CHILD_CHECK_RECORDS", 0)
     encoded = _counting_copy_data(monkeypatch)
+    reads = [0]
+    real_reads = MessageOps.backup_batches
+
+    def counted_reads(root: Path, entry: dict[str, Any], size: int = backup_messages.MESSAGE_BATCH) -> Any:
+        reads[0] += 1
+        return real_reads(root, entry, size)
+
+    monkeypatch.setattr(MessageOps, "backup_batches", staticmethod(counted_reads))
     if lost:
         real = pg_store.child_items
 
@@ -154,6 +163,7 @@ async def test_a_postgres_restore_encodes_its_rows_in_a_child(store: Any, other_
     await pg.restore_backup(info.id)
     assert await snapshot(pg) == original
     assert encoded[0] == (25_000 - pg_store.RESTORE_COPY_ROWS if lost else 0)
+    assert reads[0] == (1 if lost else 0)  # this process reads the backup's messages only to resume
 
 
 async def test_a_row_postgres_refuses_is_refused_as_before(store: Any, other_backend: Any,

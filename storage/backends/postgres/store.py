@@ -835,16 +835,16 @@ class PgTransaction(PgTxLifecycle, TransactionBase):
             if isinstance(batches, Recipe) and batches.count >= CHILD_COPY_RECORDS:
                 # read and encoded in a child process (storage/child.py): this thread only passes the rows on
                 chunks = child_items("storage.backends.postgres.copy_child:copy_chunks", *batches.recipe())
+                rest = iter(())
                 try:
                     while (item := await off_loop(next, chunks, None)) is not None:
                         await copy(item[1])
                         sent += item[0]
                         batches.done(item[0])
                 except ChildLost:  # the rest here (its errors too), from where the child stopped
-                    pass
+                    rest = batches.after(sent)
                 finally:
                     await off_loop(chunks.close)
-                rest = batches.after(sent)
             else:
                 rest = iter(batches)
             # Reading a batch from the backup file and encoding it (10k records) held the loop ~130 ms: a worker
