@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import orjson
 
 from ..codec import encode_doc
-from ..documents import normalize_items
 from ..errors import BackupError, ValidationError
 from ..interfaces import Backend, BackendTransaction
 from ..offload import chunks, off_loop
@@ -42,7 +41,7 @@ from .expiring import put_encoded_with_expiries
 from .format import MESSAGES_DIGEST_NAME, ContentDigest, canonical
 from .indexes import carry_indexes, index_difference
 from .messages import MESSAGE_BATCH, MessageOps
-from .operations import snapshot_collections
+from .operations import snapshot_collections, stored_pairs
 
 __all__ = ["copy", "store_digest", "CopyReport", "TargetNotEmptyError", "DEFAULT_BATCH_SIZE"]
 
@@ -242,28 +241,10 @@ async def _copy_view(tx: BackendTransaction, target: Backend, name: str, view: M
     keys: tuple[str, ...] = await off_loop(tuple, view)  # a tuple of strings: untracked at the first collection
     for start in range(0, len(keys), batch_size):
         chunk = list(keys[start:start + batch_size])
-        pairs = await off_loop(_stored_pairs, digest, name, view, chunk)
+        pairs = await off_loop(stored_pairs, name, chunk, view, digest)
         await put_encoded_with_expiries(target, name, pairs, await tx._expiries(name, chunk))
         progress.advance(len(chunk))
     return await off_loop(dict.fromkeys, keys)
-
-
-def _stored_pairs(digest: ContentDigest, name: str, view: Mapping[str, bytes],
-                  keys: list[str]) -> list[tuple[str, bytes]]:
-    """``keys``' documents hashed into ``digest`` and encoded as ``_put_stored`` encodes them (no collection rule:
-    see storage/rules.py), one decoded document alive at a time (in a worker thread).
-
-    Why one: what is alive when a middle-generation collection runs moves to the oldest generation, and a member
-    is three tracked containers (with its ``(key, doc)`` pair). Decoded 64 at a time, ~1,200 members (3,600
-    objects) of a 100k-member copy were promoted, half of what set off its full collection (benchmarks/README.md);
-    the group of one costs ~1 us a document more, in this thread."""
-    loads = orjson.loads
-    out: list[tuple[str, bytes]] = []
-    for key in keys:
-        doc = loads(view[key])
-        digest.add(name, key, canonical(doc))
-        out += normalize_items(((key, doc),), name, rule=False)
-    return out
 
 
 async def _copy_messages(source: MessageOps, target: MessageOps, digest: ContentDigest,

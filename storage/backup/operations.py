@@ -497,16 +497,24 @@ def _diff(current: dict[str, bytes], wanted: dict[str, bytes]) -> tuple[tuple[st
     return removed, puts, sum(1 for key in puts if key not in current)
 
 
-def _stored_pairs(name: str, keys: list[str], raws: dict[str, bytes]) -> list[tuple[str, bytes]]:
-    """``keys``' backed-up documents encoded as ``_put_stored`` encodes them (no collection rule: see
-    storage/rules.py), one decoded document alive at a time (in a worker thread). Decoded whole batches (2,000
-    members, ~10k containers) were handed to the loop and back to a thread to be encoded: they lived long enough to
-    reach the collector's oldest generation and set off full collections; 64 at a time, a few dozen of them still
-    did at each middle-generation collection (see ``backup.copy._stored_pairs``)."""
+def stored_pairs(name: str, keys: list[str], raws: Mapping[str, bytes],
+                 digest: ContentDigest | None = None) -> list[tuple[str, bytes]]:
+    """``keys``' documents (``raws``: their JSON) encoded as ``_put_stored`` encodes them (no collection rule: see
+    storage/rules.py), each hashed into ``digest`` on the way when one is given (a copy's), one decoded document
+    alive at a time (in a worker thread): a restore's and a copy's batches.
+
+    Why one: what is alive when a middle-generation collection runs moves to the oldest generation, and a member is
+    three tracked containers (with its ``(key, doc)`` pair). Decoded whole batches (2,000 members, ~10k containers)
+    handed to the loop and back reached the oldest generation and set off full collections; decoded 64 at a time,
+    ~1,200 members (3,600 objects) of a 100k-member copy were still promoted, half of what set off its full
+    collection (benchmarks/README.md); the group of one costs ~1 us a document more, in this thread."""
     loads = orjson.loads
     out: list[tuple[str, bytes]] = []
     for key in keys:
-        out += normalize_items(((key, loads(raws[key])),), name, rule=False)
+        doc = loads(raws[key])
+        if digest is not None:
+            digest.add(name, key, canonical(doc))
+        out += normalize_items(((key, doc),), name, rule=False)
     return out
 
 
@@ -536,7 +544,7 @@ async def _restore_collection(store: Backend, tx: BackendTransaction, root: Path
         for key in removed:
             await tx.delete(name, key)
         for start in range(0, len(puts), RESTORE_BATCH):
-            pairs = await off_loop(_stored_pairs, name, list(puts[start:start + RESTORE_BATCH]), raws)
+            pairs = await off_loop(stored_pairs, name, list(puts[start:start + RESTORE_BATCH]), raws)
             await put_encoded_with_expiries(tx, name, pairs, expiries)
         final = await tx.count(name)
         if final != len(wanted):
