@@ -3,9 +3,10 @@
 A worker thread running Python holds the GIL for up to a switch interval at a time (5 ms), and on a busy host the
 event loop then waits far longer than that for each turn: a 1 ms ticker beside a thread that parses or checks a
 million message lines was 20-30 ms late at times (benchmarks/bench_stalls.py, benchmarks/README.md). Work that only
-reads files and computes (parsing a message file for the query cache, checking a backup's messages) can run with the
+reads files and computes (checking a backup's messages, encoding them as ``COPY`` rows) can run with the
 same code in a child interpreter on another core instead; the worker thread then waits on a pipe, the GIL released,
-and takes in the results, a few C calls each.
+and takes in the results, a few C calls each. Used for a restore's message check and a PostgreSQL restore's ``COPY``
+rows (backup/messages.py, postgres/copy_child.py).
 
 :func:`child_items` runs a generator function of this package there and yields its items as they come. What may
 cross: JSON-able arguments, and items :mod:`marshal` can write (core types: nothing in them can run code on

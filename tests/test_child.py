@@ -95,18 +95,6 @@ def test_a_child_that_cannot_start_or_is_refused(tmp_path: Path, monkeypatch: py
         list(child_items("storage.backup.messages:checked_count", str(tmp_path), {}))
 
 
-def test_items_come_as_they_are_made(tmp_path: Path) -> None:
-    """Items cross as marshal writes them (bytes, tuples, None...), in order, and stop where the child fails."""
-    good = tmp_path / "a.jsonl"
-    good.write_bytes(b'{"message_id":"1","guild_id":"2","channel_id":"3","author_id":"4",'
-                     b'"timestamp":"2024-01-01T00:00:00Z","analysis":{}}\n')
-    got = list(child_items("storage.backends.json.column_process:answers",
-                           [[str(good), good.stat().st_size], [str(tmp_path / "missing"), 10]]))
-    assert len(got) == 2 and got[1] is None
-    ino, consumed, micros, *_rest = got[0]
-    assert (ino, consumed) == (good.stat().st_ino, good.stat().st_size) and isinstance(micros, bytes)
-
-
 # -------------------------------------------------------------------------------------------------------------------
 # a PostgreSQL restore's COPY rows, read and encoded in a child
 def _counting_copy_data(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -1,17 +1,13 @@
 """``_message_summary`` (what ``status`` prints about messages) against a reference computed from a full scan, on
 both backends: counts, distinct guilds, and the oldest / newest record by time (timestamps with and without a
-fraction, where text order and time order differ), after inserts, updates and a prune; on JSON, with its cache's
-first parse in this process and in a child."""
+fraction, where text order and time order differ), after inserts, updates and a prune."""
 
 from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta, timezone
 
-import pytest
-
 import storage
-from storage.backends.json import column_process
 from storage.models import parse_timestamp
 
 
@@ -35,13 +31,7 @@ async def _reference(store: storage.Store) -> tuple[int, int, str | None, str | 
     return (len(rows), len({r["guild_id"] for r in rows}), by_time[0]["timestamp"], by_time[-1]["timestamp"])
 
 
-@pytest.mark.parametrize("elsewhere", [False, True], ids=["thread", "child"])
-async def test_summary_matches_a_full_scan(store: storage.Store, elsewhere: bool,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """``child``: the JSON cache's first parse of every file in a child process (json/column_process.py), here
-    whatever the files' size (PostgreSQL has no such cache: the same test again)."""
-    if elsewhere:
-        monkeypatch.setattr(column_process, "ELSEWHERE_BYTES", 0)
+async def test_summary_matches_a_full_scan(store: storage.Store) -> None:
     rng = random.Random(15)
     assert tuple(await store._message_summary()) == (0, 0, None, None)  # type: ignore[attr-defined]
     await store.record_messages(_records(rng, 0, 300))  # type: ignore[attr-defined]

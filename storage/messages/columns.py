@@ -111,17 +111,6 @@ class ColumnsBuilder:
     def __len__(self) -> int:
         return len(self.micros)
 
-    @classmethod
-    def frozen(cls, micros: array[int], authors: tuple[str, ...], channels: tuple[str, ...],
-               sentiments: tuple[str | None, ...], topics: tuple[tuple[str, ...], ...]) -> ColumnsBuilder:
-        """A builder holding these columns as if their rows had been added one by one and then frozen (it keeps
-        ``micros``): how the JSON cache takes in a file parsed in another process (json/column_process.py)."""
-        builder = cls()
-        builder.micros = micros
-        builder._combos = {combo: combo for combo in set(topics)}
-        builder._frozen = MessageColumns(micros, authors, channels, sentiments, topics)
-        return builder
-
     def freeze(self) -> None:
         """Keep the columns as tuples (not tracked by the garbage collector) until the next add or replace."""
         if self._frozen is None:

@@ -20,7 +20,6 @@ from typing import Any
 
 from ...interfaces import MessageSummary
 from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
-from . import column_process
 from .message_files import (
     FileKey,
     Record,
@@ -93,9 +92,7 @@ class ColumnCache:
         if generation != self._generation:  # files were rewritten: nothing cached can be trusted
             self._files, self._generation = {}, generation
         blocks = []
-        months = list_months(self.root, guild_id, lo_key, hi_key)
-        self._parse_fresh([(guild, month) for month, guilds in months for guild in guilds])
-        for month, guilds in months:
+        for month, guilds in list_months(self.root, guild_id, lo_key, hi_key):
             start, end = month_range(month)
             whole = (lo_key is None or lo_key <= start) and (hi_key is None or hi_key >= end)
             for guild in guilds:
@@ -113,9 +110,7 @@ class ColumnCache:
         if generation != self._generation:
             self._files, self._generation = {}, generation
         count, guilds, oldest, newest = 0, set(), None, None
-        months = list_months(self.root, None, None, None)
-        self._parse_fresh([(guild, month) for month, in_month in months for guild in in_month])
-        for month, in_month in months:
+        for month, in_month in list_months(self.root, None, None, None):
             for guild in in_month:
                 cached = self._cached((guild, month))
                 if cached is None or not len(cached.columns):
@@ -128,26 +123,6 @@ class ColumnCache:
                 newest = high if newest is None or high > newest else newest
         return MessageSummary(count, len(guilds), None if oldest is None else micros_text(oldest),
                               None if newest is None else micros_text(newest))
-
-    def _parse_fresh(self, keys: list[FileKey]) -> None:
-        """The files of ``keys`` not cached yet (or replaced), parsed in a child process when they add up to
-        ``column_process.ELSEWHERE_BYTES``; :meth:`_cached` then brings them up to date as any other entry (what
-        the child left out, it parses from the start, as before)."""
-        fresh: list[tuple[FileKey, Path, int, int]] = []
-        for key in keys:
-            path = file_path(self.root, key)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            cached = self._files.get(key)
-            if cached is None or cached.ino != st.st_ino or st.st_size < cached.size:
-                fresh.append((key, path, st.st_ino, st.st_size))
-        if sum(size for *_, size in fresh) < column_process.ELSEWHERE_BYTES:
-            return
-        for index, consumed, columns in column_process.parse_elsewhere([f[1:] for f in fresh]):
-            key, _path, ino, _size = fresh[index]
-            self._files[key] = _Cached(ino, consumed, columns)
 
     def _cached(self, key: FileKey) -> _Cached | None:
         """The file's cache entry, brought up to date (None when the file is gone)."""
