@@ -126,8 +126,9 @@ INLINE_MAX_BYTES = 1 << 20
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
-#: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
-#: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
+#: A commit of at least this many operations (a batch) plans its apply while the disk writes its record (the
+#: writeback started before the fsync, or the planning offered to the sync thread: _timed_sync); fewer: the
+#: writeback's call or the hand-over would cost more than it saves.
 PLAN_DURING_SYNC = max(BULK_APPLY, 256)
 _first, _second = itemgetter(0), itemgetter(1)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
@@ -177,7 +178,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._batch_sync_estimate = 0.0  # the same for records larger than a filler chunk (INLINE_BATCH_BUDGET)
-        self._sync_thread = SyncThread()  # a batch's fsync while the loop plans its apply (_commit_now)
+        self._sync_thread = SyncThread()  # plans a batch's apply during its fsync where no writeback starts
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
         self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
@@ -475,7 +476,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
         tables = self._tables
         plan: Plan | None = None
-        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
+        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned while the disk writes (_timed_sync)
             spent, plan = self._timed_sync(ops, record)
         else:
             began = time.perf_counter()
