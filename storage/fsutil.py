@@ -43,7 +43,8 @@ def start_writeback(fd: int) -> bool:
 
     Not a sync: only the :func:`sync_fd` that must follow makes anything durable. It does not wait for the
     writeback either, so it takes no write error of the file's pages for itself (Linux reports such an error once
-    per open file, to the first call that *waits*): the following fsync still reports it.
+    per open file, to the first call that *waits*): the following fsync still reports it. It may block while the
+    disk's request queue is full; the fsync would have waited as long.
 
     Why: a commit's ``fdatasync`` of a 250 KB batch record spent 0.3-0.4 ms of its ~0.6 ms sending the data; the
     commit has CPU work that needs no disk before that fsync (planning its apply): with the writeback started

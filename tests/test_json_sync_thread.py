@@ -73,8 +73,20 @@ class SyncSpy:
         return False
 
 
+def writeback_works(folder: Path) -> bool:
+    """Whether this machine can start a file's writeback (Linux ``sync_file_range``, not refused by a filter)."""
+    fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x")
+        return json_store.start_writeback(fd)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(params=["writeback", "offer"])
-def spy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SyncSpy:
+def spy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SyncSpy:
+    if request.param == "writeback" and not writeback_works(tmp_path):
+        pytest.skip("no writeback can be started here: the commits make the offer (the other mode)")
     spy = SyncSpy(request.param == "writeback")
     monkeypatch.setattr(os, "fdatasync", spy)
     real_plan, real_plan_batch = Tables.plan, Tables.plan_batch
@@ -94,7 +106,6 @@ def spy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Sync
         if not spy.writeback:
             return False
         started = real_writeback(fd)
-        assert started, "sync_file_range could not start a writeback on this machine"
         spy.events.append(("writeback", threading.current_thread().name))
         return started
 

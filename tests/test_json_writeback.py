@@ -90,6 +90,8 @@ async def test_a_batch_whose_writeback_fails_is_never_seen(tmp_path: Path, monke
     store rewrites its files and goes on."""
     n = json_store.PLAN_DURING_SYNC
     real = json_store.start_writeback
+    if not sys.platform.startswith("linux"):
+        real = lambda fd: True  # noqa: E731 - as if started: the failure below is what is tested
     failing = threading.Event()
     threads: list[str] = []
 
