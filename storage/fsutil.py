@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
 import secrets
 import sys
@@ -61,10 +60,9 @@ def start_writeback(fd: int) -> bool:
     raise OSError(code, os.strerror(code))
 
 
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's ``sync_file_range`` (the GIL released during the call, as for any ``ctypes.CDLL`` function); None
-    off Linux or where libc lacks it."""
+    off Linux or where libc lacks it. Looked up once, at import (:data:`_SYNC_FILE_RANGE`)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -74,6 +72,15 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
     return call  # type: ignore[no-any-return]
+
+
+#: The C function, resolved at import: a constant, not a cache filled on first use.
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """:data:`_SYNC_FILE_RANGE` (a function, so that tests can stand in another call or none)."""
+    return _SYNC_FILE_RANGE
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
