@@ -106,6 +106,26 @@ async def acker(config: StoreConfig, prefix: str, count: int) -> None:
     print("DONE", flush=True)
 
 
+async def batcher(config: StoreConfig, prefix: str, count: int, size: int) -> None:
+    """``count`` batches: ``put_many`` of ``size`` documents ``<prefix><i>-<j>`` plus ``<prefix>last``, each
+    ``{"i": i}`` (padded). Prints ``ACK i`` / ``FAIL i errno`` (a StorageIOError: reported as not committed) after
+    each."""
+    store = await storage.open_store(config=config)
+    try:
+        for i in range(count):
+            docs = {f"{prefix}{i}-{j}": {"i": i, "pad": "x" * 200} for j in range(size)}
+            docs[f"{prefix}last"] = {"i": i}
+            try:
+                await store.put_many("f", docs)
+            except StorageIOError as exc:
+                print(f"FAIL {i} {exc.errno}", flush=True)
+            else:
+                print(f"ACK {i}", flush=True)
+    finally:
+        await store.close()
+    print("DONE", flush=True)
+
+
 async def counter(config: StoreConfig, count: int) -> None:
     """``count`` increments of ``f/counter``, printing ``ACK`` after each returned."""
     store = await storage.open_store(config=config)
@@ -136,6 +156,8 @@ def main() -> None:
         asyncio.run(reader(config, args[0], args[1:]))
     elif mode == "acker":
         asyncio.run(acker(config, args[0], int(args[1])))
+    elif mode == "batcher":
+        asyncio.run(batcher(config, args[0], int(args[1]), int(args[2])))
     elif mode == "counter":
         asyncio.run(counter(config, int(args[0])))
     elif mode == "create":

@@ -120,3 +120,27 @@ async def test_a_huge_document_on_the_leased_path_syncs_in_a_thread(tmp_path: Pa
         assert len((await store.get("c", "huge"))["pad"]) == 200_000
     finally:
         await store.close()
+
+
+async def test_a_disk_slower_than_the_small_budget_keeps_batches_on_the_loop_under_theirs(
+        tmp_path: Path, threaded: list[int]) -> None:
+    """Small records at 2 ms (a congested disk): over their own budget, so a save goes to a thread, but under the
+    batches' budget, so a batch stays on the loop (a thread hop cost a batch 1-2.5 ms more than the fsync it freed
+    the loop of); past the batches' budget, a batch goes to a thread too."""
+    store = await JsonStore.open(cfg(tmp_path))
+    try:
+        store._sync_estimate = store._batch_sync_estimate = 0.002
+        await store.put_many("c", batch(400, 0))
+        assert threaded == []
+        store._sync_estimate = 0.002
+        await store.put("c", "one", {"n": 1})
+        assert len(threaded) == 1 and threaded[0] < MIN_CHUNK
+        store._sync_estimate, store._batch_sync_estimate = 0.002, json_store.INLINE_BATCH_BUDGET
+        await store.put_many("c", batch(400, 1))
+        assert len(threaded) == 2 and threaded[1] > MIN_CHUNK
+        store._sync_estimate, store._batch_sync_estimate = json_store.INLINE_BATCH_BUDGET, 0.0
+        await store.put_many("c", batch(400, 2))
+        assert len(threaded) == 3 and threaded[2] > MIN_CHUNK
+        assert (await store.get("c", "k399"))["tag"] == 2
+    finally:
+        await store.close()

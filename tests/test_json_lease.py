@@ -477,3 +477,65 @@ async def test_writers_in_four_processes_each_get_the_lock_within_a_bounded_wait
         for child in children:
             child.communicate(timeout=30)
         await store.close()
+
+
+def test_writers_that_all_step_back_do_not_leave_the_free_lock_to_each_other(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers step back at once (each one's last lease ended with a waiter: SidecarLock.wait_free's
+    ``behind``) while the lock is free. Each leaves a free lock to writers that wait for it, and used to count the
+    other stepping-back writer's wait sign as such: both then left it free until their ``behind`` ran out (seen as
+    gaps of 20 ms and more between holders with four writer processes). A writer gives the sign only once it waits
+    in ``flock``, so one of the two takes the lock at once. Both are made to look for waiters only after both
+    began stepping back (a barrier), whichever thread runs first. (Before, the two went on leaving the lock to
+    each other, a look every millisecond, until two looks happened to collide: 0.1-1 s here.)"""
+    from storage.backends.json import lock as json_lock
+
+    barrier = threading.Barrier(2, timeout=10)
+    real, real_others = json_lock._leave_to_others, json_lock._others_wait
+    left: list[int] = []  # each time a free lock was left to a waiter
+
+    def together(fd: int, deadline: float, abandoned: threading.Event) -> None:
+        barrier.wait()
+        real(fd, deadline, abandoned)
+
+    def others_wait(fd: int) -> bool:
+        waiting = real_others(fd)
+        if waiting:
+            left.append(fd)
+        return waiting
+
+    monkeypatch.setattr(json_lock, "_leave_to_others", together)
+    monkeypatch.setattr(json_lock, "_others_wait", others_wait)
+    tmp_path.mkdir(exist_ok=True)
+    first, second = probe(tmp_path), probe(tmp_path)
+    if not first.can_sign:
+        pytest.skip("no wait sign on this file system: writers never step back here")
+    abandoned = threading.Event()
+    got: dict[str, tuple[int, float]] = {}
+
+    def step_back(name: str, lock: SidecarLock) -> None:
+        fd = lock.wait_free(abandoned, 30.0)  # behind: far longer than the assertion below allows
+        got[name] = (fd, time.monotonic())
+        if fd >= 0:
+            os.close(fd)  # let go: the other one takes it next
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=step_back, args=(name, lock))
+               for name, lock in (("first", first), ("second", second))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert sorted(got) == ["first", "second"], "a writer never got the lock"
+        assert all(fd >= 0 for fd, _ in got.values())
+        earliest = min(when for _, when in got.values()) - began
+        assert earliest < 10, f"the free lock was left to the other stepping-back writer for {earliest:.1f} s"
+        # only to a writer that waits in flock (the other one, between its sign and its flock), a few times at most
+        assert len(left) <= 5, f"the free lock was left {len(left)} times to a writer that was stepping back"
+    finally:
+        abandoned.set()
+        for thread in threads:
+            thread.join(40)
+        first.close()
+        second.close()

@@ -543,8 +543,8 @@ class Journal:
     def append(self, data: bytes, sync: Callable[[int], None] | None = None) -> None:
         """Write records at the end of the committed ones and fsync them. Call under the lock, caught up
         (``offset`` at the end of the records; past it there is nothing, or filler). ``sync``: the fsync of the
-        file descriptor, :func:`sync_fd` by default (a batch's offers the planning of its apply to a worker thread
-        meanwhile: json/sync_thread.py).
+        file descriptor, :func:`sync_fd` by default (a batch's starts the writeback, plans its apply, then
+        fsyncs: json/store.py ``_timed_sync``).
 
         Within the preallocated room the record overwrites filler; otherwise it is written with a new chunk of
         filler after it (json/filler.py), or alone when there is no room for that. On failure the file is cut back

@@ -62,7 +62,7 @@ from ...errors import (
 )
 from ...expiry import to_micros
 from ...feed import ChangeFeed
-from ...fsutil import TEMP_MARK, make_dirs
+from ...fsutil import TEMP_MARK, make_dirs, start_writeback, sync_fd
 from ...interfaces import BackendTransaction, ExportSink, MessageSummary, MessageSwap, MigrationLock
 from ...member_calls import MembersMixin
 from ...member_fast import encode_member_save
@@ -115,17 +115,20 @@ INLINE_SYNC_BUDGET = 0.0005
 #: The same for a record larger than a filler chunk (a batch: json/filler.py MIN_CHUNK), measured apart. Why: a
 #: 1,000-member batch's append + fdatasync takes 0.4-0.55 ms here, at the edge of INLINE_SYNC_BUDGET, so about
 #: half the batches of a run paid a thread hop (~0.3 ms, and the loop turns it costs) and the batch row of
-#: benchmarks/bench_peers.py swung between 0.8x and 1.4x SQLite FULL from run to run; held on the loop, such an
-#: append is a tenth of the 20 ms stall budget. A batch goes inline only while small records do too (a slow disk
-#: shows there first), and never past INLINE_MAX_BYTES.
-INLINE_BATCH_BUDGET = 0.002
+#: benchmarks/bench_peers.py swung between 0.8x and 1.4x SQLite FULL from run to run. A batch goes inline while
+#: both estimates (its own and the small records', which sees a slower disk first) are under this, and never past
+#: INLINE_MAX_BYTES. 4 ms, not the small records' 0.5: on a congested disk (fsyncs of 1-3 ms) a batch sent to a
+#: thread paid two thread wake-ups on top (1-2.5 ms on a loaded 2-core host: 8-12 ms a batch against 4.4-10 ms
+#: inline, benchmarks/README.md), while held on the loop its fsync is a fifth of the 20 ms stall budget at most.
+INLINE_BATCH_BUDGET = 0.004
 #: A record of more bytes than this always has its append + fsync in a worker thread, whatever the estimates say.
 INLINE_MAX_BYTES = 1 << 20
 #: A commit of more operations than this is encoded and planned in a worker thread, appended in a thread, and
 #: applied with C-level dict updates (see Tables.plan).
 LARGE_COMMIT = 2000
-#: An inline commit of at least this many operations (a batch) offers the planning of its apply to a worker thread
-#: while its record's fsync runs (json/sync_thread.py); fewer: the hand-over would cost more than it saves.
+#: A commit of at least this many operations (a batch) plans its apply while the disk writes its record (the
+#: writeback started before the fsync, or the planning offered to the sync thread: _timed_sync); fewer: the
+#: writeback's call or the hand-over would cost more than it saves.
 PLAN_DURING_SYNC = max(BULK_APPLY, 256)
 _first, _second = itemgetter(0), itemgetter(1)
 _TEMP_RE = re.compile(r".+" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}\Z")
@@ -175,7 +178,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
         self._batch_sync_estimate = 0.0  # the same for records larger than a filler chunk (INLINE_BATCH_BUDGET)
-        self._sync_thread = SyncThread()  # a batch's fsync while the loop plans its apply (_commit_now)
+        self._sync_thread = SyncThread()  # plans a batch's apply during its fsync where no writeback starts
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
         #: store.watch(): every operation the tables apply, in journal order (json/feed.py)
         self._feed = JsonFeed(self._refresh, self._catch_up_now, self.path / LOCK_NAME)
@@ -454,9 +457,9 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
     def _may_inline(self, size: int) -> bool:
         """Whether an append of a ``size``-byte record runs on the loop, from how long recent ones took (see
         INLINE_SYNC_BUDGET and INLINE_BATCH_BUDGET)."""
-        if self._sync_estimate >= INLINE_SYNC_BUDGET:
-            return False
-        return size <= MIN_CHUNK or (size <= INLINE_MAX_BYTES and self._batch_sync_estimate < INLINE_BATCH_BUDGET)
+        if size <= MIN_CHUNK:
+            return self._sync_estimate < INLINE_SYNC_BUDGET
+        return size <= INLINE_MAX_BYTES and max(self._sync_estimate, self._batch_sync_estimate) < INLINE_BATCH_BUDGET
 
     def _learn_sync(self, size: int, spent: float) -> None:
         """Fold an append's time into the moving average of its size class (the one :meth:`_may_inline` reads)."""
@@ -473,7 +476,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
         tables = self._tables
         plan: Plan | None = None
-        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned during the fsync (json/sync_thread.py)
+        if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned while the disk writes (_timed_sync)
             spent, plan = self._timed_sync(ops, record)
         else:
             began = time.perf_counter()
@@ -489,27 +492,43 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._learn_sync(len(record), spent)
 
     def _timed_sync(self, ops: list[Op] | PutRun, record: bytes) -> tuple[float, Plan | None]:
-        """``journal.append(record)``, the planning of ``ops``' apply offered to the sync thread during its fsync
-        (json/sync_thread.py); returns the write's and the fsync's own time (no waits) and the plan (None: the
-        worker did not get to it). Under the lock; nothing is published or applied here.
+        """``journal.append(record)`` with the planning of ``ops``' apply done while the disk writes the record;
+        returns the write's and the fsync's own time (not the planning's) and the plan (None: not planned, the
+        caller plans after the fsync as before). Under the lock; nothing is published or applied here.
+
+        The record's writeback is started right after its ``pwrite`` (fsutil.start_writeback), the plan worked out
+        on this thread meanwhile, and the ``fdatasync`` is then left with the cache flush (a 1,000-member batch at
+        100k members: the fsync 0.6 ms, of which the data 0.3-0.4; the plan 0.4-0.5 ms). Where the writeback cannot
+        be started (not Linux), the planning is offered to the sync thread during the fsync instead
+        (json/sync_thread.py); that offer needs the worker thread to be scheduled in time, which a loaded machine
+        did not do for most batches (the offers paused: the plan after the fsync, ~0.65 ms more a batch).
 
         On the loop (:meth:`_commit_now`), or in the worker thread of :meth:`_commit`'s threaded append (a slow
-        disk, a loaded machine): that caller used to apply the batch, or plan it, on the loop *after* the fsync
-        (1.1-1.9 ms of a 1,000-member batch at 100k members, benchmarks/README.md) while the loop sat idle during
-        it. The loop may run other tasks meanwhile: the plan reads only what the lock keeps still (the documents,
-        their sizes and expiries; a read that caches a document the plan looks at caches the same bytes, which
+        disk): that caller used to apply the batch, or plan it, on the loop *after* the fsync (1.1-1.9 ms of a
+        1,000-member batch at 100k members, benchmarks/README.md) while the loop sat idle during it. The loop may
+        run other tasks meanwhile: the plan reads only what the lock keeps still (the documents, their sizes and
+        expiries; a read that caches a document the plan looks at caches the same bytes, which
         :func:`_prepare_large`'s plan in a thread already relies on)."""
         tables = self._tables
         plan: Plan | None = None
         began = written = time.perf_counter()
+        synced = 0.0
 
         def sync(fd: int) -> None:
-            nonlocal plan, written
+            nonlocal plan, written, synced
             written = time.perf_counter()
-            plan = self._sync_thread.sync_during(fd, lambda: _plan(tables, ops))
+            if start_writeback(fd):
+                started = time.perf_counter()
+                plan = _plan_quietly(tables, ops)  # while the disk writes (nothing to undo: it only reads)
+                planned = time.perf_counter()
+                sync_fd(fd)
+                synced = started - written + time.perf_counter() - planned  # the disk's calls, not the plan
+            else:
+                plan = self._sync_thread.sync_during(fd, lambda: _plan(tables, ops))
+                synced = self._sync_thread.last_sync
 
         self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
-        return written - began + self._sync_thread.last_sync, plan
+        return written - began + synced, plan
 
     def _commit_deferred(self, ops: list[Op], record: bytes) -> None:
         """:meth:`_commit_now` for a commit that took the lock without catching up (:meth:`_defer_catch_up`): its
@@ -1123,6 +1142,16 @@ def _prepare_large(tables: Tables, ops: list[Op] | PutRun, record: bytes | None)
 def _plan(tables: Tables, ops: list[Op] | PutRun) -> Plan | None:
     """``tables.plan(ops)``; a PutRun's from its two lists (json/put_run.py)."""
     return ops.plan(tables) if isinstance(ops, PutRun) else tables.plan(ops)
+
+
+def _plan_quietly(tables: Tables, ops: list[Op] | PutRun) -> Plan | None:
+    """:func:`_plan` between a record's write and its fsync: a planning that fails (a bug) is logged and the
+    commit plans after the fsync as usual (a failure here must not pass for the write's)."""
+    try:
+        return _plan(tables, ops)
+    except Exception:
+        log.exception("planning a commit during its fsync failed; it is applied the usual way")
+        return None
 
 
 def _timed_append(journal: Journal, record: bytes) -> float:

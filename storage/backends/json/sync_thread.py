@@ -18,6 +18,11 @@ A batch whose append goes to a worker thread instead (a slow disk: json/store.py
 offer from that thread, during its fsync there (``JsonBackend._timed_sync``): the loop, waiting for the append,
 used to plan or apply the batch only after it (1.1-1.9 ms at 100k members under load).
 
+Where the commit can start the record's writeback itself (Linux ``sync_file_range``: fsutil.start_writeback), it
+plans on its own thread between that start and the fsync instead, and makes no offer (json/store.py
+``_timed_sync``): the planning then overlaps the disk's writing without waiting for a second thread to be
+scheduled, which a loaded machine did not do for most batches. This thread is the way elsewhere.
+
 One risk is left: a worker that took the offer and is then descheduled by a CPU-starved machine holds the GIL,
 and the caller, its fsync done, waits for it (1-5 ms at a load of 8 on 2 cores, the fsync modelled as a 1 ms
 sleep). So a commit that waited longer than the worker's work saved stops the offers for the next
