@@ -20,6 +20,7 @@ from typing import Any
 
 from ...interfaces import MessageSummary
 from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
+from .message_counts import Counted, count_records
 from .message_files import (
     FileKey,
     Record,
@@ -70,15 +71,17 @@ class ColumnCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._files: dict[FileKey, _Cached] = {}
+        #: files :meth:`summary` counted without parsing them (message_counts.py), so that it reads only their tails
+        self._counted: dict[FileKey, Counted] = {}
         self._generation = b""
         self._lock = asyncio.Lock()  # one cache update at a time (they run in a thread)
 
     def clear(self) -> None:
-        self._files = {}
+        self._files, self._counted = {}, {}
 
     def take(self) -> dict[FileKey, Any]:
         """Empty the cache and return what it held (for the caller to free off the loop)."""
-        files, self._files = self._files, {}
+        files, self._files, self._counted = self._files, {}, {}
         return files
 
     async def blocks(self, guild_id: str | None, lo_key: str | None, hi_key: str | None, lo: int | None,
@@ -90,7 +93,7 @@ class ColumnCache:
                      hi: int | None) -> list[MessageColumns]:
         generation = read_generation(self.root)
         if generation != self._generation:  # files were rewritten: nothing cached can be trusted
-            self._files, self._generation = {}, generation
+            self._files, self._counted, self._generation = {}, {}, generation
         blocks = []
         for month, guilds in list_months(self.root, guild_id, lo_key, hi_key):
             start, end = month_range(month)
@@ -101,28 +104,70 @@ class ColumnCache:
                     blocks.append(cached.columns.snapshot() if whole else cached.columns.snapshot(lo, hi))
         return blocks
 
-    async def summary(self) -> MessageSummary:
-        """Count, guilds, oldest and newest of every file (their cache entries brought up to date, in a thread)."""
-        return await run_holding(self._lock, self._summary_sync)
+    async def summary(self, shortcut: bool = True) -> MessageSummary:
+        """Count, guilds, oldest and newest of every file, in a thread.
 
-    def _summary_sync(self) -> MessageSummary:
+        With ``shortcut`` (see :mod:`.message_counts`), a file not cached yet is counted without parsing its lines
+        when every complete line has the strict shape of one record of its month, and only the files of the
+        earliest and latest such months are parsed (cached) for the oldest and newest; any other file is brought
+        up to date in the cache as without it, which gives the same answer and the same errors.
+        """
+        return await run_holding(self._lock, self._summary_sync, shortcut)
+
+    def _summary_sync(self, shortcut: bool = True) -> MessageSummary:
         generation = read_generation(self.root)
         if generation != self._generation:
-            self._files, self._generation = {}, generation
-        count, guilds, oldest, newest = 0, set(), None, None
+            self._files, self._counted, self._generation = {}, {}, generation
+        count, guilds = 0, set()
+        low: list[int] = []
+        high: list[int] = []
+        counted: list[tuple[str, str, int]] = []  # (month, guild, records) of the files counted by the shortcut
+        shapes: dict[tuple[tuple[str, ...], str], Any] = {}
         for month, in_month in list_months(self.root, None, None, None):
             for guild in in_month:
-                cached = self._cached((guild, month))
+                key = (guild, month)
+                if shortcut and key not in self._files:
+                    found = count_records(file_path(self.root, key), month, shapes, self._counted.get(key))
+                    if found is not None:
+                        self._counted[key] = found
+                        if found.records:
+                            counted.append((month, guild, found.records))
+                        continue
+                    self._counted.pop(key, None)
+                cached = self._cached(key)
                 if cached is None or not len(cached.columns):
                     continue
                 times = cached.columns.micros
                 count += len(times)
                 guilds.add(guild)
-                low, high = min(times), max(times)
-                oldest = low if oldest is None or low < oldest else oldest
-                newest = high if newest is None or high > newest else newest
-        return MessageSummary(count, len(guilds), None if oldest is None else micros_text(oldest),
-                              None if newest is None else micros_text(newest))
+                low.append(min(times))
+                high.append(max(times))
+        # A counted file's records all lie in its month: the oldest of them are in the earliest month's files,
+        # the newest in the latest month's, which are parsed (and cached) as without the shortcut.
+        ends: set[tuple[str, str]] = set()
+        for ordered in (counted, counted[::-1]):
+            for month in dict.fromkeys(m for m, _, _ in ordered):
+                parsed = False
+                for m, guild, _ in ordered:
+                    if m != month:
+                        continue
+                    ends.add((m, guild))
+                    cached = self._cached((guild, m))
+                    if cached is not None and len(cached.columns):
+                        parsed = True
+                        low.append(min(cached.columns.micros))
+                        high.append(max(cached.columns.micros))
+                if parsed:
+                    break
+        for month, guild, quick in counted:
+            if (month, guild) in ends:
+                cached = self._files.get((guild, month))
+                quick = 0 if cached is None else len(cached.columns)  # as parsed: it may have grown meanwhile
+            if quick:
+                count += quick
+                guilds.add(guild)
+        return MessageSummary(count, len(guilds), micros_text(min(low)) if low else None,
+                              micros_text(max(high)) if high else None)
 
     def _cached(self, key: FileKey) -> _Cached | None:
         """The file's cache entry, brought up to date (None when the file is gone)."""
