@@ -656,7 +656,9 @@ class MessageLog:
             await _release(lines)
 
     async def summary(self) -> MessageSummary:
-        """Count, guilds, oldest and newest of every record (``status``), from the column cache."""
+        """Count, guilds, oldest and newest of every record (``status``): files counted without parsing where that
+        is sure to give the same answer (:mod:`.message_counts`), the others and the oldest / newest from the column
+        cache."""
         return await self._cache.summary()
 
     async def columns(self, guild_id: str | None, since: datetime | None,
