@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -88,22 +89,32 @@ async def acker(config: StoreConfig, prefix: str, count: int) -> None:
     store = await storage.open_store(config=config)
     try:
         for i in range(count):
-            try:
-                if i % 3 == 2:
-                    await store.update("f", f"{prefix}counter", lambda d: {"i": d.get("i", 0) + 1})
-                elif i % 3 == 1:
-                    async with store.transaction() as tx:
-                        await tx.put("f", f"{prefix}{i}", {"i": i})
-                        await tx.put("f", f"{prefix}last", {"i": i})
-                else:
-                    await store.put_many("f", {f"{prefix}{i}": {"i": i}, f"{prefix}last": {"i": i}})
-            except StorageIOError as exc:
-                print(f"FAIL {i} {exc.errno}", flush=True)
+            if i % 3 == 2:
+                await _report(i, store.update("f", f"{prefix}counter", lambda d: {"i": d.get("i", 0) + 1}))
+            elif i % 3 == 1:
+                await _report(i, _in_transaction(store, prefix, i))
             else:
-                print(f"ACK {i}", flush=True)
+                await _report(i, store.put_many("f", {f"{prefix}{i}": {"i": i}, f"{prefix}last": {"i": i}}))
     finally:
         await store.close()
     print("DONE", flush=True)
+
+
+async def _in_transaction(store: Any, prefix: str, i: int) -> None:
+    async with store.transaction() as tx:
+        await tx.put("f", f"{prefix}{i}", {"i": i})
+        await tx.put("f", f"{prefix}last", {"i": i})
+
+
+async def _report(i: int, write: Awaitable[Any]) -> None:
+    """Await one write of a writer and print ``ACK i``, or ``FAIL i errno`` for a StorageIOError (reported as not
+    committed)."""
+    try:
+        await write
+    except StorageIOError as exc:
+        print(f"FAIL {i} {exc.errno}", flush=True)
+    else:
+        print(f"ACK {i}", flush=True)
 
 
 async def batcher(config: StoreConfig, prefix: str, count: int, size: int) -> None:
@@ -115,12 +126,7 @@ async def batcher(config: StoreConfig, prefix: str, count: int, size: int) -> No
         for i in range(count):
             docs = {f"{prefix}{i}-{j}": {"i": i, "pad": "x" * 200} for j in range(size)}
             docs[f"{prefix}last"] = {"i": i}
-            try:
-                await store.put_many("f", docs)
-            except StorageIOError as exc:
-                print(f"FAIL {i} {exc.errno}", flush=True)
-            else:
-                print(f"ACK {i}", flush=True)
+            await _report(i, store.put_many("f", docs))
     finally:
         await store.close()
     print("DONE", flush=True)
