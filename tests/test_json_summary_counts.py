@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
+from storage.backends.json import message_counts
 from storage.backends.json.message_cache import ColumnCache
 from storage.backends.json.message_counts import count_records
 from storage.backends.json.message_files import parse_line
@@ -180,3 +182,37 @@ def test_count_records_refuses_what_it_cannot_vouch_for(tmp_path: Path) -> None:
     with open(path, "ab") as f:
         f.write(b"}\n")
     assert count_records(path, "2024-02", shapes, grown) is None  # that line turned out not to be a record
+
+
+def test_the_pacer_lets_the_loop_in_between_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A count of a file of many pieces pauses (a real sleep: the GIL free for the event loop) once per ``WORK``
+    of counting, and counts the same as without pauses (see ``message_counts.Pacer`` for why a pause is needed)."""
+    line = (b'{"message_id":"1","guild_id":"2","channel_id":"3","author_id":"4","timestamp":"2024-02-29T23:59:59Z",'
+            b'"analysis":{"sentiment":null,"topics":null}}\n')
+    path = tmp_path / "f.jsonl"
+    lines = 4 * (message_counts.COUNT_PIECE // len(line) + 1)  # more than four pieces
+    path.write_bytes(line * lines)
+    pauses: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(message_counts.time, "sleep", sleep)
+    plain = count_records(path, "2024-02", {})
+    assert plain is not None and plain.records == lines and pauses == []
+
+    class EveryPiece(message_counts.Pacer):
+        WORK = 0.0  # a pause after every piece
+
+    paced = count_records(path, "2024-02", {}, None, EveryPiece())
+    assert paced is not None and (paced.records, paced.size) == (plain.records, plain.size)
+    assert len(pauses) >= 4 and set(pauses) == {message_counts.Pacer.PAUSE}
+
+    pauses.clear()
+
+    class Never(message_counts.Pacer):
+        WORK = 3600.0
+
+    assert count_records(path, "2024-02", {}, None, Never()) == paced and pauses == []

@@ -20,7 +20,7 @@ from typing import Any
 
 from ...interfaces import MessageSummary
 from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
-from .message_counts import Counted, count_records
+from .message_counts import Counted, Pacer, count_records
 from .message_files import (
     FileKey,
     Record,
@@ -123,11 +123,12 @@ class ColumnCache:
         high: list[int] = []
         counted: list[tuple[str, str, int]] = []  # (month, guild, records) of the files counted by the shortcut
         shapes: dict[tuple[tuple[str, ...], str], Any] = {}
+        pacer = Pacer()
         for month, in_month in list_months(self.root, None, None, None):
             for guild in in_month:
                 key = (guild, month)
                 if shortcut and key not in self._files:
-                    found = count_records(file_path(self.root, key), month, shapes, self._counted.get(key))
+                    found = count_records(file_path(self.root, key), month, shapes, self._counted.get(key), pacer)
                     if found is not None:
                         self._counted[key] = found
                         if found.records:
