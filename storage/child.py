@@ -32,6 +32,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import orjson
 
+from .offload import Pacer
+
 __all__ = ["ChildLost", "child_items", "NICE", "serve", "Recipe"]
 
 #: The child's niceness above the parent's: on a host whose cores are all busy, a child competing with the process
@@ -79,7 +81,9 @@ def child_items(target: str, *args: Any) -> Generator[Any, None, None]:
             proc.stdin.close()
         except OSError as exc:
             raise ChildLost(f"the child is gone: {exc}") from exc
+        pacer = Pacer()  # each frame is a pipe read and a short ``marshal.loads``: a GIL convoy without pauses
         while True:
+            pacer.tick()
             frame = _read_frame(proc.stdout)
             if frame is None or frame[:1] not in (_ITEM, _END):
                 raise ChildLost("the child failed or died")

@@ -8,12 +8,14 @@ so the loop keeps ticking (the stalls are measured by benchmarks/bench_backup.py
 
 from __future__ import annotations
 
+import time
+from asyncio.events import _get_running_loop as _running_loop  # the C accessor: no exception when there is none
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from .cancellation import run_in_thread
 
-__all__ = ["off_loop", "chunks", "CHUNK_RECORDS"]
+__all__ = ["off_loop", "chunks", "CHUNK_RECORDS", "Pacer"]
 
 T = TypeVar("T")
 #: Records handed to a worker thread at a time: collecting them on the loop costs a few ms at most.
@@ -36,3 +38,37 @@ async def chunks(items: AsyncIterable[T], size: int = CHUNK_RECORDS) -> AsyncIte
             chunk = []
     if chunk:
         yield chunk
+
+
+class Pacer:
+    """Pauses a worker thread now and then, so that the event loop gets the GIL.
+
+    Why a thread running Python is not enough: CPython asks the thread holding the GIL to hand it over only after a
+    waiting thread saw no hand-over for a switch interval (5 ms), and any release and retake counts as one. A worker
+    that alternates short C calls with system calls (``open``, ``pread``, ``write``, a pool's ``fsync`` finishing),
+    or two workers busy at once, hand the GIL over all the time, but to each other or back to themselves: the
+    waiting event loop thread is never granted a switch request and gets the GIL only when the OS happens to run it
+    in the instant it is free (the ``status`` count's loop waited 50-110 ms at a time, ``bench_stalls.py
+    --holders`` finding the counting thread at its ``pread``; benchmarks/README.md "GIL convoy"). A real sleep
+    leaves the GIL free long enough for the loop to take it.
+
+    One pacer per piece of work in one thread; call :meth:`tick` between small steps (a file, a group of records):
+    it costs one clock read, and sleeps :attr:`PAUSE` once :attr:`WORK` has passed since the last pause. The work
+    itself is unchanged, only spread out (about 13% longer at most)."""
+
+    __slots__ = ("_since",)
+
+    #: Seconds of work between pauses, and the pause.
+    WORK = 0.002
+    PAUSE = 0.0003
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    def tick(self) -> None:
+        """A pause, once :attr:`WORK` has passed since the last one; never on an event loop's own thread (a helper
+        shared by a worker and the loop, as a backup file's reader is, must not put the loop itself to sleep)."""
+        if time.perf_counter() - self._since >= self.WORK:
+            if _running_loop() is None:
+                time.sleep(self.PAUSE)
+            self._since = time.perf_counter()

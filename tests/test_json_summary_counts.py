@@ -22,6 +22,7 @@ from storage.backends.json.message_cache import ColumnCache
 from storage.backends.json.message_counts import count_records
 from storage.backends.json.message_files import parse_line
 from storage.messages.columns import micros_text, text_micros
+from storage.offload import Pacer
 
 _MONTHS = [(2023, 11), (2023, 12), (2024, 1), (2024, 2), (2024, 3)]
 _STRINGS = ["pos", "neg", 'quote " and \\ backslash', "tab\tnew\nline", "ünïcödé ✓", "emoji 😀", "\x7f", ""]
@@ -186,7 +187,7 @@ def test_count_records_refuses_what_it_cannot_vouch_for(tmp_path: Path) -> None:
 
 def test_the_pacer_lets_the_loop_in_between_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A count of a file of many pieces pauses (a real sleep: the GIL free for the event loop) once per ``WORK``
-    of counting, and counts the same as without pauses (see ``message_counts.Pacer`` for why a pause is needed)."""
+    of counting, and counts the same as without pauses (see ``offload.Pacer`` for why a pause is needed)."""
     line = (b'{"message_id":"1","guild_id":"2","channel_id":"3","author_id":"4","timestamp":"2024-02-29T23:59:59Z",'
             b'"analysis":{"sentiment":null,"topics":null}}\n')
     path = tmp_path / "f.jsonl"
@@ -199,20 +200,20 @@ def test_the_pacer_lets_the_loop_in_between_pieces(tmp_path: Path, monkeypatch: 
         pauses.append(seconds)
         real_sleep(seconds)
 
-    monkeypatch.setattr(message_counts.time, "sleep", sleep)
+    monkeypatch.setattr(time, "sleep", sleep)  # what Pacer calls
     plain = count_records(path, "2024-02", {})
     assert plain is not None and plain.records == lines and pauses == []
 
-    class EveryPiece(message_counts.Pacer):
+    class EveryPiece(Pacer):
         WORK = 0.0  # a pause after every piece
 
     paced = count_records(path, "2024-02", {}, None, EveryPiece())
     assert paced is not None and (paced.records, paced.size) == (plain.records, plain.size)
-    assert len(pauses) >= 4 and set(pauses) == {message_counts.Pacer.PAUSE}
+    assert len(pauses) >= 4 and set(pauses) == {Pacer.PAUSE}
 
     pauses.clear()
 
-    class Never(message_counts.Pacer):
+    class Never(Pacer):
         WORK = 3600.0
 
     assert count_records(path, "2024-02", {}, None, Never()) == paced and pauses == []

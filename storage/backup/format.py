@@ -53,6 +53,7 @@ import orjson
 from ..codec import check_collection, dumps_canonical
 from ..errors import BackupError, ValidationError
 from ..fsutil import TEMP_MARK, fsync_dir, make_dirs, pid_alive, sync_fd, write_all
+from ..offload import Pacer
 from ..progress import NullProgress, Progress
 from .indexes import manifest_indexes
 from .source import manifest_source
@@ -332,6 +333,7 @@ class JsonlWriter:
         self._gzip = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if relative.endswith(GZ) else None
         self._buffer: list[bytes] = []
         self._buffered = 0
+        self._pacer = Pacer()  # the writing thread's pauses for the event loop (hash, gzip and write: see Pacer)
         self.count = 0
         self.size = 0
         self.stored = 0
@@ -343,6 +345,7 @@ class JsonlWriter:
         self.count += 1
         if self._buffered >= _CHUNK:
             self._flush()
+        self._pacer.tick()
 
     def write_block(self, block: bytes, lines: int) -> None:
         """Append ``lines`` whole lines at once (``block`` ends with a newline, or is empty)."""
@@ -573,13 +576,16 @@ def iter_lines(root: Path, entry: Mapping[str, Any]) -> Iterator[bytes]:
     digest = hashlib.sha256()
     count = 0
     tail = b""
+    pacer = Pacer()  # the reading thread's pauses for the event loop (read, inflate, split: see Pacer)
     try:
         for chunk in read_content(root, relative):
             digest.update(chunk)
             lines = (tail + chunk).split(b"\n")
             tail = lines.pop()
             count += len(lines)
-            yield from lines
+            for line in lines:
+                yield line
+                pacer.tick()
     except OSError as exc:
         raise BackupError(f"cannot read {relative}: {exc}") from exc
     if tail:

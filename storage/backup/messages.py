@@ -20,7 +20,7 @@ from ..child import ChildLost, child_items
 from ..errors import BackupError, ValidationError
 from ..interfaces import Backend
 from ..messages.records import normalize_messages
-from ..offload import chunks, off_loop
+from ..offload import Pacer, chunks, off_loop
 from ..progress import Progress
 from ..shards import ShardedKeys
 from .format import (
@@ -102,11 +102,13 @@ def decoded_groups(lines: list[bytes], digest: ContentDigest | None = None) -> I
     they are: whoever consumes the groups keeps only what it encodes from them, so no group outlives the
     collector's youngest generation."""
     loads = orjson.loads
+    pacer = Pacer()  # the consumer's thread (a copy's target) runs beside the source's: see Pacer
     for start in range(0, len(lines), DECODE_GROUP):
         group = [loads(line) for line in lines[start:start + DECODE_GROUP]]
         if digest is not None:
             digest_records(digest, group)
         yield group
+        pacer.tick()
 
 
 class BackupBatches:

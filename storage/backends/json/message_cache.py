@@ -20,7 +20,8 @@ from typing import Any
 
 from ...interfaces import MessageSummary
 from ...messages.columns import ColumnsBuilder, MessageColumns, micros_text
-from .message_counts import Counted, Pacer, count_records
+from ...offload import Pacer
+from .message_counts import Counted, count_records
 from .message_files import (
     FileKey,
     Record,

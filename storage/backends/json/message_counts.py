@@ -24,16 +24,16 @@ from __future__ import annotations
 import calendar
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from ...offload import Pacer
 from .message_files import iter_blocks
 
-__all__ = ["Counted", "Pacer", "count_records", "line_shape"]
+__all__ = ["Counted", "count_records", "line_shape"]
 
 _STR = rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
 _ID = rb'"[0-9]+"'
@@ -85,33 +85,6 @@ def line_shape(keys: tuple[str, ...], month: str) -> re.Pattern[bytes] | None:
     return re.compile(rb"(?:\{" + b",".join(parts) + rb"\}\n)*")
 
 
-class Pacer:
-    """Pauses a counting thread now and then, so that the event loop gets the GIL.
-
-    Why: the count is short C calls (a regular expression over a piece, a decode) between system calls (``open``,
-    ``pread``) that each let go of the GIL and take it back at once. CPython asks a running thread to hand the GIL
-    over only after a waiting thread saw no hand-over for a switch interval (5 ms); every such release and retake
-    counts as a hand-over, so the waiting event loop thread was never granted that request and got the GIL only when
-    the OS happened to run it in the instant the GIL was free: the ``status`` call's loop waited 50-110 ms at a time
-    (``bench_stalls.py --holders``: the counting thread always found at its ``pread``), where a thread running
-    plain Python costs it ~12-17 ms. A real sleep leaves the GIL free long enough for the loop to take it."""
-
-    __slots__ = ("_since",)
-
-    #: Seconds of counting between pauses, and the pause.
-    WORK = 0.002
-    PAUSE = 0.0003
-
-    def __init__(self) -> None:
-        self._since = time.perf_counter()
-
-    def tick(self) -> None:
-        """Called after each piece: a pause once :attr:`WORK` has passed since the last one."""
-        if time.perf_counter() - self._since >= self.WORK:
-            time.sleep(self.PAUSE)
-            self._since = time.perf_counter()
-
-
 @dataclass
 class Counted:
     """What :func:`count_records` found in a file: kept by the caller, so that the next call reads only what was
@@ -130,7 +103,8 @@ def count_records(path: Path, month: str, shapes: dict[tuple[tuple[str, ...], st
 
     ``known`` is what an earlier call found (then only the lines after it are read, if it is the same file).
     ``shapes`` keeps the expressions built during one summary, by the first line's keys and the month; ``pacer``
-    (one per summary) lets the event loop in between pieces (:class:`Pacer`)."""
+    (one per summary) lets the event loop in between pieces (:class:`~storage.offload.Pacer`: each piece is a ``pread``
+    and short C calls, a GIL convoy without it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

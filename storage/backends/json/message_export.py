@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from ...offload import Pacer
 from .message_files import list_files, parse_block
 
 __all__ = ["export_records"]
@@ -27,6 +28,8 @@ def export_records(root: Path, emit: Callable[[str, bytes, bytes], None], tick: 
     stored order; ``canonical``: keys sorted); ``tick(n)`` after each file. Returns how many records there were."""
     dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
     total = 0
+    pacer = Pacer()  # the event loop's turns (a copy runs this beside the target's writing thread: see Pacer)
+    tick_pacer = pacer.tick
     for _key, path, _st in list_files(root):
         try:
             data = path.read_bytes()
@@ -40,11 +43,13 @@ def export_records(root: Path, emit: Callable[[str, bytes, bytes], None], tick: 
             mid = rec["message_id"]
             lines[mid] = dumps(rec)
             canons[mid] = dumps(rec, option=sort)
+            tick_pacer()
 
         parse_block(path, data, 0, sink)
         del data
         for mid, line in lines.items():
             emit(mid, line, canons[mid])
+            tick_pacer()
         total += len(lines)
         tick(len(lines))
     return total

@@ -59,6 +59,7 @@ from ...fsutil import atomic_write, fsync_dir, sync_fd, temp_name, write_all
 from ...interfaces import MessageSummary
 from ...messages.columns import MessageColumns, micros
 from ...messages.records import bound_key, normalized_chunks, timestamp_key
+from ...offload import Pacer
 from ...shards import ShardedDict
 from ...sorting import sorted_in_runs
 from .group_commit import Failed, GroupCommit
@@ -335,6 +336,7 @@ class MessageLog:
         """
         index = self._sync_locked()
         files, slots = self._files, self._slots
+        pacer = Pacer()  # the event loop's turns between batches and files (a GIL convoy otherwise: see Pacer)
         groups: dict[FileKey, _Group] = {}
         counts: list[int] = []
         ids: list[int] = []  # the new records' ids, in order (to forget them if nothing is written)
@@ -357,6 +359,7 @@ class MessageLog:
 
         try:
             for batch in batches:
+                pacer.tick()
                 if isinstance(batch, Encoded):
                     rows = [i for i, (mid, guild, month) in enumerate(zip(batch.ids, batch.guilds, batch.months))
                             if place(mid, (guild, month))]
@@ -367,6 +370,7 @@ class MessageLog:
                 counts.append(len(fresh))
                 for start in range(0, len(fresh), ENCODE_SLICE):  # each dumps, count and split kept short
                     bodies += encode_bodies(fresh[start:start + ENCODE_SLICE])
+                    pacer.tick()
             if ids:
                 if len(groups) == 1:
                     next(iter(groups.values())).bodies = bodies
@@ -374,16 +378,17 @@ class MessageLog:
                     for group in groups.values():  # gathered in C
                         rows = group.rows
                         group.bodies = itemgetter(*rows)(bodies) if len(rows) > 1 else [bodies[rows[0]]]
-                self._append(groups)
+                self._append(groups, pacer)
         except BaseException:
             for mid in ids:  # nothing was written: forget the ids (reserved slots stay unused)
                 index.pop(mid, None)
             raise
         return counts
 
-    def _append(self, groups: dict[FileKey, _Group]) -> None:
+    def _append(self, groups: dict[FileKey, _Group], pacer: Pacer) -> None:
         """Write each group's lines to its file, fsync them all, then record the new sizes. On failure cut every
-        file back (and raise DatabaseError).
+        file back (and raise DatabaseError). ``pacer`` is ticked after each file (each is an ``open``, a ``write``
+        and a pool's ``fsync`` finishing: GIL hand-overs that starve the event loop without pauses, see Pacer).
 
         With several files, each one's fsync starts in the pool as soon as it is written, so the disk flushes the
         first files while the next ones are encoded and written (the fsyncs run in parallel: the disk merges the
@@ -419,6 +424,7 @@ class MessageLog:
                         sync_fd(fd)
                     else:
                         syncs.append(pool.submit(sync_fd, fd))
+                    pacer.tick()
             finally:
                 concurrent.futures.wait(syncs)  # all of them, before anyone closes or truncates a file
             for sync in syncs:
