@@ -10,6 +10,7 @@ pause at every tick and give exactly what they give unpaced, on both backends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def test_a_pacer_pauses_once_per_work_in_a_worker_thread(pauses: Pauses) -> None
     assert {thread for _w, _s, thread in made} == {worker.ident}
     # at most one pause per WORK of ticking (a pause's own length counts as neither)
     assert len(made) <= 0.05 / Pacer.WORK + 1
-    assert all(b - a >= Pacer.WORK + Pacer.PAUSE for (a, _s, _t), (b, _s2, _t2) in zip(made, made[1:]))
+    assert all(b - a >= Pacer.WORK + Pacer.PAUSE for (a, _s, _t), (b, _s2, _t2) in itertools.pairwise(made))
 
     pauses.clear()
 
