@@ -8,6 +8,7 @@ the turns are counted (deterministic), and the answers are checked to be the sam
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from array import array
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 import storage
 from storage.backends.json import messages as json_messages
+from storage.backends.postgres import messages as pg_messages
 from storage.messages.columns import MessageColumns
 
 
@@ -119,6 +121,39 @@ async def test_json_scan_and_columns_give_the_loop_turns(store: storage.Store, m
     monkeypatch.setattr(MessageColumns, "parts", lambda self, size=100: real(self, 100))
     turns, blocks = await _turns_during(store._scan_message_columns("7", None, None))  # type: ignore[attr-defined]
     assert sum(len(b) for b in blocks) == 1_200 and len(blocks) == 12 and turns >= 11
+
+
+async def test_pg_scan_gives_the_loop_a_turn_within_each_fetched_block(store: storage.Store):
+    """A PostgreSQL scan fetches SCAN_BLOCK rows at a time and gives the loop a turn every SCAN_TURN records in
+    between: what its consumer does per record (a backup encodes and hashes it) runs in the scan's loop step, and
+    with the turn only at each fetch a block of 500 was one step of 14-21 ms CPU (``bench_stalls.py``,
+    ``create_backup``). Counted: the records yielded between two turns of another task."""
+    if store.backend_name != "postgres":
+        pytest.skip("the PostgreSQL scan's turns (the JSON scan's are tested above)")
+    assert pg_messages.SCAN_TURN < pg_messages.SCAN_BLOCK
+    records = _records(1_200)
+    await store.record_messages(records)
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    seen: list[int] = []
+    try:
+        async for _record in store.scan_messages(7):
+            seen.append(turns)
+    finally:
+        task.cancel()
+    assert len(seen) == 1_200
+    run = longest = 1
+    for before, after in itertools.pairwise(seen):
+        run = run + 1 if after == before else 1
+        longest = max(longest, run)
+    assert longest <= pg_messages.SCAN_TURN
 
 
 async def test_json_close_frees_the_message_index_and_cache_off_the_loop(store_config: Any):

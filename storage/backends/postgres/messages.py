@@ -68,8 +68,10 @@ from .schema import ID_SHIFT
 __all__ = ["PgMessagesMixin", "to_row", "to_record", "COLUMNS", "delete_before"]
 
 log = logging.getLogger("storage.postgres")
-#: ``_scan_messages`` gives the event loop a turn every this many records (see json/messages.py's SCAN_TURN).
-SCAN_TURN = 500
+#: ``_scan_messages`` gives the event loop a turn every this many records (see json/messages.py's SCAN_TURN); less
+#: than SCAN_BLOCK, or the only turns are the fetches: a backup encodes and hashes each record in the scan's step,
+#: and a block of 500 was one loop step of 14-21 ms CPU (``bench_stalls.py``, PostgreSQL ``create_backup``).
+SCAN_TURN = 125
 #: Rows per ``FETCH`` of ``_scan_messages``: asyncpg decodes a fetch's rows (their ``analysis`` jsonb through a
 #: Python decoder) in the loop's socket reads, as many as one read brings, and their records are alive at once.
 SCAN_BLOCK = 500
