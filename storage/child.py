@@ -32,7 +32,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import orjson
 
-from .offload import Pacer
+from .offload import PACED, Pacer
 
 __all__ = ["ChildLost", "child_items", "NICE", "serve", "Recipe"]
 
@@ -110,6 +110,7 @@ def serve() -> None:
     """The child's main: run the generator named on stdin, each item a frame on stdout, then the end frame (an
     exception ends the process without it: the parent sees the child lost)."""
     gc.disable()  # a short-lived process of ours: the work's containers are freed by reference counting
+    PACED.set(False)  # no event loop here to let in (see Pacer)
     with contextlib.suppress(OSError):
         os.nice(NICE)  # background work: where the cores are all busy, the parent's event loop goes first
     target, args = orjson.loads(sys.stdin.buffer.read())

@@ -10,6 +10,7 @@ pause at every tick and give exactly what they give unpaced, on both backends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import threading
 import time
@@ -24,7 +25,7 @@ import storage
 from storage.backup import messages as backup_messages
 from storage.backup.copy import copy
 from storage.child import child_items
-from storage.offload import Pacer
+from storage.offload import PACED, Pacer
 from tests.test_backup import GUILD, has_messages, json_config, populate, snapshot
 
 
@@ -75,6 +76,27 @@ def test_a_pacer_pauses_once_per_work_in_a_worker_thread(pauses: Pauses) -> None
 
     busy(Never(), 0.01)
     assert pauses.made == []
+
+
+def test_a_pacer_made_where_pacing_is_off_never_pauses(pauses: Pauses) -> None:
+    """A child process of ours turns pacing off (``PACED``; it has no event loop to let in): its pacers never
+    pause, in a worker thread either; a context with pacing on is not affected."""
+    class Always(Pacer):
+        WORK = 0.0
+
+    def ticks() -> None:
+        pacer = Always()
+        for _ in range(20):
+            pacer.tick()
+
+    def off() -> None:
+        PACED.set(False)
+        ticks()
+
+    contextvars.copy_context().run(off)
+    assert pauses.made == []
+    ticks()
+    assert len(pauses.made) == 20
 
 
 async def test_a_pacer_never_puts_the_event_loop_to_sleep(pauses: Pauses) -> None:
