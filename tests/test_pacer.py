@@ -201,21 +201,3 @@ async def test_analytics_queries_paced_at_every_file_give_the_same_answers(
     assert paced == plain
     if store.config.backend == "json":
         assert pauses.made and threading.get_ident() not in {t for _w, _s, t in pauses.made}
-
-
-async def test_a_message_scan_paced_at_every_line_gives_the_same_records(
-        store: Any, pauses: Pauses, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both backends: a time-ordered scan (on JSON, each month's files read and parsed in a worker thread, paced
-    after each line) yields the same records in the same order with a pause at every tick as without any."""
-    if not has_messages(store):
-        pytest.skip("no message log")
-    await populate(store, messages=300)
-    monkeypatch.setattr(Pacer, "WORK", 3600.0)
-    pauses.clear()
-    plain = [record async for record in store.scan_messages(None, None, None)]
-    assert len(plain) == 300 and pauses.made == []
-    monkeypatch.setattr(Pacer, "WORK", 0.0)
-    paced = [record async for record in store.scan_messages(None, None, None)]
-    assert paced == plain
-    if store.config.backend == "json":
-        assert pauses.made and threading.get_ident() not in {t for _w, _s, t in pauses.made}

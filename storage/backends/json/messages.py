@@ -760,10 +760,9 @@ def _read_line(path: Path, fd: int, offset: int, size: int) -> Record:
         raise corrupt(path, offset, exc) from None
 
 
-def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: list[bytes], pacer: Pacer) -> None:
+def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: list[bytes]) -> None:
     """Append one file's current records in ``[lo, hi)`` to ``keys`` (their order keys) and ``lines`` (the lines,
-    each validated; a bad line: see :func:`parse_block`; the last line of an id is its current version); ``pacer``
-    ticked after each line."""
+    each validated; a bad line: see :func:`parse_block`; the last line of an id is its current version)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -787,7 +786,6 @@ def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: l
             keys.append(key)
             lines.append(line)
         offset += len(line) + 1
-        pacer.tick()
     if updates:  # the last line of an id is its current version (an update keeps the id and the timestamp)
         latest = {keys[i][ORDER_ID:]: i for i in range(first, len(keys))}  # str -> int: not tracked by the collector
         kept = list(latest.values())
@@ -810,9 +808,8 @@ def _load_month(paths: list[Path], lo: str | None, hi: str | None) -> list[bytes
     """
     keys: list[str] = []  # order_key's strings: a tuple each grew the collector's count (see order_key)
     lines: list[bytes] = []
-    pacer = Pacer()  # each file a read and a parse, beside a copy's target thread: the loop's turns (see Pacer)
     for path in paths:
-        _keyed(path, lo, hi, keys, lines, pacer)
+        _keyed(path, lo, hi, keys, lines)
     # Each file's lines are mostly in order already; sorted a run at a time (storage/sorting.py: one sort of the
     # month held the GIL 28 ms)
     ordered = [lines[i] for i in sorted_in_runs(range(len(keys)), keys.__getitem__)]
