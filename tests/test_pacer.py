@@ -26,7 +26,7 @@ from storage.backup import messages as backup_messages
 from storage.backup.copy import copy
 from storage.child import child_items
 from storage.offload import PACED, Pacer
-from tests.test_backup import GUILD, has_messages, json_config, populate, snapshot
+from tests.test_backup import has_messages, json_config, populate, snapshot
 
 
 class Pauses:
@@ -168,36 +168,3 @@ async def test_a_childs_items_paced_at_every_frame_are_the_same(tmp_path: Path, 
                                                              entry)))
     assert paced == plain
     assert len(pauses.made) >= 2 and threading.get_ident() not in {t for _w, _s, t in pauses.made}
-
-
-async def test_analytics_queries_paced_at_every_file_give_the_same_answers(
-        store: Any, reopen: Any, pauses: Pauses, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both backends: the first queries of a store (on JSON, the column cache's parse of each message file, paced
-    after each file) answer the same with a pause at every tick as without any; on JSON the pauses happen, in a
-    worker thread."""
-    if not has_messages(store):
-        pytest.skip("no message log")
-    await populate(store, messages=300)
-
-    async def answers(opened: Any) -> list[Any]:
-        return [await opened.message_counts(GUILD, by="day"), await opened.top_authors(GUILD),
-                await opened.message_counts(GUILD),
-                await opened._message_summary()]  # what the status command shows
-
-    monkeypatch.setattr(Pacer, "WORK", 3600.0)
-    plain_store = await reopen()
-    try:
-        pauses.clear()
-        plain = await answers(plain_store)
-        assert pauses.made == []
-    finally:
-        await plain_store.close()
-    monkeypatch.setattr(Pacer, "WORK", 0.0)
-    paced_store = await reopen()
-    try:
-        paced = await answers(paced_store)
-    finally:
-        await paced_store.close()
-    assert paced == plain
-    if store.config.backend == "json":
-        assert pauses.made and threading.get_ident() not in {t for _w, _s, t in pauses.made}

@@ -96,12 +96,11 @@ class ColumnCache:
         if generation != self._generation:  # files were rewritten: nothing cached can be trusted
             self._files, self._counted, self._generation = {}, {}, generation
         blocks = []
-        pacer = Pacer()  # a file is an open, a pread and a parse: the loop's turns in between (see Pacer)
         for month, guilds in list_months(self.root, guild_id, lo_key, hi_key):
             start, end = month_range(month)
             whole = (lo_key is None or lo_key <= start) and (hi_key is None or hi_key >= end)
             for guild in guilds:
-                cached = self._cached((guild, month), pacer)
+                cached = self._cached((guild, month))
                 if cached is not None and len(cached.columns):
                     blocks.append(cached.columns.snapshot() if whole else cached.columns.snapshot(lo, hi))
         return blocks
@@ -137,7 +136,7 @@ class ColumnCache:
                             counted.append((month, guild, found.records))
                         continue
                     self._counted.pop(key, None)
-                cached = self._cached(key, pacer)
+                cached = self._cached(key)
                 if cached is None or not len(cached.columns):
                     continue
                 times = cached.columns.micros
@@ -155,7 +154,7 @@ class ColumnCache:
                     if m != month:
                         continue
                     ends.add((m, guild))
-                    cached = self._cached((guild, m), pacer)
+                    cached = self._cached((guild, m))
                     if cached is not None and len(cached.columns):
                         parsed = True
                         low.append(min(cached.columns.micros))
@@ -172,14 +171,8 @@ class ColumnCache:
         return MessageSummary(count, len(guilds), micros_text(min(low)) if low else None,
                               micros_text(max(high)) if high else None)
 
-    def _cached(self, key: FileKey, pacer: Pacer) -> _Cached | None:
-        """The file's cache entry, brought up to date (None when the file is gone); ``pacer`` ticked after it."""
-        cached = self._cached_now(key)
-        pacer.tick()
-        return cached
-
-    def _cached_now(self, key: FileKey) -> _Cached | None:
-        """:meth:`_cached` without the tick."""
+    def _cached(self, key: FileKey) -> _Cached | None:
+        """The file's cache entry, brought up to date (None when the file is gone)."""
         path = file_path(self.root, key)
         try:
             fd = os.open(path, os.O_RDONLY)
