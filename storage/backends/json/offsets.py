@@ -136,7 +136,9 @@ def document_sizes(table: Offsets, go_on: Callable[[], bool] = lambda: True,
             key_bytes = list(map(len, raw))
         # a line is '  "<key>": <document>': its length less the key's bytes and the 6 around them
         sizes = list(map(sub, map(sub, lengths[lo:hi], key_bytes), repeat(6)))
-        out.update(zip(keys, map(shared.setdefault, sizes, sizes if unit is int else map(unit, sizes))))
+        fresh = set(sizes).difference(shared)
+        shared.update(zip(fresh, map(unit, fresh)))
+        out.update(zip(keys, map(shared.__getitem__, sizes)))
         if not go_on():
             return None
     return out
