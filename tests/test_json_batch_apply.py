@@ -287,6 +287,26 @@ async def test_a_lazy_collection_answers_like_a_dict_before_and_after_its_sizes_
         lazy.file.close()
 
 
+@pytest.mark.parametrize("step", [1, 3, 7, 8192])
+def test_leaving_the_placeholders_out_in_steps_equals_a_comprehension(monkeypatch: pytest.MonkeyPatch,
+                                                                      step: int) -> None:
+    """lazy._without_placeholders (C-level steps of PLACEHOLDER_STEP entries) against a plain comprehension: the
+    same entries in the same order, across step boundaries, with documents, deletions (None) and placeholders."""
+    from storage.backends.json import lazy as lazy_module
+
+    monkeypatch.setattr(lazy_module, "PLACEHOLDER_STEP", step)
+    rnd = random.Random(step)
+    for _ in range(200):
+        known: dict[str, Any] = {}
+        for i in range(rnd.randrange(0, 40)):
+            roll = rnd.random()
+            known[f"k{i}"] = (range(rnd.randrange(2, 9)) if roll < 0.5 else None if roll < 0.6
+                              else b"{" + b"x" * rnd.randrange(0, 5) + b"}")
+        out = lazy_module._without_placeholders(known)
+        expected = {key: raw for key, raw in known.items() if type(raw) is not range}
+        assert out == expected and list(out) == list(expected)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_replaced_in_equals_a_loop(seed: int) -> None:
     """lazy.replaced_in (the olds selecting themselves: a document is never empty) against a plain loop over the
