@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import checkouts, member_doc, member_ids, print_table, run_worker, write_results
@@ -265,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([f"  {k} per rep", *(" ".join(f"{r[k]:.2f}" for r in runs[n]) for n in systems)])
     print_table(headers, rows, title=f"JSON backend, fsync made free, {args.members:,} members, medians of "
                                      f"{args.reps} interleaved repetitions (load {os.getloadavg()[0]:.2f})")
-    path = write_results("batch_cpu" if args.batch else "save_cpu", {"batch": args.batch,"reps": args.reps, "members": args.members, "systems": systems,
-                                      "summary": summary, "runs": runs, "load": os.getloadavg()})
+    path = write_results("batch_cpu" if args.batch else "save_cpu", {
+        "batch": args.batch, "reps": args.reps, "members": args.members, "systems": systems, "summary": summary,
+        "runs": runs, "load": os.getloadavg()})
     print(f"results: {path}")
     return 0
 
