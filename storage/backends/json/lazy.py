@@ -374,8 +374,8 @@ class Lazy(MutableMapping[str, bytes]):
     def replaced(self, keys: AbstractSet[str]) -> tuple[int, int]:
         """What a put of each of ``keys`` replaces: (the sum of ``len(key) + len(document)`` over the keys that
         have a document, how many have one), for the size accounting and the count, with no file read, in C-level
-        passes (``map`` of the known documents' and the sizes dict's ``get``). Reads only: a worker thread or the
-        loop may call it while the store lock keeps the documents still (Tables.plan).
+        passes (``map`` of the known documents' ``get``, then the table's probe where needed). Reads only: a worker
+        thread or the loop may call it while the store lock keeps the documents still (Tables.plan).
 
         Once the sizes are laid (:meth:`build_sizes`): one probe of the known documents per key, nothing else
         (a document, a placeholder as long as one, None or absent: no document). Before: one probe of the known
