@@ -364,7 +364,10 @@ class Lazy(MutableMapping[str, bytes]):
             return
         with self._mutex:
             if self._sizes_state == _BUILDING:  # not once the collection is being read whole
-                laid.update(self._known)  # what was read or written since the open wins
+                known = self._known
+                items = iter(known.items())
+                for _ in range(0, len(known), PLACEHOLDER_STEP):  # (C-level steps: the GIL let go between them)
+                    laid.update(islice(items, PLACEHOLDER_STEP))  # what was read or written since the open wins
                 self._known, self._sizes_state = laid, _BUILT
 
     @property
