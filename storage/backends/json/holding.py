@@ -32,7 +32,7 @@ from .journal import Journal, encode_record
 from .lease import Lease
 from .lock import LockBusy, SidecarLock
 from .mutex import Mutex
-from .slots import CLAIMED, COMMITTED, Slots
+from .slots import CLAIMED, COMMITTED, FAILED, Slots
 from .tables import Tables
 
 __all__ = ["LockHolding", "STEP_BACK", "DEFER_BYTES", "in_own_thread"]
@@ -48,6 +48,9 @@ STEP_BACK = 0.02
 #: after letting go (:meth:`JsonBackend._commit_deferred`): the catch-up leaves the serialized section. Below it the
 #: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
 DEFER_BYTES = 1 << 15
+
+#: What :meth:`LockHolding._acquire_file_lock` did with a commit's offer (json/slots.py).
+_NOT_OFFERED, _OFFERED, _DONE = 0, 1, 2
 
 
 class LockHolding:
@@ -72,6 +75,7 @@ class LockHolding:
     _suspect: BaseException | None  # a failed append: the journal is not trusted until it is rewritten
     _slots: Slots  # waiting writers' records offered to the holder (json/slots.py)
     _peer_committed: bool  # the put this commit offered was committed by the holder before us (json/slots.py)
+    _lockless: bool  # ... learned at our door: this commit holds the store's mutex but not the file lock
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -117,7 +121,7 @@ class LockHolding:
             self._holding = True
             return
         await self._take_lock(commit=True, offer=offer)
-        if not self.read_only:
+        if not self.read_only and not self._lockless:
             self._lease.begin(asked)
 
     async def _take_lock(self, *, commit: bool = False, offer: list[Any] | None = None) -> None:
@@ -129,6 +133,9 @@ class LockHolding:
                     self._tables.refresh_read_only()
                 return
             offered = await self._acquire_file_lock(offer)
+            if offered == _DONE:  # committed by the holder, applied: nothing to write, no lock taken
+                self._peer_committed = self._lockless = True
+                return
             self._holding = True
             try:
                 self._settle_slots()  # before anything could replace the journal a dead holder's claims name
@@ -204,7 +211,9 @@ class LockHolding:
     def _exit_commit(self, failed: bool) -> None:
         """:meth:`_exit_locked` for a commit: the lock stays leased after a good commit in a run of them."""
         try:
-            if not self.read_only:
+            if self._lockless:  # the holder committed it (json/slots.py): we never took the lock
+                self._lockless = self._peer_committed = False
+            elif not self.read_only:
                 self._holding = False
                 self._behind = None  # a deferred catch-up never done: the view is behind, as any non-holder's
                 early, self._let_go_early = self._let_go_early, False
@@ -228,14 +237,52 @@ class LockHolding:
         committed = self._flock.committed(trusted_only=True)
         return None if committed is None else (committed.ino, committed.end)
 
-    def _offer(self, ops: list[Any] | None) -> bool:
-        """Before waiting for another process's lock: offer a commit's operations to the holder (json/slots.py)."""
+    def _offer(self, ops: list[Any] | None) -> int:
+        """Before waiting for another process's lock: offer a commit's operations to the holder (json/slots.py);
+        the door's generation, or -1 (not offered)."""
         if ops is None or self._suspect is not None or not self._flock.can_sign:
-            return False
+            return -1
         try:
             return self._slots.offer(encode_record(ops))
         except OSError:
-            return False  # offers are an optimization: wait and commit as before
+            return -1  # offers are an optimization: wait and commit as before
+
+    async def _at_door(self, gen: int) -> int:
+        """After offering with generation ``gen``: wait at our door (json/slots.py) for the holder to mark our
+        slot. _DONE: committed and applied (the view caught up to the committed end, which covers it, without the
+        lock); _NOT_OFFERED: it failed (taken back: commit it ourselves); _OFFERED: still offered or claimed (the
+        holder let go, or died): wait for the lock, as before."""
+        waiter = in_own_thread(self._door_wait, gen)  # not the executor: a lease or a transaction may be long
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
+        except BaseException as exc:
+            await cancellation.run_to_completion(self._withdraw_offer())
+            if isinstance(exc, TimeoutError):
+                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                       f"{self.lock_timeout}s") from None
+            if isinstance(exc, OSError):
+                raise self._io_error(exc, "waiting for the store lock") from exc
+            raise
+        slot = self._slots.peek()
+        if slot.state == FAILED:
+            self._slots.take_back()
+            return _NOT_OFFERED
+        if slot.state != COMMITTED:
+            return _OFFERED
+        tables, journal = self._tables, self._journal
+        try:
+            tables.follow(locked=False)
+        except OSError:
+            return _OFFERED  # under the lock, the usual way (take_back says COMMITTED: the catch-up applies it)
+        if (tables.need_reload or tables.need_lock or journal.ino != slot.ino
+                or journal.offset < slot.at + slot.length):
+            return _OFFERED
+        self._slots.take_back()
+        return _DONE
+
+    def _door_wait(self, gen: int) -> int:
+        self._slots.wait_door(gen)
+        return -1  # (in_own_thread's protocol: no descriptor to close)
 
     async def _wait_offered(self, offered: bool, behind: float = 0.0) -> None:
         """:meth:`_wait_for_file_lock`; if the wait ends without the lock (cancelled, timed out) while our offer
@@ -270,26 +317,40 @@ class LockHolding:
             self._holding = False
             self._flock.release()
 
-    async def _acquire_file_lock(self, offer: list[Any] | None = None) -> bool:
-        """Take the file lock; True when ``offer`` was offered to the holder meanwhile (json/slots.py)."""
+    async def _acquire_file_lock(self, offer: list[Any] | None = None) -> int:
+        """Take the file lock. _OFFERED when ``offer`` was offered to the holder meanwhile (json/slots.py: the
+        slot then says what became of it), _DONE when the holder committed it and it is applied (the lock is
+        then not taken), else _NOT_OFFERED."""
         lease = self._lease
         lease.contended = True  # unless the lock is free at once (json/lease.py: Lease.begin)
+        behind = 0.0
         if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
             lease.yielded = False
-            if self._flock.can_wait:
-                offered = self._offer(offer)
-                await self._wait_offered(offered, behind=STEP_BACK)
-                return offered
-        try:
-            if self._flock.try_acquire():  # uncontended: no thread hop
-                lease.contended = False
-                return False
-        except OSError as exc:
-            raise self._io_error(exc, "taking the store lock") from exc
+            behind = STEP_BACK
+        else:
+            try:
+                if self._flock.try_acquire():  # uncontended: no thread hop
+                    lease.contended = False
+                    return _NOT_OFFERED
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
         if self._flock.can_wait:
-            offered = self._offer(offer)
-            await self._wait_offered(offered)
+            offered = _NOT_OFFERED
+            gen = self._offer(offer)
+            if gen >= 0:
+                offered = await self._at_door(gen)
+                if offered == _DONE:
+                    lease.contended = False
+                    return _DONE
+            await self._wait_offered(offered == _OFFERED, behind)
             return offered
+        if behind:
+            try:
+                if self._flock.try_acquire():
+                    lease.contended = False
+                    return _NOT_OFFERED
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
@@ -308,7 +369,7 @@ class LockHolding:
                 pass
             self._flock.release()
             raise
-        return False
+        return _NOT_OFFERED
 
     async def _wait_for_file_lock(self, behind: float = 0.0) -> None:
         """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the

@@ -57,11 +57,12 @@ __all__ = ["Slots", "Claim", "Offer", "EMPTY", "OFFERED", "CLAIMED", "COMMITTED"
 COUNT = 16
 #: The largest record a writer offers (larger ones, and batches, commit the usual way).
 MAX_RECORD = 4096
-_HEAD = struct.Struct("<BxxxIQQ")  # state, length, journal inode, X
+_HEAD = struct.Struct("<BBxxIQQ")  # state, generation (0/1: which door its writer waits at), length, inode, X
 _STRIDE = 32  # one header every 32 bytes in the first page
 _ROOM = 4096  # then one page of record room a slot: slot i's record at (1 + i) * _ROOM
 _OWNER = 1 << 30  # the owner bytes: _OWNER + i (OFD locks past the file's end are fine)
 _MUTEX = (1 << 30) + 4096  # the mutex bytes: _MUTEX + i
+_DOOR = (1 << 30) + 8192  # the doors: _DOOR + 2 * i + generation
 
 EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
 
@@ -83,13 +84,14 @@ class Offer(NamedTuple):
     """What became of a writer's offer (:meth:`Slots.take_back`)."""
 
     state: int
+    gen: int
     ino: int
     at: int
     length: int
 
 
-def _flock_struct(kind: int, byte: int) -> bytes:
-    return struct.pack("hhqqi", kind, os.SEEK_SET, byte, 1, 0)
+def _flock_struct(kind: int, byte: int, length: int = 1) -> bytes:
+    return struct.pack("hhqqi", kind, os.SEEK_SET, byte, length, 0)
 
 
 def inner(record: bytes) -> bytes | None:
@@ -111,7 +113,9 @@ class Slots:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
+        self._wait_fd = -1  # a second description, for the door waits (its locks are not the holder's)
         self.index = -1  # our slot (-1: none; we then never offer)
+        self.doors_closed = False  # we hold the lock and every door (see close_doors)
         self.available = _OFD_SETLK is not None and _OFD_GETLK is not None and _OFD_SETLKW is not None
 
     def _file(self) -> bool:
@@ -144,7 +148,7 @@ class Slots:
                         continue
                     raise
                 self.index = index
-                self._write_head(index, EMPTY, 0, 0, 0)  # whatever a previous owner left
+                self._write_head(index, EMPTY, 0, 0, 0, 0)  # whatever a previous owner left
                 return True
         except OSError:
             self.available = False
@@ -164,31 +168,77 @@ class Slots:
         kind: int = struct.unpack_from("h", found)[0]
         return kind != fcntl.F_UNLCK
 
-    def _read_head(self, index: int) -> tuple[int, int, int, int]:
+    def _read_head(self, index: int) -> tuple[int, int, int, int, int]:
         raw = os.pread(self._fd, _HEAD.size, index * _STRIDE)
         if len(raw) < _HEAD.size:
-            return EMPTY, 0, 0, 0
-        state, length, ino, at = _HEAD.unpack(raw)
-        return state, length, ino, at
+            return EMPTY, 0, 0, 0, 0
+        state, gen, length, ino, at = _HEAD.unpack(raw)
+        return state, gen & 1, length, ino, at
 
-    def _write_head(self, index: int, state: int, length: int, ino: int, at: int) -> None:
-        os.pwrite(self._fd, _HEAD.pack(state, length, ino, at), index * _STRIDE)
+    def _write_head(self, index: int, state: int, length: int, ino: int, at: int, gen: int = -1) -> None:
+        if gen < 0:
+            gen = self._read_head(index)[1]
+        os.pwrite(self._fd, _HEAD.pack(state, gen, length, ino, at), index * _STRIDE)
+
+    # -- the doors -------------------------------------------------------------------------------------------------
+    # Why: a writer that offered must learn that its record was committed without waiting for the store lock (a
+    # holder keeps it for a lease of many commits, json/lease.py: waiting for the lock, a writer contributed one
+    # record per lease). While a store holds the lock it holds a write lock on every door byte (two a slot); a
+    # writer that offered with generation g waits for a read lock on its door g; the holder, marking the slot,
+    # closes door 1-g (which the writer's next offer will use) and opens door g. Letting go of the store lock
+    # opens every door (so does the holder's death: the kernel drops its locks); a writer that finds its slot
+    # still OFFERED then waits for the lock as before.
+    def close_doors(self) -> None:
+        """Just after taking the store lock: close every door (one ``F_OFD_SETLKW`` over the range; a waiter
+        holds its read lock only for a moment)."""
+        if not self._file():
+            return
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
+        except OSError:
+            return  # no doors: waiting writers wait for the store lock, as without them
+        self.doors_closed = True
+
+    def open_doors(self) -> None:
+        """Just before letting go of the store lock: open every door."""
+        if self.doors_closed and self._fd >= 0:
+            self.doors_closed = False
+            try:
+                fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
+            except OSError:  # pragma: no cover - an unlock is not refused; closing the descriptor opens them too
+                pass
+
+    def wait_door(self, gen: int) -> None:
+        """In a thread, after :meth:`offer` returned ``gen``: block until our door ``gen`` is open (the holder
+        marked our slot, let go of the store lock, or died; or nobody held the lock). Then read :meth:`peek`."""
+        if self._wait_fd < 0:
+            self._wait_fd = os.open(self.path, os.O_RDWR)
+        door = _DOOR + 2 * self.index + gen
+        fcntl.fcntl(self._wait_fd, _OFD_SETLKW, _flock_struct(fcntl.F_RDLCK, door))  # type: ignore[arg-type]
+        fcntl.fcntl(self._wait_fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
+
+    def peek(self) -> Offer:
+        """Our slot as it is now (no change)."""
+        state, gen, length, ino, at = self._read_head(self.index)
+        return Offer(state, gen, ino, at, length)
 
     # -- the owner's side ------------------------------------------------------------------------------------------
-    def offer(self, record: bytes) -> bool:
-        """Before waiting for the store lock: offer ``record`` (one journal line) to its holder. False: not offered
-        (too large, no slot): the caller commits it itself as before."""
+    def offer(self, record: bytes) -> int:
+        """Before waiting for the store lock: offer ``record`` (one journal line) to its holder; returns the
+        generation (the door to wait at, :meth:`wait_door`). -1: not offered (too large, no slot): the caller
+        commits it itself as before."""
         ops = inner(record)
         if ops is None or len(ops) > MAX_RECORD or not self._open():
-            return False
+            return -1
         index = self.index
         self._lock(index)
         try:
+            gen = self._read_head(index)[1]
             os.pwrite(self._fd, ops, (1 + index) * _ROOM)
-            self._write_head(index, OFFERED, len(ops), 0, 0)
+            self._write_head(index, OFFERED, len(ops), 0, 0, gen)
         finally:
             self._unlock(index)
-        return True
+        return gen
 
     def take_back(self) -> Offer:
         """Holding the store lock, after :meth:`settle_orphans`: what became of our offer; the slot is EMPTY
@@ -197,11 +247,11 @@ class Slots:
         index = self.index
         self._lock(index)
         try:
-            state, length, ino, at = self._read_head(index)
-            self._write_head(index, EMPTY, 0, 0, 0)
+            state, gen, length, ino, at = self._read_head(index)
+            self._write_head(index, EMPTY, 0, 0, 0, gen)
         finally:
             self._unlock(index)
-        return Offer(state, ino, at, length)
+        return Offer(state, gen, ino, at, length)
 
     def withdraw(self) -> Offer:
         """A cancelled owner, not holding the store lock: OFFERED becomes EMPTY (returned as OFFERED: nothing of it
@@ -210,12 +260,12 @@ class Slots:
         index = self.index
         self._lock(index)
         try:
-            state, length, ino, at = self._read_head(index)
+            state, gen, length, ino, at = self._read_head(index)
             if state != CLAIMED:
-                self._write_head(index, EMPTY, 0, 0, 0)
+                self._write_head(index, EMPTY, 0, 0, 0, gen)
         finally:
             self._unlock(index)
-        return Offer(state, ino, at, length)
+        return Offer(state, gen, ino, at, length)
 
     # -- the holder's side -----------------------------------------------------------------------------------------
     def claim(self, ino: int, at: int, room: int) -> list[Claim]:
@@ -225,6 +275,8 @@ class Slots:
         if not self._file():
             return []
         heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        if OFFERED not in heads[::_STRIDE]:  # the usual case: nobody offers (one pread, about 1 us)
+            return []
         claims: list[Claim] = []
         for index in range(min(COUNT, len(heads) // _STRIDE)):
             if index == self.index or heads[index * _STRIDE] != OFFERED:
@@ -233,14 +285,14 @@ class Slots:
                 continue  # its writer died: nobody would acknowledge it
             self._lock(index)
             try:
-                state, length, _ino, _at = self._read_head(index)
+                state, gen, length, _ino, _at = self._read_head(index)
                 if state != OFFERED or length > room:
                     continue
                 ops = os.pread(self._fd, length, (1 + index) * _ROOM)
                 if len(ops) != length:
                     continue
                 place = at + 1  # after the comma
-                self._write_head(index, CLAIMED, length, ino, place)
+                self._write_head(index, CLAIMED, length, ino, place, gen)
             finally:
                 self._unlock(index)
             claims.append(Claim(index, ops, place))
@@ -249,14 +301,22 @@ class Slots:
         return claims
 
     def mark(self, claims: list[Claim], state: int) -> None:
-        """Holding the store lock: the claimed records are COMMITTED (fsynced and published) or FAILED."""
+        """Holding the store lock: the claimed records are COMMITTED (fsynced and published) or FAILED; each
+        writer's door opens (the other door of its slot closes first: its next offer waits there)."""
         for claim in claims:
-            self._lock(claim.slot)
+            index = claim.slot
+            self._lock(index)
             try:
-                _s, length, ino, at = self._read_head(claim.slot)
-                self._write_head(claim.slot, state, length, ino, at)
+                _s, gen, length, ino, at = self._read_head(index)
+                if self.doors_closed:
+                    fcntl.fcntl(self._fd, _OFD_SETLKW,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_WRLCK, _DOOR + 2 * index + 1 - gen))
+                self._write_head(index, state, length, ino, at, 1 - gen)
+                if self.doors_closed:
+                    fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
             finally:
-                self._unlock(claim.slot)
+                self._unlock(index)
 
     def settle_orphans(self, journal_path: str, committed: Callable[[], tuple[int, int] | None]) -> None:
         """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died
@@ -274,7 +334,7 @@ class Slots:
                 end = committed() or (0, 0)
             self._lock(index)
             try:
-                state, length, ino, at = self._read_head(index)
+                state, gen, length, ino, at = self._read_head(index)
                 if state != CLAIMED:
                     continue
                 verdict = FAILED
@@ -282,7 +342,7 @@ class Slots:
                     ops = os.pread(self._fd, length, (1 + index) * _ROOM)
                     if _journal_bytes(journal_path, ino, at, length) == ops:
                         verdict = COMMITTED
-                self._write_head(index, verdict, length, ino, at)
+                self._write_head(index, verdict, length, ino, at, gen)
             finally:
                 self._unlock(index)
 
@@ -295,7 +355,10 @@ class Slots:
             except OSError:
                 pass
             os.close(self._fd)
-        self._fd = -1
+        if self._wait_fd >= 0:
+            os.close(self._wait_fd)
+        self._fd = self._wait_fd = -1
+        self.doors_closed = False
         self.available = False  # closed for good: a store is not reopened
         self.index = -1
 

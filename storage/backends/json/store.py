@@ -176,6 +176,10 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         #: waiting writers' records offered to the lock's holder, and those it claims (json/slots.py)
         self._slots = Slots(os.fspath(self.path / SLOTS_NAME))
         self._peer_committed = False  # the lone put this commit offered was committed by the holder before us
+        self._lockless = False  # ... and we learned it at our door, without taking the lock (json/slots.py)
+        if not self.read_only:
+            self._flock.on_taken = self._slots.close_doors
+            self._flock.on_release = self._slots.open_doors
         self._commits: GroupCommit[_Prepare | list[Op] | PutRun, Any] = GroupCommit(
             self._commit_locked, self._commit_group, after=self._maybe_compact, solo=True,
             after_due=self._compaction_may_be_due, locked_for=self._commit_locked_for)
@@ -368,14 +372,14 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
 
     async def _commit_group(self, batch: list[_Prepare | list[Op] | PutRun], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
+        if self._peer_committed:  # the holder committed our offered put, and we caught up with it (json/slots.py)
+            self._peer_committed = False
+            outcomes.append(None)
+            return
         if self._behind is not None and not all(type(prepare) in _PUTS for prepare in batch):
             self._catch_up_behind()  # the round reads the view: caught up first (see _defer_catch_up)
         if self._suspect is not None:
             await self._trust_journal()
-        if self._peer_committed:  # the holder before us committed our offered put, and we caught up with it
-            self._peer_committed = False
-            outcomes.append(None)
-            return
         if len(batch) == 1 and type(batch[0]) in _PUTS:  # a lone put: no view to stage
             outcomes.append(None)
             await self._commit(batch[0], claims=True)  # type: ignore[arg-type]
@@ -614,8 +618,6 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         (json/slots.py) and make them part of it (one journal line, one fsync); returns the line, the claims (to
         mark COMMITTED or FAILED once the fsync is known) and the operations to apply (ours, then theirs). A
         claimed record that does not parse as one this library writes is marked FAILED and left out."""
-        if not self._flock.waited_for():
-            return record, [], ops  # nobody waits (offering writers give the sign): no read of the slots
         room = MAX_GROUP_BYTES - len(record)
         claims = self._slots.claim(self._journal.ino or 0, start + len(record) - 2, room) if room > 0 else []
         if not claims:
