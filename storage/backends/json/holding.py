@@ -28,6 +28,7 @@ from ... import cancellation
 from ...errors import LockTimeoutError, StorageIOError
 from . import forget_files as json_forget
 from . import restore as json_restore
+from .door_waiter import DoorWaiter
 from .journal import Journal, encode_record
 from .lease import Lease
 from .lock import LockBusy, SidecarLock
@@ -74,6 +75,7 @@ class LockHolding:
     _let_go_early: bool  # the commit let go of the lock already (json/store.py ``_commit_deferred``): no lease
     _suspect: BaseException | None  # a failed append: the journal is not trusted until it is rewritten
     _slots: Slots  # waiting writers' records offered to the holder (json/slots.py)
+    _slots_waiter: DoorWaiter  # the thread that waits at our door
     _peer_committed: bool  # the put this commit offered was committed by the holder before us (json/slots.py)
     _lockless: bool  # ... learned at our door: this commit holds the store's mutex but not the file lock
 
@@ -252,7 +254,7 @@ class LockHolding:
         slot. _DONE: committed and applied (the view caught up to the committed end, which covers it, without the
         lock); _NOT_OFFERED: it failed (taken back: commit it ourselves); _OFFERED: still offered or claimed (the
         holder let go, or died): wait for the lock, as before."""
-        waiter = in_own_thread(self._door_wait, gen)  # not the executor: a lease or a transaction may be long
+        waiter = self._slots_waiter.wait(gen)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
         except BaseException as exc:
@@ -279,10 +281,6 @@ class LockHolding:
             return _OFFERED
         self._slots.take_back()
         return _DONE
-
-    def _door_wait(self, gen: int) -> int:
-        self._slots.wait_door(gen)
-        return -1  # (in_own_thread's protocol: no descriptor to close)
 
     async def _wait_offered(self, offered: bool, behind: float = 0.0) -> None:
         """:meth:`_wait_for_file_lock`; if the wait ends without the lock (cancelled, timed out) while our offer

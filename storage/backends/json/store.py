@@ -76,6 +76,7 @@ from ...types import Member
 from ..base import BackendBase
 from . import forget_files as json_forget
 from . import restore as json_restore
+from .door_waiter import DoorWaiter
 from .expiry import dead_keys, live_expiries, live_mapping, visible
 from .feed import JsonFeed
 from .filler import MIN_CHUNK
@@ -177,6 +178,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._slots = Slots(os.fspath(self.path / SLOTS_NAME))
         self._peer_committed = False  # the lone put this commit offered was committed by the holder before us
         self._lockless = False  # ... and we learned it at our door, without taking the lock (json/slots.py)
+        self._slots_waiter = DoorWaiter(self._slots.wait_door)  # the kept thread of those door waits
         if not self.read_only:
             self._flock.on_taken = self._slots.close_doors
             self._flock.on_release = self._slots.open_doors
@@ -1137,6 +1139,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             self._flock.close()
             self._messages.close()
             self._sync_thread.close()
+            self._slots_waiter.close()
             self._slots.close()
             self._tables.release()
             return
@@ -1172,6 +1175,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             self._flock.close()
             self._messages.close()
             self._sync_thread.close()
+            self._slots_waiter.close()
             self._slots.close()
             self._tables.release()
 
