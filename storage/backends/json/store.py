@@ -446,6 +446,9 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                 self._commit_now(ops, record, claims=claims)
                 return
             start = journal.offset
+            claimed: list[Claim] = []
+            if claims and type(ops) is list and len(ops) < PLAN_DURING_SYNC:  # a slow disk: the most to gain
+                record, claimed, ops = self._claim(start, record, ops)
             try:
                 if not large and len(ops) >= PLAN_DURING_SYNC:  # a batch: planned meanwhile (_timed_sync)
                     spent, plan = await cancellation.run_in_thread(self._timed_sync, ops, record)
@@ -453,8 +456,11 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                     spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
-                if journal.offset != start:  # durable: publish and apply even if we are being cancelled
+                if journal.offset == start:
+                    self._slots.mark(claimed, FAILED)  # (nothing when none)
+                else:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
+                    self._slots.mark(claimed, COMMITTED)
                     if plan is None and type(ops) is PutRun:  # not planned meanwhile: from its one dict
                         plan = ops.plan(self._tables)
                     if plan is None:  # expiries to clear: operation by operation
