@@ -264,3 +264,56 @@ async def test_two_stores_of_one_process(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.slow
+async def test_writer_processes_killed_at_random_lose_no_acknowledged_write(tmp_path: Path) -> None:
+    """Four writer processes (puts of two keys, which are offered when the lock is taken; transactions; updates)
+    on one store; two are SIGKILLed at random moments, wherever they are in the protocol (holding claims, offered,
+    waiting at their door). Every acknowledged write is on disk, no record is committed twice (each key of a
+    writer is written once), and each writer's ``last`` key holds its last acknowledged put or a later one."""
+    import random
+
+    from tests import _fault_child as child
+
+    config = cfg(tmp_path)
+    async with await JsonStore.open(config) as store:
+        await store.put("f", "seed", {"i": -1})
+    count = 300
+    names = ["a", "b", "c", "d"]
+    procs = {name: child.spawn("acker", config, name, count) for name in names}
+    rng = random.Random(15)
+    try:
+        for name in ("a", "b"):
+            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            procs[name].send_signal(signal.SIGKILL)
+        outs = {}
+        for name, proc in procs.items():
+            out, err = await asyncio.wait_for(asyncio.to_thread(proc.communicate, None, 240), 250)
+            if name in ("c", "d"):
+                assert proc.returncode == 0, err
+            outs[name] = out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=WAIT)
+    async with await JsonStore.open(config) as fresh:
+        on_disk = {k: d async for k, d in fresh.items("f")}
+    puts = [op for line in (tmp_path / JOURNAL_NAME).read_bytes().split(b"\n")[1:] if line.strip()
+            for op in orjson.loads(line) if op[0] == "p"]
+    for name, out in outs.items():
+        acked = [int(f[0]) for f in child.lines(out, "ACK")]
+        assert not child.lines(out, "FAIL"), out
+        if name in ("c", "d"):
+            assert len(acked) == count
+        written = [i for i in acked if i % 3 != 2]
+        for i in written:
+            assert on_disk.get(f"{name}{i}") == {"i": i}, f"{name}{i} acknowledged, not on disk"
+        keyed = [op[2] for op in puts if op[2].startswith(name) and op[2][len(name):].isdigit()]
+        assert len(keyed) == len(set(keyed)), f"a record of {name} committed twice"
+        if written:
+            assert on_disk[f"{name}last"]["i"] >= max(written), f"{name}last went back"
+        increments = len([i for i in acked if i % 3 == 2])
+        counter = on_disk.get(f"{name}counter", {"i": 0})["i"]
+        assert increments <= counter <= increments + 1

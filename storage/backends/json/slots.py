@@ -218,8 +218,12 @@ class Slots:
         fcntl.fcntl(self._wait_fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
 
     def peek(self) -> Offer:
-        """Our slot as it is now (no change)."""
-        state, gen, length, ino, at = self._read_head(self.index)
+        """Our slot as it is now (no change; read under its mutex: the holder's header write is not atomic)."""
+        self._lock(self.index)
+        try:
+            state, gen, length, ino, at = self._read_head(self.index)
+        finally:
+            self._unlock(self.index)
         return Offer(state, gen, ino, at, length)
 
     # -- the owner's side ------------------------------------------------------------------------------------------
@@ -233,7 +237,9 @@ class Slots:
         index = self.index
         self._lock(index)
         try:
-            gen = self._read_head(index)[1]
+            state, gen = self._read_head(index)[:2]
+            if state == CLAIMED:  # an earlier offer given up unsettled (a lock timeout): its holder may still mark
+                return -1  # it, which must never be taken for this record's fate
             os.pwrite(self._fd, ops, (1 + index) * _ROOM)
             self._write_head(index, OFFERED, len(ops), 0, 0, gen)
         finally:

@@ -257,6 +257,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                                    f"{self.lock_timeout}s") from None
         try:
             with self._io("opening the store"):
+                self._settle_slots()  # a dead holder's claims, before a recovery could replace the journal
                 self._remove_temp_files()
                 self._tables.load()
                 # finish or undo a crashed restore
