@@ -323,7 +323,7 @@ json_store.JsonBackend._claim = claim_counted
 async def main(path, me, count, slots):
     store = await storage.open_store(backend="json", path=path)
     if not slots:
-        store._slots.available = False  # no offers to the holder: each commits its own (the deferral's path)
+        store._slots.close()  # no offers to the holder: each commits its own (the deferral's path)
     print("READY", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     rng = random.Random(me)
