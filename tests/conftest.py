@@ -91,3 +91,30 @@ def sidecar_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """JSON: every snapshot gets its key -> offset sidecar however small it is (``offsets.MIN_SNAPSHOT_BYTES`` = 0
     in this process), so that the lazy open is tested on small stores. A child process sets it itself."""
     monkeypatch.setattr(offsets, "MIN_SNAPSHOT_BYTES", 0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--postgres-only", action="store_true",
+        help="run only the tests that talk to the session's PostgreSQL (CI's run against a second server: the "
+             "JSON-only tests would only repeat the first run)")
+
+
+def talks_to_postgres(item: pytest.Item) -> bool:
+    """Whether a test uses the session's PostgreSQL: it asks for ``pg_server`` (directly or through ``pg_dsn``,
+    ``pg_config``, ``pg_store``), it is the PostgreSQL instance of a parameterized test (``store_config`` asks
+    for ``pg_dsn`` only then), or its name says PostgreSQL (a test that moves data between the backends asks for
+    ``pg_dsn`` in its body). Over-inclusive on purpose: a test wrongly kept costs seconds, one wrongly left out a
+    server's coverage. Checked against a full run that logged every test touching the session's server."""
+    if "pg_server" in getattr(item, "fixturenames", ()) or "postgres" in item.name:
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgres" in callspec.id
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--postgres-only"):
+        return
+    kept = [item for item in items if talks_to_postgres(item)]
+    config.hook.pytest_deselected(items=[item for item in items if not talks_to_postgres(item)])
+    items[:] = kept
