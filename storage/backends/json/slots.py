@@ -118,14 +118,18 @@ class Slots:
         self.doors_closed = False  # we hold the lock and every door (see close_doors)
         self.available = _OFD_SETLK is not None and _OFD_GETLK is not None and _OFD_SETLKW is not None
 
-    def _file(self) -> bool:
-        """Open the file (False: no OFD locks here, or it cannot be opened: offers are off)."""
+    def _file(self, create: bool) -> bool:
+        """Open the file (False: no OFD locks here, or it cannot be opened: offers are off). It is created at open
+        (:meth:`settle_orphans`, ``create``); a holder's commit only uses the descriptor it has (no ``open`` or
+        ``stat`` per commit)."""
         if self._fd >= 0:
             return True
         if not self.available:
             return False
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return False
         except OSError:
             self.available = False
             return False
@@ -135,7 +139,7 @@ class Slots:
         """Open the file and own a free slot (False: none free or no OFD locks: offers are off)."""
         if self.index >= 0:
             return True
-        if not self._file():
+        if not self._file(create=True):
             return False
         try:
             for index in range(COUNT):
@@ -191,7 +195,7 @@ class Slots:
     def close_doors(self) -> None:
         """Just after taking the store lock: close every door (one ``F_OFD_SETLKW`` over the range; a waiter
         holds its read lock only for a moment)."""
-        if not self._file():
+        if not self._file(create=False):
             return
         try:
             fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
@@ -278,7 +282,7 @@ class Slots:
         """Holding the store lock, before writing a record whose operations' end lands at ``at`` of journal
         ``ino`` (the record's closing bracket not counted): claim every live offered slot, up to ``room`` bytes of
         operations in all. Each slot is CLAIMED with where its operations will lie before this returns."""
-        if not self._file():
+        if self._fd < 0:  # no writer offered since we took the lock (close_doors looks for the file)
             return []
         heads = os.pread(self._fd, COUNT * _STRIDE, 0)
         if OFFERED not in heads[::_STRIDE]:  # the usual case: nobody offers (one pread, about 1 us)
@@ -329,7 +333,7 @@ class Slots:
         (a live holder marks its claims before letting go). COMMITTED when ``committed`` (inode, end) covers it on
         its inode and the bytes there are its record, FAILED otherwise (then it was never published: the catch-up
         cuts it, and its writer commits it itself)."""
-        if not self._file():
+        if not self._file(create=True):  # at open (json/store.py): every writable store has the file from then on
             return
         heads = os.pread(self._fd, COUNT * _STRIDE, 0)
         end: tuple[int, int] | None = None
