@@ -17,7 +17,9 @@ How it stays correct:
   up with), for at most about 10 ms while another writer waits. A commit of puts that takes the lock far behind
   while others wait for it writes its record at the committed end first, lets go, and only then applies what the
   others committed before it, then its own, before it returns (``_commit_deferred``: puts do not read the view).
-  Readers ``stat`` the journal before each read and apply what other processes appended.
+  Readers ``stat`` the journal before each read and apply what other processes appended. A small put that finds
+  the lock taken is offered to its holder instead (json/slots.py): the holder's one record and one fsync carry it,
+  and its writer, told at its door, applies the journal up to the committed end before it acknowledges.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
   rewrite, the changed collections' snapshots are rewritten and the journal starts afresh.
