@@ -140,6 +140,76 @@ async def test_the_holder_killed_at_each_point_commits_the_offer_once(tmp_path: 
         await follower.close()
 
 
+async def test_the_holder_killed_between_the_offer_and_the_claim(tmp_path: Path) -> None:
+    """The holder dies with the writer's record offered and not claimed: the writer's door opens, it finds its
+    slot still OFFERED, takes the lock and commits its record itself, once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.kill()
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}]
+        await check(tmp_path, [follower], holder.acked() | {"f"})
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+FOLLOWER = """
+import asyncio, sys
+from storage.stores import JsonStore
+from storage import StoreConfig
+
+async def main(folder):
+    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
+    print("OPEN", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.put("c", "dead", {"v": 1})
+    print("ACK dead", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_an_offer_whose_writer_died_is_not_claimed(tmp_path: Path) -> None:
+    """A writer process offers its record and is SIGKILLed before any holder claims it: the holder's next commit
+    leaves the slot alone (its owner's lock is gone: nobody would acknowledge it), and a new store takes the slot."""
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass  # the folder and its files exist before the two processes start
+    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder: Holder | None = None
+    try:
+        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert opened.strip() == "OPEN"  # opened first: the holder then keeps the lock
+        holder = Holder(tmp_path, "none")
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate(timeout=WAIT)
+        holder.go()
+        await holder.until("ACK h3")
+        assert not [line for line in holder.lines if line.startswith("CLAIMED")]
+        assert puts_of(tmp_path, "dead") == []
+        holder.kill()
+        async with await JsonStore.open(cfg(tmp_path)) as again:  # the dead writer's slot is free again
+            await again.put("c", "g", {"v": 1})
+        await check(tmp_path, [], holder.acked() | {"g"})
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        if holder is not None:
+            holder.kill()
+
+
 async def test_the_holder_commits_the_offer_and_the_writer_learns_it_at_its_door(tmp_path: Path) -> None:
     """No fault: the holder's one commit carries the writer's record; the writer's put returns without the lock
     (the holder keeps it), its view has the record, and it is on disk once."""
