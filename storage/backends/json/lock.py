@@ -331,8 +331,6 @@ class SidecarLock:
         if not self._held:
             return
         self._held = False
-        if self.on_release is not None:
-            self.on_release()
         if self._fallback is not None:  # pragma: no cover - Windows
             self._fallback.release()
             return
@@ -341,6 +339,8 @@ class SidecarLock:
                 fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self.on_release is not None:  # after: nothing may run between the flag and the unlocks
+                self.on_release()
 
     def hand_over(self) -> None:
         """:meth:`release` when another writer waits for the lock, then give this thread's CPU up once
