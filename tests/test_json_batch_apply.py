@@ -226,6 +226,90 @@ async def test_a_batch_builds_the_sizes_once_and_writes_are_sized_from_them(tmp_
         assert lazy.wants_sizes
 
 
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_lazy_collection_answers_like_a_dict_before_and_after_its_sizes_are_laid(
+        tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Lazy`` against a plain dict of the same documents under random reads (``get``, ``get_many``), single puts
+    and deletes, and batches (``replaced`` then ``put_planned``, as Tables.plan / apply_plan do), with the sizes
+    laid (``build_sizes``: a placeholder per unread document in the known documents) at a random step, after reads,
+    writes and deletes of their own: every answer (document, presence, size, count, what a batch replaces) equals
+    the dict's; ``changes()`` (what a compaction merges) holds no placeholder and every key that changed; read
+    whole, it is the dict. Odd seeds lay and filter the placeholders a few entries a step (PLACEHOLDER_STEP)."""
+    from storage.backends.json import lazy as lazy_module
+    from storage.backends.json.lazy import replaced_in
+
+    if seed % 2:
+        monkeypatch.setattr(lazy_module, "PLACEHOLDER_STEP", 3)
+    rng = random.Random(900 + seed)
+    docs = await seeded(tmp_path / "s", seed)
+    snapshot = {key: orjson.dumps(value) for key, value in docs.items()}
+    reference: dict[str, bytes] = dict(snapshot)
+    lazy = open_lazy(tmp_path / "s")
+    pool = [*KEYS, *(f"new{i}" for i in range(80))]
+    lay_at = rng.randrange(0, 120)
+    try:
+        for step in range(160):
+            if step == lay_at:
+                lazy.build_sizes()
+                assert lazy.has_sizes
+            roll = rng.random()
+            if roll < 0.25:
+                key = rng.choice(pool)
+                assert lazy.get(key) == reference.get(key)
+            elif roll < 0.35:
+                keys = rng.sample(pool, rng.randrange(1, 40))
+                assert lazy.get_many(keys) == {key: reference[key] for key in keys if key in reference}
+            elif roll < 0.55:
+                key, raw = rng.choice(pool), orjson.dumps({"v": rng.random(), "pad": "z" * rng.randrange(30)})
+                old = reference.get(key)
+                assert lazy.swap(key, raw) == (None if old is None else len(old))
+                reference[key] = raw
+            elif roll < 0.7:
+                key = rng.choice(pool)
+                old = reference.pop(key, None)
+                assert lazy.remove(key) == (None if old is None else len(old))
+            else:
+                puts = {key: orjson.dumps({"b": rng.random(), "pad": "y" * rng.randrange(50)})
+                        for key in rng.sample(pool, rng.randrange(1, 120))}
+                total, present = lazy.replaced(puts.keys())
+                assert (total, present) == replaced_in(reference, puts.keys())  # type: ignore[arg-type]
+                lazy.put_planned(puts, len(puts) - present)
+                reference.update(puts)
+            if step % 20 == 19 or step == lay_at:
+                assert len(lazy) == len(reference)
+                assert all((key in lazy) == (key in reference) for key in pool)
+                assert all(lazy.size_of(key) == (len(reference[key]) if key in reference else None) for key in pool)
+        changes = lazy.changes()
+        assert changes is not None and not any(type(raw) is range for raw in changes.values())
+        assert all(reference.get(key) == raw for key, raw in changes.items())  # None: deleted, as in the dict
+        assert all(key in changes for key in set(reference) | set(snapshot)
+                   if reference.get(key) != snapshot.get(key))
+        assert {key: lazy.get(key) for key in pool} == {key: reference.get(key) for key in pool}
+        assert lazy.whole() == reference and not lazy.has_sizes
+    finally:
+        lazy.file.close()
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 8192])
+def test_leaving_the_placeholders_out_in_steps_equals_a_comprehension(monkeypatch: pytest.MonkeyPatch,
+                                                                      step: int) -> None:
+    """lazy._without_placeholders (C-level steps of PLACEHOLDER_STEP entries) against a plain comprehension: the
+    same entries in the same order, across step boundaries, with documents, deletions (None) and placeholders."""
+    from storage.backends.json import lazy as lazy_module
+
+    monkeypatch.setattr(lazy_module, "PLACEHOLDER_STEP", step)
+    rnd = random.Random(step)
+    for _ in range(200):
+        known: dict[str, Any] = {}
+        for i in range(rnd.randrange(0, 40)):
+            roll = rnd.random()
+            known[f"k{i}"] = (range(rnd.randrange(2, 9)) if roll < 0.5 else None if roll < 0.6
+                              else b"{" + b"x" * rnd.randrange(0, 5) + b"}")
+        out = lazy_module._without_placeholders(known)
+        expected = {key: raw for key, raw in known.items() if type(raw) is not range}
+        assert out == expected and list(out) == list(expected)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_replaced_in_equals_a_loop(seed: int) -> None:
     """lazy.replaced_in (the olds selecting themselves: a document is never empty) against a plain loop over the

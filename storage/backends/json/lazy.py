@@ -12,9 +12,9 @@ then answers the store exactly as the ``{key: encoded document}`` dict of an eag
   :meth:`Lazy.remove` need for the count and the size accounting) come from the table alone: it holds every key
   and its line's length, so a write of a key not read yet reads nothing from the file (a batch of 1,000 upserts
   paid a pread and an fstat per key before: 3.4-20 us each). A probe of the table still costs about 2 us of Python
-  per key, so the first batch write builds the snapshot's ``{key: document length}`` once (:meth:`Lazy.build_sizes`,
-  in a worker thread; 15 MiB at 100k members) and a batch then sizes its keys with a few C-level passes
-  (:meth:`Lazy.replaced`);
+  per key, so the first batch write lays a placeholder of each unread document's length over the known documents
+  once (:meth:`Lazy.build_sizes`, in a worker thread; 15 MiB at 100k members) and a batch then sizes its keys
+  with one C-level pass over that one dict (:meth:`Lazy.replaced`);
 * **writes** (the journal's records applied in memory) go into the same dict of known documents, a delete as None;
 * **compaction** merges the file with what changed (:meth:`Lazy.changes`, json/merged.py): the unchanged lines are
   copied as bytes, nothing is read whole;
@@ -40,8 +40,8 @@ import threading
 import zlib
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, MutableMapping, ValuesView
 from collections.abc import Set as AbstractSet
-from itertools import compress, repeat
-from operator import is_
+from itertools import compress, islice, repeat
+from operator import is_, is_not
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ SIZES_AFTER = 256
 _MISSING: Any = object()
 #: :meth:`Lazy.replaced`'s default for a key not known: false (documents are true), and never a known value.
 _UNKNOWN: Any = ()
+#: The type of the placeholder that stands for a document of the snapshot not read yet in ``Lazy._known`` once the
+#: sizes are laid over it (:meth:`Lazy.build_sizes`): a ``range`` as long as the document (``len`` of it and of a
+#: document's bytes are the same C-level call, and a document is never empty, so it is true like one); one object
+#: per distinct length. Nothing else in that dict is a ``range``.
+_UNREAD = range
+#: Entries of the known documents filtered per step when the placeholders are left out (_without_placeholders).
+PLACEHOLDER_STEP = 8192
 crc32 = zlib.crc32
 #: Lazy._sizes_state: not built, being built, built, and never (the collection is being read whole).
 _NO_SIZES, _BUILDING, _BUILT, _NEVER = 0, 1, 2, 3
@@ -259,17 +266,18 @@ class SnapshotFile:
 class Lazy(MutableMapping[str, bytes]):
     """``{key: encoded document}`` over a :class:`SnapshotFile`: see the module doc."""
 
-    __slots__ = ("_count", "_known", "_mutex", "_sizes", "_sizes_state", "_whole", "file")
+    __slots__ = ("_count", "_known", "_mutex", "_sizes_state", "_whole", "file")
 
     def __init__(self, file: SnapshotFile) -> None:
         self.file = file
-        #: documents read or written since the open (None: deleted); empty once whole
-        self._known: dict[str, bytes | None] = {}
+        #: documents read or written since the open (None: deleted); empty once whole. Once the sizes are laid over
+        #: it (build_sizes) it holds every key of the snapshot too: an unread document as a placeholder (_UNREAD)
+        #: of its length. Swapped for a new dict, never changed, outside the mutex.
+        self._known: dict[str, bytes | range | None] = {}
         self._count = file.table.count
         #: the whole collection as a plain dict, once something walked it
         self._whole: dict[str, bytes] | None = None
-        #: the snapshot's {key: document length} (offsets.document_sizes), once a batch wanted it (see build_sizes)
-        self._sizes: dict[str, int] | None = None
+        #: _BUILT: every key of the snapshot is in _known (a key absent from it has no document)
         self._sizes_state = _NO_SIZES
         self._mutex = threading.Lock()
 
@@ -283,8 +291,8 @@ class Lazy(MutableMapping[str, bytes]):
         whole = self._whole
         if whole is not None:
             return whole
-        with self._mutex:  # the sizes go first: the whole dict answers everything, and the memory peaks now
-            self._sizes_state, self._sizes = _NEVER, None
+        with self._mutex:  # no sizes built from now on (placeholders already laid stay true: their lengths)
+            self._sizes_state = _NEVER
         try:
             docs = self.file.read_all()
         except BaseException:
@@ -294,7 +302,7 @@ class Lazy(MutableMapping[str, bytes]):
             raise
         with self._mutex:
             if self._whole is None:
-                known = self._known
+                known = _without_placeholders(self._known)
                 docs.update(known)  # type: ignore[arg-type]  # Nones removed just below
                 for key in [key for key, raw in known.items() if raw is None]:
                     del docs[key]
@@ -306,17 +314,18 @@ class Lazy(MutableMapping[str, bytes]):
         """A copy of what was read or written since the open (None: deleted), or None once the collection is
         whole: what a compaction merges with the file (json/merged.py). The copy is taken under the mutex, so a
         read on the loop adding a document meanwhile cannot disturb the worker thread that walks it (those are
-        the file's own bytes, which the merge would write the same either way)."""
+        the file's own bytes, which the merge would write the same either way). The placeholders of unread
+        documents are left out (in steps: the GIL, but not the mutex, is let go between them)."""
         with self._mutex:
-            return None if self._whole is not None else dict(self._known)
+            return None if self._whole is not None else _without_placeholders(self._known)
 
     # the snapshot's document sizes --------------------------------------------------------------------------------
     def _snapshot_size(self, key: str) -> int | None:
-        """The length of ``key``'s document in the snapshot (None: not there), for a key not read or written yet:
-        from the sizes dict once built (a dict lookup), else by a probe of the table (about 2 us)."""
-        sizes = self._sizes
-        if sizes is not None:
-            return sizes.get(key)
+        """The length of ``key``'s document in the snapshot (None: not there), for a key not in the known
+        documents: None once the sizes are laid over them (every key of the snapshot is), else by a probe of the
+        table (about 2 us). Under the mutex (the state and the dict read together)."""
+        if self._sizes_state == _BUILT:
+            return None
         return self.file.size_of(key)
 
     @property
@@ -325,9 +334,14 @@ class Lazy(MutableMapping[str, bytes]):
         return self._sizes_state == _NO_SIZES
 
     def build_sizes(self) -> None:
-        """Build the snapshot's ``{key: document length}`` (offsets.document_sizes) and use it from now on for the
-        sizes of keys not read yet. Long (20-40 ms of CPU at 100k documents): in a worker thread, which the store
-        runs before a batch write (JsonBackend._put_encoded); its steps hold the GIL about a millisecond each.
+        """Lay a placeholder of each document's length (the snapshot's ``{key: document length}``,
+        offsets.document_sizes, each length as a shared ``range``: _UNREAD) under the known documents, as one dict
+        that from now on answers every key's size and presence with one lookup. Why one dict: a batch's plan then
+        probes one 100k-key dict per key and its apply updates that same dict, where a separate sizes dict cost
+        a probe of the known documents, one of the sizes and the update (each a cache miss at 100k keys; 1,000
+        keys: ~0.3 ms a pass, benchmarks/README.md). Long (20-40 ms of CPU at 100k documents): in a worker thread,
+        which the store runs before a batch write (JsonBackend._put_encoded); its steps hold the GIL about a
+        millisecond each (laying the known documents over the placeholders: a C-level update as long as they are).
 
         Why: a batch of 1,000 upserts of keys not read yet probed the table key by key (2 us each: 2 ms of the
         batch's 4.7 ms at 100k members); with the dict its sizes are a few C-level ``map`` calls (0.2 ms). Why not
@@ -339,42 +353,49 @@ class Lazy(MutableMapping[str, bytes]):
                 return
             self._sizes_state = _BUILDING
         try:
-            sizes = document_sizes(self.file.table, lambda: self._sizes_state == _BUILDING)
+            laid = document_sizes(self.file.table, lambda: self._sizes_state == _BUILDING, _UNREAD)
         except Exception:  # MemoryError above all: the probes go on answering, exactly and slower
             log.warning("%s: could not build the document sizes of its table", self.file.path, exc_info=True)
             with self._mutex:
                 if self._sizes_state == _BUILDING:
                     self._sizes_state = _NEVER
             return
+        if laid is None:
+            return
         with self._mutex:
-            if self._sizes_state == _BUILDING and sizes is not None:  # not once the collection was read whole
-                self._sizes, self._sizes_state = sizes, _BUILT
+            if self._sizes_state == _BUILDING:  # not once the collection is being read whole
+                known = self._known
+                items = iter(known.items())
+                for _ in range(0, len(known), PLACEHOLDER_STEP):  # (C-level steps: the GIL let go between them)
+                    laid.update(islice(items, PLACEHOLDER_STEP))  # what was read or written since the open wins
+                self._known, self._sizes_state = laid, _BUILT
 
     @property
     def has_sizes(self) -> bool:
-        return self._sizes is not None
+        return self._sizes_state == _BUILT
 
     def replaced(self, keys: AbstractSet[str]) -> tuple[int, int]:
         """What a put of each of ``keys`` replaces: (the sum of ``len(key) + len(document)`` over the keys that
         have a document, how many have one), for the size accounting and the count, with no file read, in C-level
-        passes (``map`` of the known documents' and the sizes dict's ``get``). Reads only: a worker thread or the
-        loop may call it while the store lock keeps the documents still (Tables.plan).
+        passes (``map`` of the known documents' ``get``, then the table's probe where needed). Reads only: a worker
+        thread or the loop may call it while the store lock keeps the documents still (Tables.plan).
 
-        One probe of the known documents per key, then one of the sizes dict per key not known (``known.keys() &
-        keys`` and ``keys - warm`` built two sets for that: 1,000 cold keys at 100k members, 0.40 -> 0.35 ms,
-        benchmarks/README.md); a batch none of whose keys were read or written since the open (``isdisjoint``,
-        which stops at the first known key) skips to the sizes."""
+        Once the sizes are laid (:meth:`build_sizes`): one probe of the known documents per key, nothing else
+        (a document, a placeholder as long as one, None or absent: no document). Before: one probe of the known
+        documents per key, then one of the table per key not known; a batch none of whose keys were read or
+        written since the open (``isdisjoint``, which stops at the first known key) skips to the table."""
         whole = self._whole
         if whole is not None:
             return replaced_in(whole, keys)
+        if self._sizes_state == _BUILT:  # first: the state is set after its dict (build_sizes)
+            return replaced_in(self._known, keys)  # type: ignore[arg-type]  # (placeholders: lengths, as documents)
         known = self._known
-        sizes = self._sizes
-        size_of = sizes.get if sizes is not None else self.file.size_of
+        size_of = self.file.size_of
         if known.keys().isdisjoint(keys):
             total = count = 0
             cold: Iterable[str] = keys
         else:
-            held = list(map(known.get, keys, repeat(_UNKNOWN)))  # a document, None (deleted) or _UNKNOWN (falsy)
+            held = list(map(known.get, keys, repeat(_UNKNOWN)))  # a document (or placeholder), None or _UNKNOWN
             warm = list(compress(keys, held))  # a document is never empty ("{}" at least): only documents select
             total, count = sum(map(len, warm)) + sum(map(len, filter(None, held))), len(warm)
             cold = list(compress(keys, map(is_, held, repeat(_UNKNOWN))))
@@ -390,13 +411,13 @@ class Lazy(MutableMapping[str, bytes]):
         if whole is not None:
             return whole.get(key, default)
         raw = self._known.get(key, _MISSING)
-        if raw is _MISSING:
+        if raw is _MISSING or type(raw) is _UNREAD:
             raw = self.file.lookup(key)
             if raw is not None:
                 with self._mutex:
                     if self._whole is not None:
                         return self._whole.get(key, default)
-                    raw = self._known.setdefault(key, raw)  # a write that came first wins
+                    raw = _keep(self._known, key, raw)
         return default if raw is None else raw
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -410,7 +431,7 @@ class Lazy(MutableMapping[str, bytes]):
         cold = []
         for key in keys:
             raw = known.get(key, _MISSING)
-            if raw is _MISSING:
+            if raw is _MISSING or type(raw) is _UNREAD:
                 cold.append(key)
             elif raw is not None:
                 out[key] = raw
@@ -419,8 +440,9 @@ class Lazy(MutableMapping[str, bytes]):
             with self._mutex:
                 if self._whole is not None:
                     return self.get_many(keys)
+                known = self._known
                 for key, raw in read.items():
-                    raw = known.setdefault(key, raw)  # a write that came first wins
+                    raw = _keep(known, key, raw)
                     if raw is not None:
                         out[key] = raw
             if read:
@@ -441,19 +463,20 @@ class Lazy(MutableMapping[str, bytes]):
         whole = self._whole
         if whole is not None:
             return key in whole
+        built = self._sizes_state == _BUILT  # first: the state is set after its dict (build_sizes)
         raw = self._known.get(key, _MISSING)
         if raw is _MISSING:
-            sizes = self._sizes
-            return key in sizes if sizes is not None else self.file.find(key) >= 0
+            return not built and self.file.find(key) >= 0
         return raw is not None
 
     def size_of(self, key: str) -> int | None:
         """The length of the document under ``key`` (its encoded bytes), or None when there is none: what the size
         accounting needs of the old document (Tables.plan), answered from the table for a key not read yet."""
+        built = self._sizes_state == _BUILT  # first: the state is set after its dict (build_sizes)
         whole = self._whole
         raw = whole.get(key) if whole is not None else self._known.get(key, _MISSING)
         if raw is _MISSING:
-            return self._snapshot_size(key)
+            return None if built else self.file.size_of(key)
         return None if raw is None else len(raw)
 
     def __len__(self) -> int:
@@ -486,17 +509,17 @@ class Lazy(MutableMapping[str, bytes]):
                 whole[key] = raw
                 return None if old is None else len(old)
             known = self._known
-            old = known.get(key, _MISSING)
+            held = known.get(key, _MISSING)  # a document, a placeholder as long as one, None or _MISSING
             known[key] = raw
-            if old is _MISSING:
+            if held is _MISSING:
                 size = self._snapshot_size(key)
                 if size is None:
                     self._count += 1
                 return size
-            if old is None:
+            if held is None:
                 self._count += 1
                 return None
-            return len(old)
+            return len(held)
 
     def put_planned(self, puts: Mapping[str, bytes], added: int) -> None:
         """``update(puts)`` in one step under the mutex, ``added`` of whose keys had no document (worked out by
@@ -519,11 +542,11 @@ class Lazy(MutableMapping[str, bytes]):
                 old = whole.pop(key, None)
                 return None if old is None else len(old)
             known = self._known
-            old = known.get(key, _MISSING)
-            if old is _MISSING:
+            held = known.get(key, _MISSING)  # a document, a placeholder as long as one, None or _MISSING
+            if held is _MISSING:
                 size = self._snapshot_size(key)
             else:
-                size = None if old is None else len(old)
+                size = None if held is None else len(held)
             if size is not None:
                 known[key] = None
                 self._count -= 1
@@ -536,6 +559,29 @@ class Lazy(MutableMapping[str, bytes]):
     def __repr__(self) -> str:
         state = "whole" if self._whole is not None else f"{len(self._known)} known"
         return f"<Lazy {self.file.path} {len(self)} documents, {state}>"
+
+
+def _keep(known: dict[str, bytes | range | None], key: str, raw: bytes) -> bytes | None:
+    """Keep ``raw``, just read from the file, as ``key``'s document unless a write came first (under the mutex):
+    the document to answer with."""
+    held = known.get(key, _MISSING)
+    if held is _MISSING or type(held) is _UNREAD:
+        known[key] = raw
+        return raw
+    kept: bytes | None = held  # type: ignore[assignment]  # a document or None: a write's
+    return kept
+
+
+def _without_placeholders(known: dict[str, bytes | range | None]) -> dict[str, bytes | None]:
+    """``known`` without the placeholders of unread documents, in C-level steps of PLACEHOLDER_STEP entries (each
+    step one call that holds the GIL, and with it a bot's event loop, a fraction of a millisecond: the whole of a
+    100k-key dict in one call held it 10-15 ms)."""
+    values, items = iter(known.values()), iter(known.items())
+    out: dict[str, bytes | None] = {}
+    for _ in range(0, len(known), PLACEHOLDER_STEP):
+        keep = list(map(is_not, map(type, islice(values, PLACEHOLDER_STEP)), repeat(_UNREAD)))
+        out.update(compress(islice(items, PLACEHOLDER_STEP), keep))  # type: ignore[arg-type]
+    return out
 
 
 def replaced_in(docs: Mapping[str, bytes | None], keys: Iterable[str]) -> tuple[int, int]:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from operator import sub
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ...fsutil import atomic_write
 
@@ -104,20 +104,22 @@ class Offsets:
         return len(self.lengths)
 
 
-def document_sizes(table: Offsets, go_on: Callable[[], bool] = lambda: True) -> dict[str, int] | None:
+def document_sizes(table: Offsets, go_on: Callable[[], bool] = lambda: True,
+                   unit: Callable[[int], Any] = int) -> dict[str, Any] | None:
     """``{key: length of its document}`` for every document of the table: what :meth:`SnapshotFile.size_of` answers
     per key by a probe of the slots (about 2 us of Python each), as one dict a batch can look up with C-level
     ``map`` calls (json/lazy.py). About 150 bytes a document (100k members: 15 MiB; the key's str is most of it), so
     it is built only for a collection that takes batch writes, in a worker thread, :data:`SIZES_STEP` keys at a
     time (each step's C-level passes hold the GIL, and with it a bot's event loop); None as soon as ``go_on()``,
-    asked after each step, says to stop."""
+    asked after each step, says to stop. ``unit``: what stands for a length (one object per distinct length; a
+    lazy collection's placeholders, json/lazy.py, are ``range`` objects as long as the document)."""
     blob = bytes(table.keys)
     ends = table.key_ends
     lengths = table.lengths
     ascii_keys = blob.isascii()
     text = blob.decode("ascii") if ascii_keys else ""
-    shared: dict[int, int] = {}  # one int object per distinct length, not one per document
-    out: dict[str, int] = {}
+    shared: dict[int, Any] = {}  # one object per distinct length, not one per document
+    out: dict[str, Any] = {}
     for lo in range(0, len(ends), SIZES_STEP):
         hi = min(len(ends), lo + SIZES_STEP)
         stops = ends[lo:hi]
@@ -134,7 +136,9 @@ def document_sizes(table: Offsets, go_on: Callable[[], bool] = lambda: True) -> 
             key_bytes = list(map(len, raw))
         # a line is '  "<key>": <document>': its length less the key's bytes and the 6 around them
         sizes = list(map(sub, map(sub, lengths[lo:hi], key_bytes), repeat(6)))
-        out.update(zip(keys, map(shared.setdefault, sizes, sizes)))
+        fresh = set(sizes).difference(shared)
+        shared.update(zip(fresh, map(unit, fresh)))
+        out.update(zip(keys, map(shared.__getitem__, sizes)))
         if not go_on():
             return None
     return out

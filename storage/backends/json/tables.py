@@ -375,7 +375,7 @@ class Tables:
 
     def _plan_puts(self, name: str, puts: dict[str, bytes]) -> tuple[str, dict[str, bytes], list[str], int, int]:
         """:meth:`plan` of a batch of puts into ``name``: what they replace from :meth:`Lazy.replaced` (a lazy
-        collection: no file read, and the snapshot's sizes from a dict once built) or :func:`replaced_in`, in
+        collection: no file read, and the snapshot's sizes laid in its dict once built) or :func:`replaced_in`, in
         C-level passes, not a lookup per key."""
         current = self.data.get(name)
         if current is None:
