@@ -43,9 +43,6 @@ claim = json_store.JsonBackend._claim
 def claiming(self: Any, start: int, record: bytes, ops: Any) -> Any:
     global armed
     found = claim(self, start, record, ops)
-    if os.environ.get("SLOTS_DEBUG"):
-        print("CLAIMCALL", len(found[1]), os.pread(self._slots._fd, 64, 0).hex() if self._slots._fd >= 0 else None,
-              flush=True)
     if found[1]:
         armed = True
         print(f"CLAIMED {len(found[1])}", flush=True)

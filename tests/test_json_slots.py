@@ -126,7 +126,6 @@ async def test_the_holder_killed_at_each_point_commits_the_offer_once(tmp_path: 
         holder.kill()
         await asyncio.wait_for(put, WAIT)
         assert puts_of(tmp_path, "f") == [{"v": 1}], "the offered record is committed exactly once"
-        assert ("h3" in puts_of(tmp_path, "h3").__repr__()) or True
         if point == "published":
             assert puts_of(tmp_path, "h3") == [{"by": "holder"}], "published: the holder's own record is committed"
         else:
