@@ -346,6 +346,23 @@ def _instrument(system: str) -> dict[str, Any]:
         wrap(store.JsonBackend, "_commit_now", "commit_now", timed=True)
         wrap(tables.Tables, "catch_up", "catch_up", timed=True)
         wrap(tables.Tables, "apply_after", "apply_after", timed=True)
+        if hasattr(store.JsonBackend, "_claim"):  # json/slots.py: the waiting writers' records a holder committed
+            claim = store.JsonBackend._claim
+
+            def claiming(*args: Any) -> Any:
+                got = claim(*args)
+                counts["claimed"] = counts.get("claimed", 0) + len(got[1])
+                return got
+
+            store.JsonBackend._claim = claiming  # type: ignore[method-assign]
+            taken_by_peer = store.JsonBackend._commit_group
+
+            async def grouped(self: Any, *args: Any) -> Any:
+                if self._peer_committed:
+                    counts["peer_committed"] = counts.get("peer_committed", 0) + 1
+                return await taken_by_peer(self, *args)
+
+            store.JsonBackend._commit_group = grouped  # type: ignore[method-assign]
     return counts
 
 

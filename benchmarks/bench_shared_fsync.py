@@ -23,6 +23,12 @@ and to write its record there. Two ways, interleaved repetitions, medians:
   ``fdatasync`` (overlapping the others', as ``outside``), then under the second lock marks its slot synced and
   moves the committed end over every record from it on whose slot says synced, in order; then waits (polling the
   committed end every 20 us) until the committed end covers its record;
+* ``slots``: leader/follower through shared slots, the fsync under the lock as ``inside``: a writer that finds the
+  lock taken offers its record in its slot of a third file (under the slot's mutex, an OFD lock on one byte) and
+  then waits for the lock; the holder, before its ``pwrite``, claims every offered slot (CLAIMED, with the place,
+  under the slot's mutex), writes its record and the claimed ones in one ``pwrite``, one ``fdatasync``, publishes
+  the end, marks them COMMITTED and lets go; a follower that then gets the lock and finds COMMITTED lets go
+  without writing;
 * ``single``: one process, ``inside`` (the floor of bench_peers.py, for scale).
 
 ``--work-us N``: each writer spins N microseconds of CPU per record before taking the lock (what a save costs
@@ -52,7 +58,11 @@ RECORD = b'[["p","members","42_%08d",{"user_id":"1","guild_id":"42","statistics"
 _SLOT = struct.Struct("<QQQ")  # ordered: a writer's record in flight: start, end, synced (at 8 + index * size)
 PAGE = 4096
 ROOM = 64 << 20  # preallocated newlines: no size change to commit, as in the journal's filler
-MODES = ("single", "inside", "outside", "group", "ordered")
+MODES = ("single", "inside", "outside", "group", "ordered", "slots")
+#: slots: one slot a writer in a file beside the lock: state, length, where the holder put it, the record
+_SLOTHEAD = struct.Struct("<BxxxIQ")
+SLOT_SIZE = 512
+EMPTY, OFFERED, CLAIMED, COMMITTED = 0, 1, 2, 3
 
 
 def prepare(folder: Path) -> None:
@@ -64,6 +74,48 @@ def prepare(folder: Path) -> None:
         os.fsync(f.fileno())
     (folder / "end").write_bytes((0).to_bytes(8, "little"))
     (folder / "flush").write_bytes(bytes(8 + _SLOT.size * 64))
+    (folder / "slots").write_bytes(bytes(SLOT_SIZE * 64))
+
+
+def _ofd(fd: int, kind: int, byte: int, wait: bool = True) -> None:
+    """An OFD lock (or unlock) of one byte of the slot file (the slot's mutex)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK,
+                struct.pack("hhqqi", kind, os.SEEK_SET, (1 << 30) + byte, 1, 0))
+
+
+def _slots_commit(fd: int, lock: int, slots: int, index: int, line: bytes) -> int:
+    """slots: under the flock. Claim every offered slot (CLAIMED with its place, under its mutex, before the
+    write), write ours and theirs in one pwrite, one fdatasync, publish the end, mark them COMMITTED. Returns the
+    records committed (ours included)."""
+    end = int.from_bytes(os.pread(lock, 8, 0), "little")
+    table = os.pread(slots, SLOT_SIZE * 64, 0)
+    parts = [line]
+    at = end + len(line)
+    claimed = []
+    for other in range(64):
+        if other == index:
+            continue
+        state, length, _x = _SLOTHEAD.unpack_from(table, other * SLOT_SIZE)
+        if state != OFFERED:
+            continue
+        _ofd(slots, fcntl.F_WRLCK, other)
+        head = os.pread(slots, SLOT_SIZE, other * SLOT_SIZE)
+        state, length, _x = _SLOTHEAD.unpack_from(head)
+        if state == OFFERED:
+            record = head[_SLOTHEAD.size:_SLOTHEAD.size + length]
+            os.pwrite(slots, _SLOTHEAD.pack(CLAIMED, length, at), other * SLOT_SIZE)
+            parts.append(record)
+            claimed.append((other, length, at))
+            at += length
+        _ofd(slots, fcntl.F_UNLCK, other)
+    os.pwrite(fd, b"".join(parts), end)
+    os.fdatasync(fd)
+    os.pwrite(lock, at.to_bytes(8, "little"), 0)
+    for other, length, x in claimed:
+        _ofd(slots, fcntl.F_WRLCK, other)
+        os.pwrite(slots, _SLOTHEAD.pack(COMMITTED, length, x), other * SLOT_SIZE)
+        _ofd(slots, fcntl.F_UNLCK, other)
+    return len(parts)
 
 
 def writer(folder: Path, index: int, mode: str, start_at: float, seconds: float,
@@ -72,6 +124,7 @@ def writer(folder: Path, index: int, mode: str, start_at: float, seconds: float,
     fd = os.open(folder / "journal", os.O_RDWR)
     lock = os.open(folder / "end", os.O_RDWR)
     flush = os.open(folder / "flush", os.O_RDWR)
+    slots = os.open(folder / "slots", os.O_RDWR)
     time.sleep(max(0.0, start_at - time.time()))
     deadline = start_at + seconds
     n = syncs = 0
@@ -81,6 +134,27 @@ def writer(folder: Path, index: int, mode: str, start_at: float, seconds: float,
             while time.thread_time() < spin_until:
                 pass
         line = RECORD % (index * 10_000_000 + n)
+        if mode == "slots":
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # the lock is taken: offer the record to its holder, then wait as usual
+                _ofd(slots, fcntl.F_WRLCK, index)
+                os.pwrite(slots, _SLOTHEAD.pack(OFFERED, len(line), 0) + line, index * SLOT_SIZE)
+                _ofd(slots, fcntl.F_UNLCK, index)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _ofd(slots, fcntl.F_WRLCK, index)
+                state = os.pread(slots, 1, index * SLOT_SIZE)[0]
+                os.pwrite(slots, bytes(1), index * SLOT_SIZE)  # EMPTY: ours now, whatever happened
+                _ofd(slots, fcntl.F_UNLCK, index)
+                if state == COMMITTED:  # a holder wrote and synced it: nothing to do (the store catches up here)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    n += 1
+                    continue
+            syncs += 1
+            _slots_commit(fd, lock, slots, index, line)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            n += 1
+            continue
         fcntl.flock(lock, fcntl.LOCK_EX)
         end = int.from_bytes(os.pread(lock, 8, 0), "little")
         if end + len(line) > ROOM:

@@ -73,9 +73,9 @@ class Deferring:
         self.deferred = 0
         original = behind._commit_deferred
 
-        def counted(ops: Any, record: bytes) -> None:
+        def counted(ops: Any, record: bytes, claims: bool = False) -> None:
             self.deferred += 1
-            original(ops, record)
+            original(ops, record, claims)
 
         behind._commit_deferred = counted  # type: ignore[method-assign]
         behind._flock.waited_for = lambda: True  # type: ignore[method-assign]
@@ -258,9 +258,9 @@ async def test_a_failed_fdatasync_in_a_deferred_commit_is_never_seen(pair: Defer
     before = journal_state(tmp_path)
     original = pair.behind._commit_deferred
 
-    def failing(ops: Any, record: bytes) -> None:
+    def failing(ops: Any, record: bytes, claims: bool = False) -> None:
         sync.armed = True  # the deferred record's own fdatasync
-        original(ops, record)
+        original(ops, record, claims)
 
     pair.behind._commit_deferred = failing  # type: ignore[method-assign]
     with pytest.raises(StorageIOError):
@@ -306,14 +306,24 @@ from storage.backends.json import store as json_store
 holding.DEFER_BYTES = 1  # any backlog
 deferred = 0
 original = json_store.JsonBackend._commit_deferred
-def counted(self, ops, record):
+def counted(self, ops, record, claims=False):
     global deferred
     deferred += 1
-    original(self, ops, record)
+    original(self, ops, record, claims)
 json_store.JsonBackend._commit_deferred = counted
+claimed = 0
+original_claim = json_store.JsonBackend._claim
+def claim_counted(self, start, record, ops):
+    global claimed
+    found = original_claim(self, start, record, ops)
+    claimed += len(found[1])
+    return found
+json_store.JsonBackend._claim = claim_counted
 
-async def main(path, me, count):
+async def main(path, me, count, slots):
     store = await storage.open_store(backend="json", path=path)
+    if not slots:
+        store._slots.close()  # no offers to the holder: each commits its own (the deferral's path)
     print("READY", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     rng = random.Random(me)
@@ -333,20 +343,23 @@ async def main(path, me, count):
     print("WROTE", flush=True)
     await asyncio.to_thread(sys.stdin.readline)  # every writer is done
     docs = {k: d async for k, d in store.items("c")}
-    print(json.dumps({"view": docs, "increments": increments, "deferred": deferred}), flush=True)
+    print(json.dumps({"view": docs, "increments": increments, "deferred": deferred, "claimed": claimed}),
+          flush=True)
     await store.close()
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"))
 '''
 
 
-async def test_writer_processes_that_defer_agree_with_the_journal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slots", [False, True], ids=["own-commits", "slots"])
+async def test_writer_processes_that_defer_agree_with_the_journal(tmp_path: Path, slots: bool) -> None:
     """Three processes writing puts, batches, updates (a counter) and deletes to overlapping keys, as fast as they
-    can: each one's view, a fresh open and the journal replayed in order agree, and no increment is lost."""
+    can: each one's view, a fresh open and the journal replayed in order agree, and no increment is lost. With
+    ``slots`` the waiting writers' puts are committed by the holder (json/slots.py), else each commits its own."""
     holder = await JsonStore.open(cfg(tmp_path))  # open throughout: no writer's close is the last (it would fold)
     try:
         await holder.put("c", "seed", {"n": 0})
-        results = await run_writers(tmp_path, 3, 400)
+        results = await run_writers(tmp_path, 3, 400, slots)
         reference = journal_state(tmp_path)["c"]
         assert reference["counter"]["n"] == sum(r["increments"] for r in results), "an update lost an increment"
         for result in results:
@@ -357,13 +370,16 @@ async def test_writer_processes_that_defer_agree_with_the_journal(tmp_path: Path
     finally:
         await holder.close()
     # not a timed assert: with three writers saving back to back some commit finds others waiting and a backlog
-    assert sum(r["deferred"] for r in results) > 0, "no commit deferred its catch-up: the path was not tested"
+    if slots:
+        assert sum(r["claimed"] for r in results) > 0, "no holder committed another's put: the path was not tested"
+    else:
+        assert sum(r["deferred"] for r in results) > 0, "no commit deferred its catch-up: the path was not tested"
 
 
-async def run_writers(folder: Path, count: int, steps: int) -> list[dict[str, Any]]:
+async def run_writers(folder: Path, count: int, steps: int, slots: bool = False) -> list[dict[str, Any]]:
     """Start ``count`` WRITER processes together; once all have written, each reports its view."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    children = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(me), str(steps)],
+    children = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(me), str(steps), str(int(slots))],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env=env) for me in range(count)]
 

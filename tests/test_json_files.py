@@ -183,7 +183,8 @@ async def test_leftover_temp_files_are_removed_on_open(folder):
     (folder / "notes.tmp-keep").write_text("not ours")
     async with storage.open_store(backend="json", path=folder):
         pass
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp-keep", "storage.journal", "storage.lock"]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp-keep", "storage.journal", "storage.lock",
+                                                        "storage.slots"]
 
 
 # -- kill -9 --------------------------------------------------------------------------------------------------------

@@ -95,10 +95,10 @@ async def test_the_fast_save_writes_what_the_generic_save_writes(tmp_path: Path,
     spliced: list[bytes] = []  # the lines save_member_data built itself, committed synchronously
     commit_now = fast._commit_now
 
-    def counted(ops: Any, record: bytes | None = None) -> None:
+    def counted(ops: Any, record: bytes | None = None, *, claims: bool = False) -> None:
         if record is not None:
             spliced.append(record)
-        commit_now(ops, record)
+        commit_now(ops, record, claims=claims)
 
     fast._commit_now = counted  # type: ignore[method-assign]
     try:

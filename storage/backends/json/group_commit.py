@@ -69,14 +69,18 @@ class GroupCommit(Generic[T, R]):
     after each round that did not fail, outside the lock (housekeeping such as compaction).
     """
 
-    __slots__ = ("_after", "_after_due", "_crowded", "_idle", "_leader", "_locked", "_queue", "_solo",
+    __slots__ = ("_after", "_after_due", "_crowded", "_idle", "_leader", "_locked", "_locked_for", "_queue", "_solo",
                  "_solo_running", "_turn_since", "_turn_task", "_write")
 
     def __init__(self, locked: Callable[[], AbstractAsyncContextManager[None]],
                  write: Callable[[list[T], list[R | Failed]], Awaitable[None]],
                  after: Callable[[], Awaitable[None]] | None = None, *, solo: bool = False,
-                 after_due: Callable[[], bool] | None = None) -> None:
+                 after_due: Callable[[], bool] | None = None,
+                 locked_for: Callable[[T], AbstractAsyncContextManager[None]] | None = None) -> None:
         self._locked = locked
+        #: the lone writer's ``locked``, told what it will write (a JSON store offers it to the lock's holder
+        #: while it waits, json/slots.py); None: ``locked``
+        self._locked_for = locked_for
         self._write = write
         self._after = after
         #: ``after`` runs only when this says it has something to do (a lone save's ``await`` of a coroutine
@@ -108,7 +112,7 @@ class GroupCommit(Generic[T, R]):
             self._solo_running = True
             outcomes: list[R | Failed] = []
             try:
-                async with self._locked():
+                async with (self._locked() if self._locked_for is None else self._locked_for(item)):
                     await self._write([item], outcomes)
             finally:
                 self.alone_done()

@@ -28,10 +28,12 @@ from ... import cancellation
 from ...errors import LockTimeoutError, StorageIOError
 from . import forget_files as json_forget
 from . import restore as json_restore
-from .journal import Journal
+from .door_waiter import DoorWaiter
+from .journal import Journal, encode_record
 from .lease import Lease
 from .lock import LockBusy, SidecarLock
 from .mutex import Mutex
+from .slots import CLAIMED, COMMITTED, FAILED, Slots
 from .tables import Tables
 
 __all__ = ["LockHolding", "STEP_BACK", "DEFER_BYTES", "in_own_thread"]
@@ -47,6 +49,9 @@ STEP_BACK = 0.02
 #: after letting go (:meth:`JsonBackend._commit_deferred`): the catch-up leaves the serialized section. Below it the
 #: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
 DEFER_BYTES = 1 << 15
+
+#: What :meth:`LockHolding._acquire_file_lock` did with a commit's offer (json/slots.py).
+_NOT_OFFERED, _OFFERED, _DONE = 0, 1, 2
 
 
 class LockHolding:
@@ -69,6 +74,10 @@ class LockHolding:
     _behind: int | None
     _let_go_early: bool  # the commit let go of the lock already (json/store.py ``_commit_deferred``): no lease
     _suspect: BaseException | None  # a failed append: the journal is not trusted until it is rewritten
+    _slots: Slots  # waiting writers' records offered to the holder (json/slots.py)
+    _slots_waiter: DoorWaiter  # the thread that waits at our door
+    _peer_committed: bool  # the put this commit offered was committed by the holder before us (json/slots.py)
+    _lockless: bool  # ... learned at our door: this commit holds the store's mutex but not the file lock
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -92,14 +101,20 @@ class LockHolding:
 
     def _commit_locked(self) -> AbstractAsyncContextManager[None]:
         """:meth:`_locked` for group commit's rounds: those may keep the file lock between them (json/lease.py)."""
-        return _CommitHeld(self)
+        return _CommitHeld(self, None)
+
+    def _commit_locked_for(self, item: object) -> AbstractAsyncContextManager[None]:
+        """:meth:`_commit_locked` for a lone writer's commit of ``item``: a list of operations is offered to the
+        lock's holder while we wait for it (json/slots.py); when the holder committed it, the commit finds
+        :attr:`_peer_committed` set, caught up with it."""
+        return _CommitHeld(self, item if type(item) is list else None)
 
     async def _enter_locked(self) -> None:
         await self._mutex.acquire()
         self._lease.end()  # only commits lease: every other holder takes the lock with every check
         await self._take_lock()
 
-    async def _enter_commit(self) -> None:
+    async def _enter_commit(self, offer: list[Any] | None = None) -> None:
         """:meth:`_enter_locked` for a commit: a lease still on (json/lease.py) is resumed with nothing to check
         (nobody else could commit, nor leave a restore's or a forget's intent, while this store held the lock)."""
         asked = time.monotonic()  # a run of commits is one that asked for the lock soon after the last one ended
@@ -107,11 +122,11 @@ class LockHolding:
         if self._lease.resume():
             self._holding = True
             return
-        await self._take_lock(commit=True)
-        if not self.read_only:
+        await self._take_lock(commit=True, offer=offer)
+        if not self.read_only and not self._lockless:
             self._lease.begin(asked)
 
-    async def _take_lock(self, *, commit: bool = False) -> None:
+    async def _take_lock(self, *, commit: bool = False, offer: list[Any] | None = None) -> None:
         """Holding the mutex: take the file lock and catch up (releases the mutex if that fails). ``commit``: for a
         group commit's round, which may defer the catch-up (:meth:`_defer_catch_up`)."""
         try:
@@ -119,10 +134,17 @@ class LockHolding:
                 with self._io("reading the journal"):
                     self._tables.refresh_read_only()
                 return
-            await self._acquire_file_lock()
+            offered = await self._acquire_file_lock(offer)
+            if offered == _DONE:  # committed by the holder, applied: nothing to write, no lock taken
+                self._peer_committed = self._lockless = True
+                return
             self._holding = True
             try:
-                if not (commit and self._defer_catch_up()):
+                self._settle_slots()  # before anything could replace the journal a dead holder's claims name
+                if offered and self._slots.take_back().state == COMMITTED:
+                    self._peer_committed = True  # the commit is done: caught up with it below, nothing to write
+                    self._tables.catch_up()
+                elif not (commit and self._defer_catch_up()):
                     self._tables.catch_up()
                 if json_restore.intent_pending(self._intent):  # a restore crashed (or is finishing) since open
                     self._catch_up_behind()  # the recovery reads the documents
@@ -136,6 +158,7 @@ class LockHolding:
             except BaseException as exc:
                 self._holding = False
                 self._behind = None
+                self._peer_committed = False
                 self._flock.release()
                 if isinstance(exc, OSError):
                     raise self._io_error(exc, "catching up with the journal") from exc
@@ -190,7 +213,9 @@ class LockHolding:
     def _exit_commit(self, failed: bool) -> None:
         """:meth:`_exit_locked` for a commit: the lock stays leased after a good commit in a run of them."""
         try:
-            if not self.read_only:
+            if self._lockless:  # the holder committed it (json/slots.py): we never took the lock
+                self._lockless = self._peer_committed = False
+            elif not self.read_only:
                 self._holding = False
                 self._behind = None  # a deferred catch-up never done: the view is behind, as any non-holder's
                 early, self._let_go_early = self._let_go_early, False
@@ -206,23 +231,124 @@ class LockHolding:
         self._lease_turn = False
         self._lease.turned()
 
-    async def _acquire_file_lock(self) -> None:
+    def _settle_slots(self) -> None:
+        """Just after taking the lock: slots a dead holder claimed are settled (json/slots.py)."""
+        self._slots.settle_orphans(self._journal.path.as_posix(), self._committed_state)
+
+    def _committed_state(self) -> tuple[int, int] | None:
+        committed = self._flock.committed(trusted_only=True)
+        return None if committed is None else (committed.ino, committed.end)
+
+    def _offer(self, ops: list[Any] | None) -> int:
+        """Before waiting for another process's lock: offer a commit's operations to the holder (json/slots.py);
+        the door's generation, or -1 (not offered)."""
+        if ops is None or self._suspect is not None or not self._flock.can_sign:
+            return -1
+        try:
+            return self._slots.offer(encode_record(ops))
+        except OSError:
+            return -1  # offers are an optimization: wait and commit as before
+
+    async def _at_door(self, gen: int) -> int:
+        """After offering with generation ``gen``: wait at our door (json/slots.py) for the holder to mark our
+        slot. _DONE: committed and applied (the view caught up to the committed end, which covers it, without the
+        lock); _NOT_OFFERED: it failed (taken back: commit it ourselves); _OFFERED: still offered or claimed (the
+        holder let go, or died): wait for the lock, as before."""
+        waiter = self._slots_waiter.wait(gen)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
+        except BaseException as exc:
+            await cancellation.run_to_completion(self._withdraw_offer())
+            if isinstance(exc, TimeoutError):
+                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                       f"{self.lock_timeout}s") from None
+            if isinstance(exc, OSError):
+                raise self._io_error(exc, "waiting for the store lock") from exc
+            raise
+        slot = self._slots.peek()
+        if slot.state == FAILED:
+            self._slots.take_back()
+            return _NOT_OFFERED
+        if slot.state != COMMITTED:
+            return _OFFERED
+        tables, journal = self._tables, self._journal
+        try:
+            tables.follow(locked=False)
+        except OSError:
+            return _OFFERED  # under the lock, the usual way (take_back says COMMITTED: the catch-up applies it)
+        if (tables.need_reload or tables.need_lock or journal.ino != slot.ino
+                or journal.offset < slot.at + slot.length):
+            return _OFFERED
+        self._slots.take_back()
+        return _DONE
+
+    async def _wait_offered(self, offered: bool, behind: float = 0.0) -> None:
+        """:meth:`_wait_for_file_lock`; if the wait ends without the lock (cancelled, timed out) while our offer
+        stands, the offer is withdrawn, or settled when a holder claimed it (see :meth:`_settle_claimed`)."""
+        try:
+            await self._wait_for_file_lock(behind)
+        except BaseException:
+            if offered:
+                await cancellation.run_to_completion(self._withdraw_offer())
+            raise
+
+    async def _withdraw_offer(self) -> None:
+        """A commit that offered its record gives up waiting. Offered only: withdrawn, nothing written. Claimed: a
+        holder is writing it, so we wait (bounded by the lock timeout) for the lock to see how it ended, and
+        apply it if it committed: the process's view stays equal to the disk. Committed: applied."""
+        try:
+            outcome = self._slots.withdraw()
+        except OSError:
+            return
+        if outcome.state == COMMITTED:
+            self._tables.follow(locked=False)
+            return
+        if outcome.state != CLAIMED:
+            return
+        await self._wait_for_file_lock()
+        self._holding = True
+        try:
+            self._settle_slots()
+            if self._slots.take_back().state == COMMITTED:
+                self._tables.catch_up()
+        finally:
+            self._holding = False
+            self._flock.release()
+
+    async def _acquire_file_lock(self, offer: list[Any] | None = None) -> int:
+        """Take the file lock. _OFFERED when ``offer`` was offered to the holder meanwhile (json/slots.py: the
+        slot then says what became of it), _DONE when the holder committed it and it is applied (the lock is
+        then not taken), else _NOT_OFFERED."""
         lease = self._lease
         lease.contended = True  # unless the lock is free at once (json/lease.py: Lease.begin)
+        behind = 0.0
         if lease.yielded:  # our last lease ended with a writer waiting: let it go first (json/lease.py)
             lease.yielded = False
-            if self._flock.can_wait:
-                await self._wait_for_file_lock(behind=STEP_BACK)
-                return
-        try:
-            if self._flock.try_acquire():  # uncontended: no thread hop
-                lease.contended = False
-                return
-        except OSError as exc:
-            raise self._io_error(exc, "taking the store lock") from exc
+            behind = STEP_BACK
+        else:
+            try:
+                if self._flock.try_acquire():  # uncontended: no thread hop
+                    lease.contended = False
+                    return _NOT_OFFERED
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
         if self._flock.can_wait:
-            await self._wait_for_file_lock()
-            return
+            offered = _NOT_OFFERED
+            gen = self._offer(offer)
+            if gen >= 0:
+                offered = await self._at_door(gen)
+                if offered == _DONE:
+                    lease.contended = False
+                    return _DONE
+            await self._wait_offered(offered == _OFFERED, behind)
+            return offered
+        if behind:
+            try:
+                if self._flock.try_acquire():
+                    lease.contended = False
+                    return _NOT_OFFERED
+            except OSError as exc:
+                raise self._io_error(exc, "taking the store lock") from exc
         cancel = threading.Event()
         waiter = asyncio.get_running_loop().run_in_executor(None, self._flock.acquire, self.lock_timeout, cancel)
         try:
@@ -241,6 +367,7 @@ class LockHolding:
                 pass
             self._flock.release()
             raise
+        return _NOT_OFFERED
 
     async def _wait_for_file_lock(self, behind: float = 0.0) -> None:
         """Wait for another process to let go: a dedicated thread blocks in ``flock`` (woken by the kernel the
@@ -293,13 +420,15 @@ class _Held:
 class _CommitHeld:
     """``async with store._commit_locked()`` (see :meth:`LockHolding._enter_commit`)."""
 
-    __slots__ = ("_store",)
+    __slots__ = ("_item", "_store")
 
-    def __init__(self, store: LockHolding) -> None:
+    def __init__(self, store: LockHolding, item: list[Any] | None) -> None:
         self._store = store
+        self._item = item
 
     def __aenter__(self) -> Coroutine[Any, Any, None]:
-        return self._store._enter_commit()  # awaited by ``async with`` itself: no coroutine of our own around it
+        # awaited by ``async with`` itself: no coroutine of our own around it
+        return self._store._enter_commit(self._item)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._store._exit_commit(exc_type is not None)

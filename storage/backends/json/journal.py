@@ -204,6 +204,12 @@ def _parse_record(line: bytes) -> list[Op]:
     return ops
 
 
+def parse_record(line: bytes) -> list[Op]:
+    """:func:`_parse_record` for other modules: a record another process offered to this one (json/slots.py) is
+    checked as one read from the journal is."""
+    return _parse_record(line)
+
+
 class Follow(NamedTuple):
     """What :meth:`Journal.follow` found: records to apply, where a new generation's start (an index into
     ``records``, or None), and whether the caller must catch up under the lock instead (``need_lock``: what is

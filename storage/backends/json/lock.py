@@ -123,6 +123,10 @@ class SidecarLock:
         self.published: tuple[int, int] | None = None
         self._boot = boot_id()
         self._fallback = filelock.FileLock(str(path), thread_local=False) if fcntl is None else None
+        #: called just after the lock is taken, and just before it is let go (json/slots.py: the doors of the
+        #: writers that offered their records to the holder); they must not raise
+        self.on_taken: Callable[[], None] | None = None
+        self.on_release: Callable[[], None] | None = None
 
     @property
     def held(self) -> bool:
@@ -205,6 +209,8 @@ class SidecarLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             raise
         self._held = True
+        if self.on_taken is not None:
+            self.on_taken()
         return True
 
     @property
@@ -274,6 +280,8 @@ class SidecarLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             raise
         self._held = True
+        if self.on_taken is not None:
+            self.on_taken()
         return True
 
     @property
@@ -331,6 +339,8 @@ class SidecarLock:
                 fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self.on_release is not None:  # after: nothing may run between the flag and the unlocks
+                self.on_release()
 
     def hand_over(self) -> None:
         """:meth:`release` when another writer waits for the lock, then give this thread's CPU up once

@@ -17,7 +17,9 @@ How it stays correct:
   up with), for at most about 10 ms while another writer waits. A commit of puts that takes the lock far behind
   while others wait for it writes its record at the committed end first, lets go, and only then applies what the
   others committed before it, then its own, before it returns (``_commit_deferred``: puts do not read the view).
-  Readers ``stat`` the journal before each read and apply what other processes appended.
+  Readers ``stat`` the journal before each read and apply what other processes appended. A small put that finds
+  the lock taken is offered to its holder instead (json/slots.py): the holder's one record and one fsync carry it,
+  and its writer, told at its door, applies the journal up to the committed end before it acknowledges.
 * **Fast.** A save costs one appended line and one fsync, whatever the store's size. Concurrent writers in one
   process are grouped into one line and one fsync (group commit). When the journal outgrows what compaction would
   rewrite, the changed collections' snapshots are rewritten and the journal starts afresh.
@@ -76,13 +78,14 @@ from ...types import Member
 from ..base import BackendBase
 from . import forget_files as json_forget
 from . import restore as json_restore
+from .door_waiter import DoorWaiter
 from .expiry import dead_keys, live_expiries, live_mapping, visible
 from .feed import JsonFeed
 from .filler import MIN_CHUNK
 from .group_commit import Failed, GroupCommit
 from .holding import LockHolding
 from .indexes import build_indexes
-from .journal import Journal, Op, encode_in_slices, encode_record
+from .journal import Journal, Op, encode_in_slices, encode_record, parse_record
 from .lazy import SIZES_AFTER, Lazy
 from .lease import Lease
 from .lifecycle import JsonLifecycle
@@ -98,6 +101,7 @@ from .put_run import PutRun
 from .puts import column_ops, put_ops
 from .query import Mode, QueryAnswers, run_query
 from .restore import RestoreSwap
+from .slots import COMMITTED, FAILED, Claim, Slots, combine
 from .sync_thread import SyncThread
 from .tables import BULK_APPLY, Plan, Staged, Tables
 from .transaction import JsonTransaction, release_staged
@@ -110,6 +114,10 @@ log = logging.getLogger("storage.json")
 
 JOURNAL_NAME = "storage.journal"
 LOCK_NAME = "storage.lock"
+#: the slots in which writers waiting for the lock offer their record to its holder (json/slots.py)
+SLOTS_NAME = "storage.slots"
+#: A holder's record with the waiting writers' records it claims stays below this (one line, one fsync).
+MAX_GROUP_BYTES = 1 << 16
 #: Append+fsync runs on the event loop while it has recently taken less than this many seconds (see _commit).
 INLINE_SYNC_BUDGET = 0.0005
 #: The same for a record larger than a filler chunk (a batch: json/filler.py MIN_CHUNK), measured apart. Why: a
@@ -168,9 +176,17 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         #: _commit_deferred); None: caught up, as after every other acquisition. Cleared when the lock is let go.
         self._behind: int | None = None
         self._let_go_early = False  # _commit_deferred let go of the lock already: no lease
+        #: waiting writers' records offered to the lock's holder, and those it claims (json/slots.py)
+        self._slots = Slots(os.fspath(self.path / SLOTS_NAME))
+        self._peer_committed = False  # the lone put this commit offered was committed by the holder before us
+        self._lockless = False  # ... and we learned it at our door, without taking the lock (json/slots.py)
+        self._slots_waiter = DoorWaiter(self._slots.wait_door)  # the kept thread of those door waits
+        if not self.read_only:
+            self._flock.on_taken = self._slots.close_doors
+            self._flock.on_release = self._slots.open_doors
         self._commits: GroupCommit[_Prepare | list[Op] | PutRun, Any] = GroupCommit(
             self._commit_locked, self._commit_group, after=self._maybe_compact, solo=True,
-            after_due=self._compaction_may_be_due)
+            after_due=self._compaction_may_be_due, locked_for=self._commit_locked_for)
         #: Tables.compaction_due is asked again only once the journal (of inode _compact_ino) reaches this offset
         self._compact_ino: int | None = None
         self._compact_next = 0
@@ -243,6 +259,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                                    f"{self.lock_timeout}s") from None
         try:
             with self._io("opening the store"):
+                self._settle_slots()  # a dead holder's claims, before a recovery could replace the journal
                 self._remove_temp_files()
                 self._tables.load()
                 # finish or undo a crashed restore
@@ -331,7 +348,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             failed = True
             try:
                 try:
-                    self._commit_now(prepare, record)
+                    self._commit_now(prepare, record, claims=True)
                 except OSError as exc:
                     await self._after_failed_append(exc)  # under the lock, as _commit does
                     raise self._write_failed(exc) from exc
@@ -360,13 +377,17 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
 
     async def _commit_group(self, batch: list[_Prepare | list[Op] | PutRun], outcomes: list[Any]) -> None:
         """One group commit, under the lock: every writer's ops in one journal record, one fsync."""
+        if self._peer_committed:  # the holder committed our offered put, and we caught up with it (json/slots.py)
+            self._peer_committed = False
+            outcomes.append(None)
+            return
         if self._behind is not None and not all(type(prepare) in _PUTS for prepare in batch):
             self._catch_up_behind()  # the round reads the view: caught up first (see _defer_catch_up)
         if self._suspect is not None:
             await self._trust_journal()
         if len(batch) == 1 and type(batch[0]) in _PUTS:  # a lone put: no view to stage
             outcomes.append(None)
-            await self._commit(batch[0])  # type: ignore[arg-type]
+            await self._commit(batch[0], claims=True)  # type: ignore[arg-type]
             return
         staged = Staged(self._tables.data, self._tables.expires)
         ops: list[Op] = []
@@ -389,9 +410,9 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             ops.extend(item_ops)
             outcomes.append(result)
         if ops:
-            await self._commit(ops)
+            await self._commit(ops, claims=True)
 
-    async def _commit(self, ops: list[Op] | PutRun, *, record: bytes | None = None) -> None:
+    async def _commit(self, ops: list[Op] | PutRun, *, record: bytes | None = None, claims: bool = False) -> None:
         """Make ``ops`` durable, then visible: append + fsync, publish the committed end, apply to memory.
 
         Under the lock. The three steps happen together or not at all, whatever interrupts them: if the task is
@@ -400,6 +421,8 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         view always equals the disk. A record that did not reach the disk is neither.
 
         ``record``: ``ops`` already encoded (a transaction with message work named it in its intent first).
+        ``claims``: the records other processes' waiting writers offered may join it (json/slots.py; not for a
+        record named elsewhere first, nor a transaction's).
         """
         if self._behind is not None:  # the catch-up was deferred (_defer_catch_up): puts only
             if type(ops) is PutRun and len(ops) <= LARGE_COMMIT:
@@ -408,7 +431,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                 record = encode_record(ops) if record is None else record
                 if self._may_inline(len(record)):
                     try:
-                        self._commit_deferred(ops, record)
+                        self._commit_deferred(ops, record, claims)
                     except OSError as exc:  # the write or its fsync (caught up by now): as below
                         await self._after_failed_append(exc)
                         raise self._write_failed(exc) from exc
@@ -423,9 +446,12 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             if record is None:
                 record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
             if not large and self._may_inline(len(record)):
-                self._commit_now(ops, record)
+                self._commit_now(ops, record, claims=claims)
                 return
             start = journal.offset
+            claimed: list[Claim] = []
+            if claims and type(ops) is list and len(ops) < PLAN_DURING_SYNC:  # a slow disk: the most to gain
+                record, claimed, ops = self._claim(start, record, ops)
             try:
                 if not large and len(ops) >= PLAN_DURING_SYNC:  # a batch: planned meanwhile (_timed_sync)
                     spent, plan = await cancellation.run_in_thread(self._timed_sync, ops, record)
@@ -433,8 +459,11 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                     spent = await cancellation.run_in_thread(_timed_append, journal, record)
             finally:
                 # Decided before any recovery below: rewriting the files after a failure moves the offset too.
-                if journal.offset != start:  # durable: publish and apply even if we are being cancelled
+                if journal.offset == start:
+                    self._slots.mark(claimed, FAILED)  # (nothing when none)
+                else:  # durable: publish and apply even if we are being cancelled
                     self._tables.publish()
+                    self._slots.mark(claimed, COMMITTED)
                     if plan is None and type(ops) is PutRun:  # not planned meanwhile: from its one dict
                         plan = ops.plan(self._tables)
                     if plan is None:  # expiries to clear: operation by operation
@@ -468,7 +497,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         else:
             self._batch_sync_estimate = 0.8 * self._batch_sync_estimate + 0.2 * spent
 
-    def _commit_now(self, ops: list[Op] | PutRun, record: bytes | None = None) -> None:
+    def _commit_now(self, ops: list[Op] | PutRun, record: bytes | None = None, *, claims: bool = False) -> None:
         """:meth:`_commit`'s inline way, under the lock: append + fsync on the loop, publish, apply. Nothing here
         suspends. An OSError leaves the record unpublished and unapplied (the caller's recovery rewrites the files
         from memory without it)."""
@@ -476,13 +505,23 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             record = ops.record() if isinstance(ops, PutRun) else encode_record(ops)
         tables = self._tables
         plan: Plan | None = None
+        claimed: list[Claim] = []
         if len(ops) >= PLAN_DURING_SYNC:  # a batch: its apply planned while the disk writes (_timed_sync)
             spent, plan = self._timed_sync(ops, record)
         else:
+            journal = self._journal
+            if claims and type(ops) is list:
+                record, claimed, ops = self._claim(journal.offset, record, ops)
             began = time.perf_counter()
-            self._journal.append(record)
+            try:
+                journal.append(record)
+            except OSError:
+                self._slots.mark(claimed, FAILED)
+                raise
             spent = time.perf_counter() - began
         tables.publish()
+        if claimed:
+            self._slots.mark(claimed, COMMITTED)
         if plan is None and type(ops) is PutRun:  # the worker did not plan it: its plan from one dict, here
             plan = ops.plan(tables)
         if plan is None:
@@ -530,7 +569,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._journal.append(record, sync)  # the offset moves only once the fsync succeeded
         return written - began + synced, plan
 
-    def _commit_deferred(self, ops: list[Op], record: bytes) -> None:
+    def _commit_deferred(self, ops: list[Op], record: bytes, claims: bool = False) -> None:
         """:meth:`_commit_now` for a commit that took the lock without catching up (:meth:`_defer_catch_up`): its
         record goes at the committed end the lock file said (past what this process read), is made durable and its
         end published; then the lock is let go (others wait: no lease), and only then are the records other
@@ -548,12 +587,21 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         start = self._behind
         assert start is not None
         self._behind = None
+        claimed: list[Claim] = []
+        if claims:
+            record, claimed, ops = self._claim(start, record, ops)
         began = time.perf_counter()
         stop = start + len(record)
         try:
-            journal.write_at(record, start)  # cut back to start on failure; journal.offset stays where we read to
+            try:
+                journal.write_at(record, start)  # cut back to start on failure; journal.offset stays where we read to
+            except OSError:
+                self._slots.mark(claimed, FAILED)
+                raise
             spent = time.perf_counter() - began
             self._flock.publish(journal.ino or 0, stop)
+            if claimed:
+                self._slots.mark(claimed, COMMITTED)
         except OSError as exc:
             # As a failed append: the catch-up (under the lock, the committed end unchanged) cuts away whatever of
             # the record is left past it, then the caller rewrites the files from memory.
@@ -575,6 +623,24 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             tables.apply_after(start, stop, ops)
         except OSError as exc:
             raise self._io_error(exc, "catching up with the journal") from exc
+
+    def _claim(self, start: int, record: bytes, ops: list[Op]) -> tuple[bytes, list[Claim], list[Op]]:
+        """Under the lock, before writing ``record`` at ``start``: claim the records that waiting writers offered
+        (json/slots.py) and make them part of it (one journal line, one fsync); returns the line, the claims (to
+        mark COMMITTED or FAILED once the fsync is known) and the operations to apply (ours, then theirs). A
+        claimed record that does not parse as one this library writes is marked FAILED and left out."""
+        room = MAX_GROUP_BYTES - len(record)
+        claims = self._slots.claim(self._journal.ino or 0, start + len(record) - 2, room) if room > 0 else []
+        if not claims:
+            return record, claims, ops
+        all_ops = list(ops)
+        for claim in claims:
+            try:
+                all_ops.extend(parse_record(b"[" + claim.inner + b"]"))
+            except Exception:  # damage in a slot: not ours to write (its writer commits it itself)
+                self._slots.mark(claims, FAILED)
+                return record, [], ops
+        return combine(record, claims), claims, all_ops
 
     def _write_failed(self, exc: OSError) -> StorageIOError:
         path = self._journal.path
@@ -1082,6 +1148,8 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             self._flock.close()
             self._messages.close()
             self._sync_thread.close()
+            self._slots_waiter.close()
+            self._slots.close()
             self._tables.release()
             return
         self._closed = True
@@ -1116,6 +1184,8 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
             self._flock.close()
             self._messages.close()
             self._sync_thread.close()
+            self._slots_waiter.close()
+            self._slots.close()
             self._tables.release()
 
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,387 @@
+"""Shared slots: a writer that waits for the store lock hands its small record to the lock's holder, whose one
+fsync then commits it with its own (a cross-process group commit with the fsync still under the lock; issue 15).
+
+Why this shape (benchmarks/README.md, "Design measurements", cross-process group commit): four writer processes
+on one store commit one record per ``fdatasync``, one at a time, as SQLite WAL FULL does. Letting the fsync leave
+the lock (PostgreSQL ``XLogFlush``) would share it, but then the journal holds bytes nobody committed while the lock
+is free, and every other holder (open, catch-up, compaction, transactions, restore, messages) would have to drain
+them first. Here the journal never holds uncommitted bytes while the lock is free: the holder writes the waiters'
+records *as part of its own commit*, under the lock, so nothing else changes for the lock's other users.
+
+The file ``storage.slots`` beside ``storage.lock`` (never fsynced: it means something only while its writers live)
+has :data:`COUNT` slots. Each has a header (state, length, journal inode, offset) in the first page and room for one
+record. Three kinds of OFD locks (Linux ``F_OFD_SETLK``; they belong to one open file description, so two stores
+of one process are two writers here, as for ``flock``):
+
+* the *owner* byte of a slot, write-locked by the store that uses the slot for as long as it is open: a holder
+  never claims a slot whose owner is gone (the kernel dropped its lock), and a store takes a free slot this way;
+* the *mutex* byte of a slot, write-locked by whoever changes the slot's state, for a few syscalls;
+* none for the holder: it holds the store lock (``flock``), which is what makes it the only claimer.
+
+States and who moves them (every change under the slot's mutex):
+
+* EMPTY -> OFFERED: the owner, before it waits for the store lock (its record, at most :data:`MAX_RECORD` bytes);
+* OFFERED -> CLAIMED(inode, X, length): the holder, before its ``pwrite``: the record's operations will lie at
+  bytes X..X+length of the journal of that inode (inside the holder's record: one journal line, see below);
+* CLAIMED -> COMMITTED / FAILED: the holder, after its fsync and publish (or after its write or fsync failed),
+  before it lets go of the store lock;
+* CLAIMED left by a holder that died (the next holder finds it: nobody else can hold the lock and see CLAIMED):
+  :meth:`Slots.settle_orphans` reads the journal: the published committed end covers X+length on that inode and
+  the bytes at X are the record -> COMMITTED, else FAILED (the catch-up cuts what lies past the committed end).
+  It runs at every acquisition of the store lock, before anything (a compaction) could replace the journal;
+* any -> EMPTY: the owner, holding the store lock (:meth:`Slots.take_back`: what happened to its offer), or
+  cancelled while OFFERED (:meth:`Slots.withdraw`); a cancelled owner that finds CLAIMED must settle first.
+
+One journal line per commit, not one per record: the holder's record and the claimed ones become one record
+(their operations in one JSON array), so a power loss during its fsync leaves one torn line at the end, as today,
+never a torn record before a whole one (what blocked the ``XLogFlush`` design: the reader takes that for damage).
+Order is the journal's: a follower applies its own operations when it catches up to the committed end, after
+everything committed before them (as ``apply_after`` does), so it never acknowledges a write its view lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+try:  # pragma: no cover - platform switch
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Slots", "Claim", "Offer", "EMPTY", "OFFERED", "CLAIMED", "COMMITTED", "FAILED", "MAX_RECORD", "COUNT"]
+
+#: How many writers can offer at once (more wait and commit as before).
+COUNT = 16
+#: The largest record a writer offers (larger ones, and batches, commit the usual way).
+MAX_RECORD = 4096
+_HEAD = struct.Struct("<BBxxIQQ")  # state, generation (0/1: which door its writer waits at), length, inode, X
+_STRIDE = 32  # one header every 32 bytes in the first page
+_ROOM = 4096  # then one page of record room a slot: slot i's record at (1 + i) * _ROOM
+_OWNER = 1 << 30  # the owner bytes: _OWNER + i (OFD locks past the file's end are fine)
+_MUTEX = (1 << 30) + 4096  # the mutex bytes: _MUTEX + i
+_DOOR = (1 << 30) + 8192  # the doors: _DOOR + 2 * i + generation
+
+EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
+
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
+_OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None) if fcntl is not None else None
+_OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
+
+
+class Claim(NamedTuple):
+    """A slot the holder claimed: its number, the record's operations (the bytes inside the record's brackets) and
+    where they go."""
+
+    slot: int
+    inner: bytes
+    at: int
+
+
+class Offer(NamedTuple):
+    """What became of a writer's offer (:meth:`Slots.take_back`)."""
+
+    state: int
+    gen: int
+    ino: int
+    at: int
+    length: int
+
+
+def _flock_struct(kind: int, byte: int, length: int = 1) -> bytes:
+    return struct.pack("hhqqi", kind, os.SEEK_SET, byte, length, 0)
+
+
+def inner(record: bytes) -> bytes | None:
+    """A journal record's operations without the enclosing brackets and newline (None: not such a record)."""
+    if len(record) < 4 or record[:1] != b"[" or record[-2:] != b"]\n":
+        return None
+    return record[1:-2]
+
+
+def combine(own: bytes, claims: list[Claim]) -> bytes:
+    """One journal line: ``own``'s operations, then each claimed record's (X computed by :meth:`Slots.claim`)."""
+    return b"".join([own[:-2], *(b"," + claim.inner for claim in claims), b"]\n"])
+
+
+class Slots:
+    """One store's view of ``storage.slots`` (see the module doc). Not thread-safe: the store's event loop (or the
+    thread it waits on) uses it, holding the store's mutex."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._wait_fd = -1  # a second description, for the door waits (its locks are not the holder's)
+        self.index = -1  # our slot (-1: none; we then never offer)
+        self.doors_closed = False  # we hold the lock and every door (see close_doors)
+        self.available = _OFD_SETLK is not None and _OFD_GETLK is not None and _OFD_SETLKW is not None
+
+    def _file(self, create: bool) -> bool:
+        """Open the file (False: no OFD locks here, or it cannot be opened: offers are off). It is created at open
+        (:meth:`settle_orphans`, ``create``); a holder's commit only uses the descriptor it has (no ``open`` or
+        ``stat`` per commit)."""
+        if self._fd >= 0:
+            return True
+        if not self.available:
+            return False
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            self.available = False
+            return False
+        return True
+
+    def _open(self) -> bool:
+        """Open the file and own a free slot (False: none free or no OFD locks: offers are off)."""
+        if self.index >= 0:
+            return True
+        if not self._file(create=True):
+            return False
+        try:
+            for index in range(COUNT):
+                try:
+                    fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _OWNER + index))  # type: ignore[arg-type]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (11, 13):  # EAGAIN / EACCES: owned by another
+                        continue
+                    raise
+                self.index = index
+                self._write_head(index, EMPTY, 0, 0, 0, 0)  # whatever a previous owner left
+                return True
+        except OSError:
+            self.available = False
+            self.close()
+        return False
+
+    # -- the slot mutex --------------------------------------------------------------------------------------------
+    def _lock(self, index: int) -> None:
+        fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _MUTEX + index))  # type: ignore[arg-type]
+
+    def _unlock(self, index: int) -> None:
+        fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _MUTEX + index))  # type: ignore[arg-type]
+
+    def _owned(self, index: int) -> bool:
+        """Whether a live store owns slot ``index`` (one ``F_OFD_GETLK``)."""
+        found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _OWNER + index))  # type: ignore[arg-type]
+        kind: int = struct.unpack_from("h", found)[0]
+        return kind != fcntl.F_UNLCK
+
+    def _read_head(self, index: int) -> tuple[int, int, int, int, int]:
+        raw = os.pread(self._fd, _HEAD.size, index * _STRIDE)
+        if len(raw) < _HEAD.size:
+            return EMPTY, 0, 0, 0, 0
+        state, gen, length, ino, at = _HEAD.unpack(raw)
+        return state, gen & 1, length, ino, at
+
+    def _write_head(self, index: int, state: int, length: int, ino: int, at: int, gen: int = -1) -> None:
+        if gen < 0:
+            gen = self._read_head(index)[1]
+        os.pwrite(self._fd, _HEAD.pack(state, gen, length, ino, at), index * _STRIDE)
+
+    # -- the doors -------------------------------------------------------------------------------------------------
+    # Why: a writer that offered must learn that its record was committed without waiting for the store lock (a
+    # holder keeps it for a lease of many commits, json/lease.py: waiting for the lock, a writer contributed one
+    # record per lease). While a store holds the lock it holds a write lock on every door byte (two a slot); a
+    # writer that offered with generation g waits for a read lock on its door g; the holder, marking the slot,
+    # closes door 1-g (which the writer's next offer will use) and opens door g. Letting go of the store lock
+    # opens every door (so does the holder's death: the kernel drops its locks); a writer that finds its slot
+    # still OFFERED then waits for the lock as before.
+    def close_doors(self) -> None:
+        """Just after taking the store lock: close every door (one ``F_OFD_SETLKW`` over the range; a waiter
+        holds its read lock only for a moment)."""
+        if not self._file(create=False):
+            return
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
+        except OSError:
+            return  # no doors: waiting writers wait for the store lock, as without them
+        self.doors_closed = True
+
+    def open_doors(self) -> None:
+        """Just before letting go of the store lock: open every door."""
+        if self.doors_closed and self._fd >= 0:
+            self.doors_closed = False
+            try:
+                fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
+            except OSError:  # pragma: no cover - an unlock is not refused; closing the descriptor opens them too
+                pass
+
+    def wait_door(self, gen: int) -> None:
+        """In a thread, after :meth:`offer` returned ``gen``: block until our door ``gen`` is open (the holder
+        marked our slot, let go of the store lock, or died; or nobody held the lock). Then read :meth:`peek`."""
+        if self._wait_fd < 0:
+            self._wait_fd = os.open(self.path, os.O_RDWR)
+        door = _DOOR + 2 * self.index + gen
+        fcntl.fcntl(self._wait_fd, _OFD_SETLKW, _flock_struct(fcntl.F_RDLCK, door))  # type: ignore[arg-type]
+        fcntl.fcntl(self._wait_fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
+
+    def peek(self) -> Offer:
+        """Our slot as it is now (no change; read under its mutex: the holder's header write is not atomic)."""
+        self._lock(self.index)
+        try:
+            state, gen, length, ino, at = self._read_head(self.index)
+        finally:
+            self._unlock(self.index)
+        return Offer(state, gen, ino, at, length)
+
+    # -- the owner's side ------------------------------------------------------------------------------------------
+    def offer(self, record: bytes) -> int:
+        """Before waiting for the store lock: offer ``record`` (one journal line) to its holder; returns the
+        generation (the door to wait at, :meth:`wait_door`). -1: not offered (too large, no slot): the caller
+        commits it itself as before."""
+        ops = inner(record)
+        if ops is None or len(ops) > MAX_RECORD or not self._open():
+            return -1
+        index = self.index
+        self._lock(index)
+        try:
+            state, gen = self._read_head(index)[:2]
+            if state == CLAIMED:  # an earlier offer given up unsettled (a lock timeout): its holder may still mark
+                return -1  # it, which must never be taken for this record's fate
+            os.pwrite(self._fd, ops, (1 + index) * _ROOM)
+            self._write_head(index, OFFERED, len(ops), 0, 0, gen)
+        finally:
+            self._unlock(index)
+        return gen
+
+    def take_back(self) -> Offer:
+        """Holding the store lock, after :meth:`settle_orphans`: what became of our offer; the slot is EMPTY
+        after. COMMITTED: the record is in the journal before the committed end (catch up to apply it); anything
+        else: it is not, commit it yourself."""
+        index = self.index
+        self._lock(index)
+        try:
+            state, gen, length, ino, at = self._read_head(index)
+            self._write_head(index, EMPTY, 0, 0, 0, gen)
+        finally:
+            self._unlock(index)
+        return Offer(state, gen, ino, at, length)
+
+    def withdraw(self) -> Offer:
+        """A cancelled owner, not holding the store lock: OFFERED becomes EMPTY (returned as OFFERED: nothing of it
+        was written); CLAIMED stays (a holder is writing it: the caller settles it under the store lock with
+        :meth:`take_back`); COMMITTED / FAILED are taken back as :meth:`take_back` does."""
+        index = self.index
+        self._lock(index)
+        try:
+            state, gen, length, ino, at = self._read_head(index)
+            if state != CLAIMED:
+                self._write_head(index, EMPTY, 0, 0, 0, gen)
+        finally:
+            self._unlock(index)
+        return Offer(state, gen, ino, at, length)
+
+    # -- the holder's side -----------------------------------------------------------------------------------------
+    def claim(self, ino: int, at: int, room: int) -> list[Claim]:
+        """Holding the store lock, before writing a record whose operations' end lands at ``at`` of journal
+        ``ino`` (the record's closing bracket not counted): claim every live offered slot, up to ``room`` bytes of
+        operations in all. Each slot is CLAIMED with where its operations will lie before this returns."""
+        if self._fd < 0:  # no writer offered since we took the lock (close_doors looks for the file)
+            return []
+        heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        if OFFERED not in heads[::_STRIDE]:  # the usual case: nobody offers (one pread, about 1 us)
+            return []
+        claims: list[Claim] = []
+        for index in range(min(COUNT, len(heads) // _STRIDE)):
+            if index == self.index or heads[index * _STRIDE] != OFFERED:
+                continue
+            if not self._owned(index):
+                continue  # its writer died: nobody would acknowledge it
+            self._lock(index)
+            try:
+                state, gen, length, _ino, _at = self._read_head(index)
+                if state != OFFERED or length > room:
+                    continue
+                ops = os.pread(self._fd, length, (1 + index) * _ROOM)
+                if len(ops) != length:
+                    continue
+                place = at + 1  # after the comma
+                self._write_head(index, CLAIMED, length, ino, place, gen)
+            finally:
+                self._unlock(index)
+            claims.append(Claim(index, ops, place))
+            at = place + length
+            room -= length
+        return claims
+
+    def mark(self, claims: list[Claim], state: int) -> None:
+        """Holding the store lock: the claimed records are COMMITTED (fsynced and published) or FAILED; each
+        writer's door opens (the other door of its slot closes first: its next offer waits there)."""
+        for claim in claims:
+            index = claim.slot
+            self._lock(index)
+            try:
+                _s, gen, length, ino, at = self._read_head(index)
+                if self.doors_closed:
+                    fcntl.fcntl(self._fd, _OFD_SETLKW,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_WRLCK, _DOOR + 2 * index + 1 - gen))
+                self._write_head(index, state, length, ino, at, 1 - gen)
+                if self.doors_closed:
+                    fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
+            finally:
+                self._unlock(index)
+
+    def settle_orphans(self, journal_path: str, committed: Callable[[], tuple[int, int] | None]) -> None:
+        """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died
+        (a live holder marks its claims before letting go). COMMITTED when ``committed`` (inode, end) covers it on
+        its inode and the bytes there are its record, FAILED otherwise (then it was never published: the catch-up
+        cuts it, and its writer commits it itself)."""
+        if not self._file(create=True):  # at open (json/store.py): every writable store has the file from then on
+            return
+        heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        end: tuple[int, int] | None = None
+        for index in range(min(COUNT, len(heads) // _STRIDE)):
+            if heads[index * _STRIDE] != CLAIMED:
+                continue
+            if end is None:
+                end = committed() or (0, 0)
+            self._lock(index)
+            try:
+                state, gen, length, ino, at = self._read_head(index)
+                if state != CLAIMED:
+                    continue
+                verdict = FAILED
+                if end[0] == ino and end[1] >= at + length:
+                    ops = os.pread(self._fd, length, (1 + index) * _ROOM)
+                    if _journal_bytes(journal_path, ino, at, length) == ops:
+                        verdict = COMMITTED
+                self._write_head(index, verdict, length, ino, at, gen)
+            finally:
+                self._unlock(index)
+
+    def close(self) -> None:
+        """Give the slot up (closing the descriptor drops every OFD lock of it)."""
+        if self._fd >= 0:
+            try:
+                if self.index >= 0:
+                    self._write_head(self.index, EMPTY, 0, 0, 0)
+            except OSError:
+                pass
+            os.close(self._fd)
+        if self._wait_fd >= 0:
+            os.close(self._wait_fd)
+        self._fd = self._wait_fd = -1
+        self.doors_closed = False
+        self.available = False  # closed for good: a store is not reopened
+        self.index = -1
+
+
+def _journal_bytes(path: str, ino: int, at: int, length: int) -> bytes | None:
+    """``length`` bytes at ``at`` of the journal at ``path`` when it is the file of inode ``ino``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_ino != ino:
+            return None
+        return os.pread(fd, length, at)
+    finally:
+        os.close(fd)

@@ -1,0 +1,102 @@
+"""The holder process of the shared-slot tests (tests/test_json_slots.py; json/slots.py).
+
+``python tests/_slots_child.py FOLDER POINT``: opens the store with a lease that stays on (so the lock stays with
+this process while the parent's writer offers its record), saves ``h0``..``h2`` (``ACK h<n>`` after each), prints
+``READY``, then for every line ``go`` on stdin saves the next ``h<n>``. With POINT other than ``none``, the first save
+that claims an offered record stops at that point of the protocol (``PAUSED <point>``, then sleeps until killed):
+
+* ``claimed``: the slots are CLAIMED, nothing written yet;
+* ``written``: the record (with the claimed ones) is written, its fsync not started;
+* ``synced``: the fsync returned, the committed end not published;
+* ``published``: the committed end is published, the slots not marked.
+
+A save that fails prints ``FAIL h<n> <errno>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import storage
+from storage import StorageIOError
+from storage.backends.json import group_commit, journal, lease, lock
+from storage.backends.json import store as json_store
+
+POINT = sys.argv[2] if len(sys.argv) > 2 else "none"
+armed = False  # a claim was made: the next protocol point named POINT stops
+
+
+def pause(point: str) -> None:
+    if armed and point == POINT:
+        print(f"PAUSED {point}", flush=True)
+        while True:
+            time.sleep(60)
+
+
+claim = json_store.JsonBackend._claim
+
+
+def claiming(self: Any, start: int, record: bytes, ops: Any) -> Any:
+    global armed
+    found = claim(self, start, record, ops)
+    if found[1]:
+        armed = True
+        print(f"CLAIMED {len(found[1])}", flush=True)
+        pause("claimed")
+    return found
+
+
+sync_fd = journal.sync_fd
+
+
+def syncing(fd: int) -> None:
+    pause("written")
+    sync_fd(fd)
+    pause("synced")
+
+
+publish = lock.SidecarLock.publish
+
+
+def publishing(self: Any, ino: int, end: int) -> None:
+    publish(self, ino, end)
+    pause("published")
+
+
+json_store.JsonBackend._claim = claiming  # type: ignore[method-assign]
+journal.sync_fd = syncing  # type: ignore[assignment]
+lock.SidecarLock.publish = publishing  # type: ignore[method-assign]
+lease.BUDGET = lease.HOLD = 60.0  # the lease stays on while the parent offers
+group_commit.SOLO_TURN_BUDGET = 60.0
+
+
+async def main(folder: str) -> None:
+    store = await storage.open_store(backend="json", path=folder, lock_timeout=60)
+    n = 0
+
+    async def save() -> None:
+        nonlocal n
+        key, n = f"h{n}", n + 1
+        try:
+            await store.put("c", key, {"by": "holder"})
+        except StorageIOError as exc:
+            print(f"FAIL {key} {exc.errno}", flush=True)
+            return
+        print(f"ACK {key}", flush=True)
+
+    for _ in range(3):
+        await save()
+    await asyncio.sleep(0)  # the loop's turn: the lease ends here unless it is hot
+    print("READY", "leased" if store._lease.held else "free", flush=True)
+    while (await asyncio.to_thread(sys.stdin.readline)).strip() == "go":
+        await save()
+    await store.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main(sys.argv[1]))

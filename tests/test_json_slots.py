@@ -1,0 +1,388 @@
+"""Shared slots (json/slots.py): a writer waiting for another process's lock offers its record, the holder commits
+it with its own in one fsync. Real processes, SIGKILL at every point of the protocol, an fdatasync failed by strace,
+cancelled writers, two stores of one process. After every fault: each acknowledged write is on disk and in every
+live store's view, and no record is committed twice (a later write of the same key is never undone)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from storage import StoreConfig
+from storage.backends.json import group_commit, lease
+from storage.backends.json.slots import _STRIDE, COUNT, OFFERED
+from storage.backends.json.store import JOURNAL_NAME, SLOTS_NAME
+from storage.stores import JsonStore
+from tests._fault_child import child_env, strace_problem
+
+CHILD = Path(__file__).resolve().parent / "_slots_child.py"
+WAIT = 15.0  # every wait of these tests is bounded by this
+
+
+def cfg(folder: Path) -> StoreConfig:
+    return StoreConfig(backend="json", path=str(folder), lock_timeout=30, source="tests")
+
+
+class Holder:
+    """The holder process (tests/_slots_child.py) and what it printed."""
+
+    def __init__(self, folder: Path, point: str, prefix: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen([*(prefix or []), sys.executable, str(CHILD), str(folder), point],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=child_env())
+        self.lines: list[str] = []
+
+    async def until(self, word: str) -> str:
+        assert self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), WAIT)
+            except TimeoutError:
+                self.proc.kill()
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"no {word} from the holder within {WAIT} s: {self.lines} {err}") from None
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"the holder ended before {word}: {self.lines} {err}")
+            self.lines.append(line.strip())
+            if line.startswith(word):
+                return line.strip()
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def acked(self) -> set[str]:
+        return {line.split()[1] for line in self.lines if line.startswith("ACK ")}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=WAIT)
+
+
+async def offered(folder: Path) -> None:
+    """Until some slot of ``folder`` says OFFERED."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while True:
+        try:
+            heads = (folder / SLOTS_NAME).read_bytes()[:COUNT * _STRIDE]
+        except FileNotFoundError:
+            heads = b""
+        if OFFERED in heads[::_STRIDE]:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the writer never offered its record"
+        await asyncio.sleep(0.005)
+
+
+def puts_of(folder: Path, key: str) -> list[Any]:
+    """Every put of ``key`` in the journal's records, in order (each committed record once)."""
+    found = []
+    for line in (folder / JOURNAL_NAME).read_bytes().split(b"\n")[1:]:
+        if not line.strip():
+            continue
+        for op in orjson.loads(line):
+            if op[0] == "p" and op[2] == key:
+                found.append(op[3])
+    return found
+
+
+async def docs(store: JsonStore) -> dict[str, Any]:
+    return {k: d async for k, d in store.items("c")}
+
+
+async def check(folder: Path, live: list[JsonStore], acked: set[str]) -> dict[str, Any]:
+    """Every acknowledged key on disk, every live view equal to a fresh open's."""
+    async with await JsonStore.open(cfg(folder)) as fresh:
+        on_disk = await docs(fresh)
+    assert acked <= set(on_disk), f"acknowledged writes lost: {acked - set(on_disk)}"
+    for store in live:
+        assert await docs(store) == on_disk
+    return on_disk
+
+
+@pytest.mark.parametrize("point", ["claimed", "written", "synced", "published"])
+async def test_the_holder_killed_at_each_point_commits_the_offer_once(tmp_path: Path, point: str) -> None:
+    """The holder claims the writer's offer and is SIGKILLed at ``point``. The writer's put still returns (the
+    kernel opens its door and frees the lock; the slot is settled from the journal): its record is on disk once,
+    committed by the dead holder (``published``) or by the writer itself (before that: never published, cut)."""
+    follower = await JsonStore.open(cfg(tmp_path))  # first: its open waits for the lock
+    holder = Holder(tmp_path, point)
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        await holder.until("PAUSED")
+        holder.kill()
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}], "the offered record is committed exactly once"
+        if point == "published":
+            assert puts_of(tmp_path, "h3") == [{"by": "holder"}], "published: the holder's own record is committed"
+        else:
+            assert puts_of(tmp_path, "h3") == [], "never published: cut"
+        await follower.put("c", "f", {"v": 2})  # a later write of the key stays the last
+        on_disk = await check(tmp_path, [follower], holder.acked() | {"f"})
+        assert on_disk["f"] == {"v": 2}
+        assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+async def test_the_holder_killed_between_the_offer_and_the_claim(tmp_path: Path) -> None:
+    """The holder dies with the writer's record offered and not claimed: the writer's door opens, it finds its
+    slot still OFFERED, takes the lock and commits its record itself, once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.kill()
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}]
+        await check(tmp_path, [follower], holder.acked() | {"f"})
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+FOLLOWER = """
+import asyncio, sys
+from storage.stores import JsonStore
+from storage import StoreConfig
+
+async def main(folder):
+    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
+    print("OPEN", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.put("c", "dead", {"v": 1})
+    print("ACK dead", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_an_offer_whose_writer_died_is_not_claimed(tmp_path: Path) -> None:
+    """A writer process offers its record and is SIGKILLed before any holder claims it: the holder's next commit
+    leaves the slot alone (its owner's lock is gone: nobody would acknowledge it), and a new store takes the slot."""
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass  # the folder and its files exist before the two processes start
+    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder: Holder | None = None
+    try:
+        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert opened.strip() == "OPEN"  # opened first: the holder then keeps the lock
+        holder = Holder(tmp_path, "none")
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate(timeout=WAIT)
+        holder.go()
+        await holder.until("ACK h3")
+        assert not [line for line in holder.lines if line.startswith("CLAIMED")]
+        assert puts_of(tmp_path, "dead") == []
+        holder.kill()
+        async with await JsonStore.open(cfg(tmp_path)) as again:  # the dead writer's slot is free again
+            await again.put("c", "g", {"v": 1})
+        await check(tmp_path, [], holder.acked() | {"g"})
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        if holder is not None:
+            holder.kill()
+
+
+async def test_the_holder_commits_the_offer_and_the_writer_learns_it_at_its_door(tmp_path: Path) -> None:
+    """No fault: the holder's one commit carries the writer's record; the writer's put returns without the lock
+    (the holder keeps it), its view has the record, and it is on disk once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        await holder.until("CLAIMED")
+        await asyncio.wait_for(put, WAIT)
+        assert await follower.get("c", "f") == {"v": 1}
+        assert not follower._flock.held, "the writer never took the lock"
+        await holder.until("ACK h3")
+        lines = [line for line in (tmp_path / JOURNAL_NAME).read_bytes().split(b"\n") if b'"f"' in line]
+        assert len(lines) == 1 and b'"h3"' in lines[0], "one record, one fsync: the holder's and the writer's"
+        holder.kill()
+        await check(tmp_path, [follower], holder.acked() | {"f"})
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+async def test_a_failed_fsync_of_the_holder_makes_the_writer_commit_its_own(tmp_path: Path) -> None:
+    """strace fails every fdatasync of the holder from the commit that carries the writer's record on: the holder
+    reports its own save failed (StorageIOError, EIO), the writer commits its record itself; neither failed record
+    is on disk, the writer's is, once."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(holder.proc.pid), "-e",
+                                   "trace=fdatasync", "-e", "inject=fdatasync:error=EIO"],
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = await asyncio.wait_for(asyncio.to_thread(tracer.stderr.readline), WAIT)
+        assert "attached" in attached, attached
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        failed = await holder.until("FAIL")
+        assert failed.split()[1:] == ["h3", "5"], failed  # EIO
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}]
+        holder.kill()
+        on_disk = await check(tmp_path, [follower], holder.acked() | {"f"})
+        assert "h3" not in on_disk
+    finally:
+        if tracer is not None and tracer.poll() is None:
+            tracer.kill()
+            tracer.communicate(timeout=WAIT)
+        holder.kill()
+        await follower.close()
+
+
+@pytest.mark.parametrize("point", ["offered", "claimed", "published"])
+async def test_a_cancelled_writer_settles_its_offer(tmp_path: Path, point: str) -> None:
+    """The writer's put is cancelled while its record is offered (withdrawn: never written, even by a holder
+    committing later), claimed by a holder that then dies before writing (settled: not committed), or claimed by
+    one that published it and died (settled: committed, in the writer's view). The cancellation is delivered
+    only once the slot is settled."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none" if point == "offered" else point)
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        if point == "offered":
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(put, WAIT)
+            holder.go()
+            await holder.until("ACK h3")
+            committed = False
+        else:
+            holder.go()
+            await holder.until("PAUSED")
+            put.cancel()
+            await asyncio.sleep(0.2)
+            assert not put.done(), "the cancelled writer waits for its claimed record's fate"
+            holder.kill()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(put, WAIT)
+            committed = point == "published"
+        holder.kill()
+        assert puts_of(tmp_path, "f") == ([{"v": 1}] if committed else [])
+        assert (await follower.get("c", "f") is not None) == committed, "the writer's view equals the disk"
+        await follower.put("c", "g", {"v": 1})  # the store goes on
+        await check(tmp_path, [follower], holder.acked() | {"g"})
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+async def test_two_stores_of_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stores on one folder in one process are two writers here too: one keeps the lock leased, the other's
+    put is offered, claimed by the first's next commit, and acknowledged at its door; both views agree."""
+    monkeypatch.setattr(lease, "BUDGET", 5.0)
+    monkeypatch.setattr(lease, "HOLD", 5.0)
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 5.0)
+    a = await JsonStore.open(cfg(tmp_path))
+    b = await JsonStore.open(cfg(tmp_path))
+    try:
+        for n in range(3):
+            await a.put("c", f"a{n}", {"n": n})  # a hot lease: a keeps the lock
+        assert a._lease.held
+        put = asyncio.create_task(b.put("c", "b", {"n": 1}))
+        await offered(tmp_path)
+        await a.put("c", "a3", {"n": 3})  # claims b's record
+        await asyncio.wait_for(put, WAIT)
+        assert not b._flock.held
+        assert puts_of(tmp_path, "b") == [{"n": 1}]
+        assert await b.get("c", "b") == {"n": 1} and await a.get("c", "b") == {"n": 1}
+        await b.put("c", "b", {"n": 2})
+        await check(tmp_path, [a, b], {"a0", "a1", "a2", "a3", "b"})
+        assert await a.get("c", "b") == {"n": 2}
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.slow
+async def test_writer_processes_killed_at_random_lose_no_acknowledged_write(tmp_path: Path) -> None:
+    """Four writer processes (puts of two keys, which are offered when the lock is taken; transactions; updates)
+    on one store; two are SIGKILLed at random moments, wherever they are in the protocol (holding claims, offered,
+    waiting at their door). Every acknowledged write is on disk, no record is committed twice (each key of a
+    writer is written once), and each writer's ``last`` key holds its last acknowledged put or a later one."""
+    import random
+
+    from tests import _fault_child as child
+
+    config = cfg(tmp_path)
+    async with await JsonStore.open(config) as store:
+        await store.put("f", "seed", {"i": -1})
+    count = 300
+    names = ["a", "b", "c", "d"]
+    procs = {name: child.spawn("acker", config, name, count) for name in names}
+    rng = random.Random(15)
+    try:
+        for name in ("a", "b"):
+            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            procs[name].send_signal(signal.SIGKILL)
+        outs = {}
+        for name, proc in procs.items():
+            out, err = await asyncio.wait_for(asyncio.to_thread(proc.communicate, None, 240), 250)
+            if name in ("c", "d"):
+                assert proc.returncode == 0, err
+            outs[name] = out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=WAIT)
+    async with await JsonStore.open(config) as fresh:
+        on_disk = {k: d async for k, d in fresh.items("f")}
+    puts = [op for line in (tmp_path / JOURNAL_NAME).read_bytes().split(b"\n")[1:] if line.strip()
+            for op in orjson.loads(line) if op[0] == "p"]
+    for name, out in outs.items():
+        acked = [int(f[0]) for f in child.lines(out, "ACK")]
+        assert not child.lines(out, "FAIL"), out
+        if name in ("c", "d"):
+            assert len(acked) == count
+        written = [i for i in acked if i % 3 != 2]
+        for i in written:
+            assert on_disk.get(f"{name}{i}") == {"i": i}, f"{name}{i} acknowledged, not on disk"
+        keyed = [op[2] for op in puts if op[2].startswith(name) and op[2][len(name):].isdigit()]
+        assert len(keyed) == len(set(keyed)), f"a record of {name} committed twice"
+        if written:
+            assert on_disk[f"{name}last"]["i"] >= max(written), f"{name}last went back"
+        increments = len([i for i in acked if i % 3 == 2])
+        counter = on_disk.get(f"{name}counter", {"i": 0})["i"]
+        assert increments <= counter <= increments + 1
