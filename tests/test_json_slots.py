@@ -386,3 +386,71 @@ async def test_writer_processes_killed_at_random_lose_no_acknowledged_write(tmp_
         increments = len([i for i in acked if i % 3 == 2])
         counter = on_disk.get(f"{name}counter", {"i": 0})["i"]
         assert increments <= counter <= increments + 1
+
+
+FREEZER = """
+import fcntl, os, sys, time
+from storage.backends.json.slots import _DOOR, _MUTEX, COUNT, _OFD_SETLK, _flock_struct
+fd = os.open(sys.argv[1], os.O_RDWR)
+for index in range(COUNT):
+    fcntl.fcntl(fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _MUTEX + index))
+fcntl.fcntl(fd, _OFD_SETLK, _flock_struct(fcntl.F_RDLCK, _DOOR, 2 * COUNT))
+print("frozen", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_process_frozen_holding_every_slot_mutex_and_door_stops_no_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process stopped inside the slots' protocol (here: holding every slot's mutex and a read lock on every door,
+    as a writer frozen between its two door syscalls would) must not stop another process's event loop: the holder
+    closes the doors it can, a writer whose slot's mutex is taken does not offer and waits for the store lock, and
+    every put is acknowledged and on disk. A watchdog kills the frozen process if the loop stops turning (the
+    blocking waits this replaced hung for ever), and the test fails."""
+    import threading
+    import time
+
+    monkeypatch.setattr(lease, "BUDGET", 5.0)
+    monkeypatch.setattr(lease, "HOLD", 0.05)  # a leased holder lets go soon: the waiting store gets the lock
+    a = await JsonStore.open(cfg(tmp_path))
+    b = await JsonStore.open(cfg(tmp_path))
+    freezer = subprocess.Popen([sys.executable, "-c", FREEZER, str(tmp_path / SLOTS_NAME)], stdout=subprocess.PIPE,
+                               text=True, env=child_env())
+    beat = [time.monotonic()]
+    stalled: list[float] = []
+    done = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(0.1):
+            if time.monotonic() - beat[0] > WAIT:
+                stalled.append(time.monotonic() - beat[0])
+                freezer.kill()  # what unblocks a loop stuck in the kernel's lock wait
+                return
+
+    async def ticker() -> None:
+        while True:
+            beat[0] = time.monotonic()
+            await asyncio.sleep(0.01)
+
+    dog = threading.Thread(target=watchdog, daemon=True)
+    tick = asyncio.create_task(ticker())
+    try:
+        assert freezer.stdout is not None
+        assert (await asyncio.wait_for(asyncio.to_thread(freezer.stdout.readline), WAIT)).strip() == "frozen"
+        dog.start()
+        acked: set[str] = set()
+        for n in range(20):
+            first = asyncio.create_task(a.put("c", f"a{n}", {"n": n}))
+            second = asyncio.create_task(b.put("c", f"b{n}", {"n": n}))
+            await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+            acked |= {f"a{n}", f"b{n}"}
+        assert not stalled, f"the event loop stopped for {stalled[0]:.1f} s behind a frozen process's slot locks"
+        await check(tmp_path, [a, b], acked)
+        assert puts_of(tmp_path, "b0") == [{"n": 0}]
+    finally:
+        done.set()
+        tick.cancel()
+        freezer.kill()
+        freezer.wait()
+        await a.close()
+        await b.close()

@@ -41,8 +41,10 @@ everything committed before them (as ``apply_after`` does), so it never acknowle
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -65,6 +67,12 @@ _MUTEX = (1 << 30) + 4096  # the mutex bytes: _MUTEX + i
 _DOOR = (1 << 30) + 8192  # the doors: _DOOR + 2 * i + generation
 
 EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
+
+#: How long a writer whose door opened tries for its slot's mutex before it asks the store lock instead (the holder
+#: that opened the door has let go of the mutex already, see :meth:`Slots.mark`: this covers a descheduled holder
+#: on a busy host), and the pause between tries. On the event loop's thread: kept far under its 20 ms budget.
+PEEK_WAIT = 0.002
+_RETRY = 0.00005
 
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
 _OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None) if fcntl is not None else None
@@ -160,8 +168,32 @@ class Slots:
         return False
 
     # -- the slot mutex --------------------------------------------------------------------------------------------
+    # Who blocks on it: only a holder of the store lock settling or marking a slot, or an owner taking its slot back
+    # under that lock (:meth:`_lock`): the other party is then an owner inside a few syscalls that never wait. Every
+    # other step takes it only if it is free (:meth:`_try_lock`, :meth:`_lock_within`) and otherwise falls back to
+    # the store lock, which is bounded by the lock timeout: a process frozen (or descheduled) holding a slot's mutex
+    # or a door must never stop another process's event loop.
     def _lock(self, index: int) -> None:
         fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _MUTEX + index))  # type: ignore[arg-type]
+
+    def _try_lock(self, index: int) -> bool:
+        """Take slot ``index``'s mutex if it is free (one ``F_OFD_SETLK``)."""
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _MUTEX + index))  # type: ignore[arg-type]
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def _lock_within(self, index: int, seconds: float) -> bool:
+        """Take slot ``index``'s mutex, trying for up to ``seconds`` (its holders keep it a few syscalls)."""
+        deadline = time.monotonic() + seconds
+        while not self._try_lock(index):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_RETRY)
+        return True
 
     def _unlock(self, index: int) -> None:
         fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _MUTEX + index))  # type: ignore[arg-type]
@@ -193,15 +225,24 @@ class Slots:
     # opens every door (so does the holder's death: the kernel drops its locks); a writer that finds its slot
     # still OFFERED then waits for the lock as before.
     def close_doors(self) -> None:
-        """Just after taking the store lock: close every door (one ``F_OFD_SETLKW`` over the range; a waiter
-        holds its read lock only for a moment)."""
+        """Just after taking the store lock: close every door that is free (a waiter holds its read lock only for
+        a moment, but a frozen one would hold it for ever: never waited for). A door left open lets its writer
+        through at once; it finds its slot still offered and waits for the store lock as before."""
         if not self._file(create=False):
             return
         try:
-            fcntl.fcntl(self._fd, _OFD_SETLKW, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
         except OSError:
-            return  # no doors: waiting writers wait for the store lock, as without them
+            for door in range(_DOOR, _DOOR + 2 * COUNT):  # one is held this moment: the others one by one
+                self._try_door(door)
         self.doors_closed = True
+
+    def _try_door(self, door: int) -> bool:
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, door))  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return True
 
     def open_doors(self) -> None:
         """Just before letting go of the store lock: open every door."""
@@ -222,8 +263,10 @@ class Slots:
         fcntl.fcntl(self._wait_fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
 
     def peek(self) -> Offer:
-        """Our slot as it is now (no change; read under its mutex: the holder's header write is not atomic)."""
-        self._lock(self.index)
+        """Our slot as it is now (no change; read under its mutex: the holder's header write is not atomic). When
+        the mutex stays taken (PEEK_WAIT), reported CLAIMED: not known here, the caller asks the store lock."""
+        if not self._lock_within(self.index, PEEK_WAIT):
+            return Offer(CLAIMED, 0, 0, 0, 0)
         try:
             state, gen, length, ino, at = self._read_head(self.index)
         finally:
@@ -239,7 +282,8 @@ class Slots:
         if ops is None or len(ops) > MAX_RECORD or not self._open():
             return -1
         index = self.index
-        self._lock(index)
+        if not self._try_lock(index):  # a holder settling our last offer this moment: commit it ourselves
+            return -1
         try:
             state, gen = self._read_head(index)[:2]
             if state == CLAIMED:  # an earlier offer given up unsettled (a lock timeout): its holder may still mark
@@ -268,7 +312,8 @@ class Slots:
         was written); CLAIMED stays (a holder is writing it: the caller settles it under the store lock with
         :meth:`take_back`); COMMITTED / FAILED are taken back as :meth:`take_back` does."""
         index = self.index
-        self._lock(index)
+        if not self._try_lock(index):  # a holder is claiming or marking it: settled under the store lock
+            return Offer(CLAIMED, 0, 0, 0, 0)
         try:
             state, gen, length, ino, at = self._read_head(index)
             if state != CLAIMED:
@@ -293,7 +338,8 @@ class Slots:
                 continue
             if not self._owned(index):
                 continue  # its writer died: nobody would acknowledge it
-            self._lock(index)
+            if not self._try_lock(index):
+                continue  # its owner is busy with it (withdrawing): not claimed, it waits for the lock
             try:
                 state, gen, length, _ino, _at = self._read_head(index)
                 if state != OFFERED or length > room:
@@ -312,21 +358,21 @@ class Slots:
 
     def mark(self, claims: list[Claim], state: int) -> None:
         """Holding the store lock: the claimed records are COMMITTED (fsynced and published) or FAILED; each
-        writer's door opens (the other door of its slot closes first: its next offer waits there)."""
+        writer's door opens (the other door of its slot closes first, if it is free: its next offer waits there),
+        once the slot's mutex is let go (the writer reads its slot under it at once: :meth:`peek`)."""
         for claim in claims:
             index = claim.slot
             self._lock(index)
             try:
                 _s, gen, length, ino, at = self._read_head(index)
                 if self.doors_closed:
-                    fcntl.fcntl(self._fd, _OFD_SETLKW,  # type: ignore[arg-type]
-                                _flock_struct(fcntl.F_WRLCK, _DOOR + 2 * index + 1 - gen))
+                    self._try_door(_DOOR + 2 * index + 1 - gen)  # left open if not: that offer asks the lock
                 self._write_head(index, state, length, ino, at, 1 - gen)
-                if self.doors_closed:
-                    fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
-                                _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
             finally:
                 self._unlock(index)
+            if self.doors_closed:
+                fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
+                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
 
     def settle_orphans(self, journal_path: str, committed: Callable[[], tuple[int, int] | None]) -> None:
         """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died
