@@ -8,7 +8,8 @@ that claims an offered record stops at that point of the protocol (``PAUSED <poi
 * ``claimed``: the slots are CLAIMED, nothing written yet;
 * ``written``: the record (with the claimed ones) is written, its fsync not started;
 * ``synced``: the fsync returned, the committed end not published;
-* ``published``: the committed end is published, the slots not marked.
+* ``published``: the committed end is published, the slots not marked;
+* ``<point>+<seconds>``: stops there that long, then goes on.
 
 A save that fails prints ``FAIL h<n> <errno>``.
 """
@@ -31,8 +32,12 @@ armed = False  # a claim was made: the next protocol point named POINT stops
 
 
 def pause(point: str) -> None:
-    if armed and point == POINT:
+    name, _, delay = POINT.partition("+")  # "claimed+2.5": stop there 2.5 s, then go on
+    if armed and point == name:
         print(f"PAUSED {point}", flush=True)
+        if delay:
+            time.sleep(float(delay))
+            return
         while True:
             time.sleep(60)
 

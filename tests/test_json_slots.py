@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from storage import StoreConfig
+from storage import LockTimeoutError, StoreConfig
 from storage.backends.json import group_commit, lease
 from storage.backends.json.slots import _STRIDE, COUNT, OFFERED
 from storage.backends.json.store import JOURNAL_NAME, SLOTS_NAME
@@ -160,7 +160,7 @@ async def test_the_holder_killed_between_the_offer_and_the_claim(tmp_path: Path)
 FOLLOWER = """
 import asyncio, sys
 from storage.stores import JsonStore
-from storage import StoreConfig
+from storage import LockTimeoutError, StoreConfig
 
 async def main(folder):
     store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
@@ -454,3 +454,37 @@ async def test_a_process_frozen_holding_every_slot_mutex_and_door_stops_no_store
         freezer.wait()
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize("delay", ["claimed+1.6", "claimed+3.2"])
+async def test_a_writer_whose_wait_times_out_while_its_record_is_claimed_learns_its_fate(
+        tmp_path: Path, delay: str) -> None:
+    """The holder claims the writer's record and then stalls past the writer's lock timeout (1 s). The writer's
+    wait times out with its record claimed, so it cannot withdraw it: it waits (one more lock timeout) at its door
+    for the holder's verdict. Committed within that time (``+1.6``): the put returns, the record in its view and on
+    disk once. Not within it (``+3.2``): LockTimeoutError saying the write may still be committed, and it is,
+    once, and the writer's view gets it at its next read."""
+    follower = await JsonStore.open(StoreConfig(backend="json", path=str(tmp_path), lock_timeout=1, source="tests"))
+    holder = Holder(tmp_path, delay)
+    try:
+        assert await holder.until("READY") == "READY leased"
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        await holder.until("PAUSED")
+        if delay == "claimed+1.6":
+            await asyncio.wait_for(put, WAIT)
+            assert await follower.get("c", "f") == {"v": 1}  # before the holder's acknowledgement: its own view
+        else:
+            with pytest.raises(LockTimeoutError, match="may still commit it"):
+                await asyncio.wait_for(put, WAIT)
+        await holder.until("ACK h3")
+        assert await follower.get("c", "f") == {"v": 1}
+        assert puts_of(tmp_path, "f") == [{"v": 1}], "committed exactly once"
+        holder.kill()
+        await follower.put("c", "f", {"v": 2})
+        on_disk = await check(tmp_path, [follower], holder.acked() | {"f"})
+        assert on_disk["f"] == {"v": 2}
+    finally:
+        holder.kill()
+        await follower.close()

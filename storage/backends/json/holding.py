@@ -258,13 +258,13 @@ class LockHolding:
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
         except BaseException as exc:
-            await cancellation.run_to_completion(self._withdraw_offer())
-            if isinstance(exc, TimeoutError):
-                raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
-                                       f"{self.lock_timeout}s") from None
-            if isinstance(exc, OSError):
-                raise self._io_error(exc, "waiting for the store lock") from exc
-            raise
+            committed = await cancellation.run_to_completion(self._withdraw_offer(gen))
+            if committed and isinstance(exc, TimeoutError):
+                return _DONE  # the holder committed it after all, and it is applied: the put is done
+            error = self._wait_failed(exc, "waiting for the store lock")
+            if error is exc:
+                raise
+            raise error from (None if isinstance(exc, TimeoutError) else exc)
         slot = self._slots.peek()
         if slot.state == FAILED:
             self._slots.take_back()
@@ -282,35 +282,70 @@ class LockHolding:
         self._slots.take_back()
         return _DONE
 
-    async def _wait_offered(self, offered: bool, behind: float = 0.0) -> None:
+    def _wait_failed(self, exc: BaseException, what: str) -> BaseException:
+        """What a wait for the store lock that ended with ``exc`` raises: a timeout as :class:`LockTimeoutError`,
+        an OSError as StorageIOError, anything else (a cancellation) as it is."""
+        if isinstance(exc, TimeoutError):
+            return LockTimeoutError(f"{self.path}: another process held the store lock for over "
+                                    f"{self.lock_timeout}s")
+        if isinstance(exc, OSError):
+            return self._io_error(exc, what)
+        return exc
+
+    async def _wait_offered(self, gen: int, behind: float = 0.0) -> bool:
         """:meth:`_wait_for_file_lock`; if the wait ends without the lock (cancelled, timed out) while our offer
-        stands, the offer is withdrawn, or settled when a holder claimed it (see :meth:`_settle_claimed`)."""
+        stands, the offer is withdrawn, or settled when a holder claimed it (see :meth:`_withdraw_offer`). True:
+        the wait timed out but the holder had committed the offer, which is applied: the put is done. ``gen``: the
+        offer's door (-1: no offer stands)."""
         try:
             await self._wait_for_file_lock(behind)
-        except BaseException:
-            if offered:
-                await cancellation.run_to_completion(self._withdraw_offer())
+        except BaseException as exc:
+            if gen >= 0:
+                committed = await cancellation.run_to_completion(self._withdraw_offer(gen))
+                if committed and isinstance(exc, LockTimeoutError):
+                    return True
             raise
+        return False
 
-    async def _withdraw_offer(self) -> None:
-        """A commit that offered its record gives up waiting. Offered only: withdrawn, nothing written. Claimed: a
-        holder is writing it, so we wait (bounded by the lock timeout) for the lock to see how it ended, and
-        apply it if it committed: the process's view stays equal to the disk. Committed: applied."""
+    async def _withdraw_offer(self, gen: int) -> bool:
+        """A commit that offered its record (at door ``gen``) gives up waiting; whether the record was committed.
+        Offered only: withdrawn, nothing written. Claimed: a holder is writing it, so we wait (bounded by the lock
+        timeout) at our door, which its mark, its letting go or its death opens, and under the lock if the slot
+        still says claimed then (a dead holder's: settled from the journal); applied if it committed: the
+        process's view stays equal to the disk. Committed: applied (from the journal without the lock when that
+        reaches it, else under the lock)."""
         try:
             outcome = self._slots.withdraw()
         except OSError:
-            return
+            return False
+        if outcome.state == CLAIMED:  # the holder marks it, lets go or dies: each opens our door
+            try:
+                await asyncio.wait_for(asyncio.shield(self._slots_waiter.wait(gen)), self.lock_timeout)
+            except TimeoutError:
+                raise LockTimeoutError(
+                    f"{self.path}: another process held the store lock for over {self.lock_timeout}s with this "
+                    "write handed to it to commit: it may still commit it") from None
+            outcome = self._slots.peek()
+            if outcome.state == FAILED:
+                self._slots.take_back()
+                return False
         if outcome.state == COMMITTED:
-            self._tables.follow(locked=False)
-            return
-        if outcome.state != CLAIMED:
-            return
+            tables, journal = self._tables, self._journal
+            tables.follow(locked=False)
+            if not (tables.need_reload or tables.need_lock or journal.ino != outcome.ino
+                    or journal.offset < outcome.at + outcome.length):
+                self._slots.take_back()
+                return True
+        elif outcome.state != CLAIMED:
+            return False
         await self._wait_for_file_lock()
         self._holding = True
         try:
             self._settle_slots()
-            if self._slots.take_back().state == COMMITTED:
+            committed = outcome.state == COMMITTED or self._slots.take_back().state == COMMITTED
+            if committed:
                 self._tables.catch_up()
+            return committed
         finally:
             self._holding = False
             self._flock.release()
@@ -340,7 +375,9 @@ class LockHolding:
                 if offered == _DONE:
                     lease.contended = False
                     return _DONE
-            await self._wait_offered(offered == _OFFERED, behind)
+            if await self._wait_offered(gen if offered == _OFFERED else -1, behind):
+                lease.contended = False
+                return _DONE
             return offered
         if behind:
             try:
@@ -384,12 +421,10 @@ class LockHolding:
             except BaseException as exc:
                 abandoned.set()
                 waiter.add_done_callback(_close_unused)
-                if isinstance(exc, TimeoutError):
-                    raise LockTimeoutError(f"{self.path}: another process held the store lock for over "
-                                           f"{self.lock_timeout}s") from None
-                if isinstance(exc, OSError):
-                    raise self._io_error(exc, "taking the store lock") from exc
-                raise
+                error = self._wait_failed(exc, "taking the store lock")
+                if error is exc:
+                    raise
+                raise error from (None if isinstance(exc, TimeoutError) else exc)
             try:
                 if self._flock.adopt(fd):
                     return
