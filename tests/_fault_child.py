@@ -22,6 +22,9 @@ from typing import Any
 
 import storage
 from storage import StorageIOError, StoreConfig
+from storage.backends.json import holding
+
+holding.OFFER_MIN_SYNC = 0.0  # a waiting writer always offers its record (tests/conftest.py ``offers_always``)
 
 CHILD = Path(__file__).resolve()
 ROOT = CHILD.parent.parent

@@ -24,7 +24,7 @@ from typing import Any
 
 import storage
 from storage import StorageIOError
-from storage.backends.json import group_commit, journal, lease, lock
+from storage.backends.json import group_commit, holding, journal, lease, lock
 from storage.backends.json import store as json_store
 
 POINT = sys.argv[2] if len(sys.argv) > 2 else "none"
@@ -75,6 +75,7 @@ def publishing(self: Any, ino: int, end: int) -> None:
 json_store.JsonBackend._claim = claiming  # type: ignore[method-assign]
 journal.sync_fd = syncing  # type: ignore[assignment]
 lock.SidecarLock.publish = publishing  # type: ignore[method-assign]
+holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py ``offers_always``
 lease.BUDGET = lease.HOLD = 60.0  # the lease stays on while the parent offers
 group_commit.SOLO_TURN_BUDGET = 60.0
 

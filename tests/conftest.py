@@ -12,7 +12,7 @@ import pytest
 
 import storage
 from storage import StoreConfig
-from storage.backends.json import offsets
+from storage.backends.json import holding, offsets
 from storage.stores import PostgresStore
 from tests._pg import TestServer
 
@@ -84,6 +84,15 @@ def reopen(store_config: StoreConfig) -> Callable[[], Awaitable[storage.Store]]:
         return await storage.open_store(config=store_config)
 
     return _open
+
+
+@pytest.fixture(autouse=True)
+def offers_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JSON: a writer waiting for another store's lock always offers its record to the holder (json/slots.py),
+    however fast this disk's fsyncs are (``holding.OFFER_MIN_SYNC`` = 0 in this process; tests/_fault_child.py and
+    tests/_slots_child.py do the same in theirs), so that the suite runs the cross-process group commit wherever two
+    stores meet; tests/test_json_slots.py checks the threshold itself."""
+    monkeypatch.setattr(holding, "OFFER_MIN_SYNC", 0.0)
 
 
 @pytest.fixture

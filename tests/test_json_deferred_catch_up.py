@@ -324,6 +324,8 @@ async def main(path, me, count, slots):
     store = await storage.open_store(backend="json", path=path)
     if not slots:
         store._slots.close()  # no offers to the holder: each commits its own (the deferral's path)
+    else:
+        holding.OFFER_MIN_SYNC = 0.0  # whatever this disk's fsyncs take (tests/conftest.py offers_always)
     print("READY", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     rng = random.Random(me)

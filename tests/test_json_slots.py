@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from storage import LockTimeoutError, StoreConfig
-from storage.backends.json import group_commit, lease
+from storage.backends.json import group_commit, holding, lease
 from storage.backends.json.slots import _STRIDE, COUNT, OFFERED
 from storage.backends.json.store import JOURNAL_NAME, SLOTS_NAME
 from storage.stores import JsonStore
@@ -161,6 +161,9 @@ FOLLOWER = """
 import asyncio, sys
 from storage.stores import JsonStore
 from storage import LockTimeoutError, StoreConfig
+from storage.backends.json import holding
+
+holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
 
 async def main(folder):
     store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
@@ -488,3 +491,47 @@ async def test_a_writer_whose_wait_times_out_while_its_record_is_claimed_learns_
     finally:
         holder.kill()
         await follower.close()
+
+
+def line_of(folder: Path, key: str) -> int:
+    """The number of the journal line that holds the last put of ``key``."""
+    found = -1
+    for number, line in enumerate((folder / JOURNAL_NAME).read_bytes().split(b"\n")[1:]):
+        if line.strip() and any(op[0] == "p" and op[2] == key for op in orjson.loads(line)):
+            found = number
+    return found
+
+
+async def test_a_writer_offers_only_while_its_fsyncs_are_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``holding.OFFER_MIN_SYNC``: a writer whose commits' fsyncs are fast (its estimate under the threshold) waits
+    for the lock and commits its own record, as without slots; one whose fsyncs are slow offers it, and the
+    holder's next commit carries it in its own journal line."""
+    monkeypatch.setattr(holding, "OFFER_MIN_SYNC", 0.0005)
+    monkeypatch.setattr(lease, "BUDGET", 5.0)
+    monkeypatch.setattr(lease, "HOLD", 1.0)
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 5.0)
+    a = await JsonStore.open(cfg(tmp_path))
+    b = await JsonStore.open(cfg(tmp_path))
+    try:
+        for n in range(3):
+            await a.put("c", f"a{n}", {"n": n})
+        assert a._lease.held
+        b._offer_estimate = 0.0001  # fast fsyncs: no offer
+        put = asyncio.create_task(b.put("c", "b", {"n": 1}))
+        await asyncio.sleep(0.2)
+        assert OFFERED not in (tmp_path / SLOTS_NAME).read_bytes()[:COUNT * _STRIDE][::_STRIDE]
+        await asyncio.wait_for(put, WAIT)  # once a's lease lets go
+        assert puts_of(tmp_path, "b") == [{"n": 1}]
+        for n in range(3, 6):
+            await a.put("c", f"a{n}", {"n": n})
+        assert a._lease.held
+        b._offer_estimate = 0.002  # slow fsyncs: offered
+        put = asyncio.create_task(b.put("c", "b", {"n": 2}))
+        await offered(tmp_path)
+        await a.put("c", "a9", {"n": 9})
+        await asyncio.wait_for(put, WAIT)
+        assert line_of(tmp_path, "b") == line_of(tmp_path, "a9"), "the holder's commit carried the offer"
+        await check(tmp_path, [a, b], {"a0", "a1", "a2", "a3", "a4", "a5", "a9", "b"})
+    finally:
+        await a.close()
+        await b.close()

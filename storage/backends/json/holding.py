@@ -50,6 +50,14 @@ STEP_BACK = 0.02
 #: catch-up is short and the lock (and its lease) is worth keeping. See benchmarks/README.md (issue 15).
 DEFER_BYTES = 1 << 15
 
+#: A waiting writer offers its record to the lock's holder (json/slots.py) only while its commits' fsync estimate
+#: (:attr:`LockHolding._offer_estimate`: its own appends, and half of each verdict's wait at its door) is at least
+#: this many seconds. Why: the offer, the door and the catch-up without the lock cost each writer process about
+#: three times the CPU of a plain commit, which pays where the disk is slow (congested disk, SQLite FULL 290-630
+#: saves/s: 4 writers 2.1x without slots) and loses where fsyncs are fast and the 2 cores are the limit (a quiet
+#: disk at ~7k fsyncs/s: 0.70-0.89x in every repetition; benchmarks/README.md, "slots").
+OFFER_MIN_SYNC = 0.0005
+
 #: What :meth:`LockHolding._acquire_file_lock` did with a commit's offer (json/slots.py).
 _NOT_OFFERED, _OFFERED, _DONE = 0, 1, 2
 
@@ -78,6 +86,7 @@ class LockHolding:
     _slots_waiter: DoorWaiter  # the thread that waits at our door
     _peer_committed: bool  # the put this commit offered was committed by the holder before us (json/slots.py)
     _lockless: bool  # ... learned at our door: this commit holds the store's mutex but not the file lock
+    _offer_estimate: float  # seconds a commit's fsync takes here lately (see OFFER_MIN_SYNC)
 
     @contextmanager
     def _io(self, what: str) -> Iterator[None]:
@@ -242,7 +251,8 @@ class LockHolding:
     def _offer(self, ops: list[Any] | None) -> int:
         """Before waiting for another process's lock: offer a commit's operations to the holder (json/slots.py);
         the door's generation, or -1 (not offered)."""
-        if ops is None or self._suspect is not None or not self._flock.can_sign:
+        if (ops is None or self._offer_estimate < OFFER_MIN_SYNC or self._suspect is not None
+                or not self._flock.can_sign):
             return -1
         try:
             return self._slots.offer(encode_record(ops))
@@ -254,6 +264,7 @@ class LockHolding:
         slot. _DONE: committed and applied (the view caught up to the committed end, which covers it, without the
         lock); _NOT_OFFERED: it failed (taken back: commit it ourselves); _OFFERED: still offered or claimed (the
         holder let go, or died): wait for the lock, as before."""
+        began = time.perf_counter()
         waiter = self._slots_waiter.wait(gen)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
@@ -280,6 +291,9 @@ class LockHolding:
                 or journal.offset < slot.at + slot.length):
             return _OFFERED
         self._slots.take_back()
+        # the verdict came after about two of the holder's fsyncs (the one running when we offered, then ours):
+        # what this writer no longer measures itself while the holder commits for it
+        self._offer_estimate = 0.8 * self._offer_estimate + 0.1 * (time.perf_counter() - began)
         return _DONE
 
     def _wait_failed(self, exc: BaseException, what: str) -> BaseException:

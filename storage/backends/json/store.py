@@ -193,6 +193,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         #: A failed append (fsync error): the journal is not trusted until it is rewritten (_after_failed_append).
         self._suspect: BaseException | None = None
         self._sync_estimate = 0.0  # moving average of append+fsync seconds: decides inline vs thread
+        self._offer_estimate = 0.0  # the same, and the door's verdicts: decides offers (holding.OFFER_MIN_SYNC)
         self._batch_sync_estimate = 0.0  # the same for records larger than a filler chunk (INLINE_BATCH_BUDGET)
         self._sync_thread = SyncThread()  # plans a batch's apply during its fsync where no writeback starts
         self._messages = MessageLog(self.path / MESSAGES_DIR, self._locked)  # messages/<guild>/<month>.jsonl
@@ -494,6 +495,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         """Fold an append's time into the moving average of its size class (the one :meth:`_may_inline` reads)."""
         if size <= MIN_CHUNK:
             self._sync_estimate = 0.8 * self._sync_estimate + 0.2 * spent
+            self._offer_estimate = 0.8 * self._offer_estimate + 0.2 * spent
         else:
             self._batch_sync_estimate = 0.8 * self._batch_sync_estimate + 0.2 * spent
 
