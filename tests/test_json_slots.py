@@ -84,6 +84,15 @@ async def offered(folder: Path) -> None:
         await asyncio.sleep(0.005)
 
 
+async def offer_f(holder: Holder, follower: JsonStore, folder: Path) -> asyncio.Task[None]:
+    """Once the holder keeps the lock leased: the follower's put of ``f`` ({"v": 1}), offered to it (the put's
+    task, not done)."""
+    assert await holder.until("READY") == "READY leased"
+    put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+    await offered(folder)
+    return put
+
+
 def puts_of(folder: Path, key: str) -> list[Any]:
     """Every put of ``key`` in the journal's records, in order (each committed record once)."""
     found = []
@@ -118,9 +127,7 @@ async def test_the_holder_killed_at_each_point_commits_the_offer_once(tmp_path: 
     follower = await JsonStore.open(cfg(tmp_path))  # first: its open waits for the lock
     holder = Holder(tmp_path, point)
     try:
-        assert await holder.until("READY") == "READY leased"
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
+        put = await offer_f(holder, follower, tmp_path)
         holder.go()
         await holder.until("PAUSED")
         holder.kill()
@@ -145,9 +152,7 @@ async def test_the_holder_killed_between_the_offer_and_the_claim(tmp_path: Path)
     follower = await JsonStore.open(cfg(tmp_path))
     holder = Holder(tmp_path, "none")
     try:
-        assert await holder.until("READY") == "READY leased"
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
+        put = await offer_f(holder, follower, tmp_path)
         holder.kill()
         await asyncio.wait_for(put, WAIT)
         assert puts_of(tmp_path, "f") == [{"v": 1}]
@@ -218,9 +223,7 @@ async def test_the_holder_commits_the_offer_and_the_writer_learns_it_at_its_door
     follower = await JsonStore.open(cfg(tmp_path))
     holder = Holder(tmp_path, "none")
     try:
-        assert await holder.until("READY") == "READY leased"
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
+        put = await offer_f(holder, follower, tmp_path)
         holder.go()
         await holder.until("CLAIMED")
         await asyncio.wait_for(put, WAIT)
@@ -281,9 +284,7 @@ async def test_a_cancelled_writer_settles_its_offer(tmp_path: Path, point: str) 
     follower = await JsonStore.open(cfg(tmp_path))
     holder = Holder(tmp_path, "none" if point == "offered" else point)
     try:
-        assert await holder.until("READY") == "READY leased"
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
+        put = await offer_f(holder, follower, tmp_path)
         if point == "offered":
             put.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -470,9 +471,7 @@ async def test_a_writer_whose_wait_times_out_while_its_record_is_claimed_learns_
     follower = await JsonStore.open(StoreConfig(backend="json", path=str(tmp_path), lock_timeout=1, source="tests"))
     holder = Holder(tmp_path, delay)
     try:
-        assert await holder.until("READY") == "READY leased"
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
+        put = await offer_f(holder, follower, tmp_path)
         holder.go()
         await holder.until("PAUSED")
         if delay == "claimed+1.6":
