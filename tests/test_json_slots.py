@@ -534,3 +534,47 @@ async def test_a_writer_offers_only_while_its_fsyncs_are_slow(tmp_path: Path, mo
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_cancelled_writer_that_cannot_withdraw_at_once_leaves_no_offer_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer cancelled while its record is offered finds its slot's mutex taken (a holder looking at it this
+    moment): it cannot tell offered from claimed, so it waits at its door for the holder's verdict or its letting
+    go, and then withdraws the offer. Nothing of it is ever committed, and a later holder never finds it there:
+    a stale offer committed after the writer's next, acknowledged put of the same key would undo that put."""
+    monkeypatch.setattr(lease, "BUDGET", 1.0)
+    monkeypatch.setattr(lease, "HOLD", 1.0)
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 1.0)
+    a = await JsonStore.open(cfg(tmp_path))
+    b = await JsonStore.open(cfg(tmp_path))
+    try:
+        for n in range(3):
+            await a.put("c", f"a{n}", {"n": n})  # a hot lease: a keeps the lock a while
+        assert a._lease.held
+        put = asyncio.create_task(b.put("c", "b", {"n": 1}))
+        await offered(tmp_path)
+        slots = b._slots
+        try_lock = slots._try_lock
+        busy = [True]
+
+        def once_busy(index: int) -> bool:
+            if busy and index == slots.index:
+                busy.clear()
+                return False
+            return try_lock(index)
+
+        monkeypatch.setattr(slots, "_try_lock", once_busy)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(put, WAIT)
+        assert not busy, "the withdrawal found the mutex taken"
+        heads = (tmp_path / SLOTS_NAME).read_bytes()[:COUNT * _STRIDE]
+        assert OFFERED not in heads[::_STRIDE], "the offer was left standing"
+        await b.put("c", "b", {"n": 2})  # acknowledged
+        for n in range(3, 6):
+            await a.put("c", f"a{n}", {"n": n})
+        assert puts_of(tmp_path, "b") == [{"n": 2}], "the cancelled offer was never committed"
+        await check(tmp_path, [a, b], {"a0", "a1", "a2", "a3", "a4", "a5", "b"})
+    finally:
+        await a.close()
+        await b.close()

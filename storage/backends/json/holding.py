@@ -33,7 +33,7 @@ from .journal import Journal, encode_record
 from .lease import Lease
 from .lock import LockBusy, SidecarLock
 from .mutex import Mutex
-from .slots import CLAIMED, COMMITTED, FAILED, Slots
+from .slots import CLAIMED, COMMITTED, FAILED, OFFERED, Slots
 from .tables import Tables
 
 __all__ = ["LockHolding", "STEP_BACK", "DEFER_BYTES", "in_own_thread"]
@@ -339,16 +339,17 @@ class LockHolding:
                 raise LockTimeoutError(
                     f"{self.path}: another process held the store lock for over {self.lock_timeout}s with this "
                     "write handed to it to commit: it may still commit it") from None
-            outcome = self._slots.peek()
-            if outcome.state == FAILED:
-                self._slots.take_back()
+            try:  # again: an offer still standing is withdrawn now, never left behind for a later holder
+                outcome = self._slots.withdraw()
+            except OSError:
+                pass  # still CLAIMED here: settled under the lock below
+            if outcome.state in (OFFERED, FAILED):
                 return False
-        if outcome.state == COMMITTED:
+        if outcome.state == COMMITTED:  # taken back by withdraw already
             tables, journal = self._tables, self._journal
             tables.follow(locked=False)
             if not (tables.need_reload or tables.need_lock or journal.ino != outcome.ino
                     or journal.offset < outcome.at + outcome.length):
-                self._slots.take_back()
                 return True
         elif outcome.state != CLAIMED:
             return False
