@@ -93,6 +93,14 @@ async def offer_f(holder: Holder, follower: JsonStore, folder: Path) -> asyncio.
     return put
 
 
+def keep_leases(monkeypatch: pytest.MonkeyPatch, budget: float, hold: float) -> None:
+    """In this process, a store saving in a run keeps the lock leased up to ``budget`` seconds, and up to ``hold``
+    while another writer waits (json/lease.py), so that a writer of the test finds it taken and offers."""
+    monkeypatch.setattr(lease, "BUDGET", budget)
+    monkeypatch.setattr(lease, "HOLD", hold)
+    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", budget)
+
+
 def puts_of(folder: Path, key: str) -> list[Any]:
     """Every put of ``key`` in the journal's records, in order (each committed record once)."""
     found = []
@@ -315,9 +323,7 @@ async def test_a_cancelled_writer_settles_its_offer(tmp_path: Path, point: str) 
 async def test_two_stores_of_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two stores on one folder in one process are two writers here too: one keeps the lock leased, the other's
     put is offered, claimed by the first's next commit, and acknowledged at its door; both views agree."""
-    monkeypatch.setattr(lease, "BUDGET", 5.0)
-    monkeypatch.setattr(lease, "HOLD", 5.0)
-    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 5.0)
+    keep_leases(monkeypatch, 5.0, 5.0)
     a = await JsonStore.open(cfg(tmp_path))
     b = await JsonStore.open(cfg(tmp_path))
     try:
@@ -506,9 +512,7 @@ async def test_a_writer_offers_only_while_its_fsyncs_are_slow(tmp_path: Path, mo
     for the lock and commits its own record, as without slots; one whose fsyncs are slow offers it, and the
     holder's next commit carries it in its own journal line."""
     monkeypatch.setattr(holding, "OFFER_MIN_SYNC", 0.0005)
-    monkeypatch.setattr(lease, "BUDGET", 5.0)
-    monkeypatch.setattr(lease, "HOLD", 1.0)
-    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 5.0)
+    keep_leases(monkeypatch, 5.0, 1.0)
     a = await JsonStore.open(cfg(tmp_path))
     b = await JsonStore.open(cfg(tmp_path))
     try:
@@ -542,9 +546,7 @@ async def test_a_cancelled_writer_that_cannot_withdraw_at_once_leaves_no_offer_b
     moment): it cannot tell offered from claimed, so it waits at its door for the holder's verdict or its letting
     go, and then withdraws the offer. Nothing of it is ever committed, and a later holder never finds it there:
     a stale offer committed after the writer's next, acknowledged put of the same key would undo that put."""
-    monkeypatch.setattr(lease, "BUDGET", 1.0)
-    monkeypatch.setattr(lease, "HOLD", 1.0)
-    monkeypatch.setattr(group_commit, "SOLO_TURN_BUDGET", 1.0)
+    keep_leases(monkeypatch, 1.0, 1.0)
     a = await JsonStore.open(cfg(tmp_path))
     b = await JsonStore.open(cfg(tmp_path))
     try:
