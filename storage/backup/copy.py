@@ -34,7 +34,7 @@ import orjson
 from ..codec import encode_doc
 from ..errors import BackupError, ValidationError
 from ..interfaces import Backend, BackendTransaction
-from ..offload import chunks, off_loop
+from ..offload import Pacer, chunks, off_loop
 from ..progress import NullProgress, Progress
 from ..protocol import Document
 from .expiring import put_encoded_with_expiries
@@ -116,9 +116,11 @@ async def store_digest(store: Backend, *, messages: bool = True, progress: Progr
 
 def _digest_view(digest: ContentDigest, name: str, view: Mapping[str, bytes]) -> int:
     loads, n = orjson.loads, 0
+    pacer = Pacer()  # a whole collection (~1 s at 100k members): the event loop's turns, see Pacer
     for key in list(view):
         digest.add(name, key, canonical(loads(view[key])))
         n += 1
+        pacer.tick()
     return n
 
 
@@ -128,8 +130,10 @@ async def _canonical_items(items: AsyncIterator[tuple[str, Document]]) -> AsyncI
 
 
 def _digest_canonical(digest: ContentDigest, name: str, chunk: list[tuple[str, bytes]]) -> None:
+    pacer = Pacer()
     for key, canon in chunk:
         digest.add(name, key, canon)
+        pacer.tick()
 
 
 async def _describe_contents(store: Backend) -> str:
@@ -227,8 +231,10 @@ async def _put_raws(tx: BackendTransaction, target: Backend, name: str, digest: 
 
 def _digest_raws(digest: ContentDigest, name: str, batch: list[tuple[str, bytes]]) -> None:
     loads = orjson.loads
+    pacer = Pacer()
     for key, raw in batch:
         digest.add(name, key, canonical(loads(raw)))
+        pacer.tick()
 
 
 async def _copy_view(tx: BackendTransaction, target: Backend, name: str, view: Mapping[str, bytes],

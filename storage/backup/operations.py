@@ -53,7 +53,7 @@ import orjson
 from ..documents import normalize_items
 from ..errors import BackupError, DatabaseError, ValidationError
 from ..interfaces import Backend, BackendTransaction
-from ..offload import chunks, off_loop
+from ..offload import Pacer, chunks, off_loop
 from ..progress import NullProgress, Progress
 from ..version import __version__
 from .expiring import backup_expiries, manifest_expiries, put_encoded_with_expiries
@@ -510,11 +510,13 @@ def stored_pairs(name: str, keys: list[str], raws: Mapping[str, bytes],
     collection (benchmarks/README.md); the group of one costs ~1 us a document more, in this thread."""
     loads = orjson.loads
     out: list[tuple[str, bytes]] = []
+    pacer = Pacer()  # the event loop's turns (a thread running Python alone kept it waiting 15-30 ms: see Pacer)
     for key in keys:
         doc = loads(raws[key])
         if digest is not None:
             digest.add(name, key, canonical(doc))
         out += normalize_items(((key, doc),), name, rule=False)
+        pacer.tick()
     return out
 
 
@@ -562,12 +564,14 @@ def _free(held: list[dict[str, bytes] | tuple[str, ...]]) -> None:
     """Free what ``held`` holds, its only reference (in a worker thread, which can give the GIL back between two
     steps; the last reference dropped on the loop frees a whole collection's bytes in one step): dicts a slice at a
     time, the tuples of keys whole once the dicts no longer hold the keys (~100k small strings, a few ms)."""
+    pacer = Pacer()
     while held:
         items = held.pop()
         if isinstance(items, dict):
             while items:
                 for _ in range(min(len(items), 1000)):
                     items.popitem()
+                pacer.tick()
         del items
 
 

@@ -51,6 +51,7 @@ from ...errors import CorruptDataError, ValidationError
 from ...expiry import from_micros, to_micros
 from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
+from ...offload import Pacer
 from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "encode_puts", "encode_in_slices", "record_digest",
@@ -135,7 +136,13 @@ def encode_in_slices(ops: Sequence[Op], size: int = ENCODE_SLICE) -> bytes:
     the one join (a 1 ms ticker thread's longest lateness), the JSON restore's remaining loop stall."""
     if len(ops) <= size:
         return encode_record(ops)
-    inner = [encode_record(ops[start:start + size])[1:-2] for start in range(0, len(ops), size)]
+    # the slices are short C calls back to back: a thread running them keeps the GIL for whole switch intervals
+    # (a restore's 150k operations: the loop waited 20-25 ms at a time), hence the pauses (never on the loop)
+    pacer = Pacer()
+    inner = []
+    for start in range(0, len(ops), size):
+        inner.append(encode_record(ops[start:start + size])[1:-2])
+        pacer.tick()
     parts = [b","] * (2 * len(inner) + 1)
     parts[0], parts[-1] = b"[", b"]\n"
     parts[1::2] = inner

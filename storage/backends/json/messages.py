@@ -760,7 +760,8 @@ def _read_line(path: Path, fd: int, offset: int, size: int) -> Record:
         raise corrupt(path, offset, exc) from None
 
 
-def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: list[bytes]) -> None:
+def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: list[bytes],
+           pacer: Pacer) -> None:
     """Append one file's current records in ``[lo, hi)`` to ``keys`` (their order keys) and ``lines`` (the lines,
     each validated; a bad line: see :func:`parse_block`; the last line of an id is its current version)."""
     try:
@@ -786,6 +787,7 @@ def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: l
             keys.append(key)
             lines.append(line)
         offset += len(line) + 1
+        pacer.tick()
     if updates:  # the last line of an id is its current version (an update keeps the id and the timestamp)
         latest = {keys[i][ORDER_ID:]: i for i in range(first, len(keys))}  # str -> int: not tracked by the collector
         kept = list(latest.values())
@@ -808,8 +810,11 @@ def _load_month(paths: list[Path], lo: str | None, hi: str | None) -> list[bytes
     """
     keys: list[str] = []  # order_key's strings: a tuple each grew the collector's count (see order_key)
     lines: list[bytes] = []
+    # a month of one guild is ~0.2-0.5 s of parsing: without pauses a thread running Python beside the loop (a
+    # copy from a JSON store, its consumer) held the GIL for whole switch intervals, the loop waiting 15-30 ms
+    pacer = Pacer()
     for path in paths:
-        _keyed(path, lo, hi, keys, lines)
+        _keyed(path, lo, hi, keys, lines, pacer)
     # Each file's lines are mostly in order already; sorted a run at a time (storage/sorting.py: one sort of the
     # month held the GIL 28 ms)
     ordered = [lines[i] for i in sorted_in_runs(range(len(keys)), keys.__getitem__)]
