@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 import storage
+from storage.backends.json import message_files
 from storage.backends.json import messages as json_messages
 from storage.backends.json.journal import Op, encode_in_slices, encode_record
 from storage.backends.json.message_files import list_months
@@ -26,6 +27,7 @@ from storage.backup import copy as backup_copy
 from storage.backup import format as backup_format
 from storage.backup import operations
 from storage.backup.format import ContentDigest
+from storage.errors import CorruptDataError
 from storage.offload import Pacer
 from tests.test_backup import json_config, populate
 from tests.test_pacer import Pauses, pauses  # noqa: F401 (the fixture)
@@ -130,3 +132,26 @@ async def test_a_large_record_is_encoded_with_pauses(pauses: Pauses,  # noqa: F8
     plain, paced, made = await _paced_and_plain(pauses, monkeypatch, lambda: encode_in_slices(ops, 4))
     assert plain == paced == encode_record(ops)
     assert made >= 6
+
+
+async def test_a_month_loaded_a_piece_at_a_time_keeps_its_lines_and_its_errors(
+        filled: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The month's files are split a piece at a time (not one ``split`` of a whole file): the same lines with pieces
+    of any size; a bad last complete line is left for later (being written, or torn), a bad line before it is
+    corruption, with its byte offset."""
+    store = filled[0]
+    root = store._messages.root
+    month, guilds = list_months(root, None, None, None)[0]
+    paths = [root / guild / f"{month}.jsonl" for guild in guilds]
+    whole = json_messages._load_month(paths, None, None)
+    for piece in (1, 64, 1000):
+        monkeypatch.setattr(message_files, "PIECE", piece)
+        assert json_messages._load_month(paths, None, None) == whole
+    data = paths[0].read_bytes()
+    bad = tmp_path / f"{month}.jsonl"
+    bad.write_bytes(data + b'{"message_id": "torn\n{"message_id":')  # a bad last line, then an incomplete one
+    assert json_messages._load_month([bad, *paths[1:]], None, None) == whole
+    first = data.index(b"\n") + 1
+    bad.write_bytes(data[:first] + b"not json\n" + data[first:])
+    with pytest.raises(CorruptDataError, match=f"byte {first}|offset {first}|{first}"):
+        json_messages._load_month([bad], None, None)

@@ -91,6 +91,7 @@ from .message_files import (
     read_generation,
     run_holding,
     run_in_thread,
+    split_lines,
 )
 
 __all__ = ["MessageLog", "MESSAGES_DIR", "GENERATION_NAME", "Encoded", "encode_batch", "ENCODE_GROUP"]
@@ -769,15 +770,16 @@ def _keyed(path: Path, lo: str | None, hi: str | None, keys: list[str], lines: l
     except FileNotFoundError:
         return  # pruned meanwhile
     end = data.rfind(b"\n") + 1
-    found = data[:end - 1].split(b"\n") if end else []
     first = len(keys)
     updates = False
-    offset, last = 0, len(found) - 1
-    for number, line in enumerate(found):
+    offset = 0
+    # split a piece at a time, as parse_block does: one ``split`` of a whole file (and the copy of it sliced
+    # first) kept the GIL for milliseconds per MB, a pause the pacer cannot cut
+    for line in split_lines(data, end):
         try:
             rec, update = parse_line(line)
         except ValueError as exc:
-            if number == last:
+            if offset + len(line) + 1 == end:
                 break  # being written right now, or torn by a crash: left for later (as parse_block does)
             raise corrupt(path, offset, exc) from None
         updates = updates or update
@@ -817,8 +819,12 @@ def _load_month(paths: list[Path], lo: str | None, hi: str | None) -> list[bytes
         _keyed(path, lo, hi, keys, lines, pacer)
     # Each file's lines are mostly in order already; sorted a run at a time (storage/sorting.py: one sort of the
     # month held the GIL 28 ms)
-    ordered = [lines[i] for i in sorted_in_runs(range(len(keys)), keys.__getitem__)]
+    ordered = []
+    for i in sorted_in_runs(range(len(keys)), keys.__getitem__):  # a heap merge in Python: paced as well
+        ordered.append(lines[i])
+        pacer.tick()
     while keys:  # freed a slice at a time: the GIL can go back to the loop between two slices
         del keys[-10_000:]
         del lines[-10_000:]
+        pacer.tick()
     return ordered
