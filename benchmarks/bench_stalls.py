@@ -287,23 +287,36 @@ class GilWatch:
     """``--holders``: a thread that sleeps 1 ms at a time; when it wakes more than HOLD_MS late, it notes where
     every other busy thread stands. The GIL is handed over between bytecodes, so a thread that kept it through one
     long C call (a big ``orjson.loads``, ``sorted``, a dict resize...) is found just after that call: its innermost
-    frame's line is the call. Where the loop thread shows a step instead, the stall was the loop's own work."""
+    frame's line is the call. Where the loop thread shows a step instead, the stall was the loop's own work.
+
+    Each finding starts with the CPU the loop thread and the whole process used while the sleeper waited. Read it
+    first: when the loop thread used about all of it, the sleeper was kept waiting by the loop, not the loop by
+    anyone (a loop that makes system calls between short steps lets go of the GIL and takes it back at each one,
+    and a waiter's switch request is only made after a whole switch interval with no hand-over: the same convoy as
+    in ``storage.offload.Pacer``, the other way round); a late wake of the sleeper is then no stall of the loop,
+    whatever the loop's stack shows (``lock.py _same_file``, ``lexists``: their GIL releases are where the sleeper
+    finally got in). When neither used much, the OS did not run the process."""
 
     HOLD_MS = 8.0
     _IDLE = ("threading.py", "queue.py", "selectors.py", "thread.py")
 
     def __init__(self) -> None:
         self.found: list[tuple[float, list[str]]] = []
+        self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())  # made on the loop's thread
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         me = threading.get_ident()
+        clock = self._loop_clock
         while True:
             began = time.perf_counter()
+            loop_cpu, cpu = time.clock_gettime(clock), time.process_time()
             time.sleep(0.001)
             late = (time.perf_counter() - began) * 1000 - 1
             if late < self.HOLD_MS:
                 continue
+            loop_spent = (time.clock_gettime(clock) - loop_cpu) * 1000
+            spent = (time.process_time() - cpu) * 1000
             names = {t.ident: t.name for t in threading.enumerate()}
             stacks = []
             for ident, frame in sys._current_frames().items():
@@ -315,7 +328,8 @@ class GilWatch:
                     parts.append(f"{Path(f.f_code.co_filename).name}:{f.f_lineno} {f.f_code.co_name}")
                     f = f.f_back
                 stacks.append(f"[{names.get(ident, ident)}] " + " < ".join(parts))
-            self.found.append((late, stacks))
+            self.found.append((late, [f"(meanwhile CPU: the loop thread {loop_spent:.1f} ms, the process "
+                                      f"{spent:.1f} ms)", *stacks]))
 
     def reset(self) -> None:
         self.found = []
