@@ -580,3 +580,167 @@ async def test_a_cancelled_writer_that_cannot_withdraw_at_once_leaves_no_offer_b
     finally:
         await a.close()
         await b.close()
+
+
+async def slots_tracer(holder: Holder, folder: Path, when: str) -> subprocess.Popen[str]:
+    """strace attached to the holder, failing its ``pwrite`` calls on ``storage.slots`` with EIO at ``when``
+    (strace's syntax: ``2`` the second one, ``2+`` the second and every later one). The holder's first is the
+    header of its claim, the second its mark after the commit."""
+    tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(holder.proc.pid),
+                               "-P", str(folder / SLOTS_NAME), "-e", "trace=pwrite64",
+                               "-e", f"inject=pwrite64:error=EIO:when={when}"], stderr=subprocess.PIPE, text=True)
+    assert tracer.stderr is not None
+    attached = await asyncio.wait_for(asyncio.to_thread(tracer.stderr.readline), WAIT)
+    assert "attached" in attached, attached
+    return tracer
+
+
+async def outcome(holder: Holder) -> str:
+    """The holder's next ``ACK`` or ``FAIL`` line."""
+    while True:
+        line = await holder.until("")
+        if line.startswith(("ACK", "FAIL")):
+            return line
+
+
+async def holder_view(holder: Holder) -> dict[str, Any]:
+    assert holder.proc.stdin is not None
+    holder.proc.stdin.write("view\n")
+    holder.proc.stdin.flush()
+    return orjson.loads((await holder.until("VIEW"))[len("VIEW "):])  # type: ignore[no-any-return]
+
+
+def all_puts_of(folder: Path, key: str) -> list[Any]:
+    """:func:`puts_of` over the journal and the generation a compaction kept (``storage.journal.<N>``)."""
+    found = []
+    for path in sorted(folder.glob(JOURNAL_NAME + "*")):
+        for line in path.read_bytes().split(b"\n")[1:]:
+            if line.strip():
+                found += [op[3] for op in orjson.loads(line) if op[0] == "p" and op[2] == key]
+    return found
+
+
+def stop_tracer(tracer: subprocess.Popen[str] | None) -> None:
+    if tracer is not None and tracer.poll() is None:
+        tracer.kill()
+        tracer.communicate(timeout=WAIT)
+
+
+@pytest.mark.parametrize("when", ["2", "2+"])
+async def test_a_holder_that_cannot_mark_a_published_claim_keeps_every_record(tmp_path: Path, when: str) -> None:
+    """strace fails the holder's ``pwrite`` of its COMMITTED mark on ``storage.slots`` (once, or from then on),
+    after the record that carries the writer's is durable and published. The holder's save is acknowledged (its
+    record stays on disk and in its view: it used to be reported failed and rewritten away from the files), the
+    holder lets go, and the writer learns from the journal that its record was committed: its put returns, the
+    record is on disk once, and every view equals a fresh open's."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = await slots_tracer(holder, tmp_path, when)
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        assert await outcome(holder) == "ACK h3", f"a published save reported failed: {holder.lines}"
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}], "the offered record committed exactly once"
+        assert puts_of(tmp_path, "h3") == [{"by": "holder"}]
+        holder.go()  # the holder takes the lock again (it let go after the unmarked claim) and goes on
+        assert await outcome(holder) == "ACK h4"
+        view = await holder_view(holder)
+        stop_tracer(tracer)
+        holder.proc.kill()  # the lock is free for the fresh open of check()
+        _out, err = holder.proc.communicate(timeout=WAIT)
+        assert "marking slot" in err, f"the mark's pwrite was not failed: {err}"
+        on_disk = await check(tmp_path, [follower], holder.acked() | {"f"})
+        assert view == on_disk, "the holder's view equals the disk"
+        await follower.put("c", "f", {"v": 2})  # a later write of the key stays the last
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+        assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
+    finally:
+        stop_tracer(tracer)
+        holder.kill()
+        await follower.close()
+
+
+@pytest.mark.parametrize("when", ["2", "2+"])
+async def test_a_compaction_after_an_unmarked_claim_commits_the_offer_once(tmp_path: Path, when: str) -> None:
+    """The holder's mark of the writer's committed record fails (strace, as above) and the holder then compacts
+    under the same lock (as a commit whose write failed does). The compaction first writes the verdict it could
+    not (``2``: the retry succeeds, the journal is replaced) or, when that fails too (``2+``), is refused with
+    StorageIOError and leaves the journal as it is. Either way the writer never takes its record for failed: it is
+    committed once across the journal generations (a second copy, settled FAILED against the new journal, used to
+    follow the compaction), and a later write of the key stays the last."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "compact")
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = await slots_tracer(holder, tmp_path, when)
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        compacted = await holder.until("COMPACTED" if when == "2" else "REFUSED")
+        assert compacted in ("COMPACTED", "REFUSED 5"), holder.lines
+        assert await outcome(holder) == "ACK h3", holder.lines
+        await asyncio.wait_for(put, WAIT)
+        assert all_puts_of(tmp_path, "f") == [{"v": 1}], "the offered record committed exactly once"
+        if when == "2+":
+            assert puts_of(tmp_path, "h3") == [{"by": "holder"}], "the refused compaction left the journal as it was"
+        view = await holder_view(holder)
+        stop_tracer(tracer)
+        holder.kill()
+        assert view == await check(tmp_path, [follower], holder.acked() | {"f"})
+        await follower.put("c", "f", {"v": 2})
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+    finally:
+        stop_tracer(tracer)
+        holder.kill()
+        await follower.close()
+
+
+async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_again(tmp_path: Path) -> None:
+    """The holder commits the writer's offered record and marks it COMMITTED; before the writer reads its slot
+    (SIGSTOPped meanwhile), ``storage.slots`` is truncated (the README warns against it; a person did it). The
+    writer finds its slot empty: the journal since its offer holds its record, so it does not commit it a second
+    time (which used to happen: two copies, the second after everything committed in between)."""
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass
+    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder: Holder | None = None
+    try:
+        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert opened.strip() == "OPEN"
+        holder = Holder(tmp_path, "none")
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        writer.send_signal(signal.SIGSTOP)
+        holder.go()
+        await holder.until("CLAIMED")
+        assert await outcome(holder) == "ACK h3"
+        assert puts_of(tmp_path, "dead") == [{"v": 1}], "the holder committed the offer"
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        holder.kill()  # the lock is free: the writer takes it and settles its offer
+        writer.send_signal(signal.SIGCONT)
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK dead"
+        assert puts_of(tmp_path, "dead") == [{"v": 1}], "committed once"
+        await check(tmp_path, [], holder.acked() | {"dead"})
+    finally:
+        if writer.poll() is None:
+            writer.send_signal(signal.SIGCONT)
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        if holder is not None:
+            holder.kill()
