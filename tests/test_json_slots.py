@@ -744,3 +744,29 @@ async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_
             writer.communicate(timeout=WAIT)
         if holder is not None:
             holder.kill()
+
+
+async def test_a_slots_file_truncated_before_the_mark_still_gets_the_verdict(tmp_path: Path) -> None:
+    """``storage.slots`` is truncated while the holder's commit that carries the writer's record is between its
+    publish and its mark. The holder writes the verdict where it knows it belongs (the slot read as nothing at
+    all, never as another offer) and opens both of the slot's doors: the writer's put returns at its door, while
+    the holder keeps the lock (it used to find a verdict without a journal position and wait for the lock, which
+    the holder's lease kept), and its record is on disk once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "published+1.5")
+    try:
+        put = await offer_f(holder, follower, tmp_path)
+        holder.go()
+        await holder.until("PAUSED published")
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        assert await outcome(holder) == "ACK h3"
+        await asyncio.wait_for(put, WAIT)
+        assert not follower._flock.held and await follower.get("c", "f") == {"v": 1}
+        assert puts_of(tmp_path, "f") == [{"v": 1}]
+        holder.kill()
+        await follower.put("c", "f", {"v": 2})
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+        assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
+    finally:
+        holder.kill()
+        await follower.close()

@@ -440,19 +440,22 @@ class Slots:
                             exc.strerror or exc)
 
     def _mark_one(self, claim: Claim, state: int) -> None:
-        """:meth:`mark` of one claim: only while its slot still says CLAIMED where :meth:`claim` put it (a slot
-        found otherwise was changed behind the protocol's back, e.g. ``storage.slots`` truncated: its writer finds
-        it unknown and searches the journal, json/holding.py)."""
+        """:meth:`mark` of one claim: only while its slot still says CLAIMED where :meth:`claim` put it, or says
+        nothing at all (``storage.slots`` truncated or zeroed meanwhile: its writer still waits for the verdict;
+        both its doors open, since which one it waits at is lost). A slot found otherwise is left alone: not ours
+        to change (a new offer there must never read as committed); its writer asks the journal (json/holding.py
+        ``_offer_committed``)."""
         index = claim.slot
         self._lock(index)
-        written = False
+        written = wiped = False
         try:
             now, gen, length, ino, at = self._read_head(index)
-            if now != CLAIMED or (length, ino, at) != (len(claim.inner), claim.ino, claim.at):
+            wiped = (now, gen, length, ino, at) == (EMPTY, 0, 0, 0, 0)
+            if not wiped and (now != CLAIMED or (length, ino, at) != (len(claim.inner), claim.ino, claim.at)):
                 return
-            if self.doors_closed:
+            if self.doors_closed and not wiped:
                 self._try_door(_DOOR + 2 * index + 1 - gen)  # left open if not: that offer asks the lock
-            self._write_head(index, state, length, ino, at, 1 - gen)
+            self._write_head(index, state, len(claim.inner), claim.ino, claim.at, 1 - gen)
             written = True
         finally:
             try:
@@ -464,7 +467,7 @@ class Slots:
         if self.doors_closed:
             try:
                 fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
-                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
+                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + (0 if wiped else gen), 2 if wiped else 1))
             except OSError:
                 pass  # the door opens when we let go of the store lock
 
