@@ -245,8 +245,15 @@ class Slots:
     def close_doors(self) -> None:
         """Just after taking the store lock: close every door that is free (a waiter holds its read lock only for
         a moment, but a frozen one would hold it for ever: never waited for). A door left open lets its writer
-        through at once; it finds its slot still offered and waits for the store lock as before."""
-        if not self._file(create=False):
+        through at once; it finds its slot still offered and waits for the store lock as before.
+
+        Nothing at all when no other store owns a slot (one ``F_OFD_GETLK``; issue 15: a lone save paid a
+        ``pread`` of the headers in every commit's :meth:`claim`, and a door lock and unlock in every holding):
+        the doors stay open and :meth:`claim` does not look, for as long as we hold the lock. A store that takes
+        a slot meanwhile and offers passes its open door at once, finds its offer standing and waits for the
+        lock, giving the wait sign (json/lock.py), as when a holder leaves an offer unclaimed: it commits its
+        record itself, once (take_back says OFFERED)."""
+        if not self._file(create=False) or not self._others_own():
             return
         try:
             fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
@@ -254,6 +261,16 @@ class Slots:
             for door in range(_DOOR, _DOOR + 2 * COUNT):  # one is held this moment: the others one by one
                 self._try_door(door)
         self.doors_closed = True
+
+    def _others_own(self) -> bool:
+        """Whether a store other than this one (another descriptor: our own slot's lock does not count) owns a
+        slot; True when that cannot be asked."""
+        try:
+            found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _OWNER, COUNT))  # type: ignore[arg-type]
+        except OSError:
+            return True
+        kind: int = struct.unpack_from("h", found)[0]
+        return kind != fcntl.F_UNLCK
 
     def _try_door(self, door: int) -> bool:
         try:
@@ -266,7 +283,8 @@ class Slots:
         """Just after letting go of the store lock: open every door. Claims left unmarked (:meth:`mark`) are
         forgotten: from now on only a holder's :meth:`settle_orphans` may settle them (from the journal), since
         a slot may change once the lock is free (settled, taken back, offered again)."""
-        self.unmarked.clear()
+        if self.unmarked:
+            self.unmarked.clear()
         if self.doors_closed and self._fd >= 0:
             self.doors_closed = False
             try:
@@ -377,13 +395,13 @@ class Slots:
         must not fail. A slot whose claim fails is left out (still OFFERED: its writer commits it itself once the
         lock is free; or CLAIMED if only the mutex's unlock failed: its operations are then not where the header
         says, and :meth:`settle_orphans` finds it FAILED)."""
-        if self._fd < 0:  # no writer offered since we took the lock (close_doors looks for the file)
+        if not self.doors_closed:  # no other store owned a slot when we took the lock (see close_doors)
             return []
         try:
             heads = os.pread(self._fd, COUNT * _STRIDE, 0)
         except OSError:
             return []
-        if OFFERED not in heads[::_STRIDE]:  # the usual case: nobody offers (one pread, about 1 us)
+        if OFFERED not in heads[::_STRIDE]:  # the usual case with others: nobody offers (one pread, about 1 us)
             return []
         claims: list[Claim] = []
         for index in range(min(COUNT, len(heads) // _STRIDE)):
@@ -517,6 +535,11 @@ class Slots:
                 self._write_head(index, verdict, length, ino, at, gen)
             finally:
                 self._unlock(index)
+        if self.index < 0:
+            # Our slot, taken under the store lock (at open): a holder that finds no other owner when it takes the
+            # lock neither closes the doors nor looks for offers (close_doors), so a slot taken later, outside the
+            # lock, would see its first offers left to it to commit.
+            self._open()
 
     def close(self) -> None:
         """Give the slot up (closing the descriptor drops every OFD lock of it)."""
