@@ -770,3 +770,42 @@ async def test_a_slots_file_truncated_before_the_mark_still_gets_the_verdict(tmp
     finally:
         holder.kill()
         await follower.close()
+
+
+async def test_an_offer_a_holder_does_not_look_for_is_committed_by_its_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder that found no other store owning a slot when it took the lock neither closes the doors nor reads
+    the slots at its commits (json/slots.py ``close_doors``). A store that had no slot then (all taken at its
+    open) and takes one later offers into that holding: its door is open, it finds its offer standing, waits for
+    the lock giving the wait sign, and commits its record itself, once; the holder's next holding claims its next
+    offer as usual."""
+    keep_leases(monkeypatch, 1.0, 0.05)
+    a = await JsonStore.open(cfg(tmp_path))
+    fillers = [await JsonStore.open(cfg(tmp_path)) for _ in range(COUNT - 1)]
+    b = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert b._slots.index < 0, "every slot was taken at b's open"
+        for filler in fillers:
+            await filler.close()
+        fillers = []
+        for n in range(3):
+            await a.put("c", f"a{n}", {"n": n})  # a hot lease, taken with no other slot owner
+        assert a._lease.held and not a._slots.doors_closed
+        put = asyncio.create_task(b.put("c", "b", {"n": 1}))
+        await offered(tmp_path)
+        await a.put("c", "a3", {"n": 3})  # not claimed; a lets go after HOLD, b waiting
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "b") == [{"n": 1}] and line_of(tmp_path, "b") != line_of(tmp_path, "a3")
+        for n in range(4, 7):
+            await a.put("c", f"a{n}", {"n": n})  # a takes the lock again: b owns a slot now
+        assert a._lease.held and a._slots.doors_closed
+        put = asyncio.create_task(b.put("c", "b", {"n": 2}))
+        await offered(tmp_path)
+        await a.put("c", "a9", {"n": 9})
+        await asyncio.wait_for(put, WAIT)
+        assert line_of(tmp_path, "b") == line_of(tmp_path, "a9"), "claimed by the holder's commit"
+        assert puts_of(tmp_path, "b") == [{"n": 1}, {"n": 2}]
+        await check(tmp_path, [a, b], {f"a{n}" for n in (0, 1, 2, 3, 4, 5, 6, 9)} | {"b"})
+    finally:
+        for store in [a, b, *fillers]:
+            await store.close()

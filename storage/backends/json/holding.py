@@ -368,8 +368,9 @@ class LockHolding:
             if not (tables.need_reload or tables.need_lock or journal.ino != outcome.ino
                     or journal.offset < outcome.at + outcome.length):
                 return True
-        elif outcome.state != CLAIMED:
+        elif outcome.state in (OFFERED, FAILED):
             return False
+        # CLAIMED, or a slot found empty or damaged (storage.slots truncated): decided under the lock
         await self._wait_for_file_lock()
         self._holding = True
         try:
