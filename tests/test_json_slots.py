@@ -809,3 +809,97 @@ async def test_an_offer_a_holder_does_not_look_for_is_committed_by_its_writer(
     finally:
         for store in [a, b, *fillers]:
             await store.close()
+
+
+STOPPABLE = """
+import asyncio, sys
+from storage.stores import JsonStore
+from storage import StoreConfig
+from storage.backends.json import holding
+
+holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
+
+async def main(folder):
+    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
+    print("OPEN", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.put("c", "w", {"v": 1})
+    print("ACK w", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def blocked_at_a_door(folder: Path) -> None:
+    """Until a process is blocked in the kernel waiting for a read lock on a door of ``folder``'s slots file (its
+    ``F_OFD_SETLKW``, /proc/locks' ``->`` lines)."""
+    ino = (folder / SLOTS_NAME).stat().st_ino
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while True:
+        lines = Path("/proc/locks").read_text().splitlines()
+        if any("->" in line and f":{ino} " in line and " READ " in line for line in lines):
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the writer never waited at its door"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+async def test_a_writer_not_running_when_its_door_opened_is_not_shut_in_by_the_next_holder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unlock only wakes the process blocked on the door; it takes the lock when it runs. A writer stopped from
+    the holder's mark (its record committed, its door opened) until after the holder let go of the lock and took it
+    again found its door closed again, and waited there (its slot COMMITTED, no wait sign) for as long as the
+    holder kept a hot lease: here while it saved for 3 s. The holder that takes the lock opens the doors of the
+    slots already decided: the writer's put returns while the holder goes on saving."""
+    keep_leases(monkeypatch, 1.0, 5.0)  # a waiter's sign would not end the lease within the test's 3 s
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass  # the folder and its files exist before the writer starts
+    writer = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder = await JsonStore.open(cfg(tmp_path))
+    stopped = False
+    try:
+        assert (await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)).strip() == "OPEN"
+        for n in range(3):
+            await holder.put("c", f"a{n}", {"n": n})
+        assert holder._lease.held
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        await blocked_at_a_door(tmp_path)
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        await holder.put("c", "a3", {"n": 3})  # claims the writer's record, marks it, opens its door
+        assert line_of(tmp_path, "w") == line_of(tmp_path, "a3"), "the holder's commit carried the offer"
+        async with holder.transaction() as tx:  # another use of the lock: the lease lets go (every door opens) and
+            await tx.put("c", "t", {"n": 0})  # it is taken again (every free door closes)
+        for n in range(4, 7):
+            await holder.put("c", f"a{n}", {"n": n})  # a hot lease again
+        assert holder._lease.held
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        ack = asyncio.ensure_future(asyncio.to_thread(writer.stdout.readline))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.0
+        n = 7
+        while not ack.done() and loop.time() < until:  # the holder keeps saving: its lease stays hot
+            await holder.put("c", f"a{n}", {"n": n})
+            n += 1
+            await asyncio.sleep(0.001)
+        assert ack.done(), "the writer waited at a door closed again while the holder kept the lock"
+        assert ack.result().strip() == "ACK w"
+        assert puts_of(tmp_path, "w") == [{"v": 1}]
+        await check(tmp_path, [holder], {f"a{i}" for i in range(n)} | {"t", "w"})
+        writer.stdin.write("close\n")
+        writer.stdin.flush()
+        writer.communicate(timeout=WAIT)
+    finally:
+        if stopped:
+            writer.send_signal(signal.SIGCONT)
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        await holder.close()

@@ -261,6 +261,29 @@ class Slots:
             for door in range(_DOOR, _DOOR + 2 * COUNT):  # one is held this moment: the others one by one
                 self._try_door(door)
         self.doors_closed = True
+        try:
+            self._reopen_decided()
+        except OSError:  # pragma: no cover - best effort: such a writer waits for the lock's letting go, as before
+            pass
+
+    def _reopen_decided(self) -> None:
+        """Part of :meth:`close_doors`: open again the door of each slot a holder marked (COMMITTED / FAILED) whose
+        writer has not taken its verdict back yet.
+
+        Why: an unlock does not hand an OFD lock to the process blocked on it; it only wakes it, and the woken
+        thread takes the lock when it next runs. A writer descheduled between the mark that opened its door and
+        that moment found the door closed again by the next holder (this one, just now), and waited there while
+        its slot said COMMITTED. Nothing opened it again until the lock was let go, and a hot lease (json/lease.py)
+        whose other writers' records all came through the slots never saw a wait sign: one of four writer
+        processes made 1 save in a 2 s window while the others made thousands (benchmarks/README.md). A marked
+        slot's writer waits at the door before the one its header names (:meth:`mark` flips the generation); that
+        door stays closed only until the writer's next offer, which waits at the other one. A door opened too
+        early is harmless: the writer reads its slot and asks for the lock when it is not decided."""
+        heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        for index in range(len(heads) // _STRIDE):
+            if heads[index * _STRIDE] in (COMMITTED, FAILED):
+                door = _DOOR + 2 * index + 1 - (heads[index * _STRIDE + 1] & 1)
+                fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
 
     def _others_own(self) -> bool:
         """Whether a store other than this one (another descriptor: our own slot's lock does not count) owns a
