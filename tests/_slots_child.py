@@ -9,14 +9,19 @@ that claims an offered record stops at that point of the protocol (``PAUSED <poi
 * ``written``: the record (with the claimed ones) is written, its fsync not started;
 * ``synced``: the fsync returned, the committed end not published;
 * ``published``: the committed end is published, the slots not marked;
-* ``<point>+<seconds>``: stops there that long, then goes on.
+* ``<point>+<seconds>``: stops there that long, then goes on;
+* ``compact``: no stop; appends go to a thread (json/store.py ``_commit``'s threaded way), and the commit that
+  claimed compacts the store before it lets go of the lock (what a commit whose journal write failed does:
+  ``_after_failed_append``), printing ``COMPACTED`` or ``REFUSED <errno>``.
 
-A save that fails prints ``FAIL h<n> <errno>``.
+A save that fails prints ``FAIL h<n> <errno>``. Other lines on stdin: ``put <key>`` saves that key (``ACK <key>``),
+``view`` prints ``VIEW <json>``, the holder's view of collection ``c``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -72,6 +77,25 @@ def publishing(self: Any, ino: int, end: int) -> None:
     pause("published")
 
 
+commit = json_store.JsonBackend._commit
+
+
+async def committing(self: Any, *args: Any, **kwargs: Any) -> None:
+    global armed
+    await commit(self, *args, **kwargs)
+    if armed and POINT == "compact":
+        armed = False
+        try:
+            await self._run_compaction()
+        except StorageIOError as exc:
+            print(f"REFUSED {exc.errno}", flush=True)
+        else:
+            print("COMPACTED", flush=True)
+
+
+json_store.JsonBackend._commit = committing  # type: ignore[method-assign]
+if POINT == "compact":  # every commit through _commit (the threaded append), not the lease's inline one
+    json_store.JsonBackend._may_inline = lambda self, size: False  # type: ignore[method-assign]
 json_store.JsonBackend._claim = claiming  # type: ignore[method-assign]
 journal.sync_fd = syncing  # type: ignore[assignment]
 lock.SidecarLock.publish = publishing  # type: ignore[method-assign]
@@ -84,9 +108,10 @@ async def main(folder: str) -> None:
     store = await storage.open_store(backend="json", path=folder, lock_timeout=60)
     n = 0
 
-    async def save() -> None:
+    async def save(key: str = "") -> None:
         nonlocal n
-        key, n = f"h{n}", n + 1
+        if not key:
+            key, n = f"h{n}", n + 1
         try:
             await store.put("c", key, {"by": "holder"})
         except StorageIOError as exc:
@@ -98,8 +123,16 @@ async def main(folder: str) -> None:
         await save()
     await asyncio.sleep(0)  # the loop's turn: the lease ends here unless it is hot
     print("READY", "leased" if store._lease.held else "free", flush=True)
-    while (await asyncio.to_thread(sys.stdin.readline)).strip() == "go":
-        await save()
+    while True:
+        command = (await asyncio.to_thread(sys.stdin.readline)).split()
+        if command == ["go"]:
+            await save()
+        elif command[:1] == ["put"]:
+            await save(command[1])
+        elif command == ["view"]:
+            print("VIEW", json.dumps({k: d async for k, d in store.items("c")}), flush=True)
+        else:
+            break
     await store.close()
 
 

@@ -580,3 +580,326 @@ async def test_a_cancelled_writer_that_cannot_withdraw_at_once_leaves_no_offer_b
     finally:
         await a.close()
         await b.close()
+
+
+async def slots_tracer(holder: Holder, folder: Path, when: str) -> subprocess.Popen[str]:
+    """strace attached to the holder, failing its ``pwrite`` calls on ``storage.slots`` with EIO at ``when``
+    (strace's syntax: ``2`` the second one, ``2+`` the second and every later one). The holder's first is the
+    header of its claim, the second its mark after the commit."""
+    tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(holder.proc.pid),
+                               "-P", str(folder / SLOTS_NAME), "-e", "trace=pwrite64",
+                               "-e", f"inject=pwrite64:error=EIO:when={when}"], stderr=subprocess.PIPE, text=True)
+    assert tracer.stderr is not None
+    attached = await asyncio.wait_for(asyncio.to_thread(tracer.stderr.readline), WAIT)
+    assert "attached" in attached, attached
+    return tracer
+
+
+async def outcome(holder: Holder) -> str:
+    """The holder's next ``ACK`` or ``FAIL`` line."""
+    while True:
+        line = await holder.until("")
+        if line.startswith(("ACK", "FAIL")):
+            return line
+
+
+async def holder_view(holder: Holder) -> dict[str, Any]:
+    assert holder.proc.stdin is not None
+    holder.proc.stdin.write("view\n")
+    holder.proc.stdin.flush()
+    return orjson.loads((await holder.until("VIEW"))[len("VIEW "):])  # type: ignore[no-any-return]
+
+
+def all_puts_of(folder: Path, key: str) -> list[Any]:
+    """:func:`puts_of` over the journal and the generation a compaction kept (``storage.journal.<N>``)."""
+    found = []
+    for path in sorted(folder.glob(JOURNAL_NAME + "*")):
+        for line in path.read_bytes().split(b"\n")[1:]:
+            if line.strip():
+                found += [op[3] for op in orjson.loads(line) if op[0] == "p" and op[2] == key]
+    return found
+
+
+def stop_tracer(tracer: subprocess.Popen[str] | None) -> None:
+    if tracer is not None and tracer.poll() is None:
+        tracer.kill()
+        tracer.communicate(timeout=WAIT)
+
+
+@pytest.mark.parametrize("when", ["2", "2+"])
+async def test_a_holder_that_cannot_mark_a_published_claim_keeps_every_record(tmp_path: Path, when: str) -> None:
+    """strace fails the holder's ``pwrite`` of its COMMITTED mark on ``storage.slots`` (once, or from then on),
+    after the record that carries the writer's is durable and published. The holder's save is acknowledged (its
+    record stays on disk and in its view: it used to be reported failed and rewritten away from the files), the
+    holder lets go, and the writer learns from the journal that its record was committed: its put returns, the
+    record is on disk once, and every view equals a fresh open's."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = await slots_tracer(holder, tmp_path, when)
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        assert await outcome(holder) == "ACK h3", f"a published save reported failed: {holder.lines}"
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "f") == [{"v": 1}], "the offered record committed exactly once"
+        assert puts_of(tmp_path, "h3") == [{"by": "holder"}]
+        holder.go()  # the holder takes the lock again (it let go after the unmarked claim) and goes on
+        assert await outcome(holder) == "ACK h4"
+        view = await holder_view(holder)
+        stop_tracer(tracer)
+        holder.proc.kill()  # the lock is free for the fresh open of check()
+        _out, err = holder.proc.communicate(timeout=WAIT)
+        assert "marking slot" in err, f"the mark's pwrite was not failed: {err}"
+        on_disk = await check(tmp_path, [follower], holder.acked() | {"f"})
+        assert view == on_disk, "the holder's view equals the disk"
+        await follower.put("c", "f", {"v": 2})  # a later write of the key stays the last
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+        assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
+    finally:
+        stop_tracer(tracer)
+        holder.kill()
+        await follower.close()
+
+
+@pytest.mark.parametrize("when", ["2", "2+"])
+async def test_a_compaction_after_an_unmarked_claim_commits_the_offer_once(tmp_path: Path, when: str) -> None:
+    """The holder's mark of the writer's committed record fails (strace, as above) and the holder then compacts
+    under the same lock (as a commit whose write failed does). The compaction first writes the verdict it could
+    not (``2``: the retry succeeds, the journal is replaced) or, when that fails too (``2+``), is refused with
+    StorageIOError and leaves the journal as it is. Either way the writer never takes its record for failed: it is
+    committed once across the journal generations (a second copy, settled FAILED against the new journal, used to
+    follow the compaction), and a later write of the key stays the last."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "compact")
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = await slots_tracer(holder, tmp_path, when)
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(tmp_path)
+        holder.go()
+        compacted = await holder.until("COMPACTED" if when == "2" else "REFUSED")
+        assert compacted in ("COMPACTED", "REFUSED 5"), holder.lines
+        assert await outcome(holder) == "ACK h3", holder.lines
+        await asyncio.wait_for(put, WAIT)
+        assert all_puts_of(tmp_path, "f") == [{"v": 1}], "the offered record committed exactly once"
+        if when == "2+":
+            assert puts_of(tmp_path, "h3") == [{"by": "holder"}], "the refused compaction left the journal as it was"
+        view = await holder_view(holder)
+        stop_tracer(tracer)
+        holder.kill()
+        assert view == await check(tmp_path, [follower], holder.acked() | {"f"})
+        await follower.put("c", "f", {"v": 2})
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+    finally:
+        stop_tracer(tracer)
+        holder.kill()
+        await follower.close()
+
+
+async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_again(tmp_path: Path) -> None:
+    """The holder commits the writer's offered record and marks it COMMITTED; before the writer reads its slot
+    (SIGSTOPped meanwhile), ``storage.slots`` is truncated (the README warns against it; a person did it). The
+    writer finds its slot empty: the journal since its offer holds its record, so it does not commit it a second
+    time (which used to happen: two copies, the second after everything committed in between)."""
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass
+    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder: Holder | None = None
+    try:
+        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert opened.strip() == "OPEN"
+        holder = Holder(tmp_path, "none")
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        writer.send_signal(signal.SIGSTOP)
+        holder.go()
+        await holder.until("CLAIMED")
+        assert await outcome(holder) == "ACK h3"
+        assert puts_of(tmp_path, "dead") == [{"v": 1}], "the holder committed the offer"
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        holder.kill()  # the lock is free: the writer takes it and settles its offer
+        writer.send_signal(signal.SIGCONT)
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK dead"
+        assert puts_of(tmp_path, "dead") == [{"v": 1}], "committed once"
+        await check(tmp_path, [], holder.acked() | {"dead"})
+    finally:
+        if writer.poll() is None:
+            writer.send_signal(signal.SIGCONT)
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        if holder is not None:
+            holder.kill()
+
+
+async def test_a_slots_file_truncated_before_the_mark_still_gets_the_verdict(tmp_path: Path) -> None:
+    """``storage.slots`` is truncated while the holder's commit that carries the writer's record is between its
+    publish and its mark. The holder writes the verdict where it knows it belongs (the slot read as nothing at
+    all, never as another offer) and opens both of the slot's doors: the writer's put returns at its door, while
+    the holder keeps the lock (it used to find a verdict without a journal position and wait for the lock, which
+    the holder's lease kept), and its record is on disk once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "published+1.5")
+    try:
+        put = await offer_f(holder, follower, tmp_path)
+        holder.go()
+        await holder.until("PAUSED published")
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        assert await outcome(holder) == "ACK h3"
+        await asyncio.wait_for(put, WAIT)
+        assert not follower._flock.held and await follower.get("c", "f") == {"v": 1}
+        assert puts_of(tmp_path, "f") == [{"v": 1}]
+        holder.kill()
+        await follower.put("c", "f", {"v": 2})
+        assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
+        assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
+    finally:
+        holder.kill()
+        await follower.close()
+
+
+async def test_an_offer_a_holder_does_not_look_for_is_committed_by_its_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder that found no other store owning a slot when it took the lock neither closes the doors nor reads
+    the slots at its commits (json/slots.py ``close_doors``). A store that had no slot then (all taken at its
+    open) and takes one later offers into that holding: its door is open, it finds its offer standing, waits for
+    the lock giving the wait sign, and commits its record itself, once; the holder's next holding claims its next
+    offer as usual."""
+    keep_leases(monkeypatch, 1.0, 0.05)
+    a = await JsonStore.open(cfg(tmp_path))
+    fillers = [await JsonStore.open(cfg(tmp_path)) for _ in range(COUNT - 1)]
+    b = await JsonStore.open(cfg(tmp_path))
+    try:
+        assert b._slots.index < 0, "every slot was taken at b's open"
+        for filler in fillers:
+            await filler.close()
+        fillers = []
+        for n in range(3):
+            await a.put("c", f"a{n}", {"n": n})  # a hot lease, taken with no other slot owner
+        assert a._lease.held and not a._slots.doors_closed
+        put = asyncio.create_task(b.put("c", "b", {"n": 1}))
+        await offered(tmp_path)
+        await a.put("c", "a3", {"n": 3})  # not claimed; a lets go after HOLD, b waiting
+        await asyncio.wait_for(put, WAIT)
+        assert puts_of(tmp_path, "b") == [{"n": 1}] and line_of(tmp_path, "b") != line_of(tmp_path, "a3")
+        for n in range(4, 7):
+            await a.put("c", f"a{n}", {"n": n})  # a takes the lock again: b owns a slot now
+        assert a._lease.held and a._slots.doors_closed
+        put = asyncio.create_task(b.put("c", "b", {"n": 2}))
+        await offered(tmp_path)
+        await a.put("c", "a9", {"n": 9})
+        await asyncio.wait_for(put, WAIT)
+        assert line_of(tmp_path, "b") == line_of(tmp_path, "a9"), "claimed by the holder's commit"
+        assert puts_of(tmp_path, "b") == [{"n": 1}, {"n": 2}]
+        await check(tmp_path, [a, b], {f"a{n}" for n in (0, 1, 2, 3, 4, 5, 6, 9)} | {"b"})
+    finally:
+        for store in [a, b, *fillers]:
+            await store.close()
+
+
+STOPPABLE = """
+import asyncio, sys
+from storage.stores import JsonStore
+from storage import StoreConfig
+from storage.backends.json import holding
+
+holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
+
+async def main(folder):
+    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
+    print("OPEN", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.put("c", "w", {"v": 1})
+    print("ACK w", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def blocked_at_a_door(folder: Path) -> None:
+    """Until a process is blocked in the kernel waiting for a read lock on a door of ``folder``'s slots file (its
+    ``F_OFD_SETLKW``, /proc/locks' ``->`` lines)."""
+    ino = (folder / SLOTS_NAME).stat().st_ino
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while True:
+        lines = Path("/proc/locks").read_text().splitlines()
+        if any("->" in line and f":{ino} " in line and " READ " in line for line in lines):
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the writer never waited at its door"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+async def test_a_writer_not_running_when_its_door_opened_is_not_shut_in_by_the_next_holder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unlock only wakes the process blocked on the door; it takes the lock when it runs. A writer stopped from
+    the holder's mark (its record committed, its door opened) until after the holder let go of the lock and took it
+    again found its door closed again, and waited there (its slot COMMITTED, no wait sign) for as long as the
+    holder kept a hot lease: here while it saved for 3 s. The holder that takes the lock opens the doors of the
+    slots already decided: the writer's put returns while the holder goes on saving."""
+    keep_leases(monkeypatch, 1.0, 5.0)  # a waiter's sign would not end the lease within the test's 3 s
+    async with await JsonStore.open(cfg(tmp_path)):
+        pass  # the folder and its files exist before the writer starts
+    writer = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    holder = await JsonStore.open(cfg(tmp_path))
+    stopped = False
+    try:
+        assert (await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)).strip() == "OPEN"
+        for n in range(3):
+            await holder.put("c", f"a{n}", {"n": n})
+        assert holder._lease.held
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        await blocked_at_a_door(tmp_path)
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        await holder.put("c", "a3", {"n": 3})  # claims the writer's record, marks it, opens its door
+        assert line_of(tmp_path, "w") == line_of(tmp_path, "a3"), "the holder's commit carried the offer"
+        async with holder.transaction() as tx:  # another use of the lock: the lease lets go (every door opens) and
+            await tx.put("c", "t", {"n": 0})  # it is taken again (every free door closes)
+        for n in range(4, 7):
+            await holder.put("c", f"a{n}", {"n": n})  # a hot lease again
+        assert holder._lease.held
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        ack = asyncio.ensure_future(asyncio.to_thread(writer.stdout.readline))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.0
+        n = 7
+        while not ack.done() and loop.time() < until:  # the holder keeps saving: its lease stays hot
+            await holder.put("c", f"a{n}", {"n": n})
+            n += 1
+            await asyncio.sleep(0.001)
+        assert ack.done(), "the writer waited at a door closed again while the holder kept the lock"
+        assert ack.result().strip() == "ACK w"
+        assert puts_of(tmp_path, "w") == [{"v": 1}]
+        await check(tmp_path, [holder], {f"a{i}" for i in range(n)} | {"t", "w"})
+        writer.stdin.write("close\n")
+        writer.stdin.flush()
+        writer.communicate(timeout=WAIT)
+    finally:
+        if stopped:
+            writer.send_signal(signal.SIGCONT)
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate(timeout=WAIT)
+        await holder.close()

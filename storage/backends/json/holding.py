@@ -16,6 +16,7 @@ declared below in its ``__init__``; the commit path that runs while the lock is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -33,10 +34,12 @@ from .journal import Journal, encode_record
 from .lease import Lease
 from .lock import LockBusy, SidecarLock
 from .mutex import Mutex
-from .slots import CLAIMED, COMMITTED, FAILED, OFFERED, Slots
+from .slots import CLAIMED, COMMITTED, EMPTY, FAILED, OFFERED, Slots
 from .tables import Tables
 
 __all__ = ["LockHolding", "STEP_BACK", "DEFER_BYTES", "in_own_thread"]
+
+log = logging.getLogger("storage.json")
 
 #: A store whose lease ended with a writer waiting leaves the free lock to the waiters for up to this long
 #: (json/lock.py ``wait_free``'s ``behind``; it returns as soon as another has taken it, within 0.1-0.3 ms
@@ -150,7 +153,7 @@ class LockHolding:
             self._holding = True
             try:
                 self._settle_slots()  # before anything could replace the journal a dead holder's claims name
-                if offered and self._slots.take_back().state == COMMITTED:
+                if offered and self._offer_committed():
                     self._peer_committed = True  # the commit is done: caught up with it below, nothing to write
                     self._tables.catch_up()
                 elif not (commit and self._defer_catch_up()):
@@ -228,7 +231,9 @@ class LockHolding:
                 self._holding = False
                 self._behind = None  # a deferred catch-up never done: the view is behind, as any non-holder's
                 early, self._let_go_early = self._let_go_early, False
-                if not self._lease.finish(keep=not (failed or early)):
+                # a claim left unmarked (json/slots.py ``mark``): let go now, its writer's door opens and the
+                # next holder settles it from the journal
+                if not self._lease.finish(keep=not (failed or early or self._slots.unmarked)):
                     self._flock.release()  # (nothing to do when _commit_deferred let go already)
                 elif not self._lease_turn:  # the loop's next turn ends the lease unless it is hot (json/lease.py)
                     self._lease_turn = True
@@ -243,6 +248,18 @@ class LockHolding:
     def _settle_slots(self) -> None:
         """Just after taking the lock: slots a dead holder claimed are settled (json/slots.py)."""
         self._slots.settle_orphans(self._journal.path.as_posix(), self._committed_state)
+
+    def _offer_committed(self) -> bool:
+        """Holding the lock, after :meth:`_settle_slots`: take our offer back; whether it was committed. A slot
+        that says neither OFFERED, FAILED nor COMMITTED was changed behind the protocol's back (``storage.slots``
+        truncated): the journal since the offer decides (json/slots.py ``found_in_journal``)."""
+        state = self._slots.take_back().state
+        if state in (OFFERED, FAILED, COMMITTED):
+            return state == COMMITTED
+        found = self._slots.found_in_journal(self._journal.path.as_posix(), self._committed_state())
+        log.warning("%s: this store's slot was found %s: the journal says its offered write was %scommitted",
+                    self._slots.path, "emptied" if state == EMPTY else "damaged", "" if found else "not ")
+        return found
 
     def _committed_state(self) -> tuple[int, int] | None:
         committed = self._flock.committed(trusted_only=True)
@@ -351,13 +368,14 @@ class LockHolding:
             if not (tables.need_reload or tables.need_lock or journal.ino != outcome.ino
                     or journal.offset < outcome.at + outcome.length):
                 return True
-        elif outcome.state != CLAIMED:
+        elif outcome.state in (OFFERED, FAILED):
             return False
+        # CLAIMED, or a slot found empty or damaged (storage.slots truncated): decided under the lock
         await self._wait_for_file_lock()
         self._holding = True
         try:
             self._settle_slots()
-            committed = outcome.state == COMMITTED or self._slots.take_back().state == COMMITTED
+            committed = outcome.state == COMMITTED or self._offer_committed()
             if committed:
                 self._tables.catch_up()
             return committed

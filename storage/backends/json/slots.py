@@ -24,8 +24,10 @@ States and who moves them (every change under the slot's mutex):
 * OFFERED -> CLAIMED(inode, X, length): the holder, before its ``pwrite``: the record's operations will lie at
   bytes X..X+length of the journal of that inode (inside the holder's record: one journal line, see below);
 * CLAIMED -> COMMITTED / FAILED: the holder, after its fsync and publish (or after its write or fsync failed),
-  before it lets go of the store lock;
-* CLAIMED left by a holder that died (the next holder finds it: nobody else can hold the lock and see CLAIMED):
+  before it lets go of the store lock. That write may fail (``storage.slots`` refusing a ``pwrite``): the slot
+  then stays CLAIMED, the holder lets go at the end of that commit and the next holder settles it as below; until
+  then the holder must not replace the journal (:meth:`Slots.settle_unmarked` retries first);
+* CLAIMED left by a holder that died or could not mark it (the next holder finds it):
   :meth:`Slots.settle_orphans` reads the journal: the published committed end covers X+length on that inode and
   the bytes at X are the record -> COMMITTED, else FAILED (the catch-up cuts what lies past the committed end).
   It runs at every acquisition of the store lock, before anything (a compaction) could replace the journal;
@@ -42,11 +44,14 @@ everything committed before them (as ``apply_after`` does), so it never acknowle
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+
+import orjson
 
 try:  # pragma: no cover - platform switch
     import fcntl
@@ -54,6 +59,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Slots", "Claim", "Offer", "EMPTY", "OFFERED", "CLAIMED", "COMMITTED", "FAILED", "MAX_RECORD", "COUNT"]
+
+log = logging.getLogger("storage.json")
 
 #: How many writers can offer at once (more wait and commit as before).
 COUNT = 16
@@ -74,6 +81,9 @@ EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
 PEEK_WAIT = 0.002
 _RETRY = 0.00005
 
+#: The most journal bytes :meth:`Slots.found_in_journal` reads (what was committed while an offer waited).
+_SEARCH_MAX = 1 << 26
+
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
 _OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None) if fcntl is not None else None
 _OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not None else None
@@ -81,11 +91,12 @@ _OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None) if fcntl is not Non
 
 class Claim(NamedTuple):
     """A slot the holder claimed: its number, the record's operations (the bytes inside the record's brackets) and
-    where they go."""
+    where they go (byte ``at`` of the journal of inode ``ino``)."""
 
     slot: int
     inner: bytes
     at: int
+    ino: int
 
 
 class Offer(NamedTuple):
@@ -118,12 +129,19 @@ class Slots:
     """One store's view of ``storage.slots`` (see the module doc). Not thread-safe: the store's event loop (or the
     thread it waits on) uses it, holding the store's mutex."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, committed: Callable[[], tuple[int, int] | None] | None = None) -> None:
         self.path = path
+        #: the published (journal inode, committed end), or None when unknown (json/lock.py, trusted only)
+        self._committed = committed
+        #: our last offer's operations and the committed end read just before it (:meth:`found_in_journal`)
+        self.offered: tuple[bytes, tuple[int, int] | None] | None = None
         self._fd = -1
         self._wait_fd = -1  # a second description, for the door waits (its locks are not the holder's)
         self.index = -1  # our slot (-1: none; we then never offer)
         self.doors_closed = False  # we hold the lock and every door (see close_doors)
+        #: claims of this holding whose verdict could not be written (:meth:`mark`): settled before the journal is
+        #: replaced (:meth:`settle_unmarked`), forgotten when the store lock is let go (:meth:`open_doors`)
+        self.unmarked: list[tuple[Claim, int]] = []
         self.available = _OFD_SETLK is not None and _OFD_GETLK is not None and _OFD_SETLKW is not None
 
     def _file(self, create: bool) -> bool:
@@ -227,8 +245,15 @@ class Slots:
     def close_doors(self) -> None:
         """Just after taking the store lock: close every door that is free (a waiter holds its read lock only for
         a moment, but a frozen one would hold it for ever: never waited for). A door left open lets its writer
-        through at once; it finds its slot still offered and waits for the store lock as before."""
-        if not self._file(create=False):
+        through at once; it finds its slot still offered and waits for the store lock as before.
+
+        Nothing at all when no other store owns a slot (one ``F_OFD_GETLK``; issue 15: a lone save paid a
+        ``pread`` of the headers in every commit's :meth:`claim`, and a door lock and unlock in every holding):
+        the doors stay open and :meth:`claim` does not look, for as long as we hold the lock. A store that takes
+        a slot meanwhile and offers passes its open door at once, finds its offer standing and waits for the
+        lock, giving the wait sign (json/lock.py), as when a holder leaves an offer unclaimed: it commits its
+        record itself, once (take_back says OFFERED)."""
+        if not self._file(create=False) or not self._others_own():
             return
         try:
             fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _DOOR, 2 * COUNT))  # type: ignore[arg-type]
@@ -236,6 +261,39 @@ class Slots:
             for door in range(_DOOR, _DOOR + 2 * COUNT):  # one is held this moment: the others one by one
                 self._try_door(door)
         self.doors_closed = True
+        try:
+            self._reopen_decided()
+        except OSError:  # pragma: no cover - best effort: such a writer waits for the lock's letting go, as before
+            pass
+
+    def _reopen_decided(self) -> None:
+        """Part of :meth:`close_doors`: open again the door of each slot a holder marked (COMMITTED / FAILED) whose
+        writer has not taken its verdict back yet.
+
+        Why: an unlock does not hand an OFD lock to the process blocked on it; it only wakes it, and the woken
+        thread takes the lock when it next runs. A writer descheduled between the mark that opened its door and
+        that moment found the door closed again by the next holder (this one, just now), and waited there while
+        its slot said COMMITTED. Nothing opened it again until the lock was let go, and a hot lease (json/lease.py)
+        whose other writers' records all came through the slots never saw a wait sign: one of four writer
+        processes made 1 save in a 2 s window while the others made thousands (benchmarks/README.md). A marked
+        slot's writer waits at the door before the one its header names (:meth:`mark` flips the generation); that
+        door stays closed only until the writer's next offer, which waits at the other one. A door opened too
+        early is harmless: the writer reads its slot and asks for the lock when it is not decided."""
+        heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        for index in range(len(heads) // _STRIDE):
+            if heads[index * _STRIDE] in (COMMITTED, FAILED):
+                door = _DOOR + 2 * index + 1 - (heads[index * _STRIDE + 1] & 1)
+                fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, door))  # type: ignore[arg-type]
+
+    def _others_own(self) -> bool:
+        """Whether a store other than this one (another descriptor: our own slot's lock does not count) owns a
+        slot; True when that cannot be asked."""
+        try:
+            found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _OWNER, COUNT))  # type: ignore[arg-type]
+        except OSError:
+            return True
+        kind: int = struct.unpack_from("h", found)[0]
+        return kind != fcntl.F_UNLCK
 
     def _try_door(self, door: int) -> bool:
         try:
@@ -245,7 +303,11 @@ class Slots:
         return True
 
     def open_doors(self) -> None:
-        """Just before letting go of the store lock: open every door."""
+        """Just after letting go of the store lock: open every door. Claims left unmarked (:meth:`mark`) are
+        forgotten: from now on only a holder's :meth:`settle_orphans` may settle them (from the journal), since
+        a slot may change once the lock is free (settled, taken back, offered again)."""
+        if self.unmarked:
+            self.unmarked.clear()
         if self.doors_closed and self._fd >= 0:
             self.doors_closed = False
             try:
@@ -282,6 +344,7 @@ class Slots:
         if ops is None or len(ops) > MAX_RECORD or not self._open():
             return -1
         index = self.index
+        since = self._committed() if self._committed is not None else None  # before: a holder writes it past this
         if not self._try_lock(index):  # a holder settling our last offer this moment: commit it ourselves
             return -1
         try:
@@ -289,10 +352,33 @@ class Slots:
             if state == CLAIMED:  # an earlier offer given up unsettled (a lock timeout): its holder may still mark
                 return -1  # it, which must never be taken for this record's fate
             os.pwrite(self._fd, ops, (1 + index) * _ROOM)
+            self.offered = (ops, since)
             self._write_head(index, OFFERED, len(ops), 0, 0, gen)
         finally:
             self._unlock(index)
         return gen
+
+    def found_in_journal(self, journal_path: str, now: tuple[int, int] | None) -> bool:
+        """Holding the store lock, when :meth:`take_back` found our slot neither OFFERED, FAILED nor COMMITTED
+        (``storage.slots`` truncated or overwritten while we waited; the README warns against it): whether the
+        journal proves our last offer committed, i.e. a record published since the offer (between the committed
+        end read just before it and ``now``, on the same journal file) holds its operations, in order. Then the
+        caller must not commit it again: a second copy would undo a later write of its keys. Were they another
+        writer's identical operations, acknowledging ours as committed there is still true to the order (ours was
+        in flight meanwhile, and the same puts and deletes give the same state).
+
+        Not provable (False: the caller commits it itself, as before): the committed end unknown at the offer or
+        now (not published this boot), or the journal replaced since (a compaction folded it into the snapshots;
+        the holder settles its claims before that, json/store.py ``_run_compaction``, but a truncated slots file
+        loses that verdict). A record committed there and then compacted away is then committed a second time:
+        the limit of a slots file truncated under running processes."""
+        if self.offered is None:
+            return False
+        ops, since = self.offered
+        if since is None or now is None or since[0] != now[0] or not since[1] < now[1] <= since[1] + _SEARCH_MAX:
+            return False
+        window = _journal_bytes(journal_path, now[0], since[1], now[1] - since[1])
+        return window is not None and _holds_ops(window, ops)
 
     def take_back(self) -> Offer:
         """Holding the store lock, after :meth:`settle_orphans`: what became of our offer; the slot is EMPTY
@@ -326,59 +412,130 @@ class Slots:
     def claim(self, ino: int, at: int, room: int) -> list[Claim]:
         """Holding the store lock, before writing a record whose operations' end lands at ``at`` of journal
         ``ino`` (the record's closing bracket not counted): claim every live offered slot, up to ``room`` bytes of
-        operations in all. Each slot is CLAIMED with where its operations will lie before this returns."""
-        if self._fd < 0:  # no writer offered since we took the lock (close_doors looks for the file)
+        operations in all. Each slot is CLAIMED with where its operations will lie before this returns.
+
+        Never raises: the slots are an optimization of the holder's commit, which a failing ``storage.slots``
+        must not fail. A slot whose claim fails is left out (still OFFERED: its writer commits it itself once the
+        lock is free; or CLAIMED if only the mutex's unlock failed: its operations are then not where the header
+        says, and :meth:`settle_orphans` finds it FAILED)."""
+        if not self.doors_closed:  # no other store owned a slot when we took the lock (see close_doors)
             return []
-        heads = os.pread(self._fd, COUNT * _STRIDE, 0)
-        if OFFERED not in heads[::_STRIDE]:  # the usual case: nobody offers (one pread, about 1 us)
+        try:
+            heads = os.pread(self._fd, COUNT * _STRIDE, 0)
+        except OSError:
+            return []
+        if OFFERED not in heads[::_STRIDE]:  # the usual case with others: nobody offers (one pread, about 1 us)
             return []
         claims: list[Claim] = []
         for index in range(min(COUNT, len(heads) // _STRIDE)):
             if index == self.index or heads[index * _STRIDE] != OFFERED:
                 continue
-            if not self._owned(index):
-                continue  # its writer died: nobody would acknowledge it
-            if not self._try_lock(index):
-                continue  # its owner is busy with it (withdrawing): not claimed, it waits for the lock
             try:
-                state, gen, length, _ino, _at = self._read_head(index)
-                if state != OFFERED or length > room:
-                    continue
-                ops = os.pread(self._fd, length, (1 + index) * _ROOM)
-                if len(ops) != length:
-                    continue
-                place = at + 1  # after the comma
-                self._write_head(index, CLAIMED, length, ino, place, gen)
-            finally:
-                self._unlock(index)
-            claims.append(Claim(index, ops, place))
-            at = place + length
-            room -= length
+                ops = self._claim_one(index, ino, at + 1, room)  # after the comma
+            except OSError:
+                continue
+            if ops is None:
+                continue
+            claims.append(Claim(index, ops, at + 1, ino))
+            at += 1 + len(ops)
+            room -= len(ops)
         return claims
+
+    def _claim_one(self, index: int, ino: int, place: int, room: int) -> bytes | None:
+        """:meth:`claim` of slot ``index`` (its operations at ``place``): its operations, or None (not claimed)."""
+        if not self._owned(index):
+            return None  # its writer died: nobody would acknowledge it
+        if not self._try_lock(index):
+            return None  # its owner is busy with it (withdrawing): not claimed, it waits for the lock
+        try:
+            state, gen, length, _ino, _at = self._read_head(index)
+            if state != OFFERED or length > room:
+                return None
+            ops = os.pread(self._fd, length, (1 + index) * _ROOM)
+            if len(ops) != length:
+                return None
+            self._write_head(index, CLAIMED, length, ino, place, gen)
+        finally:
+            self._unlock(index)
+        return ops
 
     def mark(self, claims: list[Claim], state: int) -> None:
         """Holding the store lock: the claimed records are COMMITTED (fsynced and published) or FAILED; each
         writer's door opens (the other door of its slot closes first, if it is free: its next offer waits there),
-        once the slot's mutex is let go (the writer reads its slot under it at once: :meth:`peek`)."""
+        once the slot's mutex is let go (the writer reads its slot under it at once: :meth:`peek`).
+
+        Never raises (issue 15: a COMMITTED mark comes after the record is published, and a caller that took its
+        failure for a failed append rewrote the files from memory without a record other processes had read). A
+        claim whose verdict cannot be written stays CLAIMED and is kept in :attr:`unmarked`: the store lets go of
+        the lock at the end of that commit (json/holding.py), its writer's door then opens, and whoever takes
+        the lock next settles it from the journal's bytes (:meth:`settle_orphans`: committed end covers it ->
+        COMMITTED, else FAILED, its writer then commits it itself); nothing may replace the journal meanwhile
+        (:meth:`settle_unmarked`)."""
         for claim in claims:
-            index = claim.slot
-            self._lock(index)
             try:
-                _s, gen, length, ino, at = self._read_head(index)
-                if self.doors_closed:
-                    self._try_door(_DOOR + 2 * index + 1 - gen)  # left open if not: that offer asks the lock
-                self._write_head(index, state, length, ino, at, 1 - gen)
-            finally:
+                self._mark_one(claim, state)
+            except OSError as exc:
+                self.unmarked.append((claim, state))
+                log.warning("%s: marking slot %d %s failed (%s): left claimed, settled from the journal by the "
+                            "next holder", self.path, claim.slot, "committed" if state == COMMITTED else "failed",
+                            exc.strerror or exc)
+
+    def _mark_one(self, claim: Claim, state: int) -> None:
+        """:meth:`mark` of one claim: only while its slot still says CLAIMED where :meth:`claim` put it, or says
+        nothing at all (``storage.slots`` truncated or zeroed meanwhile: its writer still waits for the verdict;
+        both its doors open, since which one it waits at is lost). A slot found otherwise is left alone: not ours
+        to change (a new offer there must never read as committed); its writer asks the journal (json/holding.py
+        ``_offer_committed``)."""
+        index = claim.slot
+        self._lock(index)
+        written = wiped = False
+        try:
+            now, gen, length, ino, at = self._read_head(index)
+            wiped = (now, gen, length, ino, at) == (EMPTY, 0, 0, 0, 0)
+            if not wiped and (now != CLAIMED or (length, ino, at) != (len(claim.inner), claim.ino, claim.at)):
+                return
+            if self.doors_closed and not wiped:
+                self._try_door(_DOOR + 2 * index + 1 - gen)  # left open if not: that offer asks the lock
+            self._write_head(index, state, len(claim.inner), claim.ino, claim.at, 1 - gen)
+            written = True
+        finally:
+            try:
                 self._unlock(index)
-            if self.doors_closed:
+            except OSError:
+                if not written:
+                    raise
+                # the verdict is written: its writer reads it once the mutex is free (closing our descriptor)
+        if self.doors_closed:
+            try:
                 fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
-                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
+                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + (0 if wiped else gen), 2 if wiped else 1))
+            except OSError:
+                pass  # the door opens when we let go of the store lock
+
+    def settle_unmarked(self) -> None:
+        """Holding the store lock, before anything replaces the journal (a compaction, json/store.py): write the
+        verdicts :meth:`mark` could not. Why: a claim left CLAIMED is settled from the journal's bytes, and once
+        the journal is another file that says FAILED, so a record committed in the old one would be committed a
+        second time by its writer (after a later write of its key: that write undone). Raises OSError when a
+        COMMITTED verdict still cannot be written (the caller must not replace the journal then); a FAILED one
+        that cannot is dropped (any later settle says FAILED too: its bytes were never published)."""
+        pending, self.unmarked = self.unmarked, []
+        error: OSError | None = None
+        for claim, state in pending:
+            try:
+                self._mark_one(claim, state)
+            except OSError as exc:
+                if state == COMMITTED:
+                    self.unmarked.append((claim, state))
+                    error = exc
+        if error is not None:
+            raise error
 
     def settle_orphans(self, journal_path: str, committed: Callable[[], tuple[int, int] | None]) -> None:
-        """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died
-        (a live holder marks its claims before letting go). COMMITTED when ``committed`` (inode, end) covers it on
-        its inode and the bytes there are its record, FAILED otherwise (then it was never published: the catch-up
-        cuts it, and its writer commits it itself)."""
+        """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died,
+        or whose mark failed (:meth:`mark`; it let go at the end of that commit). COMMITTED when ``committed``
+        (inode, end) covers it on its inode and the bytes there are its record, FAILED otherwise (then it was never
+        published: the catch-up cuts it, and its writer commits it itself)."""
         if not self._file(create=True):  # at open (json/store.py): every writable store has the file from then on
             return
         heads = os.pread(self._fd, COUNT * _STRIDE, 0)
@@ -401,6 +558,11 @@ class Slots:
                 self._write_head(index, verdict, length, ino, at, gen)
             finally:
                 self._unlock(index)
+        if self.index < 0:
+            # Our slot, taken under the store lock (at open): a holder that finds no other owner when it takes the
+            # lock neither closes the doors nor looks for offers (close_doors), so a slot taken later, outside the
+            # lock, would see its first offers left to it to commit.
+            self._open()
 
     def close(self) -> None:
         """Give the slot up (closing the descriptor drops every OFD lock of it)."""
@@ -417,6 +579,26 @@ class Slots:
         self.doors_closed = False
         self.available = False  # closed for good: a store is not reopened
         self.index = -1
+
+
+def _holds_ops(window: bytes, ops: bytes) -> bool:
+    """Whether a journal line of ``window`` (whole records) holds the operations ``ops`` (a record's inside) as a
+    run of its operations (parsed: bytes alike inside a document's value do not count)."""
+    try:
+        wanted = orjson.loads(b"[" + ops + b"]")
+    except orjson.JSONDecodeError:
+        return False
+    count = len(wanted)
+    for line in window.split(b"\n"):
+        if ops not in line:  # a holder writes the offered bytes as they are
+            continue
+        try:
+            found = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if type(found) is list and any(found[i:i + count] == wanted for i in range(len(found) - count + 1)):
+            return True
+    return False
 
 
 def _journal_bytes(path: str, ino: int, at: int, length: int) -> bytes | None:

@@ -177,7 +177,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._behind: int | None = None
         self._let_go_early = False  # _commit_deferred let go of the lock already: no lease
         #: waiting writers' records offered to the lock's holder, and those it claims (json/slots.py)
-        self._slots = Slots(os.fspath(self.path / SLOTS_NAME))
+        self._slots = Slots(os.fspath(self.path / SLOTS_NAME), self._committed_state)
         self._peer_committed = False  # the lone put this commit offered was committed by the holder before us
         self._lockless = False  # ... and we learned it at our door, without taking the lock (json/slots.py)
         self._slots_waiter = DoorWaiter(self._slots.wait_door)  # the kept thread of those door waits
@@ -729,6 +729,12 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
 
         ``everything`` rewrites every collection (after a failed fsync, when no file written since is trusted).
         """
+        try:  # a claim of ours left unmarked would be settled FAILED in the new journal: committed twice
+            self._slots.settle_unmarked()
+        except OSError as exc:
+            raise StorageIOError(f"{self.path}: compaction refused: a write other processes handed to this one is "
+                                 f"committed but telling them so failed ({exc.strerror or exc}); the journal still "
+                                 "holds every write", errno=exc.errno, path=str(self.path)) from exc
         # On the loop: the worker thread below only reads the documents.
         purged = self._tables.purge_expired(self._now_micros() if now is None else now)
         try:
