@@ -6,10 +6,12 @@ live store's view, and no record is committed twice (a later write of the same k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +172,10 @@ async def test_the_holder_killed_between_the_offer_and_the_claim(tmp_path: Path)
         await follower.close()
 
 
-FOLLOWER = """
+WRITER = """
 import asyncio, sys
 from storage.stores import JsonStore
-from storage import LockTimeoutError, StoreConfig
+from storage import StoreConfig
 from storage.backends.json import holding
 
 holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
@@ -182,12 +184,39 @@ async def main(folder):
     store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
     print("OPEN", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
-    await store.put("c", "dead", {"v": 1})
-    print("ACK dead", flush=True)
-    await asyncio.sleep(3600)
+    await store.put("c", KEY, {"v": 1})
+    print("ACK", KEY, flush=True)
+    await asyncio.to_thread(sys.stdin.readline) if KEY == "w" else await asyncio.sleep(3600)
+    await store.close()
 
 asyncio.run(main(sys.argv[1]))
 """
+#: A writer process that puts ``dead`` (then waits to be killed) or ``w`` (then closes on a line of stdin) once a
+#: line arrives on its stdin, after printing OPEN (:func:`writer_process`).
+FOLLOWER = 'KEY = "dead"' + WRITER
+STOPPABLE = 'KEY = "w"' + WRITER
+
+
+def writer_process(folder: Path, script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+async def offered_to_holder(writer: subprocess.Popen[str], folder: Path, point: str) -> Holder:
+    """Once ``writer`` (:func:`writer_process`) is open, a holder process (``point``) that keeps the lock leased,
+    and the writer's put offered to it (the writer opened first: its open needs the lock)."""
+    assert writer.stdout is not None and writer.stdin is not None
+    assert (await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)).strip() == "OPEN"
+    holder = Holder(folder, point)
+    try:
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(folder)
+    except BaseException:
+        holder.kill()
+        raise
+    return holder
 
 
 async def test_an_offer_whose_writer_died_is_not_claimed(tmp_path: Path) -> None:
@@ -195,18 +224,11 @@ async def test_an_offer_whose_writer_died_is_not_claimed(tmp_path: Path) -> None
     leaves the slot alone (its owner's lock is gone: nobody would acknowledge it), and a new store takes the slot."""
     async with await JsonStore.open(cfg(tmp_path)):
         pass  # the folder and its files exist before the two processes start
-    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    writer = writer_process(tmp_path, FOLLOWER)
     assert writer.stdout is not None and writer.stdin is not None
     holder: Holder | None = None
     try:
-        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
-        assert opened.strip() == "OPEN"  # opened first: the holder then keeps the lock
-        holder = Holder(tmp_path, "none")
-        assert await holder.until("READY") == "READY leased"
-        writer.stdin.write("put\n")
-        writer.stdin.flush()
-        await offered(tmp_path)
+        holder = await offered_to_holder(writer, tmp_path, "none")
         writer.send_signal(signal.SIGKILL)
         writer.communicate(timeout=WAIT)
         holder.go()
@@ -626,6 +648,31 @@ def stop_tracer(tracer: subprocess.Popen[str] | None) -> None:
         tracer.communicate(timeout=WAIT)
 
 
+@contextlib.asynccontextmanager
+async def failing_mark(folder: Path, point: str, when: str) -> AsyncIterator[
+        tuple[JsonStore, Holder, asyncio.Task[None], subprocess.Popen[str] | None]]:
+    """A follower store, a holder process (``point``, tests/_slots_child.py) whose ``pwrite`` of marks on
+    ``storage.slots`` strace fails (``when``: once, ``2``, or from then on, ``2+``), the follower's put of ``f``
+    offered to it and the holder told to save: yields them and the tracer (stopped at the end, with the rest)."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    follower = await JsonStore.open(cfg(folder))
+    holder = Holder(folder, point)
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert await holder.until("READY") == "READY leased"
+        tracer = await slots_tracer(holder, folder, when)
+        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
+        await offered(folder)
+        holder.go()
+        yield follower, holder, put, tracer
+    finally:
+        stop_tracer(tracer)
+        holder.kill()
+        await follower.close()
+
+
 @pytest.mark.parametrize("when", ["2", "2+"])
 async def test_a_holder_that_cannot_mark_a_published_claim_keeps_every_record(tmp_path: Path, when: str) -> None:
     """strace fails the holder's ``pwrite`` of its COMMITTED mark on ``storage.slots`` (once, or from then on),
@@ -633,18 +680,7 @@ async def test_a_holder_that_cannot_mark_a_published_claim_keeps_every_record(tm
     record stays on disk and in its view: it used to be reported failed and rewritten away from the files), the
     holder lets go, and the writer learns from the journal that its record was committed: its put returns, the
     record is on disk once, and every view equals a fresh open's."""
-    problem = strace_problem()
-    if problem:
-        pytest.skip(problem)
-    follower = await JsonStore.open(cfg(tmp_path))
-    holder = Holder(tmp_path, "none")
-    tracer: subprocess.Popen[str] | None = None
-    try:
-        assert await holder.until("READY") == "READY leased"
-        tracer = await slots_tracer(holder, tmp_path, when)
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
-        holder.go()
+    async with failing_mark(tmp_path, "none", when) as (follower, holder, put, tracer):
         assert await outcome(holder) == "ACK h3", f"a published save reported failed: {holder.lines}"
         await asyncio.wait_for(put, WAIT)
         assert puts_of(tmp_path, "f") == [{"v": 1}], "the offered record committed exactly once"
@@ -661,10 +697,6 @@ async def test_a_holder_that_cannot_mark_a_published_claim_keeps_every_record(tm
         await follower.put("c", "f", {"v": 2})  # a later write of the key stays the last
         assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
         assert puts_of(tmp_path, "f") == [{"v": 1}, {"v": 2}]
-    finally:
-        stop_tracer(tracer)
-        holder.kill()
-        await follower.close()
 
 
 @pytest.mark.parametrize("when", ["2", "2+"])
@@ -675,18 +707,7 @@ async def test_a_compaction_after_an_unmarked_claim_commits_the_offer_once(tmp_p
     StorageIOError and leaves the journal as it is. Either way the writer never takes its record for failed: it is
     committed once across the journal generations (a second copy, settled FAILED against the new journal, used to
     follow the compaction), and a later write of the key stays the last."""
-    problem = strace_problem()
-    if problem:
-        pytest.skip(problem)
-    follower = await JsonStore.open(cfg(tmp_path))
-    holder = Holder(tmp_path, "compact")
-    tracer: subprocess.Popen[str] | None = None
-    try:
-        assert await holder.until("READY") == "READY leased"
-        tracer = await slots_tracer(holder, tmp_path, when)
-        put = asyncio.create_task(follower.put("c", "f", {"v": 1}))
-        await offered(tmp_path)
-        holder.go()
+    async with failing_mark(tmp_path, "compact", when) as (follower, holder, put, tracer):
         compacted = await holder.until("COMPACTED" if when == "2" else "REFUSED")
         assert compacted in ("COMPACTED", "REFUSED 5"), holder.lines
         assert await outcome(holder) == "ACK h3", holder.lines
@@ -700,10 +721,6 @@ async def test_a_compaction_after_an_unmarked_claim_commits_the_offer_once(tmp_p
         assert view == await check(tmp_path, [follower], holder.acked() | {"f"})
         await follower.put("c", "f", {"v": 2})
         assert (await check(tmp_path, [follower], holder.acked() | {"f"}))["f"] == {"v": 2}
-    finally:
-        stop_tracer(tracer)
-        holder.kill()
-        await follower.close()
 
 
 async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_again(tmp_path: Path) -> None:
@@ -713,18 +730,11 @@ async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_
     time (which used to happen: two copies, the second after everything committed in between)."""
     async with await JsonStore.open(cfg(tmp_path)):
         pass
-    writer = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    writer = writer_process(tmp_path, FOLLOWER)
     assert writer.stdout is not None and writer.stdin is not None
     holder: Holder | None = None
     try:
-        opened = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
-        assert opened.strip() == "OPEN"
-        holder = Holder(tmp_path, "none")
-        assert await holder.until("READY") == "READY leased"
-        writer.stdin.write("put\n")
-        writer.stdin.flush()
-        await offered(tmp_path)
+        holder = await offered_to_holder(writer, tmp_path, "none")
         writer.send_signal(signal.SIGSTOP)
         holder.go()
         await holder.until("CLAIMED")
@@ -811,25 +821,38 @@ async def test_an_offer_a_holder_does_not_look_for_is_committed_by_its_writer(
             await store.close()
 
 
-STOPPABLE = """
-import asyncio, sys
-from storage.stores import JsonStore
-from storage import StoreConfig
-from storage.backends.json import holding
 
-holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
 
-async def main(folder):
-    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
-    print("OPEN", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
-    await store.put("c", "w", {"v": 1})
-    print("ACK w", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
-    await store.close()
+async def saves_until_acked(holder: JsonStore, writer: subprocess.Popen[str], first: int) -> int:
+    """The holder saves ``a<first>``, ``a<first+1>``... (its lease stays hot) until the writer acknowledges its
+    put of ``w``, for up to 3 s; returns the number after the last key saved."""
+    assert writer.stdout is not None
+    ack = asyncio.ensure_future(asyncio.to_thread(writer.stdout.readline))
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3.0
+    n = first
+    while not ack.done() and loop.time() < until:
+        await holder.put("c", f"a{n}", {"n": n})
+        n += 1
+        await asyncio.sleep(0.001)
+    assert ack.done(), "the writer waited at a door closed again while the holder kept the lock"
+    assert ack.result().strip() == "ACK w"
+    return n
 
-asyncio.run(main(sys.argv[1]))
-"""
+
+def close_writer(writer: subprocess.Popen[str]) -> None:
+    assert writer.stdin is not None
+    writer.stdin.write("close\n")
+    writer.stdin.flush()
+    writer.communicate(timeout=WAIT)
+
+
+def stop_writer(writer: subprocess.Popen[str], stopped: bool) -> None:
+    if stopped:
+        writer.send_signal(signal.SIGCONT)
+    if writer.poll() is None:
+        writer.kill()
+        writer.communicate(timeout=WAIT)
 
 
 async def blocked_at_a_door(folder: Path) -> None:
@@ -856,8 +879,7 @@ async def test_a_writer_not_running_when_its_door_opened_is_not_shut_in_by_the_n
     keep_leases(monkeypatch, 1.0, 5.0)  # a waiter's sign would not end the lease within the test's 3 s
     async with await JsonStore.open(cfg(tmp_path)):
         pass  # the folder and its files exist before the writer starts
-    writer = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    writer = writer_process(tmp_path, STOPPABLE)
     assert writer.stdout is not None and writer.stdin is not None
     holder = await JsonStore.open(cfg(tmp_path))
     stopped = False
@@ -881,25 +903,47 @@ async def test_a_writer_not_running_when_its_door_opened_is_not_shut_in_by_the_n
         assert holder._lease.held
         writer.send_signal(signal.SIGCONT)
         stopped = False
-        ack = asyncio.ensure_future(asyncio.to_thread(writer.stdout.readline))
-        loop = asyncio.get_running_loop()
-        until = loop.time() + 3.0
-        n = 7
-        while not ack.done() and loop.time() < until:  # the holder keeps saving: its lease stays hot
-            await holder.put("c", f"a{n}", {"n": n})
-            n += 1
-            await asyncio.sleep(0.001)
-        assert ack.done(), "the writer waited at a door closed again while the holder kept the lock"
-        assert ack.result().strip() == "ACK w"
+        n = await saves_until_acked(holder, writer, 7)
         assert puts_of(tmp_path, "w") == [{"v": 1}]
         await check(tmp_path, [holder], {f"a{i}" for i in range(n)} | {"t", "w"})
-        writer.stdin.write("close\n")
-        writer.stdin.flush()
-        writer.communicate(timeout=WAIT)
+        close_writer(writer)
     finally:
-        if stopped:
-            writer.send_signal(signal.SIGCONT)
-        if writer.poll() is None:
-            writer.kill()
-            writer.communicate(timeout=WAIT)
+        stop_writer(writer, stopped)
         await holder.close()
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+async def test_a_writer_not_running_when_its_holder_died_is_not_shut_in_by_the_next_holder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same race after a holder's death: the holder dies with the writer's record published, its locks (the
+    writer's door among them) go with it, but the writer, not running, finds its door closed again by the next
+    holder, which settles the slot COMMITTED from the journal. That settle opens the writer's door as a mark does
+    (before, the door stayed closed while the new holder's lease was hot)."""
+    keep_leases(monkeypatch, 1.0, 5.0)
+    survivor = await JsonStore.open(cfg(tmp_path))  # before the holder: its open needs the lock
+    writer = writer_process(tmp_path, STOPPABLE)
+    assert writer.stdout is not None and writer.stdin is not None
+    holder: Holder | None = None
+    stopped = False
+    try:
+        holder = await offered_to_holder(writer, tmp_path, "published")
+        await blocked_at_a_door(tmp_path)
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        holder.go()
+        await holder.until("PAUSED")  # the writer's record committed and published, the slot not marked
+        holder.kill()
+        for n in range(3):
+            await survivor.put("c", f"a{n}", {"n": n})  # settles the claim, then a hot lease
+        assert survivor._lease.held
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        n = await saves_until_acked(survivor, writer, 3)
+        assert puts_of(tmp_path, "w") == [{"v": 1}], "committed once, by the dead holder"
+        await check(tmp_path, [survivor], {f"a{i}" for i in range(n)} | holder.acked() | {"w"})
+        close_writer(writer)
+    finally:
+        stop_writer(writer, stopped)
+        if holder is not None:
+            holder.kill()
+        await survivor.close()

@@ -555,9 +555,17 @@ class Slots:
                     ops = os.pread(self._fd, length, (1 + index) * _ROOM)
                     if _journal_bytes(journal_path, ino, at, length) == ops:
                         verdict = COMMITTED
-                self._write_head(index, verdict, length, ino, at, gen)
+                if self.doors_closed:
+                    self._try_door(_DOOR + 2 * index + 1 - gen)  # as mark does: its next offer waits there
+                self._write_head(index, verdict, length, ino, at, 1 - gen)
             finally:
                 self._unlock(index)
+            if self.doors_closed:
+                # Its writer may still wait at door ``gen``: the dead holder's locks went with it, but a writer not
+                # scheduled since found it closed again by our close_doors (as :meth:`_reopen_decided` explains),
+                # and would wait there, its slot decided, for as long as our lease stays hot.
+                fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
+                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
         if self.index < 0:
             # Our slot, taken under the store lock (at open): a holder that finds no other owner when it takes the
             # lock neither closes the doors nor looks for offers (close_doors), so a slot taken later, outside the
