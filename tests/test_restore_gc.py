@@ -254,6 +254,23 @@ def test_staged_views_of_untouched_collections_are_the_committed_data() -> None:
     assert frozen.view("b") is base["b"] and frozen.names == {"a"} and staged.names == {"a", "b", "c"}
 
 
+
+def test_a_count_freezes_only_the_counted_collections_changes() -> None:
+    """A JSON transaction's count over many staged changes copies (on the loop) the counted collection's changes
+    alone: a restore counting each collection after staging 100k members copied those again for every later
+    collection, 5-13 ms in one loop step each. The copy still shows that collection as staged, later changes not."""
+    from storage.backends.json.tables import Staged
+    from storage.backends.json.transaction import live_count
+
+    base = {"a": {"x": b"1", "y": b"2"}, "b": {"z": b"3"}}
+    staged = Staged(base)  # type: ignore[arg-type]
+    staged.apply([("p", "a", f"k{i}", b"4") for i in range(50)] + [("d", "a", "x"), ("p", "b", "v", b"5", 10)])
+    frozen = staged.frozen("b")
+    assert frozen.changes == {"b": {"v": b"5"}} and frozen.expiring == {"b": {"v": 10}}
+    staged.apply([("p", "b", "w", b"6")])
+    assert live_count(frozen, "b", 5) == 2 and live_count(frozen, "b", 11) == 1 and live_count(staged, "b", 5) == 3
+    assert staged.frozen().changes.keys() == {"a", "b"}
+
 async def test_a_large_committed_transaction_is_freed_off_the_loop(tmp_path: Path) -> None:
     """A JSON transaction of more than ITEMS_INLINE operations hands its staged operations to a worker thread to
     free once committed (dropped with it on the loop, 100k took 8-11 ms in one step); a small one, or one that

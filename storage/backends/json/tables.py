@@ -742,12 +742,14 @@ class Staged:
         """How many changes and expiries are staged."""
         return sum(map(len, self.changes.values())) + sum(map(len, self.expiring.values()))
 
-    def frozen(self) -> Staged:
+    def frozen(self, only: str | None = None) -> Staged:
         """A copy whose changes no later :meth:`apply` touches (for a worker thread to read while the loop stages
-        more); the committed data is shared: it cannot change while the transaction holds the lock."""
+        more); the committed data is shared: it cannot change while the transaction holds the lock. ``only``: of
+        that collection's changes alone (a restore counting each collection after staging 100k members copied
+        them all again on the loop for each later one, 5-13 ms)."""
         copy = Staged(self.base, self.base_expires)
-        copy.changes = {name: dict(mine) for name, mine in self.changes.items()}
-        copy.expiring = {name: dict(mine) for name, mine in self.expiring.items()}
+        copy.changes = {name: dict(mine) for name, mine in self.changes.items() if only is None or name == only}
+        copy.expiring = {name: dict(mine) for name, mine in self.expiring.items() if only is None or name == only}
         return copy
 
     def get(self, collection: str, key: str) -> bytes | None:

@@ -150,7 +150,7 @@ class JsonTransaction(QueryAnswers, JsonTxLifecycle, TransactionBase):
             # Counted in a worker thread over a copy of the staged changes (two C-level dict copies; the loop may
             # stage more meanwhile): a restore's count after staging 100k puts rebuilt the view on the loop, 43 ms.
             await self.whole(collection)
-            frozen, now = staged.frozen(), self._json._now_micros()
+            frozen, now = staged.frozen(collection), self._json._now_micros()  # its changes alone
             return await off_loop(live_count, frozen, collection, now)
         if staged.expiring_in(collection) or collection in staged.names:
             await self.whole(collection)  # the view is then a copy with the changes over it
