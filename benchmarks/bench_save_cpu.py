@@ -49,6 +49,13 @@ def _no_sync(fd: int) -> None:
     """The fsync made free: only the Python work of a commit is left to time."""
 
 
+async def _fill(store: Any, members: int, step: int) -> None:
+    """``members`` members in the seed's shape, ``step`` to a ``put_many``."""
+    for start in range(0, members, step):
+        await store.put_many("members", {f"{g}_{u}": member_doc(i) for i in range(start, min(members, start + step))
+                                         for u, g in [member_ids(i)]})
+
+
 async def measure(members: int, profile: bool) -> dict[str, float]:
     import storage
 
@@ -60,10 +67,7 @@ async def measure(members: int, profile: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-save-cpu-", dir=where) as folder:
         store = await storage.open_store(backend="json", path=folder)
         try:
-            for start in range(0, members, 1000):
-                await store.put_many("members", {f"{g}_{u}": member_doc(i)
-                                                 for i in range(start, min(members, start + 1000))
-                                                 for u, g in [member_ids(i)]})
+            await _fill(store, members, 1000)
             await store.compact()
             spread = [i * max(1, members // 1000) for i in range(1000)]  # members across the store
             docs = [member_doc(i) for i in spread]
@@ -155,10 +159,7 @@ async def measure_batch(members: int, batches: int, profile: bool) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="bench-batch-cpu-", dir=where) as folder:
         store = await storage.open_store(backend="json", path=folder)
         try:
-            for start in range(0, members, 10_000):
-                await store.put_many("members", {f"{g}_{u}": member_doc(i)
-                                                 for i in range(start, min(members, start + 10_000))
-                                                 for u, g in [member_ids(i)]})
+            await _fill(store, members, 10_000)
         finally:
             await store.close()
         store = await storage.open_store(backend="json", path=folder)

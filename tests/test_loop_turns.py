@@ -133,21 +133,10 @@ async def test_pg_scan_gives_the_loop_a_turn_within_each_fetched_block(store: st
     assert pg_messages.SCAN_TURN < pg_messages.SCAN_BLOCK
     records = _records(1_200)
     await store.record_messages(records)
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
     seen: list[int] = []
-    try:
+    async with _Ticks() as ticks:
         async for _record in store.scan_messages(7):
-            seen.append(turns)
-    finally:
-        task.cancel()
+            seen.append(ticks.count)
     assert len(seen) == 1_200
     run = longest = 1
     for before, after in itertools.pairwise(seen):
