@@ -197,9 +197,15 @@ FOLLOWER = 'KEY = "dead"' + WRITER
 STOPPABLE = 'KEY = "w"' + WRITER
 
 
-def writer_process(folder: Path, script: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+async def writer_process(folder: Path, script: str) -> subprocess.Popen[str]:
+    """The writer process ``script`` on ``folder``, started once the folder and its files exist (a store opened and
+    closed first)."""
+    async with await JsonStore.open(cfg(folder)):
+        pass
+    writer = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    assert writer.stdout is not None and writer.stdin is not None
+    return writer
 
 
 async def offered_to_holder(writer: subprocess.Popen[str], folder: Path, point: str) -> Holder:
@@ -222,10 +228,7 @@ async def offered_to_holder(writer: subprocess.Popen[str], folder: Path, point: 
 async def test_an_offer_whose_writer_died_is_not_claimed(tmp_path: Path) -> None:
     """A writer process offers its record and is SIGKILLed before any holder claims it: the holder's next commit
     leaves the slot alone (its owner's lock is gone: nobody would acknowledge it), and a new store takes the slot."""
-    async with await JsonStore.open(cfg(tmp_path)):
-        pass  # the folder and its files exist before the two processes start
-    writer = writer_process(tmp_path, FOLLOWER)
-    assert writer.stdout is not None and writer.stdin is not None
+    writer = await writer_process(tmp_path, FOLLOWER)
     holder: Holder | None = None
     try:
         holder = await offered_to_holder(writer, tmp_path, "none")
@@ -728,10 +731,7 @@ async def test_a_writer_whose_slot_is_emptied_after_the_verdict_does_not_commit_
     (SIGSTOPped meanwhile), ``storage.slots`` is truncated (the README warns against it; a person did it). The
     writer finds its slot empty: the journal since its offer holds its record, so it does not commit it a second
     time (which used to happen: two copies, the second after everything committed in between)."""
-    async with await JsonStore.open(cfg(tmp_path)):
-        pass
-    writer = writer_process(tmp_path, FOLLOWER)
-    assert writer.stdout is not None and writer.stdin is not None
+    writer = await writer_process(tmp_path, FOLLOWER)
     holder: Holder | None = None
     try:
         holder = await offered_to_holder(writer, tmp_path, "none")
@@ -877,10 +877,7 @@ async def test_a_writer_not_running_when_its_door_opened_is_not_shut_in_by_the_n
     holder kept a hot lease: here while it saved for 3 s. The holder that takes the lock opens the doors of the
     slots already decided: the writer's put returns while the holder goes on saving."""
     keep_leases(monkeypatch, 1.0, 5.0)  # a waiter's sign would not end the lease within the test's 3 s
-    async with await JsonStore.open(cfg(tmp_path)):
-        pass  # the folder and its files exist before the writer starts
-    writer = writer_process(tmp_path, STOPPABLE)
-    assert writer.stdout is not None and writer.stdin is not None
+    writer = await writer_process(tmp_path, STOPPABLE)
     holder = await JsonStore.open(cfg(tmp_path))
     stopped = False
     try:
@@ -921,8 +918,7 @@ async def test_a_writer_not_running_when_its_holder_died_is_not_shut_in_by_the_n
     (before, the door stayed closed while the new holder's lease was hot)."""
     keep_leases(monkeypatch, 1.0, 5.0)
     survivor = await JsonStore.open(cfg(tmp_path))  # before the holder: its open needs the lock
-    writer = writer_process(tmp_path, STOPPABLE)
-    assert writer.stdout is not None and writer.stdin is not None
+    writer = await writer_process(tmp_path, STOPPABLE)
     holder: Holder | None = None
     stopped = False
     try:
