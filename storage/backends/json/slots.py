@@ -564,8 +564,11 @@ class Slots:
                 # Its writer may still wait at door ``gen``: the dead holder's locks went with it, but a writer not
                 # scheduled since found it closed again by our close_doors (as :meth:`_reopen_decided` explains),
                 # and would wait there, its slot decided, for as long as our lease stays hot.
-                fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
-                            _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
+                try:
+                    fcntl.fcntl(self._fd, _OFD_SETLK,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_UNLCK, _DOOR + 2 * index + gen))
+                except OSError:
+                    pass  # the verdict is written: the door opens when we let go of the store lock, as in mark
         if self.index < 0:
             # Our slot, taken under the store lock (at open): a holder that finds no other owner when it takes the
             # lock neither closes the doors nor looks for offers (close_doors), so a slot taken later, outside the
