@@ -15,7 +15,8 @@ that claims an offered record stops at that point of the protocol (``PAUSED <poi
   ``_after_failed_append``), printing ``COMPACTED`` or ``REFUSED <errno>``.
 
 A save that fails prints ``FAIL h<n> <errno>``. Other lines on stdin: ``put <key>`` saves that key (``ACK <key>``),
-``view`` prints ``VIEW <json>``, the holder's view of collection ``c``.
+``view`` prints ``VIEW <json>``, the holder's view of collection ``c``; ``fill <n>`` saves ``n`` documents of 1 MB
+(``FILLED``); ``compact`` compacts (``COMPACTED`` or ``REFUSED <errno> <message>``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,17 @@ async def main(folder: str) -> None:
             await save()
         elif command[:1] == ["put"]:
             await save(command[1])
+        elif command[:1] == ["fill"]:  # that many MB of documents (f0, f1...), one 1 MB document a save
+            for i in range(int(command[1])):
+                await store.put("c", f"f{i}", {"pad": "x" * (1 << 20)})
+            print("FILLED", flush=True)
+        elif command == ["compact"]:
+            try:
+                await store.compact()
+            except StorageIOError as exc:
+                print(f"REFUSED {exc.errno} {exc}", flush=True)
+            else:
+                print("COMPACTED", flush=True)
         elif command == ["view"]:
             print("VIEW", json.dumps({k: d async for k, d in store.items("c")}), flush=True)
         else:

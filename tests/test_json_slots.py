@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 from storage import LockTimeoutError, StoreConfig
 from storage.backends.json import group_commit, holding, lease
-from storage.backends.json.slots import _STRIDE, COUNT, OFFERED
+from storage.backends.json.slots import _STRIDE, COUNT, OFFERED, Slots
 from storage.backends.json.store import JOURNAL_NAME, SLOTS_NAME
 from storage.stores import JsonStore
 from tests._fault_child import child_env, strace_problem
@@ -943,3 +944,136 @@ async def test_a_writer_not_running_when_its_holder_died_is_not_shut_in_by_the_n
         if holder is not None:
             holder.kill()
         await survivor.close()
+
+
+async def test_a_writer_searching_a_large_journal_for_its_wiped_offer_leaves_the_loop_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's offer is wiped (``storage.slots`` truncated) before the holder claims it, and the holder then
+    commits 16 MB. When the follower takes the lock and finds its slot empty, it searches those 16 MB for its record
+    (json/offer_search.py) in a worker thread: the event loop goes on meanwhile (it ran on the loop's thread, which
+    could stall it far beyond 20 ms: here the search waits for the loop to tick, for at most 5 s). Not found, the
+    follower commits the record itself, once."""
+    follower = await JsonStore.open(cfg(tmp_path))
+    holder = Holder(tmp_path, "none")
+    ticked = threading.Event()
+    seen: list[object] = []
+    search = Slots.found_in_journal
+
+    def searching(self: Slots, journal_path: str, now: tuple[int, int] | None) -> bool:
+        seen.append(threading.get_ident())
+        ticked.clear()
+        found = search(self, journal_path, now)
+        seen.append(ticked.wait(5.0))  # the loop's ticker runs meanwhile, unless this runs on the loop
+        return found
+
+    async def ticker() -> None:
+        while True:
+            ticked.set()
+            await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(Slots, "found_in_journal", searching)
+    ticking = asyncio.create_task(ticker())
+    try:
+        put = await offer_f(holder, follower, tmp_path)
+        os.truncate(tmp_path / SLOTS_NAME, 0)  # the offer wiped before any claim
+        assert holder.proc.stdin is not None
+        holder.proc.stdin.write("fill 16\n")
+        holder.proc.stdin.flush()
+        await holder.until("FILLED")
+        holder.kill()  # the lock is free: the follower takes it and finds its slot empty
+        await asyncio.wait_for(put, WAIT)
+        assert seen[:1] != [threading.get_ident()] and seen[1:] == [True], "the search ran off the loop's thread"
+        assert puts_of(tmp_path, "f") == [{"v": 1}], "not found in the journal: committed by its writer, once"
+        await check(tmp_path, [follower], holder.acked() | {"f"})
+    finally:
+        ticking.cancel()
+        holder.kill()
+        await follower.close()
+
+
+@pytest.mark.parametrize("when", ["1", "1+"])
+async def test_a_claim_whose_verdict_cannot_be_written_stops_no_write(tmp_path: Path, when: str) -> None:
+    """The holder dies between publishing the record that carries the writer's offer and marking it: the slot
+    stays CLAIMED. The next holder's ``pwrite`` on ``storage.slots`` fails (strace: its first one, or every one):
+    its open and saves still succeed (they used to fail with StorageIOError for as long as the file failed: the
+    verdict, derived from the journal, could not be written), only its compaction is refused while the verdict is
+    unwritten, with an error naming ``storage.slots``, and goes on by itself once the file works. The writer's put
+    returns; its record is committed once across the journal generations."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    writer = await writer_process(tmp_path, FOLLOWER)
+    holder: Holder | None = None
+    second: Holder | None = None
+    tracer: subprocess.Popen[str] | None = None
+    stopped = False
+    try:
+        holder = await offered_to_holder(writer, tmp_path, "published")
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        holder.go()
+        await holder.until("PAUSED published")
+        second = Holder(tmp_path, "none")  # its open waits for the lock
+        tracer = await slots_tracer(second, tmp_path, when)
+        holder.kill()  # the claim is left CLAIMED, its record published
+        assert (await second.until("READY")).startswith("READY"), second.lines
+        assert second.proc.stdin is not None
+        second.go()
+        assert await outcome(second) == "ACK h3", "a write proceeds while storage.slots fails"
+        second.proc.stdin.write("compact\n")
+        second.proc.stdin.flush()
+        if when == "1+":
+            refused = await second.until("REFUSED")
+            assert refused.startswith("REFUSED 5 ") and SLOTS_NAME in refused, refused
+            stop_tracer(tracer)  # the file works again
+            second.proc.stdin.write("compact\n")
+            second.proc.stdin.flush()
+        assert await second.until("COMPACTED") == "COMPACTED", second.lines
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        assert writer.stdout is not None
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK dead"
+        assert all_puts_of(tmp_path, "dead") == [{"v": 1}], "the offered record committed exactly once"
+        stop_tracer(tracer)
+        second.proc.kill()
+        _out, err = second.proc.communicate(timeout=WAIT)
+        assert err.count("settling slot") == 1, f"the failure reported once: {err}"
+        await check(tmp_path, [], holder.acked() | second.acked() | {"dead"})
+    finally:
+        stop_tracer(tracer)
+        stop_writer(writer, stopped)
+        for proc in (holder, second):
+            if proc is not None:
+                proc.kill()
+
+
+async def test_a_slots_file_truncated_across_a_compaction_commits_the_offer_once(tmp_path: Path) -> None:
+    """The holder commits the writer's offered record, marks it COMMITTED and compacts (the journal replaced);
+    ``storage.slots`` is then truncated before the writer (SIGSTOPped) read its verdict. The writer finds its slot
+    empty and the journal another file: it finds its record in the kept previous generation (json/offer_search.py)
+    and does not commit it again (which it did: two copies, the second after everything committed in between)."""
+    writer = await writer_process(tmp_path, FOLLOWER)
+    holder: Holder | None = None
+    stopped = False
+    try:
+        holder = await offered_to_holder(writer, tmp_path, "compact")
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        holder.go()
+        await holder.until("CLAIMED")
+        assert await holder.until("COMPACTED") == "COMPACTED"
+        assert await outcome(holder) == "ACK h3"
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        holder.kill()
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        assert writer.stdout is not None
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK dead"
+        assert all_puts_of(tmp_path, "dead") == [{"v": 1}], "committed once across the journal generations"
+        await check(tmp_path, [], holder.acked() | {"dead"})
+    finally:
+        stop_writer(writer, stopped)
+        if holder is not None:
+            holder.kill()

@@ -153,7 +153,7 @@ class LockHolding:
             self._holding = True
             try:
                 self._settle_slots()  # before anything could replace the journal a dead holder's claims name
-                if offered and self._offer_committed():
+                if offered and await self._offer_committed():
                     self._peer_committed = True  # the commit is done: caught up with it below, nothing to write
                     self._tables.catch_up()
                 elif not (commit and self._defer_catch_up()):
@@ -246,17 +246,27 @@ class LockHolding:
         self._lease.turned()
 
     def _settle_slots(self) -> None:
-        """Just after taking the lock: slots a dead holder claimed are settled (json/slots.py)."""
-        self._slots.settle_orphans(self._journal.path.as_posix(), self._committed_state)
+        """Just after taking the lock: slots a dead holder claimed are settled (json/slots.py). A verdict that
+        cannot be written is kept in memory (``settle_orphans``); only headers that cannot be read fail the
+        acquisition, with an error that names ``storage.slots``."""
+        try:
+            self._slots.settle_orphans(self._journal.path.as_posix(), self._committed_state)
+        except OSError as exc:
+            raise StorageIOError(f"{self._slots.path}: reading the slots of writers waiting for the store lock "
+                                 f"failed: {exc.strerror or exc}; this store's writes wait until it can be read",
+                                 errno=exc.errno, path=self._slots.path) from exc
 
-    def _offer_committed(self) -> bool:
+    async def _offer_committed(self) -> bool:
         """Holding the lock, after :meth:`_settle_slots`: take our offer back; whether it was committed. A slot
         that says neither OFFERED, FAILED nor COMMITTED was changed behind the protocol's back (``storage.slots``
-        truncated): the journal since the offer decides (json/slots.py ``found_in_journal``)."""
+        truncated): the journal since the offer decides (json/slots.py ``found_in_journal``), searched in a worker
+        thread that a cancellation waits for: it reads up to 64 MB, which on the loop's thread stalled it far
+        beyond its 20 ms budget."""
         state = self._slots.take_back().state
         if state in (OFFERED, FAILED, COMMITTED):
             return state == COMMITTED
-        found = self._slots.found_in_journal(self._journal.path.as_posix(), self._committed_state())
+        found = await cancellation.run_in_thread(self._slots.found_in_journal, self._journal.path.as_posix(),
+                                                 self._committed_state())
         log.warning("%s: this store's slot was found %s: the journal says its offered write was %scommitted",
                     self._slots.path, "emptied" if state == EMPTY else "damaged", "" if found else "not ")
         return found
@@ -375,7 +385,7 @@ class LockHolding:
         self._holding = True
         try:
             self._settle_slots()
-            committed = outcome.state == COMMITTED or self._offer_committed()
+            committed = outcome.state == COMMITTED or await self._offer_committed()
             if committed:
                 self._tables.catch_up()
             return committed

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-import orjson
+from . import offer_search
 
 try:  # pragma: no cover - platform switch
     import fcntl
@@ -80,9 +80,6 @@ EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
 #: on a busy host), and the pause between tries. On the event loop's thread: kept far under its 20 ms budget.
 PEEK_WAIT = 0.002
 _RETRY = 0.00005
-
-#: The most journal bytes :meth:`Slots.found_in_journal` reads (what was committed while an offer waited).
-_SEARCH_MAX = 1 << 26
 
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None) if fcntl is not None else None
 _OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None) if fcntl is not None else None
@@ -142,6 +139,8 @@ class Slots:
         #: claims of this holding whose verdict could not be written (:meth:`mark`): settled before the journal is
         #: replaced (:meth:`settle_unmarked`), forgotten when the store lock is let go (:meth:`open_doors`)
         self.unmarked: list[tuple[Claim, int]] = []
+        #: claims whose unwritable verdict :meth:`settle_orphans` reported (:meth:`_report`: once each)
+        self._reported: set[tuple[int, int, int]] = set()
         self.available = _OFD_SETLK is not None and _OFD_GETLK is not None and _OFD_SETLKW is not None
 
     def _file(self, create: bool) -> bool:
@@ -162,27 +161,37 @@ class Slots:
         return True
 
     def _open(self) -> bool:
-        """Open the file and own a free slot (False: none free or no OFD locks: offers are off)."""
+        """Open the file and own a free slot (False: none free, no OFD locks, or the file refused: offers are off;
+        tried again at the next acquisition of the store lock, :meth:`settle_orphans`).
+
+        A refusal other than the locks' absence keeps the descriptor: a store whose file was closed for good
+        would no longer settle other writers' claims (:meth:`settle_orphans`), nor refuse to replace the journal
+        while one it knows committed waits for its verdict (:meth:`settle_unmarked`)."""
         if self.index >= 0:
             return True
         if not self._file(create=True):
             return False
-        try:
-            for index in range(COUNT):
-                try:
-                    fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK, _OWNER + index))  # type: ignore[arg-type]
-                except BlockingIOError:
+        for index in range(COUNT):
+            owner = _flock_struct(fcntl.F_WRLCK, _OWNER + index)
+            try:
+                fcntl.fcntl(self._fd, _OFD_SETLK, owner)  # type: ignore[arg-type]
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):  # owned by another
                     continue
-                except OSError as exc:
-                    if exc.errno in (11, 13):  # EAGAIN / EACCES: owned by another
-                        continue
-                    raise
-                self.index = index
+                if exc.errno == errno.EINVAL:  # no OFD locks on this kernel or file system
+                    self.available = False
+                    self.close()
+                return False
+            try:
                 self._write_head(index, EMPTY, 0, 0, 0, 0)  # whatever a previous owner left
-                return True
-        except OSError:
-            self.available = False
-            self.close()
+            except OSError:
+                try:
+                    fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _OWNER + index))  # type: ignore[arg-type]
+                except OSError:  # pragma: no cover - an unlock is not refused
+                    pass
+                return False
+            self.index = index
+            return True
         return False
 
     # -- the slot mutex --------------------------------------------------------------------------------------------
@@ -362,23 +371,21 @@ class Slots:
         """Holding the store lock, when :meth:`take_back` found our slot neither OFFERED, FAILED nor COMMITTED
         (``storage.slots`` truncated or overwritten while we waited; the README warns against it): whether the
         journal proves our last offer committed, i.e. a record published since the offer (between the committed
-        end read just before it and ``now``, on the same journal file) holds its operations, in order. Then the
-        caller must not commit it again: a second copy would undo a later write of its keys. Were they another
-        writer's identical operations, acknowledging ours as committed there is still true to the order (ours was
-        in flight meanwhile, and the same puts and deletes give the same state).
+        end read just before it and ``now``) holds its operations, in order. Then the caller must not commit it
+        again: a second copy would undo a later write of its keys. Were they another writer's identical
+        operations, acknowledging ours as committed there is still true to the order (ours was in flight
+        meanwhile, and the same puts and deletes give the same state).
 
-        Not provable (False: the caller commits it itself, as before): the committed end unknown at the offer or
-        now (not published this boot), or the journal replaced since (a compaction folded it into the snapshots;
-        the holder settles its claims before that, json/store.py ``_run_compaction``, but a truncated slots file
-        loses that verdict). A record committed there and then compacted away is then committed a second time:
-        the limit of a slots file truncated under running processes."""
+        Reads up to 64 MB: json/holding.py calls it in a worker thread (it touches nothing of this object but
+        :attr:`offered`). A compaction since the offer is looked through (the kept previous generation,
+        json/offer_search.py). Not provable (False: the caller commits it itself, as before): the committed end
+        unknown at the offer or now (not published this boot), or the journal replaced twice since (the older
+        file is gone): a record committed there is then committed a second time, the limit of a slots file
+        truncated under running processes."""
         if self.offered is None:
             return False
         ops, since = self.offered
-        if since is None or now is None or since[0] != now[0] or not since[1] < now[1] <= since[1] + _SEARCH_MAX:
-            return False
-        window = _journal_bytes(journal_path, now[0], since[1], now[1] - since[1])
-        return window is not None and _holds_ops(window, ops)
+        return offer_search.found(journal_path, ops, since, now)
 
     def take_back(self) -> Offer:
         """Holding the store lock, after :meth:`settle_orphans`: what became of our offer; the slot is EMPTY
@@ -535,7 +542,18 @@ class Slots:
         """Holding the store lock, before anything else: a slot still CLAIMED was claimed by a holder that died,
         or whose mark failed (:meth:`mark`; it let go at the end of that commit). COMMITTED when ``committed``
         (inode, end) covers it on its inode and the bytes there are its record, FAILED otherwise (then it was never
-        published: the catch-up cuts it, and its writer commits it itself)."""
+        published: the catch-up cuts it, and its writer commits it itself).
+
+        A verdict that cannot be written (``storage.slots`` refusing a ``pwrite`` or its mutex) does not fail the
+        acquisition: the verdict is derived from the journal, not from the file, and is kept in :attr:`unmarked`
+        as :meth:`mark` keeps its own (reported once, :meth:`_report`). Why: every write of the store used to fail
+        for as long as the file kept failing, though only replacing the journal depends on that verdict (a
+        COMMITTED one must be written first, :meth:`settle_unmarked`, or its writer, settled FAILED against the
+        new journal, commits it again); appends leave the bytes the verdict was read from as they are. The slot
+        stays CLAIMED: its writer, whose door opens when we let go, asks the store lock and settles it itself
+        (from the same journal: the same verdict), and every holder tries again at its acquisition, so it heals
+        as soon as the file works. Raises OSError (a clear StorageIOError in the caller) only when the headers
+        cannot be read at all: then whether anything waits is unknown."""
         if not self._file(create=True):  # at open (json/store.py): every writable store has the file from then on
             return
         heads = os.pread(self._fd, COUNT * _STRIDE, 0)
@@ -545,21 +563,32 @@ class Slots:
                 continue
             if end is None:
                 end = committed() or (0, 0)
-            self._lock(index)
+            claim: Claim | None = None
+            verdict = FAILED
             try:
-                state, gen, length, ino, at = self._read_head(index)
-                if state != CLAIMED:
-                    continue
-                verdict = FAILED
-                if end[0] == ino and end[1] >= at + length:
+                self._lock(index)
+                try:
+                    state, gen, length, ino, at = self._read_head(index)
+                    if state != CLAIMED:
+                        continue
                     ops = os.pread(self._fd, length, (1 + index) * _ROOM)
-                    if _journal_bytes(journal_path, ino, at, length) == ops:
-                        verdict = COMMITTED
-                if self.doors_closed:
-                    self._try_door(_DOOR + 2 * index + 1 - gen)  # as mark does: its next offer waits there
-                self._write_head(index, verdict, length, ino, at, 1 - gen)
-            finally:
-                self._unlock(index)
+                    claim = Claim(index, ops, at, ino)
+                    if end[0] == ino and end[1] >= at + length and len(ops) == length:
+                        if _journal_bytes(journal_path, ino, at, length) == ops:
+                            verdict = COMMITTED
+                    if self.doors_closed:
+                        self._try_door(_DOOR + 2 * index + 1 - gen)  # as mark does: its next offer waits there
+                    self._write_head(index, verdict, length, ino, at, 1 - gen)
+                finally:
+                    self._unlock(index)
+            except OSError as exc:
+                if claim is None:
+                    self._report(index, None, verdict, exc)  # not even read: the next holder tries again
+                    continue
+                if self._read_verdict(index) != verdict:  # an unlock that failed after the verdict is harmless
+                    self.unmarked.append((claim, verdict))
+                    self._report(index, claim, verdict, exc)
+                    continue
             if self.doors_closed:
                 # Its writer may still wait at door ``gen``: the dead holder's locks went with it, but a writer not
                 # scheduled since found it closed again by our close_doors (as :meth:`_reopen_decided` explains),
@@ -574,6 +603,25 @@ class Slots:
             # lock neither closes the doors nor looks for offers (close_doors), so a slot taken later, outside the
             # lock, would see its first offers left to it to commit.
             self._open()
+
+    def _read_verdict(self, index: int) -> int:
+        """Slot ``index``'s state now (-1 when it cannot be read): whether a verdict whose unlock failed landed."""
+        try:
+            return self._read_head(index)[0]
+        except OSError:
+            return -1
+
+    def _report(self, index: int, claim: Claim | None, verdict: int, exc: OSError) -> None:
+        """Log a verdict :meth:`settle_orphans` could not write, once per claim (every acquisition retries it)."""
+        key = (index, -1, -1) if claim is None else (index, claim.ino, claim.at)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.warning("%s: settling slot %d (claimed by a holder that died or could not mark it) failed (%s): this "
+                    "process %s, and tries again at each acquisition of the store lock; no compaction replaces "
+                    "the journal before it is written", self.path, index, exc.strerror or exc,
+                    "could not read it" if claim is None else
+                    f"knows it {'committed' if verdict == COMMITTED else 'failed'} from the journal")
 
     def close(self) -> None:
         """Give the slot up (closing the descriptor drops every OFD lock of it)."""
@@ -590,26 +638,6 @@ class Slots:
         self.doors_closed = False
         self.available = False  # closed for good: a store is not reopened
         self.index = -1
-
-
-def _holds_ops(window: bytes, ops: bytes) -> bool:
-    """Whether a journal line of ``window`` (whole records) holds the operations ``ops`` (a record's inside) as a
-    run of its operations (parsed: bytes alike inside a document's value do not count)."""
-    try:
-        wanted = orjson.loads(b"[" + ops + b"]")
-    except orjson.JSONDecodeError:
-        return False
-    count = len(wanted)
-    for line in window.split(b"\n"):
-        if ops not in line:  # a holder writes the offered bytes as they are
-            continue
-        try:
-            found = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if type(found) is list and any(found[i:i + count] == wanted for i in range(len(found) - count + 1)):
-            return True
-    return False
 
 
 def _journal_bytes(path: str, ino: int, at: int, length: int) -> bytes | None:

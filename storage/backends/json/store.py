@@ -732,9 +732,10 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         try:  # a claim of ours left unmarked would be settled FAILED in the new journal: committed twice
             self._slots.settle_unmarked()
         except OSError as exc:
-            raise StorageIOError(f"{self.path}: compaction refused: a write other processes handed to this one is "
-                                 f"committed but telling them so failed ({exc.strerror or exc}); the journal still "
-                                 "holds every write", errno=exc.errno, path=str(self.path)) from exc
+            raise StorageIOError(f"{self._slots.path}: compaction refused: a write another process handed to the "
+                                 "store lock's holder is committed but writing that into this file failed "
+                                 f"({exc.strerror or exc}); the journal still holds every write, and compactions go "
+                                 "on once the file can be written", errno=exc.errno, path=self._slots.path) from exc
         # On the loop: the worker thread below only reads the documents.
         purged = self._tables.purge_expired(self._now_micros() if now is None else now)
         try:

@@ -1,0 +1,122 @@
+"""Whether the journal holds a writer's offered record: what a writer asks when it finds its slot of
+``storage.slots`` emptied (the file truncated or overwritten while it waited; json/slots.py ``found_in_journal``).
+
+Why a module of its own, run in a worker thread (json/holding.py ``_offer_committed``): the answer reads everything
+committed while the offer waited, up to :data:`SEARCH_MAX` bytes, under the store lock. Read and scanned on the
+event loop's thread, 64 MB took far more than the loop's 20 ms budget; in a thread it costs the loop nothing, and
+it is read a chunk at a time (:data:`CHUNK`), so its memory is one chunk plus the longest record, not the window.
+
+Why it also looks at the kept previous generation (``storage.journal.<N>``, json/journal.py ``keep_previous``): a
+compaction by another process while the offer waited replaced the journal; the record, committed in the old file,
+was folded into the snapshots. The new file's header says where the old one's committed records ended
+(``previous_end``), and the old file stays linked until the next compaction, so the window is the old file from the
+offer's committed end to there, then the new file from its header to the committed end now. Two compactions while
+one offer waited (the older file gone too) stay not provable: the caller commits the record again (README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import orjson
+
+__all__ = ["found", "SEARCH_MAX", "CHUNK"]
+
+#: The most journal bytes :func:`found` reads (what was committed while an offer waited); beyond: not provable.
+SEARCH_MAX = 1 << 26
+#: How much of the journal is read at a time.
+CHUNK = 1 << 20
+
+
+def found(journal_path: str, ops: bytes, since: tuple[int, int] | None, now: tuple[int, int] | None) -> bool:
+    """Whether a record committed between ``since`` and ``now`` (each a journal inode and its committed end, as
+    json/lock.py publishes it) holds the operations ``ops`` (a record's inside), in order, parsed as operations.
+    False when that cannot be proven: either end unknown, the window too large, the files not the ones named."""
+    if since is None or now is None:
+        return False
+    if since[0] == now[0]:
+        if not since[1] < now[1] <= since[1] + SEARCH_MAX:
+            return False
+        return _search([(journal_path, now[0], since[1], now[1])], ops)
+    spans = _across_compaction(journal_path, since, now)
+    return spans is not None and _search(spans, ops)
+
+
+def _across_compaction(journal_path: str, since: tuple[int, int],
+                       now: tuple[int, int]) -> list[tuple[str, int, int, int]] | None:
+    """The spans to search when the journal was replaced once since the offer: the kept previous generation from
+    the offer's committed end to the end its successor's header names, then the successor from its header to the
+    committed end now. None: not that shape (no header end, no kept file of the offer's inode)."""
+    try:
+        with open(journal_path, "rb") as file:
+            if os.fstat(file.fileno()).st_ino != now[0]:
+                return None
+            line = file.readline(1 << 24)
+        header = orjson.loads(line)
+        generation, previous_end = int(header["generation"]), header.get("previous_end")
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if type(previous_end) is not int or not line.endswith(b"\n") or previous_end < since[1]:
+        return None
+    kept = f"{journal_path}.{generation - 1}"
+    spans = [(kept, since[0], since[1], previous_end), (journal_path, now[0], len(line), now[1])]
+    if sum(end - start for _path, _ino, start, end in spans) > SEARCH_MAX or now[1] < len(line):
+        return None
+    return spans
+
+
+def _search(spans: list[tuple[str, int, int, int]], ops: bytes) -> bool:
+    try:
+        wanted = orjson.loads(b"[" + ops + b"]")
+    except orjson.JSONDecodeError:
+        return False
+    for path, ino, start, end in spans:
+        try:
+            for line in _lines(path, ino, start, end):
+                if _holds(line, ops, wanted):
+                    return True
+        except _NotThatFile:
+            return False
+    return False
+
+
+class _NotThatFile(Exception):
+    """The path names another file than the inode the span was measured on (replaced again, or gone)."""
+
+
+def _lines(path: str, ino: int, start: int, end: int) -> Iterator[bytes]:
+    """The whole lines of bytes ``start``..``end`` of the file at ``path`` (inode ``ino``), a chunk at a time."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        raise _NotThatFile from None
+    try:
+        if os.fstat(fd).st_ino != ino:
+            raise _NotThatFile
+        rest = b""
+        while start < end:
+            chunk = os.pread(fd, min(CHUNK, end - start), start)
+            if not chunk:
+                break
+            start += len(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+    finally:
+        os.close(fd)
+
+
+def _holds(line: bytes, ops: bytes, wanted: list[object]) -> bool:
+    """Whether journal ``line`` holds ``wanted`` (the operations ``ops`` parsed) as a run of its operations (parsed:
+    bytes alike inside a document's value do not count)."""
+    if ops not in line:  # a holder writes the offered bytes as they are
+        return False
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    count = len(wanted)
+    return type(record) is list and any(record[i:i + count] == wanted for i in range(len(record) - count + 1))
