@@ -608,11 +608,12 @@ async def test_a_cancelled_writer_that_cannot_withdraw_at_once_leaves_no_offer_b
         await b.close()
 
 
-async def slots_tracer(holder: Holder, folder: Path, when: str) -> subprocess.Popen[str]:
-    """strace attached to the holder, failing its ``pwrite`` calls on ``storage.slots`` with EIO at ``when``
-    (strace's syntax: ``2`` the second one, ``2+`` the second and every later one). The holder's first is the
-    header of its claim, the second its mark after the commit."""
-    tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(holder.proc.pid),
+async def slots_tracer(holder: Holder | subprocess.Popen[str], folder: Path, when: str) -> subprocess.Popen[str]:
+    """strace attached to the holder (or another process), failing its ``pwrite`` calls on ``storage.slots`` with
+    EIO at ``when`` (strace's syntax: ``2`` the second one, ``2+`` the second and every later one). The holder's
+    first is the header of its claim, the second its mark after the commit."""
+    pid = holder.pid if isinstance(holder, subprocess.Popen) else holder.proc.pid
+    tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(pid),
                                "-P", str(folder / SLOTS_NAME), "-e", "trace=pwrite64",
                                "-e", f"inject=pwrite64:error=EIO:when={when}"], stderr=subprocess.PIPE, text=True)
     assert tracer.stderr is not None
@@ -1077,3 +1078,74 @@ async def test_a_slots_file_truncated_across_a_compaction_commits_the_offer_once
         stop_writer(writer, stopped)
         if holder is not None:
             holder.kill()
+
+
+TAKER = """
+import asyncio, sys
+from storage.stores import JsonStore
+from storage import StoreConfig, StorageIOError
+from storage.backends.json import holding
+
+holding.OFFER_MIN_SYNC = 0.0  # tests/conftest.py offers_always
+
+async def main(folder):
+    store = await JsonStore.open(StoreConfig(backend="json", path=folder, lock_timeout=30, source="tests"))
+    print("OPEN", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    try:
+        await store.put("c", "t", {"v": 1})
+    except StorageIOError as exc:
+        print("FAIL", exc, flush=True)
+    else:
+        print("ACK t", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("when", ["3", "3+"])
+async def test_a_writer_that_cannot_take_its_offer_back_gives_its_slot_up(tmp_path: Path, when: str) -> None:
+    """A writer offers its put; the holder lets go without claiming it (killed); the writer takes the lock, and its
+    ``pwrite`` emptying its slot fails (strace: its third on ``storage.slots``, after the offer's two; once or
+    from then on). It gives the slot up and commits its record itself: the put returns (it used to fail with
+    StorageIOError, the slot left OFFERED and owned, and the next holder claimed it and committed the write its
+    writer had been told failed). The next holder claims nothing; the record is on disk once."""
+    problem = strace_problem()
+    if problem:
+        pytest.skip(problem)
+    writer = await writer_process(tmp_path, TAKER)
+    holder: Holder | None = None
+    second: Holder | None = None
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert (await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)).strip() == "OPEN"
+        tracer = await slots_tracer(writer, tmp_path, when)
+        holder = Holder(tmp_path, "none")
+        assert await holder.until("READY") == "READY leased"
+        writer.stdin.write("put\n")
+        writer.stdin.flush()
+        await offered(tmp_path)
+        holder.kill()  # unclaimed: the writer takes the lock and takes its offer back
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK t", acked
+        second = Holder(tmp_path, "none")
+        assert (await second.until("READY")).startswith("READY")
+        second.go()
+        assert await outcome(second) == "ACK h3"
+        assert not [line for line in second.lines if line.startswith("CLAIMED")], second.lines
+        assert puts_of(tmp_path, "t") == [{"v": 1}], "committed once, by its writer"
+        second.kill()
+        writer.stdin.write("close\n")
+        writer.stdin.flush()
+        writer.communicate(timeout=WAIT)
+        stop_tracer(tracer)
+        await check(tmp_path, [], holder.acked() | second.acked() | {"t"})
+    finally:
+        stop_tracer(tracer)
+        stop_writer(writer, False)
+        for proc in (holder, second):
+            if proc is not None:
+                proc.kill()

@@ -390,30 +390,72 @@ class Slots:
     def take_back(self) -> Offer:
         """Holding the store lock, after :meth:`settle_orphans`: what became of our offer; the slot is EMPTY
         after. COMMITTED: the record is in the journal before the committed end (catch up to apply it); anything
-        else: it is not, commit it yourself."""
+        else: it is not, commit it yourself.
+
+        Never raises. A slot that cannot be emptied (``storage.slots`` refusing the ``pwrite``) is given up
+        (:meth:`_abandon`): left OFFERED and owned, a later holder would claim it and commit, after the caller
+        committed it itself (or reported it failed), a record its writer no longer waits for, undoing later
+        writes of its keys. A state that cannot be read at all is returned as -1 (the caller asks the journal,
+        :meth:`found_in_journal`)."""
         index = self.index
-        self._lock(index)
+        if index < 0:
+            return Offer(-1, 0, 0, 0, 0)
+        ours = [(claim, state) for claim, state in self.unmarked if claim.slot == index]
+        if ours:  # settle_orphans derived its verdict but could not write it: decided here
+            self.unmarked = [(claim, state) for claim, state in self.unmarked if claim.slot != index]
+        head: tuple[int, int, int, int, int] = (-1, 0, 0, 0, 0)
         try:
-            state, gen, length, ino, at = self._read_head(index)
-            self._write_head(index, EMPTY, 0, 0, 0, gen)
-        finally:
-            self._unlock(index)
+            self._lock(index)
+            try:
+                head = self._read_head(index)
+                self._write_head(index, EMPTY, 0, 0, 0, head[1])
+            finally:
+                self._unlock(index)
+        except OSError as exc:
+            if head[0] != EMPTY:
+                self._abandon(exc)
+        state, gen, length, ino, at = head
+        for claim, verdict in ours:
+            if state == CLAIMED and (ino, at, length) == (claim.ino, claim.at, len(claim.inner)):
+                state = verdict
         return Offer(state, gen, ino, at, length)
 
     def withdraw(self) -> Offer:
         """A cancelled owner, not holding the store lock: OFFERED becomes EMPTY (returned as OFFERED: nothing of it
         was written); CLAIMED stays (a holder is writing it: the caller settles it under the store lock with
-        :meth:`take_back`); COMMITTED / FAILED are taken back as :meth:`take_back` does."""
+        :meth:`take_back`); COMMITTED / FAILED are taken back as :meth:`take_back` does. A slot that cannot be
+        emptied is given up, as in :meth:`take_back` (the holders' claim looks at the owner under the mutex)."""
         index = self.index
+        if index < 0:
+            return Offer(-1, 0, 0, 0, 0)
         if not self._try_lock(index):  # a holder is claiming or marking it: settled under the store lock
             return Offer(CLAIMED, 0, 0, 0, 0)
         try:
             state, gen, length, ino, at = self._read_head(index)
             if state != CLAIMED:
-                self._write_head(index, EMPTY, 0, 0, 0, gen)
+                try:
+                    self._write_head(index, EMPTY, 0, 0, 0, gen)
+                except OSError as exc:
+                    self._abandon(exc)  # under the mutex: no claim of it is under way
         finally:
-            self._unlock(index)
+            if self._fd >= 0:
+                self._unlock(index)
         return Offer(state, gen, ino, at, length)
+
+    def _abandon(self, exc: OSError) -> None:
+        """Give our slot up without emptying it (its header could not be written): its owner byte's lock is let
+        go, so no holder claims what it says (:meth:`_claim_one` asks for the owner under the slot's mutex). This
+        store offers nothing until it takes a slot again (:meth:`settle_orphans` tries at each acquisition of the
+        store lock; taking one writes its header first)."""
+        index, self.index = self.index, -1
+        log.warning("%s: this store's slot %d could not be emptied (%s): given up, its writes are committed "
+                    "without offers until a slot can be taken again", self.path, index, exc.strerror or exc)
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _OWNER + index))  # type: ignore[arg-type]
+        except OSError:  # pragma: no cover - an unlock is not refused; if it were, closing the file is the way
+            os.close(self._fd)
+            self._fd = -1
+            self.available = False
 
     # -- the holder's side -----------------------------------------------------------------------------------------
     def claim(self, ino: int, at: int, room: int) -> list[Claim]:
@@ -450,11 +492,11 @@ class Slots:
 
     def _claim_one(self, index: int, ino: int, place: int, room: int) -> bytes | None:
         """:meth:`claim` of slot ``index`` (its operations at ``place``): its operations, or None (not claimed)."""
-        if not self._owned(index):
-            return None  # its writer died: nobody would acknowledge it
         if not self._try_lock(index):
             return None  # its owner is busy with it (withdrawing): not claimed, it waits for the lock
         try:
+            if not self._owned(index):  # under the mutex: an owner gives its slot up under it (_abandon)
+                return None  # its writer died: nobody would acknowledge it
             state, gen, length, _ino, _at = self._read_head(index)
             if state != OFFERED or length > room:
                 return None
