@@ -43,7 +43,7 @@ class Holder:
                                      text=True, env=child_env())
         self.lines: list[str] = []
 
-    async def until(self, word: str) -> str:
+    async def until(self, word: str | tuple[str, ...]) -> str:
         assert self.proc.stdout is not None
         while True:
             try:
@@ -984,7 +984,7 @@ async def test_a_writer_searching_a_large_journal_for_its_wiped_offer_leaves_the
         holder.kill()  # the lock is free: the follower takes it and finds its slot empty
         await asyncio.wait_for(put, WAIT)
         assert seen[:1] != [threading.get_ident()] and seen[1:] == [True], "the search ran off the loop's thread"
-        assert puts_of(tmp_path, "f") == [{"v": 1}], "not found in the journal: committed by its writer, once"
+        assert all_puts_of(tmp_path, "f") == [{"v": 1}], "not found in the journal: committed by its writer, once"
         await check(tmp_path, [follower], holder.acked() | {"f"})
     finally:
         ticking.cancel()
@@ -1146,6 +1146,57 @@ async def test_a_writer_that_cannot_take_its_offer_back_gives_its_slot_up(tmp_pa
     finally:
         stop_tracer(tracer)
         stop_writer(writer, False)
+        for proc in (holder, second):
+            if proc is not None:
+                proc.kill()
+
+
+async def test_a_slots_file_truncated_under_a_waiting_offer_holds_compactions_back(tmp_path: Path) -> None:
+    """The holder commits the writer's offered record and marks it COMMITTED; ``storage.slots`` is truncated before
+    the writer (SIGSTOPped) read its verdict, and the holder then compacts twice. Both compactions are refused with
+    an error naming ``storage.slots`` (the writer's waiting byte is locked while its header says nothing): after
+    two replacements of the journal the writer could not find its record (the kept generation is one back) and
+    committed it a second time, undoing the holder's later write of the key. The writer then finds its record and
+    returns; compactions go on after."""
+    writer = await writer_process(tmp_path, FOLLOWER)
+    holder: Holder | None = None
+    second: Holder | None = None
+    stopped = False
+    try:
+        holder = await offered_to_holder(writer, tmp_path, "none")
+        writer.send_signal(signal.SIGSTOP)
+        stopped = True
+        holder.go()
+        await holder.until("CLAIMED")
+        assert await outcome(holder) == "ACK h3"
+        assert holder.proc.stdin is not None
+        holder.proc.stdin.write("put dead\n")  # a later write of the writer's key
+        holder.proc.stdin.flush()
+        assert await outcome(holder) == "ACK dead"
+        os.truncate(tmp_path / SLOTS_NAME, 0)
+        for _ in range(2):
+            holder.proc.stdin.write("compact\n")
+            holder.proc.stdin.flush()
+            done = await holder.until(("COMPACTED", "REFUSED"))
+            assert done.startswith("REFUSED") and SLOTS_NAME in done, done
+        holder.kill()
+        writer.send_signal(signal.SIGCONT)
+        stopped = False
+        assert writer.stdout is not None
+        acked = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), WAIT)
+        assert acked.strip() == "ACK dead"
+        assert all_puts_of(tmp_path, "dead") == [{"v": 1}, {"by": "holder"}], "committed once, the later write last"
+        second = Holder(tmp_path, "none")
+        assert (await second.until("READY")).startswith("READY")
+        assert second.proc.stdin is not None
+        second.proc.stdin.write("compact\n")
+        second.proc.stdin.flush()
+        assert await second.until(("COMPACTED", "REFUSED")) == "COMPACTED", second.lines
+        second.kill()
+        on_disk = await check(tmp_path, [], holder.acked() | second.acked() | {"dead"})
+        assert on_disk["dead"] == {"by": "holder"}, "the later write of the key stays the last"
+    finally:
+        stop_writer(writer, stopped)
         for proc in (holder, second):
             if proc is not None:
                 proc.kill()

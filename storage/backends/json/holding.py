@@ -168,6 +168,9 @@ class LockHolding:
                     await cancellation.run_in_thread(json_forget.recover, self.path, self._tables.data,
                                                      self._journal.holds)
             except BaseException as exc:
+                if offered and self._slots.standing:  # never left offered for a later holder to commit
+                    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+                    self._slots.abandon_offer(cause or OSError(exc.__class__.__name__))
                 self._holding = False
                 self._behind = None
                 self._peer_committed = False
@@ -363,6 +366,7 @@ class LockHolding:
             try:
                 await asyncio.wait_for(asyncio.shield(self._slots_waiter.wait(gen)), self.lock_timeout)
             except TimeoutError:
+                self._slots.forget_offer()  # the caller is told it may still commit: nobody asks the journal
                 raise LockTimeoutError(
                     f"{self.path}: another process held the store lock for over {self.lock_timeout}s with this "
                     "write handed to it to commit: it may still commit it") from None

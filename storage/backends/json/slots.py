@@ -16,7 +16,10 @@ of one process are two writers here, as for ``flock``):
 * the *owner* byte of a slot, write-locked by the store that uses the slot for as long as it is open: a holder
   never claims a slot whose owner is gone (the kernel dropped its lock), and a store takes a free slot this way;
 * the *mutex* byte of a slot, write-locked by whoever changes the slot's state, for a few syscalls;
-* none for the holder: it holds the store lock (``flock``), which is what makes it the only claimer.
+* none for the holder: it holds the store lock (``flock``), which is what makes it the only claimer;
+* and the *waiting* byte of a slot, write-locked by its owner from its offer until it empties the slot: unlike
+  the header, a truncation of the file does not wipe it, so a compaction can tell a wiped offer from an idle slot
+  (:meth:`Slots.wiped_offer`).
 
 States and who moves them (every change under the slot's mutex):
 
@@ -30,9 +33,18 @@ States and who moves them (every change under the slot's mutex):
 * CLAIMED left by a holder that died or could not mark it (the next holder finds it):
   :meth:`Slots.settle_orphans` reads the journal: the published committed end covers X+length on that inode and
   the bytes at X are the record -> COMMITTED, else FAILED (the catch-up cuts what lies past the committed end).
-  It runs at every acquisition of the store lock, before anything (a compaction) could replace the journal;
+  It runs at every acquisition of the store lock, before anything (a compaction) could replace the journal. A
+  verdict it cannot write is kept in memory for that holding, as a failed mark is (writes go on; compactions wait
+  for a COMMITTED one to be written), and derived again from the same journal by the next holder;
 * any -> EMPTY: the owner, holding the store lock (:meth:`Slots.take_back`: what happened to its offer), or
-  cancelled while OFFERED (:meth:`Slots.withdraw`); a cancelled owner that finds CLAIMED must settle first.
+  cancelled while OFFERED (:meth:`Slots.withdraw`); a cancelled owner that finds CLAIMED must settle first. An
+  owner that cannot empty its slot gives it up (its owner byte let go: never claimed again) rather than leave an
+  offer a later holder would commit after its writer committed it itself or reported it failed.
+
+Not part of the protocol: the file truncated or overwritten while writers wait (the README warns against it). A
+writer whose slot then says nothing asks the journal since its offer (:meth:`Slots.found_in_journal`, through one
+compaction's kept generation), and no compaction replaces the journal while such a writer waits
+(:meth:`Slots.wiped_offer`). Left: a verdict read by nobody across two compactions, then wiped.
 
 One journal line per commit, not one per record: the holder's record and the claimed ones become one record
 (their operations in one JSON array), so a power loss during its fsync leaves one torn line at the end, as today,
@@ -72,6 +84,7 @@ _ROOM = 4096  # then one page of record room a slot: slot i's record at (1 + i) 
 _OWNER = 1 << 30  # the owner bytes: _OWNER + i (OFD locks past the file's end are fine)
 _MUTEX = (1 << 30) + 4096  # the mutex bytes: _MUTEX + i
 _DOOR = (1 << 30) + 8192  # the doors: _DOOR + 2 * i + generation
+_WAITING = (1 << 30) + 12288  # _WAITING + i: locked by slot i's owner from its offer until it empties the slot
 
 EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
 
@@ -135,6 +148,7 @@ class Slots:
         self._fd = -1
         self._wait_fd = -1  # a second description, for the door waits (its locks are not the holder's)
         self.index = -1  # our slot (-1: none; we then never offer)
+        self.standing = False  # our last offer is not taken back yet (its waiting byte is locked: _waiting)
         self.doors_closed = False  # we hold the lock and every door (see close_doors)
         #: claims of this holding whose verdict could not be written (:meth:`mark`): settled before the journal is
         #: replaced (:meth:`settle_unmarked`), forgotten when the store lock is let go (:meth:`open_doors`)
@@ -362,10 +376,56 @@ class Slots:
                 return -1  # it, which must never be taken for this record's fate
             os.pwrite(self._fd, ops, (1 + index) * _ROOM)
             self.offered = (ops, since)
-            self._write_head(index, OFFERED, len(ops), 0, 0, gen)
+            self._waiting(True)  # before the header: a compaction never sees OFFERED unmarked (wiped_offer)
+            try:
+                self._write_head(index, OFFERED, len(ops), 0, 0, gen)
+            except OSError:
+                self._waiting(False)
+                raise
+            self.standing = True
         finally:
             self._unlock(index)
         return gen
+
+    def _waiting(self, on: bool) -> None:
+        """Lock (or let go of) our slot's *waiting* byte: held from an offer until we empty the slot. Why: it
+        survives what a truncation of ``storage.slots`` wipes (the header), so a compaction can tell a slot wiped
+        under a waiting offer from an idle one (:meth:`wiped_offer`)."""
+        kind = fcntl.F_WRLCK if on else fcntl.F_UNLCK
+        fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(kind, _WAITING + self.index))  # type: ignore[arg-type]
+
+    def wiped_offer(self) -> int:
+        """Holding the store lock, before replacing the journal (json/store.py ``_run_compaction``): a slot whose
+        writer still waits for its offer's fate (its waiting byte locked, :meth:`_waiting`) but whose header says
+        nothing of it (EMPTY, or no state at all: ``storage.slots`` truncated or overwritten); -1: none.
+
+        Why: that writer asks the journal since its offer whether its record was committed
+        (:meth:`found_in_journal`), which sees through one replacement of the journal (the kept previous
+        generation) but not more; a journal replaced while the header that could have said COMMITTED is wiped
+        would have it commit its record a second time. The compaction waits for it (the writer takes its offer
+        back as soon as it holds the lock). One ``F_OFD_GETLK`` when no writer waits."""
+        if not self._file(create=False):
+            return -1
+        try:
+            found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _WAITING, COUNT))  # type: ignore[arg-type]
+            if struct.unpack_from("h", found)[0] == fcntl.F_UNLCK:
+                return -1
+            for index in range(COUNT):
+                if index == self.index:
+                    continue  # our own offer: we hold the lock, so we took it back already
+                found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _WAITING + index))  # type: ignore[arg-type]
+                if struct.unpack_from("h", found)[0] == fcntl.F_UNLCK:
+                    continue
+                self._lock(index)  # its owner writes the header under it, the waiting byte first
+                try:
+                    state = self._read_head(index)[0]
+                finally:
+                    self._unlock(index)
+                if state not in (OFFERED, CLAIMED, COMMITTED, FAILED):
+                    return index
+        except OSError:
+            return -1  # cannot be asked: as before this check (no less safe than without the slots' locks)
+        return -1
 
     def found_in_journal(self, journal_path: str, now: tuple[int, int] | None) -> bool:
         """Holding the store lock, when :meth:`take_back` found our slot neither OFFERED, FAILED nor COMMITTED
@@ -409,11 +469,12 @@ class Slots:
             try:
                 head = self._read_head(index)
                 self._write_head(index, EMPTY, 0, 0, 0, head[1])
+                self._waiting(False)
             finally:
                 self._unlock(index)
         except OSError as exc:
-            if head[0] != EMPTY:
-                self._abandon(exc)
+            self._abandon(exc)
+        self.standing = False
         state, gen, length, ino, at = head
         for claim, verdict in ours:
             if state == CLAIMED and (ino, at, length) == (claim.ino, claim.at, len(claim.inner)):
@@ -435,6 +496,8 @@ class Slots:
             if state != CLAIMED:
                 try:
                     self._write_head(index, EMPTY, 0, 0, 0, gen)
+                    self._waiting(False)
+                    self.standing = False
                 except OSError as exc:
                     self._abandon(exc)  # under the mutex: no claim of it is under way
         finally:
@@ -442,15 +505,35 @@ class Slots:
                 self._unlock(index)
         return Offer(state, gen, ino, at, length)
 
+    def forget_offer(self) -> None:
+        """A writer that gave up waiting for its claimed offer's fate (a lock timeout: it was told the write may
+        still be committed) no longer asks the journal about it: its waiting byte is let go, so a wiped header does
+        not hold compactions back (:meth:`wiped_offer`). The slot stays CLAIMED for its holder to mark."""
+        if self.standing:
+            self.standing = False
+            try:
+                self._waiting(False)
+            except OSError:  # pragma: no cover - an unlock is not refused
+                pass
+
+    def abandon_offer(self, exc: OSError) -> None:
+        """Holding the store lock, when taking it failed before our standing offer was taken back (the slots'
+        headers unreadable): give the slot up (:meth:`_abandon`): the caller reports the write failed, and no
+        later holder may claim and commit it."""
+        if self.standing and self.index >= 0:
+            self._abandon(exc)
+
     def _abandon(self, exc: OSError) -> None:
         """Give our slot up without emptying it (its header could not be written): its owner byte's lock is let
         go, so no holder claims what it says (:meth:`_claim_one` asks for the owner under the slot's mutex). This
         store offers nothing until it takes a slot again (:meth:`settle_orphans` tries at each acquisition of the
         store lock; taking one writes its header first)."""
         index, self.index = self.index, -1
+        self.standing = False
         log.warning("%s: this store's slot %d could not be emptied (%s): given up, its writes are committed "
                     "without offers until a slot can be taken again", self.path, index, exc.strerror or exc)
         try:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _WAITING + index))  # type: ignore[arg-type]
             fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _OWNER + index))  # type: ignore[arg-type]
         except OSError:  # pragma: no cover - an unlock is not refused; if it were, closing the file is the way
             os.close(self._fd)

@@ -736,6 +736,12 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                                  "store lock's holder is committed but writing that into this file failed "
                                  f"({exc.strerror or exc}); the journal still holds every write, and compactions go "
                                  "on once the file can be written", errno=exc.errno, path=self._slots.path) from exc
+        wiped = self._slots.wiped_offer()
+        if wiped >= 0:  # its writer would not find its record once the journal is replaced: committed twice
+            raise StorageIOError(f"{self._slots.path}: compaction refused: slot {wiped} was truncated or overwritten "
+                                 "while its writer waits to learn whether its write was committed; compactions go "
+                                 "on once it has taken its write back (it does as soon as it holds the store lock)",
+                                 path=self._slots.path)
         # On the loop: the worker thread below only reads the documents.
         purged = self._tables.purge_expired(self._now_micros() if now is None else now)
         try:
