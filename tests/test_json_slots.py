@@ -1151,13 +1151,15 @@ async def test_a_writer_that_cannot_take_its_offer_back_gives_its_slot_up(tmp_pa
                 proc.kill()
 
 
-async def test_a_slots_file_truncated_under_a_waiting_offer_holds_compactions_back(tmp_path: Path) -> None:
-    """The holder commits the writer's offered record and marks it COMMITTED; ``storage.slots`` is truncated before
-    the writer (SIGSTOPped) read its verdict, and the holder then compacts twice. Both compactions are refused with
-    an error naming ``storage.slots`` (the writer's waiting byte is locked while its header says nothing): after
-    two replacements of the journal the writer could not find its record (the kept generation is one back) and
-    committed it a second time, undoing the holder's later write of the key. The writer then finds its record and
-    returns; compactions go on after."""
+@pytest.mark.parametrize("truncated", ["before", "after"])
+async def test_a_writer_finds_its_record_across_compactions_and_a_truncated_slots_file(
+        tmp_path: Path, truncated: str) -> None:
+    """The holder commits the writer's offered record, marks it COMMITTED and writes the key again; before the
+    writer (SIGSTOPped) read its verdict, the holder compacts twice, and ``storage.slots`` is truncated ``before`` or
+    ``after`` those compactions. The writer finds its slot empty and searches the journal since its offer: every
+    generation from its own was kept while it waited (its since byte), so it finds its record and does not commit
+    it again (it did: the kept generation was one back, and its second copy undid the holder's later write). The
+    next compaction removes the generations kept for it."""
     writer = await writer_process(tmp_path, FOLLOWER)
     holder: Holder | None = None
     second: Holder | None = None
@@ -1173,12 +1175,15 @@ async def test_a_slots_file_truncated_under_a_waiting_offer_holds_compactions_ba
         holder.proc.stdin.write("put dead\n")  # a later write of the writer's key
         holder.proc.stdin.flush()
         assert await outcome(holder) == "ACK dead"
-        os.truncate(tmp_path / SLOTS_NAME, 0)
+        if truncated == "before":
+            os.truncate(tmp_path / SLOTS_NAME, 0)
         for _ in range(2):
             holder.proc.stdin.write("compact\n")
             holder.proc.stdin.flush()
-            done = await holder.until(("COMPACTED", "REFUSED"))
-            assert done.startswith("REFUSED") and SLOTS_NAME in done, done
+            assert await holder.until(("COMPACTED", "REFUSED")) == "COMPACTED", holder.lines
+        assert len(list(tmp_path.glob(JOURNAL_NAME + ".*"))) == 2, "both generations kept for the writer"
+        if truncated == "after":
+            os.truncate(tmp_path / SLOTS_NAME, 0)
         holder.kill()
         writer.send_signal(signal.SIGCONT)
         stopped = False
@@ -1192,6 +1197,7 @@ async def test_a_slots_file_truncated_under_a_waiting_offer_holds_compactions_ba
         second.proc.stdin.write("compact\n")
         second.proc.stdin.flush()
         assert await second.until(("COMPACTED", "REFUSED")) == "COMPACTED", second.lines
+        assert len(list(tmp_path.glob(JOURNAL_NAME + ".*"))) == 1, "the generations kept for the writer removed"
         second.kill()
         on_disk = await check(tmp_path, [], holder.acked() | second.acked() | {"dead"})
         assert on_disk["dead"] == {"by": "holder"}, "the later write of the key stays the last"

@@ -285,7 +285,7 @@ class LockHolding:
                 or not self._flock.can_sign):
             return -1
         try:
-            return self._slots.offer(encode_record(ops))
+            return self._slots.offer(encode_record(ops), self._journal.generation)
         except OSError:
             return -1  # offers are an optimization: wait and commit as before
 

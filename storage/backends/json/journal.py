@@ -261,6 +261,9 @@ class Journal:
         #: may have cut the file shorter since: a record written past the real end then just grows the file,
         #: which its fdatasync commits like any append.
         self.allocated = 0
+        #: Whether a generation's kept file must stay (a writer waiting for its offered record's fate may have to
+        #: read it: json/slots.py ``kept_needed``); None: only the previous generation is kept.
+        self.kept_needed: Callable[[int], bool] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -528,14 +531,32 @@ class Journal:
             os.link(self.path, kept)
         except OSError as exc:
             log.debug("%s: cannot keep the previous journal (%s)", self.path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(self._kept_path(self.generation - 1))
+        self._drop_older(self.generation - 1, self.kept_needed)
+
+    def _drop_older(self, generation: int, needed: Callable[[int], bool] | None) -> None:
+        """Remove the kept files of ``generation`` and the ones before it, down to the first missing one, except
+        those ``needed`` keeps. Why a run and not one file: a writer waiting for its offered record's fate across
+        compactions keeps every generation from its own on (json/slots.py ``kept_needed``: the files it may have
+        to read, json/offer_search.py); once it has its answer they go at the next compaction, all together."""
+        while generation > 0:
+            if needed is not None and needed(generation):  # a waiting writer's or later: kept, as the rest
+                if not self._kept_path(generation).exists():
+                    return
+            else:
+                needed = None  # the lowest a writer needs is above: none below it is needed either
+                try:
+                    os.unlink(self._kept_path(generation))
+                except FileNotFoundError:
+                    return
+                except OSError:
+                    pass
+            generation -= 1
 
     def drop_kept(self) -> None:
-        """Remove the generation :meth:`keep_previous` kept, once no store can need it (the last writable store's
-        close, json/presence.py). Best effort: a file left behind only costs disk until the next compaction."""
-        with contextlib.suppress(OSError):
-            os.unlink(self._kept_path(self.generation - 1))
+        """Remove the generations :meth:`keep_previous` kept, once no store can need them (the last writable
+        store's close, json/presence.py). Best effort: a file left behind only costs disk until the next
+        compaction."""
+        self._drop_older(self.generation - 1, None)
 
     def _end_of(self, committed: tuple[int, int] | None) -> int | None:
         """The committed end if ``committed`` speaks of this file."""

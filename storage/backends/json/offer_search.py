@@ -6,12 +6,12 @@ committed while the offer waited, up to :data:`SEARCH_MAX` bytes, under the stor
 event loop's thread, 64 MB took far more than the loop's 20 ms budget; in a thread it costs the loop nothing, and
 it is read a chunk at a time (:data:`CHUNK`), so its memory is one chunk plus the longest record, not the window.
 
-Why it also looks at the kept previous generation (``storage.journal.<N>``, json/journal.py ``keep_previous``): a
-compaction by another process while the offer waited replaced the journal; the record, committed in the old file,
-was folded into the snapshots. The new file's header says where the old one's committed records ended
-(``previous_end``), and the old file stays linked until the next compaction, so the window is the old file from the
-offer's committed end to there, then the new file from its header to the committed end now. Two compactions while
-one offer waited (the older file gone too) stay not provable: the caller commits the record again (README.md).
+Why it also looks at kept generations (``storage.journal.<N>``, json/journal.py ``keep_previous``): compactions by
+other processes while the offer waited replaced the journal; the record, committed in an older file, was folded
+into the snapshots. Each file's header says where its predecessor's committed records ended (``previous_end``), and
+every generation from the waiting writer's own stays linked while its offer stands (json/slots.py
+``kept_needed``), so the window is the offer's file from the offer's committed end, each later one from its header
+to the end its successor names, and the current one to the committed end now.
 """
 
 from __future__ import annotations
@@ -32,38 +32,63 @@ CHUNK = 1 << 20
 def found(journal_path: str, ops: bytes, since: tuple[int, int] | None, now: tuple[int, int] | None) -> bool:
     """Whether a record committed between ``since`` and ``now`` (each a journal inode and its committed end, as
     json/lock.py publishes it) holds the operations ``ops`` (a record's inside), in order, parsed as operations.
-    False when that cannot be proven: either end unknown, the window too large, the files not the ones named."""
+    False when that cannot be proven: either end unknown, the window too large, a file of it gone."""
     if since is None or now is None:
         return False
     if since[0] == now[0]:
         if not since[1] < now[1] <= since[1] + SEARCH_MAX:
             return False
         return _search([(journal_path, now[0], since[1], now[1])], ops)
-    spans = _across_compaction(journal_path, since, now)
+    spans = _across_compactions(journal_path, since, now)
     return spans is not None and _search(spans, ops)
 
 
-def _across_compaction(journal_path: str, since: tuple[int, int],
-                       now: tuple[int, int]) -> list[tuple[str, int, int, int]] | None:
-    """The spans to search when the journal was replaced once since the offer: the kept previous generation from
-    the offer's committed end to the end its successor's header names, then the successor from its header to the
-    committed end now. None: not that shape (no header end, no kept file of the offer's inode)."""
+def _across_compactions(journal_path: str, since: tuple[int, int],
+                        now: tuple[int, int]) -> list[tuple[str, int, int, int]] | None:
+    """The spans to search when the journal was replaced since the offer, newest first: the current file from its
+    header to the committed end now, then each kept generation (``<journal>.<N>``) from its header to the end its
+    successor's header names, down to the offer's file, from the offer's committed end. None: a file missing, or
+    not what the chain says, or more than :data:`SEARCH_MAX` bytes."""
+    spans: list[tuple[str, int, int, int]] = []
+    path, ino, end, total = journal_path, now[0], now[1], 0
+    while True:
+        head = _header(path, ino)
+        if head is None:
+            return None
+        header_end, generation, previous_end = head
+        start = since[1] if ino == since[0] else header_end
+        if end < start:
+            return None
+        spans.append((path, ino, start, end))
+        total += end - start
+        if total > SEARCH_MAX:
+            return None
+        if ino == since[0]:
+            return spans
+        if previous_end is None or generation <= 1:
+            return None
+        path, end = f"{journal_path}.{generation - 1}", previous_end
+        try:
+            ino = os.stat(path).st_ino
+        except OSError:
+            return None
+
+
+def _header(path: str, ino: int) -> tuple[int, int, int | None] | None:
+    """The journal file at ``path`` when it is inode ``ino``: where its header ends, its generation and the
+    previous generation's committed end its header names (None: not said). None: not that file, or no header."""
     try:
-        with open(journal_path, "rb") as file:
-            if os.fstat(file.fileno()).st_ino != now[0]:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_ino != ino:
                 return None
             line = file.readline(1 << 24)
         header = orjson.loads(line)
         generation, previous_end = int(header["generation"]), header.get("previous_end")
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    if type(previous_end) is not int or not line.endswith(b"\n") or previous_end < since[1]:
+    if not line.endswith(b"\n") or (previous_end is not None and type(previous_end) is not int):
         return None
-    kept = f"{journal_path}.{generation - 1}"
-    spans = [(kept, since[0], since[1], previous_end), (journal_path, now[0], len(line), now[1])]
-    if sum(end - start for _path, _ino, start, end in spans) > SEARCH_MAX or now[1] < len(line):
-        return None
-    return spans
+    return len(line), generation, previous_end
 
 
 def _search(spans: list[tuple[str, int, int, int]], ops: bytes) -> bool:

@@ -17,9 +17,10 @@ of one process are two writers here, as for ``flock``):
   never claims a slot whose owner is gone (the kernel dropped its lock), and a store takes a free slot this way;
 * the *mutex* byte of a slot, write-locked by whoever changes the slot's state, for a few syscalls;
 * none for the holder: it holds the store lock (``flock``), which is what makes it the only claimer;
-* and the *waiting* byte of a slot, write-locked by its owner from its offer until it empties the slot: unlike
-  the header, a truncation of the file does not wipe it, so a compaction can tell a wiped offer from an idle slot
-  (:meth:`Slots.wiped_offer`).
+* and the *since* bytes, one a journal generation: a writer read-locks the byte of its journal's generation from
+  its offer until it empties its slot, and a compaction keeps every generation from the lowest one locked
+  (json/journal.py ``keep_previous``, :meth:`Slots.kept_needed`): unlike the header, a truncation of the file does
+  not wipe them, and a writer whose slot then says nothing can read everything committed since its offer.
 
 States and who moves them (every change under the slot's mutex):
 
@@ -42,9 +43,8 @@ States and who moves them (every change under the slot's mutex):
   offer a later holder would commit after its writer committed it itself or reported it failed.
 
 Not part of the protocol: the file truncated or overwritten while writers wait (the README warns against it). A
-writer whose slot then says nothing asks the journal since its offer (:meth:`Slots.found_in_journal`, through one
-compaction's kept generation), and no compaction replaces the journal while such a writer waits
-(:meth:`Slots.wiped_offer`). Left: a verdict read by nobody across two compactions, then wiped.
+writer whose slot then says nothing asks the journal since its offer (:meth:`Slots.found_in_journal`), through
+every generation a compaction started meanwhile: the since bytes keep them on disk while it waits.
 
 One journal line per commit, not one per record: the holder's record and the claimed ones become one record
 (their operations in one JSON array), so a power loss during its fsync leaves one torn line at the end, as today,
@@ -84,7 +84,7 @@ _ROOM = 4096  # then one page of record room a slot: slot i's record at (1 + i) 
 _OWNER = 1 << 30  # the owner bytes: _OWNER + i (OFD locks past the file's end are fine)
 _MUTEX = (1 << 30) + 4096  # the mutex bytes: _MUTEX + i
 _DOOR = (1 << 30) + 8192  # the doors: _DOOR + 2 * i + generation
-_WAITING = (1 << 30) + 12288  # _WAITING + i: locked by slot i's owner from its offer until it empties the slot
+_SINCE = 1 << 40  # _SINCE + g: read-locked by each writer whose offer stands, g its journal's generation then
 
 EMPTY, OFFERED, CLAIMED, COMMITTED, FAILED = 0, 1, 2, 3, 4
 
@@ -148,7 +148,8 @@ class Slots:
         self._fd = -1
         self._wait_fd = -1  # a second description, for the door waits (its locks are not the holder's)
         self.index = -1  # our slot (-1: none; we then never offer)
-        self.standing = False  # our last offer is not taken back yet (its waiting byte is locked: _waiting)
+        self.standing = False  # our last offer is not taken back yet (its since byte is locked: _waiting)
+        self._since = -1  # the generation whose since byte we lock (-1: none)
         self.doors_closed = False  # we hold the lock and every door (see close_doors)
         #: claims of this holding whose verdict could not be written (:meth:`mark`): settled before the journal is
         #: replaced (:meth:`settle_unmarked`), forgotten when the store lock is let go (:meth:`open_doors`)
@@ -359,10 +360,11 @@ class Slots:
         return Offer(state, gen, ino, at, length)
 
     # -- the owner's side ------------------------------------------------------------------------------------------
-    def offer(self, record: bytes) -> int:
+    def offer(self, record: bytes, generation: int) -> int:
         """Before waiting for the store lock: offer ``record`` (one journal line) to its holder; returns the
         generation (the door to wait at, :meth:`wait_door`). -1: not offered (too large, no slot): the caller
-        commits it itself as before."""
+        commits it itself as before. ``generation``: of the journal this store read last (at most that of the
+        committed end read here: the since byte it locks keeps that generation on, :meth:`_waiting`)."""
         ops = inner(record)
         if ops is None or len(ops) > MAX_RECORD or not self._open():
             return -1
@@ -376,56 +378,41 @@ class Slots:
                 return -1  # it, which must never be taken for this record's fate
             os.pwrite(self._fd, ops, (1 + index) * _ROOM)
             self.offered = (ops, since)
-            self._waiting(True)  # before the header: a compaction never sees OFFERED unmarked (wiped_offer)
+            self._waiting(generation)  # before the header: what the journal search needs is kept from now on
             try:
                 self._write_head(index, OFFERED, len(ops), 0, 0, gen)
             except OSError:
-                self._waiting(False)
+                self._waiting(-1)
                 raise
             self.standing = True
         finally:
             self._unlock(index)
         return gen
 
-    def _waiting(self, on: bool) -> None:
-        """Lock (or let go of) our slot's *waiting* byte: held from an offer until we empty the slot. Why: it
-        survives what a truncation of ``storage.slots`` wipes (the header), so a compaction can tell a slot wiped
-        under a waiting offer from an idle one (:meth:`wiped_offer`)."""
-        kind = fcntl.F_WRLCK if on else fcntl.F_UNLCK
-        fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(kind, _WAITING + self.index))  # type: ignore[arg-type]
+    def _waiting(self, generation: int) -> None:
+        """Read-lock the since byte of journal ``generation`` (-1: let go of ours). Why: it survives what a
+        truncation of ``storage.slots`` wipes (the header); while it is locked no compaction removes that
+        generation or a later one (:meth:`kept_needed`), so :meth:`found_in_journal` can read them all."""
+        if self._since >= 0:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _SINCE + self._since))  # type: ignore[arg-type]
+            self._since = -1
+        if generation >= 0:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_RDLCK, _SINCE + generation))  # type: ignore[arg-type]
+            self._since = generation
 
-    def wiped_offer(self) -> int:
-        """Holding the store lock, before replacing the journal (json/store.py ``_run_compaction``): a slot whose
-        writer still waits for its offer's fate (its waiting byte locked, :meth:`_waiting`) but whose header says
-        nothing of it (EMPTY, or no state at all: ``storage.slots`` truncated or overwritten); -1: none.
-
-        Why: that writer asks the journal since its offer whether its record was committed
-        (:meth:`found_in_journal`), which sees through one replacement of the journal (the kept previous
-        generation) but not more; a journal replaced while the header that could have said COMMITTED is wiped
-        would have it commit its record a second time. The compaction waits for it (the writer takes its offer
-        back as soon as it holds the lock). One ``F_OFD_GETLK`` when no writer waits."""
-        if not self._file(create=False):
-            return -1
+    def kept_needed(self, generation: int) -> bool:
+        """In a compaction (json/journal.py ``keep_previous``, under the store lock): whether a writer waiting for
+        its offer's fate may need journal ``generation`` (it locked the since byte of that one or an earlier one).
+        One ``F_OFD_GETLK``; True when that cannot be asked (a kept file costs only disk until the next one)."""
+        if self._fd < 0:
+            return False
         try:
-            found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _WAITING, COUNT))  # type: ignore[arg-type]
-            if struct.unpack_from("h", found)[0] == fcntl.F_UNLCK:
-                return -1
-            for index in range(COUNT):
-                if index == self.index:
-                    continue  # our own offer: we hold the lock, so we took it back already
-                found = fcntl.fcntl(self._fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK, _WAITING + index))  # type: ignore[arg-type]
-                if struct.unpack_from("h", found)[0] == fcntl.F_UNLCK:
-                    continue
-                self._lock(index)  # its owner writes the header under it, the waiting byte first
-                try:
-                    state = self._read_head(index)[0]
-                finally:
-                    self._unlock(index)
-                if state not in (OFFERED, CLAIMED, COMMITTED, FAILED):
-                    return index
+            found = fcntl.fcntl(self._fd, _OFD_GETLK,  # type: ignore[arg-type]
+                                _flock_struct(fcntl.F_WRLCK, _SINCE, generation + 1))
         except OSError:
-            return -1  # cannot be asked: as before this check (no less safe than without the slots' locks)
-        return -1
+            return True
+        kind: int = struct.unpack_from("h", found)[0]
+        return kind != fcntl.F_UNLCK
 
     def found_in_journal(self, journal_path: str, now: tuple[int, int] | None) -> bool:
         """Holding the store lock, when :meth:`take_back` found our slot neither OFFERED, FAILED nor COMMITTED
@@ -437,11 +424,10 @@ class Slots:
         meanwhile, and the same puts and deletes give the same state).
 
         Reads up to 64 MB: json/holding.py calls it in a worker thread (it touches nothing of this object but
-        :attr:`offered`). A compaction since the offer is looked through (the kept previous generation,
-        json/offer_search.py). Not provable (False: the caller commits it itself, as before): the committed end
-        unknown at the offer or now (not published this boot), or the journal replaced twice since (the older
-        file is gone): a record committed there is then committed a second time, the limit of a slots file
-        truncated under running processes."""
+        :attr:`offered`). Compactions since the offer are looked through: every generation they started is kept
+        while we wait (:meth:`kept_needed`; json/offer_search.py). Not provable (False: the caller commits it
+        itself, as before): the committed end unknown at the offer or now (not published this boot), more than
+        64 MB committed since, or a generation in between gone (removed by hand)."""
         if self.offered is None:
             return False
         ops, since = self.offered
@@ -469,7 +455,7 @@ class Slots:
             try:
                 head = self._read_head(index)
                 self._write_head(index, EMPTY, 0, 0, 0, head[1])
-                self._waiting(False)
+                self._waiting(-1)
             finally:
                 self._unlock(index)
         except OSError as exc:
@@ -496,7 +482,7 @@ class Slots:
             if state != CLAIMED:
                 try:
                     self._write_head(index, EMPTY, 0, 0, 0, gen)
-                    self._waiting(False)
+                    self._waiting(-1)
                     self.standing = False
                 except OSError as exc:
                     self._abandon(exc)  # under the mutex: no claim of it is under way
@@ -508,11 +494,11 @@ class Slots:
     def forget_offer(self) -> None:
         """A writer that gave up waiting for its claimed offer's fate (a lock timeout: it was told the write may
         still be committed) no longer asks the journal about it: its waiting byte is let go, so a wiped header does
-        not hold compactions back (:meth:`wiped_offer`). The slot stays CLAIMED for its holder to mark."""
+        not keep journal generations (:meth:`kept_needed`). The slot stays CLAIMED for its holder to mark."""
         if self.standing:
             self.standing = False
             try:
-                self._waiting(False)
+                self._waiting(-1)
             except OSError:  # pragma: no cover - an unlock is not refused
                 pass
 
@@ -533,7 +519,7 @@ class Slots:
         log.warning("%s: this store's slot %d could not be emptied (%s): given up, its writes are committed "
                     "without offers until a slot can be taken again", self.path, index, exc.strerror or exc)
         try:
-            fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _WAITING + index))  # type: ignore[arg-type]
+            self._waiting(-1)
             fcntl.fcntl(self._fd, _OFD_SETLK, _flock_struct(fcntl.F_UNLCK, _OWNER + index))  # type: ignore[arg-type]
         except OSError:  # pragma: no cover - an unlock is not refused; if it were, closing the file is the way
             os.close(self._fd)

@@ -178,6 +178,7 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
         self._let_go_early = False  # _commit_deferred let go of the lock already: no lease
         #: waiting writers' records offered to the lock's holder, and those it claims (json/slots.py)
         self._slots = Slots(os.fspath(self.path / SLOTS_NAME), self._committed_state)
+        self._journal.kept_needed = self._slots.kept_needed  # what a waiting writer may read (json/slots.py)
         self._peer_committed = False  # the lone put this commit offered was committed by the holder before us
         self._lockless = False  # ... and we learned it at our door, without taking the lock (json/slots.py)
         self._slots_waiter = DoorWaiter(self._slots.wait_door)  # the kept thread of those door waits
@@ -736,12 +737,6 @@ class JsonBackend(LockHolding, QueryAnswers, JsonLifecycle, JsonMessageQueries, 
                                  "store lock's holder is committed but writing that into this file failed "
                                  f"({exc.strerror or exc}); the journal still holds every write, and compactions go "
                                  "on once the file can be written", errno=exc.errno, path=self._slots.path) from exc
-        wiped = self._slots.wiped_offer()
-        if wiped >= 0:  # its writer would not find its record once the journal is replaced: committed twice
-            raise StorageIOError(f"{self._slots.path}: compaction refused: slot {wiped} was truncated or overwritten "
-                                 "while its writer waits to learn whether its write was committed; compactions go "
-                                 "on once it has taken its write back (it does as soon as it holds the store lock)",
-                                 path=self._slots.path)
         # On the loop: the worker thread below only reads the documents.
         purged = self._tables.purge_expired(self._now_micros() if now is None else now)
         try:
