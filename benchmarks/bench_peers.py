@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import importlib.metadata
 import itertools
 import json
@@ -261,16 +262,22 @@ async def writer(system: str, path: Path, index: int, seconds: float) -> dict[st
     deadline = start_at + seconds
     cpu = time.process_time()
     n = 0
+    waits: list[float] = []  # each save's time: what a writer waits for the lock shows here (json/lease.py HOLD)
+    clock = time.perf_counter
     while time.time() < deadline:
         doc = docs[n % 1000]
         doc["statistics"]["message_count"] = n + 1
+        began = clock()
         await target.save(index * 1000 + n % 1000, doc)
+        waits.append(clock() - began)
         n += 1
     elapsed = time.time() - start_at
     if counts:
         counts["cpu_s"] = time.process_time() - cpu
     await target.close()
-    return {"saves": n, "seconds": elapsed, **({"counts": counts} if counts else {})}
+    waits.sort()
+    return {"saves": n, "seconds": elapsed, "p99_s": waits[len(waits) * 99 // 100] if waits else 0.0,
+            "max_s": waits[-1] if waits else 0.0, **({"counts": counts} if counts else {})}
 
 
 def _instrument(system: str) -> dict[str, Any]:
@@ -316,6 +323,7 @@ def _instrument(system: str) -> dict[str, Any]:
 
         wrap(lock.SidecarLock, "try_acquire", "locked_at_once", when_true=True)
         wrap(lock.SidecarLock, "adopt", "locked_after_wait", when_true=True)
+        _time_hand_overs(counts, lock)
         spans: list[float] = []  # (taken, let go) pairs, wall clock: the parent finds the gaps between holders
         counts["spans"] = spans
         kinds: list[str] = []  # who let go, one per span (the caller's and its caller's function)
@@ -366,8 +374,70 @@ def _instrument(system: str) -> dict[str, Any]:
     return counts
 
 
-def run_writers(system: str, path: Path, seconds: float) -> float:
-    """``WRITERS`` fresh processes on one store, started together: total saves per second."""
+def _time_hand_overs(counts: dict[str, Any], lock: Any) -> None:
+    """``--counters``: when, in each writer process, a waiting thread came back from ``flock`` holding the lock
+    (``woke``), the event loop ran the thread's delivery (``settled``) and the loop began to adopt the descriptor
+    (``adopting``): :func:`_hand_over_legs` splits each gap between two holders into those legs."""
+    from storage.backends.json import holding
+
+    marks: dict[str, list[float]] = {"woke": [], "settled": [], "adopting": []}
+    counts["marks"] = marks
+    woke, settled, adopting = marks["woke"], marks["settled"], marks["adopting"]
+    wait_free, adopt, deliver = lock.SidecarLock.wait_free, lock.SidecarLock.adopt, holding._deliver
+
+    def timed_wait_free(*args: Any) -> Any:
+        got = wait_free(*args)
+        woke.append(time.time())
+        return got
+
+    def timed_adopt(*args: Any) -> Any:
+        adopting.append(time.time())
+        return adopt(*args)
+
+    def timed_deliver(loop: Any, settle: Any, result: Any, error: Any) -> None:
+        def timed_settle(*args: Any) -> None:
+            settled.append(time.time())
+            settle(*args)
+
+        deliver(loop, timed_settle, result, error)
+
+    lock.SidecarLock.wait_free = timed_wait_free
+    lock.SidecarLock.adopt = timed_adopt
+    holding._deliver = timed_deliver
+
+
+def _hand_over_legs(window: list[tuple[float, float, str]], marks: dict[str, list[float]]) -> str | None:
+    """For each gap between two holders of ``window`` that a woken waiter ended: the lock let go -> the waiter's
+    thread back from ``flock``; -> the loop running its delivery; -> the loop adopting it; -> adopted (the next
+    hold's start). Medians and p90 in ms, or None without such gaps."""
+    for times in marks.values():
+        times.sort()
+
+    def last(times: list[float], lo: float, hi: float) -> float | None:
+        i = bisect.bisect_right(times, hi) - 1
+        return times[i] if i >= 0 and times[i] >= lo else None
+
+    legs: dict[str, list[float]] = {"let go -> thread back": [], "-> loop ran delivery": [], "-> adopt began": [],
+                                    "-> adopted": []}
+    for (_, let_go, _), (taken, _, _) in itertools.pairwise(window):
+        woke = last(marks["woke"], let_go, taken)
+        settled = last(marks["settled"], woke, taken) if woke is not None else None
+        adopting = last(marks["adopting"], settled, taken) if settled is not None else None
+        if adopting is None:
+            continue
+        for name, (a, b) in zip(legs, [(let_go, woke), (woke, settled), (settled, adopting), (adopting, taken)],
+                                strict=True):
+            legs[name].append(b - a)  # type: ignore[operator]
+    if not legs["-> adopted"]:
+        return None
+    return f"hand-overs to a woken waiter: {len(legs['-> adopted'])}; " + ", ".join(
+        f"{name} {1e3 * statistics.median(v):.3f} ms (p90 {1e3 * sorted(v)[len(v) * 9 // 10]:.3f})"
+        for name, v in legs.items())
+
+
+def run_writers(system: str, path: Path, seconds: float) -> tuple[float, float, float]:
+    """``WRITERS`` fresh processes on one store, started together: total saves per second, and the slowest
+    writer's 99th percentile and longest save (seconds)."""
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "writer", system, str(path),
                                json.dumps([w, seconds])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(WRITERS)]
@@ -390,8 +460,11 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
     if late:
         log(f"  warning: {system} writers ran {max(r['seconds'] for r in late):.2f} s for a {seconds} s window")
     held: list[tuple[float, float, str]] = []
+    marks: dict[str, list[float]] = {}
     for r in results:
         if "counts" in r:
+            for name, times in r["counts"].pop("marks", {}).items():
+                marks.setdefault(name, []).extend(times)
             spans = r["counts"].pop("spans", [])
             held.extend(zip(spans[::2], spans[1::2], r["counts"].pop("kinds", []), strict=False))
             shown = ", ".join(f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}"
@@ -401,6 +474,9 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
         held.sort()
         window = [(a, b, why) for a, b, why in held if start_at <= a and b <= start_at + seconds]
         gaps = [b[0] - a[1] for a, b in itertools.pairwise(window)]
+        legs = _hand_over_legs(window, marks)
+        if legs:
+            log(f"    {system}: {legs}")
         busy = sum(b - a for a, b, _ in window)
         after: dict[str, list[float]] = {}  # the gaps by who let go before them
         for (_, _, why), gap in zip(window, gaps, strict=False):
@@ -412,7 +488,8 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
             f"sum {sum(gaps):.3f} s, median {1e3 * statistics.median(gaps) if gaps else 0:.3f} ms, "
             f"max {1e3 * max(gaps, default=0):.3f} ms, over 2 ms: {sum(g > 0.002 for g in gaps)} "
             f"({sum(g for g in gaps if g > 0.002):.3f} s)")
-    return sum(r["saves"] for r in results) / max(r["seconds"] for r in results)
+    return (sum(r["saves"] for r in results) / max(r["seconds"] for r in results), max(r["p99_s"] for r in results),
+            max(r["max_s"] for r in results))
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -588,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.only_writers:
                         shutil.rmtree(place)
                         shutil.copytree(template, place)
-                    got["writers_per_s"] = run_writers(system, place, 2 * args.seconds)
+                    rate, p99, longest = run_writers(system, place, 2 * args.seconds)
+                    got["writers_per_s"] = rate
+                    got["writers_save_p99_ms"], got["writers_save_max_ms"] = 1e3 * p99, 1e3 * longest
                 if template.name[len("template-"):] in sizes:
                     got["disk_mb"] = sizes[template.name[len("template-"):]] / 1e6
                 runs[system].append(got)
