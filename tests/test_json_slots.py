@@ -21,6 +21,8 @@ import pytest
 
 from storage import LockTimeoutError, StoreConfig
 from storage.backends.json import group_commit, holding, lease
+from storage.backends.json import journal as journal_module
+from storage.backends.json.journal import Journal
 from storage.backends.json.slots import _STRIDE, COUNT, OFFERED, Slots
 from storage.backends.json.store import JOURNAL_NAME, SLOTS_NAME
 from storage.stores import JsonStore
@@ -1206,3 +1208,18 @@ async def test_a_writer_finds_its_record_across_compactions_and_a_truncated_slot
         for proc in (holder, second):
             if proc is not None:
                 proc.kill()
+
+
+def test_the_generations_kept_for_a_waiting_writer_stop_at_what_its_search_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """json/journal.py ``_drop_older``: the kept files a waiting writer needs (its since byte, ``kept_needed``) stay,
+    newest first, up to what its journal search reads at most; older ones, and all of them once nobody needs them,
+    are removed (a writer frozen while it waits never makes them grow with every compaction)."""
+    monkeypatch.setattr(journal_module, "SEARCH_MAX", 2500)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    for generation in range(3, 9):
+        (tmp_path / f"{JOURNAL_NAME}.{generation}").write_bytes(b"x" * 1000)
+    journal._drop_older(8, lambda generation: generation >= 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{JOURNAL_NAME}.7", f"{JOURNAL_NAME}.8"]
+    journal._drop_older(8, lambda generation: False)
+    assert list(tmp_path.iterdir()) == []

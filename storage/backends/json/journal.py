@@ -53,6 +53,7 @@ from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
 from ...offload import Pacer
 from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
+from .offer_search import SEARCH_MAX
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "encode_puts", "encode_in_slices", "record_digest",
            "JOURNAL_FORMAT"]
@@ -537,19 +538,27 @@ class Journal:
         """Remove the kept files of ``generation`` and the ones before it, down to the first missing one, except
         those ``needed`` keeps. Why a run and not one file: a writer waiting for its offered record's fate across
         compactions keeps every generation from its own on (json/slots.py ``kept_needed``: the files it may have
-        to read, json/offer_search.py); once it has its answer they go at the next compaction, all together."""
+        to read, json/offer_search.py); once it has its answer they go at the next compaction, all together.
+        At most :data:`~.offer_search.SEARCH_MAX` bytes of them are kept (what the search reads at most): a
+        writer frozen while it waits never makes them grow with every compaction."""
+        kept = 0
         while generation > 0:
+            path = self._kept_path(generation)
             if needed is not None and needed(generation):  # a waiting writer's or later: kept, as the rest
-                if not self._kept_path(generation).exists():
-                    return
-            else:
-                needed = None  # the lowest a writer needs is above: none below it is needed either
                 try:
-                    os.unlink(self._kept_path(generation))
-                except FileNotFoundError:
-                    return
+                    kept += os.stat(path).st_size
                 except OSError:
-                    pass
+                    return
+                if kept <= SEARCH_MAX:
+                    generation -= 1
+                    continue
+            needed = None  # below the lowest one needed (or past what the search reads): none is kept
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass
             generation -= 1
 
     def drop_kept(self) -> None:
