@@ -45,7 +45,7 @@ FREE_SLICE = 2048
 def export_records(root: Path, emit: Callable[[str, bytes, bytes], None], tick: Callable[[int], None]) -> int:
     """Call ``emit(message_id, line, canonical)`` for every current record (``line``: its compact JSON, keys in
     stored order; ``canonical``: keys sorted); ``tick(n)`` after each file. Returns how many records there were."""
-    dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
+    dumps, sort, join = orjson.dumps, orjson.OPT_SORT_KEYS, b"".join
     total = 0
     pacer = Pacer()  # the event loop's turns (a copy runs this beside the target's writing thread: see Pacer)
     tick_pacer = pacer.tick
@@ -56,8 +56,8 @@ def export_records(root: Path, emit: Callable[[str, bytes, bytes], None], tick: 
         def sink(rec: dict[str, Any], _update: bool, lines: dict[str, bytes] = lines,
                  canons: dict[str, bytes] = canons) -> None:
             mid = rec["message_id"]
-            lines[mid] = dumps(rec)
-            canons[mid] = dumps(rec, option=sort)
+            lines[mid] = join((dumps(rec), b""))  # a copy of its own size: see the module's docstring
+            canons[mid] = join((dumps(rec, option=sort), b""))
             tick_pacer()
 
         if not _parse_file(path, sink, tick_pacer):
