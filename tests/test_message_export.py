@@ -5,7 +5,8 @@ canonical form, whatever the read block; a torn last line skipped; a bad line be
 byte offset, also when it ends a read block. How: every step between two of its pacer's ticks is bounded. That is
 measured here by what the export's thread allocates and frees between two pauses (``tracemalloc``; a pause at every
 tick, ``Pacer.WORK`` 0): a whole file read as one ``bytes`` and a file's two dicts freed at once at the next file
-(4.5-5 ms of GIL at 50k records, benchmarks/README.md) were each megabytes between two pauses.
+(4.5-5 ms of GIL at 50k records, benchmarks/README.md) were each megabytes between two pauses; and the records
+it holds are about their size (``orjson.dumps`` returns a ``bytes`` holding a 4 KB buffer, see the module).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class Memory:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.rises: list[int] = []
         self.falls: list[int] = []
-        self._last = 0
+        self.highest = 0  # the most traced at a pause, above what was traced before the run
+        self._start = self._last = 0
         real = time.sleep
 
         def sleep(seconds: float) -> None:
@@ -114,6 +116,7 @@ class Memory:
             self.falls.append(self._last - current)
             tracemalloc.reset_peak()
             self._last = current
+            self.highest = max(self.highest, current - self._start)
             real(seconds)
 
         monkeypatch.setattr(Pacer, "WORK", 0.0)
@@ -123,7 +126,7 @@ class Memory:
     def run(self, fn: Any) -> None:
         tracemalloc.start()
         try:
-            self._last = tracemalloc.get_traced_memory()[0]
+            self._start = self._last = tracemalloc.get_traced_memory()[0]
             worker = threading.Thread(target=fn)
             worker.start()
             worker.join()
@@ -135,7 +138,8 @@ async def test_the_export_pauses_within_bounded_work(tmp_path: Path, monkeypatch
     """Three files of 10k records (~3 MB each): between two pauses the export's thread never takes or gives back
     more than 1 MB (read in 64 KB blocks, the dicts freed 256 entries at a time; a file read whole, and its
     dicts freed at once at the next file, were each over 2 MB), and it pauses at least once per record parsed,
-    per record emitted and per slice freed."""
+    per record emitted and per slice freed. It holds a file's records in memory about their size (each
+    ``orjson.dumps`` result kept as it came held 4 KB: 80 MB for a 3 MB file)."""
     n = 10_000
     async with storage.open_store(config=json_config(tmp_path / "data", tmp_path / "backups")) as store:
         for month in (1, 2, 3):
@@ -152,3 +156,5 @@ async def test_the_export_pauses_within_bounded_work(tmp_path: Path, monkeypatch
     assert len(memory.rises) >= 3 * (2 * n + 2 * n // 256)
     assert max(memory.rises) < 1 << 20, sorted(memory.rises)[-3:]
     assert max(memory.falls) < 1 << 20, sorted(memory.falls)[-3:]
+    # a file's records held as copies of their own size: orjson's 4 KB buffers were 80 MB for a 3 MB file
+    assert memory.highest < 8 * max(sizes), (memory.highest, max(sizes))

@@ -9,16 +9,24 @@ the current version of each record (the last line of an id wins, as in ``_load``
 caller holds the store lock, so no writer is in flight (a torn last line left by a crash is skipped, as readers do).
 
 Every step between two of the pacer's ticks is small (issue 15: the loop waits for whatever a worker does while it
-holds the GIL). Two steps of a file were not, and both held the GIL for milliseconds with no tick between them
-(measured on 50k-record files, 14 MB; benchmarks/README.md, "Design measurements", helper export9):
+holds the GIL). At a file's boundary there was none for 12-14 ms of the thread's CPU on 50k-record files (14 MB;
+benchmarks/README.md, "Design measurements", helper export9):
 
-- freeing a file's two dicts (50k ``str`` keys, 100k ``bytes``) when the next file began: 4.5-5 ms. They are now
-  emptied :data:`FREE_SLICE` entries at a time with a tick between two slices (:func:`_free`);
-- the whole file read as one ``bytes`` (``read_bytes``: 7.6 ms of the thread's CPU, most of it the kernel's copy
-  with the GIL released, but the 14 MB buffer's ``munmap`` when dropped held it 1 ms). It is now read
-  :data:`READ_BLOCK` bytes at a time (:func:`_parse_file`), a tick before each block.
+- the previous file's two dicts freed at once: 4.5-5 ms holding the GIL. Most of it was orjson's: ``dumps``
+  returns a ``bytes`` whose buffer is 4 KB whatever the length (orjson 3.13 here does not shrink it; ``sys.getsizeof``
+  shows the length, ``tracemalloc`` the 4 KB), so a file's 100k encodings were 400 MB of ``malloc`` chunks,
+  each touched page a fault when made and each chunk a ``free`` when dropped. Each encoding is now kept as a copy
+  of its own size (``b"".join((encoded, b""))``: a join of one item would return the item itself), which also
+  makes the export ~20% cheaper in CPU, and the dicts are emptied :data:`FREE_SLICE` entries at a time with a
+  tick between two slices (:func:`_free`);
+- the whole file read as one ``bytes`` (7.6 ms of the thread's CPU, most of it the kernel's copy with the GIL
+  released, but dropping the 14 MB buffer held it 1 ms). It is now read :data:`READ_BLOCK` bytes at a time
+  (:func:`_parse_file`), a tick before each block.
 
-The records and their order are unchanged: each file's dicts are filled and emitted as before.
+The records and their order are unchanged: each file's dicts are filled, then emitted in the order of their first
+lines, then freed. Not freed while emitted, one ``pop`` of the first entry at a time: a dict's iterator starts at
+its first slot and steps over every deleted one, so taking the first of what is left is quadratic in a file's
+records (+3 s of CPU per 1M records, measured; the likely cost of an earlier bounded version of this module).
 """
 
 from __future__ import annotations
