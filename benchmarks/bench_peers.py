@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import importlib.metadata
 import itertools
 import json
@@ -316,6 +317,7 @@ def _instrument(system: str) -> dict[str, Any]:
 
         wrap(lock.SidecarLock, "try_acquire", "locked_at_once", when_true=True)
         wrap(lock.SidecarLock, "adopt", "locked_after_wait", when_true=True)
+        _time_hand_overs(counts, lock)
         spans: list[float] = []  # (taken, let go) pairs, wall clock: the parent finds the gaps between holders
         counts["spans"] = spans
         kinds: list[str] = []  # who let go, one per span (the caller's and its caller's function)
@@ -366,6 +368,67 @@ def _instrument(system: str) -> dict[str, Any]:
     return counts
 
 
+def _time_hand_overs(counts: dict[str, Any], lock: Any) -> None:
+    """``--counters``: when, in each writer process, a waiting thread came back from ``flock`` holding the lock
+    (``woke``), the event loop ran the thread's delivery (``settled``) and the loop began to adopt the descriptor
+    (``adopting``): :func:`_hand_over_legs` splits each gap between two holders into those legs."""
+    from storage.backends.json import holding
+
+    marks: dict[str, list[float]] = {"woke": [], "settled": [], "adopting": []}
+    counts["marks"] = marks
+    woke, settled, adopting = marks["woke"], marks["settled"], marks["adopting"]
+    wait_free, adopt, deliver = lock.SidecarLock.wait_free, lock.SidecarLock.adopt, holding._deliver
+
+    def timed_wait_free(*args: Any) -> Any:
+        got = wait_free(*args)
+        woke.append(time.time())
+        return got
+
+    def timed_adopt(*args: Any) -> Any:
+        adopting.append(time.time())
+        return adopt(*args)
+
+    def timed_deliver(loop: Any, settle: Any, result: Any, error: Any) -> None:
+        def timed_settle(*args: Any) -> None:
+            settled.append(time.time())
+            settle(*args)
+
+        deliver(loop, timed_settle, result, error)
+
+    lock.SidecarLock.wait_free = timed_wait_free
+    lock.SidecarLock.adopt = timed_adopt
+    holding._deliver = timed_deliver
+
+
+def _hand_over_legs(window: list[tuple[float, float, str]], marks: dict[str, list[float]]) -> str | None:
+    """For each gap between two holders of ``window`` that a woken waiter ended: the lock let go -> the waiter's
+    thread back from ``flock``; -> the loop running its delivery; -> the loop adopting it; -> adopted (the next
+    hold's start). Medians and p90 in ms, or None without such gaps."""
+    for times in marks.values():
+        times.sort()
+
+    def last(times: list[float], lo: float, hi: float) -> float | None:
+        i = bisect.bisect_right(times, hi) - 1
+        return times[i] if i >= 0 and times[i] >= lo else None
+
+    legs: dict[str, list[float]] = {"let go -> thread back": [], "-> loop ran delivery": [], "-> adopt began": [],
+                                    "-> adopted": []}
+    for (_, let_go, _), (taken, _, _) in itertools.pairwise(window):
+        woke = last(marks["woke"], let_go, taken)
+        settled = last(marks["settled"], woke, taken) if woke is not None else None
+        adopting = last(marks["adopting"], settled, taken) if settled is not None else None
+        if adopting is None:
+            continue
+        for name, (a, b) in zip(legs, [(let_go, woke), (woke, settled), (settled, adopting), (adopting, taken)],
+                                strict=True):
+            legs[name].append(b - a)  # type: ignore[operator]
+    if not legs["-> adopted"]:
+        return None
+    return f"hand-overs to a woken waiter: {len(legs['-> adopted'])}; " + ", ".join(
+        f"{name} {1e3 * statistics.median(v):.3f} ms (p90 {1e3 * sorted(v)[len(v) * 9 // 10]:.3f})"
+        for name, v in legs.items())
+
+
 def run_writers(system: str, path: Path, seconds: float) -> float:
     """``WRITERS`` fresh processes on one store, started together: total saves per second."""
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "writer", system, str(path),
@@ -390,8 +453,11 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
     if late:
         log(f"  warning: {system} writers ran {max(r['seconds'] for r in late):.2f} s for a {seconds} s window")
     held: list[tuple[float, float, str]] = []
+    marks: dict[str, list[float]] = {}
     for r in results:
         if "counts" in r:
+            for name, times in r["counts"].pop("marks", {}).items():
+                marks.setdefault(name, []).extend(times)
             spans = r["counts"].pop("spans", [])
             held.extend(zip(spans[::2], spans[1::2], r["counts"].pop("kinds", []), strict=False))
             shown = ", ".join(f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {v:.0f}"
@@ -401,6 +467,9 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
         held.sort()
         window = [(a, b, why) for a, b, why in held if start_at <= a and b <= start_at + seconds]
         gaps = [b[0] - a[1] for a, b in itertools.pairwise(window)]
+        legs = _hand_over_legs(window, marks)
+        if legs:
+            log(f"    {system}: {legs}")
         busy = sum(b - a for a, b, _ in window)
         after: dict[str, list[float]] = {}  # the gaps by who let go before them
         for (_, _, why), gap in zip(window, gaps, strict=False):

@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +57,34 @@ async def _fill(store: Any, members: int, step: int) -> None:
                                          for u, g in [member_ids(i)]})
 
 
+_OWNER = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import storage
+
+async def main():
+    store = await storage.open_store(backend="json", path=sys.argv[2])
+    print("READY", flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def _open_owners(folder: str, count: int) -> list[subprocess.Popen[str]]:
+    """``--owners N``: N other processes with the store open for writing and idle, as the 4-writer row's other
+    writers are while one holds the lock (each owns a slot of ``storage.slots``: the holder's commits then look
+    at the slots, json/slots.py)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _OWNER, sys.path[0], folder], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "READY":
+            raise RuntimeError("an owner process did not open the store")
+    return procs
+
+
 async def measure(members: int, profile: bool) -> dict[str, float]:
     import storage
 
@@ -66,9 +95,11 @@ async def measure(members: int, profile: bool) -> dict[str, float]:
     where = None if real else "/dev/shm" if os.path.ismount("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="bench-save-cpu-", dir=where) as folder:
         store = await storage.open_store(backend="json", path=folder)
+        owners: list[subprocess.Popen[str]] = []
         try:
             await _fill(store, members, 1000)
             await store.compact()
+            owners = _open_owners(folder, int(os.environ.get("BENCH_OWNERS") or 0))
             spread = [i * max(1, members // 1000) for i in range(1000)]  # members across the store
             docs = [member_doc(i) for i in spread]
             ids = [member_ids(i) for i in spread]
@@ -108,6 +139,8 @@ async def measure(members: int, profile: bool) -> dict[str, float]:
                 gets.append(clock() - began)
         finally:
             await store.close()
+            for proc in owners:
+                proc.communicate(timeout=60)  # (stdin closed: the owner closes its store and exits)
     if os.environ.get("BENCH_HIST"):
         total = sum(saves)
         for lo, hi in ((0, 20e3), (20e3, 50e3), (50e3, 100e3), (100e3, 300e3), (300e3, 1e9)):
@@ -231,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="one run of this checkout under cProfile")
     parser.add_argument("--batch", action="store_true", help="put_many batches of 1,000 members (module doc)")
     parser.add_argument("--batches", type=int, default=BATCHES, help=f"--batch: batches per run (default {BATCHES})")
+    parser.add_argument("--owners", type=int, default=0,
+                        help="other processes holding the store open for writing, idle (the 4-writer row's others)")
     parser.add_argument("--worker", nargs=4, metavar=("CHECKOUT", "MEMBERS", "PROFILE", "BATCHES"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(measure_batch(args.members, args.batches, True) if args.batch
                                      else measure(args.members, True))))
         return 0
+    if args.owners:
+        os.environ["BENCH_OWNERS"] = str(args.owners)  # to the workers
     systems = checkouts(parser, __file__, args.baseline)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for rep in range(args.reps):
