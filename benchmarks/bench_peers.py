@@ -262,16 +262,22 @@ async def writer(system: str, path: Path, index: int, seconds: float) -> dict[st
     deadline = start_at + seconds
     cpu = time.process_time()
     n = 0
+    waits: list[float] = []  # each save's time: what a writer waits for the lock shows here (json/lease.py HOLD)
+    clock = time.perf_counter
     while time.time() < deadline:
         doc = docs[n % 1000]
         doc["statistics"]["message_count"] = n + 1
+        began = clock()
         await target.save(index * 1000 + n % 1000, doc)
+        waits.append(clock() - began)
         n += 1
     elapsed = time.time() - start_at
     if counts:
         counts["cpu_s"] = time.process_time() - cpu
     await target.close()
-    return {"saves": n, "seconds": elapsed, **({"counts": counts} if counts else {})}
+    waits.sort()
+    return {"saves": n, "seconds": elapsed, "p99_s": waits[len(waits) * 99 // 100] if waits else 0.0,
+            "max_s": waits[-1] if waits else 0.0, **({"counts": counts} if counts else {})}
 
 
 def _instrument(system: str) -> dict[str, Any]:
@@ -429,8 +435,9 @@ def _hand_over_legs(window: list[tuple[float, float, str]], marks: dict[str, lis
         for name, v in legs.items())
 
 
-def run_writers(system: str, path: Path, seconds: float) -> float:
-    """``WRITERS`` fresh processes on one store, started together: total saves per second."""
+def run_writers(system: str, path: Path, seconds: float) -> tuple[float, float, float]:
+    """``WRITERS`` fresh processes on one store, started together: total saves per second, and the slowest
+    writer's 99th percentile and longest save (seconds)."""
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "writer", system, str(path),
                                json.dumps([w, seconds])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(WRITERS)]
@@ -481,7 +488,8 @@ def run_writers(system: str, path: Path, seconds: float) -> float:
             f"sum {sum(gaps):.3f} s, median {1e3 * statistics.median(gaps) if gaps else 0:.3f} ms, "
             f"max {1e3 * max(gaps, default=0):.3f} ms, over 2 ms: {sum(g > 0.002 for g in gaps)} "
             f"({sum(g for g in gaps if g > 0.002):.3f} s)")
-    return sum(r["saves"] for r in results) / max(r["seconds"] for r in results)
+    return (sum(r["saves"] for r in results) / max(r["seconds"] for r in results), max(r["p99_s"] for r in results),
+            max(r["max_s"] for r in results))
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -657,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.only_writers:
                         shutil.rmtree(place)
                         shutil.copytree(template, place)
-                    got["writers_per_s"] = run_writers(system, place, 2 * args.seconds)
+                    rate, p99, longest = run_writers(system, place, 2 * args.seconds)
+                    got["writers_per_s"] = rate
+                    got["writers_save_p99_ms"], got["writers_save_max_ms"] = 1e3 * p99, 1e3 * longest
                 if template.name[len("template-"):] in sizes:
                     got["disk_mb"] = sizes[template.name[len("template-"):]] / 1e6
                 runs[system].append(got)
