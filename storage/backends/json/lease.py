@@ -30,17 +30,23 @@ It ends, and the lock is let go:
   lease was hot when it did: another process's writer waits no longer than that for an idle lease);
 * before any other use of the lock, and at close.
 
-Why :data:`HOLD` is 10 ms (issue 15, benchmarks/bench_peers.py's 4-writer row): each hand-over costs the next
-holder far more than the lock itself: its waiting thread and then its event loop must be woken and scheduled,
-it catches up with the records the others wrote, and its first saves run on cold caches (measured with four
-writers on 2 loaded cores: 1-1.5 ms from getting the lock to the end of the first save, saves at 0.1-0.5 ms until
-they are back at 0.06 ms). With 2 ms leases a lease carried about 5 commits where a lone writer makes 35 in that
-time, and four writers together made half of one writer's rate; with 10 ms the hand-over is a tenth of a lease.
+Why :data:`HOLD` is 35 ms (issue 15, benchmarks/bench_peers.py's 4-writer row): each hand-over costs far more
+than the lock itself. The waiter's thread and then its event loop must be woken (two OS wake-ups, ~0.35 ms in
+all), it catches up with the records the others wrote (or defers that, json/holding.py), and its first fsyncs
+are slower: on these 2-core hosts the CPU the writer that let go spends just after (its next save's way into the
+wait, a deferred commit's apply) is paid by the new holder's fsync (the first append of a hold ~2.5x a later one,
+the second ~1.7x: benchmarks/bench_handover_fsync.py). About 1 ms a hand-over: with 2 ms leases four writers
+together made half of one writer's rate; 10 ms left it a tenth of each lease (0.8-0.96x SQLite FULL); 35 ms
+made the row 4-10% faster than 10 ms in every interleaved run on a quiet disk (25 ms 3%, 50 ms 6-7%; never
+deferring the catch-up at 35 ms 1%, with twice the waits; benchmarks/README.md).
 The price is the wait: a writer that finds the lock leased waits for the holder's lease to end, at most
 :data:`HOLD` plus one commit (and the step-back of one holder, json/lock.py), and behind each other writer that
-wins the lock before it: with ``N`` processes saving without pause, up to about ``(N - 1) x HOLD`` (30 ms with
-four). ``flock`` is not fair, so that is a typical bound, not a guarantee; a holder that sees a waiter always
-lets go within :data:`HOLD` of taking the lock, and steps back after, so no writer keeps the lock from the others.
+wins the lock before it: with ``N`` processes saving without pause, up to about ``(N - 1) x HOLD`` (~100 ms with
+four; the slowest of four writers' longest save measured 42-79 ms, against 25-38 ms with 10 ms leases; SQLite's
+busy handler left one of its four writers waiting 2.1 s on a congested disk). Only writers saving back to back
+see it: a lone save's lease ends at the loop's next turn. ``flock`` is not fair, so that is a typical bound, not
+a guarantee; a holder that sees a waiter always lets go within :data:`HOLD` of taking the lock, and steps back
+after, so no writer keeps the lock from the others.
 Every waiter gives the sign, an open polling for the lock included (json/lock.py): a hot lease that saw none
 would last as long as its writer keeps saving.
 
@@ -67,7 +73,7 @@ log = logging.getLogger("storage.json")
 #: soon after the previous commit's end a commit must ask for the lock to be part of a run of them.
 BUDGET = 0.002
 #: How long a lease may last while another writer waits (see the module doc: about ten hand-overs' cost).
-HOLD = 0.010
+HOLD = 0.035
 #: A lease whose run reached this many commits is *hot*: the loop's turn no longer ends it (see the module doc).
 RUN = 3
 #: The keeper thread ends after this long without a lease (the next lease starts it again).
