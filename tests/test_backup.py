@@ -34,6 +34,7 @@ from storage.backup.format import (
     BackupInfo,
     backup_sort_key,
     read_manifest,
+    trimmed,
     verify_backup_dir,
     write_manifest,
 )
@@ -1048,3 +1049,25 @@ def test_large_collections_are_written_in_key_order():
     keys = [f"{random.randrange(10**12)}_{i}" for i in range(30_000)]
     assert _sorted_keys(keys) == sorted(keys)
     assert _sorted_keys(keys[:10]) == sorted(keys[:10]) and _sorted_keys([]) == []
+
+
+def test_trimmed_copies_hold_only_their_own_size() -> None:
+    """``trimmed`` (what backups and copies keep of each encoded document or message): equal bytes in an
+    allocation of their own size. orjson's ``dumps`` result keeps a ~4 KB buffer whatever its length, so 1,000
+    kept results of 200-byte documents hold ~4 MB; their trimmed copies ~0.3 MB."""
+    import tracemalloc
+
+    docs = [{"n": i, "text": "x" * 180} for i in range(1000)]
+    tracemalloc.start()
+    try:
+        raw = [orjson.dumps(doc) for doc in docs]
+        raw_bytes = tracemalloc.get_traced_memory()[0]
+        kept = [trimmed(line) for line in raw]
+        del raw
+        kept_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept == [orjson.dumps(doc) for doc in docs]
+    assert kept_bytes < 1000 * 400 < raw_bytes, (kept_bytes, raw_bytes)
+    one = orjson.dumps(docs[0])
+    assert trimmed(one) == one and trimmed(one) is not one

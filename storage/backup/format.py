@@ -152,9 +152,13 @@ def trimmed(data: bytes) -> bytes:
     """An exact-size copy of ``data``, for bytes that are kept while many more are made.
 
     orjson (3.12 here) returns ``bytes`` whose allocation is rounded up (about 4 KB for a 300-byte document) and
-    never shrunk; holding a 100k-document collection of them costs ~400 MB instead of ~30 MB.
+    never shrunk; holding a 100k-document collection of them costs ~400 MB instead of ~30 MB. A join with an empty
+    second part (a join of one part returns that part itself): 0.05 us against 0.14 for ``bytes(memoryview())``.
     """
-    return bytes(memoryview(data))
+    return _join((data, b""))
+
+
+_join = b"".join
 
 
 class ContentDigest:
