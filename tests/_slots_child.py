@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import storage
@@ -81,17 +82,22 @@ def publishing(self: Any, ino: int, end: int) -> None:
 commit = json_store.JsonBackend._commit
 
 
+async def compact_and_say(compaction: Awaitable[Any]) -> None:
+    """Run ``compaction``; print COMPACTED, or REFUSED with the StorageIOError's errno and message."""
+    try:
+        await compaction
+    except StorageIOError as exc:
+        print(f"REFUSED {exc.errno} {exc}", flush=True)
+    else:
+        print("COMPACTED", flush=True)
+
+
 async def committing(self: Any, *args: Any, **kwargs: Any) -> None:
     global armed
     await commit(self, *args, **kwargs)
     if armed and POINT == "compact":
         armed = False
-        try:
-            await self._run_compaction()
-        except StorageIOError as exc:
-            print(f"REFUSED {exc.errno}", flush=True)
-        else:
-            print("COMPACTED", flush=True)
+        await compact_and_say(self._run_compaction())
 
 
 json_store.JsonBackend._commit = committing  # type: ignore[method-assign]
@@ -135,12 +141,7 @@ async def main(folder: str) -> None:
                 await store.put("c", f"f{i}", {"pad": "x" * (1 << 20)})
             print("FILLED", flush=True)
         elif command == ["compact"]:
-            try:
-                await store.compact()
-            except StorageIOError as exc:
-                print(f"REFUSED {exc.errno} {exc}", flush=True)
-            else:
-                print("COMPACTED", flush=True)
+            await compact_and_say(store.compact())
         elif command == ["view"]:
             print("VIEW", json.dumps({k: d async for k, d in store.items("c")}), flush=True)
         else:
