@@ -37,16 +37,16 @@ are slower: on these 2-core hosts the CPU the writer that let go spends just aft
 wait, a deferred commit's apply) is paid by the new holder's fsync (the first append of a hold ~2.5x a later one,
 the second ~1.7x: benchmarks/bench_handover_fsync.py). About 1 ms a hand-over: with 2 ms leases four writers
 together made half of one writer's rate; 10 ms left it a tenth of each lease (0.8-0.96x SQLite FULL); 35 ms
-made the row 4-10% faster than 10 ms in every interleaved run on a quiet disk (25 ms 3%, 50 ms 6-7%; never
-deferring the catch-up at 35 ms 1%, with twice the waits; benchmarks/README.md).
+made the row about 5% faster than 10 ms on a quiet disk (medians of four interleaved runs: +10, +7, +3, -1%;
+25 ms +3%, 50 ms +6-7%; never deferring the catch-up at 35 ms +1%, with twice the waits; benchmarks/README.md).
 The price is the wait: a writer that finds the lock leased waits for the holder's lease to end, at most
 :data:`HOLD` plus one commit (and the step-back of one holder, json/lock.py), and behind each other writer that
 wins the lock before it: with ``N`` processes saving without pause, up to about ``(N - 1) x HOLD`` (~100 ms with
-four; the slowest of four writers' longest save measured 42-79 ms, against 25-38 ms with 10 ms leases; SQLite's
-busy handler left one of its four writers waiting 2.1 s on a congested disk). Only writers saving back to back
-see it: a lone save's lease ends at the loop's next turn. ``flock`` is not fair, so that is a typical bound, not
-a guarantee; a holder that sees a waiter always lets go within :data:`HOLD` of taking the lock, and steps back
-after, so no writer keeps the lock from the others.
+four; the slowest of four writers' longest save measured 41-79 ms, against 22-38 ms with 10 ms leases; SQLite's
+busy handler left one of its four writers waiting 2.0-2.2 s in every repetition, on a quiet disk too). Only
+writers saving back to back see it: a lone save's lease ends at the loop's next turn. ``flock`` is not fair, so
+that is a typical bound, not a guarantee; a holder that sees a waiter always lets go within :data:`HOLD` of
+taking the lock, and steps back after, so no writer keeps the lock from the others.
 Every waiter gives the sign, an open polling for the lock included (json/lock.py): a hot lease that saw none
 would last as long as its writer keeps saving.
 
