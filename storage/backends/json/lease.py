@@ -37,7 +37,7 @@ are slower: on these 2-core hosts the CPU the writer that let go spends just aft
 wait, a deferred commit's apply) is paid by the new holder's fsync (the first append of a hold ~2.5x a later one,
 the second ~1.7x: benchmarks/bench_handover_fsync.py). About 1 ms a hand-over: with 2 ms leases four writers
 together made half of one writer's rate; 10 ms left it a tenth of each lease (0.8-0.96x SQLite FULL); 35 ms
-made the row about 5% faster than 10 ms on a quiet disk (medians of four interleaved runs: +10, +7, +3, -1%;
+made the row about 6% faster than 10 ms on a quiet disk (medians of five interleaved runs: +10, +7, +3, -1, +13%;
 25 ms +3%, 50 ms +6-7%; never deferring the catch-up at 35 ms +1%, with twice the waits; benchmarks/README.md).
 The price is the wait: a writer that finds the lock leased waits for the holder's lease to end, at most
 :data:`HOLD` plus one commit (and the step-back of one holder, json/lock.py), and behind each other writer that
