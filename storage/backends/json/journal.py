@@ -53,10 +53,9 @@ from ...fsutil import atomic_write, pwrite_all, sync_fd
 from ...models import iso_utc, parse_timestamp
 from ...offload import Pacer
 from .filler import FILL, MIN_CHUNK, NO_ROOM, chunk_for, is_blank, next_nonblank
-from .offer_search import SEARCH_MAX
 
 __all__ = ["Journal", "Follow", "Op", "encode_record", "encode_puts", "encode_in_slices", "record_digest",
-           "JOURNAL_FORMAT"]
+           "JOURNAL_FORMAT", "SEARCH_MAX", "read_header"]
 
 log = logging.getLogger("storage.journal")
 
@@ -172,6 +171,10 @@ def _header(generation: int, snapshots: dict[str, int], previous_end: int | None
     return orjson.dumps(header) + b"\n"
 
 
+#: The most journal bytes a writer waiting for its offered record's fate reads (json/offer_search.py), and so
+#: the most of the kept generations a compaction keeps for such a writer (:meth:`Journal.keep_previous`).
+SEARCH_MAX = 1 << 26
+
 #: What opening a journal file finds: (fd, inode, header end, generation, snapshots, previous_end, copied).
 _Opened = tuple[int, int, int, int, dict[str, int], "int | None", int]
 
@@ -227,6 +230,34 @@ class Follow(NamedTuple):
     switched_at: int | None = None
     need_lock: bool = False
     reload: bool = False
+
+
+def read_header(fd: int, path: str | os.PathLike[str]) -> tuple[int, int, dict[str, int], int | None, int]:
+    """The header of the journal file ``fd`` (at ``path``, for the errors): ``(where it ends, generation,
+    snapshots' checksums, previous_end, copied)``; CorruptDataError when it is missing, truncated or not ours."""
+    head = os.pread(fd, 1 << 16, 0)
+    end = head.find(b"\n")
+    if end < 0 and len(head) == 1 << 16:  # a header naming very many collections
+        head = os.pread(fd, 1 << 24, 0)
+        end = head.find(b"\n")
+    if end < 0:
+        raise CorruptDataError(
+            f"{path}: journal header is missing or truncated ({len(head)} bytes); "
+            "the journal was damaged outside this library", path=str(path), position=0)
+    try:
+        header = orjson.loads(head[:end])
+        generation = int(header["generation"])
+        fmt = header["storage_journal"]
+        snapshots = {check_collection(str(k)): int(v) for k, v in header.get("snapshots", {}).items()}
+        previous = header.get("previous_end")
+        previous_end = None if previous is None else int(previous)
+        copied = int(header.get("copied", 0))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise CorruptDataError(f"{path}: journal header is not valid", path=str(path), position=0) from None
+    if fmt != JOURNAL_FORMAT:
+        raise CorruptDataError(f"{path}: journal format {fmt!r} is not supported (this library writes "
+                               f"{JOURNAL_FORMAT})", path=str(path), position=0)
+    return end + 1, generation, snapshots, previous_end, copied
 
 
 class Journal:
@@ -304,7 +335,7 @@ class Journal:
         fd = self._open_fd()
         try:
             st = os.fstat(fd)
-            header_end, generation, snapshots, previous_end, copied = self._read_header(fd)
+            header_end, generation, snapshots, previous_end, copied = read_header(fd, self.path)
         except BaseException:
             os.close(fd)
             raise
@@ -321,32 +352,6 @@ class Journal:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def _read_header(self, fd: int) -> tuple[int, int, dict[str, int], int | None, int]:
-        head = os.pread(fd, 1 << 16, 0)
-        end = head.find(b"\n")
-        if end < 0 and len(head) == 1 << 16:  # a header naming very many collections
-            head = os.pread(fd, 1 << 24, 0)
-            end = head.find(b"\n")
-        if end < 0:
-            raise CorruptDataError(
-                f"{self.path}: journal header is missing or truncated ({len(head)} bytes); "
-                "the journal was damaged outside this library", path=str(self.path), position=0)
-        try:
-            header = orjson.loads(head[:end])
-            generation = int(header["generation"])
-            fmt = header["storage_journal"]
-            snapshots = {check_collection(str(k)): int(v) for k, v in header.get("snapshots", {}).items()}
-            previous = header.get("previous_end")
-            previous_end = None if previous is None else int(previous)
-            copied = int(header.get("copied", 0))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise CorruptDataError(f"{self.path}: journal header is not valid", path=str(self.path),
-                                   position=0) from None
-        if fmt != JOURNAL_FORMAT:
-            raise CorruptDataError(f"{self.path}: journal format {fmt!r} is not supported (this library writes "
-                                   f"{JOURNAL_FORMAT})", path=str(self.path), position=0)
-        return end + 1, generation, snapshots, previous_end, copied
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def size(self) -> int:
@@ -509,7 +514,7 @@ class Journal:
             return None
         try:
             st = os.fstat(fd)
-            header_end, gen, snapshots, previous_end, copied = self._read_header(fd)
+            header_end, gen, snapshots, previous_end, copied = read_header(fd, self.path)
         except (OSError, CorruptDataError):
             os.close(fd)
             return None
@@ -539,7 +544,7 @@ class Journal:
         those ``needed`` keeps. Why a run and not one file: a writer waiting for its offered record's fate across
         compactions keeps every generation from its own on (json/slots.py ``kept_needed``: the files it may have
         to read, json/offer_search.py); once it has its answer they go at the next compaction, all together.
-        At most :data:`~.offer_search.SEARCH_MAX` bytes of them are kept (what the search reads at most): a
+        At most :data:`SEARCH_MAX` bytes of them are kept (what the search reads at most): a
         writer frozen while it waits never makes them grow with every compaction."""
         kept = 0
         while generation > 0:

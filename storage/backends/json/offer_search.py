@@ -21,10 +21,11 @@ from collections.abc import Iterator
 
 import orjson
 
-__all__ = ["found", "SEARCH_MAX", "CHUNK"]
+from ...errors import CorruptDataError
+from .journal import SEARCH_MAX, read_header
 
-#: The most journal bytes :func:`found` reads (what was committed while an offer waited); beyond: not provable.
-SEARCH_MAX = 1 << 26
+__all__ = ["found", "journal_bytes", "SEARCH_MAX", "CHUNK"]
+
 #: How much of the journal is read at a time.
 CHUNK = 1 << 20
 
@@ -77,18 +78,44 @@ def _across_compactions(journal_path: str, since: tuple[int, int],
 def _header(path: str, ino: int) -> tuple[int, int, int | None] | None:
     """The journal file at ``path`` when it is inode ``ino``: where its header ends, its generation and the
     previous generation's committed end its header names (None: not said). None: not that file, or no header."""
+    fd = _open_if(path, ino)
+    if fd is None:
+        return None
     try:
-        with open(path, "rb") as file:
-            if os.fstat(file.fileno()).st_ino != ino:
-                return None
-            line = file.readline(1 << 24)
-        header = orjson.loads(line)
-        generation, previous_end = int(header["generation"]), header.get("previous_end")
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        header_end, generation, _snapshots, previous_end, _copied = read_header(fd, path)
+    except (OSError, CorruptDataError):
         return None
-    if not line.endswith(b"\n") or (previous_end is not None and type(previous_end) is not int):
+    finally:
+        os.close(fd)
+    return header_end, generation, previous_end
+
+
+def _open_if(path: str, ino: int) -> int | None:
+    """A descriptor of the file at ``path`` when it is inode ``ino`` (None: gone, unreadable, or another file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    return len(line), generation, previous_end
+    try:
+        same = os.fstat(fd).st_ino == ino
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+def journal_bytes(path: str, ino: int, at: int, length: int) -> bytes | None:
+    """``length`` bytes at ``at`` of the journal at ``path`` when it is the file of inode ``ino`` (json/slots.py
+    ``settle_orphans``: whether a dead holder's claimed record is where it claimed it)."""
+    fd = _open_if(path, ino)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, length, at)
+    finally:
+        os.close(fd)
 
 
 def _search(spans: list[tuple[str, int, int, int]], ops: bytes) -> bool:
@@ -112,13 +139,10 @@ class _NotThatFile(Exception):
 
 def _lines(path: str, ino: int, start: int, end: int) -> Iterator[bytes]:
     """The whole lines of bytes ``start``..``end`` of the file at ``path`` (inode ``ino``), a chunk at a time."""
+    fd = _open_if(path, ino)
+    if fd is None:
+        raise _NotThatFile
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        raise _NotThatFile from None
-    try:
-        if os.fstat(fd).st_ino != ino:
-            raise _NotThatFile
         rest = b""
         while start < end:
             chunk = os.pread(fd, min(CHUNK, end - start), start)

@@ -685,7 +685,7 @@ class Slots:
                     ops = os.pread(self._fd, length, (1 + index) * _ROOM)
                     claim = Claim(index, ops, at, ino)
                     if end[0] == ino and end[1] >= at + length and len(ops) == length:
-                        if _journal_bytes(journal_path, ino, at, length) == ops:
+                        if offer_search.journal_bytes(journal_path, ino, at, length) == ops:
                             verdict = COMMITTED
                     if self.doors_closed:
                         self._try_door(_DOOR + 2 * index + 1 - gen)  # as mark does: its next offer waits there
@@ -749,17 +749,3 @@ class Slots:
         self.doors_closed = False
         self.available = False  # closed for good: a store is not reopened
         self.index = -1
-
-
-def _journal_bytes(path: str, ino: int, at: int, length: int) -> bytes | None:
-    """``length`` bytes at ``at`` of the journal at ``path`` when it is the file of inode ``ino``."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_ino != ino:
-            return None
-        return os.pread(fd, length, at)
-    finally:
-        os.close(fd)
